@@ -1,0 +1,48 @@
+//! The `infergate` binary: parses the command line and hands off to a subcommand.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "infergate",
+    version,
+    about = "Inference-aware L7 gateway for LLM serving"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway from a YAML config.
+    Serve(infergate::cli::ServeArgs),
+    /// Serve simulated model replicas (vLLM-like engines, no GPU).
+    Sim(infergate::sim::SimArgs),
+    /// Start simulated replicas and the gateway in front of them on the embedded default config.
+    Quickstart(infergate::cli::QuickstartArgs),
+    /// Validate a config file without starting.
+    CheckConfig(infergate::cli::CheckConfigArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(async move {
+            match cli.command {
+                Command::Serve(args) => infergate::cli::serve(args).await,
+                Command::Sim(args) => infergate::sim::run(args).await,
+                Command::Quickstart(args) => infergate::cli::quickstart(args).await,
+                Command::CheckConfig(args) => infergate::cli::check_config(args),
+            }
+        }),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("infergate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

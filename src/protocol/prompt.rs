@@ -1,0 +1,112 @@
+//! How a request's prompt becomes one text, for token counting and prefix hashing.
+//!
+//! Chat requests are rendered with a fixed template over *all* messages in order,
+//! with their roles (`<|role|>\ncontent\n` each, then `<|assistant|>\n`), the way
+//! an engine's chat template produces the text it tokenizes. A routing key made
+//! of only the first message (a known peer bug) would make every conversation
+//! sharing a system prompt look identical; the full rendering keeps multi-turn
+//! sessions growing their own prefix. The simulator renders with the same
+//! function, so the gateway's prefix index and the simulator's cache agree.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// One chat message as far as the prompt is concerned.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Value,
+}
+
+/// Appends the text of a message `content` (a string, or an array of parts of
+/// which `text` parts count) to `out`.
+pub fn push_content_text(content: &Value, out: &mut String) {
+    match content {
+        Value::String(s) => out.push_str(s),
+        Value::Array(parts) => {
+            for p in parts {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    out.push_str(t);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Renders chat messages into the prompt text the engine would tokenize.
+pub fn render_chat(messages: &[ChatMessage]) -> String {
+    let mut out = String::with_capacity(
+        messages
+            .iter()
+            .map(|m| 16 + m.content.as_str().map_or(64, str::len))
+            .sum(),
+    );
+    for m in messages {
+        out.push_str("<|");
+        out.push_str(&m.role);
+        out.push_str("|>\n");
+        push_content_text(&m.content, &mut out);
+        out.push('\n');
+    }
+    out.push_str("<|assistant|>\n");
+    out
+}
+
+/// Renders a completions `prompt` (a string, or an array of strings joined) into
+/// text. Token-id arrays are rendered as their decimal ids separated by spaces so
+/// that equal arrays still share prefixes.
+pub fn render_completion_prompt(prompt: &Value) -> String {
+    match prompt {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            let mut out = String::new();
+            for it in items {
+                match it {
+                    Value::String(s) => out.push_str(s),
+                    Value::Number(n) => {
+                        out.push_str(&n.to_string());
+                        out.push(' ');
+                    }
+                    other => out.push_str(&render_completion_prompt(other)),
+                }
+            }
+            out
+        }
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_all_messages_with_roles() {
+        let msgs: Vec<ChatMessage> = serde_json::from_str(
+            r#"[{"role":"system","content":"S"},{"role":"user","content":[{"type":"text","text":"Q"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            render_chat(&msgs),
+            "<|system|>\nS\n<|user|>\nQ\n<|assistant|>\n"
+        );
+        // A longer conversation extends the shorter one's rendering (prefix-stable).
+        let mut longer = msgs.clone();
+        longer.push(serde_json::from_str(r#"{"role":"assistant","content":"A"}"#).unwrap());
+        let short = render_chat(&msgs);
+        let long = render_chat(&longer);
+        assert!(long.starts_with(short.trim_end_matches("<|assistant|>\n")));
+    }
+
+    #[test]
+    fn renders_completion_prompts() {
+        assert_eq!(render_completion_prompt(&serde_json::json!("hi")), "hi");
+        assert_eq!(
+            render_completion_prompt(&serde_json::json!(["a", "b"])),
+            "ab"
+        );
+        assert_eq!(render_completion_prompt(&serde_json::json!([1, 2])), "1 2 ");
+    }
+}
