@@ -186,12 +186,17 @@ impl InferenceAware {
             },
         );
         let mean_uncached = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+        // Before any decision, assume a waiting request has half this prompt uncached.
+        let per_waiting = if mean_uncached > 0.0 {
+            mean_uncached
+        } else {
+            f64::from(req.prompt_tokens) / 2.0
+        };
         for c in cands.iter_mut() {
             let cached =
                 (u64::from(c.matched_blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
             c.uncached_tokens = req.prompt_tokens - cached as u32;
-            let queued_by_engine =
-                c.waiting * mean_uncached.max(f64::from(req.prompt_tokens) / 2.0);
+            let queued_by_engine = c.waiting * per_waiting;
             c.queued_prefill = c.queued_prefill.max(queued_by_engine);
             c.est_ttft_ms =
                 (c.queued_prefill + f64::from(c.uncached_tokens)) / ctx.prefill_rate * 1000.0;
