@@ -1,0 +1,1 @@
+//! Canary rollouts declared by annotations on a Service (a placeholder; filled below).
