@@ -156,6 +156,8 @@ fn routable<'a>(
 
 /// What the discovery state machine consumes.
 #[derive(Debug)]
+// One value at a time flows through the stream; boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
 enum Input {
     Service(Option<Service>),
     Slices(Event<EndpointSlice>),

@@ -425,9 +425,9 @@ fn api_version_of(plural: &str) -> &'static str {
 /// `/apis/{group}/{version}[/namespaces/{ns}]/{plural}[/{name}]`.
 fn parse_path(path: &str) -> Option<(Option<String>, String, Option<String>)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let rest = match parts.first()? {
-        &"api" => parts.get(2..)?,
-        &"apis" => parts.get(3..)?,
+    let rest = match *parts.first()? {
+        "api" => parts.get(2..)?,
+        "apis" => parts.get(3..)?,
         _ => return None,
     };
     match rest {
