@@ -72,6 +72,8 @@ pub struct CanarySplit {
     route: Arc<str>,
     current: ArcSwap<Current>,
     window: Mutex<Window>,
+    /// What the config file said last (a run-time `set` wins until it changes).
+    from_file: Mutex<Option<CanaryConfig>>,
 }
 
 impl CanarySplit {
@@ -83,9 +85,21 @@ impl CanarySplit {
                 rolled_back: None,
             }),
             window: Mutex::new(Window::default()),
+            from_file: Mutex::new(cfg.clone()),
         };
         s.set(cfg);
         s
+    }
+
+    /// Applies the config file's canary, only when the file's value changed
+    /// since the last call (so a value set at run time survives reloads).
+    pub fn set_from_file(&self, cfg: Option<CanaryConfig>) {
+        let mut last = self.from_file.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != cfg {
+            *last = cfg.clone();
+            drop(last);
+            self.set(cfg);
+        }
     }
 
     /// Sets the route's canary at run time (target, weight, rollback rules).

@@ -17,8 +17,6 @@ use super::Priority;
 pub struct AdmissionConfig {
     /// Band of requests that name none (`critical`, `standard`, `sheddable`).
     pub default_priority: Priority,
-    /// Output tokens assumed for a request without `max_tokens`.
-    pub default_max_tokens: u32,
     /// `x-gateway-inference-objective` names mapped to bands (the band names
     /// themselves and GIE integer priorities are always understood).
     pub objectives: BTreeMap<String, Priority>,
@@ -34,7 +32,6 @@ impl Default for AdmissionConfig {
     fn default() -> Self {
         AdmissionConfig {
             default_priority: Priority::Standard,
-            default_max_tokens: 256,
             objectives: BTreeMap::new(),
             budget: BudgetConfig::default(),
             queue: QueueConfig::default(),
@@ -210,7 +207,6 @@ mod tests {
         assert_eq!(c, AdmissionConfig::default());
         let y = r#"
 default_priority: sheddable
-default_max_tokens: 64
 objectives: { batch: sheddable, chat: critical }
 budget: { tokens_per_replica: 8192, max_requests_per_replica: 16 }
 queue: { max_requests: 10, timeout_ms: 500 }

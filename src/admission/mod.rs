@@ -11,6 +11,7 @@ pub mod config;
 pub mod fallback;
 pub mod outlier;
 pub mod queue;
+pub mod registry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,8 @@ pub use canary::{CanarySide, CanarySplit};
 pub use config::AdmissionConfig;
 pub use fallback::{FallbackReason, FallbackTrigger};
 pub use outlier::{Outcome, OutlierDetector};
-pub use queue::{AdmitError, PoolAdmission, Ticket};
+pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
+pub use registry::AdmissionRegistry;
 
 /// GIE header naming the request's objective (mapped to a priority band).
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
