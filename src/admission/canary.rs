@@ -45,6 +45,14 @@ impl CanarySide {
     }
 }
 
+/// Where the canary side goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryTarget {
+    pub pool: String,
+    /// Upstream model name on the canary side, when it differs.
+    pub model: Option<String>,
+}
+
 #[derive(Debug)]
 struct Current {
     cfg: Option<CanaryConfig>,
@@ -150,7 +158,11 @@ impl CanarySplit {
     }
 
     /// Picks the side for a request; `Canary` comes with the canary's target.
-    pub fn choose(&self, headers: &HeaderMap, user: Option<&str>) -> (CanarySide, Option<String>) {
+    pub fn choose(
+        &self,
+        headers: &HeaderMap,
+        user: Option<&str>,
+    ) -> (CanarySide, Option<CanaryTarget>) {
         let cur = self.current.load();
         let Some(cfg) = &cur.cfg else {
             return (CanarySide::Stable, None);
@@ -183,7 +195,13 @@ impl CanarySplit {
             }
         });
         match side {
-            CanarySide::Canary => (side, Some(cfg.target.clone())),
+            CanarySide::Canary => (
+                side,
+                Some(CanaryTarget {
+                    pool: cfg.pool.clone(),
+                    model: cfg.model.clone(),
+                }),
+            ),
             CanarySide::Stable => (side, None),
         }
     }
@@ -239,11 +257,11 @@ impl CanarySplit {
                 }
             });
             if rolled {
-                metrics::counter!("infergate_canary_rollbacks_total", "route" => self.route.to_string(), "target" => cfg.target.clone())
+                metrics::counter!("infergate_canary_rollbacks_total", "route" => self.route.to_string(), "pool" => cfg.pool.clone())
                     .increment(1);
                 metrics::gauge!("infergate_canary_weight_percent", "route" => self.route.to_string())
                     .set(0.0);
-                tracing::warn!(route = %self.route, target = %cfg.target, %reason, "canary rolled back: weight set to 0 until the config changes");
+                tracing::warn!(route = %self.route, pool = %cfg.pool, %reason, "canary rolled back: weight set to 0 until the config changes");
             }
         }
     }
@@ -316,7 +334,8 @@ mod tests {
 
     fn cfg(weight: f64) -> CanaryConfig {
         CanaryConfig {
-            target: "m-v2".into(),
+            pool: "m-v2".into(),
+            model: None,
             weight,
             sticky_header: "x-infergate-session".into(),
             rollback: RollbackConfig {
@@ -363,7 +382,13 @@ mod tests {
         h.insert(FORCE_HEADER, "canary".parse().unwrap());
         assert_eq!(
             split.choose(&h, Some("u")),
-            (CanarySide::Canary, Some("m-v2".into()))
+            (
+                CanarySide::Canary,
+                Some(CanaryTarget {
+                    pool: "m-v2".into(),
+                    model: None
+                })
+            )
         );
         let split = CanarySplit::new("m", Some(cfg(100.0)));
         h.insert(FORCE_HEADER, "stable".parse().unwrap());

@@ -123,8 +123,11 @@ impl Default for FallbackConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CanaryConfig {
-    /// The model name (route) of the canary side.
-    pub target: String,
+    /// The pool serving the canary side.
+    pub pool: String,
+    /// Model name sent upstream on the canary side (default: the stable side's).
+    #[serde(default)]
+    pub model: Option<String>,
     /// Percentage of users sent to the canary, 0 to 100.
     pub weight: f64,
     /// Header whose value keys stickiness before the `user` field and the API key.
@@ -211,7 +214,7 @@ objectives: { batch: sheddable, chat: critical }
 budget: { tokens_per_replica: 8192, max_requests_per_replica: 16 }
 queue: { max_requests: 10, timeout_ms: 500 }
 fallback: { models: [small], on_upstream_failure: false }
-canary: { target: m-v2, weight: 10, rollback: { min_requests: 5 } }
+canary: { pool: m-v2, weight: 10, rollback: { min_requests: 5 } }
 outlier: { consecutive_failures: 3 }
 "#;
         let c: AdmissionConfig = serde_yaml_ng::from_str(y).unwrap();

@@ -124,7 +124,7 @@ mod tests {
     use super::*;
 
     fn canary(weight: f64) -> CanaryConfig {
-        serde_yaml_ng::from_str(&format!("{{target: v2, weight: {weight}}}")).unwrap()
+        serde_yaml_ng::from_str(&format!("{{pool: v2, weight: {weight}}}")).unwrap()
     }
 
     #[tokio::test]
