@@ -81,6 +81,10 @@ pub struct QueueConfig {
     pub max_timeout_ms: u64,
     /// `Retry-After` seconds on 429 and 503.
     pub retry_after_secs: u64,
+    /// Sheddable requests get 429 at once when the pool is saturated (the
+    /// Gateway API Inference Extension's rule); when false they wait in the
+    /// lowest band like the others.
+    pub shed_sheddable: bool,
 }
 
 impl Default for QueueConfig {
@@ -90,6 +94,7 @@ impl Default for QueueConfig {
             timeout_ms: 30_000,
             max_timeout_ms: 300_000,
             retry_after_secs: 1,
+            shed_sheddable: true,
         }
     }
 }

@@ -204,7 +204,7 @@ impl PoolAdmission {
             Placement::NoReplica => return Err(self.refuse(AdmitError::NoReadyReplica)),
             Placement::Full => {}
         }
-        if band == Priority::Sheddable {
+        if band == Priority::Sheddable && self.queue_cfg.shed_sheddable {
             return Err(self.refuse(AdmitError::Shed));
         }
         let mut waiter = {
@@ -722,6 +722,55 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), vec!["critical", "standard"]);
         drop(s);
         assert_eq!(pool.replicas()[0].load.tokens(), 0);
+    }
+
+    #[tokio::test]
+    async fn queued_sheddable_goes_last() {
+        let pool = setup(1, 100).0;
+        let cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                tokens_per_replica: Some(100),
+                ..Default::default()
+            },
+            queue: QueueConfig {
+                shed_sheddable: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let adm = Arc::new(PoolAdmission::new("p", &cfg));
+        let mut hold = Some(
+            acquire(&pool, &adm, ticket(Priority::Standard, "", 100, 1000))
+                .await
+                .unwrap(),
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, (p, label)) in [
+            (Priority::Sheddable, "sheddable"),
+            (Priority::Standard, "standard"),
+            (Priority::Critical, "critical"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            tasks.push(spawn_waiter(
+                &pool,
+                &adm,
+                ticket(p, "", 100, 5000),
+                label,
+                order.clone(),
+            ));
+            wait_queued(&adm, i + 1).await;
+        }
+        for t in tasks.into_iter().rev() {
+            drop(hold.take());
+            hold = Some(t.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["critical", "standard", "sheddable"]
+        );
     }
 
     #[tokio::test]
