@@ -179,6 +179,9 @@ impl Reservation {
     fn set(&mut self, tokens: u64) {
         let Some(g) = &mut self.guard else { return };
         let before = g.tokens();
+        if before == tokens {
+            return;
+        }
         g.set_tokens(tokens);
         if tokens < before {
             if let Some(l) = &self.listener {

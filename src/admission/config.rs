@@ -205,6 +205,56 @@ impl Default for OutlierConfig {
     }
 }
 
+impl AdmissionConfig {
+    /// Checks references to other routes and pools, and ranges. On error,
+    /// returns (text to point at in the file, message).
+    pub fn check(
+        &self,
+        route: &str,
+        has_model: impl Fn(&str) -> bool,
+        has_pool: impl Fn(&str) -> bool,
+    ) -> Result<(), (String, String)> {
+        for m in &self.fallback.models {
+            if !has_model(m) {
+                return Err((
+                    m.clone(),
+                    format!("route `{route}`: fallback model `{m}` is not served by any route"),
+                ));
+            }
+            if m == route {
+                return Err((
+                    m.clone(),
+                    format!("route `{route}`: a route cannot fall back to itself"),
+                ));
+            }
+        }
+        if let Some(c) = &self.canary {
+            if !has_pool(&c.pool) {
+                return Err((
+                    format!("pool: {}", c.pool),
+                    format!("route `{route}`: canary pool `{}` is not defined", c.pool),
+                ));
+            }
+            if !(0.0..=100.0).contains(&c.weight) {
+                return Err((
+                    "weight:".into(),
+                    format!(
+                        "route `{route}`: canary weight must be 0 to 100, found {}",
+                        c.weight
+                    ),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.budget.kv_fraction) || self.budget.kv_fraction == 0.0 {
+            return Err((
+                "kv_fraction:".into(),
+                format!("route `{route}`: `budget.kv_fraction` must be in (0, 1]"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,10 +279,20 @@ outlier: { consecutive_failures: 3 }
         assert_eq!(c.queue.timeout_ms, 500);
         assert_eq!(c.queue.max_requests, 10);
         assert!(!c.fallback.on_upstream_failure && c.fallback.on_no_ready_replica);
-        let canary = c.canary.unwrap();
+        let canary = c.canary.clone().unwrap();
         assert_eq!(canary.sticky_header, "x-infergate-session");
         assert_eq!(canary.rollback.min_requests, 5);
         assert_eq!(c.outlier.consecutive_failures, 3);
         assert!(serde_yaml_ng::from_str::<AdmissionConfig>("bogus: 1").is_err());
+        let yes = |_: &str| true;
+        let no = |_: &str| false;
+        assert!(c.check("m", yes, yes).is_ok());
+        assert!(c
+            .check("m", no, yes)
+            .unwrap_err()
+            .1
+            .contains("fallback model `small`"));
+        assert!(c.check("m", yes, no).unwrap_err().1.contains("canary pool"));
+        assert!(c.check("small", yes, yes).unwrap_err().1.contains("itself"));
     }
 }

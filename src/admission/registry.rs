@@ -23,10 +23,14 @@ struct State {
     pools: HashMap<String, PoolEntry>,
     /// By route name.
     canaries: HashMap<String, Arc<CanarySplit>>,
+    /// Bumped by each config load: the first route of a load to name a pool
+    /// decides its admission config.
+    generation: u64,
 }
 
 #[derive(Debug)]
 struct PoolEntry {
+    generation: u64,
     cfg: AdmissionConfig,
     admission: Arc<PoolAdmission>,
     prober: Option<tokio::task::JoinHandle<()>>,
@@ -45,16 +49,24 @@ impl AdmissionRegistry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The admission of `pool`, built from `cfg` (kept when the pool-level
-    /// parts of `cfg` are unchanged). Starts the pool's health prober when
-    /// called inside a tokio runtime.
+    /// Starts a config load (see [`AdmissionRegistry::pool`]).
+    pub fn begin_load(&self) {
+        self.lock().generation += 1;
+    }
+
+    /// The admission of `pool`, built from `cfg`: the first call of a config
+    /// load decides (later routes on the same pool share it), and the state
+    /// is kept when the pool-level parts of `cfg` are unchanged. Starts the
+    /// pool's health prober when called inside a tokio runtime.
     pub fn pool(&self, pool: &Arc<Pool>, cfg: &AdmissionConfig) -> Arc<PoolAdmission> {
         let mut st = self.lock();
+        let generation = st.generation;
         let same = |a: &AdmissionConfig| {
             a.budget == cfg.budget && a.queue == cfg.queue && a.outlier == cfg.outlier
         };
-        if let Some(e) = st.pools.get(&*pool.name) {
-            if same(&e.cfg) {
+        if let Some(e) = st.pools.get_mut(&*pool.name) {
+            if e.generation == generation || same(&e.cfg) {
+                e.generation = generation;
                 return e.admission.clone();
             }
         }
@@ -68,6 +80,7 @@ impl AdmissionRegistry {
         st.pools.insert(
             pool.name.to_string(),
             PoolEntry {
+                generation,
                 cfg: cfg.clone(),
                 admission: admission.clone(),
                 prober,
@@ -136,7 +149,17 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &reg.pool(&pool, &cfg)));
         let mut other = cfg.clone();
         other.queue.max_requests = 3;
-        assert!(!Arc::ptr_eq(&a, &reg.pool(&pool, &other)));
+        assert!(
+            Arc::ptr_eq(&a, &reg.pool(&pool, &other)),
+            "same load: the first route decides"
+        );
+        reg.begin_load();
+        assert!(Arc::ptr_eq(&a, &reg.pool(&pool, &cfg)), "unchanged: kept");
+        reg.begin_load();
+        assert!(
+            !Arc::ptr_eq(&a, &reg.pool(&pool, &other)),
+            "changed: rebuilt"
+        );
 
         let c = reg.canary("m", Some(canary(10.0)));
         assert!(reg.set_canary("m", Some(canary(30.0))));
