@@ -135,18 +135,24 @@ async fn step_stats(c: &HttpClient, urls: &[String]) -> anyhow::Result<StepStats
 }
 
 /// One client loop: streaming requests back to back until `until`.
+/// Counters shared by the client loops.
+#[derive(Default)]
+struct Totals {
+    tokens: AtomicU64,
+    errors: AtomicU64,
+    requests: AtomicU64,
+}
+
 async fn worker(
     c: HttpClient,
     url: String,
     body_base: Value,
     prompt: String,
     until: Instant,
-    tokens: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    seq: Arc<AtomicU64>,
+    totals: Arc<Totals>,
 ) {
     while Instant::now() < until {
-        let n = seq.fetch_add(1, Ordering::Relaxed);
+        let n = totals.requests.fetch_add(1, Ordering::Relaxed);
         let mut body = body_base.clone();
         // A distinct first block per request: no prefix-cache hits.
         body["messages"] = json!([{"role": "user", "content": format!("{n:016} {prompt}")}]);
@@ -157,7 +163,7 @@ async fn worker(
         let resp = match tokio::time::timeout(Duration::from_secs(60), c.request(req)).await {
             Ok(Ok(r)) if r.status() == 200 => r,
             _ => {
-                errors.fetch_add(1, Ordering::Relaxed);
+                totals.errors.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -177,7 +183,7 @@ async fn worker(
                 }
                 Ok(None) => break,
                 _ => {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                    totals.errors.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
             }
@@ -188,7 +194,9 @@ async fn worker(
                 .chars()
                 .take_while(char::is_ascii_digit)
                 .collect();
-            tokens.fetch_add(digits.parse().unwrap_or(0), Ordering::Relaxed);
+            totals
+                .tokens
+                .fetch_add(digits.parse().unwrap_or(0), Ordering::Relaxed);
         }
     }
 }
@@ -266,13 +274,11 @@ fn main() -> anyhow::Result<()> {
         let self0 = self_cpu_seconds();
         let t0 = Instant::now();
         let until = t0 + Duration::from_secs_f64(o.duration);
-        let tokens = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
-        let seq = Arc::new(AtomicU64::new(0));
+        let totals = Arc::new(Totals::default());
         let mut tasks = Vec::new();
         for u in &urls {
             for _ in 0..o.concurrency {
-                tasks.push(tokio::spawn(worker(c.clone(), u.clone(), body.clone(), prompt.clone(), until, tokens.clone(), errors.clone(), seq.clone())));
+                tasks.push(tokio::spawn(worker(c.clone(), u.clone(), body.clone(), prompt.clone(), until, totals.clone())));
             }
         }
         for t in tasks {
@@ -282,7 +288,7 @@ fn main() -> anyhow::Result<()> {
         let cpu = cpu_seconds(pid)? - cpu0;
         let self_cpu = self_cpu_seconds() - self0;
         let s1 = step_stats(&c, &urls).await?;
-        let toks = tokens.load(Ordering::Relaxed);
+        let toks = totals.tokens.load(Ordering::Relaxed);
         let steps = s1.steps - s0.steps;
         let modelled = s1.modelled - s0.modelled;
         let observed = s1.observed - s0.observed;
@@ -290,7 +296,7 @@ fn main() -> anyhow::Result<()> {
         println!("sim cost: {} replicas x {} concurrent streams, profile {}, time scale {}, max_tokens {}, prompt {} chars",
             o.replicas, o.concurrency, o.profile, o.time_scale, o.max_tokens, o.prompt_chars);
         println!("  wall {wall:.1} s, requests {}, errors {}, streamed tokens {toks} ({:.0} tok/s)",
-            seq.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), toks as f64 / wall);
+            totals.requests.load(Ordering::Relaxed), totals.errors.load(Ordering::Relaxed), toks as f64 / wall);
         println!("  simulator CPU {cpu:.2} s = {:.3} core; {:.4} CPU s per 1000 streamed tokens",
             cpu / wall, if toks > 0 { cpu * 1000.0 / toks as f64 } else { f64::NAN });
         println!("  load client CPU {self_cpu:.2} s = {:.3} core (not part of the simulator)", self_cpu / wall);
