@@ -92,13 +92,13 @@ async fn each_flavor_serves_its_engine_names() {
 async fn lora_adapters_are_listed_limited_and_cost_a_load() {
     let params = EngineParams {
         max_loras: 1,
-        lora_load_ms: 200.0,
+        lora_load_ms: 400.0,
         step_fixed_us: 1000.0,
         ..Profile::Tiny.params()
     };
     let fleet = start_fleet(FleetConfig {
         params,
-        time_scale: 2.0, // a load = 100 ms wall, a step = 0.5 ms
+        time_scale: 2.0, // a load = 200 ms wall, a step = 0.5 ms
         lora_adapters: vec!["a".into(), "b".into()],
         ..FleetConfig::with_profile(Profile::Tiny)
     })
@@ -121,7 +121,7 @@ async fn lora_adapters_are_listed_limited_and_cost_a_load() {
             t0.elapsed()
         }
     };
-    let load = Duration::from_millis(90);
+    let load = Duration::from_millis(190);
     assert!(timed("a").await >= load, "first use of a loads it");
     assert!(timed("a").await < load, "a is resident");
     assert_eq!(

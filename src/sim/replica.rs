@@ -207,11 +207,12 @@ impl Replica {
     /// Crashes the replica: every sequence fails, every connection is cut and the
     /// listener closes until [`Self::restart`].
     pub fn crash(&self) {
-        lock(&self.engine).fail_all();
+        // Cut connections first: a stream must end cut, not with an error event.
         self.control.send_modify(|c| {
             c.crashed = true;
             c.kill_epoch += 1;
         });
+        lock(&self.engine).fail_all();
     }
 
     /// Brings a crashed replica back (empty cache, model load delay applies).
@@ -353,9 +354,7 @@ async fn serve_connection(rep: Arc<Replica>, stream: tokio::net::TcpStream, epoc
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::trace!(replica = rep.index, "connection ended: {e}");
-        },
+        biased; // a crash must win over a body that became ready at the same time
         _ = async {
             loop {
                 if ctl.changed().await.is_err() { return; }
@@ -363,5 +362,8 @@ async fn serve_connection(rep: Arc<Replica>, stream: tokio::net::TcpStream, epoc
                 if c.shutdown || c.kill_epoch != epoch { return; }
             }
         } => {}
+        r = conn => if let Err(e) = r {
+            tracing::trace!(replica = rep.index, "connection ended: {e}");
+        },
     }
 }
