@@ -46,6 +46,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let handle = server::start(config)
         .await
         .with_context(|| format!("starting from {}", args.config.display()))?;
+    announce(&handle);
     wait_for_signal().await;
     tracing::info!(?grace, "shutting down: draining requests in flight");
     handle.drain(grace).await;
@@ -76,6 +77,19 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
 pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
     let _ = args;
     anyhow::bail!("infergate quickstart needs the simulator (not merged yet)")
+}
+
+/// Prints where the gateway listens (one line on stdout, for people and scripts).
+fn announce(handle: &server::ServerHandle) {
+    use std::io::Write;
+    let admin = handle.admin_url().unwrap_or_else(|| "off".into());
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "infergate listening on {} (admin {admin})",
+        handle.url()
+    );
+    let _ = out.flush();
 }
 
 /// Resolves on SIGTERM or SIGINT.
