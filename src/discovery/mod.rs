@@ -21,7 +21,8 @@ impl Endpoint {
     pub fn from_url(url: &str) -> Option<Endpoint> {
         let url = url.trim_end_matches('/');
         let uri: http::Uri = url.parse().ok()?;
-        let host = uri.host()?;
+        // `http::Uri::host` keeps an IPv6 literal's brackets; they are re-added below.
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
         let port = uri
             .port_u16()
             .unwrap_or(if uri.scheme_str() == Some("https") {
@@ -65,5 +66,8 @@ mod tests {
         assert_eq!(&*e.base_url, "http://127.0.0.1:8001");
         assert_eq!(&*Endpoint::from_url("http://vllm").unwrap().key, "vllm:80");
         assert!(Endpoint::from_url("not a url").is_none());
+        let v6 = Endpoint::from_url("http://[fd00::1]:9000").unwrap();
+        assert_eq!(&*v6.key, "[fd00::1]:9000");
+        assert_eq!(&*v6.base_url, "http://[fd00::1]:9000");
     }
 }

@@ -1,0 +1,352 @@
+//! Canary rollouts declared by annotations on the canary's own Service, so a
+//! model team ships a new version without editing the gateway config:
+//!
+//! ```yaml
+//! metadata:
+//!   name: llama-v2-canary
+//!   annotations:
+//!     infergate.io/canary-of: llama-v1        # the stable Service (same namespace)
+//!     infergate.io/canary-weight: "10"        # percent of new requests, 0-100
+//!     infergate.io/canary-model: llama-3-8b   # optional: only routes serving this model
+//! ```
+//!
+//! Raising the weight promotes the canary, removing `canary-of` (or deleting the
+//! Service) ends it. The Services of the namespace are watched; every change
+//! publishes the complete, sorted set of valid canaries. An invalid annotation is
+//! logged, counted and reported as a Warning Event on the Service, and that
+//! Service is not a canary until fixed.
+
+use std::collections::BTreeMap;
+
+use ::kube::api::Api;
+use ::kube::runtime::watcher::{self, Event};
+use ::kube::runtime::WatchStreamExt;
+use ::kube::{Client, ResourceExt};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+
+use super::endpoints::WatchOptions;
+use super::events::{object_ref, EventPublisher};
+
+/// The stable Service this Service is a canary of.
+pub const CANARY_OF: &str = "infergate.io/canary-of";
+/// Percent (0-100) of the stable route's new requests sent to the canary.
+pub const CANARY_WEIGHT: &str = "infergate.io/canary-weight";
+/// Optional: the model the canary serves; routes for other models are untouched.
+pub const CANARY_MODEL: &str = "infergate.io/canary-model";
+
+/// One canary as declared on its Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Canary {
+    pub namespace: String,
+    /// The canary Service (its endpoints receive the canary share).
+    pub service: String,
+    /// The stable Service it shadows.
+    pub stable: String,
+    /// Percent of new requests, 0-100.
+    pub weight: u32,
+    pub model: Option<String>,
+}
+
+/// A canary annotation that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CanaryError {
+    #[error("{CANARY_WEIGHT} must be a whole percent 0-100, got {0:?}")]
+    Weight(String),
+    #[error("{CANARY_WEIGHT} is required next to {CANARY_OF}")]
+    MissingWeight,
+    #[error("{CANARY_OF} is empty")]
+    EmptyStable,
+    #[error("a Service cannot be a canary of itself")]
+    OfItself,
+}
+
+/// Reads the canary annotations of a Service: `Ok(None)` when it is not a canary.
+pub fn parse(svc: &Service) -> Result<Option<Canary>, CanaryError> {
+    let ann = svc.annotations();
+    let Some(stable) = ann.get(CANARY_OF) else {
+        return Ok(None);
+    };
+    let stable = stable.trim();
+    if stable.is_empty() {
+        return Err(CanaryError::EmptyStable);
+    }
+    let name = svc.name_any();
+    if stable == name {
+        return Err(CanaryError::OfItself);
+    }
+    let weight = ann.get(CANARY_WEIGHT).ok_or(CanaryError::MissingWeight)?;
+    let weight = weight
+        .trim()
+        .trim_end_matches('%')
+        .parse::<u32>()
+        .ok()
+        .filter(|w| *w <= 100)
+        .ok_or_else(|| CanaryError::Weight(weight.clone()))?;
+    let model = ann
+        .get(CANARY_MODEL)
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty());
+    Ok(Some(Canary {
+        namespace: svc.namespace().unwrap_or_default(),
+        service: name,
+        stable: stable.to_string(),
+        weight,
+        model,
+    }))
+}
+
+/// The valid canaries of a namespace, sorted (so equal sets compare equal).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CanarySet(pub Vec<Canary>);
+
+impl CanarySet {
+    /// The canary shadowing `stable` for a route serving `model`: one declared
+    /// for that model wins over one without a model; ties go to the first by
+    /// name (two canaries of one Service are a mistake we log, not a split).
+    pub fn for_stable(
+        &self,
+        namespace: &str,
+        stable: &str,
+        model: Option<&str>,
+    ) -> Option<&Canary> {
+        let mut matching = self
+            .0
+            .iter()
+            .filter(|c| c.namespace == namespace && c.stable == stable)
+            .filter(|c| c.model.is_none() || c.model.as_deref() == model);
+        let first = matching.next()?;
+        if first.model.is_some() {
+            return Some(first);
+        }
+        Some(matching.find(|c| c.model.is_some()).unwrap_or(first))
+    }
+}
+
+/// Watches the Services of a namespace and publishes the canary set.
+#[derive(Debug, Clone)]
+pub struct CanaryWatch {
+    pub namespace: String,
+    pub options: WatchOptions,
+}
+
+impl CanaryWatch {
+    pub fn new(namespace: impl Into<String>) -> Self {
+        CanaryWatch {
+            namespace: namespace.into(),
+            options: WatchOptions::default(),
+        }
+    }
+
+    /// Runs forever, sending the set to `tx` whenever it changes (the first
+    /// complete list is always sent).
+    pub async fn run(
+        self,
+        client: Client,
+        tx: tokio::sync::watch::Sender<CanarySet>,
+        events: Option<EventPublisher>,
+    ) {
+        let api: Api<Service> = Api::namespaced(client, &self.namespace);
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .backoff(self.options.backoff())
+            .boxed();
+        let mut store = CanaryStore::default();
+        while let Some(item) = stream.next().await {
+            let ev = match item {
+                Ok(ev) => ev,
+                Err(e) => {
+                    super::record_watch_error("services", &e);
+                    continue;
+                }
+            };
+            for (svc, err) in store.step(ev) {
+                tracing::warn!(service = %svc.name_any(), error = %err, "ignoring invalid canary annotations");
+                metrics::counter!("infergate_canary_annotation_errors_total").increment(1);
+                if let Some(events) = &events {
+                    let regarding =
+                        object_ref::<Service>(&self.namespace, &svc.name_any(), svc.uid());
+                    events.warn(regarding, "InvalidCanary", "Canary", err.to_string());
+                }
+            }
+            if let Some(set) = store.changed() {
+                tracing::info!(canaries = ?set.0, "canary set changed");
+                tx.send_replace(set);
+            }
+        }
+    }
+}
+
+/// Canaries by Service name, with the relist buffer of the watcher protocol.
+#[derive(Debug, Default)]
+struct CanaryStore {
+    by_name: BTreeMap<String, Canary>,
+    relisting: Option<BTreeMap<String, Canary>>,
+    /// The last set sent; None before the first complete list.
+    sent: Option<CanarySet>,
+    synced: bool,
+}
+
+impl CanaryStore {
+    /// Applies one watch event; returns the Services with invalid annotations.
+    fn step(&mut self, ev: Event<Service>) -> Vec<(Service, CanaryError)> {
+        let mut invalid = Vec::new();
+        let mut parse_into = |map: &mut BTreeMap<String, Canary>, svc: Service| {
+            let name = svc.name_any();
+            match parse(&svc) {
+                Ok(Some(c)) => {
+                    map.insert(name, c);
+                }
+                Ok(None) => {
+                    map.remove(&name);
+                }
+                Err(e) => {
+                    map.remove(&name);
+                    invalid.push((svc, e));
+                }
+            }
+        };
+        match ev {
+            Event::Init => self.relisting = Some(BTreeMap::new()),
+            Event::InitApply(svc) => {
+                parse_into(self.relisting.get_or_insert_with(BTreeMap::new), svc)
+            }
+            Event::InitDone => {
+                self.by_name = self.relisting.take().unwrap_or_default();
+                self.synced = true;
+            }
+            Event::Apply(svc) => parse_into(&mut self.by_name, svc),
+            Event::Delete(svc) => {
+                self.by_name.remove(&svc.name_any());
+            }
+        }
+        invalid
+    }
+
+    /// The current set if it differs from the last one sent.
+    fn changed(&mut self) -> Option<CanarySet> {
+        if !self.synced {
+            return None;
+        }
+        let mut set: Vec<Canary> = self.by_name.values().cloned().collect();
+        set.sort();
+        let set = CanarySet(set);
+        if self.sent.as_ref() == Some(&set) {
+            return None;
+        }
+        self.sent = Some(set.clone());
+        Some(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn svc(name: &str, ann: &[(&str, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("llm".into()),
+                annotations: Some(
+                    ann.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        }
+    }
+
+    #[test]
+    fn parses_annotations() {
+        assert_eq!(parse(&svc("a", &[])), Ok(None));
+        let c = parse(&svc(
+            "v2",
+            &[
+                (CANARY_OF, "v1"),
+                (CANARY_WEIGHT, "10"),
+                (CANARY_MODEL, "llama"),
+            ],
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (c.stable.as_str(), c.weight, c.model.as_deref()),
+            ("v1", 10, Some("llama"))
+        );
+        assert_eq!(
+            parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "25%")]))
+                .unwrap()
+                .unwrap()
+                .weight,
+            25
+        );
+        assert_eq!(
+            parse(&svc("v2", &[(CANARY_OF, "v1")])),
+            Err(CanaryError::MissingWeight)
+        );
+        assert!(matches!(
+            parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "101")])),
+            Err(CanaryError::Weight(_))
+        ));
+        assert!(matches!(
+            parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "ten")])),
+            Err(CanaryError::Weight(_))
+        ));
+        assert_eq!(
+            parse(&svc("v2", &[(CANARY_OF, "v2"), (CANARY_WEIGHT, "1")])),
+            Err(CanaryError::OfItself)
+        );
+        assert_eq!(
+            parse(&svc("v2", &[(CANARY_OF, " "), (CANARY_WEIGHT, "1")])),
+            Err(CanaryError::EmptyStable)
+        );
+    }
+
+    #[test]
+    fn model_specific_canary_wins() {
+        let generic = Canary {
+            namespace: "llm".into(),
+            service: "a".into(),
+            stable: "v1".into(),
+            weight: 5,
+            model: None,
+        };
+        let specific = Canary {
+            service: "b".into(),
+            weight: 50,
+            model: Some("llama".into()),
+            ..generic.clone()
+        };
+        let set = CanarySet(vec![generic.clone(), specific.clone()]);
+        assert_eq!(set.for_stable("llm", "v1", Some("llama")), Some(&specific));
+        assert_eq!(set.for_stable("llm", "v1", Some("qwen")), Some(&generic));
+        assert_eq!(set.for_stable("llm", "v1", None), Some(&generic));
+        assert_eq!(set.for_stable("other", "v1", None), None);
+    }
+
+    #[test]
+    fn store_sends_only_changes() {
+        let mut st = CanaryStore::default();
+        st.step(Event::Init);
+        st.step(Event::InitApply(svc("v1", &[])));
+        assert_eq!(st.changed(), None, "nothing before the list completes");
+        st.step(Event::InitDone);
+        assert_eq!(st.changed(), Some(CanarySet::default()));
+        let bad = st.step(Event::Apply(svc(
+            "v2",
+            &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "x")],
+        )));
+        assert_eq!(bad.len(), 1);
+        assert_eq!(st.changed(), None);
+        st.step(Event::Apply(svc(
+            "v2",
+            &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "10")],
+        )));
+        assert_eq!(st.changed().unwrap().0[0].weight, 10);
+        st.step(Event::Apply(svc("v2", &[])));
+        assert_eq!(st.changed(), Some(CanarySet::default()));
+    }
+}
