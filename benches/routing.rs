@@ -34,6 +34,8 @@ fn replicas() -> Vec<Arc<Replica>> {
                 block_size: Some(16),
                 num_blocks: Some(20_000),
                 lora: None,
+                own_requests_at_scrape: 0,
+                batch_limit: None,
             })));
             r
         })

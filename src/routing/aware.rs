@@ -15,7 +15,7 @@
 //! own not-yet-answered prefill tokens and the engine's waiting count times the
 //! mean uncached prompt (other gateways' requests show up only there).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,7 +52,9 @@ pub struct Candidate {
     pub token_load: f64,
     pub queued_prefill: f64,
     pub est_ttft_ms: f64,
-    /// LoRA: 3 adapter resident, 2 loading, 1 room to load, 0 none.
+    /// LoRA: 3 adapter in use on the engine (running or waiting requests), 2
+    /// this gateway sent it there recently (vLLM reports idle resident adapters
+    /// nowhere), 1 room to load it, 0 none.
     pub lora_tier: u8,
     /// Rendezvous weight of this replica for the request's prefix group.
     pub rendezvous: u64,
@@ -71,6 +73,9 @@ pub struct Ctx<'a> {
     pub prompt_blocks: u32,
     /// Hash naming the prompt's prefix group (its first `rendezvous.blocks` blocks).
     pub group_key: Option<u64>,
+    /// The adapter asked for: `req.lora`, or the model name when a replica
+    /// reports it as a resident or loading adapter.
+    pub lora: Option<&'a str>,
     pub explain: bool,
 }
 
@@ -117,7 +122,18 @@ pub struct InferenceAware {
     mean_uncached: AtomicU64,
     decisions: Mutex<VecDeque<Arc<Decision>>>,
     total_decisions: AtomicU64,
+    /// Adapter -> replicas this picker recently sent it to (newest last).
+    lora_homes: Mutex<LoraHomes>,
 }
+
+/// Adapter -> (replica, when sent) pairs.
+type LoraHomes = HashMap<Arc<str>, Vec<(Arc<str>, Instant)>>;
+
+/// How long a replica counts as holding an adapter we sent it.
+const LORA_MEMORY: Duration = Duration::from_secs(300);
+/// Replicas remembered per adapter, and adapters remembered at most.
+const LORA_HOMES: usize = 4;
+const LORA_ADAPTERS: usize = 4096;
 
 impl InferenceAware {
     pub fn new(cfg: RoutingConfig) -> Self {
@@ -127,6 +143,7 @@ impl InferenceAware {
             mean_uncached: AtomicU64::new(0f64.to_bits()),
             decisions: Mutex::new(VecDeque::new()),
             total_decisions: AtomicU64::new(0),
+            lora_homes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -165,6 +182,19 @@ impl InferenceAware {
             .copied()
             .or_else(|| (!req.prompt_text.is_empty()).then(|| xxh3_64(req.prompt_text.as_bytes())));
         let explain = self.cfg.explain_buffer > 0;
+        let lora = req.lora.or_else(|| {
+            replicas
+                .iter()
+                .any(|r| {
+                    r.signals
+                        .load()
+                        .as_ref()
+                        .and_then(|s| s.lora.as_ref())
+                        .is_some_and(|l| l.is_resident(req.model) || l.is_loading(req.model))
+                })
+                .then_some(req.model)
+                .or_else(|| self.lora_seen(req.model).then_some(req.model))
+        });
         let ctx = Ctx {
             req,
             cfg: &self.cfg,
@@ -172,6 +202,7 @@ impl InferenceAware {
             prefill_rate: self.cfg.prefill_tokens_per_sec.max(1.0),
             prompt_blocks: hashes.len() as u32,
             group_key,
+            lora,
             explain,
         };
         let mut cands = self.candidates(replicas, req, exclude, &ctx);
@@ -231,6 +262,9 @@ impl InferenceAware {
                 (t / u64::from(bs)).min(u64::from(u32::MAX)) as u32
             });
         self.index.record(&replica.endpoint.key, &hashes, capacity);
+        if let Some(a) = ctx.lora {
+            self.remember_lora(a, &replica.endpoint.key);
+        }
         let old = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
         let new = if old == 0.0 {
             f64::from(uncached)
@@ -255,6 +289,7 @@ impl InferenceAware {
         let now = Instant::now();
         let stale = Duration::from_millis(self.cfg.scrape.stale_after_ms);
         let sat = &self.cfg.saturation;
+        let lora_homes = ctx.lora.map(|a| self.lora_homes(a)).unwrap_or_default();
         let mut out = Vec::with_capacity(replicas.len());
         for (idx, r) in replicas.iter().enumerate() {
             if exclude.iter().any(|k| **k == *r.key()) {
@@ -264,17 +299,22 @@ impl InferenceAware {
             let sig: Option<&Arc<Signals>> = sig.as_ref();
             let fresh_sig = sig.filter(|s| s.is_fresh(now, stale));
             let fresh = !self.cfg.scrape.enabled || fresh_sig.is_some();
+            let own_requests = r.load.requests();
             let (waiting, running, kv) = fresh_sig.map_or((0.0, 0.0, 0.0), |s| {
-                (s.waiting, s.running, s.kv_usage.unwrap_or(0.0))
+                (
+                    s.projected_waiting(own_requests),
+                    s.running,
+                    s.kv_usage.unwrap_or(0.0),
+                )
             });
             let saturated = !fresh || waiting >= sat.max_waiting || kv >= sat.max_kv_usage;
-            let lora_tier = match (req.lora, fresh_sig.and_then(|s| s.lora.as_ref())) {
-                (Some(a), Some(l)) if l.is_resident(a) => 3,
-                (Some(a), Some(l)) if l.is_loading(a) => 2,
+            let lora_tier = match (ctx.lora, fresh_sig.and_then(|s| s.lora.as_ref())) {
+                (Some(a), Some(l)) if l.is_resident(a) || l.is_loading(a) => 3,
+                (Some(_), _) if lora_homes.iter().any(|k| **k == *r.key()) => 2,
                 (Some(_), Some(l)) if l.has_room() => 1,
                 _ => 0,
             };
-            let own_requests = r.load.requests() as f64;
+            let own_requests = own_requests as f64;
             out.push(Candidate {
                 idx,
                 matched_blocks: 0,
@@ -342,6 +382,43 @@ impl InferenceAware {
             log.pop_front();
         }
         log.push_back(Arc::new(d));
+    }
+
+    fn lora_seen(&self, adapter: &str) -> bool {
+        let homes = self.lora_homes.lock().unwrap_or_else(|e| e.into_inner());
+        !homes.is_empty() && homes.contains_key(adapter)
+    }
+
+    /// Replicas this picker sent `adapter` to within [`LORA_MEMORY`].
+    fn lora_homes(&self, adapter: &str) -> Vec<Arc<str>> {
+        let homes = self.lora_homes.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        homes.get(adapter).map_or_else(Vec::new, |v| {
+            v.iter()
+                .filter(|(_, at)| now.saturating_duration_since(*at) < LORA_MEMORY)
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+    }
+
+    fn remember_lora(&self, adapter: &str, replica: &Arc<str>) {
+        let mut homes = self.lora_homes.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if homes.len() >= LORA_ADAPTERS && !homes.contains_key(adapter) {
+            homes.retain(|_, v| {
+                v.retain(|(_, at)| now.saturating_duration_since(*at) < LORA_MEMORY);
+                !v.is_empty()
+            });
+            if homes.len() >= LORA_ADAPTERS {
+                return;
+            }
+        }
+        let v = homes.entry(Arc::from(adapter)).or_default();
+        v.retain(|(k, _)| k != replica);
+        v.push((replica.clone(), now));
+        if v.len() > LORA_HOMES {
+            v.remove(0);
+        }
     }
 
     /// The remembered decision for `request_id` (the newest, if retried).
@@ -538,6 +615,7 @@ pub(crate) mod tests {
             prefill_rate: 16_000.0,
             prompt_blocks: prompt_tokens / 16,
             group_key: Some(1),
+            lora,
             explain: true,
         }
     }
@@ -562,6 +640,8 @@ pub(crate) mod tests {
             block_size: Some(16),
             num_blocks: Some(1000),
             lora,
+            own_requests_at_scrape: 0,
+            batch_limit: None,
         })));
     }
 
@@ -664,8 +744,10 @@ pub(crate) mod tests {
         for i in 0..10 {
             let text = prompt(i, 0, 300);
             let mut r = req("l", &text);
-            r.lora = Some("ad");
             r.model = "ad";
+            // Named explicitly, or recognised from the replicas' adapter lists.
+            assert_eq!(p.pick(&rs, &r, &[]).unwrap().key(), rs[1].key());
+            r.lora = Some("ad");
             assert_eq!(p.pick(&rs, &r, &[]).unwrap().key(), rs[1].key());
         }
     }

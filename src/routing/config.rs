@@ -124,7 +124,9 @@ impl Default for PrefixConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SaturationConfig {
-    /// Engine-reported queued requests at or above which a replica is saturated.
+    /// Queued requests (engine-reported, plus own requests sent since the
+    /// scrape beyond the observed batch limit) at or above which a replica is
+    /// saturated (GIE's queue threshold is 5).
     pub max_waiting: f64,
     /// KV-cache usage (0..1) at or above which a replica is saturated.
     pub max_kv_usage: f64,
@@ -133,7 +135,7 @@ pub struct SaturationConfig {
 impl Default for SaturationConfig {
     fn default() -> Self {
         SaturationConfig {
-            max_waiting: 8.0,
+            max_waiting: 5.0,
             max_kv_usage: 0.95,
         }
     }
@@ -188,8 +190,8 @@ impl Default for RendezvousConfig {
 pub enum FilterName {
     /// Drop replicas that are saturated or whose signals are unknown/stale.
     Saturation,
-    /// For adapter requests, keep replicas with the adapter resident (else
-    /// loading, else with room to load it).
+    /// For adapter requests, keep replicas with the adapter in use (else sent
+    /// there recently, else with room to load it).
     Lora,
     /// Keep the replicas holding (nearly) the longest prefix unless that costs
     /// more TTFT than the margin.

@@ -56,9 +56,9 @@ fn keep_only(
     (dropped, false)
 }
 
-/// Adapter requests: the best non-empty tier of resident > loading > has room.
+/// Adapter requests: the best non-empty tier of in use > sent recently > has room.
 fn lora(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
-    if ctx.req.lora.is_none() {
+    if ctx.lora.is_none() {
         return (0, false);
     }
     let best = cands

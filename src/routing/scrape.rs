@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,6 +27,9 @@ const MAX_BODY: usize = 4 << 20;
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// The pickers routing over a pool (told when replicas leave); replaced on reload.
+pub type PickerSet = Arc<ArcSwap<Vec<Arc<dyn Picker>>>>;
+
 /// Stops the pool's scrape loops when dropped.
 #[derive(Debug)]
 pub struct ScrapeHandle {
@@ -40,15 +44,70 @@ impl Drop for ScrapeHandle {
 
 /// Starts scraping `pool`'s replicas (must be called inside a tokio runtime).
 /// Returns `None` when scraping is disabled.
-pub fn spawn(pool: Arc<Pool>, cfg: ScrapeConfig, picker: Arc<dyn Picker>) -> Option<ScrapeHandle> {
+pub fn spawn(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet) -> Option<ScrapeHandle> {
     if !cfg.enabled {
         return None;
     }
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(HttpConnector::new());
-    let supervisor = tokio::spawn(supervise(pool, cfg, picker, client));
+    let supervisor = tokio::spawn(supervise(pool, cfg, pickers, client));
     Some(ScrapeHandle { supervisor })
+}
+
+/// A pool to scrape, its scrape config and the pickers routing over it.
+pub type PoolScrape = (Arc<Pool>, ScrapeConfig, Vec<Arc<dyn Picker>>);
+
+/// The scrape loops of every pool of a gateway, kept across config reloads.
+#[derive(Debug, Default)]
+pub struct Scrapers {
+    by_pool: HashMap<Arc<str>, PoolScraper>,
+}
+
+#[derive(Debug)]
+struct PoolScraper {
+    pool: Arc<Pool>,
+    cfg: ScrapeConfig,
+    pickers: PickerSet,
+    _handle: Option<ScrapeHandle>,
+}
+
+impl Scrapers {
+    /// Makes the running scrapers match `pools` (each with its scrape config and
+    /// the pickers routing over it): starts new ones, restarts changed ones, stops
+    /// removed ones. Without a tokio runtime nothing is started (replicas then
+    /// stay unknown and routing falls back to the gateway's own accounting).
+    pub fn sync(&mut self, pools: Vec<PoolScrape>) {
+        let runtime = tokio::runtime::Handle::try_current().is_ok();
+        let mut next = HashMap::new();
+        for (pool, cfg, pickers) in pools {
+            let name = pool.name.clone();
+            match self.by_pool.remove(&name) {
+                Some(s) if Arc::ptr_eq(&s.pool, &pool) && s.cfg == cfg => {
+                    s.pickers.store(Arc::new(pickers));
+                    next.insert(name, s);
+                }
+                _ => {
+                    let set: PickerSet = Arc::new(ArcSwap::from_pointee(pickers));
+                    let handle = if runtime {
+                        spawn(pool.clone(), cfg.clone(), set.clone())
+                    } else {
+                        None
+                    };
+                    next.insert(
+                        name,
+                        PoolScraper {
+                            pool,
+                            cfg,
+                            pickers: set,
+                            _handle: handle,
+                        },
+                    );
+                }
+            }
+        }
+        self.by_pool = next;
+    }
 }
 
 /// Aborts the replica loops it owns when the supervisor itself is aborted.
@@ -62,12 +121,7 @@ impl Drop for Loops {
     }
 }
 
-async fn supervise(
-    pool: Arc<Pool>,
-    cfg: ScrapeConfig,
-    picker: Arc<dyn Picker>,
-    client: HttpClient,
-) {
+async fn supervise(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet, client: HttpClient) {
     let mut loops = Loops(HashMap::new());
     let mut seen: Option<Arc<Vec<Arc<Replica>>>> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.clamp(10, 1000)));
@@ -99,7 +153,9 @@ async fn supervise(
                 loops.0.insert(r.endpoint.key.clone(), (r.clone(), h));
             }
         }
-        picker.forget_absent(&current);
+        for p in pickers.load().iter() {
+            p.forget_absent(&current);
+        }
         seen = Some(current);
     }
 }
@@ -132,6 +188,8 @@ async fn scrape_loop(
         if let Some(e) = &signals.error {
             tracing::debug!(replica = %replica.key(), error = %e, "metrics scrape failed");
         }
+        let previous = replica.signals.load_full();
+        let signals = signals.with_context(replica.load.requests(), previous.as_deref());
         replica.signals.store(Some(Arc::new(signals)));
     }
 }
@@ -217,7 +275,11 @@ mod tests {
         let pool = Arc::new(Pool::new("p", EngineKind::Vllm));
         pool.apply(Update::Reset(vec![good.clone(), hang.clone()]));
         let cfg = RoutingConfig::default();
-        let picker = build_picker(&cfg);
+        let aware = Arc::new(crate::routing::aware::InferenceAware::new(cfg.clone()));
+        let picker: PickerSet =
+            Arc::new(ArcSwap::from_pointee(
+                vec![aware.clone() as Arc<dyn Picker>],
+            ));
         let mut sc = cfg.scrape.clone();
         sc.interval_ms = 20;
         sc.timeout_ms = 50;
@@ -241,12 +303,15 @@ mod tests {
                 .contains("timed out")))
             .await
         );
-        // Removing the replica stops its loop.
+        // Removing the replica stops its loop and the picker forgets it.
+        aware.index().record(&good.key, &[1, 2, 3], 10);
+        assert_eq!(aware.index().replica_blocks(&good.key), 3);
         pool.apply(Update::Remove(vec![good.key.clone()]));
         tokio::time::sleep(Duration::from_millis(100)).await;
         let before = hits.load(Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(hits.load(Ordering::Relaxed), before);
+        assert_eq!(aware.index().replica_blocks(&good.key), 0);
         // Dropping the handle stops the rest; a dead port reads as a failure.
         drop(handle);
         let dead = Endpoint::from_url("http://127.0.0.1:1").unwrap();
@@ -258,7 +323,7 @@ mod tests {
                 s.interval_ms = 20;
                 s
             },
-            build_picker(&cfg),
+            Arc::new(ArcSwap::from_pointee(vec![build_picker(&cfg)])),
         )
         .unwrap();
         let d = pool.replicas()[0].clone();

@@ -102,6 +102,12 @@ pub struct Signals {
     pub block_size: Option<u32>,
     pub num_blocks: Option<u64>,
     pub lora: Option<LoraInfo>,
+    /// The gateway's own requests in flight on the replica when it was scraped:
+    /// requests sent since then are not in `running`/`waiting` yet.
+    pub own_requests_at_scrape: u64,
+    /// The replica's batch limit as observed: `running` at a scrape that showed
+    /// a queue (the engine runs no more than that at once). Carried over scrapes.
+    pub batch_limit: Option<f64>,
 }
 
 impl Signals {
@@ -115,6 +121,34 @@ impl Signals {
             block_size: None,
             num_blocks: None,
             lora: None,
+            own_requests_at_scrape: 0,
+            batch_limit: None,
+        }
+    }
+
+    /// Sets the scrape-time context: own requests then, and the batch limit
+    /// learned from this and the previous scrape.
+    pub fn with_context(mut self, own_requests: u64, previous: Option<&Signals>) -> Signals {
+        self.own_requests_at_scrape = own_requests;
+        let seen_now = (self.error.is_none() && self.waiting > 0.0 && self.running > 0.0)
+            .then_some(self.running);
+        let before = previous.and_then(|p| p.batch_limit);
+        self.batch_limit = match (seen_now, before) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+
+    /// Queued requests now: the scraped queue, plus the requests this gateway
+    /// sent since the scrape that exceed the batch limit (when one was observed).
+    pub fn projected_waiting(&self, own_requests_now: u64) -> f64 {
+        let sent_since = own_requests_now.saturating_sub(self.own_requests_at_scrape) as f64;
+        match self.batch_limit {
+            Some(limit) => self
+                .waiting
+                .max(self.running + self.waiting + sent_since - limit),
+            None => self.waiting,
         }
     }
 
@@ -176,6 +210,8 @@ pub fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             block_size,
             num_blocks,
             lora: lora.map(|(_, l)| l),
+            own_requests_at_scrape: 0,
+            batch_limit: None,
         },
         _ => Signals::failed(
             at,
@@ -298,6 +334,31 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         let s = parse(EngineKind::LlamaCpp, ll, Instant::now());
         assert_eq!((s.waiting, s.running, s.kv_usage), (1.0, 2.0, None));
         assert!(s.error.is_none());
+    }
+
+    #[test]
+    fn batch_limit_is_learned_and_projects_the_queue() {
+        let t = Instant::now();
+        let body = |run: u32, wait: u32| {
+            format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred {wait}\n")
+        };
+        let s1 = parse(EngineKind::LlamaCpp, &body(3, 0), t).with_context(3, None);
+        assert_eq!(s1.batch_limit, None);
+        assert_eq!(
+            s1.projected_waiting(10),
+            0.0,
+            "no limit known: no projection"
+        );
+        let s2 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, Some(&s1));
+        assert_eq!(s2.batch_limit, Some(4.0));
+        assert_eq!(s2.projected_waiting(6), 2.0);
+        // Five more sent since the scrape: all of them queue.
+        assert_eq!(s2.projected_waiting(11), 7.0);
+        // The limit is kept by later scrapes without a queue.
+        let s3 = parse(EngineKind::LlamaCpp, &body(1, 0), t).with_context(1, Some(&s2));
+        assert_eq!(s3.batch_limit, Some(4.0));
+        assert_eq!(s3.projected_waiting(2), 0.0);
+        assert_eq!(s3.projected_waiting(6), 2.0);
     }
 
     #[test]
