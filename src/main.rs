@@ -14,6 +14,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Command {
     /// Run the gateway from a YAML config.
     Serve(infergate::cli::ServeArgs),

@@ -1,33 +1,102 @@
 //! The subcommands of the `infergate` binary other than `sim` (which lives with
 //! the simulator): `serve`, `quickstart`, `check-config`.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::proxy::server;
+use crate::telemetry;
+
 /// Flags of `infergate serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Path of the YAML config.
     #[arg(long, short)]
-    pub config: std::path::PathBuf,
+    pub config: PathBuf,
 }
 
 /// Flags of `infergate quickstart`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct QuickstartArgs {}
+pub struct QuickstartArgs {
+    /// Port of the OpenAI API (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Port of the admin listener (0 picks a free one).
+    #[arg(long, default_value_t = 9090)]
+    pub admin_port: u16,
+    /// Number of simulated replicas.
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+}
 
 /// Flags of `infergate check-config`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckConfigArgs {
     /// Path of the YAML config to validate.
-    pub file: std::path::PathBuf,
+    pub file: PathBuf,
 }
 
-pub async fn serve(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("infergate serve is not built yet")
+/// `infergate serve --config FILE`: runs until SIGTERM or Ctrl-C, then drains.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    telemetry::log::init(config.logging.format, config.logging.level.as_deref());
+    let grace = config.shutdown_grace;
+    let handle = server::start(config)
+        .await
+        .with_context(|| format!("starting from {}", args.config.display()))?;
+    wait_for_signal().await;
+    tracing::info!(?grace, "shutting down: draining requests in flight");
+    handle.drain(grace).await;
+    tracing::info!("stopped");
+    Ok(())
 }
 
-pub async fn quickstart(_args: QuickstartArgs) -> anyhow::Result<()> {
-    anyhow::bail!("infergate quickstart is not built yet")
+/// `infergate check-config FILE`: validates and prints a summary.
+pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.file)?;
+    println!(
+        "{}: ok ({} pools, {} routes)",
+        args.file.display(),
+        config.pools.len(),
+        config.routes.len()
+    );
+    for r in &config.routes {
+        let names = std::iter::once(r.model.as_str())
+            .chain(r.aliases.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!("  {names} -> pool {}", r.pool);
+    }
+    Ok(())
 }
 
-pub fn check_config(_args: CheckConfigArgs) -> anyhow::Result<()> {
-    anyhow::bail!("infergate check-config is not built yet")
+/// `infergate quickstart`: simulated replicas plus the gateway on the embedded config.
+pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
+    let _ = args;
+    anyhow::bail!("infergate quickstart needs the simulator (not merged yet)")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

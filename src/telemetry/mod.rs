@@ -1,3 +1,5 @@
-//! Telemetry: Prometheus metrics and structured request logs.
-//!
-//! (Being built by the data-plane issue.)
+//! Telemetry: Prometheus metrics ([`metrics`]) and the structured per-request
+//! log line plus logging setup ([`log`]).
+
+pub mod log;
+pub mod metrics;

@@ -1,0 +1,168 @@
+//! Human-friendly units in the YAML: durations (`250ms`, `30s`, `5m`, `1h`) and
+//! byte sizes (`4096`, `512KiB`, `8MiB`, `1GB`), with serde helpers.
+
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serializer};
+
+/// Parses `250ms`, `30s`, `5m`, `1h`, `1.5s` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration such as `30s` or `250ms`, found `{s}`"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => value,
+        "ms" => value / 1_000.0,
+        "us" | "µs" => value / 1_000_000.0,
+        "m" | "min" | "mins" => value * 60.0,
+        "h" => value * 3_600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{s}` (expected ms, s, m or h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("duration `{s}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration the way the config would write it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Parses `4096`, `512KiB`, `8MiB`, `1GiB`, `64KB`, `1MB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: u64 = num
+        .parse()
+        .map_err(|_| format!("expected a size such as `8MiB` or `65536`, found `{s}`"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "Ki" => 1 << 10,
+        "MiB" | "Mi" => 1 << 20,
+        "GiB" | "Gi" => 1 << 30,
+        "KB" | "kB" | "K" | "k" => 1_000,
+        "MB" | "M" => 1_000_000,
+        "GB" | "G" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (expected KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    value
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is out of range"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrString {
+    Num(f64),
+    Str(String),
+}
+
+/// `#[serde(with = "duration")]` for `Duration` fields.
+pub mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match NumOrString::deserialize(d)? {
+            NumOrString::Num(n) if n >= 0.0 && n.is_finite() => Ok(Duration::from_secs_f64(n)),
+            NumOrString::Num(n) => Err(de::Error::custom(format!("duration {n} is out of range"))),
+            NumOrString::Str(s) => parse_duration(&s).map_err(de::Error::custom),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+}
+
+/// `#[serde(with = "opt_duration")]` for `Option<Duration>` fields: `off`,
+/// `none` or null turn the timeout off.
+pub mod opt_duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<NumOrString>::deserialize(d)? {
+            None => Ok(None),
+            Some(NumOrString::Str(s)) if matches!(s.trim(), "off" | "none" | "") => Ok(None),
+            Some(NumOrString::Str(s)) => parse_duration(&s).map(Some).map_err(de::Error::custom),
+            Some(NumOrString::Num(n)) if n >= 0.0 && n.is_finite() => {
+                Ok(Some(Duration::from_secs_f64(n)))
+            }
+            Some(NumOrString::Num(n)) => {
+                Err(de::Error::custom(format!("duration {n} is out of range")))
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(*d)),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
+/// `#[serde(with = "size")]` for byte-size `u64` fields.
+pub mod size {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match NumOrString::deserialize(d)? {
+            NumOrString::Num(n) if n >= 0.0 && n.fract() == 0.0 && n < u64::MAX as f64 => {
+                Ok(n as u64)
+            }
+            NumOrString::Num(n) => Err(de::Error::custom(format!(
+                "size {n} must be a whole number of bytes"
+            ))),
+            NumOrString::Str(s) => parse_size(&s).map_err(de::Error::custom),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_size("1MB").unwrap(), 1_000_000);
+        assert!(parse_size("8 furlongs").is_err());
+    }
+}

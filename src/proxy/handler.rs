@@ -1,0 +1,221 @@
+//! The per-request pipeline: body → features → route → admission → forward →
+//! relay. Each step lives in its own module; this one wires them and turns
+//! every failure into an OpenAI-style JSON error with a log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+
+use super::admit::admit;
+use super::body::{check_content_type, read_limited, too_large};
+use super::context::{ApiKind, RequestContext, REPLICA_HEADER, REQUEST_ID};
+use super::forward::{forward, Outgoing};
+use super::gateway::Gateway;
+use super::headers::{clean_response_headers, is_event_stream};
+use super::parse::{parse_features, upstream_body};
+use super::record::{Outcome, RequestRecord};
+use super::relay::{GatewayBody, RelayBody, RelaySetup};
+use crate::protocol::error::ApiError;
+
+/// Handles one client request.
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GatewayBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let received_at = Instant::now();
+    let request_id = request_id_of(&req);
+    let mut resp = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
+        (&Method::POST, p) if p.starts_with("/v1/") => {
+            proxy(&gw, req, request_id.clone(), received_at).await
+        }
+        (_, p) if p.starts_with("/v1/") => reject(
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("Method {} is not allowed on {p}", req.method()),
+            ),
+            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
+        ),
+        (_, p) => reject(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("Unknown path {p}"),
+            )
+            .with_code("not_found"),
+            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
+        ),
+    };
+    resp.headers_mut().insert(REQUEST_ID, request_id);
+    resp
+}
+
+/// The client's `x-request-id` when usable, else a fresh UUID.
+fn request_id_of<B>(req: &Request<B>) -> HeaderValue {
+    match req.headers().get(REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => v.clone(),
+        _ => HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            .unwrap_or(HeaderValue::from_static("-")),
+    }
+}
+
+fn json_response(body: Bytes) -> Response<GatewayBody> {
+    let mut r = Response::new(GatewayBody::from(body));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
+    tracing::debug!(request_id = %record.request_id, error = %e, "rejected");
+    record.finish(e.status.as_u16(), Outcome::Rejected);
+    e.into_response()
+}
+
+async fn proxy<B>(
+    gw: &Gateway,
+    req: Request<B>,
+    request_id: HeaderValue,
+    received_at: Instant,
+) -> Response<GatewayBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut record = RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at);
+    let (parts, body) = req.into_parts();
+    let kind = ApiKind::from_path(parts.uri.path());
+    let table = gw.routes();
+
+    if let Err(e) = check_content_type(&parts.headers) {
+        return reject(e, record);
+    }
+    let body = match read_limited(&parts.headers, body, table.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(e, record),
+    };
+    let features = match parse_features(kind, &body) {
+        Ok(f) => f,
+        Err(e) => return reject(e, record),
+    };
+    record.model = features.model.clone();
+    record.prompt_tokens = u64::from(features.prompt_tokens);
+    let Some(route) = table.resolve(&features.model).cloned() else {
+        return reject(ApiError::model_not_found(&features.model), record);
+    };
+    record.route = route.name.clone();
+    let rc = &route.config;
+    if let Some(limit) = rc.max_body_bytes {
+        if body.len() as u64 > limit {
+            return reject(too_large(limit), record);
+        }
+    }
+
+    let mut ctx = RequestContext::new(record.request_id.clone(), received_at, kind, &parts.headers);
+    ctx.upstream_model = rc
+        .target_model
+        .clone()
+        .unwrap_or_else(|| features.model.clone());
+    ctx.expected_output_tokens = features.max_tokens.unwrap_or(rc.default_max_tokens);
+    ctx.features = features;
+
+    let permit = match admit(&route, &ctx).await {
+        Ok(p) => p,
+        Err(e) => return reject(e, record),
+    };
+    let upstream_bytes = match upstream_body(
+        &body,
+        &ctx.features,
+        rc.target_model.as_deref(),
+        rc.usage.include_usage,
+    ) {
+        Ok(b) => b,
+        Err(e) => return reject(e, record),
+    };
+
+    let timeouts = rc.timeouts.clone();
+    let stream = ctx.features.stream;
+    let first_byte_deadline = Instant::now() + timeouts.first_byte;
+    record.overhead = Some(received_at.elapsed());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let headers = parts.headers;
+    let rid = request_id.clone();
+    let fwd_route = route.clone();
+    let mut pending = Box::pin(async move {
+        let out = Outgoing {
+            path_and_query: &path_and_query,
+            headers: &headers,
+            body: upstream_bytes,
+            request_id: &rid,
+        };
+        forward(&fwd_route, &ctx, out, first_byte_deadline).await
+    });
+
+    let upstream = match (stream, timeouts.keepalive_after) {
+        (true, Some(after)) => {
+            let commit_at = received_at + after;
+            tokio::select! {
+                r = &mut pending => r,
+                _ = tokio::time::sleep_until(commit_at.into()) => {
+                    // Prefill is slow: commit the event stream now and keep it alive.
+                    let setup = RelaySetup { record, permit, timeouts, first_byte_deadline, sse: true };
+                    let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
+                    let h = resp.headers_mut();
+                    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                    return resp;
+                }
+            }
+        }
+        _ => pending.await,
+    };
+
+    match upstream {
+        Err(fe) => {
+            record.attempts = fe.attempts;
+            if let Some(r) = fe.replica {
+                record.replica = r;
+            }
+            let outcome = if fe.error.status == StatusCode::GATEWAY_TIMEOUT {
+                Outcome::FirstByteTimeout
+            } else {
+                Outcome::UpstreamError
+            };
+            tracing::warn!(request_id = %record.request_id, error = %fe.error, "upstream failed");
+            record.finish(fe.error.status.as_u16(), outcome);
+            fe.error.into_response()
+        }
+        Ok(up) => {
+            record.attempts = up.attempts;
+            let (mut head, incoming) = up.response.into_parts();
+            clean_response_headers(&mut head.headers);
+            let sse = is_event_stream(&head.headers);
+            if sse {
+                // The relay may append an error event: the length is not known.
+                head.headers.remove(http::header::CONTENT_LENGTH);
+            }
+            if let Ok(v) = HeaderValue::from_str(up.guard.replica().key()) {
+                head.headers.insert(REPLICA_HEADER, v);
+            }
+            let status = head.status.as_u16();
+            let setup = RelaySetup {
+                record,
+                permit,
+                timeouts,
+                first_byte_deadline,
+                sse,
+            };
+            let body = RelayBody::streaming(incoming, up.guard, status, setup);
+            Response::from_parts(head, GatewayBody::Relay(Box::new(body)))
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Reads token usage from a response as it streams by, without buffering it:
+//! SSE streams are scanned line by line (`data:` events counted, a `usage`
+//! object parsed when present); a JSON body is searched for its `usage` object.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// Bytes kept from the end of a JSON frame in case `usage` straddles two frames.
+const JSON_TAIL: usize = 512;
+
+/// Counts what a response carried.
+#[derive(Debug, Default)]
+pub struct UsageCounter {
+    sse: bool,
+    /// An SSE line (or a JSON tail) cut by a frame boundary.
+    carry: Vec<u8>,
+    /// SSE `data:` events other than `[DONE]` (about one per token).
+    pub events: u64,
+    /// The last `usage` object seen.
+    pub usage: Option<Usage>,
+}
+
+impl UsageCounter {
+    pub fn new(sse: bool) -> Self {
+        UsageCounter {
+            sse,
+            ..Default::default()
+        }
+    }
+
+    /// Completion tokens: from `usage` when reported, else counted events.
+    pub fn completion_tokens(&self) -> u64 {
+        self.usage.map_or(self.events, |u| u.completion_tokens)
+    }
+
+    /// Whether the stream stopped in the middle of an SSE line.
+    pub fn mid_line(&self) -> bool {
+        self.sse && !self.carry.is_empty()
+    }
+
+    pub fn observe(&mut self, chunk: &[u8]) {
+        if self.sse {
+            self.observe_sse(chunk)
+        } else {
+            self.observe_json(chunk)
+        }
+    }
+
+    fn observe_sse(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        if !self.carry.is_empty() {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let mut line = std::mem::take(&mut self.carry);
+                    line.extend_from_slice(&rest[..i]);
+                    self.line(&line);
+                    rest = &rest[i + 1..];
+                }
+                None => {
+                    self.carry.extend_from_slice(rest);
+                    return;
+                }
+            }
+        }
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            self.line(&rest[..i]);
+            rest = &rest[i + 1..];
+        }
+        self.carry.extend_from_slice(rest);
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data == b"[DONE]" {
+            return;
+        }
+        match usage_in(data) {
+            Some(u) => self.usage = Some(u),
+            // A usage-only chunk (empty choices) is not a token.
+            None => self.events += 1,
+        }
+    }
+
+    fn observe_json(&mut self, chunk: &[u8]) {
+        if self.carry.is_empty() {
+            if let Some(u) = usage_in(chunk) {
+                self.usage = Some(u);
+                return;
+            }
+        } else {
+            self.carry.extend_from_slice(chunk);
+            if let Some(u) = usage_in(&self.carry) {
+                self.usage = Some(u);
+                self.carry.clear();
+                return;
+            }
+            self.carry.clear();
+        }
+        let tail = &chunk[chunk.len().saturating_sub(JSON_TAIL)..];
+        self.carry.extend_from_slice(tail);
+    }
+}
+
+/// Finds `"usage": {...}` in JSON text and parses the object.
+fn usage_in(text: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = text.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let after = &text[at + KEY.len()..];
+    let colon = after.iter().position(|&b| !b.is_ascii_whitespace())?;
+    if after[colon] != b':' {
+        return None;
+    }
+    let value = &after[colon + 1..];
+    let start = value.iter().position(|&b| !b.is_ascii_whitespace())?;
+    if value[start] != b'{' {
+        return None; // `"usage": null`
+    }
+    let mut de = serde_json::Deserializer::from_slice(&value[start..]).into_iter::<Usage>();
+    de.next()?.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_sse_events_and_reads_usage_across_frames() {
+        let mut c = UsageCounter::new(true);
+        c.observe(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choi");
+        c.observe(b"ces\":[{\"text\":\"b\"}],\"usage\":null}\n\n");
+        assert_eq!(c.events, 2);
+        assert_eq!(c.completion_tokens(), 2);
+        c.observe(b": keep-alive\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,");
+        c.observe(b"\"completion_tokens\":9,\"total_tokens\":14}}\r\n\r\ndata: [DONE]\n\n");
+        assert_eq!(c.events, 2);
+        assert_eq!(
+            c.usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 9
+            })
+        );
+        assert_eq!(c.completion_tokens(), 9);
+    }
+
+    #[test]
+    fn reads_json_usage_even_when_split() {
+        let mut c = UsageCounter::new(false);
+        c.observe(b"{\"id\":\"x\",\"choices\":[],\"usage\": {\"prompt_tokens\":3,\"compl");
+        c.observe(b"etion_tokens\":4}}");
+        assert_eq!(c.completion_tokens(), 4);
+        let mut whole = UsageCounter::new(false);
+        whole.observe(b"{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}");
+        assert_eq!(whole.usage.unwrap().prompt_tokens, 1);
+    }
+}

@@ -1,0 +1,156 @@
+//! Prometheus metrics of the data plane, labelled by route, model and replica.
+//!
+//! The recorder is process-wide (the `metrics` facade); [`handle`] installs it
+//! once and renders it for the admin listener's `/metrics`. Per-replica load
+//! gauges are not updated on the hot path: [`render`] reads them from the pools'
+//! own counters at scrape time.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::pool::Pool;
+
+pub const REQUESTS: &str = "infergate_requests_total";
+pub const TTFT: &str = "infergate_time_to_first_token_seconds";
+pub const ITL: &str = "infergate_inter_token_latency_seconds";
+pub const DURATION: &str = "infergate_request_duration_seconds";
+pub const OVERHEAD: &str = "infergate_gateway_overhead_seconds";
+pub const PROMPT_TOKENS: &str = "infergate_prompt_tokens_total";
+pub const COMPLETION_TOKENS: &str = "infergate_completion_tokens_total";
+pub const RETRIES: &str = "infergate_upstream_retries_total";
+pub const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
+pub const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
+pub const REPLICAS: &str = "infergate_pool_replicas";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
+];
+
+/// The process-wide Prometheus handle (installs the recorder on first use).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(TTFT.into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(DURATION.into()), LATENCY_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ITL.into()), ITL_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS)
+            })
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program, a
+        // test): then our handle renders only what it saw, which is harmless.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Renders all metrics, refreshing the per-replica load gauges first.
+pub fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> String {
+    let h = handle();
+    for pool in pools {
+        let replicas = pool.replicas();
+        gauge!(REPLICAS, "pool" => pool.name.to_string()).set(replicas.len() as f64);
+        for r in replicas.iter() {
+            let labels = [
+                ("pool", pool.name.to_string()),
+                ("replica", r.key().to_string()),
+            ];
+            gauge!(IN_FLIGHT, &labels).set(r.load.requests() as f64);
+            gauge!(TOKENS_IN_FLIGHT, &labels).set(r.load.tokens() as f64);
+        }
+    }
+    h.render()
+}
+
+/// Per-request histograms resolved once, so recording a token costs no lookup.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pub itl: Histogram,
+}
+
+impl StreamMetrics {
+    pub fn new(route: &str, replica: &str) -> Self {
+        let _ = handle();
+        StreamMetrics {
+            itl: histogram!(ITL, "route" => route.to_string(), "replica" => replica.to_string()),
+        }
+    }
+}
+
+/// What one finished request contributes to the metrics.
+pub struct Finished<'a> {
+    pub route: &'a str,
+    pub model: &'a str,
+    pub replica: &'a str,
+    pub status: u16,
+    pub outcome: &'a str,
+    pub duration: Duration,
+    pub ttft: Option<Duration>,
+    pub overhead: Option<Duration>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+pub fn record_finished(f: &Finished<'_>) {
+    let _ = handle();
+    let status = status_label(f.status);
+    counter!(REQUESTS,
+        "route" => f.route.to_string(), "model" => f.model.to_string(),
+        "replica" => f.replica.to_string(), "status" => status, "outcome" => f.outcome.to_string())
+    .increment(1);
+    let labels = [
+        ("route", f.route.to_string()),
+        ("replica", f.replica.to_string()),
+    ];
+    histogram!(DURATION, &labels).record(f.duration.as_secs_f64());
+    if let Some(t) = f.ttft {
+        histogram!(TTFT, &labels).record(t.as_secs_f64());
+    }
+    if let Some(o) = f.overhead {
+        histogram!(OVERHEAD, "route" => f.route.to_string()).record(o.as_secs_f64());
+    }
+    if f.prompt_tokens > 0 {
+        counter!(PROMPT_TOKENS, &labels).increment(f.prompt_tokens);
+    }
+    if f.completion_tokens > 0 {
+        counter!(COMPLETION_TOKENS, &labels).increment(f.completion_tokens);
+    }
+}
+
+pub fn record_retry(route: &str, replica: &str, reason: &'static str) {
+    let _ = handle();
+    counter!(RETRIES, "route" => route.to_string(), "replica" => replica.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        404 => "404",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
