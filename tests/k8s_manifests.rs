@@ -76,7 +76,7 @@ fn the_example_canary_uses_the_annotations_the_gateway_reads() {
         .expect("the example is a canary");
     assert_eq!(c.stable, "vllm-llama");
     assert_eq!(c.weight, 10);
-    assert_eq!(c.model.as_deref(), Some("llama-3-8b"));
+    assert_eq!(c.model.as_deref(), Some("llama-3-8b-v2"));
     let stable: Vec<Service> = docs("examples/vllm/vllm-llama.yaml", "Service");
     assert_eq!(stable[0].metadata.name.as_deref(), Some("vllm-llama"));
     assert_eq!(canary::parse(&stable[0]).unwrap(), None);
@@ -140,4 +140,43 @@ fn rbac_allows_exactly_the_configmap_the_deployment_watches() {
         "ConfigMap generator named {name}"
     );
     assert!(kustomization.contains("disableNameSuffixHash: true"));
+}
+
+#[test]
+fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
+    let path = deploy().join("base/config.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config = infergate::config::Config::parse(&text, &path.display().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stable: Vec<Service> = docs("examples/vllm/vllm-llama.yaml", "Service");
+    let svc_name = stable[0].metadata.name.clone().unwrap();
+    let port_names: Vec<String> = stable[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    let pool = config
+        .pools
+        .iter()
+        .find(|p| p.service.is_some())
+        .expect("a Service pool");
+    let sref = pool.service.as_ref().unwrap();
+    assert_eq!(sref.name, svc_name);
+    match &sref.port {
+        infergate::config::PortRef::Name(n) => {
+            assert!(port_names.contains(n), "{n} not in {port_names:?}")
+        }
+        infergate::config::PortRef::Number(n) => panic!("use the port name, found {n}"),
+    }
+    // Listeners reachable from the pod network and the probes' admin port.
+    assert_eq!(config.listeners.main.address.port(), 8080);
+    assert_eq!(
+        config.listeners.admin.as_ref().unwrap().address.port(),
+        9090
+    );
 }
