@@ -1,1 +1,285 @@
-fn main() {}
+//! `infergate-load`: a small load generator for OpenAI-compatible endpoints on loopback.
+//!
+//! Closed loop (`--concurrency N`) or open loop (`--rate R`, Poisson arrivals), bounded by
+//! `--requests` and/or `--duration`; workloads `small` (non-streaming completions), `stream`
+//! (streaming chat) and `prefix` (shared-prefix multi-turn chat sessions); optional priority
+//! classes with their own headers. Reports status counts, req/s, output tok/s and TTFT / ITL /
+//! end-to-end percentiles, overall and per class, as text or `--json`. It shares the CPU with
+//! what it measures, so it keeps one keep-alive connection per worker, pre-builds bodies and
+//! scans SSE bytes instead of parsing JSON. See loadtest/README.md.
+
+#[path = "load/client.rs"]
+mod client;
+#[path = "load/hist.rs"]
+mod hist;
+#[path = "load/report.rs"]
+mod report;
+#[path = "load/run.rs"]
+mod run;
+#[path = "load/sse.rs"]
+mod sse;
+#[path = "load/workload.rs"]
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::json;
+
+use workload::{Class, ClassPicker, Kind, Spec, Workload};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "infergate-load",
+    version,
+    about = "Load generator for OpenAI-compatible endpoints on loopback (closed or open loop)"
+)]
+struct Args {
+    /// Base URL of the endpoint, loopback only (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    url: String,
+    /// Request shape.
+    #[arg(long, value_enum, default_value = "small")]
+    workload: Kind,
+    /// `model` field of every request.
+    #[arg(long, default_value = "fake-model")]
+    model: String,
+    /// Closed loop: this many workers, each with one connection, one request at a time.
+    #[arg(long, short = 'c', conflicts_with = "rate")]
+    concurrency: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop after this many requests.
+    #[arg(long, short = 'n')]
+    requests: Option<u64>,
+    /// Stop sending after this many seconds (answers in flight still finish).
+    #[arg(long, short = 'd')]
+    duration: Option<f64>,
+    /// Seconds at the start whose requests are sent but not measured.
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
+    /// Per-request timeout in seconds (connect to last byte).
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Open loop: most requests in flight (and connections); later arrivals wait (schedule lag).
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Prompt tokens (small, stream).
+    #[arg(long, default_value_t = 16)]
+    prompt_tokens: u32,
+    /// Output tokens asked for per request (`max_tokens`).
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// Distinct prompts cycled through (small, stream).
+    #[arg(long, default_value_t = 64)]
+    distinct: u32,
+    /// Prefix: groups, each sharing one system prompt.
+    #[arg(long, default_value_t = 8)]
+    groups: u32,
+    /// Prefix: users (sessions) per group.
+    #[arg(long, default_value_t = 8)]
+    users: u32,
+    /// Prefix: system prompt tokens.
+    #[arg(long, default_value_t = 1000)]
+    system_tokens: u32,
+    /// Prefix: question tokens per turn.
+    #[arg(long, default_value_t = 50)]
+    question_tokens: u32,
+    /// Prefix: turns per session; each turn resends the previous turns (questions and answers).
+    #[arg(long, default_value_t = 3)]
+    turns: u32,
+    /// Do not ask for a usage chunk on streams (output tokens are then counted chunks).
+    #[arg(long)]
+    no_usage: bool,
+    /// Send `ignore_eos: true` (real engines then generate exactly `--max-tokens`).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Priority class `NAME=SHARE[,HEADER:VALUE]...` (repeatable); reported per class.
+    #[arg(long = "class")]
+    classes: Vec<Class>,
+    /// Extra header `NAME:VALUE` on every request (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// Speak h2c (HTTP/2 with prior knowledge) instead of HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
+    /// Runtime threads (1 = single-threaded, the lightest on a shared machine).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Varies all prompt text and the arrival sequence; use a new one per run on a shared fleet
+    /// so runs do not hit each other's prefix caches.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print the first N requests (class, path, headers, body) and exit without sending.
+    #[arg(long, value_name = "N")]
+    dry_run: Option<u64>,
+}
+
+enum Mode {
+    Closed(usize),
+    Open(f64),
+}
+
+/// Lets the process hold as many sockets as the hard limit allows (10k-stream tests).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed by pointer.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn secs(name: &str, v: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("--{name} {v}: not a valid number of seconds"))
+}
+
+async fn run(args: Args) -> Result<bool, String> {
+    if args.requests.is_none() && args.duration.is_none() && args.dry_run.is_none() {
+        return Err("give --requests and/or --duration: every run is bounded".into());
+    }
+    let classes = if args.classes.is_empty() {
+        vec![Class {
+            name: "default".into(),
+            share: 1.0,
+            headers: vec![],
+        }]
+    } else {
+        args.classes.clone()
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| workload::parse_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let workload = Workload::new(Spec {
+        kind: args.workload,
+        model: args.model.clone(),
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        distinct: args.distinct,
+        groups: args.groups,
+        users: args.users,
+        system_tokens: args.system_tokens,
+        question_tokens: args.question_tokens,
+        turns: args.turns,
+        usage: !args.no_usage,
+        ignore_eos: args.ignore_eos,
+        seed: args.seed,
+    })?;
+    let picker = ClassPicker::new(&classes, args.seed);
+    let target = client::Target::new(&args.url, workload.path, args.http2, headers).await?;
+    if let Some(n) = args.dry_run {
+        for seq in 0..n {
+            let class = &classes[picker.pick(seq)];
+            let hdrs: Vec<String> = class
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v:?}"))
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "seq": seq,
+                    "class": class.name,
+                    "path": workload.path,
+                    "headers": hdrs,
+                    "body": serde_json::from_slice::<serde_json::Value>(&workload.body(seq)).unwrap_or_default(),
+                })
+            );
+        }
+        return Ok(true);
+    }
+    let duration = args.duration.map(|d| secs("duration", d)).transpose()?;
+    let timeout = secs("timeout", args.timeout)?;
+    let warmup = secs("warmup", args.warmup)?;
+    let max_requests = args.requests.unwrap_or(u64::MAX);
+    let (mode, desc) = match (args.concurrency, args.rate) {
+        (Some(c), None) if c > 0 => (Mode::Closed(c), json!({"mode": "closed", "concurrency": c})),
+        (None, Some(r)) if r > 0.0 && r.is_finite() => (
+            Mode::Open(r),
+            json!({"mode": "open", "rate": r, "max_in_flight": args.max_in_flight}),
+        ),
+        (None, None) => {
+            return Err("give --concurrency N (closed loop) or --rate R (open loop)".into())
+        }
+        _ => return Err("--concurrency and --rate must be > 0".into()),
+    };
+    let plan = Arc::new(run::Plan {
+        target,
+        workload,
+        classes,
+        picker,
+        timeout,
+        max_requests,
+        duration,
+        warmup,
+    });
+    let finished = match mode {
+        Mode::Closed(c) => plan.closed(c).await,
+        Mode::Open(r) => plan.open(r, args.max_in_flight.max(1), args.seed).await,
+    };
+    let mut desc = desc;
+    desc["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
+    desc["url"] = json!(args.url);
+    desc["model"] = json!(args.model);
+    desc["http2"] = json!(args.http2);
+    desc["max_tokens"] = json!(args.max_tokens);
+    desc["requests_limit"] = json!(args.requests);
+    desc["duration_limit_s"] = json!(args.duration);
+    desc["warmup_s"] = json!(args.warmup);
+    desc["seed"] = json!(args.seed);
+    let stats = &finished.stats;
+    if args.json {
+        println!("{}", report::to_json(stats, desc, finished.unfinished));
+    } else {
+        let header = format!("infergate-load {}", desc);
+        print!("{}", report::to_text(stats, &header, finished.unfinished));
+    }
+    Ok(stats.classes.iter().any(|c| c.ok > 0))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    raise_fd_limit();
+    let rt = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("infergate-load: runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("infergate-load: no request succeeded");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("infergate-load: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
