@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
 use infergate::config::Config;
+use infergate::kube::canary::{CANARY_OF, CANARY_WEIGHT};
 use infergate::kube::client::Cluster;
 use infergate::kube::configmap::ConfigMapWatch;
 use infergate::kube::control::DiscoveryOptions;
@@ -21,7 +22,7 @@ use infergate::kube::serve::{ConfigSource, ControlOptions, ControlPlane, Loaded}
 use infergate::proxy::gateway::Gateway;
 use infergate::proxy::ServerHandle;
 use infergate::sim::{start_fleet, Faults, Fleet, FleetConfig, Profile};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sim_util::{chat, client, eventually, open_stream, post_json, read_events};
@@ -42,8 +43,9 @@ fn configmap(text: &str) -> ConfigMap {
     fake_apiserver::configmap(NS, "infergate-routes", "config.yaml", text)
 }
 
-/// The slice of one simulated replica: (ready, terminating).
-fn slice_of(
+/// The slice of one simulated replica of `service`: (ready, terminating).
+fn slice_in(
+    service: &str,
     fleet: &Fleet,
     i: usize,
     ready: Option<bool>,
@@ -62,12 +64,15 @@ fn slice_of(
             ..Endpoint::default()
         }],
         metadata: ObjectMeta {
-            name: Some(format!("vllm-{i}")),
+            name: Some(format!("{service}-{i}")),
             namespace: Some(NS.into()),
             labels: Some(
-                [("kubernetes.io/service-name".to_string(), "vllm".to_string())]
-                    .into_iter()
-                    .collect(),
+                [(
+                    "kubernetes.io/service-name".to_string(),
+                    service.to_string(),
+                )]
+                .into_iter()
+                .collect(),
             ),
             ..ObjectMeta::default()
         },
@@ -78,6 +83,16 @@ fn slice_of(
             ..EndpointPort::default()
         }]),
     }
+}
+
+/// The slice of replica `i` of the stable Service `vllm`.
+fn slice_of(
+    fleet: &Fleet,
+    i: usize,
+    ready: Option<bool>,
+    terminating: Option<bool>,
+) -> EndpointSlice {
+    slice_in("vllm", fleet, i, ready, terminating)
 }
 
 struct Setup {
@@ -112,6 +127,12 @@ impl Setup {
 /// vLLM still loading its model), all listed as ready in EndpointSlices, and
 /// the gateway reading its config from the ConfigMap.
 async fn setup(n: usize, loading: &[usize]) -> Setup {
+    setup_with(&vec!["vllm"; n], loading).await
+}
+
+/// Like [`setup`], replica `i` being an endpoint of Service `services[i]`.
+async fn setup_with(services: &[&str], loading: &[usize]) -> Setup {
+    let n = services.len();
     let fleet = start_fleet(FleetConfig {
         replicas: n,
         time_scale: 0.5,
@@ -126,8 +147,8 @@ async fn setup(n: usize, loading: &[usize]) -> Setup {
         });
     }
     let api = FakeApiServer::start().await;
-    for i in 0..n {
-        api.upsert(&slice_of(&fleet, i, Some(true), Some(false)));
+    for (i, service) in services.iter().enumerate() {
+        api.upsert(&slice_in(service, &fleet, i, Some(true), Some(false)));
     }
     let text = config_yaml("llama");
     api.upsert(&configmap(&text));
@@ -293,4 +314,93 @@ async fn a_configmap_update_applies_within_a_second_and_an_invalid_one_keeps_the
     let (status, _) = post_json(&c, &s.url(), &chat("tiny", "hi", 3, false)).await;
     assert_eq!(status, 200, "the last good config still serves");
     assert_eq!(s.members(), [s.key(0)], "discovery unaffected");
+}
+
+fn service(name: &str, annotations: &[(&str, &str)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        ..Service::default()
+    }
+}
+
+/// Sends `n` requests from distinct users; returns how many the canary served.
+async fn canary_share(s: &Setup, n: usize) -> usize {
+    let c = client();
+    let mut canary = 0;
+    for i in 0..n {
+        let mut body = chat(MODEL, "hello", 2, false);
+        body["user"] = format!("user-{i}").into();
+        let (status, headers, _) = sim_util::call(&c, "POST", &s.url(), Some(&body)).await;
+        assert_eq!(status, 200);
+        if headers
+            .get("x-infergate-canary-side")
+            .is_some_and(|v| v == "canary")
+        {
+            canary += 1;
+        }
+    }
+    canary
+}
+
+#[tokio::test]
+async fn canary_annotations_change_the_split_and_removing_them_ends_it() {
+    // Replica 0 serves the stable Service, replica 1 the canary's.
+    let s = setup_with(&["vllm", "vllm-v2"], &[]).await;
+    s.api.upsert(&service("vllm", &[]));
+    expect_members(&s, &[s.key(0)], SEC).await;
+    assert_eq!(canary_share(&s, 10).await, 0, "no canary yet");
+
+    // The model team annotates its Service: 100 % of users go to the canary.
+    s.api.upsert(&service(
+        "vllm-v2",
+        &[(CANARY_OF, "vllm"), (CANARY_WEIGHT, "100")],
+    ));
+    let canary_pool = || s.server.gateway.pool("canary:llm/vllm-v2");
+    assert!(
+        eventually(SEC, || canary_pool()
+            .is_some_and(|p| p.replicas().len() == 1))
+        .await,
+        "canary pool discovered within 1 s"
+    );
+    let before = s.fleet.replica(1).stats().requests_received;
+    assert_eq!(canary_share(&s, 10).await, 10);
+    assert_eq!(s.fleet.replica(1).stats().requests_received, before + 10);
+
+    // Weight 30: a share of the users (sticky per user), not all.
+    s.api.upsert(&service(
+        "vllm-v2",
+        &[(CANARY_OF, "vllm"), (CANARY_WEIGHT, "30")],
+    ));
+    assert!(
+        eventually(SEC, || s
+            .server
+            .gateway
+            .canary(MODEL)
+            .and_then(|c| c.config())
+            .is_some_and(|c| c.weight == 30.0))
+        .await,
+        "weight change applied within 1 s"
+    );
+    let share = canary_share(&s, 60).await;
+    assert!((5..=35).contains(&share), "30 % of 60 users, got {share}");
+
+    // Removing the annotation ends the canary: everything back on stable.
+    s.api.upsert(&service("vllm-v2", &[]));
+    assert!(
+        eventually(SEC, || canary_pool().is_none()).await,
+        "canary pool gone within 1 s"
+    );
+    let before = s.fleet.replica(1).stats().requests_received;
+    assert_eq!(canary_share(&s, 10).await, 0);
+    assert_eq!(s.fleet.replica(1).stats().requests_received, before);
 }

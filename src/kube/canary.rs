@@ -31,6 +31,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::endpoints::WatchOptions;
 use super::events::{object_ref, EventPublisher};
+use crate::admission::config::CanaryConfig;
 use crate::config::{Config, PoolConfig, PoolSource, RouteConfig, ServiceRef};
 
 /// The stable Service this Service is a canary of.
@@ -190,12 +191,22 @@ pub fn overlay(base: &Config, set: &CanarySet, namespace: &str) -> Config {
     cfg
 }
 
-/// Points the route's canary split at the canary pool. The split (sticky
-/// users, automatic rollback) is the admission layer's `canary:`; until it is
-/// merged the canary pool is discovered but receives no traffic.
+/// Points the route's canary split at the canary pool with the annotated
+/// weight. A `canary:` the route already has keeps its stickiness and rollback
+/// rules (the annotation only moves pool, weight and model); otherwise the
+/// defaults apply. The admission layer re-arms the split, and with it the
+/// automatic rollback, whenever this changes.
 fn route_split(route: &mut RouteConfig, rc: &RouteCanary) {
-    tracing::warn!(route = %route.model, canary = %rc.pool.name,
-        "canary split not available in this build (admission layer missing)");
+    let weight = f64::from(rc.weight);
+    let split = route
+        .admission
+        .canary
+        .get_or_insert_with(|| CanaryConfig::new(rc.pool.name.clone(), weight));
+    split.pool = rc.pool.name.clone();
+    split.weight = weight;
+    if rc.model.is_some() {
+        split.model = rc.model.clone();
+    }
 }
 
 /// Watches the Services of a namespace and publishes the canary set.
