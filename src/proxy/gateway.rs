@@ -20,7 +20,7 @@ use crate::config::{Config, ConfigError, PoolSource, RouteConfig};
 use crate::discovery::{Endpoint, Update};
 use crate::pool::Pool;
 use crate::routing::scrape::Scrapers;
-use crate::routing::{build_picker, Picker, RoutingConfig};
+use crate::routing::{build_picker, Picker, PolicyName, RoutingConfig};
 
 /// One model route, resolved against its pool.
 #[derive(Debug)]
@@ -192,7 +192,8 @@ impl Gateway {
             pools.insert(pc.name.clone(), pool);
         }
         let mut pickers = HashMap::new();
-        // Per pool: the scrape config (of its first route) and the pickers over it.
+        // Per pool: the scrape config (of its first inference-aware route) and
+        // the pickers that use replica signals.
         let mut per_pool: HashMap<
             String,
             (crate::routing::config::ScrapeConfig, Vec<Arc<dyn Picker>>),
@@ -209,11 +210,13 @@ impl Gateway {
                 _ => build_picker(&rc.routing),
             };
             pickers.insert(rc.model.clone(), (rc.routing.clone(), picker.clone()));
-            per_pool
-                .entry(rc.pool.clone())
-                .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
-                .1
-                .push(picker.clone());
+            if rc.routing.policy == PolicyName::InferenceAware {
+                per_pool
+                    .entry(rc.pool.clone())
+                    .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
+                    .1
+                    .push(picker.clone());
+            }
             let client = state
                 .clients
                 .entry(rc.timeouts.connect)
@@ -237,11 +240,13 @@ impl Gateway {
                     _ => build_picker(&rc.routing),
                 };
                 pickers.insert(key, (rc.routing.clone(), picker.clone()));
-                per_pool
-                    .entry(cc.pool.clone())
-                    .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
-                    .1
-                    .push(picker.clone());
+                if rc.routing.policy == PolicyName::InferenceAware {
+                    per_pool
+                        .entry(cc.pool.clone())
+                        .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
+                        .1
+                        .push(picker.clone());
+                }
                 Some(Arc::new(Route {
                     name: rc.model.as_str().into(),
                     admission: self.admissions.pool(&cpool, &rc.admission),
