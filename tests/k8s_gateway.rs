@@ -172,6 +172,7 @@ async fn setup_with(services: &[&str], loading: &[usize]) -> Setup {
         discovery: DiscoveryOptions {
             watch: fast,
             gate: GateOptions {
+                timeout: Duration::from_millis(300),
                 interval: Duration::from_millis(50),
                 max_interval: Duration::from_millis(100),
                 ..GateOptions::default()
