@@ -402,6 +402,7 @@ async fn spawn_binary(args: &[&str]) -> (tokio::process::Child, String) {
         .env_remove("KUBECONFIG")
         .env_remove("POD_NAMESPACE")
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -465,5 +466,56 @@ async fn the_binary_runs_out_of_cluster_with_a_kubeconfig_and_its_context_namesp
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served, "the new alias is served within a second");
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_binary_hot_reloads_its_config_file_outside_kubernetes() {
+    let fleet = start_fleet(FleetConfig {
+        replicas: 1,
+        ..FleetConfig::with_profile(Profile::Tiny)
+    })
+    .await
+    .unwrap();
+    let file_config = |aliases: &str| {
+        format!(
+            "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n\
+             pools:\n  - name: p\n    endpoints: [\"{}\"]\n\
+             routes:\n  - model: {MODEL}\n    aliases: [{aliases}]\n    target_model: {MODEL}\n    pool: p\n",
+            fleet.replica(0).url()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, file_config("llama")).unwrap();
+    let (mut child, url) = spawn_binary(&["serve", "--config", path.to_str().unwrap()]).await;
+    let c = client();
+    let chat_url = format!("{url}/v1/chat/completions");
+    let status_of = |model: &'static str| {
+        let c = c.clone();
+        let chat_url = chat_url.clone();
+        async move {
+            post_json(&c, &chat_url, &chat(model, "hi", 3, false))
+                .await
+                .0
+        }
+    };
+    assert_eq!(status_of("llama").await, 200);
+    assert_eq!(status_of("tiny").await, 404);
+
+    std::fs::write(&path, file_config("llama, tiny")).unwrap();
+    let started = std::time::Instant::now();
+    while status_of("tiny").await != 200 {
+        assert!(
+            started.elapsed() < SEC,
+            "file change not applied within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An invalid file is rejected; the last good config keeps serving.
+    std::fs::write(&path, "routes: [ {model: x, pool: nope} ]\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(status_of("tiny").await, 200);
+    assert_eq!(status_of("llama").await, 200);
     child.kill().await.unwrap();
 }
