@@ -46,6 +46,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let handle = server::start(config)
         .await
         .with_context(|| format!("starting from {}", args.config.display()))?;
+    announce(&handle);
     wait_for_signal().await;
     tracing::info!(?grace, "shutting down: draining requests in flight");
     handle.drain(grace).await;
@@ -74,8 +75,98 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
 
 /// `infergate quickstart`: simulated replicas plus the gateway on the embedded config.
 pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("infergate quickstart needs the simulator (not merged yet)")
+    let config = Config::parse(crate::config::QUICKSTART_YAML, "quickstart.yaml")?;
+    telemetry::log::init(config.logging.format, config.logging.level.as_deref());
+    let grace = config.shutdown_grace;
+    let (fleet, handle) = start_quickstart(config, &args).await?;
+    println!("{}", quickstart_banner(&handle, &fleet.urls()));
+    wait_for_signal().await;
+    handle.drain(grace).await;
+    fleet.shutdown().await;
+    Ok(())
+}
+
+/// Starts the simulated fleet and the gateway in front of it: `config`'s
+/// first pool gets the replicas' addresses, its listeners the requested ports.
+pub async fn start_quickstart(
+    mut config: Config,
+    args: &QuickstartArgs,
+) -> anyhow::Result<(crate::sim::Fleet, server::ServerHandle)> {
+    let model = config
+        .routes
+        .first()
+        .map(|r| r.model.clone())
+        .context("the quickstart config has no route")?;
+    let fleet = crate::sim::start_fleet(crate::sim::FleetConfig {
+        replicas: args.replicas.max(1),
+        served_model_name: Some(model),
+        ..Default::default()
+    })
+    .await
+    .context("starting the simulated replicas")?;
+    let pool = config
+        .pools
+        .first_mut()
+        .context("the quickstart config has no pool")?;
+    pool.endpoints = fleet.urls();
+    pool.service = None;
+    config.listeners.main.address.set_port(args.port);
+    if let Some(admin) = config.listeners.admin.as_mut() {
+        admin.address.set_port(args.admin_port);
+    }
+    let handle = server::start(config)
+        .await
+        .context("starting the gateway")?;
+    Ok((fleet, handle))
+}
+
+/// What quickstart prints: the endpoint and ready-to-paste examples.
+pub fn quickstart_banner(handle: &server::ServerHandle, replicas: &[String]) -> String {
+    let url = handle.url();
+    let admin = handle.admin_url().unwrap_or_else(|| "off".into());
+    let model = handle
+        .gateway
+        .routes()
+        .routes
+        .first()
+        .map(|r| r.name.to_string())
+        .unwrap_or_default();
+    format!(
+        r#"infergate is up.
+  OpenAI API: {url}/v1   (model "{model}")
+  admin:      {admin}/metrics  {admin}/routes  {admin}/readyz
+  replicas:   {replicas} (simulated, vLLM-like)
+
+Try it:
+  curl -s {url}/v1/chat/completions -H 'content-type: application/json'     -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":16}}'
+
+  curl -sN {url}/v1/chat/completions -H 'content-type: application/json'     -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hello!"}}],"max_tokens":16,"stream":true}}'
+
+  python3 - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{url}/v1", api_key="unused")
+for chunk in client.chat.completions.create(model="{model}", stream=True, max_tokens=16,
+        messages=[{{"role": "user", "content": "Hello!"}}]):
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+PY
+
+Ctrl-C stops it."#,
+        replicas = replicas.join(" "),
+    )
+}
+
+/// Prints where the gateway listens (one line on stdout, for people and scripts).
+fn announce(handle: &server::ServerHandle) {
+    use std::io::Write;
+    let admin = handle.admin_url().unwrap_or_else(|| "off".into());
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "infergate listening on {} (admin {admin})",
+        handle.url()
+    );
+    let _ = out.flush();
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -489,6 +489,11 @@ impl Config {
                 ));
             }
         }
+        for r in &self.routes {
+            r.admission
+                .check(&r.model, |m| models.contains(m), |p| pool_names.contains(p))
+                .map_err(|(needle, message)| invalid(&needle, message))?;
+        }
         Ok(())
     }
 }

@@ -19,10 +19,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::admit::{AdmissionPlan, Served};
 use super::context::RequestContext;
 use super::gateway::Route;
 use super::headers::upstream_request_headers;
-use crate::pool::LoadGuard;
+use crate::admission::{Outcome, Reservation};
 use crate::protocol::error::ApiError;
 use crate::telemetry::metrics::record_retry;
 
@@ -52,10 +53,13 @@ impl UpstreamClient {
     }
 }
 
-/// A replica's response headers, with the load guard for the rest of the request.
+/// A replica's response headers, with the reservation (load guard) for the
+/// rest of the request.
 pub struct Upstream {
     pub response: Response<Incoming>,
-    pub guard: LoadGuard,
+    pub guard: Reservation,
+    /// Which model and side served (filled in by the handler's dispatch).
+    pub served: Served,
     /// Tries made, including the one that answered.
     pub attempts: u32,
 }
@@ -108,26 +112,43 @@ pub fn upstream_failed(detail: impl std::fmt::Display) -> ApiError {
     .with_code("upstream_error")
 }
 
-/// Sends the request to a replica picked for it, retrying on another replica
-/// as the route allows, until response headers arrive or `first_byte_deadline`.
+/// How one request is sent: its admission plan, the side it was admitted to
+/// and the reservation of its first attempt.
+pub struct Dispatch<'a> {
+    pub plan: &'a AdmissionPlan,
+    pub route: &'a Route,
+    /// Admitted on a fallback route (the model name sent is the route's).
+    pub fallback: bool,
+    pub first: Reservation,
+}
+
+/// Sends the request to the replica admission reserved, retrying on another
+/// replica (admitted again, never one already tried) as the route allows,
+/// until response headers arrive or `first_byte_deadline`. Each attempt's
+/// outcome feeds the pool's outlier detector (4xx never count).
 pub async fn forward(
-    route: &Route,
+    d: Dispatch<'_>,
     ctx: &RequestContext,
     out: Outgoing<'_>,
     first_byte_deadline: Instant,
 ) -> Result<Upstream, ForwardError> {
+    let route = d.route;
     let retry = &route.config.retries;
+    let outlier = &route.admission.outlier;
     let mut tried: Vec<Arc<str>> = Vec::new();
     let mut last: Option<ApiError> = None;
     let base_headers = upstream_request_headers(out.headers, out.request_id, out.body.len());
-    let estimate = ctx.estimated_tokens();
-    let prefill = u64::from(ctx.features.prompt_tokens);
+    let mut first = Some(d.first);
     for attempt in 1..=retry.attempts {
-        let replicas = route.pool.replicas();
-        let Some(replica) = route.picker.pick(&replicas, &ctx.route_request(), &tried) else {
-            break;
+        let guard = match first.take() {
+            Some(r) => r,
+            None => match d.plan.retry(route, d.fallback, ctx, &tried).await {
+                Some(r) => r,
+                None => break,
+            },
         };
-        let guard = replica.begin(estimate, prefill);
+        let replica = guard.replica().clone();
+        let pool_size = route.pool.replicas().len();
         let uri = format!("{}{}", replica.endpoint.base_url, out.path_and_query);
         let mut req = Request::new(Full::new(out.body.clone()));
         *req.method_mut() = http::Method::POST;
@@ -147,6 +168,7 @@ pub async fn forward(
         let key = replica.endpoint.key.clone();
         match sent.await {
             Err(_elapsed) => {
+                outlier.record(&key, Outcome::Timeout, pool_size);
                 // The engine may be working on it: never resent.
                 return Err(ForwardError {
                     error: upstream_timeout("first byte", route.config.timeouts.first_byte),
@@ -155,27 +177,41 @@ pub async fn forward(
                 });
             }
             Ok(Err(e)) if e.is_connect() => {
+                outlier.record(&key, Outcome::ConnectFailure, pool_size);
                 tracing::debug!(request_id = %ctx.request_id, replica = %key, error = %e, "connect failed");
                 record_retry(&route.name, &key, "connect");
                 last = Some(upstream_failed(format!("cannot connect to {key}")));
                 tried.push(key);
             }
             Ok(Err(e)) => {
+                outlier.record(&key, Outcome::ConnectFailure, pool_size);
                 return Err(ForwardError {
                     error: upstream_failed(e),
                     attempts: attempt,
                     replica: Some(key),
-                })
+                });
             }
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
+                outlier.record(
+                    &key,
+                    if resp.status().is_success() {
+                        Outcome::Success
+                    } else {
+                        Outcome::Status(status)
+                    },
+                    pool_size,
+                );
                 let more = attempt < retry.attempts
-                    && replicas
+                    && route
+                        .pool
+                        .replicas()
                         .iter()
                         .any(|r| r.key() != &*key && !tried.iter().any(|t| **t == *r.key()));
                 if retry.on_status.contains(&status) && more {
                     tracing::debug!(request_id = %ctx.request_id, replica = %key, status, "retrying");
                     record_retry(&route.name, &key, "status");
+                    last = Some(upstream_failed(format!("replica answered status {status}")));
                     tried.push(key);
                     continue;
                 }
@@ -183,6 +219,7 @@ pub async fn forward(
                     response: resp,
                     guard,
                     attempts: attempt,
+                    served: Served::default(),
                 });
             }
         }

@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::forward::UpstreamClient;
+use crate::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use crate::config::{Config, ConfigError, PoolSource, RouteConfig};
 use crate::discovery::{Endpoint, Update};
 use crate::pool::Pool;
@@ -29,6 +30,13 @@ pub struct Route {
     pub picker: Arc<dyn Picker>,
     pub client: UpstreamClient,
     pub config: RouteConfig,
+    /// The admission (token budget, queue, outlier ejection) of `pool`.
+    pub admission: Arc<PoolAdmission>,
+    /// The route's canary split (no canary: always stable).
+    pub canary: Arc<CanarySplit>,
+    /// The canary side: this route's config over the canary pool (its
+    /// `target_model` is the canary's model when set).
+    pub canary_side: Option<Arc<Route>>,
 }
 
 /// An immutable snapshot of the routes, swapped as a whole on reload.
@@ -58,6 +66,8 @@ pub struct Gateway {
     /// Locked only while a config is applied, never on the request path.
     state: Mutex<ReloadState>,
     ready: AtomicBool,
+    /// Queues, ejections and canary verdicts, kept across reloads.
+    admissions: AdmissionRegistry,
 }
 
 #[derive(Default)]
@@ -90,6 +100,7 @@ impl Gateway {
             config: tx,
             state: Mutex::new(ReloadState::default()),
             ready: AtomicBool::new(true),
+            admissions: AdmissionRegistry::default(),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -132,6 +143,28 @@ impl Gateway {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Sets a route's canary at run time (pool, weight, rollback rules), for
+    /// example from Kubernetes Service annotations; `None` removes it. It
+    /// stays until the config file's canary for the route changes. The canary
+    /// pool must be a configured pool. Returns false when the route is unknown.
+    pub fn set_canary(
+        &self,
+        route: &str,
+        canary: Option<crate::admission::config::CanaryConfig>,
+    ) -> Result<bool, ConfigError> {
+        if !self.admissions.set_canary(route, canary) {
+            return Ok(false);
+        }
+        // Rebuild the routes so the canary side points at the new pool.
+        self.apply_config(Config::clone(&self.config()))?;
+        Ok(true)
+    }
+
+    /// The canary split of a route (its weight, rollback state).
+    pub fn canary(&self, route: &str) -> Option<Arc<CanarySplit>> {
+        self.admissions.canary_of(route)
+    }
+
     fn lock_state(&self) -> std::sync::MutexGuard<'_, ReloadState> {
         // A panic while applying a config leaves the maps consistent (each
         // insert is whole), so a poisoned lock is safe to keep using.
@@ -157,6 +190,7 @@ impl Gateway {
         }
         let mut pickers = HashMap::new();
         let mut by_model = HashMap::new();
+        self.admissions.begin_load();
         let mut routes = Vec::new();
         for rc in &config.routes {
             let Some(pool) = pools.get(&rc.pool).cloned() else {
@@ -172,12 +206,44 @@ impl Gateway {
                 .entry(rc.timeouts.connect)
                 .or_insert_with(|| UpstreamClient::new(rc.timeouts.connect))
                 .clone();
+            let admission = self.admissions.pool(&pool, &rc.admission);
+            let canary = self
+                .admissions
+                .canary(&rc.model, rc.admission.canary.clone());
+            // The canary side is built from the canary in effect (set from the
+            // file, or at run time through `set_canary`).
+            let canary_side = canary.config().and_then(|cc| {
+                let cpool = pools.get(&cc.pool)?.clone();
+                let mut cfg = rc.clone();
+                if cc.model.is_some() {
+                    cfg.target_model = cc.model.clone();
+                }
+                let key = format!("{}\u{0}canary", rc.model);
+                let picker = match state.pickers.get(&key) {
+                    Some((c, p)) if *c == rc.routing => p.clone(),
+                    _ => build_picker(&rc.routing),
+                };
+                pickers.insert(key, (rc.routing.clone(), picker.clone()));
+                Some(Arc::new(Route {
+                    name: rc.model.as_str().into(),
+                    admission: self.admissions.pool(&cpool, &rc.admission),
+                    pool: cpool,
+                    picker,
+                    client: client.clone(),
+                    config: cfg,
+                    canary: Arc::new(CanarySplit::new(rc.model.as_str(), None)),
+                    canary_side: None,
+                }))
+            });
             let route = Arc::new(Route {
                 name: rc.model.as_str().into(),
                 pool,
                 picker,
                 client,
                 config: rc.clone(),
+                admission,
+                canary,
+                canary_side,
             });
             for name in std::iter::once(&rc.model).chain(&rc.aliases) {
                 by_model.insert(name.clone(), route.clone());
@@ -191,6 +257,9 @@ impl Gateway {
             max_body_bytes: config.max_body_bytes,
             models_body,
         }));
+        let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
+        let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
+        self.admissions.retain(&pool_names, &route_names);
         state.pools = pools;
         state.pickers = pickers;
         state

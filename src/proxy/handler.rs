@@ -9,10 +9,10 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 
-use super::admit::admit;
+use super::admit::{served_headers, AdmissionPlan, Admitted, Served};
 use super::body::{check_content_type, read_limited, too_large};
 use super::context::{ApiKind, RequestContext, REPLICA_HEADER, REQUEST_ID};
-use super::forward::{forward, Outgoing};
+use super::forward::{forward, Dispatch, ForwardError, Outgoing, Upstream};
 use super::gateway::Gateway;
 use super::headers::{clean_response_headers, is_event_stream};
 use super::parse::{parse_features, upstream_body};
@@ -124,17 +124,10 @@ where
     ctx.expected_output_tokens = features.max_tokens.unwrap_or(rc.default_max_tokens);
     ctx.features = features;
 
-    let permit = match admit(&route, &ctx).await {
-        Ok(p) => p,
-        Err(e) => return reject(e, record),
-    };
-    let upstream_bytes = match upstream_body(
-        &body,
-        &ctx.features,
-        rc.target_model.as_deref(),
-        rc.usage.include_usage,
-    ) {
-        Ok(b) => b,
+    let mut plan = AdmissionPlan::new(&table, &route, &ctx, &parts.headers);
+    record.canary = plan.canary.clone();
+    let admitted = match plan.admit(&ctx).await {
+        Ok(a) => a,
         Err(e) => return reject(e, record),
     };
 
@@ -149,15 +142,23 @@ where
         .to_owned();
     let headers = parts.headers;
     let rid = request_id.clone();
-    let fwd_route = route.clone();
+    let include_usage = rc.usage.include_usage;
     let mut pending = Box::pin(async move {
         let out = Outgoing {
             path_and_query: &path_and_query,
             headers: &headers,
-            body: upstream_bytes,
+            body,
             request_id: &rid,
         };
-        forward(&fwd_route, &ctx, out, first_byte_deadline).await
+        dispatch(
+            plan,
+            admitted,
+            &ctx,
+            out,
+            include_usage,
+            first_byte_deadline,
+        )
+        .await
     });
 
     let upstream = match (stream, timeouts.keepalive_after) {
@@ -167,7 +168,7 @@ where
                 r = &mut pending => r,
                 _ = tokio::time::sleep_until(commit_at.into()) => {
                     // Prefill is slow: commit the event stream now and keep it alive.
-                    let setup = RelaySetup { record, permit, timeouts, first_byte_deadline, sse: true };
+                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true };
                     let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
                     let h = resp.headers_mut();
                     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -206,10 +207,11 @@ where
             if let Ok(v) = HeaderValue::from_str(up.guard.replica().key()) {
                 head.headers.insert(REPLICA_HEADER, v);
             }
+            served_headers(&mut head.headers, &up.served);
+            record.canary = up.served.canary.clone();
             let status = head.status.as_u16();
             let setup = RelaySetup {
                 record,
-                permit,
                 timeouts,
                 first_byte_deadline,
                 sse,
@@ -217,5 +219,71 @@ where
             let body = RelayBody::streaming(incoming, up.guard, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))
         }
+    }
+}
+
+/// Sends an admitted request upstream (body rewritten for its side's model),
+/// and when every attempt failed before the first byte (or the last answer
+/// was a 5xx), admits and sends it again on the route's next fallback model
+/// if the route allows.
+async fn dispatch(
+    mut plan: AdmissionPlan,
+    mut admitted: Admitted,
+    ctx: &RequestContext,
+    out: Outgoing<'_>,
+    include_usage: bool,
+    first_byte_deadline: Instant,
+) -> Result<Upstream, ForwardError> {
+    loop {
+        let served = Served {
+            model: admitted.upstream_model(ctx).to_owned(),
+            fallback: admitted.fallback,
+            canary: plan.canary.clone(),
+        };
+        let body = upstream_body(&out.body, &ctx.features, Some(&served.model), include_usage)
+            .map_err(|error| ForwardError {
+                error,
+                attempts: 0,
+                replica: None,
+            })?;
+        let attempt = Outgoing {
+            path_and_query: out.path_and_query,
+            headers: out.headers,
+            body,
+            request_id: out.request_id,
+        };
+        let route = admitted.route.clone();
+        let d = Dispatch {
+            plan: &plan,
+            route: &route,
+            fallback: admitted.fallback.is_some(),
+            first: admitted.reservation,
+        };
+        let result = forward(d, ctx, attempt, first_byte_deadline).await;
+        let failed = match &result {
+            Ok(up) => up.response.status().is_server_error(),
+            Err(fe) => fe.error.status != StatusCode::GATEWAY_TIMEOUT,
+        };
+        if failed && Instant::now() < first_byte_deadline {
+            if let Some(next) = plan.after_upstream_failure(&route, ctx).await {
+                match next {
+                    Ok(a) => {
+                        admitted = a;
+                        continue;
+                    }
+                    Err(error) => {
+                        return Err(ForwardError {
+                            error,
+                            attempts: 0,
+                            replica: None,
+                        })
+                    }
+                }
+            }
+        }
+        return result.map(|mut up| {
+            up.served = served;
+            up
+        });
     }
 }

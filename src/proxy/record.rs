@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::admission::{CanarySide, CanarySplit};
 use crate::telemetry::{log, metrics};
 
 /// How a request ended, for the log and the `outcome` metric label.
@@ -47,6 +48,9 @@ pub struct RequestRecord {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub attempts: u32,
+    /// The route's canary split and the side that served, for its rollback
+    /// statistics.
+    pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
 }
 
 impl RequestRecord {
@@ -62,12 +66,24 @@ impl RequestRecord {
             prompt_tokens: 0,
             completion_tokens: 0,
             attempts: 0,
+            canary: None,
         }
     }
 
     /// Writes the log line and the metrics.
     pub fn finish(&self, status: u16, outcome: Outcome) {
         let duration = self.received_at.elapsed();
+        if let Some((split, side)) = &self.canary {
+            let failed = status >= 500
+                || matches!(
+                    outcome,
+                    Outcome::UpstreamError
+                        | Outcome::FirstByteTimeout
+                        | Outcome::IdleTimeout
+                        | Outcome::TotalTimeout
+                );
+            split.record(*side, !failed, self.ttft);
+        }
         log::request_line(&log::RequestLine {
             request_id: &self.request_id,
             model: &self.model,

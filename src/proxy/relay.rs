@@ -1,6 +1,7 @@
 //! The response body: relays the replica's answer to the client while enforcing
-//! the stream timeouts, counting usage, and releasing the load guard and the
-//! admission permit on every path (they are fields: dropping the body drops them).
+//! the stream timeouts, counting usage (which corrects the request's token
+//! reservation), and releasing the reservation on every path (it is a field:
+//! dropping the body drops it).
 //!
 //! Timeouts, in the style of linkerd2-proxy's stream-timeouts:
 //! - first byte: from sending the request until the first body data;
@@ -24,12 +25,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::admit::AdmissionPermit;
 use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream};
 use super::record::{Outcome, RequestRecord};
 use super::usage::UsageCounter;
+use crate::admission::Reservation;
 use crate::config::Timeouts;
-use crate::pool::LoadGuard;
 use crate::protocol::error::ApiError;
 use crate::telemetry::metrics::StreamMetrics;
 
@@ -113,7 +113,6 @@ enum Armed {
 /// What a relay needs besides the upstream body.
 pub struct RelaySetup {
     pub record: RequestRecord,
-    pub permit: AdmissionPermit,
     pub timeouts: Timeouts,
     pub first_byte_deadline: Instant,
     pub sse: bool,
@@ -131,8 +130,7 @@ pub struct RelayBody {
     last_frame: Option<Instant>,
     usage: UsageCounter,
     stream_metrics: Option<StreamMetrics>,
-    guard: Option<LoadGuard>,
-    _permit: AdmissionPermit,
+    guard: Option<Reservation>,
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,
@@ -140,7 +138,12 @@ pub struct RelayBody {
 
 impl RelayBody {
     /// Relays a replica's body whose headers already arrived.
-    pub fn streaming(upstream: Incoming, guard: LoadGuard, status: u16, setup: RelaySetup) -> Self {
+    pub fn streaming(
+        upstream: Incoming,
+        guard: Reservation,
+        status: u16,
+        setup: RelaySetup,
+    ) -> Self {
         let mut r = Self::new(Phase::Streaming(upstream), status, setup);
         r.set_guard(guard);
         r
@@ -179,7 +182,6 @@ impl RelayBody {
             usage: UsageCounter::new(s.sse),
             stream_metrics: None,
             guard: None,
-            _permit: s.permit,
             record: s.record,
             timeouts: s.timeouts,
             status,
@@ -187,7 +189,7 @@ impl RelayBody {
         }
     }
 
-    fn set_guard(&mut self, guard: LoadGuard) {
+    fn set_guard(&mut self, guard: Reservation) {
         self.record.replica = guard.replica().endpoint.key.clone();
         if self.sse {
             self.stream_metrics =
@@ -223,6 +225,14 @@ impl RelayBody {
         }
         self.last_frame = Some(now);
         self.usage.observe(data);
+        // Correct the token reservation: the output so far, then the
+        // engine's own usage once reported.
+        if let Some(g) = self.guard.as_mut() {
+            match self.usage.usage {
+                Some(u) => g.observe_usage(u.prompt_tokens, u.completion_tokens),
+                None => g.observe_generated(self.usage.events),
+            }
+        }
         self.arm(now + self.timeouts.idle, Armed::Idle);
     }
 
@@ -377,7 +387,7 @@ impl Drop for RelayBody {
         if let Some(u) = self.usage.usage {
             self.record.prompt_tokens = u.prompt_tokens;
         }
-        // The guard and the permit are released right after, as fields.
+        // The reservation is released right after, as a field.
         self.record.finish(status, outcome);
     }
 }

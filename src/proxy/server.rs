@@ -43,8 +43,10 @@ pub struct ServerHandle {
     /// Where `/metrics`, `/healthz`, `/readyz` and `/routes` listen.
     pub admin_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
-    stop: watch::Sender<Option<Duration>>,
-    tasks: Vec<JoinHandle<()>>,
+    stop_main: watch::Sender<Option<Duration>>,
+    main_task: JoinHandle<()>,
+    stop_admin: watch::Sender<Option<Duration>>,
+    admin_task: Option<JoinHandle<()>>,
 }
 
 impl ServerHandle {
@@ -58,14 +60,17 @@ impl ServerHandle {
         self.admin_addr.map(|a| format!("http://{a}"))
     }
 
-    /// Graceful shutdown: readiness turns off, the listeners stop accepting,
-    /// idle connections close, requests in flight may finish for up to
-    /// `grace`; whatever is left then is cut. Returns as soon as all is done
-    /// (no fixed sleep).
+    /// Graceful shutdown: readiness turns off, the main listener stops
+    /// accepting, idle connections close, requests in flight may finish for up
+    /// to `grace`; whatever is left then is cut. The admin listener keeps
+    /// answering (`/readyz` says draining) until the main one is done. Returns
+    /// as soon as all is done (no fixed sleep).
     pub async fn drain(self, grace: Duration) {
         self.gateway.set_ready(false);
-        let _ = self.stop.send(Some(grace));
-        for t in self.tasks {
+        let _ = self.stop_main.send(Some(grace));
+        let _ = self.main_task.await;
+        let _ = self.stop_admin.send(Some(Duration::ZERO));
+        if let Some(t) = self.admin_task {
             let _ = t.await;
         }
     }
@@ -89,8 +94,8 @@ pub async fn start_with(
     main: &Listener,
     admin: Option<&Listener>,
 ) -> Result<ServerHandle, StartError> {
-    let (stop, stop_rx) = watch::channel(None);
-    let mut tasks = Vec::new();
+    let (stop_main, stop_rx) = watch::channel(None);
+    let (stop_admin, stop_admin_rx) = watch::channel(None);
 
     let main_listener = bind(main.address).await?;
     let local_addr = main_listener
@@ -101,34 +106,37 @@ pub async fn start_with(
         })?;
     let tls = main.tls.as_ref().map(tls_acceptor).transpose()?;
     let gw = gateway.clone();
-    tasks.push(tokio::spawn(accept_loop(
-        main_listener,
-        tls,
-        stop_rx.clone(),
-        move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
-        },
-    )));
+    let main_task = tokio::spawn(accept_loop(main_listener, tls, stop_rx, move |req| {
+        let gw = gw.clone();
+        async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
+    }));
 
     let mut admin_addr = None;
+    let mut admin_task = None;
     if let Some(a) = admin {
         let l = bind(a.address).await?;
         admin_addr = l.local_addr().ok();
         let tls = a.tls.as_ref().map(tls_acceptor).transpose()?;
         let gw = gateway.clone();
-        tasks.push(tokio::spawn(accept_loop(l, tls, stop_rx, move |req| {
-            let r = super::admin::handle(&gw, &req);
-            async move { Ok::<_, Infallible>(r) }
-        })));
+        admin_task = Some(tokio::spawn(accept_loop(
+            l,
+            tls,
+            stop_admin_rx,
+            move |req| {
+                let r = super::admin::handle(&gw, &req);
+                async move { Ok::<_, Infallible>(r) }
+            },
+        )));
     }
     tracing::info!(%local_addr, admin = ?admin_addr, "infergate listening");
     Ok(ServerHandle {
         local_addr,
         admin_addr,
         gateway,
-        stop,
-        tasks,
+        stop_main,
+        main_task,
+        stop_admin,
+        admin_task,
     })
 }
 

@@ -1,0 +1,287 @@
+//! Token budgets: what a request is expected to cost, whether a replica can
+//! take it, and the [`Reservation`] that holds the cost on the replica until
+//! the request ends.
+//!
+//! The counters themselves are the pool's ([`crate::pool::LoadGuard`]): a
+//! reservation wraps the guard, corrects its estimate as the stream reports
+//! tokens, and tells the pool's queue when tokens come free (on every path,
+//! because release is a `Drop`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::config::BudgetConfig;
+use crate::pool::{LoadGuard, Replica};
+
+/// Expected cost of one request in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cost {
+    pub prompt: u64,
+    /// Expected output: `max_tokens`, or the route default.
+    pub output: u64,
+}
+
+impl Cost {
+    /// Prompt tokens from the shared tokenizer plus `max_tokens` (or `default_output`).
+    pub fn estimate(prompt_tokens: u32, max_tokens: Option<u32>, default_output: u32) -> Cost {
+        Cost {
+            prompt: u64::from(prompt_tokens),
+            output: u64::from(max_tokens.unwrap_or(default_output)),
+        }
+    }
+
+    pub fn total(self) -> u64 {
+        self.prompt + self.output
+    }
+}
+
+/// Told when a replica's reserved tokens go down (a request ended, or its
+/// estimate was corrected downwards), so queued requests get a chance.
+pub trait CapacityListener: Send + Sync + std::fmt::Debug {
+    fn capacity_freed(&self, tokens: u64);
+}
+
+/// Decides whether a replica has room for a request.
+#[derive(Debug)]
+pub struct Budget {
+    cfg: BudgetConfig,
+    /// KV cache size in tokens reported by each replica's engine (by key),
+    /// used when no fixed capacity is configured. Written rarely, read per pick.
+    kv_tokens: ArcSwap<HashMap<Arc<str>, u64>>,
+}
+
+impl Budget {
+    pub fn new(cfg: BudgetConfig) -> Self {
+        Budget {
+            cfg,
+            kv_tokens: ArcSwap::from_pointee(HashMap::new()),
+        }
+    }
+
+    /// Records the KV cache size (in tokens: blocks × block size) a replica's
+    /// engine reports; the budget then derives that replica's capacity from it.
+    pub fn set_kv_tokens(&self, replica_key: &Arc<str>, tokens: u64) {
+        if self.kv_tokens.load().get(replica_key) == Some(&tokens) {
+            return;
+        }
+        self.kv_tokens.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(replica_key.clone(), tokens);
+            m
+        });
+    }
+
+    /// Token capacity of a replica, or `None` when unlimited (nothing configured
+    /// and nothing reported).
+    pub fn capacity(&self, replica: &Replica) -> Option<u64> {
+        if let Some(c) = self.cfg.tokens_per_replica {
+            return Some(c);
+        }
+        self.kv_tokens
+            .load()
+            .get(replica.key())
+            .map(|&kv| (kv as f64 * self.cfg.kv_fraction) as u64)
+    }
+
+    /// Whether `replica` can take a request costing `cost` tokens now. An idle
+    /// replica always can (a request larger than the budget must still run
+    /// somewhere; the engine decides whether it fits at all).
+    pub fn fits(&self, replica: &Replica, cost: u64) -> bool {
+        let load = &replica.load;
+        if let Some(max) = self.cfg.max_requests_per_replica {
+            if load.requests() >= max {
+                return false;
+            }
+        }
+        match self.capacity(replica) {
+            None => true,
+            Some(cap) => {
+                let used = load.tokens();
+                used == 0 || used.saturating_add(cost) <= cap
+            }
+        }
+    }
+
+    /// Reserves `cost` on `replica` (the caller checked [`Budget::fits`]).
+    pub fn reserve(
+        replica: &Arc<Replica>,
+        cost: Cost,
+        listener: Option<Arc<dyn CapacityListener>>,
+    ) -> Reservation {
+        Reservation {
+            guard: Some(replica.begin(cost.total(), cost.prompt)),
+            cost,
+            generated: 0,
+            final_usage: false,
+            listener,
+        }
+    }
+}
+
+/// One request's tokens held on its replica; released on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    // Always `Some` until drop.
+    guard: Option<LoadGuard>,
+    cost: Cost,
+    generated: u64,
+    final_usage: bool,
+    listener: Option<Arc<dyn CapacityListener>>,
+}
+
+impl Reservation {
+    pub fn replica(&self) -> &Arc<Replica> {
+        match &self.guard {
+            Some(g) => g.replica(),
+            None => unreachable!("a reservation's guard is only taken in drop"),
+        }
+    }
+
+    /// Tokens currently reserved.
+    pub fn tokens(&self) -> u64 {
+        self.guard.as_ref().map_or(0, LoadGuard::tokens)
+    }
+
+    /// The estimate the request was admitted with.
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    /// The first response byte arrived: the prefill share is released.
+    pub fn prefill_done(&mut self) {
+        if let Some(g) = &mut self.guard {
+            g.prefill_done();
+        }
+    }
+
+    /// The stream has produced `total` output tokens so far. The reservation
+    /// grows when the output runs past the estimate (a request without
+    /// `max_tokens` that talks longer than the route default).
+    pub fn observe_generated(&mut self, total: u64) {
+        if self.final_usage {
+            return;
+        }
+        self.generated = total;
+        let want = self.cost.prompt + self.cost.output.max(total);
+        self.set(want);
+    }
+
+    /// The engine reported its actual usage: the reservation becomes exactly
+    /// that for the rest of the request's life.
+    pub fn observe_usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+        self.final_usage = true;
+        self.generated = completion_tokens;
+        self.set(prompt_tokens + completion_tokens);
+    }
+
+    fn set(&mut self, tokens: u64) {
+        let Some(g) = &mut self.guard else { return };
+        let before = g.tokens();
+        if before == tokens {
+            return;
+        }
+        g.set_tokens(tokens);
+        if tokens < before {
+            if let Some(l) = &self.listener {
+                l.capacity_freed(before - tokens);
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // Release the counters first, then wake the queue, so the woken request
+        // sees the freed room.
+        let freed = self.guard.take().map_or(0, |g| g.tokens());
+        if let Some(l) = &self.listener {
+            l.capacity_freed(freed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Endpoint;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn replica() -> Arc<Replica> {
+        Arc::new(Replica::new(
+            Endpoint::from_url("http://127.0.0.1:9").unwrap(),
+        ))
+    }
+
+    #[derive(Debug, Default)]
+    struct Count(AtomicU64, AtomicU64);
+    impl CapacityListener for Count {
+        fn capacity_freed(&self, tokens: u64) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            self.1.fetch_add(tokens, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn fixed_capacity_and_request_cap() {
+        let b = Budget::new(BudgetConfig {
+            tokens_per_replica: Some(100),
+            max_requests_per_replica: Some(2),
+            ..Default::default()
+        });
+        let r = replica();
+        // Idle replica takes even an oversized request.
+        assert!(b.fits(&r, 1000));
+        let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
+        assert_eq!(r.load.tokens(), 60);
+        assert!(b.fits(&r, 40));
+        assert!(!b.fits(&r, 41));
+        let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
+        assert!(!b.fits(&r, 1), "request cap reached");
+    }
+
+    #[test]
+    fn capacity_derived_from_reported_kv() {
+        let b = Budget::new(BudgetConfig {
+            kv_fraction: 0.5,
+            ..Default::default()
+        });
+        let r = replica();
+        assert_eq!(b.capacity(&r), None);
+        let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
+        assert!(b.fits(&r, 1_000_000), "unlimited when nothing is known");
+        b.set_kv_tokens(&r.endpoint.key, 4000);
+        assert_eq!(b.capacity(&r), Some(2000));
+        assert!(!b.fits(&r, 1));
+    }
+
+    #[test]
+    fn estimate_is_corrected_by_stream_and_usage_and_released() {
+        let r = replica();
+        let l = Arc::new(Count::default());
+        let mut res = Budget::reserve(&r, Cost::estimate(100, None, 50), Some(l.clone()));
+        assert_eq!(r.load.tokens(), 150);
+        assert_eq!(r.load.prefill_tokens(), 100);
+        res.prefill_done();
+        assert_eq!(r.load.prefill_tokens(), 0);
+        res.observe_generated(30);
+        assert_eq!(r.load.tokens(), 150, "within the estimate: unchanged");
+        res.observe_generated(80);
+        assert_eq!(r.load.tokens(), 180, "grows past the estimate");
+        // The engine's count differs from ours: actual usage wins.
+        res.observe_usage(90, 70);
+        assert_eq!(r.load.tokens(), 160);
+        assert_eq!(
+            l.0.load(Ordering::SeqCst),
+            1,
+            "downward correction notifies"
+        );
+        res.observe_generated(500);
+        assert_eq!(r.load.tokens(), 160, "final usage is not overridden");
+        drop(res);
+        assert_eq!((r.load.tokens(), r.load.requests()), (0, 0));
+        assert_eq!(l.0.load(Ordering::SeqCst), 2);
+        assert_eq!(l.1.load(Ordering::SeqCst), 20 + 160);
+    }
+}
