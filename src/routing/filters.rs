@@ -135,7 +135,8 @@ fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u
     if n == 0 {
         return (0, false);
     }
-    let bound = ((1.0 + ctx.cfg.rendezvous.load_slack) * (total + 1.0) / n as f64).max(1.0);
+    let rz = &ctx.cfg.rendezvous;
+    let bound = ((1.0 + rz.load_slack) * (total + 1.0) / n as f64 + rz.load_slack_abs).max(1.0);
     let chosen = cands
         .iter()
         .enumerate()
@@ -258,7 +259,9 @@ mod tests {
         for (i, c) in cs.iter_mut().enumerate() {
             c.rendezvous = i as u64;
         }
-        cs[3].load_requests = 4.0;
+        // bound = 1.25 x (5 + 1) / 4 + 2 = 3.875: 3 in flight + this one is over.
+        cs[3].load_requests = 3.0;
+        cs[0].load_requests = 2.0;
         apply(FilterName::Rendezvous, &mut cs, &ctx);
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
         // A replica already holding the group: not a new prefix, no-op.
