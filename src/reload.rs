@@ -16,16 +16,23 @@ use std::time::{Duration, SystemTime};
 pub struct Rejected(pub String);
 
 /// Applies a complete configuration given as YAML text, atomically, or rejects it.
+/// `origin` names the source in error messages (a path, `configmap ns/name`).
 pub trait ConfigTarget: Send + Sync + 'static {
-    fn apply_text(&self, yaml: &str) -> Result<(), Rejected>;
+    fn apply_text(&self, yaml: &str, origin: &str) -> Result<(), Rejected>;
 }
 
 impl<F> ConfigTarget for F
 where
-    F: Fn(&str) -> Result<(), Rejected> + Send + Sync + 'static,
+    F: Fn(&str, &str) -> Result<(), Rejected> + Send + Sync + 'static,
 {
-    fn apply_text(&self, yaml: &str) -> Result<(), Rejected> {
-        self(yaml)
+    fn apply_text(&self, yaml: &str, origin: &str) -> Result<(), Rejected> {
+        self(yaml, origin)
+    }
+}
+
+impl<T: ConfigTarget> ConfigTarget for std::sync::Arc<T> {
+    fn apply_text(&self, yaml: &str, origin: &str) -> Result<(), Rejected> {
+        (**self).apply_text(yaml, origin)
     }
 }
 
@@ -54,7 +61,7 @@ pub fn apply_and_record(
     origin: &str,
     yaml: &str,
 ) -> Result<(), Rejected> {
-    let result = target.apply_text(yaml);
+    let result = target.apply_text(yaml, origin);
     record_outcome(source, origin, &result);
     result
 }
@@ -103,9 +110,9 @@ impl FileWatch {
     /// Runs forever. `applied` is the text already in force (not re-applied).
     /// A file that disappears or cannot be read is logged once and keeps the
     /// current config; the watch picks it up again when it comes back.
-    pub async fn run(self, target: impl ConfigTarget, applied: Option<&str>) {
+    pub async fn run(self, target: impl ConfigTarget, applied: Option<String>) {
         let origin = self.path.display().to_string();
-        let mut last_hash = applied.map(fingerprint);
+        let mut last_hash = applied.as_deref().map(fingerprint);
         let mut last_meta: Option<(SystemTime, u64)> = None;
         let mut read_error_logged = false;
         let mut tick = tokio::time::interval(self.interval);
@@ -155,7 +162,7 @@ mod tests {
     fn recording_target() -> (impl ConfigTarget, Arc<Mutex<Vec<String>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let target = move |yaml: &str| -> Result<(), Rejected> {
+        let target = move |yaml: &str, _origin: &str| -> Result<(), Rejected> {
             let v: serde_yaml_ng::Value =
                 serde_yaml_ng::from_str(yaml).map_err(|e| Rejected(e.to_string()))?;
             let version = v
@@ -189,7 +196,7 @@ mod tests {
             path: path.clone(),
             interval: Duration::from_millis(50),
         };
-        let task = tokio::spawn(watch.run(target, Some("version: a\n")));
+        let task = tokio::spawn(watch.run(target, Some("version: a\n".into())));
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(
             seen.lock().unwrap().is_empty(),

@@ -28,19 +28,7 @@ fn fast() -> WatchOptions {
 }
 
 fn configmap(text: &str) -> ConfigMap {
-    ConfigMap {
-        metadata: ObjectMeta {
-            name: Some("infergate-routes".into()),
-            namespace: Some(NS.into()),
-            ..ObjectMeta::default()
-        },
-        data: Some(
-            [("config.yaml".to_string(), text.to_string())]
-                .into_iter()
-                .collect(),
-        ),
-        ..ConfigMap::default()
-    }
+    fake_apiserver::configmap(NS, "infergate-routes", "config.yaml", text)
 }
 
 /// A config target accepting YAML with a string `version`; records what it applied.
@@ -50,7 +38,7 @@ fn target() -> (
 ) {
     let applied = Arc::new(Mutex::new(Vec::new()));
     let a = applied.clone();
-    let t = move |yaml: &str| -> Result<(), Rejected> {
+    let t = move |yaml: &str, _origin: &str| -> Result<(), Rejected> {
         let v: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(yaml).map_err(|e| Rejected(e.to_string()))?;
         let version = v
@@ -86,7 +74,7 @@ async fn configmap_updates_apply_within_a_second_and_invalid_ones_keep_the_last_
     assert_eq!(initial, "version: v1\n");
     let (t, applied) = target();
     let events = EventPublisher::new(client.clone());
-    let task = tokio::spawn(watch.run(client, t, Some(events), Some("version: v1\n")));
+    let task = tokio::spawn(watch.run(client, t, Some(events), Some("version: v1\n".into())));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         applied.lock().unwrap().is_empty(),
@@ -190,7 +178,7 @@ async fn canary_annotations_change_and_end_the_split() {
     let task = tokio::spawn(watch.run(client.clone(), tx, Some(EventPublisher::new(client))));
     let weight = |rx: &tokio::sync::watch::Receiver<CanarySet>| {
         rx.borrow()
-            .for_stable(NS, "llama-v1", Some("llama-3-8b"))
+            .for_stable(NS, "llama-v1")
             .map(|c| (c.service.clone(), c.weight))
     };
 
@@ -199,7 +187,7 @@ async fn canary_annotations_change_and_end_the_split() {
         &[
             (CANARY_OF, "llama-v1"),
             (CANARY_WEIGHT, "10"),
-            (CANARY_MODEL, "llama-3-8b"),
+            (CANARY_MODEL, "llama-3-8b-v2"),
         ],
     ));
     tokio::time::timeout(SEC, rx.wait_for(|s| !s.0.is_empty()))
@@ -214,7 +202,7 @@ async fn canary_annotations_change_and_end_the_split() {
         &[
             (CANARY_OF, "llama-v1"),
             (CANARY_WEIGHT, "50"),
-            (CANARY_MODEL, "llama-3-8b"),
+            (CANARY_MODEL, "llama-3-8b-v2"),
         ],
     ));
     tokio::time::timeout(

@@ -142,6 +142,20 @@ pub struct CanaryConfig {
     pub rollback: RollbackConfig,
 }
 
+impl CanaryConfig {
+    /// A canary to `pool` at `weight` percent with the default stickiness and
+    /// rollback rules (as if written `{pool, weight}` in YAML).
+    pub fn new(pool: impl Into<String>, weight: f64) -> Self {
+        CanaryConfig {
+            pool: pool.into(),
+            model: None,
+            weight,
+            sticky_header: default_sticky_header(),
+            rollback: RollbackConfig::default(),
+        }
+    }
+}
+
 fn default_sticky_header() -> String {
     "x-infergate-session".to_string()
 }

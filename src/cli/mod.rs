@@ -12,9 +12,16 @@ use crate::telemetry;
 /// Flags of `infergate serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Path of the YAML config.
-    #[arg(long, short)]
-    pub config: PathBuf,
+    /// Path of the YAML config (watched: valid changes apply without a restart).
+    #[arg(
+        long,
+        short,
+        required_unless_present = "configmap",
+        conflicts_with = "configmap"
+    )]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: crate::kube::serve::KubeArgs,
 }
 
 /// Flags of `infergate quickstart`.
@@ -38,18 +45,29 @@ pub struct CheckConfigArgs {
     pub file: PathBuf,
 }
 
-/// `infergate serve --config FILE`: runs until SIGTERM or Ctrl-C, then drains.
+/// `infergate serve --config FILE | --configmap NAME`: runs until SIGTERM or
+/// Ctrl-C, then drains. The config source is watched and hot-reloaded; Service
+/// pools are discovered from EndpointSlices (see `kube::serve`).
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+    use crate::kube::serve::{load, ControlOptions, ControlPlane};
+    let loaded = load(args.config.as_deref(), &args.kube).await?;
+    let config = loaded.config.clone();
     telemetry::log::init(config.logging.format, config.logging.level.as_deref());
     let grace = config.shutdown_grace;
-    let handle = server::start(config)
-        .await
-        .with_context(|| format!("starting from {}", args.config.display()))?;
+    let gateway = crate::proxy::gateway::Gateway::new(config.clone())?;
+    let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
+    let handle = server::start_with(
+        gateway,
+        &config.listeners.main,
+        config.listeners.admin.as_ref(),
+    )
+    .await
+    .context("starting the listeners")?;
     announce(&handle);
     wait_for_signal().await;
     tracing::info!(?grace, "shutting down: draining requests in flight");
     handle.drain(grace).await;
+    drop(control);
     tracing::info!("stopped");
     Ok(())
 }

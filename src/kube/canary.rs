@@ -5,11 +5,15 @@
 //! metadata:
 //!   name: llama-v2-canary
 //!   annotations:
-//!     infergate.io/canary-of: llama-v1        # the stable Service (same namespace)
-//!     infergate.io/canary-weight: "10"        # percent of new requests, 0-100
-//!     infergate.io/canary-model: llama-3-8b   # optional: only routes serving this model
+//!     infergate.io/canary-of: llama-v1         # the stable Service (same namespace)
+//!     infergate.io/canary-weight: "10"         # percent of users, 0-100
+//!     infergate.io/canary-model: llama-3-8b-v2 # optional: the model name it serves
 //! ```
 //!
+//! Every route whose pool is the stable Service then sends that share of its
+//! users to a pool made of the canary Service's endpoints (same port as the
+//! stable pool), rewriting the model name to `canary-model` when given; the
+//! admission layer's split keeps users sticky and rolls a bad canary back.
 //! Raising the weight promotes the canary, removing `canary-of` (or deleting the
 //! Service) ends it. The Services of the namespace are watched; every change
 //! publishes the complete, sorted set of valid canaries. An invalid annotation is
@@ -27,12 +31,14 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::endpoints::WatchOptions;
 use super::events::{object_ref, EventPublisher};
+use crate::admission::config::CanaryConfig;
+use crate::config::{Config, PoolConfig, PoolSource, RouteConfig, ServiceRef};
 
 /// The stable Service this Service is a canary of.
 pub const CANARY_OF: &str = "infergate.io/canary-of";
 /// Percent (0-100) of the stable route's new requests sent to the canary.
 pub const CANARY_WEIGHT: &str = "infergate.io/canary-weight";
-/// Optional: the model the canary serves; routes for other models are untouched.
+/// Optional: the model name the canary serves (sent upstream on the canary side).
 pub const CANARY_MODEL: &str = "infergate.io/canary-model";
 
 /// One canary as declared on its Service.
@@ -43,8 +49,9 @@ pub struct Canary {
     pub service: String,
     /// The stable Service it shadows.
     pub stable: String,
-    /// Percent of new requests, 0-100.
+    /// Percent of users, 0-100.
     pub weight: u32,
+    /// Model name sent upstream on the canary side (default: the route's).
     pub model: Option<String>,
 }
 
@@ -101,25 +108,104 @@ pub fn parse(svc: &Service) -> Result<Option<Canary>, CanaryError> {
 pub struct CanarySet(pub Vec<Canary>);
 
 impl CanarySet {
-    /// The canary shadowing `stable` for a route serving `model`: one declared
-    /// for that model wins over one without a model; ties go to the first by
-    /// name (two canaries of one Service are a mistake we log, not a split).
-    pub fn for_stable(
-        &self,
-        namespace: &str,
-        stable: &str,
-        model: Option<&str>,
-    ) -> Option<&Canary> {
+    /// The canary of the stable Service `namespace/stable`. Two canaries of
+    /// one Service are a mistake: the first by name wins (and is logged).
+    pub fn for_stable(&self, namespace: &str, stable: &str) -> Option<&Canary> {
         let mut matching = self
             .0
             .iter()
-            .filter(|c| c.namespace == namespace && c.stable == stable)
-            .filter(|c| c.model.is_none() || c.model.as_deref() == model);
+            .filter(|c| c.namespace == namespace && c.stable == stable);
         let first = matching.next()?;
-        if first.model.is_some() {
-            return Some(first);
+        if let Some(other) = matching.next() {
+            tracing::warn!(stable, used = %first.service, ignored = %other.service,
+                "two canaries of one Service; using the first by name");
         }
-        Some(matching.find(|c| c.model.is_some()).unwrap_or(first))
+        Some(first)
+    }
+}
+
+/// The name of the pool made of a canary Service's endpoints.
+pub fn canary_pool_name(c: &Canary) -> String {
+    format!("canary:{}/{}", c.namespace, c.service)
+}
+
+/// What a canary changes for one route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteCanary {
+    /// The route (its model name).
+    pub route: String,
+    /// The pool of the canary Service's endpoints (same port and engine as the
+    /// stable pool).
+    pub pool: PoolConfig,
+    pub weight: u32,
+    /// Model name sent upstream on the canary side.
+    pub model: Option<String>,
+}
+
+/// The canary of every route whose pool is a stable Service with a canary.
+/// Services without a namespace live in `namespace`.
+pub fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary> {
+    let mut out = Vec::new();
+    for route in &base.routes {
+        let Some(pool) = base.pools.iter().find(|p| p.name == route.pool) else {
+            continue;
+        };
+        let PoolSource::Service(sref) = pool.source() else {
+            continue;
+        };
+        let ns = sref.namespace.as_deref().unwrap_or(namespace);
+        let Some(c) = set.for_stable(ns, &sref.name) else {
+            continue;
+        };
+        out.push(RouteCanary {
+            route: route.model.clone(),
+            pool: PoolConfig {
+                name: canary_pool_name(c),
+                engine: pool.engine,
+                endpoints: Vec::new(),
+                service: Some(ServiceRef {
+                    name: c.service.clone(),
+                    namespace: Some(c.namespace.clone()),
+                    port: sref.port.clone(),
+                }),
+            },
+            weight: c.weight,
+            model: c.model.clone(),
+        });
+    }
+    out
+}
+
+/// Lays the canaries over a config: each planned canary pool is added and
+/// the route's canary split points at it with the annotated weight.
+pub fn overlay(base: &Config, set: &CanarySet, namespace: &str) -> Config {
+    let mut cfg = base.clone();
+    for rc in plan(base, set, namespace) {
+        if !cfg.pools.iter().any(|p| p.name == rc.pool.name) {
+            cfg.pools.push(rc.pool.clone());
+        }
+        if let Some(route) = cfg.routes.iter_mut().find(|r| r.model == rc.route) {
+            route_split(route, &rc);
+        }
+    }
+    cfg
+}
+
+/// Points the route's canary split at the canary pool with the annotated
+/// weight. A `canary:` the route already has keeps its stickiness and rollback
+/// rules (the annotation only moves pool, weight and model); otherwise the
+/// defaults apply. The admission layer re-arms the split, and with it the
+/// automatic rollback, whenever this changes.
+fn route_split(route: &mut RouteConfig, rc: &RouteCanary) {
+    let weight = f64::from(rc.weight);
+    let split = route
+        .admission
+        .canary
+        .get_or_insert_with(|| CanaryConfig::new(rc.pool.name.clone(), weight));
+    split.pool = rc.pool.name.clone();
+    split.weight = weight;
+    if rc.model.is_some() {
+        split.model = rc.model.clone();
     }
 }
 
@@ -241,6 +327,7 @@ impl CanaryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::EngineKind;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn svc(name: &str, ann: &[(&str, &str)]) -> Service {
@@ -306,25 +393,74 @@ mod tests {
     }
 
     #[test]
-    fn model_specific_canary_wins() {
-        let generic = Canary {
+    fn finds_the_canary_of_a_stable_service() {
+        let c = |name: &str, stable: &str| Canary {
             namespace: "llm".into(),
-            service: "a".into(),
-            stable: "v1".into(),
+            service: name.into(),
+            stable: stable.into(),
             weight: 5,
             model: None,
         };
-        let specific = Canary {
-            service: "b".into(),
-            weight: 50,
-            model: Some("llama".into()),
-            ..generic.clone()
+        let set = CanarySet(vec![c("a", "v1"), c("b", "v1"), c("c", "v9")]);
+        assert_eq!(
+            set.for_stable("llm", "v1").map(|c| c.service.as_str()),
+            Some("a")
+        );
+        assert_eq!(
+            set.for_stable("llm", "v9").map(|c| c.service.as_str()),
+            Some("c")
+        );
+        assert_eq!(set.for_stable("other", "v1"), None);
+    }
+
+    #[test]
+    fn plan_adds_a_canary_pool_for_routes_on_the_stable_service() {
+        let base = Config::parse(
+            "listeners:\n  main: { address: \"127.0.0.1:0\" }\n\
+             pools:\n  - name: llama\n    engine: sglang\n    service: { name: v1, port: http }\n\
+             \x20 - name: other\n    service: { name: v9, namespace: elsewhere, port: 80 }\n\
+             \x20 - name: static\n    endpoints: [\"http://127.0.0.1:1\"]\n\
+             routes:\n  - model: a\n    pool: llama\n  - model: b\n    pool: llama\n\
+             \x20 - model: c\n    pool: other\n  - model: d\n    pool: static\n",
+            "test.yaml",
+        )
+        .unwrap();
+        let canary = Canary {
+            namespace: "llm".into(),
+            service: "v2".into(),
+            stable: "v1".into(),
+            weight: 10,
+            model: Some("a-v2".into()),
         };
-        let set = CanarySet(vec![generic.clone(), specific.clone()]);
-        assert_eq!(set.for_stable("llm", "v1", Some("llama")), Some(&specific));
-        assert_eq!(set.for_stable("llm", "v1", Some("qwen")), Some(&generic));
-        assert_eq!(set.for_stable("llm", "v1", None), Some(&generic));
-        assert_eq!(set.for_stable("other", "v1", None), None);
+        let set = CanarySet(vec![canary.clone()]);
+        let planned = plan(&base, &set, "llm");
+        assert_eq!(
+            planned.iter().map(|p| p.route.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let p = &planned[0];
+        assert_eq!((p.weight, p.model.as_deref()), (10, Some("a-v2")));
+        assert_eq!(p.pool.name, "canary:llm/v2");
+        assert_eq!(p.pool.engine, EngineKind::Sglang);
+        let sref = p.pool.service.as_ref().unwrap();
+        assert_eq!(
+            (sref.name.as_str(), sref.namespace.as_deref()),
+            ("v2", Some("llm"))
+        );
+        assert_eq!(sref.port, crate::config::PortRef::Name("http".into()));
+        // Gateway namespace `prod`: the stable Service is prod/v1, not llm/v1.
+        assert!(plan(&base, &set, "prod").is_empty());
+        let cfg = overlay(&base, &set, "llm");
+        assert_eq!(
+            cfg.pools
+                .iter()
+                .filter(|p| p.name == "canary:llm/v2")
+                .count(),
+            1
+        );
+        assert!(cfg.validate().is_ok());
+        // No canaries: the config is unchanged.
+        assert_eq!(overlay(&base, &CanarySet::default(), "llm"), base);
     }
 
     #[test]

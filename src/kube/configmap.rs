@@ -53,7 +53,8 @@ impl ConfigMapWatch {
         }
     }
 
-    fn origin(&self) -> String {
+    /// How errors name this source.
+    pub fn origin(&self) -> String {
         format!(
             "configmap {}/{} key {}",
             self.namespace, self.name, self.key
@@ -100,14 +101,14 @@ impl ConfigMapWatch {
         client: Client,
         target: impl ConfigTarget,
         events: Option<EventPublisher>,
-        applied: Option<&str>,
+        applied: Option<String>,
     ) {
         let api: Api<ConfigMap> = Api::namespaced(client, &self.namespace);
         let mut stream = watcher::watch_object(api, &self.name)
             .backoff(self.options.backoff())
             .boxed();
         let origin = self.origin();
-        let mut last_hash = applied.map(fingerprint);
+        let mut last_hash = applied.as_deref().map(fingerprint);
         while let Some(item) = stream.next().await {
             let cm = match item {
                 Ok(Some(cm)) => cm,

@@ -26,30 +26,13 @@ use ::kube::Client;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
-use serde::{Deserialize, Serialize};
 
 use super::backoff::WatchBackoff;
+pub use crate::config::PortRef;
 use crate::discovery::{Endpoint, Update};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// A Service port, as a route names it: by name (`http`) or number (`8000`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PortRef {
-    Number(u16),
-    Name(String),
-}
-
-impl std::fmt::Display for PortRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PortRef::Number(n) => write!(f, "{n}"),
-            PortRef::Name(n) => f.write_str(n),
-        }
-    }
-}
 
 /// One Service whose endpoints make up a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -61,7 +44,10 @@ pub struct ServiceTarget {
 
 impl std::fmt::Display for ServiceTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}:{}", self.namespace, self.name, self.port)
+        match &self.port {
+            PortRef::Number(n) => write!(f, "{}/{}:{n}", self.namespace, self.name),
+            PortRef::Name(n) => write!(f, "{}/{}:{n}", self.namespace, self.name),
+        }
     }
 }
 

@@ -14,8 +14,11 @@ pub mod backoff;
 pub mod canary;
 pub mod client;
 pub mod configmap;
+pub mod control;
 pub mod endpoints;
 pub mod events;
+pub mod gate;
+pub mod serve;
 
 /// Counts a failed list/watch call (each is retried after a backoff).
 pub(crate) fn record_watch_error(resource: &'static str, error: &dyn std::fmt::Display) {

@@ -152,6 +152,17 @@ impl AdmissionPlan {
                         fallback: reason,
                     })
                 }
+                Err(crate::admission::AdmitError::NoReadyReplica)
+                    if reason.is_none() && !Arc::ptr_eq(&candidate, &self.origin) =>
+                {
+                    // The canary side has no ready replica: count it against
+                    // the canary and serve the user from the stable side.
+                    if let Some((split, side)) = &mut self.canary {
+                        split.record(CanarySide::Canary, false, None);
+                        *side = CanarySide::Stable;
+                    }
+                    candidate = self.origin.clone();
+                }
                 Err(e) => {
                     let model = upstream_model(&candidate, ctx, reason.is_some()).to_owned();
                     let next = FallbackReason::from_admit(e)

@@ -3,8 +3,8 @@
 //! Synchronous and clock-free: [`Engine::schedule`] plans one step (admissions,
 //! chunked prefill, one decode token per running sequence, preemption when the
 //! cache is full) and returns its modelled duration; [`Engine::finish_step`]
-//! applies it once that time has passed. The replica's scheduler task
-//! (`replica.rs`) drives the two with a tokio timer, and unit tests drive them
+//! applies it once that time has passed. The fleet's clock thread
+//! (`clock.rs`) drives the two in real time, and unit tests drive them
 //! directly, so the model is tested exactly, without wall-clock noise.
 //!
 //! A sequence talks to its HTTP response through [`SeqShared`]: atomics for the

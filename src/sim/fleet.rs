@@ -7,15 +7,17 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use super::clock::Clock;
 use super::config::{Faults, FleetConfig};
 use super::engine::EngineSnapshot;
-use super::replica::{accept_loop, drive, Replica, ReplicaStats};
+use super::replica::{accept_loop, Replica, ReplicaStats};
 use super::SimError;
 
 /// A running fleet. Dropping it without [`Fleet::shutdown`] also stops it
 /// (its tasks end when they see the control channels close).
 pub struct Fleet {
     replicas: Vec<ReplicaHandle>,
+    clock: Clock,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -95,6 +97,7 @@ impl Fleet {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        self.clock.stop_and_join();
     }
 }
 
@@ -103,6 +106,7 @@ impl Drop for Fleet {
         for r in &self.replicas {
             r.inner.control.send_modify(|c| c.shutdown = true);
         }
+        self.clock.stop();
     }
 }
 
@@ -157,9 +161,17 @@ pub async fn start_fleet(cfg: FleetConfig) -> Result<Fleet, SimError> {
             .local_addr()
             .map_err(|source| SimError::Bind { addr: want, source })?;
         let rep = Arc::new(Replica::new(i, addr, cfg.clone()));
-        tasks.push(tokio::spawn(drive(rep.clone())));
         tasks.push(tokio::spawn(accept_loop(rep.clone(), listener)));
         replicas.push(ReplicaHandle { inner: rep });
     }
-    Ok(Fleet { replicas, tasks })
+    let clock = Clock::start(replicas.iter().map(|r| r.inner.clone()).collect())
+        .map_err(|e| SimError::Config(format!("cannot start the step clock thread: {e}")))?;
+    for r in &replicas {
+        let _ = r.inner.clock.set(clock.thread());
+    }
+    Ok(Fleet {
+        replicas,
+        clock,
+        tasks,
+    })
 }

@@ -361,7 +361,7 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
         lora,
         arrival,
     });
-    rep.wake.notify_one();
+    rep.poke();
     let guard = SeqGuard {
         replica: rep.clone(),
         shared,

@@ -7,12 +7,13 @@
 //! model and the profiles' sources.
 //!
 //! Modules: [`config`] (what a fleet is), [`kv`] (block pool + prefix cache),
-//! [`engine`] (the scheduler, clock-free), `replica` (run-time state, timers,
-//! listener), `http` and `wire` (the API surface and its framing), `body`
+//! [`engine`] (the scheduler, clock-free), `clock` (one thread pacing every
+//! replica's steps), `replica` (run-time state, listener), `http` and `wire` (the API surface and its framing), `body`
 //! (streamed responses, disconnect = abort), [`metrics`] (Prometheus text),
 //! [`fleet`] (start/stop in-process).
 
 pub mod body;
+mod clock;
 pub mod config;
 pub mod engine;
 pub mod fleet;

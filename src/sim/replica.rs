@@ -1,11 +1,11 @@
 //! One simulated replica at run time: its engine behind a mutex (never held
-//! across an await), the scheduler task that paces steps with a tokio timer,
+//! across an await; steps are paced by `clock.rs`),
 //! the listener (closed while refusing connections or crashed), fault state,
 //! and the statistics tests read.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use super::config::{Faults, FleetConfig};
 use super::engine::{Counters, Engine, EngineSnapshot};
@@ -93,7 +93,8 @@ pub struct Replica {
     pub addr: SocketAddr,
     pub cfg: Arc<FleetConfig>,
     pub engine: Mutex<Engine>,
-    pub(crate) wake: Notify,
+    /// The fleet's step clock thread, unparked when work arrives.
+    pub(crate) clock: OnceLock<std::thread::Thread>,
     pub(crate) faults: Mutex<FaultState>,
     pub(crate) control: watch::Sender<Control>,
     pub(crate) last_headers: Mutex<Option<HeaderMap>>,
@@ -116,7 +117,7 @@ impl Replica {
             index,
             addr,
             engine: Mutex::new(Engine::new(cfg.params.clone())),
-            wake: Notify::new(),
+            clock: OnceLock::new(),
             faults: Mutex::new(FaultState {
                 faults,
                 ready_at,
@@ -137,6 +138,13 @@ impl Replica {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Tells the step clock there is work.
+    pub(crate) fn poke(&self) {
+        if let Some(t) = self.clock.get() {
+            t.unpark();
+        }
     }
 
     pub(crate) fn next_seq_id(&self) -> u64 {
@@ -199,11 +207,12 @@ impl Replica {
     /// Crashes the replica: every sequence fails, every connection is cut and the
     /// listener closes until [`Self::restart`].
     pub fn crash(&self) {
-        lock(&self.engine).fail_all();
+        // Cut connections first: a stream must end cut, not with an error event.
         self.control.send_modify(|c| {
             c.crashed = true;
             c.kill_epoch += 1;
         });
+        lock(&self.engine).fail_all();
     }
 
     /// Brings a crashed replica back (empty cache, model load delay applies).
@@ -277,54 +286,6 @@ pub(crate) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// How far behind schedule a step chain may fall before it restarts from now
-/// (so a stalled runtime does not make the engine sprint to catch up).
-const MAX_CATCH_UP: Duration = Duration::from_millis(20);
-
-/// The scheduler loop of one replica: plan a step, sleep its modelled wall
-/// time, apply it. Deadlines are chained from the previous step's deadline so
-/// timer rounding does not accumulate into a slower engine.
-pub(crate) async fn drive(rep: Arc<Replica>) {
-    let mut ctl = rep.control.subscribe();
-    let mut chain: Option<Instant> = None;
-    let mut prev_end = Instant::now();
-    loop {
-        if ctl.borrow_and_update().shutdown {
-            return;
-        }
-        let planned = lock(&rep.engine).schedule();
-        let Some(modelled_us) = planned else {
-            chain = None;
-            tokio::select! {
-                _ = rep.wake.notified() => {}
-                r = ctl.changed() => if r.is_err() { return },
-            }
-            continue;
-        };
-        let wall = rep.cfg.wall(modelled_us);
-        let now = Instant::now();
-        let start = match chain {
-            Some(d) if now.saturating_duration_since(d) < MAX_CATCH_UP => d,
-            _ => {
-                prev_end = now;
-                now
-            }
-        };
-        let deadline = start + wall;
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {}
-            r = ctl.changed() => {
-                if r.is_err() || ctl.borrow().shutdown { return }
-            }
-        }
-        chain = Some(deadline);
-        let end = Instant::now();
-        let observed_us = end.saturating_duration_since(prev_end).as_secs_f64() * 1e6;
-        prev_end = end;
-        lock(&rep.engine).finish_step(end, wall.as_secs_f64() * 1e6, observed_us);
-    }
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, SimError> {
     let mut last = None;
     for _ in 0..100 {
@@ -393,9 +354,7 @@ async fn serve_connection(rep: Arc<Replica>, stream: tokio::net::TcpStream, epoc
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), svc);
     tokio::select! {
-        r = conn => if let Err(e) = r {
-            tracing::trace!(replica = rep.index, "connection ended: {e}");
-        },
+        biased; // a crash must win over a body that became ready at the same time
         _ = async {
             loop {
                 if ctl.changed().await.is_err() { return; }
@@ -403,5 +362,8 @@ async fn serve_connection(rep: Arc<Replica>, stream: tokio::net::TcpStream, epoc
                 if c.shutdown || c.kill_epoch != epoch { return; }
             }
         } => {}
+        r = conn => if let Err(e) = r {
+            tracing::trace!(replica = rep.index, "connection ended: {e}");
+        },
     }
 }

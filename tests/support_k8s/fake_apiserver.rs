@@ -767,3 +767,21 @@ impl Selector {
         })
     }
 }
+
+/// A ConfigMap holding `text` under `key`.
+pub fn configmap(
+    namespace: &str,
+    name: &str,
+    key: &str,
+    text: &str,
+) -> k8s_openapi::api::core::v1::ConfigMap {
+    k8s_openapi::api::core::v1::ConfigMap {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        data: Some([(key.to_string(), text.to_string())].into_iter().collect()),
+        ..Default::default()
+    }
+}

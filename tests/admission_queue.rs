@@ -1,0 +1,253 @@
+//! Token budgets and the per-pool queue through the real gateway, on
+//! simulated replicas: estimates corrected by the stream, priority order,
+//! shedding, deadlines, disconnects and fairness between tenants.
+
+#[path = "admission_support/mod.rs"]
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One replica that runs one request at a time (so admission order is
+/// completion order), `m` served by it.
+async fn one_at_a_time(
+    time_scale: f64,
+    extra: &str,
+) -> (infergate::sim::Fleet, infergate::proxy::ServerHandle) {
+    let f = fleet("m", 1, time_scale).await;
+    let gw = gateway(&format!(
+        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_requests_per_replica: 1 }}\n{extra}",
+        urls(&f)
+    ))
+    .await;
+    (f, gw)
+}
+
+#[tokio::test]
+async fn reservation_follows_the_stream_and_is_released() {
+    // Real time: 2 ms per token, so the stream is observable mid-way.
+    let f = fleet("m", 1, 1.0).await;
+    let gw = gateway(&format!(
+        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    default_max_tokens: 4\n    usage: {{ include_usage: true }}",
+        urls(&f)
+    ))
+    .await;
+    let c = client();
+    let r = route(&gw, "m");
+    let replica = r.pool.replicas()[0].clone();
+    // No max_tokens: estimated at the route's 4, but the engine writes 200
+    // (its own default is 256; max_tokens is what the sim generates).
+    let prompt = "x".repeat(400); // 100 tokens
+    let body = serde_json::json!({"model": "m", "prompt": prompt, "stream": true}).to_string();
+    let task = {
+        let (c, url) = (c.clone(), gw.url());
+        tokio::spawn(async move {
+            let req = http::Request::post(format!("{url}/v1/completions"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes()
+        })
+    };
+    until("admitted at the estimate", || replica.load.tokens() == 104).await;
+    until("grown past the estimate as tokens stream", || {
+        replica.load.tokens() > 104 + 10
+    })
+    .await;
+    let out = task.await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("\"usage\""), "{text}");
+    until("released at the end", || replica.load.tokens() == 0).await;
+    assert_eq!(replica.load.requests(), 0);
+    drop(f);
+}
+
+#[tokio::test]
+async fn queue_releases_critical_then_standard_and_sheds_sheddable() {
+    let (_f, gw) = one_at_a_time(5.0, "").await;
+    let c = client();
+    let held = hold(&c, &gw, "m", 1500).await;
+
+    // Saturated: sheddable is refused at once, with Retry-After and JSON.
+    let t0 = Instant::now();
+    let (s, h, b) = post(
+        &c,
+        &gw,
+        &completion("m", "s", 2, false),
+        &[("x-gateway-inference-objective", "-1")],
+    )
+    .await;
+    let shed_time = t0.elapsed();
+    assert_eq!(s, 429);
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(error_of(&b)["code"], "shed");
+    assert!(shed_time < Duration::from_secs(1), "{shed_time:?}");
+
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, (prio, label)) in [("standard", "standard"), ("critical", "critical")]
+        .into_iter()
+        .enumerate()
+    {
+        let (c, gw_url, order) = (c.clone(), gw.url(), order.clone());
+        let body = completion("m", label, 4, false);
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::post(format!("{gw_url}/v1/completions"))
+                .header("content-type", "application/json")
+                .header("x-infergate-priority", prio)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            let s = resp.status();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            order.lock().unwrap().push(label);
+            s
+        }));
+        until("queued", || queued(&gw, "m") == i + 1).await;
+    }
+    assert_eq!(held.await.unwrap(), 200);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(*order.lock().unwrap(), vec!["critical", "standard"]);
+    let m = metrics(&c, &gw).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("infergate_admission_rejected_total")
+                && l.contains("reason=\"shed\"")),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_queued_sheddable_goes_after_standard_when_configured() {
+    let (_f, gw) = one_at_a_time(5.0, "      queue: { shed_sheddable: false }").await;
+    let c = client();
+    let held = hold(&c, &gw, "m", 1500).await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, prio) in ["sheddable", "standard", "critical"]
+        .into_iter()
+        .enumerate()
+    {
+        let (c, gw_url, order) = (c.clone(), gw.url(), order.clone());
+        let body = completion("m", prio, 4, false);
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::post(format!("{gw_url}/v1/completions"))
+                .header("content-type", "application/json")
+                .header("x-gateway-inference-objective", prio)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            order.lock().unwrap().push(prio);
+        }));
+        until("queued", || queued(&gw, "m") == i + 1).await;
+    }
+    held.await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        vec!["critical", "standard", "sheddable"]
+    );
+}
+
+#[tokio::test]
+async fn a_deadline_passed_in_the_queue_gives_503_and_a_disconnect_leaves_at_once() {
+    // Real time: the holding stream lasts about 4 s; it is cut at the end.
+    let (_f, gw) = one_at_a_time(1.0, "").await;
+    let c = client();
+    let held = hold(&c, &gw, "m", 2000).await;
+
+    let t0 = Instant::now();
+    let (s, h, b) = post(
+        &c,
+        &gw,
+        &completion("m", "d", 2, false),
+        &[("x-infergate-deadline-ms", "80")],
+    )
+    .await;
+    assert_eq!(s, 503);
+    assert!(t0.elapsed() >= Duration::from_millis(80));
+    assert_eq!(h["retry-after"], "1");
+    assert_eq!(error_of(&b)["code"], "queue_deadline");
+    assert_eq!(queued(&gw, "m"), 0);
+
+    // A client that goes away leaves the queue at once.
+    let (c2, url) = (c.clone(), gw.url());
+    let waiting = tokio::spawn(async move {
+        let req = http::Request::post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(completion(
+                "m", "w", 2, false,
+            ))))
+            .unwrap();
+        let _ = c2.request(req).await;
+    });
+    until("queued", || queued(&gw, "m") == 1).await;
+    waiting.abort();
+    let t0 = Instant::now();
+    until("left the queue", || queued(&gw, "m") == 0).await;
+    assert!(t0.elapsed() < Duration::from_millis(500));
+    held.abort();
+}
+
+#[tokio::test]
+async fn tenants_in_one_band_get_equal_token_shares() {
+    // Tenant "big" sends 100-token prompts, "small" 10-token ones (10 output
+    // tokens each); eight workers each keep both backlogged. Fair by tokens,
+    // each gets about half the tokens (request-fair would give big ~77%).
+    let (_f, gw) = one_at_a_time(20.0, "").await;
+    let c = client();
+    let served: Arc<Mutex<[u64; 2]>> = Arc::default();
+    let stop = Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (tenant, prompt_chars, idx) = if w % 2 == 0 {
+            ("big", 400, 0)
+        } else {
+            ("small", 40, 1)
+        };
+        let (c, gw_url, served) = (c.clone(), gw.url(), served.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while Instant::now() < stop && n < 500 {
+                n += 1;
+                let body = completion("m", &"y".repeat(prompt_chars), 10, false);
+                let req = http::Request::post(format!("{gw_url}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .header("x-gateway-inference-fairness-id", tenant)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    .unwrap();
+                let resp = c.request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                if Instant::now() < stop {
+                    served.lock().unwrap()[idx] += (prompt_chars / 4) as u64 + 10;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let [big, small] = *served.lock().unwrap();
+    let share = big as f64 / (big + small) as f64;
+    eprintln!("token shares: big {big}, small {small}, big's share {share:.3}");
+    assert!(
+        big + small > 1000,
+        "too little traffic to judge: {big} + {small}"
+    );
+    assert!(
+        (share - 0.5).abs() <= 0.05,
+        "big's token share {share:.3} ({big} vs {small})"
+    );
+}

@@ -1,0 +1,182 @@
+//! The manifests in deploy/: they build with kustomize and validate against the
+//! Kubernetes schemas (external tools: kubectl, kubernetes-validate), and they
+//! agree with what the gateway reads (annotation names, ConfigMap name, config).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use infergate::kube::canary;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::rbac::v1::Role;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// Every document of `file` of the given kind.
+fn docs<K: DeserializeOwned>(file: &str, kind: &str) -> Vec<K> {
+    let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(serde_yaml_ng::Value::deserialize)
+        .map(Result::unwrap)
+        .filter(|v| v.get("kind").and_then(|k| k.as_str()) == Some(kind))
+        .map(|v| serde_yaml_ng::from_value(v).unwrap())
+        .collect()
+}
+
+fn tool_present(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn every_overlay_builds_and_validates() {
+    let missing: Vec<&str> = [("kubectl", "help"), ("kubernetes-validate", "--version")]
+        .into_iter()
+        .filter(|(c, a)| !tool_present(c, a))
+        .map(|(c, _)| c)
+        .collect();
+    if !missing.is_empty() {
+        if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+            panic!("required tools missing: {missing:?} (see .ci/run)");
+        }
+        eprintln!("skipping: {missing:?} not installed (pip install kubernetes-validate; apt-get install kubectl)");
+        return;
+    }
+    let out = Command::new(deploy().join("validate.sh")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "deploy/validate.sh failed:\n{stdout}\n{stderr}"
+    );
+    for dir in [
+        "base",
+        "overlays/dev",
+        "overlays/production",
+        "examples/vllm",
+    ] {
+        assert!(
+            stdout.contains(&format!("kubectl kustomize deploy/{dir}")),
+            "{dir} not built:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn the_example_canary_uses_the_annotations_the_gateway_reads() {
+    let services: Vec<Service> = docs("examples/vllm/vllm-llama-v2-canary.yaml", "Service");
+    let c = canary::parse(&services[0])
+        .unwrap()
+        .expect("the example is a canary");
+    assert_eq!(c.stable, "vllm-llama");
+    assert_eq!(c.weight, 10);
+    assert_eq!(c.model.as_deref(), Some("llama-3-8b-v2"));
+    let stable: Vec<Service> = docs("examples/vllm/vllm-llama.yaml", "Service");
+    assert_eq!(stable[0].metadata.name.as_deref(), Some("vllm-llama"));
+    assert_eq!(canary::parse(&stable[0]).unwrap(), None);
+    // The stable Service must not select the canary's pods.
+    let sel = |s: &Service| s.spec.as_ref().unwrap().selector.clone().unwrap();
+    assert_ne!(sel(&stable[0]), sel(&services[0]));
+}
+
+#[test]
+fn rbac_allows_exactly_the_configmap_the_deployment_watches() {
+    let deployments: Vec<Deployment> = docs("base/deployment.yaml", "Deployment");
+    let pod = deployments[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let args = pod.containers[0].args.clone().unwrap();
+    let name = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--configmap="))
+        .expect("--configmap=NAME in the args");
+    let roles: Vec<Role> = docs("base/rbac.yaml", "Role");
+    let rules = roles[0].rules.clone().unwrap();
+    let cm_rule = rules
+        .iter()
+        .find(|r| {
+            r.resources
+                .as_ref()
+                .is_some_and(|res| res.contains(&"configmaps".to_string()))
+        })
+        .unwrap();
+    assert_eq!(
+        cm_rule.resource_names.as_deref(),
+        Some(&[name.to_string()][..])
+    );
+    // Read-only everywhere except creating Events.
+    for r in &rules {
+        let verbs = &r.verbs;
+        let events = r
+            .resources
+            .as_ref()
+            .unwrap()
+            .contains(&"events".to_string());
+        if events {
+            assert_eq!(verbs, &["create"]);
+        } else {
+            assert!(
+                verbs
+                    .iter()
+                    .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+                "{verbs:?}"
+            );
+        }
+    }
+    let kustomization = std::fs::read_to_string(deploy().join("base/kustomization.yaml")).unwrap();
+    assert!(
+        kustomization.contains(&format!("- name: {name}")),
+        "ConfigMap generator named {name}"
+    );
+    assert!(kustomization.contains("disableNameSuffixHash: true"));
+}
+
+#[test]
+fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
+    let path = deploy().join("base/config.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config = infergate::config::Config::parse(&text, &path.display().to_string())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stable: Vec<Service> = docs("examples/vllm/vllm-llama.yaml", "Service");
+    let svc_name = stable[0].metadata.name.clone().unwrap();
+    let port_names: Vec<String> = stable[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.name.clone())
+        .collect();
+    let pool = config
+        .pools
+        .iter()
+        .find(|p| p.service.is_some())
+        .expect("a Service pool");
+    let sref = pool.service.as_ref().unwrap();
+    assert_eq!(sref.name, svc_name);
+    match &sref.port {
+        infergate::config::PortRef::Name(n) => {
+            assert!(port_names.contains(n), "{n} not in {port_names:?}")
+        }
+        infergate::config::PortRef::Number(n) => panic!("use the port name, found {n}"),
+    }
+    // Listeners reachable from the pod network and the probes' admin port.
+    assert_eq!(config.listeners.main.address.port(), 8080);
+    assert_eq!(
+        config.listeners.admin.as_ref().unwrap().address.port(),
+        9090
+    );
+}
