@@ -172,6 +172,7 @@ async fn setup_with(services: &[&str], loading: &[usize]) -> Setup {
         discovery: DiscoveryOptions {
             watch: fast,
             gate: GateOptions {
+                timeout: Duration::from_millis(300),
                 interval: Duration::from_millis(50),
                 max_interval: Duration::from_millis(100),
                 ..GateOptions::default()
@@ -317,20 +318,7 @@ async fn a_configmap_update_applies_within_a_second_and_an_invalid_one_keeps_the
 }
 
 fn service(name: &str, annotations: &[(&str, &str)]) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            annotations: Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            ..ObjectMeta::default()
-        },
-        ..Service::default()
-    }
+    fake_apiserver::annotated_service(NS, name, annotations)
 }
 
 /// Sends `n` requests from distinct users; returns how many the canary served.
@@ -403,4 +391,79 @@ async fn canary_annotations_change_the_split_and_removing_them_ends_it() {
     let before = s.fleet.replica(1).stats().requests_received;
     assert_eq!(canary_share(&s, 10).await, 0);
     assert_eq!(s.fleet.replica(1).stats().requests_received, before);
+}
+
+/// Starts the real binary with `args`, returns it and its API URL (from the
+/// "infergate listening on URL" line it prints).
+async fn spawn_binary(args: &[&str]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_infergate"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("POD_NAMESPACE")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(10 * SEC, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("infergate listening on ") {
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+        panic!("the binary exited before listening");
+    })
+    .await
+    .expect("listening within 10 s");
+    (child, url)
+}
+
+#[tokio::test]
+async fn the_binary_runs_out_of_cluster_with_a_kubeconfig_and_its_context_namespace() {
+    let fleet = start_fleet(FleetConfig {
+        replicas: 1,
+        ..FleetConfig::with_profile(Profile::Tiny)
+    })
+    .await
+    .unwrap();
+    let api = FakeApiServer::start().await;
+    api.upsert(&slice_of(&fleet, 0, Some(true), None));
+    api.upsert(&configmap(&config_yaml("llama")));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path(), NS);
+    let (mut child, url) = spawn_binary(&[
+        "serve",
+        "--configmap",
+        "infergate-routes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ])
+    .await;
+    let c = client();
+    let (status, body) = post_json(
+        &c,
+        &format!("{url}/v1/chat/completions"),
+        &chat("llama", "hi", 3, false),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // The ConfigMap is live: a new alias works within a second.
+    api.upsert(&configmap(&config_yaml("llama, tiny")));
+    let mut served = false;
+    for _ in 0..20 {
+        let (status, _) = post_json(
+            &c,
+            &format!("{url}/v1/chat/completions"),
+            &chat("tiny", "hi", 3, false),
+        )
+        .await;
+        if status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "the new alias is served within a second");
+    child.kill().await.unwrap();
 }

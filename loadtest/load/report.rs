@@ -22,6 +22,8 @@ pub struct ClassStats {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub e2e: Histogram,
+    /// End-to-end time of answers that were errors (how fast a refusal comes).
+    pub error_e2e: Histogram,
 }
 
 impl ClassStats {
@@ -40,6 +42,7 @@ impl ClassStats {
         self.ttft.merge(&o.ttft);
         self.itl.merge(&o.itl);
         self.e2e.merge(&o.e2e);
+        self.error_e2e.merge(&o.error_e2e);
     }
 }
 
@@ -103,6 +106,7 @@ impl Stats {
                 c.itl.record(gap);
             }
         } else {
+            c.error_e2e.record(o.e2e.as_nanos() as u64);
             let label = o.status.label();
             if !c.error_samples.contains_key(&label) && !error_body.is_empty() {
                 c.error_samples.insert(
@@ -173,6 +177,7 @@ fn class_json(c: &ClassStats, secs: f64) -> Value {
         "ttft_ms": dist(&c.ttft),
         "itl_ms": dist(&c.itl),
         "e2e_ms": dist(&c.e2e),
+        "error_e2e_ms": dist(&c.error_e2e),
     })
 }
 

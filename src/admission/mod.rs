@@ -2,9 +2,11 @@
 //! another model. Token-level budgets per replica ([`budget`]), the per-pool
 //! priority queue ([`queue`]), outlier ejection with active probes
 //! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
-//! fallback to smaller models ([`fallback`]). This file classifies a request:
+//! fallback to smaller models ([`fallback`]), and cutting clients that stop
+//! reading a stream ([`backpressure`]). This file classifies a request:
 //! its priority band, its tenant and its deadline, from headers and body.
 
+pub mod backpressure;
 pub mod budget;
 pub mod canary;
 pub mod config;

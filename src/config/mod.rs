@@ -110,6 +110,14 @@ pub struct Listener {
     /// Serve TLS (HTTP/1.1 and h2 by ALPN) instead of cleartext.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// A client whose connection takes no bytes for this long (it stopped
+    /// reading a stream) is disconnected and its upstream request cancelled
+    /// (see `admission::backpressure`); `null` turns the check off.
+    #[serde(
+        default = "Listener::default_client_stall",
+        with = "units::opt_duration"
+    )]
+    pub client_stall: Option<Duration>,
 }
 
 impl Listener {
@@ -117,13 +125,18 @@ impl Listener {
         Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls: None,
+            client_stall: Self::default_client_stall(),
         }
     }
     fn default_admin() -> Option<Listener> {
         Some(Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 9090)),
             tls: None,
+            client_stall: Self::default_client_stall(),
         })
+    }
+    fn default_client_stall() -> Option<Duration> {
+        Some(Duration::from_secs(60))
     }
 }
 

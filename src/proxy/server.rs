@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::gateway::Gateway;
+use crate::admission::backpressure::StallIo;
 use crate::config::{Config, ConfigError, Listener, TlsConfig};
 
 /// The server could not start.
@@ -106,10 +107,17 @@ pub async fn start_with(
         })?;
     let tls = main.tls.as_ref().map(tls_acceptor).transpose()?;
     let gw = gateway.clone();
-    let main_task = tokio::spawn(accept_loop(main_listener, tls, stop_rx, move |req| {
-        let gw = gw.clone();
-        async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
-    }));
+    let stall = main.client_stall;
+    let main_task = tokio::spawn(accept_loop(
+        main_listener,
+        tls,
+        stall,
+        stop_rx,
+        move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
+        },
+    ));
 
     let mut admin_addr = None;
     let mut admin_task = None;
@@ -121,6 +129,7 @@ pub async fn start_with(
         admin_task = Some(tokio::spawn(accept_loop(
             l,
             tls,
+            a.client_stall,
             stop_admin_rx,
             move |req| {
                 let r = super::admin::handle(&gw, &req);
@@ -177,6 +186,7 @@ fn conn_builder() -> auto::Builder<TokioExecutor> {
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    client_stall: Option<Duration>,
     mut stop: watch::Receiver<Option<Duration>>,
     handler: F,
 ) where
@@ -202,6 +212,7 @@ async fn accept_loop<F, Fut>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let stream = StallIo::new(stream, client_stall);
                 let svc = service_fn(handler.clone());
                 let builder = builder.clone();
                 let watcher = graceful.watcher();

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Overload benchmark: 3x the fleet's capacity, mixed priorities, on simulated
+replicas; infergate side by side with vllm-router and sglang-router (their own
+admission flags) on the same load.
+
+Reports, per gateway:
+  - p99 TTFT of critical requests, and its ratio to the same fleet unloaded
+    (target: at most 2x);
+  - the time to reject a sheddable request (p99 of its error answers; target
+    under 5 ms);
+  - goodput (successful requests per second) against the fleet's capacity
+    (target: at least 95%);
+  - the largest engine-side queue (`vllm:num_requests_waiting`) any replica
+    reached during the run (infergate keeps it under its threshold).
+
+Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
+    python3 loadtest/overload.py [--duration 15] [--replicas 2] [--time-scale 0.25]
+
+Everything listens on 127.0.0.1. Needs /tmp/peers-venv (../shared/peers/setup.sh)
+for the peer routers; without it only infergate runs.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+MODEL = "m"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def wait_http(url, timeout=60.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never answered")
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, cmd, env=None):
+        log(f"[start] {name}: {' '.join(cmd)}")
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=open(f"/tmp/overload-{name}.log", "w"),
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p):
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    def stop_all(self):
+        for _, p in reversed(self.procs):
+            self.stop(p)
+
+
+class QueueWatch(threading.Thread):
+    """Polls every replica's /metrics and keeps the largest waiting queue."""
+
+    def __init__(self, urls):
+        super().__init__(daemon=True)
+        self.urls = urls
+        self.max_waiting = 0.0
+        self.samples = 0
+        self.running = True
+
+    def run(self):
+        pat = re.compile(r"^vllm:num_requests_waiting(\{[^}]*\})?\s+([0-9.eE+-]+)", re.M)
+        while self.running:
+            for u in self.urls:
+                try:
+                    with urllib.request.urlopen(u + "/metrics", timeout=1) as r:
+                        text = r.read().decode()
+                    for m in pat.finditer(text):
+                        self.max_waiting = max(self.max_waiting, float(m.group(2)))
+                    self.samples += 1
+                except Exception:
+                    pass
+            time.sleep(0.1)
+
+
+def run_load(load_bin, url, args, classes, rate=None, concurrency=None, duration=None, seed=0):
+    cmd = [
+        load_bin, "--url", url, "--workload", "stream", "--model", MODEL,
+        "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
+        "--duration", str(duration or args.duration), "--warmup", str(args.warmup),
+        "--timeout", "30", "--max-in-flight", "4096", "--seed", str(seed), "--json",
+    ]
+    if rate is not None:
+        cmd += ["--rate", f"{rate:.2f}"]
+    else:
+        cmd += ["--concurrency", str(concurrency)]
+    for c in classes:
+        cmd += ["--class", c]
+    log(f"[load] {' '.join(cmd)}")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def p(d, *keys):
+    for k in keys:
+        if d is None:
+            return None
+        d = d.get(k)
+    return d
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin-dir", default="target/release")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--time-scale", type=float, default=0.25)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=15)
+    ap.add_argument("--warmup", type=float, default=2)
+    ap.add_argument("--overload", type=float, default=3.0)
+    ap.add_argument("--deadline-ms", type=int, default=2000)
+    ap.add_argument("--peers-venv", default="/tmp/peers-venv")
+    ap.add_argument("--base-port", type=int, default=18700)
+    ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
+    args = ap.parse_args()
+
+    infergate = os.path.join(args.bin_dir, "infergate")
+    load_bin = os.path.join(args.bin_dir, "infergate-load")
+    bp = args.base_port
+    sim_urls = [f"http://127.0.0.1:{bp + i}" for i in range(args.replicas)]
+    procs = Procs()
+    results = {}
+    try:
+        procs.start("sim", [
+            infergate, "sim", "--profile", "tiny", "--replicas", str(args.replicas),
+            "--base-port", str(bp), "--time-scale", str(args.time_scale),
+            "--served-model-name", MODEL, "--max-num-seqs", str(args.max_num_seqs),
+        ])
+        for u in sim_urls:
+            wait_http(u + "/health")
+
+        # Capacity: one replica driven directly past its batch size, times the replicas.
+        direct = run_load(load_bin, sim_urls[0], args, [], concurrency=2 * args.max_num_seqs, duration=8, seed=1)
+        per_replica = direct["ok_per_s"]
+        capacity = per_replica * args.replicas
+        log(f"[capacity] {per_replica:.1f} req/s per replica -> fleet {capacity:.1f} req/s")
+
+        # infergate: admission sized to the engine (batch size and KV cache).
+        kv_tokens = 256 * 16  # the tiny profile's KV cache
+        cfg = f"""
+listeners:
+  main: {{ address: "127.0.0.1:{bp + 100}" }}
+  admin: {{ address: "127.0.0.1:{bp + 101}" }}
+logging: {{ level: warn }}
+pools:
+  - name: p
+    endpoints: [{", ".join(f'"{u}"' for u in sim_urls)}]
+routes:
+  - model: {MODEL}
+    pool: p
+    admission:
+      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs} }}
+      queue: {{ timeout_ms: {args.deadline_ms}, max_requests: 4096 }}
+"""
+        cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+        cfg_file.write(cfg)
+        cfg_file.close()
+        targets = {
+            "infergate": (
+                [infergate, "serve", "--config", cfg_file.name],
+                f"http://127.0.0.1:{bp + 100}",
+                f"http://127.0.0.1:{bp + 101}/readyz",
+                {},
+            ),
+        }
+        venv = args.peers_venv
+        peer_env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
+        slots = args.replicas * args.max_num_seqs
+        peer_admission = [
+            "--max-concurrent-requests", str(slots), "--queue-size", "4096",
+            "--queue-timeout-secs", str(max(1, args.deadline_ms // 1000)),
+            "--rate-limit-tokens-per-second", "100000",
+        ]
+        if os.path.exists(f"{venv}/bin/vllm-router"):
+            targets["vllm-router"] = (
+                [f"{venv}/bin/vllm-router", "--host", "127.0.0.1", "--port", str(bp + 110),
+                 "--worker-urls", *sim_urls, "--policy", "round_robin",
+                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(bp + 111),
+                 "--worker-startup-check-interval", "1", *peer_admission],
+                f"http://127.0.0.1:{bp + 110}",
+                f"http://127.0.0.1:{bp + 110}/health",
+                peer_env,
+            )
+        if os.path.exists(f"{venv}/bin/sglang-router"):
+            targets["sglang-router"] = (
+                [f"{venv}/bin/sglang-router", "launch", "--host", "127.0.0.1", "--port", str(bp + 120),
+                 "--worker-urls", *sim_urls, "--policy", "round_robin",
+                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(bp + 121),
+                 "--worker-startup-check-interval", "1", *peer_admission],
+                f"http://127.0.0.1:{bp + 120}",
+                f"http://127.0.0.1:{bp + 120}/health",
+                peer_env,
+            )
+        only = [x for x in args.only.split(",") if x]
+        classes = [
+            "critical=0.2,x-infergate-priority:critical",
+            "standard=0.4,x-infergate-priority:standard",
+            "sheddable=0.4,x-infergate-priority:sheddable",
+        ]
+        unloaded = None
+        for name, (cmd, url, ready, env) in targets.items():
+            if only and name not in only:
+                continue
+            proc = procs.start(name, cmd, env)
+            wait_http(ready)
+            time.sleep(2 if name != "infergate" else 0.2)
+            if unloaded is None:
+                # The same fleet unloaded: critical only, at a quarter of capacity.
+                base = run_load(load_bin, url, args, ["critical=1,x-infergate-priority:critical"],
+                                rate=capacity * 0.25, seed=2)
+                unloaded = p(base, "classes", "critical", "ttft_ms", "p99")
+                log(f"[unloaded via {name}] critical p99 TTFT {unloaded} ms")
+            watch = QueueWatch(sim_urls)
+            watch.start()
+            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3)
+            watch.running = False
+            watch.join()
+            results[name] = (r, watch.max_waiting)
+            procs.stop(proc)
+            time.sleep(1)
+    finally:
+        procs.stop_all()
+
+    print(f"fleet: {args.replicas} x sim tiny (max_num_seqs {args.max_num_seqs}, time scale {args.time_scale}),"
+          f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
+          f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
+          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms")
+    print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
+    hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
+    print(hdr)
+    for name, (r, maxq) in results.items():
+        crit = p(r, "classes", "critical")
+        shed = p(r, "classes", "sheddable")
+        crit_p99 = p(crit, "ttft_ms", "p99")
+        ratio = crit_p99 / unloaded if crit_p99 and unloaded else None
+        crit_ok = 100.0 * crit["ok"] / crit["requests"] if crit and crit["requests"] else 0.0
+        shed_rej = p(shed, "error_e2e_ms", "p99")
+        goodput = r["ok_per_s"] / capacity
+        statuses = {"ok": r["ok"], **r["errors"]}
+        fmt = lambda v, f: (f % v) if v is not None else "-"
+        print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
+              f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
+    print(json.dumps({k: {"report": v[0], "max_engine_waiting": v[1]} for k, v in results.items()}), file=open("/tmp/overload-results.json", "w"))
+
+
+if __name__ == "__main__":
+    main()
