@@ -32,8 +32,16 @@ fn full(status: u16, body: String) -> Response<Body> {
 
 /// A fake engine: completions as JSON, chat as SSE (role chunk, one chunk per token 1 ms
 /// apart, finish chunk, usage chunk when asked, `[DONE]`). Header `x-gateway-inference-objective:
-/// sheddable` gets a 429; `x-test-cut` gets a 200 stream without `[DONE]`.
+/// sheddable` gets a 429; `x-test-cut` gets a 200 stream without `[DONE]`. `GET /metrics`
+/// counts the requests so far.
 async fn handle(req: Request<Incoming>, seen: Arc<Seen>) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/metrics" {
+        let n = seen.requests.load(Ordering::Relaxed);
+        return Ok(full(
+            200,
+            format!("# TYPE test_requests counter\ntest_requests_total{{engine=\"0\"}} {n}\ntest_running 1\n"),
+        ));
+    }
     seen.requests.fetch_add(1, Ordering::Relaxed);
     let objective = req
         .headers()
@@ -60,7 +68,7 @@ async fn handle(req: Request<Incoming>, seen: Arc<Seen>) -> Result<Response<Body
         return Ok(full(
             200,
             format!(
-                r#"{{"choices":[{{"text":"{text}"}}],"usage":{{"prompt_tokens":4,"completion_tokens":{n}}}}}"#
+                r#"{{"choices":[{{"text":"{text}"}}],"usage":{{"prompt_tokens":4,"completion_tokens":{n},"prompt_tokens_details":{{"cached_tokens":1}}}}}}"#
             ),
         ));
     }
@@ -158,6 +166,7 @@ async fn load_json(args: &[&str]) -> Value {
 async fn closed_loop_small_completions_are_all_counted() {
     let (addr, seen) = upstream().await;
     let url = format!("http://{addr}");
+    let metrics = format!("{url}/metrics");
     let r = load_json(&[
         "--url",
         &url,
@@ -167,6 +176,8 @@ async fn closed_loop_small_completions_are_all_counted() {
         "30",
         "--max-tokens",
         "5",
+        "--scrape",
+        &metrics,
         "--json",
     ])
     .await;
@@ -181,6 +192,16 @@ async fn closed_loop_small_completions_are_all_counted() {
     assert!(r["req_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(r["run"]["mode"], "closed");
     assert_eq!(seen.requests.load(Ordering::Relaxed), 30);
+    assert_eq!(r["usage_prompt_tokens"], 120);
+    assert_eq!(r["usage_cached_tokens"], 30);
+    assert_eq!(r["usage_cache_hit_rate"], 0.25);
+    // The replica's own counter grew by exactly the requests sent; gauges are left out.
+    assert_eq!(r["replicas"]["total"]["test_requests_total"], 30.0);
+    assert_eq!(
+        r["replicas"]["per_url"][&metrics]["test_requests_total"],
+        30.0
+    );
+    assert!(r["replicas"]["total"].get("test_running").is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

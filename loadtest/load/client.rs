@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::sse::{usage_completion_tokens, SseScanner};
+use super::sse::{usage, SseScanner, Usage};
 
 /// Where requests go: a loopback socket address and the URIs to put on requests.
 #[derive(Clone, Debug)]
@@ -138,6 +138,39 @@ impl Conn {
     }
 }
 
+/// `GET` of the target's URL on a fresh connection: the whole body, within `timeout`.
+pub async fn get(t: &Target, timeout: Duration) -> Result<Bytes, String> {
+    let fetch = async {
+        let mut conn = connect(t).await.map_err(|e| e.to_string())?;
+        let mut req = Request::get(t.uri.clone());
+        if let Some(h) = req.headers_mut() {
+            if !t.http2 {
+                h.insert(HOST, t.authority.clone());
+            }
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        conn.ready().await.map_err(|e| e.to_string())?;
+        let resp = conn
+            .try_send(req)
+            .await
+            .map_err(|e| e.into_error().to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| "timeout".to_string())?
+}
+
 /// How a request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -174,7 +207,17 @@ pub struct Outcome {
     pub ttft: Option<Duration>,
     pub e2e: Duration,
     pub tokens: u32,
+    /// What the answer's `usage` said (prompt and cached prompt tokens), when present.
+    pub usage: Option<Usage>,
     pub end: Instant,
+}
+
+/// What [`Slot::exchange`] measured so far (kept when a timeout cuts it short).
+#[derive(Default)]
+struct Measured {
+    ttft: Option<Duration>,
+    tokens: u32,
+    usage: Option<Usage>,
 }
 
 /// A connection plus the buffers its requests reuse.
@@ -211,42 +254,29 @@ impl Slot {
         self.error_body.clear();
         self.sse.reset();
         let start = Instant::now();
-        let mut ttft = None;
-        let mut tokens = 0;
-        let status = match tokio::time::timeout(
+        let mut m = Measured::default();
+        let status = tokio::time::timeout(
             timeout,
-            self.exchange(
-                t,
-                body,
-                class_headers,
-                stream,
-                start,
-                &mut ttft,
-                &mut tokens,
-            ),
+            self.exchange(t, body, class_headers, stream, start, &mut m),
         )
         .await
-        {
-            Ok(s) => s,
-            Err(_) => Status::Timeout,
-        };
-        if !status.ok() {
-            // The connection may hold half a response: never reuse it.
-            if !matches!(status, Status::Http(_)) {
-                self.conn = None;
-            }
+        .unwrap_or(Status::Timeout);
+        // After a transport failure or timeout the connection may hold half a response:
+        // never reuse it.
+        if !matches!(status, Status::Http(_)) {
+            self.conn = None;
         }
         let end = Instant::now();
         Outcome {
             status,
-            ttft,
+            ttft: m.ttft,
             e2e: end - start,
-            tokens,
+            tokens: m.tokens,
+            usage: m.usage,
             end,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &mut self,
         t: &Target,
@@ -254,8 +284,7 @@ impl Slot {
         class_headers: &[(HeaderName, HeaderValue)],
         stream: bool,
         start: Instant,
-        ttft: &mut Option<Duration>,
-        tokens: &mut u32,
+        m: &mut Measured,
     ) -> Status {
         let mut req = Request::post(t.uri.clone());
         if let Some(h) = req.headers_mut() {
@@ -326,8 +355,8 @@ impl Slot {
                 let now = Instant::now();
                 let n = self.sse.feed(&data);
                 if n > 0 {
-                    match ttft {
-                        None => *ttft = Some(now - start),
+                    match m.ttft {
+                        None => m.ttft = Some(now - start),
                         Some(_) => self.itls.push((now - last).as_nanos() as u64),
                     }
                     // Events that arrived in the same frame are 0 apart, as the client saw them.
@@ -342,12 +371,14 @@ impl Slot {
             return Status::Http(code);
         }
         if stream {
-            *tokens = self.sse.usage_tokens.unwrap_or(self.sse.tokens);
+            m.usage = self.sse.usage;
+            m.tokens = m.usage.map_or(self.sse.tokens, |u| u.completion);
             if self.sse.error || !self.sse.done {
                 return Status::Truncated;
             }
         } else {
-            *tokens = usage_completion_tokens(&self.body).unwrap_or(0);
+            m.usage = usage(&self.body);
+            m.tokens = m.usage.map_or(0, |u| u.completion);
         }
         Status::Http(code)
     }

@@ -16,6 +16,9 @@ pub struct ClassStats {
     pub count: u64,
     pub ok: u64,
     pub tokens: u64,
+    /// Prompt tokens and cached prompt tokens of the answers whose usage reported a cache count.
+    pub usage_prompt: u64,
+    pub usage_cached: u64,
     pub errors: BTreeMap<String, u64>,
     /// The start of the first answer body seen for each error status.
     pub error_samples: BTreeMap<String, String>,
@@ -31,6 +34,8 @@ impl ClassStats {
         self.count += o.count;
         self.ok += o.ok;
         self.tokens += o.tokens;
+        self.usage_prompt += o.usage_prompt;
+        self.usage_cached += o.usage_cached;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }
@@ -98,6 +103,12 @@ impl Stats {
         if o.status.ok() {
             c.ok += 1;
             c.tokens += o.tokens as u64;
+            if let Some(u) = o.usage {
+                if let Some(cached) = u.cached {
+                    c.usage_prompt += u.prompt as u64;
+                    c.usage_cached += cached as u64;
+                }
+            }
             c.e2e.record(o.e2e.as_nanos() as u64);
             if let Some(t) = o.ttft {
                 c.ttft.record(t.as_nanos() as u64);
@@ -163,6 +174,11 @@ fn rate(n: u64, secs: f64) -> f64 {
     }
 }
 
+/// Cached over prompt tokens, from the answers' own usage (None when no answer reported it).
+fn hit_rate(c: &ClassStats) -> Option<f64> {
+    (c.usage_prompt > 0).then(|| c.usage_cached as f64 / c.usage_prompt as f64)
+}
+
 fn class_json(c: &ClassStats, secs: f64) -> Value {
     json!({
         "share": c.share,
@@ -174,6 +190,9 @@ fn class_json(c: &ClassStats, secs: f64) -> Value {
         "ok_per_s": rate(c.ok, secs),
         "output_tokens": c.tokens,
         "output_tok_per_s": rate(c.tokens, secs),
+        "usage_prompt_tokens": c.usage_prompt,
+        "usage_cached_tokens": c.usage_cached,
+        "usage_cache_hit_rate": hit_rate(c),
         "ttft_ms": dist(&c.ttft),
         "itl_ms": dist(&c.itl),
         "e2e_ms": dist(&c.e2e),
@@ -225,6 +244,13 @@ fn text_class(out: &mut String, c: &ClassStats, secs: f64) {
         c.tokens,
         rate(c.tokens, secs)
     );
+    if let Some(h) = hit_rate(c) {
+        let _ = writeln!(
+            out,
+            "  prompt tokens {} of which cached {} (hit rate {h:.3}, from usage)",
+            c.usage_prompt, c.usage_cached
+        );
+    }
     let _ = writeln!(
         out,
         "  {:<6}{:>10}{:>10}{:>10}{:>10}{:>10}  (ms)",
