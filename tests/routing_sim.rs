@@ -14,7 +14,7 @@ use infergate::pool::EngineKind;
 use infergate::sim::{start_fleet, EngineParams, Fleet, FleetConfig, Profile};
 use support::*;
 
-const ROUTING: &str = "    routing:\n      scrape: { interval_ms: 20, timeout_ms: 100 }\n";
+const ROUTING: &str = "    routing:\n      scrape: { interval_ms: 20, timeout_ms: 250 }\n";
 
 fn fleet_config(replicas: usize, time_scale: f64) -> FleetConfig {
     FleetConfig {
