@@ -253,7 +253,19 @@ routes:
             r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3)
             watch.running = False
             watch.join()
-            results[name] = (r, watch.max_waiting)
+            gateway_side = None
+            if name == "infergate":
+                # The gateway's own view: time critical requests waited in its
+                # queue, and how many refusals (replica "-") took under 5 ms.
+                with urllib.request.urlopen(f"http://127.0.0.1:{bp + 101}/metrics", timeout=5) as m:
+                    for line in m.read().decode().splitlines():
+                        if line.startswith("infergate_admission_queue_wait_seconds") and "critical" in line:
+                            log(f"[infergate metrics] {line}")
+                        if (line.startswith("infergate_request_duration_seconds_bucket")
+                                and 'replica="-"' in line and 'le="0.005"' in line):
+                            gateway_side = float(line.rsplit(" ", 1)[1])
+                            log(f"[infergate metrics] {line}")
+            results[name] = (r, watch.max_waiting, gateway_side)
             procs.stop(proc)
             time.sleep(1)
     finally:
@@ -266,19 +278,26 @@ routes:
     print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
     hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
     print(hdr)
-    for name, (r, maxq) in results.items():
+    for name, (r, maxq, fast_refusals) in results.items():
         crit = p(r, "classes", "critical")
         shed = p(r, "classes", "sheddable")
         crit_p99 = p(crit, "ttft_ms", "p99")
         ratio = crit_p99 / unloaded if crit_p99 and unloaded else None
         crit_ok = 100.0 * crit["ok"] / crit["requests"] if crit and crit["requests"] else 0.0
         shed_rej = p(shed, "error_e2e_ms", "p99")
+        log(f"[{name}] critical TTFT ms {p(crit, 'ttft_ms')}; sheddable refusal ms {p(shed, 'error_e2e_ms')};"
+            f" schedule lag ms {r.get('schedule_lag_ms')}")
         goodput = r["ok_per_s"] / capacity
         statuses = {"ok": r["ok"], **r["errors"]}
         fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
               f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
-    print(json.dumps({k: {"report": v[0], "max_engine_waiting": v[1]} for k, v in results.items()}), file=open("/tmp/overload-results.json", "w"))
+        if fast_refusals is not None:
+            n429 = shed["errors"].get("429", 0) if shed else 0
+            print(f"{'':<14}gateway side: {fast_refusals:.0f} refusals answered within 5 ms"
+                  f" (the sheddable class got {n429} x 429; 503 deadline refusals take {args.deadline_ms} ms)")
+    with open("/tmp/overload-results.json", "w") as out:
+        json.dump({k: {"report": v[0], "max_engine_waiting": v[1]} for k, v in results.items()}, out)
 
 
 if __name__ == "__main__":

@@ -491,9 +491,14 @@ impl State {
     }
 
     /// Gives a turn to the best waiter: highest band, then least-served tenant,
-    /// then first come.
+    /// then first come. While a turn is out at some band, nobody at that band
+    /// or below gets one: the holder retries itself if capacity moved meanwhile
+    /// (the epoch), so a release during its attempt cannot go to a lower band.
     fn grant_next(&mut self) -> bool {
         for b in &mut self.bands {
+            if b.granted > 0 {
+                return false;
+            }
             while b.waiting > 0 {
                 let Some(t) = b
                     .tenants
