@@ -147,6 +147,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=2)
     ap.add_argument("--overload", type=float, default=3.0)
     ap.add_argument("--deadline-ms", type=int, default=2000)
+    ap.add_argument("--critical-reserve", type=float, default=0.125,
+                    help="infergate budget.critical_reserve (share of each replica kept for critical)")
     ap.add_argument("--peers-venv", default="/tmp/peers-venv")
     ap.add_argument("--base-port", type=int, default=18700)
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
@@ -187,7 +189,7 @@ routes:
   - model: {MODEL}
     pool: p
     admission:
-      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs} }}
+      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}, critical_reserve: {args.critical_reserve} }}
       queue: {{ timeout_ms: {args.deadline_ms}, max_requests: 4096 }}
 """
         cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
@@ -274,7 +276,8 @@ routes:
     print(f"fleet: {args.replicas} x sim tiny (max_num_seqs {args.max_num_seqs}, time scale {args.time_scale}),"
           f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
           f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
-          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms")
+          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms;"
+          f" infergate critical reserve {args.critical_reserve}")
     print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
     hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
     print(hdr)

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::config::BudgetConfig;
+use super::Priority;
 use crate::pool::{LoadGuard, Replica};
 
 /// Expected cost of one request in tokens.
@@ -85,12 +86,19 @@ impl Budget {
             .map(|&kv| (kv as f64 * self.cfg.kv_fraction) as u64)
     }
 
-    /// Whether `replica` can take a request costing `cost` tokens now. An idle
-    /// replica always can (a request larger than the budget must still run
-    /// somewhere; the engine decides whether it fits at all).
-    pub fn fits(&self, replica: &Replica, cost: u64) -> bool {
+    /// Whether `replica` can take a request of band `priority` costing `cost`
+    /// tokens now. Below critical, only the budget minus the critical reserve
+    /// counts. An idle replica always can (a request larger than the budget
+    /// must still run somewhere; the engine decides whether it fits at all).
+    pub fn fits(&self, replica: &Replica, cost: u64, priority: Priority) -> bool {
+        let share = if priority == Priority::Critical {
+            1.0
+        } else {
+            1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
+        };
         let load = &replica.load;
         if let Some(max) = self.cfg.max_requests_per_replica {
+            let max = ((max as f64 * share).floor() as u64).max(1);
             if load.requests() >= max {
                 return false;
             }
@@ -99,7 +107,7 @@ impl Budget {
             None => true,
             Some(cap) => {
                 let used = load.tokens();
-                used == 0 || used.saturating_add(cost) <= cap
+                used == 0 || used.saturating_add(cost) as f64 <= cap as f64 * share
             }
         }
     }
@@ -208,6 +216,8 @@ mod tests {
     use crate::discovery::Endpoint;
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    const S: Priority = Priority::Standard;
+
     fn replica() -> Arc<Replica> {
         Arc::new(Replica::new(
             Endpoint::from_url("http://127.0.0.1:9").unwrap(),
@@ -232,13 +242,35 @@ mod tests {
         });
         let r = replica();
         // Idle replica takes even an oversized request.
-        assert!(b.fits(&r, 1000));
+        assert!(b.fits(&r, 1000, S));
         let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
         assert_eq!(r.load.tokens(), 60);
-        assert!(b.fits(&r, 40));
-        assert!(!b.fits(&r, 41));
+        assert!(b.fits(&r, 40, S));
+        assert!(!b.fits(&r, 41, S));
         let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
-        assert!(!b.fits(&r, 1), "request cap reached");
+        assert!(!b.fits(&r, 1, S), "request cap reached");
+    }
+
+    #[test]
+    fn critical_reserve_is_kept_for_critical() {
+        let b = Budget::new(BudgetConfig {
+            tokens_per_replica: Some(100),
+            max_requests_per_replica: Some(4),
+            critical_reserve: 0.25,
+            ..Default::default()
+        });
+        let r = replica();
+        let _a = Budget::reserve(&r, Cost::estimate(70, Some(0), 0), None);
+        assert!(b.fits(&r, 5, S), "75 of 100 tokens for standard");
+        assert!(!b.fits(&r, 6, S));
+        assert!(b.fits(&r, 30, Priority::Critical));
+        let _b = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        let _c = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        assert!(
+            !b.fits(&r, 1, Priority::Sheddable),
+            "3 of 4 requests for others"
+        );
+        assert!(b.fits(&r, 1, Priority::Critical));
     }
 
     #[test]
@@ -250,10 +282,10 @@ mod tests {
         let r = replica();
         assert_eq!(b.capacity(&r), None);
         let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
-        assert!(b.fits(&r, 1_000_000), "unlimited when nothing is known");
+        assert!(b.fits(&r, 1_000_000, S), "unlimited when nothing is known");
         b.set_kv_tokens(&r.endpoint.key, 4000);
         assert_eq!(b.capacity(&r), Some(2000));
-        assert!(!b.fits(&r, 1));
+        assert!(!b.fits(&r, 1, S));
     }
 
     #[test]

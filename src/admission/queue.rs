@@ -157,6 +157,7 @@ impl PoolAdmission {
         picker: &dyn Picker,
         req: &RouteRequest<'_>,
         cost: Cost,
+        priority: Priority,
         exclude: &[Arc<str>],
     ) -> Placement {
         let members = pool.replicas();
@@ -169,7 +170,7 @@ impl PoolAdmission {
                 !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
             })
             .inspect(|_| any_ready = true)
-            .filter(|r| self.budget.fits(r, cost.total()))
+            .filter(|r| self.budget.fits(r, cost.total(), priority))
             .cloned()
             .collect();
         if !any_ready {
@@ -198,7 +199,7 @@ impl PoolAdmission {
             let st = self.shared.lock();
             (st.ahead_of(band), st.epoch)
         };
-        let first = self.try_place_unless(blocked, pool, picker, req, ticket.cost, exclude);
+        let first = self.try_place_unless(blocked, pool, picker, req, ticket, exclude);
         match first {
             Placement::Placed(r) => return Ok(r),
             Placement::NoReplica => return Err(self.refuse(AdmitError::NoReadyReplica)),
@@ -242,7 +243,7 @@ impl PoolAdmission {
                 Ok(Ok(())) => {
                     waiter.phase = Phase::Granted;
                     epoch = self.shared.lock().epoch;
-                    match self.try_place(pool, picker, req, ticket.cost, exclude) {
+                    match self.try_place(pool, picker, req, ticket.cost, band, exclude) {
                         Placement::Placed(r) => {
                             waiter.placed();
                             metrics::histogram!("infergate_admission_queue_wait_seconds", "pool" => self.name.to_string(), "priority" => band.as_str())
@@ -274,11 +275,12 @@ impl PoolAdmission {
         pool: &Pool,
         picker: &dyn Picker,
         req: &RouteRequest<'_>,
-        cost: Cost,
+        ticket: &Ticket,
         exclude: &[Arc<str>],
     ) -> Placement {
         if !blocked {
-            return self.try_place(pool, picker, req, cost, exclude);
+            let band = ticket.class.priority;
+            return self.try_place(pool, picker, req, ticket.cost, band, exclude);
         }
         // Others of this band or higher wait: do not overtake them, but still
         // tell "no replica at all" apart from "full".
