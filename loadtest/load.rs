@@ -16,6 +16,8 @@ mod hist;
 mod report;
 #[path = "load/run.rs"]
 mod run;
+#[path = "load/scrape.rs"]
+mod scrape;
 #[path = "load/sse.rs"]
 mod sse;
 #[path = "load/workload.rs"]
@@ -113,6 +115,11 @@ struct Args {
     /// so runs do not hit each other's prefix caches.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A replica's Prometheus URL (e.g. http://127.0.0.1:8001/metrics), read before and after
+    /// the run; the report gets the growth of its `*_total` counters and the prefix-cache hit
+    /// rate (repeatable, or comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    scrape: Vec<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -217,6 +224,8 @@ async fn run(args: Args) -> Result<bool, String> {
         }
         _ => return Err("--concurrency and --rate must be > 0".into()),
     };
+    let scraper = scrape::Scraper::new(&args.scrape).await?;
+    let before = scraper.read().await;
     let plan = Arc::new(run::Plan {
         target,
         workload,
@@ -231,6 +240,11 @@ async fn run(args: Args) -> Result<bool, String> {
         Mode::Closed(c) => plan.closed(c).await,
         Mode::Open(r) => plan.open(r, args.max_in_flight.max(1), args.seed).await,
     };
+    let replicas = if scraper.is_empty() {
+        None
+    } else {
+        Some(scraper.report(&before, &scraper.read().await))
+    };
     let mut desc = desc;
     desc["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
     desc["url"] = json!(args.url);
@@ -243,10 +257,17 @@ async fn run(args: Args) -> Result<bool, String> {
     desc["seed"] = json!(args.seed);
     let stats = &finished.stats;
     if args.json {
-        println!("{}", report::to_json(stats, desc, finished.unfinished));
+        let mut v = report::to_json(stats, desc, finished.unfinished);
+        if let Some(r) = replicas {
+            v["replicas"] = r;
+        }
+        println!("{v}");
     } else {
-        let header = format!("infergate-load {}", desc);
+        let header = format!("infergate-load {desc}");
         print!("{}", report::to_text(stats, &header, finished.unfinished));
+        if let Some(r) = replicas {
+            println!("replicas (counter growth during the run): {r}");
+        }
     }
     Ok(stats.classes.iter().any(|c| c.ok > 0))
 }

@@ -15,7 +15,6 @@ use infergate::kube::endpoints::WatchOptions;
 use infergate::kube::events::EventPublisher;
 use infergate::reload::Rejected;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 const NS: &str = "llm";
 const SEC: Duration = Duration::from_secs(1);
@@ -149,20 +148,7 @@ async fn events_forbidden_by_rbac_do_not_break_reloads() {
 }
 
 fn service(name: &str, annotations: &[(&str, &str)]) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(NS.into()),
-            annotations: Some(
-                annotations
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
-            ..ObjectMeta::default()
-        },
-        ..Service::default()
-    }
+    fake_apiserver::annotated_service(NS, name, annotations)
 }
 
 #[tokio::test]
@@ -266,18 +252,7 @@ async fn connects_with_an_explicit_kubeconfig_and_its_namespace() {
     let api = FakeApiServer::start().await;
     api.upsert(&configmap("version: v1\n"));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             users:\n- name: me\n  user:\n    token: not-a-secret\n\
-             contexts:\n- name: test\n  context:\n    cluster: fake\n    user: me\n    namespace: {NS}\n",
-            api.url()
-        ),
-    )
-    .unwrap();
+    let path = api.write_kubeconfig(dir.path(), NS);
     let cluster = connect(&KubeOptions {
         kubeconfig: Some(path.clone()),
         ..KubeOptions::default()

@@ -98,17 +98,21 @@ fn members(pool: &Pool) -> Vec<String> {
 }
 
 /// Waits (at most `within`) until the pool holds exactly `want`.
+/// Waits (at most `within`) until the pool holds exactly `want`; prints how
+/// long it took (the change-to-routing latency, polled every 1 ms).
 async fn expect_members(pool: &Pool, want: &[&str], within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
+    let started = tokio::time::Instant::now();
+    let deadline = started + within;
     loop {
         let got = members(pool);
         if got == want {
+            eprintln!("reflected {want:?} after {:?}", started.elapsed());
             return;
         }
         if tokio::time::Instant::now() >= deadline {
             panic!("pool members {got:?}, wanted {want:?} within {within:?}");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -180,3 +180,53 @@ fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
         9090
     );
 }
+
+/// Every `infergate_*` metric the alerts and the dashboard query is one the
+/// code exports (histogram suffixes aside), so they cannot drift apart.
+#[test]
+fn alerts_and_dashboard_query_metrics_the_code_exports() {
+    let mut sources = String::new();
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    let mut checked = 0;
+    for file in [
+        "components/monitoring/prometheusrule.yaml",
+        "components/monitoring/infergate-dashboard.json",
+    ] {
+        let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while let Some(pos) = text[i..].find("infergate_") {
+            let start = i + pos;
+            let end = start
+                + text[start..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(text.len() - start);
+            i = end;
+            // Skip recording-rule names (`route:infergate_...:rate5m`).
+            if start > 0 && bytes[start - 1] == b':' {
+                continue;
+            }
+            let name = &text[start..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            assert!(
+                sources.contains(&format!("\"{base}\"")),
+                "{file} queries {name}, which no code exports"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} metric references found");
+}

@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::sse::{usage_completion_tokens, SseScanner};
+use super::sse::{usage, SseScanner, Usage};
 
 /// Where requests go: a loopback socket address and the URIs to put on requests.
 #[derive(Clone, Debug)]
@@ -138,6 +138,39 @@ impl Conn {
     }
 }
 
+/// `GET` of the target's URL on a fresh connection: the whole body, within `timeout`.
+pub async fn get(t: &Target, timeout: Duration) -> Result<Bytes, String> {
+    let fetch = async {
+        let mut conn = connect(t).await.map_err(|e| e.to_string())?;
+        let mut req = Request::get(t.uri.clone());
+        if let Some(h) = req.headers_mut() {
+            if !t.http2 {
+                h.insert(HOST, t.authority.clone());
+            }
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        conn.ready().await.map_err(|e| e.to_string())?;
+        let resp = conn
+            .try_send(req)
+            .await
+            .map_err(|e| e.into_error().to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("status {}", resp.status()));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| "timeout".to_string())?
+}
+
 /// How a request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -174,13 +207,46 @@ pub struct Outcome {
     pub ttft: Option<Duration>,
     pub e2e: Duration,
     pub tokens: u32,
+    /// What the answer's `usage` said (prompt and cached prompt tokens), when present.
+    pub usage: Option<Usage>,
+    /// Sent a second time on a fresh connection (see [`Slot::exchange`]).
+    pub retried: bool,
     pub end: Instant,
+}
+
+/// A POST of `body` to the target with the run's and the class's headers.
+fn request(
+    t: &Target,
+    body: Bytes,
+    class_headers: &[(HeaderName, HeaderValue)],
+) -> Option<Request<Full<Bytes>>> {
+    let mut req = Request::post(t.uri.clone());
+    let h = req.headers_mut()?;
+    if !t.http2 {
+        h.insert(HOST, t.authority.clone());
+    }
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (k, v) in t.headers.iter().chain(class_headers) {
+        h.append(k.clone(), v.clone());
+    }
+    req.body(Full::new(body)).ok()
+}
+
+/// What [`Slot::exchange`] measured so far (kept when a timeout cuts it short).
+#[derive(Default)]
+struct Measured {
+    retried: bool,
+    ttft: Option<Duration>,
+    tokens: u32,
+    usage: Option<Usage>,
 }
 
 /// A connection plus the buffers its requests reuse.
 #[derive(Default)]
 pub struct Slot {
     conn: Option<Conn>,
+    /// Whether `conn` already carried a whole exchange (keep-alive reuse).
+    conn_used: bool,
     sse: SseScanner,
     body: Vec<u8>,
     /// Inter-token gaps of the last request, in nanoseconds.
@@ -195,6 +261,7 @@ impl Slot {
     pub async fn preconnect(&mut self, t: &Target) {
         if self.conn.is_none() {
             self.conn = connect(t).await.ok();
+            self.conn_used = false;
         }
     }
 
@@ -211,42 +278,38 @@ impl Slot {
         self.error_body.clear();
         self.sse.reset();
         let start = Instant::now();
-        let mut ttft = None;
-        let mut tokens = 0;
-        let status = match tokio::time::timeout(
+        let mut m = Measured::default();
+        let status = tokio::time::timeout(
             timeout,
-            self.exchange(
-                t,
-                body,
-                class_headers,
-                stream,
-                start,
-                &mut ttft,
-                &mut tokens,
-            ),
+            self.exchange(t, body, class_headers, stream, start, &mut m),
         )
         .await
-        {
-            Ok(s) => s,
-            Err(_) => Status::Timeout,
-        };
-        if !status.ok() {
-            // The connection may hold half a response: never reuse it.
-            if !matches!(status, Status::Http(_)) {
-                self.conn = None;
-            }
+        .unwrap_or(Status::Timeout);
+        // After a transport failure or timeout the connection may hold half a response:
+        // never reuse it.
+        if !matches!(status, Status::Http(_)) {
+            self.conn = None;
         }
         let end = Instant::now();
         Outcome {
             status,
-            ttft,
+            ttft: m.ttft,
             e2e: end - start,
-            tokens,
+            tokens: m.tokens,
+            usage: m.usage,
+            retried: m.retried,
             end,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Keeps a transport error's text as the request's error body (shown in the report).
+    fn note(&mut self, e: &dyn std::fmt::Display) {
+        use std::io::Write;
+        self.error_body.clear();
+        let _ = write!(self.error_body, "{e}");
+        self.error_body.truncate(ERROR_BODY_KEEP);
+    }
+
     async fn exchange(
         &mut self,
         t: &Target,
@@ -254,32 +317,23 @@ impl Slot {
         class_headers: &[(HeaderName, HeaderValue)],
         stream: bool,
         start: Instant,
-        ttft: &mut Option<Duration>,
-        tokens: &mut u32,
+        m: &mut Measured,
     ) -> Status {
-        let mut req = Request::post(t.uri.clone());
-        if let Some(h) = req.headers_mut() {
-            if !t.http2 {
-                h.insert(HOST, t.authority.clone());
-            }
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            for (k, v) in t.headers.iter().chain(class_headers) {
-                h.append(k.clone(), v.clone());
-            }
-        }
-        let Ok(mut req) = req.body(Full::new(body)) else {
-            return Status::Io;
-        };
-        // A kept-alive connection the server has just closed fails before anything is sent:
-        // then (only then) the request goes once more on a fresh connection.
+        // Two attempts, and the second only when the first provably did not reach the server's
+        // application: the request was never written (a kept-alive connection found closed),
+        // or a REUSED connection was closed before a single response byte (the keep-alive
+        // race; llama-server closes some connections right after a streamed answer, without
+        // processing what came next). Each such retry is counted in the report.
         let mut attempts = 2;
         let resp = loop {
             attempts -= 1;
             if self.conn.as_ref().is_none_or(Conn::is_closed) {
+                self.conn_used = false;
                 match connect(t).await {
                     Ok(c) => self.conn = Some(c),
-                    Err(_) => {
+                    Err(e) => {
                         self.conn = None;
+                        self.note(&e);
                         return Status::Connect;
                     }
                 }
@@ -287,21 +341,32 @@ impl Slot {
             let Some(conn) = self.conn.as_mut() else {
                 return Status::Connect;
             };
-            if conn.ready().await.is_err() {
+            if let Err(e) = conn.ready().await {
                 self.conn = None;
                 if attempts > 0 {
                     continue;
                 }
+                self.note(&e);
                 return Status::Io;
             }
+            let Some(req) = request(t, body.clone(), class_headers) else {
+                return Status::Io;
+            };
             match conn.try_send(req).await {
-                Ok(r) => break r,
+                Ok(r) => {
+                    self.conn_used = true;
+                    break r;
+                }
                 Err(mut e) => {
                     self.conn = None;
-                    match e.take_message() {
-                        Some(unsent) if attempts > 0 => req = unsent,
-                        _ => return Status::Io,
+                    let unsent = e.take_message().is_some();
+                    let raced = self.conn_used && e.error().is_incomplete_message();
+                    if attempts > 0 && (unsent || raced) {
+                        m.retried = true;
+                        continue;
                     }
+                    self.note(e.error());
+                    return Status::Io;
                 }
             }
         };
@@ -311,8 +376,12 @@ impl Slot {
         let mut last = start;
         self.body.clear();
         while let Some(frame) = incoming.frame().await {
-            let Ok(frame) = frame else {
-                return Status::Io;
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    self.note(&format!("reading the body: {e}"));
+                    return Status::Io;
+                }
             };
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -326,8 +395,8 @@ impl Slot {
                 let now = Instant::now();
                 let n = self.sse.feed(&data);
                 if n > 0 {
-                    match ttft {
-                        None => *ttft = Some(now - start),
+                    match m.ttft {
+                        None => m.ttft = Some(now - start),
                         Some(_) => self.itls.push((now - last).as_nanos() as u64),
                     }
                     // Events that arrived in the same frame are 0 apart, as the client saw them.
@@ -342,12 +411,14 @@ impl Slot {
             return Status::Http(code);
         }
         if stream {
-            *tokens = self.sse.usage_tokens.unwrap_or(self.sse.tokens);
+            m.usage = self.sse.usage;
+            m.tokens = m.usage.map_or(self.sse.tokens, |u| u.completion);
             if self.sse.error || !self.sse.done {
                 return Status::Truncated;
             }
         } else {
-            *tokens = usage_completion_tokens(&self.body).unwrap_or(0);
+            m.usage = usage(&self.body);
+            m.tokens = m.usage.map_or(0, |u| u.completion);
         }
         Status::Http(code)
     }

@@ -16,6 +16,9 @@ pub struct ClassStats {
     pub count: u64,
     pub ok: u64,
     pub tokens: u64,
+    /// Prompt tokens and cached prompt tokens of the answers whose usage reported a cache count.
+    pub usage_prompt: u64,
+    pub usage_cached: u64,
     pub errors: BTreeMap<String, u64>,
     /// The start of the first answer body seen for each error status.
     pub error_samples: BTreeMap<String, String>,
@@ -31,6 +34,8 @@ impl ClassStats {
         self.count += o.count;
         self.ok += o.ok;
         self.tokens += o.tokens;
+        self.usage_prompt += o.usage_prompt;
+        self.usage_cached += o.usage_cached;
         for (k, v) in &o.errors {
             *self.errors.entry(k.clone()).or_default() += v;
         }
@@ -54,6 +59,8 @@ pub struct Stats {
     pub lag: Histogram,
     /// Open loop: arrivals never sent because `--max-in-flight` was still full at the end.
     pub not_sent: u64,
+    /// Requests re-sent on a fresh connection after a kept-alive one failed before answering.
+    pub retries: u64,
     /// Requests finished, warm-up included.
     pub seen: u64,
     pub measure_from: Option<Instant>,
@@ -68,6 +75,7 @@ impl Stats {
             classes,
             lag: Histogram::default(),
             not_sent: 0,
+            retries: 0,
             seen: 0,
             measure_from,
             first_start: None,
@@ -84,6 +92,7 @@ impl Stats {
         lag: Option<Duration>,
     ) {
         self.seen += 1;
+        self.retries += u64::from(o.retried);
         let start = o.end - o.e2e;
         if self.measure_from.is_some_and(|m| start < m) {
             return;
@@ -98,6 +107,12 @@ impl Stats {
         if o.status.ok() {
             c.ok += 1;
             c.tokens += o.tokens as u64;
+            if let Some(u) = o.usage {
+                if let Some(cached) = u.cached {
+                    c.usage_prompt += u.prompt as u64;
+                    c.usage_cached += cached as u64;
+                }
+            }
             c.e2e.record(o.e2e.as_nanos() as u64);
             if let Some(t) = o.ttft {
                 c.ttft.record(t.as_nanos() as u64);
@@ -163,6 +178,11 @@ fn rate(n: u64, secs: f64) -> f64 {
     }
 }
 
+/// Cached over prompt tokens, from the answers' own usage (None when no answer reported it).
+fn hit_rate(c: &ClassStats) -> Option<f64> {
+    (c.usage_prompt > 0).then(|| c.usage_cached as f64 / c.usage_prompt as f64)
+}
+
 fn class_json(c: &ClassStats, secs: f64) -> Value {
     json!({
         "share": c.share,
@@ -174,6 +194,9 @@ fn class_json(c: &ClassStats, secs: f64) -> Value {
         "ok_per_s": rate(c.ok, secs),
         "output_tokens": c.tokens,
         "output_tok_per_s": rate(c.tokens, secs),
+        "usage_prompt_tokens": c.usage_prompt,
+        "usage_cached_tokens": c.usage_cached,
+        "usage_cache_hit_rate": hit_rate(c),
         "ttft_ms": dist(&c.ttft),
         "itl_ms": dist(&c.itl),
         "e2e_ms": dist(&c.e2e),
@@ -189,6 +212,7 @@ pub fn to_json(s: &Stats, run: Value, unfinished: u64) -> Value {
     v["elapsed_s"] = json!(secs);
     v["unfinished"] = json!(unfinished);
     v["not_sent"] = json!(s.not_sent);
+    v["keepalive_retries"] = json!(s.retries);
     v["schedule_lag_ms"] = dist(&s.lag);
     v["classes"] = s
         .classes
@@ -225,6 +249,13 @@ fn text_class(out: &mut String, c: &ClassStats, secs: f64) {
         c.tokens,
         rate(c.tokens, secs)
     );
+    if let Some(h) = hit_rate(c) {
+        let _ = writeln!(
+            out,
+            "  prompt tokens {} of which cached {} (hit rate {h:.3}, from usage)",
+            c.usage_prompt, c.usage_cached
+        );
+    }
     let _ = writeln!(
         out,
         "  {:<6}{:>10}{:>10}{:>10}{:>10}{:>10}  (ms)",
@@ -260,6 +291,13 @@ pub fn to_text(s: &Stats, header: &str, unfinished: u64) -> String {
             fmt_ms(s.lag.quantile(0.5)),
             fmt_ms(s.lag.quantile(0.99)),
             fmt_ms(s.lag.max())
+        );
+    }
+    if s.retries > 0 {
+        let _ = writeln!(
+            out,
+            "  keep-alive retries {} (re-sent on a fresh connection: the reused one closed before answering)",
+            s.retries
         );
     }
     if s.not_sent > 0 || unfinished > 0 {

@@ -16,8 +16,8 @@ pub struct SseScanner {
     partial: Vec<u8>,
     /// Token events seen.
     pub tokens: u32,
-    /// `usage.completion_tokens` of a usage chunk, when one came.
-    pub usage_tokens: Option<u32>,
+    /// The usage chunk, when one came.
+    pub usage: Option<Usage>,
     /// `data: [DONE]` seen.
     pub done: bool,
     /// An error event (`event: error` or a `data: {"error": ...}` payload) or an oversized line.
@@ -28,7 +28,7 @@ impl SseScanner {
     pub fn reset(&mut self) {
         self.partial.clear();
         self.tokens = 0;
-        self.usage_tokens = None;
+        self.usage = None;
         self.done = false;
         self.error = false;
     }
@@ -78,8 +78,8 @@ impl SseScanner {
             self.error = true;
             return;
         }
-        if let Some(n) = usage_completion_tokens(payload) {
-            self.usage_tokens = Some(n);
+        if let Some(u) = usage(payload) {
+            self.usage = Some(u);
         }
         if has_text(payload, b"\"content\":") || has_text(payload, b"\"text\":") {
             self.tokens += 1;
@@ -108,16 +108,35 @@ fn has_text(mut json: &[u8], key: &[u8]) -> bool {
     false
 }
 
-/// `usage.completion_tokens` of a JSON body or chunk, when `usage` is an object.
-pub fn usage_completion_tokens(json: &[u8]) -> Option<u32> {
+/// Token counts of a `usage` object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub completion: u32,
+    pub prompt: u32,
+    /// `prompt_tokens_details.cached_tokens` (vLLM, the simulator) or llama.cpp's
+    /// `timings.cache_n`, when the engine reports it.
+    pub cached: Option<u32>,
+}
+
+/// The `usage` of a JSON body or chunk, when `usage` is an object with `completion_tokens`.
+pub fn usage(json: &[u8]) -> Option<Usage> {
     let at = find(json, b"\"usage\":")?;
-    let usage = trim_start(&json[at + 8..]);
-    if !usage.starts_with(b"{") {
+    let obj = trim_start(&json[at + 8..]);
+    if !obj.starts_with(b"{") {
         return None;
     }
-    let key = b"\"completion_tokens\":";
-    let at = find(usage, key)?;
-    let digits = trim_start(&usage[at + key.len()..]);
+    Some(Usage {
+        completion: number_after(obj, b"\"completion_tokens\":")?,
+        prompt: number_after(obj, b"\"prompt_tokens\":").unwrap_or(0),
+        cached: number_after(obj, b"\"cached_tokens\":")
+            .or_else(|| number_after(json, b"\"cache_n\":")),
+    })
+}
+
+/// The unsigned integer following the first `key` in `json`.
+fn number_after(json: &[u8], key: &[u8]) -> Option<u32> {
+    let at = find(json, key)?;
+    let digits = trim_start(&json[at + key.len()..]);
     let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
 }
@@ -140,7 +159,7 @@ mod tests {
             let mut s = SseScanner::default();
             let n = s.feed(&stream[..split]) + s.feed(&stream[split..]);
             assert_eq!(n, 2, "split at {split}");
-            assert_eq!(s.usage_tokens, Some(2));
+            assert_eq!(s.usage.map(|u| (u.completion, u.prompt)), Some((2, 5)));
             assert!(s.done && !s.error);
         }
     }
@@ -156,7 +175,7 @@ mod tests {
             s.feed(b"data: {\"choices\": [{\"text\": \"\"}], \"usage\": null}\n\n"),
             0
         );
-        assert_eq!(s.usage_tokens, None);
+        assert_eq!(s.usage, None);
     }
 
     #[test]
@@ -172,7 +191,16 @@ mod tests {
     #[test]
     fn usage_of_a_non_streaming_body() {
         let body = br#"{"id":"x","choices":[{"text":"\"usage\": {\"completion_tokens\": 9}"}],"usage":{"prompt_tokens":3,"completion_tokens":16}}"#;
-        assert_eq!(usage_completion_tokens(body), Some(16));
-        assert_eq!(usage_completion_tokens(b"{\"usage\":null}"), None);
+        let want = Usage {
+            completion: 16,
+            prompt: 3,
+            cached: None,
+        };
+        assert_eq!(usage(body), Some(want));
+        assert_eq!(usage(b"{\"usage\":null}"), None);
+        let vllm = br#"{"usage":{"prompt_tokens":300,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":256}}}"#;
+        assert_eq!(usage(vllm).and_then(|u| u.cached), Some(256));
+        let llama = br#"{"choices":[],"usage":{"completion_tokens":2,"prompt_tokens":30},"timings":{"cache_n":24}}"#;
+        assert_eq!(usage(llama).and_then(|u| u.cached), Some(24));
     }
 }

@@ -7,7 +7,8 @@
 //! Updates pass through in order: removals are immediate (no new requests for
 //! a terminating endpoint), a relist (`Reset`) keeps every endpoint already
 //! admitted without probing it again, and probes of endpoints that went away
-//! are cancelled.
+//! are cancelled. The first listing waits for its endpoints' first probes (at
+//! most one probe timeout), so a pool starts populated.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -184,6 +185,13 @@ impl Gate {
         }
     }
 
+    /// Everything admitted, as one `Reset`.
+    fn snapshot(&self) -> Update {
+        let mut eps: Vec<Endpoint> = self.admitted.values().cloned().collect();
+        eps.sort_by(|a, b| a.key.cmp(&b.key));
+        Update::Reset(eps)
+    }
+
     fn on_probe_ok(&mut self, ep: Endpoint) -> Option<Update> {
         // Only if it is still wanted (not removed while the probe finished).
         match self.probing.get(&ep.key) {
@@ -223,14 +231,40 @@ pub async fn run_gated(
         probing: HashMap::new(),
         done,
     };
+    // The first listing is published once its endpoints' first probes are
+    // done (or one probe timeout passed), as one `Reset`: the pool then
+    // starts populated instead of filling one `Add` at a time, and whoever
+    // waits for the first update (startup) sees the replicas that serve.
+    let mut first_listing: Option<tokio::time::Instant> = None;
+    let mut listed = false;
     loop {
+        let initial_deadline = first_listing.unwrap_or_else(tokio::time::Instant::now);
         let out = tokio::select! {
             u = updates.next() => match u {
-                Some(u) => gate.on_update(u),
+                Some(u) => {
+                    let is_reset = matches!(u, Update::Reset(_));
+                    let out = gate.on_update(u);
+                    if is_reset && !listed {
+                        listed = true;
+                        first_listing = Some(tokio::time::Instant::now() + gate.opts.timeout);
+                    }
+                    out
+                }
                 None => return,
             },
             Some(ep) = probed.recv() => gate.on_probe_ok(ep),
+            _ = tokio::time::sleep_until(initial_deadline), if first_listing.is_some() => {
+                first_listing = None;
+                Some(gate.snapshot())
+            }
         };
+        if first_listing.is_some() {
+            if gate.probing.is_empty() {
+                first_listing = None;
+                apply(gate.snapshot());
+            }
+            continue;
+        }
         if let Some(u) = out {
             apply(u);
         }
@@ -279,6 +313,68 @@ mod tests {
             Some(Update::Remove(vec![ep(1).key]))
         );
         assert!(g.probing.is_empty() && g.admitted.is_empty());
+    }
+
+    /// A replica answering `GET /metrics` with 200.
+    async fn metrics_server() -> (std::net::SocketAddr, JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from("ok\n")),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn the_first_listing_waits_for_its_probes_and_then_resets_once() {
+        let (up, server) = metrics_server().await;
+        let up = Endpoint::from_url(&format!("http://{up}")).unwrap();
+        // Port 9 on loopback: nothing listens, the probe keeps failing.
+        let down = ep(9);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let updates =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|u| (u, rx)) });
+        let applied = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = applied.clone();
+        let opts = GateOptions {
+            timeout: Duration::from_millis(300),
+            interval: Duration::from_millis(20),
+            ..GateOptions::default()
+        };
+        let task = tokio::spawn(run_gated(updates, EngineKind::Vllm, opts, move |u| {
+            a.lock().unwrap().push(u)
+        }));
+        tx.send(Update::Reset(vec![up.clone(), down.clone()]))
+            .unwrap();
+        // The reachable one alone, in one Reset, once the probe timeout passed.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(
+            applied.lock().unwrap().is_empty(),
+            "waits for the first probes"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(*applied.lock().unwrap(), [Update::Reset(vec![up.clone()])]);
+        // Later changes flow as usual.
+        tx.send(Update::Remove(vec![up.key.clone()])).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            applied.lock().unwrap().last(),
+            Some(&Update::Remove(vec![up.key.clone()]))
+        );
+        task.abort();
+        server.abort();
     }
 
     #[test]

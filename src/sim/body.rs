@@ -167,16 +167,15 @@ impl Body for SseBody {
                 limit = stall.after_tokens;
             }
         }
-        let shared = this.guard.shared.clone();
         let mut wrote = false;
         for _ in 0..2 {
-            let (status, generated) = shared.progress();
+            let (status, generated) = this.guard.shared.progress();
             wrote |= this.fill(status, generated, limit);
             if wrote || this.done {
                 break;
             }
             // Register, then look again so a token landing in between is not missed.
-            shared.waker.register(cx.waker());
+            this.guard.shared.waker.register(cx.waker());
         }
         if wrote {
             let frame = this.buf.split().freeze();

@@ -172,6 +172,21 @@ impl FakeApiServer {
         kube::Client::try_from(config).expect("kube client for fake apiserver")
     }
 
+    /// Writes a kubeconfig pointing at this server (context `test`, with
+    /// `namespace`) into `dir`; returns its path.
+    pub fn write_kubeconfig(&self, dir: &std::path::Path, namespace: &str) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: me\n  user:\n    token: not-a-secret\n\
+             contexts:\n- name: test\n  context:\n    cluster: fake\n    user: me\n    namespace: {namespace}\n",
+            self.url()
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
     /// Creates or replaces a typed object (its namespace must be set).
     pub fn upsert<K>(&self, obj: &K) -> u64
     where
@@ -782,6 +797,28 @@ pub fn configmap(
             ..Default::default()
         },
         data: Some([(key.to_string(), text.to_string())].into_iter().collect()),
+        ..Default::default()
+    }
+}
+
+/// A Service with these annotations (no spec: enough for canary annotations).
+pub fn annotated_service(
+    namespace: &str,
+    name: &str,
+    annotations: &[(&str, &str)],
+) -> k8s_openapi::api::core::v1::Service {
+    k8s_openapi::api::core::v1::Service {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
