@@ -177,6 +177,7 @@ def main():
 
         # infergate: admission sized to the engine (batch size and KV cache).
         kv_tokens = 256 * 16  # the tiny profile's KV cache
+        reserve = f", critical_reserve: {args.critical_reserve}" if args.critical_reserve > 0 else ""
         cfg = f"""
 listeners:
   main: {{ address: "127.0.0.1:{bp + 100}" }}
@@ -189,7 +190,7 @@ routes:
   - model: {MODEL}
     pool: p
     admission:
-      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}, critical_reserve: {args.critical_reserve} }}
+      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}{reserve} }}
       queue: {{ timeout_ms: {args.deadline_ms}, max_requests: 4096 }}
 """
         cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)

@@ -7,10 +7,7 @@
 //! tokens, and tells the pool's queue when tokens come free (on every path,
 //! because release is a `Drop`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
-
-use arc_swap::ArcSwap;
 
 use super::config::BudgetConfig;
 use super::Priority;
@@ -48,42 +45,26 @@ pub trait CapacityListener: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct Budget {
     cfg: BudgetConfig,
-    /// KV cache size in tokens reported by each replica's engine (by key),
-    /// used when no fixed capacity is configured. Written rarely, read per pick.
-    kv_tokens: ArcSwap<HashMap<Arc<str>, u64>>,
 }
 
 impl Budget {
     pub fn new(cfg: BudgetConfig) -> Self {
-        Budget {
-            cfg,
-            kv_tokens: ArcSwap::from_pointee(HashMap::new()),
-        }
+        Budget { cfg }
     }
 
-    /// Records the KV cache size (in tokens: blocks × block size) a replica's
-    /// engine reports; the budget then derives that replica's capacity from it.
-    pub fn set_kv_tokens(&self, replica_key: &Arc<str>, tokens: u64) {
-        if self.kv_tokens.load().get(replica_key) == Some(&tokens) {
-            return;
-        }
-        self.kv_tokens.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.insert(replica_key.clone(), tokens);
-            m
-        });
-    }
-
-    /// Token capacity of a replica, or `None` when unlimited (nothing configured
-    /// and nothing reported).
+    /// Token capacity of a replica, or `None` when unlimited: the configured
+    /// capacity, else the KV cache size (blocks × block size) its engine
+    /// reports through the metrics scraper (`Replica::signals`) × `kv_fraction`.
     pub fn capacity(&self, replica: &Replica) -> Option<u64> {
         if let Some(c) = self.cfg.tokens_per_replica {
             return Some(c);
         }
-        self.kv_tokens
+        replica
+            .signals
             .load()
-            .get(replica.key())
-            .map(|&kv| (kv as f64 * self.cfg.kv_fraction) as u64)
+            .as_ref()
+            .and_then(|s| s.cache_tokens())
+            .map(|kv| (kv as f64 * self.cfg.kv_fraction) as u64)
     }
 
     /// Whether `replica` can take a request of band `priority` costing `cost`
@@ -294,7 +275,14 @@ mod tests {
         assert_eq!(b.capacity(&r), None);
         let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
         assert!(b.fits(&r, 1_000_000, S), "unlimited when nothing is known");
-        b.set_kv_tokens(&r.endpoint.key, 4000);
+        let body = "vllm:num_requests_running{engine=\"0\"} 0\nvllm:num_requests_waiting{engine=\"0\"} 0\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.1\nvllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"250\"} 1.0\n";
+        let signals = crate::routing::signals::parse(
+            crate::pool::EngineKind::Vllm,
+            body,
+            std::time::Instant::now(),
+        );
+        assert_eq!(signals.cache_tokens(), Some(4000));
+        r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
         assert!(!b.fits(&r, 1, S));
     }
