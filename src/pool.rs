@@ -15,10 +15,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde::{Deserialize, Serialize};
 
 use crate::discovery::{Endpoint, Update};
+use crate::routing::signals::Signals;
 
 /// The model server behind a pool, which decides metric names and API quirks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -70,6 +71,9 @@ impl ReplicaLoad {
 pub struct Replica {
     pub endpoint: Endpoint,
     pub load: ReplicaLoad,
+    /// The last scrape of the replica's `/metrics` (routing's scrape loop writes
+    /// it; `None` until the first scrape: unknown, treated as saturated).
+    pub signals: ArcSwapOption<Signals>,
 }
 
 impl Replica {
@@ -77,6 +81,7 @@ impl Replica {
         Replica {
             endpoint,
             load: ReplicaLoad::default(),
+            signals: ArcSwapOption::empty(),
         }
     }
 

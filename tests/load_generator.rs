@@ -311,3 +311,88 @@ async fn refuses_non_loopback_and_unbounded_runs() {
     assert_eq!(code, 2);
     assert!(err.contains("bounded"), "{err}");
 }
+
+/// A raw HTTP/1.1 server that answers one request per connection and then, like llama-server
+/// after some streamed answers, closes the kept-alive connection when the next request comes,
+/// without processing it. With `close_first`, it closes every connection unanswered.
+async fn one_shot_server(close_first: bool) -> (SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let processed = Arc::new(AtomicU64::new(0));
+    let p = processed.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = close_first;
+                loop {
+                    // Read one whole request: headers, then content-length bytes of body.
+                    let (head_end, len) = loop {
+                        let text = String::from_utf8_lossy(&buf).to_lowercase();
+                        if let Some(i) = text.find("\r\n\r\n") {
+                            let len = text[..i]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                            if buf.len() >= i + 4 + len {
+                                break (i + 4, len);
+                            }
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    buf.drain(..head_end + len);
+                    if answered {
+                        return; // closes without a byte of answer
+                    }
+                    answered = true;
+                    p.fetch_add(1, Ordering::Relaxed);
+                    let body = r#"{"choices":[{"text":"x"}],"usage":{"prompt_tokens":4,"completion_tokens":1}}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tcp.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, processed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_unanswered_is_retried_once_on_a_fresh_one() {
+    let (addr, processed) = one_shot_server(false).await;
+    let url = format!("http://{addr}");
+    let r = load_json(&["--url", &url, "-c", "1", "-n", "4", "--json"]).await;
+    assert_eq!(r["ok"], 4, "{r}");
+    assert_eq!(
+        processed.load(Ordering::Relaxed),
+        4,
+        "nothing processed twice"
+    );
+    assert_eq!(
+        r["keepalive_retries"], 3,
+        "every request after the first raced a close"
+    );
+
+    // A request whose first connection is closed unanswered may have been processed: no retry.
+    let (addr, processed) = one_shot_server(true).await;
+    let url = format!("http://{addr}");
+    let (code, out, _) = load(&["--url", &url, "-c", "1", "-n", "2", "--json"]).await;
+    assert_eq!(code, 1, "nothing succeeded");
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["errors"]["io_error"], 2, "{r}");
+    assert_eq!(r["keepalive_retries"], 0);
+    assert_eq!(processed.load(Ordering::Relaxed), 0);
+}

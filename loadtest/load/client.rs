@@ -209,12 +209,33 @@ pub struct Outcome {
     pub tokens: u32,
     /// What the answer's `usage` said (prompt and cached prompt tokens), when present.
     pub usage: Option<Usage>,
+    /// Sent a second time on a fresh connection (see [`Slot::exchange`]).
+    pub retried: bool,
     pub end: Instant,
+}
+
+/// A POST of `body` to the target with the run's and the class's headers.
+fn request(
+    t: &Target,
+    body: Bytes,
+    class_headers: &[(HeaderName, HeaderValue)],
+) -> Option<Request<Full<Bytes>>> {
+    let mut req = Request::post(t.uri.clone());
+    let h = req.headers_mut()?;
+    if !t.http2 {
+        h.insert(HOST, t.authority.clone());
+    }
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (k, v) in t.headers.iter().chain(class_headers) {
+        h.append(k.clone(), v.clone());
+    }
+    req.body(Full::new(body)).ok()
 }
 
 /// What [`Slot::exchange`] measured so far (kept when a timeout cuts it short).
 #[derive(Default)]
 struct Measured {
+    retried: bool,
     ttft: Option<Duration>,
     tokens: u32,
     usage: Option<Usage>,
@@ -224,6 +245,8 @@ struct Measured {
 #[derive(Default)]
 pub struct Slot {
     conn: Option<Conn>,
+    /// Whether `conn` already carried a whole exchange (keep-alive reuse).
+    conn_used: bool,
     sse: SseScanner,
     body: Vec<u8>,
     /// Inter-token gaps of the last request, in nanoseconds.
@@ -238,6 +261,7 @@ impl Slot {
     pub async fn preconnect(&mut self, t: &Target) {
         if self.conn.is_none() {
             self.conn = connect(t).await.ok();
+            self.conn_used = false;
         }
     }
 
@@ -273,8 +297,17 @@ impl Slot {
             e2e: end - start,
             tokens: m.tokens,
             usage: m.usage,
+            retried: m.retried,
             end,
         }
+    }
+
+    /// Keeps a transport error's text as the request's error body (shown in the report).
+    fn note(&mut self, e: &dyn std::fmt::Display) {
+        use std::io::Write;
+        self.error_body.clear();
+        let _ = write!(self.error_body, "{e}");
+        self.error_body.truncate(ERROR_BODY_KEEP);
     }
 
     async fn exchange(
@@ -286,29 +319,21 @@ impl Slot {
         start: Instant,
         m: &mut Measured,
     ) -> Status {
-        let mut req = Request::post(t.uri.clone());
-        if let Some(h) = req.headers_mut() {
-            if !t.http2 {
-                h.insert(HOST, t.authority.clone());
-            }
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            for (k, v) in t.headers.iter().chain(class_headers) {
-                h.append(k.clone(), v.clone());
-            }
-        }
-        let Ok(mut req) = req.body(Full::new(body)) else {
-            return Status::Io;
-        };
-        // A kept-alive connection the server has just closed fails before anything is sent:
-        // then (only then) the request goes once more on a fresh connection.
+        // Two attempts, and the second only when the first provably did not reach the server's
+        // application: the request was never written (a kept-alive connection found closed),
+        // or a REUSED connection was closed before a single response byte (the keep-alive
+        // race; llama-server closes some connections right after a streamed answer, without
+        // processing what came next). Each such retry is counted in the report.
         let mut attempts = 2;
         let resp = loop {
             attempts -= 1;
             if self.conn.as_ref().is_none_or(Conn::is_closed) {
+                self.conn_used = false;
                 match connect(t).await {
                     Ok(c) => self.conn = Some(c),
-                    Err(_) => {
+                    Err(e) => {
                         self.conn = None;
+                        self.note(&e);
                         return Status::Connect;
                     }
                 }
@@ -316,21 +341,32 @@ impl Slot {
             let Some(conn) = self.conn.as_mut() else {
                 return Status::Connect;
             };
-            if conn.ready().await.is_err() {
+            if let Err(e) = conn.ready().await {
                 self.conn = None;
                 if attempts > 0 {
                     continue;
                 }
+                self.note(&e);
                 return Status::Io;
             }
+            let Some(req) = request(t, body.clone(), class_headers) else {
+                return Status::Io;
+            };
             match conn.try_send(req).await {
-                Ok(r) => break r,
+                Ok(r) => {
+                    self.conn_used = true;
+                    break r;
+                }
                 Err(mut e) => {
                     self.conn = None;
-                    match e.take_message() {
-                        Some(unsent) if attempts > 0 => req = unsent,
-                        _ => return Status::Io,
+                    let unsent = e.take_message().is_some();
+                    let raced = self.conn_used && e.error().is_incomplete_message();
+                    if attempts > 0 && (unsent || raced) {
+                        m.retried = true;
+                        continue;
                     }
+                    self.note(e.error());
+                    return Status::Io;
                 }
             }
         };
@@ -340,8 +376,12 @@ impl Slot {
         let mut last = start;
         self.body.clear();
         while let Some(frame) = incoming.frame().await {
-            let Ok(frame) = frame else {
-                return Status::Io;
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    self.note(&format!("reading the body: {e}"));
+                    return Status::Io;
+                }
             };
             let Ok(data) = frame.into_data() else {
                 continue;

@@ -59,6 +59,8 @@ pub struct Stats {
     pub lag: Histogram,
     /// Open loop: arrivals never sent because `--max-in-flight` was still full at the end.
     pub not_sent: u64,
+    /// Requests re-sent on a fresh connection after a kept-alive one failed before answering.
+    pub retries: u64,
     /// Requests finished, warm-up included.
     pub seen: u64,
     pub measure_from: Option<Instant>,
@@ -73,6 +75,7 @@ impl Stats {
             classes,
             lag: Histogram::default(),
             not_sent: 0,
+            retries: 0,
             seen: 0,
             measure_from,
             first_start: None,
@@ -89,6 +92,7 @@ impl Stats {
         lag: Option<Duration>,
     ) {
         self.seen += 1;
+        self.retries += u64::from(o.retried);
         let start = o.end - o.e2e;
         if self.measure_from.is_some_and(|m| start < m) {
             return;
@@ -208,6 +212,7 @@ pub fn to_json(s: &Stats, run: Value, unfinished: u64) -> Value {
     v["elapsed_s"] = json!(secs);
     v["unfinished"] = json!(unfinished);
     v["not_sent"] = json!(s.not_sent);
+    v["keepalive_retries"] = json!(s.retries);
     v["schedule_lag_ms"] = dist(&s.lag);
     v["classes"] = s
         .classes
@@ -286,6 +291,13 @@ pub fn to_text(s: &Stats, header: &str, unfinished: u64) -> String {
             fmt_ms(s.lag.quantile(0.5)),
             fmt_ms(s.lag.quantile(0.99)),
             fmt_ms(s.lag.max())
+        );
+    }
+    if s.retries > 0 {
+        let _ = writeln!(
+            out,
+            "  keep-alive retries {} (re-sent on a fresh connection: the reused one closed before answering)",
+            s.retries
         );
     }
     if s.not_sent > 0 || unfinished > 0 {

@@ -103,6 +103,7 @@ impl Plan {
                 let mut copy = Stats::new(s.classes.clone(), s.measure_from);
                 copy.lag = s.lag.clone();
                 copy.not_sent = s.not_sent;
+                copy.retries = s.retries;
                 copy.seen = s.seen;
                 copy.first_start = s.first_start;
                 copy.last_end = s.last_end;

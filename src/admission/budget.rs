@@ -110,8 +110,19 @@ impl Budget {
         cost: Cost,
         listener: Option<Arc<dyn CapacityListener>>,
     ) -> Reservation {
+        Self::reserve_guard(replica.begin(cost.total(), cost.prompt), cost, listener)
+    }
+
+    /// Wraps a load guard the picker already started (with its estimate of the
+    /// uncached prefill, see `Picker::pick_and_begin`), sized to `cost`.
+    pub fn reserve_guard(
+        mut guard: LoadGuard,
+        cost: Cost,
+        listener: Option<Arc<dyn CapacityListener>>,
+    ) -> Reservation {
+        guard.set_tokens(cost.total());
         Reservation {
-            guard: Some(replica.begin(cost.total(), cost.prompt)),
+            guard: Some(guard),
             cost,
             generated: 0,
             final_usage: false,

@@ -175,8 +175,10 @@ impl PoolAdmission {
         if !any_ready {
             return Placement::NoReplica;
         }
-        match picker.pick(&eligible, req, exclude) {
-            Some(r) => Placement::Placed(Budget::reserve(&r, cost, Some(self.listener()))),
+        // pick_and_begin: the picker records its decision and accounts only the
+        // uncached part of the prompt as prefill.
+        match picker.pick_and_begin(&eligible, req, exclude) {
+            Some(g) => Placement::Placed(Budget::reserve_guard(g, cost, Some(self.listener()))),
             None => Placement::Full,
         }
     }

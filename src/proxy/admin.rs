@@ -1,6 +1,8 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (the process is up),
 //! `/readyz` (accepting traffic; off while draining) and `/routes` (a JSON view
-//! of routes, pools and each replica's load).
+//! of routes, pools and each replica's load), `/routing` (per route and pool:
+//! replica signals, last scores, prefix-index size) and
+//! `/routing/explain/{request_id}` (why that request went where it went).
 
 use std::sync::Arc;
 
@@ -44,8 +46,61 @@ pub fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<GatewayBody> {
             "application/json",
             serde_json::to_vec_pretty(&routes_view(gw)).unwrap_or_default(),
         ),
+        "/routing" => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec_pretty(&routing_view(gw)).unwrap_or_default(),
+        ),
+        p if p.starts_with("/routing/explain/") => {
+            match explain(gw, &p["/routing/explain/".len()..]) {
+                Some(v) => text(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                ),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "application/json",
+                    r#"{"error":"no routing decision remembered for this request id"}"#,
+                ),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
+}
+
+/// Every route's picker over its pool (and canary pool): signals per replica,
+/// own load, prefix-index size, the last decision's scores.
+pub fn routing_view(gw: &Gateway) -> serde_json::Value {
+    let table = gw.routes();
+    let sides = table.routes.iter().flat_map(|r| {
+        std::iter::once((r, "stable")).chain(r.canary_side.iter().map(|c| (c, "canary")))
+    });
+    let routes: Vec<_> = sides
+        .map(|(r, side)| {
+            json!({
+                "model": &*r.name,
+                "side": side,
+                "pool": &*r.pool.name,
+                "engine": r.pool.engine.as_str(),
+                "policy": r.config.routing.policy,
+                "view": r.picker.admin_view(&r.pool.replicas()),
+            })
+        })
+        .collect();
+    json!({ "routes": routes })
+}
+
+/// Why request `id` went where it went (searched in every route's picker).
+pub fn explain(gw: &Gateway, id: &str) -> Option<serde_json::Value> {
+    let table = gw.routes();
+    table.routes.iter().find_map(|r| {
+        let e = r
+            .picker
+            .explain(id)
+            .or_else(|| r.canary_side.as_ref().and_then(|c| c.picker.explain(id)))?;
+        Some(json!({"model": &*r.name, "pool": &*r.pool.name, "decision": e}))
+    })
 }
 
 /// Routes with their pools and the live load of each replica.

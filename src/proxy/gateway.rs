@@ -19,7 +19,8 @@ use crate::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use crate::config::{Config, ConfigError, PoolSource, RouteConfig};
 use crate::discovery::{Endpoint, Update};
 use crate::pool::Pool;
-use crate::routing::{build_picker, Picker, RoutingConfig};
+use crate::routing::scrape::Scrapers;
+use crate::routing::{build_picker, Picker, PolicyName, RoutingConfig};
 
 /// One model route, resolved against its pool.
 #[derive(Debug)]
@@ -75,6 +76,8 @@ struct ReloadState {
     pools: HashMap<String, Arc<Pool>>,
     pickers: HashMap<String, (RoutingConfig, Arc<dyn Picker>)>,
     clients: HashMap<Duration, UpstreamClient>,
+    /// Each pool's `/metrics` scrape loops (routing signals).
+    scrapers: Scrapers,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -189,6 +192,12 @@ impl Gateway {
             pools.insert(pc.name.clone(), pool);
         }
         let mut pickers = HashMap::new();
+        // Per pool: the scrape config (of its first inference-aware route) and
+        // the pickers that use replica signals.
+        let mut per_pool: HashMap<
+            String,
+            (crate::routing::config::ScrapeConfig, Vec<Arc<dyn Picker>>),
+        > = HashMap::new();
         let mut by_model = HashMap::new();
         self.admissions.begin_load();
         let mut routes = Vec::new();
@@ -201,6 +210,13 @@ impl Gateway {
                 _ => build_picker(&rc.routing),
             };
             pickers.insert(rc.model.clone(), (rc.routing.clone(), picker.clone()));
+            if rc.routing.policy == PolicyName::InferenceAware {
+                per_pool
+                    .entry(rc.pool.clone())
+                    .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
+                    .1
+                    .push(picker.clone());
+            }
             let client = state
                 .clients
                 .entry(rc.timeouts.connect)
@@ -224,6 +240,13 @@ impl Gateway {
                     _ => build_picker(&rc.routing),
                 };
                 pickers.insert(key, (rc.routing.clone(), picker.clone()));
+                if rc.routing.policy == PolicyName::InferenceAware {
+                    per_pool
+                        .entry(cc.pool.clone())
+                        .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
+                        .1
+                        .push(picker.clone());
+                }
                 Some(Arc::new(Route {
                     name: rc.model.as_str().into(),
                     admission: self.admissions.pool(&cpool, &rc.admission),
@@ -260,6 +283,11 @@ impl Gateway {
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);
+        let scraped = per_pool
+            .into_iter()
+            .filter_map(|(name, (cfg, p))| Some((pools.get(&name)?.clone(), cfg, p)))
+            .collect();
+        state.scrapers.sync(scraped);
         state.pools = pools;
         state.pickers = pickers;
         state

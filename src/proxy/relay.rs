@@ -31,7 +31,7 @@ use super::usage::UsageCounter;
 use crate::admission::Reservation;
 use crate::config::Timeouts;
 use crate::protocol::error::ApiError;
-use crate::telemetry::metrics::StreamMetrics;
+use crate::telemetry::metrics::PairMetrics;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -129,7 +129,7 @@ pub struct RelayBody {
     keepalive: Option<Pin<Box<Sleep>>>,
     last_frame: Option<Instant>,
     usage: UsageCounter,
-    stream_metrics: Option<StreamMetrics>,
+    stream_metrics: Option<std::sync::Arc<PairMetrics>>,
     guard: Option<Reservation>,
     record: RequestRecord,
     status: u16,
@@ -192,8 +192,10 @@ impl RelayBody {
     fn set_guard(&mut self, guard: Reservation) {
         self.record.replica = guard.replica().endpoint.key.clone();
         if self.sse {
-            self.stream_metrics =
-                Some(StreamMetrics::new(&self.record.route, &self.record.replica));
+            self.stream_metrics = Some(crate::telemetry::metrics::pair(
+                &self.record.route,
+                &self.record.replica,
+            ));
         }
         self.guard = Some(guard);
     }

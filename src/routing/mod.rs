@@ -3,15 +3,28 @@
 //! The data plane asks a [`Picker`] for a replica, passing what routing needs
 //! about the request ([`RouteRequest`]) and the replicas already tried (a retry
 //! never goes back to a replica that just failed). Pickers are chosen per pool
-//! from the config; the simple ones live in [`simple`].
+//! from the config: the inference-aware default ([`aware`]: replica signals from
+//! [`scrape`], the approximate [`prefix_index`], [`filters`] and [`scorers`]) or
+//! a simple one ([`simple`]).
+//!
+//! Use [`Picker::pick_and_begin`] on the request path: it picks and starts the
+//! replica's load accounting in one step, with the picker's estimate of the
+//! uncached prefill, so no path can route without counting load.
 
+pub mod aware;
+pub mod config;
+pub mod filters;
+pub mod prefix_index;
+pub mod scorers;
+pub mod scrape;
+pub mod signals;
 pub mod simple;
 
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+pub use config::{PolicyName, RoutingConfig};
 
-use crate::pool::Replica;
+use crate::pool::{LoadGuard, Replica};
 
 /// What routing knows about one request.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +41,13 @@ pub struct RouteRequest<'a> {
     pub lora: Option<&'a str>,
 }
 
+impl RouteRequest<'_> {
+    /// The estimated total cost of the request in tokens (prompt + expected output).
+    pub fn estimated_tokens(&self) -> u64 {
+        u64::from(self.prompt_tokens) + u64::from(self.max_tokens)
+    }
+}
+
 /// Picks one replica for a request.
 pub trait Picker: Send + Sync + std::fmt::Debug {
     /// Returns a replica from `replicas` that is not in `exclude` (compared by
@@ -38,32 +58,42 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
     ) -> Option<Arc<Replica>>;
-}
 
-/// Per-pool routing configuration (`routing:` in a route's YAML).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoutingConfig {
-    /// `least_request` (default until the inference-aware picker lands),
-    /// `round_robin`, `random`.
-    #[serde(default)]
-    pub policy: PolicyName,
-}
+    /// Picks and starts the replica's load accounting for this request. The
+    /// guard must live until the response ends; call `prefill_done` on it at the
+    /// first response byte. Pickers that know how much of the prompt is cached
+    /// override this to account only the uncached part as prefill.
+    fn pick_and_begin(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<LoadGuard> {
+        let r = self.pick(replicas, req, exclude)?;
+        Some(r.begin(req.estimated_tokens(), u64::from(req.prompt_tokens)))
+    }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PolicyName {
-    #[default]
-    LeastRequest,
-    RoundRobin,
-    Random,
+    /// The pool's membership changed: forget state about replicas not in `present`.
+    fn forget_absent(&self, _present: &[Arc<Replica>]) {}
+
+    /// The admin view of this picker over `replicas` (signals, load, last scores).
+    fn admin_view(&self, replicas: &[Arc<Replica>]) -> serde_json::Value {
+        aware::replicas_view(replicas, None)
+    }
+
+    /// Why request `request_id` went where it went, if still remembered.
+    fn explain(&self, _request_id: &str) -> Option<serde_json::Value> {
+        None
+    }
 }
 
 /// Builds the picker a routing config names.
 pub fn build_picker(cfg: &RoutingConfig) -> Arc<dyn Picker> {
     match cfg.policy {
+        PolicyName::InferenceAware => Arc::new(aware::InferenceAware::new(cfg.clone())),
         PolicyName::LeastRequest => Arc::new(simple::LeastRequest),
         PolicyName::RoundRobin => Arc::new(simple::RoundRobin::default()),
         PolicyName::Random => Arc::new(simple::Random),
+        PolicyName::PowerOfTwo => Arc::new(simple::PowerOfTwo),
     }
 }

@@ -1,4 +1,5 @@
-//! Simple load-only pickers: least request, round robin, random. They serve as
+//! Simple load-only pickers: least request, round robin, random, power of two
+//! choices. They serve as
 //! baselines in benchmarks and for users who want them.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,6 +78,31 @@ impl Picker for Random {
     }
 }
 
+/// Power of two choices: two distinct replicas at random, the less loaded wins.
+#[derive(Debug, Default)]
+pub struct PowerOfTwo;
+
+impl Picker for PowerOfTwo {
+    fn pick(
+        &self,
+        replicas: &[Arc<Replica>],
+        _req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<Arc<Replica>> {
+        let candidates: Vec<&Arc<Replica>> = allowed(replicas, exclude).collect();
+        let n = candidates.len();
+        if n <= 1 {
+            return candidates.first().map(|r| (*r).clone());
+        }
+        let mut rng = rand::rng();
+        let a = rng.random_range(0..n);
+        let b = (a + rng.random_range(1..n)) % n;
+        let load = |r: &Replica| (r.load.requests(), r.load.tokens());
+        let (ra, rb) = (candidates[a], candidates[b]);
+        Some(if load(rb) < load(ra) { rb } else { ra }.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +158,24 @@ mod tests {
         assert!(rr.pick(&rs, &req(), &all).is_none());
         assert!(Random.pick(&rs, &req(), &all).is_none());
         assert!(Random.pick(&rs, &req(), &[]).is_some());
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_busiest_of_two() {
+        let rs = replicas(2);
+        let _g = rs[0].begin(10, 0);
+        for _ in 0..20 {
+            assert_eq!(
+                PowerOfTwo.pick(&rs, &req(), &[]).unwrap().key(),
+                rs[1].key()
+            );
+        }
+        let ex = [rs[1].endpoint.key.clone()];
+        assert_eq!(
+            PowerOfTwo.pick(&rs, &req(), &ex).unwrap().key(),
+            rs[0].key()
+        );
+        let all: Vec<Arc<str>> = rs.iter().map(|r| r.endpoint.key.clone()).collect();
+        assert!(PowerOfTwo.pick(&rs, &req(), &all).is_none());
     }
 }

@@ -5,10 +5,11 @@
 //! gauges are not updated on the hot path: [`render`] reads them from the pools'
 //! own counters at scrape time.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::pool::Pool;
@@ -74,28 +75,80 @@ pub fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> 
     h.render()
 }
 
-/// Per-request histograms resolved once, so recording a token costs no lookup.
-#[derive(Clone)]
-pub struct StreamMetrics {
+/// Metric handles of one (route, replica) pair, resolved once and cached, so a
+/// request's metrics cost no registry lookup and no label allocation.
+pub struct PairMetrics {
     pub itl: Histogram,
+    duration: Histogram,
+    ttft: Histogram,
+    overhead: Histogram,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
 }
 
-impl StreamMetrics {
-    pub fn new(route: &str, replica: &str) -> Self {
-        let _ = handle();
-        StreamMetrics {
-            itl: histogram!(ITL, "route" => route.to_string(), "replica" => replica.to_string()),
+impl PairMetrics {
+    fn new(route: &str, replica: &str) -> Self {
+        let labels = [
+            ("route", route.to_string()),
+            ("replica", replica.to_string()),
+        ];
+        PairMetrics {
+            itl: histogram!(ITL, &labels),
+            duration: histogram!(DURATION, &labels),
+            ttft: histogram!(TTFT, &labels),
+            overhead: histogram!(OVERHEAD, "route" => route.to_string()),
+            prompt_tokens: counter!(PROMPT_TOKENS, &labels),
+            completion_tokens: counter!(COMPLETION_TOKENS, &labels),
         }
     }
 }
 
+type PairKey = (Arc<str>, Arc<str>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct RequestsKey {
+    route: Arc<str>,
+    model: Box<str>,
+    replica: Arc<str>,
+    status: u16,
+    outcome: &'static str,
+}
+
+#[derive(Default)]
+struct Cache {
+    pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
+    requests: RwLock<HashMap<RequestsKey, Counter>>,
+}
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(Cache::default)
+}
+
+/// The cached handles of `(route, replica)`.
+pub fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
+    let _ = handle();
+    let key = (route.clone(), replica.clone());
+    let c = cache();
+    if let Some(m) = c.pairs.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return m.clone();
+    }
+    let m = Arc::new(PairMetrics::new(route, replica));
+    c.pairs
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(m)
+        .clone()
+}
+
 /// What one finished request contributes to the metrics.
 pub struct Finished<'a> {
-    pub route: &'a str,
+    pub route: &'a Arc<str>,
     pub model: &'a str,
-    pub replica: &'a str,
+    pub replica: &'a Arc<str>,
     pub status: u16,
-    pub outcome: &'a str,
+    pub outcome: &'static str,
     pub duration: Duration,
     pub ttft: Option<Duration>,
     pub overhead: Option<Duration>,
@@ -104,28 +157,49 @@ pub struct Finished<'a> {
 }
 
 pub fn record_finished(f: &Finished<'_>) {
-    let _ = handle();
-    let status = status_label(f.status);
-    counter!(REQUESTS,
-        "route" => f.route.to_string(), "model" => f.model.to_string(),
-        "replica" => f.replica.to_string(), "status" => status, "outcome" => f.outcome.to_string())
-    .increment(1);
-    let labels = [
-        ("route", f.route.to_string()),
-        ("replica", f.replica.to_string()),
-    ];
-    histogram!(DURATION, &labels).record(f.duration.as_secs_f64());
+    let key = RequestsKey {
+        route: f.route.clone(),
+        model: f.model.into(),
+        replica: f.replica.clone(),
+        status: f.status,
+        outcome: f.outcome,
+    };
+    let c = cache();
+    let hit = c
+        .requests
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    let requests = match hit {
+        Some(counter) => counter,
+        None => {
+            let counter = counter!(REQUESTS,
+                "route" => f.route.to_string(), "model" => f.model.to_string(),
+                "replica" => f.replica.to_string(), "status" => status_label(f.status),
+                "outcome" => f.outcome);
+            c.requests
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key)
+                .or_insert(counter)
+                .clone()
+        }
+    };
+    requests.increment(1);
+    let m = pair(f.route, f.replica);
+    m.duration.record(f.duration.as_secs_f64());
     if let Some(t) = f.ttft {
-        histogram!(TTFT, &labels).record(t.as_secs_f64());
+        m.ttft.record(t.as_secs_f64());
     }
     if let Some(o) = f.overhead {
-        histogram!(OVERHEAD, "route" => f.route.to_string()).record(o.as_secs_f64());
+        m.overhead.record(o.as_secs_f64());
     }
     if f.prompt_tokens > 0 {
-        counter!(PROMPT_TOKENS, &labels).increment(f.prompt_tokens);
+        m.prompt_tokens.increment(f.prompt_tokens);
     }
     if f.completion_tokens > 0 {
-        counter!(COMPLETION_TOKENS, &labels).increment(f.completion_tokens);
+        m.completion_tokens.increment(f.completion_tokens);
     }
 }
 

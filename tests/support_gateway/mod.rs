@@ -227,11 +227,18 @@ pub fn config(endpoints: &[String], extra_route: &str) -> Config {
     } else {
         format!("    endpoints: [{eps}]")
     };
+    // These tests exercise the proxy's mechanics (retries, pass-through): a
+    // deterministic load-only policy, and no /metrics scraping of the upstreams.
+    let routing = if extra_route.contains("routing:") {
+        ""
+    } else {
+        "    routing: { policy: least_request }\n"
+    };
     let yaml = format!(
         "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n\
          max_body_bytes: 64KiB\n\
          pools:\n  - name: p\n{pool}\n\
-         routes:\n  - model: m\n    aliases: [m-alias]\n    pool: p\n{extra_route}\n"
+         routes:\n  - model: m\n    aliases: [m-alias]\n    pool: p\n{routing}{extra_route}\n"
     );
     Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }

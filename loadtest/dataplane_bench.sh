@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Side-by-side data-plane benchmark: direct, infergate, nginx, vllm-router and
+# sglang-router in front of the SAME fast upstream (one `infergate sim` replica
+# whose modelled durations are divided by 1e6, so it answers at once), all on
+# loopback, one after another in one run. Prints for each:
+#   - req/s for small non-streaming completions at saturation (closed loop)
+#   - added p50 / p99 latency vs direct at half of infergate's saturation rate (open loop)
+#   - SSE chunks relayed per second (streaming, many tokens per request)
+#   - peak RSS of the proxy (VmHWM, summed over its process tree)
+# then infergate's ratios to each, and the RSS of infergate holding 10,000
+# idle open streams.
+#
+# Not run in CI (it takes minutes and wants the machine to itself). Peers come
+# from ../shared/peers/setup.sh (/tmp/peers-venv, nginx); missing ones are skipped.
+#
+#   loadtest/dataplane_bench.sh            # defaults below; env overrides:
+#   DUR=10 CONC=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 loadtest/dataplane_bench.sh
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DUR=${DUR:-10}
+CONC=${CONC:-64}
+SSE_CONC=${SSE_CONC:-32}
+SSE_TOKENS=${SSE_TOKENS:-256}
+IDLE_STREAMS=${IDLE_STREAMS:-10000}
+PEERS_VENV=${PEERS_VENV:-/tmp/peers-venv}
+PEERS_DIR=${PEERS_DIR:-$ROOT/../shared/peers}
+TOKENIZER=${PEERS_TOKENIZER:-/tmp/peers-tokenizer}
+BASE=${BENCH_BASE_PORT:-18100}
+UP_PORT=$((BASE + 1)); IG_PORT=$((BASE + 10)); IG_ADMIN=$((BASE + 11))
+NG_PORT=$((BASE + 20)); VR_PORT=$((BASE + 30)); SR_PORT=$((BASE + 40))
+IDLE_UP_PORT=$((BASE + 50)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
+MODEL=bench-model
+RUN=$(mktemp -d /tmp/dataplane-bench.XXXXXX)
+export HF_ENDPOINT="http://127.0.0.1:9" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost"
+ulimit -n 200000 2>/dev/null || ulimit -n 65536 2>/dev/null || true
+
+echo "# building release binaries"
+cargo build --release --quiet --bin infergate --bin infergate-load
+IG=target/release/infergate
+LOAD=target/release/infergate-load
+
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+start_bg() {  # name cmd...: starts in the background, remembers the pid
+  local name=$1; shift
+  "$@" >"$RUN/$name.log" 2>&1 &
+  PIDS+=($!)
+  echo $! >"$RUN/$name.pid"
+}
+wait_http() {  # url
+  for _ in $(seq 300); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "timeout waiting for $1 (see $RUN)" >&2; return 1
+}
+tree_pids() {  # pid and its descendants
+  local p=$1; echo "$p"
+  for c in $(pgrep -P "$p" 2>/dev/null); do tree_pids "$c"; done
+}
+peak_rss_mib() {  # VmHWM summed over the process tree, MiB
+  local total=0 kb
+  for p in $(tree_pids "$1"); do
+    kb=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    total=$((total + ${kb:-0}))
+  done
+  echo "scale=1; $total / 1024" | bc
+}
+rss_mib() {  # current VmRSS of one process, MiB
+  awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"
+}
+jget() {  # file python-expression-on-v
+  python3 -c "import json,sys; v=json.load(open('$1')); print($2)"
+}
+
+# --- the shared fast upstream
+start_bg upstream "$IG" sim --profile llama-8b-h100 --replicas 1 --base-port "$UP_PORT" \
+  --time-scale 1000000 --served-model-name "$MODEL" --model-path "$TOKENIZER"
+wait_http "http://127.0.0.1:$UP_PORT/health"
+UP="http://127.0.0.1:$UP_PORT"
+
+# --- the proxies
+cat >"$RUN/infergate.yaml" <<YAML
+listeners:
+  main: { address: "127.0.0.1:$IG_PORT" }
+  admin: { address: "127.0.0.1:$IG_ADMIN" }
+logging: { level: warn }
+pools:
+  - name: bench
+    endpoints: ["$UP"]
+routes:
+  - model: $MODEL
+    pool: bench
+YAML
+start_bg infergate "$IG" serve --config "$RUN/infergate.yaml"
+wait_http "http://127.0.0.1:$IG_ADMIN/readyz"
+TARGETS=("direct=$UP" "infergate=http://127.0.0.1:$IG_PORT")
+PROC_PID=([infergate]=x)
+declare -A PID_OF=([infergate]=$(cat "$RUN/infergate.pid"))
+
+if command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
+  mkdir -p "$RUN/nginx-tmp"
+  sed -e "s|@PORT@|$NG_PORT|" -e "s|@RUN@|$RUN|g" "$PEERS_DIR/nginx.conf.in" |
+    awk -v ups="        server 127.0.0.1:$UP_PORT max_fails=0;" '{ if ($0 ~ /^@UPSTREAMS@$/) print ups; else print }' \
+    >"$RUN/nginx.conf"
+  start_bg nginx nginx -c "$RUN/nginx.conf" -p "$RUN" -g 'daemon off;'
+  wait_http "http://127.0.0.1:$NG_PORT/health"
+  TARGETS+=("nginx=http://127.0.0.1:$NG_PORT"); PID_OF[nginx]=$(cat "$RUN/nginx.pid")
+else
+  echo "# nginx not installed: skipped (run ../shared/peers/setup.sh)"
+fi
+if [[ -x "$PEERS_VENV/bin/vllm-router" ]]; then
+  start_bg vllm-router "$PEERS_VENV/bin/vllm-router" --host 127.0.0.1 --port "$VR_PORT" \
+    --worker-urls "$UP" --policy round_robin --prometheus-host 127.0.0.1 \
+    --prometheus-port $((VR_PORT + 1)) --worker-startup-check-interval 1
+  wait_http "http://127.0.0.1:$VR_PORT/readiness"
+  TARGETS+=("vllm-router=http://127.0.0.1:$VR_PORT"); PID_OF[vllm-router]=$(cat "$RUN/vllm-router.pid")
+else
+  echo "# vllm-router not installed: skipped"
+fi
+if [[ -x "$PEERS_VENV/bin/sglang-router" ]]; then
+  start_bg sglang-router "$PEERS_VENV/bin/sglang-router" launch --host 127.0.0.1 --port "$SR_PORT" \
+    --worker-urls "$UP" --policy round_robin --prometheus-host 127.0.0.1 \
+    --prometheus-port $((SR_PORT + 1)) --worker-startup-check-interval 1
+  wait_http "http://127.0.0.1:$SR_PORT/readiness"
+  TARGETS+=("sglang-router=http://127.0.0.1:$SR_PORT"); PID_OF[sglang-router]=$(cat "$RUN/sglang-router.pid")
+else
+  echo "# sglang-router not installed: skipped"
+fi
+sleep 1
+
+load() {  # out.json url args...
+  local out=$1 url=$2; shift 2
+  "$LOAD" --url "$url" --model "$MODEL" --json "$@" >"$out" 2>"$out.err" || {
+    echo "load failed for $url: $(tail -3 "$out.err")" >&2; echo '{}' >"$out"; }
+}
+
+echo "# 1/3 saturation: small non-streaming completions, closed loop -c $CONC, ${DUR}s each"
+declare -A RPS P50 P99 SSE RSS
+for t in "${TARGETS[@]}"; do
+  name=${t%%=*}; url=${t#*=}
+  load "$RUN/sat-$name.json" "$url" --workload small --max-tokens 1 -c "$CONC" -d "$DUR" --warmup 1
+  RPS[$name]=$(jget "$RUN/sat-$name.json" "round(v.get('ok_per_s', 0))")
+  echo "  $name: ${RPS[$name]} req/s ($(jget "$RUN/sat-$name.json" "v.get('errors', '?')") errors)"
+done
+
+HALF=$(( ${RPS[infergate]} / 2 ))
+echo "# 2/3 latency at half of infergate's saturation: open loop --rate $HALF, ${DUR}s each"
+for t in "${TARGETS[@]}"; do
+  name=${t%%=*}; url=${t#*=}
+  load "$RUN/lat-$name.json" "$url" --workload small --max-tokens 1 --rate "$HALF" -d "$DUR" --warmup 1
+  P50[$name]=$(jget "$RUN/lat-$name.json" "v['e2e_ms']['p50']")
+  P99[$name]=$(jget "$RUN/lat-$name.json" "v['e2e_ms']['p99']")
+  echo "  $name: p50 ${P50[$name]} ms, p99 ${P99[$name]} ms"
+done
+
+echo "# 3/3 SSE relay: streaming chat, $SSE_TOKENS tokens each, closed loop -c $SSE_CONC, ${DUR}s each"
+for t in "${TARGETS[@]}"; do
+  name=${t%%=*}; url=${t#*=}
+  load "$RUN/sse-$name.json" "$url" --workload stream --max-tokens "$SSE_TOKENS" -c "$SSE_CONC" -d "$DUR" --no-usage
+  SSE[$name]=$(jget "$RUN/sse-$name.json" "round(v.get('output_tok_per_s', 0))")
+  echo "  $name: ${SSE[$name]} chunks/s"
+done
+for t in "${TARGETS[@]}"; do
+  name=${t%%=*}
+  if [[ -n ${PID_OF[$name]:-} ]]; then RSS[$name]=$(peak_rss_mib "${PID_OF[$name]}"); else RSS[$name]=-; fi
+done
+
+echo
+echo "## results (upstream: infergate sim, time scale 1e6; load: infergate-load; $(nproc) cores shared)"
+printf '%-14s %10s %14s %14s %12s %10s\n' target "req/s" "added p50 ms" "added p99 ms" "SSE chunk/s" "peak MiB"
+for t in "${TARGETS[@]}"; do
+  name=${t%%=*}
+  a50=$(python3 -c "print(f'{${P50[$name]} - ${P50[direct]}:.3f}')")
+  a99=$(python3 -c "print(f'{${P99[$name]} - ${P99[direct]}:.3f}')")
+  printf '%-14s %10s %14s %14s %12s %10s\n' "$name" "${RPS[$name]}" "$a50" "$a99" "${SSE[$name]}" "${RSS[$name]}"
+done
+echo
+echo "## infergate's ratios (req/s, SSE chunks/s: higher is better; peak RSS: lower is better)"
+for t in "${TARGETS[@]}"; do
+  name=${t%%=*}
+  [[ $name == infergate || $name == direct ]] && continue
+  python3 -c "
+rps, sse = ${RPS[infergate]} / max(${RPS[$name]}, 1), ${SSE[infergate]} / max(${SSE[$name]}, 1)
+print(f'  vs $name: req/s x{rps:.2f}  SSE x{sse:.2f}  RSS ${RSS[infergate]} vs ${RSS[$name]} MiB')"
+done
+
+# --- idle streams: the upstream is so slow no token ever comes during the test
+echo
+echo "# idle streams: $IDLE_STREAMS open streaming requests through infergate"
+start_bg idle-upstream "$IG" sim --profile tiny --replicas 1 --base-port "$IDLE_UP_PORT" \
+  --time-scale 0.00001 --served-model-name "$MODEL"
+sed -e "s/$IG_PORT/$IDLE_IG_PORT/" -e "s/$IG_ADMIN/$IDLE_IG_ADMIN/" -e "s/$UP_PORT/$IDLE_UP_PORT/" \
+  "$RUN/infergate.yaml" >"$RUN/idle.yaml"
+start_bg idle-infergate "$IG" serve --config "$RUN/idle.yaml"
+wait_http "http://127.0.0.1:$IDLE_IG_ADMIN/readyz"
+IDLE_PID=$(cat "$RUN/idle-infergate.pid")
+echo "  infergate RSS before: $(rss_mib "$IDLE_PID") MiB"
+python3 "$ROOT/loadtest/idle_streams.py" "127.0.0.1" "$IDLE_IG_PORT" "$MODEL" "$IDLE_STREAMS" \
+  "http://127.0.0.1:$IDLE_IG_ADMIN/routes" >"$RUN/idle.out" 2>&1 &
+IDLE_CLIENT=$!
+PIDS+=("$IDLE_CLIENT")
+for _ in $(seq 600); do grep -q '^open ' "$RUN/idle.out" 2>/dev/null && break; sleep 0.5; done
+cat "$RUN/idle.out"
+echo "  infergate RSS with the streams open: $(rss_mib "$IDLE_PID") MiB (peak $(peak_rss_mib "$IDLE_PID") MiB)"
+kill "$IDLE_CLIENT" 2>/dev/null || true
+echo "# logs and raw JSON: $RUN"

@@ -1,0 +1,269 @@
+//! Filters of the inference-aware policy: each narrows the candidate set and
+//! fails open (keeps everything) when it would keep nothing, so a filter can
+//! never make a request unroutable. They run in the configured order.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use super::aware::{Candidate, Ctx};
+use super::config::FilterName;
+
+/// What one filter did, for `explain`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FilterOutcome {
+    pub filter: FilterName,
+    pub dropped: u32,
+    /// It would have dropped every candidate, so it dropped none.
+    pub fail_open: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// Applies filter `name` to the alive candidates.
+pub fn apply(name: FilterName, cands: &mut [Candidate], ctx: &Ctx<'_>) -> FilterOutcome {
+    let mut detail = String::new();
+    let (dropped, fail_open) = match name {
+        FilterName::Saturation => keep_only(cands, name, |c| !c.saturated),
+        FilterName::Lora => lora(cands, ctx),
+        FilterName::PrefixAffinity => prefix_affinity(cands, ctx, &mut detail),
+        FilterName::Rendezvous => rendezvous(cands, ctx, &mut detail),
+    };
+    FilterOutcome {
+        filter: name,
+        dropped,
+        fail_open,
+        detail,
+    }
+}
+
+/// Keeps the alive candidates satisfying `keep`; returns (dropped, failed open).
+fn keep_only(
+    cands: &mut [Candidate],
+    name: FilterName,
+    keep: impl Fn(&Candidate) -> bool,
+) -> (u32, bool) {
+    let kept = cands.iter().filter(|c| c.alive && keep(c)).count();
+    if kept == 0 {
+        return (0, cands.iter().any(|c| c.alive));
+    }
+    let mut dropped = 0;
+    for c in cands.iter_mut().filter(|c| c.alive && !keep(c)) {
+        c.alive = false;
+        c.dropped_by = Some(name);
+        dropped += 1;
+    }
+    (dropped, false)
+}
+
+/// Adapter requests: the best non-empty tier of in use > sent recently > has room.
+fn lora(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
+    if ctx.lora.is_none() {
+        return (0, false);
+    }
+    let best = cands
+        .iter()
+        .filter(|c| c.alive)
+        .map(|c| c.lora_tier)
+        .max()
+        .unwrap_or(0);
+    if best == 0 {
+        return (0, cands.iter().any(|c| c.alive));
+    }
+    keep_only(cands, FilterName::Lora, |c| c.lora_tier == best)
+}
+
+/// Sticky until saturated: keep the replicas holding nearly the longest prefix
+/// unless their best estimated TTFT exceeds the best colder replica's by more
+/// than the margin (the prefill time the prefix saves, scaled, capped).
+fn prefix_affinity(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u32, bool) {
+    let best = cands
+        .iter()
+        .filter(|c| c.alive)
+        .map(|c| c.matched_blocks)
+        .max()
+        .unwrap_or(0);
+    if best == 0 {
+        return (0, false);
+    }
+    let threshold = ((f64::from(best) * ctx.cfg.sticky.min_match_ratio).ceil() as u32).max(1);
+    let min_ttft = |sticky: bool| {
+        cands
+            .iter()
+            .filter(|c| c.alive && (c.matched_blocks >= threshold) == sticky)
+            .map(|c| c.est_ttft_ms)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (sticky_ttft, cold_ttft) = (min_ttft(true), min_ttft(false));
+    let saved_tokens =
+        (u64::from(best) * u64::from(ctx.block_size)).min(u64::from(ctx.req.prompt_tokens));
+    let saved_ms = saved_tokens as f64 / ctx.prefill_rate * 1000.0;
+    let margin = (ctx.cfg.sticky.margin_per_saved * saved_ms).min(ctx.cfg.sticky.max_margin_ms);
+    let stick = sticky_ttft <= cold_ttft + margin;
+    if ctx.explain {
+        let _ = write!(
+            detail,
+            "best prefix {best} blocks; sticky est TTFT {sticky_ttft:.1} ms vs colder {cold_ttft:.1} ms, margin {margin:.1} ms: {}",
+            if stick { "stay" } else { "leave (spill)" }
+        );
+    }
+    if !stick {
+        return (0, false);
+    }
+    keep_only(cands, FilterName::PrefixAffinity, |c| {
+        c.matched_blocks >= threshold
+    })
+}
+
+/// A prefix no replica holds: keep the highest rendezvous weight among the
+/// replicas within the load bound, so independent gateways agree on its home.
+fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u32, bool) {
+    let Some(_) = ctx.group_key else {
+        return (0, false);
+    };
+    let group_blocks = ctx.cfg.rendezvous.blocks.min(ctx.prompt_blocks).max(1);
+    if cands
+        .iter()
+        .any(|c| c.alive && c.matched_blocks >= group_blocks)
+    {
+        return (0, false);
+    }
+    let (n, total) = cands
+        .iter()
+        .filter(|c| c.alive)
+        .fold((0usize, 0.0), |(n, t), c| (n + 1, t + c.load_requests));
+    if n == 0 {
+        return (0, false);
+    }
+    let bound = ((1.0 + ctx.cfg.rendezvous.load_slack) * (total + 1.0) / n as f64).max(1.0);
+    let chosen = cands
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.alive && c.load_requests + 1.0 <= bound)
+        .max_by_key(|(_, c)| c.rendezvous)
+        .map(|(i, _)| i);
+    let Some(chosen) = chosen else {
+        if ctx.explain {
+            let _ = write!(detail, "every replica above load bound {bound:.2}");
+        }
+        return (0, true);
+    };
+    if ctx.explain {
+        let _ = write!(
+            detail,
+            "new prefix group: placed by rendezvous hash within load bound {bound:.2}"
+        );
+    }
+    let mut dropped = 0;
+    for (i, c) in cands.iter_mut().enumerate() {
+        if c.alive && i != chosen {
+            c.alive = false;
+            c.dropped_by = Some(FilterName::Rendezvous);
+            dropped += 1;
+        }
+    }
+    (dropped, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::aware::tests::{cand, ctx_for};
+    use super::*;
+    use crate::routing::RoutingConfig;
+
+    #[test]
+    fn saturation_drops_unknown_and_fails_open() {
+        let cfg = RoutingConfig::default();
+        let ctx = ctx_for(&cfg, None, 10);
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].saturated = true;
+        let o = apply(FilterName::Saturation, &mut cs, &ctx);
+        assert_eq!((o.dropped, o.fail_open), (1, false));
+        assert!(!cs[0].alive && cs[1].alive);
+        cs[1].saturated = true;
+        cs[0].alive = true;
+        let o = apply(FilterName::Saturation, &mut cs, &ctx);
+        assert!(o.fail_open);
+        assert!(cs[0].alive && cs[1].alive);
+    }
+
+    #[test]
+    fn lora_prefers_resident_then_loading_then_room() {
+        let cfg = RoutingConfig::default();
+        let ctx = ctx_for(&cfg, Some("ad"), 10);
+        let mut cs = vec![cand(0), cand(1), cand(2)];
+        cs[0].lora_tier = 1;
+        cs[1].lora_tier = 3;
+        cs[2].lora_tier = 2;
+        apply(FilterName::Lora, &mut cs, &ctx);
+        assert_eq!(
+            cs.iter().map(|c| c.alive).collect::<Vec<_>>(),
+            [false, true, false]
+        );
+        let mut cs = vec![cand(0), cand(1)];
+        let o = apply(FilterName::Lora, &mut cs, &ctx);
+        assert!(o.fail_open && cs.iter().all(|c| c.alive));
+        // Not an adapter request: no-op.
+        let ctx = ctx_for(&cfg, None, 10);
+        let mut cs = vec![cand(0), cand(1)];
+        cs[1].lora_tier = 3;
+        assert_eq!(apply(FilterName::Lora, &mut cs, &ctx).dropped, 0);
+    }
+
+    #[test]
+    fn prefix_affinity_sticks_then_spills() {
+        let cfg = RoutingConfig::default();
+        let ctx = ctx_for(&cfg, None, 1000);
+        // 50 blocks of 16 = 800 tokens cached on replica 0: saves 50 ms at 16k tok/s.
+        let mut cs = vec![cand(0), cand(1), cand(2)];
+        cs[0].matched_blocks = 50;
+        cs[0].est_ttft_ms = 80.0; // queued behind others
+        cs[1].est_ttft_ms = 62.5; // cold: whole prompt
+        cs[2].est_ttft_ms = 70.0;
+        let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert_eq!(o.dropped, 2);
+        assert!(cs[0].alive);
+        // Queue grows past the margin: leave.
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].matched_blocks = 50;
+        cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
+        cs[1].est_ttft_ms = 62.5;
+        let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert_eq!(o.dropped, 0);
+        assert!(cs.iter().all(|c| c.alive));
+        // Near-longest matches are sticky too.
+        let mut cs = vec![cand(0), cand(1), cand(2)];
+        cs[0].matched_blocks = 50;
+        cs[1].matched_blocks = 45;
+        cs[2].matched_blocks = 10;
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert_eq!(
+            cs.iter().map(|c| c.alive).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+    }
+
+    #[test]
+    fn rendezvous_places_new_groups_within_load_bound() {
+        let cfg = RoutingConfig::default();
+        let ctx = ctx_for(&cfg, None, 1000);
+        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
+        for (i, c) in cs.iter_mut().enumerate() {
+            c.rendezvous = i as u64;
+        }
+        apply(FilterName::Rendezvous, &mut cs, &ctx);
+        assert_eq!(cs.iter().position(|c| c.alive), Some(3));
+        // Replica 3 is over the bound: the next in rendezvous order.
+        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
+        for (i, c) in cs.iter_mut().enumerate() {
+            c.rendezvous = i as u64;
+        }
+        cs[3].load_requests = 4.0;
+        apply(FilterName::Rendezvous, &mut cs, &ctx);
+        assert_eq!(cs.iter().position(|c| c.alive), Some(2));
+        // A replica already holding the group: not a new prefix, no-op.
+        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
+        cs[0].matched_blocks = 4;
+        assert_eq!(apply(FilterName::Rendezvous, &mut cs, &ctx).dropped, 0);
+    }
+}
