@@ -14,7 +14,7 @@
 # from ../shared/peers/setup.sh (/tmp/peers-venv, nginx); missing ones are skipped.
 #
 #   loadtest/dataplane_bench.sh            # defaults below; env overrides:
-#   DUR=10 CONC=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 loadtest/dataplane_bench.sh
+#   SKIP_BUILD=1 DUR=10 CONC=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 loadtest/dataplane_bench.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,7 +24,10 @@ SSE_CONC=${SSE_CONC:-32}
 SSE_TOKENS=${SSE_TOKENS:-256}
 IDLE_STREAMS=${IDLE_STREAMS:-10000}
 PEERS_VENV=${PEERS_VENV:-/tmp/peers-venv}
-PEERS_DIR=${PEERS_DIR:-$ROOT/../shared/peers}
+PEERS_DIR=${PEERS_DIR:-}
+if [[ -z $PEERS_DIR ]]; then  # ../shared/peers from the main checkout, ../../shared/peers from a worktree
+  for d in "$ROOT/../shared/peers" "$ROOT/../../shared/peers"; do [[ -d $d ]] && PEERS_DIR=$d && break; done
+fi
 TOKENIZER=${PEERS_TOKENIZER:-/tmp/peers-tokenizer}
 BASE=${BENCH_BASE_PORT:-18100}
 UP_PORT=$((BASE + 1)); IG_PORT=$((BASE + 10)); IG_ADMIN=$((BASE + 11))
@@ -34,10 +37,18 @@ MODEL=bench-model
 RUN=$(mktemp -d /tmp/dataplane-bench.XXXXXX)
 export HF_ENDPOINT="http://127.0.0.1:9" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost"
-ulimit -n 200000 2>/dev/null || ulimit -n 65536 2>/dev/null || true
+ulimit -n 200000 2>/dev/null || ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# The gateway holds two sockets per stream (client + replica): cap the idle test to the fd limit.
+FD_LIMIT=$(ulimit -n)
+if [[ $FD_LIMIT != unlimited ]] && (( IDLE_STREAMS * 2 + 200 > FD_LIMIT )); then
+  echo "# fd limit $FD_LIMIT: idle-stream test capped at $(( (FD_LIMIT - 200) / 2 )) streams (raise with ulimit -Hn as root)"
+  IDLE_STREAMS=$(( (FD_LIMIT - 200) / 2 ))
+fi
 
-echo "# building release binaries"
-cargo build --release --quiet --bin infergate --bin infergate-load
+if [[ -z ${SKIP_BUILD:-} ]]; then  # SKIP_BUILD=1 reuses target/release as it is
+  echo "# building release binaries"
+  cargo build --release --quiet --bin infergate --bin infergate-load
+fi
 IG=target/release/infergate
 LOAD=target/release/infergate-load
 
@@ -99,7 +110,6 @@ YAML
 start_bg infergate "$IG" serve --config "$RUN/infergate.yaml"
 wait_http "http://127.0.0.1:$IG_ADMIN/readyz"
 TARGETS=("direct=$UP" "infergate=http://127.0.0.1:$IG_PORT")
-PROC_PID=([infergate]=x)
 declare -A PID_OF=([infergate]=$(cat "$RUN/infergate.pid"))
 
 if command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
@@ -145,7 +155,7 @@ for t in "${TARGETS[@]}"; do
   name=${t%%=*}; url=${t#*=}
   load "$RUN/sat-$name.json" "$url" --workload small --max-tokens 1 -c "$CONC" -d "$DUR" --warmup 1
   RPS[$name]=$(jget "$RUN/sat-$name.json" "round(v.get('ok_per_s', 0))")
-  echo "  $name: ${RPS[$name]} req/s ($(jget "$RUN/sat-$name.json" "v.get('errors', '?')") errors)"
+  echo "  $name: ${RPS[$name]} req/s ($(jget "$RUN/sat-$name.json" "sum(v.get('errors', {}).values()) if isinstance(v.get('errors'), dict) else v.get('errors')") errors)"
 done
 
 HALF=$(( ${RPS[infergate]} / 2 ))
@@ -199,13 +209,16 @@ sed -e "s/$IG_PORT/$IDLE_IG_PORT/" -e "s/$IG_ADMIN/$IDLE_IG_ADMIN/" -e "s/$UP_PO
 start_bg idle-infergate "$IG" serve --config "$RUN/idle.yaml"
 wait_http "http://127.0.0.1:$IDLE_IG_ADMIN/readyz"
 IDLE_PID=$(cat "$RUN/idle-infergate.pid")
-echo "  infergate RSS before: $(rss_mib "$IDLE_PID") MiB"
+IDLE_BEFORE=$(rss_mib "$IDLE_PID")
+echo "  infergate RSS before: $IDLE_BEFORE MiB"
 python3 "$ROOT/loadtest/idle_streams.py" "127.0.0.1" "$IDLE_IG_PORT" "$MODEL" "$IDLE_STREAMS" \
   "http://127.0.0.1:$IDLE_IG_ADMIN/routes" >"$RUN/idle.out" 2>&1 &
 IDLE_CLIENT=$!
 PIDS+=("$IDLE_CLIENT")
 for _ in $(seq 600); do grep -q '^open ' "$RUN/idle.out" 2>/dev/null && break; sleep 0.5; done
 cat "$RUN/idle.out"
-echo "  infergate RSS with the streams open: $(rss_mib "$IDLE_PID") MiB (peak $(peak_rss_mib "$IDLE_PID") MiB)"
+IDLE_RSS=$(rss_mib "$IDLE_PID")
+echo "  infergate RSS with the streams open: $IDLE_RSS MiB (peak $(peak_rss_mib "$IDLE_PID") MiB)"
+python3 -c "print(f'  => {($IDLE_RSS - $IDLE_BEFORE) * 1024 / $IDLE_STREAMS:.1f} KiB per open stream; {$IDLE_BEFORE + ($IDLE_RSS - $IDLE_BEFORE) * 10000 / $IDLE_STREAMS:.0f} MiB for 10,000')"
 kill "$IDLE_CLIENT" 2>/dev/null || true
 echo "# logs and raw JSON: $RUN"
