@@ -49,7 +49,13 @@ stop_pid() {  # TERM, then KILL after 2 s
   kill -9 "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
 }
+# Gateways and peers are started inside $(...) subshells: their pids go to a file.
+track() { echo "$1" >>"$RUN/pids"; }
 stop_all() {
+  if [[ -f "$RUN/pids" ]]; then
+    while read -r pid; do PIDS+=("$pid"); done <"$RUN/pids"
+    rm -f "$RUN/pids"
+  fi
   for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
   PIDS=()
   if [[ ${ENGINE:-sim} == llama && -d "$RUN/llama" ]]; then
@@ -118,7 +124,7 @@ routes:
     routing: { policy: $policy }
 EOF
   RUST_LOG=warn "$BIN" serve --config "$RUN/$name.yaml" >"$RUN/$name.log" 2>&1 &
-  PIDS+=($!)
+  track $!
   wait_http "http://127.0.0.1:$admin/readyz" >&2
   echo "http://127.0.0.1:$port"
 }
@@ -138,7 +144,7 @@ peer() {  # KIND: starts vllm-router or sglang-router (cache_aware) over the fle
       --worker-startup-check-interval 1 --worker-startup-timeout-secs 60 \
       --request-timeout-secs 1800 --max-concurrent-requests -1 >"$RUN/$kind.log" 2>&1 &
   fi
-  PIDS+=($!)
+  track $!
   local url="http://127.0.0.1:$port"
   wait_http "$url/readiness" >&2 || wait_http "$url/health" >&2
   # sglang registers workers asynchronously: wait until a request goes through.
