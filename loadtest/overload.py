@@ -147,6 +147,8 @@ def main():
     ap.add_argument("--warmup", type=float, default=2)
     ap.add_argument("--overload", type=float, default=3.0)
     ap.add_argument("--deadline-ms", type=int, default=2000)
+    ap.add_argument("--critical-reserve", type=float, default=0.125,
+                    help="infergate budget.critical_reserve (share of each replica kept for critical)")
     ap.add_argument("--peers-venv", default="/tmp/peers-venv")
     ap.add_argument("--base-port", type=int, default=18700)
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
@@ -175,6 +177,7 @@ def main():
 
         # infergate: admission sized to the engine (batch size and KV cache).
         kv_tokens = 256 * 16  # the tiny profile's KV cache
+        reserve = f", critical_reserve: {args.critical_reserve}" if args.critical_reserve > 0 else ""
         cfg = f"""
 listeners:
   main: {{ address: "127.0.0.1:{bp + 100}" }}
@@ -187,7 +190,7 @@ routes:
   - model: {MODEL}
     pool: p
     admission:
-      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs} }}
+      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}{reserve} }}
       queue: {{ timeout_ms: {args.deadline_ms}, max_requests: 4096 }}
 """
         cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
@@ -253,7 +256,19 @@ routes:
             r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3)
             watch.running = False
             watch.join()
-            results[name] = (r, watch.max_waiting)
+            gateway_side = None
+            if name == "infergate":
+                # The gateway's own view: time critical requests waited in its
+                # queue, and how many refusals (replica "-") took under 5 ms.
+                with urllib.request.urlopen(f"http://127.0.0.1:{bp + 101}/metrics", timeout=5) as m:
+                    for line in m.read().decode().splitlines():
+                        if line.startswith("infergate_admission_queue_wait_seconds") and "critical" in line:
+                            log(f"[infergate metrics] {line}")
+                        if (line.startswith("infergate_request_duration_seconds_bucket")
+                                and 'replica="-"' in line and 'le="0.005"' in line):
+                            gateway_side = float(line.rsplit(" ", 1)[1])
+                            log(f"[infergate metrics] {line}")
+            results[name] = (r, watch.max_waiting, gateway_side)
             procs.stop(proc)
             time.sleep(1)
     finally:
@@ -262,23 +277,31 @@ routes:
     print(f"fleet: {args.replicas} x sim tiny (max_num_seqs {args.max_num_seqs}, time scale {args.time_scale}),"
           f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
           f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
-          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms")
+          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms;"
+          f" infergate critical reserve {args.critical_reserve}")
     print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
     hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
     print(hdr)
-    for name, (r, maxq) in results.items():
+    for name, (r, maxq, fast_refusals) in results.items():
         crit = p(r, "classes", "critical")
         shed = p(r, "classes", "sheddable")
         crit_p99 = p(crit, "ttft_ms", "p99")
         ratio = crit_p99 / unloaded if crit_p99 and unloaded else None
         crit_ok = 100.0 * crit["ok"] / crit["requests"] if crit and crit["requests"] else 0.0
         shed_rej = p(shed, "error_e2e_ms", "p99")
+        log(f"[{name}] critical TTFT ms {p(crit, 'ttft_ms')}; sheddable refusal ms {p(shed, 'error_e2e_ms')};"
+            f" schedule lag ms {r.get('schedule_lag_ms')}")
         goodput = r["ok_per_s"] / capacity
         statuses = {"ok": r["ok"], **r["errors"]}
         fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
               f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
-    print(json.dumps({k: {"report": v[0], "max_engine_waiting": v[1]} for k, v in results.items()}), file=open("/tmp/overload-results.json", "w"))
+        if fast_refusals is not None:
+            n429 = shed["errors"].get("429", 0) if shed else 0
+            print(f"{'':<14}gateway side: {fast_refusals:.0f} refusals answered within 5 ms"
+                  f" (the sheddable class got {n429} x 429; 503 deadline refusals take {args.deadline_ms} ms)")
+    with open("/tmp/overload-results.json", "w") as out:
+        json.dump({k: {"report": v[0], "max_engine_waiting": v[1]} for k, v in results.items()}, out)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ mod tests {
                     .unwrap();
             }
         });
-        let mut w = StallIo::new(a, Some(Duration::from_millis(50)));
+        let mut w = StallIo::new(a, Some(Duration::from_secs(2)));
         w.write_all(&[0u8; 8192]).await.unwrap();
         reader.await.unwrap();
 

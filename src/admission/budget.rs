@@ -7,12 +7,10 @@
 //! tokens, and tells the pool's queue when tokens come free (on every path,
 //! because release is a `Drop`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-
 use super::config::BudgetConfig;
+use super::Priority;
 use crate::pool::{LoadGuard, Replica};
 
 /// Expected cost of one request in tokens.
@@ -47,50 +45,41 @@ pub trait CapacityListener: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct Budget {
     cfg: BudgetConfig,
-    /// KV cache size in tokens reported by each replica's engine (by key),
-    /// used when no fixed capacity is configured. Written rarely, read per pick.
-    kv_tokens: ArcSwap<HashMap<Arc<str>, u64>>,
 }
 
 impl Budget {
     pub fn new(cfg: BudgetConfig) -> Self {
-        Budget {
-            cfg,
-            kv_tokens: ArcSwap::from_pointee(HashMap::new()),
-        }
+        Budget { cfg }
     }
 
-    /// Records the KV cache size (in tokens: blocks × block size) a replica's
-    /// engine reports; the budget then derives that replica's capacity from it.
-    pub fn set_kv_tokens(&self, replica_key: &Arc<str>, tokens: u64) {
-        if self.kv_tokens.load().get(replica_key) == Some(&tokens) {
-            return;
-        }
-        self.kv_tokens.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.insert(replica_key.clone(), tokens);
-            m
-        });
-    }
-
-    /// Token capacity of a replica, or `None` when unlimited (nothing configured
-    /// and nothing reported).
+    /// Token capacity of a replica, or `None` when unlimited: the configured
+    /// capacity, else the KV cache size (blocks × block size) its engine
+    /// reports through the metrics scraper (`Replica::signals`) × `kv_fraction`.
     pub fn capacity(&self, replica: &Replica) -> Option<u64> {
         if let Some(c) = self.cfg.tokens_per_replica {
             return Some(c);
         }
-        self.kv_tokens
+        replica
+            .signals
             .load()
-            .get(replica.key())
-            .map(|&kv| (kv as f64 * self.cfg.kv_fraction) as u64)
+            .as_ref()
+            .and_then(|s| s.cache_tokens())
+            .map(|kv| (kv as f64 * self.cfg.kv_fraction) as u64)
     }
 
-    /// Whether `replica` can take a request costing `cost` tokens now. An idle
-    /// replica always can (a request larger than the budget must still run
-    /// somewhere; the engine decides whether it fits at all).
-    pub fn fits(&self, replica: &Replica, cost: u64) -> bool {
+    /// Whether `replica` can take a request of band `priority` costing `cost`
+    /// tokens now. Below critical, only the budget minus the critical reserve
+    /// counts. An idle replica always can (a request larger than the budget
+    /// must still run somewhere; the engine decides whether it fits at all).
+    pub fn fits(&self, replica: &Replica, cost: u64, priority: Priority) -> bool {
+        let share = if priority == Priority::Critical {
+            1.0
+        } else {
+            1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
+        };
         let load = &replica.load;
         if let Some(max) = self.cfg.max_requests_per_replica {
+            let max = ((max as f64 * share).floor() as u64).max(1);
             if load.requests() >= max {
                 return false;
             }
@@ -99,7 +88,7 @@ impl Budget {
             None => true,
             Some(cap) => {
                 let used = load.tokens();
-                used == 0 || used.saturating_add(cost) <= cap
+                used == 0 || used.saturating_add(cost) as f64 <= cap as f64 * share
             }
         }
     }
@@ -219,6 +208,8 @@ mod tests {
     use crate::discovery::Endpoint;
     use std::sync::atomic::{AtomicU64, Ordering};
 
+    const S: Priority = Priority::Standard;
+
     fn replica() -> Arc<Replica> {
         Arc::new(Replica::new(
             Endpoint::from_url("http://127.0.0.1:9").unwrap(),
@@ -243,13 +234,35 @@ mod tests {
         });
         let r = replica();
         // Idle replica takes even an oversized request.
-        assert!(b.fits(&r, 1000));
+        assert!(b.fits(&r, 1000, S));
         let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
         assert_eq!(r.load.tokens(), 60);
-        assert!(b.fits(&r, 40));
-        assert!(!b.fits(&r, 41));
+        assert!(b.fits(&r, 40, S));
+        assert!(!b.fits(&r, 41, S));
         let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
-        assert!(!b.fits(&r, 1), "request cap reached");
+        assert!(!b.fits(&r, 1, S), "request cap reached");
+    }
+
+    #[test]
+    fn critical_reserve_is_kept_for_critical() {
+        let b = Budget::new(BudgetConfig {
+            tokens_per_replica: Some(100),
+            max_requests_per_replica: Some(4),
+            critical_reserve: 0.25,
+            ..Default::default()
+        });
+        let r = replica();
+        let _a = Budget::reserve(&r, Cost::estimate(70, Some(0), 0), None);
+        assert!(b.fits(&r, 5, S), "75 of 100 tokens for standard");
+        assert!(!b.fits(&r, 6, S));
+        assert!(b.fits(&r, 30, Priority::Critical));
+        let _b = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        let _c = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        assert!(
+            !b.fits(&r, 1, Priority::Sheddable),
+            "3 of 4 requests for others"
+        );
+        assert!(b.fits(&r, 1, Priority::Critical));
     }
 
     #[test]
@@ -261,10 +274,17 @@ mod tests {
         let r = replica();
         assert_eq!(b.capacity(&r), None);
         let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
-        assert!(b.fits(&r, 1_000_000), "unlimited when nothing is known");
-        b.set_kv_tokens(&r.endpoint.key, 4000);
+        assert!(b.fits(&r, 1_000_000, S), "unlimited when nothing is known");
+        let body = "vllm:num_requests_running{engine=\"0\"} 0\nvllm:num_requests_waiting{engine=\"0\"} 0\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.1\nvllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"250\"} 1.0\n";
+        let signals = crate::routing::signals::parse(
+            crate::pool::EngineKind::Vllm,
+            body,
+            std::time::Instant::now(),
+        );
+        assert_eq!(signals.cache_tokens(), Some(4000));
+        r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
-        assert!(!b.fits(&r, 1));
+        assert!(!b.fits(&r, 1, S));
     }
 
     #[test]

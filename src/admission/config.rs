@@ -56,6 +56,10 @@ pub struct BudgetConfig {
     /// Optional cap on requests in flight per replica (for example the
     /// engine's `max_num_seqs`, so its own queue stays empty).
     pub max_requests_per_replica: Option<u64>,
+    /// Share of each replica's budget (tokens and requests) that only
+    /// critical requests may use, so a critical arrival finds room at once
+    /// instead of waiting for a standard request to end. 0 by default.
+    pub critical_reserve: f64,
 }
 
 impl Default for BudgetConfig {
@@ -64,6 +68,7 @@ impl Default for BudgetConfig {
             tokens_per_replica: None,
             kv_fraction: 0.9,
             max_requests_per_replica: None,
+            critical_reserve: 0.0,
         }
     }
 }
@@ -258,6 +263,12 @@ impl AdmissionConfig {
                     ),
                 ));
             }
+        }
+        if !(0.0..1.0).contains(&self.budget.critical_reserve) {
+            return Err((
+                "critical_reserve:".into(),
+                format!("route `{route}`: `budget.critical_reserve` must be in [0, 1)"),
+            ));
         }
         if !(0.0..=1.0).contains(&self.budget.kv_fraction) || self.budget.kv_fraction == 0.0 {
             return Err((

@@ -3,8 +3,10 @@
 //! priority queue ([`queue`]), outlier ejection with active probes
 //! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
 //! fallback to smaller models ([`fallback`]), and cutting clients that stop
-//! reading a stream ([`backpressure`]). This file classifies a request:
-//! its priority band, its tenant and its deadline, from headers and body.
+//! reading a stream ([`backpressure`]); [`registry`] keeps this state across
+//! config reloads. The request path uses it through `proxy::admit`. This file
+//! classifies a request: its priority band, its tenant and its deadline, from
+//! headers and body.
 
 pub mod backpressure;
 pub mod budget;

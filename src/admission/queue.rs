@@ -157,6 +157,7 @@ impl PoolAdmission {
         picker: &dyn Picker,
         req: &RouteRequest<'_>,
         cost: Cost,
+        priority: Priority,
         exclude: &[Arc<str>],
     ) -> Placement {
         let members = pool.replicas();
@@ -169,7 +170,7 @@ impl PoolAdmission {
                 !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
             })
             .inspect(|_| any_ready = true)
-            .filter(|r| self.budget.fits(r, cost.total()))
+            .filter(|r| self.budget.fits(r, cost.total(), priority))
             .cloned()
             .collect();
         if !any_ready {
@@ -200,7 +201,7 @@ impl PoolAdmission {
             let st = self.shared.lock();
             (st.ahead_of(band), st.epoch)
         };
-        let first = self.try_place_unless(blocked, pool, picker, req, ticket.cost, exclude);
+        let first = self.try_place_unless(blocked, pool, picker, req, ticket, exclude);
         match first {
             Placement::Placed(r) => return Ok(r),
             Placement::NoReplica => return Err(self.refuse(AdmitError::NoReadyReplica)),
@@ -244,7 +245,7 @@ impl PoolAdmission {
                 Ok(Ok(())) => {
                     waiter.phase = Phase::Granted;
                     epoch = self.shared.lock().epoch;
-                    match self.try_place(pool, picker, req, ticket.cost, exclude) {
+                    match self.try_place(pool, picker, req, ticket.cost, band, exclude) {
                         Placement::Placed(r) => {
                             waiter.placed();
                             metrics::histogram!("infergate_admission_queue_wait_seconds", "pool" => self.name.to_string(), "priority" => band.as_str())
@@ -276,11 +277,12 @@ impl PoolAdmission {
         pool: &Pool,
         picker: &dyn Picker,
         req: &RouteRequest<'_>,
-        cost: Cost,
+        ticket: &Ticket,
         exclude: &[Arc<str>],
     ) -> Placement {
         if !blocked {
-            return self.try_place(pool, picker, req, cost, exclude);
+            let band = ticket.class.priority;
+            return self.try_place(pool, picker, req, ticket.cost, band, exclude);
         }
         // Others of this band or higher wait: do not overtake them, but still
         // tell "no replica at all" apart from "full".
@@ -493,9 +495,14 @@ impl State {
     }
 
     /// Gives a turn to the best waiter: highest band, then least-served tenant,
-    /// then first come.
+    /// then first come. While a turn is out at some band, nobody at that band
+    /// or below gets one: the holder retries itself if capacity moved meanwhile
+    /// (the epoch), so a release during its attempt cannot go to a lower band.
     fn grant_next(&mut self) -> bool {
         for b in &mut self.bands {
+            if b.granted > 0 {
+                return false;
+            }
             while b.waiting > 0 {
                 let Some(t) = b
                     .tenants
