@@ -345,7 +345,10 @@ async fn admin_reports_metrics_readiness_and_routes() {
     // The finished non-streaming request counts as ok, not as a disconnect.
     let line = metrics
         .lines()
-        .find(|l| l.starts_with("infergate_requests_total{") && l.contains("route=\"m\""))
+        .find(|l| {
+            l.starts_with("infergate_requests_total{")
+                && l.contains(&format!("replica=\"{}\"", up.key()))
+        })
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(
         line.contains("status=\"200\"") && line.contains("outcome=\"ok\""),
