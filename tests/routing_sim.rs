@@ -14,7 +14,7 @@ use infergate::pool::EngineKind;
 use infergate::sim::{start_fleet, EngineParams, Fleet, FleetConfig, Profile};
 use support::*;
 
-const ROUTING: &str = "    routing:\n      scrape: { interval_ms: 20, timeout_ms: 100 }\n";
+const ROUTING: &str = "    routing:\n      scrape: { interval_ms: 20, timeout_ms: 250 }\n";
 
 fn fleet_config(replicas: usize, time_scale: f64) -> FleetConfig {
     FleetConfig {
@@ -105,7 +105,7 @@ async fn shared_prefix_sticks_then_spills_when_saturated() {
     for q in 0..80 {
         let url = gw.url();
         tasks.push(tokio::spawn(async move {
-            post(&url, "/v1/chat/completions", &chat(1, 100 + q, 64))
+            post(&url, "/v1/chat/completions", &chat(1, 100 + q, 200))
                 .await
                 .0
         }));
@@ -147,8 +147,8 @@ async fn unshared_prompts_stay_within_each_replicas_share() {
     }
     let got = received(&fleet);
     assert_eq!(got.iter().sum::<u64>(), n as u64);
-    // Share 20 each; the load bound allows 1.25x the mean in flight.
-    let bound = (1.25 * n as f64 / 4.0).ceil() as u64 + 1;
+    // Share 20 each; the load bound allows 1.25x the mean in flight, plus 2.
+    let bound = (1.25 * n as f64 / 4.0).ceil() as u64 + 3;
     assert!(got.iter().all(|c| *c <= bound), "{got:?} (bound {bound})");
     assert!(got.iter().all(|c| *c >= 5), "{got:?}");
     gw.shutdown().await;
@@ -277,5 +277,69 @@ async fn adapter_requests_go_to_the_replica_holding_the_adapter() {
         );
     }
     gw.shutdown().await;
+    fleet.shutdown().await;
+}
+
+/// Sends `rounds` questions for each of `groups` prefix groups, round robin over
+/// the gateways (2 at a time: within the rendezvous load bound, which at tiny
+/// concurrency would otherwise move groups on noise), and returns the fleet's
+/// prefix-cache hit rate.
+async fn hit_rate_through(gateways: &[String], fleet: &Fleet, groups: usize, rounds: usize) -> f64 {
+    let mut seq = 0;
+    for q in 0..rounds {
+        let mut batch = Vec::new();
+        for g in 0..groups {
+            let url = gateways[seq % gateways.len()].clone();
+            seq += 1;
+            batch.push(tokio::spawn(async move {
+                post(&url, "/v1/chat/completions", &chat(g, q, 4)).await.0
+            }));
+            if batch.len() == 2 {
+                for t in batch.drain(..) {
+                    assert_eq!(t.await.unwrap(), 200);
+                }
+            }
+        }
+        for t in batch.drain(..) {
+            assert_eq!(t.await.unwrap(), 200);
+        }
+    }
+    let (hits, queries) = fleet.replicas().iter().fold((0, 0), |(h, q), r| {
+        let s = r.stats();
+        (h + s.prefix_cache_hits, q + s.prefix_cache_queries)
+    });
+    hits as f64 / queries.max(1) as f64
+}
+
+#[tokio::test]
+async fn three_gateways_agree_on_prefix_homes_without_a_shared_store() {
+    let (groups, rounds) = (8, 6);
+    let one = {
+        let fleet = start_fleet(fleet_config(4, 5.0)).await.unwrap();
+        let gw = gateway(config(&fleet.urls(), ROUTING)).await;
+        settle().await;
+        let rate = hit_rate_through(&[gw.url()], &fleet, groups, rounds).await;
+        gw.shutdown().await;
+        fleet.shutdown().await;
+        rate
+    };
+    let fleet = start_fleet(fleet_config(4, 5.0)).await.unwrap();
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        gws.push(gateway(config(&fleet.urls(), ROUTING)).await);
+    }
+    settle().await;
+    let urls: Vec<String> = gws.iter().map(|g| g.url()).collect();
+    let three = hit_rate_through(&urls, &fleet, groups, rounds).await;
+    eprintln!("fleet prefix hit rate: one gateway {one:.3}, three gateways {three:.3}");
+    // Each group's first request is a miss either way: 5 of 6 can hit.
+    assert!(one > 0.7, "one gateway: {one:.3}");
+    assert!(
+        three >= 0.9 * one,
+        "three gateways {three:.3} vs one {one:.3}"
+    );
+    for g in gws {
+        g.shutdown().await;
+    }
     fleet.shutdown().await;
 }

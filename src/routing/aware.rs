@@ -179,8 +179,7 @@ impl InferenceAware {
                     .min(hashes.len())
                     .wrapping_sub(1),
             )
-            .copied()
-            .or_else(|| (!req.prompt_text.is_empty()).then(|| xxh3_64(req.prompt_text.as_bytes())));
+            .copied();
         let explain = self.cfg.explain_buffer > 0;
         let lora = req.lora.or_else(|| {
             replicas
@@ -290,6 +289,11 @@ impl InferenceAware {
         let stale = Duration::from_millis(self.cfg.scrape.stale_after_ms);
         let sat = &self.cfg.saturation;
         let lora_homes = ctx.lora.map(|a| self.lora_homes(a)).unwrap_or_default();
+        let rotation = if ctx.group_key.is_none() {
+            self.total_decisions.load(Ordering::Relaxed) as usize
+        } else {
+            0
+        };
         let mut out = Vec::with_capacity(replicas.len());
         for (idx, r) in replicas.iter().enumerate() {
             if exclude.iter().any(|k| **k == *r.key()) {
@@ -329,7 +333,12 @@ impl InferenceAware {
                 queued_prefill: r.load.prefill_tokens() as f64,
                 est_ttft_ms: 0.0,
                 lora_tier,
-                rendezvous: ctx.group_key.map_or(0, |g| rendezvous_weight(g, r.key())),
+                // No prefix to keep together (prompt shorter than a block):
+                // ties rotate over the replicas instead.
+                rendezvous: ctx.group_key.map_or_else(
+                    || ((idx + rotation) % replicas.len()) as u64,
+                    |g| rendezvous_weight(g, r.key()),
+                ),
                 alive: true,
                 dropped_by: None,
                 score: 0.0,
@@ -768,6 +777,19 @@ pub(crate) mod tests {
             homes.insert(ra.key().to_string());
         }
         assert!(homes.len() >= 4, "groups spread over replicas: {homes:?}");
+    }
+
+    #[test]
+    fn prompts_shorter_than_a_block_rotate_over_idle_replicas() {
+        let rs = replicas(3);
+        for r in &rs {
+            set_signals(r, 0.0, 0.1, None);
+        }
+        let p = InferenceAware::new(RoutingConfig::default());
+        let keys: std::collections::HashSet<String> = (0..3)
+            .map(|_| p.pick(&rs, &req("s", "hi"), &[]).unwrap().key().to_string())
+            .collect();
+        assert_eq!(keys.len(), 3);
     }
 
     #[test]

@@ -171,9 +171,12 @@ impl Default for StickyConfig {
 pub struct RendezvousConfig {
     /// Blocks of the prompt's start that name its prefix group.
     pub blocks: u32,
-    /// A replica is skipped while its load exceeds `(1 + load_slack)` times the
-    /// mean (bounded-load hashing).
+    /// A replica is skipped while its load (requests) would exceed `(1 +
+    /// load_slack)` times the mean plus `load_slack_abs` (bounded-load hashing;
+    /// the absolute part keeps independent gateways, whose load views differ
+    /// slightly, agreeing at low load, where balance matters little).
     pub load_slack: f64,
+    pub load_slack_abs: f64,
 }
 
 impl Default for RendezvousConfig {
@@ -181,6 +184,7 @@ impl Default for RendezvousConfig {
         RendezvousConfig {
             blocks: 4,
             load_slack: 0.25,
+            load_slack_abs: 2.0,
         }
     }
 }

@@ -24,7 +24,7 @@ pub struct FilterOutcome {
 pub fn apply(name: FilterName, cands: &mut [Candidate], ctx: &Ctx<'_>) -> FilterOutcome {
     let mut detail = String::new();
     let (dropped, fail_open) = match name {
-        FilterName::Saturation => keep_only(cands, name, |c| !c.saturated),
+        FilterName::Saturation => saturation(cands, ctx),
         FilterName::Lora => lora(cands, ctx),
         FilterName::PrefixAffinity => prefix_affinity(cands, ctx, &mut detail),
         FilterName::Rendezvous => rendezvous(cands, ctx, &mut detail),
@@ -54,6 +54,19 @@ fn keep_only(
         dropped += 1;
     }
     (dropped, false)
+}
+
+/// Drops unknown/stale replicas always; drops busy ones (queue or KV over the
+/// thresholds) only while some replica has clear headroom (queue under half the
+/// threshold): when every replica queues, moving work around only costs cache.
+fn saturation(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
+    let max_waiting = ctx.cfg.saturation.max_waiting;
+    let headroom = cands
+        .iter()
+        .any(|c| c.alive && c.fresh && !c.saturated && c.waiting < max_waiting / 2.0);
+    keep_only(cands, FilterName::Saturation, |c| {
+        c.fresh && (!c.saturated || !headroom)
+    })
 }
 
 /// Adapter requests: the best non-empty tier of in use > sent recently > has room.
@@ -87,10 +100,14 @@ fn prefix_affinity(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) 
         return (0, false);
     }
     let threshold = ((f64::from(best) * ctx.cfg.sticky.min_match_ratio).ceil() as u32).max(1);
+    // Colder replicas count only when not saturated: leaving for a replica that
+    // queues too would spread the prefix and gain nothing.
     let min_ttft = |sticky: bool| {
         cands
             .iter()
-            .filter(|c| c.alive && (c.matched_blocks >= threshold) == sticky)
+            .filter(|c| {
+                c.alive && (c.matched_blocks >= threshold) == sticky && (sticky || !c.saturated)
+            })
             .map(|c| c.est_ttft_ms)
             .fold(f64::INFINITY, f64::min)
     };
@@ -135,7 +152,8 @@ fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u
     if n == 0 {
         return (0, false);
     }
-    let bound = ((1.0 + ctx.cfg.rendezvous.load_slack) * (total + 1.0) / n as f64).max(1.0);
+    let rz = &ctx.cfg.rendezvous;
+    let bound = ((1.0 + rz.load_slack) * (total + 1.0) / n as f64 + rz.load_slack_abs).max(1.0);
     let chosen = cands
         .iter()
         .enumerate()
@@ -180,10 +198,25 @@ mod tests {
         let o = apply(FilterName::Saturation, &mut cs, &ctx);
         assert_eq!((o.dropped, o.fail_open), (1, false));
         assert!(!cs[0].alive && cs[1].alive);
+        // Every replica queues: busy ones are kept (no headroom anywhere).
         cs[1].saturated = true;
         cs[0].alive = true;
         let o = apply(FilterName::Saturation, &mut cs, &ctx);
-        assert!(o.fail_open);
+        assert_eq!(o.dropped, 0);
+        assert!(cs[0].alive && cs[1].alive);
+        // Unknown is dropped even then; all unknown fails open.
+        cs[0].fresh = false;
+        apply(FilterName::Saturation, &mut cs, &ctx);
+        assert!(!cs[0].alive && cs[1].alive);
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].fresh = false;
+        cs[1].fresh = false;
+        assert!(apply(FilterName::Saturation, &mut cs, &ctx).fail_open);
+        // A queue just under the threshold is not headroom.
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].saturated = true;
+        cs[1].waiting = 3.0;
+        apply(FilterName::Saturation, &mut cs, &ctx);
         assert!(cs[0].alive && cs[1].alive);
     }
 
@@ -223,6 +256,14 @@ mod tests {
         let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
         assert_eq!(o.dropped, 2);
         assert!(cs[0].alive);
+        // ... also when the colder replica is faster but saturated itself.
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].matched_blocks = 50;
+        cs[0].est_ttft_ms = 500.0;
+        cs[1].est_ttft_ms = 62.5;
+        cs[1].saturated = true;
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive);
         // Queue grows past the margin: leave.
         let mut cs = vec![cand(0), cand(1)];
         cs[0].matched_blocks = 50;
@@ -258,7 +299,9 @@ mod tests {
         for (i, c) in cs.iter_mut().enumerate() {
             c.rendezvous = i as u64;
         }
-        cs[3].load_requests = 4.0;
+        // bound = 1.25 x (5 + 1) / 4 + 2 = 3.875: 3 in flight + this one is over.
+        cs[3].load_requests = 3.0;
+        cs[0].load_requests = 2.0;
         apply(FilterName::Rendezvous, &mut cs, &ctx);
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
         // A replica already holding the group: not a new prefix, no-op.

@@ -1,6 +1,8 @@
 //! The scrape loops: one task per replica polls its `/metrics` on its own
 //! interval with its own timeout and stores the parsed [`Signals`] in the replica
-//! (lock-free, arc-swap). A supervisor follows the pool's membership: it starts a
+//! (lock-free, arc-swap). A failed scrape keeps the last good signals until they
+//! are older than `stale_after_ms`, then stores the failure (the replica is then
+//! unknown, treated as saturated). A supervisor follows the pool's membership: it starts a
 //! loop for each new replica, stops the loops of removed ones and tells the
 //! picker to forget them. Dropping the [`ScrapeHandle`] stops everything.
 
@@ -175,6 +177,7 @@ async fn scrape_loop(
         return;
     };
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+    let stale_after = Duration::from_millis(cfg.stale_after_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(1)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -185,10 +188,18 @@ async fn scrape_loop(
             Ok(Err(e)) => Signals::failed(started, e),
             Err(_) => Signals::failed(started, format!("timed out after {timeout:?}")),
         };
+        let previous = replica.signals.load_full();
         if let Some(e) = &signals.error {
             tracing::debug!(replica = %replica.key(), error = %e, "metrics scrape failed");
+            // One slow or failed scrape does not flip routing: the last good
+            // signals stand until they are stale (then the replica is unknown).
+            if previous
+                .as_ref()
+                .is_some_and(|p| p.is_fresh(started, stale_after))
+            {
+                continue;
+            }
         }
-        let previous = replica.signals.load_full();
         let signals = signals.with_context(replica.load.requests(), previous.as_deref());
         replica.signals.store(Some(Arc::new(signals)));
     }
@@ -266,6 +277,32 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         false
+    }
+
+    #[tokio::test]
+    async fn a_failed_scrape_keeps_good_signals_until_stale() {
+        let n = Arc::new(AtomicU32::new(0));
+        let n2 = n.clone();
+        // Answers twice, then hangs.
+        let (ep, _) = metrics_server(move || {
+            (n2.fetch_add(1, Ordering::Relaxed) < 2).then(|| OK.to_string())
+        })
+        .await;
+        let pool = Arc::new(Pool::new("p", EngineKind::Vllm));
+        pool.apply(Update::Reset(vec![ep]));
+        let cfg = ScrapeConfig {
+            interval_ms: 20,
+            timeout_ms: 30,
+            stale_after_ms: 400,
+            ..ScrapeConfig::default()
+        };
+        let _h = spawn(pool.clone(), cfg, Arc::new(ArcSwap::from_pointee(vec![]))).unwrap();
+        let r = pool.replicas()[0].clone();
+        assert!(wait_for(|| n.load(Ordering::Relaxed) >= 3).await);
+        // Failing now, but the last good scrape is younger than 400 ms.
+        assert!(r.signals.load().as_ref().is_some_and(|s| s.error.is_none()));
+        // Once stale, the failure is stored: unknown.
+        assert!(wait_for(|| r.signals.load().as_ref().is_some_and(|s| s.error.is_some())).await);
     }
 
     #[tokio::test]

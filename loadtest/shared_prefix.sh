@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# Issue 4's routing benchmark: the shared-prefix workload (groups of users sharing a
+# long system prompt, multi-turn sessions whose prompt grows, Poisson arrivals) on a
+# fleet of simulated vLLM-like replicas, side by side in one run through:
+#   infergate (default inference-aware policy), infergate round robin,
+#   vllm-router cache_aware, sglang-router cache_aware.
+# Each system gets a fresh fleet (cold caches, same seed, same arrivals). Prints p50/p90
+# TTFT, p50/p90 inter-token latency, output tokens/s and the fleet's prefix-cache hit
+# rate (from the replicas' own vllm:prefix_cache_* counters), then the ratios the issue
+# targets.
+#
+#   bash loadtest/shared_prefix.sh [systems]        # default: all four
+#   bash loadtest/shared_prefix.sh multi            # 3 gateways vs 1 (fleet hit rate)
+#   systems: any of infergate infergate-rr vllm-router sglang-router
+#
+# Env (defaults in brackets) - the fleet: REPLICAS [8], PROFILE [llama-8b-h100],
+# TIME_SCALE [4] (modelled time runs this many times faster; latencies printed are
+# wall-clock, multiply by TIME_SCALE for modelled), BLOCKS [4096] KV blocks of 16 tokens
+# per replica. ENGINE [sim] or llama (real llama-server replicas from
+# loadtest/llama_server.sh; set REPLICAS 2-4 and a small workload). The load: RATE [40] requests/s wall, DURATION [45] s, WARMUP [10] s,
+# PREFIX_GROUPS [32], USERS [8], TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200],
+# MAX_TOKENS [150], SEED [1]. INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV.
+# Needs: cargo build --release --bin infergate --bin infergate-load; for the peers,
+# ../shared/peers/setup.sh --no-torch (-> /tmp/peers-venv). Loopback only; the script
+# stops only the processes it started.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN="${INFERGATE_BIN:-$ROOT/target/release/infergate}"
+LOAD="${LOAD_BIN:-$ROOT/target/release/infergate-load}"
+VENV="${PEERS_VENV:-/tmp/peers-venv}"
+TOK="${PEERS_TOKENIZER:-/tmp/peers-tokenizer}"
+REPLICAS=${REPLICAS:-8} PROFILE=${PROFILE:-llama-8b-h100} TIME_SCALE=${TIME_SCALE:-4}
+BLOCKS=${BLOCKS:-4096} RATE=${RATE:-40} DURATION=${DURATION:-45} WARMUP=${WARMUP:-10}
+GROUPS_=${PREFIX_GROUPS:-32} USERS=${USERS:-8} TURNS=${TURNS:-3} SYSTEM_TOKENS=${SYSTEM_TOKENS:-3000}
+QUESTION_TOKENS=${QUESTION_TOKENS:-200} MAX_TOKENS=${MAX_TOKENS:-150} SEED=${SEED:-1}
+MODEL=m
+
+[[ -x $BIN && -x $LOAD ]] || { echo "build first: cargo build --release --bin infergate --bin infergate-load" >&2; exit 2; }
+command -v curl >/dev/null || { echo "curl is required" >&2; exit 2; }
+export HF_ENDPOINT="http://127.0.0.1:9" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost"
+
+RUN=$(mktemp -d /tmp/shared-prefix.XXXXXX)
+PIDS=()
+stop_pid() {  # TERM, then KILL after 2 s
+  kill "$1" 2>/dev/null || return 0
+  for _ in $(seq 20); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+stop_all() {
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  PIDS=()
+  if [[ ${ENGINE:-sim} == llama && -d "$RUN/llama" ]]; then
+    LLAMA_RUN="$RUN/llama" bash "$ROOT/loadtest/llama_server.sh" stop >&2 || true
+  fi
+}
+trap stop_all EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() {  # url: until it answers 2xx (30 s)
+  for _ in $(seq 300); do curl -sf -m 1 -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "no answer from $1" >&2; return 1
+}
+
+URLS=()
+ENGINE=${ENGINE:-sim}
+POOL_ENGINE=vllm
+[[ $ENGINE == llama ]] && POOL_ENGINE=llama.cpp
+start_fleet() {
+  if [[ $ENGINE == llama ]]; then
+    # Real llama.cpp replicas (loadtest/llama_server.sh build, cached), on consecutive free ports.
+    local base
+    base=$(python3 -c 'import socket,random
+while True:
+    b=random.randint(20000,40000); ok=True
+    for p in range(b,b+'"$REPLICAS"'):
+        s=socket.socket()
+        try: s.bind(("127.0.0.1",p))
+        except OSError: ok=False
+        s.close()
+    if ok: print(b); break')
+    LLAMA_RUN="$RUN/llama" bash "$ROOT/loadtest/llama_server.sh" start "$REPLICAS" "$base" >&2
+    URLS=()
+    for ((i = 0; i < REPLICAS; i++)); do URLS+=("http://127.0.0.1:$((base + i))"); done
+    return
+  fi
+  "$BIN" sim --profile "$PROFILE" --replicas "$REPLICAS" --base-port 0 --time-scale "$TIME_SCALE" \
+    --num-gpu-blocks "$BLOCKS" --served-model-name $MODEL --model-path "$TOK" \
+    >"$RUN/sim.out" 2>"$RUN/sim.log" &
+  PIDS+=($!)
+  for _ in $(seq 100); do [[ $(wc -l <"$RUN/sim.out") -ge $REPLICAS ]] && break; sleep 0.1; done
+  mapfile -t URLS < <(awk '{print $3}' "$RUN/sim.out")
+  [[ ${#URLS[@]} -eq $REPLICAS ]] || { echo "sim did not start: $(cat "$RUN/sim.log")" >&2; exit 1; }
+  for u in "${URLS[@]}"; do wait_http "$u/health"; done
+}
+
+# gateway NAME POLICY URL... : starts infergate over the URLs, prints its URL.
+gateway() {
+  local name=$1 policy=$2 port admin; shift 2
+  port=$(free_port); admin=$(free_port)
+  local eps; eps=$(printf '"%s", ' "$@"); eps=${eps%, }
+  cat >"$RUN/$name.yaml" <<EOF
+listeners:
+  main: { address: "127.0.0.1:$port" }
+  admin: { address: "127.0.0.1:$admin" }
+max_body_bytes: 16MiB
+logging: { format: text }
+pools:
+  - name: fleet
+    engine: $POOL_ENGINE
+    endpoints: [$eps]
+routes:
+  - model: $MODEL
+    pool: fleet
+    timeouts: { first_byte: 10m, idle: 10m, total: off }
+    retries: { attempts: 1 }
+    routing: { policy: $policy }
+EOF
+  RUST_LOG=warn "$BIN" serve --config "$RUN/$name.yaml" >"$RUN/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$admin/readyz" >&2
+  echo "http://127.0.0.1:$port"
+}
+
+peer() {  # KIND: starts vllm-router or sglang-router (cache_aware) over the fleet, prints its URL
+  local kind=$1 port mport
+  port=$(free_port); mport=$(free_port)
+  [[ -x "$VENV/bin/$kind" ]] || { echo "missing $VENV/bin/$kind (../shared/peers/setup.sh --no-torch)" >&2; return 1; }
+  if [[ $kind == vllm-router ]]; then
+    "$VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${URLS[@]}" \
+      --policy cache_aware --prometheus-host 127.0.0.1 --prometheus-port "$mport" \
+      --worker-startup-check-interval 1 --worker-startup-timeout-secs 60 \
+      --request-timeout-secs 1800 >"$RUN/$kind.log" 2>&1 &
+  else
+    "$VENV/bin/sglang-router" launch --host 127.0.0.1 --port "$port" --worker-urls "${URLS[@]}" \
+      --policy cache_aware --prometheus-host 127.0.0.1 --prometheus-port "$mport" \
+      --worker-startup-check-interval 1 --worker-startup-timeout-secs 60 \
+      --request-timeout-secs 1800 --max-concurrent-requests -1 >"$RUN/$kind.log" 2>&1 &
+  fi
+  PIDS+=($!)
+  local url="http://127.0.0.1:$port"
+  wait_http "$url/readiness" >&2 || wait_http "$url/health" >&2
+  # sglang registers workers asynchronously: wait until a request goes through.
+  for _ in $(seq 100); do
+    curl -sf -m 5 -o /dev/null "$url/v1/completions" -H 'content-type: application/json' \
+      -d "{\"model\":\"$MODEL\",\"prompt\":\"warm up\",\"max_tokens\":1}" && break
+    sleep 0.2
+  done
+  echo "$url"
+}
+
+metrics_urls() { local s; s=$(printf '%s/metrics,' "${URLS[@]}"); echo "${s%,}"; }
+
+load() {  # URL OUT.json
+  "$LOAD" --url "$1" --model $MODEL --workload prefix --groups "$GROUPS_" --users "$USERS" \
+    --turns "$TURNS" --system-tokens "$SYSTEM_TOKENS" --question-tokens "$QUESTION_TOKENS" \
+    --max-tokens "$MAX_TOKENS" --rate "$RATE" -d "$DURATION" --warmup "$WARMUP" --seed "$SEED" \
+    --timeout 600 --scrape "$(metrics_urls)" --json >"$2" 2>"$2.err" || true
+}
+
+# run_system NAME: fresh fleet, the system in front, the load, then everything stopped.
+run_system() {
+  local name=$1 url
+  start_fleet
+  case $name in
+    infergate) url=$(gateway ig inference_aware "${URLS[@]}") ;;
+    infergate-rr) url=$(gateway ig-rr round_robin "${URLS[@]}") ;;
+    vllm-router | sglang-router) url=$(peer "$name") ;;
+    multi-1 | multi-3)
+      # A round-robin front (a Kubernetes Service, in effect) over 1 or 3 gateways.
+      local n=${name#multi-} gws=() i
+      for ((i = 0; i < n; i++)); do gws+=("$(gateway "gw$i" inference_aware "${URLS[@]}")"); done
+      url=$(gateway "front-$n" round_robin "${gws[@]}")
+      ;;
+    *) echo "unknown system $name" >&2; exit 2 ;;
+  esac
+  echo "== $name via $url (fleet ${URLS[*]})" >&2
+  load "$url" "$RUN/$name.json"
+  stop_all
+}
+
+summary() {  # names...
+  python3 - "$RUN" "$TIME_SCALE" "$ENGINE" "$@" <<'EOF'
+import json, sys
+run, ts, engine, names = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+if engine == "llama": ts = 1.0
+rows = {}
+print(f"{'system':<16}{'ok':>6}{'err':>5}{'TTFT p50':>10}{'TTFT p90':>10}{'TTFT mean':>10}{'ITL p50':>9}{'ITL p90':>9}{'out tok/s':>11}{'hit rate':>10}   (ms wall; x{ts:g} = modelled)")
+for n in names:
+    try:
+        v = json.load(open(f"{run}/{n}.json"))
+    except Exception as e:
+        print(f"{n:<16} no result ({e}); see {run}/{n}.json.err"); continue
+    t, i = v.get("ttft_ms", {}), v.get("itl_ms", {})
+    # The engines' own counters; llama.cpp has none: the answers' cached-token counts then.
+    hit = (v.get("replicas") or {}).get("prefix_cache_hit_rate")
+    if hit is None:
+        hit = v.get("usage_cache_hit_rate")
+    rows[n] = dict(p50=t.get("p50"), p90=t.get("p90"), mean=t.get("mean"), tps=v.get("output_tok_per_s"), hit=hit)
+    f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"
+    print(f"{n:<16}{v.get('ok',0):>6}{sum(v.get('errors',{}).values()):>5}{f(t.get('p50')):>10}{f(t.get('p90')):>10}{f(t.get('mean')):>10}"
+          f"{f(i.get('p50'),2):>9}{f(i.get('p90'),2):>9}{f(v.get('output_tok_per_s')):>11}{f(hit,3):>10}")
+def ratio(a, b, k):
+    try: return rows[a][k] / rows[b][k]
+    except Exception: return None
+checks = [
+    ("p90 TTFT infergate / vllm-router cache_aware", ratio("infergate", "vllm-router", "p90"), "<=", 0.5),
+    ("p90 TTFT infergate / infergate round robin", ratio("infergate", "infergate-rr", "p90"), "<=", 0.1),
+    ("output tok/s infergate / infergate round robin", ratio("infergate", "infergate-rr", "tps"), ">=", 1.3),
+    ("p90 TTFT infergate / sglang-router cache_aware", ratio("infergate", "sglang-router", "p90"), "<=", None),
+    ("mean TTFT infergate / infergate round robin", ratio("infergate", "infergate-rr", "mean"), "<=", 0.5 if engine == "llama" else None),
+    ("mean TTFT infergate / vllm-router cache_aware", ratio("infergate", "vllm-router", "mean"), "<=", 1.0 if engine == "llama" else None),
+    ("fleet hit rate 3 gateways / 1 gateway", ratio("multi-3", "multi-1", "hit"), ">=", 0.9),
+]
+for label, r, op, target in checks:
+    if r is None: continue
+    met = "" if target is None else ("  MET" if (r <= target if op == "<=" else r >= target) else "  NOT MET")
+    print(f"{label}: {r:.3f}" + ("" if target is None else f" (target {op} {target}){met}"))
+print(f"raw JSON: {run}/*.json")
+EOF
+}
+
+SYSTEMS=("$@")
+[[ ${#SYSTEMS[@]} -eq 0 ]] && SYSTEMS=(infergate infergate-rr vllm-router sglang-router)
+[[ ${SYSTEMS[0]} == multi ]] && SYSTEMS=(multi-1 multi-3)
+echo "workload: ${GROUPS_} groups x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}" >&2
+for s in "${SYSTEMS[@]}"; do run_system "$s"; done
+summary "${SYSTEMS[@]}"
