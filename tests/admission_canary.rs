@@ -36,7 +36,10 @@ routes:\n  - model: m\n    pool: stable\n    admission:\n      canary: {{ pool: 
 
 #[tokio::test]
 async fn shares_follow_the_weight_and_users_stick_to_their_side() {
-    let (_s, _c, gw) = setup(10, "").await;
+    // Rollback off: this test is about the split itself. With rollback on, a
+    // loaded machine can make the one-replica canary's p90 TTFT look worse than
+    // the stable side's and roll it back mid-test (tested separately below).
+    let (_s, _c, gw) = setup(10, ", rollback: { enabled: false }").await;
     let c = client();
     // 10,000 requests: 2,000 users x 5 requests, 32 at a time.
     let users = 2000;

@@ -342,6 +342,18 @@ async fn admin_reports_metrics_readiness_and_routes() {
         metrics.contains("infergate_completion_tokens_total"),
         "{metrics}"
     );
+    // The finished non-streaming request counts as ok, not as a disconnect.
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("infergate_requests_total{")
+                && l.contains(&format!("replica=\"{}\"", up.key()))
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        line.contains("status=\"200\"") && line.contains("outcome=\"ok\""),
+        "{line}"
+    );
     assert_eq!(get("/healthz").await.0, 200);
     assert_eq!(get("/readyz").await.0, 200);
     let (_, routes) = get("/routes").await;

@@ -134,6 +134,8 @@ pub struct RelayBody {
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,
+    /// The record was written (it is written once: at the end, or on drop).
+    recorded: bool,
 }
 
 impl RelayBody {
@@ -186,6 +188,7 @@ impl RelayBody {
             timeouts: s.timeouts,
             status,
             outcome: None,
+            recorded: false,
         }
     }
 
@@ -328,14 +331,23 @@ impl RelayBody {
                     }
                     Poll::Pending => {}
                 },
-                Phase::Streaming(body) => match Pin::new(body).poll_frame(cx) {
+                Phase::Streaming(body) => match Pin::new(&mut *body).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
+                        // With a Content-Length, hyper stops polling once that
+                        // many bytes went out: end here, or the drop would look
+                        // like a client disconnect.
+                        let ended = body.is_end_stream();
                         if let Some(data) = frame.data_ref() {
-                            if data.is_empty() {
+                            if data.is_empty() && !ended {
                                 continue;
                             }
                             let data = data.clone();
                             self.on_data(&data);
+                        }
+                        if ended {
+                            self.phase = Phase::Done;
+                            self.outcome = Some(Outcome::Ok);
+                            self.write_record();
                         }
                         return Poll::Ready(Some(Ok(frame)));
                     }
@@ -348,6 +360,7 @@ impl RelayBody {
                     Poll::Ready(None) => {
                         self.phase = Phase::Done;
                         self.outcome = Some(Outcome::Ok);
+                        self.write_record();
                         return Poll::Ready(None);
                     }
                     Poll::Pending => {}
@@ -377,8 +390,14 @@ impl RelayBody {
     }
 }
 
-impl Drop for RelayBody {
-    fn drop(&mut self) {
+impl RelayBody {
+    /// Writes the log line and metrics, once. Called when the stream ends
+    /// well (so they are visible before the client sees the end), and from
+    /// `Drop` for every other path.
+    fn write_record(&mut self) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
         let outcome = self.outcome.unwrap_or(Outcome::ClientGone);
         let status = if outcome == Outcome::ClientGone {
             499
@@ -389,7 +408,13 @@ impl Drop for RelayBody {
         if let Some(u) = self.usage.usage {
             self.record.prompt_tokens = u.prompt_tokens;
         }
-        // The reservation is released right after, as a field.
         self.record.finish(status, outcome);
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        // The reservation is released right after, as a field.
+        self.write_record();
     }
 }

@@ -157,6 +157,8 @@ pub struct Finished<'a> {
 }
 
 pub fn record_finished(f: &Finished<'_>) {
+    // Install the recorder before any handle is made and cached.
+    let _ = handle();
     let key = RequestsKey {
         route: f.route.clone(),
         model: f.model.into(),
