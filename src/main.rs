@@ -2,6 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+// mimalloc: per-thread free lists (glibc's arenas locked and consolidated on
+// the request path, ~12% of a saturated gateway's profile) and no RSS for
+// buffers reserved but never written (hyper's per-connection read buffers).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "infergate",

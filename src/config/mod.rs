@@ -118,6 +118,12 @@ pub struct Listener {
         with = "units::opt_duration"
     )]
     pub client_stall: Option<Duration>,
+    /// Threads serving this listener, each with its own runtime, accept loop
+    /// and upstream connections (no cross-thread hand-off on the request
+    /// path). `null`: one per CPU for `infergate serve`; an embedding program
+    /// calling `proxy::start` serves on its own runtime.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 impl Listener {
@@ -126,6 +132,7 @@ impl Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls: None,
             client_stall: Self::default_client_stall(),
+            workers: None,
         }
     }
     fn default_admin() -> Option<Listener> {
@@ -133,6 +140,7 @@ impl Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 9090)),
             tls: None,
             client_stall: Self::default_client_stall(),
+            workers: None,
         })
     }
     fn default_client_stall() -> Option<Duration> {

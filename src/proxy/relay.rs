@@ -131,6 +131,8 @@ pub struct RelayBody {
     usage: UsageCounter,
     stream_metrics: Option<std::sync::Arc<PairMetrics>>,
     guard: Option<Reservation>,
+    /// The replica connection permit (see `forward::MAX_CONNECTIONS_PER_REPLICA`).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,
@@ -143,11 +145,13 @@ impl RelayBody {
     pub fn streaming(
         upstream: Incoming,
         guard: Reservation,
+        permit: tokio::sync::OwnedSemaphorePermit,
         status: u16,
         setup: RelaySetup,
     ) -> Self {
         let mut r = Self::new(Phase::Streaming(upstream), status, setup);
         r.set_guard(guard);
+        r.permit = Some(permit);
         r
     }
 
@@ -184,6 +188,7 @@ impl RelayBody {
             usage: UsageCounter::new(s.sse),
             stream_metrics: None,
             guard: None,
+            permit: None,
             record: s.record,
             timeouts: s.timeouts,
             status,
@@ -302,6 +307,7 @@ impl RelayBody {
                         let sse = super::headers::is_event_stream(up.response.headers());
                         let (_, body) = up.response.into_parts();
                         self.set_guard(up.guard);
+                        self.permit = Some(up.permit);
                         if status.is_success() && sse {
                             self.phase = Phase::Streaming(body);
                         } else {

@@ -84,6 +84,9 @@ pub struct PairMetrics {
     overhead: Histogram,
     prompt_tokens: Counter,
     completion_tokens: Counter,
+    /// `infergate_requests_total` of this pair, by (model, status, outcome):
+    /// a few entries, searched without allocating.
+    requests: RwLock<Vec<RequestsEntry>>,
 }
 
 impl PairMetrics {
@@ -99,25 +102,40 @@ impl PairMetrics {
             overhead: histogram!(OVERHEAD, "route" => route.to_string()),
             prompt_tokens: counter!(PROMPT_TOKENS, &labels),
             completion_tokens: counter!(COMPLETION_TOKENS, &labels),
+            requests: RwLock::new(Vec::new()),
         }
+    }
+
+    fn requests(&self, f: &Finished<'_>) -> Counter {
+        let find = |v: &[RequestsEntry]| {
+            v.iter()
+                .find(|(m, s, o, _)| **m == *f.model && *s == f.status && *o == f.outcome)
+                .map(|e| e.3.clone())
+        };
+        if let Some(c) = find(&self.requests.read().unwrap_or_else(|p| p.into_inner())) {
+            return c;
+        }
+        let mut v = self.requests.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = find(&v) {
+            return c;
+        }
+        let c = counter!(REQUESTS,
+            "route" => f.route.to_string(), "model" => f.model.to_string(),
+            "replica" => f.replica.to_string(), "status" => status_label(f.status),
+            "outcome" => f.outcome);
+        v.push((f.model.into(), f.status, f.outcome, c.clone()));
+        c
     }
 }
 
 type PairKey = (Arc<str>, Arc<str>);
 
-#[derive(PartialEq, Eq, Hash)]
-struct RequestsKey {
-    route: Arc<str>,
-    model: Box<str>,
-    replica: Arc<str>,
-    status: u16,
-    outcome: &'static str,
-}
+/// (model, status, outcome) and its `infergate_requests_total` counter.
+type RequestsEntry = (Box<str>, u16, &'static str, Counter);
 
 #[derive(Default)]
 struct Cache {
     pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
-    requests: RwLock<HashMap<RequestsKey, Counter>>,
 }
 
 fn cache() -> &'static Cache {
@@ -159,37 +177,8 @@ pub struct Finished<'a> {
 pub fn record_finished(f: &Finished<'_>) {
     // Install the recorder before any handle is made and cached.
     let _ = handle();
-    let key = RequestsKey {
-        route: f.route.clone(),
-        model: f.model.into(),
-        replica: f.replica.clone(),
-        status: f.status,
-        outcome: f.outcome,
-    };
-    let c = cache();
-    let hit = c
-        .requests
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
-    let requests = match hit {
-        Some(counter) => counter,
-        None => {
-            let counter = counter!(REQUESTS,
-                "route" => f.route.to_string(), "model" => f.model.to_string(),
-                "replica" => f.replica.to_string(), "status" => status_label(f.status),
-                "outcome" => f.outcome);
-            c.requests
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(key)
-                .or_insert(counter)
-                .clone()
-        }
-    };
-    requests.increment(1);
     let m = pair(f.route, f.replica);
+    m.requests(f).increment(1);
     m.duration.record(f.duration.as_secs_f64());
     if let Some(t) = f.ttft {
         m.ttft.record(t.as_secs_f64());
