@@ -124,7 +124,11 @@ pub struct RelayBody {
     sse: bool,
     timeouts: Timeouts,
     total_deadline: Option<Instant>,
+    /// Fires no later than `deadline`; moved only when it fires early or the
+    /// deadline comes closer (a later deadline per data frame costs nothing).
     timer: Pin<Box<Sleep>>,
+    /// When the armed timeout expires.
+    deadline: Instant,
     armed: Armed,
     keepalive: Option<Pin<Box<Sleep>>>,
     last_frame: Option<Instant>,
@@ -182,6 +186,7 @@ impl RelayBody {
             sse: s.sse,
             total_deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+            deadline,
             armed,
             keepalive,
             last_frame: None,
@@ -214,7 +219,10 @@ impl RelayBody {
             _ => (deadline, armed),
         };
         self.armed = armed;
-        self.timer.as_mut().reset(deadline.into());
+        self.deadline = deadline;
+        if deadline < self.timer.deadline().into_std() {
+            self.timer.as_mut().reset(deadline.into());
+        }
     }
 
     fn on_data(&mut self, data: &Bytes) {
@@ -374,6 +382,11 @@ impl RelayBody {
             }
             // Nothing to send now: check the timeouts, then the keep-alive.
             if self.timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() < self.deadline {
+                    // Data came since the timer was set: wait for the rest.
+                    self.timer.as_mut().reset(self.deadline.into());
+                    continue;
+                }
                 let (e, outcome) = self.timeout_error();
                 if let Some(end) = self.fail(e, outcome) {
                     return Poll::Ready(Some(end));

@@ -26,6 +26,9 @@ pub const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
 pub const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
 pub const REPLICAS: &str = "infergate_pool_replicas";
 
+/// How often buffered histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
@@ -50,6 +53,15 @@ pub fn handle() -> &'static PrometheusHandle {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
+        // Histogram samples are buffered until drained: without a drain
+        // between scrapes they would grow without bound (one per token).
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("infergate-metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
         // Another recorder may already be installed (an embedding program, a
         // test): then our handle renders only what it saw, which is harmless.
         let _ = metrics::set_global_recorder(recorder);
