@@ -298,27 +298,33 @@ async fn accept_loop<F, Fut>(
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
-                conns.spawn(async move {
-                    let result = match tls {
-                        None => {
+                // Plain and TLS connections are separate tasks: a task is as
+                // large as its future, and the TLS one carries rustls state.
+                match tls {
+                    None => {
+                        conns.spawn(async move {
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(s) => {
-                                let conn = builder.serve_connection(TokioIo::new(s), svc);
-                                watcher.watch(conn.into_owned()).await
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
                             }
-                            Err(e) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                        },
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                        });
                     }
-                });
+                    Some(acceptor) => {
+                        conns.spawn(async move {
+                            let s = match acceptor.accept(stream).await {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(s), svc);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                }
             }
             changed = stop.changed() => {
                 let grace = match changed {
