@@ -143,12 +143,20 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--output-len", default="max-tokens",
+                    help="the sim's output length: max-tokens, or uniform:MIN:MAX (capped by --max-tokens)")
     ap.add_argument("--duration", type=float, default=15)
     ap.add_argument("--warmup", type=float, default=2)
     ap.add_argument("--overload", type=float, default=3.0)
     ap.add_argument("--deadline-ms", type=int, default=2000)
-    ap.add_argument("--critical-reserve", type=float, default=0.125,
+    ap.add_argument("--critical-reserve", type=float, default=0.25,
                     help="infergate budget.critical_reserve (share of each replica kept for critical)")
+    ap.add_argument("--critical-engine-queue", type=int, default=1,
+                    help="infergate budget.critical_engine_queue (critical requests a replica may "
+                         "take beyond its request cap, waiting in the engine's queue)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=80,
+                    help="infergate budget.max_prefill_tokens_per_replica (0: unset): unanswered prompt "
+                         "tokens per replica above which non-critical requests wait")
     ap.add_argument("--peers-venv", default="/tmp/peers-venv")
     ap.add_argument("--base-port", type=int, default=18700)
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
@@ -165,6 +173,7 @@ def main():
             infergate, "sim", "--profile", "tiny", "--replicas", str(args.replicas),
             "--base-port", str(bp), "--time-scale", str(args.time_scale),
             "--served-model-name", MODEL, "--max-num-seqs", str(args.max_num_seqs),
+            "--output-len", args.output_len,
         ])
         for u in sim_urls:
             wait_http(u + "/health")
@@ -178,6 +187,9 @@ def main():
         # infergate: admission sized to the engine (batch size and KV cache).
         kv_tokens = 256 * 16  # the tiny profile's KV cache
         reserve = f", critical_reserve: {args.critical_reserve}" if args.critical_reserve > 0 else ""
+        reserve += f", critical_engine_queue: {args.critical_engine_queue}"
+        if args.max_prefill_tokens > 0:
+            reserve += f", max_prefill_tokens_per_replica: {args.max_prefill_tokens}"
         cfg = f"""
 listeners:
   main: {{ address: "127.0.0.1:{bp + 100}" }}
@@ -285,7 +297,8 @@ routes:
           f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
           f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
           f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms;"
-          f" infergate critical reserve {args.critical_reserve}")
+          f" infergate critical reserve {args.critical_reserve}, critical engine queue {args.critical_engine_queue},"
+          f" prefill cap {args.max_prefill_tokens or 'none'}")
     print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
     hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
     print(hdr)

@@ -170,7 +170,7 @@ impl PoolAdmission {
                 !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
             })
             .inspect(|_| any_ready = true)
-            .filter(|r| self.budget.fits(r, cost.total(), priority))
+            .filter(|r| self.budget.fits(r, cost, priority))
             .cloned()
             .collect();
         if !any_ready {

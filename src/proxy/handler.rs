@@ -28,6 +28,7 @@ where
 {
     let received_at = Instant::now();
     let request_id = request_id_of(&req);
+    let version = req.version();
     let mut resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
         (&Method::POST, p) if p.starts_with("/v1/") => {
@@ -52,6 +53,10 @@ where
         ),
     };
     resp.headers_mut().insert(REQUEST_ID, request_id);
+    if version == http::Version::HTTP_2 {
+        let limit = gw.config().listeners.main.client_stall;
+        resp = resp.map(|b| b.watch_stream(limit));
+    }
     resp
 }
 

@@ -28,6 +28,7 @@ use tokio::time::Sleep;
 use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream};
 use super::record::{Outcome, RequestRecord};
 use super::usage::UsageCounter;
+use crate::admission::backpressure::StreamStallWatch;
 use crate::admission::Reservation;
 use crate::config::Timeouts;
 use crate::protocol::error::ApiError;
@@ -46,11 +47,48 @@ pub enum GatewayBody {
     Full(Option<Bytes>),
     /// A relayed upstream body.
     Relay(Box<RelayBody>),
+    /// A relayed body on an HTTP/2 stream, cut when the client stops reading
+    /// it (see `admission::backpressure::StreamStallWatch`).
+    Watched(StreamStallWatch<Box<RelayBody>>),
 }
 
 impl GatewayBody {
     pub fn full(b: impl Into<Bytes>) -> Self {
         GatewayBody::Full(Some(b.into()))
+    }
+
+    /// For an HTTP/2 stream: a relayed body is cut when the client stops
+    /// reading it for `limit` (HTTP/1 connections are watched by `StallIo`).
+    pub fn watch_stream(self, limit: Option<Duration>) -> Self {
+        match (self, limit) {
+            (GatewayBody::Relay(r), Some(_)) => {
+                GatewayBody::Watched(StreamStallWatch::new(r, limit))
+            }
+            (b, _) => b,
+        }
+    }
+}
+
+impl Body for Box<RelayBody> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.get_mut().poll_relay(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.phase {
+            Phase::Streaming(b) if !self.sse => b.size_hint(),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -71,13 +109,15 @@ impl Body for GatewayBody {
         match self.get_mut() {
             GatewayBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             GatewayBody::Relay(r) => r.poll_relay(cx),
+            GatewayBody::Watched(w) => Pin::new(w).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             GatewayBody::Full(b) => b.is_none(),
-            GatewayBody::Relay(r) => matches!(r.phase, Phase::Done),
+            GatewayBody::Relay(r) => r.is_end_stream(),
+            GatewayBody::Watched(w) => w.is_end_stream(),
         }
     }
 
@@ -85,10 +125,8 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
-            GatewayBody::Relay(r) => match &r.phase {
-                Phase::Streaming(b) if !r.sse => b.size_hint(),
-                _ => SizeHint::default(),
-            },
+            GatewayBody::Relay(r) => r.size_hint(),
+            GatewayBody::Watched(w) => w.size_hint(),
         }
     }
 }
