@@ -58,7 +58,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
     // `serve` runs one serving worker per CPU unless the config says otherwise.
     let mut main = config.listeners.main.clone();
-    main.workers.get_or_insert(0);
+    main.workers.get_or_insert(server::available_cpus());
     let handle = server::start_with(gateway, &main, config.listeners.admin.as_ref())
         .await
         .context("starting the listeners")?;

@@ -120,8 +120,10 @@ pub struct Listener {
     pub client_stall: Option<Duration>,
     /// Threads serving this listener, each with its own runtime, accept loop
     /// and upstream connections (no cross-thread hand-off on the request
-    /// path). `null`: one per CPU for `infergate serve`; an embedding program
-    /// calling `proxy::start` serves on its own runtime.
+    /// path). `0`: the process's shared work-stealing runtime (better when
+    /// the gateway shares its CPUs with other busy processes). `null`: one
+    /// per CPU for `infergate serve`; `proxy::start` (embedding, tests)
+    /// serves on the caller's runtime.
     #[serde(default)]
     pub workers: Option<usize>,
 }

@@ -113,22 +113,18 @@ pub async fn start_with(
         async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
     };
     let main_task = match main.workers {
-        None => tokio::spawn(accept_loop(
+        None | Some(0) => tokio::spawn(accept_loop(
             main_listener,
             tls,
             main.client_stall,
             stop_rx,
             handler,
         )),
-        Some(n) => {
-            let n = if n == 0 { available_cpus() } else { n };
-            spawn_workers(n, main_listener, tls, main.client_stall, stop_rx, handler).map_err(
-                |source| StartError::Bind {
-                    addr: local_addr,
-                    source,
-                },
-            )?
-        }
+        Some(n) => spawn_workers(n, main_listener, tls, main.client_stall, stop_rx, handler)
+            .map_err(|source| StartError::Bind {
+                addr: local_addr,
+                source,
+            })?,
     };
 
     let mut admin_addr = None;
