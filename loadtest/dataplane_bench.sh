@@ -204,6 +204,7 @@ print(f'  vs $name: req/s x{rps:.2f}  SSE x{sse:.2f}  RSS ${RSS[infergate]} vs $
 done
 
 # --- idle streams: the upstream is so slow no token ever comes during the test
+if (( IDLE_STREAMS <= 0 )); then echo "# logs and raw JSON: $RUN"; exit 0; fi
 echo
 echo "# idle streams: $IDLE_STREAMS open streaming requests through infergate"
 start_bg idle-upstream "$IG" sim --profile tiny --replicas 1 --base-port "$IDLE_UP_PORT" \
