@@ -162,13 +162,19 @@ pub struct RelayBody {
     sse: bool,
     timeouts: Timeouts,
     total_deadline: Option<Instant>,
+    /// Fires no later than `deadline`; moved only when it fires early or the
+    /// deadline comes closer (a later deadline per data frame costs nothing).
     timer: Pin<Box<Sleep>>,
+    /// When the armed timeout expires.
+    deadline: Instant,
     armed: Armed,
     keepalive: Option<Pin<Box<Sleep>>>,
     last_frame: Option<Instant>,
     usage: UsageCounter,
     stream_metrics: Option<std::sync::Arc<PairMetrics>>,
     guard: Option<Reservation>,
+    /// The replica connection permit (see `forward::MAX_CONNECTIONS_PER_REPLICA`).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,
@@ -181,11 +187,13 @@ impl RelayBody {
     pub fn streaming(
         upstream: Incoming,
         guard: Reservation,
+        permit: tokio::sync::OwnedSemaphorePermit,
         status: u16,
         setup: RelaySetup,
     ) -> Self {
         let mut r = Self::new(Phase::Streaming(upstream), status, setup);
         r.set_guard(guard);
+        r.permit = Some(permit);
         r
     }
 
@@ -216,12 +224,14 @@ impl RelayBody {
             sse: s.sse,
             total_deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+            deadline,
             armed,
             keepalive,
             last_frame: None,
             usage: UsageCounter::new(s.sse),
             stream_metrics: None,
             guard: None,
+            permit: None,
             record: s.record,
             timeouts: s.timeouts,
             status,
@@ -247,7 +257,10 @@ impl RelayBody {
             _ => (deadline, armed),
         };
         self.armed = armed;
-        self.timer.as_mut().reset(deadline.into());
+        self.deadline = deadline;
+        if deadline < self.timer.deadline().into_std() {
+            self.timer.as_mut().reset(deadline.into());
+        }
     }
 
     fn on_data(&mut self, data: &Bytes) {
@@ -340,6 +353,7 @@ impl RelayBody {
                         let sse = super::headers::is_event_stream(up.response.headers());
                         let (_, body) = up.response.into_parts();
                         self.set_guard(up.guard);
+                        self.permit = Some(up.permit);
                         if status.is_success() && sse {
                             self.phase = Phase::Streaming(body);
                         } else {
@@ -406,6 +420,11 @@ impl RelayBody {
             }
             // Nothing to send now: check the timeouts, then the keep-alive.
             if self.timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() < self.deadline {
+                    // Data came since the timer was set: wait for the rest.
+                    self.timer.as_mut().reset(self.deadline.into());
+                    continue;
+                }
                 let (e, outcome) = self.timeout_error();
                 if let Some(end) = self.fail(e, outcome) {
                     return Poll::Ready(Some(end));
