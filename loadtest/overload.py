@@ -157,6 +157,10 @@ def main():
     ap.add_argument("--max-prefill-tokens", type=int, default=80,
                     help="infergate budget.max_prefill_tokens_per_replica (0: unset): unanswered prompt "
                          "tokens per replica above which non-critical requests wait")
+    ap.add_argument("--engine-queue-threshold", type=int, default=5,
+                    help="an engine queue (vllm:num_requests_waiting) above this counts as overloaded "
+                         "(5: the Gateway API Inference Extension's queue-depth threshold, and infergate's "
+                         "routing.saturation.max_waiting default)")
     ap.add_argument("--peers-venv", default="/tmp/peers-venv")
     ap.add_argument("--base-port", type=int, default=18700)
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
@@ -316,6 +320,14 @@ routes:
         fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
               f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
+        if name == "infergate":
+            checks = [
+                ("critical p99 TTFT <= 2x unloaded", ratio is not None and ratio <= 2.0),
+                ("sheddable refusal p99 < 5 ms", shed_rej is not None and shed_rej < 5.0),
+                ("goodput >= 95% of capacity", goodput >= 0.95),
+                (f"engine queues <= {args.engine_queue_threshold}", maxq <= args.engine_queue_threshold),
+            ]
+            print(f"{'':<14}targets: " + "; ".join(f"{c}: {'met' if ok else 'MISSED'}" for c, ok in checks))
         if fast_refusals is not None:
             fast, shed_all = fast_refusals
             print(f"{'':<14}gateway side (whole run, warm-up included): {fast:.0f} refusals answered within 5 ms;"
