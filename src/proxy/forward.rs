@@ -44,6 +44,8 @@ use crate::telemetry::metrics::record_retry;
 pub const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
 /// Idle keep-alive connections kept per replica and serving worker.
 const MAX_IDLE_PER_REPLICA: usize = 256;
+/// Replicas remembered before the idle ones are forgotten.
+const MAX_REPLICA_SLOTS: usize = 4096;
 /// Pools kept: one per serving worker (workers beyond share by modulo).
 const MAX_WORKER_POOLS: usize = 64;
 
@@ -115,11 +117,12 @@ impl UpstreamClient {
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_REPLICA)),
             authority,
         });
-        map.write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key.clone())
-            .or_insert(slot)
-            .clone()
+        let mut map = map.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_REPLICA_SLOTS {
+            // Replicas come and go (discovery): forget the idle ones.
+            map.retain(|_, s| s.permits.available_permits() < MAX_CONNECTIONS_PER_REPLICA);
+        }
+        map.entry(key.clone()).or_insert(slot).clone()
     }
 }
 
