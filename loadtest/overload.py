@@ -145,7 +145,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--output-len", default="max-tokens",
                     help="the sim's output length: max-tokens, or uniform:MIN:MAX (capped by --max-tokens)")
-    ap.add_argument("--duration", type=float, default=15)
+    ap.add_argument("--duration", type=float, default=60)
     ap.add_argument("--warmup", type=float, default=2)
     ap.add_argument("--overload", type=float, default=3.0)
     ap.add_argument("--deadline-ms", type=int, default=2000)
