@@ -144,6 +144,11 @@ impl LoadGuard {
     pub fn tokens(&self) -> u64 {
         self.tokens
     }
+
+    /// Uncached prompt tokens still accounted as prefill (0 after the first byte).
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens
+    }
 }
 
 impl Drop for LoadGuard {

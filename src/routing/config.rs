@@ -177,6 +177,13 @@ pub struct RendezvousConfig {
     /// slightly, agreeing at low load, where balance matters little).
     pub load_slack: f64,
     pub load_slack_abs: f64,
+    /// A replica is skipped while it would hold more than `ceil((1 +
+    /// group_slack) × (groups + 1) / replicas) + group_slack_abs` prefix groups
+    /// (groups counted in this gateway's index). 0 balances groups exactly for
+    /// one gateway; several gateways, which each count only what they placed,
+    /// agree more often with more slack.
+    pub group_slack: f64,
+    pub group_slack_abs: f64,
 }
 
 impl Default for RendezvousConfig {
@@ -185,6 +192,8 @@ impl Default for RendezvousConfig {
             blocks: 4,
             load_slack: 0.25,
             load_slack_abs: 2.0,
+            group_slack: 0.0,
+            group_slack_abs: 0.0,
         }
     }
 }
