@@ -104,7 +104,7 @@ impl Budget {
 
     /// Wraps a load guard the picker already started (with its estimate of the
     /// uncached prefill, see `Picker::pick_and_begin`), sized to `cost`. The
-    /// prompt part counts only that uncached prefill: a prefix the engine already
+    /// prompt part leaves out what the picker expects cached: a prefix the engine already
     /// caches is shared by every request using it, so counting it per request
     /// would call a replica full at a fraction of its KV cache (8 requests
     /// sharing a 3,000-token system prompt on a 32k-token cache).
@@ -113,7 +113,7 @@ impl Budget {
         cost: Cost,
         listener: Option<Arc<dyn CapacityListener>>,
     ) -> Reservation {
-        let kv_prompt = guard.prefill_tokens().min(cost.prompt);
+        let kv_prompt = cost.prompt.saturating_sub(guard.cached_tokens());
         guard.set_tokens(kv_prompt + cost.output);
         Reservation {
             guard: Some(guard),
@@ -302,7 +302,7 @@ mod tests {
     fn a_cached_prefix_is_not_reserved_again() {
         let r = replica();
         // The picker found 900 of 1,000 prompt tokens cached on the replica.
-        let guard = r.begin(1050, 100);
+        let guard = r.begin(1050, 100).with_cached_tokens(900);
         let mut res = Budget::reserve_guard(guard, Cost::estimate(1000, Some(50), 16), None);
         assert_eq!(r.load.tokens(), 150);
         res.prefill_done();

@@ -522,7 +522,34 @@ impl Picker for InferenceAware {
         exclude: &[Arc<str>],
     ) -> Option<LoadGuard> {
         let (i, uncached) = self.decide(replicas, req, exclude)?;
-        Some(replicas[i].begin(req.estimated_tokens(), u64::from(uncached)))
+        let cached = req.prompt_tokens.saturating_sub(uncached);
+        Some(
+            replicas[i]
+                .begin(req.estimated_tokens(), u64::from(uncached))
+                .with_cached_tokens(u64::from(cached)),
+        )
+    }
+
+    fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
+        let bs = self.block_size();
+        let hashes = tokenizer::block_hashes(
+            req.prompt_text,
+            bs as usize,
+            tokenizer::model_seed(req.model),
+            self.cfg.prefix.max_blocks as usize,
+        );
+        let mut cached = vec![0u64; replicas.len()];
+        self.index
+            .longest_prefix(&hashes, &mut |key: &Arc<str>, blocks: u32| {
+                if let Some(i) = replicas
+                    .iter()
+                    .position(|r| Arc::ptr_eq(&r.endpoint.key, key) || *r.endpoint.key == **key)
+                {
+                    cached[i] =
+                        (u64::from(blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
+                }
+            });
+        cached
     }
 
     fn forget_absent(&self, present: &[Arc<Replica>]) {
@@ -799,22 +826,52 @@ pub(crate) mod tests {
     #[test]
     fn new_prefix_groups_are_spread_evenly() {
         // Plain rendezvous hashing puts about 7 of 31 groups on one of 8
-        // replicas; the group bound keeps every replica within ceil(31 / 8).
+        // replicas; the group bound keeps every replica within
+        // ceil(1.25 x 31 / 8) + 1 (the default slack), and exactly even without slack.
         let rs = replicas(8);
         for r in &rs {
             set_signals(r, 0.0, 0.1, None);
         }
-        let p = InferenceAware::new(RoutingConfig::default());
-        let mut per = HashMap::new();
-        for g in 0..31 {
-            let r = p.pick(&rs, &req("g", &prompt(g, 0, 1500)), &[]).unwrap();
-            *per.entry(r.key().to_string()).or_insert(0) += 1;
-            // The group sticks: its next question goes to the same replica.
-            let again = p.pick(&rs, &req("h", &prompt(g, 1, 1500)), &[]).unwrap();
-            assert_eq!(again.key(), r.key(), "group {g}");
+        for (slack, abs, max) in [(0.25, 1.0, 6), (0.0, 0.0, 4)] {
+            let mut cfg = RoutingConfig::default();
+            cfg.rendezvous.group_slack = slack;
+            cfg.rendezvous.group_slack_abs = abs;
+            let p = InferenceAware::new(cfg);
+            let mut per = HashMap::new();
+            for g in 0..31 {
+                let r = p.pick(&rs, &req("g", &prompt(g, 0, 1500)), &[]).unwrap();
+                *per.entry(r.key().to_string()).or_insert(0) += 1;
+                // The group sticks: its next question goes to the same replica.
+                let again = p.pick(&rs, &req("h", &prompt(g, 1, 1500)), &[]).unwrap();
+                assert_eq!(again.key(), r.key(), "group {g}");
+            }
+            assert_eq!(per.len(), 8, "{per:?}");
+            assert!(per.values().all(|n| *n <= max), "slack {slack}: {per:?}");
         }
-        assert_eq!(per.len(), 8, "{per:?}");
-        assert!(per.values().all(|n| *n <= 4), "{per:?}");
+    }
+
+    #[test]
+    fn cached_prompt_tokens_name_the_holder() {
+        let rs = replicas(3);
+        for r in &rs {
+            set_signals(r, 0.0, 0.1, None);
+        }
+        let p = InferenceAware::new(RoutingConfig::default());
+        let text = prompt(7, 0, 2000);
+        assert!(p
+            .cached_prompt_tokens(&rs, &req("a", &text))
+            .iter()
+            .all(|c| *c == 0));
+        let home = p.pick(&rs, &req("a", &text), &[]).unwrap();
+        let next = prompt(7, 1, 2000);
+        let cached = p.cached_prompt_tokens(&rs, &req("b", &next));
+        for (r, c) in rs.iter().zip(&cached) {
+            if r.key() == home.key() {
+                assert!(*c >= 480, "{cached:?}");
+            } else {
+                assert_eq!(*c, 0, "{cached:?}");
+            }
+        }
     }
 
     #[test]

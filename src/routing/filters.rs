@@ -60,8 +60,9 @@ fn keep_only(
 /// thresholds) only while some replica has clear headroom (queue under half the
 /// threshold): when every replica queues, moving work around only costs cache.
 /// A busy replica holding (nearly) the longest cached prefix of this prompt is
-/// kept: whether to leave it is `prefix_affinity`'s call, which weighs its queue
-/// against the full prefill elsewhere. Dropping it here made every burst
+/// kept (until its queue reaches twice the threshold): whether to leave it is
+/// `prefix_affinity`'s call, which weighs its queue against the full prefill
+/// elsewhere. Dropping it here made every burst
 /// replicate prefixes onto colder replicas, whose extra prefills and KV copies
 /// fed the next burst (the fleet's hit rate fell from 0.85 to 0.66).
 fn saturation(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
@@ -70,8 +71,13 @@ fn saturation(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
         .iter()
         .any(|c| c.alive && c.fresh && !c.saturated && c.waiting < max_waiting / 2.0);
     let sticky = sticky_threshold(cands, ctx);
+    // The holder stays a candidate until its queue is twice the threshold: its
+    // TTFT estimate counts queued prefill, not the wait for a batch slot.
+    let holder = |c: &Candidate| {
+        sticky.is_some_and(|t| c.matched_blocks >= t) && c.waiting < 2.0 * max_waiting
+    };
     keep_only(cands, FilterName::Saturation, |c| {
-        c.fresh && (!c.saturated || !headroom || sticky.is_some_and(|t| c.matched_blocks >= t))
+        c.fresh && (!c.saturated || !headroom || holder(c))
     })
 }
 
@@ -269,6 +275,10 @@ mod tests {
         let o = apply(FilterName::Saturation, &mut cs, &ctx);
         assert_eq!(o.dropped, 1);
         assert!(cs[0].alive && !cs[1].alive && cs[2].alive);
+        // ... until its queue reaches twice the threshold.
+        cs[0].waiting = 10.0;
+        apply(FilterName::Saturation, &mut cs, &ctx);
+        assert!(!cs[0].alive && cs[2].alive);
         // A queue just under the threshold is not headroom.
         let mut cs = vec![cand(0), cand(1)];
         cs[0].saturated = true;
@@ -344,7 +354,8 @@ mod tests {
 
     #[test]
     fn rendezvous_places_new_groups_within_load_bound() {
-        let cfg = RoutingConfig::default();
+        let mut cfg = RoutingConfig::default();
+        (cfg.rendezvous.group_slack, cfg.rendezvous.group_slack_abs) = (0.0, 0.0);
         let ctx = ctx_for(&cfg, None, 1000);
         let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
         for (i, c) in cs.iter_mut().enumerate() {

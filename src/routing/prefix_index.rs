@@ -405,6 +405,12 @@ impl Inner {
     }
 }
 
+impl<F: FnMut(&Arc<str>, u32)> MatchSink for F {
+    fn matched(&mut self, key: &Arc<str>, blocks: u32) {
+        self(key, blocks);
+    }
+}
+
 impl MatchSink for HashMap<Arc<str>, u32> {
     fn matched(&mut self, key: &Arc<str>, blocks: u32) {
         self.insert(key.clone(), blocks);
