@@ -12,7 +12,7 @@
 #[path = "support_gateway/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_replicas(server: &PathBuf, model: &PathBuf, n: usize) -> (Replicas, Vec<String>) {
+async fn start_replicas(server: &Path, model: &Path, n: usize) -> (Replicas, Vec<String>) {
     let mut replicas = Replicas(Vec::new());
     let mut urls = Vec::new();
     let lib_dir = server.parent().unwrap();
