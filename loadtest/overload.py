@@ -143,12 +143,24 @@ def main():
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--output-len", default="max-tokens",
+                    help="the sim's output length: max-tokens, or uniform:MIN:MAX (capped by --max-tokens)")
     ap.add_argument("--duration", type=float, default=15)
     ap.add_argument("--warmup", type=float, default=2)
     ap.add_argument("--overload", type=float, default=3.0)
     ap.add_argument("--deadline-ms", type=int, default=2000)
-    ap.add_argument("--critical-reserve", type=float, default=0.125,
+    ap.add_argument("--critical-reserve", type=float, default=0.25,
                     help="infergate budget.critical_reserve (share of each replica kept for critical)")
+    ap.add_argument("--critical-engine-queue", type=int, default=1,
+                    help="infergate budget.critical_engine_queue (critical requests a replica may "
+                         "take beyond its request cap, waiting in the engine's queue)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=80,
+                    help="infergate budget.max_prefill_tokens_per_replica (0: unset): unanswered prompt "
+                         "tokens per replica above which non-critical requests wait")
+    ap.add_argument("--engine-queue-threshold", type=int, default=5,
+                    help="an engine queue (vllm:num_requests_waiting) above this counts as overloaded "
+                         "(5: the Gateway API Inference Extension's queue-depth threshold, and infergate's "
+                         "routing.saturation.max_waiting default)")
     ap.add_argument("--peers-venv", default="/tmp/peers-venv")
     ap.add_argument("--base-port", type=int, default=18700)
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
@@ -165,6 +177,7 @@ def main():
             infergate, "sim", "--profile", "tiny", "--replicas", str(args.replicas),
             "--base-port", str(bp), "--time-scale", str(args.time_scale),
             "--served-model-name", MODEL, "--max-num-seqs", str(args.max_num_seqs),
+            "--output-len", args.output_len,
         ])
         for u in sim_urls:
             wait_http(u + "/health")
@@ -178,6 +191,9 @@ def main():
         # infergate: admission sized to the engine (batch size and KV cache).
         kv_tokens = 256 * 16  # the tiny profile's KV cache
         reserve = f", critical_reserve: {args.critical_reserve}" if args.critical_reserve > 0 else ""
+        reserve += f", critical_engine_queue: {args.critical_engine_queue}"
+        if args.max_prefill_tokens > 0:
+            reserve += f", max_prefill_tokens_per_replica: {args.max_prefill_tokens}"
         cfg = f"""
 listeners:
   main: {{ address: "127.0.0.1:{bp + 100}" }}
@@ -285,7 +301,8 @@ routes:
           f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
           f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
           f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms;"
-          f" infergate critical reserve {args.critical_reserve}")
+          f" infergate critical reserve {args.critical_reserve}, critical engine queue {args.critical_engine_queue},"
+          f" prefill cap {args.max_prefill_tokens or 'none'}")
     print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
     hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
     print(hdr)
@@ -303,6 +320,14 @@ routes:
         fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
               f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
+        if name == "infergate":
+            checks = [
+                ("critical p99 TTFT <= 2x unloaded", ratio is not None and ratio <= 2.0),
+                ("sheddable refusal p99 < 5 ms", shed_rej is not None and shed_rej < 5.0),
+                ("goodput >= 95% of capacity", goodput >= 0.95),
+                (f"engine queues <= {args.engine_queue_threshold}", maxq <= args.engine_queue_threshold),
+            ]
+            print(f"{'':<14}targets: " + "; ".join(f"{c}: {'met' if ok else 'MISSED'}" for c, ok in checks))
         if fast_refusals is not None:
             fast, shed_all = fast_refusals
             print(f"{'':<14}gateway side (whole run, warm-up included): {fast:.0f} refusals answered within 5 ms;"

@@ -120,6 +120,11 @@ impl LoadGuard {
         &self.replica
     }
 
+    /// Prefill tokens this request still holds (0 once its first byte came).
+    pub fn prefill_tokens(&self) -> u64 {
+        self.prefill_tokens
+    }
+
     /// The first byte arrived: the prefill is done, release its share.
     pub fn prefill_done(&mut self) {
         let p = std::mem::take(&mut self.prefill_tokens);

@@ -101,3 +101,54 @@ async fn a_slow_client_that_keeps_reading_is_served_to_the_end() {
     assert!(String::from_utf8_lossy(&all).contains("data: [DONE]"));
     assert_eq!(f.replica(0).stats().requests_aborted, 0);
 }
+
+/// HTTP/2: flow control stops a stream the client does not read before the
+/// socket fills, so the connection looks healthy; the stream itself is cut
+/// and its upstream cancelled, while another stream on the same connection
+/// is served to the end.
+#[tokio::test]
+async fn an_http2_stream_the_client_stops_reading_is_cut_and_its_neighbour_is_not() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (f, gw) = setup().await;
+    let r = route(&gw, "m");
+    let tcp = tokio::net::TcpStream::connect(gw.local_addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = |tokens: u32| {
+        http::Request::post(format!("http://{}/v1/completions", gw.local_addr))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(completion(
+                "m",
+                "h2 stream",
+                tokens,
+                true,
+            ))))
+            .unwrap()
+    };
+    // Stream A: ~15 MB of SSE; the client takes the head and reads nothing more.
+    let stalled = send.send_request(request(100_000)).await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    assert_eq!(stalled.version(), http::Version::HTTP_2);
+    // Stream B, on the same connection, read to the end meanwhile.
+    let served = send.send_request(request(2_000)).await.unwrap();
+    let body = served.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"data: [DONE]\n\n"));
+    let t0 = Instant::now();
+    until("the stalled stream's upstream is cancelled", || {
+        f.replica(0).stats().requests_aborted == 1
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    until("load released", || {
+        r.pool.replicas()[0].load.requests() == 0
+    })
+    .await;
+    // The stalled stream ends with an error (reset), not a clean end.
+    let rest = tokio::time::timeout(Duration::from_secs(5), stalled.into_body().collect()).await;
+    assert!(matches!(rest, Ok(Err(_))), "the stream was reset");
+}

@@ -251,3 +251,60 @@ async fn tenants_in_one_band_get_equal_token_shares() {
         "big's token share {share:.3} ({big} vs {small})"
     );
 }
+
+#[tokio::test]
+async fn a_critical_request_may_go_past_the_request_cap_while_others_wait_at_the_gateway() {
+    let f = fleet("m", 1, 5.0).await;
+    let gw = gateway(&format!(
+        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_requests_per_replica: 1, critical_engine_queue: 1 }}\n",
+        urls(&f)
+    ))
+    .await;
+    let c = client();
+    let replica = route(&gw, "m").pool.replicas()[0].clone();
+    let send = |prio: &'static str, max_tokens: u32| {
+        let (c, url) = (c.clone(), gw.url());
+        tokio::spawn(async move {
+            let req = http::Request::post(format!("{url}/v1/completions"))
+                .header("content-type", "application/json")
+                .header("x-infergate-priority", prio)
+                .body(http_body_util::Full::new(bytes::Bytes::from(completion(
+                    "m", prio, max_tokens, true,
+                ))))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            let s = resp.status();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            (s, Instant::now())
+        })
+    };
+    // The replica's one slot is taken by a long standard stream.
+    let held = hold(&c, &gw, "m", 1500).await;
+    let standard = send("standard", 2);
+    until("standard waits at the gateway", || queued(&gw, "m") == 1).await;
+    // A critical request still goes to the replica (the engine's own queue).
+    let critical_long = send("critical", 1500);
+    until("critical goes past the cap", || {
+        replica.load.requests() == 2
+    })
+    .await;
+    assert_eq!(queued(&gw, "m"), 1, "only the standard request is queued");
+    // ... but only `critical_engine_queue` of them.
+    let critical = send("critical", 2);
+    until("the next critical waits at the gateway", || {
+        queued(&gw, "m") == 2
+    })
+    .await;
+    assert_eq!(replica.load.requests(), 2, "the excess is bounded");
+    let (s_held, t_held) = (held.await.unwrap(), Instant::now());
+    let (s_long, _) = critical_long.await.unwrap();
+    let (s_crit, t_crit) = critical.await.unwrap();
+    let (s_std, t_std) = standard.await.unwrap();
+    assert_eq!(
+        [s_held, s_long, s_crit, s_std].map(|s| s.as_u16()),
+        [200; 4]
+    );
+    assert!(t_crit <= t_std, "the queued critical goes before standard");
+    assert!(t_held <= t_std);
+    drop(f);
+}

@@ -71,16 +71,26 @@ impl Budget {
     /// tokens now. Below critical, only the budget minus the critical reserve
     /// counts. An idle replica always can (a request larger than the budget
     /// must still run somewhere; the engine decides whether it fits at all).
-    pub fn fits(&self, replica: &Replica, cost: u64, priority: Priority) -> bool {
-        let share = if priority == Priority::Critical {
+    pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority) -> bool {
+        let critical = priority == Priority::Critical;
+        let share = if critical {
             1.0
         } else {
             1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
         };
         let load = &replica.load;
         if let Some(max) = self.cfg.max_requests_per_replica {
-            let max = ((max as f64 * share).floor() as u64).max(1);
+            let mut max = ((max as f64 * share).floor() as u64).max(1);
+            if critical {
+                max = max.saturating_add(self.cfg.critical_engine_queue);
+            }
             if load.requests() >= max {
+                return false;
+            }
+        }
+        if let (Some(max), false) = (self.cfg.max_prefill_tokens_per_replica, critical) {
+            let pending = load.prefill_tokens();
+            if pending > 0 && pending.saturating_add(cost.prompt) > max {
                 return false;
             }
         }
@@ -88,7 +98,7 @@ impl Budget {
             None => true,
             Some(cap) => {
                 let used = load.tokens();
-                used == 0 || used.saturating_add(cost) as f64 <= cap as f64 * share
+                used == 0 || used.saturating_add(cost.total()) as f64 <= cap as f64 * share
             }
         }
     }
@@ -158,10 +168,17 @@ impl Reservation {
         self.cost
     }
 
-    /// The first response byte arrived: the prefill share is released.
+    /// The first response byte arrived: the prefill share is released, and
+    /// the queue hears of it (a request held back by the replica's prefill
+    /// cap may go now).
     pub fn prefill_done(&mut self) {
-        if let Some(g) = &mut self.guard {
-            g.prefill_done();
+        let Some(g) = &mut self.guard else { return };
+        if g.prefill_tokens() == 0 {
+            return;
+        }
+        g.prefill_done();
+        if let Some(l) = &self.listener {
+            l.capacity_freed(0);
         }
     }
 
@@ -227,6 +244,14 @@ mod tests {
         ))
     }
 
+    /// A cost of `tokens` output tokens and no prompt.
+    fn out(tokens: u64) -> Cost {
+        Cost {
+            prompt: 0,
+            output: tokens,
+        }
+    }
+
     #[derive(Debug, Default)]
     struct Count(AtomicU64, AtomicU64);
     impl CapacityListener for Count {
@@ -245,13 +270,13 @@ mod tests {
         });
         let r = replica();
         // Idle replica takes even an oversized request.
-        assert!(b.fits(&r, 1000, S));
+        assert!(b.fits(&r, out(1000), S));
         let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
         assert_eq!(r.load.tokens(), 60);
-        assert!(b.fits(&r, 40, S));
-        assert!(!b.fits(&r, 41, S));
+        assert!(b.fits(&r, out(40), S));
+        assert!(!b.fits(&r, out(41), S));
         let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
-        assert!(!b.fits(&r, 1, S), "request cap reached");
+        assert!(!b.fits(&r, out(1), S), "request cap reached");
     }
 
     #[test]
@@ -264,16 +289,69 @@ mod tests {
         });
         let r = replica();
         let _a = Budget::reserve(&r, Cost::estimate(70, Some(0), 0), None);
-        assert!(b.fits(&r, 5, S), "75 of 100 tokens for standard");
-        assert!(!b.fits(&r, 6, S));
-        assert!(b.fits(&r, 30, Priority::Critical));
+        assert!(b.fits(&r, out(5), S), "75 of 100 tokens for standard");
+        assert!(!b.fits(&r, out(6), S));
+        assert!(b.fits(&r, out(30), Priority::Critical));
         let _b = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         let _c = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         assert!(
-            !b.fits(&r, 1, Priority::Sheddable),
+            !b.fits(&r, out(1), Priority::Sheddable),
             "3 of 4 requests for others"
         );
-        assert!(b.fits(&r, 1, Priority::Critical));
+        assert!(b.fits(&r, out(1), Priority::Critical));
+    }
+
+    #[test]
+    fn critical_may_queue_in_the_engine_beyond_the_request_cap() {
+        let b = Budget::new(BudgetConfig {
+            max_requests_per_replica: Some(2),
+            critical_engine_queue: 1,
+            ..Default::default()
+        });
+        let r = replica();
+        let _held: Vec<_> = (0..2)
+            .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
+            .collect();
+        assert!(!b.fits(&r, out(1), S), "standard stops at the engine's cap");
+        assert!(
+            b.fits(&r, out(1), Priority::Critical),
+            "critical may wait in the engine"
+        );
+        let _third = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        assert!(
+            !b.fits(&r, out(1), Priority::Critical),
+            "the engine queue is bounded"
+        );
+    }
+
+    #[test]
+    fn pending_prefill_caps_non_critical_and_its_end_wakes_the_queue() {
+        let b = Budget::new(BudgetConfig {
+            max_prefill_tokens_per_replica: Some(100),
+            ..Default::default()
+        });
+        let r = replica();
+        let prompt = |p| Cost {
+            prompt: p,
+            output: 10,
+        };
+        assert!(
+            b.fits(&r, prompt(500), S),
+            "an idle replica takes any prompt"
+        );
+        let count = Arc::new(Count::default());
+        let mut first = Budget::reserve(&r, prompt(60), Some(count.clone()));
+        assert!(b.fits(&r, prompt(40), S));
+        assert!(!b.fits(&r, prompt(41), S), "60 + 41 prompt tokens pending");
+        assert!(
+            b.fits(&r, prompt(41), Priority::Critical),
+            "critical ignores the cap"
+        );
+        first.prefill_done();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the queue hears of it");
+        assert!(b.fits(&r, prompt(500), S));
+        first.prefill_done();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "only once");
     }
 
     #[test]
@@ -285,7 +363,10 @@ mod tests {
         let r = replica();
         assert_eq!(b.capacity(&r), None);
         let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
-        assert!(b.fits(&r, 1_000_000, S), "unlimited when nothing is known");
+        assert!(
+            b.fits(&r, out(1_000_000), S),
+            "unlimited when nothing is known"
+        );
         let body = "vllm:num_requests_running{engine=\"0\"} 0\nvllm:num_requests_waiting{engine=\"0\"} 0\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.1\nvllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"250\"} 1.0\n";
         let signals = crate::routing::signals::parse(
             crate::pool::EngineKind::Vllm,
@@ -295,7 +376,7 @@ mod tests {
         assert_eq!(signals.cache_tokens(), Some(4000));
         r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
-        assert!(!b.fits(&r, 1, S));
+        assert!(!b.fits(&r, out(1), S));
     }
 
     #[test]
@@ -323,6 +404,7 @@ mod tests {
         assert_eq!(r.load.prefill_tokens(), 100);
         res.prefill_done();
         assert_eq!(r.load.prefill_tokens(), 0);
+        assert_eq!(l.0.load(Ordering::SeqCst), 1, "prefill end notifies");
         res.observe_generated(30);
         assert_eq!(r.load.tokens(), 150, "within the estimate: unchanged");
         res.observe_generated(80);
@@ -332,14 +414,14 @@ mod tests {
         assert_eq!(r.load.tokens(), 160);
         assert_eq!(
             l.0.load(Ordering::SeqCst),
-            1,
+            2,
             "downward correction notifies"
         );
         res.observe_generated(500);
         assert_eq!(r.load.tokens(), 160, "final usage is not overridden");
         drop(res);
         assert_eq!((r.load.tokens(), r.load.requests()), (0, 0));
-        assert_eq!(l.0.load(Ordering::SeqCst), 2);
+        assert_eq!(l.0.load(Ordering::SeqCst), 3);
         assert_eq!(l.1.load(Ordering::SeqCst), 20 + 160);
     }
 }

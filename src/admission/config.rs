@@ -60,6 +60,20 @@ pub struct BudgetConfig {
     /// critical requests may use, so a critical arrival finds room at once
     /// instead of waiting for a standard request to end. 0 by default.
     pub critical_reserve: f64,
+    /// Requests a replica may take beyond `max_requests_per_replica` when
+    /// they are critical: they wait in the engine's own queue, which starts
+    /// them at the very step a sequence ends, instead of in the gateway's,
+    /// which starts them a round trip after the end is relayed. Only critical
+    /// requests ever wait there (the others are held at the gateway while the
+    /// replica is at its cap), so the engine queue stays at most this long.
+    pub critical_engine_queue: u64,
+    /// Prompt tokens sent to a replica and not answered yet (no first token)
+    /// above which non-critical requests wait. An engine computes every
+    /// waiting prefill in its next steps, so a burst of admissions makes long
+    /// steps that a critical arrival must sit through; this cap spreads the
+    /// burst over several steps (critical requests ignore it). A replica
+    /// with no pending prefill always takes one request.
+    pub max_prefill_tokens_per_replica: Option<u64>,
 }
 
 impl Default for BudgetConfig {
@@ -69,6 +83,8 @@ impl Default for BudgetConfig {
             kv_fraction: 0.9,
             max_requests_per_replica: None,
             critical_reserve: 0.0,
+            critical_engine_queue: 0,
+            max_prefill_tokens_per_replica: None,
         }
     }
 }

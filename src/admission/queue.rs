@@ -175,7 +175,11 @@ impl PoolAdmission {
             .inspect(|_| any_ready = true)
             .filter(|(i, r)| {
                 let here = cached.get(*i).copied().unwrap_or(0).min(cost.prompt);
-                self.budget.fits(r, cost.total() - here, priority)
+                let cost_here = Cost {
+                    prompt: cost.prompt - here,
+                    output: cost.output,
+                };
+                self.budget.fits(r, cost_here, priority)
             })
             .map(|(_, r)| r.clone())
             .collect();

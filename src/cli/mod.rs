@@ -56,19 +56,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grace = config.shutdown_grace;
     let gateway = crate::proxy::gateway::Gateway::new(config.clone())?;
     let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
-    let handle = server::start_with(
-        gateway,
-        &config.listeners.main,
-        config.listeners.admin.as_ref(),
-    )
-    .await
-    .context("starting the listeners")?;
+    // `serve` runs one serving worker per CPU unless the config says otherwise.
+    let mut main = config.listeners.main.clone();
+    main.workers.get_or_insert(server::available_cpus());
+    let handle = server::start_with(gateway, &main, config.listeners.admin.as_ref())
+        .await
+        .context("starting the listeners")?;
     announce(&handle);
     wait_for_signal().await;
     tracing::info!(?grace, "shutting down: draining requests in flight");
     handle.drain(grace).await;
     drop(control);
     tracing::info!("stopped");
+    telemetry::log::flush();
     Ok(())
 }
 

@@ -118,6 +118,14 @@ pub struct Listener {
         with = "units::opt_duration"
     )]
     pub client_stall: Option<Duration>,
+    /// Threads serving this listener, each with its own runtime, accept loop
+    /// and upstream connections (no cross-thread hand-off on the request
+    /// path). `0`: the process's shared work-stealing runtime (better when
+    /// the gateway shares its CPUs with other busy processes). `null`: one
+    /// per CPU for `infergate serve`; `proxy::start` (embedding, tests)
+    /// serves on the caller's runtime.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 impl Listener {
@@ -126,6 +134,7 @@ impl Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls: None,
             client_stall: Self::default_client_stall(),
+            workers: None,
         }
     }
     fn default_admin() -> Option<Listener> {
@@ -133,6 +142,7 @@ impl Listener {
             address: SocketAddr::from(([127, 0, 0, 1], 9090)),
             tls: None,
             client_stall: Self::default_client_stall(),
+            workers: None,
         })
     }
     fn default_client_stall() -> Option<Duration> {

@@ -28,6 +28,7 @@ where
 {
     let received_at = Instant::now();
     let request_id = request_id_of(&req);
+    let version = req.version();
     let mut resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
         (&Method::POST, p) if p.starts_with("/v1/") => {
@@ -52,6 +53,10 @@ where
         ),
     };
     resp.headers_mut().insert(REQUEST_ID, request_id);
+    if version == http::Version::HTTP_2 {
+        let limit = gw.config().listeners.main.client_stall;
+        resp = resp.map(|b| b.watch_stream(limit));
+    }
     resp
 }
 
@@ -59,8 +64,11 @@ where
 fn request_id_of<B>(req: &Request<B>) -> HeaderValue {
     match req.headers().get(REQUEST_ID) {
         Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => v.clone(),
-        _ => HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-            .unwrap_or(HeaderValue::from_static("-")),
+        _ => {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
+        }
     }
 }
 
@@ -138,14 +146,14 @@ where
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let headers = parts.headers;
     let rid = request_id.clone();
     let include_usage = rc.usage.include_usage;
     let mut pending = Box::pin(async move {
         let out = Outgoing {
-            path_and_query: &path_and_query,
+            path_and_query,
             headers: &headers,
             body,
             request_id: &rid,
@@ -216,7 +224,7 @@ where
                 first_byte_deadline,
                 sse,
             };
-            let body = RelayBody::streaming(incoming, up.guard, status, setup);
+            let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))
         }
     }
@@ -247,7 +255,7 @@ async fn dispatch(
                 replica: None,
             })?;
         let attempt = Outgoing {
-            path_and_query: out.path_and_query,
+            path_and_query: out.path_and_query.clone(),
             headers: out.headers,
             body,
             request_id: out.request_id,

@@ -28,6 +28,7 @@ use tokio::time::Sleep;
 use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream};
 use super::record::{Outcome, RequestRecord};
 use super::usage::UsageCounter;
+use crate::admission::backpressure::StreamStallWatch;
 use crate::admission::Reservation;
 use crate::config::Timeouts;
 use crate::protocol::error::ApiError;
@@ -46,11 +47,48 @@ pub enum GatewayBody {
     Full(Option<Bytes>),
     /// A relayed upstream body.
     Relay(Box<RelayBody>),
+    /// A relayed body on an HTTP/2 stream, cut when the client stops reading
+    /// it (see `admission::backpressure::StreamStallWatch`).
+    Watched(StreamStallWatch<Box<RelayBody>>),
 }
 
 impl GatewayBody {
     pub fn full(b: impl Into<Bytes>) -> Self {
         GatewayBody::Full(Some(b.into()))
+    }
+
+    /// For an HTTP/2 stream: a relayed body is cut when the client stops
+    /// reading it for `limit` (HTTP/1 connections are watched by `StallIo`).
+    pub fn watch_stream(self, limit: Option<Duration>) -> Self {
+        match (self, limit) {
+            (GatewayBody::Relay(r), Some(_)) => {
+                GatewayBody::Watched(StreamStallWatch::new(r, limit))
+            }
+            (b, _) => b,
+        }
+    }
+}
+
+impl Body for Box<RelayBody> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.get_mut().poll_relay(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.phase {
+            Phase::Streaming(b) if !self.sse => b.size_hint(),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -71,13 +109,15 @@ impl Body for GatewayBody {
         match self.get_mut() {
             GatewayBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             GatewayBody::Relay(r) => r.poll_relay(cx),
+            GatewayBody::Watched(w) => Pin::new(w).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             GatewayBody::Full(b) => b.is_none(),
-            GatewayBody::Relay(r) => matches!(r.phase, Phase::Done),
+            GatewayBody::Relay(r) => r.is_end_stream(),
+            GatewayBody::Watched(w) => w.is_end_stream(),
         }
     }
 
@@ -85,10 +125,8 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
-            GatewayBody::Relay(r) => match &r.phase {
-                Phase::Streaming(b) if !r.sse => b.size_hint(),
-                _ => SizeHint::default(),
-            },
+            GatewayBody::Relay(r) => r.size_hint(),
+            GatewayBody::Watched(w) => w.size_hint(),
         }
     }
 }
@@ -124,13 +162,19 @@ pub struct RelayBody {
     sse: bool,
     timeouts: Timeouts,
     total_deadline: Option<Instant>,
+    /// Fires no later than `deadline`; moved only when it fires early or the
+    /// deadline comes closer (a later deadline per data frame costs nothing).
     timer: Pin<Box<Sleep>>,
+    /// When the armed timeout expires.
+    deadline: Instant,
     armed: Armed,
     keepalive: Option<Pin<Box<Sleep>>>,
     last_frame: Option<Instant>,
     usage: UsageCounter,
     stream_metrics: Option<std::sync::Arc<PairMetrics>>,
     guard: Option<Reservation>,
+    /// The replica connection permit (see `forward::MAX_CONNECTIONS_PER_REPLICA`).
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,
@@ -143,11 +187,13 @@ impl RelayBody {
     pub fn streaming(
         upstream: Incoming,
         guard: Reservation,
+        permit: tokio::sync::OwnedSemaphorePermit,
         status: u16,
         setup: RelaySetup,
     ) -> Self {
         let mut r = Self::new(Phase::Streaming(upstream), status, setup);
         r.set_guard(guard);
+        r.permit = Some(permit);
         r
     }
 
@@ -178,12 +224,14 @@ impl RelayBody {
             sse: s.sse,
             total_deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
+            deadline,
             armed,
             keepalive,
             last_frame: None,
             usage: UsageCounter::new(s.sse),
             stream_metrics: None,
             guard: None,
+            permit: None,
             record: s.record,
             timeouts: s.timeouts,
             status,
@@ -209,7 +257,10 @@ impl RelayBody {
             _ => (deadline, armed),
         };
         self.armed = armed;
-        self.timer.as_mut().reset(deadline.into());
+        self.deadline = deadline;
+        if deadline < self.timer.deadline().into_std() {
+            self.timer.as_mut().reset(deadline.into());
+        }
     }
 
     fn on_data(&mut self, data: &Bytes) {
@@ -302,6 +353,7 @@ impl RelayBody {
                         let sse = super::headers::is_event_stream(up.response.headers());
                         let (_, body) = up.response.into_parts();
                         self.set_guard(up.guard);
+                        self.permit = Some(up.permit);
                         if status.is_success() && sse {
                             self.phase = Phase::Streaming(body);
                         } else {
@@ -368,6 +420,11 @@ impl RelayBody {
             }
             // Nothing to send now: check the timeouts, then the keep-alive.
             if self.timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() < self.deadline {
+                    // Data came since the timer was set: wait for the rest.
+                    self.timer.as_mut().reset(self.deadline.into());
+                    continue;
+                }
                 let (e, outcome) = self.timeout_error();
                 if let Some(end) = self.fail(e, outcome) {
                     return Poll::Ready(Some(end));

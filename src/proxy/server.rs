@@ -5,6 +5,7 @@
 //! [`start`] is also the in-process API tests use: it binds the listeners
 //! (port 0 works), spawns the accept loops and returns a [`ServerHandle`].
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -107,17 +108,24 @@ pub async fn start_with(
         })?;
     let tls = main.tls.as_ref().map(tls_acceptor).transpose()?;
     let gw = gateway.clone();
-    let stall = main.client_stall;
-    let main_task = tokio::spawn(accept_loop(
-        main_listener,
-        tls,
-        stall,
-        stop_rx,
-        move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
-        },
-    ));
+    let handler = move |req| {
+        let gw = gw.clone();
+        async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
+    };
+    let main_task = match main.workers {
+        None | Some(0) => tokio::spawn(accept_loop(
+            main_listener,
+            tls,
+            main.client_stall,
+            stop_rx,
+            handler,
+        )),
+        Some(n) => spawn_workers(n, main_listener, tls, main.client_stall, stop_rx, handler)
+            .map_err(|source| StartError::Bind {
+                addr: local_addr,
+                source,
+            })?,
+    };
 
     let mut admin_addr = None;
     let mut admin_task = None;
@@ -149,6 +157,73 @@ pub async fn start_with(
     })
 }
 
+/// How many CPUs this process may use (1 when unknown).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+thread_local! {
+    /// This thread's serving worker number (1-based; 0 outside the workers).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The serving worker the current thread is (1-based), 0 on any other thread.
+/// The upstream client keeps one connection pool per worker with it.
+pub fn current_worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// Serves `listener` on `n` threads, each running a current-thread runtime
+/// with its own accept loop on the shared socket: a connection, its request
+/// and its upstream connection live on one thread, with no cross-thread
+/// wake-ups or work stealing on the request path. The returned task ends when
+/// every worker has drained.
+fn spawn_workers<F, Fut>(
+    n: usize,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    client_stall: Option<Duration>,
+    stop: watch::Receiver<Option<Duration>>,
+    handler: F,
+) -> std::io::Result<JoinHandle<()>>
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
+        + Send
+        + 'static,
+{
+    let shared = listener.into_std()?;
+    let mut done = Vec::with_capacity(n);
+    for i in 1..=n.max(1) {
+        let socket = shared.try_clone()?;
+        let (tls, stop, handler) = (tls.clone(), stop.clone(), handler.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("infergate-w{i}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(i));
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => accept_loop(l, tls, client_stall, stop, handler).await,
+                        Err(e) => tracing::error!(error = %e, worker = i, "worker cannot listen"),
+                    }
+                });
+                // Dropping the runtime ends this worker's upstream connections.
+                drop(runtime);
+                let _ = tx.send(());
+            })?;
+        done.push(rx);
+    }
+    Ok(tokio::spawn(async move {
+        for rx in done {
+            let _ = rx.await;
+        }
+    }))
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -178,7 +253,9 @@ fn conn_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(Duration::from_secs(30))
+        // Pipelined requests get their answers in one write.
+        .pipeline_flush(true);
     b.http2().timer(TokioTimer::new());
     b
 }
@@ -217,27 +294,33 @@ async fn accept_loop<F, Fut>(
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
-                conns.spawn(async move {
-                    let result = match tls {
-                        None => {
+                // Plain and TLS connections are separate tasks: a task is as
+                // large as its future, and the TLS one carries rustls state.
+                match tls {
+                    None => {
+                        conns.spawn(async move {
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Some(acceptor) => match acceptor.accept(stream).await {
-                            Ok(s) => {
-                                let conn = builder.serve_connection(TokioIo::new(s), svc);
-                                watcher.watch(conn.into_owned()).await
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
                             }
-                            Err(e) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                        },
-                    };
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                        });
                     }
-                });
+                    Some(acceptor) => {
+                        conns.spawn(async move {
+                            let s = match acceptor.accept(stream).await {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(s), svc);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                }
             }
             changed = stop.changed() => {
                 let grace = match changed {

@@ -26,6 +26,9 @@ pub const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
 pub const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
 pub const REPLICAS: &str = "infergate_pool_replicas";
 
+/// How often buffered histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
@@ -50,6 +53,15 @@ pub fn handle() -> &'static PrometheusHandle {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
+        // Histogram samples are buffered until drained: without a drain
+        // between scrapes they would grow without bound (one per token).
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("infergate-metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
         // Another recorder may already be installed (an embedding program, a
         // test): then our handle renders only what it saw, which is harmless.
         let _ = metrics::set_global_recorder(recorder);
@@ -84,6 +96,9 @@ pub struct PairMetrics {
     overhead: Histogram,
     prompt_tokens: Counter,
     completion_tokens: Counter,
+    /// `infergate_requests_total` of this pair, by (model, status, outcome):
+    /// a few entries, searched without allocating.
+    requests: RwLock<Vec<RequestsEntry>>,
 }
 
 impl PairMetrics {
@@ -99,25 +114,40 @@ impl PairMetrics {
             overhead: histogram!(OVERHEAD, "route" => route.to_string()),
             prompt_tokens: counter!(PROMPT_TOKENS, &labels),
             completion_tokens: counter!(COMPLETION_TOKENS, &labels),
+            requests: RwLock::new(Vec::new()),
         }
+    }
+
+    fn requests(&self, f: &Finished<'_>) -> Counter {
+        let find = |v: &[RequestsEntry]| {
+            v.iter()
+                .find(|(m, s, o, _)| **m == *f.model && *s == f.status && *o == f.outcome)
+                .map(|e| e.3.clone())
+        };
+        if let Some(c) = find(&self.requests.read().unwrap_or_else(|p| p.into_inner())) {
+            return c;
+        }
+        let mut v = self.requests.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = find(&v) {
+            return c;
+        }
+        let c = counter!(REQUESTS,
+            "route" => f.route.to_string(), "model" => f.model.to_string(),
+            "replica" => f.replica.to_string(), "status" => status_label(f.status),
+            "outcome" => f.outcome);
+        v.push((f.model.into(), f.status, f.outcome, c.clone()));
+        c
     }
 }
 
 type PairKey = (Arc<str>, Arc<str>);
 
-#[derive(PartialEq, Eq, Hash)]
-struct RequestsKey {
-    route: Arc<str>,
-    model: Box<str>,
-    replica: Arc<str>,
-    status: u16,
-    outcome: &'static str,
-}
+/// (model, status, outcome) and its `infergate_requests_total` counter.
+type RequestsEntry = (Box<str>, u16, &'static str, Counter);
 
 #[derive(Default)]
 struct Cache {
     pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
-    requests: RwLock<HashMap<RequestsKey, Counter>>,
 }
 
 fn cache() -> &'static Cache {
@@ -159,37 +189,8 @@ pub struct Finished<'a> {
 pub fn record_finished(f: &Finished<'_>) {
     // Install the recorder before any handle is made and cached.
     let _ = handle();
-    let key = RequestsKey {
-        route: f.route.clone(),
-        model: f.model.into(),
-        replica: f.replica.clone(),
-        status: f.status,
-        outcome: f.outcome,
-    };
-    let c = cache();
-    let hit = c
-        .requests
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
-    let requests = match hit {
-        Some(counter) => counter,
-        None => {
-            let counter = counter!(REQUESTS,
-                "route" => f.route.to_string(), "model" => f.model.to_string(),
-                "replica" => f.replica.to_string(), "status" => status_label(f.status),
-                "outcome" => f.outcome);
-            c.requests
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(key)
-                .or_insert(counter)
-                .clone()
-        }
-    };
-    requests.increment(1);
     let m = pair(f.route, f.replica);
+    m.requests(f).increment(1);
     m.duration.record(f.duration.as_secs_f64());
     if let Some(t) = f.ttft {
         m.ttft.record(t.as_secs_f64());
