@@ -22,8 +22,8 @@
 # TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200], MAX_TOKENS [150], SEED [1].
 # INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV.
 # ENGINE=llama changes the defaults to what 1-thread CPU replicas of SmolLM2-135M serve:
-# REPLICAS [2], RATE [1.5], DURATION [60], WARMUP [10], PREFIX_GROUPS [8], USERS [4],
-# TURNS [2], SYSTEM_TOKENS [400], QUESTION_TOKENS [30], MAX_TOKENS [16]; replicas run
+# REPLICAS [2], RATE [0.6], DURATION [60], WARMUP [10], PREFIX_GROUPS [7], USERS [4],
+# TURNS [2], SYSTEM_TOKENS [300], QUESTION_TOKENS [20], MAX_TOKENS [8]; replicas run
 # with LLAMA_SLOTS [4] slots and LLAMA_CACHE_RAM [0] MiB of host prompt cache: like a GPU
 # engine, a replica then keeps only the prompts its KV cache (its slots) holds. (With
 # llama-server's default 8 GiB host cache every replica would keep every prompt of this
@@ -40,9 +40,9 @@ VENV="${PEERS_VENV:-/tmp/peers-venv}"
 TOK="${PEERS_TOKENIZER:-/tmp/peers-tokenizer}"
 ENGINE=${ENGINE:-sim}
 if [[ $ENGINE == llama ]]; then
-  REPLICAS=${REPLICAS:-2} RATE=${RATE:-1.5} DURATION=${DURATION:-60} WARMUP=${WARMUP:-10}
-  PREFIX_GROUPS=${PREFIX_GROUPS:-8} USERS=${USERS:-4} TURNS=${TURNS:-2}
-  SYSTEM_TOKENS=${SYSTEM_TOKENS:-400} QUESTION_TOKENS=${QUESTION_TOKENS:-30} MAX_TOKENS=${MAX_TOKENS:-16}
+  REPLICAS=${REPLICAS:-2} RATE=${RATE:-0.6} DURATION=${DURATION:-60} WARMUP=${WARMUP:-10}
+  PREFIX_GROUPS=${PREFIX_GROUPS:-7} USERS=${USERS:-4} TURNS=${TURNS:-2}
+  SYSTEM_TOKENS=${SYSTEM_TOKENS:-300} QUESTION_TOKENS=${QUESTION_TOKENS:-20} MAX_TOKENS=${MAX_TOKENS:-8}
   export LLAMA_SLOTS=${LLAMA_SLOTS:-4}
   export LLAMA_EXTRA_ARGS="--cache-ram ${LLAMA_CACHE_RAM:-0} ${LLAMA_EXTRA_ARGS:-}"
 fi
@@ -245,6 +245,8 @@ EOF
 SYSTEMS=("$@")
 [[ ${#SYSTEMS[@]} -eq 0 ]] && SYSTEMS=(infergate infergate-rr vllm-router sglang-router)
 [[ ${SYSTEMS[0]} == multi ]] && SYSTEMS=(multi-1 multi-3)
-echo "workload: ${GROUPS_} groups x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}" >&2
+FLEET="${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}"
+[[ $ENGINE == llama ]] && FLEET="${REPLICAS} x llama-server SmolLM2-135M (${LLAMA_SLOTS} slots, ${LLAMA_EXTRA_ARGS})"
+echo "workload: ${GROUPS_} groups x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${FLEET}" >&2
 for s in "${SYSTEMS[@]}"; do run_system "$s"; done
 summary "${SYSTEMS[@]}"
