@@ -20,7 +20,8 @@
 # loadtest/llama_server.sh, which must be built; see "ENGINE=llama" below). The load: RATE
 # [40] requests/s wall, DURATION [45] s, WARMUP [10] s, PREFIX_GROUPS [32], USERS [8],
 # TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200], MAX_TOKENS [150], SEED [1].
-# INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV.
+# INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV. IG_ROUTING: more fields of the
+# default-policy gateway's routing block, e.g. 'rendezvous: { group_slack: 0, group_slack_abs: 0 }'.
 # ENGINE=llama changes the defaults to what 1-thread CPU replicas of SmolLM2-135M serve:
 # REPLICAS [2], RATE [0.6], DURATION [60], WARMUP [10], PREFIX_GROUPS [7], USERS [4],
 # TURNS [2], SYSTEM_TOKENS [300], QUESTION_TOKENS [20], MAX_TOKENS [8]; replicas run
@@ -185,7 +186,7 @@ run_system() {
   local name=$1 url
   start_fleet
   case $name in
-    infergate) url=$(gateway ig inference_aware "${URLS[@]}") ;;
+    infergate) url=$(gateway ig "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}") ;;
     infergate-rr) url=$(gateway ig-rr round_robin "${URLS[@]}") ;;
     vllm-router | sglang-router) url=$(peer "$name") ;;
     multi-1 | multi-3)
