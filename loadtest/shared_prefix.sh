@@ -17,9 +17,18 @@
 # TIME_SCALE [4] (modelled time runs this many times faster; latencies printed are
 # wall-clock, multiply by TIME_SCALE for modelled), BLOCKS [4096] KV blocks of 16 tokens
 # per replica. ENGINE [sim] or llama (real llama-server replicas from
-# loadtest/llama_server.sh; set REPLICAS 2-4 and a small workload). The load: RATE [40] requests/s wall, DURATION [45] s, WARMUP [10] s,
-# PREFIX_GROUPS [32], USERS [8], TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200],
-# MAX_TOKENS [150], SEED [1]. INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV.
+# loadtest/llama_server.sh, which must be built; see "ENGINE=llama" below). The load: RATE
+# [40] requests/s wall, DURATION [45] s, WARMUP [10] s, PREFIX_GROUPS [32], USERS [8],
+# TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200], MAX_TOKENS [150], SEED [1].
+# INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV. IG_ROUTING: more fields of the
+# default-policy gateway's routing block, e.g. 'rendezvous: { group_slack: 0, group_slack_abs: 0 }'.
+# ENGINE=llama changes the defaults to what 1-thread CPU replicas of SmolLM2-135M serve:
+# REPLICAS [2], RATE [0.6], DURATION [60], WARMUP [10], PREFIX_GROUPS [7], USERS [4],
+# TURNS [2], SYSTEM_TOKENS [300], QUESTION_TOKENS [20], MAX_TOKENS [8]; replicas run
+# with LLAMA_SLOTS [4] slots and LLAMA_CACHE_RAM [0] MiB of host prompt cache: like a GPU
+# engine, a replica then keeps only the prompts its KV cache (its slots) holds. (With
+# llama-server's default 8 GiB host cache every replica would keep every prompt of this
+# small workload and routing would not matter.)
 # Needs: cargo build --release --bin infergate --bin infergate-load; for the peers,
 # ../shared/peers/setup.sh --no-torch (-> /tmp/peers-venv). Loopback only; the script
 # stops only the processes it started.
@@ -30,6 +39,14 @@ BIN="${INFERGATE_BIN:-$ROOT/target/release/infergate}"
 LOAD="${LOAD_BIN:-$ROOT/target/release/infergate-load}"
 VENV="${PEERS_VENV:-/tmp/peers-venv}"
 TOK="${PEERS_TOKENIZER:-/tmp/peers-tokenizer}"
+ENGINE=${ENGINE:-sim}
+if [[ $ENGINE == llama ]]; then
+  REPLICAS=${REPLICAS:-2} RATE=${RATE:-0.6} DURATION=${DURATION:-60} WARMUP=${WARMUP:-10}
+  PREFIX_GROUPS=${PREFIX_GROUPS:-7} USERS=${USERS:-4} TURNS=${TURNS:-2}
+  SYSTEM_TOKENS=${SYSTEM_TOKENS:-300} QUESTION_TOKENS=${QUESTION_TOKENS:-20} MAX_TOKENS=${MAX_TOKENS:-8}
+  export LLAMA_SLOTS=${LLAMA_SLOTS:-4}
+  export LLAMA_EXTRA_ARGS="--cache-ram ${LLAMA_CACHE_RAM:-0} ${LLAMA_EXTRA_ARGS:-}"
+fi
 REPLICAS=${REPLICAS:-8} PROFILE=${PROFILE:-llama-8b-h100} TIME_SCALE=${TIME_SCALE:-4}
 BLOCKS=${BLOCKS:-4096} RATE=${RATE:-40} DURATION=${DURATION:-45} WARMUP=${WARMUP:-10}
 GROUPS_=${PREFIX_GROUPS:-32} USERS=${USERS:-8} TURNS=${TURNS:-3} SYSTEM_TOKENS=${SYSTEM_TOKENS:-3000}
@@ -70,7 +87,6 @@ wait_http() {  # url: until it answers 2xx (30 s)
 }
 
 URLS=()
-ENGINE=${ENGINE:-sim}
 POOL_ENGINE=vllm
 [[ $ENGINE == llama ]] && POOL_ENGINE=llama.cpp
 start_fleet() {
@@ -170,7 +186,7 @@ run_system() {
   local name=$1 url
   start_fleet
   case $name in
-    infergate) url=$(gateway ig inference_aware "${URLS[@]}") ;;
+    infergate) url=$(gateway ig "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}") ;;
     infergate-rr) url=$(gateway ig-rr round_robin "${URLS[@]}") ;;
     vllm-router | sglang-router) url=$(peer "$name") ;;
     multi-1 | multi-3)
@@ -230,6 +246,8 @@ EOF
 SYSTEMS=("$@")
 [[ ${#SYSTEMS[@]} -eq 0 ]] && SYSTEMS=(infergate infergate-rr vllm-router sglang-router)
 [[ ${SYSTEMS[0]} == multi ]] && SYSTEMS=(multi-1 multi-3)
-echo "workload: ${GROUPS_} groups x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}" >&2
+FLEET="${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}"
+[[ $ENGINE == llama ]] && FLEET="${REPLICAS} x llama-server SmolLM2-135M (${LLAMA_SLOTS} slots, ${LLAMA_EXTRA_ARGS})"
+echo "workload: ${GROUPS_} groups x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${FLEET}" >&2
 for s in "${SYSTEMS[@]}"; do run_system "$s"; done
 summary "${SYSTEMS[@]}"

@@ -101,6 +101,7 @@ impl Replica {
             replica: self.clone(),
             tokens,
             prefill_tokens,
+            cached_tokens: 0,
         }
     }
 }
@@ -111,6 +112,7 @@ pub struct LoadGuard {
     replica: Arc<Replica>,
     tokens: u64,
     prefill_tokens: u64,
+    cached_tokens: u64,
 }
 
 impl LoadGuard {
@@ -148,6 +150,18 @@ impl LoadGuard {
 
     pub fn tokens(&self) -> u64 {
         self.tokens
+    }
+
+    /// Prompt tokens the picker expects the replica to have cached already
+    /// (shared with other requests, so not new KV for this one).
+    pub fn cached_tokens(&self) -> u64 {
+        self.cached_tokens
+    }
+
+    /// Sets [`cached_tokens`](Self::cached_tokens) (prefix-aware pickers).
+    pub fn with_cached_tokens(mut self, tokens: u64) -> Self {
+        self.cached_tokens = tokens;
+        self
     }
 }
 

@@ -113,16 +113,22 @@ impl Budget {
     }
 
     /// Wraps a load guard the picker already started (with its estimate of the
-    /// uncached prefill, see `Picker::pick_and_begin`), sized to `cost`.
+    /// uncached prefill, see `Picker::pick_and_begin`), sized to `cost`. The
+    /// prompt part leaves out what the picker expects cached: a prefix the engine already
+    /// caches is shared by every request using it, so counting it per request
+    /// would call a replica full at a fraction of its KV cache (8 requests
+    /// sharing a 3,000-token system prompt on a 32k-token cache).
     pub fn reserve_guard(
         mut guard: LoadGuard,
         cost: Cost,
         listener: Option<Arc<dyn CapacityListener>>,
     ) -> Reservation {
-        guard.set_tokens(cost.total());
+        let kv_prompt = cost.prompt.saturating_sub(guard.cached_tokens());
+        guard.set_tokens(kv_prompt + cost.output);
         Reservation {
             guard: Some(guard),
             cost,
+            kv_prompt,
             generated: 0,
             final_usage: false,
             listener,
@@ -136,6 +142,9 @@ pub struct Reservation {
     // Always `Some` until drop.
     guard: Option<LoadGuard>,
     cost: Cost,
+    /// The prompt tokens this request adds to the replica's KV cache (its
+    /// uncached part, as estimated when it was placed).
+    kv_prompt: u64,
     generated: u64,
     final_usage: bool,
     listener: Option<Arc<dyn CapacityListener>>,
@@ -181,16 +190,18 @@ impl Reservation {
             return;
         }
         self.generated = total;
-        let want = self.cost.prompt + self.cost.output.max(total);
+        let want = self.kv_prompt + self.cost.output.max(total);
         self.set(want);
     }
 
     /// The engine reported its actual usage: the reservation becomes exactly
-    /// that for the rest of the request's life.
+    /// that (less the prefix estimated as cached when placed) for the rest of
+    /// the request's life.
     pub fn observe_usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
         self.final_usage = true;
         self.generated = completion_tokens;
-        self.set(prompt_tokens + completion_tokens);
+        let cached = self.cost.prompt - self.kv_prompt;
+        self.set(prompt_tokens.saturating_sub(cached) + completion_tokens);
     }
 
     fn set(&mut self, tokens: u64) {
@@ -366,6 +377,22 @@ mod tests {
         r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
         assert!(!b.fits(&r, out(1), S));
+    }
+
+    #[test]
+    fn a_cached_prefix_is_not_reserved_again() {
+        let r = replica();
+        // The picker found 900 of 1,000 prompt tokens cached on the replica.
+        let guard = r.begin(1050, 100).with_cached_tokens(900);
+        let mut res = Budget::reserve_guard(guard, Cost::estimate(1000, Some(50), 16), None);
+        assert_eq!(r.load.tokens(), 150);
+        res.prefill_done();
+        res.observe_generated(60);
+        assert_eq!(r.load.tokens(), 160);
+        res.observe_usage(1010, 60);
+        assert_eq!(r.load.tokens(), 170);
+        drop(res);
+        assert_eq!(r.load.tokens(), 0);
     }
 
     #[test]

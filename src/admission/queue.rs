@@ -163,15 +163,25 @@ impl PoolAdmission {
         let members = pool.replicas();
         let ejected = self.outlier.ejected();
         let mut any_ready = false;
+        // A replica already caching part of the prompt needs room only for the rest.
+        let cached = picker.cached_prompt_tokens(&members, req);
         let eligible: Vec<Arc<Replica>> = members
             .iter()
-            .filter(|r| {
+            .enumerate()
+            .filter(|(_, r)| {
                 let k = r.key();
                 !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
             })
             .inspect(|_| any_ready = true)
-            .filter(|r| self.budget.fits(r, cost, priority))
-            .cloned()
+            .filter(|(i, r)| {
+                let here = cached.get(*i).copied().unwrap_or(0).min(cost.prompt);
+                let cost_here = Cost {
+                    prompt: cost.prompt - here,
+                    output: cost.output,
+                };
+                self.budget.fits(r, cost_here, priority)
+            })
+            .map(|(_, r)| r.clone())
             .collect();
         if !any_ready {
             return Placement::NoReplica;

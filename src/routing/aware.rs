@@ -58,6 +58,9 @@ pub struct Candidate {
     pub lora_tier: u8,
     /// Rendezvous weight of this replica for the request's prefix group.
     pub rendezvous: u64,
+    /// Prefix groups this gateway has placed on the replica and still indexes
+    /// (filled only for a request opening a new group).
+    pub groups: u32,
     pub alive: bool,
     pub dropped_by: Option<FilterName>,
     pub score: f64,
@@ -173,13 +176,10 @@ impl InferenceAware {
             tokenizer::model_seed(req.model),
             self.cfg.prefix.max_blocks as usize,
         );
-        let group_key = hashes
-            .get(
-                (self.cfg.rendezvous.blocks.max(1) as usize)
-                    .min(hashes.len())
-                    .wrapping_sub(1),
-            )
-            .copied();
+        let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
+            .min(hashes.len())
+            .checked_sub(1);
+        let group_key = group_at.and_then(|i| hashes.get(i)).copied();
         let explain = self.cfg.explain_buffer > 0;
         let lora = req.lora.or_else(|| {
             replicas
@@ -215,6 +215,20 @@ impl InferenceAware {
                 cands: &mut cands,
             },
         );
+        if let Some(at) = group_at {
+            // A prefix group no replica holds yet: the rendezvous filter bounds
+            // how many groups each replica gets.
+            if cands.iter().all(|c| (c.matched_blocks as usize) <= at) {
+                self.index.group_counts(|key, n| {
+                    if let Some(c) = cands.iter_mut().find(|c| {
+                        let k = &replicas[c.idx].endpoint.key;
+                        Arc::ptr_eq(k, key) || **k == **key
+                    }) {
+                        c.groups = n;
+                    }
+                });
+            }
+        }
         let mean_uncached = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
         // Before any decision, assume a waiting request has half this prompt uncached.
         let per_waiting = if mean_uncached > 0.0 {
@@ -260,7 +274,8 @@ impl InferenceAware {
             .map_or(self.cfg.prefix.default_replica_blocks, |t| {
                 (t / u64::from(bs)).min(u64::from(u32::MAX)) as u32
             });
-        self.index.record(&replica.endpoint.key, &hashes, capacity);
+        self.index
+            .record_group(&replica.endpoint.key, &hashes, capacity, group_at);
         if let Some(a) = ctx.lora {
             self.remember_lora(a, &replica.endpoint.key);
         }
@@ -339,6 +354,7 @@ impl InferenceAware {
                     || ((idx + rotation) % replicas.len()) as u64,
                     |g| rendezvous_weight(g, r.key()),
                 ),
+                groups: 0,
                 alive: true,
                 dropped_by: None,
                 score: 0.0,
@@ -506,7 +522,34 @@ impl Picker for InferenceAware {
         exclude: &[Arc<str>],
     ) -> Option<LoadGuard> {
         let (i, uncached) = self.decide(replicas, req, exclude)?;
-        Some(replicas[i].begin(req.estimated_tokens(), u64::from(uncached)))
+        let cached = req.prompt_tokens.saturating_sub(uncached);
+        Some(
+            replicas[i]
+                .begin(req.estimated_tokens(), u64::from(uncached))
+                .with_cached_tokens(u64::from(cached)),
+        )
+    }
+
+    fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
+        let bs = self.block_size();
+        let hashes = tokenizer::block_hashes(
+            req.prompt_text,
+            bs as usize,
+            tokenizer::model_seed(req.model),
+            self.cfg.prefix.max_blocks as usize,
+        );
+        let mut cached = vec![0u64; replicas.len()];
+        self.index
+            .longest_prefix(&hashes, &mut |key: &Arc<str>, blocks: u32| {
+                if let Some(i) = replicas
+                    .iter()
+                    .position(|r| Arc::ptr_eq(&r.endpoint.key, key) || *r.endpoint.key == **key)
+                {
+                    cached[i] =
+                        (u64::from(blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
+                }
+            });
+        cached
     }
 
     fn forget_absent(&self, present: &[Arc<Replica>]) {
@@ -598,6 +641,7 @@ pub(crate) mod tests {
             est_ttft_ms: 0.0,
             lora_tier: 0,
             rendezvous: 0,
+            groups: 0,
             alive: true,
             dropped_by: None,
             score: 0.0,
@@ -777,6 +821,57 @@ pub(crate) mod tests {
             homes.insert(ra.key().to_string());
         }
         assert!(homes.len() >= 4, "groups spread over replicas: {homes:?}");
+    }
+
+    #[test]
+    fn new_prefix_groups_are_spread_evenly() {
+        // Plain rendezvous hashing puts about 7 of 31 groups on one of 8
+        // replicas; the group bound keeps every replica within
+        // ceil(1.25 x 31 / 8) + 1 (the default slack), and exactly even without slack.
+        let rs = replicas(8);
+        for r in &rs {
+            set_signals(r, 0.0, 0.1, None);
+        }
+        for (slack, abs, max) in [(0.25, 1.0, 6), (0.0, 0.0, 4)] {
+            let mut cfg = RoutingConfig::default();
+            cfg.rendezvous.group_slack = slack;
+            cfg.rendezvous.group_slack_abs = abs;
+            let p = InferenceAware::new(cfg);
+            let mut per = HashMap::new();
+            for g in 0..31 {
+                let r = p.pick(&rs, &req("g", &prompt(g, 0, 1500)), &[]).unwrap();
+                *per.entry(r.key().to_string()).or_insert(0) += 1;
+                // The group sticks: its next question goes to the same replica.
+                let again = p.pick(&rs, &req("h", &prompt(g, 1, 1500)), &[]).unwrap();
+                assert_eq!(again.key(), r.key(), "group {g}");
+            }
+            assert_eq!(per.len(), 8, "{per:?}");
+            assert!(per.values().all(|n| *n <= max), "slack {slack}: {per:?}");
+        }
+    }
+
+    #[test]
+    fn cached_prompt_tokens_name_the_holder() {
+        let rs = replicas(3);
+        for r in &rs {
+            set_signals(r, 0.0, 0.1, None);
+        }
+        let p = InferenceAware::new(RoutingConfig::default());
+        let text = prompt(7, 0, 2000);
+        assert!(p
+            .cached_prompt_tokens(&rs, &req("a", &text))
+            .iter()
+            .all(|c| *c == 0));
+        let home = p.pick(&rs, &req("a", &text), &[]).unwrap();
+        let next = prompt(7, 1, 2000);
+        let cached = p.cached_prompt_tokens(&rs, &req("b", &next));
+        for (r, c) in rs.iter().zip(&cached) {
+            if r.key() == home.key() {
+                assert!(*c >= 480, "{cached:?}");
+            } else {
+                assert_eq!(*c, 0, "{cached:?}");
+            }
+        }
     }
 
     #[test]

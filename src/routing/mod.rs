@@ -59,6 +59,19 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
         exclude: &[Arc<str>],
     ) -> Option<Arc<Replica>>;
 
+    /// Prompt tokens of `req` each of `replicas` is expected to hold in its
+    /// cache already (same order; empty = none anywhere). Admission sizes a
+    /// request's cost per replica with it, so a replica holding the prompt's
+    /// prefix has room for it sooner than a cold one (which would have to
+    /// recompute and store the whole prompt).
+    fn cached_prompt_tokens(
+        &self,
+        _replicas: &[Arc<Replica>],
+        _req: &RouteRequest<'_>,
+    ) -> Vec<u64> {
+        Vec::new()
+    }
+
     /// Picks and starts the replica's load accounting for this request. The
     /// guard must live until the response ends; call `prefill_done` on it at the
     /// first response byte. Pickers that know how much of the prompt is cached

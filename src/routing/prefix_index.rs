@@ -51,6 +51,8 @@ struct Node {
     prev: u32,
     next: u32,
     slot: u16,
+    /// The block that names a prefix group (counted per replica).
+    group: bool,
 }
 
 #[derive(Debug)]
@@ -59,6 +61,8 @@ struct Slot {
     mru: u32,
     lru: u32,
     len: u32,
+    /// Group-naming blocks among `len`: the prefix groups homed here.
+    groups: u32,
 }
 
 #[derive(Debug)]
@@ -176,13 +180,26 @@ impl PrefixIndex {
     /// Records that `hashes` were sent to replica `key`, whose cache holds about
     /// `capacity` blocks.
     pub fn record(&self, key: &Arc<str>, hashes: &[u64], capacity: u32) {
+        self.record_group(key, hashes, capacity, None);
+    }
+
+    /// [`record`](Self::record), marking `hashes[group_at]` as the block that
+    /// names the prompt's prefix group, so [`group_counts`](Self::group_counts)
+    /// counts the groups each replica holds.
+    pub fn record_group(
+        &self,
+        key: &Arc<str>,
+        hashes: &[u64],
+        capacity: u32,
+        group_at: Option<usize>,
+    ) {
         if hashes.is_empty() || capacity == 0 {
             return;
         }
         let mut inner = self.lock();
         let slot = inner.slot_for(key);
-        for h in hashes.iter().rev() {
-            inner.touch(slot, *h);
+        for (i, h) in hashes.iter().enumerate().rev() {
+            inner.touch(slot, *h, group_at == Some(i));
         }
         while inner.slots[slot as usize].len > capacity {
             inner.evict_lru(slot);
@@ -204,6 +221,17 @@ impl PrefixIndex {
             }
             if let Some(k) = inner.slots[slot as usize].key.take() {
                 inner.by_key.remove(&k);
+            }
+        }
+    }
+
+    /// Reports, for every replica in the index, how many prefix groups it holds
+    /// (group-naming blocks still in its LRU).
+    pub fn group_counts(&self, mut f: impl FnMut(&Arc<str>, u32)) {
+        let inner = self.lock();
+        for s in &inner.slots {
+            if let Some(k) = &s.key {
+                f(k, s.groups);
             }
         }
     }
@@ -248,6 +276,7 @@ impl Inner {
             mru: NIL,
             lru: NIL,
             len: 0,
+            groups: 0,
         };
         let s = match self.slots.iter().position(|s| s.key.is_none()) {
             Some(i) => {
@@ -265,12 +294,16 @@ impl Inner {
     }
 
     /// Makes (hash, slot) the replica's most recent block, adding it if absent.
-    fn touch(&mut self, slot: u16, hash: u64) {
+    fn touch(&mut self, slot: u16, hash: u64, group: bool) {
         let head = self.map.get(&hash).copied().unwrap_or(NIL);
         let mut n = head;
         while n != NIL {
             let node = self.nodes[n as usize];
             if node.slot == slot {
+                if group && !node.group {
+                    self.nodes[n as usize].group = true;
+                    self.slots[slot as usize].groups += 1;
+                }
                 self.unlink_lru(n);
                 self.push_mru(n);
                 return;
@@ -283,6 +316,7 @@ impl Inner {
             prev: NIL,
             next: NIL,
             slot,
+            group,
         };
         let idx = if self.free != NIL {
             let i = self.free;
@@ -296,6 +330,7 @@ impl Inner {
         self.map.insert(hash, idx);
         self.push_mru(idx);
         self.slots[slot as usize].len += 1;
+        self.slots[slot as usize].groups += u32::from(group);
     }
 
     fn push_mru(&mut self, n: u32) {
@@ -335,7 +370,10 @@ impl Inner {
         }
         self.unlink_lru(n);
         let Node {
-            hash, next_holder, ..
+            hash,
+            next_holder,
+            group,
+            ..
         } = self.nodes[n as usize];
         // Unlink from the block's holder list.
         match self.map.get(&hash).copied() {
@@ -362,7 +400,14 @@ impl Inner {
         self.nodes[n as usize].next_holder = self.free;
         self.free = n;
         self.slots[slot as usize].len -= 1;
+        self.slots[slot as usize].groups -= u32::from(group);
         self.evictions += 1;
+    }
+}
+
+impl<F: FnMut(&Arc<str>, u32)> MatchSink for F {
+    fn matched(&mut self, key: &Arc<str>, blocks: u32) {
+        self(key, blocks);
     }
 }
 
@@ -418,6 +463,33 @@ mod tests {
         assert_eq!((st.replicas, st.entries, st.blocks), (1, 3, 3));
         assert_eq!(st.evictions, 3);
         assert!(st.memory_bytes > 0);
+    }
+
+    #[test]
+    fn group_blocks_are_counted_per_replica_until_evicted() {
+        let ix = PrefixIndex::new();
+        let counts = |ix: &PrefixIndex| {
+            let mut m = HashMap::new();
+            ix.group_counts(|k, n| {
+                m.insert(k.to_string(), n);
+            });
+            m
+        };
+        ix.record_group(&k("a"), &[1, 2, 3], 4, Some(1));
+        ix.record_group(&k("a"), &[1, 2, 4], 4, Some(1));
+        ix.record_group(&k("a"), &[5, 6], 4, Some(1));
+        ix.record_group(&k("b"), &[1, 2], 4, Some(1));
+        ix.record(&k("c"), &[7], 4);
+        let m = counts(&ix);
+        assert_eq!((m["a"], m["b"], m["c"]), (2, 1, 0));
+        // A block seen first without, then with the group mark counts once.
+        ix.record(&k("c"), &[8, 9], 4);
+        ix.record_group(&k("c"), &[8, 9], 4, Some(1));
+        ix.record_group(&k("c"), &[8, 9], 4, Some(1));
+        assert_eq!(counts(&ix)["c"], 1);
+        // Evicting a group block uncounts it: a holds 5, 6, 1, 2 (newest first).
+        ix.record(&k("a"), &[20], 4);
+        assert_eq!(counts(&ix)["a"], 1);
     }
 
     #[test]
