@@ -8,7 +8,7 @@
 //!
 //! Skips with a printed reason when the server binary or the model is missing,
 //! unless INFERGATE_REQUIRE_EXTERNAL=1 (CI), which makes that a failure, except
-//! with INFERGATE_SKIP_LLAMA=1 (.ci/run sets it when the build is not cached).
+//! with INFERGATE_SKIP_LLAMA=1 (.ci/run sets it only when told not to build: INFERGATE_BUILD_LLAMA=0).
 
 #[path = "support_gateway/mod.rs"]
 mod support;
