@@ -132,7 +132,15 @@ impl Budget {
             generated: 0,
             final_usage: false,
             listener,
+            wake_on_prefill: false,
         }
+    }
+
+    /// Whether a replica's room depends on its pending prefill (a
+    /// `max_prefill_tokens_per_replica` cap): only then is the end of a
+    /// prefill worth telling the queue about.
+    pub fn caps_prefill(&self) -> bool {
+        self.cfg.max_prefill_tokens_per_replica.is_some()
     }
 }
 
@@ -148,6 +156,9 @@ pub struct Reservation {
     generated: u64,
     final_usage: bool,
     listener: Option<Arc<dyn CapacityListener>>,
+    /// Tell the listener when the prefill ends (see [`Budget::caps_prefill`]);
+    /// otherwise that would be one more queue lock per request for nothing.
+    wake_on_prefill: bool,
 }
 
 impl Reservation {
@@ -168,16 +179,23 @@ impl Reservation {
         self.cost
     }
 
+    /// Tells the listener when the prefill ends, for a pool whose budget caps
+    /// pending prefill.
+    pub fn waking_queue_on_prefill(mut self, wake: bool) -> Self {
+        self.wake_on_prefill = wake;
+        self
+    }
+
     /// The first response byte arrived: the prefill share is released, and
-    /// the queue hears of it (a request held back by the replica's prefill
-    /// cap may go now).
+    /// when asked, the queue hears of it (a request held back by the
+    /// replica's prefill cap may go now).
     pub fn prefill_done(&mut self) {
         let Some(g) = &mut self.guard else { return };
         if g.prefill_tokens() == 0 {
             return;
         }
         g.prefill_done();
-        if let Some(l) = &self.listener {
+        if let (true, Some(l)) = (self.wake_on_prefill, &self.listener) {
             l.capacity_freed(0);
         }
     }
@@ -340,7 +358,8 @@ mod tests {
             "an idle replica takes any prompt"
         );
         let count = Arc::new(Count::default());
-        let mut first = Budget::reserve(&r, prompt(60), Some(count.clone()));
+        let mut first =
+            Budget::reserve(&r, prompt(60), Some(count.clone())).waking_queue_on_prefill(true);
         assert!(b.fits(&r, prompt(40), S));
         assert!(!b.fits(&r, prompt(41), S), "60 + 41 prompt tokens pending");
         assert!(
@@ -352,6 +371,10 @@ mod tests {
         assert!(b.fits(&r, prompt(500), S));
         first.prefill_done();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "only once");
+        // Without a prefill cap the pool does not ask: no queue lock for nothing.
+        let mut uncapped = Budget::reserve(&r, prompt(60), Some(count.clone()));
+        uncapped.prefill_done();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
 
     #[test]
@@ -399,7 +422,8 @@ mod tests {
     fn estimate_is_corrected_by_stream_and_usage_and_released() {
         let r = replica();
         let l = Arc::new(Count::default());
-        let mut res = Budget::reserve(&r, Cost::estimate(100, None, 50), Some(l.clone()));
+        let mut res = Budget::reserve(&r, Cost::estimate(100, None, 50), Some(l.clone()))
+            .waking_queue_on_prefill(true);
         assert_eq!(r.load.tokens(), 150);
         assert_eq!(r.load.prefill_tokens(), 100);
         res.prefill_done();

@@ -189,7 +189,10 @@ impl PoolAdmission {
         // pick_and_begin: the picker records its decision and accounts only the
         // uncached part of the prompt as prefill.
         match picker.pick_and_begin(&eligible, req, exclude) {
-            Some(g) => Placement::Placed(Budget::reserve_guard(g, cost, Some(self.listener()))),
+            Some(g) => Placement::Placed(
+                Budget::reserve_guard(g, cost, Some(self.listener()))
+                    .waking_queue_on_prefill(self.budget.caps_prefill()),
+            ),
             None => Placement::Full,
         }
     }
