@@ -683,6 +683,15 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// `n` replicas with fresh signals: nothing waiting, KV cache 10% used.
+    fn idle_replicas(n: u16) -> Vec<Arc<Replica>> {
+        let rs = replicas(n);
+        for r in &rs {
+            set_signals(r, 0.0, 0.1, None);
+        }
+        rs
+    }
+
     fn set_signals(r: &Replica, waiting: f64, kv: f64, lora: Option<LoraInfo>) {
         r.signals.store(Some(Arc::new(Signals {
             at: Instant::now(),
@@ -719,10 +728,7 @@ pub(crate) mod tests {
 
     #[test]
     fn shared_prefix_sticks_and_is_explained() {
-        let rs = replicas(4);
-        for r in &rs {
-            set_signals(r, 0.0, 0.1, None);
-        }
+        let rs = idle_replicas(4);
         let p = InferenceAware::new(RoutingConfig::default());
         let mut guards = Vec::new();
         let first = p
@@ -753,10 +759,7 @@ pub(crate) mod tests {
 
     #[test]
     fn saturated_home_spills_and_unknown_attracts_nothing() {
-        let rs = replicas(3);
-        for r in &rs {
-            set_signals(r, 0.0, 0.1, None);
-        }
+        let rs = idle_replicas(3);
         let p = InferenceAware::new(RoutingConfig::default());
         let home = p.pick(&rs, &req("a", &prompt(2, 0, 2000)), &[]).unwrap();
         set_signals(&home, 20.0, 0.5, None);
@@ -807,10 +810,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rendezvous_agrees_across_independent_pickers() {
-        let rs = replicas(8);
-        for r in &rs {
-            set_signals(r, 0.0, 0.1, None);
-        }
+        let rs = idle_replicas(8);
         let a = InferenceAware::new(RoutingConfig::default());
         let b = InferenceAware::new(RoutingConfig::default());
         let mut homes = std::collections::HashSet::new();
@@ -828,10 +828,7 @@ pub(crate) mod tests {
         // Plain rendezvous hashing puts about 7 of 31 groups on one of 8
         // replicas; the group bound keeps every replica within
         // ceil(1.25 x 31 / 8) + 1 (the default slack), and exactly even without slack.
-        let rs = replicas(8);
-        for r in &rs {
-            set_signals(r, 0.0, 0.1, None);
-        }
+        let rs = idle_replicas(8);
         for (slack, abs, max) in [(0.25, 1.0, 6), (0.0, 0.0, 4)] {
             let mut cfg = RoutingConfig::default();
             cfg.rendezvous.group_slack = slack;
@@ -852,10 +849,7 @@ pub(crate) mod tests {
 
     #[test]
     fn cached_prompt_tokens_name_the_holder() {
-        let rs = replicas(3);
-        for r in &rs {
-            set_signals(r, 0.0, 0.1, None);
-        }
+        let rs = idle_replicas(3);
         let p = InferenceAware::new(RoutingConfig::default());
         let text = prompt(7, 0, 2000);
         assert!(p
@@ -876,10 +870,7 @@ pub(crate) mod tests {
 
     #[test]
     fn prompts_shorter_than_a_block_rotate_over_idle_replicas() {
-        let rs = replicas(3);
-        for r in &rs {
-            set_signals(r, 0.0, 0.1, None);
-        }
+        let rs = idle_replicas(3);
         let p = InferenceAware::new(RoutingConfig::default());
         let keys: std::collections::HashSet<String> = (0..3)
             .map(|_| p.pick(&rs, &req("s", "hi"), &[]).unwrap().key().to_string())

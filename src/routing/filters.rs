@@ -352,22 +352,26 @@ mod tests {
         );
     }
 
+    /// Four candidates ranked 0..4 in rendezvous order (3 first), each holding `groups`.
+    fn ranked(groups: u32) -> Vec<Candidate> {
+        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
+        for (i, c) in cs.iter_mut().enumerate() {
+            c.rendezvous = i as u64;
+            c.groups = groups;
+        }
+        cs
+    }
+
     #[test]
     fn rendezvous_places_new_groups_within_load_bound() {
         let mut cfg = RoutingConfig::default();
         (cfg.rendezvous.group_slack, cfg.rendezvous.group_slack_abs) = (0.0, 0.0);
         let ctx = ctx_for(&cfg, None, 1000);
-        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
-        for (i, c) in cs.iter_mut().enumerate() {
-            c.rendezvous = i as u64;
-        }
+        let mut cs = ranked(0);
         apply(FilterName::Rendezvous, &mut cs, &ctx);
         assert_eq!(cs.iter().position(|c| c.alive), Some(3));
         // Replica 3 is over the bound: the next in rendezvous order.
-        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
-        for (i, c) in cs.iter_mut().enumerate() {
-            c.rendezvous = i as u64;
-        }
+        let mut cs = ranked(0);
         // bound = 1.25 x (5 + 1) / 4 + 2 = 3.875: 3 in flight + this one is over.
         cs[3].load_requests = 3.0;
         cs[0].load_requests = 2.0;
@@ -375,19 +379,11 @@ mod tests {
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
         // Replica 3 holds more groups than its share: the next in rendezvous
         // order takes the new one; over every bound, the group bound yields first.
-        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
-        for (i, c) in cs.iter_mut().enumerate() {
-            c.rendezvous = i as u64;
-            c.groups = 1;
-        }
+        let mut cs = ranked(1);
         cs[3].groups = 2; // 5 groups + this one over 4 replicas: at most 2 each
         apply(FilterName::Rendezvous, &mut cs, &ctx);
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
-        let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
-        for (i, c) in cs.iter_mut().enumerate() {
-            c.rendezvous = i as u64;
-            c.groups = 2;
-        }
+        let mut cs = ranked(2);
         cs[3].groups = 0; // cap = ceil(7 / 4) = 2: only replica 3 has room
         cs[3].load_requests = 9.0; // ... but it is over the request bound
         apply(FilterName::Rendezvous, &mut cs, &ctx);
