@@ -36,6 +36,7 @@ fn replicas() -> Vec<Arc<Replica>> {
                 lora: None,
                 own_requests_at_scrape: 0,
                 batch_limit: None,
+                foreign_load_at: None,
             })));
             r
         })

@@ -93,6 +93,10 @@ struct Args {
     /// Prefix: turns per session; each turn resends the previous turns (questions and answers).
     #[arg(long, default_value_t = 3)]
     turns: u32,
+    /// Prefix: Zipf exponent of group popularity (0: every group alike; 1: the most popular
+    /// of 32 groups gets a quarter of the sessions).
+    #[arg(long, default_value_t = 0.0)]
+    group_skew: f64,
     /// Do not ask for a usage chunk on streams (output tokens are then counted chunks).
     #[arg(long)]
     no_usage: bool,
@@ -182,6 +186,7 @@ async fn run(args: Args) -> Result<bool, String> {
         system_tokens: args.system_tokens,
         question_tokens: args.question_tokens,
         turns: args.turns,
+        group_skew: args.group_skew,
         usage: !args.no_usage,
         ignore_eos: args.ignore_eos,
         seed: args.seed,

@@ -19,7 +19,9 @@
 # per replica. ENGINE [sim] or llama (real llama-server replicas from
 # loadtest/llama_server.sh, which must be built; see "ENGINE=llama" below). The load: RATE
 # [40] requests/s wall, DURATION [45] s, WARMUP [10] s, PREFIX_GROUPS [32], USERS [8],
-# TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200], MAX_TOKENS [150], SEED [1].
+# TURNS [3], SYSTEM_TOKENS [3000], QUESTION_TOKENS [200], MAX_TOKENS [150], SEED [1],
+# GROUP_SKEW [0]: Zipf exponent of group popularity (0: every group alike; 1: the most
+# popular of 32 groups has a quarter of the sessions, the hot-spotting case).
 # INFERGATE_BIN / LOAD_BIN (target/release/...), PEERS_VENV. IG_ROUTING: more fields of the
 # default-policy gateway's routing block, e.g. 'rendezvous: { group_slack: 0, group_slack_abs: 0 }'.
 # ENGINE=llama changes the defaults to what 1-thread CPU replicas of SmolLM2-135M serve:
@@ -51,6 +53,7 @@ REPLICAS=${REPLICAS:-8} PROFILE=${PROFILE:-llama-8b-h100} TIME_SCALE=${TIME_SCAL
 BLOCKS=${BLOCKS:-4096} RATE=${RATE:-40} DURATION=${DURATION:-45} WARMUP=${WARMUP:-10}
 GROUPS_=${PREFIX_GROUPS:-32} USERS=${USERS:-8} TURNS=${TURNS:-3} SYSTEM_TOKENS=${SYSTEM_TOKENS:-3000}
 QUESTION_TOKENS=${QUESTION_TOKENS:-200} MAX_TOKENS=${MAX_TOKENS:-150} SEED=${SEED:-1}
+GROUP_SKEW=${GROUP_SKEW:-0}
 MODEL=m
 
 [[ -x $BIN && -x $LOAD ]] || { echo "build first: cargo build --release --bin infergate --bin infergate-load" >&2; exit 2; }
@@ -138,6 +141,7 @@ routes:
     timeouts: { first_byte: 10m, idle: 10m, total: off }
     retries: { attempts: 1 }
     routing: { policy: $policy }
+${IG_ROUTE_EXTRA:+    $IG_ROUTE_EXTRA}
 EOF
   RUST_LOG=warn "$BIN" serve --config "$RUN/$name.yaml" >"$RUN/$name.log" 2>&1 &
   track $!
@@ -176,7 +180,7 @@ metrics_urls() { local s; s=$(printf '%s/metrics,' "${URLS[@]}"); echo "${s%,}";
 
 load() {  # URL OUT.json
   "$LOAD" --url "$1" --model $MODEL --workload prefix --groups "$GROUPS_" --users "$USERS" \
-    --turns "$TURNS" --system-tokens "$SYSTEM_TOKENS" --question-tokens "$QUESTION_TOKENS" \
+    --turns "$TURNS" --group-skew "$GROUP_SKEW" --system-tokens "$SYSTEM_TOKENS" --question-tokens "$QUESTION_TOKENS" \
     --max-tokens "$MAX_TOKENS" --rate "$RATE" -d "$DURATION" --warmup "$WARMUP" --seed "$SEED" \
     --timeout 600 --scrape "$(metrics_urls)" --json >"$2" 2>"$2.err" || true
 }
@@ -192,7 +196,7 @@ run_system() {
     multi-1 | multi-3)
       # A round-robin front (a Kubernetes Service, in effect) over 1 or 3 gateways.
       local n=${name#multi-} gws=() i
-      for ((i = 0; i < n; i++)); do gws+=("$(gateway "gw$i" inference_aware "${URLS[@]}")"); done
+      for ((i = 0; i < n; i++)); do gws+=("$(gateway "gw$i" "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}")"); done
       url=$(gateway "front-$n" round_robin "${gws[@]}")
       ;;
     *) echo "unknown system $name" >&2; exit 2 ;;
@@ -248,6 +252,6 @@ SYSTEMS=("$@")
 [[ ${SYSTEMS[0]} == multi ]] && SYSTEMS=(multi-1 multi-3)
 FLEET="${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}"
 [[ $ENGINE == llama ]] && FLEET="${REPLICAS} x llama-server SmolLM2-135M (${LLAMA_SLOTS} slots, ${LLAMA_EXTRA_ARGS})"
-echo "workload: ${GROUPS_} groups x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${FLEET}" >&2
+echo "workload: ${GROUPS_} groups (Zipf skew ${GROUP_SKEW}) x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${FLEET}" >&2
 for s in "${SYSTEMS[@]}"; do run_system "$s"; done
 summary "${SYSTEMS[@]}"

@@ -49,9 +49,16 @@ pub struct ReplicaLoad {
     requests: AtomicU64,
     tokens: AtomicU64,
     prefill_tokens: AtomicU64,
+    /// Requests ever started (monotonic): with `requests`, bounds how many of
+    /// ours the engine can have counted during a scrape.
+    started: AtomicU64,
 }
 
 impl ReplicaLoad {
+    /// Requests ever started on the replica.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
     /// Requests in flight.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -93,6 +100,7 @@ impl Replica {
     /// `prefill_tokens` the part of the prompt expected to be computed (not cached).
     pub fn begin(self: &Arc<Self>, tokens: u64, prefill_tokens: u64) -> LoadGuard {
         self.load.requests.fetch_add(1, Ordering::Relaxed);
+        self.load.started.fetch_add(1, Ordering::Relaxed);
         self.load.tokens.fetch_add(tokens, Ordering::Relaxed);
         self.load
             .prefill_tokens

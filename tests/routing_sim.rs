@@ -311,6 +311,32 @@ async fn hit_rate_through(gateways: &[String], fleet: &Fleet, groups: usize, rou
     hits as f64 / queries.max(1) as f64
 }
 
+/// Short, prefix-less requests through every gateway at once, held in flight
+/// across a few scrapes: as in a running deployment, each gateway then sees the
+/// engines counting requests it did not send (other gateways) and places new
+/// prefix groups with slack, so the gateways agree on homes.
+async fn overlapping_traffic(gateways: &[String]) {
+    let mut running = Vec::new();
+    for (i, url) in gateways.iter().enumerate() {
+        for j in 0..4 {
+            let (url, body) = (
+                url.clone(),
+                serde_json::json!({"model": "m", "max_tokens": 1000,
+                    "messages": [{"role": "user", "content": format!("hello {i} {j}")}]})
+                .to_string(),
+            );
+            running.push(tokio::spawn(async move {
+                post(&url, "/v1/chat/completions", &body).await.0
+            }));
+        }
+    }
+    for t in running {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // Until the next scrapes, the engines' counts still show these requests.
+    settle().await;
+}
+
 #[tokio::test]
 async fn three_gateways_agree_on_prefix_homes_without_a_shared_store() {
     let (groups, rounds) = (8, 6);
@@ -318,6 +344,7 @@ async fn three_gateways_agree_on_prefix_homes_without_a_shared_store() {
         let fleet = start_fleet(fleet_config(4, 5.0)).await.unwrap();
         let gw = gateway(config(&fleet.urls(), ROUTING)).await;
         settle().await;
+        overlapping_traffic(&[gw.url()]).await;
         let rate = hit_rate_through(&[gw.url()], &fleet, groups, rounds).await;
         gw.shutdown().await;
         fleet.shutdown().await;
@@ -330,6 +357,7 @@ async fn three_gateways_agree_on_prefix_homes_without_a_shared_store() {
     }
     settle().await;
     let urls: Vec<String> = gws.iter().map(|g| g.url()).collect();
+    overlapping_traffic(&urls).await;
     let three = hit_rate_through(&urls, &fleet, groups, rounds).await;
     eprintln!("fleet prefix hit rate: one gateway {one:.3}, three gateways {three:.3}");
     // Each group's first request is a miss either way: 5 of 6 can hit.

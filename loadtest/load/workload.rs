@@ -42,6 +42,10 @@ pub struct Spec {
     pub question_tokens: u32,
     /// Turns per session.
     pub turns: u32,
+    /// Popularity skew of the groups: 0 gives every group the same share of sessions; s > 0
+    /// draws each session's group from a Zipf(s) law (group 0 the most popular), as real
+    /// fleets see a few applications' system prompts dominate.
+    pub group_skew: f64,
     /// Ask for a usage chunk on streams (`stream_options.include_usage`).
     pub usage: bool,
     /// Send `ignore_eos: true` so real engines produce exactly `max_tokens`.
@@ -102,25 +106,39 @@ pub struct ClassPicker {
 
 impl ClassPicker {
     pub fn new(classes: &[Class], seed: u64) -> Self {
-        let total: f64 = classes.iter().map(|c| c.share).sum();
-        let mut acc = 0.0;
-        let cumulative = classes
-            .iter()
-            .map(|c| {
-                acc += c.share / total;
-                acc
-            })
-            .collect();
-        Self { cumulative, seed }
+        Self {
+            cumulative: cumulative(classes.iter().map(|c| c.share)),
+            seed,
+        }
     }
 
     pub fn pick(&self, seq: u64) -> usize {
-        let u = (splitmix64(seq ^ self.seed.rotate_left(17)) >> 11) as f64 / (1u64 << 53) as f64;
-        self.cumulative
-            .iter()
-            .position(|&c| u < c)
-            .unwrap_or(self.cumulative.len().saturating_sub(1))
+        pick_cumulative(
+            &self.cumulative,
+            splitmix64(seq ^ self.seed.rotate_left(17)),
+        )
     }
+}
+
+/// Cumulative shares (ending at 1) of `weights`.
+fn cumulative(weights: impl Iterator<Item = f64> + Clone) -> Vec<f64> {
+    let total: f64 = weights.clone().sum();
+    let mut acc = 0.0;
+    weights
+        .map(|w| {
+            acc += w / total;
+            acc
+        })
+        .collect()
+}
+
+/// The index a uniform draw from `hash` falls on in `cumulative` shares.
+fn pick_cumulative(cumulative: &[f64], hash: u64) -> usize {
+    let u = (hash >> 11) as f64 / (1u64 << 53) as f64;
+    cumulative
+        .iter()
+        .position(|&c| u < c)
+        .unwrap_or(cumulative.len().saturating_sub(1))
 }
 
 pub fn splitmix64(x: u64) -> u64 {
@@ -199,6 +217,8 @@ pub struct Workload {
     pub stream: bool,
     ring: Vec<Bytes>,
     systems: Vec<String>,
+    /// Cumulative Zipf shares of the groups (empty when `group_skew` is 0).
+    popularity: Vec<f64>,
     pool: TextPool,
 }
 
@@ -220,6 +240,9 @@ impl Workload {
         if spec.kind == Kind::Prefix && (spec.groups == 0 || spec.users == 0 || spec.turns == 0) {
             return Err("prefix workload needs --groups, --users and --turns >= 1".into());
         }
+        if !(spec.group_skew >= 0.0 && spec.group_skew.is_finite()) {
+            return Err(format!("group skew {} must be >= 0", spec.group_skew));
+        }
         if longest > 1 << 20 {
             return Err(format!("{longest} tokens is more than this tool builds"));
         }
@@ -233,6 +256,7 @@ impl Workload {
             stream,
             ring: Vec::new(),
             systems: Vec::new(),
+            popularity: Vec::new(),
             pool,
             spec,
         };
@@ -256,6 +280,11 @@ impl Workload {
                         w.pool.text(&label, w.spec.system_tokens, g ^ 0x5157)
                     })
                     .collect();
+                if w.spec.group_skew > 0.0 {
+                    w.popularity = cumulative(
+                        (1..=w.spec.groups).map(|rank| (rank as f64).powf(-w.spec.group_skew)),
+                    );
+                }
             }
         }
         Ok(w)
@@ -290,8 +319,22 @@ impl Workload {
         (round, turn as u32, user as u32, group as u32)
     }
 
+    /// The group whose system prompt the session in schedule slot `(round, user, slot)` uses:
+    /// the slot itself without skew, else a Zipf draw fixed for the session (every turn of
+    /// a session keeps its system prompt).
+    pub fn session_group(&self, round: u64, user: u32, slot: u32) -> u32 {
+        if self.popularity.is_empty() {
+            return slot;
+        }
+        let h = splitmix64(
+            self.spec.seed.rotate_left(29) ^ round ^ ((slot as u64) << 20) ^ ((user as u64) << 40),
+        );
+        pick_cumulative(&self.popularity, h) as u32
+    }
+
     fn prefix_body(&self, seq: u64) -> Bytes {
         let (round, turn, user, group) = self.prefix_position(seq);
+        let system = self.session_group(round, user, group);
         let s = &self.spec;
         let key = |t: u32, what: u64| {
             splitmix64(
@@ -309,7 +352,7 @@ impl Workload {
         let mut messages = Vec::with_capacity(texts.len() + 1);
         messages.push(Message {
             role: "system",
-            content: &self.systems[group as usize],
+            content: &self.systems[system as usize],
         });
         for (i, text) in texts.iter().enumerate() {
             let role = if i % 2 == 0 { "user" } else { "assistant" };
@@ -367,6 +410,7 @@ mod tests {
             system_tokens: 100,
             question_tokens: 20,
             turns: 2,
+            group_skew: 0.0,
             usage: true,
             ignore_eos: false,
             seed: 7,
@@ -425,6 +469,45 @@ mod tests {
         let next_round = json(&w.body(12));
         assert_eq!(next_round["messages"][0]["content"], sys);
         assert_ne!(next_round["messages"][1], first["messages"][1]);
+    }
+
+    #[test]
+    fn skewed_groups_follow_zipf_and_a_session_keeps_its_system_prompt() {
+        let w = Workload::new(Spec {
+            groups: 32,
+            users: 8,
+            turns: 3,
+            group_skew: 1.0,
+            ..spec(Kind::Prefix)
+        })
+        .unwrap();
+        let mut counts = [0u32; 32];
+        for round in 0..200 {
+            for user in 0..8 {
+                for slot in 0..32 {
+                    counts[w.session_group(round, user, slot) as usize] += 1;
+                }
+            }
+        }
+        // Zipf(1) over 32 groups: the top group has 1/H(32) = 24.6% of 51,200 sessions,
+        // the second half that, the last 1/32 of the first.
+        let share = |g: usize| counts[g] as f64 / 51_200.0;
+        assert!((share(0) - 0.246).abs() < 0.01, "{}", share(0));
+        assert!((share(1) - 0.123).abs() < 0.01, "{}", share(1));
+        assert!(counts[31] > 0 && share(31) < 0.02);
+        // Every turn of a session (same round, user and slot) has the same system prompt.
+        let (first, third) = (json(&w.body(5)), json(&w.body(5 + 2 * 32 * 8)));
+        assert_eq!(w.prefix_position(5).0, w.prefix_position(5 + 2 * 32 * 8).0);
+        assert_eq!(first["messages"][0], third["messages"][0]);
+        assert_eq!(third["messages"].as_array().unwrap().len(), 6);
+        // No skew: the slot is the group.
+        let flat = Workload::new(spec(Kind::Prefix)).unwrap();
+        assert_eq!(flat.session_group(3, 1, 2), 2);
+        assert!(Workload::new(Spec {
+            group_skew: -1.0,
+            ..spec(Kind::Prefix)
+        })
+        .is_err());
     }
 
     #[test]

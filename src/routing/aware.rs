@@ -61,6 +61,8 @@ pub struct Candidate {
     /// Prefix groups this gateway has placed on the replica and still indexes
     /// (filled only for a request opening a new group).
     pub groups: u32,
+    /// Another gateway fed this replica recently (`Signals::foreign_load_at`).
+    pub foreign_load: bool,
     pub alive: bool,
     pub dropped_by: Option<FilterName>,
     pub score: f64,
@@ -303,6 +305,7 @@ impl InferenceAware {
         let now = Instant::now();
         let stale = Duration::from_millis(self.cfg.scrape.stale_after_ms);
         let sat = &self.cfg.saturation;
+        let shared_window = Duration::from_millis(self.cfg.rendezvous.shared_window_ms);
         let lora_homes = ctx.lora.map(|a| self.lora_homes(a)).unwrap_or_default();
         let rotation = if ctx.group_key.is_none() {
             self.total_decisions.load(Ordering::Relaxed) as usize
@@ -355,6 +358,7 @@ impl InferenceAware {
                     |g| rendezvous_weight(g, r.key()),
                 ),
                 groups: 0,
+                foreign_load: sig.is_some_and(|s| s.foreign_load_within(now, shared_window)),
                 alive: true,
                 dropped_by: None,
                 score: 0.0,
@@ -642,6 +646,7 @@ pub(crate) mod tests {
             lora_tier: 0,
             rendezvous: 0,
             groups: 0,
+            foreign_load: false,
             alive: true,
             dropped_by: None,
             score: 0.0,
@@ -704,6 +709,7 @@ pub(crate) mod tests {
             lora,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            foreign_load_at: None,
         })));
     }
 
@@ -827,12 +833,14 @@ pub(crate) mod tests {
     fn new_prefix_groups_are_spread_evenly() {
         // Plain rendezvous hashing puts about 7 of 31 groups on one of 8
         // replicas; the group bound keeps every replica within
-        // ceil(1.25 x 31 / 8) + 1 (the default slack), and exactly even without slack.
+        // ceil(1.25 x 31 / 8) + 1 with the default slack (0.25, 1, used when other
+        // gateways feed the pool), and exactly even without slack.
         let rs = idle_replicas(8);
         for (slack, abs, max) in [(0.25, 1.0, 6), (0.0, 0.0, 4)] {
             let mut cfg = RoutingConfig::default();
             cfg.rendezvous.group_slack = slack;
             cfg.rendezvous.group_slack_abs = abs;
+            cfg.rendezvous.exact_when_alone = false;
             let p = InferenceAware::new(cfg);
             let mut per = HashMap::new();
             for g in 0..31 {

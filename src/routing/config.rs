@@ -179,13 +179,22 @@ pub struct RendezvousConfig {
     pub load_slack_abs: f64,
     /// A replica is skipped while it would hold more than `ceil((1 +
     /// group_slack) × (groups + 1) / replicas) + group_slack_abs` prefix groups
-    /// (groups counted in this gateway's index). 0 and 0 balance groups
-    /// exactly for one gateway, but several gateways, which each count only the
-    /// groups they placed, then disagree on about half of the homes; the
-    /// defaults (0.25, 1) keep 31 groups on 8 replicas within 6 per replica
-    /// (plain hashing: 7 to 8) and 3 gateways agreeing on all but ~5.
+    /// (groups counted in this gateway's index; bounded-load consistent
+    /// hashing; plain hashing puts 7 or 8 of 31 groups on one of 8 replicas).
+    /// This slack applies while another gateway feeds the pool (an engine
+    /// counted more requests than this gateway had sent it, within
+    /// `shared_window_ms`): gateways, which each count only the groups they
+    /// placed, then agree on most homes (3 gateways: all but ~5 of 31 groups
+    /// with 0.25 and 1; about half with no slack). A gateway alone balances
+    /// groups exactly (31 on 8: 3 or 4 each): near the fleet's knee a replica
+    /// with a group more than its share is the first to queue (0.25 and 1 gave
+    /// 12x the p90 TTFT at 75 requests/s in docs/routing.md).
     pub group_slack: f64,
     pub group_slack_abs: f64,
+    /// How long one sign of another gateway keeps the slack on.
+    pub shared_window_ms: u64,
+    /// `false`: the slack applies always, alone too.
+    pub exact_when_alone: bool,
 }
 
 impl Default for RendezvousConfig {
@@ -196,6 +205,8 @@ impl Default for RendezvousConfig {
             load_slack_abs: 2.0,
             group_slack: 0.25,
             group_slack_abs: 1.0,
+            shared_window_ms: 30_000,
+            exact_when_alone: true,
         }
     }
 }

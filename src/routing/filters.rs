@@ -60,22 +60,20 @@ fn keep_only(
 /// thresholds) only while some replica has clear headroom (queue under half the
 /// threshold): when every replica queues, moving work around only costs cache.
 /// A busy replica holding (nearly) the longest cached prefix of this prompt is
-/// kept (until its queue reaches twice the threshold): whether to leave it is
-/// `prefix_affinity`'s call, which weighs its queue against the full prefill
-/// elsewhere. Dropping it here made every burst
-/// replicate prefixes onto colder replicas, whose extra prefills and KV copies
-/// fed the next burst (the fleet's hit rate fell from 0.85 to 0.66).
+/// kept however long its queue: whether to leave it is `prefix_affinity`'s
+/// call, which weighs its queue against the full prefill elsewhere. Dropping
+/// busy holders here (first at the threshold, then at twice it) made every
+/// burst replicate prefixes onto colder replicas, whose extra prefills and KV
+/// copies fed the next burst: at 75 requests/s on the tight 8-replica fleet
+/// of docs/routing.md the fleet's hit rate fell from 0.85 to 0.81 and p90 TTFT
+/// rose from 78 ms to 694 ms.
 fn saturation(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
     let max_waiting = ctx.cfg.saturation.max_waiting;
     let headroom = cands
         .iter()
         .any(|c| c.alive && c.fresh && !c.saturated && c.waiting < max_waiting / 2.0);
     let sticky = sticky_threshold(cands, ctx);
-    // The holder stays a candidate until its queue is twice the threshold: its
-    // TTFT estimate counts queued prefill, not the wait for a batch slot.
-    let holder = |c: &Candidate| {
-        sticky.is_some_and(|t| c.matched_blocks >= t) && c.waiting < 2.0 * max_waiting
-    };
+    let holder = |c: &Candidate| sticky.is_some_and(|t| c.matched_blocks >= t);
     keep_only(cands, FilterName::Saturation, |c| {
         c.fresh && (!c.saturated || !headroom || holder(c))
     })
@@ -193,8 +191,14 @@ fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u
     }
     let rz = &ctx.cfg.rendezvous;
     let bound = ((1.0 + rz.load_slack) * (total + 1.0) / n as f64 + rz.load_slack_abs).max(1.0);
-    let group_cap =
-        ((1.0 + rz.group_slack) * (groups as f64 + 1.0) / n as f64).ceil() + rz.group_slack_abs;
+    // Exact balance alone; slack so gateways agree when another one feeds the pool.
+    let shared = !rz.exact_when_alone || cands.iter().any(|c| c.foreign_load);
+    let (slack, slack_abs) = if shared {
+        (rz.group_slack, rz.group_slack_abs)
+    } else {
+        (0.0, 0.0)
+    };
+    let group_cap = ((1.0 + slack) * (groups as f64 + 1.0) / n as f64).ceil() + slack_abs;
     let best = |group_bound: bool| {
         cands
             .iter()
@@ -217,7 +221,8 @@ fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u
         if new_group {
             let _ = write!(
                 detail,
-                "new prefix group: placed by rendezvous hash within load bound {bound:.2} and {group_cap} groups"
+                "new prefix group: placed by rendezvous hash within load bound {bound:.2} and {group_cap} groups ({})",
+                if shared { "other gateways seen: slack" } else { "alone: exact balance" }
             );
         } else {
             let _ = write!(
@@ -275,8 +280,13 @@ mod tests {
         let o = apply(FilterName::Saturation, &mut cs, &ctx);
         assert_eq!(o.dropped, 1);
         assert!(cs[0].alive && !cs[1].alive && cs[2].alive);
-        // ... until its queue reaches twice the threshold.
-        cs[0].waiting = 10.0;
+        // ... however long its queue (prefix_affinity weighs it), unless unknown.
+        cs[0].waiting = 50.0;
+        cs[1].alive = true;
+        apply(FilterName::Saturation, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive && cs[2].alive);
+        cs[0].fresh = false;
+        cs[1].alive = true;
         apply(FilterName::Saturation, &mut cs, &ctx);
         assert!(!cs[0].alive && cs[2].alive);
         // A queue just under the threshold is not headroom.
@@ -392,5 +402,33 @@ mod tests {
         let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
         cs[0].matched_blocks = 4;
         assert_eq!(apply(FilterName::Rendezvous, &mut cs, &ctx).dropped, 0);
+    }
+
+    #[test]
+    fn group_slack_applies_only_while_another_gateway_feeds_the_pool() {
+        let cfg = RoutingConfig::default(); // slack 0.25 and 1, exact when alone
+        let ctx = ctx_for(&cfg, None, 1000);
+        // 5 groups + this one over 4 replicas; replica 3 (first in rendezvous
+        // order) holds 2: exact cap ceil(6 / 4) = 2, with slack ceil(7.5 / 4) + 1 = 3.
+        let shaped = |foreign: bool| {
+            let mut cs = ranked(1);
+            cs[3].groups = 2;
+            cs[0].foreign_load = foreign;
+            cs
+        };
+        let mut alone = shaped(false);
+        apply(FilterName::Rendezvous, &mut alone, &ctx);
+        assert_eq!(alone.iter().position(|c| c.alive), Some(2));
+        let mut shared = shaped(true);
+        let o = apply(FilterName::Rendezvous, &mut shared, &ctx);
+        assert_eq!(shared.iter().position(|c| c.alive), Some(3));
+        assert!(o.detail.contains("other gateways seen"), "{}", o.detail);
+        // exact_when_alone: false applies the slack alone too.
+        let mut cfg = RoutingConfig::default();
+        cfg.rendezvous.exact_when_alone = false;
+        let ctx = ctx_for(&cfg, None, 1000);
+        let mut cs = shaped(false);
+        apply(FilterName::Rendezvous, &mut cs, &ctx);
+        assert_eq!(cs.iter().position(|c| c.alive), Some(3));
     }
 }

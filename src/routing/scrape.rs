@@ -183,6 +183,9 @@ async fn scrape_loop(
     loop {
         tick.tick().await;
         let started = Instant::now();
+        // Ours the engine can count in this scrape: in flight now, plus any
+        // started while the scrape is on its way.
+        let (in_flight, begun) = (replica.load.requests(), replica.load.started());
         let signals = match tokio::time::timeout(timeout, fetch(&client, uri.clone())).await {
             Ok(Ok(body)) => signals::parse(engine, &body, started),
             Ok(Err(e)) => Signals::failed(started, e),
@@ -200,7 +203,9 @@ async fn scrape_loop(
                 continue;
             }
         }
-        let signals = signals.with_context(replica.load.requests(), previous.as_deref());
+        let ours_at_most = in_flight + replica.load.started().saturating_sub(begun);
+        let signals =
+            signals.with_context(replica.load.requests(), ours_at_most, previous.as_deref());
         replica.signals.store(Some(Arc::new(signals)));
     }
 }

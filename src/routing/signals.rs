@@ -108,6 +108,11 @@ pub struct Signals {
     /// The replica's batch limit as observed: `running` at a scrape that showed
     /// a queue (the engine runs no more than that at once). Carried over scrapes.
     pub batch_limit: Option<f64>,
+    /// The last scrape at which the engine counted more requests (running +
+    /// waiting) than this gateway had in flight there: another gateway (or a
+    /// client going around the gateway) feeds the replica. Carried over scrapes.
+    #[serde(skip)]
+    pub foreign_load_at: Option<Instant>,
 }
 
 impl Signals {
@@ -123,12 +128,21 @@ impl Signals {
             lora: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            foreign_load_at: None,
         }
     }
 
     /// Sets the scrape-time context: own requests then, and the batch limit
     /// learned from this and the previous scrape.
-    pub fn with_context(mut self, own_requests: u64, previous: Option<&Signals>) -> Signals {
+    /// Adds what the scrape alone cannot tell: `own_requests` in flight when it
+    /// was read, `ours_at_most` the most of ours the engine can have counted
+    /// in it, and what earlier scrapes learned.
+    pub fn with_context(
+        mut self,
+        own_requests: u64,
+        ours_at_most: u64,
+        previous: Option<&Signals>,
+    ) -> Signals {
         self.own_requests_at_scrape = own_requests;
         let seen_now = (self.error.is_none() && self.waiting > 0.0 && self.running > 0.0)
             .then_some(self.running);
@@ -137,7 +151,22 @@ impl Signals {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
+        // The engine drops a request from its counts before the gateway sees
+        // the end of its answer, so alone it never counts more than ours.
+        let foreign_now =
+            self.error.is_none() && self.running + self.waiting >= ours_at_most as f64 + 1.0;
+        self.foreign_load_at = if foreign_now {
+            Some(self.at)
+        } else {
+            previous.and_then(|p| p.foreign_load_at)
+        };
         self
+    }
+
+    /// Whether another source fed the replica within `window` before `now`.
+    pub fn foreign_load_within(&self, now: Instant, window: Duration) -> bool {
+        self.foreign_load_at
+            .is_some_and(|at| now.saturating_duration_since(at) <= window)
     }
 
     /// Queued requests now: the scraped queue, plus the requests this gateway
@@ -212,6 +241,7 @@ pub fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             lora: lora.map(|(_, l)| l),
             own_requests_at_scrape: 0,
             batch_limit: None,
+            foreign_load_at: None,
         },
         _ => Signals::failed(
             at,
@@ -342,23 +372,50 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         let body = |run: u32, wait: u32| {
             format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred {wait}\n")
         };
-        let s1 = parse(EngineKind::LlamaCpp, &body(3, 0), t).with_context(3, None);
+        let s1 = parse(EngineKind::LlamaCpp, &body(3, 0), t).with_context(3, 3, None);
         assert_eq!(s1.batch_limit, None);
         assert_eq!(
             s1.projected_waiting(10),
             0.0,
             "no limit known: no projection"
         );
-        let s2 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, Some(&s1));
+        let s2 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, 6, Some(&s1));
         assert_eq!(s2.batch_limit, Some(4.0));
         assert_eq!(s2.projected_waiting(6), 2.0);
         // Five more sent since the scrape: all of them queue.
         assert_eq!(s2.projected_waiting(11), 7.0);
         // The limit is kept by later scrapes without a queue.
-        let s3 = parse(EngineKind::LlamaCpp, &body(1, 0), t).with_context(1, Some(&s2));
+        let s3 = parse(EngineKind::LlamaCpp, &body(1, 0), t).with_context(1, 1, Some(&s2));
         assert_eq!(s3.batch_limit, Some(4.0));
         assert_eq!(s3.projected_waiting(2), 0.0);
         assert_eq!(s3.projected_waiting(6), 2.0);
+    }
+
+    #[test]
+    fn engine_counting_more_than_we_sent_means_another_gateway() {
+        let t = Instant::now();
+        let body = |run: u32, wait: u32| {
+            format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred {wait}\n")
+        };
+        let window = Duration::from_secs(30);
+        // Alone: the engine counts what we sent, or less (answers finishing).
+        let s1 = parse(EngineKind::LlamaCpp, &body(3, 1), t).with_context(4, 4, None);
+        let s1 = parse(EngineKind::LlamaCpp, &body(2, 0), t).with_context(3, 3, Some(&s1));
+        assert!(!s1.foreign_load_within(t, window));
+        // One of ours started and finished while the scrape was on its way.
+        let s1 = parse(EngineKind::LlamaCpp, &body(4, 0), t).with_context(3, 4, Some(&s1));
+        assert!(!s1.foreign_load_within(t, window));
+        // One more than ours: someone else's.
+        let s2 = parse(EngineKind::LlamaCpp, &body(3, 1), t).with_context(3, 3, Some(&s1));
+        assert!(s2.foreign_load_within(t, window));
+        // Remembered over later scrapes for the window.
+        let later = t + Duration::from_secs(10);
+        let s3 = parse(EngineKind::LlamaCpp, &body(0, 0), later).with_context(0, 0, Some(&s2));
+        assert!(s3.foreign_load_within(later, window));
+        assert!(!s3.foreign_load_within(t + Duration::from_secs(31), window));
+        // A failed scrape is not a sign.
+        let f = Signals::failed(t, "down").with_context(0, 0, None);
+        assert!(!f.foreign_load_within(t, window));
     }
 
     #[test]
