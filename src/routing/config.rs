@@ -130,6 +130,11 @@ pub struct SaturationConfig {
     pub max_waiting: f64,
     /// KV-cache usage (0..1) at or above which a replica is saturated.
     pub max_kv_usage: f64,
+    /// Queued requests at which even a replica holding the prompt's prefix is
+    /// dropped while another has headroom. Below it, leaving the holder is
+    /// `prefix_affinity`'s call, but its TTFT estimate counts queued prefill,
+    /// not the wait for a batch slot, which a deep queue means.
+    pub holder_max_waiting: f64,
 }
 
 impl Default for SaturationConfig {
@@ -137,6 +142,7 @@ impl Default for SaturationConfig {
         SaturationConfig {
             max_waiting: 5.0,
             max_kv_usage: 0.95,
+            holder_max_waiting: 20.0,
         }
     }
 }

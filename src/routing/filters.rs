@@ -60,20 +60,23 @@ fn keep_only(
 /// thresholds) only while some replica has clear headroom (queue under half the
 /// threshold): when every replica queues, moving work around only costs cache.
 /// A busy replica holding (nearly) the longest cached prefix of this prompt is
-/// kept however long its queue: whether to leave it is `prefix_affinity`'s
-/// call, which weighs its queue against the full prefill elsewhere. Dropping
-/// busy holders here (first at the threshold, then at twice it) made every
-/// burst replicate prefixes onto colder replicas, whose extra prefills and KV
-/// copies fed the next burst: at 75 requests/s on the tight 8-replica fleet
-/// of docs/routing.md the fleet's hit rate fell from 0.85 to 0.81 and p90 TTFT
-/// rose from 78 ms to 694 ms.
+/// kept until its queue reaches `holder_max_waiting` (20): below that, whether
+/// to leave it is `prefix_affinity`'s call, which weighs its queue against the
+/// full prefill elsewhere. Dropping busy holders at twice the threshold (10)
+/// made every burst replicate prefixes onto colder replicas, whose extra
+/// prefills and KV copies fed the next burst: at 75 requests/s on the tight
+/// 8-replica fleet of docs/routing.md the fleet's hit rate fell from 0.85 to
+/// 0.81 and p90 TTFT rose from 78 ms to 694 ms. Past 20 the queue is waiting
+/// for batch slots, which the TTFT estimate does not see.
 fn saturation(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
     let max_waiting = ctx.cfg.saturation.max_waiting;
     let headroom = cands
         .iter()
         .any(|c| c.alive && c.fresh && !c.saturated && c.waiting < max_waiting / 2.0);
     let sticky = sticky_threshold(cands, ctx);
-    let holder = |c: &Candidate| sticky.is_some_and(|t| c.matched_blocks >= t);
+    let holder_cap = ctx.cfg.saturation.holder_max_waiting;
+    let holder =
+        |c: &Candidate| sticky.is_some_and(|t| c.matched_blocks >= t) && c.waiting < holder_cap;
     keep_only(cands, FilterName::Saturation, |c| {
         c.fresh && (!c.saturated || !headroom || holder(c))
     })
@@ -280,11 +283,17 @@ mod tests {
         let o = apply(FilterName::Saturation, &mut cs, &ctx);
         assert_eq!(o.dropped, 1);
         assert!(cs[0].alive && !cs[1].alive && cs[2].alive);
-        // ... however long its queue (prefix_affinity weighs it), unless unknown.
-        cs[0].waiting = 50.0;
+        // ... past twice the threshold too (prefix_affinity weighs it) ...
+        cs[0].waiting = 19.0;
         cs[1].alive = true;
         apply(FilterName::Saturation, &mut cs, &ctx);
         assert!(cs[0].alive && !cs[1].alive && cs[2].alive);
+        // ... until `holder_max_waiting`, or unknown.
+        cs[0].waiting = 20.0;
+        apply(FilterName::Saturation, &mut cs, &ctx);
+        assert!(!cs[0].alive && cs[2].alive);
+        cs[0].waiting = 1.0;
+        cs[0].alive = true;
         cs[0].fresh = false;
         cs[1].alive = true;
         apply(FilterName::Saturation, &mut cs, &ctx);
