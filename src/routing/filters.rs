@@ -86,13 +86,22 @@ fn saturation(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
 /// the alive candidates (`sticky.min_match_ratio` of it); `None` when no
 /// replica holds any of the prompt.
 fn sticky_threshold(cands: &[Candidate], ctx: &Ctx<'_>) -> Option<u32> {
-    let best = cands
+    threshold_for(best_alive(cands, |c| c.matched_blocks), ctx)
+}
+
+/// [`sticky_threshold`] when the longest prefix is `best` blocks.
+fn threshold_for(best: u32, ctx: &Ctx<'_>) -> Option<u32> {
+    (best > 0).then(|| ((f64::from(best) * ctx.cfg.sticky.min_match_ratio).ceil() as u32).max(1))
+}
+
+/// The largest `field` among the alive candidates (0 when none is alive).
+fn best_alive<T: Ord + Default>(cands: &[Candidate], field: impl Fn(&Candidate) -> T) -> T {
+    cands
         .iter()
         .filter(|c| c.alive)
-        .map(|c| c.matched_blocks)
+        .map(field)
         .max()
-        .unwrap_or(0);
-    (best > 0).then(|| ((f64::from(best) * ctx.cfg.sticky.min_match_ratio).ceil() as u32).max(1))
+        .unwrap_or_default()
 }
 
 /// Adapter requests: the best non-empty tier of in use > sent recently > has room.
@@ -100,12 +109,7 @@ fn lora(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
     if ctx.lora.is_none() {
         return (0, false);
     }
-    let best = cands
-        .iter()
-        .filter(|c| c.alive)
-        .map(|c| c.lora_tier)
-        .max()
-        .unwrap_or(0);
+    let best = best_alive(cands, |c| c.lora_tier);
     if best == 0 {
         return (0, cands.iter().any(|c| c.alive));
     }
@@ -118,15 +122,10 @@ fn lora(cands: &mut [Candidate], ctx: &Ctx<'_>) -> (u32, bool) {
 /// drop them (spill), so `rendezvous` sends the overflow of one prefix to the
 /// same next replica from every gateway rather than scattering copies.
 fn prefix_affinity(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u32, bool) {
-    let Some(threshold) = sticky_threshold(cands, ctx) else {
+    let best = best_alive(cands, |c| c.matched_blocks);
+    let Some(threshold) = threshold_for(best, ctx) else {
         return (0, false);
     };
-    let best = cands
-        .iter()
-        .filter(|c| c.alive)
-        .map(|c| c.matched_blocks)
-        .max()
-        .unwrap_or(0);
     // Colder replicas count only when not saturated: leaving for a replica that
     // queues too would spread the prefix and gain nothing.
     let min_ttft = |sticky: bool| {
