@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
                 prompt_tokens: tokenizer::count_tokens(&text),
                 max_tokens: 256,
                 lora: None,
+                hashes: Default::default(),
             };
             black_box(picker.pick(&rs, &req, &[]));
         }
@@ -99,19 +100,26 @@ fn bench(c: &mut Criterion) {
         prompt_tokens: tokens,
         max_tokens: 256,
         lora: None,
+        hashes: Default::default(),
+    };
+    // Each decision gets a fresh request, so the prompt is hashed every time
+    // (a request reuses its hashes only within one admission).
+    let fresh = || RouteRequest {
+        hashes: Default::default(),
+        ..req
     };
     // Wall time is noisy on a shared machine: also report this thread's CPU time.
     let n = 2_000;
     let t0 = thread_cpu_ns();
     for _ in 0..n {
-        black_box(picker.pick_and_begin(&rs, black_box(&req), &[]));
+        black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
     }
     eprintln!(
         "decision cpu time: {:.1} us (thread CPU time, mean of {n})",
         (thread_cpu_ns() - t0) as f64 / f64::from(n) / 1000.0
     );
     c.bench_function("decision_8k_tokens_64_replicas", |b| {
-        b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&req), &[])))
+        b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
     });
     let quiet = InferenceAware::new(RoutingConfig {
         explain_buffer: 0,
@@ -121,12 +129,13 @@ fn bench(c: &mut Criterion) {
         let req = RouteRequest {
             prompt_text: p,
             prompt_tokens: tokenizer::count_tokens(p),
+            hashes: Default::default(),
             ..req
         };
         black_box(quiet.pick(&rs, &req, &[]));
     }
     c.bench_function("decision_8k_tokens_64_replicas_no_explain", |b| {
-        b.iter(|| black_box(quiet.pick_and_begin(&rs, black_box(&req), &[])))
+        b.iter(|| black_box(quiet.pick_and_begin(&rs, black_box(&fresh()), &[])))
     });
     c.bench_function("block_hashes_8k_tokens", |b| {
         b.iter(|| black_box(tokenizer::block_hashes(black_box(&text), 16, 1, 1024)))

@@ -650,6 +650,7 @@ mod tests {
             prompt_tokens: 10,
             max_tokens: 10,
             lora: None,
+            hashes: Default::default(),
         }
     }
 

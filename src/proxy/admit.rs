@@ -247,6 +247,7 @@ async fn acquire(
         prompt_tokens: ctx.features.prompt_tokens,
         max_tokens: ctx.expected_output_tokens,
         lora: None,
+        hashes: Default::default(),
     };
     route
         .admission

@@ -105,6 +105,7 @@ impl RequestContext {
             prompt_tokens: self.features.prompt_tokens,
             max_tokens: self.expected_output_tokens,
             lora: None,
+            hashes: Default::default(),
         }
     }
 

@@ -31,7 +31,6 @@ use super::scorers;
 use super::signals::Signals;
 use super::{Picker, RouteRequest};
 use crate::pool::{LoadGuard, Replica};
-use crate::tokenizer;
 
 /// One replica as the policy sees it for one request.
 #[derive(Debug, Clone)]
@@ -172,12 +171,7 @@ impl InferenceAware {
         exclude: &[Arc<str>],
     ) -> Option<(usize, u32)> {
         let bs = self.block_size();
-        let hashes = tokenizer::block_hashes(
-            req.prompt_text,
-            bs as usize,
-            tokenizer::model_seed(req.model),
-            self.cfg.prefix.max_blocks as usize,
-        );
+        let hashes = req.block_hashes(bs as usize, self.cfg.prefix.max_blocks as usize);
         let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
             .min(hashes.len())
             .checked_sub(1);
@@ -536,12 +530,7 @@ impl Picker for InferenceAware {
 
     fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
         let bs = self.block_size();
-        let hashes = tokenizer::block_hashes(
-            req.prompt_text,
-            bs as usize,
-            tokenizer::model_seed(req.model),
-            self.cfg.prefix.max_blocks as usize,
-        );
+        let hashes = req.block_hashes(bs as usize, self.cfg.prefix.max_blocks as usize);
         let mut cached = vec![0u64; replicas.len()];
         self.index
             .longest_prefix(&hashes, &mut |key: &Arc<str>, blocks: u32| {
@@ -665,6 +654,7 @@ pub(crate) mod tests {
             prompt_tokens,
             max_tokens: 10,
             lora,
+            hashes: Default::default(),
         }));
         Ctx {
             req,
@@ -718,9 +708,10 @@ pub(crate) mod tests {
             request_id: id,
             model: "m",
             prompt_text: text,
-            prompt_tokens: tokenizer::count_tokens(text),
+            prompt_tokens: crate::tokenizer::count_tokens(text),
             max_tokens: 16,
             lora: None,
+            hashes: Default::default(),
         }
     }
 

@@ -20,14 +20,16 @@ pub mod scrape;
 pub mod signals;
 pub mod simple;
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 pub use config::{PolicyName, RoutingConfig};
 
 use crate::pool::{LoadGuard, Replica};
+use crate::tokenizer;
 
 /// What routing knows about one request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RouteRequest<'a> {
     pub request_id: &'a str,
     /// The model name as sent upstream (after alias/canary/fallback rewriting).
@@ -39,12 +41,44 @@ pub struct RouteRequest<'a> {
     pub max_tokens: u32,
     /// LoRA adapter requested, when the model name is an adapter.
     pub lora: Option<&'a str>,
+    /// The prompt's block hashes, computed once (see [`RouteRequest::block_hashes`]).
+    pub hashes: PromptHashes,
 }
+
+/// A request's prompt block hashes with the (block size, most blocks) they
+/// were computed for: admission asks the picker for the prompt's cached share,
+/// then the picker decides, and a queued request tries again; all of them
+/// reuse one hashing of the prompt.
+#[derive(Debug, Clone, Default)]
+pub struct PromptHashes(OnceLock<(usize, usize, Vec<u64>)>);
 
 impl RouteRequest<'_> {
     /// The estimated total cost of the request in tokens (prompt + expected output).
     pub fn estimated_tokens(&self) -> u64 {
         u64::from(self.prompt_tokens) + u64::from(self.max_tokens)
+    }
+
+    /// The prompt's chained block hashes (`tokenizer::block_hashes` with the
+    /// model's seed): computed on first use, reused by later calls with the same
+    /// parameters (another pool's picker with other ones hashes anew).
+    pub fn block_hashes(&self, block_size: usize, max_blocks: usize) -> Cow<'_, [u64]> {
+        let compute = || {
+            tokenizer::block_hashes(
+                self.prompt_text,
+                block_size,
+                tokenizer::model_seed(self.model),
+                max_blocks,
+            )
+        };
+        let (bs, max, hashes) = self
+            .hashes
+            .0
+            .get_or_init(|| (block_size, max_blocks, compute()));
+        if (*bs, *max) == (block_size, max_blocks) {
+            Cow::Borrowed(hashes)
+        } else {
+            Cow::Owned(compute())
+        }
     }
 }
 
@@ -108,5 +142,41 @@ pub fn build_picker(cfg: &RoutingConfig) -> Arc<dyn Picker> {
         PolicyName::RoundRobin => Arc::new(simple::RoundRobin::default()),
         PolicyName::Random => Arc::new(simple::Random),
         PolicyName::PowerOfTwo => Arc::new(simple::PowerOfTwo),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_hashes_are_computed_once_per_parameters() {
+        let text = "word ".repeat(400);
+        let req = RouteRequest {
+            request_id: "r",
+            model: "m",
+            prompt_text: &text,
+            prompt_tokens: tokenizer::count_tokens(&text),
+            max_tokens: 8,
+            lora: None,
+            hashes: Default::default(),
+        };
+        let seed = tokenizer::model_seed("m");
+        let first = req.block_hashes(16, 1024);
+        assert_eq!(
+            &*first,
+            tokenizer::block_hashes(&text, 16, seed, 1024).as_slice()
+        );
+        // Same parameters: the stored hashes, not a new computation.
+        assert!(matches!(req.block_hashes(16, 1024), Cow::Borrowed(_)));
+        assert_eq!(req.block_hashes(16, 1024), first);
+        // Other parameters (another pool's picker): computed for them.
+        let other = req.block_hashes(32, 4);
+        assert!(matches!(other, Cow::Owned(_)));
+        assert_eq!(
+            &*other,
+            tokenizer::block_hashes(&text, 32, seed, 4).as_slice()
+        );
+        assert_ne!(other, first);
     }
 }

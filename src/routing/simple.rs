@@ -126,6 +126,7 @@ mod tests {
             prompt_tokens: 1,
             max_tokens: 1,
             lora: None,
+            hashes: Default::default(),
         }
     }
 
