@@ -2,7 +2,8 @@
 # Side-by-side data-plane benchmark: direct, infergate, nginx, vllm-router and
 # sglang-router in front of the SAME fast upstream (one `infergate sim` replica
 # whose modelled durations are divided by 1e6, so it answers at once), all on
-# loopback, one after another in one run. Prints for each:
+# loopback, in one run: each phase runs ROUNDS rounds of every target in turn
+# and reports the median. Prints for each:
 #   - req/s for small non-streaming completions at saturation (closed loop)
 #   - added p50 / p99 latency vs direct at half of infergate's saturation rate (open loop
 #     over a fixed set of LAT_CONNS keep-alive connections, as wrk2 does; an arrival
@@ -16,11 +17,12 @@
 # from ../shared/peers/setup.sh (/tmp/peers-venv, nginx); missing ones are skipped.
 #
 #   loadtest/dataplane_bench.sh            # defaults below; env overrides:
-#   SKIP_BUILD=1 DUR=10 CONC=64 LAT_CONNS=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 IG_POLICY=least_request loadtest/dataplane_bench.sh
+#   SKIP_BUILD=1 DUR=6 ROUNDS=3 CONC=64 LAT_CONNS=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 IG_POLICY=least_request loadtest/dataplane_bench.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-DUR=${DUR:-10}
+DUR=${DUR:-6}
+ROUNDS=${ROUNDS:-3}
 CONC=${CONC:-64}
 # Open-loop connections. Without a bound the client opens a new connection for
 # every arrival that finds the others busy: on 2 shared cores one stall then
@@ -160,32 +162,74 @@ load() {  # out.json url args...
     echo "load failed for $url: $(tail -3 "$out.err")" >&2; echo '{}' >"$out"; }
 }
 
-echo "# 1/3 saturation: small non-streaming completions, closed loop -c $CONC, ${DUR}s each"
-declare -A RPS P50 P99 SSE RSS
+# Each phase runs ROUNDS rounds, every target once per round, and reports the
+# median: on a shared 2-core machine a slow spell then hits every target
+# alike instead of whichever one happened to be running.
+median() {  # python-expression-on-v file...: the median over the files
+  local expr=$1; shift
+  python3 - "$expr" "$@" <<'PY'
+import json, statistics, sys
+vals = []
+for f in sys.argv[2:]:
+    try:
+        v = json.load(open(f))
+        vals.append(float(eval(sys.argv[1])))
+    except Exception:
+        pass
+print(round(statistics.median(vals), 3) if vals else 0)
+PY
+}
+declare -A RPS P50 P99 LAG SSE RSS
+
+echo "# 1/3 saturation: small non-streaming completions, closed loop -c $CONC, ${DUR}s each, $ROUNDS rounds"
+for r in $(seq "$ROUNDS"); do
+  line="  round $r:"
+  for t in "${TARGETS[@]}"; do
+    name=${t%%=*}; url=${t#*=}
+    load "$RUN/sat-$name-$r.json" "$url" --workload small --max-tokens 1 -c "$CONC" -d "$DUR" --warmup 1
+    line="$line $name $(jget "$RUN/sat-$name-$r.json" "round(v.get('ok_per_s', 0))")"
+  done
+  echo "$line"
+done
 for t in "${TARGETS[@]}"; do
-  name=${t%%=*}; url=${t#*=}
-  load "$RUN/sat-$name.json" "$url" --workload small --max-tokens 1 -c "$CONC" -d "$DUR" --warmup 1
-  RPS[$name]=$(jget "$RUN/sat-$name.json" "round(v.get('ok_per_s', 0))")
-  echo "  $name: ${RPS[$name]} req/s ($(jget "$RUN/sat-$name.json" "sum(v.get('errors', {}).values()) if isinstance(v.get('errors'), dict) else v.get('errors')") errors)"
+  name=${t%%=*}
+  RPS[$name]=$(median "v.get('ok_per_s', 0)" "$RUN"/sat-"$name"-*.json)
+  RPS[$name]=${RPS[$name]%.*}
+  echo "  $name: median ${RPS[$name]} req/s ($(jget "$RUN/sat-$name-1.json" "sum(v.get('errors', {}).values()) if isinstance(v.get('errors'), dict) else v.get('errors')") errors in round 1)"
 done
 
 HALF=$(( ${RPS[infergate]} / 2 ))
-echo "# 2/3 latency at half of infergate's saturation: open loop --rate $HALF over $LAT_CONNS connections, ${DUR}s each"
+echo "# 2/3 latency at half of infergate's saturation: open loop --rate $HALF over $LAT_CONNS connections, ${DUR}s each, $ROUNDS rounds"
+for r in $(seq "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    name=${t%%=*}; url=${t#*=}
+    load "$RUN/lat-$name-$r.json" "$url" --workload small --max-tokens 1 --rate "$HALF" -d "$DUR" --warmup 1 \
+      --max-in-flight "$LAT_CONNS"
+  done
+done
 for t in "${TARGETS[@]}"; do
-  name=${t%%=*}; url=${t#*=}
-  load "$RUN/lat-$name.json" "$url" --workload small --max-tokens 1 --rate "$HALF" -d "$DUR" --warmup 1 \
-    --max-in-flight "$LAT_CONNS"
-  P50[$name]=$(jget "$RUN/lat-$name.json" "v['e2e_ms']['p50']")
-  P99[$name]=$(jget "$RUN/lat-$name.json" "v['e2e_ms']['p99']")
-  echo "  $name: p50 ${P50[$name]} ms, p99 ${P99[$name]} ms; client schedule lag p99 $(jget "$RUN/lat-$name.json" "v['schedule_lag_ms']['p99']") ms"
+  name=${t%%=*}
+  P50[$name]=$(median "v['e2e_ms']['p50']" "$RUN"/lat-"$name"-*.json)
+  P99[$name]=$(median "v['e2e_ms']['p99']" "$RUN"/lat-"$name"-*.json)
+  LAG[$name]=$(median "v['schedule_lag_ms']['p99']" "$RUN"/lat-"$name"-*.json)
+  echo "  $name: median p50 ${P50[$name]} ms, p99 ${P99[$name]} ms; client schedule lag p99 ${LAG[$name]} ms"
 done
 
-echo "# 3/3 SSE relay: streaming chat, $SSE_TOKENS tokens each, closed loop -c $SSE_CONC, ${DUR}s each"
+echo "# 3/3 SSE relay: streaming chat, $SSE_TOKENS tokens each, closed loop -c $SSE_CONC, ${DUR}s each, $ROUNDS rounds"
+for r in $(seq "$ROUNDS"); do
+  line="  round $r:"
+  for t in "${TARGETS[@]}"; do
+    name=${t%%=*}; url=${t#*=}
+    load "$RUN/sse-$name-$r.json" "$url" --workload stream --max-tokens "$SSE_TOKENS" -c "$SSE_CONC" -d "$DUR" --no-usage
+    line="$line $name $(jget "$RUN/sse-$name-$r.json" "round(v.get('output_tok_per_s', 0))")"
+  done
+  echo "$line"
+done
 for t in "${TARGETS[@]}"; do
-  name=${t%%=*}; url=${t#*=}
-  load "$RUN/sse-$name.json" "$url" --workload stream --max-tokens "$SSE_TOKENS" -c "$SSE_CONC" -d "$DUR" --no-usage
-  SSE[$name]=$(jget "$RUN/sse-$name.json" "round(v.get('output_tok_per_s', 0))")
-  echo "  $name: ${SSE[$name]} chunks/s"
+  name=${t%%=*}
+  SSE[$name]=$(median "v.get('output_tok_per_s', 0)" "$RUN"/sse-"$name"-*.json)
+  SSE[$name]=${SSE[$name]%.*}
+  echo "  $name: median ${SSE[$name]} chunks/s"
 done
 for t in "${TARGETS[@]}"; do
   name=${t%%=*}

@@ -9,7 +9,8 @@
 //! 5. [`gateway`]: resolve the route from the current config snapshot.
 //! 6. [`admit`]: the admission hook (queueing, shedding).
 //! 7. [`forward`]: pick a replica (routing `Picker`), send upstream over pooled
-//!    keep-alive connections, retry on another replica before any byte went out.
+//!    keep-alive connections ([`upstream`], our HTTP/1.1 client), retry on
+//!    another replica before any byte went out.
 //! 8. [`relay`]: stream the answer back, enforcing first-byte / idle / total
 //!    timeouts, counting usage ([`usage`]), sending SSE keep-alives and a final
 //!    SSE error event, and releasing the replica's load guard on every path.
@@ -28,6 +29,7 @@ pub mod parse;
 pub mod record;
 pub mod relay;
 pub mod server;
+pub mod upstream;
 pub mod usage;
 
 pub use context::{ApiKind, RequestContext, RequestFeatures};

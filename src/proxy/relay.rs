@@ -22,10 +22,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
-use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream};
+use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream, UpstreamBody};
 use super::record::{Outcome, RequestRecord};
 use super::usage::UsageCounter;
 use crate::admission::backpressure::StreamStallWatch;
@@ -134,7 +133,7 @@ impl Body for GatewayBody {
 enum Phase {
     /// Committed early (`200 text/event-stream`) while the replica has not answered.
     Waiting(PendingUpstream),
-    Streaming(Incoming),
+    Streaming(UpstreamBody),
     /// A final SSE error event to send.
     Failing(Bytes),
     Done,
@@ -185,7 +184,7 @@ pub struct RelayBody {
 impl RelayBody {
     /// Relays a replica's body whose headers already arrived.
     pub fn streaming(
-        upstream: Incoming,
+        upstream: UpstreamBody,
         guard: Reservation,
         permit: tokio::sync::OwnedSemaphorePermit,
         status: u16,

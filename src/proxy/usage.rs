@@ -2,6 +2,8 @@
 //! SSE streams are scanned line by line (`data:` events counted, a `usage`
 //! object parsed when present); a JSON body is searched for its `usage` object.
 
+use std::sync::LazyLock;
+
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -56,7 +58,7 @@ impl UsageCounter {
     fn observe_sse(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
         if !self.carry.is_empty() {
-            match rest.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', rest) {
                 Some(i) => {
                     let mut line = std::mem::take(&mut self.carry);
                     line.extend_from_slice(&rest[..i]);
@@ -69,7 +71,7 @@ impl UsageCounter {
                 }
             }
         }
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(i) = memchr::memchr(b'\n', rest) {
             self.line(&rest[..i]);
             rest = &rest[i + 1..];
         }
@@ -115,7 +117,11 @@ impl UsageCounter {
 /// Finds `"usage": {...}` in JSON text and parses the object.
 fn usage_in(text: &[u8]) -> Option<Usage> {
     const KEY: &[u8] = b"\"usage\"";
-    let at = text.windows(KEY.len()).rposition(|w| w == KEY)?;
+    // Every SSE event is searched: a SIMD search, built once (a byte-window
+    // scan here was half of the gateway's CPU relaying streams).
+    static FINDER: LazyLock<memchr::memmem::FinderRev<'static>> =
+        LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
+    let at = FINDER.rfind(text)?;
     let after = &text[at + KEY.len()..];
     let colon = after.iter().position(|&b| !b.is_ascii_whitespace())?;
     if after[colon] != b':' {

@@ -1,0 +1,432 @@
+//! HTTP/1.1 wire format for the upstream client: the request head it writes,
+//! the response head it parses, how the response body is framed (RFC 9112
+//! §6.3), and the chunked-transfer decoder. Pure functions over buffers, so
+//! every edge is unit-tested without a socket.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+
+/// Most response headers accepted (vLLM sends about ten).
+const MAX_HEADERS: usize = 128;
+/// Longest response head accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE_BYTES: usize = 4 * 1024;
+
+/// Why a replica's answer could not be read as HTTP/1.1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError(pub &'static str);
+
+impl std::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Appends `POST {path} HTTP/1.1`, Host and `headers` to `out`.
+pub fn encode_request_head(
+    out: &mut BytesMut,
+    path_and_query: &str,
+    host: &str,
+    headers: &HeaderMap,
+) {
+    let size: usize = headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    out.reserve(path_and_query.len() + host.len() + size + 32);
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (1xx, 204, 304).
+    Empty,
+    /// `Content-Length`: this many bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Neither: the body ends when the replica closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request after this body.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head at the start of `buf`: `Ok(None)` while it is
+/// incomplete, else the head and the bytes it took.
+pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, ProtocolError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+            return Err(ProtocolError("response head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ProtocolError("too many response headers"))
+        }
+        Err(_) => return Err(ProtocolError("malformed response head")),
+    };
+    let code = parsed
+        .code
+        .ok_or(ProtocolError("response without a status"))?;
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid response status"))?;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| ProtocolError("invalid response header name"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| ProtocolError("invalid response header value"))?;
+        headers.append(name, value);
+    }
+    let http10 = parsed.version == Some(0);
+    let (framing, framing_reusable) = framing_of(status, &headers)?;
+    let keep_alive = framing_reusable
+        && if http10 {
+            has_token(&headers, header::CONNECTION, "keep-alive")
+        } else {
+            !has_token(&headers, header::CONNECTION, "close")
+        };
+    Ok(Some((
+        ResponseHead {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        },
+        len,
+    )))
+}
+
+/// The body's framing, and whether the connection stays usable after it.
+fn framing_of(status: StatusCode, headers: &HeaderMap) -> Result<(Framing, bool), ProtocolError> {
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, true));
+    }
+    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let chunked_last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        // Both headers at once is how responses get smuggled: read this one
+        // by its chunks, then close the connection (RFC 9112 §6.3, item 3).
+        return Ok(if chunked_last {
+            (Framing::Chunked, !has_length)
+        } else {
+            (Framing::UntilClose, false)
+        });
+    }
+    if has_length {
+        let mut length = None;
+        for v in headers.get_all(header::CONTENT_LENGTH) {
+            let n = std::str::from_utf8(v.as_bytes())
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or(ProtocolError("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ProtocolError("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+        return Ok((Framing::Length(length.unwrap_or(0)), true));
+    }
+    Ok((Framing::UntilClose, false))
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// What the chunked decoder produced from the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Body bytes (a whole chunk or the part of one that arrived).
+    Data(Bytes),
+    /// The buffer holds no complete step: read more.
+    NeedMore,
+    /// The last chunk and the trailers were read.
+    End,
+}
+
+/// Where the chunked decoder is in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkedDecoder {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk: this many data bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+impl ChunkedDecoder {
+    /// Decodes the next step from the front of `buf`, consuming what it used.
+    /// Data is split off the buffer without a copy.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
+        loop {
+            match *self {
+                ChunkedDecoder::Done => return Ok(Decoded::End),
+                ChunkedDecoder::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = (left.min(buf.len() as u64)) as usize;
+                    let data = buf.split_to(n).freeze();
+                    *self = if left == n as u64 {
+                        ChunkedDecoder::DataEnd
+                    } else {
+                        ChunkedDecoder::Data(left - n as u64)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkedDecoder::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    *self = if size == 0 {
+                        ChunkedDecoder::Trailers
+                    } else {
+                        ChunkedDecoder::Data(size)
+                    };
+                }
+                ChunkedDecoder::DataEnd => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    if !line.is_empty() {
+                        return Err(ProtocolError("chunk data longer than its size"));
+                    }
+                    *self = ChunkedDecoder::Size;
+                }
+                ChunkedDecoder::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    // Trailers are not forwarded: the gateway's responses carry none.
+                    if line.is_empty() {
+                        *self = ChunkedDecoder::Done;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes one line (without its CRLF or LF) off the front of `buf`.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
+    let Some(lf) = memchr::memchr(b'\n', buf) else {
+        if buf.len() > MAX_LINE_BYTES {
+            return Err(ProtocolError("chunk line too long"));
+        }
+        return Ok(None);
+    };
+    let mut line = buf.split_to(lf + 1);
+    line.truncate(lf);
+    if line.last() == Some(&b'\r') {
+        line.truncate(lf - 1);
+    }
+    Ok(Some(line))
+}
+
+/// A chunk-size line: hex digits, then optional `;extensions` (ignored).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
+    let digits = line.split(|&b| b == b';').next().unwrap_or(&[]);
+    let digits = digits.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(ProtocolError("invalid chunk size"));
+    }
+    let mut size = 0u64;
+    for &d in digits {
+        let v = (d as char)
+            .to_digit(16)
+            .ok_or(ProtocolError("invalid chunk size"))?;
+        size = size * 16 + v as u64;
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> ResponseHead {
+        parse_response_head(raw.as_bytes()).unwrap().unwrap().0
+    }
+
+    #[test]
+    fn encodes_the_request_head() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("content-length", HeaderValue::from_static("2"));
+        let mut out = BytesMut::new();
+        encode_request_head(&mut out, "/v1/completions?x=1", "10.0.0.1:8000", &h);
+        assert_eq!(
+            &out[..],
+            b"POST /v1/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn parses_heads_incrementally_and_picks_the_framing() {
+        let raw = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\nrest";
+        for cut in 0..raw.len() - 4 {
+            assert!(parse_response_head(&raw.as_bytes()[..cut])
+                .unwrap()
+                .is_none());
+        }
+        let (h, n) = parse_response_head(raw.as_bytes()).unwrap().unwrap();
+        assert_eq!(n, raw.len() - 4);
+        assert_eq!(h.status, 200);
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.keep_alive);
+        assert_eq!(h.headers["content-type"], "text/event-stream");
+
+        let h = head("HTTP/1.1 404 Not Found\r\nContent-Length: 12\r\n\r\n");
+        assert_eq!(
+            (h.status.as_u16(), h.framing, h.keep_alive),
+            (404, Framing::Length(12), true)
+        );
+        let h = head("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n");
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(h.framing, Framing::Empty);
+        let h = head("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n");
+        assert!(!h.keep_alive, "HTTP/1.0 closes unless it says keep-alive");
+        let h = head("HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 1\r\n\r\n");
+        assert!(h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n");
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(
+            (h.framing, h.keep_alive),
+            (Framing::Chunked, false),
+            "smuggling guard"
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_heads() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            "garbage\r\n\r\n",
+            "HTTP/1.1 999x OK\r\n\r\n",
+        ] {
+            assert!(parse_response_head(raw.as_bytes()).is_err(), "{raw}");
+        }
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD_BYTES + 1));
+        assert!(parse_response_head(huge.as_bytes()).is_err());
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("x-{i}: 1\r\n"))
+            .collect();
+        let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert!(parse_response_head(raw.as_bytes()).is_err());
+    }
+
+    /// Decodes `wire` fed in pieces of `step` bytes; returns the body.
+    fn decode_in_pieces(wire: &[u8], step: usize) -> Result<Vec<u8>, ProtocolError> {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut fed = 0;
+        loop {
+            match dec.decode(&mut buf)? {
+                Decoded::Data(d) => body.extend_from_slice(&d),
+                Decoded::End => return Ok(body),
+                Decoded::NeedMore => {
+                    if fed == wire.len() {
+                        return Err(ProtocolError("eof"));
+                    }
+                    let end = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decodes_chunks_split_at_every_byte() {
+        let wire =
+            b"6\r\ndata: \r\n18;ext=1\r\n{\"choices\":[]}\n\ndata: [D\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in 1..wire.len() {
+            let body = decode_in_pieces(wire, step).unwrap();
+            assert_eq!(body, b"data: {\"choices\":[]}\n\ndata: [D", "step {step}");
+        }
+        // LF-only line ends are read too.
+        assert_eq!(decode_in_pieces(b"3\nabc\n0\n\n", 64).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn leaves_the_next_response_in_the_buffer() {
+        let mut buf = BytesMut::from(&b"1\r\na\r\n0\r\n\r\nHTTP/1.1 200 OK"[..]);
+        let mut dec = ChunkedDecoder::default();
+        assert_eq!(
+            dec.decode(&mut buf).unwrap(),
+            Decoded::Data(Bytes::from_static(b"a"))
+        );
+        assert_eq!(dec.decode(&mut buf).unwrap(), Decoded::End);
+        assert_eq!(&buf[..], b"HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn rejects_bad_chunks() {
+        for wire in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"2\r\nabc\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert!(
+                decode_in_pieces(wire, 64).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        let long = vec![b'1'; MAX_LINE_BYTES + 1];
+        assert!(decode_in_pieces(&long, long.len()).is_err());
+    }
+}
