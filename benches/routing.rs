@@ -37,6 +37,7 @@ fn replicas() -> Vec<Arc<Replica>> {
                 own_requests_at_scrape: 0,
                 batch_limit: None,
                 foreign_load_at: None,
+                smoothed_requests: 8.0 + f64::from(i % 3),
             })));
             r
         })

@@ -47,6 +47,10 @@ pub struct Candidate {
     pub kv_usage: f64,
     /// max(own requests in flight, engine running + waiting).
     pub load_requests: f64,
+    /// The load that places prefix groups (`rendezvous`): own requests in
+    /// flight; once another gateway feeds the replica, the larger of those and
+    /// the engine's count averaged over scrapes (`Signals::smoothed_requests`).
+    pub placement_load: f64,
     /// Own estimated tokens in flight.
     pub token_load: f64,
     pub queued_prefill: f64,
@@ -105,6 +109,7 @@ pub struct CandidateView {
     pub matched_blocks: u32,
     pub est_ttft_ms: f64,
     pub load_requests: f64,
+    pub placement_load: f64,
     pub token_load: f64,
     pub waiting: f64,
     pub running: f64,
@@ -331,6 +336,17 @@ impl InferenceAware {
                 _ => 0,
             };
             let own_requests = own_requests as f64;
+            let foreign_load = sig.is_some_and(|s| s.foreign_load_within(now, shared_window));
+            // Alone, the engine counts only our requests, which our own count
+            // has exactly and now, not as of the last scrape. With other
+            // gateways, their load shows only in the engine's count, taken
+            // averaged: a group's home outlives any one request, and several
+            // gateways must agree on it although each read the engine at a
+            // different instant.
+            let placement_load = match fresh_sig {
+                Some(s) if foreign_load => own_requests.max(s.smoothed_requests),
+                _ => own_requests,
+            };
             out.push(Candidate {
                 idx,
                 matched_blocks: 0,
@@ -341,6 +357,7 @@ impl InferenceAware {
                 running,
                 kv_usage: kv,
                 load_requests: own_requests.max(running + waiting),
+                placement_load,
                 token_load: r.load.tokens() as f64,
                 queued_prefill: r.load.prefill_tokens() as f64,
                 est_ttft_ms: 0.0,
@@ -352,7 +369,7 @@ impl InferenceAware {
                     |g| rendezvous_weight(g, r.key()),
                 ),
                 groups: 0,
-                foreign_load: sig.is_some_and(|s| s.foreign_load_within(now, shared_window)),
+                foreign_load,
                 alive: true,
                 dropped_by: None,
                 score: 0.0,
@@ -387,6 +404,7 @@ impl InferenceAware {
                     matched_blocks: c.matched_blocks,
                     est_ttft_ms: c.est_ttft_ms,
                     load_requests: c.load_requests,
+                    placement_load: c.placement_load,
                     token_load: c.token_load,
                     waiting: c.waiting,
                     running: c.running,
@@ -629,6 +647,7 @@ pub(crate) mod tests {
             running: 0.0,
             kv_usage: 0.0,
             load_requests: 0.0,
+            placement_load: 0.0,
             token_load: 0.0,
             queued_prefill: 0.0,
             est_ttft_ms: 0.0,
@@ -700,6 +719,7 @@ pub(crate) mod tests {
             own_requests_at_scrape: 0,
             batch_limit: None,
             foreign_load_at: None,
+            smoothed_requests: 0.0,
         })));
     }
 
@@ -818,6 +838,47 @@ pub(crate) mod tests {
             homes.insert(ra.key().to_string());
         }
         assert!(homes.len() >= 4, "groups spread over replicas: {homes:?}");
+    }
+
+    #[test]
+    fn gateways_agree_on_a_home_when_one_scrape_caught_a_finished_burst() {
+        // Scrapes every 20 ms for a second, the first one showing a request
+        // another gateway sent; the last one shows `last` requests running.
+        fn scraped(r: &Replica, last: u32) {
+            let body = |run: u32| {
+                format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred 0\n")
+            };
+            let now = Instant::now();
+            let at = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap();
+            let kind = crate::pool::EngineKind::LlamaCpp;
+            let mut s = crate::routing::signals::parse(kind, &body(1), at(1000));
+            s = s.with_context(0, 0, None);
+            for i in 1..50 {
+                let next = crate::routing::signals::parse(kind, &body(0), at(1000 - 20 * i));
+                s = next.with_context(0, 0, Some(&s));
+            }
+            let next = crate::routing::signals::parse(kind, &body(last), now);
+            s = next.with_context(0, 0, Some(&s));
+            r.signals.store(Some(Arc::new(s)));
+        }
+        let text = prompt(3, 0, 1500);
+        let home = InferenceAware::new(RoutingConfig::default())
+            .pick(&idle_replicas(4), &req("p", &text), &[])
+            .unwrap();
+        // Two gateways over the same four replicas (same keys, so the same
+        // rendezvous order); one of them read the home while the two requests
+        // of a burst that has since finished were still counted there.
+        let (saw_burst, missed_it) = (replicas(4), replicas(4));
+        for (a, b) in saw_burst.iter().zip(&missed_it) {
+            scraped(a, if a.key() == home.key() { 2 } else { 0 });
+            scraped(b, 0);
+        }
+        let a = InferenceAware::new(RoutingConfig::default());
+        let b = InferenceAware::new(RoutingConfig::default());
+        let ra = a.pick(&saw_burst, &req("a", &text), &[]).unwrap();
+        let rb = b.pick(&missed_it, &req("b", &text), &[]).unwrap();
+        assert_eq!(rb.key(), home.key());
+        assert_eq!(ra.key(), rb.key(), "the gateways disagree on the home");
     }
 
     #[test]

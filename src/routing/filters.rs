@@ -167,7 +167,10 @@ fn prefix_affinity(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) 
 /// number of prefix groups the replica already holds (plain hashing would put
 /// 7 of 31 groups on one of 8 replicas; a group's KV and traffic last longer
 /// than any one request's). When no replica is within both, the group bound is
-/// dropped first.
+/// dropped first. The request bound reads `placement_load`, never the last
+/// scrape's count: gateways scraping at different instants (a scrape may still
+/// count requests that have finished) put the same group on different homes
+/// whenever one of them caught a brief burst on its first choice.
 fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u32, bool) {
     let Some(_) = ctx.group_key else {
         return (0, false);
@@ -186,7 +189,7 @@ fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u
         .iter()
         .filter(|c| c.alive)
         .fold((0usize, 0.0, 0u64), |(n, t, g), c| {
-            (n + 1, t + c.load_requests, g + u64::from(c.groups))
+            (n + 1, t + c.placement_load, g + u64::from(c.groups))
         });
     if n == 0 {
         return (0, false);
@@ -207,7 +210,7 @@ fn rendezvous(cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> (u
             .enumerate()
             .filter(|(_, c)| {
                 c.alive
-                    && c.load_requests + 1.0 <= bound
+                    && c.placement_load + 1.0 <= bound
                     && (!group_bound || !new_group || f64::from(c.groups) + 1.0 <= group_cap)
             })
             .max_by_key(|(_, c)| c.rendezvous)
@@ -391,8 +394,8 @@ mod tests {
         // Replica 3 is over the bound: the next in rendezvous order.
         let mut cs = ranked(0);
         // bound = 1.25 x (5 + 1) / 4 + 2 = 3.875: 3 in flight + this one is over.
-        cs[3].load_requests = 3.0;
-        cs[0].load_requests = 2.0;
+        cs[3].placement_load = 3.0;
+        cs[0].placement_load = 2.0;
         apply(FilterName::Rendezvous, &mut cs, &ctx);
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
         // Replica 3 holds more groups than its share: the next in rendezvous
@@ -403,13 +406,32 @@ mod tests {
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
         let mut cs = ranked(2);
         cs[3].groups = 0; // cap = ceil(7 / 4) = 2: only replica 3 has room
-        cs[3].load_requests = 9.0; // ... but it is over the request bound
+        cs[3].placement_load = 9.0; // ... but it is over the request bound
         apply(FilterName::Rendezvous, &mut cs, &ctx);
         assert_eq!(cs.iter().position(|c| c.alive), Some(2));
         // A replica already holding the group: not a new prefix, no-op.
         let mut cs: Vec<Candidate> = (0..4).map(cand).collect();
         cs[0].matched_blocks = 4;
         assert_eq!(apply(FilterName::Rendezvous, &mut cs, &ctx).dropped, 0);
+    }
+
+    #[test]
+    fn rendezvous_bounds_placement_load_not_the_last_scrape() {
+        let cfg = RoutingConfig::default();
+        let ctx = ctx_for(&cfg, None, 1000);
+        // The last scrape of replica 3 (first in rendezvous order) still counts
+        // the two requests of a finished burst; another gateway, scraping a
+        // moment later, saw none. Both must give the group the same home.
+        let mut cs = ranked(0);
+        cs[3].load_requests = 2.0;
+        cs[3].running = 2.0;
+        apply(FilterName::Rendezvous, &mut cs, &ctx);
+        assert_eq!(cs.iter().position(|c| c.alive), Some(3));
+        // Load that lasts (in the average) still moves the group.
+        let mut cs = ranked(0);
+        cs[3].placement_load = 2.0;
+        apply(FilterName::Rendezvous, &mut cs, &ctx);
+        assert_eq!(cs.iter().position(|c| c.alive), Some(2));
     }
 
     #[test]

@@ -89,6 +89,12 @@ impl LoraInfo {
     }
 }
 
+/// How long the engine's request count is averaged over for placing prefix
+/// groups ([`Signals::smoothed_requests`]): several scrape intervals (50 ms by
+/// default), yet short against the life of a group, so sustained load still
+/// moves new groups off a replica within about a second.
+pub const LOAD_SMOOTHING: Duration = Duration::from_millis(500);
+
 /// One scrape's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Signals {
@@ -113,6 +119,14 @@ pub struct Signals {
     /// client going around the gateway) feeds the replica. Carried over scrapes.
     #[serde(skip)]
     pub foreign_load_at: Option<Instant>,
+    /// The engine's requests (running + waiting) averaged over about
+    /// [`LOAD_SMOOTHING`], time-weighted over scrapes (carried over them).
+    /// Prefix groups are placed on this rather than on the last scrape, whose
+    /// count may still include requests that have finished (it is up to an
+    /// interval old, more while the gateway is short of CPU): gateways that
+    /// scrape at different instants saw a brief burst on one replica
+    /// differently and so gave the same new group different homes.
+    pub smoothed_requests: f64,
 }
 
 impl Signals {
@@ -129,6 +143,7 @@ impl Signals {
             own_requests_at_scrape: 0,
             batch_limit: None,
             foreign_load_at: None,
+            smoothed_requests: 0.0,
         }
     }
 
@@ -159,6 +174,19 @@ impl Signals {
             Some(self.at)
         } else {
             previous.and_then(|p| p.foreign_load_at)
+        };
+        let count = self.running + self.waiting;
+        self.smoothed_requests = match previous {
+            // A failed scrape's counts mean nothing (the replica is unknown).
+            _ if self.error.is_some() => 0.0,
+            Some(p) if p.error.is_none() => {
+                // Weighted by the time since the previous scrape, so a late or
+                // missed scrape does not change how long a burst counts.
+                let dt = self.at.saturating_duration_since(p.at).as_secs_f64();
+                let keep = (-dt / LOAD_SMOOTHING.as_secs_f64()).exp();
+                keep * p.smoothed_requests + (1.0 - keep) * count
+            }
+            _ => count,
         };
         self
     }
@@ -242,6 +270,7 @@ pub fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             own_requests_at_scrape: 0,
             batch_limit: None,
             foreign_load_at: None,
+            smoothed_requests: 0.0,
         },
         _ => Signals::failed(
             at,
@@ -416,6 +445,42 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         // A failed scrape is not a sign.
         let f = Signals::failed(t, "down").with_context(0, 0, None);
         assert!(!f.foreign_load_within(t, window));
+    }
+
+    #[test]
+    fn smoothed_requests_follow_sustained_load_not_one_scrape() {
+        let t = Instant::now();
+        let body = |run: u32| {
+            format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred 0\n")
+        };
+        let ms = |n: u64| t + Duration::from_millis(n);
+        // Idle for a second of 20 ms scrapes, then one scrape catches a pair of
+        // requests (which may have finished by the time routing reads it).
+        let mut s = parse(EngineKind::LlamaCpp, &body(0), t).with_context(0, 0, None);
+        for i in 1..=50 {
+            s = parse(EngineKind::LlamaCpp, &body(0), ms(20 * i)).with_context(0, 0, Some(&s));
+        }
+        let spike = parse(EngineKind::LlamaCpp, &body(2), ms(1020)).with_context(0, 0, Some(&s));
+        assert_eq!(spike.running, 2.0);
+        assert!(spike.smoothed_requests < 0.1, "{}", spike.smoothed_requests);
+        // Load that lasts: the average follows it within about a second.
+        let mut s = spike;
+        for i in 1..=75 {
+            s = parse(EngineKind::LlamaCpp, &body(8), ms(1020 + 20 * i)).with_context(
+                0,
+                0,
+                Some(&s),
+            );
+        }
+        assert!(s.smoothed_requests > 7.5, "{}", s.smoothed_requests);
+        // One late scrape weighs by the time it covers, not as one sample.
+        let late = parse(EngineKind::LlamaCpp, &body(0), ms(5020)).with_context(0, 0, Some(&s));
+        assert!(late.smoothed_requests < 0.1, "{}", late.smoothed_requests);
+        // After a failed scrape (replica unknown) the average starts over.
+        let f = Signals::failed(ms(5040), "down").with_context(0, 0, Some(&s));
+        assert_eq!(f.smoothed_requests, 0.0);
+        let back = parse(EngineKind::LlamaCpp, &body(3), ms(5060)).with_context(0, 0, Some(&f));
+        assert_eq!(back.smoothed_requests, 3.0);
     }
 
     #[test]
