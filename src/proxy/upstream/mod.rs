@@ -43,8 +43,9 @@ use crate::telemetry::metrics::record_retry;
 pub const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
 /// Idle keep-alive connections kept per replica and serving worker.
 const MAX_IDLE_PER_REPLICA: usize = 256;
-/// An idle connection older than this is closed instead of reused (replicas
-/// close theirs after a while; uvicorn's default is 5 s, vLLM sets more).
+/// An idle connection older than this is closed instead of reused. Replicas
+/// usually close theirs sooner (vLLM's uvicorn after 5 s by default): their
+/// FIN is seen at checkout, and a close racing the request is the stale case.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Replicas remembered before the idle ones are forgotten.
 const MAX_REPLICA_SLOTS: usize = 4096;
