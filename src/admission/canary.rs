@@ -25,7 +25,7 @@ use super::config::CanaryConfig;
 /// Header forcing a side: `canary` (or `true`/`1`) or `stable` (`false`/`0`).
 pub const FORCE_HEADER: &str = "x-infergate-canary";
 /// Response header naming the side that served.
-pub const SIDE_HEADER: &str = "x-infergate-canary-side";
+pub const SIDE_HEADER: http::HeaderName = http::HeaderName::from_static("x-infergate-canary-side");
 
 /// Most samples kept per side (older ones are dropped even inside the window).
 const MAX_SAMPLES: usize = 4096;

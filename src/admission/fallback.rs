@@ -18,9 +18,11 @@ use super::queue::AdmitError;
 /// Request header: `true`/`1` forbids serving the request with another model.
 pub const NO_FALLBACK_HEADER: &str = "x-infergate-no-fallback";
 /// Response header naming the model that served the request.
-pub const SERVED_MODEL_HEADER: &str = "x-infergate-served-model";
+pub const SERVED_MODEL_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-infergate-served-model");
 /// Response header with the fallback reason, when a fallback served.
-pub const FALLBACK_REASON_HEADER: &str = "x-infergate-fallback-reason";
+pub const FALLBACK_REASON_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-infergate-fallback-reason");
 
 /// Why a request went to a fallback model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

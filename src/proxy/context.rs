@@ -9,9 +9,9 @@ use http::HeaderMap;
 use crate::routing::RouteRequest;
 
 /// Header carrying the request id (generated when the client sends none).
-pub const REQUEST_ID: &str = "x-request-id";
+pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// Header naming the replica that served the request (added to responses).
-pub const REPLICA_HEADER: &str = "x-infergate-replica";
+pub const REPLICA_HEADER: http::HeaderName = http::HeaderName::from_static("x-infergate-replica");
 /// Request header with the client's priority (free-form; admission interprets it).
 pub const PRIORITY_HEADER: &str = "x-infergate-priority";
 /// Request header naming the tenant (free-form; admission interprets it).

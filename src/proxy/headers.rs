@@ -31,44 +31,57 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
-/// Copies the client's headers for the upstream request.
+/// Calls `emit` with each header of the upstream request: the client's,
+/// without hop-by-hop ones, Host, Content-Length and Expect, then the request
+/// id and the body's length. Written straight into the request head, with no
+/// intermediate header map.
 pub fn upstream_request_headers(
     client: &HeaderMap,
     request_id: &HeaderValue,
     content_length: usize,
-) -> HeaderMap {
+    mut emit: impl FnMut(&[u8], &[u8]),
+) {
     let listed = connection_listed(client);
-    let mut out = HeaderMap::with_capacity(client.len() + 2);
     for (name, value) in client {
         if is_hop_by_hop(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::EXPECT
+            || name == super::context::REQUEST_ID
             || listed.contains(name)
         {
             continue;
         }
-        out.append(name.clone(), value.clone());
+        emit(name.as_str().as_bytes(), value.as_bytes());
     }
-    out.insert(super::context::REQUEST_ID, request_id.clone());
-    out.insert(header::CONTENT_LENGTH, HeaderValue::from(content_length));
-    out
+    emit(
+        super::context::REQUEST_ID.as_str().as_bytes(),
+        request_id.as_bytes(),
+    );
+    let mut length = itoa::Buffer::new();
+    emit(b"content-length", length.format(content_length).as_bytes());
 }
+
+/// Hop-by-hop response headers that are not standard names (those are
+/// matched without parsing a name per request).
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Removes hop-by-hop headers from an upstream response in place.
 pub fn clean_response_headers(headers: &mut HeaderMap) {
-    let listed = connection_listed(headers);
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        for name in connection_listed(headers) {
+            headers.remove(name);
+        }
     }
     for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
     ] {
         headers.remove(name);
     }
@@ -94,11 +107,23 @@ mod tests {
         h.insert("host", "gw".parse().unwrap());
         h.insert("authorization", "Bearer k".parse().unwrap());
         h.insert("content-length", "3".parse().unwrap());
-        let out = upstream_request_headers(&h, &HeaderValue::from_static("rid"), 10);
-        assert!(out.get("x-secret").is_none() && out.get("host").is_none());
-        assert_eq!(out["authorization"], "Bearer k");
-        assert_eq!(out["content-length"], "10");
-        assert_eq!(out["x-request-id"], "rid");
+        h.insert("x-request-id", "client-chosen".parse().unwrap());
+        let mut out = Vec::new();
+        upstream_request_headers(&h, &HeaderValue::from_static("rid"), 10, |n, v| {
+            out.push((
+                String::from_utf8_lossy(n).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            ))
+        });
+        let pairs: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("authorization", "Bearer k"),
+                ("x-request-id", "rid"),
+                ("content-length", "10")
+            ]
+        );
         let mut r = h.clone();
         clean_response_headers(&mut r);
         assert!(r.get("connection").is_none() && r.get("x-secret").is_none());

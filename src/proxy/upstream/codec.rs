@@ -24,29 +24,27 @@ impl std::fmt::Display for ProtocolError {
     }
 }
 
-/// Appends `POST {path} HTTP/1.1`, Host and `headers` to `out`.
-pub fn encode_request_head(
-    out: &mut BytesMut,
-    path_and_query: &str,
-    host: &str,
-    headers: &HeaderMap,
-) {
-    let size: usize = headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    out.reserve(path_and_query.len() + host.len() + size + 32);
+/// Appends `POST {path} HTTP/1.1` and Host to `out`; the headers follow
+/// ([`encode_header`]), then [`end_head`].
+pub fn encode_request_line(out: &mut BytesMut, path_and_query: &str, host: &str) {
+    out.reserve(path_and_query.len() + host.len() + 512);
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+}
+
+/// Appends one `name: value` line.
+pub fn encode_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends the head.
+pub fn end_head(out: &mut BytesMut) {
     out.extend_from_slice(b"\r\n");
 }
 
@@ -296,11 +294,11 @@ mod tests {
 
     #[test]
     fn encodes_the_request_head() {
-        let mut h = HeaderMap::new();
-        h.insert("content-type", HeaderValue::from_static("application/json"));
-        h.insert("content-length", HeaderValue::from_static("2"));
         let mut out = BytesMut::new();
-        encode_request_head(&mut out, "/v1/completions?x=1", "10.0.0.1:8000", &h);
+        encode_request_line(&mut out, "/v1/completions?x=1", "10.0.0.1:8000");
+        encode_header(&mut out, b"content-type", b"application/json");
+        encode_header(&mut out, b"content-length", b"2");
+        end_head(&mut out);
         assert_eq!(
             &out[..],
             b"POST /v1/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"

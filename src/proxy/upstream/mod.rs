@@ -191,8 +191,11 @@ impl UpstreamClient {
             .map_err(|_| UpstreamError::ShutDown)?;
         let authority = slot.authority.as_deref().ok_or(UpstreamError::Uri)?;
         let mut head = BytesMut::new();
-        let headers = upstream_request_headers(out.headers, out.request_id, out.body.len());
-        codec::encode_request_head(&mut head, out.path_and_query.as_str(), authority, &headers);
+        codec::encode_request_line(&mut head, out.path_and_query.as_str(), authority);
+        upstream_request_headers(out.headers, out.request_id, out.body.len(), |n, v| {
+            codec::encode_header(&mut head, n, v)
+        });
+        codec::end_head(&mut head);
         let worker = super::server::current_worker() % MAX_WORKER_POOLS;
         let conn = match slot.checkout(worker) {
             Some(c) => c,
