@@ -64,6 +64,8 @@ pub struct UpstreamClient {
 
 struct ClientInner {
     connect_timeout: Duration,
+    /// Requests (so connections) in flight per replica at most.
+    max_per_replica: usize,
     replicas: RwLock<HashMap<Arc<str>, Arc<ReplicaSlot>>>,
 }
 
@@ -145,9 +147,15 @@ impl std::error::Error for UpstreamError {}
 
 impl UpstreamClient {
     pub fn new(connect_timeout: Duration) -> Self {
+        Self::with_bound(connect_timeout, MAX_CONNECTIONS_PER_REPLICA)
+    }
+
+    /// A client allowing `max_per_replica` requests in flight per replica.
+    fn with_bound(connect_timeout: Duration, max_per_replica: usize) -> Self {
         UpstreamClient {
             inner: Arc::new(ClientInner {
                 connect_timeout,
+                max_per_replica,
                 replicas: RwLock::new(HashMap::new()),
             }),
         }
@@ -159,14 +167,15 @@ impl UpstreamClient {
             return s.clone();
         }
         let slot = Arc::new(ReplicaSlot {
-            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS_PER_REPLICA)),
+            permits: Arc::new(Semaphore::new(self.inner.max_per_replica)),
             authority: authority_of(base_url),
             idle: (0..MAX_WORKER_POOLS).map(|_| Mutex::default()).collect(),
         });
         let mut map = map.write().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_REPLICA_SLOTS {
             // Replicas come and go (discovery): forget the idle ones.
-            map.retain(|_, s| s.permits.available_permits() < MAX_CONNECTIONS_PER_REPLICA);
+            let all = self.inner.max_per_replica;
+            map.retain(|_, s| s.permits.available_permits() < all);
         }
         map.entry(key.clone()).or_insert(slot).clone()
     }
@@ -623,6 +632,65 @@ mod tests {
         let client = UpstreamClient::new(Duration::from_secs(1));
         let err = send(&client, &url).await.err().unwrap();
         assert!(err.is_connect(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_bound_wait_for_a_connection() {
+        // A replica that accepts connections and answers each request only
+        // when told to.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (acc, rel) = (accepted.clone(), release.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                acc.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let rel = rel.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                        rel.notified().await;
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let client = UpstreamClient::with_bound(Duration::from_secs(1), 4);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (c, u) = (client.clone(), url.clone());
+            calls.spawn(async move { call(&c, &u).await });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "the bound holds"
+        );
+        // Answer one at a time: the waiting requests reuse the 4 connections.
+        let mut done = 0;
+        for _ in 0..200 {
+            if done == 10 {
+                break;
+            }
+            release.notify_one();
+            if let Ok(Some(r)) =
+                tokio::time::timeout(Duration::from_millis(100), calls.join_next()).await
+            {
+                assert_eq!(r.unwrap(), (200, b"ok".to_vec()));
+                done += 1;
+            }
+        }
+        assert_eq!(done, 10, "every waiting request was answered");
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "no new connection"
+        );
     }
 
     #[test]
