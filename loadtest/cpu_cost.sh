@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# CPU a proxy spends per unit of work, user and system apart, in front of one
+# instant sim replica: per small request at a fixed open-loop rate, or per
+# relayed SSE chunk (closed loop). Less noisy than req/s on a shared machine,
+# since it divides the proxy's own CPU time (/proc/<pid>/stat utime, stime)
+# by the work it did. Targets run in turn, ROUNDS rounds, so a slow spell hits
+# each alike.
+#
+#   bash loadtest/cpu_cost.sh req  infergate=target/release nginx
+#   bash loadtest/cpu_cost.sh sse  old=/tmp/old new=target/release
+#
+# A target is `nginx` (../shared/peers/nginx.conf.in, one worker) or
+# NAME=DIR, DIR holding an `infergate` binary. Env: ROUNDS (3), RATE (5000),
+# DUR (5 s), POLICY (least_request), WORKERS (2). Needs release binaries.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODE=${1:?usage: cpu_cost.sh req|sse TARGET...}; shift
+ROUNDS=${ROUNDS:-3}; RATE=${RATE:-5000}; DUR=${DUR:-5}
+POLICY=${POLICY:-least_request}; WORKERS=${WORKERS:-2}
+PEERS_DIR=${PEERS_DIR:-}
+for d in "$ROOT/../shared/peers" "$ROOT/../../shared/peers"; do
+  [[ -z $PEERS_DIR && -d $d ]] && PEERS_DIR=$d
+done
+LOAD=target/release/infergate-load
+UP_PORT=18401; PX_PORT=18410; ADMIN_PORT=18411
+RUN=$(mktemp -d /tmp/cpu-cost.XXXXXX)
+cat >"$RUN/gw.yaml" <<YAML
+listeners:
+  main: { address: "127.0.0.1:$PX_PORT", workers: $WORKERS }
+  admin: { address: "127.0.0.1:$ADMIN_PORT" }
+logging: { level: warn }
+pools:
+  - name: bench
+    endpoints: ["http://127.0.0.1:$UP_PORT"]
+routes:
+  - model: bench-model
+    pool: bench
+    routing: { policy: $POLICY }
+YAML
+if [[ -n $PEERS_DIR && -f $PEERS_DIR/nginx.conf.in ]]; then
+  mkdir -p "$RUN/nginx-tmp"
+  sed -e "s|@PORT@|$PX_PORT|" -e "s|@RUN@|$RUN|g" "$PEERS_DIR/nginx.conf.in" |
+    awk -v ups="        server 127.0.0.1:$UP_PORT max_fails=0;" '{ if ($0 ~ /^@UPSTREAMS@$/) print ups; else print }' \
+      >"$RUN/nginx.conf"
+fi
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_http() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; return 1; }
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }  # utime stime, in clock ticks
+
+one() {  # target -> "user+system" microseconds per unit
+  local t=$1 px worker
+  target/release/infergate sim --profile llama-8b-h100 --replicas 1 --base-port "$UP_PORT" \
+    --time-scale 1000000 --served-model-name bench-model >/dev/null 2>&1 &
+  local sim=$!; PIDS+=("$sim")
+  wait_http "http://127.0.0.1:$UP_PORT/health"
+  if [[ $t == nginx ]]; then
+    [[ -f $RUN/nginx.conf ]] || { echo "nginx: no ../shared/peers/nginx.conf.in" >&2; exit 1; }
+    nginx -c "$RUN/nginx.conf" -p "$RUN" -g 'daemon off;' >/dev/null 2>&1 &
+    px=$!; PIDS+=("$px"); wait_http "http://127.0.0.1:$PX_PORT/health"
+    worker=$(pgrep -P "$px" | head -1)
+  else
+    "${t#*=}/infergate" serve --config "$RUN/gw.yaml" >/dev/null 2>&1 &
+    px=$!; PIDS+=("$px"); wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
+    worker=$px
+  fi
+  read -r u0 s0 < <(ticks "$worker")
+  if [[ $MODE == req ]]; then
+    "$LOAD" --url "http://127.0.0.1:$PX_PORT" --model bench-model --json --workload small \
+      --max-tokens 1 --rate "$RATE" -d "$DUR" --max-in-flight 64 >"$RUN/out.json" 2>/dev/null
+    field=ok
+  else
+    "$LOAD" --url "http://127.0.0.1:$PX_PORT" --model bench-model --json --workload stream \
+      --max-tokens 256 -c 32 -d "$DUR" --no-usage >"$RUN/out.json" 2>/dev/null
+    field=output_tokens
+  fi
+  read -r u1 s1 < <(ticks "$worker")
+  kill "$px" "$sim" 2>/dev/null || true; wait "$px" "$sim" 2>/dev/null || true
+  python3 - "$RUN/out.json" "$field" "$u0" "$s0" "$u1" "$s1" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+out, field, u0, s0, u1, s1, hz = sys.argv[1:]
+n = json.load(open(out)).get(field) or 0
+us = lambda a, b: (int(b) - int(a)) * 1e6 / int(hz) / max(n, 1)
+print(f"{us(u0, u1):.2f}+{us(s0, s1):.2f}", end="")
+PY
+}
+
+declare -A RES
+for r in $(seq "$ROUNDS"); do
+  for t in "$@"; do RES[$t]="${RES[$t]:-} $(one "$t")"; done
+done
+unit=$([[ $MODE == req ]] && echo "small request at $RATE req/s" || echo "relayed SSE chunk")
+echo "# CPU per $unit, user+system µs, $ROUNDS rounds"
+for t in "$@"; do echo "  ${t%%=*}:${RES[$t]}"; done
