@@ -17,7 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::admit::{AdmissionPlan, Served};
 use super::context::RequestContext;
 use super::gateway::Route;
-pub use super::upstream::{Outgoing, UpstreamBody, UpstreamClient, MAX_CONNECTIONS_PER_REPLICA};
+use super::upstream::{Outgoing, UpstreamBody};
 use crate::admission::{Outcome, Reservation};
 use crate::protocol::error::ApiError;
 use crate::telemetry::metrics::record_retry;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
-use super::forward::UpstreamClient;
+use super::upstream::UpstreamClient;
 use crate::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use crate::config::{Config, ConfigError, PoolSource, RouteConfig};
 use crate::discovery::{Endpoint, Update};

@@ -12,12 +12,13 @@ use http::{Method, Request, Response, StatusCode};
 use super::admit::{served_headers, AdmissionPlan, Admitted, Served};
 use super::body::{check_content_type, read_limited, too_large};
 use super::context::{ApiKind, RequestContext, REPLICA_HEADER, REQUEST_ID};
-use super::forward::{forward, Dispatch, ForwardError, Outgoing, Upstream};
+use super::forward::{forward, Dispatch, ForwardError, Upstream};
 use super::gateway::Gateway;
 use super::headers::{clean_response_headers, is_event_stream};
 use super::parse::{parse_features, upstream_body};
 use super::record::{Outcome, RequestRecord};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
+use super::upstream::Outgoing;
 use crate::protocol::error::ApiError;
 
 /// Handles one client request.

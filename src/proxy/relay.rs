@@ -24,8 +24,9 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream, UpstreamBody};
+use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream};
 use super::record::{Outcome, RequestRecord};
+use super::upstream::UpstreamBody;
 use super::usage::UsageCounter;
 use crate::admission::backpressure::StreamStallWatch;
 use crate::admission::Reservation;
@@ -172,7 +173,7 @@ pub struct RelayBody {
     usage: UsageCounter,
     stream_metrics: Option<std::sync::Arc<PairMetrics>>,
     guard: Option<Reservation>,
-    /// The replica connection permit (see `forward::MAX_CONNECTIONS_PER_REPLICA`).
+    /// The replica connection permit (see `upstream::MAX_CONNECTIONS_PER_REPLICA`).
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     record: RequestRecord,
     status: u16,

@@ -222,7 +222,7 @@ impl UpstreamClient {
             }
             Err(Lost::Failed(e)) => return Err(e),
         };
-        let body = UpstreamBody::new(conn, &response, Some((slot, worker)));
+        let body = UpstreamBody::new(conn, &response, (slot, worker));
         let mut resp = Response::new(body);
         *resp.status_mut() = response.status;
         *resp.headers_mut() = response.headers;
@@ -342,10 +342,7 @@ async fn exchange(mut conn: Conn, head: &[u8], body: &[u8]) -> Result<(ResponseH
                 Err(e) => return Err(Lost::Failed(UpstreamError::Protocol(e))),
             }
         }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_CHUNK);
-        }
-        match tokio::io::AsyncReadExt::read_buf(&mut conn.io, &mut conn.buf).await {
+        match std::future::poll_fn(|cx| poll_fill(&mut conn, cx)).await {
             Ok(0) => return Err(lost(UpstreamError::Closed, answered)),
             Ok(_) => answered = true,
             Err(e) => return Err(lost(UpstreamError::Io(e), answered)),
@@ -388,11 +385,11 @@ pub struct UpstreamBody {
     state: BodyState,
     keep_alive: bool,
     /// The pool to return the connection to, and the worker's list in it.
-    home: Option<(Arc<ReplicaSlot>, usize)>,
+    home: (Arc<ReplicaSlot>, usize),
 }
 
 impl UpstreamBody {
-    fn new(conn: Conn, head: &ResponseHead, home: Option<(Arc<ReplicaSlot>, usize)>) -> Self {
+    fn new(conn: Conn, head: &ResponseHead, home: (Arc<ReplicaSlot>, usize)) -> Self {
         let state = match head.framing {
             Framing::Empty => BodyState::Length(0),
             Framing::Length(n) => BodyState::Length(n),
@@ -420,10 +417,9 @@ impl UpstreamBody {
         };
         // Bytes after the end are a replica speaking out of turn: close.
         if self.keep_alive && conn.buf.is_empty() {
-            if let Some((slot, worker)) = self.home.take() {
-                conn.served += 1;
-                slot.put_idle(worker, conn);
-            }
+            conn.served += 1;
+            let (slot, worker) = &self.home;
+            slot.put_idle(*worker, conn);
         }
     }
 
@@ -448,7 +444,7 @@ impl Body for UpstreamBody {
                 return Poll::Ready(None);
             };
             let data = match &mut this.state {
-                BodyState::Done => None,
+                BodyState::Done => return Poll::Ready(None),
                 BodyState::Length(left) => {
                     if conn.buf.is_empty() {
                         None
