@@ -9,8 +9,8 @@
 #   bash loadtest/cpu_cost.sh req  infergate=target/release nginx
 #   bash loadtest/cpu_cost.sh sse  old=/tmp/old new=target/release
 #
-# A target is `nginx` (../shared/peers/nginx.conf.in, one worker) or
-# NAME=DIR, DIR holding an `infergate` binary. Env: ROUNDS (3), RATE (5000),
+# A target is `nginx` (started by loadtest/peers.sh: one worker, no buffering)
+# or NAME=DIR, DIR holding an `infergate` binary. Env: ROUNDS (3), RATE (5000),
 # DUR (5 s), POLICY (least_request), WORKERS (2). Needs release binaries.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,10 +18,6 @@ cd "$ROOT"
 MODE=${1:?usage: cpu_cost.sh req|sse TARGET...}; shift
 ROUNDS=${ROUNDS:-3}; RATE=${RATE:-5000}; DUR=${DUR:-5}
 POLICY=${POLICY:-least_request}; WORKERS=${WORKERS:-2}
-PEERS_DIR=${PEERS_DIR:-}
-for d in "$ROOT/../shared/peers" "$ROOT/../../shared/peers"; do
-  [[ -z $PEERS_DIR && -d $d ]] && PEERS_DIR=$d
-done
 LOAD=target/release/infergate-load
 UP_PORT=18401; PX_PORT=18410; ADMIN_PORT=18411
 RUN=$(mktemp -d /tmp/cpu-cost.XXXXXX)
@@ -38,14 +34,13 @@ routes:
     pool: bench
     routing: { policy: $POLICY }
 YAML
-if [[ -n $PEERS_DIR && -f $PEERS_DIR/nginx.conf.in ]]; then
-  mkdir -p "$RUN/nginx-tmp"
-  sed -e "s|@PORT@|$PX_PORT|" -e "s|@RUN@|$RUN|g" "$PEERS_DIR/nginx.conf.in" |
-    awk -v ups="        server 127.0.0.1:$UP_PORT max_fails=0;" '{ if ($0 ~ /^@UPSTREAMS@$/) print ups; else print }' \
-      >"$RUN/nginx.conf"
-fi
+export INFERGATE_PEERS_RUN="$RUN"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  bash loadtest/peers.sh stop >/dev/null 2>&1 || true
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT
 
 wait_http() { for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; return 1; }
@@ -58,9 +53,9 @@ one() {  # target -> "user+system" microseconds per unit
   local sim=$!; PIDS+=("$sim")
   wait_http "http://127.0.0.1:$UP_PORT/health"
   if [[ $t == nginx ]]; then
-    [[ -f $RUN/nginx.conf ]] || { echo "nginx: no ../shared/peers/nginx.conf.in" >&2; exit 1; }
-    nginx -c "$RUN/nginx.conf" -p "$RUN" -g 'daemon off;' >/dev/null 2>&1 &
-    px=$!; PIDS+=("$px"); wait_http "http://127.0.0.1:$PX_PORT/health"
+    bash loadtest/peers.sh start nginx --port "$PX_PORT" --upstreams "http://127.0.0.1:$UP_PORT" \
+      --name cpu-nginx >/dev/null
+    px=$(cat "$RUN/cpu-nginx.pid")
     worker=$(pgrep -P "$px" | head -1)
   else
     "${t#*=}/infergate" serve --config "$RUN/gw.yaml" >/dev/null 2>&1 &
@@ -78,7 +73,8 @@ one() {  # target -> "user+system" microseconds per unit
     field=output_tokens
   fi
   read -r u1 s1 < <(ticks "$worker")
-  kill "$px" "$sim" 2>/dev/null || true; wait "$px" "$sim" 2>/dev/null || true
+  if [[ $t == nginx ]]; then bash loadtest/peers.sh stop cpu-nginx >/dev/null; else kill "$px"; fi
+  kill "$sim" 2>/dev/null || true; wait "$px" "$sim" 2>/dev/null || true
   python3 - "$RUN/out.json" "$field" "$u0" "$s0" "$u1" "$s1" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
 out, field, u0, s0, u1, s1, hz = sys.argv[1:]
