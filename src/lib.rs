@@ -1,17 +1,6 @@
-//! infergate: an inference-aware L7 gateway for LLM serving.
-//!
-//! See ARCHITECTURE.md for the request's path through these modules.
+//! infergate: the binary's wiring. The layers live in their own crates
+//! (see ARCHITECTURE.md); this crate parses the command line and assembles
+//! them: the control plane for a config file or a cluster, and the gateway.
 
-pub mod admission;
 pub mod cli;
-pub mod config;
-pub mod discovery;
-pub mod kube;
-pub mod pool;
-pub mod protocol;
-pub mod proxy;
-pub mod reload;
-pub mod routing;
-pub mod sim;
-pub mod telemetry;
-pub mod tokenizer;
+pub mod control_plane;

@@ -25,7 +25,7 @@ enum Command {
     /// Run the gateway from a YAML config.
     Serve(infergate::cli::ServeArgs),
     /// Serve simulated model replicas (vLLM-like engines, no GPU).
-    Sim(infergate::sim::SimArgs),
+    Sim(infergate_sim::SimArgs),
     /// Start simulated replicas and the gateway in front of them on the embedded default config.
     Quickstart(infergate::cli::QuickstartArgs),
     /// Validate a config file without starting.
@@ -49,7 +49,7 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt.block_on(async move {
             match cli.command {
                 Command::Serve(args) => infergate::cli::serve(args).await,
-                Command::Sim(args) => infergate::sim::run(args).await,
+                Command::Sim(args) => infergate_sim::run(args).await,
                 Command::Quickstart(args) => infergate::cli::quickstart(args).await,
                 Command::CheckConfig(args) => infergate::cli::check_config(args),
             }

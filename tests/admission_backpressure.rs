@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn setup() -> (infergate::sim::Fleet, infergate::proxy::ServerHandle) {
+async fn setup() -> (infergate_sim::Fleet, infergate_proxy::ServerHandle) {
     // An 8B-like engine (long context) at 100x: about 70 us per token.
-    let f = infergate::sim::start_fleet(infergate::sim::FleetConfig {
+    let f = infergate_sim::start_fleet(infergate_sim::FleetConfig {
         time_scale: 100.0,
         served_model_name: Some("m".into()),
-        ..infergate::sim::FleetConfig::default()
+        ..infergate_sim::FleetConfig::default()
     })
     .await
     .unwrap();
@@ -25,13 +25,13 @@ async fn setup() -> (infergate::sim::Fleet, infergate::proxy::ServerHandle) {
 pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n",
         urls(&f)
     );
-    let cfg = infergate::config::Config::parse(&yaml, "test.yaml").unwrap();
-    (f, infergate::proxy::start(cfg).await.unwrap())
+    let cfg = infergate_core::config::Config::parse(&yaml, "test.yaml").unwrap();
+    (f, infergate_proxy::start(cfg).await.unwrap())
 }
 
 /// Opens a raw HTTP/1.1 connection with a small receive buffer and sends a
 /// streaming request for `tokens` tokens.
-async fn open_stream(gw: &infergate::proxy::ServerHandle, tokens: u32) -> tokio::net::TcpStream {
+async fn open_stream(gw: &infergate_proxy::ServerHandle, tokens: u32) -> tokio::net::TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(2048).unwrap();
     let mut s = sock.connect(gw.local_addr).await.unwrap();

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 
-use infergate::sim::Faults;
+use infergate_sim::Faults;
 use support::*;
 
 /// Route `m` over pool `stable`, with a canary of `weight`% on pool `canary`
@@ -18,9 +18,9 @@ async fn setup(
     weight: u32,
     rollback: &str,
 ) -> (
-    infergate::sim::Fleet,
-    infergate::sim::Fleet,
-    infergate::proxy::ServerHandle,
+    infergate_sim::Fleet,
+    infergate_sim::Fleet,
+    infergate_proxy::ServerHandle,
 ) {
     let stable = fleet("m", 2, 50.0).await;
     let canary = fleet("m-v2", 1, 50.0).await;
@@ -137,7 +137,7 @@ async fn a_failing_canary_is_rolled_back_and_stays_until_the_config_changes() {
     // A reload with the same config keeps it rolled back; a new config (set
     // at run time, as the Kubernetes controller does) starts afresh.
     gw.gateway
-        .apply_config(infergate::config::Config::clone(&gw.gateway.config()))
+        .apply_config(infergate_core::config::Config::clone(&gw.gateway.config()))
         .unwrap();
     assert!(split.rolled_back().is_some());
     let mut cfg = split.config().unwrap();

@@ -5,7 +5,7 @@
 #[path = "admission_support/mod.rs"]
 mod support;
 
-use infergate::sim::Faults;
+use infergate_sim::Faults;
 use support::*;
 
 /// Route `big` over `big_pool` (YAML of the pool's source), falling back to
@@ -13,7 +13,7 @@ use support::*;
 async fn setup(
     big_pool: &str,
     admission: &str,
-) -> (infergate::sim::Fleet, infergate::proxy::ServerHandle) {
+) -> (infergate_sim::Fleet, infergate_proxy::ServerHandle) {
     let small = fleet("small", 1, 20.0).await;
     let gw = gateway(&format!(
         "pools:\n  - name: big\n    {big_pool}\n  - name: small\n    endpoints: [{}]\nroutes:\n  - model: big\n    pool: big\n    admission:\n      fallback: {{ models: [small] }}\n{admission}\n  - model: small\n    pool: small\n",
@@ -33,7 +33,7 @@ fn served_by_small(status: http::StatusCode, h: &http::HeaderMap, body: &[u8], r
 
 async fn fallback_metric(
     c: &HttpClient,
-    gw: &infergate::proxy::ServerHandle,
+    gw: &infergate_proxy::ServerHandle,
     reason: &str,
 ) -> bool {
     metrics(c, gw).await.lines().any(|l| {

@@ -7,10 +7,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use infergate::sim::Faults;
+use infergate_sim::Faults;
 use support::*;
 
-async fn setup(replicas: usize) -> (infergate::sim::Fleet, infergate::proxy::ServerHandle) {
+async fn setup(replicas: usize) -> (infergate_sim::Fleet, infergate_proxy::ServerHandle) {
     let f = fleet("m", replicas, 20.0).await;
     let gw = gateway(&format!(
         "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    retries: {{ attempts: 2, on_status: [500, 502, 503] }}\n    admission:\n      outlier: {{ consecutive_failures: 3, base_ejection_ms: 300, probe_interval_ms: 20 }}\n",

@@ -15,7 +15,7 @@ use support::*;
 async fn one_at_a_time(
     time_scale: f64,
     extra: &str,
-) -> (infergate::sim::Fleet, infergate::proxy::ServerHandle) {
+) -> (infergate_sim::Fleet, infergate_proxy::ServerHandle) {
     let f = fleet("m", 1, time_scale).await;
     let gw = gateway(&format!(
         "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_requests_per_replica: 1 }}\n{extra}",

@@ -5,7 +5,7 @@
 #[path = "support_gateway/mod.rs"]
 mod support;
 
-use infergate::sim::{start_fleet, FleetConfig, Profile};
+use infergate_sim::{start_fleet, FleetConfig, Profile};
 use support::*;
 
 fn python() -> String {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use infergate::cli::{start_quickstart, QuickstartArgs};
-use infergate::config::{Config, QUICKSTART_YAML};
-use infergate::sim::{start_fleet, EngineParams, Faults, FleetConfig, Profile};
+use infergate_core::config::{Config, QUICKSTART_YAML};
+use infergate_sim::{start_fleet, EngineParams, Faults, FleetConfig, Profile};
 use support::*;
 
 fn fleet_config(replicas: usize) -> FleetConfig {

@@ -93,7 +93,7 @@ async fn tls_listener_speaks_h2_and_http1_by_alpn() {
     }
     let up = mini_upstream("a", Behaviour::Echo).await;
     let mut cfg = config(&[up.url()], "");
-    cfg.listeners.main.tls = Some(infergate::config::TlsConfig {
+    cfg.listeners.main.tls = Some(infergate_core::config::TlsConfig {
         cert_file: dir.path().join("cert.pem"),
         key_file: dir.path().join("key.pem"),
     });

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
-use infergate::kube::canary::{CanarySet, CanaryWatch, CANARY_MODEL, CANARY_OF, CANARY_WEIGHT};
-use infergate::kube::client::{connect, KubeOptions};
-use infergate::kube::configmap::ConfigMapWatch;
-use infergate::kube::endpoints::WatchOptions;
-use infergate::kube::events::EventPublisher;
-use infergate::reload::Rejected;
+use infergate_kube::canary::{CanarySet, CanaryWatch, CANARY_MODEL, CANARY_OF, CANARY_WEIGHT};
+use infergate_kube::client::{connect, KubeOptions};
+use infergate_kube::configmap::ConfigMapWatch;
+use infergate_kube::endpoints::WatchOptions;
+use infergate_kube::events::EventPublisher;
+use infergate_core::reload::Rejected;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 
 const NS: &str = "llm";
@@ -32,7 +32,7 @@ fn configmap(text: &str) -> ConfigMap {
 
 /// A config target accepting YAML with a string `version`; records what it applied.
 fn target() -> (
-    impl infergate::reload::ConfigTarget,
+    impl infergate_core::reload::ConfigTarget,
     Arc<Mutex<Vec<String>>>,
 ) {
     let applied = Arc::new(Mutex::new(Vec::new()));

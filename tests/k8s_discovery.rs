@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
 use futures::StreamExt;
-use infergate::kube::endpoints::{watch_endpoints, PortRef, ServiceTarget, WatchOptions};
-use infergate::pool::{EngineKind, Pool};
+use infergate_kube::endpoints::{watch_endpoints, PortRef, ServiceTarget, WatchOptions};
+use infergate_core::pool::Pool;
+use infergate_protocol::EngineKind;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;

@@ -5,23 +5,23 @@
 
 #[path = "support_k8s/fake_apiserver.rs"]
 mod fake_apiserver;
-#[path = "sim_util/mod.rs"]
+#[path = "../crates/sim/tests/sim_util/mod.rs"]
 mod sim_util;
 
 use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
-use infergate::config::Config;
-use infergate::kube::canary::{CANARY_OF, CANARY_WEIGHT};
-use infergate::kube::client::Cluster;
-use infergate::kube::configmap::ConfigMapWatch;
-use infergate::kube::control::DiscoveryOptions;
-use infergate::kube::endpoints::WatchOptions;
-use infergate::kube::gate::GateOptions;
-use infergate::kube::serve::{ConfigSource, ControlOptions, ControlPlane, Loaded};
-use infergate::proxy::gateway::Gateway;
-use infergate::proxy::ServerHandle;
-use infergate::sim::{start_fleet, Faults, Fleet, FleetConfig, Profile};
+use infergate_core::config::Config;
+use infergate_kube::canary::{CANARY_OF, CANARY_WEIGHT};
+use infergate_kube::client::Cluster;
+use infergate_kube::configmap::ConfigMapWatch;
+use infergate_kube::control::DiscoveryOptions;
+use infergate_kube::endpoints::WatchOptions;
+use infergate_core::discovery::gate::GateOptions;
+use infergate::control_plane::{ConfigSource, ControlOptions, ControlPlane, Loaded};
+use infergate_proxy::gateway::Gateway;
+use infergate_proxy::ServerHandle;
+use infergate_sim::{start_fleet, Faults, Fleet, FleetConfig, Profile};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -182,7 +182,7 @@ async fn setup_with(services: &[&str], loading: &[usize]) -> Setup {
         ..ControlOptions::default()
     };
     let control = ControlPlane::start(gateway.clone(), loaded, opts).await;
-    let server = infergate::proxy::server::start_with(
+    let server = infergate_proxy::server::start_with(
         gateway,
         &config.listeners.main,
         config.listeners.admin.as_ref(),

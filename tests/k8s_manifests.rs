@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use infergate::kube::canary;
+use infergate_kube::canary;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::rbac::v1::Role;
@@ -146,7 +146,7 @@ fn rbac_allows_exactly_the_configmap_the_deployment_watches() {
 fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
     let path = deploy().join("base/config.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let config = infergate::config::Config::parse(&text, &path.display().to_string())
+    let config = infergate_core::config::Config::parse(&text, &path.display().to_string())
         .unwrap_or_else(|e| panic!("{e}"));
     let stable: Vec<Service> = docs("examples/vllm/vllm-llama.yaml", "Service");
     let svc_name = stable[0].metadata.name.clone().unwrap();
@@ -168,10 +168,10 @@ fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
     let sref = pool.service.as_ref().unwrap();
     assert_eq!(sref.name, svc_name);
     match &sref.port {
-        infergate::config::PortRef::Name(n) => {
+        infergate_core::config::PortRef::Name(n) => {
             assert!(port_names.contains(n), "{n} not in {port_names:?}")
         }
-        infergate::config::PortRef::Number(n) => panic!("use the port name, found {n}"),
+        infergate_core::config::PortRef::Number(n) => panic!("use the port name, found {n}"),
     }
     // Listeners reachable from the pod network and the probes' admin port.
     assert_eq!(config.listeners.main.address.port(), 8080);
@@ -186,7 +186,8 @@ fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
 #[test]
 fn alerts_and_dashboard_query_metrics_the_code_exports() {
     let mut sources = String::new();
-    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.join("src"), root.join("crates")];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

@@ -2,7 +2,7 @@
 //! README.md and docs/config.md that is a whole gateway config (it has
 //! `routes:` at the top level) parses and validates.
 
-use infergate::config::Config;
+use infergate_core::config::Config;
 
 fn whole_configs(markdown: &str) -> Vec<String> {
     let mut out = Vec::new();

@@ -169,7 +169,7 @@ async fn shared_prefix_chats_stick_to_the_llama_server_holding_their_prompt() {
          \x20   routing: {{ scrape: {{ interval_ms: 50 }} }}\n",
         eps.join(", ")
     );
-    let gw = gateway(infergate::config::Config::parse(&yaml, "t.yaml").unwrap()).await;
+    let gw = gateway(infergate_core::config::Config::parse(&yaml, "t.yaml").unwrap()).await;
     let admin = gw.admin_url().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (groups, questions) = (3, 3);

@@ -10,8 +10,8 @@ mod support;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
-use infergate::pool::EngineKind;
-use infergate::sim::{start_fleet, EngineParams, Fleet, FleetConfig, Profile};
+use infergate_protocol::EngineKind;
+use infergate_sim::{start_fleet, EngineParams, Fleet, FleetConfig, Profile};
 use support::*;
 
 const ROUTING: &str = "    routing:\n      scrape: { interval_ms: 20, timeout_ms: 250 }\n";
@@ -237,7 +237,7 @@ async fn adapter_requests_go_to_the_replica_holding_the_adapter() {
          routes:\n  - model: m\n    aliases: [ad1, ad2]\n    pool: p\n{ROUTING}",
         eps.join(", ")
     );
-    let gw = gateway(infergate::config::Config::parse(&yaml, "t.yaml").unwrap()).await;
+    let gw = gateway(infergate_core::config::Config::parse(&yaml, "t.yaml").unwrap()).await;
     // A long ad1 request runs on replica 2 (sent directly): the engine reports
     // ad1 in use there.
     let direct = fleet.urls()[2].clone();

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::config::Config;
-use crate::proxy::server;
-use crate::telemetry;
+use infergate_core::config::Config;
+use infergate_proxy::server;
+use infergate_proxy::telemetry;
 
 /// Flags of `infergate serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,7 +21,7 @@ pub struct ServeArgs {
     )]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub kube: crate::kube::serve::KubeArgs,
+    pub kube: crate::control_plane::KubeArgs,
 }
 
 /// Flags of `infergate quickstart`.
@@ -49,12 +49,12 @@ pub struct CheckConfigArgs {
 /// Ctrl-C, then drains. The config source is watched and hot-reloaded; Service
 /// pools are discovered from EndpointSlices (see `kube::serve`).
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    use crate::kube::serve::{load, ControlOptions, ControlPlane};
+    use crate::control_plane::{load, ControlOptions, ControlPlane};
     let loaded = load(args.config.as_deref(), &args.kube).await?;
     let config = loaded.config.clone();
     telemetry::log::init(config.logging.format, config.logging.level.as_deref());
     let grace = config.shutdown_grace;
-    let gateway = crate::proxy::gateway::Gateway::new(config.clone())?;
+    let gateway = infergate_proxy::gateway::Gateway::new(config.clone())?;
     let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
     // `serve` runs one serving worker per CPU unless the config says otherwise.
     let mut main = config.listeners.main.clone();
@@ -93,7 +93,7 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
 
 /// `infergate quickstart`: simulated replicas plus the gateway on the embedded config.
 pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
-    let config = Config::parse(crate::config::QUICKSTART_YAML, "quickstart.yaml")?;
+    let config = Config::parse(infergate_core::config::QUICKSTART_YAML, "quickstart.yaml")?;
     telemetry::log::init(config.logging.format, config.logging.level.as_deref());
     let grace = config.shutdown_grace;
     let (fleet, handle) = start_quickstart(config, &args).await?;
@@ -109,13 +109,13 @@ pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
 pub async fn start_quickstart(
     mut config: Config,
     args: &QuickstartArgs,
-) -> anyhow::Result<(crate::sim::Fleet, server::ServerHandle)> {
+) -> anyhow::Result<(infergate_sim::Fleet, server::ServerHandle)> {
     let model = config
         .routes
         .first()
         .map(|r| r.model.clone())
         .context("the quickstart config has no route")?;
-    let fleet = crate::sim::start_fleet(crate::sim::FleetConfig {
+    let fleet = infergate_sim::start_fleet(infergate_sim::FleetConfig {
         replicas: args.replicas.max(1),
         served_model_name: Some(model),
         ..Default::default()

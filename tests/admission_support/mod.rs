@@ -12,9 +12,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use infergate::config::Config;
-use infergate::proxy::{Route, ServerHandle};
-use infergate::sim::{start_fleet, Fleet, FleetConfig, Profile};
+use infergate_core::config::Config;
+use infergate_proxy::{Route, ServerHandle};
+use infergate_sim::{start_fleet, Fleet, FleetConfig, Profile};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -52,7 +52,7 @@ pub async fn gateway(pools_and_routes: &str) -> ServerHandle {
         "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n{pools_and_routes}\n"
     );
     let cfg = Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    infergate::proxy::start(cfg).await.unwrap()
+    infergate_proxy::start(cfg).await.unwrap()
 }
 
 pub fn route(gw: &ServerHandle, model: &str) -> Arc<Route> {

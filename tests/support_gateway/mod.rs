@@ -16,8 +16,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use infergate::config::Config;
-use infergate::proxy::ServerHandle;
+use infergate_core::config::Config;
+use infergate_proxy::ServerHandle;
 
 /// How a mini upstream answers.
 #[derive(Debug, Clone, Copy)]
@@ -244,7 +244,7 @@ pub fn config(endpoints: &[String], extra_route: &str) -> Config {
 }
 
 pub async fn gateway(config: Config) -> ServerHandle {
-    infergate::proxy::start(config).await.unwrap()
+    infergate_proxy::start(config).await.unwrap()
 }
 
 pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {

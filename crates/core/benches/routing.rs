@@ -1,0 +1,157 @@
+//! Routing decision cost: one inference-aware decision for an 8,000-token prompt
+//! over 64 replicas with a warm prefix index, and the index memory per cached block.
+//!
+//! Run: `cargo bench --bench routing` (prints `index memory: ... bytes/entry`).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use infergate_core::discovery::Endpoint;
+use infergate_core::pool::Replica;
+use infergate_core::routing::aware::InferenceAware;
+use infergate_core::routing::signals::Signals;
+use infergate_core::routing::{Picker, RouteRequest, RoutingConfig};
+use infergate_protocol::tokenizer;
+
+const REPLICAS: u16 = 64;
+const PROMPT_TOKENS: usize = 8_000;
+const GROUPS: usize = 256;
+
+fn replicas() -> Vec<Arc<Replica>> {
+    (0..REPLICAS)
+        .map(|i| {
+            let r = Arc::new(Replica::new(
+                Endpoint::from_url(&format!("http://10.0.{}.{}:8000", i / 200, i % 200)).unwrap(),
+            ));
+            r.signals.store(Some(Arc::new(Signals {
+                at: Instant::now() + std::time::Duration::from_secs(3600),
+                error: None,
+                waiting: f64::from(i % 3),
+                running: 8.0,
+                kv_usage: Some(0.5),
+                block_size: Some(16),
+                num_blocks: Some(20_000),
+                lora: None,
+                own_requests_at_scrape: 0,
+                batch_limit: None,
+                foreign_load_at: None,
+                smoothed_requests: 8.0 + f64::from(i % 3),
+            })));
+            r
+        })
+        .collect()
+}
+
+/// A chat prompt of about `PROMPT_TOKENS` tokens: a 6,000-token system prompt
+/// shared by group `g`, then a question.
+fn prompt(g: usize, q: usize) -> String {
+    let sys_chars = 6_000 * tokenizer::CHARS_PER_TOKEN;
+    let q_chars = (PROMPT_TOKENS - 6_000) * tokenizer::CHARS_PER_TOKEN;
+    let sys = format!("group {g} system prompt, long and detailed. ").repeat(sys_chars / 40 + 1);
+    let question = format!("question {q} from a user of group {g}. ").repeat(q_chars / 30 + 1);
+    format!(
+        "<|system|>\n{}\n<|user|>\n{}\n<|assistant|>\n",
+        &sys[..sys_chars],
+        &question[..q_chars]
+    )
+}
+
+fn bench(c: &mut Criterion) {
+    let rs = replicas();
+    let picker = InferenceAware::new(RoutingConfig::default());
+    // Warm the index: every group routed a few times.
+    let prompts: Vec<String> = (0..GROUPS).map(|g| prompt(g, 0)).collect();
+    for round in 0..4 {
+        for (g, p) in prompts.iter().enumerate() {
+            let text = if round == 0 {
+                p.clone()
+            } else {
+                prompt(g, round)
+            };
+            let req = RouteRequest {
+                request_id: "warm",
+                model: "m",
+                prompt_text: &text,
+                prompt_tokens: tokenizer::count_tokens(&text),
+                max_tokens: 256,
+                lora: None,
+                hashes: Default::default(),
+            };
+            black_box(picker.pick(&rs, &req, &[]));
+        }
+    }
+    let st = picker.index().stats();
+    eprintln!(
+        "index memory: {} bytes for {} entries ({} distinct blocks, {} replicas) = {:.1} bytes/entry",
+        st.memory_bytes,
+        st.entries,
+        st.blocks,
+        st.replicas,
+        st.memory_bytes as f64 / st.entries.max(1) as f64
+    );
+    let text = prompt(7, 99);
+    let tokens = tokenizer::count_tokens(&text);
+    eprintln!("prompt tokens: {tokens}");
+    let req = RouteRequest {
+        request_id: "bench",
+        model: "m",
+        prompt_text: &text,
+        prompt_tokens: tokens,
+        max_tokens: 256,
+        lora: None,
+        hashes: Default::default(),
+    };
+    // Each decision gets a fresh request, so the prompt is hashed every time
+    // (a request reuses its hashes only within one admission).
+    let fresh = || RouteRequest {
+        hashes: Default::default(),
+        ..req
+    };
+    // Wall time is noisy on a shared machine: also report this thread's CPU time.
+    let n = 2_000;
+    let t0 = thread_cpu_ns();
+    for _ in 0..n {
+        black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
+    }
+    eprintln!(
+        "decision cpu time: {:.1} us (thread CPU time, mean of {n})",
+        (thread_cpu_ns() - t0) as f64 / f64::from(n) / 1000.0
+    );
+    c.bench_function("decision_8k_tokens_64_replicas", |b| {
+        b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
+    });
+    let quiet = InferenceAware::new(RoutingConfig {
+        explain_buffer: 0,
+        ..RoutingConfig::default()
+    });
+    for p in &prompts {
+        let req = RouteRequest {
+            prompt_text: p,
+            prompt_tokens: tokenizer::count_tokens(p),
+            hashes: Default::default(),
+            ..req
+        };
+        black_box(quiet.pick(&rs, &req, &[]));
+    }
+    c.bench_function("decision_8k_tokens_64_replicas_no_explain", |b| {
+        b.iter(|| black_box(quiet.pick_and_begin(&rs, black_box(&fresh()), &[])))
+    });
+    c.bench_function("block_hashes_8k_tokens", |b| {
+        b.iter(|| black_box(tokenizer::block_hashes(black_box(&text), 16, 1, 1024)))
+    });
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

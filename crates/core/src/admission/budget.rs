@@ -1,0 +1,451 @@
+//! Token budgets: what a request is expected to cost, whether a replica can
+//! take it, and the [`Reservation`] that holds the cost on the replica until
+//! the request ends.
+//!
+//! The counters themselves are the pool's ([`crate::pool::LoadGuard`]): a
+//! reservation wraps the guard, corrects its estimate as the stream reports
+//! tokens, and tells the pool's queue when tokens come free (on every path,
+//! because release is a `Drop`).
+
+use std::sync::Arc;
+
+use super::config::BudgetConfig;
+use super::Priority;
+use crate::pool::{LoadGuard, Replica};
+
+/// Expected cost of one request in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cost {
+    pub prompt: u64,
+    /// Expected output: `max_tokens`, or the route default.
+    pub output: u64,
+}
+
+impl Cost {
+    /// Prompt tokens from the shared tokenizer plus `max_tokens` (or `default_output`).
+    pub fn estimate(prompt_tokens: u32, max_tokens: Option<u32>, default_output: u32) -> Cost {
+        Cost {
+            prompt: u64::from(prompt_tokens),
+            output: u64::from(max_tokens.unwrap_or(default_output)),
+        }
+    }
+
+    pub fn total(self) -> u64 {
+        self.prompt + self.output
+    }
+}
+
+/// Told when a replica's reserved tokens go down (a request ended, or its
+/// estimate was corrected downwards), so queued requests get a chance.
+pub trait CapacityListener: Send + Sync + std::fmt::Debug {
+    fn capacity_freed(&self, tokens: u64);
+}
+
+/// Decides whether a replica has room for a request.
+#[derive(Debug)]
+pub struct Budget {
+    cfg: BudgetConfig,
+}
+
+impl Budget {
+    pub fn new(cfg: BudgetConfig) -> Self {
+        Budget { cfg }
+    }
+
+    /// Token capacity of a replica, or `None` when unlimited: the configured
+    /// capacity, else the KV cache size (blocks × block size) its engine
+    /// reports through the metrics scraper (`Replica::signals`) × `kv_fraction`.
+    pub fn capacity(&self, replica: &Replica) -> Option<u64> {
+        if let Some(c) = self.cfg.tokens_per_replica {
+            return Some(c);
+        }
+        replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.cache_tokens())
+            .map(|kv| (kv as f64 * self.cfg.kv_fraction) as u64)
+    }
+
+    /// Whether `replica` can take a request of band `priority` costing `cost`
+    /// tokens now. Below critical, only the budget minus the critical reserve
+    /// counts. An idle replica always can (a request larger than the budget
+    /// must still run somewhere; the engine decides whether it fits at all).
+    pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority) -> bool {
+        let critical = priority == Priority::Critical;
+        let share = if critical {
+            1.0
+        } else {
+            1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
+        };
+        let load = &replica.load;
+        if let Some(max) = self.cfg.max_requests_per_replica {
+            let mut max = ((max as f64 * share).floor() as u64).max(1);
+            if critical {
+                max = max.saturating_add(self.cfg.critical_engine_queue);
+            }
+            if load.requests() >= max {
+                return false;
+            }
+        }
+        if let (Some(max), false) = (self.cfg.max_prefill_tokens_per_replica, critical) {
+            let pending = load.prefill_tokens();
+            if pending > 0 && pending.saturating_add(cost.prompt) > max {
+                return false;
+            }
+        }
+        match self.capacity(replica) {
+            None => true,
+            Some(cap) => {
+                let used = load.tokens();
+                used == 0 || used.saturating_add(cost.total()) as f64 <= cap as f64 * share
+            }
+        }
+    }
+
+    /// Reserves `cost` on `replica` (the caller checked [`Budget::fits`]).
+    pub fn reserve(
+        replica: &Arc<Replica>,
+        cost: Cost,
+        listener: Option<Arc<dyn CapacityListener>>,
+    ) -> Reservation {
+        Self::reserve_guard(replica.begin(cost.total(), cost.prompt), cost, listener)
+    }
+
+    /// Wraps a load guard the picker already started (with its estimate of the
+    /// uncached prefill, see `Picker::pick_and_begin`), sized to `cost`. The
+    /// prompt part leaves out what the picker expects cached: a prefix the engine already
+    /// caches is shared by every request using it, so counting it per request
+    /// would call a replica full at a fraction of its KV cache (8 requests
+    /// sharing a 3,000-token system prompt on a 32k-token cache).
+    pub fn reserve_guard(
+        mut guard: LoadGuard,
+        cost: Cost,
+        listener: Option<Arc<dyn CapacityListener>>,
+    ) -> Reservation {
+        let kv_prompt = cost.prompt.saturating_sub(guard.cached_tokens());
+        guard.set_tokens(kv_prompt + cost.output);
+        Reservation {
+            guard: Some(guard),
+            cost,
+            kv_prompt,
+            generated: 0,
+            final_usage: false,
+            listener,
+            wake_on_prefill: false,
+        }
+    }
+
+    /// Whether a replica's room depends on its pending prefill (a
+    /// `max_prefill_tokens_per_replica` cap): only then is the end of a
+    /// prefill worth telling the queue about.
+    pub fn caps_prefill(&self) -> bool {
+        self.cfg.max_prefill_tokens_per_replica.is_some()
+    }
+}
+
+/// One request's tokens held on its replica; released on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    // Always `Some` until drop.
+    guard: Option<LoadGuard>,
+    cost: Cost,
+    /// The prompt tokens this request adds to the replica's KV cache (its
+    /// uncached part, as estimated when it was placed).
+    kv_prompt: u64,
+    generated: u64,
+    final_usage: bool,
+    listener: Option<Arc<dyn CapacityListener>>,
+    /// Tell the listener when the prefill ends (see [`Budget::caps_prefill`]);
+    /// otherwise that would be one more queue lock per request for nothing.
+    wake_on_prefill: bool,
+}
+
+impl Reservation {
+    pub fn replica(&self) -> &Arc<Replica> {
+        match &self.guard {
+            Some(g) => g.replica(),
+            None => unreachable!("a reservation's guard is only taken in drop"),
+        }
+    }
+
+    /// Tokens currently reserved.
+    pub fn tokens(&self) -> u64 {
+        self.guard.as_ref().map_or(0, LoadGuard::tokens)
+    }
+
+    /// The estimate the request was admitted with.
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    /// Tells the listener when the prefill ends, for a pool whose budget caps
+    /// pending prefill.
+    pub fn waking_queue_on_prefill(mut self, wake: bool) -> Self {
+        self.wake_on_prefill = wake;
+        self
+    }
+
+    /// The first response byte arrived: the prefill share is released, and
+    /// when asked, the queue hears of it (a request held back by the
+    /// replica's prefill cap may go now).
+    pub fn prefill_done(&mut self) {
+        let Some(g) = &mut self.guard else { return };
+        if g.prefill_tokens() == 0 {
+            return;
+        }
+        g.prefill_done();
+        if let (true, Some(l)) = (self.wake_on_prefill, &self.listener) {
+            l.capacity_freed(0);
+        }
+    }
+
+    /// The stream has produced `total` output tokens so far. The reservation
+    /// grows when the output runs past the estimate (a request without
+    /// `max_tokens` that talks longer than the route default).
+    pub fn observe_generated(&mut self, total: u64) {
+        if self.final_usage {
+            return;
+        }
+        self.generated = total;
+        let want = self.kv_prompt + self.cost.output.max(total);
+        self.set(want);
+    }
+
+    /// The engine reported its actual usage: the reservation becomes exactly
+    /// that (less the prefix estimated as cached when placed) for the rest of
+    /// the request's life.
+    pub fn observe_usage(&mut self, prompt_tokens: u64, completion_tokens: u64) {
+        self.final_usage = true;
+        self.generated = completion_tokens;
+        let cached = self.cost.prompt - self.kv_prompt;
+        self.set(prompt_tokens.saturating_sub(cached) + completion_tokens);
+    }
+
+    fn set(&mut self, tokens: u64) {
+        let Some(g) = &mut self.guard else { return };
+        let before = g.tokens();
+        if before == tokens {
+            return;
+        }
+        g.set_tokens(tokens);
+        if tokens < before {
+            if let Some(l) = &self.listener {
+                l.capacity_freed(before - tokens);
+            }
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // Release the counters first, then wake the queue, so the woken request
+        // sees the freed room.
+        let freed = self.guard.take().map_or(0, |g| g.tokens());
+        if let Some(l) = &self.listener {
+            l.capacity_freed(freed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Endpoint;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const S: Priority = Priority::Standard;
+
+    fn replica() -> Arc<Replica> {
+        Arc::new(Replica::new(
+            Endpoint::from_url("http://127.0.0.1:9").unwrap(),
+        ))
+    }
+
+    /// A cost of `tokens` output tokens and no prompt.
+    fn out(tokens: u64) -> Cost {
+        Cost {
+            prompt: 0,
+            output: tokens,
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct Count(AtomicU64, AtomicU64);
+    impl CapacityListener for Count {
+        fn capacity_freed(&self, tokens: u64) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            self.1.fetch_add(tokens, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn fixed_capacity_and_request_cap() {
+        let b = Budget::new(BudgetConfig {
+            tokens_per_replica: Some(100),
+            max_requests_per_replica: Some(2),
+            ..Default::default()
+        });
+        let r = replica();
+        // Idle replica takes even an oversized request.
+        assert!(b.fits(&r, out(1000), S));
+        let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
+        assert_eq!(r.load.tokens(), 60);
+        assert!(b.fits(&r, out(40), S));
+        assert!(!b.fits(&r, out(41), S));
+        let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
+        assert!(!b.fits(&r, out(1), S), "request cap reached");
+    }
+
+    #[test]
+    fn critical_reserve_is_kept_for_critical() {
+        let b = Budget::new(BudgetConfig {
+            tokens_per_replica: Some(100),
+            max_requests_per_replica: Some(4),
+            critical_reserve: 0.25,
+            ..Default::default()
+        });
+        let r = replica();
+        let _a = Budget::reserve(&r, Cost::estimate(70, Some(0), 0), None);
+        assert!(b.fits(&r, out(5), S), "75 of 100 tokens for standard");
+        assert!(!b.fits(&r, out(6), S));
+        assert!(b.fits(&r, out(30), Priority::Critical));
+        let _b = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        let _c = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        assert!(
+            !b.fits(&r, out(1), Priority::Sheddable),
+            "3 of 4 requests for others"
+        );
+        assert!(b.fits(&r, out(1), Priority::Critical));
+    }
+
+    #[test]
+    fn critical_may_queue_in_the_engine_beyond_the_request_cap() {
+        let b = Budget::new(BudgetConfig {
+            max_requests_per_replica: Some(2),
+            critical_engine_queue: 1,
+            ..Default::default()
+        });
+        let r = replica();
+        let _held: Vec<_> = (0..2)
+            .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
+            .collect();
+        assert!(!b.fits(&r, out(1), S), "standard stops at the engine's cap");
+        assert!(
+            b.fits(&r, out(1), Priority::Critical),
+            "critical may wait in the engine"
+        );
+        let _third = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
+        assert!(
+            !b.fits(&r, out(1), Priority::Critical),
+            "the engine queue is bounded"
+        );
+    }
+
+    #[test]
+    fn pending_prefill_caps_non_critical_and_its_end_wakes_the_queue() {
+        let b = Budget::new(BudgetConfig {
+            max_prefill_tokens_per_replica: Some(100),
+            ..Default::default()
+        });
+        let r = replica();
+        let prompt = |p| Cost {
+            prompt: p,
+            output: 10,
+        };
+        assert!(
+            b.fits(&r, prompt(500), S),
+            "an idle replica takes any prompt"
+        );
+        let count = Arc::new(Count::default());
+        let mut first =
+            Budget::reserve(&r, prompt(60), Some(count.clone())).waking_queue_on_prefill(true);
+        assert!(b.fits(&r, prompt(40), S));
+        assert!(!b.fits(&r, prompt(41), S), "60 + 41 prompt tokens pending");
+        assert!(
+            b.fits(&r, prompt(41), Priority::Critical),
+            "critical ignores the cap"
+        );
+        first.prefill_done();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the queue hears of it");
+        assert!(b.fits(&r, prompt(500), S));
+        first.prefill_done();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "only once");
+        // Without a prefill cap the pool does not ask: no queue lock for nothing.
+        let mut uncapped = Budget::reserve(&r, prompt(60), Some(count.clone()));
+        uncapped.prefill_done();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn capacity_derived_from_reported_kv() {
+        let b = Budget::new(BudgetConfig {
+            kv_fraction: 0.5,
+            ..Default::default()
+        });
+        let r = replica();
+        assert_eq!(b.capacity(&r), None);
+        let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
+        assert!(
+            b.fits(&r, out(1_000_000), S),
+            "unlimited when nothing is known"
+        );
+        let body = "vllm:num_requests_running{engine=\"0\"} 0\nvllm:num_requests_waiting{engine=\"0\"} 0\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.1\nvllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"250\"} 1.0\n";
+        let signals = crate::routing::signals::parse(
+            infergate_protocol::EngineKind::Vllm,
+            body,
+            std::time::Instant::now(),
+        );
+        assert_eq!(signals.cache_tokens(), Some(4000));
+        r.signals.store(Some(Arc::new(signals)));
+        assert_eq!(b.capacity(&r), Some(2000));
+        assert!(!b.fits(&r, out(1), S));
+    }
+
+    #[test]
+    fn a_cached_prefix_is_not_reserved_again() {
+        let r = replica();
+        // The picker found 900 of 1,000 prompt tokens cached on the replica.
+        let guard = r.begin(1050, 100).with_cached_tokens(900);
+        let mut res = Budget::reserve_guard(guard, Cost::estimate(1000, Some(50), 16), None);
+        assert_eq!(r.load.tokens(), 150);
+        res.prefill_done();
+        res.observe_generated(60);
+        assert_eq!(r.load.tokens(), 160);
+        res.observe_usage(1010, 60);
+        assert_eq!(r.load.tokens(), 170);
+        drop(res);
+        assert_eq!(r.load.tokens(), 0);
+    }
+
+    #[test]
+    fn estimate_is_corrected_by_stream_and_usage_and_released() {
+        let r = replica();
+        let l = Arc::new(Count::default());
+        let mut res = Budget::reserve(&r, Cost::estimate(100, None, 50), Some(l.clone()))
+            .waking_queue_on_prefill(true);
+        assert_eq!(r.load.tokens(), 150);
+        assert_eq!(r.load.prefill_tokens(), 100);
+        res.prefill_done();
+        assert_eq!(r.load.prefill_tokens(), 0);
+        assert_eq!(l.0.load(Ordering::SeqCst), 1, "prefill end notifies");
+        res.observe_generated(30);
+        assert_eq!(r.load.tokens(), 150, "within the estimate: unchanged");
+        res.observe_generated(80);
+        assert_eq!(r.load.tokens(), 180, "grows past the estimate");
+        // The engine's count differs from ours: actual usage wins.
+        res.observe_usage(90, 70);
+        assert_eq!(r.load.tokens(), 160);
+        assert_eq!(
+            l.0.load(Ordering::SeqCst),
+            2,
+            "downward correction notifies"
+        );
+        res.observe_generated(500);
+        assert_eq!(r.load.tokens(), 160, "final usage is not overridden");
+        drop(res);
+        assert_eq!((r.load.tokens(), r.load.requests()), (0, 0));
+        assert_eq!(l.0.load(Ordering::SeqCst), 3);
+        assert_eq!(l.1.load(Ordering::SeqCst), 20 + 160);
+    }
+}

@@ -1,0 +1,178 @@
+//! Admission: who is served now, who waits, who is refused and who is served by
+//! another model. Token-level budgets per replica ([`budget`]), the per-pool
+//! priority queue ([`queue`]), outlier ejection with active probes
+//! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
+//! fallback to smaller models ([`fallback`]), and cutting clients that stop
+//! reading a stream ([`backpressure`]); [`registry`] keeps this state across
+//! config reloads. The request path uses it through `proxy::admit`. This file
+//! classifies a request: its priority band, its tenant and its deadline, from
+//! headers and body.
+
+pub mod budget;
+pub mod canary;
+pub mod config;
+pub mod fallback;
+pub mod outlier;
+pub mod queue;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+pub use budget::{Budget, Reservation};
+pub use canary::{CanarySide, CanarySplit};
+pub use config::AdmissionConfig;
+pub use fallback::{FallbackReason, FallbackTrigger};
+pub use outlier::{Outcome, OutlierDetector};
+pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
+pub use registry::AdmissionRegistry;
+
+/// GIE header naming the request's objective (mapped to a priority band).
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+/// GIE header naming the tenant for fairness inside a band.
+pub const FAIRNESS_HEADER: &str = "x-gateway-inference-fairness-id";
+/// infergate header naming the band directly (`critical`, `standard`, `sheddable`).
+pub const PRIORITY_HEADER: &str = "x-infergate-priority";
+/// infergate header: the longest time (ms) the request accepts to wait in the queue.
+pub const DEADLINE_HEADER: &str = "x-infergate-deadline-ms";
+
+/// A priority band. Ordered: `Critical > Standard > Sheddable`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Refused at once (429) when the pool is saturated; never queued.
+    Sheddable = 0,
+    #[default]
+    Standard = 1,
+    Critical = 2,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Standard, Priority::Sheddable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Standard => "standard",
+            Priority::Sheddable => "sheddable",
+        }
+    }
+
+    /// A band name, or a GIE integer priority (`< 0` sheddable, `0` standard,
+    /// `> 0` critical).
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "critical" => Some(Priority::Critical),
+            "standard" => Some(Priority::Standard),
+            "sheddable" => Some(Priority::Sheddable),
+            other => other.parse::<i64>().ok().map(|p| match p {
+                p if p < 0 => Priority::Sheddable,
+                0 => Priority::Standard,
+                _ => Priority::Critical,
+            }),
+        }
+    }
+
+    /// Index into per-band arrays, highest band first.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Priority::Critical => 0,
+            Priority::Standard => 1,
+            Priority::Sheddable => 2,
+        }
+    }
+}
+
+/// Who a request is for admission purposes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestClass {
+    pub priority: Priority,
+    /// Fairness key inside a band ("" for anonymous traffic).
+    pub tenant: Arc<str>,
+    /// How long the request may wait in the queue.
+    pub max_wait: Duration,
+}
+
+/// Classifies a request: band from `x-infergate-priority`, else
+/// `x-gateway-inference-objective` (band name, configured objective, or GIE
+/// integer), else the route default; tenant from `x-gateway-inference-fairness-id`,
+/// else the body's `user`; deadline from `x-infergate-deadline-ms`, capped.
+pub fn classify(headers: &HeaderMap, user: Option<&str>, cfg: &AdmissionConfig) -> RequestClass {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let priority = header(PRIORITY_HEADER)
+        .and_then(Priority::parse)
+        .or_else(|| {
+            header(OBJECTIVE_HEADER).and_then(|o| {
+                cfg.objectives
+                    .get(o)
+                    .copied()
+                    .or_else(|| Priority::parse(o))
+            })
+        })
+        .unwrap_or(cfg.default_priority);
+    let tenant: Arc<str> = header(FAIRNESS_HEADER).or(user).unwrap_or("").into();
+    let wait_ms = header(DEADLINE_HEADER)
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(cfg.queue.timeout_ms)
+        .min(cfg.queue.max_timeout_ms);
+    RequestClass {
+        priority,
+        tenant,
+        max_wait: Duration::from_millis(wait_ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn classifies_from_headers_body_and_defaults() {
+        let mut cfg = AdmissionConfig::default();
+        cfg.objectives.insert("batch".into(), Priority::Sheddable);
+        let c = classify(&HeaderMap::new(), Some("alice"), &cfg);
+        assert_eq!(c.priority, Priority::Standard);
+        assert_eq!(&*c.tenant, "alice");
+        assert_eq!(c.max_wait, Duration::from_millis(30_000));
+
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "batch")]), None, &cfg);
+        assert_eq!(c.priority, Priority::Sheddable);
+        assert_eq!(&*c.tenant, "");
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "5")]), None, &cfg);
+        assert_eq!(c.priority, Priority::Critical);
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "-1")]), None, &cfg);
+        assert_eq!(c.priority, Priority::Sheddable);
+        let c = classify(
+            &headers(&[
+                (OBJECTIVE_HEADER, "batch"),
+                (PRIORITY_HEADER, "Critical"),
+                (FAIRNESS_HEADER, "team-a"),
+                (DEADLINE_HEADER, "999999999"),
+            ]),
+            Some("alice"),
+            &cfg,
+        );
+        assert_eq!(c.priority, Priority::Critical);
+        assert_eq!(&*c.tenant, "team-a");
+        assert_eq!(c.max_wait, Duration::from_millis(cfg.queue.max_timeout_ms));
+        // Unknown objective falls back to the route default.
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "nope")]), None, &cfg);
+        assert_eq!(c.priority, Priority::Standard);
+        assert!(
+            Priority::Critical > Priority::Standard && Priority::Standard > Priority::Sheddable
+        );
+    }
+}

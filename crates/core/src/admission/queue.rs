@@ -1,0 +1,1012 @@
+//! One pool's admission: place a request on a replica with room in its token
+//! budget, or queue it until room frees, or refuse it.
+//!
+//! The queue has three strict priority bands (critical, standard, sheddable).
+//! Inside a band, tenants are served by virtual token counters (VTC): the
+//! backlogged tenant that has been served the fewest tokens goes next, and a
+//! tenant that (re)joins starts at the least-served backlogged tenant's count,
+//! so it can neither starve others nor be starved. Each waiter has a deadline.
+//!
+//! Wake-ups: every release of tokens (a [`Reservation`] dropped or corrected
+//! downwards) hands one "turn" to the best waiter; a waiter that places itself
+//! passes a turn on, one that does not fit goes back to the front of its line.
+//! An epoch counter closes the race between "did not fit" and "room freed just
+//! now", and a slow periodic kick covers capacity that appears without a
+//! release (a new replica, a replica back from ejection).
+//!
+//! Refusals: a sheddable request is refused (429) at once when it cannot be
+//! placed; a full queue refuses with 429; a deadline passed in the queue gives
+//! 503; all with `Retry-After`. A waiter whose future is dropped (the client
+//! went away) leaves the queue at once (a `Drop` guard).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use tokio::sync::oneshot;
+
+use super::budget::{Budget, CapacityListener, Cost, Reservation};
+use super::config::{AdmissionConfig, QueueConfig};
+use super::outlier::OutlierDetector;
+use super::{Priority, RequestClass};
+use crate::pool::{Pool, Replica};
+use infergate_protocol::error::ApiError;
+use crate::routing::{Picker, RouteRequest};
+
+/// How often a waiter checks for capacity that appeared without a release.
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// What admission needs to know about one request.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub class: RequestClass,
+    pub cost: Cost,
+    /// Refuse at once ([`AdmitError::WouldExceedDeadline`]) when the estimated
+    /// wait is longer than the deadline (set when a fallback could serve it).
+    pub predict_wait: bool,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error("the pool is saturated and the request is sheddable")]
+    Shed,
+    #[error("the pool's queue is full")]
+    QueueFull,
+    #[error("the request's deadline passed while it waited in the queue")]
+    DeadlineExceeded,
+    #[error("the request would wait in the queue past its deadline")]
+    WouldExceedDeadline,
+    #[error("the pool has no ready replica")]
+    NoReadyReplica,
+}
+
+impl AdmitError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdmitError::Shed => "shed",
+            AdmitError::QueueFull => "queue_full",
+            AdmitError::DeadlineExceeded => "queue_deadline",
+            AdmitError::WouldExceedDeadline => "would_exceed_deadline",
+            AdmitError::NoReadyReplica => "no_ready_replica",
+        }
+    }
+
+    /// The client's answer: 429 for shedding and a full queue, 503 otherwise,
+    /// always with `Retry-After`.
+    pub fn to_api_error(self, model: &str, retry_after_secs: u64) -> ApiError {
+        let (status, kind) = match self {
+            AdmitError::Shed | AdmitError::QueueFull => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
+            }
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+        };
+        ApiError::new(
+            status,
+            kind,
+            format!("Model `{model}`: {self}. Retry later."),
+        )
+        .with_code(self.as_str())
+        .with_retry_after(retry_after_secs.max(1))
+    }
+}
+
+/// The result of one placement attempt.
+#[derive(Debug)]
+pub enum Placement {
+    Placed(Reservation),
+    /// Every ready replica is over its budget.
+    Full,
+    /// No replica is ready (none, all ejected, or all excluded).
+    NoReplica,
+}
+
+/// Admission state of one pool: its budget, its queue, its outlier detector.
+#[derive(Debug)]
+pub struct PoolAdmission {
+    pub name: Arc<str>,
+    pub budget: Budget,
+    pub outlier: Arc<OutlierDetector>,
+    queue_cfg: QueueConfig,
+    shared: Arc<Shared>,
+}
+
+impl PoolAdmission {
+    /// Built from the admission config of the (first) route targeting the pool.
+    pub fn new(name: impl Into<Arc<str>>, cfg: &AdmissionConfig) -> Self {
+        let name = name.into();
+        PoolAdmission {
+            budget: Budget::new(cfg.budget.clone()),
+            outlier: Arc::new(OutlierDetector::new(name.clone(), cfg.outlier.clone())),
+            queue_cfg: cfg.queue.clone(),
+            shared: Arc::new(Shared {
+                name: name.clone(),
+                state: Mutex::new(State::default()),
+            }),
+            name,
+        }
+    }
+
+    pub fn queue_config(&self) -> &QueueConfig {
+        &self.queue_cfg
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().queued
+    }
+
+    /// Call when capacity may have appeared without a release (replica added,
+    /// back from ejection, KV size reported): the best waiter gets a turn.
+    pub fn capacity_changed(&self) {
+        self.shared.capacity_freed(0);
+    }
+
+    /// A listener to hand to code that frees capacity (for example the
+    /// outlier prober).
+    pub fn listener(&self) -> Arc<dyn CapacityListener> {
+        self.shared.clone()
+    }
+
+    /// One placement attempt, without queueing: a ready (not ejected, not
+    /// excluded) replica with room for `cost`, chosen by `picker`.
+    pub fn try_place(
+        &self,
+        pool: &Pool,
+        picker: &dyn Picker,
+        req: &RouteRequest<'_>,
+        cost: Cost,
+        priority: Priority,
+        exclude: &[Arc<str>],
+    ) -> Placement {
+        let members = pool.replicas();
+        let ejected = self.outlier.ejected();
+        let mut any_ready = false;
+        // A replica already caching part of the prompt needs room only for the rest.
+        let cached = picker.cached_prompt_tokens(&members, req);
+        let eligible: Vec<Arc<Replica>> = members
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                let k = r.key();
+                !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
+            })
+            .inspect(|_| any_ready = true)
+            .filter(|(i, r)| {
+                let here = cached.get(*i).copied().unwrap_or(0).min(cost.prompt);
+                let cost_here = Cost {
+                    prompt: cost.prompt - here,
+                    output: cost.output,
+                };
+                self.budget.fits(r, cost_here, priority)
+            })
+            .map(|(_, r)| r.clone())
+            .collect();
+        if !any_ready {
+            return Placement::NoReplica;
+        }
+        // pick_and_begin: the picker records its decision and accounts only the
+        // uncached part of the prompt as prefill.
+        match picker.pick_and_begin(&eligible, req, exclude) {
+            Some(g) => Placement::Placed(
+                Budget::reserve_guard(g, cost, Some(self.listener()))
+                    .waking_queue_on_prefill(self.budget.caps_prefill()),
+            ),
+            None => Placement::Full,
+        }
+    }
+
+    /// Admits a request: places it now, or queues it until it fits, or
+    /// refuses it. Dropping the returned future (client gone) leaves the queue.
+    pub async fn acquire(
+        &self,
+        pool: &Pool,
+        picker: &dyn Picker,
+        req: &RouteRequest<'_>,
+        ticket: &Ticket,
+        exclude: &[Arc<str>],
+    ) -> Result<Reservation, AdmitError> {
+        let band = ticket.class.priority;
+        let started = Instant::now();
+        let deadline = started + ticket.class.max_wait;
+        let (blocked, mut epoch) = {
+            let st = self.shared.lock();
+            (st.ahead_of(band), st.epoch)
+        };
+        let first = self.try_place_unless(blocked, pool, picker, req, ticket, exclude);
+        match first {
+            Placement::Placed(r) => return Ok(r),
+            Placement::NoReplica => return Err(self.refuse(AdmitError::NoReadyReplica)),
+            Placement::Full => {}
+        }
+        if band == Priority::Sheddable && self.queue_cfg.shed_sheddable {
+            return Err(self.refuse(AdmitError::Shed));
+        }
+        let mut waiter = {
+            let mut st = self.shared.lock();
+            if st.queued >= self.queue_cfg.max_requests {
+                drop(st);
+                return Err(self.refuse(AdmitError::QueueFull));
+            }
+            if ticket.predict_wait {
+                if let Some(wait) = st.estimate_wait(band, ticket.cost.total()) {
+                    if wait > ticket.class.max_wait {
+                        drop(st);
+                        return Err(self.refuse(AdmitError::WouldExceedDeadline));
+                    }
+                }
+            }
+            let (id, rx) = st.enqueue(band, &ticket.class.tenant, ticket.cost.total(), false);
+            if st.epoch != epoch {
+                st.grant_next();
+            }
+            self.shared.gauge(&st);
+            Waiter {
+                shared: &self.shared,
+                band,
+                tenant: ticket.class.tenant.clone(),
+                cost: ticket.cost.total(),
+                id,
+                rx,
+                phase: Phase::Queued,
+            }
+        };
+        loop {
+            let wake_at = deadline.min(Instant::now() + RECHECK);
+            match tokio::time::timeout_at(wake_at.into(), &mut waiter.rx).await {
+                Ok(Ok(())) => {
+                    waiter.phase = Phase::Granted;
+                    epoch = self.shared.lock().epoch;
+                    match self.try_place(pool, picker, req, ticket.cost, band, exclude) {
+                        Placement::Placed(r) => {
+                            waiter.placed();
+                            metrics::histogram!("infergate_admission_queue_wait_seconds", "pool" => self.name.to_string(), "priority" => band.as_str())
+                                .record(started.elapsed().as_secs_f64());
+                            return Ok(r);
+                        }
+                        Placement::Full => waiter.requeue(epoch),
+                        Placement::NoReplica => {
+                            drop(waiter);
+                            return Err(self.refuse(AdmitError::NoReadyReplica));
+                        }
+                    }
+                }
+                // The queue never drops a sender without sending; treat as a recheck.
+                Ok(Err(_)) | Err(_) => {
+                    if Instant::now() >= deadline {
+                        drop(waiter);
+                        return Err(self.refuse(AdmitError::DeadlineExceeded));
+                    }
+                    self.shared.kick();
+                }
+            }
+        }
+    }
+
+    fn try_place_unless(
+        &self,
+        blocked: bool,
+        pool: &Pool,
+        picker: &dyn Picker,
+        req: &RouteRequest<'_>,
+        ticket: &Ticket,
+        exclude: &[Arc<str>],
+    ) -> Placement {
+        if !blocked {
+            let band = ticket.class.priority;
+            return self.try_place(pool, picker, req, ticket.cost, band, exclude);
+        }
+        // Others of this band or higher wait: do not overtake them, but still
+        // tell "no replica at all" apart from "full".
+        let ejected = self.outlier.ejected();
+        let ready = pool.replicas().iter().any(|r| {
+            let k = r.key();
+            !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
+        });
+        if ready {
+            Placement::Full
+        } else {
+            Placement::NoReplica
+        }
+    }
+
+    fn refuse(&self, e: AdmitError) -> AdmitError {
+        metrics::counter!("infergate_admission_rejected_total", "pool" => self.name.to_string(), "reason" => e.as_str())
+            .increment(1);
+        tracing::debug!(pool = %self.name, reason = e.as_str(), "request not admitted");
+        e
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// In the queue (or handed a turn it has not read yet).
+    Queued,
+    /// Read its turn; placement attempt in progress.
+    Granted,
+    Done,
+}
+
+/// A request waiting in the queue; leaves it when dropped.
+struct Waiter<'a> {
+    shared: &'a Arc<Shared>,
+    band: Priority,
+    tenant: Arc<str>,
+    cost: u64,
+    id: u64,
+    rx: oneshot::Receiver<()>,
+    phase: Phase,
+}
+
+impl Waiter<'_> {
+    /// Placed after a turn: charge the tenant and pass a turn on.
+    fn placed(&mut self) {
+        let mut st = self.shared.lock();
+        let b = &mut st.bands[self.band.index()];
+        b.granted -= 1;
+        if let Some(t) = b.tenants.iter_mut().find(|t| t.tenant == self.tenant) {
+            t.vtc += self.cost;
+        }
+        b.cleanup();
+        st.grant_next();
+        self.shared.gauge(&st);
+        self.phase = Phase::Done;
+    }
+
+    /// Did not fit after a turn: back to the front of its line; if capacity
+    /// was freed meanwhile, the best waiter gets a turn right away.
+    fn requeue(&mut self, epoch: u64) {
+        let mut st = self.shared.lock();
+        st.bands[self.band.index()].granted -= 1;
+        let (id, rx) = st.enqueue(self.band, &self.tenant, self.cost, true);
+        self.id = id;
+        self.rx = rx;
+        self.phase = Phase::Queued;
+        if st.epoch != epoch {
+            st.grant_next();
+        }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        match self.phase {
+            Phase::Done => return,
+            Phase::Queued => {
+                if !st.remove(self.band, &self.tenant, self.id) {
+                    // A turn was sent but never read: pass it on.
+                    st.bands[self.band.index()].granted -= 1;
+                    st.bands[self.band.index()].cleanup();
+                    st.grant_next();
+                }
+            }
+            Phase::Granted => {
+                st.bands[self.band.index()].granted -= 1;
+                st.bands[self.band.index()].cleanup();
+                st.grant_next();
+            }
+        }
+        self.shared.gauge(&st);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    name: Arc<str>,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a turn to the best waiter if nobody holds one (periodic safety net).
+    fn kick(&self) {
+        let mut st = self.lock();
+        if st.queued > 0 && st.bands.iter().all(|b| b.granted == 0) {
+            st.grant_next();
+        }
+    }
+
+    fn gauge(&self, st: &State) {
+        metrics::gauge!("infergate_admission_queue_depth", "pool" => self.name.to_string())
+            .set(st.queued as f64);
+    }
+}
+
+impl CapacityListener for Shared {
+    fn capacity_freed(&self, tokens: u64) {
+        let mut st = self.lock();
+        st.epoch += 1;
+        st.drain.record(tokens);
+        if st.queued > 0 {
+            st.grant_next();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    bands: [Band; 3],
+    next_id: u64,
+    queued: usize,
+    epoch: u64,
+    drain: DrainRate,
+}
+
+impl State {
+    /// Whether requests of `band` or higher are waiting or hold a turn.
+    fn ahead_of(&self, band: Priority) -> bool {
+        self.bands[..=band.index()]
+            .iter()
+            .any(|b| b.waiting > 0 || b.granted > 0)
+    }
+
+    fn enqueue(
+        &mut self,
+        band: Priority,
+        tenant: &Arc<str>,
+        cost: u64,
+        front: bool,
+    ) -> (u64, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        self.next_id += 1;
+        let id = self.next_id;
+        let b = &mut self.bands[band.index()];
+        let floor = b
+            .tenants
+            .iter()
+            .filter(|t| !t.waiters.is_empty())
+            .map(|t| t.vtc)
+            .min();
+        let i = match b.tenants.iter().position(|t| t.tenant == *tenant) {
+            Some(i) => i,
+            None => {
+                b.tenants.push(TenantLine {
+                    tenant: tenant.clone(),
+                    vtc: 0,
+                    waiters: VecDeque::new(),
+                });
+                b.tenants.len() - 1
+            }
+        };
+        let t = &mut b.tenants[i];
+        if t.waiters.is_empty() {
+            // (Re)joining: start no lower than the least-served backlogged tenant.
+            t.vtc = t.vtc.max(floor.unwrap_or(0));
+        }
+        let w = Queued { id, cost, tx };
+        if front {
+            t.waiters.push_front(w);
+        } else {
+            t.waiters.push_back(w);
+        }
+        b.waiting += 1;
+        b.queued_tokens += cost;
+        self.queued += 1;
+        (id, rx)
+    }
+
+    fn remove(&mut self, band: Priority, tenant: &Arc<str>, id: u64) -> bool {
+        let b = &mut self.bands[band.index()];
+        let Some(t) = b.tenants.iter_mut().find(|t| t.tenant == *tenant) else {
+            return false;
+        };
+        let Some(pos) = t.waiters.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        if let Some(w) = t.waiters.remove(pos) {
+            b.waiting -= 1;
+            b.queued_tokens -= w.cost;
+            self.queued -= 1;
+        }
+        b.cleanup();
+        true
+    }
+
+    /// Gives a turn to the best waiter: highest band, then least-served tenant,
+    /// then first come. While a turn is out at some band, nobody at that band
+    /// or below gets one: the holder retries itself if capacity moved meanwhile
+    /// (the epoch), so a release during its attempt cannot go to a lower band.
+    fn grant_next(&mut self) -> bool {
+        for b in &mut self.bands {
+            if b.granted > 0 {
+                return false;
+            }
+            while b.waiting > 0 {
+                let Some(t) = b
+                    .tenants
+                    .iter_mut()
+                    .filter(|t| !t.waiters.is_empty())
+                    .min_by_key(|t| t.vtc)
+                else {
+                    break;
+                };
+                let Some(w) = t.waiters.pop_front() else {
+                    break;
+                };
+                b.waiting -= 1;
+                b.queued_tokens -= w.cost;
+                self.queued -= 1;
+                if w.tx.send(()).is_ok() {
+                    b.granted += 1;
+                    return true;
+                }
+                b.cleanup();
+            }
+        }
+        false
+    }
+
+    /// Time until `cost` more tokens at `band` would be placed, from the
+    /// tokens queued at or above it and the recent release rate.
+    fn estimate_wait(&self, band: Priority, cost: u64) -> Option<Duration> {
+        let rate = self.drain.tokens_per_sec()?;
+        let ahead: u64 = self.bands[..=band.index()]
+            .iter()
+            .map(|b| b.queued_tokens)
+            .sum();
+        Some(Duration::from_secs_f64((ahead + cost) as f64 / rate))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Band {
+    tenants: Vec<TenantLine>,
+    waiting: usize,
+    granted: usize,
+    queued_tokens: u64,
+}
+
+impl Band {
+    /// Tenant counters only matter while the band is contended.
+    fn cleanup(&mut self) {
+        if self.waiting == 0 && self.granted == 0 {
+            self.tenants.clear();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TenantLine {
+    tenant: Arc<str>,
+    /// Tokens served to this tenant while the band was contended.
+    vtc: u64,
+    waiters: VecDeque<Queued>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    id: u64,
+    cost: u64,
+    tx: oneshot::Sender<()>,
+}
+
+/// Exponentially weighted rate of released tokens.
+#[derive(Debug, Default)]
+struct DrainRate {
+    since: Option<Instant>,
+    pending: u64,
+    rate: f64,
+}
+
+impl DrainRate {
+    const PERIOD: Duration = Duration::from_millis(100);
+
+    fn record(&mut self, tokens: u64) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        self.pending += tokens;
+        let dt = now.duration_since(since);
+        if dt >= Self::PERIOD {
+            let sample = self.pending as f64 / dt.as_secs_f64();
+            self.rate = if self.rate == 0.0 {
+                sample
+            } else {
+                0.7 * self.rate + 0.3 * sample
+            };
+            self.pending = 0;
+            self.since = Some(now);
+        }
+    }
+
+    fn tokens_per_sec(&self) -> Option<f64> {
+        (self.rate > 0.0).then_some(self.rate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::config::BudgetConfig;
+    use crate::discovery::{Endpoint, Update};
+    use crate::routing::simple::LeastRequest;
+
+    fn setup(replicas: u16, capacity: u64) -> (Arc<Pool>, Arc<PoolAdmission>) {
+        let pool = Arc::new(Pool::new("p", Default::default()));
+        pool.apply(Update::Reset(
+            (0..replicas)
+                .map(|i| Endpoint::from_url(&format!("http://127.0.0.1:{}", 9100 + i)).unwrap())
+                .collect(),
+        ));
+        let cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                tokens_per_replica: Some(capacity),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        (pool, Arc::new(PoolAdmission::new("p", &cfg)))
+    }
+
+    fn req() -> RouteRequest<'static> {
+        RouteRequest {
+            request_id: "r",
+            model: "m",
+            prompt_text: "",
+            prompt_tokens: 10,
+            max_tokens: 10,
+            lora: None,
+            hashes: Default::default(),
+        }
+    }
+
+    fn ticket(p: Priority, tenant: &str, tokens: u64, wait_ms: u64) -> Ticket {
+        Ticket {
+            class: RequestClass {
+                priority: p,
+                tenant: tenant.into(),
+                max_wait: Duration::from_millis(wait_ms),
+            },
+            cost: Cost {
+                prompt: tokens / 2,
+                output: tokens - tokens / 2,
+            },
+            predict_wait: false,
+        }
+    }
+
+    async fn acquire(
+        pool: &Arc<Pool>,
+        adm: &Arc<PoolAdmission>,
+        t: Ticket,
+    ) -> Result<Reservation, AdmitError> {
+        adm.acquire(pool, &LeastRequest, &req(), &t, &[]).await
+    }
+
+    /// Spawns a waiter that records its label in `order` when admitted.
+    fn spawn_waiter(
+        pool: &Arc<Pool>,
+        adm: &Arc<PoolAdmission>,
+        t: Ticket,
+        label: &'static str,
+        order: Arc<Mutex<Vec<&'static str>>>,
+    ) -> tokio::task::JoinHandle<Result<Reservation, AdmitError>> {
+        let (pool, adm) = (pool.clone(), adm.clone());
+        tokio::spawn(async move {
+            let r = acquire(&pool, &adm, t).await;
+            if r.is_ok() {
+                order.lock().unwrap().push(label);
+            }
+            r
+        })
+    }
+
+    async fn wait_queued(adm: &PoolAdmission, n: usize) {
+        for _ in 0..200 {
+            if adm.queued() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("queue never reached {n} (is {})", adm.queued());
+    }
+
+    #[tokio::test]
+    async fn released_in_priority_order_and_sheddable_refused_at_once() {
+        let (pool, adm) = setup(1, 100);
+        let hold = acquire(&pool, &adm, ticket(Priority::Standard, "", 100, 1000))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        assert_eq!(
+            acquire(&pool, &adm, ticket(Priority::Sheddable, "", 10, 1000))
+                .await
+                .unwrap_err(),
+            AdmitError::Shed
+        );
+        assert!(t0.elapsed() < Duration::from_millis(50));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let s = spawn_waiter(
+            &pool,
+            &adm,
+            ticket(Priority::Standard, "", 100, 5000),
+            "standard",
+            order.clone(),
+        );
+        wait_queued(&adm, 1).await;
+        let c = spawn_waiter(
+            &pool,
+            &adm,
+            ticket(Priority::Critical, "", 100, 5000),
+            "critical",
+            order.clone(),
+        );
+        wait_queued(&adm, 2).await;
+        drop(hold);
+        let c = c.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["critical"]);
+        assert_eq!(adm.queued(), 1);
+        drop(c);
+        let s = s.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["critical", "standard"]);
+        drop(s);
+        assert_eq!(pool.replicas()[0].load.tokens(), 0);
+    }
+
+    #[tokio::test]
+    async fn queued_sheddable_goes_last() {
+        let pool = setup(1, 100).0;
+        let cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                tokens_per_replica: Some(100),
+                ..Default::default()
+            },
+            queue: QueueConfig {
+                shed_sheddable: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let adm = Arc::new(PoolAdmission::new("p", &cfg));
+        let mut hold = Some(
+            acquire(&pool, &adm, ticket(Priority::Standard, "", 100, 1000))
+                .await
+                .unwrap(),
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, (p, label)) in [
+            (Priority::Sheddable, "sheddable"),
+            (Priority::Standard, "standard"),
+            (Priority::Critical, "critical"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            tasks.push(spawn_waiter(
+                &pool,
+                &adm,
+                ticket(p, "", 100, 5000),
+                label,
+                order.clone(),
+            ));
+            wait_queued(&adm, i + 1).await;
+        }
+        for t in tasks.into_iter().rev() {
+            drop(hold.take());
+            hold = Some(t.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["critical", "standard", "sheddable"]
+        );
+    }
+
+    #[tokio::test]
+    async fn deadline_in_queue_and_full_queue_and_disconnect() {
+        let (pool, adm) = setup(1, 100);
+        let _hold = acquire(&pool, &adm, ticket(Priority::Critical, "", 100, 1000))
+            .await
+            .unwrap();
+        let t0 = Instant::now();
+        let e = acquire(&pool, &adm, ticket(Priority::Standard, "", 10, 60))
+            .await
+            .unwrap_err();
+        assert_eq!(e, AdmitError::DeadlineExceeded);
+        assert!(t0.elapsed() >= Duration::from_millis(60));
+        assert_eq!(adm.queued(), 0);
+        let api = e.to_api_error("m", 2);
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.retry_after_secs, Some(2));
+        assert_eq!(AdmitError::Shed.to_api_error("m", 0).status, 429);
+
+        // A dropped waiter (client gone) leaves the queue at once.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let fut = spawn_waiter(
+            &pool,
+            &adm,
+            ticket(Priority::Standard, "", 10, 5000),
+            "w",
+            order.clone(),
+        );
+        wait_queued(&adm, 1).await;
+        fut.abort();
+        let _ = fut.await;
+        assert_eq!(adm.queued(), 0);
+
+        let pool = setup(1, 100).0;
+        let cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                tokens_per_replica: Some(100),
+                ..Default::default()
+            },
+            queue: QueueConfig {
+                max_requests: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let adm2 = Arc::new(PoolAdmission::new("p", &cfg));
+        let _h = acquire(&pool, &adm2, ticket(Priority::Standard, "", 100, 1000))
+            .await
+            .unwrap();
+        let w = spawn_waiter(
+            &pool,
+            &adm2,
+            ticket(Priority::Standard, "", 10, 5000),
+            "w",
+            order.clone(),
+        );
+        wait_queued(&adm2, 1).await;
+        assert_eq!(
+            acquire(&pool, &adm2, ticket(Priority::Critical, "", 10, 5000))
+                .await
+                .unwrap_err(),
+            AdmitError::QueueFull
+        );
+        w.abort();
+    }
+
+    #[tokio::test]
+    async fn no_replica_and_exclusion() {
+        let (pool, adm) = setup(2, 100);
+        let first = pool.replicas()[0].endpoint.key.clone();
+        let r = adm
+            .acquire(
+                &pool,
+                &LeastRequest,
+                &req(),
+                &ticket(Priority::Standard, "", 10, 100),
+                std::slice::from_ref(&first),
+            )
+            .await
+            .unwrap();
+        assert_ne!(
+            r.replica().key(),
+            &*first,
+            "a retry never picks the excluded replica"
+        );
+        let all: Vec<Arc<str>> = pool
+            .replicas()
+            .iter()
+            .map(|r| r.endpoint.key.clone())
+            .collect();
+        assert_eq!(
+            adm.acquire(
+                &pool,
+                &LeastRequest,
+                &req(),
+                &ticket(Priority::Critical, "", 10, 100),
+                &all
+            )
+            .await
+            .unwrap_err(),
+            AdmitError::NoReadyReplica
+        );
+        pool.apply(Update::Reset(vec![]));
+        assert_eq!(
+            acquire(&pool, &adm, ticket(Priority::Critical, "", 10, 100))
+                .await
+                .unwrap_err(),
+            AdmitError::NoReadyReplica
+        );
+    }
+
+    #[tokio::test]
+    async fn tenants_share_tokens_fairly_within_a_band() {
+        // One replica that holds one request at a time; tenant "big" sends
+        // 40-token requests, tenant "small" 10-token ones, 200 each, all queued
+        // at once. While both are backlogged their served tokens stay close.
+        let (pool, adm) = setup(1, 40);
+        let hold = acquire(&pool, &adm, ticket(Priority::Standard, "x", 40, 1000))
+            .await
+            .unwrap();
+        let served: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for i in 0..400 {
+            let (tenant, cost) = if i % 2 == 0 {
+                ("big", 40)
+            } else {
+                ("small", 10)
+            };
+            let (pool, adm, served) = (pool.clone(), adm.clone(), served.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = acquire(
+                    &pool,
+                    &adm,
+                    ticket(Priority::Standard, tenant, cost, 20_000),
+                )
+                .await
+                .unwrap();
+                served.lock().unwrap().push((tenant, cost));
+                tokio::task::yield_now().await;
+                drop(r);
+            }));
+        }
+        wait_queued(&adm, 400).await;
+        drop(hold);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Look at the prefix during which both tenants were backlogged: until
+        // "big" (the slower to drain in count) or "small" ran out.
+        let served = served.lock().unwrap();
+        let mut tok = [0u64; 2];
+        let mut counts = [0usize; 2];
+        for (tenant, cost) in served.iter() {
+            let i = usize::from(*tenant == "small");
+            counts[i] += 1;
+            tok[i] += cost;
+            if counts[0] == 200 || counts[1] == 200 {
+                break;
+            }
+        }
+        let share = tok[0] as f64 / (tok[0] + tok[1]) as f64;
+        assert!(
+            (share - 0.5).abs() < 0.05,
+            "big's token share {share} ({tok:?})"
+        );
+    }
+
+    #[tokio::test]
+    async fn capacity_appearing_without_release_is_found() {
+        let (pool, adm) = setup(1, 100);
+        let _hold = acquire(&pool, &adm, ticket(Priority::Standard, "", 100, 1000))
+            .await
+            .unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let w = spawn_waiter(
+            &pool,
+            &adm,
+            ticket(Priority::Standard, "", 50, 5000),
+            "w",
+            order.clone(),
+        );
+        wait_queued(&adm, 1).await;
+        pool.apply(Update::Add(vec![Endpoint::from_url(
+            "http://127.0.0.1:9199",
+        )
+        .unwrap()]));
+        adm.capacity_changed();
+        let r = w.await.unwrap().unwrap();
+        assert_eq!(r.replica().key(), "127.0.0.1:9199");
+        assert_eq!(*order.lock().unwrap(), vec!["w"]);
+    }
+
+    #[tokio::test]
+    async fn predicted_wait_past_deadline_refuses_at_once() {
+        let (pool, adm) = setup(1, 100);
+        // Teach the drain rate: 100 tokens released per ~100 ms = ~1000 tok/s.
+        for _ in 0..3 {
+            let r = acquire(&pool, &adm, ticket(Priority::Standard, "", 100, 1000))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(105)).await;
+            drop(r);
+        }
+        let _hold = acquire(&pool, &adm, ticket(Priority::Standard, "", 100, 1000))
+            .await
+            .unwrap();
+        let mut t = ticket(Priority::Standard, "", 100, 10);
+        t.predict_wait = true;
+        assert_eq!(
+            acquire(&pool, &adm, t).await.unwrap_err(),
+            AdmitError::WouldExceedDeadline
+        );
+        assert_eq!(adm.queued(), 0);
+    }
+}

@@ -1,0 +1,12 @@
+//! The gateway's decisions, with no listener and no upstream client of its
+//! own: the config model, pools and their membership, discovery, routing
+//! (which replica) and admission (whether, when, where a request may run).
+//! The proxy crate executes what this crate decides.
+
+pub mod admission;
+pub mod config;
+pub mod dataplane;
+pub mod discovery;
+pub mod pool;
+pub mod reload;
+pub mod routing;

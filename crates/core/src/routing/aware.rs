@@ -1,0 +1,956 @@
+//! The inference-aware picker (the default policy): sticky until saturated,
+//! with rendezvous placement of new prefixes and LoRA affinity.
+//!
+//! For each request it builds one [`Candidate`] per allowed replica from three
+//! sources: the gateway's own accounting (always current), the replica's last
+//! scrape (unknown or stale = saturated) and the approximate prefix index (how
+//! many leading blocks of this prompt were recently sent there). It then runs
+//! the configured [`filters`](super::filters) and weighted
+//! [`scorers`](super::scorers), takes the best score (ties broken by rendezvous
+//! weight, so independent gateways agree), records the prompt's blocks for the
+//! chosen replica and starts its load accounting with the uncached prefill.
+//!
+//! Estimated TTFT on a replica = (prefill tokens queued there + the uncached part
+//! of this prompt) / prefill rate. Queued prefill is the larger of the gateway's
+//! own not-yet-answered prefill tokens and the engine's waiting count times the
+//! mean uncached prompt (other gateways' requests show up only there).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::config::{FilterName, RoutingConfig};
+use super::filters::{self, FilterOutcome};
+use super::prefix_index::{MatchSink, PrefixIndex};
+use super::scorers;
+use super::signals::Signals;
+use super::{Picker, RouteRequest};
+use crate::pool::{LoadGuard, Replica};
+
+/// One replica as the policy sees it for one request.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Index into the replica slice.
+    pub idx: usize,
+    pub matched_blocks: u32,
+    pub uncached_tokens: u32,
+    /// Signals fresh (or scraping disabled).
+    pub fresh: bool,
+    pub saturated: bool,
+    pub waiting: f64,
+    pub running: f64,
+    pub kv_usage: f64,
+    /// max(own requests in flight, engine running + waiting).
+    pub load_requests: f64,
+    /// The load that places prefix groups (`rendezvous`): own requests in
+    /// flight; once another gateway feeds the replica, the larger of those and
+    /// the engine's count averaged over scrapes (`Signals::smoothed_requests`).
+    pub placement_load: f64,
+    /// Own estimated tokens in flight.
+    pub token_load: f64,
+    pub queued_prefill: f64,
+    pub est_ttft_ms: f64,
+    /// LoRA: 3 adapter in use on the engine (running or waiting requests), 2
+    /// this gateway sent it there recently (vLLM reports idle resident adapters
+    /// nowhere), 1 room to load it, 0 none.
+    pub lora_tier: u8,
+    /// Rendezvous weight of this replica for the request's prefix group.
+    pub rendezvous: u64,
+    /// Prefix groups this gateway has placed on the replica and still indexes
+    /// (filled only for a request opening a new group).
+    pub groups: u32,
+    /// Another gateway fed this replica recently (`Signals::foreign_load_at`).
+    pub foreign_load: bool,
+    pub alive: bool,
+    pub dropped_by: Option<FilterName>,
+    pub score: f64,
+}
+
+/// Per-request context shared by filters and scorers.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub req: &'a RouteRequest<'a>,
+    pub cfg: &'a RoutingConfig,
+    pub block_size: u32,
+    pub prefill_rate: f64,
+    pub prompt_blocks: u32,
+    /// Hash naming the prompt's prefix group (its first `rendezvous.blocks` blocks).
+    pub group_key: Option<u64>,
+    /// The adapter asked for: `req.lora`, or the model name when a replica
+    /// reports it as a resident or loading adapter.
+    pub lora: Option<&'a str>,
+    pub explain: bool,
+}
+
+/// Why one request went where it went.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub request_id: String,
+    pub chosen: Arc<str>,
+    pub reason: String,
+    pub prompt_tokens: u32,
+    pub prompt_blocks: u32,
+    pub cached_tokens: u32,
+    pub filters: Vec<FilterOutcome>,
+    pub candidates: Vec<CandidateView>,
+    #[serde(skip)]
+    pub at: Instant,
+}
+
+/// A candidate in a [`Decision`].
+#[derive(Debug, Clone, Serialize)]
+pub struct CandidateView {
+    pub replica: Arc<str>,
+    pub matched_blocks: u32,
+    pub est_ttft_ms: f64,
+    pub load_requests: f64,
+    pub placement_load: f64,
+    pub token_load: f64,
+    pub waiting: f64,
+    pub running: f64,
+    pub kv_usage: f64,
+    pub fresh: bool,
+    pub saturated: bool,
+    pub lora_tier: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_by: Option<FilterName>,
+    pub score: f64,
+}
+
+/// The default picker.
+#[derive(Debug)]
+pub struct InferenceAware {
+    cfg: RoutingConfig,
+    index: PrefixIndex,
+    /// EWMA of uncached prompt tokens per request (f64 bits).
+    mean_uncached: AtomicU64,
+    decisions: Mutex<VecDeque<Arc<Decision>>>,
+    total_decisions: AtomicU64,
+    /// Adapter -> replicas this picker recently sent it to (newest last).
+    lora_homes: Mutex<LoraHomes>,
+}
+
+/// Adapter -> (replica, when sent) pairs.
+type LoraHomes = HashMap<Arc<str>, Vec<(Arc<str>, Instant)>>;
+
+/// How long a replica counts as holding an adapter we sent it.
+const LORA_MEMORY: Duration = Duration::from_secs(300);
+/// Replicas remembered per adapter, and adapters remembered at most.
+const LORA_HOMES: usize = 4;
+const LORA_ADAPTERS: usize = 4096;
+
+impl InferenceAware {
+    pub fn new(cfg: RoutingConfig) -> Self {
+        InferenceAware {
+            cfg,
+            index: PrefixIndex::new(),
+            mean_uncached: AtomicU64::new(0f64.to_bits()),
+            decisions: Mutex::new(VecDeque::new()),
+            total_decisions: AtomicU64::new(0),
+            lora_homes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn index(&self) -> &PrefixIndex {
+        &self.index
+    }
+
+    pub fn config(&self) -> &RoutingConfig {
+        &self.cfg
+    }
+
+    fn block_size(&self) -> u32 {
+        self.cfg.prefix.block_size.max(1)
+    }
+
+    /// The decision itself: (index of the chosen replica, its uncached tokens).
+    fn decide(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<(usize, u32)> {
+        let bs = self.block_size();
+        let hashes = req.block_hashes(bs as usize, self.cfg.prefix.max_blocks as usize);
+        let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
+            .min(hashes.len())
+            .checked_sub(1);
+        let group_key = group_at.and_then(|i| hashes.get(i)).copied();
+        let explain = self.cfg.explain_buffer > 0;
+        let lora = req.lora.or_else(|| {
+            replicas
+                .iter()
+                .any(|r| {
+                    r.signals
+                        .load()
+                        .as_ref()
+                        .and_then(|s| s.lora.as_ref())
+                        .is_some_and(|l| l.is_resident(req.model) || l.is_loading(req.model))
+                })
+                .then_some(req.model)
+                .or_else(|| self.lora_seen(req.model).then_some(req.model))
+        });
+        let ctx = Ctx {
+            req,
+            cfg: &self.cfg,
+            block_size: bs,
+            prefill_rate: self.cfg.prefill_tokens_per_sec.max(1.0),
+            prompt_blocks: hashes.len() as u32,
+            group_key,
+            lora,
+            explain,
+        };
+        let mut cands = self.candidates(replicas, req, exclude, &ctx);
+        if cands.is_empty() {
+            return None;
+        }
+        self.index.longest_prefix(
+            &hashes,
+            &mut Sink {
+                replicas,
+                cands: &mut cands,
+            },
+        );
+        if let Some(at) = group_at {
+            // A prefix group no replica holds yet: the rendezvous filter bounds
+            // how many groups each replica gets.
+            if cands.iter().all(|c| (c.matched_blocks as usize) <= at) {
+                self.index.group_counts(|key, n| {
+                    if let Some(c) = cands.iter_mut().find(|c| {
+                        let k = &replicas[c.idx].endpoint.key;
+                        Arc::ptr_eq(k, key) || **k == **key
+                    }) {
+                        c.groups = n;
+                    }
+                });
+            }
+        }
+        let mean_uncached = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+        // Before any decision, assume a waiting request has half this prompt uncached.
+        let per_waiting = if mean_uncached > 0.0 {
+            mean_uncached
+        } else {
+            f64::from(req.prompt_tokens) / 2.0
+        };
+        for c in cands.iter_mut() {
+            let cached =
+                (u64::from(c.matched_blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
+            c.uncached_tokens = req.prompt_tokens - cached as u32;
+            let queued_by_engine = c.waiting * per_waiting;
+            c.queued_prefill = c.queued_prefill.max(queued_by_engine);
+            c.est_ttft_ms =
+                (c.queued_prefill + f64::from(c.uncached_tokens)) / ctx.prefill_rate * 1000.0;
+        }
+        let mut outcomes = Vec::new();
+        for f in &self.cfg.filters {
+            let o = filters::apply(*f, &mut cands, &ctx);
+            if explain {
+                outcomes.push(o);
+            }
+        }
+        scorers::score_all(&self.cfg.scorers, &mut cands, ctx.prompt_blocks);
+        let best = cands
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.alive)
+            .max_by(|(_, a), (_, b)| {
+                a.score
+                    .total_cmp(&b.score)
+                    .then(a.rendezvous.cmp(&b.rendezvous))
+            })
+            .map(|(i, _)| i)?;
+        let chosen = &cands[best];
+        let (idx, uncached) = (chosen.idx, chosen.uncached_tokens);
+        let replica = &replicas[idx];
+        let capacity = replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.cache_tokens())
+            .map_or(self.cfg.prefix.default_replica_blocks, |t| {
+                (t / u64::from(bs)).min(u64::from(u32::MAX)) as u32
+            });
+        self.index
+            .record_group(&replica.endpoint.key, &hashes, capacity, group_at);
+        if let Some(a) = ctx.lora {
+            self.remember_lora(a, &replica.endpoint.key);
+        }
+        let old = f64::from_bits(self.mean_uncached.load(Ordering::Relaxed));
+        let new = if old == 0.0 {
+            f64::from(uncached)
+        } else {
+            0.9 * old + 0.1 * f64::from(uncached)
+        };
+        self.mean_uncached.store(new.to_bits(), Ordering::Relaxed);
+        self.total_decisions.fetch_add(1, Ordering::Relaxed);
+        if explain {
+            self.remember(replicas, req, &ctx, best, &cands, outcomes);
+        }
+        Some((idx, uncached))
+    }
+
+    fn candidates(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+        ctx: &Ctx<'_>,
+    ) -> Vec<Candidate> {
+        let now = Instant::now();
+        let stale = Duration::from_millis(self.cfg.scrape.stale_after_ms);
+        let sat = &self.cfg.saturation;
+        let shared_window = Duration::from_millis(self.cfg.rendezvous.shared_window_ms);
+        let lora_homes = ctx.lora.map(|a| self.lora_homes(a)).unwrap_or_default();
+        let rotation = if ctx.group_key.is_none() {
+            self.total_decisions.load(Ordering::Relaxed) as usize
+        } else {
+            0
+        };
+        let mut out = Vec::with_capacity(replicas.len());
+        for (idx, r) in replicas.iter().enumerate() {
+            if exclude.iter().any(|k| **k == *r.key()) {
+                continue;
+            }
+            let sig = r.signals.load();
+            let sig: Option<&Arc<Signals>> = sig.as_ref();
+            let fresh_sig = sig.filter(|s| s.is_fresh(now, stale));
+            let fresh = !self.cfg.scrape.enabled || fresh_sig.is_some();
+            let own_requests = r.load.requests();
+            let (waiting, running, kv) = fresh_sig.map_or((0.0, 0.0, 0.0), |s| {
+                (
+                    s.projected_waiting(own_requests),
+                    s.running,
+                    s.kv_usage.unwrap_or(0.0),
+                )
+            });
+            let saturated = !fresh || waiting >= sat.max_waiting || kv >= sat.max_kv_usage;
+            let lora_tier = match (ctx.lora, fresh_sig.and_then(|s| s.lora.as_ref())) {
+                (Some(a), Some(l)) if l.is_resident(a) || l.is_loading(a) => 3,
+                (Some(_), _) if lora_homes.iter().any(|k| **k == *r.key()) => 2,
+                (Some(_), Some(l)) if l.has_room() => 1,
+                _ => 0,
+            };
+            let own_requests = own_requests as f64;
+            let foreign_load = sig.is_some_and(|s| s.foreign_load_within(now, shared_window));
+            // Alone, the engine counts only our requests, which our own count
+            // has exactly and now, not as of the last scrape. With other
+            // gateways, their load shows only in the engine's count, taken
+            // averaged: a group's home outlives any one request, and several
+            // gateways must agree on it although each read the engine at a
+            // different instant.
+            let placement_load = match fresh_sig {
+                Some(s) if foreign_load => own_requests.max(s.smoothed_requests),
+                _ => own_requests,
+            };
+            out.push(Candidate {
+                idx,
+                matched_blocks: 0,
+                uncached_tokens: req.prompt_tokens,
+                fresh,
+                saturated,
+                waiting,
+                running,
+                kv_usage: kv,
+                load_requests: own_requests.max(running + waiting),
+                placement_load,
+                token_load: r.load.tokens() as f64,
+                queued_prefill: r.load.prefill_tokens() as f64,
+                est_ttft_ms: 0.0,
+                lora_tier,
+                // No prefix to keep together (prompt shorter than a block):
+                // ties rotate over the replicas instead.
+                rendezvous: ctx.group_key.map_or_else(
+                    || ((idx + rotation) % replicas.len()) as u64,
+                    |g| rendezvous_weight(g, r.key()),
+                ),
+                groups: 0,
+                foreign_load,
+                alive: true,
+                dropped_by: None,
+                score: 0.0,
+            });
+        }
+        out
+    }
+
+    fn remember(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        ctx: &Ctx<'_>,
+        best: usize,
+        cands: &[Candidate],
+        filters: Vec<FilterOutcome>,
+    ) {
+        let chosen = &cands[best];
+        let reason = reason(chosen, &filters);
+        let d = Decision {
+            request_id: req.request_id.to_string(),
+            chosen: replicas[chosen.idx].endpoint.key.clone(),
+            reason,
+            prompt_tokens: req.prompt_tokens,
+            prompt_blocks: ctx.prompt_blocks,
+            cached_tokens: req.prompt_tokens - chosen.uncached_tokens,
+            filters,
+            candidates: cands
+                .iter()
+                .map(|c| CandidateView {
+                    replica: replicas[c.idx].endpoint.key.clone(),
+                    matched_blocks: c.matched_blocks,
+                    est_ttft_ms: c.est_ttft_ms,
+                    load_requests: c.load_requests,
+                    placement_load: c.placement_load,
+                    token_load: c.token_load,
+                    waiting: c.waiting,
+                    running: c.running,
+                    kv_usage: c.kv_usage,
+                    fresh: c.fresh,
+                    saturated: c.saturated,
+                    lora_tier: c.lora_tier,
+                    dropped_by: c.dropped_by,
+                    score: c.score,
+                })
+                .collect(),
+            at: Instant::now(),
+        };
+        let mut log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= self.cfg.explain_buffer {
+            log.pop_front();
+        }
+        log.push_back(Arc::new(d));
+    }
+
+    fn lora_seen(&self, adapter: &str) -> bool {
+        let homes = self.lora_homes.lock().unwrap_or_else(|e| e.into_inner());
+        !homes.is_empty() && homes.contains_key(adapter)
+    }
+
+    /// Replicas this picker sent `adapter` to within [`LORA_MEMORY`].
+    fn lora_homes(&self, adapter: &str) -> Vec<Arc<str>> {
+        let homes = self.lora_homes.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        homes.get(adapter).map_or_else(Vec::new, |v| {
+            v.iter()
+                .filter(|(_, at)| now.saturating_duration_since(*at) < LORA_MEMORY)
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+    }
+
+    fn remember_lora(&self, adapter: &str, replica: &Arc<str>) {
+        let mut homes = self.lora_homes.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if homes.len() >= LORA_ADAPTERS && !homes.contains_key(adapter) {
+            homes.retain(|_, v| {
+                v.retain(|(_, at)| now.saturating_duration_since(*at) < LORA_MEMORY);
+                !v.is_empty()
+            });
+            if homes.len() >= LORA_ADAPTERS {
+                return;
+            }
+        }
+        let v = homes.entry(Arc::from(adapter)).or_default();
+        v.retain(|(k, _)| k != replica);
+        v.push((replica.clone(), now));
+        if v.len() > LORA_HOMES {
+            v.remove(0);
+        }
+    }
+
+    /// The remembered decision for `request_id` (the newest, if retried).
+    pub fn decision(&self, request_id: &str) -> Option<Arc<Decision>> {
+        let log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter()
+            .rev()
+            .find(|d| d.request_id == request_id)
+            .cloned()
+    }
+
+    fn last_decision(&self) -> Option<Arc<Decision>> {
+        let log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        log.back().cloned()
+    }
+}
+
+/// A one-line reason naming the filter that decided, else the scores.
+fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
+    let decisive = filters.iter().rev().find(|f| {
+        f.dropped > 0 || (!f.detail.is_empty() && f.filter == FilterName::PrefixAffinity)
+    });
+    let by = match decisive {
+        Some(f) if !f.detail.is_empty() => format!("{:?}: {}", f.filter, f.detail),
+        Some(f) => format!("{:?} dropped {}", f.filter, f.dropped),
+        None => "no filter applied".into(),
+    };
+    format!(
+        "{by}; best score {:.3} among the rest (est TTFT {:.1} ms, {} cached blocks)",
+        chosen.score, chosen.est_ttft_ms, chosen.matched_blocks
+    )
+}
+
+/// Highest-random-weight hashing: every gateway computes the same weight.
+fn rendezvous_weight(group: u64, replica_key: &str) -> u64 {
+    let mut x = group ^ xxh3_64(replica_key.as_bytes());
+    // splitmix64 finaliser: spreads nearby inputs.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Routes index matches (by replica key) to the candidates.
+struct Sink<'a> {
+    replicas: &'a [Arc<Replica>],
+    cands: &'a mut [Candidate],
+}
+
+impl MatchSink for Sink<'_> {
+    fn matched(&mut self, key: &Arc<str>, blocks: u32) {
+        let replicas = self.replicas;
+        if let Some(c) = self.cands.iter_mut().find(|c| {
+            let k = &replicas[c.idx].endpoint.key;
+            Arc::ptr_eq(k, key) || **k == **key
+        }) {
+            c.matched_blocks = blocks;
+        }
+    }
+}
+
+impl Picker for InferenceAware {
+    fn pick(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<Arc<Replica>> {
+        let (i, _) = self.decide(replicas, req, exclude)?;
+        Some(replicas[i].clone())
+    }
+
+    fn pick_and_begin(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<LoadGuard> {
+        let (i, uncached) = self.decide(replicas, req, exclude)?;
+        let cached = req.prompt_tokens.saturating_sub(uncached);
+        Some(
+            replicas[i]
+                .begin(req.estimated_tokens(), u64::from(uncached))
+                .with_cached_tokens(u64::from(cached)),
+        )
+    }
+
+    fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
+        let bs = self.block_size();
+        let hashes = req.block_hashes(bs as usize, self.cfg.prefix.max_blocks as usize);
+        let mut cached = vec![0u64; replicas.len()];
+        self.index
+            .longest_prefix(&hashes, &mut |key: &Arc<str>, blocks: u32| {
+                if let Some(i) = replicas
+                    .iter()
+                    .position(|r| Arc::ptr_eq(&r.endpoint.key, key) || *r.endpoint.key == **key)
+                {
+                    cached[i] =
+                        (u64::from(blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
+                }
+            });
+        cached
+    }
+
+    fn forget_absent(&self, present: &[Arc<Replica>]) {
+        let keys: Vec<&str> = present.iter().map(|r| r.key()).collect();
+        self.index.retain(&keys);
+    }
+
+    fn admin_view(&self, replicas: &[Arc<Replica>]) -> serde_json::Value {
+        let last = self.last_decision();
+        let mut v = replicas_view(replicas, Some(self));
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("policy".into(), json!("inference_aware"));
+            obj.insert("index".into(), json!(self.index.stats()));
+            obj.insert(
+                "decisions".into(),
+                json!(self.total_decisions.load(Ordering::Relaxed)),
+            );
+            obj.insert("last_decision".into(), json!(last.as_deref()));
+        }
+        v
+    }
+
+    fn explain(&self, request_id: &str) -> Option<serde_json::Value> {
+        self.decision(request_id)
+            .map(|d| serde_json::to_value(&*d).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+/// Per replica: own load, last signals and (for the aware picker) indexed
+/// blocks and last score.
+pub fn replicas_view(
+    replicas: &[Arc<Replica>],
+    aware: Option<&InferenceAware>,
+) -> serde_json::Value {
+    let now = Instant::now();
+    let last = aware.and_then(|a| a.last_decision());
+    let list: Vec<serde_json::Value> = replicas
+        .iter()
+        .map(|r| {
+            let sig = r.signals.load_full();
+            let mut v = json!({
+                "replica": r.key(),
+                "load": {
+                    "requests": r.load.requests(),
+                    "tokens": r.load.tokens(),
+                    "prefill_tokens": r.load.prefill_tokens(),
+                },
+                "signals": sig.as_deref(),
+                "signals_age_ms": sig.as_ref().map(|s| now.saturating_duration_since(s.at).as_millis() as u64),
+            });
+            if let (Some(a), Some(obj)) = (aware, v.as_object_mut()) {
+                let stale = Duration::from_millis(a.cfg.scrape.stale_after_ms);
+                obj.insert(
+                    "fresh".into(),
+                    json!(!a.cfg.scrape.enabled || sig.as_ref().is_some_and(|s| s.is_fresh(now, stale))),
+                );
+                obj.insert("indexed_blocks".into(), json!(a.index.replica_blocks(r.key())));
+                let last_score = last
+                    .as_ref()
+                    .and_then(|d| d.candidates.iter().find(|c| &*c.replica == r.key()));
+                obj.insert("last_score".into(), json!(last_score));
+            }
+            v
+        })
+        .collect();
+    json!({ "replicas": list })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::discovery::Endpoint;
+    use crate::routing::signals::LoraInfo;
+
+    /// A neutral candidate for filter/scorer unit tests.
+    pub(crate) fn cand(idx: usize) -> Candidate {
+        Candidate {
+            idx,
+            matched_blocks: 0,
+            uncached_tokens: 0,
+            fresh: true,
+            saturated: false,
+            waiting: 0.0,
+            running: 0.0,
+            kv_usage: 0.0,
+            load_requests: 0.0,
+            placement_load: 0.0,
+            token_load: 0.0,
+            queued_prefill: 0.0,
+            est_ttft_ms: 0.0,
+            lora_tier: 0,
+            rendezvous: 0,
+            groups: 0,
+            foreign_load: false,
+            alive: true,
+            dropped_by: None,
+            score: 0.0,
+        }
+    }
+
+    pub(crate) fn ctx_for<'a>(
+        cfg: &'a RoutingConfig,
+        lora: Option<&'a str>,
+        prompt_tokens: u32,
+    ) -> Ctx<'a> {
+        let req = Box::leak(Box::new(RouteRequest {
+            request_id: "t",
+            model: "m",
+            prompt_text: "",
+            prompt_tokens,
+            max_tokens: 10,
+            lora,
+            hashes: Default::default(),
+        }));
+        Ctx {
+            req,
+            cfg,
+            block_size: 16,
+            prefill_rate: 16_000.0,
+            prompt_blocks: prompt_tokens / 16,
+            group_key: Some(1),
+            lora,
+            explain: true,
+        }
+    }
+
+    pub(crate) fn replicas(n: u16) -> Vec<Arc<Replica>> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Replica::new(
+                    Endpoint::from_url(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap(),
+                ))
+            })
+            .collect()
+    }
+
+    /// `n` replicas with fresh signals: nothing waiting, KV cache 10% used.
+    fn idle_replicas(n: u16) -> Vec<Arc<Replica>> {
+        let rs = replicas(n);
+        for r in &rs {
+            set_signals(r, 0.0, 0.1, None);
+        }
+        rs
+    }
+
+    fn set_signals(r: &Replica, waiting: f64, kv: f64, lora: Option<LoraInfo>) {
+        r.signals.store(Some(Arc::new(Signals {
+            at: Instant::now(),
+            error: None,
+            waiting,
+            running: 0.0,
+            kv_usage: Some(kv),
+            block_size: Some(16),
+            num_blocks: Some(1000),
+            lora,
+            own_requests_at_scrape: 0,
+            batch_limit: None,
+            foreign_load_at: None,
+            smoothed_requests: 0.0,
+        })));
+    }
+
+    fn req<'a>(id: &'a str, text: &'a str) -> RouteRequest<'a> {
+        RouteRequest {
+            request_id: id,
+            model: "m",
+            prompt_text: text,
+            prompt_tokens: infergate_protocol::tokenizer::count_tokens(text),
+            max_tokens: 16,
+            lora: None,
+            hashes: Default::default(),
+        }
+    }
+
+    fn prompt(group: usize, q: usize, len_chars: usize) -> String {
+        let sys: String = format!("system prompt of group {group} ").repeat(len_chars / 24 + 1);
+        format!(
+            "<|system|>\n{}\n<|user|>\nquestion {q}\n<|assistant|>\n",
+            &sys[..len_chars]
+        )
+    }
+
+    #[test]
+    fn shared_prefix_sticks_and_is_explained() {
+        let rs = idle_replicas(4);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let mut guards = Vec::new();
+        let first = p
+            .pick_and_begin(&rs, &req("a", &prompt(1, 0, 4000)), &[])
+            .unwrap();
+        let home = first.replica().key().to_string();
+        guards.push(first);
+        for q in 1..4 {
+            let id = format!("q{q}");
+            let g = p
+                .pick_and_begin(&rs, &req(&id, &prompt(1, q, 4000)), &[])
+                .unwrap();
+            assert_eq!(g.replica().key(), home);
+            guards.push(g);
+        }
+        // Only the uncached part is accounted as prefill.
+        let home_r = rs.iter().find(|r| r.key() == home).unwrap();
+        assert!(home_r.load.prefill_tokens() < 4 * 1020);
+        let e = p.explain("q3").unwrap();
+        assert_eq!(e["chosen"], home);
+        assert!(e["reason"].as_str().unwrap().contains("stay"), "{e}");
+        assert!(e["cached_tokens"].as_u64().unwrap() >= 960);
+        let admin = p.admin_view(&rs);
+        assert_eq!(admin["replicas"].as_array().unwrap().len(), 4);
+        assert!(admin["index"]["entries"].as_u64().unwrap() > 0);
+        assert!(p.explain("nope").is_none());
+    }
+
+    #[test]
+    fn saturated_home_spills_and_unknown_attracts_nothing() {
+        let rs = idle_replicas(3);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let home = p.pick(&rs, &req("a", &prompt(2, 0, 2000)), &[]).unwrap();
+        set_signals(&home, 20.0, 0.5, None);
+        let next = p.pick(&rs, &req("b", &prompt(2, 1, 2000)), &[]).unwrap();
+        assert_ne!(next.key(), home.key());
+        // Replica never scraped: unknown, never chosen while others are known.
+        rs[2].signals.store(None);
+        for i in 0..20 {
+            let id = format!("u{i}");
+            let r = p
+                .pick(&rs, &req(&id, &prompt(100 + i, 0, 500)), &[])
+                .unwrap();
+            assert_ne!(r.key(), rs[2].key());
+        }
+        // Everything unknown: fail open, still routed.
+        for r in &rs {
+            r.signals
+                .store(Some(Arc::new(Signals::failed(Instant::now(), "x"))));
+        }
+        assert!(p.pick(&rs, &req("z", "hello"), &[]).is_some());
+        // Excluding all: none.
+        let all: Vec<Arc<str>> = rs.iter().map(|r| r.endpoint.key.clone()).collect();
+        assert!(p.pick(&rs, &req("z", "hello"), &all).is_none());
+    }
+
+    #[test]
+    fn lora_goes_to_resident_replica() {
+        let rs = replicas(3);
+        let info = |running: &[&str]| LoraInfo {
+            max_lora: 1,
+            running: running.iter().map(|s| s.to_string()).collect(),
+            waiting: vec![],
+        };
+        set_signals(&rs[0], 0.0, 0.1, Some(info(&["x"])));
+        set_signals(&rs[1], 0.0, 0.1, Some(info(&["ad"])));
+        set_signals(&rs[2], 0.0, 0.1, Some(info(&["y"])));
+        let p = InferenceAware::new(RoutingConfig::default());
+        for i in 0..10 {
+            let text = prompt(i, 0, 300);
+            let mut r = req("l", &text);
+            r.model = "ad";
+            // Named explicitly, or recognised from the replicas' adapter lists.
+            assert_eq!(p.pick(&rs, &r, &[]).unwrap().key(), rs[1].key());
+            r.lora = Some("ad");
+            assert_eq!(p.pick(&rs, &r, &[]).unwrap().key(), rs[1].key());
+        }
+    }
+
+    #[test]
+    fn rendezvous_agrees_across_independent_pickers() {
+        let rs = idle_replicas(8);
+        let a = InferenceAware::new(RoutingConfig::default());
+        let b = InferenceAware::new(RoutingConfig::default());
+        let mut homes = std::collections::HashSet::new();
+        for g in 0..16 {
+            let ra = a.pick(&rs, &req("a", &prompt(g, 1, 1500)), &[]).unwrap();
+            let rb = b.pick(&rs, &req("b", &prompt(g, 2, 1500)), &[]).unwrap();
+            assert_eq!(ra.key(), rb.key(), "group {g}");
+            homes.insert(ra.key().to_string());
+        }
+        assert!(homes.len() >= 4, "groups spread over replicas: {homes:?}");
+    }
+
+    #[test]
+    fn gateways_agree_on_a_home_when_one_scrape_caught_a_finished_burst() {
+        // Scrapes every 20 ms for a second, the first one showing a request
+        // another gateway sent; the last one shows `last` requests running.
+        fn scraped(r: &Replica, last: u32) {
+            let body = |run: u32| {
+                format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred 0\n")
+            };
+            let now = Instant::now();
+            let at = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap();
+            let kind = infergate_protocol::EngineKind::LlamaCpp;
+            let mut s = crate::routing::signals::parse(kind, &body(1), at(1000));
+            s = s.with_context(0, 0, None);
+            for i in 1..50 {
+                let next = crate::routing::signals::parse(kind, &body(0), at(1000 - 20 * i));
+                s = next.with_context(0, 0, Some(&s));
+            }
+            let next = crate::routing::signals::parse(kind, &body(last), now);
+            s = next.with_context(0, 0, Some(&s));
+            r.signals.store(Some(Arc::new(s)));
+        }
+        let text = prompt(3, 0, 1500);
+        let home = InferenceAware::new(RoutingConfig::default())
+            .pick(&idle_replicas(4), &req("p", &text), &[])
+            .unwrap();
+        // Two gateways over the same four replicas (same keys, so the same
+        // rendezvous order); one of them read the home while the two requests
+        // of a burst that has since finished were still counted there.
+        let (saw_burst, missed_it) = (replicas(4), replicas(4));
+        for (a, b) in saw_burst.iter().zip(&missed_it) {
+            scraped(a, if a.key() == home.key() { 2 } else { 0 });
+            scraped(b, 0);
+        }
+        let a = InferenceAware::new(RoutingConfig::default());
+        let b = InferenceAware::new(RoutingConfig::default());
+        let ra = a.pick(&saw_burst, &req("a", &text), &[]).unwrap();
+        let rb = b.pick(&missed_it, &req("b", &text), &[]).unwrap();
+        assert_eq!(rb.key(), home.key());
+        assert_eq!(ra.key(), rb.key(), "the gateways disagree on the home");
+    }
+
+    #[test]
+    fn new_prefix_groups_are_spread_evenly() {
+        // Plain rendezvous hashing puts about 7 of 31 groups on one of 8
+        // replicas; the group bound keeps every replica within
+        // ceil(1.25 x 31 / 8) + 1 with the default slack (0.25, 1, used when other
+        // gateways feed the pool), and exactly even without slack.
+        let rs = idle_replicas(8);
+        for (slack, abs, max) in [(0.25, 1.0, 6), (0.0, 0.0, 4)] {
+            let mut cfg = RoutingConfig::default();
+            cfg.rendezvous.group_slack = slack;
+            cfg.rendezvous.group_slack_abs = abs;
+            cfg.rendezvous.exact_when_alone = false;
+            let p = InferenceAware::new(cfg);
+            let mut per = HashMap::new();
+            for g in 0..31 {
+                let r = p.pick(&rs, &req("g", &prompt(g, 0, 1500)), &[]).unwrap();
+                *per.entry(r.key().to_string()).or_insert(0) += 1;
+                // The group sticks: its next question goes to the same replica.
+                let again = p.pick(&rs, &req("h", &prompt(g, 1, 1500)), &[]).unwrap();
+                assert_eq!(again.key(), r.key(), "group {g}");
+            }
+            assert_eq!(per.len(), 8, "{per:?}");
+            assert!(per.values().all(|n| *n <= max), "slack {slack}: {per:?}");
+        }
+    }
+
+    #[test]
+    fn cached_prompt_tokens_name_the_holder() {
+        let rs = idle_replicas(3);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let text = prompt(7, 0, 2000);
+        assert!(p
+            .cached_prompt_tokens(&rs, &req("a", &text))
+            .iter()
+            .all(|c| *c == 0));
+        let home = p.pick(&rs, &req("a", &text), &[]).unwrap();
+        let next = prompt(7, 1, 2000);
+        let cached = p.cached_prompt_tokens(&rs, &req("b", &next));
+        for (r, c) in rs.iter().zip(&cached) {
+            if r.key() == home.key() {
+                assert!(*c >= 480, "{cached:?}");
+            } else {
+                assert_eq!(*c, 0, "{cached:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn prompts_shorter_than_a_block_rotate_over_idle_replicas() {
+        let rs = idle_replicas(3);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let keys: std::collections::HashSet<String> = (0..3)
+            .map(|_| p.pick(&rs, &req("s", "hi"), &[]).unwrap().key().to_string())
+            .collect();
+        assert_eq!(keys.len(), 3);
+    }
+
+    #[test]
+    fn forget_absent_purges_index() {
+        let rs = replicas(2);
+        let p = InferenceAware::new(RoutingConfig {
+            scrape: crate::routing::config::ScrapeConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        let r = p.pick(&rs, &req("a", &prompt(1, 0, 1000)), &[]).unwrap();
+        assert!(p.index().replica_blocks(r.key()) > 0);
+        p.forget_absent(&[]);
+        assert_eq!(p.index().replica_blocks(r.key()), 0);
+    }
+}

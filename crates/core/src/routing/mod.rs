@@ -1,0 +1,182 @@
+//! Routing: which replica of a pool serves a request.
+//!
+//! The data plane asks a [`Picker`] for a replica, passing what routing needs
+//! about the request ([`RouteRequest`]) and the replicas already tried (a retry
+//! never goes back to a replica that just failed). Pickers are chosen per pool
+//! from the config: the inference-aware default ([`aware`]: replica signals from
+//! [`scrape`], the approximate [`prefix_index`], [`filters`] and [`scorers`]) or
+//! a simple one ([`simple`]).
+//!
+//! Use [`Picker::pick_and_begin`] on the request path: it picks and starts the
+//! replica's load accounting in one step, with the picker's estimate of the
+//! uncached prefill, so no path can route without counting load.
+
+pub mod aware;
+pub mod config;
+pub mod filters;
+pub mod prefix_index;
+pub mod scorers;
+pub mod scrape;
+pub mod signals;
+pub mod simple;
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+
+pub use config::{PolicyName, RoutingConfig};
+
+use crate::pool::{LoadGuard, Replica};
+use infergate_protocol::tokenizer;
+
+/// What routing knows about one request.
+#[derive(Debug, Clone)]
+pub struct RouteRequest<'a> {
+    pub request_id: &'a str,
+    /// The model name as sent upstream (after alias/canary/fallback rewriting).
+    pub model: &'a str,
+    /// The rendered prompt text (see `protocol::prompt`).
+    pub prompt_text: &'a str,
+    pub prompt_tokens: u32,
+    /// Expected output tokens (`max_tokens` or the route default).
+    pub max_tokens: u32,
+    /// LoRA adapter requested, when the model name is an adapter.
+    pub lora: Option<&'a str>,
+    /// The prompt's block hashes, computed once (see [`RouteRequest::block_hashes`]).
+    pub hashes: PromptHashes,
+}
+
+/// A request's prompt block hashes with the (block size, most blocks) they
+/// were computed for: admission asks the picker for the prompt's cached share,
+/// then the picker decides, and a queued request tries again; all of them
+/// reuse one hashing of the prompt.
+#[derive(Debug, Clone, Default)]
+pub struct PromptHashes(OnceLock<(usize, usize, Vec<u64>)>);
+
+impl RouteRequest<'_> {
+    /// The estimated total cost of the request in tokens (prompt + expected output).
+    pub fn estimated_tokens(&self) -> u64 {
+        u64::from(self.prompt_tokens) + u64::from(self.max_tokens)
+    }
+
+    /// The prompt's chained block hashes (`tokenizer::block_hashes` with the
+    /// model's seed): computed on first use, reused by later calls with the same
+    /// parameters (another pool's picker with other ones hashes anew).
+    pub fn block_hashes(&self, block_size: usize, max_blocks: usize) -> Cow<'_, [u64]> {
+        let compute = || {
+            tokenizer::block_hashes(
+                self.prompt_text,
+                block_size,
+                tokenizer::model_seed(self.model),
+                max_blocks,
+            )
+        };
+        let (bs, max, hashes) = self
+            .hashes
+            .0
+            .get_or_init(|| (block_size, max_blocks, compute()));
+        if (*bs, *max) == (block_size, max_blocks) {
+            Cow::Borrowed(hashes)
+        } else {
+            Cow::Owned(compute())
+        }
+    }
+}
+
+/// Picks one replica for a request.
+pub trait Picker: Send + Sync + std::fmt::Debug {
+    /// Returns a replica from `replicas` that is not in `exclude` (compared by
+    /// key), or `None` when none can take it.
+    fn pick(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<Arc<Replica>>;
+
+    /// Prompt tokens of `req` each of `replicas` is expected to hold in its
+    /// cache already (same order; empty = none anywhere). Admission sizes a
+    /// request's cost per replica with it, so a replica holding the prompt's
+    /// prefix has room for it sooner than a cold one (which would have to
+    /// recompute and store the whole prompt).
+    fn cached_prompt_tokens(
+        &self,
+        _replicas: &[Arc<Replica>],
+        _req: &RouteRequest<'_>,
+    ) -> Vec<u64> {
+        Vec::new()
+    }
+
+    /// Picks and starts the replica's load accounting for this request. The
+    /// guard must live until the response ends; call `prefill_done` on it at the
+    /// first response byte. Pickers that know how much of the prompt is cached
+    /// override this to account only the uncached part as prefill.
+    fn pick_and_begin(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<LoadGuard> {
+        let r = self.pick(replicas, req, exclude)?;
+        Some(r.begin(req.estimated_tokens(), u64::from(req.prompt_tokens)))
+    }
+
+    /// The pool's membership changed: forget state about replicas not in `present`.
+    fn forget_absent(&self, _present: &[Arc<Replica>]) {}
+
+    /// The admin view of this picker over `replicas` (signals, load, last scores).
+    fn admin_view(&self, replicas: &[Arc<Replica>]) -> serde_json::Value {
+        aware::replicas_view(replicas, None)
+    }
+
+    /// Why request `request_id` went where it went, if still remembered.
+    fn explain(&self, _request_id: &str) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// Builds the picker a routing config names.
+pub fn build_picker(cfg: &RoutingConfig) -> Arc<dyn Picker> {
+    match cfg.policy {
+        PolicyName::InferenceAware => Arc::new(aware::InferenceAware::new(cfg.clone())),
+        PolicyName::LeastRequest => Arc::new(simple::LeastRequest),
+        PolicyName::RoundRobin => Arc::new(simple::RoundRobin::default()),
+        PolicyName::Random => Arc::new(simple::Random),
+        PolicyName::PowerOfTwo => Arc::new(simple::PowerOfTwo),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_hashes_are_computed_once_per_parameters() {
+        let text = "word ".repeat(400);
+        let req = RouteRequest {
+            request_id: "r",
+            model: "m",
+            prompt_text: &text,
+            prompt_tokens: tokenizer::count_tokens(&text),
+            max_tokens: 8,
+            lora: None,
+            hashes: Default::default(),
+        };
+        let seed = tokenizer::model_seed("m");
+        let first = req.block_hashes(16, 1024);
+        assert_eq!(
+            &*first,
+            tokenizer::block_hashes(&text, 16, seed, 1024).as_slice()
+        );
+        // Same parameters: the stored hashes, not a new computation.
+        assert!(matches!(req.block_hashes(16, 1024), Cow::Borrowed(_)));
+        assert_eq!(req.block_hashes(16, 1024), first);
+        // Other parameters (another pool's picker): computed for them.
+        let other = req.block_hashes(32, 4);
+        assert!(matches!(other, Cow::Owned(_)));
+        assert_eq!(
+            &*other,
+            tokenizer::block_hashes(&text, 32, seed, 4).as_slice()
+        );
+        assert_ne!(other, first);
+    }
+}

@@ -1,0 +1,497 @@
+//! Replica signals: what a replica's own `/metrics` says about its load, parsed
+//! from the Prometheus text format for the pool's engine type.
+//!
+//! Only the series routing needs are read (queue, running, KV usage, cache
+//! geometry, resident LoRA adapters); every other line is skipped after a prefix
+//! check, so a scrape every 50 ms stays cheap. A scrape that failed, or one that
+//! lacks a required series, is stored as [`Signals::failed`]: routing treats an
+//! unknown replica as saturated, never as idle (a failed load poll that reads as
+//! zero load is a known peer bug).
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use infergate_protocol::EngineKind;
+
+/// Metric names of one engine.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricNames {
+    pub waiting: &'static str,
+    pub running: &'static str,
+    /// KV usage gauges in 0..1, first present wins (newer name first).
+    pub kv_usage: &'static [&'static str],
+    /// Whether a scrape without a KV gauge is incomplete (it is for engines that
+    /// always serve one: reading "no KV gauge" as "KV empty" would attract traffic).
+    pub kv_required: bool,
+    pub cache_config: Option<&'static str>,
+    pub block_size_label: &'static str,
+    pub num_blocks_label: &'static str,
+    pub lora: Option<&'static str>,
+}
+
+impl MetricNames {
+    pub fn for_engine(engine: EngineKind) -> MetricNames {
+        match engine {
+            EngineKind::Vllm => MetricNames {
+                waiting: "vllm:num_requests_waiting",
+                running: "vllm:num_requests_running",
+                kv_usage: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+                kv_required: true,
+                cache_config: Some("vllm:cache_config_info"),
+                block_size_label: "block_size",
+                num_blocks_label: "num_gpu_blocks",
+                lora: Some("vllm:lora_requests_info"),
+            },
+            EngineKind::Sglang => MetricNames {
+                waiting: "sglang:num_queue_reqs",
+                running: "sglang:num_running_reqs",
+                kv_usage: &["sglang:token_usage"],
+                kv_required: true,
+                cache_config: Some("sglang:cache_config_info"),
+                block_size_label: "page_size",
+                num_blocks_label: "num_pages",
+                lora: None,
+            },
+            EngineKind::LlamaCpp => MetricNames {
+                waiting: "llamacpp:requests_deferred",
+                running: "llamacpp:requests_processing",
+                // Served by older llama-server builds only.
+                kv_usage: &["llamacpp:kv_cache_usage_ratio"],
+                kv_required: false,
+                cache_config: None,
+                block_size_label: "",
+                num_blocks_label: "",
+                lora: None,
+            },
+        }
+    }
+}
+
+/// Adapters resident on a replica (vLLM `lora_requests_info`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LoraInfo {
+    pub max_lora: u32,
+    pub running: Vec<String>,
+    pub waiting: Vec<String>,
+}
+
+impl LoraInfo {
+    pub fn is_resident(&self, adapter: &str) -> bool {
+        self.running.iter().any(|a| a == adapter)
+    }
+    pub fn is_loading(&self, adapter: &str) -> bool {
+        self.waiting.iter().any(|a| a == adapter)
+    }
+    /// Room to load another adapter without evicting one.
+    pub fn has_room(&self) -> bool {
+        self.max_lora == 0 || (self.running.len() + self.waiting.len()) < self.max_lora as usize
+    }
+}
+
+/// How long the engine's request count is averaged over for placing prefix
+/// groups ([`Signals::smoothed_requests`]): several scrape intervals (50 ms by
+/// default), yet short against the life of a group, so sustained load still
+/// moves new groups off a replica within about a second.
+pub const LOAD_SMOOTHING: Duration = Duration::from_millis(500);
+
+/// One scrape's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Signals {
+    #[serde(skip)]
+    pub at: Instant,
+    /// Why the scrape failed (`Some`); the other fields are then meaningless.
+    pub error: Option<String>,
+    pub waiting: f64,
+    pub running: f64,
+    pub kv_usage: Option<f64>,
+    pub block_size: Option<u32>,
+    pub num_blocks: Option<u64>,
+    pub lora: Option<LoraInfo>,
+    /// The gateway's own requests in flight on the replica when it was scraped:
+    /// requests sent since then are not in `running`/`waiting` yet.
+    pub own_requests_at_scrape: u64,
+    /// The replica's batch limit as observed: `running` at a scrape that showed
+    /// a queue (the engine runs no more than that at once). Carried over scrapes.
+    pub batch_limit: Option<f64>,
+    /// The last scrape at which the engine counted more requests (running +
+    /// waiting) than this gateway had in flight there: another gateway (or a
+    /// client going around the gateway) feeds the replica. Carried over scrapes.
+    #[serde(skip)]
+    pub foreign_load_at: Option<Instant>,
+    /// The engine's requests (running + waiting) averaged over about
+    /// [`LOAD_SMOOTHING`], time-weighted over scrapes (carried over them).
+    /// Prefix groups are placed on this rather than on the last scrape, whose
+    /// count may still include requests that have finished (it is up to an
+    /// interval old, more while the gateway is short of CPU): gateways that
+    /// scrape at different instants saw a brief burst on one replica
+    /// differently and so gave the same new group different homes.
+    pub smoothed_requests: f64,
+}
+
+impl Signals {
+    pub fn failed(at: Instant, error: impl Into<String>) -> Signals {
+        Signals {
+            at,
+            error: Some(error.into()),
+            waiting: 0.0,
+            running: 0.0,
+            kv_usage: None,
+            block_size: None,
+            num_blocks: None,
+            lora: None,
+            own_requests_at_scrape: 0,
+            batch_limit: None,
+            foreign_load_at: None,
+            smoothed_requests: 0.0,
+        }
+    }
+
+    /// Sets the scrape-time context: own requests then, and the batch limit
+    /// learned from this and the previous scrape.
+    /// Adds what the scrape alone cannot tell: `own_requests` in flight when it
+    /// was read, `ours_at_most` the most of ours the engine can have counted
+    /// in it, and what earlier scrapes learned.
+    pub fn with_context(
+        mut self,
+        own_requests: u64,
+        ours_at_most: u64,
+        previous: Option<&Signals>,
+    ) -> Signals {
+        self.own_requests_at_scrape = own_requests;
+        let seen_now = (self.error.is_none() && self.waiting > 0.0 && self.running > 0.0)
+            .then_some(self.running);
+        let before = previous.and_then(|p| p.batch_limit);
+        self.batch_limit = match (seen_now, before) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        // The engine drops a request from its counts before the gateway sees
+        // the end of its answer, so alone it never counts more than ours.
+        let foreign_now =
+            self.error.is_none() && self.running + self.waiting >= ours_at_most as f64 + 1.0;
+        self.foreign_load_at = if foreign_now {
+            Some(self.at)
+        } else {
+            previous.and_then(|p| p.foreign_load_at)
+        };
+        let count = self.running + self.waiting;
+        self.smoothed_requests = match previous {
+            // A failed scrape's counts mean nothing (the replica is unknown).
+            _ if self.error.is_some() => 0.0,
+            Some(p) if p.error.is_none() => {
+                // Weighted by the time since the previous scrape, so a late or
+                // missed scrape does not change how long a burst counts.
+                let dt = self.at.saturating_duration_since(p.at).as_secs_f64();
+                let keep = (-dt / LOAD_SMOOTHING.as_secs_f64()).exp();
+                keep * p.smoothed_requests + (1.0 - keep) * count
+            }
+            _ => count,
+        };
+        self
+    }
+
+    /// Whether another source fed the replica within `window` before `now`.
+    pub fn foreign_load_within(&self, now: Instant, window: Duration) -> bool {
+        self.foreign_load_at
+            .is_some_and(|at| now.saturating_duration_since(at) <= window)
+    }
+
+    /// Queued requests now: the scraped queue, plus the requests this gateway
+    /// sent since the scrape that exceed the batch limit (when one was observed).
+    pub fn projected_waiting(&self, own_requests_now: u64) -> f64 {
+        let sent_since = own_requests_now.saturating_sub(self.own_requests_at_scrape) as f64;
+        match self.batch_limit {
+            Some(limit) => self
+                .waiting
+                .max(self.running + self.waiting + sent_since - limit),
+            None => self.waiting,
+        }
+    }
+
+    /// Usable: the scrape succeeded and is younger than `stale_after`.
+    pub fn is_fresh(&self, now: Instant, stale_after: Duration) -> bool {
+        self.error.is_none() && now.saturating_duration_since(self.at) <= stale_after
+    }
+
+    /// Cache capacity in tokens, when the engine reports its geometry.
+    pub fn cache_tokens(&self) -> Option<u64> {
+        Some(self.block_size? as u64 * self.num_blocks?)
+    }
+}
+
+/// Parses a `/metrics` body for `engine`. Gauges with several label sets (one
+/// per model name or data-parallel engine) are summed; KV usage takes the max.
+pub fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
+    let names = MetricNames::for_engine(engine);
+    let mut waiting = None::<f64>;
+    let mut running = None::<f64>;
+    let mut kv: Vec<Option<f64>> = vec![None; names.kv_usage.len()];
+    let mut block_size = None;
+    let mut num_blocks = None;
+    let mut lora: Option<(f64, LoraInfo)> = None;
+    for line in body.lines() {
+        let Some(first) = line.as_bytes().first() else {
+            continue;
+        };
+        if *first == b'#' {
+            continue;
+        }
+        let Some((name, labels, value)) = split_sample(line) else {
+            continue;
+        };
+        if name == names.waiting {
+            *waiting.get_or_insert(0.0) += value;
+        } else if name == names.running {
+            *running.get_or_insert(0.0) += value;
+        } else if let Some(i) = names.kv_usage.iter().position(|n| *n == name) {
+            kv[i] = Some(kv[i].map_or(value, |v: f64| v.max(value)));
+        } else if Some(name) == names.cache_config {
+            block_size = label(labels, names.block_size_label).and_then(|v| v.parse().ok());
+            num_blocks = label(labels, names.num_blocks_label).and_then(|v| v.parse().ok());
+        } else if Some(name) == names.lora {
+            // One series per adapter-set change; the value is its timestamp: keep the newest.
+            if lora.as_ref().is_none_or(|(ts, _)| value >= *ts) {
+                lora = Some((value, parse_lora(labels)));
+            }
+        }
+    }
+    let kv_usage = kv.into_iter().flatten().next();
+    match (waiting, running) {
+        (Some(waiting), Some(running)) if kv_usage.is_some() || !names.kv_required => Signals {
+            at,
+            error: None,
+            waiting,
+            running,
+            kv_usage,
+            block_size,
+            num_blocks,
+            lora: lora.map(|(_, l)| l),
+            own_requests_at_scrape: 0,
+            batch_limit: None,
+            foreign_load_at: None,
+            smoothed_requests: 0.0,
+        },
+        _ => Signals::failed(
+            at,
+            format!(
+                "metrics lack {} / {} / {}",
+                names.waiting, names.running, names.kv_usage[0]
+            ),
+        ),
+    }
+}
+
+fn parse_lora(labels: &str) -> LoraInfo {
+    let list = |name| {
+        label(labels, name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    LoraInfo {
+        max_lora: label(labels, "max_lora")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        running: list("running_lora_adapters"),
+        waiting: list("waiting_lora_adapters"),
+    }
+}
+
+/// Splits `name{labels} value [timestamp]` into its parts (labels without braces).
+fn split_sample(line: &str) -> Option<(&str, &str, f64)> {
+    let (name, labels, rest) = match line.find('{') {
+        Some(open) => {
+            let close = line[open..].rfind('}')? + open;
+            (&line[..open], &line[open + 1..close], &line[close + 1..])
+        }
+        None => {
+            let sp = line.find(' ')?;
+            (&line[..sp], "", &line[sp..])
+        }
+    };
+    let value = rest.split_ascii_whitespace().next()?.parse().ok()?;
+    Some((name.trim(), labels, value))
+}
+
+/// The value of label `name` in `a="x",b="y"` (no escapes expected in the series we read).
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    if name.is_empty() {
+        return None;
+    }
+    let mut rest = labels;
+    while !rest.is_empty() {
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim().trim_start_matches(',').trim();
+        let after = rest[eq + 1..].strip_prefix('"')?;
+        let end = after.find('"')?;
+        if key == name {
+            return Some(&after[..end]);
+        }
+        rest = &after[end + 1..];
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting_by_reason{reason="x"} 99
+vllm:gpu_cache_usage_perc{engine="0",model_name="m"} 0.1
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.42
+vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="2048"} 1.0
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="a1,a2",waiting_lora_adapters=""} 1.7e9
+vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters="old"} 1.6e9
+"#;
+
+    #[test]
+    fn parses_vllm_series_only() {
+        let s = parse(EngineKind::Vllm, VLLM, Instant::now());
+        assert_eq!(s.error, None);
+        assert_eq!((s.running, s.waiting), (4.0, 2.0));
+        assert_eq!(s.kv_usage, Some(0.42));
+        assert_eq!((s.block_size, s.num_blocks), (Some(16), Some(2048)));
+        assert_eq!(s.cache_tokens(), Some(32768));
+        let l = s.lora.unwrap();
+        assert_eq!(l.running, vec!["a1", "a2"]);
+        assert!(l.is_resident("a2") && !l.is_resident("old") && !l.has_room());
+    }
+
+    #[test]
+    fn missing_series_is_a_failed_scrape_not_zero_load() {
+        let s = parse(
+            EngineKind::Vllm,
+            "vllm:num_requests_running 0\n",
+            Instant::now(),
+        );
+        assert!(s.error.is_some());
+        assert!(!s.is_fresh(Instant::now(), Duration::from_secs(5)));
+        // A vLLM body read as SGLang finds nothing either.
+        assert!(parse(EngineKind::Sglang, VLLM, Instant::now())
+            .error
+            .is_some());
+    }
+
+    #[test]
+    fn parses_sglang_and_llamacpp() {
+        let sg = "sglang:num_queue_reqs{model_name=\"m\"} 5\nsglang:num_running_reqs{model_name=\"m\"} 7\nsglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_config_info{page_size=\"1\",num_pages=\"9000\"} 1\n";
+        let s = parse(EngineKind::Sglang, sg, Instant::now());
+        assert_eq!((s.waiting, s.running, s.kv_usage), (5.0, 7.0, Some(0.5)));
+        assert_eq!(s.cache_tokens(), Some(9000));
+        let ll = "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 2\nllamacpp:requests_deferred 1\n";
+        let s = parse(EngineKind::LlamaCpp, ll, Instant::now());
+        assert_eq!((s.waiting, s.running, s.kv_usage), (1.0, 2.0, None));
+        assert!(s.error.is_none());
+    }
+
+    #[test]
+    fn batch_limit_is_learned_and_projects_the_queue() {
+        let t = Instant::now();
+        let body = |run: u32, wait: u32| {
+            format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred {wait}\n")
+        };
+        let s1 = parse(EngineKind::LlamaCpp, &body(3, 0), t).with_context(3, 3, None);
+        assert_eq!(s1.batch_limit, None);
+        assert_eq!(
+            s1.projected_waiting(10),
+            0.0,
+            "no limit known: no projection"
+        );
+        let s2 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, 6, Some(&s1));
+        assert_eq!(s2.batch_limit, Some(4.0));
+        assert_eq!(s2.projected_waiting(6), 2.0);
+        // Five more sent since the scrape: all of them queue.
+        assert_eq!(s2.projected_waiting(11), 7.0);
+        // The limit is kept by later scrapes without a queue.
+        let s3 = parse(EngineKind::LlamaCpp, &body(1, 0), t).with_context(1, 1, Some(&s2));
+        assert_eq!(s3.batch_limit, Some(4.0));
+        assert_eq!(s3.projected_waiting(2), 0.0);
+        assert_eq!(s3.projected_waiting(6), 2.0);
+    }
+
+    #[test]
+    fn engine_counting_more_than_we_sent_means_another_gateway() {
+        let t = Instant::now();
+        let body = |run: u32, wait: u32| {
+            format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred {wait}\n")
+        };
+        let window = Duration::from_secs(30);
+        // Alone: the engine counts what we sent, or less (answers finishing).
+        let s1 = parse(EngineKind::LlamaCpp, &body(3, 1), t).with_context(4, 4, None);
+        let s1 = parse(EngineKind::LlamaCpp, &body(2, 0), t).with_context(3, 3, Some(&s1));
+        assert!(!s1.foreign_load_within(t, window));
+        // One of ours started and finished while the scrape was on its way.
+        let s1 = parse(EngineKind::LlamaCpp, &body(4, 0), t).with_context(3, 4, Some(&s1));
+        assert!(!s1.foreign_load_within(t, window));
+        // One more than ours: someone else's.
+        let s2 = parse(EngineKind::LlamaCpp, &body(3, 1), t).with_context(3, 3, Some(&s1));
+        assert!(s2.foreign_load_within(t, window));
+        // Remembered over later scrapes for the window.
+        let later = t + Duration::from_secs(10);
+        let s3 = parse(EngineKind::LlamaCpp, &body(0, 0), later).with_context(0, 0, Some(&s2));
+        assert!(s3.foreign_load_within(later, window));
+        assert!(!s3.foreign_load_within(t + Duration::from_secs(31), window));
+        // A failed scrape is not a sign.
+        let f = Signals::failed(t, "down").with_context(0, 0, None);
+        assert!(!f.foreign_load_within(t, window));
+    }
+
+    #[test]
+    fn smoothed_requests_follow_sustained_load_not_one_scrape() {
+        let t = Instant::now();
+        let body = |run: u32| {
+            format!("llamacpp:requests_processing {run}\nllamacpp:requests_deferred 0\n")
+        };
+        let ms = |n: u64| t + Duration::from_millis(n);
+        // Idle for a second of 20 ms scrapes, then one scrape catches a pair of
+        // requests (which may have finished by the time routing reads it).
+        let mut s = parse(EngineKind::LlamaCpp, &body(0), t).with_context(0, 0, None);
+        for i in 1..=50 {
+            s = parse(EngineKind::LlamaCpp, &body(0), ms(20 * i)).with_context(0, 0, Some(&s));
+        }
+        let spike = parse(EngineKind::LlamaCpp, &body(2), ms(1020)).with_context(0, 0, Some(&s));
+        assert_eq!(spike.running, 2.0);
+        assert!(spike.smoothed_requests < 0.1, "{}", spike.smoothed_requests);
+        // Load that lasts: the average follows it within about a second.
+        let mut s = spike;
+        for i in 1..=75 {
+            s = parse(EngineKind::LlamaCpp, &body(8), ms(1020 + 20 * i)).with_context(
+                0,
+                0,
+                Some(&s),
+            );
+        }
+        assert!(s.smoothed_requests > 7.5, "{}", s.smoothed_requests);
+        // One late scrape weighs by the time it covers, not as one sample.
+        let late = parse(EngineKind::LlamaCpp, &body(0), ms(5020)).with_context(0, 0, Some(&s));
+        assert!(late.smoothed_requests < 0.1, "{}", late.smoothed_requests);
+        // After a failed scrape (replica unknown) the average starts over.
+        let f = Signals::failed(ms(5040), "down").with_context(0, 0, Some(&s));
+        assert_eq!(f.smoothed_requests, 0.0);
+        let back = parse(EngineKind::LlamaCpp, &body(3), ms(5060)).with_context(0, 0, Some(&f));
+        assert_eq!(back.smoothed_requests, 3.0);
+    }
+
+    #[test]
+    fn staleness() {
+        let t0 = Instant::now();
+        let s = parse(
+            EngineKind::LlamaCpp,
+            "llamacpp:requests_processing 0\nllamacpp:requests_deferred 0\n",
+            t0,
+        );
+        assert!(s.is_fresh(t0, Duration::from_millis(100)));
+        assert!(!s.is_fresh(t0 + Duration::from_millis(101), Duration::from_millis(100)));
+    }
+}

@@ -1,0 +1,368 @@
+//! The gateway's runtime state: the route table snapshot and the long-lived pools.
+//!
+//! [`Gateway::apply_config`] builds a new [`RouteTable`] and swaps it in
+//! atomically (arc-swap); a request keeps the snapshot it started with. Pools
+//! are keyed by name and reused across reloads, so their replicas' accounting
+//! survives; a static `endpoints:` list is applied as one `Update::Reset`, while
+//! pools with a `service:` are fed by discovery (see [`Gateway::pool`]).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+
+use super::upstream::UpstreamClient;
+use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
+use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
+use infergate_core::discovery::{Endpoint, Update};
+use infergate_core::pool::Pool;
+use infergate_core::routing::scrape::Scrapers;
+use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig};
+
+/// One model route, resolved against its pool.
+#[derive(Debug)]
+pub struct Route {
+    /// The route's primary model name (its metrics label).
+    pub name: Arc<str>,
+    pub pool: Arc<Pool>,
+    pub picker: Arc<dyn Picker>,
+    pub client: UpstreamClient,
+    pub config: RouteConfig,
+    /// The admission (token budget, queue, outlier ejection) of `pool`.
+    pub admission: Arc<PoolAdmission>,
+    /// The route's canary split (no canary: always stable).
+    pub canary: Arc<CanarySplit>,
+    /// The canary side: this route's config over the canary pool (its
+    /// `target_model` is the canary's model when set).
+    pub canary_side: Option<Arc<Route>>,
+}
+
+/// An immutable snapshot of the routes, swapped as a whole on reload.
+#[derive(Debug)]
+pub struct RouteTable {
+    by_model: HashMap<String, Arc<Route>>,
+    pub routes: Vec<Arc<Route>>,
+    /// Limit applied while reading a body (before the route is known).
+    pub max_body_bytes: u64,
+    /// The `GET /v1/models` answer, rendered once.
+    pub models_body: Bytes,
+}
+
+impl RouteTable {
+    /// The route serving `model` (its name or an alias).
+    pub fn resolve(&self, model: &str) -> Option<&Arc<Route>> {
+        self.by_model.get(model)
+    }
+}
+
+/// The data plane's shared state.
+pub struct Gateway {
+    table: ArcSwap<RouteTable>,
+    config: tokio::sync::watch::Sender<Arc<Config>>,
+    /// Pools by name, and the pickers by route model (kept when their config is
+    /// unchanged so their state, e.g. a prefix index, survives reloads).
+    /// Locked only while a config is applied, never on the request path.
+    state: Mutex<ReloadState>,
+    ready: AtomicBool,
+    /// Queues, ejections and canary verdicts, kept across reloads.
+    admissions: AdmissionRegistry,
+}
+
+#[derive(Default)]
+struct ReloadState {
+    pools: HashMap<String, Arc<Pool>>,
+    pickers: HashMap<String, (RoutingConfig, Arc<dyn Picker>)>,
+    clients: HashMap<Duration, UpstreamClient>,
+    /// Each pool's `/metrics` scrape loops (routing signals).
+    scrapers: Scrapers,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("routes", &self.table.load().routes.len())
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// Builds a gateway serving `config`.
+    pub fn new(config: Config) -> Result<Arc<Gateway>, ConfigError> {
+        config.validate()?;
+        let (tx, _) = tokio::sync::watch::channel(Arc::new(config.clone()));
+        let gw = Gateway {
+            table: ArcSwap::from_pointee(RouteTable {
+                by_model: HashMap::new(),
+                routes: Vec::new(),
+                max_body_bytes: config.max_body_bytes,
+                models_body: Bytes::new(),
+            }),
+            config: tx,
+            state: Mutex::new(ReloadState::default()),
+            ready: AtomicBool::new(true),
+            admissions: AdmissionRegistry::default(),
+        };
+        gw.apply_config(config)?;
+        Ok(Arc::new(gw))
+    }
+
+    /// The current route table (a cheap snapshot).
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// The config currently applied.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Notifies on every applied config (for discovery to start or stop watches).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Config>> {
+        self.config.subscribe()
+    }
+
+    /// The pool named `name`, as currently configured. Discovery feeds it with
+    /// `pool.apply(update)`.
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.lock_state().pools.get(name).cloned()
+    }
+
+    /// All pools currently configured.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.lock_state().pools.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Whether `/readyz` answers ready (off while draining).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Sets a route's canary at run time (pool, weight, rollback rules), for
+    /// example from Kubernetes Service annotations; `None` removes it. It
+    /// stays until the config file's canary for the route changes. The canary
+    /// pool must be a configured pool. Returns false when the route is unknown.
+    pub fn set_canary(
+        &self,
+        route: &str,
+        canary: Option<infergate_core::admission::config::CanaryConfig>,
+    ) -> Result<bool, ConfigError> {
+        if !self.admissions.set_canary(route, canary) {
+            return Ok(false);
+        }
+        // Rebuild the routes so the canary side points at the new pool.
+        self.apply_config(Config::clone(&self.config()))?;
+        Ok(true)
+    }
+
+    /// The canary split of a route (its weight, rollback state).
+    pub fn canary(&self, route: &str) -> Option<Arc<CanarySplit>> {
+        self.admissions.canary_of(route)
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, ReloadState> {
+        // A panic while applying a config leaves the maps consistent (each
+        // insert is whole), so a poisoned lock is safe to keep using.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Validates `config` and swaps it in atomically. Requests in flight keep
+    /// the snapshot they started with; pools and pickers are reused by name.
+    pub fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
+        config.validate()?;
+        let mut state = self.lock_state();
+        let mut pools = HashMap::new();
+        for pc in &config.pools {
+            let pool = match state.pools.get(&pc.name) {
+                Some(p) if p.engine == pc.engine => p.clone(),
+                _ => Arc::new(Pool::new(pc.name.as_str(), pc.engine)),
+            };
+            if let PoolSource::Static(urls) = pc.source() {
+                let eps = urls.iter().filter_map(|u| Endpoint::from_url(u)).collect();
+                pool.apply(Update::Reset(eps));
+            }
+            pools.insert(pc.name.clone(), pool);
+        }
+        let mut pickers = HashMap::new();
+        // Per pool: the scrape config (of its first inference-aware route) and
+        // the pickers that use replica signals.
+        let mut per_pool: HashMap<
+            String,
+            (infergate_core::routing::config::ScrapeConfig, Vec<Arc<dyn Picker>>),
+        > = HashMap::new();
+        let mut by_model = HashMap::new();
+        self.admissions.begin_load();
+        let mut routes = Vec::new();
+        for rc in &config.routes {
+            let Some(pool) = pools.get(&rc.pool).cloned() else {
+                continue; // validate() guarantees the pool exists
+            };
+            let picker = match state.pickers.get(&rc.model) {
+                Some((cfg, p)) if *cfg == rc.routing => p.clone(),
+                _ => build_picker(&rc.routing),
+            };
+            pickers.insert(rc.model.clone(), (rc.routing.clone(), picker.clone()));
+            if rc.routing.policy == PolicyName::InferenceAware {
+                per_pool
+                    .entry(rc.pool.clone())
+                    .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
+                    .1
+                    .push(picker.clone());
+            }
+            let client = state
+                .clients
+                .entry(rc.timeouts.connect)
+                .or_insert_with(|| UpstreamClient::new(rc.timeouts.connect))
+                .clone();
+            let admission = self.admissions.pool(&pool, &rc.admission);
+            let canary = self
+                .admissions
+                .canary(&rc.model, rc.admission.canary.clone());
+            // The canary side is built from the canary in effect (set from the
+            // file, or at run time through `set_canary`).
+            let canary_side = canary.config().and_then(|cc| {
+                let cpool = pools.get(&cc.pool)?.clone();
+                let mut cfg = rc.clone();
+                if cc.model.is_some() {
+                    cfg.target_model = cc.model.clone();
+                }
+                let key = format!("{}\u{0}canary", rc.model);
+                let picker = match state.pickers.get(&key) {
+                    Some((c, p)) if *c == rc.routing => p.clone(),
+                    _ => build_picker(&rc.routing),
+                };
+                pickers.insert(key, (rc.routing.clone(), picker.clone()));
+                if rc.routing.policy == PolicyName::InferenceAware {
+                    per_pool
+                        .entry(cc.pool.clone())
+                        .or_insert_with(|| (rc.routing.scrape.clone(), Vec::new()))
+                        .1
+                        .push(picker.clone());
+                }
+                Some(Arc::new(Route {
+                    name: rc.model.as_str().into(),
+                    admission: self.admissions.pool(&cpool, &rc.admission),
+                    pool: cpool,
+                    picker,
+                    client: client.clone(),
+                    config: cfg,
+                    canary: Arc::new(CanarySplit::new(rc.model.as_str(), None)),
+                    canary_side: None,
+                }))
+            });
+            let route = Arc::new(Route {
+                name: rc.model.as_str().into(),
+                pool,
+                picker,
+                client,
+                config: rc.clone(),
+                admission,
+                canary,
+                canary_side,
+            });
+            for name in std::iter::once(&rc.model).chain(&rc.aliases) {
+                by_model.insert(name.clone(), route.clone());
+            }
+            routes.push(route);
+        }
+        let models_body = models_list(&config);
+        self.table.store(Arc::new(RouteTable {
+            by_model,
+            routes,
+            max_body_bytes: config.max_body_bytes,
+            models_body,
+        }));
+        let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
+        let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
+        self.admissions.retain(&pool_names, &route_names);
+        let scraped = per_pool
+            .into_iter()
+            .filter_map(|(name, (cfg, p))| Some((pools.get(&name)?.clone(), cfg, p)))
+            .collect();
+        state.scrapers.sync(scraped);
+        state.pools = pools;
+        state.pickers = pickers;
+        state
+            .clients
+            .retain(|d, _| config.routes.iter().any(|r| r.timeouts.connect == *d));
+        drop(state);
+        self.config.send_replace(Arc::new(config));
+        Ok(())
+    }
+}
+
+/// The OpenAI `GET /v1/models` body: every model name and alias served.
+fn models_list(config: &Config) -> Bytes {
+    let data: Vec<serde_json::Value> = config
+        .routes
+        .iter()
+        .flat_map(|r| std::iter::once(&r.model).chain(&r.aliases))
+        .map(|m| {
+            serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "infergate"})
+        })
+        .collect();
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({"object": "list", "data": data}))
+            .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(endpoints: &[&str], pool: &str) -> Config {
+        let yaml = format!(
+            "pools:\n  - name: {pool}\n    endpoints: [{}]\nroutes:\n  - model: m\n    aliases: [a]\n    pool: {pool}\n",
+            endpoints.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ")
+        );
+        Config::parse(&yaml, "t").unwrap()
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_pools_and_accounting() {
+        let gw = Gateway::new(cfg(&["http://127.0.0.1:1", "http://127.0.0.1:2"], "p")).unwrap();
+        let before = gw.routes();
+        let route = before.resolve("a").unwrap().clone();
+        assert_eq!(route.pool.replicas().len(), 2);
+        let guard = route.pool.replicas()[0].begin(10, 0);
+
+        gw.apply_config(cfg(&["http://127.0.0.1:1", "http://127.0.0.1:3"], "p"))
+            .unwrap();
+        let after = gw.routes();
+        let pool = gw.pool("p").unwrap();
+        assert!(Arc::ptr_eq(&pool, &after.resolve("m").unwrap().pool));
+        assert!(Arc::ptr_eq(&pool, &route.pool), "pool reused by name");
+        assert_eq!(pool.replicas()[0].load.requests(), 1, "accounting survives");
+        assert_eq!(pool.replicas()[1].key(), "127.0.0.1:3");
+        // The old snapshot is still whole for requests that started on it.
+        assert!(before.resolve("m").is_some());
+        drop(guard);
+
+        gw.apply_config(cfg(&["http://127.0.0.1:1"], "q")).unwrap();
+        assert!(gw.pool("p").is_none());
+        assert!(gw.routes().resolve("z").is_none());
+        let models: serde_json::Value = serde_json::from_slice(&gw.routes().models_body).unwrap();
+        assert_eq!(models["data"][1]["id"], "a");
+    }
+}
+
+impl infergate_core::dataplane::Dataplane for Gateway {
+    fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
+        Gateway::apply_config(self, config)
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Config>> {
+        Gateway::subscribe(self)
+    }
+    fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        Gateway::pool(self, name)
+    }
+}

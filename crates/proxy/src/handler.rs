@@ -1,0 +1,298 @@
+//! The per-request pipeline: body → features → route → admission → forward →
+//! relay. Each step lives in its own module; this one wires them and turns
+//! every failure into an OpenAI-style JSON error with a log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+
+use super::admit::{served_headers, AdmissionPlan, Admitted, Served};
+use super::body::{check_content_type, read_limited, too_large};
+use super::context::{ApiKind, RequestContext, REPLICA_HEADER, REQUEST_ID};
+use super::forward::{forward, Dispatch, ForwardError, Upstream};
+use super::gateway::Gateway;
+use super::headers::{clean_response_headers, is_event_stream};
+use super::parse::{parse_features, upstream_body};
+use super::record::{Outcome, RequestRecord};
+use super::relay::{GatewayBody, RelayBody, RelaySetup};
+use super::upstream::Outgoing;
+use infergate_protocol::error::ApiError;
+
+/// Handles one client request.
+pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GatewayBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let received_at = Instant::now();
+    let request_id = request_id_of(&req);
+    let version = req.version();
+    let mut resp = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
+        (&Method::POST, p) if p.starts_with("/v1/") => {
+            proxy(&gw, req, request_id.clone(), received_at).await
+        }
+        (_, p) if p.starts_with("/v1/") => reject(
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("Method {} is not allowed on {p}", req.method()),
+            ),
+            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
+        ),
+        (_, p) => reject(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("Unknown path {p}"),
+            )
+            .with_code("not_found"),
+            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
+        ),
+    };
+    resp.headers_mut().insert(REQUEST_ID, request_id);
+    if version == http::Version::HTTP_2 {
+        let limit = gw.config().listeners.main.client_stall;
+        resp = resp.map(|b| b.watch_stream(limit));
+    }
+    resp
+}
+
+/// The client's `x-request-id` when usable, else a fresh UUID.
+fn request_id_of<B>(req: &Request<B>) -> HeaderValue {
+    match req.headers().get(REQUEST_ID) {
+        Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => v.clone(),
+        _ => {
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
+        }
+    }
+}
+
+fn json_response(body: Bytes) -> Response<GatewayBody> {
+    let mut r = Response::new(GatewayBody::from(body));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
+    tracing::debug!(request_id = %record.request_id, error = %e, "rejected");
+    record.finish(e.status.as_u16(), Outcome::Rejected);
+    e.into_response()
+}
+
+async fn proxy<B>(
+    gw: &Gateway,
+    req: Request<B>,
+    request_id: HeaderValue,
+    received_at: Instant,
+) -> Response<GatewayBody>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut record = RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at);
+    let (parts, body) = req.into_parts();
+    let kind = ApiKind::from_path(parts.uri.path());
+    let table = gw.routes();
+
+    if let Err(e) = check_content_type(&parts.headers) {
+        return reject(e, record);
+    }
+    let body = match read_limited(&parts.headers, body, table.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return reject(e, record),
+    };
+    let features = match parse_features(kind, &body) {
+        Ok(f) => f,
+        Err(e) => return reject(e, record),
+    };
+    record.model = features.model.clone();
+    record.prompt_tokens = u64::from(features.prompt_tokens);
+    let Some(route) = table.resolve(&features.model).cloned() else {
+        return reject(ApiError::model_not_found(&features.model), record);
+    };
+    record.route = route.name.clone();
+    let rc = &route.config;
+    if let Some(limit) = rc.max_body_bytes {
+        if body.len() as u64 > limit {
+            return reject(too_large(limit), record);
+        }
+    }
+
+    let mut ctx = RequestContext::new(record.request_id.clone(), received_at, kind, &parts.headers);
+    ctx.upstream_model = rc
+        .target_model
+        .clone()
+        .unwrap_or_else(|| features.model.clone());
+    ctx.expected_output_tokens = features.max_tokens.unwrap_or(rc.default_max_tokens);
+    ctx.features = features;
+
+    let mut plan = AdmissionPlan::new(&table, &route, &ctx, &parts.headers);
+    record.canary = plan.canary.clone();
+    let admitted = match plan.admit(&ctx).await {
+        Ok(a) => a,
+        Err(e) => return reject(e, record),
+    };
+
+    let timeouts = rc.timeouts.clone();
+    let stream = ctx.features.stream;
+    let first_byte_deadline = Instant::now() + timeouts.first_byte;
+    record.overhead = Some(received_at.elapsed());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let headers = parts.headers;
+    let rid = request_id.clone();
+    let include_usage = rc.usage.include_usage;
+    let mut pending = Box::pin(async move {
+        let out = Outgoing {
+            path_and_query,
+            headers: &headers,
+            body,
+            request_id: &rid,
+        };
+        dispatch(
+            plan,
+            admitted,
+            &ctx,
+            out,
+            include_usage,
+            first_byte_deadline,
+        )
+        .await
+    });
+
+    let upstream = match (stream, timeouts.keepalive_after) {
+        (true, Some(after)) => {
+            let commit_at = received_at + after;
+            tokio::select! {
+                r = &mut pending => r,
+                _ = tokio::time::sleep_until(commit_at.into()) => {
+                    // Prefill is slow: commit the event stream now and keep it alive.
+                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true };
+                    let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
+                    let h = resp.headers_mut();
+                    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                    return resp;
+                }
+            }
+        }
+        _ => pending.await,
+    };
+
+    match upstream {
+        Err(fe) => {
+            record.attempts = fe.attempts;
+            if let Some(r) = fe.replica {
+                record.replica = r;
+            }
+            let outcome = if fe.error.status == StatusCode::GATEWAY_TIMEOUT {
+                Outcome::FirstByteTimeout
+            } else {
+                Outcome::UpstreamError
+            };
+            tracing::warn!(request_id = %record.request_id, error = %fe.error, "upstream failed");
+            record.finish(fe.error.status.as_u16(), outcome);
+            fe.error.into_response()
+        }
+        Ok(up) => {
+            record.attempts = up.attempts;
+            let (mut head, incoming) = up.response.into_parts();
+            clean_response_headers(&mut head.headers);
+            let sse = is_event_stream(&head.headers);
+            if sse {
+                // The relay may append an error event: the length is not known.
+                head.headers.remove(http::header::CONTENT_LENGTH);
+            }
+            if let Ok(v) = HeaderValue::from_str(up.guard.replica().key()) {
+                head.headers.insert(REPLICA_HEADER, v);
+            }
+            served_headers(&mut head.headers, &up.served);
+            record.canary = up.served.canary.clone();
+            let status = head.status.as_u16();
+            let setup = RelaySetup {
+                record,
+                timeouts,
+                first_byte_deadline,
+                sse,
+            };
+            let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
+            Response::from_parts(head, GatewayBody::Relay(Box::new(body)))
+        }
+    }
+}
+
+/// Sends an admitted request upstream (body rewritten for its side's model),
+/// and when every attempt failed before the first byte (or the last answer
+/// was a 5xx), admits and sends it again on the route's next fallback model
+/// if the route allows.
+async fn dispatch(
+    mut plan: AdmissionPlan,
+    mut admitted: Admitted,
+    ctx: &RequestContext,
+    out: Outgoing<'_>,
+    include_usage: bool,
+    first_byte_deadline: Instant,
+) -> Result<Upstream, ForwardError> {
+    loop {
+        let served = Served {
+            model: admitted.upstream_model(ctx).to_owned(),
+            fallback: admitted.fallback,
+            canary: plan.canary.clone(),
+        };
+        let body = upstream_body(&out.body, &ctx.features, Some(&served.model), include_usage)
+            .map_err(|error| ForwardError {
+                error,
+                attempts: 0,
+                replica: None,
+            })?;
+        let attempt = Outgoing {
+            path_and_query: out.path_and_query.clone(),
+            headers: out.headers,
+            body,
+            request_id: out.request_id,
+        };
+        let route = admitted.route.clone();
+        let d = Dispatch {
+            plan: &plan,
+            route: &route,
+            fallback: admitted.fallback.is_some(),
+            first: admitted.reservation,
+        };
+        let result = forward(d, ctx, attempt, first_byte_deadline).await;
+        let failed = match &result {
+            Ok(up) => up.response.status().is_server_error(),
+            Err(fe) => fe.error.status != StatusCode::GATEWAY_TIMEOUT,
+        };
+        if failed && Instant::now() < first_byte_deadline {
+            if let Some(next) = plan.after_upstream_failure(&route, ctx).await {
+                match next {
+                    Ok(a) => {
+                        admitted = a;
+                        continue;
+                    }
+                    Err(error) => {
+                        return Err(ForwardError {
+                            error,
+                            attempts: 0,
+                            replica: None,
+                        })
+                    }
+                }
+            }
+        }
+        return result.map(|mut up| {
+            up.served = served;
+            up
+        });
+    }
+}

@@ -1,0 +1,346 @@
+//! Listeners and lifecycle: accepts connections (HTTP/1.1 and h2c on
+//! cleartext; TLS with ALPN h2/http1.1 when configured), serves the proxy and
+//! the admin endpoints, and drains gracefully.
+//!
+//! [`start`] is also the in-process API tests use: it binds the listeners
+//! (port 0 works), spawns the accept loops and returns a [`ServerHandle`].
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::gateway::Gateway;
+use crate::backpressure::StallIo;
+use infergate_core::config::{Config, ConfigError, Listener, TlsConfig};
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// A running gateway.
+pub struct ServerHandle {
+    /// Where the OpenAI API listens.
+    pub local_addr: SocketAddr,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/routes` listen.
+    pub admin_addr: Option<SocketAddr>,
+    pub gateway: Arc<Gateway>,
+    stop_main: watch::Sender<Option<Duration>>,
+    main_task: JoinHandle<()>,
+    stop_admin: watch::Sender<Option<Duration>>,
+    admin_task: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The base URL of the API, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// The admin base URL.
+    pub fn admin_url(&self) -> Option<String> {
+        self.admin_addr.map(|a| format!("http://{a}"))
+    }
+
+    /// Graceful shutdown: readiness turns off, the main listener stops
+    /// accepting, idle connections close, requests in flight may finish for up
+    /// to `grace`; whatever is left then is cut. The admin listener keeps
+    /// answering (`/readyz` says draining) until the main one is done. Returns
+    /// as soon as all is done (no fixed sleep).
+    pub async fn drain(self, grace: Duration) {
+        self.gateway.set_ready(false);
+        let _ = self.stop_main.send(Some(grace));
+        let _ = self.main_task.await;
+        let _ = self.stop_admin.send(Some(Duration::ZERO));
+        if let Some(t) = self.admin_task {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops at once (in-flight requests are cut).
+    pub async fn shutdown(self) {
+        self.drain(Duration::ZERO).await
+    }
+}
+
+/// Binds the listeners of `config` and starts serving.
+pub async fn start(config: Config) -> Result<ServerHandle, StartError> {
+    let listeners = config.listeners.clone();
+    let gateway = Gateway::new(config)?;
+    start_with(gateway, &listeners.main, listeners.admin.as_ref()).await
+}
+
+/// Serves an existing [`Gateway`] on the given listeners.
+pub async fn start_with(
+    gateway: Arc<Gateway>,
+    main: &Listener,
+    admin: Option<&Listener>,
+) -> Result<ServerHandle, StartError> {
+    let (stop_main, stop_rx) = watch::channel(None);
+    let (stop_admin, stop_admin_rx) = watch::channel(None);
+
+    let main_listener = bind(main.address).await?;
+    let local_addr = main_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: main.address,
+            source,
+        })?;
+    let tls = main.tls.as_ref().map(tls_acceptor).transpose()?;
+    let gw = gateway.clone();
+    let handler = move |req| {
+        let gw = gw.clone();
+        async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
+    };
+    let main_task = match main.workers {
+        None | Some(0) => tokio::spawn(accept_loop(
+            main_listener,
+            tls,
+            main.client_stall,
+            stop_rx,
+            handler,
+        )),
+        Some(n) => spawn_workers(n, main_listener, tls, main.client_stall, stop_rx, handler)
+            .map_err(|source| StartError::Bind {
+                addr: local_addr,
+                source,
+            })?,
+    };
+
+    let mut admin_addr = None;
+    let mut admin_task = None;
+    if let Some(a) = admin {
+        let l = bind(a.address).await?;
+        admin_addr = l.local_addr().ok();
+        let tls = a.tls.as_ref().map(tls_acceptor).transpose()?;
+        let gw = gateway.clone();
+        admin_task = Some(tokio::spawn(accept_loop(
+            l,
+            tls,
+            a.client_stall,
+            stop_admin_rx,
+            move |req| {
+                let r = super::admin::handle(&gw, &req);
+                async move { Ok::<_, Infallible>(r) }
+            },
+        )));
+    }
+    tracing::info!(%local_addr, admin = ?admin_addr, "infergate listening");
+    Ok(ServerHandle {
+        local_addr,
+        admin_addr,
+        gateway,
+        stop_main,
+        main_task,
+        stop_admin,
+        admin_task,
+    })
+}
+
+/// How many CPUs this process may use (1 when unknown).
+pub fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+thread_local! {
+    /// This thread's serving worker number (1-based; 0 outside the workers).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The serving worker the current thread is (1-based), 0 on any other thread.
+/// The upstream client keeps one connection pool per worker with it.
+pub fn current_worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
+/// Serves `listener` on `n` threads, each running a current-thread runtime
+/// with its own accept loop on the shared socket: a connection, its request
+/// and its upstream connection live on one thread, with no cross-thread
+/// wake-ups or work stealing on the request path. The returned task ends when
+/// every worker has drained.
+fn spawn_workers<F, Fut>(
+    n: usize,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    client_stall: Option<Duration>,
+    stop: watch::Receiver<Option<Duration>>,
+    handler: F,
+) -> std::io::Result<JoinHandle<()>>
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
+        + Send
+        + 'static,
+{
+    let shared = listener.into_std()?;
+    let mut done = Vec::with_capacity(n);
+    for i in 1..=n.max(1) {
+        let socket = shared.try_clone()?;
+        let (tls, stop, handler) = (tls.clone(), stop.clone(), handler.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("infergate-w{i}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(i));
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(l) => accept_loop(l, tls, client_stall, stop, handler).await,
+                        Err(e) => tracing::error!(error = %e, worker = i, "worker cannot listen"),
+                    }
+                });
+                // Dropping the runtime ends this worker's upstream connections.
+                drop(runtime);
+                let _ = tx.send(());
+            })?;
+        done.push(rx);
+    }
+    Ok(tokio::spawn(async move {
+        for rx in done {
+            let _ = rx.await;
+        }
+    }))
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn tls_acceptor(cfg: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&cfg.cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.cert_file.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+}
+
+fn conn_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        // Pipelined requests get their answers in one write.
+        .pipeline_flush(true);
+    b.http2().timer(TokioTimer::new());
+    b
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    client_stall: Option<Duration>,
+    mut stop: watch::Receiver<Option<Duration>>,
+    handler: F,
+) where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
+        + Send
+        + 'static,
+{
+    let builder = Arc::new(conn_builder());
+    let graceful = GracefulShutdown::new();
+    let mut conns = tokio::task::JoinSet::new();
+    let grace = loop {
+        tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off briefly.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let stream = StallIo::new(stream, client_stall);
+                let svc = service_fn(handler.clone());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
+                // Plain and TLS connections are separate tasks: a task is as
+                // large as its future, and the TLS one carries rustls state.
+                match tls {
+                    None => {
+                        conns.spawn(async move {
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Some(acceptor) => {
+                        conns.spawn(async move {
+                            let s = match acceptor.accept(stream).await {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(s), svc);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                }
+            }
+            changed = stop.changed() => {
+                let grace = match changed {
+                    Ok(()) => stop.borrow().unwrap_or_default(),
+                    Err(_) => Duration::ZERO,
+                };
+                break grace;
+            }
+        }
+    };
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "grace period over: cutting the remaining connections"
+        );
+        conns.abort_all();
+    }
+    while conns.join_next().await.is_some() {}
+}

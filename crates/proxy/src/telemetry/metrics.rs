@@ -1,0 +1,233 @@
+//! Prometheus metrics of the data plane, labelled by route, model and replica.
+//!
+//! The recorder is process-wide (the `metrics` facade); [`handle`] installs it
+//! once and renders it for the admin listener's `/metrics`. Per-replica load
+//! gauges are not updated on the hot path: [`render`] reads them from the pools'
+//! own counters at scrape time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use infergate_core::pool::Pool;
+
+pub const REQUESTS: &str = "infergate_requests_total";
+pub const TTFT: &str = "infergate_time_to_first_token_seconds";
+pub const ITL: &str = "infergate_inter_token_latency_seconds";
+pub const DURATION: &str = "infergate_request_duration_seconds";
+pub const OVERHEAD: &str = "infergate_gateway_overhead_seconds";
+pub const PROMPT_TOKENS: &str = "infergate_prompt_tokens_total";
+pub const COMPLETION_TOKENS: &str = "infergate_completion_tokens_total";
+pub const RETRIES: &str = "infergate_upstream_retries_total";
+pub const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
+pub const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
+pub const REPLICAS: &str = "infergate_pool_replicas";
+
+/// How often buffered histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
+];
+
+/// The process-wide Prometheus handle (installs the recorder on first use).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(TTFT.into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(DURATION.into()), LATENCY_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ITL.into()), ITL_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS)
+            })
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Histogram samples are buffered until drained: without a drain
+        // between scrapes they would grow without bound (one per token).
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("infergate-metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            });
+        // Another recorder may already be installed (an embedding program, a
+        // test): then our handle renders only what it saw, which is harmless.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Renders all metrics, refreshing the per-replica load gauges first.
+pub fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> String {
+    let h = handle();
+    for pool in pools {
+        let replicas = pool.replicas();
+        gauge!(REPLICAS, "pool" => pool.name.to_string()).set(replicas.len() as f64);
+        for r in replicas.iter() {
+            let labels = [
+                ("pool", pool.name.to_string()),
+                ("replica", r.key().to_string()),
+            ];
+            gauge!(IN_FLIGHT, &labels).set(r.load.requests() as f64);
+            gauge!(TOKENS_IN_FLIGHT, &labels).set(r.load.tokens() as f64);
+        }
+    }
+    h.render()
+}
+
+/// Metric handles of one (route, replica) pair, resolved once and cached, so a
+/// request's metrics cost no registry lookup and no label allocation.
+pub struct PairMetrics {
+    pub itl: Histogram,
+    duration: Histogram,
+    ttft: Histogram,
+    overhead: Histogram,
+    prompt_tokens: Counter,
+    completion_tokens: Counter,
+    /// `infergate_requests_total` of this pair, by (model, status, outcome):
+    /// a few entries, searched without allocating.
+    requests: RwLock<Vec<RequestsEntry>>,
+}
+
+impl PairMetrics {
+    fn new(route: &str, replica: &str) -> Self {
+        let labels = [
+            ("route", route.to_string()),
+            ("replica", replica.to_string()),
+        ];
+        PairMetrics {
+            itl: histogram!(ITL, &labels),
+            duration: histogram!(DURATION, &labels),
+            ttft: histogram!(TTFT, &labels),
+            overhead: histogram!(OVERHEAD, "route" => route.to_string()),
+            prompt_tokens: counter!(PROMPT_TOKENS, &labels),
+            completion_tokens: counter!(COMPLETION_TOKENS, &labels),
+            requests: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn requests(&self, f: &Finished<'_>) -> Counter {
+        let find = |v: &[RequestsEntry]| {
+            v.iter()
+                .find(|(m, s, o, _)| **m == *f.model && *s == f.status && *o == f.outcome)
+                .map(|e| e.3.clone())
+        };
+        if let Some(c) = find(&self.requests.read().unwrap_or_else(|p| p.into_inner())) {
+            return c;
+        }
+        let mut v = self.requests.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = find(&v) {
+            return c;
+        }
+        let c = counter!(REQUESTS,
+            "route" => f.route.to_string(), "model" => f.model.to_string(),
+            "replica" => f.replica.to_string(), "status" => status_label(f.status),
+            "outcome" => f.outcome);
+        v.push((f.model.into(), f.status, f.outcome, c.clone()));
+        c
+    }
+}
+
+type PairKey = (Arc<str>, Arc<str>);
+
+/// (model, status, outcome) and its `infergate_requests_total` counter.
+type RequestsEntry = (Box<str>, u16, &'static str, Counter);
+
+#[derive(Default)]
+struct Cache {
+    pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
+}
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(Cache::default)
+}
+
+/// The cached handles of `(route, replica)`.
+pub fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
+    let _ = handle();
+    let key = (route.clone(), replica.clone());
+    let c = cache();
+    if let Some(m) = c.pairs.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return m.clone();
+    }
+    let m = Arc::new(PairMetrics::new(route, replica));
+    c.pairs
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(m)
+        .clone()
+}
+
+/// What one finished request contributes to the metrics.
+pub struct Finished<'a> {
+    pub route: &'a Arc<str>,
+    pub model: &'a str,
+    pub replica: &'a Arc<str>,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub duration: Duration,
+    pub ttft: Option<Duration>,
+    pub overhead: Option<Duration>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+pub fn record_finished(f: &Finished<'_>) {
+    // Install the recorder before any handle is made and cached.
+    let _ = handle();
+    let m = pair(f.route, f.replica);
+    m.requests(f).increment(1);
+    m.duration.record(f.duration.as_secs_f64());
+    if let Some(t) = f.ttft {
+        m.ttft.record(t.as_secs_f64());
+    }
+    if let Some(o) = f.overhead {
+        m.overhead.record(o.as_secs_f64());
+    }
+    if f.prompt_tokens > 0 {
+        m.prompt_tokens.increment(f.prompt_tokens);
+    }
+    if f.completion_tokens > 0 {
+        m.completion_tokens.increment(f.completion_tokens);
+    }
+}
+
+pub fn record_retry(route: &str, replica: &str, reason: &'static str) {
+    let _ = handle();
+    counter!(RETRIES, "route" => route.to_string(), "replica" => replica.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        404 => "404",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

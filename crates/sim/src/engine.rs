@@ -1,0 +1,689 @@
+//! The engine of one replica: vLLM-style continuous batching over a KV cache.
+//!
+//! Synchronous and clock-free: [`Engine::schedule`] plans one step (admissions,
+//! chunked prefill, one decode token per running sequence, preemption when the
+//! cache is full) and returns its modelled duration; [`Engine::finish_step`]
+//! applies it once that time has passed. The fleet's clock thread
+//! (`clock.rs`) drives the two in real time, and unit tests drive them
+//! directly, so the model is tested exactly, without wall-clock noise.
+//!
+//! A sequence talks to its HTTP response through [`SeqShared`]: atomics for the
+//! tokens generated so far and the status, and one waker, so a step wakes each
+//! stream once and allocates nothing per token.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::task::AtomicWaker;
+
+use super::config::EngineParams;
+use super::kv::{BlockId, BlockPool};
+use super::metrics::Histogram;
+
+/// Why a sequence ended (or that it has not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SeqStatus {
+    Active = 0,
+    /// Reached `max_tokens`.
+    Length = 1,
+    /// Ended before `max_tokens` (output-length distribution).
+    Stop = 2,
+    /// Dropped by the engine (crash, or a request that can never fit).
+    Failed = 3,
+}
+
+impl SeqStatus {
+    fn from_u8(v: u8) -> SeqStatus {
+        match v {
+            1 => SeqStatus::Length,
+            2 => SeqStatus::Stop,
+            3 => SeqStatus::Failed,
+            _ => SeqStatus::Active,
+        }
+    }
+    /// The OpenAI `finish_reason`.
+    pub fn finish_reason(self) -> &'static str {
+        match self {
+            SeqStatus::Stop => "stop",
+            _ => "length",
+        }
+    }
+}
+
+/// State shared between a sequence in the engine and its HTTP response.
+#[derive(Debug)]
+pub struct SeqShared {
+    pub id: u64,
+    pub prompt_tokens: u32,
+    generated: AtomicU32,
+    status: AtomicU8,
+    cached_tokens: AtomicU32,
+    pub waker: AtomicWaker,
+}
+
+impl SeqShared {
+    pub fn new(id: u64, prompt_tokens: u32) -> Self {
+        SeqShared {
+            id,
+            prompt_tokens,
+            generated: AtomicU32::new(0),
+            status: AtomicU8::new(SeqStatus::Active as u8),
+            cached_tokens: AtomicU32::new(0),
+            waker: AtomicWaker::new(),
+        }
+    }
+    /// Status, then the tokens generated (read in that order, a final status
+    /// guarantees the final count).
+    pub fn progress(&self) -> (SeqStatus, u32) {
+        let s = SeqStatus::from_u8(self.status.load(Ordering::Acquire));
+        (s, self.generated.load(Ordering::Acquire))
+    }
+    pub fn cached_tokens(&self) -> u32 {
+        self.cached_tokens.load(Ordering::Acquire)
+    }
+    fn end(&self, status: SeqStatus) {
+        self.status.store(status as u8, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// A request as submitted to the engine.
+#[derive(Debug)]
+pub struct NewSeq {
+    pub shared: Arc<SeqShared>,
+    /// Chained hashes of the prompt's full blocks.
+    pub hashes: Vec<u64>,
+    /// Tokens to generate.
+    pub output_tokens: u32,
+    /// True when `output_tokens` is the request's `max_tokens` (finish `length`).
+    pub hits_max_tokens: bool,
+    /// LoRA adapter index, if the request names one.
+    pub lora: Option<u16>,
+    pub arrival: Instant,
+}
+
+#[derive(Debug)]
+struct Seq {
+    new: NewSeq,
+    /// Tokens generated so far.
+    output: u32,
+    num_computed: u32,
+    blocks: Vec<BlockId>,
+    /// Prompt blocks whose hash is registered.
+    registered: usize,
+    /// Tokens scheduled in the step in flight.
+    scheduled: u32,
+    admitted_once: bool,
+    last_token: Instant,
+}
+
+impl Seq {
+    fn num_tokens(&self) -> u32 {
+        self.new.shared.prompt_tokens + self.output
+    }
+}
+
+/// Cumulative counters of one replica.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    pub requests_received: u64,
+    pub requests_aborted: u64,
+    pub requests_failed: u64,
+    pub success_length: u64,
+    pub success_stop: u64,
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache (vLLM counts tokens).
+    pub prefix_cache_queries: u64,
+    /// Prompt tokens found in the prefix cache.
+    pub prefix_cache_hits: u64,
+    pub preemptions: u64,
+    pub lora_loads: u64,
+    pub steps: u64,
+    /// Sum of modelled step durations, wall-clock microseconds (after time scale).
+    pub modelled_step_us: f64,
+    /// Sum of observed step durations, microseconds.
+    pub observed_step_us: f64,
+    /// Sum of |observed - modelled| per step, microseconds.
+    pub step_abs_error_us: f64,
+}
+
+/// A point-in-time view of the engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineSnapshot {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_used: u32,
+    pub kv_blocks_total: u32,
+    pub kv_blocks_cached: usize,
+    /// Tokens of the running sequences (prompt + output so far).
+    pub tokens_in_use: u64,
+    pub counters: Counters,
+    pub running_loras: Vec<u16>,
+    pub waiting_loras: Vec<u16>,
+    pub resident_loras: Vec<u16>,
+}
+
+/// The scheduler state of one replica.
+#[derive(Debug)]
+pub struct Engine {
+    p: EngineParams,
+    kv: BlockPool,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    /// Resident adapters with their last-use tick.
+    loras: Vec<(u16, u64)>,
+    tick: u64,
+    pub counters: Counters,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    /// When each client-disconnect abort happened.
+    pub aborted_at: Vec<Instant>,
+}
+
+impl Engine {
+    pub fn new(p: EngineParams) -> Self {
+        Engine {
+            kv: BlockPool::new(p.num_gpu_blocks, p.block_size),
+            p,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            loras: Vec::new(),
+            tick: 0,
+            counters: Counters::default(),
+            ttft: Histogram::ttft(),
+            itl: Histogram::itl(),
+            e2e: Histogram::e2e(),
+            aborted_at: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &EngineParams {
+        &self.p
+    }
+
+    /// Queues a request.
+    pub fn submit(&mut self, new: NewSeq) {
+        self.counters.requests_received += 1;
+        self.counters.prompt_tokens += u64::from(new.shared.prompt_tokens);
+        let arrival = new.arrival;
+        self.waiting.push_back(Seq {
+            new,
+            output: 0,
+            num_computed: 0,
+            blocks: Vec::new(),
+            registered: 0,
+            scheduled: 0,
+            admitted_once: false,
+            last_token: arrival,
+        });
+    }
+
+    /// True when there is nothing to do.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Plans one step. Returns its modelled duration in microseconds, or `None`
+    /// when there is no work.
+    pub fn schedule(&mut self) -> Option<f64> {
+        let bs = self.p.block_size;
+        let mut budget = self.p.max_num_batched_tokens;
+        let (mut prefill, mut decode_seqs, mut decode_ctx, mut lora_loads) =
+            (0u64, 0u64, 0u64, 0u32);
+        let mut scheduled_any = false;
+        let mut preempted = false;
+
+        // Running sequences first, in arrival order.
+        let mut i = 0;
+        'running: while i < self.running.len() && budget > 0 {
+            let need = self.running[i].num_tokens() - self.running[i].num_computed;
+            let n = need.min(budget);
+            loop {
+                let seq = &mut self.running[i];
+                if self.kv.ensure(&mut seq.blocks, seq.num_computed + n) {
+                    break;
+                }
+                // Cache full: preempt the newest running sequence (recompute later).
+                let Some(mut victim) = self.running.pop() else {
+                    break 'running;
+                };
+                self.kv.release(&mut victim.blocks);
+                victim.num_computed = 0;
+                victim.registered = 0;
+                victim.scheduled = 0;
+                self.counters.preemptions += 1;
+                self.waiting.push_front(victim);
+                preempted = true;
+                if self.running.len() == i {
+                    break 'running;
+                }
+            }
+            let seq = &mut self.running[i];
+            if seq.output > 0 && need == 1 {
+                decode_seqs += 1;
+                decode_ctx += u64::from(seq.num_computed);
+            } else {
+                prefill += u64::from(n);
+            }
+            seq.scheduled = n;
+            budget -= n;
+            Self::register_full_blocks(&mut self.kv, seq, bs);
+            scheduled_any = true;
+            i += 1;
+        }
+
+        // Then admit waiting ones, unless this step had to preempt.
+        let mut wi = 0;
+        while !preempted
+            && wi < self.waiting.len()
+            && budget > 0
+            && (self.running.len() as u32) < self.p.max_num_seqs
+        {
+            if let Some(adapter) = self.waiting[wi].new.lora {
+                match self.make_resident(adapter) {
+                    Some(loaded) => lora_loads += u32::from(loaded),
+                    None => {
+                        wi += 1;
+                        continue;
+                    }
+                }
+            }
+            let seq = &mut self.waiting[wi];
+            let max_hit = ((seq.num_tokens().saturating_sub(1)) / bs) as usize;
+            let hit = self.kv.lookup(&seq.new.hashes, max_hit);
+            self.kv
+                .acquire_cached(&seq.new.hashes, hit, &mut seq.blocks);
+            seq.num_computed = hit as u32 * bs;
+            seq.registered = hit;
+            let n = (seq.num_tokens() - seq.num_computed).min(budget);
+            if !self.kv.ensure(&mut seq.blocks, seq.num_computed + n) {
+                self.kv.release(&mut seq.blocks);
+                seq.num_computed = 0;
+                seq.registered = 0;
+                break;
+            }
+            if !seq.admitted_once {
+                seq.admitted_once = true;
+                let cached = seq.num_computed;
+                seq.new
+                    .shared
+                    .cached_tokens
+                    .store(cached, Ordering::Release);
+                self.counters.prefix_cache_queries += u64::from(seq.new.shared.prompt_tokens);
+                self.counters.prefix_cache_hits += u64::from(cached);
+            }
+            prefill += u64::from(n);
+            seq.scheduled = n;
+            budget -= n;
+            Self::register_full_blocks(&mut self.kv, seq, bs);
+            scheduled_any = true;
+            if let Some(seq) = self.waiting.remove(wi) {
+                self.running.push(seq);
+            }
+        }
+
+        if !scheduled_any {
+            // Nothing runs and the head cannot be admitted even into an empty
+            // cache: it never will be. Fail it instead of stalling forever.
+            if self.running.is_empty() {
+                if let Some(mut seq) = self.waiting.pop_front() {
+                    self.kv.release(&mut seq.blocks);
+                    self.counters.requests_failed += 1;
+                    seq.new.shared.end(SeqStatus::Failed);
+                }
+            }
+            return None;
+        }
+        self.counters.lora_loads += u64::from(lora_loads);
+        Some(self.p.step_us(prefill, decode_seqs, decode_ctx, lora_loads))
+    }
+
+    fn register_full_blocks(kv: &mut BlockPool, seq: &mut Seq, bs: u32) {
+        let upto = (((seq.num_computed + seq.scheduled) / bs) as usize).min(seq.new.hashes.len());
+        if upto > seq.registered {
+            kv.register(&seq.blocks, &seq.new.hashes, seq.registered, upto);
+            seq.registered = upto;
+        }
+    }
+
+    /// Makes `adapter` resident. `Some(true)` if it had to be loaded, `Some(false)`
+    /// if it already was, `None` if every slot holds an adapter in use.
+    fn make_resident(&mut self, adapter: u16) -> Option<bool> {
+        self.tick += 1;
+        if let Some(slot) = self.loras.iter_mut().find(|(a, _)| *a == adapter) {
+            slot.1 = self.tick;
+            return Some(false);
+        }
+        if (self.loras.len() as u32) < self.p.max_loras.max(1) {
+            self.loras.push((adapter, self.tick));
+            return Some(true);
+        }
+        let running = &self.running;
+        let victim = self
+            .loras
+            .iter()
+            .enumerate()
+            .filter(|(_, (a, _))| !running.iter().any(|s| s.new.lora == Some(*a)))
+            .min_by_key(|(_, (_, t))| *t)
+            .map(|(i, _)| i)?;
+        self.loras[victim] = (adapter, self.tick);
+        Some(true)
+    }
+
+    /// Applies the step planned by [`Self::schedule`]: every scheduled sequence
+    /// whose tokens are all computed samples one token. `modelled_us` and
+    /// `observed_us` are the step's wall-clock durations, for the error stats.
+    pub fn finish_step(&mut self, now: Instant, modelled_us: f64, observed_us: f64) {
+        let c = &mut self.counters;
+        c.steps += 1;
+        c.modelled_step_us += modelled_us;
+        c.observed_step_us += observed_us;
+        c.step_abs_error_us += (observed_us - modelled_us).abs();
+        let mut finished_any = false;
+        let mut itl_secs = 0.0;
+        let mut itl_n = 0u64;
+        for seq in &mut self.running {
+            if seq.scheduled == 0 {
+                continue;
+            }
+            seq.num_computed += seq.scheduled;
+            seq.scheduled = 0;
+            if seq.num_computed < seq.num_tokens() {
+                continue; // chunked prefill not done yet
+            }
+            seq.output += 1;
+            c.generation_tokens += 1;
+            let since = now.saturating_duration_since(seq.last_token).as_secs_f64();
+            if seq.output == 1 {
+                self.ttft.observe(since);
+            } else if itl_n > 0 && since != itl_secs {
+                self.itl.observe_n(itl_secs, itl_n);
+                itl_secs = since;
+                itl_n = 1;
+            } else {
+                itl_secs = since;
+                itl_n += 1;
+            }
+            seq.last_token = now;
+            let shared = &seq.new.shared;
+            shared.generated.store(seq.output, Ordering::Release);
+            if seq.output >= seq.new.output_tokens {
+                finished_any = true;
+                self.e2e
+                    .observe(now.saturating_duration_since(seq.new.arrival).as_secs_f64());
+                let status = if seq.new.hits_max_tokens {
+                    c.success_length += 1;
+                    SeqStatus::Length
+                } else {
+                    c.success_stop += 1;
+                    SeqStatus::Stop
+                };
+                shared.end(status);
+            } else {
+                shared.waker.wake();
+            }
+        }
+        if itl_n > 0 {
+            self.itl.observe_n(itl_secs, itl_n);
+        }
+        if finished_any {
+            let kv = &mut self.kv;
+            self.running.retain_mut(|s| {
+                let done = s.output >= s.new.output_tokens;
+                if done {
+                    kv.release(&mut s.blocks);
+                }
+                !done
+            });
+        }
+    }
+
+    /// Removes a sequence whose client went away, freeing its blocks now.
+    /// Returns false if it is no longer in the engine.
+    pub fn abort(&mut self, id: u64, now: Instant) -> bool {
+        let mut seq = if let Some(i) = self.running.iter().position(|s| s.new.shared.id == id) {
+            self.running.remove(i)
+        } else if let Some(i) = self.waiting.iter().position(|s| s.new.shared.id == id) {
+            match self.waiting.remove(i) {
+                Some(s) => s,
+                None => return false,
+            }
+        } else {
+            return false;
+        };
+        self.kv.release(&mut seq.blocks);
+        self.counters.requests_aborted += 1;
+        self.aborted_at.push(now);
+        true
+    }
+
+    /// Fails every sequence (the replica crashed) and frees the cache.
+    pub fn fail_all(&mut self) {
+        for mut seq in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.kv.release(&mut seq.blocks);
+            self.counters.requests_failed += 1;
+            seq.new.shared.end(SeqStatus::Failed);
+        }
+        self.loras.clear();
+    }
+
+    /// Forgets all cached prefixes (`/reset_prefix_cache`).
+    pub fn reset_prefix_cache(&mut self) {
+        self.kv.reset_prefix_cache();
+    }
+
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let mut running_loras: Vec<u16> = self.running.iter().filter_map(|s| s.new.lora).collect();
+        running_loras.sort_unstable();
+        running_loras.dedup();
+        let mut waiting_loras: Vec<u16> = self.waiting.iter().filter_map(|s| s.new.lora).collect();
+        waiting_loras.sort_unstable();
+        waiting_loras.dedup();
+        EngineSnapshot {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_blocks_used: self.kv.used(),
+            kv_blocks_total: self.kv.total(),
+            kv_blocks_cached: self.kv.cached_blocks(),
+            tokens_in_use: self.running.iter().map(|s| u64::from(s.num_tokens())).sum(),
+            counters: self.counters.clone(),
+            running_loras,
+            waiting_loras,
+            resident_loras: self.loras.iter().map(|(a, _)| *a).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Profile;
+
+    fn params() -> EngineParams {
+        EngineParams {
+            num_gpu_blocks: 64,
+            max_num_seqs: 4,
+            max_num_batched_tokens: 256,
+            ..Profile::Tiny.params()
+        }
+    }
+
+    fn seq(
+        engine: &mut Engine,
+        id: u64,
+        prompt: u32,
+        out: u32,
+        hashes: Vec<u64>,
+    ) -> Arc<SeqShared> {
+        let shared = Arc::new(SeqShared::new(id, prompt));
+        engine.submit(NewSeq {
+            shared: shared.clone(),
+            hashes,
+            output_tokens: out,
+            hits_max_tokens: true,
+            lora: None,
+            arrival: Instant::now(),
+        });
+        shared
+    }
+
+    /// Runs steps until idle; returns the modelled time (us) at which each
+    /// `watch`ed sequence got its first token, and the total.
+    fn run(engine: &mut Engine, watch: &[&Arc<SeqShared>]) -> (Vec<f64>, f64) {
+        let mut t = 0.0;
+        let mut first = vec![f64::NAN; watch.len()];
+        let mut guard = 0;
+        while let Some(us) = engine.schedule() {
+            t += us;
+            engine.finish_step(Instant::now(), us, us);
+            for (i, s) in watch.iter().enumerate() {
+                if first[i].is_nan() && s.progress().1 > 0 {
+                    first[i] = t;
+                }
+            }
+            guard += 1;
+            assert!(guard < 100_000);
+        }
+        (first, t)
+    }
+
+    #[test]
+    fn repeated_prompt_is_faster_by_the_cached_prefill() {
+        let p = params();
+        let mut e = Engine::new(p.clone());
+        let hashes: Vec<u64> = (1..=10).collect(); // 160 tokens = 10 full blocks
+        let a = seq(&mut e, 1, 170, 1, hashes.clone());
+        let (t1, _) = run(&mut e, &[&a]);
+        assert_eq!(a.cached_tokens(), 0);
+        let b = seq(&mut e, 2, 170, 1, hashes);
+        let (t2, _) = run(&mut e, &[&b]);
+        assert_eq!(b.cached_tokens(), 160);
+        let saved = t1[0] - t2[0];
+        assert!(
+            (saved - 160.0 * p.prefill_us_per_token).abs() < 1e-6,
+            "saved {saved}"
+        );
+        assert_eq!(e.counters.prefix_cache_hits, 160);
+        assert_eq!(e.counters.prefix_cache_queries, 340);
+    }
+
+    #[test]
+    fn fully_cached_prompt_still_computes_its_last_block() {
+        let mut e = Engine::new(params());
+        let a = seq(&mut e, 1, 32, 1, vec![1, 2]);
+        run(&mut e, &[&a]);
+        let b = seq(&mut e, 2, 32, 1, vec![1, 2]);
+        run(&mut e, &[&b]);
+        assert_eq!(
+            b.cached_tokens(),
+            16,
+            "vLLM never serves the whole prompt from cache"
+        );
+    }
+
+    #[test]
+    fn ttft_grows_with_queue_length() {
+        let p = params(); // max_num_seqs 4
+        let mut e = Engine::new(p);
+        let shared: Vec<_> = (0..12).map(|i| seq(&mut e, i, 64, 8, vec![])).collect();
+        let refs: Vec<&Arc<SeqShared>> = shared.iter().collect();
+        let (first, _) = run(&mut e, &refs);
+        assert!(first[4] > first[3] && first[8] > first[4], "{first:?}");
+        assert!(first.windows(2).all(|w| w[1] >= w[0]));
+    }
+
+    #[test]
+    fn full_cache_preempts_newest_and_everything_still_finishes() {
+        let p = EngineParams {
+            num_gpu_blocks: 10,
+            max_num_seqs: 4,
+            ..params()
+        };
+        let mut e = Engine::new(p);
+        // Two sequences of 3 blocks of prompt growing to 6 blocks each: 12 > 10.
+        let a = seq(&mut e, 1, 48, 40, vec![]);
+        let b = seq(&mut e, 2, 48, 40, vec![]);
+        let mut max_used = 0;
+        let mut guard = 0;
+        while let Some(us) = e.schedule() {
+            max_used = max_used.max(e.snapshot().kv_blocks_used);
+            e.finish_step(Instant::now(), us, us);
+            guard += 1;
+            assert!(guard < 10_000);
+        }
+        assert!(e.counters.preemptions >= 1);
+        assert!(max_used <= 10);
+        assert_eq!(a.progress(), (SeqStatus::Length, 40));
+        assert_eq!(b.progress(), (SeqStatus::Length, 40));
+        assert_eq!(e.snapshot().kv_blocks_used, 0);
+    }
+
+    #[test]
+    fn chunked_prefill_respects_the_token_budget() {
+        let p = params(); // budget 256
+        let mut e = Engine::new(p.clone());
+        let a = seq(&mut e, 1, 600, 1, vec![]);
+        let us = e.schedule().unwrap();
+        assert_eq!(us, p.step_us(256, 0, 0, 0));
+        e.finish_step(Instant::now(), us, us);
+        assert_eq!(a.progress().1, 0);
+        let us = e.schedule().unwrap();
+        e.finish_step(Instant::now(), us, us);
+        let us = e.schedule().unwrap();
+        assert_eq!(us, p.step_us(600 - 512, 0, 0, 0));
+        e.finish_step(Instant::now(), us, us);
+        assert_eq!(a.progress(), (SeqStatus::Length, 1));
+    }
+
+    #[test]
+    fn abort_frees_blocks_immediately() {
+        let mut e = Engine::new(params());
+        let a = seq(&mut e, 1, 100, 50, vec![]);
+        let us = e.schedule().unwrap();
+        e.finish_step(Instant::now(), us, us);
+        assert!(e.snapshot().kv_blocks_used > 0);
+        assert!(e.abort(a.id, Instant::now()));
+        let s = e.snapshot();
+        assert_eq!(
+            (s.kv_blocks_used, s.running, s.counters.requests_aborted),
+            (0, 0, 1)
+        );
+        assert!(!e.abort(a.id, Instant::now()));
+        assert!(e.schedule().is_none());
+    }
+
+    #[test]
+    fn lora_slots_limit_resident_adapters() {
+        let p = EngineParams {
+            max_loras: 1,
+            ..params()
+        };
+        let mut e = Engine::new(p.clone());
+        let mk = |e: &mut Engine, id, lora| {
+            let s = Arc::new(SeqShared::new(id, 16));
+            e.submit(NewSeq {
+                shared: s.clone(),
+                hashes: vec![],
+                output_tokens: 4,
+                hits_max_tokens: true,
+                lora: Some(lora),
+                arrival: Instant::now(),
+            });
+            s
+        };
+        mk(&mut e, 1, 0);
+        mk(&mut e, 2, 1);
+        let us = e.schedule().unwrap();
+        // Adapter 0 loads; adapter 1 must wait for the slot.
+        assert_eq!(us, p.step_us(16, 0, 0, 1));
+        let s = e.snapshot();
+        assert_eq!((s.running, s.waiting), (1, 1));
+        run(&mut e, &[]);
+        assert_eq!(e.counters.lora_loads, 2);
+    }
+}
