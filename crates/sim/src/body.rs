@@ -23,7 +23,7 @@ use super::wire::SseFramer;
 use infergate_protocol::error::ApiError;
 
 /// Aborts the sequence in the engine if it is dropped before the sequence ends.
-pub struct SeqGuard {
+pub(crate) struct SeqGuard {
     pub replica: Arc<Replica>,
     pub shared: Arc<SeqShared>,
 }
@@ -38,7 +38,7 @@ impl Drop for SeqGuard {
 
 impl SeqGuard {
     /// Waits until the sequence ends; returns its status and token count.
-    pub async fn finished(&self) -> (SeqStatus, u32) {
+    pub(crate) async fn finished(&self) -> (SeqStatus, u32) {
         std::future::poll_fn(|cx| {
             self.shared.waker.register(cx.waker());
             match self.shared.progress() {
@@ -51,7 +51,7 @@ impl SeqGuard {
 }
 
 /// A planned mid-stream stall.
-pub struct Stall {
+pub(crate) struct Stall {
     pub after_tokens: u32,
     /// `None` = forever.
     pub duration: Option<Duration>,
@@ -59,7 +59,7 @@ pub struct Stall {
 }
 
 impl Stall {
-    pub fn new(after_tokens: u32, duration: Option<Duration>) -> Self {
+    pub(crate) fn new(after_tokens: u32, duration: Option<Duration>) -> Self {
         Stall {
             after_tokens,
             duration,
@@ -69,7 +69,7 @@ impl Stall {
 }
 
 /// A streamed (SSE) completion.
-pub struct SseBody {
+pub(crate) struct SseBody {
     guard: SeqGuard,
     framer: SseFramer,
     include_usage: bool,
@@ -80,7 +80,7 @@ pub struct SseBody {
 }
 
 impl SseBody {
-    pub fn new(
+    pub(crate) fn new(
         guard: SeqGuard,
         framer: SseFramer,
         include_usage: bool,
@@ -196,7 +196,7 @@ impl Body for SseBody {
 }
 
 /// Every response body a replica sends.
-pub enum SimBody {
+pub(crate) enum SimBody {
     Full(Option<Bytes>),
     Sse(Box<SseBody>),
 }

@@ -21,7 +21,7 @@ use super::replica::{lock, Replica};
 const MAX_CATCH_UP: Duration = Duration::from_millis(20);
 
 /// Handle to the clock thread.
-pub struct Clock {
+pub(crate) struct Clock {
     thread: Thread,
     join: Mutex<Option<JoinHandle<()>>>,
     stop: Arc<AtomicBool>,
@@ -38,7 +38,7 @@ struct Slot {
 
 impl Clock {
     /// Starts the clock thread for `replicas`.
-    pub fn start(replicas: Vec<Arc<Replica>>) -> std::io::Result<Clock> {
+    pub(crate) fn start(replicas: Vec<Arc<Replica>>) -> std::io::Result<Clock> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let join = thread::Builder::new()
@@ -52,18 +52,18 @@ impl Clock {
     }
 
     /// The thread to unpark when work arrives.
-    pub fn thread(&self) -> Thread {
+    pub(crate) fn thread(&self) -> Thread {
         self.thread.clone()
     }
 
     /// Stops the thread (does not wait).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.thread.unpark();
     }
 
     /// Stops the thread and waits for it.
-    pub fn stop_and_join(&self) {
+    pub(crate) fn stop_and_join(&self) {
         self.stop();
         if let Some(j) = lock(&self.join).take() {
             let _ = j.join();

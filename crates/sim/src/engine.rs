@@ -19,13 +19,13 @@ use std::time::Instant;
 use futures::task::AtomicWaker;
 
 use super::config::EngineParams;
+use super::histogram::Histogram;
 use super::kv::{BlockId, BlockPool};
-use super::metrics::Histogram;
 
 /// Why a sequence ended (or that it has not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum SeqStatus {
+pub(crate) enum SeqStatus {
     Active = 0,
     /// Reached `max_tokens`.
     Length = 1,
@@ -45,7 +45,7 @@ impl SeqStatus {
         }
     }
     /// The OpenAI `finish_reason`.
-    pub fn finish_reason(self) -> &'static str {
+    pub(crate) fn finish_reason(self) -> &'static str {
         match self {
             SeqStatus::Stop => "stop",
             _ => "length",
@@ -55,7 +55,7 @@ impl SeqStatus {
 
 /// State shared between a sequence in the engine and its HTTP response.
 #[derive(Debug)]
-pub struct SeqShared {
+pub(crate) struct SeqShared {
     pub id: u64,
     pub prompt_tokens: u32,
     generated: AtomicU32,
@@ -65,7 +65,7 @@ pub struct SeqShared {
 }
 
 impl SeqShared {
-    pub fn new(id: u64, prompt_tokens: u32) -> Self {
+    pub(crate) fn new(id: u64, prompt_tokens: u32) -> Self {
         SeqShared {
             id,
             prompt_tokens,
@@ -77,11 +77,11 @@ impl SeqShared {
     }
     /// Status, then the tokens generated (read in that order, a final status
     /// guarantees the final count).
-    pub fn progress(&self) -> (SeqStatus, u32) {
+    pub(crate) fn progress(&self) -> (SeqStatus, u32) {
         let s = SeqStatus::from_u8(self.status.load(Ordering::Acquire));
         (s, self.generated.load(Ordering::Acquire))
     }
-    pub fn cached_tokens(&self) -> u32 {
+    pub(crate) fn cached_tokens(&self) -> u32 {
         self.cached_tokens.load(Ordering::Acquire)
     }
     fn end(&self, status: SeqStatus) {
@@ -92,7 +92,7 @@ impl SeqShared {
 
 /// A request as submitted to the engine.
 #[derive(Debug)]
-pub struct NewSeq {
+pub(crate) struct NewSeq {
     pub shared: Arc<SeqShared>,
     /// Chained hashes of the prompt's full blocks.
     pub hashes: Vec<u64>,
@@ -153,23 +153,23 @@ pub struct Counters {
 
 /// A point-in-time view of the engine.
 #[derive(Debug, Clone, Default)]
-pub struct EngineSnapshot {
-    pub running: usize,
-    pub waiting: usize,
-    pub kv_blocks_used: u32,
-    pub kv_blocks_total: u32,
-    pub kv_blocks_cached: usize,
+pub(crate) struct EngineSnapshot {
+    pub(crate) running: usize,
+    pub(crate) waiting: usize,
+    pub(crate) kv_blocks_used: u32,
+    pub(crate) kv_blocks_total: u32,
+    pub(crate) kv_blocks_cached: usize,
     /// Tokens of the running sequences (prompt + output so far).
-    pub tokens_in_use: u64,
-    pub counters: Counters,
-    pub running_loras: Vec<u16>,
-    pub waiting_loras: Vec<u16>,
-    pub resident_loras: Vec<u16>,
+    pub(crate) tokens_in_use: u64,
+    pub(crate) counters: Counters,
+    pub(crate) running_loras: Vec<u16>,
+    pub(crate) waiting_loras: Vec<u16>,
+    pub(crate) resident_loras: Vec<u16>,
 }
 
 /// The scheduler state of one replica.
 #[derive(Debug)]
-pub struct Engine {
+pub(crate) struct Engine {
     p: EngineParams,
     kv: BlockPool,
     waiting: VecDeque<Seq>,
@@ -186,7 +186,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(p: EngineParams) -> Self {
+    pub(crate) fn new(p: EngineParams) -> Self {
         Engine {
             kv: BlockPool::new(p.num_gpu_blocks, p.block_size),
             p,
@@ -202,12 +202,12 @@ impl Engine {
         }
     }
 
-    pub fn params(&self) -> &EngineParams {
+    pub(crate) fn params(&self) -> &EngineParams {
         &self.p
     }
 
     /// Queues a request.
-    pub fn submit(&mut self, new: NewSeq) {
+    pub(crate) fn submit(&mut self, new: NewSeq) {
         self.counters.requests_received += 1;
         self.counters.prompt_tokens += u64::from(new.shared.prompt_tokens);
         let arrival = new.arrival;
@@ -223,14 +223,9 @@ impl Engine {
         });
     }
 
-    /// True when there is nothing to do.
-    pub fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty()
-    }
-
     /// Plans one step. Returns its modelled duration in microseconds, or `None`
     /// when there is no work.
-    pub fn schedule(&mut self) -> Option<f64> {
+    pub(crate) fn schedule(&mut self) -> Option<f64> {
         let bs = self.p.block_size;
         let mut budget = self.p.max_num_batched_tokens;
         let (mut prefill, mut decode_seqs, mut decode_ctx, mut lora_loads) =
@@ -378,7 +373,7 @@ impl Engine {
     /// Applies the step planned by [`Self::schedule`]: every scheduled sequence
     /// whose tokens are all computed samples one token. `modelled_us` and
     /// `observed_us` are the step's wall-clock durations, for the error stats.
-    pub fn finish_step(&mut self, now: Instant, modelled_us: f64, observed_us: f64) {
+    pub(crate) fn finish_step(&mut self, now: Instant, modelled_us: f64, observed_us: f64) {
         let c = &mut self.counters;
         c.steps += 1;
         c.modelled_step_us += modelled_us;
@@ -445,7 +440,7 @@ impl Engine {
 
     /// Removes a sequence whose client went away, freeing its blocks now.
     /// Returns false if it is no longer in the engine.
-    pub fn abort(&mut self, id: u64, now: Instant) -> bool {
+    pub(crate) fn abort(&mut self, id: u64, now: Instant) -> bool {
         let mut seq = if let Some(i) = self.running.iter().position(|s| s.new.shared.id == id) {
             self.running.remove(i)
         } else if let Some(i) = self.waiting.iter().position(|s| s.new.shared.id == id) {
@@ -463,7 +458,7 @@ impl Engine {
     }
 
     /// Fails every sequence (the replica crashed) and frees the cache.
-    pub fn fail_all(&mut self) {
+    pub(crate) fn fail_all(&mut self) {
         for mut seq in self.running.drain(..).chain(self.waiting.drain(..)) {
             self.kv.release(&mut seq.blocks);
             self.counters.requests_failed += 1;
@@ -473,11 +468,11 @@ impl Engine {
     }
 
     /// Forgets all cached prefixes (`/reset_prefix_cache`).
-    pub fn reset_prefix_cache(&mut self) {
+    pub(crate) fn reset_prefix_cache(&mut self) {
         self.kv.reset_prefix_cache();
     }
 
-    pub fn snapshot(&self) -> EngineSnapshot {
+    pub(crate) fn snapshot(&self) -> EngineSnapshot {
         let mut running_loras: Vec<u16> = self.running.iter().filter_map(|s| s.new.lora).collect();
         running_loras.sort_unstable();
         running_loras.dedup();

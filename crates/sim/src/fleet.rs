@@ -9,9 +9,9 @@ use tokio::task::JoinHandle;
 
 use super::clock::Clock;
 use super::config::{Faults, FleetConfig};
-use super::engine::EngineSnapshot;
-use super::replica::{accept_loop, Replica, ReplicaStats};
-use super::SimError;
+use super::error::SimError;
+use super::replica::{Replica, ReplicaStats};
+use super::serve::accept_loop;
 
 /// A running fleet. Dropping it without [`Fleet::shutdown`] also stops it
 /// (its tasks end when they see the control channels close).
@@ -49,10 +49,6 @@ impl ReplicaHandle {
     }
     pub fn stats(&self) -> ReplicaStats {
         self.inner.stats()
-    }
-    /// The engine's state (queues, cache, counters).
-    pub fn engine(&self) -> EngineSnapshot {
-        self.inner.snapshot()
     }
     pub fn faults(&self) -> Faults {
         self.inner.faults()

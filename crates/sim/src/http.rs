@@ -19,10 +19,10 @@ use super::engine::{NewSeq, SeqShared, SeqStatus};
 use super::metrics::{render, MetricsContext};
 use super::replica::{lock, unix_now, FaultVerdict, Replica};
 use super::wire::{self, ApiKind, GenRequest, SseFramer};
-use infergate_protocol::EngineKind;
 use infergate_protocol::error::ApiError;
 use infergate_protocol::prompt::{render_chat, render_completion_prompt};
 use infergate_protocol::tokenizer;
+use infergate_protocol::EngineKind;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 << 20;
@@ -30,7 +30,7 @@ const MAX_BODY: usize = 64 << 20;
 /// The connection is cut without a response (a crash).
 #[derive(Debug, thiserror::Error)]
 #[error("replica crashed")]
-pub struct Crashed;
+pub(crate) struct Crashed;
 
 type Resp = Response<SimBody>;
 
@@ -67,7 +67,7 @@ fn loading_error() -> ApiError {
 }
 
 /// Entry point of every request.
-pub async fn handle(rep: Arc<Replica>, req: Request<Incoming>) -> Result<Resp, Crashed> {
+pub(crate) async fn handle(rep: Arc<Replica>, req: Request<Incoming>) -> Result<Resp, Crashed> {
     rep.http_requests.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();

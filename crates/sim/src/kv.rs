@@ -11,11 +11,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 /// Index of a block in the pool.
-pub type BlockId = u32;
+pub(crate) type BlockId = u32;
 
 /// The block pool.
 #[derive(Debug)]
-pub struct BlockPool {
+pub(crate) struct BlockPool {
     block_size: u32,
     ref_count: Vec<u32>,
     /// Hash registered for the block, if any.
@@ -29,7 +29,7 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    pub fn new(num_blocks: u32, block_size: u32) -> Self {
+    pub(crate) fn new(num_blocks: u32, block_size: u32) -> Self {
         let n = num_blocks as usize;
         BlockPool {
             block_size: block_size.max(1),
@@ -42,27 +42,25 @@ impl BlockPool {
         }
     }
 
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-    pub fn total(&self) -> u32 {
+    pub(crate) fn total(&self) -> u32 {
         self.ref_count.len() as u32
     }
     /// Blocks not free (referenced by some sequence).
-    pub fn used(&self) -> u32 {
+    pub(crate) fn used(&self) -> u32 {
         self.total() - self.free.len() as u32
     }
     /// Blocks that can be allocated (includes cached blocks nobody uses).
-    pub fn free(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn free(&self) -> u32 {
         self.free.len() as u32
     }
     /// Blocks currently holding a registered prefix hash.
-    pub fn cached_blocks(&self) -> usize {
+    pub(crate) fn cached_blocks(&self) -> usize {
         self.cached.len()
     }
 
     /// Number of leading `hashes` present in the cache, at most `max`.
-    pub fn lookup(&self, hashes: &[u64], max: usize) -> usize {
+    pub(crate) fn lookup(&self, hashes: &[u64], max: usize) -> usize {
         hashes
             .iter()
             .take(max)
@@ -72,7 +70,7 @@ impl BlockPool {
 
     /// Takes a reference on the cached blocks of the first `n` hashes (which must
     /// be present: see [`Self::lookup`]) and appends them to `blocks`.
-    pub fn acquire_cached(&mut self, hashes: &[u64], n: usize, blocks: &mut Vec<BlockId>) {
+    pub(crate) fn acquire_cached(&mut self, hashes: &[u64], n: usize, blocks: &mut Vec<BlockId>) {
         for h in &hashes[..n] {
             if let Some(&b) = self.cached.get(h) {
                 self.take_ref(b);
@@ -91,7 +89,7 @@ impl BlockPool {
 
     /// Grows `blocks` so it can hold `tokens` tokens. Returns false (and changes
     /// nothing) when there are not enough free blocks.
-    pub fn ensure(&mut self, blocks: &mut Vec<BlockId>, tokens: u32) -> bool {
+    pub(crate) fn ensure(&mut self, blocks: &mut Vec<BlockId>, tokens: u32) -> bool {
         let needed = tokens.div_ceil(self.block_size) as usize;
         if needed <= blocks.len() {
             return true;
@@ -117,7 +115,7 @@ impl BlockPool {
 
     /// Registers `hashes[from..to]` for `blocks[from..to]` (blocks now fully
     /// computed). A hash already cached elsewhere is left pointing there.
-    pub fn register(&mut self, blocks: &[BlockId], hashes: &[u64], from: usize, to: usize) {
+    pub(crate) fn register(&mut self, blocks: &[BlockId], hashes: &[u64], from: usize, to: usize) {
         let to = to.min(blocks.len()).min(hashes.len());
         for i in from..to {
             let (b, h) = (blocks[i], hashes[i]);
@@ -130,7 +128,7 @@ impl BlockPool {
 
     /// Drops a sequence's references, tail first so that a sequence's last blocks
     /// are evicted before its (more shareable) first ones.
-    pub fn release(&mut self, blocks: &mut Vec<BlockId>) {
+    pub(crate) fn release(&mut self, blocks: &mut Vec<BlockId>) {
         while let Some(b) = blocks.pop() {
             let i = b as usize;
             self.ref_count[i] = self.ref_count[i].saturating_sub(1);
@@ -144,7 +142,7 @@ impl BlockPool {
     }
 
     /// Forgets every cached hash (vLLM `/reset_prefix_cache`); blocks in use stay.
-    pub fn reset_prefix_cache(&mut self) {
+    pub(crate) fn reset_prefix_cache(&mut self) {
         self.cached.clear();
         for h in &mut self.hash {
             *h = None;

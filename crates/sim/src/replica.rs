@@ -1,25 +1,20 @@
 //! One simulated replica at run time: its engine behind a mutex (never held
-//! across an await; steps are paced by `clock.rs`),
-//! the listener (closed while refusing connections or crashed), fault state,
-//! and the statistics tests read.
+//! across an await; steps are paced by `clock.rs`), fault state, the lifecycle
+//! signals its listener and connections follow (`serve.rs`), and the
+//! statistics tests read.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::HeaderMap;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::config::{Faults, FleetConfig};
 use super::engine::{Counters, Engine, EngineSnapshot};
-use super::SimError;
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,7 +83,7 @@ pub struct ReplicaStats {
 }
 
 /// One replica's shared state.
-pub struct Replica {
+pub(crate) struct Replica {
     pub index: usize,
     pub addr: SocketAddr,
     pub cfg: Arc<FleetConfig>,
@@ -136,7 +131,7 @@ impl Replica {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -183,13 +178,13 @@ impl Replica {
         FaultVerdict::Proceed { stall }
     }
 
-    pub fn faults(&self) -> Faults {
+    pub(crate) fn faults(&self) -> Faults {
         lock(&self.faults).faults.clone()
     }
 
     /// Replaces the fault settings (same as `POST /admin/faults`). A non-zero
     /// `load_delay_ms` starts a model load now; `crash_after` counts from now.
-    pub fn set_faults(&self, faults: Faults) {
+    pub(crate) fn set_faults(&self, faults: Faults) {
         {
             let mut fs = lock(&self.faults);
             fs.ready_at = Instant::now() + self.cfg.wall_ms(faults.load_delay_ms);
@@ -206,7 +201,7 @@ impl Replica {
 
     /// Crashes the replica: every sequence fails, every connection is cut and the
     /// listener closes until [`Self::restart`].
-    pub fn crash(&self) {
+    pub(crate) fn crash(&self) {
         // Cut connections first: a stream must end cut, not with an error event.
         self.control.send_modify(|c| {
             c.crashed = true;
@@ -216,7 +211,7 @@ impl Replica {
     }
 
     /// Brings a crashed replica back (empty cache, model load delay applies).
-    pub fn restart(&self) {
+    pub(crate) fn restart(&self) {
         {
             let mut fs = lock(&self.faults);
             fs.faults.crash_after = None;
@@ -227,7 +222,7 @@ impl Replica {
         self.control.send_modify(|c| c.crashed = false);
     }
 
-    pub fn is_crashed(&self) -> bool {
+    pub(crate) fn is_crashed(&self) -> bool {
         self.control.borrow().crashed
     }
 
@@ -242,11 +237,11 @@ impl Replica {
         }
     }
 
-    pub fn snapshot(&self) -> EngineSnapshot {
+    pub(crate) fn snapshot(&self) -> EngineSnapshot {
         lock(&self.engine).snapshot()
     }
 
-    pub fn stats(&self) -> ReplicaStats {
+    pub(crate) fn stats(&self) -> ReplicaStats {
         let (s, aborted_at) = {
             let e = lock(&self.engine);
             (e.snapshot(), e.aborted_at.clone())
@@ -284,86 +279,4 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-async fn bind(addr: SocketAddr) -> Result<TcpListener, SimError> {
-    let mut last = None;
-    for _ in 0..100 {
-        match TcpListener::bind(addr).await {
-            Ok(l) => return Ok(l),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Err(SimError::Bind {
-        addr,
-        source: last.unwrap_or_else(|| std::io::Error::other("bind failed")),
-    })
-}
-
-/// Accepts connections while the replica is up; closes the listener while it
-/// refuses connections or is crashed, and binds the same address again after.
-pub(crate) async fn accept_loop(rep: Arc<Replica>, listener: TcpListener) {
-    let mut ctl = rep.control.subscribe();
-    let mut listener = Some(listener);
-    loop {
-        let c = ctl.borrow_and_update().clone();
-        if c.shutdown {
-            return;
-        }
-        let up = !c.refuse && !c.crashed;
-        if !up {
-            listener = None;
-        } else if listener.is_none() {
-            match bind(rep.addr).await {
-                Ok(l) => listener = Some(l),
-                Err(e) => {
-                    tracing::error!(replica = rep.index, "cannot listen again: {e}");
-                    return;
-                }
-            }
-        }
-        match &listener {
-            Some(l) => tokio::select! {
-                r = l.accept() => match r {
-                    Ok((stream, _)) => {
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(serve_connection(rep.clone(), stream, c.kill_epoch));
-                    }
-                    Err(e) => {
-                        tracing::warn!(replica = rep.index, "accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                },
-                r = ctl.changed() => if r.is_err() { return },
-            },
-            None => {
-                if ctl.changed().await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-async fn serve_connection(rep: Arc<Replica>, stream: tokio::net::TcpStream, epoch: u64) {
-    let mut ctl = rep.control.subscribe();
-    let svc_rep = rep.clone();
-    let svc = service_fn(move |req| super::http::handle(svc_rep.clone(), req));
-    let conn = http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), svc);
-    tokio::select! {
-        biased; // a crash must win over a body that became ready at the same time
-        _ = async {
-            loop {
-                if ctl.changed().await.is_err() { return; }
-                let c = ctl.borrow();
-                if c.shutdown || c.kill_epoch != epoch { return; }
-            }
-        } => {}
-        r = conn => if let Err(e) = r {
-            tracing::trace!(replica = rep.index, "connection ended: {e}");
-        },
-    }
 }

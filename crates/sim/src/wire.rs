@@ -11,7 +11,7 @@ use infergate_protocol::prompt::ChatMessage;
 
 /// Which generation endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiKind {
+pub(crate) enum ApiKind {
     Chat,
     Completion,
 }
@@ -33,7 +33,7 @@ impl ApiKind {
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct StreamOptions {
+pub(crate) struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
 }
@@ -41,7 +41,7 @@ pub struct StreamOptions {
 /// The fields of a generation request the simulator acts on; others are ignored
 /// (as vLLM ignores fields it does not use).
 #[derive(Debug, Default, Deserialize)]
-pub struct GenRequest {
+pub(crate) struct GenRequest {
     #[serde(default)]
     pub model: Option<String>,
     #[serde(default)]
@@ -62,7 +62,7 @@ pub struct GenRequest {
 }
 
 /// Parses a JSON body, answering malformed JSON and wrong field types with 400.
-pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "JSON decode error"
@@ -74,7 +74,7 @@ pub fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// vLLM's message for a request that does not fit the context.
-pub fn too_long(max_model_len: u32, prompt: u32, max_tokens: Option<u32>) -> ApiError {
+pub(crate) fn too_long(max_model_len: u32, prompt: u32, max_tokens: Option<u32>) -> ApiError {
     let msg = match max_tokens {
         Some(m) => format!(
             "'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum context length is {max_model_len} tokens and your request has {prompt} input tokens ({m} > {max_model_len} - {prompt})."
@@ -94,12 +94,12 @@ const WORDS: [&str; 16] = [
 ];
 
 /// Text of output token `i` of a sequence with `seed`.
-pub fn token_text(seed: u64, i: u32) -> &'static str {
+pub(crate) fn token_text(seed: u64, i: u32) -> &'static str {
     WORDS[((seed as usize).wrapping_add(i as usize)) % WORDS.len()]
 }
 
 /// The whole output text of `n` tokens.
-pub fn output_text(seed: u64, n: u32) -> String {
+pub(crate) fn output_text(seed: u64, n: u32) -> String {
     let mut s = String::with_capacity(n as usize * 4);
     for i in 0..n {
         s.push_str(token_text(seed, i));
@@ -108,7 +108,7 @@ pub fn output_text(seed: u64, n: u32) -> String {
 }
 
 /// `usage` with `prompt_tokens_details.cached_tokens`.
-pub fn usage_json(prompt: u32, completion: u32, cached: u32) -> Value {
+pub(crate) fn usage_json(prompt: u32, completion: u32, cached: u32) -> Value {
     json!({
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
@@ -120,7 +120,7 @@ pub fn usage_json(prompt: u32, completion: u32, cached: u32) -> Value {
 /// Writes the SSE chunks of one streamed response. Everything that does not
 /// change per token is rendered once, at request start.
 #[derive(Debug)]
-pub struct SseFramer {
+pub(crate) struct SseFramer {
     kind: ApiKind,
     /// `data: {"id":..,"object":..,"created":..,"model":..,`
     head: String,
@@ -130,7 +130,7 @@ pub struct SseFramer {
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
 impl SseFramer {
-    pub fn new(kind: ApiKind, id: &str, created: u64, model: &str, seed: u64) -> Self {
+    pub(crate) fn new(kind: ApiKind, id: &str, created: u64, model: &str, seed: u64) -> Self {
         let model = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".into());
         let head = format!(
             "data: {{\"id\":\"{id}\",\"object\":\"{}\",\"created\":{created},\"model\":{model},",
@@ -140,12 +140,12 @@ impl SseFramer {
     }
 
     /// Bytes a token chunk needs, for pre-sizing buffers.
-    pub fn chunk_len(&self) -> usize {
+    pub(crate) fn chunk_len(&self) -> usize {
         self.head.len() + 128
     }
 
     /// The chat stream's first chunk (`delta.role`), sent with the first token.
-    pub fn role_chunk(&self, buf: &mut BytesMut) {
+    pub(crate) fn role_chunk(&self, buf: &mut BytesMut) {
         if self.kind == ApiKind::Chat {
             buf.put_slice(self.head.as_bytes());
             buf.put_slice(br#""choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#);
@@ -154,7 +154,7 @@ impl SseFramer {
     }
 
     /// Output token `i`; the last one carries its `finish_reason`.
-    pub fn token_chunk(&self, buf: &mut BytesMut, i: u32, finish: Option<&str>) {
+    pub(crate) fn token_chunk(&self, buf: &mut BytesMut, i: u32, finish: Option<&str>) {
         buf.reserve(self.chunk_len());
         buf.put_slice(self.head.as_bytes());
         let text = token_text(self.seed, i).as_bytes();
@@ -182,7 +182,13 @@ impl SseFramer {
     }
 
     /// The `stream_options.include_usage` chunk (empty `choices`).
-    pub fn usage_chunk(&self, buf: &mut BytesMut, prompt: u32, completion: u32, cached: u32) {
+    pub(crate) fn usage_chunk(
+        &self,
+        buf: &mut BytesMut,
+        prompt: u32,
+        completion: u32,
+        cached: u32,
+    ) {
         buf.put_slice(self.head.as_bytes());
         buf.put_slice(b"\"choices\":[],\"usage\":");
         buf.put_slice(
@@ -194,20 +200,20 @@ impl SseFramer {
     }
 
     /// An error event (the engine dropped the request).
-    pub fn error_chunk(&self, buf: &mut BytesMut, err: &ApiError) {
+    pub(crate) fn error_chunk(&self, buf: &mut BytesMut, err: &ApiError) {
         buf.put_slice(b"data: ");
         buf.put_slice(&err.body());
         buf.put_slice(b"\n\n");
     }
 
-    pub fn done(buf: &mut BytesMut) {
+    pub(crate) fn done(buf: &mut BytesMut) {
         buf.put_slice(DONE);
     }
 }
 
 /// The whole non-streaming response body.
 #[allow(clippy::too_many_arguments)]
-pub fn full_response(
+pub(crate) fn full_response(
     kind: ApiKind,
     id: &str,
     created: u64,
@@ -246,7 +252,7 @@ pub fn full_response(
 }
 
 /// A fresh response id for `kind`.
-pub fn new_id(kind: ApiKind) -> String {
+pub(crate) fn new_id(kind: ApiKind) -> String {
     format!("{}{}", kind.id_prefix(), uuid::Uuid::new_v4().simple())
 }
 

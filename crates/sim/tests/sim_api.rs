@@ -32,7 +32,8 @@ async fn chat_and_completions_json_with_usage() {
     assert_eq!(v["model"], "sim-tiny");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
-    let prompt = infergate_protocol::tokenizer::count_tokens("<|user|>\nhello there\n<|assistant|>\n");
+    let prompt =
+        infergate_protocol::tokenizer::count_tokens("<|user|>\nhello there\n<|assistant|>\n");
     assert_eq!(v["usage"]["prompt_tokens"], prompt);
     assert_eq!(v["usage"]["completion_tokens"], 7);
     assert_eq!(v["usage"]["total_tokens"], prompt + 7);
