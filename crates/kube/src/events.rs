@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 
 /// The name under which infergate reports events.
-pub const REPORTING_CONTROLLER: &str = "infergate.io/gateway";
+const REPORTING_CONTROLLER: &str = "infergate.io/gateway";
 
 /// Publishes Warning events (cheap to clone).
 #[derive(Clone)]
@@ -113,7 +113,7 @@ fn warning(
 }
 
 /// A reference to a namespaced object of type `K`.
-pub fn object_ref<K>(namespace: &str, name: &str, uid: Option<String>) -> ObjectReference
+pub(crate) fn object_ref<K>(namespace: &str, name: &str, uid: Option<String>) -> ObjectReference
 where
     K: k8s_openapi::Resource,
 {
