@@ -44,7 +44,13 @@ impl EventPublisher {
     }
 
     /// Publishes a Warning event about `regarding` in the background.
-    pub fn warn(&self, regarding: ObjectReference, reason: &str, action: &str, note: String) {
+    pub(crate) fn warn(
+        &self,
+        regarding: ObjectReference,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         if self.disabled.load(Ordering::Relaxed) {
             return;
         }
