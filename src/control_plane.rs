@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use infergate_kube::canary::{CanarySet, CanaryWatch};
-use infergate_kube::client::{connect, Cluster, ConnectError, KubeOptions};
-use infergate_kube::configmap::{ConfigMapWatch, InitialConfigError, DEFAULT_KEY};
-use infergate_kube::control::{spawn_discovery, Composer, Discovery, DiscoveryOptions};
-use infergate_kube::endpoints::WatchOptions;
-use infergate_kube::events::EventPublisher;
+use infergate_kube::{
+    connect, spawn_discovery, CanarySet, CanaryWatch, Cluster, Composer, ConfigMapWatch,
+    ConnectError, Discovery, DiscoveryOptions, EventPublisher, InitialConfigError, KubeOptions,
+    WatchOptions, DEFAULT_CONFIGMAP_KEY,
+};
 use infergate_core::config::{Config, ConfigError};
 use infergate_proxy::gateway::Gateway;
 use infergate_core::reload::FileWatch;
@@ -27,7 +26,7 @@ pub struct KubeArgs {
     #[arg(long, env = "INFERGATE_CONFIGMAP")]
     pub configmap: Option<String>,
     /// The ConfigMap key holding the config YAML.
-    #[arg(long, default_value = DEFAULT_KEY)]
+    #[arg(long, default_value = DEFAULT_CONFIGMAP_KEY)]
     pub configmap_key: String,
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, then the
     /// in-cluster service account).

@@ -1,6 +1,10 @@
 //! The unchanged `openai` Python SDK streams and non-streams through the
-//! gateway (in front of simulated replicas). Skips with a printed reason when
-//! python3 or the SDK is missing, unless INFERGATE_REQUIRE_EXTERNAL=1 (CI).
+//! gateway (in front of simulated replicas).
+//!
+//! Needs python3 with the SDK, so it is `#[ignore]`d: `cargo test` lists it as
+//! ignored, and `cargo test -- --include-ignored` (what .ci/run does, after
+//! installing the SDK) runs it. Run that way without the SDK, it skips with a
+//! printed reason, unless INFERGATE_REQUIRE_EXTERNAL=1 (CI), which fails it.
 
 #[path = "support_gateway/mod.rs"]
 mod support;
@@ -27,6 +31,7 @@ fn sdk_available() -> Result<(), String> {
 }
 
 #[tokio::test]
+#[ignore = "needs the openai Python SDK: python3 -m pip install openai"]
 async fn openai_python_sdk_works_through_the_gateway() {
     if let Err(why) = sdk_available() {
         if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {

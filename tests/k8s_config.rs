@@ -8,12 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
-use infergate_kube::canary::{CanarySet, CanaryWatch, CANARY_MODEL, CANARY_OF, CANARY_WEIGHT};
-use infergate_kube::client::{connect, KubeOptions};
-use infergate_kube::configmap::ConfigMapWatch;
-use infergate_kube::endpoints::WatchOptions;
-use infergate_kube::events::EventPublisher;
 use infergate_core::reload::Rejected;
+use infergate_kube::{
+    connect, CanarySet, CanaryWatch, ConfigMapWatch, EventPublisher, KubeOptions, WatchOptions,
+    CANARY_MODEL, CANARY_OF, CANARY_WEIGHT,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 
 const NS: &str = "llm";

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
 use futures::StreamExt;
-use infergate_kube::endpoints::{watch_endpoints, PortRef, ServiceTarget, WatchOptions};
+use infergate_core::config::PortRef;
 use infergate_core::pool::Pool;
+use infergate_kube::{watch_endpoints, ServiceTarget, WatchOptions};
 use infergate_protocol::EngineKind;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};

@@ -12,11 +12,9 @@ use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
 use infergate_core::config::Config;
-use infergate_kube::canary::{CANARY_OF, CANARY_WEIGHT};
-use infergate_kube::client::Cluster;
-use infergate_kube::configmap::ConfigMapWatch;
-use infergate_kube::control::DiscoveryOptions;
-use infergate_kube::endpoints::WatchOptions;
+use infergate_kube::{
+    Cluster, ConfigMapWatch, DiscoveryOptions, WatchOptions, CANARY_OF, CANARY_WEIGHT,
+};
 use infergate_core::discovery::gate::GateOptions;
 use infergate::control_plane::{ConfigSource, ControlOptions, ControlPlane, Loaded};
 use infergate_proxy::gateway::Gateway;

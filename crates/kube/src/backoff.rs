@@ -15,7 +15,7 @@ use rand::Rng;
 /// Exponential backoff: `min`, 2×, 4×... capped at `max`, each delay jittered
 /// down by up to a quarter so many gateways do not retry in lockstep.
 #[derive(Debug, Clone)]
-pub struct WatchBackoff {
+pub(crate) struct WatchBackoff {
     min: Duration,
     max: Duration,
     next: Duration,
@@ -23,20 +23,13 @@ pub struct WatchBackoff {
 }
 
 impl WatchBackoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         WatchBackoff {
             min,
             max,
             next: min,
             last_error: None,
         }
-    }
-}
-
-impl Default for WatchBackoff {
-    /// 250 ms up to 30 s.
-    fn default() -> Self {
-        WatchBackoff::new(Duration::from_millis(250), Duration::from_secs(30))
     }
 }
 

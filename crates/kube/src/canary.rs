@@ -68,39 +68,41 @@ pub enum CanaryError {
     OfItself,
 }
 
-/// Reads the canary annotations of a Service: `Ok(None)` when it is not a canary.
-pub fn parse(svc: &Service) -> Result<Option<Canary>, CanaryError> {
-    let ann = svc.annotations();
-    let Some(stable) = ann.get(CANARY_OF) else {
-        return Ok(None);
-    };
-    let stable = stable.trim();
-    if stable.is_empty() {
-        return Err(CanaryError::EmptyStable);
+impl Canary {
+    /// Reads the canary annotations of a Service: `Ok(None)` when it is not a canary.
+    pub fn parse(svc: &Service) -> Result<Option<Canary>, CanaryError> {
+        let ann = svc.annotations();
+        let Some(stable) = ann.get(CANARY_OF) else {
+            return Ok(None);
+        };
+        let stable = stable.trim();
+        if stable.is_empty() {
+            return Err(CanaryError::EmptyStable);
+        }
+        let name = svc.name_any();
+        if stable == name {
+            return Err(CanaryError::OfItself);
+        }
+        let weight = ann.get(CANARY_WEIGHT).ok_or(CanaryError::MissingWeight)?;
+        let weight = weight
+            .trim()
+            .trim_end_matches('%')
+            .parse::<u32>()
+            .ok()
+            .filter(|w| *w <= 100)
+            .ok_or_else(|| CanaryError::Weight(weight.clone()))?;
+        let model = ann
+            .get(CANARY_MODEL)
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty());
+        Ok(Some(Canary {
+            namespace: svc.namespace().unwrap_or_default(),
+            service: name,
+            stable: stable.to_string(),
+            weight,
+            model,
+        }))
     }
-    let name = svc.name_any();
-    if stable == name {
-        return Err(CanaryError::OfItself);
-    }
-    let weight = ann.get(CANARY_WEIGHT).ok_or(CanaryError::MissingWeight)?;
-    let weight = weight
-        .trim()
-        .trim_end_matches('%')
-        .parse::<u32>()
-        .ok()
-        .filter(|w| *w <= 100)
-        .ok_or_else(|| CanaryError::Weight(weight.clone()))?;
-    let model = ann
-        .get(CANARY_MODEL)
-        .map(|m| m.trim().to_string())
-        .filter(|m| !m.is_empty());
-    Ok(Some(Canary {
-        namespace: svc.namespace().unwrap_or_default(),
-        service: name,
-        stable: stable.to_string(),
-        weight,
-        model,
-    }))
 }
 
 /// The valid canaries of a namespace, sorted (so equal sets compare equal).
@@ -125,26 +127,26 @@ impl CanarySet {
 }
 
 /// The name of the pool made of a canary Service's endpoints.
-pub fn canary_pool_name(c: &Canary) -> String {
+fn canary_pool_name(c: &Canary) -> String {
     format!("canary:{}/{}", c.namespace, c.service)
 }
 
 /// What a canary changes for one route.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RouteCanary {
+struct RouteCanary {
     /// The route (its model name).
-    pub route: String,
+    route: String,
     /// The pool of the canary Service's endpoints (same port and engine as the
     /// stable pool).
-    pub pool: PoolConfig,
-    pub weight: u32,
+    pool: PoolConfig,
+    weight: u32,
     /// Model name sent upstream on the canary side.
-    pub model: Option<String>,
+    model: Option<String>,
 }
 
 /// The canary of every route whose pool is a stable Service with a canary.
 /// Services without a namespace live in `namespace`.
-pub fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary> {
+fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary> {
     let mut out = Vec::new();
     for route in &base.routes {
         let Some(pool) = base.pools.iter().find(|p| p.name == route.pool) else {
@@ -178,7 +180,7 @@ pub fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary>
 
 /// Lays the canaries over a config: each planned canary pool is added and
 /// the route's canary split points at it with the annotated weight.
-pub fn overlay(base: &Config, set: &CanarySet, namespace: &str) -> Config {
+pub(crate) fn overlay(base: &Config, set: &CanarySet, namespace: &str) -> Config {
     let mut cfg = base.clone();
     for rc in plan(base, set, namespace) {
         if !cfg.pools.iter().any(|p| p.name == rc.pool.name) {
@@ -278,7 +280,7 @@ impl CanaryStore {
         let mut invalid = Vec::new();
         let mut parse_into = |map: &mut BTreeMap<String, Canary>, svc: Service| {
             let name = svc.name_any();
-            match parse(&svc) {
+            match Canary::parse(&svc) {
                 Ok(Some(c)) => {
                     map.insert(name, c);
                 }
@@ -348,8 +350,8 @@ mod tests {
 
     #[test]
     fn parses_annotations() {
-        assert_eq!(parse(&svc("a", &[])), Ok(None));
-        let c = parse(&svc(
+        assert_eq!(Canary::parse(&svc("a", &[])), Ok(None));
+        let c = Canary::parse(&svc(
             "v2",
             &[
                 (CANARY_OF, "v1"),
@@ -364,30 +366,30 @@ mod tests {
             ("v1", 10, Some("llama"))
         );
         assert_eq!(
-            parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "25%")]))
+            Canary::parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "25%")]))
                 .unwrap()
                 .unwrap()
                 .weight,
             25
         );
         assert_eq!(
-            parse(&svc("v2", &[(CANARY_OF, "v1")])),
+            Canary::parse(&svc("v2", &[(CANARY_OF, "v1")])),
             Err(CanaryError::MissingWeight)
         );
         assert!(matches!(
-            parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "101")])),
+            Canary::parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "101")])),
             Err(CanaryError::Weight(_))
         ));
         assert!(matches!(
-            parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "ten")])),
+            Canary::parse(&svc("v2", &[(CANARY_OF, "v1"), (CANARY_WEIGHT, "ten")])),
             Err(CanaryError::Weight(_))
         ));
         assert_eq!(
-            parse(&svc("v2", &[(CANARY_OF, "v2"), (CANARY_WEIGHT, "1")])),
+            Canary::parse(&svc("v2", &[(CANARY_OF, "v2"), (CANARY_WEIGHT, "1")])),
             Err(CanaryError::OfItself)
         );
         assert_eq!(
-            parse(&svc("v2", &[(CANARY_OF, " "), (CANARY_WEIGHT, "1")])),
+            Canary::parse(&svc("v2", &[(CANARY_OF, " "), (CANARY_WEIGHT, "1")])),
             Err(CanaryError::EmptyStable)
         );
     }
@@ -447,7 +449,10 @@ mod tests {
             (sref.name.as_str(), sref.namespace.as_deref()),
             ("v2", Some("llm"))
         );
-        assert_eq!(sref.port, infergate_core::config::PortRef::Name("http".into()));
+        assert_eq!(
+            sref.port,
+            infergate_core::config::PortRef::Name("http".into())
+        );
         // Gateway namespace `prod`: the stable Service is prod/v1, not llm/v1.
         assert!(plan(&base, &set, "prod").is_empty());
         let cfg = overlay(&base, &set, "llm");

@@ -17,7 +17,7 @@ use infergate_core::reload::{
 };
 
 /// The default key of the config YAML inside the ConfigMap.
-pub const DEFAULT_KEY: &str = "config.yaml";
+pub const DEFAULT_CONFIGMAP_KEY: &str = "config.yaml";
 
 /// Which ConfigMap (and key) holds the gateway config.
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ impl ConfigMapWatch {
         ConfigMapWatch {
             namespace: namespace.into(),
             name: name.into(),
-            key: DEFAULT_KEY.to_string(),
+            key: DEFAULT_CONFIGMAP_KEY.to_string(),
             options: WatchOptions::default(),
         }
     }

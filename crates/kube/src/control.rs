@@ -20,9 +20,9 @@ use tokio::task::JoinHandle;
 
 use super::canary::CanarySet;
 use super::endpoints::{watch_endpoints, ServiceTarget, WatchOptions};
-use infergate_core::discovery::gate::{run_gated, GateOptions};
 use infergate_core::config::{Config, PoolSource, ServiceRef};
 use infergate_core::dataplane::Dataplane;
+use infergate_core::discovery::gate::{run_gated, GateOptions};
 use infergate_core::reload::{ConfigTarget, Rejected};
 
 /// Composes the applied config from the base config (file or ConfigMap) and
@@ -49,7 +49,11 @@ impl std::fmt::Debug for Composer {
 impl Composer {
     /// `base` is the config the gateway was built from; `namespace` is where
     /// Services without a namespace live.
-    pub fn new(gateway: Arc<dyn Dataplane>, base: Config, namespace: impl Into<String>) -> Arc<Composer> {
+    pub fn new(
+        gateway: Arc<dyn Dataplane>,
+        base: Config,
+        namespace: impl Into<String>,
+    ) -> Arc<Composer> {
         Arc::new(Composer {
             gateway,
             state: Mutex::new(ComposerState {
@@ -65,7 +69,7 @@ impl Composer {
     }
 
     /// Applies a new canary set over the current base config.
-    pub fn set_canaries(&self, canaries: CanarySet) -> Result<(), Rejected> {
+    fn set_canaries(&self, canaries: CanarySet) -> Result<(), Rejected> {
         let mut st = self.lock();
         let effective = super::canary::overlay(&st.base, &canaries, &st.namespace);
         self.gateway
@@ -133,7 +137,7 @@ impl Discovery {
 }
 
 /// The Service a pool names, with the default namespace filled in.
-pub fn service_target(sref: &ServiceRef, namespace: &str) -> ServiceTarget {
+fn service_target(sref: &ServiceRef, namespace: &str) -> ServiceTarget {
     ServiceTarget {
         namespace: sref
             .namespace

@@ -28,11 +28,11 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 
 use super::backoff::WatchBackoff;
-pub use infergate_core::config::PortRef;
+use infergate_core::config::PortRef;
 use infergate_core::discovery::{Endpoint, Update};
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// One Service whose endpoints make up a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

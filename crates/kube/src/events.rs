@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 
 /// The name under which infergate reports events.
-pub const REPORTING_CONTROLLER: &str = "infergate.io/gateway";
+const REPORTING_CONTROLLER: &str = "infergate.io/gateway";
 
 /// Publishes Warning events (cheap to clone).
 #[derive(Clone)]
@@ -44,7 +44,13 @@ impl EventPublisher {
     }
 
     /// Publishes a Warning event about `regarding` in the background.
-    pub fn warn(&self, regarding: ObjectReference, reason: &str, action: &str, note: String) {
+    pub(crate) fn warn(
+        &self,
+        regarding: ObjectReference,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         if self.disabled.load(Ordering::Relaxed) {
             return;
         }
@@ -113,7 +119,7 @@ fn warning(
 }
 
 /// A reference to a namespaced object of type `K`.
-pub fn object_ref<K>(namespace: &str, name: &str, uid: Option<String>) -> ObjectReference
+pub(crate) fn object_ref<K>(namespace: &str, name: &str, uid: Option<String>) -> ObjectReference
 where
     K: k8s_openapi::Resource,
 {
