@@ -7,10 +7,10 @@
 //! its key, so its counters are never reset while requests are in flight; a
 //! removed replica stays alive through the `Arc`s its in-flight requests hold.
 //! Every update that changes the members is also published on a watch channel
-//! ([`Pool::subscribe`]): the scrape loops, the outlier detection and the
-//! admission queue follow the pool through it instead of polling it, and a
-//! second channel ([`Pool::capacity_reported`]) tells the queue when a
-//! replica's reported KV capacity changed.
+//! (`Pool::subscribe`): the scrape loops, the outlier prober and the admission
+//! queue follow the pool through it instead of polling it, and a second
+//! channel (`Pool::capacity_reported`) tells the queue when a replica's
+//! reported KV capacity changed.
 //!
 //! The accounting is the gateway's own view of load, always current: requests in
 //! flight, estimated tokens in flight and prefill tokens not yet answered. It is
@@ -18,19 +18,19 @@
 //! error, timeout, client disconnect, panic unwinding) because it is a `Drop`.
 //!
 //! Whether a replica can take a request is decided here, in one place
-//! ([`RoutabilityCheck::of`]), from what three checks found, all sent through
+//! (`RoutabilityCheck::of`), from what three checks found, all sent through
 //! the pool's one HTTP client ([`Pool::client`]):
 //! - discovery's gate (`discovery::gate`) admits an endpoint into the pool only
 //!   once its first probe answered, so every member passed it;
 //! - outlier detection (`admission::outlier`) ejects a failing replica until a
-//!   health probe brings it back ([`Routability::Ejected`]);
+//!   health probe brings it back (`Routability::Ejected`);
 //! - routing's scrape loops (`routing::scrape`) store its load signals, and
 //!   signals that are missing or stale make its load unknown
-//!   ([`Routability::LoadUnknown`]): it still takes requests, but pickers treat
+//!   (`Routability::LoadUnknown`): it still takes requests, but pickers treat
 //!   it as saturated.
 //!
-//! Admission places a request only on a replica that
-//! [takes requests](Routability::takes_requests); the picker, among those,
+//! Admission places a request only on a replica that takes requests (not
+//! ejected, not already tried by the request); the picker, among those,
 //! prefers replicas whose load is known.
 
 use std::collections::{HashMap, HashSet};
@@ -43,8 +43,7 @@ use tokio::sync::watch;
 
 use infergate_protocol::EngineKind;
 
-use crate::discovery::probe::ReplicaClient;
-use crate::discovery::{Endpoint, Update};
+use crate::discovery::{Endpoint, ReplicaClient, Update};
 use crate::routing::signals::Signals;
 
 /// The gateway's own load counters for one replica.
@@ -189,7 +188,7 @@ impl Drop for LoadGuard {
 
 /// Whether a replica can take a new request, and if not, why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Routability {
+pub(crate) enum Routability {
     /// Takes requests, and its load is known (fresh signals, or load is not
     /// judged).
     Routable,
@@ -204,7 +203,7 @@ pub enum Routability {
 
 impl Routability {
     /// Whether a request may be placed on the replica.
-    pub fn takes_requests(self) -> bool {
+    pub(crate) fn takes_requests(self) -> bool {
         matches!(self, Routability::Routable | Routability::LoadUnknown)
     }
 }
@@ -213,7 +212,7 @@ impl Routability {
 /// ejected replicas, the replicas the request already tried and, when load
 /// is judged, how old signals may be. The one place routability is decided.
 #[derive(Debug, Clone, Copy)]
-pub struct RoutabilityCheck<'a> {
+pub(crate) struct RoutabilityCheck<'a> {
     ejected: &'a [Arc<str>],
     exclude: &'a [Arc<str>],
     /// `(now, stale_after)` when signals are judged.
@@ -222,7 +221,7 @@ pub struct RoutabilityCheck<'a> {
 
 impl<'a> RoutabilityCheck<'a> {
     /// Judges ejection (the keys outlier detection ejected) and exclusion.
-    pub fn new(ejected: &'a [Arc<str>], exclude: &'a [Arc<str>]) -> Self {
+    pub(crate) fn new(ejected: &'a [Arc<str>], exclude: &'a [Arc<str>]) -> Self {
         RoutabilityCheck {
             ejected,
             exclude,
@@ -233,7 +232,7 @@ impl<'a> RoutabilityCheck<'a> {
     /// Also judges load signals: older than `stale_after` at `now` (or
     /// missing, or failed) is [`Routability::LoadUnknown`]. For a pool whose
     /// replicas are scraped.
-    pub fn judging_signals(self, now: Instant, stale_after: Duration) -> Self {
+    pub(crate) fn judging_signals(self, now: Instant, stale_after: Duration) -> Self {
         RoutabilityCheck {
             freshness: Some((now, stale_after)),
             ..self
@@ -241,7 +240,7 @@ impl<'a> RoutabilityCheck<'a> {
     }
 
     /// The routability of `replica`.
-    pub fn of(&self, replica: &Replica) -> Routability {
+    pub(crate) fn of(&self, replica: &Replica) -> Routability {
         match self.freshness {
             None => self.of_with_signals(replica, None),
             Some(_) => self.of_with_signals(replica, replica.signals.load().as_deref()),
@@ -250,7 +249,11 @@ impl<'a> RoutabilityCheck<'a> {
 
     /// [`of`](Self::of), with the replica's signals already loaded (a picker
     /// reads them anyway).
-    pub fn of_with_signals(&self, replica: &Replica, signals: Option<&Signals>) -> Routability {
+    pub(crate) fn of_with_signals(
+        &self,
+        replica: &Replica,
+        signals: Option<&Signals>,
+    ) -> Routability {
         let key = replica.key();
         if self.exclude.iter().any(|e| **e == *key) {
             return Routability::Excluded;
@@ -267,19 +270,14 @@ impl<'a> RoutabilityCheck<'a> {
     }
 
     /// Whether any of `replicas` takes requests.
-    pub fn any_takes_requests(&self, replicas: &[Arc<Replica>]) -> bool {
+    pub(crate) fn any_takes_requests(&self, replicas: &[Arc<Replica>]) -> bool {
         replicas.iter().any(|r| self.of(r).takes_requests())
     }
 }
 
-/// A pool's members as published to its followers ([`Pool::subscribe`]).
-#[derive(Debug, Clone, Default)]
-pub struct Membership {
-    /// The same snapshot [`Pool::replicas`] returns.
-    pub replicas: Arc<Vec<Arc<Replica>>>,
-    /// Counts the updates that changed the members.
-    pub version: u64,
-}
+/// A pool's members: one immutable snapshot, shared by the request path and
+/// the pool's followers.
+pub type Members = Arc<Vec<Arc<Replica>>>;
 
 /// The replicas of one target.
 #[derive(Debug)]
@@ -289,7 +287,8 @@ pub struct Pool {
     /// Read by the request path (lock-free); written only inside `membership`'s
     /// send, which serialises updates and keeps both the same snapshot.
     members: ArcSwap<Vec<Arc<Replica>>>,
-    membership: watch::Sender<Membership>,
+    /// The members, published to followers on every change.
+    membership: watch::Sender<Members>,
     /// Counts changes of a replica's reported KV capacity.
     capacity: watch::Sender<u64>,
     client: ReplicaClient,
@@ -301,19 +300,19 @@ impl Pool {
             name: name.into(),
             engine,
             members: ArcSwap::from_pointee(Vec::new()),
-            membership: watch::Sender::new(Membership::default()),
+            membership: watch::Sender::new(Members::default()),
             capacity: watch::Sender::new(0),
             client: ReplicaClient::default(),
         }
     }
 
     /// The current members (a cheap snapshot; never blocks).
-    pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+    pub fn replicas(&self) -> Members {
         self.members.load_full()
     }
 
     /// Follows the members: the receiver sees every update that changed them.
-    pub fn subscribe(&self) -> watch::Receiver<Membership> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Members> {
         self.membership.subscribe()
     }
 
@@ -324,12 +323,12 @@ impl Pool {
 
     /// A replica's reported KV capacity changed (the scraper calls this):
     /// admission's budget may have room it did not have.
-    pub fn capacity_reported(&self) {
+    pub(crate) fn capacity_reported(&self) {
         self.capacity.send_modify(|n| *n += 1);
     }
 
     /// Follows capacity reports (see [`Pool::capacity_reported`]).
-    pub fn watch_capacity(&self) -> watch::Receiver<u64> {
+    pub(crate) fn watch_capacity(&self) -> watch::Receiver<u64> {
         self.capacity.subscribe()
     }
 
@@ -337,20 +336,18 @@ impl Pool {
     /// changed. Replicas whose key is kept keep their state.
     pub fn apply(&self, update: Update) {
         self.membership.send_if_modified(|published| {
-            let current = &published.replicas;
-            let next = next_members(current, &update);
-            let unchanged = next.len() == current.len()
+            let next = next_members(published, &update);
+            let unchanged = next.len() == published.len()
                 && next
                     .iter()
-                    .zip(current.iter())
+                    .zip(published.iter())
                     .all(|(a, b)| Arc::ptr_eq(a, b));
             if unchanged {
                 return false;
             }
             let next = Arc::new(next);
             self.members.store(next.clone());
-            published.replicas = next;
-            published.version += 1;
+            *published = next;
             true
         });
     }
@@ -426,17 +423,18 @@ mod tests {
         pool.apply(Update::Reset(vec![ep(1), ep(2)]));
         assert!(rx.has_changed().unwrap());
         let m = rx.borrow_and_update().clone();
-        assert_eq!(m.version, 1);
-        assert!(Arc::ptr_eq(&m.replicas, &pool.replicas()), "one snapshot");
-        // The same members again (a relist, a reload of the same file): silent.
+        assert!(Arc::ptr_eq(&m, &pool.replicas()), "one snapshot");
+        // Reordered: a change. The same members again (a relist, a reload of
+        // the same file): silent.
         pool.apply(Update::Reset(vec![ep(2), ep(1)]));
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
         pool.apply(Update::Reset(vec![ep(2), ep(1)]));
-        assert_eq!(rx.borrow_and_update().version, 2, "reordered: a change");
         pool.apply(Update::Add(vec![ep(1)]));
         pool.apply(Update::Remove(vec!["127.0.0.1:9".into()]));
         assert!(!rx.has_changed().unwrap());
         pool.apply(Update::Remove(vec![ep(1).key]));
-        assert_eq!(rx.borrow_and_update().replicas.len(), 1);
+        assert_eq!(rx.borrow_and_update().len(), 1);
 
         let cap = pool.watch_capacity();
         assert!(!cap.has_changed().unwrap());

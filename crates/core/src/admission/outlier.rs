@@ -212,7 +212,7 @@ impl OutlierDetector {
                         if changed.is_err() {
                             return;
                         }
-                        let members = membership.borrow_and_update().replicas.clone();
+                        let members = membership.borrow_and_update().clone();
                         det.retain(|k| members.iter().any(|r| r.key() == k));
                         continue;
                     }

@@ -15,7 +15,10 @@
 //! replica reported its KV capacity (the registry follows the pool), or a
 //! replica came back from ejection (the outlier prober). An epoch counter
 //! closes the race between "did not fit" and "room freed just now". Waiters
-//! never poll: a waiter sleeps until its turn or its deadline.
+//! never poll: a waiter sleeps until its turn or its deadline. Nothing else
+//! needs watching, because a replica without requests always fits: a request
+//! waits only while every replica it may use holds requests, whose releases
+//! are events.
 //!
 //! Refusals: a sheddable request is refused (429) at once when it cannot be
 //! placed; a full queue refuses with 429; a deadline passed in the queue gives

@@ -79,7 +79,7 @@ fn follow(pool: &Arc<Pool>, admission: &Arc<PoolAdmission>) -> Vec<JoinHandle<()
 /// reports its capacity: room may have appeared without a release (or no
 /// replica is left, which a waiter must hear about).
 async fn wake_queue_on_pool_events(
-    mut membership: tokio::sync::watch::Receiver<crate::pool::Membership>,
+    mut membership: tokio::sync::watch::Receiver<crate::pool::Members>,
     mut capacity: tokio::sync::watch::Receiver<u64>,
     admission: Weak<PoolAdmission>,
 ) {
@@ -252,6 +252,21 @@ mod tests {
         })
     }
 
+    /// A registry and a pool of one replica.
+    fn one_replica() -> (AdmissionRegistry, Arc<Pool>) {
+        let pool = Arc::new(Pool::new("p", Default::default()));
+        pool.apply(Update::Reset(vec![ep(1)]));
+        (AdmissionRegistry::default(), pool)
+    }
+
+    /// What `task` returns, which must be within a second.
+    async fn within_a_second<T>(task: tokio::task::JoinHandle<T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect(what)
+            .unwrap()
+    }
+
     async fn wait_queued(adm: &PoolAdmission, n: usize) {
         for _ in 0..200 {
             if adm.queued() == n {
@@ -264,19 +279,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gets_a_replica_that_joins_or_reports_room() {
-        let reg = AdmissionRegistry::default();
-        let pool = Arc::new(Pool::new("p", Default::default()));
-        pool.apply(Update::Reset(vec![ep(1)]));
+        let (reg, pool) = one_replica();
         let adm = reg.pool(&pool, &one_each());
         let _held = admit(&pool, &adm, 1000).await.unwrap().unwrap();
         // Far longer than the test: only the join can place it.
         let waiter = admit(&pool, &adm, 60_000);
         wait_queued(&adm, 1).await;
         pool.apply(Update::Add(vec![ep(2)]));
-        let placed = tokio::time::timeout(Duration::from_secs(1), waiter)
+        let placed = within_a_second(waiter, "placed when the replica joined")
             .await
-            .expect("placed when the replica joined")
-            .unwrap()
             .unwrap();
         assert_eq!(placed.replica().key(), "127.0.0.1:2");
 
@@ -288,18 +299,13 @@ mod tests {
         assert_eq!(adm.queued(), 1, "still waiting: no room anywhere");
         // The last replica leaves: the waiter hears there is none at once.
         pool.apply(Update::Reset(vec![]));
-        let refused = tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .expect("told at once")
-            .unwrap();
+        let refused = within_a_second(waiter, "told at once").await;
         assert_eq!(refused.unwrap_err(), AdmitError::NoReadyReplica);
     }
 
     #[tokio::test]
     async fn a_rebuilt_admission_keeps_the_pool_queue() {
-        let reg = AdmissionRegistry::default();
-        let pool = Arc::new(Pool::new("p", Default::default()));
-        pool.apply(Update::Reset(vec![ep(1)]));
+        let (reg, pool) = one_replica();
         let old = reg.pool(&pool, &one_each());
         let held = admit(&pool, &old, 1000).await.unwrap().unwrap();
         reg.begin_load();
@@ -312,10 +318,7 @@ mod tests {
         assert_eq!(old.queued(), 1, "one queue");
         // A request admitted under the old config ends: the new one's waiter goes.
         drop(held);
-        let placed = tokio::time::timeout(Duration::from_secs(1), waiter)
-            .await
-            .expect("woken by the old admission's release")
-            .unwrap();
+        let placed = within_a_second(waiter, "woken by the old admission's release").await;
         assert!(placed.is_ok());
     }
 

@@ -17,16 +17,16 @@ use super::Endpoint;
 
 /// A replica's answer to a check.
 #[derive(Debug)]
-pub struct Reply {
-    pub status: http::StatusCode,
+pub(crate) struct Reply {
+    pub(crate) status: http::StatusCode,
     /// The body when it was asked for ([`BodyUse::Keep`]), else empty.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
 }
 
 /// What a check does with the response body. It is always read to its end,
 /// so the connection goes back to the pool for the next check.
 #[derive(Debug, Clone, Copy)]
-pub enum BodyUse {
+pub(crate) enum BodyUse {
     /// Only the status matters.
     Discard,
     /// Keep the body, failing when it is longer than `limit` bytes.
@@ -35,7 +35,7 @@ pub enum BodyUse {
 
 /// Why a check got no answer.
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("connect: {0}")]
     Connect(String),
     #[error("body: {0}")]
@@ -63,12 +63,12 @@ impl Default for ReplicaClient {
 
 impl ReplicaClient {
     /// The URI of `path` on `endpoint`, or `None` when they do not form one.
-    pub fn uri(endpoint: &Endpoint, path: &str) -> Option<http::Uri> {
+    pub(crate) fn uri(endpoint: &Endpoint, path: &str) -> Option<http::Uri> {
         format!("{}{}", endpoint.base_url, path).parse().ok()
     }
 
     /// `GET uri`, answered (status and body) within `timeout`.
-    pub async fn get(
+    pub(crate) async fn get(
         &self,
         uri: http::Uri,
         timeout: Duration,

@@ -123,7 +123,7 @@ async fn supervise(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet) {
     let mut loops = Loops(HashMap::new());
     let mut membership = pool.subscribe();
     loop {
-        let current = membership.borrow_and_update().replicas.clone();
+        let current = membership.borrow_and_update().clone();
         // Stop loops of replicas that left (or were replaced by a new object).
         loops.0.retain(|key, (r, h)| {
             let kept = current
