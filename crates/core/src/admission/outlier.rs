@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use super::config::OutlierConfig;
-use crate::discovery::probe::{BodyUse, ReplicaClient};
+use crate::discovery::ReplicaClient;
 use crate::pool::Pool;
 
 /// What happened to one attempt on a replica.
@@ -207,11 +207,11 @@ impl OutlierDetector {
                 tokio::select! {
                     _ = tick.tick() => {}
                     changed = membership.changed() => {
-                        let Some(det) = weak.upgrade() else { return };
-                        // The pool owns the sender and this task holds the pool.
+                        // Never closed: the pool owns the sender, this task the pool.
                         if changed.is_err() {
                             return;
                         }
+                        let Some(det) = weak.upgrade() else { return };
                         let members = membership.borrow_and_update().clone();
                         det.retain(|k| members.iter().any(|r| r.key() == k));
                         continue;
@@ -228,10 +228,11 @@ impl OutlierDetector {
                         continue;
                     };
                     let healthy = match ReplicaClient::uri(&r.endpoint, &path) {
-                        Some(uri) => matches!(
-                            pool.client().get(uri, timeout, BodyUse::Discard).await,
-                            Ok(reply) if reply.status.is_success()
-                        ),
+                        Some(uri) => pool
+                            .client()
+                            .status(uri, timeout)
+                            .await
+                            .is_some_and(|s| s.is_success()),
                         None => false,
                     };
                     det.probe_result(&key, healthy);

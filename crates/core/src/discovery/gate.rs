@@ -20,7 +20,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::probe::{BodyUse, ReplicaClient};
+use super::probe::ReplicaClient;
 use super::{Endpoint, Update};
 use infergate_protocol::EngineKind;
 
@@ -66,10 +66,7 @@ async fn probe_until_ok(
     let uri = ReplicaClient::uri(&ep, path);
     loop {
         let ok = match &uri {
-            Some(u) => matches!(
-                client.get(u.clone(), opts.timeout, BodyUse::Discard).await,
-                Ok(reply) if reply.status == http::StatusCode::OK
-            ),
+            Some(u) => client.status(u.clone(), opts.timeout).await == Some(http::StatusCode::OK),
             None => false,
         };
         if ok {

@@ -67,6 +67,17 @@ impl ReplicaClient {
         format!("{}{}", endpoint.base_url, path).parse().ok()
     }
 
+    /// The status `GET uri` is answered with within `timeout` (the body is
+    /// read and dropped), or `None` without an answer.
+    pub(crate) async fn status(
+        &self,
+        uri: http::Uri,
+        timeout: Duration,
+    ) -> Option<http::StatusCode> {
+        let reply = self.get(uri, timeout, BodyUse::Discard).await.ok()?;
+        Some(reply.status)
+    }
+
     /// `GET uri`, answered (status and body) within `timeout`.
     pub(crate) async fn get(
         &self,
