@@ -1,25 +1,49 @@
-//! A pool: the replicas serving one model target, and their live accounting.
+//! A pool: the replicas serving one model target, their live accounting, and
+//! whether each can take a request.
 //!
 //! Membership changes arrive as [`Update`]s from discovery and are applied by
 //! swapping an immutable snapshot (arc-swap), so the request path reads the
 //! member list without a lock. A [`Replica`] object survives updates that keep
 //! its key, so its counters are never reset while requests are in flight; a
 //! removed replica stays alive through the `Arc`s its in-flight requests hold.
+//! Every update that changes the members is also published on a watch channel
+//! (`Pool::subscribe`): the scrape loops, the outlier prober and the admission
+//! queue follow the pool through it instead of polling it, and a second
+//! channel (`Pool::capacity_reported`) tells the queue when a replica's
+//! reported KV capacity changed.
 //!
 //! The accounting is the gateway's own view of load, always current: requests in
 //! flight, estimated tokens in flight and prefill tokens not yet answered. It is
 //! changed only through [`LoadGuard`], which is released on every path (success,
 //! error, timeout, client disconnect, panic unwinding) because it is a `Drop`.
+//!
+//! Whether a replica can take a request is decided here, in one place
+//! (`RoutabilityCheck::of`), from what three checks found, all sent through
+//! the pool's one HTTP client ([`Pool::client`]):
+//! - discovery's gate (`discovery::gate`) admits an endpoint into the pool only
+//!   once its first probe answered, so every member passed it;
+//! - outlier detection (`admission::outlier`) ejects a failing replica until a
+//!   health probe brings it back (`Routability::Ejected`);
+//! - routing's scrape loops (`routing::scrape`) store its load signals, and
+//!   signals that are missing or stale make its load unknown
+//!   (`Routability::LoadUnknown`): it still takes requests, but pickers treat
+//!   it as saturated.
+//!
+//! Admission places a request only on a replica that takes requests (not
+//! ejected, not already tried by the request); the picker, among those,
+//! prefers replicas whose load is known.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::sync::watch;
 
 use infergate_protocol::EngineKind;
 
-use crate::discovery::{Endpoint, Update};
+use crate::discovery::{Endpoint, ReplicaClient, Update};
 use crate::routing::signals::Signals;
 
 /// The gateway's own load counters for one replica.
@@ -162,12 +186,112 @@ impl Drop for LoadGuard {
     }
 }
 
+/// Whether a replica can take a new request, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Routability {
+    /// Takes requests, and its load is known (fresh signals, or load is not
+    /// judged).
+    Routable,
+    /// Takes requests, but its load is unknown (never scraped, or its last
+    /// good scrape is stale): pickers treat it as saturated.
+    LoadUnknown,
+    /// Ejected by outlier detection until a health probe brings it back.
+    Ejected,
+    /// Already tried by this request: a retry never goes back to it.
+    Excluded,
+}
+
+impl Routability {
+    /// Whether a request may be placed on the replica.
+    pub(crate) fn takes_requests(self) -> bool {
+        matches!(self, Routability::Routable | Routability::LoadUnknown)
+    }
+}
+
+/// What one routing decision judges a pool's members against: the pool's
+/// ejected replicas, the replicas the request already tried and, when load
+/// is judged, how old signals may be. The one place routability is decided.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoutabilityCheck<'a> {
+    ejected: &'a [Arc<str>],
+    exclude: &'a [Arc<str>],
+    /// `(now, stale_after)` when signals are judged.
+    freshness: Option<(Instant, Duration)>,
+}
+
+impl<'a> RoutabilityCheck<'a> {
+    /// Judges ejection (the keys outlier detection ejected) and exclusion.
+    pub(crate) fn new(ejected: &'a [Arc<str>], exclude: &'a [Arc<str>]) -> Self {
+        RoutabilityCheck {
+            ejected,
+            exclude,
+            freshness: None,
+        }
+    }
+
+    /// Also judges load signals: older than `stale_after` at `now` (or
+    /// missing, or failed) is [`Routability::LoadUnknown`]. For a pool whose
+    /// replicas are scraped.
+    pub(crate) fn judging_signals(self, now: Instant, stale_after: Duration) -> Self {
+        RoutabilityCheck {
+            freshness: Some((now, stale_after)),
+            ..self
+        }
+    }
+
+    /// The routability of `replica`.
+    pub(crate) fn of(&self, replica: &Replica) -> Routability {
+        match self.freshness {
+            None => self.of_with_signals(replica, None),
+            Some(_) => self.of_with_signals(replica, replica.signals.load().as_deref()),
+        }
+    }
+
+    /// [`of`](Self::of), with the replica's signals already loaded (a picker
+    /// reads them anyway).
+    pub(crate) fn of_with_signals(
+        &self,
+        replica: &Replica,
+        signals: Option<&Signals>,
+    ) -> Routability {
+        let key = replica.key();
+        if self.exclude.iter().any(|e| **e == *key) {
+            return Routability::Excluded;
+        }
+        if self.ejected.iter().any(|e| **e == *key) {
+            return Routability::Ejected;
+        }
+        match self.freshness {
+            Some((now, stale_after)) if !signals.is_some_and(|s| s.is_fresh(now, stale_after)) => {
+                Routability::LoadUnknown
+            }
+            _ => Routability::Routable,
+        }
+    }
+
+    /// Whether any of `replicas` takes requests.
+    pub(crate) fn any_takes_requests(&self, replicas: &[Arc<Replica>]) -> bool {
+        replicas.iter().any(|r| self.of(r).takes_requests())
+    }
+}
+
+/// A pool's members: one immutable snapshot, shared by the request path and
+/// the pool's followers.
+pub type Members = Arc<Vec<Arc<Replica>>>;
+
 /// The replicas of one target.
 #[derive(Debug)]
 pub struct Pool {
     pub name: Arc<str>,
     pub engine: EngineKind,
+    /// Read by the request path (lock-free); written only inside `membership`'s
+    /// send, which serialises updates and keeps both the same snapshot.
     members: ArcSwap<Vec<Arc<Replica>>>,
+    /// The members, published to followers on every change.
+    membership: watch::Sender<Members>,
+    /// Counts changes of a replica's reported KV capacity.
+    capacity: watch::Sender<u64>,
+    client: ReplicaClient,
 }
 
 impl Pool {
@@ -176,49 +300,90 @@ impl Pool {
             name: name.into(),
             engine,
             members: ArcSwap::from_pointee(Vec::new()),
+            membership: watch::Sender::new(Members::default()),
+            capacity: watch::Sender::new(0),
+            client: ReplicaClient::default(),
         }
     }
 
     /// The current members (a cheap snapshot; never blocks).
-    pub fn replicas(&self) -> Arc<Vec<Arc<Replica>>> {
+    pub fn replicas(&self) -> Members {
         self.members.load_full()
     }
 
-    /// Applies a discovery update. Replicas whose key is kept keep their state.
+    /// Follows the members: the receiver sees every update that changed them.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Members> {
+        self.membership.subscribe()
+    }
+
+    /// The client the pool's replica checks (gate, scrape, health probes) share.
+    pub fn client(&self) -> &ReplicaClient {
+        &self.client
+    }
+
+    /// A replica's reported KV capacity changed (the scraper calls this):
+    /// admission's budget may have room it did not have.
+    pub(crate) fn capacity_reported(&self) {
+        self.capacity.send_modify(|n| *n += 1);
+    }
+
+    /// Follows capacity reports (see [`Pool::capacity_reported`]).
+    pub(crate) fn watch_capacity(&self) -> watch::Receiver<u64> {
+        self.capacity.subscribe()
+    }
+
+    /// Applies a discovery update and publishes the members when they
+    /// changed. Replicas whose key is kept keep their state.
     pub fn apply(&self, update: Update) {
-        self.members.rcu(|current| {
-            let by_key: HashMap<&str, &Arc<Replica>> =
-                current.iter().map(|r| (r.key(), r)).collect();
-            let keep_or_new = |e: &Endpoint| match by_key.get(&*e.key) {
-                Some(r) if r.endpoint == *e => Arc::clone(r),
-                _ => Arc::new(Replica::new(e.clone())),
-            };
-            match &update {
-                Update::Reset(eps) => {
-                    let mut seen = std::collections::HashSet::new();
-                    eps.iter()
-                        .filter(|e| seen.insert(e.key.clone()))
-                        .map(keep_or_new)
-                        .collect::<Vec<_>>()
-                }
-                Update::Add(eps) => {
-                    let mut next: Vec<Arc<Replica>> = current.iter().cloned().collect();
-                    for e in eps {
-                        match next.iter().position(|r| r.key() == &*e.key) {
-                            Some(i) if next[i].endpoint == *e => {}
-                            Some(i) => next[i] = Arc::new(Replica::new(e.clone())),
-                            None => next.push(Arc::new(Replica::new(e.clone()))),
-                        }
-                    }
-                    next
-                }
-                Update::Remove(keys) => current
+        self.membership.send_if_modified(|published| {
+            let next = next_members(published, &update);
+            let unchanged = next.len() == published.len()
+                && next
                     .iter()
-                    .filter(|r| !keys.iter().any(|k| **k == *r.key()))
-                    .cloned()
-                    .collect(),
+                    .zip(published.iter())
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            if unchanged {
+                return false;
             }
+            let next = Arc::new(next);
+            self.members.store(next.clone());
+            *published = next;
+            true
         });
+    }
+}
+
+/// The members after `update` is applied to `current`.
+fn next_members(current: &[Arc<Replica>], update: &Update) -> Vec<Arc<Replica>> {
+    let by_key: HashMap<&str, &Arc<Replica>> = current.iter().map(|r| (r.key(), r)).collect();
+    let keep_or_new = |e: &Endpoint| match by_key.get(&*e.key) {
+        Some(r) if r.endpoint == *e => Arc::clone(r),
+        _ => Arc::new(Replica::new(e.clone())),
+    };
+    match update {
+        Update::Reset(eps) => {
+            let mut seen = HashSet::new();
+            eps.iter()
+                .filter(|e| seen.insert(e.key.clone()))
+                .map(keep_or_new)
+                .collect()
+        }
+        Update::Add(eps) => {
+            let mut next: Vec<Arc<Replica>> = current.to_vec();
+            for e in eps {
+                match next.iter().position(|r| r.key() == &*e.key) {
+                    Some(i) if next[i].endpoint == *e => {}
+                    Some(i) => next[i] = Arc::new(Replica::new(e.clone())),
+                    None => next.push(Arc::new(Replica::new(e.clone()))),
+                }
+            }
+            next
+        }
+        Update::Remove(keys) => current
+            .iter()
+            .filter(|r| !keys.iter().any(|k| **k == *r.key()))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -249,6 +414,67 @@ mod tests {
         assert_eq!(r1.load.tokens(), 0);
         pool.apply(Update::Reset(vec![ep(2)]));
         assert_eq!(pool.replicas().len(), 1);
+    }
+
+    #[test]
+    fn changes_are_published_and_no_ops_are_not() {
+        let pool = Pool::new("p", EngineKind::Vllm);
+        let mut rx = pool.subscribe();
+        pool.apply(Update::Reset(vec![ep(1), ep(2)]));
+        assert!(rx.has_changed().unwrap());
+        let m = rx.borrow_and_update().clone();
+        assert!(Arc::ptr_eq(&m, &pool.replicas()), "one snapshot");
+        // Reordered: a change. The same members again (a relist, a reload of
+        // the same file): silent.
+        pool.apply(Update::Reset(vec![ep(2), ep(1)]));
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        pool.apply(Update::Reset(vec![ep(2), ep(1)]));
+        pool.apply(Update::Add(vec![ep(1)]));
+        pool.apply(Update::Remove(vec!["127.0.0.1:9".into()]));
+        assert!(!rx.has_changed().unwrap());
+        pool.apply(Update::Remove(vec![ep(1).key]));
+        assert_eq!(rx.borrow_and_update().len(), 1);
+
+        let cap = pool.watch_capacity();
+        assert!(!cap.has_changed().unwrap());
+        pool.capacity_reported();
+        assert!(cap.has_changed().unwrap());
+    }
+
+    #[test]
+    fn routability_is_decided_in_one_place() {
+        let (a, b, c) = (
+            Replica::new(ep(1)),
+            Replica::new(ep(2)),
+            Replica::new(ep(3)),
+        );
+        let now = Instant::now();
+        c.signals
+            .store(Some(Arc::new(Signals::failed(now, "down".to_string()))));
+        let ejected = [b.endpoint.key.clone()];
+        let exclude = [a.endpoint.key.clone()];
+        let check = RoutabilityCheck::new(&ejected, &exclude);
+        assert_eq!(check.of(&a), Routability::Excluded);
+        assert_eq!(check.of(&b), Routability::Ejected);
+        assert_eq!(check.of(&c), Routability::Routable, "load not judged");
+        let judged = RoutabilityCheck::new(&[], &[]).judging_signals(now, Duration::from_secs(1));
+        assert_eq!(judged.of(&a), Routability::LoadUnknown, "never scraped");
+        assert_eq!(judged.of(&c), Routability::LoadUnknown, "failed scrape");
+        let fresh = crate::routing::signals::parse(
+            EngineKind::Vllm,
+            "vllm:num_requests_waiting 0\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0.1\n",
+            now,
+        );
+        assert_eq!(
+            judged.of_with_signals(&c, Some(&fresh)),
+            Routability::Routable
+        );
+        assert!(Routability::LoadUnknown.takes_requests());
+        assert!(!Routability::Ejected.takes_requests() && !Routability::Excluded.takes_requests());
+        let members = [Arc::new(a), Arc::new(b)];
+        assert!(!check.any_takes_requests(&members));
+        assert!(RoutabilityCheck::new(&ejected, &[]).any_takes_requests(&members));
     }
 
     #[test]

@@ -208,10 +208,10 @@ async fn reconcile(
             let listed_tx = listed_tx.clone();
             let name = pc.name.clone();
             let gate = opts.gate.clone();
-            let engine = pool.engine;
+            let (engine, probes) = (pool.engine, pool.client().clone());
             let task = tokio::spawn(async move {
                 let mut first = true;
-                run_gated(updates, engine, gate, move |u| {
+                run_gated(updates, engine, probes, gate, move |u| {
                     pool.apply(u);
                     if std::mem::take(&mut first) {
                         let _ = listed_tx.send((name.clone(), pool_id));

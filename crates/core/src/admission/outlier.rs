@@ -4,24 +4,24 @@
 //! a backoff that doubles with each ejection (a success served to a client
 //! resets it). 4xx never count: a context-length error says nothing about the
 //! replica's health. Active: once an ejection's time is over, the replica is
-//! probed (`GET /health` by default) and comes back only when the probe
-//! succeeds; a failed probe ejects it again for a longer time.
+//! probed (`GET /health` by default, through the pool's shared replica client)
+//! and comes back only when the probe succeeds; a failed probe ejects it again
+//! for a longer time. The prober follows the pool's membership channel and
+//! forgets replicas that left.
 //!
 //! The set of ejected keys is an arc-swap snapshot, so the request path checks
-//! it without a lock; the per-replica counters sit behind a mutex touched once
-//! per response, never across an await.
+//! it without a lock (`pool::RoutabilityCheck` turns it into a replica's
+//! routability); the per-replica counters sit behind a mutex touched once per
+//! response, never across an await.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use super::config::OutlierConfig;
+use crate::discovery::ReplicaClient;
 use crate::pool::Pool;
 
 /// What happened to one attempt on a replica.
@@ -199,26 +199,41 @@ impl OutlierDetector {
         let timeout = Duration::from_millis(self.cfg.probe_timeout_ms.max(10));
         let path = self.cfg.probe_path.clone();
         tokio::spawn(async move {
-            let client: Client<_, Empty<Bytes>> =
-                Client::builder(TokioExecutor::new()).build_http();
+            let mut membership = pool.subscribe();
+            membership.mark_changed();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = membership.changed() => {
+                        // Never closed: the pool owns the sender, this task the pool.
+                        if changed.is_err() {
+                            return;
+                        }
+                        let Some(det) = weak.upgrade() else { return };
+                        let members = membership.borrow_and_update().clone();
+                        det.retain(|k| members.iter().any(|r| r.key() == k));
+                        continue;
+                    }
+                }
                 let Some(det) = weak.upgrade() else { return };
+                let due = det.due_for_probe(Instant::now());
+                if due.is_empty() {
+                    continue;
+                }
                 let members = pool.replicas();
-                det.retain(|k| members.iter().any(|r| r.key() == k));
-                for key in det.due_for_probe(Instant::now()) {
+                for key in due {
                     let Some(r) = members.iter().find(|r| *r.key() == *key) else {
                         continue;
                     };
-                    let url = format!("{}{}", r.endpoint.base_url, path);
-                    let healthy = match url.parse::<http::Uri>() {
-                        Ok(uri) => matches!(
-                            tokio::time::timeout(timeout, client.get(uri)).await,
-                            Ok(Ok(resp)) if resp.status().is_success()
-                        ),
-                        Err(_) => false,
+                    let healthy = match ReplicaClient::uri(&r.endpoint, &path) {
+                        Some(uri) => pool
+                            .client()
+                            .status(uri, timeout)
+                            .await
+                            .is_some_and(|s| s.is_success()),
+                        None => false,
                     };
                     det.probe_result(&key, healthy);
                     if healthy {

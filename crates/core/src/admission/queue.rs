@@ -10,9 +10,15 @@
 //! Wake-ups: every release of tokens (a [`Reservation`] dropped or corrected
 //! downwards) hands one "turn" to the best waiter; a waiter that places itself
 //! passes a turn on, one that does not fit goes back to the front of its line.
-//! An epoch counter closes the race between "did not fit" and "room freed just
-//! now", and a slow periodic kick covers capacity that appears without a
-//! release (a new replica, a replica back from ejection).
+//! Capacity that appears without a release is an event too
+//! ([`PoolAdmission::capacity_changed`]): the pool's membership changed or a
+//! replica reported its KV capacity (the registry follows the pool), or a
+//! replica came back from ejection (the outlier prober). An epoch counter
+//! closes the race between "did not fit" and "room freed just now". Waiters
+//! never poll: a waiter sleeps until its turn or its deadline. Nothing else
+//! needs watching, because a replica without requests always fits: a request
+//! waits only while every replica it may use holds requests, whose releases
+//! are events.
 //!
 //! Refusals: a sheddable request is refused (429) at once when it cannot be
 //! placed; a full queue refuses with 429; a deadline passed in the queue gives
@@ -30,12 +36,9 @@ use super::budget::{Budget, CapacityListener, Cost, Reservation};
 use super::config::{AdmissionConfig, QueueConfig};
 use super::outlier::OutlierDetector;
 use super::{Priority, RequestClass};
-use crate::pool::{Pool, Replica};
-use infergate_protocol::error::ApiError;
+use crate::pool::{Pool, Replica, RoutabilityCheck};
 use crate::routing::{Picker, RouteRequest};
-
-/// How often a waiter checks for capacity that appeared without a release.
-const RECHECK: Duration = Duration::from_millis(250);
+use infergate_protocol::error::ApiError;
 
 /// What admission needs to know about one request.
 #[derive(Debug, Clone)]
@@ -128,6 +131,17 @@ impl PoolAdmission {
         }
     }
 
+    /// Rebuilt for a changed config of the same pool (a reload), keeping
+    /// `previous`'s queue: a pool has one queue, so a release by a request
+    /// admitted under either config gives the turn to whoever waits, under
+    /// either config.
+    pub(crate) fn rebuilt(previous: &PoolAdmission, cfg: &AdmissionConfig) -> Self {
+        PoolAdmission {
+            shared: previous.shared.clone(),
+            ..PoolAdmission::new(previous.name.clone(), cfg)
+        }
+    }
+
     pub fn queue_config(&self) -> &QueueConfig {
         &self.queue_cfg
     }
@@ -137,8 +151,9 @@ impl PoolAdmission {
         self.shared.lock().queued
     }
 
-    /// Call when capacity may have appeared without a release (replica added,
-    /// back from ejection, KV size reported): the best waiter gets a turn.
+    /// Capacity may have appeared without a release (the pool's members
+    /// changed, a replica reported its KV size or came back from ejection):
+    /// the best waiter gets a turn. The registry calls it on the pool's events.
     pub fn capacity_changed(&self) {
         self.shared.capacity_freed(0);
     }
@@ -162,16 +177,14 @@ impl PoolAdmission {
     ) -> Placement {
         let members = pool.replicas();
         let ejected = self.outlier.ejected();
+        let routable = RoutabilityCheck::new(&ejected, exclude);
         let mut any_ready = false;
         // A replica already caching part of the prompt needs room only for the rest.
         let cached = picker.cached_prompt_tokens(&members, req);
         let eligible: Vec<Arc<Replica>> = members
             .iter()
             .enumerate()
-            .filter(|(_, r)| {
-                let k = r.key();
-                !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
-            })
+            .filter(|(_, r)| routable.of(r).takes_requests())
             .inspect(|_| any_ready = true)
             .filter(|(i, r)| {
                 let here = cached.get(*i).copied().unwrap_or(0).min(cost.prompt);
@@ -253,8 +266,7 @@ impl PoolAdmission {
             }
         };
         loop {
-            let wake_at = deadline.min(Instant::now() + RECHECK);
-            match tokio::time::timeout_at(wake_at.into(), &mut waiter.rx).await {
+            match tokio::time::timeout_at(deadline.into(), &mut waiter.rx).await {
                 Ok(Ok(())) => {
                     waiter.phase = Phase::Granted;
                     epoch = self.shared.lock().epoch;
@@ -272,13 +284,13 @@ impl PoolAdmission {
                         }
                     }
                 }
-                // The queue never drops a sender without sending; treat as a recheck.
+                // The timer never fires early; the check keeps the deadline exact anyway.
+                Err(_) if Instant::now() < deadline => {}
+                // The deadline passed. (A closed channel cannot happen: the
+                // queue never drops a sender without sending.)
                 Ok(Err(_)) | Err(_) => {
-                    if Instant::now() >= deadline {
-                        drop(waiter);
-                        return Err(self.refuse(AdmitError::DeadlineExceeded));
-                    }
-                    self.shared.kick();
+                    drop(waiter);
+                    return Err(self.refuse(AdmitError::DeadlineExceeded));
                 }
             }
         }
@@ -300,11 +312,7 @@ impl PoolAdmission {
         // Others of this band or higher wait: do not overtake them, but still
         // tell "no replica at all" apart from "full".
         let ejected = self.outlier.ejected();
-        let ready = pool.replicas().iter().any(|r| {
-            let k = r.key();
-            !exclude.iter().any(|e| **e == *k) && !ejected.iter().any(|e| **e == *k)
-        });
-        if ready {
+        if RoutabilityCheck::new(&ejected, exclude).any_takes_requests(&pool.replicas()) {
             Placement::Full
         } else {
             Placement::NoReplica
@@ -401,14 +409,6 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Hands a turn to the best waiter if nobody holds one (periodic safety net).
-    fn kick(&self) {
-        let mut st = self.lock();
-        if st.queued > 0 && st.bands.iter().all(|b| b.granted == 0) {
-            st.grant_next();
-        }
     }
 
     fn gauge(&self, st: &State) {

@@ -1,11 +1,18 @@
 //! The gateway's long-lived admission state: one [`PoolAdmission`] per pool
 //! and one [`CanarySplit`] per route, kept across config reloads (by name) so
 //! queues, ejections and canary verdicts survive a reload that does not change
-//! them. Locked only while a config is applied or a canary is set, never on
-//! the request path (routes hold `Arc`s to what they use).
+//! them (a pool keeps its queue even when its admission config changes).
+//! Locked only while a config is applied or a canary is set, never on the
+//! request path (routes hold `Arc`s to what they use).
+//!
+//! Each pool's admission follows its pool here: the outlier prober runs, and
+//! the queue gets a turn on every event that can make room without a release
+//! (members changed, a capacity reported, a replica back from ejection).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tokio::task::JoinHandle;
 
 use super::canary::CanarySplit;
 use super::config::{AdmissionConfig, CanaryConfig};
@@ -19,7 +26,7 @@ pub struct AdmissionRegistry {
 
 #[derive(Debug, Default)]
 struct State {
-    /// By pool name, with the config it was built from and its prober.
+    /// By pool name, with the config it was built from and its tasks.
     pools: HashMap<String, PoolEntry>,
     /// By route name.
     canaries: HashMap<String, Arc<CanarySplit>>,
@@ -33,14 +40,60 @@ struct PoolEntry {
     generation: u64,
     cfg: AdmissionConfig,
     admission: Arc<PoolAdmission>,
-    prober: Option<tokio::task::JoinHandle<()>>,
+    /// The pool object the tasks follow (a pool whose engine changed is a new one).
+    pool: Arc<Pool>,
+    /// The outlier prober and the queue's waker (none outside a tokio runtime).
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for PoolEntry {
     fn drop(&mut self) {
-        if let Some(p) = &self.prober {
-            p.abort();
+        for t in &self.tasks {
+            t.abort();
         }
+    }
+}
+
+/// Starts the tasks that keep `admission` in step with `pool` (when called
+/// inside a tokio runtime).
+fn follow(pool: &Arc<Pool>, admission: &Arc<PoolAdmission>) -> Vec<JoinHandle<()>> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Vec::new();
+    }
+    let back = Arc::downgrade(admission);
+    let prober = admission.outlier.spawn_prober(pool.clone(), move || {
+        if let Some(a) = back.upgrade() {
+            a.capacity_changed();
+        }
+    });
+    // Subscribed before returning, so no event after this call is missed.
+    let waker = tokio::spawn(wake_queue_on_pool_events(
+        pool.subscribe(),
+        pool.watch_capacity(),
+        Arc::downgrade(admission),
+    ));
+    vec![prober, waker]
+}
+
+/// Gives the queue a turn whenever the pool's members change or a replica
+/// reports its capacity: room may have appeared without a release (or no
+/// replica is left, which a waiter must hear about).
+async fn wake_queue_on_pool_events(
+    mut membership: tokio::sync::watch::Receiver<crate::pool::Members>,
+    mut capacity: tokio::sync::watch::Receiver<u64>,
+    admission: Weak<PoolAdmission>,
+) {
+    loop {
+        let event = tokio::select! {
+            r = membership.changed() => r,
+            r = capacity.changed() => r,
+        };
+        // The pool (the senders' owner) is gone: nothing more to follow.
+        if event.is_err() {
+            return;
+        }
+        let Some(a) = admission.upgrade() else { return };
+        a.capacity_changed();
     }
 }
 
@@ -57,33 +110,40 @@ impl AdmissionRegistry {
     /// The admission of `pool`, built from `cfg`: the first call of a config
     /// load decides (later routes on the same pool share it), and the state
     /// is kept when the pool-level parts of `cfg` are unchanged. Starts the
-    /// pool's health prober when called inside a tokio runtime.
+    /// tasks following the pool when called inside a tokio runtime.
     pub fn pool(&self, pool: &Arc<Pool>, cfg: &AdmissionConfig) -> Arc<PoolAdmission> {
         let mut st = self.lock();
         let generation = st.generation;
         let same = |a: &AdmissionConfig| {
             a.budget == cfg.budget && a.queue == cfg.queue && a.outlier == cfg.outlier
         };
-        if let Some(e) = st.pools.get_mut(&*pool.name) {
-            if e.generation == generation || same(&e.cfg) {
+        let previous = match st.pools.get_mut(&*pool.name) {
+            Some(e) if e.generation == generation || same(&e.cfg) => {
                 e.generation = generation;
+                if !Arc::ptr_eq(&e.pool, pool) {
+                    for t in e.tasks.drain(..) {
+                        t.abort();
+                    }
+                    e.tasks = follow(pool, &e.admission);
+                    e.pool = pool.clone();
+                }
                 return e.admission.clone();
             }
-        }
-        let admission = Arc::new(PoolAdmission::new(pool.name.clone(), cfg));
-        let prober = tokio::runtime::Handle::try_current().ok().map(|_| {
-            let listener = admission.listener();
-            admission
-                .outlier
-                .spawn_prober(pool.clone(), move || listener.capacity_freed(0))
+            Some(e) => Some(e.admission.clone()),
+            None => None,
+        };
+        let admission = Arc::new(match previous {
+            Some(p) => PoolAdmission::rebuilt(&p, cfg),
+            None => PoolAdmission::new(pool.name.clone(), cfg),
         });
         st.pools.insert(
             pool.name.to_string(),
             PoolEntry {
                 generation,
                 cfg: cfg.clone(),
+                tasks: follow(pool, &admission),
                 admission: admission.clone(),
-                prober,
+                pool: pool.clone(),
             },
         );
         admission
@@ -135,6 +195,132 @@ impl AdmissionRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::budget::Cost;
+    use crate::admission::config::BudgetConfig;
+    use crate::admission::queue::{AdmitError, Ticket};
+    use crate::admission::{Priority, RequestClass, Reservation};
+    use crate::discovery::{Endpoint, Update};
+    use crate::routing::simple::LeastRequest;
+    use crate::routing::RouteRequest;
+    use std::time::Duration;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint::from_url(&format!("http://127.0.0.1:{port}")).unwrap()
+    }
+
+    /// Room for one 100-token request per replica.
+    fn one_each() -> AdmissionConfig {
+        AdmissionConfig {
+            budget: BudgetConfig {
+                tokens_per_replica: Some(100),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Admits a 100-token request within `wait_ms`, in the background.
+    fn admit(
+        pool: &Arc<Pool>,
+        adm: &Arc<PoolAdmission>,
+        wait_ms: u64,
+    ) -> tokio::task::JoinHandle<Result<Reservation, AdmitError>> {
+        let (pool, adm) = (pool.clone(), adm.clone());
+        tokio::spawn(async move {
+            let req = RouteRequest {
+                request_id: "r",
+                model: "m",
+                prompt_text: "",
+                prompt_tokens: 50,
+                max_tokens: 50,
+                lora: None,
+                hashes: Default::default(),
+            };
+            let ticket = Ticket {
+                class: RequestClass {
+                    priority: Priority::Standard,
+                    tenant: "".into(),
+                    max_wait: Duration::from_millis(wait_ms),
+                },
+                cost: Cost {
+                    prompt: 50,
+                    output: 50,
+                },
+                predict_wait: false,
+            };
+            adm.acquire(&pool, &LeastRequest, &req, &ticket, &[]).await
+        })
+    }
+
+    /// A registry and a pool of one replica.
+    fn one_replica() -> (AdmissionRegistry, Arc<Pool>) {
+        let pool = Arc::new(Pool::new("p", Default::default()));
+        pool.apply(Update::Reset(vec![ep(1)]));
+        (AdmissionRegistry::default(), pool)
+    }
+
+    /// What `task` returns, which must be within a second.
+    async fn within_a_second<T>(task: tokio::task::JoinHandle<T>, what: &str) -> T {
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect(what)
+            .unwrap()
+    }
+
+    async fn wait_queued(adm: &PoolAdmission, n: usize) {
+        for _ in 0..200 {
+            if adm.queued() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("queue never reached {n}");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_a_replica_that_joins_or_reports_room() {
+        let (reg, pool) = one_replica();
+        let adm = reg.pool(&pool, &one_each());
+        let _held = admit(&pool, &adm, 1000).await.unwrap().unwrap();
+        // Far longer than the test: only the join can place it.
+        let waiter = admit(&pool, &adm, 60_000);
+        wait_queued(&adm, 1).await;
+        pool.apply(Update::Add(vec![ep(2)]));
+        let placed = within_a_second(waiter, "placed when the replica joined")
+            .await
+            .unwrap();
+        assert_eq!(placed.replica().key(), "127.0.0.1:2");
+
+        // Both full; a capacity report (the scraper's) gives the queue a turn.
+        let waiter = admit(&pool, &adm, 60_000);
+        wait_queued(&adm, 1).await;
+        pool.capacity_reported();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(adm.queued(), 1, "still waiting: no room anywhere");
+        // The last replica leaves: the waiter hears there is none at once.
+        pool.apply(Update::Reset(vec![]));
+        let refused = within_a_second(waiter, "told at once").await;
+        assert_eq!(refused.unwrap_err(), AdmitError::NoReadyReplica);
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_admission_keeps_the_pool_queue() {
+        let (reg, pool) = one_replica();
+        let old = reg.pool(&pool, &one_each());
+        let held = admit(&pool, &old, 1000).await.unwrap().unwrap();
+        reg.begin_load();
+        let mut changed = one_each();
+        changed.queue.max_requests = 7;
+        let new = reg.pool(&pool, &changed);
+        assert!(!Arc::ptr_eq(&old, &new));
+        let waiter = admit(&pool, &new, 60_000);
+        wait_queued(&new, 1).await;
+        assert_eq!(old.queued(), 1, "one queue");
+        // A request admitted under the old config ends: the new one's waiter goes.
+        drop(held);
+        let placed = within_a_second(waiter, "woken by the old admission's release").await;
+        assert!(placed.is_ok());
+    }
 
     fn canary(weight: f64) -> CanaryConfig {
         serde_yaml_ng::from_str(&format!("{{pool: v2, weight: {weight}}}")).unwrap()

@@ -1,8 +1,10 @@
 //! The first-scrape gate between discovery and a pool: an endpoint reported
-//! ready by Kubernetes becomes routable only once its metrics endpoint answered
-//! 200 once (`/metrics`; `/health` for llama.cpp, whose `/metrics` is optional),
-//! so a model still loading, or a pod whose readiness probe is too lenient,
-//! gets no request. After that the routing scraper keeps watching it.
+//! ready by Kubernetes becomes a member of the pool (and so routable, see
+//! `pool::Routability`) only once its metrics endpoint answered 200 once
+//! (`/metrics`; `/health` for llama.cpp, whose `/metrics` is optional), so a
+//! model still loading, or a pod whose readiness probe is too lenient, gets no
+//! request. Probes go through the pool's replica client (shared with the
+//! scraper, which keeps watching the replica after that).
 //!
 //! Updates pass through in order: removals are immediate (no new requests for
 //! a terminating endpoint), a relist (`Reset`) keeps every endpoint already
@@ -14,16 +16,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::discovery::{Endpoint, Update};
+use super::probe::ReplicaClient;
+use super::{Endpoint, Update};
 use infergate_protocol::EngineKind;
 
 /// How endpoints are probed before they are admitted.
@@ -57,32 +55,19 @@ pub fn probe_path(engine: EngineKind) -> &'static str {
     }
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
 /// Probes until the endpoint answers 200 (the response body is drained).
 async fn probe_until_ok(
-    client: HttpClient,
+    client: ReplicaClient,
     ep: Endpoint,
     path: &'static str,
     opts: GateOptions,
 ) -> Endpoint {
     let mut delay = opts.interval;
-    let uri = format!("{}{}", ep.base_url, path);
+    let uri = ReplicaClient::uri(&ep, path);
     loop {
-        let ok = match uri.parse::<http::Uri>() {
-            Ok(u) => {
-                let attempt = async {
-                    let resp = client.get(u).await.ok()?;
-                    let ok = resp.status() == http::StatusCode::OK;
-                    resp.into_body().collect().await.ok()?;
-                    Some(ok)
-                };
-                matches!(
-                    tokio::time::timeout(opts.timeout, attempt).await,
-                    Ok(Some(true))
-                )
-            }
-            Err(_) => false,
+        let ok = match &uri {
+            Some(u) => client.status(u.clone(), opts.timeout).await == Some(http::StatusCode::OK),
+            None => false,
         };
         if ok {
             return ep;
@@ -95,7 +80,7 @@ async fn probe_until_ok(
 
 /// The gate's bookkeeping for one pool.
 struct Gate {
-    client: HttpClient,
+    client: ReplicaClient,
     path: &'static str,
     opts: GateOptions,
     admitted: HashMap<Arc<str>, Endpoint>,
@@ -206,10 +191,12 @@ impl Gate {
     }
 }
 
-/// Feeds `updates` through the gate into `apply` until the stream ends.
+/// Feeds `updates` through the gate into `apply` until the stream ends,
+/// probing with `client` (the pool's, `Pool::client`).
 pub async fn run_gated(
     updates: impl Stream<Item = Update> + Send,
     engine: EngineKind,
+    client: ReplicaClient,
     opts: GateOptions,
     mut apply: impl FnMut(Update) + Send,
 ) {
@@ -222,9 +209,7 @@ pub async fn run_gated(
     }
     let (done, mut probed) = mpsc::unbounded_channel();
     let mut gate = Gate {
-        client: Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build(HttpConnector::new()),
+        client,
         path: probe_path(engine),
         opts,
         admitted: HashMap::new(),
@@ -274,6 +259,7 @@ pub async fn run_gated(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn ep(port: u16) -> Endpoint {
         Endpoint::from_url(&format!("http://127.0.0.1:{port}")).unwrap()
@@ -282,7 +268,7 @@ mod tests {
     fn gate() -> (Gate, mpsc::UnboundedReceiver<Endpoint>) {
         let (done, rx) = mpsc::unbounded_channel();
         let g = Gate {
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            client: ReplicaClient::default(),
             path: "/metrics",
             opts: GateOptions::default(),
             admitted: HashMap::new(),
@@ -353,9 +339,13 @@ mod tests {
             interval: Duration::from_millis(20),
             ..GateOptions::default()
         };
-        let task = tokio::spawn(run_gated(updates, EngineKind::Vllm, opts, move |u| {
-            a.lock().unwrap().push(u)
-        }));
+        let task = tokio::spawn(run_gated(
+            updates,
+            EngineKind::Vllm,
+            ReplicaClient::default(),
+            opts,
+            move |u| a.lock().unwrap().push(u),
+        ));
         tx.send(Update::Reset(vec![up.clone(), down.clone()]))
             .unwrap();
         // The reachable one alone, in one Reset, once the probe timeout passed.

@@ -3,8 +3,14 @@
 //! Every source (the static list in the config file, a watched file, Kubernetes
 //! EndpointSlices) produces the same stream of [`Update`]s, in the style of
 //! linkerd2-proxy's `Resolve`: the pool applies them and never learns the source.
+//! Kubernetes endpoints pass the first-scrape [`gate`] on their way;
+//! [`ReplicaClient`] is the HTTP client every replica check (gate, scrape,
+//! health probe) uses.
 
 pub mod gate;
+pub(crate) mod probe;
+
+pub use probe::ReplicaClient;
 
 use std::sync::Arc;
 

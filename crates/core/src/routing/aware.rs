@@ -30,7 +30,7 @@ use super::prefix_index::{MatchSink, PrefixIndex};
 use super::scorers;
 use super::signals::Signals;
 use super::{Picker, RouteRequest};
-use crate::pool::{LoadGuard, Replica};
+use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
 
 /// One replica as the policy sees it for one request.
 #[derive(Debug, Clone)]
@@ -294,6 +294,18 @@ impl InferenceAware {
         Some((idx, uncached))
     }
 
+    /// How this picker judges replicas (`pool::RoutabilityCheck`): by this
+    /// request's exclusions and, when it scrapes, by its signals' freshness.
+    /// Admission already left out ejected replicas.
+    fn routability<'a>(&self, exclude: &'a [Arc<str>], now: Instant) -> RoutabilityCheck<'a> {
+        let check = RoutabilityCheck::new(&[], exclude);
+        if self.cfg.scrape.enabled {
+            check.judging_signals(now, Duration::from_millis(self.cfg.scrape.stale_after_ms))
+        } else {
+            check
+        }
+    }
+
     fn candidates(
         &self,
         replicas: &[Arc<Replica>],
@@ -311,15 +323,17 @@ impl InferenceAware {
         } else {
             0
         };
+        let check = self.routability(exclude, now);
         let mut out = Vec::with_capacity(replicas.len());
         for (idx, r) in replicas.iter().enumerate() {
-            if exclude.iter().any(|k| **k == *r.key()) {
-                continue;
-            }
             let sig = r.signals.load();
             let sig: Option<&Arc<Signals>> = sig.as_ref();
+            let fresh = match check.of_with_signals(r, sig.map(Arc::as_ref)) {
+                Routability::Routable => true,
+                Routability::LoadUnknown => false,
+                Routability::Excluded | Routability::Ejected => continue,
+            };
             let fresh_sig = sig.filter(|s| s.is_fresh(now, stale));
-            let fresh = !self.cfg.scrape.enabled || fresh_sig.is_some();
             let own_requests = r.load.requests();
             let (waiting, running, kv) = fresh_sig.map_or((0.0, 0.0, 0.0), |s| {
                 (
@@ -612,10 +626,10 @@ pub fn replicas_view(
                 "signals_age_ms": sig.as_ref().map(|s| now.saturating_duration_since(s.at).as_millis() as u64),
             });
             if let (Some(a), Some(obj)) = (aware, v.as_object_mut()) {
-                let stale = Duration::from_millis(a.cfg.scrape.stale_after_ms);
+                let routability = a.routability(&[], now).of_with_signals(r, sig.as_deref());
                 obj.insert(
                     "fresh".into(),
-                    json!(!a.cfg.scrape.enabled || sig.as_ref().is_some_and(|s| s.is_fresh(now, stale))),
+                    json!(routability == Routability::Routable),
                 );
                 obj.insert("indexed_blocks".into(), json!(a.index.replica_blocks(r.key())));
                 let last_score = last

@@ -1,35 +1,32 @@
 //! The scrape loops: one task per replica polls its `/metrics` on its own
-//! interval with its own timeout and stores the parsed [`Signals`] in the replica
-//! (lock-free, arc-swap). A failed scrape keeps the last good signals until they
-//! are older than `stale_after_ms`, then stores the failure (the replica is then
-//! unknown, treated as saturated). A supervisor follows the pool's membership: it starts a
-//! loop for each new replica, stops the loops of removed ones and tells the
-//! picker to forget them. Dropping the [`ScrapeHandle`] stops everything.
+//! interval with its own timeout (through the pool's shared replica client) and
+//! stores the parsed [`Signals`] in the replica (lock-free, arc-swap). A failed
+//! scrape keeps the last good signals until they are older than
+//! `stale_after_ms`, then stores the failure (the replica's load is then
+//! unknown, see `pool::Routability`). A change of a replica's reported KV
+//! capacity is told to the pool (`Pool::capacity_reported`), so admission's
+//! queue can use it. A supervisor follows the pool's membership channel: on
+//! each change it starts a loop for each new replica, stops the loops of
+//! removed ones and tells the pickers to forget them. Dropping the
+//! [`ScrapeHandle`] stops everything.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use super::config::ScrapeConfig;
 use super::signals::{self, Signals};
 use super::Picker;
-use infergate_protocol::EngineKind;
 
+use crate::discovery::probe::{BodyUse, ReplicaClient};
 use crate::pool::{Pool, Replica};
 
 /// Largest `/metrics` body read (a vLLM body is a few tens of kB).
 const MAX_BODY: usize = 4 << 20;
-
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// The pickers routing over a pool (told when replicas leave); replaced on reload.
 pub type PickerSet = Arc<ArcSwap<Vec<Arc<dyn Picker>>>>;
@@ -52,10 +49,7 @@ pub fn spawn(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet) -> Option<S
     if !cfg.enabled {
         return None;
     }
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(HttpConnector::new());
-    let supervisor = tokio::spawn(supervise(pool, cfg, pickers, client));
+    let supervisor = tokio::spawn(supervise(pool, cfg, pickers));
     Some(ScrapeHandle { supervisor })
 }
 
@@ -125,17 +119,11 @@ impl Drop for Loops {
     }
 }
 
-async fn supervise(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet, client: HttpClient) {
+async fn supervise(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet) {
     let mut loops = Loops(HashMap::new());
-    let mut seen: Option<Arc<Vec<Arc<Replica>>>> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.clamp(10, 1000)));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut membership = pool.subscribe();
     loop {
-        tick.tick().await;
-        let current = pool.replicas();
-        if seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &current)) {
-            continue;
-        }
+        let current = membership.borrow_and_update().clone();
         // Stop loops of replicas that left (or were replaced by a new object).
         loops.0.retain(|key, (r, h)| {
             let kept = current
@@ -148,36 +136,29 @@ async fn supervise(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet, clien
         });
         for r in current.iter() {
             if !loops.0.contains_key(r.key()) {
-                let h = tokio::spawn(scrape_loop(
-                    r.clone(),
-                    pool.engine,
-                    cfg.clone(),
-                    client.clone(),
-                ));
+                let h = tokio::spawn(scrape_loop(r.clone(), pool.clone(), cfg.clone()));
                 loops.0.insert(r.endpoint.key.clone(), (r.clone(), h));
             }
         }
         for p in pickers.load().iter() {
             p.forget_absent(&current);
         }
-        seen = Some(current);
+        // The pool owns the sender, and this task holds the pool: it never closes.
+        if membership.changed().await.is_err() {
+            return;
+        }
     }
 }
 
-async fn scrape_loop(
-    replica: Arc<Replica>,
-    engine: EngineKind,
-    cfg: ScrapeConfig,
-    client: HttpClient,
-) {
-    let url = format!("{}{}", replica.endpoint.base_url, cfg.path);
-    let Ok(uri) = url.parse::<http::Uri>() else {
+async fn scrape_loop(replica: Arc<Replica>, pool: Arc<Pool>, cfg: ScrapeConfig) {
+    let Some(uri) = ReplicaClient::uri(&replica.endpoint, &cfg.path) else {
         replica.signals.store(Some(Arc::new(Signals::failed(
             Instant::now(),
-            format!("bad metrics URL {url}"),
+            format!("bad metrics URL {}{}", replica.endpoint.base_url, cfg.path),
         ))));
         return;
     };
+    let client = pool.client();
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
     let stale_after = Duration::from_millis(cfg.stale_after_ms);
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(1)));
@@ -188,10 +169,9 @@ async fn scrape_loop(
         // Ours the engine can count in this scrape: in flight now, plus any
         // started while the scrape is on its way.
         let (in_flight, begun) = (replica.load.requests(), replica.load.started());
-        let signals = match tokio::time::timeout(timeout, fetch(&client, uri.clone())).await {
-            Ok(Ok(body)) => signals::parse(engine, &body, started),
-            Ok(Err(e)) => Signals::failed(started, e),
-            Err(_) => Signals::failed(started, format!("timed out after {timeout:?}")),
+        let signals = match fetch(client, uri.clone(), timeout).await {
+            Ok(body) => signals::parse(pool.engine, &body, started),
+            Err(e) => Signals::failed(started, e),
         };
         let previous = replica.signals.load_full();
         if let Some(e) = &signals.error {
@@ -208,21 +188,29 @@ async fn scrape_loop(
         let ours_at_most = in_flight + replica.load.started().saturating_sub(begun);
         let signals =
             signals.with_context(replica.load.requests(), ours_at_most, previous.as_deref());
+        let capacity_changed =
+            previous.as_ref().and_then(|p| p.cache_tokens()) != signals.cache_tokens();
         replica.signals.store(Some(Arc::new(signals)));
+        if capacity_changed {
+            pool.capacity_reported();
+        }
     }
 }
 
-async fn fetch(client: &HttpClient, uri: http::Uri) -> Result<String, String> {
-    let resp = client.get(uri).await.map_err(|e| format!("connect: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("status {}", resp.status()));
-    }
-    let body = Limited::new(resp.into_body(), MAX_BODY)
-        .collect()
+/// One scrape: the body of a successful answer, or why there is none.
+async fn fetch(
+    client: &ReplicaClient,
+    uri: http::Uri,
+    timeout: Duration,
+) -> Result<String, String> {
+    let reply = client
+        .get(uri, timeout, BodyUse::Keep { limit: MAX_BODY })
         .await
-        .map_err(|e| format!("body: {e}"))?
-        .to_bytes();
-    String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
+        .map_err(|e| e.to_string())?;
+    if !reply.status.is_success() {
+        return Err(format!("status {}", reply.status));
+    }
+    String::from_utf8(reply.body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
 }
 
 #[cfg(test)]
@@ -230,6 +218,7 @@ mod tests {
     use super::*;
     use crate::discovery::{Endpoint, Update};
     use crate::routing::{build_picker, RoutingConfig};
+    use infergate_protocol::EngineKind;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -310,6 +299,34 @@ mod tests {
         assert!(r.signals.load().as_ref().is_some_and(|s| s.error.is_none()));
         // Once stale, the failure is stored: unknown.
         assert!(wait_for(|| r.signals.load().as_ref().is_some_and(|s| s.error.is_some())).await);
+    }
+
+    #[tokio::test]
+    async fn a_changed_kv_capacity_is_reported_to_the_pool() {
+        let blocks = Arc::new(AtomicU32::new(100));
+        let b2 = blocks.clone();
+        let (ep, hits) = metrics_server(move || {
+            Some(format!(
+                "{OK}vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{}\"}} 1\n",
+                b2.load(Ordering::Relaxed)
+            ))
+        })
+        .await;
+        let pool = Arc::new(Pool::new("p", EngineKind::Vllm));
+        let mut reports = pool.watch_capacity();
+        pool.apply(Update::Reset(vec![ep]));
+        let cfg = ScrapeConfig {
+            interval_ms: 10,
+            ..ScrapeConfig::default()
+        };
+        let _h = spawn(pool.clone(), cfg, Arc::new(ArcSwap::from_pointee(vec![]))).unwrap();
+        assert!(wait_for(|| *reports.borrow() == 1).await, "first geometry");
+        reports.mark_unchanged();
+        let seen = hits.load(Ordering::Relaxed);
+        assert!(wait_for(|| hits.load(Ordering::Relaxed) >= seen + 3).await);
+        assert!(!reports.has_changed().unwrap(), "same geometry: no report");
+        blocks.store(200, Ordering::Relaxed);
+        assert!(wait_for(|| *reports.borrow() == 2).await, "grown");
     }
 
     #[tokio::test]
