@@ -16,7 +16,7 @@ use infergate_kube::control::{spawn_discovery, Composer, Discovery, DiscoveryOpt
 use infergate_kube::endpoints::WatchOptions;
 use infergate_kube::events::EventPublisher;
 use infergate_core::config::{Config, ConfigError};
-use infergate_proxy::gateway::Gateway;
+use infergate_proxy::Gateway;
 use infergate_core::reload::FileWatch;
 
 /// The Kubernetes flags of `infergate serve`.
