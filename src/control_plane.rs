@@ -15,7 +15,7 @@ use infergate_kube::{
     WatchOptions, DEFAULT_CONFIGMAP_KEY,
 };
 use infergate_core::config::{Config, ConfigError};
-use infergate_proxy::gateway::Gateway;
+use infergate_proxy::Gateway;
 use infergate_core::reload::FileWatch;
 
 /// The Kubernetes flags of `infergate serve`.

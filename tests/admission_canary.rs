@@ -142,7 +142,10 @@ async fn a_failing_canary_is_rolled_back_and_stays_until_the_config_changes() {
     assert!(split.rolled_back().is_some());
     let mut cfg = split.config().unwrap();
     cfg.weight = 100.0;
-    assert!(gw.gateway.set_canary("m", Some(cfg)).unwrap());
+    let mut config = infergate_core::config::Config::clone(&gw.gateway.config());
+    let route = config.routes.iter_mut().find(|r| r.model == "m").unwrap();
+    route.admission.canary = Some(cfg);
+    gw.gateway.apply_config(config).unwrap();
     assert!(split.rolled_back().is_none());
     // The failing canary replica was also ejected (its users are served by
     // stable meanwhile); once healthy, a probe brings it back.

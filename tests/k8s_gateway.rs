@@ -17,7 +17,7 @@ use infergate_kube::{
 };
 use infergate_core::discovery::gate::GateOptions;
 use infergate::control_plane::{ConfigSource, ControlOptions, ControlPlane, Loaded};
-use infergate_proxy::gateway::Gateway;
+use infergate_proxy::Gateway;
 use infergate_proxy::ServerHandle;
 use infergate_sim::{start_fleet, Faults, Fleet, FleetConfig, Profile};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -180,7 +180,7 @@ async fn setup_with(services: &[&str], loading: &[usize]) -> Setup {
         ..ControlOptions::default()
     };
     let control = ControlPlane::start(gateway.clone(), loaded, opts).await;
-    let server = infergate_proxy::server::start_with(
+    let server = infergate_proxy::start_with(
         gateway,
         &config.listeners.main,
         config.listeners.admin.as_ref(),

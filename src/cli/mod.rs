@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use infergate_core::config::Config;
-use infergate_proxy::server;
-use infergate_proxy::telemetry;
 
 /// Flags of `infergate serve`.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,14 +50,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use crate::control_plane::{load, ControlOptions, ControlPlane};
     let loaded = load(args.config.as_deref(), &args.kube).await?;
     let config = loaded.config.clone();
-    telemetry::log::init(config.logging.format, config.logging.level.as_deref());
+    infergate_proxy::init_logging(config.logging.format, config.logging.level.as_deref());
     let grace = config.shutdown_grace;
-    let gateway = infergate_proxy::gateway::Gateway::new(config.clone())?;
+    let gateway = infergate_proxy::Gateway::new(config.clone())?;
     let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
     // `serve` runs one serving worker per CPU unless the config says otherwise.
     let mut main = config.listeners.main.clone();
-    main.workers.get_or_insert(server::available_cpus());
-    let handle = server::start_with(gateway, &main, config.listeners.admin.as_ref())
+    main.workers.get_or_insert(infergate_proxy::available_cpus());
+    let handle = infergate_proxy::start_with(gateway, &main, config.listeners.admin.as_ref())
         .await
         .context("starting the listeners")?;
     announce(&handle);
@@ -68,7 +66,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     handle.drain(grace).await;
     drop(control);
     tracing::info!("stopped");
-    telemetry::log::flush();
+    infergate_proxy::flush_logs();
     Ok(())
 }
 
@@ -94,7 +92,7 @@ pub fn check_config(args: CheckConfigArgs) -> anyhow::Result<()> {
 /// `infergate quickstart`: simulated replicas plus the gateway on the embedded config.
 pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
     let config = Config::parse(infergate_core::config::QUICKSTART_YAML, "quickstart.yaml")?;
-    telemetry::log::init(config.logging.format, config.logging.level.as_deref());
+    infergate_proxy::init_logging(config.logging.format, config.logging.level.as_deref());
     let grace = config.shutdown_grace;
     let (fleet, handle) = start_quickstart(config, &args).await?;
     println!("{}", quickstart_banner(&handle, &fleet.urls()));
@@ -109,7 +107,7 @@ pub async fn quickstart(args: QuickstartArgs) -> anyhow::Result<()> {
 pub async fn start_quickstart(
     mut config: Config,
     args: &QuickstartArgs,
-) -> anyhow::Result<(infergate_sim::Fleet, server::ServerHandle)> {
+) -> anyhow::Result<(infergate_sim::Fleet, infergate_proxy::ServerHandle)> {
     let model = config
         .routes
         .first()
@@ -132,14 +130,14 @@ pub async fn start_quickstart(
     if let Some(admin) = config.listeners.admin.as_mut() {
         admin.address.set_port(args.admin_port);
     }
-    let handle = server::start(config)
+    let handle = infergate_proxy::start(config)
         .await
         .context("starting the gateway")?;
     Ok((fleet, handle))
 }
 
 /// What quickstart prints: the endpoint and ready-to-paste examples.
-pub fn quickstart_banner(handle: &server::ServerHandle, replicas: &[String]) -> String {
+pub fn quickstart_banner(handle: &infergate_proxy::ServerHandle, replicas: &[String]) -> String {
     let url = handle.url();
     let admin = handle.admin_url().unwrap_or_else(|| "off".into());
     let model = handle
@@ -175,7 +173,7 @@ Ctrl-C stops it."#,
 }
 
 /// Prints where the gateway listens (one line on stdout, for people and scripts).
-fn announce(handle: &server::ServerHandle) {
+fn announce(handle: &infergate_proxy::ServerHandle) {
     use std::io::Write;
     let admin = handle.admin_url().unwrap_or_else(|| "off".into());
     let mut out = std::io::stdout().lock();

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;
+pub mod plan;
 pub mod pool;
 pub mod reload;
 pub mod routing;

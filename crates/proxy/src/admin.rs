@@ -28,7 +28,7 @@ fn text(
 }
 
 /// Handles one admin request.
-pub fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<GatewayBody> {
+pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<GatewayBody> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -71,7 +71,7 @@ pub fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<GatewayBody> {
 
 /// Every route's picker over its pool (and canary pool): signals per replica,
 /// own load, prefix-index size, the last decision's scores.
-pub fn routing_view(gw: &Gateway) -> serde_json::Value {
+pub(crate) fn routing_view(gw: &Gateway) -> serde_json::Value {
     let table = gw.routes();
     let sides = table.routes.iter().flat_map(|r| {
         std::iter::once((r, "stable")).chain(r.canary_side.iter().map(|c| (c, "canary")))
@@ -92,7 +92,7 @@ pub fn routing_view(gw: &Gateway) -> serde_json::Value {
 }
 
 /// Why request `id` went where it went (searched in every route's picker).
-pub fn explain(gw: &Gateway, id: &str) -> Option<serde_json::Value> {
+pub(crate) fn explain(gw: &Gateway, id: &str) -> Option<serde_json::Value> {
     let table = gw.routes();
     table.routes.iter().find_map(|r| {
         let e = r
@@ -104,7 +104,7 @@ pub fn explain(gw: &Gateway, id: &str) -> Option<serde_json::Value> {
 }
 
 /// Routes with their pools and the live load of each replica.
-pub fn routes_view(gw: &Gateway) -> serde_json::Value {
+pub(crate) fn routes_view(gw: &Gateway) -> serde_json::Value {
     let table = gw.routes();
     let routes: Vec<_> = table
         .routes

@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep};
 
 /// A client connection whose writes fail after `limit` without progress.
 #[derive(Debug)]
-pub struct StallIo<T> {
+pub(crate) struct StallIo<T> {
     inner: T,
     limit: Option<Duration>,
     /// Armed while a write is pending.
@@ -35,16 +35,12 @@ pub struct StallIo<T> {
 
 impl<T> StallIo<T> {
     /// `limit: None` disables the check (a plain pass-through).
-    pub fn new(inner: T, limit: Option<Duration>) -> Self {
+    pub(crate) fn new(inner: T, limit: Option<Duration>) -> Self {
         StallIo {
             inner,
             limit,
             timer: None,
         }
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 
     /// Resets on progress; on a pending write, arms the timer and fails once
@@ -138,7 +134,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallIo<T> {
 /// the sequence, and the reservation), and the stream ends with an error (hyper
 /// resets it) if it is ever polled again. Waiting on a slow replica is not a
 /// stall: the relay's own first-byte and idle timeouts cover that.
-pub struct StreamStallWatch<B> {
+pub(crate) struct StreamStallWatch<B> {
     shared: Arc<Mutex<Watched<B>>>,
 }
 
@@ -154,7 +150,7 @@ struct Watched<B> {
 
 impl<B: Send + 'static> StreamStallWatch<B> {
     /// Watches `body`; a no-op wrapper when `limit` is `None`. Needs a Tokio runtime.
-    pub fn new(body: B, limit: Option<Duration>) -> Self {
+    pub(crate) fn new(body: B, limit: Option<Duration>) -> Self {
         let shared = Arc::new(Mutex::new(Watched {
             body: Some(body),
             last_frame: Instant::now(),

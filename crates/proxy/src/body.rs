@@ -9,7 +9,7 @@ use infergate_protocol::error::ApiError;
 
 /// Rejects a body that declares a type other than JSON (415). A missing
 /// content type is accepted: many clients omit it.
-pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -28,7 +28,7 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// The 413 answered when a body is larger than `limit`.
-pub fn too_large(limit: u64) -> ApiError {
+pub(crate) fn too_large(limit: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "invalid_request_error",
@@ -39,7 +39,7 @@ pub fn too_large(limit: u64) -> ApiError {
 
 /// Reads `body` whole; 413 past `limit` (early, from Content-Length, when it is
 /// declared), 400 when the client's body breaks off.
-pub async fn read_limited<B>(headers: &HeaderMap, body: B, limit: u64) -> Result<Bytes, ApiError>
+pub(crate) async fn read_limited<B>(headers: &HeaderMap, body: B, limit: u64) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

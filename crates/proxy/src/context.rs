@@ -2,24 +2,16 @@
 //! moves through the pipeline. Routing and admission read it; extend it here
 //! when a step needs another parsed field or header.
 
-use std::time::Instant;
 
-use http::HeaderMap;
-
-use infergate_core::routing::RouteRequest;
 
 /// Header carrying the request id (generated when the client sends none).
-pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// Header naming the replica that served the request (added to responses).
-pub const REPLICA_HEADER: http::HeaderName = http::HeaderName::from_static("x-infergate-replica");
-/// Request header with the client's priority (free-form; admission interprets it).
-pub const PRIORITY_HEADER: &str = "x-infergate-priority";
-/// Request header naming the tenant (free-form; admission interprets it).
-pub const TENANT_HEADER: &str = "x-infergate-tenant";
+pub(crate) const REPLICA_HEADER: http::HeaderName = http::HeaderName::from_static("x-infergate-replica");
 
 /// Which OpenAI endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApiKind {
+pub(crate) enum ApiKind {
     ChatCompletions,
     Completions,
     Embeddings,
@@ -28,7 +20,7 @@ pub enum ApiKind {
 }
 
 impl ApiKind {
-    pub fn from_path(path: &str) -> ApiKind {
+    pub(crate) fn from_path(path: &str) -> ApiKind {
         match path {
             "/v1/chat/completions" => ApiKind::ChatCompletions,
             "/v1/completions" => ApiKind::Completions,
@@ -40,7 +32,7 @@ impl ApiKind {
 
 /// The fields of the JSON body that the gateway needs.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RequestFeatures {
+pub(crate) struct RequestFeatures {
     pub model: String,
     pub stream: bool,
     /// `max_tokens` or `max_completion_tokens`, when set.
@@ -56,61 +48,19 @@ pub struct RequestFeatures {
 
 /// One request as it moves through the pipeline.
 #[derive(Debug, Clone)]
-pub struct RequestContext {
+pub(crate) struct RequestContext {
     pub request_id: String,
-    pub received_at: Instant,
-    pub kind: ApiKind,
     pub features: RequestFeatures,
-    /// `x-infergate-priority` as sent.
-    pub priority: Option<String>,
-    /// `x-infergate-tenant` as sent.
-    pub tenant: Option<String>,
-    /// The model name sent upstream (the route's `target_model`, or as sent).
-    pub upstream_model: String,
     /// Expected output tokens (request's max_tokens or the route default).
     pub expected_output_tokens: u32,
 }
 
 impl RequestContext {
-    pub fn new(
-        request_id: String,
-        received_at: Instant,
-        kind: ApiKind,
-        headers: &HeaderMap,
-    ) -> Self {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
+    pub(crate) fn new(request_id: String) -> Self {
         RequestContext {
             request_id,
-            received_at,
-            kind,
             features: RequestFeatures::default(),
-            priority: header(PRIORITY_HEADER),
-            tenant: header(TENANT_HEADER),
-            upstream_model: String::new(),
             expected_output_tokens: 0,
         }
-    }
-
-    /// What the routing picker sees.
-    pub fn route_request(&self) -> RouteRequest<'_> {
-        RouteRequest {
-            request_id: &self.request_id,
-            model: &self.upstream_model,
-            prompt_text: &self.features.prompt_text,
-            prompt_tokens: self.features.prompt_tokens,
-            max_tokens: self.expected_output_tokens,
-            lora: None,
-            hashes: Default::default(),
-        }
-    }
-
-    /// Estimated total tokens of this request (prompt + expected output).
-    pub fn estimated_tokens(&self) -> u64 {
-        u64::from(self.features.prompt_tokens) + u64::from(self.expected_output_tokens)
     }
 }

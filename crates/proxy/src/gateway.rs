@@ -18,6 +18,7 @@ use super::upstream::UpstreamClient;
 use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
+use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
 use infergate_core::routing::scrape::Scrapers;
 use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig};
@@ -38,6 +39,27 @@ pub struct Route {
     /// The canary side: this route's config over the canary pool (its
     /// `target_model` is the canary's model when set).
     pub canary_side: Option<Arc<Route>>,
+}
+
+impl PlanRoute for Route {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn config(&self) -> &RouteConfig {
+        &self.config
+    }
+    fn canary(&self) -> &Arc<CanarySplit> {
+        &self.canary
+    }
+    fn canary_side(&self) -> Option<&Arc<Self>> {
+        self.canary_side.as_ref()
+    }
+    fn pool(&self) -> &Pool {
+        &self.pool
+    }
+    fn retry_after_secs(&self) -> u64 {
+        self.admission.queue_config().retry_after_secs
+    }
 }
 
 /// An immutable snapshot of the routes, swapped as a whole on reload.
@@ -146,23 +168,6 @@ impl Gateway {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Sets a route's canary at run time (pool, weight, rollback rules), for
-    /// example from Kubernetes Service annotations; `None` removes it. It
-    /// stays until the config file's canary for the route changes. The canary
-    /// pool must be a configured pool. Returns false when the route is unknown.
-    pub fn set_canary(
-        &self,
-        route: &str,
-        canary: Option<infergate_core::admission::config::CanaryConfig>,
-    ) -> Result<bool, ConfigError> {
-        if !self.admissions.set_canary(route, canary) {
-            return Ok(false);
-        }
-        // Rebuild the routes so the canary side points at the new pool.
-        self.apply_config(Config::clone(&self.config()))?;
-        Ok(true)
-    }
-
     /// The canary split of a route (its weight, rollback state).
     pub fn canary(&self, route: &str) -> Option<Arc<CanarySplit>> {
         self.admissions.canary_of(route)
@@ -226,8 +231,7 @@ impl Gateway {
             let canary = self
                 .admissions
                 .canary(&rc.model, rc.admission.canary.clone());
-            // The canary side is built from the canary in effect (set from the
-            // file, or at run time through `set_canary`).
+            // The canary side is built from the canary in effect.
             let canary_side = canary.config().and_then(|cc| {
                 let cpool = pools.get(&cc.pool)?.clone();
                 let mut cfg = rc.clone();
@@ -315,6 +319,18 @@ fn models_list(config: &Config) -> Bytes {
     )
 }
 
+impl infergate_core::dataplane::Dataplane for Gateway {
+    fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
+        Gateway::apply_config(self, config)
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Config>> {
+        Gateway::subscribe(self)
+    }
+    fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        Gateway::pool(self, name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,17 +368,5 @@ mod tests {
         assert!(gw.routes().resolve("z").is_none());
         let models: serde_json::Value = serde_json::from_slice(&gw.routes().models_body).unwrap();
         assert_eq!(models["data"][1]["id"], "a");
-    }
-}
-
-impl infergate_core::dataplane::Dataplane for Gateway {
-    fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
-        Gateway::apply_config(self, config)
-    }
-    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<Config>> {
-        Gateway::subscribe(self)
-    }
-    fn pool(&self, name: &str) -> Option<Arc<Pool>> {
-        Gateway::pool(self, name)
     }
 }

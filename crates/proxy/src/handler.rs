@@ -9,20 +9,20 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 
-use super::admit::{served_headers, AdmissionPlan, Admitted, Served};
 use super::body::{check_content_type, read_limited, too_large};
 use super::context::{ApiKind, RequestContext, REPLICA_HEADER, REQUEST_ID};
-use super::forward::{forward, Dispatch, ForwardError, Upstream};
+use super::execute::{self, served_headers, Plan};
 use super::gateway::Gateway;
 use super::headers::{clean_response_headers, is_event_stream};
-use super::parse::{parse_features, upstream_body};
+use super::parse::parse_features;
 use super::record::{Outcome, RequestRecord};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
+use infergate_core::admission::budget::Cost;
 use infergate_protocol::error::ApiError;
 
 /// Handles one client request.
-pub async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GatewayBody>
+pub(crate) async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GatewayBody>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -125,24 +125,41 @@ where
         }
     }
 
-    let mut ctx = RequestContext::new(record.request_id.clone(), received_at, kind, &parts.headers);
-    ctx.upstream_model = rc
-        .target_model
-        .clone()
-        .unwrap_or_else(|| features.model.clone());
+    let mut ctx = RequestContext::new(record.request_id.clone());
     ctx.expected_output_tokens = features.max_tokens.unwrap_or(rc.default_max_tokens);
     ctx.features = features;
 
-    let mut plan = AdmissionPlan::new(&table, &route, &ctx, &parts.headers);
-    record.canary = plan.canary.clone();
-    let admitted = match plan.admit(&ctx).await {
-        Ok(a) => a,
-        Err(e) => return reject(e, record),
+    let fallbacks = rc
+        .admission
+        .fallback
+        .models
+        .iter()
+        .filter_map(|m| table.resolve(m).cloned())
+        .collect();
+    let cost = Cost::estimate(
+        ctx.features.prompt_tokens,
+        Some(ctx.expected_output_tokens),
+        0,
+    );
+    let mut plan: Plan = Plan::new(
+        &route,
+        fallbacks,
+        &parts.headers,
+        &ctx.features.model,
+        ctx.features.user.as_deref(),
+        cost,
+    );
+    record.canary = plan.canary().cloned();
+    let reserved = match execute::admit(&mut plan, &ctx).await {
+        Ok(r) => r,
+        Err(f) => return reject(f.error, record),
     };
 
     let timeouts = rc.timeouts.clone();
     let stream = ctx.features.stream;
-    let first_byte_deadline = Instant::now() + timeouts.first_byte;
+    let first_byte_deadline = plan
+        .first_byte_deadline()
+        .unwrap_or_else(|| Instant::now() + timeouts.first_byte);
     record.overhead = Some(received_at.elapsed());
     let path_and_query = parts
         .uri
@@ -159,15 +176,7 @@ where
             body,
             request_id: &rid,
         };
-        dispatch(
-            plan,
-            admitted,
-            &ctx,
-            out,
-            include_usage,
-            first_byte_deadline,
-        )
-        .await
+        execute::forward(plan, reserved, &ctx, out, include_usage).await
     });
 
     let upstream = match (stream, timeouts.keepalive_after) {
@@ -228,71 +237,5 @@ where
             let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))
         }
-    }
-}
-
-/// Sends an admitted request upstream (body rewritten for its side's model),
-/// and when every attempt failed before the first byte (or the last answer
-/// was a 5xx), admits and sends it again on the route's next fallback model
-/// if the route allows.
-async fn dispatch(
-    mut plan: AdmissionPlan,
-    mut admitted: Admitted,
-    ctx: &RequestContext,
-    out: Outgoing<'_>,
-    include_usage: bool,
-    first_byte_deadline: Instant,
-) -> Result<Upstream, ForwardError> {
-    loop {
-        let served = Served {
-            model: admitted.upstream_model(ctx).to_owned(),
-            fallback: admitted.fallback,
-            canary: plan.canary.clone(),
-        };
-        let body = upstream_body(&out.body, &ctx.features, Some(&served.model), include_usage)
-            .map_err(|error| ForwardError {
-                error,
-                attempts: 0,
-                replica: None,
-            })?;
-        let attempt = Outgoing {
-            path_and_query: out.path_and_query.clone(),
-            headers: out.headers,
-            body,
-            request_id: out.request_id,
-        };
-        let route = admitted.route.clone();
-        let d = Dispatch {
-            plan: &plan,
-            route: &route,
-            fallback: admitted.fallback.is_some(),
-            first: admitted.reservation,
-        };
-        let result = forward(d, ctx, attempt, first_byte_deadline).await;
-        let failed = match &result {
-            Ok(up) => up.response.status().is_server_error(),
-            Err(fe) => fe.error.status != StatusCode::GATEWAY_TIMEOUT,
-        };
-        if failed && Instant::now() < first_byte_deadline {
-            if let Some(next) = plan.after_upstream_failure(&route, ctx).await {
-                match next {
-                    Ok(a) => {
-                        admitted = a;
-                        continue;
-                    }
-                    Err(error) => {
-                        return Err(ForwardError {
-                            error,
-                            attempts: 0,
-                            replica: None,
-                        })
-                    }
-                }
-            }
-        }
-        return result.map(|mut up| {
-            up.served = served;
-            up
-        });
     }
 }

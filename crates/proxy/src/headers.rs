@@ -35,7 +35,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// without hop-by-hop ones, Host, Content-Length and Expect, then the request
 /// id and the body's length. Written straight into the request head, with no
 /// intermediate header map.
-pub fn upstream_request_headers(
+pub(crate) fn upstream_request_headers(
     client: &HeaderMap,
     request_id: &HeaderValue,
     content_length: usize,
@@ -68,7 +68,7 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Removes hop-by-hop headers from an upstream response in place.
-pub fn clean_response_headers(headers: &mut HeaderMap) {
+pub(crate) fn clean_response_headers(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         for name in connection_listed(headers) {
             headers.remove(name);
@@ -88,7 +88,7 @@ pub fn clean_response_headers(headers: &mut HeaderMap) {
 }
 
 /// Whether a response is a server-sent event stream.
-pub fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

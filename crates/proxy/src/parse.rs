@@ -45,7 +45,7 @@ struct StreamOptions {
 
 /// Parses the body of a `/v1/*` POST into [`RequestFeatures`].
 /// 400 for malformed JSON, a non-object body, or a missing `model`.
-pub fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
+pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
     let probe: Probe<'_> = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!(
             "We could not parse the JSON body of your request: {e}"
@@ -88,7 +88,7 @@ pub fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, Api
 /// Returns the body to send upstream: the original bytes when nothing needs to
 /// change, or a re-serialized body with `model` replaced and/or
 /// `stream_options.include_usage: true` added.
-pub fn upstream_body(
+pub(crate) fn upstream_body(
     original: &Bytes,
     features: &RequestFeatures,
     target_model: Option<&str>,

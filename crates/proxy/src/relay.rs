@@ -24,7 +24,8 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use super::forward::{upstream_failed, upstream_timeout, ForwardError, Upstream};
+use super::execute::{ForwardError, Upstream};
+use infergate_core::plan::{upstream_failed, upstream_timeout};
 use super::record::{Outcome, RequestRecord};
 use super::upstream::UpstreamBody;
 use super::usage::UsageCounter;
@@ -34,15 +35,15 @@ use infergate_core::config::Timeouts;
 use infergate_protocol::error::ApiError;
 use crate::telemetry::metrics::PairMetrics;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The forwarding future a committed-early stream waits on.
-pub type PendingUpstream = Pin<Box<dyn Future<Output = Result<Upstream, ForwardError>> + Send>>;
+pub(crate) type PendingUpstream = Pin<Box<dyn Future<Output = Result<Upstream, ForwardError>> + Send>>;
 
 const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
 
 /// Every response body the gateway sends.
-pub enum GatewayBody {
+pub(crate) enum GatewayBody {
     /// A complete body (errors, `/v1/models`, admin answers).
     Full(Option<Bytes>),
     /// A relayed upstream body.
@@ -53,13 +54,13 @@ pub enum GatewayBody {
 }
 
 impl GatewayBody {
-    pub fn full(b: impl Into<Bytes>) -> Self {
+    pub(crate) fn full(b: impl Into<Bytes>) -> Self {
         GatewayBody::Full(Some(b.into()))
     }
 
     /// For an HTTP/2 stream: a relayed body is cut when the client stops
     /// reading it for `limit` (HTTP/1 connections are watched by `StallIo`).
-    pub fn watch_stream(self, limit: Option<Duration>) -> Self {
+    pub(crate) fn watch_stream(self, limit: Option<Duration>) -> Self {
         match (self, limit) {
             (GatewayBody::Relay(r), Some(_)) => {
                 GatewayBody::Watched(StreamStallWatch::new(r, limit))

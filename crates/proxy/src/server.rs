@@ -5,7 +5,6 @@
 //! [`start`] is also the in-process API tests use: it binds the listeners
 //! (port 0 works), spawns the accept loops and returns a [`ServerHandle`].
 
-use std::cell::Cell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -162,17 +161,6 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-thread_local! {
-    /// This thread's serving worker number (1-based; 0 outside the workers).
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The serving worker the current thread is (1-based), 0 on any other thread.
-/// The upstream client keeps one connection pool per worker with it.
-pub fn current_worker() -> usize {
-    WORKER.with(Cell::get)
-}
-
 /// Serves `listener` on `n` threads, each running a current-thread runtime
 /// with its own accept loop on the shared socket: a connection, its request
 /// and its upstream connection live on one thread, with no cross-thread
@@ -204,7 +192,7 @@ where
         std::thread::Builder::new()
             .name(format!("infergate-w{i}"))
             .spawn(move || {
-                WORKER.with(|w| w.set(i));
+                super::worker::enter(i);
                 runtime.block_on(async move {
                     match TcpListener::from_std(socket) {
                         Ok(l) => accept_loop(l, tls, client_stall, stop, handler).await,

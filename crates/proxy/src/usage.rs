@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub struct Usage {
+pub(crate) struct Usage {
     #[serde(default)]
     pub prompt_tokens: u64,
     #[serde(default)]
@@ -19,7 +19,7 @@ const JSON_TAIL: usize = 512;
 
 /// Counts what a response carried.
 #[derive(Debug, Default)]
-pub struct UsageCounter {
+pub(crate) struct UsageCounter {
     sse: bool,
     /// An SSE line (or a JSON tail) cut by a frame boundary.
     carry: Vec<u8>,
@@ -30,7 +30,7 @@ pub struct UsageCounter {
 }
 
 impl UsageCounter {
-    pub fn new(sse: bool) -> Self {
+    pub(crate) fn new(sse: bool) -> Self {
         UsageCounter {
             sse,
             ..Default::default()
@@ -38,16 +38,16 @@ impl UsageCounter {
     }
 
     /// Completion tokens: from `usage` when reported, else counted events.
-    pub fn completion_tokens(&self) -> u64 {
+    pub(crate) fn completion_tokens(&self) -> u64 {
         self.usage.map_or(self.events, |u| u.completion_tokens)
     }
 
     /// Whether the stream stopped in the middle of an SSE line.
-    pub fn mid_line(&self) -> bool {
+    pub(crate) fn mid_line(&self) -> bool {
         self.sse && !self.carry.is_empty()
     }
 
-    pub fn observe(&mut self, chunk: &[u8]) {
+    pub(crate) fn observe(&mut self, chunk: &[u8]) {
         if self.sse {
             self.observe_sse(chunk)
         } else {

@@ -8,9 +8,7 @@
 //! [`SERVED_MODEL_HEADER`] names the model that served, a metric counts
 //! fallbacks by reason, and [`NO_FALLBACK_HEADER`] lets a client forbid it.
 
-use bytes::Bytes;
 use http::HeaderMap;
-use serde_json::Value;
 
 use super::config::FallbackConfig;
 use super::queue::AdmitError;
@@ -92,15 +90,6 @@ pub fn record(route: &str, from: &str, to: &str, reason: FallbackReason) {
     );
 }
 
-/// The JSON body with its `model` replaced; `None` when the body is not a
-/// JSON object (the caller already parsed it, so this does not happen).
-pub fn rewrite_model(body: &[u8], model: &str) -> Option<Bytes> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    v.as_object_mut()?
-        .insert("model".to_string(), Value::String(model.to_string()));
-    serde_json::to_vec(&v).ok().map(Bytes::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,19 +115,5 @@ mod tests {
         assert!(!forbidden(&h));
         h.insert(NO_FALLBACK_HEADER, "true".parse().unwrap());
         assert!(forbidden(&h));
-    }
-
-    #[test]
-    fn rewrites_only_the_model() {
-        let b = rewrite_model(
-            br#"{"model":"big","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#,
-            "small",
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["model"], "small");
-        assert_eq!(v["max_tokens"], 5);
-        assert_eq!(v["messages"][0]["content"], "hi");
-        assert!(rewrite_model(b"[1]", "x").is_none());
     }
 }

@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use infergate_core::config::LogFormat;
 
 /// The longest a line waits in memory before it is written.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Buffered bytes that wake the writer early.
-pub const FLUSH_BYTES: usize = 64 * 1024;
+pub(crate) const FLUSH_BYTES: usize = 64 * 1024;
 /// Buffered bytes past which lines are dropped (stderr is stuck).
 const MAX_PENDING: usize = 8 * 1024 * 1024;
 
@@ -52,7 +52,7 @@ pub fn flush() {
 }
 
 /// The fields of a request's log line.
-pub struct RequestLine<'a> {
+pub(crate) struct RequestLine<'a> {
     pub request_id: &'a str,
     pub model: &'a str,
     pub route: &'a str,
@@ -67,7 +67,7 @@ pub struct RequestLine<'a> {
 }
 
 /// Emits the request's line at target `infergate::access`.
-pub fn request_line(l: &RequestLine<'_>) {
+pub(crate) fn request_line(l: &RequestLine<'_>) {
     if !tracing::enabled!(target: "infergate::access", tracing::Level::INFO) {
         return;
     }

@@ -14,17 +14,17 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use infergate_core::pool::Pool;
 
-pub const REQUESTS: &str = "infergate_requests_total";
-pub const TTFT: &str = "infergate_time_to_first_token_seconds";
-pub const ITL: &str = "infergate_inter_token_latency_seconds";
-pub const DURATION: &str = "infergate_request_duration_seconds";
-pub const OVERHEAD: &str = "infergate_gateway_overhead_seconds";
-pub const PROMPT_TOKENS: &str = "infergate_prompt_tokens_total";
-pub const COMPLETION_TOKENS: &str = "infergate_completion_tokens_total";
-pub const RETRIES: &str = "infergate_upstream_retries_total";
-pub const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
-pub const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
-pub const REPLICAS: &str = "infergate_pool_replicas";
+pub(crate) const REQUESTS: &str = "infergate_requests_total";
+pub(crate) const TTFT: &str = "infergate_time_to_first_token_seconds";
+pub(crate) const ITL: &str = "infergate_inter_token_latency_seconds";
+pub(crate) const DURATION: &str = "infergate_request_duration_seconds";
+pub(crate) const OVERHEAD: &str = "infergate_gateway_overhead_seconds";
+pub(crate) const PROMPT_TOKENS: &str = "infergate_prompt_tokens_total";
+pub(crate) const COMPLETION_TOKENS: &str = "infergate_completion_tokens_total";
+pub(crate) const RETRIES: &str = "infergate_upstream_retries_total";
+pub(crate) const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
+pub(crate) const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
+pub(crate) const REPLICAS: &str = "infergate_pool_replicas";
 
 /// How often buffered histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
@@ -40,7 +40,7 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 ];
 
 /// The process-wide Prometheus handle (installs the recorder on first use).
-pub fn handle() -> &'static PrometheusHandle {
+pub(crate) fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
@@ -70,7 +70,7 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// Renders all metrics, refreshing the per-replica load gauges first.
-pub fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> String {
+pub(crate) fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> String {
     let h = handle();
     for pool in pools {
         let replicas = pool.replicas();
@@ -89,7 +89,7 @@ pub fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> 
 
 /// Metric handles of one (route, replica) pair, resolved once and cached, so a
 /// request's metrics cost no registry lookup and no label allocation.
-pub struct PairMetrics {
+pub(crate) struct PairMetrics {
     pub itl: Histogram,
     duration: Histogram,
     ttft: Histogram,
@@ -156,7 +156,7 @@ fn cache() -> &'static Cache {
 }
 
 /// The cached handles of `(route, replica)`.
-pub fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
+pub(crate) fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
     let _ = handle();
     let key = (route.clone(), replica.clone());
     let c = cache();
@@ -173,7 +173,7 @@ pub fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
 }
 
 /// What one finished request contributes to the metrics.
-pub struct Finished<'a> {
+pub(crate) struct Finished<'a> {
     pub route: &'a Arc<str>,
     pub model: &'a str,
     pub replica: &'a Arc<str>,
@@ -186,7 +186,7 @@ pub struct Finished<'a> {
     pub completion_tokens: u64,
 }
 
-pub fn record_finished(f: &Finished<'_>) {
+pub(crate) fn record_finished(f: &Finished<'_>) {
     // Install the recorder before any handle is made and cached.
     let _ = handle();
     let m = pair(f.route, f.replica);
@@ -206,7 +206,7 @@ pub fn record_finished(f: &Finished<'_>) {
     }
 }
 
-pub fn record_retry(route: &str, replica: &str, reason: &'static str) {
+pub(crate) fn record_retry(route: &str, replica: &str, reason: &'static str) {
     let _ = handle();
     counter!(RETRIES, "route" => route.to_string(), "replica" => replica.to_string(), "reason" => reason)
         .increment(1);

@@ -1,5 +1,5 @@
 //! Telemetry: Prometheus metrics ([`metrics`]) and the structured per-request
 //! log line plus logging setup ([`log`]).
 
-pub mod log;
-pub mod metrics;
+pub(crate) mod log;
+pub(crate) mod metrics;

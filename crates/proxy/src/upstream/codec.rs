@@ -10,7 +10,7 @@ use http::StatusCode;
 /// Most response headers accepted (vLLM sends about ten).
 const MAX_HEADERS: usize = 128;
 /// Longest response head accepted.
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Longest chunk-size or trailer line accepted.
 const MAX_LINE_BYTES: usize = 4 * 1024;
 
@@ -26,7 +26,7 @@ impl std::fmt::Display for ProtocolError {
 
 /// Appends `POST {path} HTTP/1.1` and Host to `out`; the headers follow
 /// ([`encode_header`]), then [`end_head`].
-pub fn encode_request_line(out: &mut BytesMut, path_and_query: &str, host: &str) {
+pub(crate) fn encode_request_line(out: &mut BytesMut, path_and_query: &str, host: &str) {
     out.reserve(path_and_query.len() + host.len() + 512);
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(path_and_query.as_bytes());
@@ -36,7 +36,7 @@ pub fn encode_request_line(out: &mut BytesMut, path_and_query: &str, host: &str)
 }
 
 /// Appends one `name: value` line.
-pub fn encode_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+pub(crate) fn encode_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -44,13 +44,13 @@ pub fn encode_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
 }
 
 /// Ends the head.
-pub fn end_head(out: &mut BytesMut) {
+pub(crate) fn end_head(out: &mut BytesMut) {
     out.extend_from_slice(b"\r\n");
 }
 
 /// How a response body ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// No body (1xx, 204, 304).
     Empty,
     /// `Content-Length`: this many bytes.
@@ -63,7 +63,7 @@ pub enum Framing {
 
 /// A parsed response head.
 #[derive(Debug)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub framing: Framing,
@@ -73,7 +73,7 @@ pub struct ResponseHead {
 
 /// Parses a response head at the start of `buf`: `Ok(None)` while it is
 /// incomplete, else the head and the bytes it took.
-pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, ProtocolError> {
+pub(crate) fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, ProtocolError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
     let len = match parsed.parse(buf) {
@@ -173,7 +173,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 
 /// What the chunked decoder produced from the buffer.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     /// Body bytes (a whole chunk or the part of one that arrived).
     Data(Bytes),
     /// The buffer holds no complete step: read more.
@@ -184,7 +184,7 @@ pub enum Decoded {
 
 /// Where the chunked decoder is in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ChunkedDecoder {
+pub(crate) enum ChunkedDecoder {
     /// Expecting a chunk-size line.
     #[default]
     Size,
@@ -200,7 +200,7 @@ pub enum ChunkedDecoder {
 impl ChunkedDecoder {
     /// Decodes the next step from the front of `buf`, consuming what it used.
     /// Data is split off the buffer without a copy.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
         loop {
             match *self {
                 ChunkedDecoder::Done => return Ok(Decoded::End),

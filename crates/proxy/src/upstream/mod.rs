@@ -16,7 +16,7 @@
 //! the request went out, and no byte came back) is sent once more on a fresh
 //! connection: the replica never answered it.
 
-pub mod codec;
+pub(crate) mod codec;
 
 use std::collections::HashMap;
 use std::io;
@@ -40,7 +40,7 @@ use crate::telemetry::metrics::record_retry;
 /// wait for a free one within their first-byte deadline. It bounds the
 /// connections a burst can open (each costs the replica an accept and the
 /// gateway two buffers).
-pub const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
+pub(crate) const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
 /// Idle keep-alive connections kept per replica and serving worker.
 const MAX_IDLE_PER_REPLICA: usize = 256;
 /// An idle connection older than this is closed instead of reused. Replicas
@@ -205,7 +205,7 @@ impl UpstreamClient {
             codec::encode_header(&mut head, n, v)
         });
         codec::end_head(&mut head);
-        let worker = super::server::current_worker() % MAX_WORKER_POOLS;
+        let worker = crate::worker::current() % MAX_WORKER_POOLS;
         let conn = match slot.checkout(worker) {
             Some(c) => c,
             None => self.connect(authority).await?,

@@ -1,0 +1,314 @@
+//! Executes a request's plan ([`infergate_core::plan`]) over HTTP: each
+//! `Admit` step reserves a replica through the side's admission (which may
+//! wait in its queue), each `Send` step sends the request with our upstream
+//! client, and the outcome goes back to the plan, which alone decides what
+//! happens next. This module decides nothing; it observes: every try's
+//! outcome feeds the pool's outlier detector (4xx never count) and retries
+//! are counted.
+//!
+//! [`forward`] returns as soon as response headers arrive, before the body is
+//! touched, so nothing after the first response byte can be retried. If the
+//! client goes away, hyper drops the future, and the plan with it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::context::RequestContext;
+use super::gateway::Route;
+use super::parse::upstream_body;
+use super::upstream::{Outgoing, UpstreamBody};
+use crate::telemetry::metrics::record_retry;
+use infergate_core::admission::fallback::{self, FallbackReason};
+use infergate_core::admission::{canary, CanarySide, CanarySplit, Outcome, Reservation};
+use infergate_core::plan::{Event, Failure, RequestPlan, RetryReason, Step};
+use infergate_core::routing::RouteRequest;
+use infergate_protocol::error::ApiError;
+
+/// A request's plan over the proxy's routes.
+pub(crate) type Plan = RequestPlan<Route>;
+
+/// Which model and side served a request: for the response headers and the
+/// canary's statistics.
+#[derive(Debug, Clone, Default)]
+pub struct Served {
+    /// The model name sent upstream.
+    pub model: String,
+    pub fallback: Option<FallbackReason>,
+    pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
+}
+
+impl Served {
+    fn of(plan: &Plan) -> Served {
+        Served {
+            model: plan.upstream_model().to_owned(),
+            fallback: plan.fallback(),
+            canary: plan.canary().cloned(),
+        }
+    }
+}
+
+/// Adds `x-infergate-served-model`, and when they apply
+/// `x-infergate-fallback-reason` and `x-infergate-canary-side`.
+pub(crate) fn served_headers(h: &mut HeaderMap, s: &Served) {
+    if let Ok(v) = HeaderValue::from_str(&s.model) {
+        h.insert(fallback::SERVED_MODEL_HEADER, v);
+    }
+    if let Some(r) = s.fallback {
+        h.insert(
+            fallback::FALLBACK_REASON_HEADER,
+            HeaderValue::from_static(r.as_str()),
+        );
+    }
+    if let Some((_, side)) = &s.canary {
+        h.insert(canary::SIDE_HEADER, HeaderValue::from_static(side.as_str()));
+    }
+}
+
+/// A replica's response headers, with the reservation (load guard) for the
+/// rest of the request.
+pub struct Upstream {
+    pub response: Response<UpstreamBody>,
+    pub guard: Reservation,
+    /// The replica connection permit, held until the body ends.
+    pub permit: OwnedSemaphorePermit,
+    /// Which model and side served.
+    pub served: Served,
+    /// Tries made on the side that answered, including the one that did.
+    pub attempts: u32,
+}
+
+/// Why no replica answered.
+#[derive(Debug)]
+pub struct ForwardError {
+    pub error: ApiError,
+    pub attempts: u32,
+    /// The last replica tried.
+    pub replica: Option<Arc<str>>,
+}
+
+impl From<Failure> for ForwardError {
+    fn from(f: Failure) -> Self {
+        ForwardError {
+            error: f.error,
+            attempts: f.attempts,
+            replica: f.replica,
+        }
+    }
+}
+
+/// The first reservation of an admitted request: the plan's first `Send`.
+pub(crate) struct Reserved {
+    reservation: Reservation,
+    route: Arc<Route>,
+    attempt: u32,
+}
+
+/// Drives the plan's admission steps until a replica is reserved (the
+/// request may wait in queues, move to the stable side or to a fallback) or
+/// the request is refused.
+pub(crate) async fn admit(plan: &mut Plan, ctx: &RequestContext) -> Result<Reserved, Failure> {
+    let mut step = plan.start();
+    loop {
+        step = match step {
+            Step::Admit { route, retry } => {
+                let (event, reservation) = admit_on(plan, &route, retry, ctx).await;
+                let next = plan.on(event, Instant::now());
+                if let (Step::Send { route, attempt }, Some(reservation)) = (&next, reservation) {
+                    return Ok(Reserved {
+                        reservation,
+                        route: route.clone(),
+                        attempt: *attempt,
+                    });
+                }
+                next
+            }
+            Step::Fail(f) => return Err(f),
+            other => return Err(out_of_order(&other)),
+        };
+    }
+}
+
+/// Sends an admitted request, then follows the plan (retries on other
+/// replicas, fallbacks after an upstream failure) until response headers
+/// arrive or the plan gives up. The body is rewritten for each side's model.
+pub(crate) async fn forward(
+    mut plan: Plan,
+    first: Reserved,
+    ctx: &RequestContext,
+    out: Outgoing<'_>,
+    include_usage: bool,
+) -> Result<Upstream, ForwardError> {
+    let first_byte_deadline = plan
+        .first_byte_deadline()
+        .unwrap_or_else(|| Instant::now() + first.route.config.timeouts.first_byte);
+    let mut reservation = Some(first.reservation);
+    let mut step = Step::Send {
+        route: first.route,
+        attempt: first.attempt,
+    };
+    let mut body = Bytes::new();
+    loop {
+        step = match step {
+            Step::Admit { route, retry } => {
+                let (event, r) = admit_on(&plan, &route, retry, ctx).await;
+                reservation = r;
+                plan.on(event, Instant::now())
+            }
+            Step::Send { route, attempt } => {
+                let Some(guard) = reservation.take() else {
+                    return Err(ForwardError::from(Failure {
+                        error: out_of_order_error(),
+                        attempts: attempt,
+                        replica: None,
+                        rejected: false,
+                    }));
+                };
+                if attempt == 1 {
+                    // A new side: its model name may differ.
+                    body = upstream_body(
+                        &out.body,
+                        &ctx.features,
+                        Some(plan.upstream_model()),
+                        include_usage,
+                    )
+                    .map_err(|error| ForwardError {
+                        error,
+                        attempts: 0,
+                        replica: None,
+                    })?;
+                }
+                let this = Outgoing {
+                    path_and_query: out.path_and_query.clone(),
+                    headers: out.headers,
+                    body: body.clone(),
+                    request_id: out.request_id,
+                };
+                let (event, answered) =
+                    send(&route, guard, &this, ctx, first_byte_deadline).await;
+                let next = plan.on(event, Instant::now());
+                if let (Step::Respond, Some((response, permit, guard))) = (&next, answered) {
+                    return Ok(Upstream {
+                        response,
+                        guard,
+                        permit,
+                        served: Served::of(&plan),
+                        attempts: attempt,
+                    });
+                }
+                // Not answered, or answered with a status the plan retries or
+                // falls back from: the response and its reservation are
+                // dropped here (closing that connection) before the next step.
+                next
+            }
+            Step::Fail(f) => return Err(f.into()),
+            other => return Err(out_of_order(&other).into()),
+        };
+    }
+}
+
+type Answered = (Response<UpstreamBody>, OwnedSemaphorePermit, Reservation);
+
+/// One try on the reserved replica, bounded by the first-byte deadline; the
+/// outcome is recorded for outlier detection.
+async fn send(
+    route: &Route,
+    guard: Reservation,
+    out: &Outgoing<'_>,
+    ctx: &RequestContext,
+    first_byte_deadline: Instant,
+) -> (Event, Option<Answered>) {
+    let replica = guard.replica().clone();
+    let key = &replica.endpoint.key;
+    let pool_size = route.pool.replicas().len();
+    let outlier = &route.admission.outlier;
+    let sent = tokio::time::timeout_at(
+        first_byte_deadline.into(),
+        route
+            .client
+            .send(key, &replica.endpoint.base_url, out, &route.name),
+    );
+    match sent.await {
+        Err(_elapsed) => {
+            outlier.record(key, Outcome::Timeout, pool_size);
+            (Event::FirstByteTimeout, None)
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            outlier.record(key, Outcome::ConnectFailure, pool_size);
+            tracing::debug!(request_id = %ctx.request_id, replica = %key, error = %e, "connect failed");
+            (Event::ConnectFailed, None)
+        }
+        Ok(Err(e)) => {
+            outlier.record(key, Outcome::ConnectFailure, pool_size);
+            (
+                Event::SendFailed {
+                    detail: e.to_string(),
+                },
+                None,
+            )
+        }
+        Ok(Ok((response, permit))) => {
+            let status = response.status();
+            let outcome = if status.is_success() {
+                Outcome::Success
+            } else {
+                Outcome::Status(status.as_u16())
+            };
+            outlier.record(key, outcome, pool_size);
+            (Event::Answered { status }, Some((response, permit, guard)))
+        }
+    }
+}
+
+/// One admission attempt on `route` for the plan's current side, excluding
+/// the replicas already tried.
+async fn admit_on(
+    plan: &Plan,
+    route: &Route,
+    retry: Option<RetryReason>,
+    ctx: &RequestContext,
+) -> (Event, Option<Reservation>) {
+    if let (Some(reason), Some(failed)) = (retry, plan.excluded().last()) {
+        tracing::debug!(request_id = %ctx.request_id, replica = %failed, reason = reason.as_str(), "retrying");
+        record_retry(&route.name, failed, reason.as_str());
+    }
+    let rr = RouteRequest {
+        request_id: &ctx.request_id,
+        model: plan.upstream_model(),
+        prompt_text: &ctx.features.prompt_text,
+        prompt_tokens: ctx.features.prompt_tokens,
+        max_tokens: ctx.expected_output_tokens,
+        lora: None,
+        hashes: Default::default(),
+    };
+    match route
+        .admission
+        .acquire(&route.pool, &*route.picker, &rr, &plan.ticket(), plan.excluded())
+        .await
+    {
+        Ok(r) => (
+            Event::Admitted {
+                replica: r.replica().endpoint.key.clone(),
+            },
+            Some(r),
+        ),
+        Err(e) => (Event::NotAdmitted(e), None),
+    }
+}
+
+fn out_of_order_error() -> ApiError {
+    infergate_core::plan::upstream_failed("internal error: request plan out of order")
+}
+
+fn out_of_order(step: &Step<Route>) -> Failure {
+    tracing::error!(?step, "request executor: unexpected plan step");
+    Failure {
+        error: out_of_order_error(),
+        attempts: 0,
+        replica: None,
+        rejected: false,
+    }
+}
