@@ -99,8 +99,8 @@ impl CanarySplit {
         s
     }
 
-    /// Applies the config file's canary, only when the file's value changed
-    /// since the last call (so a value set at run time survives reloads).
+    /// Applies the config's canary, only when its value changed since the
+    /// last call.
     pub fn set_from_file(&self, cfg: Option<CanaryConfig>) {
         let mut last = self.from_file.lock().unwrap_or_else(|e| e.into_inner());
         if *last != cfg {
@@ -110,10 +110,10 @@ impl CanarySplit {
         }
     }
 
-    /// Sets the route's canary at run time (target, weight, rollback rules).
+    /// Sets the route's canary (target, weight, rollback rules).
     /// The same config again changes nothing (a rolled-back canary stays rolled
     /// back); a different one starts afresh.
-    pub fn set(&self, cfg: Option<CanaryConfig>) {
+    fn set(&self, cfg: Option<CanaryConfig>) {
         if self.current.load().cfg == cfg && self.window_started() {
             return;
         }

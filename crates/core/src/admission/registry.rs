@@ -149,9 +149,9 @@ impl AdmissionRegistry {
         admission
     }
 
-    /// The canary split of route `route`, set to `cfg` from the config file
-    /// when that differs from what the file said before (a canary set at run
-    /// time through [`AdmissionRegistry::set_canary`] stays otherwise).
+    /// The canary split of route `route`, set to `cfg` when that differs from
+    /// the config applied before (so a reload of the same config keeps a
+    /// rolled-back canary rolled back).
     pub fn canary(&self, route: &str, cfg: Option<CanaryConfig>) -> Arc<CanarySplit> {
         let mut st = self.lock();
         match st.canaries.get(route) {
@@ -164,18 +164,6 @@ impl AdmissionRegistry {
                 st.canaries.insert(route.to_string(), c.clone());
                 c
             }
-        }
-    }
-
-    /// Sets a route's canary at run time (for example from a Kubernetes
-    /// Service annotation). Returns false when the route is unknown.
-    pub fn set_canary(&self, route: &str, cfg: Option<CanaryConfig>) -> bool {
-        match self.lock().canaries.get(route) {
-            Some(c) => {
-                c.set(cfg);
-                true
-            }
-            None => false,
         }
     }
 
@@ -348,12 +336,10 @@ mod tests {
         );
 
         let c = reg.canary("m", Some(canary(10.0)));
-        assert!(reg.set_canary("m", Some(canary(30.0))));
-        assert!(!reg.set_canary("nope", None));
-        // Reload with the same file: the run-time value stays.
+        // Reload with the same file: the same split, unchanged.
         let c2 = reg.canary("m", Some(canary(10.0)));
         assert!(Arc::ptr_eq(&c, &c2));
-        assert_eq!(c.effective_weight(), 30.0);
+        assert_eq!(c.effective_weight(), 10.0);
         // The file changed: it wins.
         reg.canary("m", Some(canary(5.0)));
         assert_eq!(c.effective_weight(), 5.0);
