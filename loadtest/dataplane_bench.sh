@@ -18,6 +18,8 @@
 #
 #   loadtest/dataplane_bench.sh            # defaults below; env overrides:
 #   SKIP_BUILD=1 DUR=6 ROUNDS=3 CONC=64 LAT_CONNS=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 IG_POLICY=least_request loadtest/dataplane_bench.sh
+#   IG_BASELINE=/path/to/old/infergate loadtest/dataplane_bench.sh   # adds that build as target
+#       "baseline", in the same interleaved rounds: a before/after comparison of a change
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -45,6 +47,7 @@ BASE=${BENCH_BASE_PORT:-18100}
 UP_PORT=$((BASE + 1)); IG_PORT=$((BASE + 10)); IG_ADMIN=$((BASE + 11))
 NG_PORT=$((BASE + 20)); VR_PORT=$((BASE + 30)); SR_PORT=$((BASE + 40))
 IDLE_UP_PORT=$((BASE + 50)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
+BL_PORT=$((BASE + 60)); BL_ADMIN=$((BASE + 61))
 MODEL=bench-model
 RUN=$(mktemp -d /tmp/dataplane-bench.XXXXXX)
 export HF_ENDPOINT="http://127.0.0.1:9" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -124,6 +127,12 @@ start_bg infergate "$IG" serve --config "$RUN/infergate.yaml"
 wait_http "http://127.0.0.1:$IG_ADMIN/readyz"
 TARGETS=("direct=$UP" "infergate=http://127.0.0.1:$IG_PORT")
 declare -A PID_OF=([infergate]=$(cat "$RUN/infergate.pid"))
+if [[ -n ${IG_BASELINE:-} ]]; then
+  sed -e "s/$IG_PORT/$BL_PORT/" -e "s/$IG_ADMIN/$BL_ADMIN/" "$RUN/infergate.yaml" >"$RUN/baseline.yaml"
+  start_bg baseline "$IG_BASELINE" serve --config "$RUN/baseline.yaml"
+  wait_http "http://127.0.0.1:$BL_ADMIN/readyz"
+  TARGETS+=("baseline=http://127.0.0.1:$BL_PORT"); PID_OF[baseline]=$(cat "$RUN/baseline.pid")
+fi
 
 if command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
   mkdir -p "$RUN/nginx-tmp"
