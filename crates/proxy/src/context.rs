@@ -6,8 +6,6 @@ use std::time::Instant;
 
 use http::HeaderMap;
 
-use infergate_core::routing::RouteRequest;
-
 /// Header carrying the request id (generated when the client sends none).
 pub const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// Header naming the replica that served the request (added to responses).
@@ -94,23 +92,5 @@ impl RequestContext {
             upstream_model: String::new(),
             expected_output_tokens: 0,
         }
-    }
-
-    /// What the routing picker sees.
-    pub fn route_request(&self) -> RouteRequest<'_> {
-        RouteRequest {
-            request_id: &self.request_id,
-            model: &self.upstream_model,
-            prompt_text: &self.features.prompt_text,
-            prompt_tokens: self.features.prompt_tokens,
-            max_tokens: self.expected_output_tokens,
-            lora: None,
-            hashes: Default::default(),
-        }
-    }
-
-    /// Estimated total tokens of this request (prompt + expected output).
-    pub fn estimated_tokens(&self) -> u64 {
-        u64::from(self.features.prompt_tokens) + u64::from(self.expected_output_tokens)
     }
 }
