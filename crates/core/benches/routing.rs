@@ -10,9 +10,8 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use infergate_core::discovery::Endpoint;
 use infergate_core::pool::Replica;
-use infergate_core::routing::aware::InferenceAware;
 use infergate_core::routing::signals::Signals;
-use infergate_core::routing::{Picker, RouteRequest, RoutingConfig};
+use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfig};
 use infergate_protocol::tokenizer;
 
 const REPLICAS: u16 = 64;

@@ -113,7 +113,7 @@ impl Budget {
     }
 
     /// Wraps a load guard the picker already started (with its estimate of the
-    /// uncached prefill, see `Picker::pick_and_begin`), sized to `cost`. The
+    /// uncached prefill, see `Picker::pick_fitting_and_begin`), sized to `cost`. The
     /// prompt part leaves out what the picker expects cached: a prefix the engine already
     /// caches is shared by every request using it, so counting it per request
     /// would call a replica full at a fraction of its KV cache (8 requests

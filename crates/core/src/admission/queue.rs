@@ -178,30 +178,22 @@ impl PoolAdmission {
         let members = pool.replicas();
         let ejected = self.outlier.ejected();
         let routable = RoutabilityCheck::new(&ejected, exclude);
-        let mut any_ready = false;
-        // A replica already caching part of the prompt needs room only for the rest.
-        let cached = picker.cached_prompt_tokens(&members, req);
-        let eligible: Vec<Arc<Replica>> = members
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| routable.of(r).takes_requests())
-            .inspect(|_| any_ready = true)
-            .filter(|(i, r)| {
-                let here = cached.get(*i).copied().unwrap_or(0).min(cost.prompt);
-                let cost_here = Cost {
-                    prompt: cost.prompt - here,
-                    output: cost.output,
-                };
-                self.budget.fits(r, cost_here, priority)
-            })
-            .map(|(_, r)| r.clone())
-            .collect();
+        let any_ready = members.iter().any(|r| routable.of(r).takes_requests());
         if !any_ready {
             return Placement::NoReplica;
         }
-        // pick_and_begin: the picker records its decision and accounts only the
-        // uncached part of the prompt as prefill.
-        match picker.pick_and_begin(&eligible, req, exclude) {
+        // A replica already caching part of the prompt needs room only for the rest.
+        let fits = |r: &Replica, cached: u64| {
+            let cost_here = Cost {
+                prompt: cost.prompt - cached.min(cost.prompt),
+                output: cost.output,
+            };
+            routable.of(r).takes_requests() && self.budget.fits(r, cost_here, priority)
+        };
+        // One call: the picker looks the prompt's prefix up once, asks `fits`
+        // per replica, records its decision and accounts only the uncached
+        // part of the prompt as prefill.
+        match picker.pick_fitting_and_begin(&members, req, exclude, &fits) {
             Some(g) => Placement::Placed(
                 Budget::reserve_guard(g, cost, Some(self.listener()))
                     .waking_queue_on_prefill(self.budget.caps_prefill()),

@@ -5,16 +5,21 @@
 //! sources: the gateway's own accounting (always current), the replica's last
 //! scrape (unknown or stale = saturated) and the approximate prefix index (how
 //! many leading blocks of this prompt were recently sent there). It then runs
-//! the configured [`filters`](super::filters) and weighted
-//! [`scorers`](super::scorers), takes the best score (ties broken by rendezvous
-//! weight, so independent gateways agree), records the prompt's blocks for the
-//! chosen replica and starts its load accounting with the uncached prefill.
+//! the configured filters and weighted scorers (a [`Pipeline`] built from the
+//! registry), takes the best score (ties broken by rendezvous weight, so
+//! independent gateways agree), records the prompt's blocks for the chosen
+//! replica and starts its load accounting with the uncached prefill.
+//!
+//! Under admission, one prefix lookup serves both questions: how much of the
+//! prompt each replica holds (so admission can ask whether the rest fits
+//! there) and which of the replicas that fit is best.
 //!
 //! Estimated TTFT on a replica = (prefill tokens queued there + the uncached part
 //! of this prompt) / prefill rate. Queued prefill is the larger of the gateway's
 //! own not-yet-answered prefill tokens and the engine's waiting count times the
 //! mean uncached prompt (other gateways' requests show up only there).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,67 +30,12 @@ use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::config::{FilterName, RoutingConfig};
-use super::filters::{self, FilterOutcome};
-use super::prefix_index::{MatchSink, PrefixIndex};
-use super::scorers;
+use super::framework::{Candidate, Ctx};
+use super::pipeline::{FilterOutcome, Pipeline};
+use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
-use super::{Picker, RouteRequest};
+use super::{Fits, Picker, RouteRequest};
 use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
-
-/// One replica as the policy sees it for one request.
-#[derive(Debug, Clone)]
-pub struct Candidate {
-    /// Index into the replica slice.
-    pub idx: usize,
-    pub matched_blocks: u32,
-    pub uncached_tokens: u32,
-    /// Signals fresh (or scraping disabled).
-    pub fresh: bool,
-    pub saturated: bool,
-    pub waiting: f64,
-    pub running: f64,
-    pub kv_usage: f64,
-    /// max(own requests in flight, engine running + waiting).
-    pub load_requests: f64,
-    /// The load that places prefix groups (`rendezvous`): own requests in
-    /// flight; once another gateway feeds the replica, the larger of those and
-    /// the engine's count averaged over scrapes (`Signals::smoothed_requests`).
-    pub placement_load: f64,
-    /// Own estimated tokens in flight.
-    pub token_load: f64,
-    pub queued_prefill: f64,
-    pub est_ttft_ms: f64,
-    /// LoRA: 3 adapter in use on the engine (running or waiting requests), 2
-    /// this gateway sent it there recently (vLLM reports idle resident adapters
-    /// nowhere), 1 room to load it, 0 none.
-    pub lora_tier: u8,
-    /// Rendezvous weight of this replica for the request's prefix group.
-    pub rendezvous: u64,
-    /// Prefix groups this gateway has placed on the replica and still indexes
-    /// (filled only for a request opening a new group).
-    pub groups: u32,
-    /// Another gateway fed this replica recently (`Signals::foreign_load_at`).
-    pub foreign_load: bool,
-    pub alive: bool,
-    pub dropped_by: Option<FilterName>,
-    pub score: f64,
-}
-
-/// Per-request context shared by filters and scorers.
-#[derive(Debug)]
-pub struct Ctx<'a> {
-    pub req: &'a RouteRequest<'a>,
-    pub cfg: &'a RoutingConfig,
-    pub block_size: u32,
-    pub prefill_rate: f64,
-    pub prompt_blocks: u32,
-    /// Hash naming the prompt's prefix group (its first `rendezvous.blocks` blocks).
-    pub group_key: Option<u64>,
-    /// The adapter asked for: `req.lora`, or the model name when a replica
-    /// reports it as a resident or loading adapter.
-    pub lora: Option<&'a str>,
-    pub explain: bool,
-}
 
 /// Why one request went where it went.
 #[derive(Debug, Clone, Serialize)]
@@ -98,8 +48,6 @@ pub struct Decision {
     pub cached_tokens: u32,
     pub filters: Vec<FilterOutcome>,
     pub candidates: Vec<CandidateView>,
-    #[serde(skip)]
-    pub at: Instant,
 }
 
 /// A candidate in a [`Decision`].
@@ -118,7 +66,7 @@ pub struct CandidateView {
     pub saturated: bool,
     pub lora_tier: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dropped_by: Option<FilterName>,
+    pub dropped_by: Option<&'static str>,
     pub score: f64,
 }
 
@@ -126,6 +74,7 @@ pub struct CandidateView {
 #[derive(Debug)]
 pub struct InferenceAware {
     cfg: RoutingConfig,
+    pipeline: Pipeline,
     index: PrefixIndex,
     /// EWMA of uncached prompt tokens per request (f64 bits).
     mean_uncached: AtomicU64,
@@ -147,6 +96,7 @@ const LORA_ADAPTERS: usize = 4096;
 impl InferenceAware {
     pub fn new(cfg: RoutingConfig) -> Self {
         InferenceAware {
+            pipeline: Pipeline::new(&cfg.filters, &cfg.scorers),
             cfg,
             index: PrefixIndex::new(),
             mean_uncached: AtomicU64::new(0f64.to_bits()),
@@ -160,23 +110,92 @@ impl InferenceAware {
         &self.index
     }
 
-    pub fn config(&self) -> &RoutingConfig {
-        &self.cfg
-    }
-
     fn block_size(&self) -> u32 {
         self.cfg.prefix.block_size.max(1)
     }
 
-    /// The decision itself: (index of the chosen replica, its uncached tokens).
-    fn decide(
+    /// Picks, without admission, and starts the replica's load accounting
+    /// with the uncached prefill (benchmarks and tests; the request path uses
+    /// [`Picker::pick_fitting_and_begin`]).
+    pub fn pick_and_begin(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+    ) -> Option<LoadGuard> {
+        let (i, uncached) = self.decide_among(replicas, req, exclude)?;
+        Some(self.begin(&replicas[i], req, uncached))
+    }
+
+    /// Prompt tokens of `req` each of `replicas` is expected to hold in its
+    /// cache already (same order).
+    #[cfg(test)]
+    fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
+        let hashes = self.hashes(req);
+        self.matched_blocks(replicas, &hashes)
+            .into_iter()
+            .map(|blocks| self.cached_tokens(blocks, req))
+            .collect()
+    }
+
+    fn hashes<'r>(&self, req: &'r RouteRequest<'_>) -> Cow<'r, [u64]> {
+        req.block_hashes(
+            self.block_size() as usize,
+            self.cfg.prefix.max_blocks as usize,
+        )
+    }
+
+    /// Leading blocks of `hashes` each of `replicas` holds (same order): one
+    /// lookup in the prefix index.
+    fn matched_blocks(&self, replicas: &[Arc<Replica>], hashes: &[u64]) -> Vec<u32> {
+        let mut matched = vec![0; replicas.len()];
+        self.index
+            .longest_prefix(hashes, &mut |key: &Arc<str>, blocks: u32| {
+                if let Some(i) = replicas.iter().position(|r| same_key(&r.endpoint.key, key)) {
+                    matched[i] = blocks;
+                }
+            });
+        matched
+    }
+
+    /// Prompt tokens held by a replica holding `blocks` leading blocks of it.
+    fn cached_tokens(&self, blocks: u32, req: &RouteRequest<'_>) -> u64 {
+        (u64::from(blocks) * u64::from(self.block_size())).min(u64::from(req.prompt_tokens))
+    }
+
+    /// [`decide`](Self::decide) over all of `replicas` but `exclude`.
+    fn decide_among(
         &self,
         replicas: &[Arc<Replica>],
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
     ) -> Option<(usize, u32)> {
+        let hashes = self.hashes(req);
+        let matched = self.matched_blocks(replicas, &hashes);
+        self.decide(replicas, req, exclude, &hashes, &matched)
+    }
+
+    /// Starts `replica`'s load accounting for `req`, `uncached` of its prompt
+    /// tokens to prefill.
+    fn begin(&self, replica: &Arc<Replica>, req: &RouteRequest<'_>, uncached: u32) -> LoadGuard {
+        let cached = req.prompt_tokens.saturating_sub(uncached);
+        replica
+            .begin(req.estimated_tokens(), u64::from(uncached))
+            .with_cached_tokens(u64::from(cached))
+    }
+
+    /// The decision itself, over `replicas` (less `exclude`) holding
+    /// `matched` leading blocks of the prompt's `hashes` (same order): (index
+    /// of the chosen replica, its uncached tokens).
+    fn decide(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        exclude: &[Arc<str>],
+        hashes: &[u64],
+        matched: &[u32],
+    ) -> Option<(usize, u32)> {
         let bs = self.block_size();
-        let hashes = req.block_hashes(bs as usize, self.cfg.prefix.max_blocks as usize);
         let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
             .min(hashes.len())
             .checked_sub(1);
@@ -197,7 +216,9 @@ impl InferenceAware {
         });
         let ctx = Ctx {
             req,
-            cfg: &self.cfg,
+            saturation: &self.cfg.saturation,
+            sticky: &self.cfg.sticky,
+            rendezvous: &self.cfg.rendezvous,
             block_size: bs,
             prefill_rate: self.cfg.prefill_tokens_per_sec.max(1.0),
             prompt_blocks: hashes.len() as u32,
@@ -205,26 +226,19 @@ impl InferenceAware {
             lora,
             explain,
         };
-        let mut cands = self.candidates(replicas, req, exclude, &ctx);
+        let mut cands = self.candidates(replicas, req, exclude, matched, &ctx);
         if cands.is_empty() {
             return None;
         }
-        self.index.longest_prefix(
-            &hashes,
-            &mut Sink {
-                replicas,
-                cands: &mut cands,
-            },
-        );
         if let Some(at) = group_at {
             // A prefix group no replica holds yet: the rendezvous filter bounds
             // how many groups each replica gets.
             if cands.iter().all(|c| (c.matched_blocks as usize) <= at) {
                 self.index.group_counts(|key, n| {
-                    if let Some(c) = cands.iter_mut().find(|c| {
-                        let k = &replicas[c.idx].endpoint.key;
-                        Arc::ptr_eq(k, key) || **k == **key
-                    }) {
+                    if let Some(c) = cands
+                        .iter_mut()
+                        .find(|c| same_key(&replicas[c.idx].endpoint.key, key))
+                    {
                         c.groups = n;
                     }
                 });
@@ -238,22 +252,15 @@ impl InferenceAware {
             f64::from(req.prompt_tokens) / 2.0
         };
         for c in cands.iter_mut() {
-            let cached =
-                (u64::from(c.matched_blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
+            let cached = self.cached_tokens(c.matched_blocks, req);
             c.uncached_tokens = req.prompt_tokens - cached as u32;
             let queued_by_engine = c.waiting * per_waiting;
             c.queued_prefill = c.queued_prefill.max(queued_by_engine);
             c.est_ttft_ms =
                 (c.queued_prefill + f64::from(c.uncached_tokens)) / ctx.prefill_rate * 1000.0;
         }
-        let mut outcomes = Vec::new();
-        for f in &self.cfg.filters {
-            let o = filters::apply(*f, &mut cands, &ctx);
-            if explain {
-                outcomes.push(o);
-            }
-        }
-        scorers::score_all(&self.cfg.scorers, &mut cands, ctx.prompt_blocks);
+        let outcomes = self.pipeline.filter(&mut cands, &ctx);
+        self.pipeline.score(&mut cands, &ctx);
         let best = cands
             .iter()
             .enumerate()
@@ -276,7 +283,7 @@ impl InferenceAware {
                 (t / u64::from(bs)).min(u64::from(u32::MAX)) as u32
             });
         self.index
-            .record_group(&replica.endpoint.key, &hashes, capacity, group_at);
+            .record_group(&replica.endpoint.key, hashes, capacity, group_at);
         if let Some(a) = ctx.lora {
             self.remember_lora(a, &replica.endpoint.key);
         }
@@ -311,6 +318,7 @@ impl InferenceAware {
         replicas: &[Arc<Replica>],
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
+        matched: &[u32],
         ctx: &Ctx<'_>,
     ) -> Vec<Candidate> {
         let now = Instant::now();
@@ -363,7 +371,7 @@ impl InferenceAware {
             };
             out.push(Candidate {
                 idx,
-                matched_blocks: 0,
+                matched_blocks: matched[idx],
                 uncached_tokens: req.prompt_tokens,
                 fresh,
                 saturated,
@@ -430,7 +438,6 @@ impl InferenceAware {
                     score: c.score,
                 })
                 .collect(),
-            at: Instant::now(),
         };
         let mut log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
         if log.len() >= self.cfg.explain_buffer {
@@ -477,7 +484,7 @@ impl InferenceAware {
     }
 
     /// The remembered decision for `request_id` (the newest, if retried).
-    pub fn decision(&self, request_id: &str) -> Option<Arc<Decision>> {
+    fn decision(&self, request_id: &str) -> Option<Arc<Decision>> {
         let log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
         log.iter()
             .rev()
@@ -507,6 +514,12 @@ fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
     )
 }
 
+/// Replica keys from the prefix index and from the pool are mostly the same
+/// allocation: compare pointers first.
+fn same_key(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
 /// Highest-random-weight hashing: every gateway computes the same weight.
 fn rendezvous_weight(group: u64, replica_key: &str) -> u64 {
     let mut x = group ^ xxh3_64(replica_key.as_bytes());
@@ -516,24 +529,6 @@ fn rendezvous_weight(group: u64, replica_key: &str) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Routes index matches (by replica key) to the candidates.
-struct Sink<'a> {
-    replicas: &'a [Arc<Replica>],
-    cands: &'a mut [Candidate],
-}
-
-impl MatchSink for Sink<'_> {
-    fn matched(&mut self, key: &Arc<str>, blocks: u32) {
-        let replicas = self.replicas;
-        if let Some(c) = self.cands.iter_mut().find(|c| {
-            let k = &replicas[c.idx].endpoint.key;
-            Arc::ptr_eq(k, key) || **k == **key
-        }) {
-            c.matched_blocks = blocks;
-        }
-    }
-}
-
 impl Picker for InferenceAware {
     fn pick(
         &self,
@@ -541,40 +536,30 @@ impl Picker for InferenceAware {
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
     ) -> Option<Arc<Replica>> {
-        let (i, _) = self.decide(replicas, req, exclude)?;
+        let (i, _) = self.decide_among(replicas, req, exclude)?;
         Some(replicas[i].clone())
     }
 
-    fn pick_and_begin(
+    fn pick_fitting_and_begin(
         &self,
         replicas: &[Arc<Replica>],
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
+        fits: &Fits<'_>,
     ) -> Option<LoadGuard> {
-        let (i, uncached) = self.decide(replicas, req, exclude)?;
-        let cached = req.prompt_tokens.saturating_sub(uncached);
-        Some(
-            replicas[i]
-                .begin(req.estimated_tokens(), u64::from(uncached))
-                .with_cached_tokens(u64::from(cached)),
-        )
-    }
-
-    fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
-        let bs = self.block_size();
-        let hashes = req.block_hashes(bs as usize, self.cfg.prefix.max_blocks as usize);
-        let mut cached = vec![0u64; replicas.len()];
-        self.index
-            .longest_prefix(&hashes, &mut |key: &Arc<str>, blocks: u32| {
-                if let Some(i) = replicas
-                    .iter()
-                    .position(|r| Arc::ptr_eq(&r.endpoint.key, key) || *r.endpoint.key == **key)
-                {
-                    cached[i] =
-                        (u64::from(blocks) * u64::from(bs)).min(u64::from(req.prompt_tokens));
-                }
-            });
-        cached
+        let hashes = self.hashes(req);
+        let mut matched = self.matched_blocks(replicas, &hashes);
+        // The replicas that fit, with their matches, in their order.
+        let mut fitting = Vec::with_capacity(replicas.len());
+        for (i, r) in replicas.iter().enumerate() {
+            if !super::is_excluded(r, exclude) && fits(r, self.cached_tokens(matched[i], req)) {
+                matched[fitting.len()] = matched[i];
+                fitting.push(r.clone());
+            }
+        }
+        matched.truncate(fitting.len());
+        let (i, uncached) = self.decide(&fitting, req, &[], &hashes, &matched)?;
+        Some(self.begin(&fitting[i], req, uncached))
     }
 
     fn forget_absent(&self, present: &[Arc<Replica>]) {
@@ -648,58 +633,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::discovery::Endpoint;
     use crate::routing::signals::LoraInfo;
-
-    /// A neutral candidate for filter/scorer unit tests.
-    pub(crate) fn cand(idx: usize) -> Candidate {
-        Candidate {
-            idx,
-            matched_blocks: 0,
-            uncached_tokens: 0,
-            fresh: true,
-            saturated: false,
-            waiting: 0.0,
-            running: 0.0,
-            kv_usage: 0.0,
-            load_requests: 0.0,
-            placement_load: 0.0,
-            token_load: 0.0,
-            queued_prefill: 0.0,
-            est_ttft_ms: 0.0,
-            lora_tier: 0,
-            rendezvous: 0,
-            groups: 0,
-            foreign_load: false,
-            alive: true,
-            dropped_by: None,
-            score: 0.0,
-        }
-    }
-
-    pub(crate) fn ctx_for<'a>(
-        cfg: &'a RoutingConfig,
-        lora: Option<&'a str>,
-        prompt_tokens: u32,
-    ) -> Ctx<'a> {
-        let req = Box::leak(Box::new(RouteRequest {
-            request_id: "t",
-            model: "m",
-            prompt_text: "",
-            prompt_tokens,
-            max_tokens: 10,
-            lora,
-            hashes: Default::default(),
-        }));
-        Ctx {
-            req,
-            cfg,
-            block_size: 16,
-            prefill_rate: 16_000.0,
-            prompt_blocks: prompt_tokens / 16,
-            group_key: Some(1),
-            lora,
-            explain: true,
-        }
-    }
 
     pub(crate) fn replicas(n: u16) -> Vec<Arc<Replica>> {
         (0..n)

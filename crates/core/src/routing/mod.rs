@@ -3,26 +3,33 @@
 //! The data plane asks a [`Picker`] for a replica, passing what routing needs
 //! about the request ([`RouteRequest`]) and the replicas already tried (a retry
 //! never goes back to a replica that just failed). Pickers are chosen per pool
-//! from the config: the inference-aware default ([`aware`]: replica signals from
-//! [`scrape`], the approximate [`prefix_index`], [`filters`] and [`scorers`]) or
-//! a simple one ([`simple`]).
+//! from the config: the inference-aware default (`aware`: replica signals from
+//! [`scrape`], the approximate `prefix_index`, and the filters and scorers of
+//! `filters/` and `scorers/`, registered by name in `registry`, run by
+//! `pipeline`) or a simple one (`simple`).
 //!
-//! Use [`Picker::pick_and_begin`] on the request path: it picks and starts the
-//! replica's load accounting in one step, with the picker's estimate of the
-//! uncached prefill, so no path can route without counting load.
+//! Use [`Picker::pick_fitting_and_begin`] on the request path: it picks among
+//! the replicas admission says have room and starts the chosen one's load
+//! accounting in one step, with the picker's estimate of the uncached
+//! prefill, so no path can route without counting load.
 
-pub mod aware;
+mod aware;
 pub mod config;
-pub mod filters;
-pub mod prefix_index;
-pub mod scorers;
+mod filters;
+mod framework;
+mod pipeline;
+mod policy_config;
+mod prefix_index;
+mod registry;
+mod scorers;
 pub mod scrape;
 pub mod signals;
-pub mod simple;
+pub(crate) mod simple;
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
+pub use aware::InferenceAware;
 pub use config::{PolicyName, RoutingConfig};
 
 use crate::pool::{LoadGuard, Replica};
@@ -46,9 +53,8 @@ pub struct RouteRequest<'a> {
 }
 
 /// A request's prompt block hashes with the (block size, most blocks) they
-/// were computed for: admission asks the picker for the prompt's cached share,
-/// then the picker decides, and a queued request tries again; all of them
-/// reuse one hashing of the prompt.
+/// were computed for: a queued request tries again, a retry places it anew;
+/// all of them reuse one hashing of the prompt.
 #[derive(Debug, Clone, Default)]
 pub struct PromptHashes(OnceLock<(usize, usize, Vec<u64>)>);
 
@@ -82,6 +88,11 @@ impl RouteRequest<'_> {
     }
 }
 
+/// Whether a replica has room for a request, given the prompt tokens the
+/// picker expects it to hold cached already (it then needs room only for the
+/// rest).
+pub type Fits<'a> = dyn Fn(&Replica, u64) -> bool + 'a;
+
 /// Picks one replica for a request.
 pub trait Picker: Send + Sync + std::fmt::Debug {
     /// Returns a replica from `replicas` that is not in `exclude` (compared by
@@ -93,30 +104,25 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
         exclude: &[Arc<str>],
     ) -> Option<Arc<Replica>>;
 
-    /// Prompt tokens of `req` each of `replicas` is expected to hold in its
-    /// cache already (same order; empty = none anywhere). Admission sizes a
-    /// request's cost per replica with it, so a replica holding the prompt's
-    /// prefix has room for it sooner than a cold one (which would have to
-    /// recompute and store the whole prompt).
-    fn cached_prompt_tokens(
-        &self,
-        _replicas: &[Arc<Replica>],
-        _req: &RouteRequest<'_>,
-    ) -> Vec<u64> {
-        Vec::new()
-    }
-
-    /// Picks and starts the replica's load accounting for this request. The
-    /// guard must live until the response ends; call `prefill_done` on it at the
-    /// first response byte. Pickers that know how much of the prompt is cached
-    /// override this to account only the uncached part as prefill.
-    fn pick_and_begin(
+    /// Picks among the replicas of `replicas` not in `exclude` that `fits`
+    /// accepts, and starts the chosen one's load accounting for this request;
+    /// `None` when none fits. The guard must live until the response ends;
+    /// call `prefill_done` on it at the first response byte. Pickers that know
+    /// how much of the prompt each replica caches pass it to `fits` and
+    /// account only the uncached part as prefill; the others pass 0.
+    fn pick_fitting_and_begin(
         &self,
         replicas: &[Arc<Replica>],
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
+        fits: &Fits<'_>,
     ) -> Option<LoadGuard> {
-        let r = self.pick(replicas, req, exclude)?;
+        let fitting: Vec<Arc<Replica>> = replicas
+            .iter()
+            .filter(|r| !is_excluded(r, exclude) && fits(r, 0))
+            .cloned()
+            .collect();
+        let r = self.pick(&fitting, req, exclude)?;
         Some(r.begin(req.estimated_tokens(), u64::from(req.prompt_tokens)))
     }
 
@@ -134,10 +140,15 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Whether `replica` is one of `exclude` (compared by key).
+fn is_excluded(replica: &Replica, exclude: &[Arc<str>]) -> bool {
+    exclude.iter().any(|k| **k == *replica.key())
+}
+
 /// Builds the picker a routing config names.
 pub fn build_picker(cfg: &RoutingConfig) -> Arc<dyn Picker> {
     match cfg.policy {
-        PolicyName::InferenceAware => Arc::new(aware::InferenceAware::new(cfg.clone())),
+        PolicyName::InferenceAware => Arc::new(InferenceAware::new(cfg.clone())),
         PolicyName::LeastRequest => Arc::new(simple::LeastRequest),
         PolicyName::RoundRobin => Arc::new(simple::RoundRobin::default()),
         PolicyName::Random => Arc::new(simple::Random),

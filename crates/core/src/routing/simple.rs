@@ -7,16 +7,14 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::{Picker, RouteRequest};
+use super::{is_excluded, Picker, RouteRequest};
 use crate::pool::Replica;
 
 fn allowed<'a>(
     replicas: &'a [Arc<Replica>],
     exclude: &'a [Arc<str>],
 ) -> impl Iterator<Item = &'a Arc<Replica>> + 'a {
-    replicas
-        .iter()
-        .filter(move |r| !exclude.iter().any(|k| **k == *r.key()))
+    replicas.iter().filter(move |r| !is_excluded(r, exclude))
 }
 
 /// Fewest requests in flight, ties broken by fewest tokens in flight.
@@ -53,7 +51,7 @@ impl Picker for RoundRobin {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..n)
             .map(|i| &replicas[(start + i) % n])
-            .find(|r| !exclude.iter().any(|k| **k == *r.key()))
+            .find(|r| !is_excluded(r, exclude))
             .cloned()
     }
 }

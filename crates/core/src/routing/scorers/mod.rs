@@ -1,58 +1,41 @@
-//! Scorers of the inference-aware policy: each maps the alive candidates to
-//! [0, 1] (1 = best); the policy adds them with their configured weights. Costs
-//! are scored as a ratio to the best (`(min + 1) / (v + 1)`), not min-max, so a
+//! Scorers of the inference-aware policy, one per file, registered by name in
+//! `registry.rs`: each maps the alive candidates to [0, 1] (1 = best); the
+//! policy adds them with their configured weights. Most score a cost (a
+//! [`Cost`]) as a ratio to the best, `(min + 1) / (v + 1)`, not min-max, so a
 //! one-token difference between two idle replicas does not swing a whole weight.
 
-use super::aware::Candidate;
-use super::config::{ScorerName, WeightedScorer};
+pub(super) mod kv_cache;
+pub(super) mod prefix;
+pub(super) mod queue;
+pub(super) mod requests;
+pub(super) mod token_load;
+pub(super) mod ttft;
 
-/// The raw value a scorer reads, and whether lower is better.
-fn raw(name: ScorerName, c: &Candidate) -> (f64, bool) {
-    match name {
-        ScorerName::Ttft => (c.est_ttft_ms, true),
-        ScorerName::TokenLoad => (c.token_load, true),
-        ScorerName::Requests => (c.load_requests, true),
-        ScorerName::Queue => (c.waiting, true),
-        ScorerName::KvCache => (c.kv_usage, true),
-        ScorerName::Prefix => (f64::from(c.matched_blocks), false),
-    }
+use std::fmt;
+
+use super::framework::{Candidate, Ctx, Scorer};
+
+/// A value to minimise, scored relative to the lowest among the candidates.
+pub trait Cost: Send + Sync + fmt::Debug {
+    fn cost(&self, c: &Candidate) -> f64;
 }
 
-/// Adds `weight × score` of every configured scorer to each alive candidate's `score`.
-pub fn score_all(scorers: &[WeightedScorer], cands: &mut [Candidate], prompt_blocks: u32) {
-    for c in cands.iter_mut() {
-        c.score = 0.0;
+impl<T: Cost> Scorer for T {
+    /// The lowest cost among the alive candidates.
+    fn reference(&self, alive: &mut dyn Iterator<Item = &Candidate>) -> f64 {
+        alive.map(|c| self.cost(c)).fold(f64::INFINITY, f64::min)
     }
-    for ws in scorers {
-        let lower_best = raw(ws.scorer, &cands[0]).1;
-        let best = cands
-            .iter()
-            .filter(|c| c.alive)
-            .map(|c| raw(ws.scorer, c).0)
-            .fold(if lower_best { f64::INFINITY } else { 0.0 }, |a, v| {
-                if lower_best {
-                    a.min(v)
-                } else {
-                    a.max(v)
-                }
-            });
-        for c in cands.iter_mut().filter(|c| c.alive) {
-            let v = raw(ws.scorer, c).0;
-            let s = match ws.scorer {
-                ScorerName::KvCache => 1.0 - v.clamp(0.0, 1.0),
-                ScorerName::Prefix => v / f64::from(prompt_blocks.max(1)),
-                _ if lower_best => (best.max(0.0) + 1.0) / (v.max(0.0) + 1.0),
-                _ => (v + 1.0) / (best + 1.0),
-            };
-            c.score += ws.weight * s;
-        }
+
+    fn score(&self, c: &Candidate, lowest: f64, _ctx: &Ctx<'_>) -> f64 {
+        (lowest.max(0.0) + 1.0) / (self.cost(c).max(0.0) + 1.0)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::aware::tests::cand;
-    use super::*;
+    use crate::routing::config::{ScorerName, WeightedScorer};
+    use crate::routing::framework::test_support::cand;
+    use crate::routing::pipeline::test_support::score_all;
 
     fn ws(scorer: ScorerName, weight: f64) -> WeightedScorer {
         WeightedScorer { scorer, weight }

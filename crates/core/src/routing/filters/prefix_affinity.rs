@@ -1,0 +1,102 @@
+//! The `prefix_affinity` filter: sticky until saturated.
+
+use std::fmt::Write;
+
+use super::{best_alive, keep_only, threshold_for};
+use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
+
+/// Sticky until saturated: keep the replicas holding nearly the longest prefix
+/// unless their best estimated TTFT exceeds the best colder replica's by more
+/// than the margin (the prefill time the prefix saves, scaled, capped); then
+/// drop them (spill), so `rendezvous` sends the overflow of one prefix to the
+/// same next replica from every gateway rather than scattering copies.
+#[derive(Debug)]
+pub struct PrefixAffinity;
+
+impl Filter for PrefixAffinity {
+    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing {
+        let best = best_alive(cands, |c| c.matched_blocks);
+        let Some(threshold) = threshold_for(best, ctx) else {
+            return Narrowing::default();
+        };
+        // Colder replicas count only when not saturated: leaving for a replica that
+        // queues too would spread the prefix and gain nothing.
+        let min_ttft = |sticky: bool| {
+            cands
+                .iter()
+                .filter(|c| {
+                    c.alive && (c.matched_blocks >= threshold) == sticky && (sticky || !c.saturated)
+                })
+                .map(|c| c.est_ttft_ms)
+                .fold(f64::INFINITY, f64::min)
+        };
+        let (sticky_ttft, cold_ttft) = (min_ttft(true), min_ttft(false));
+        let saved_tokens =
+            (u64::from(best) * u64::from(ctx.block_size)).min(u64::from(ctx.req.prompt_tokens));
+        let saved_ms = saved_tokens as f64 / ctx.prefill_rate * 1000.0;
+        let margin = (ctx.sticky.margin_per_saved * saved_ms).min(ctx.sticky.max_margin_ms);
+        let stick = sticky_ttft <= cold_ttft + margin;
+        if ctx.explain {
+            let _ = write!(
+                detail,
+                "best prefix {best} blocks; sticky est TTFT {sticky_ttft:.1} ms vs colder {cold_ttft:.1} ms, margin {margin:.1} ms: {}",
+                if stick { "stay" } else { "leave (spill)" }
+            );
+        }
+        if stick {
+            keep_only(cands, |c| c.matched_blocks >= threshold)
+        } else {
+            keep_only(cands, |c| c.matched_blocks < threshold && !c.saturated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::routing::config::FilterName;
+    use crate::routing::framework::test_support::{cand, ctx_for};
+    use crate::routing::pipeline::test_support::apply;
+    use crate::routing::RoutingConfig;
+
+    #[test]
+    fn prefix_affinity_sticks_then_spills() {
+        let cfg = RoutingConfig::default();
+        let ctx = ctx_for(&cfg, None, 1000);
+        // 50 blocks of 16 = 800 tokens cached on replica 0: saves 50 ms at 16k tok/s.
+        let mut cs = vec![cand(0), cand(1), cand(2)];
+        cs[0].matched_blocks = 50;
+        cs[0].est_ttft_ms = 80.0; // queued behind others
+        cs[1].est_ttft_ms = 62.5; // cold: whole prompt
+        cs[2].est_ttft_ms = 70.0;
+        let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert_eq!(o.dropped, 2);
+        assert!(cs[0].alive);
+        // ... also when the colder replica is faster but saturated itself.
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].matched_blocks = 50;
+        cs[0].est_ttft_ms = 500.0;
+        cs[1].est_ttft_ms = 62.5;
+        cs[1].saturated = true;
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive);
+        // Queue grows past the margin: leave (the holder is dropped).
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].matched_blocks = 50;
+        cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
+        cs[1].est_ttft_ms = 62.5;
+        let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert_eq!(o.dropped, 1);
+        assert!(o.detail.contains("leave"), "{}", o.detail);
+        assert!(!cs[0].alive && cs[1].alive);
+        // Near-longest matches are sticky too.
+        let mut cs = vec![cand(0), cand(1), cand(2)];
+        cs[0].matched_blocks = 50;
+        cs[1].matched_blocks = 45;
+        cs[2].matched_blocks = 10;
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert_eq!(
+            cs.iter().map(|c| c.alive).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+    }
+}

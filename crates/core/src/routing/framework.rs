@@ -1,0 +1,158 @@
+//! The plugin interface of the inference-aware policy: a [`Filter`] narrows
+//! the set of candidate replicas, a [`Scorer`] rates each remaining one. Both
+//! see one [`Candidate`] per replica (built by `aware.rs`) and the request's
+//! [`Ctx`]. Plugins live one per file under `filters/` and `scorers/` and are
+//! registered by name in `registry.rs`; `pipeline.rs` runs them.
+
+use std::fmt;
+
+use super::policy_config::{RendezvousConfig, SaturationConfig, StickyConfig};
+use super::RouteRequest;
+
+/// One replica as the policy sees it for one request.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Index into the replica slice.
+    pub idx: usize,
+    pub matched_blocks: u32,
+    pub uncached_tokens: u32,
+    /// Signals fresh (or scraping disabled).
+    pub fresh: bool,
+    pub saturated: bool,
+    pub waiting: f64,
+    pub running: f64,
+    pub kv_usage: f64,
+    /// max(own requests in flight, engine running + waiting).
+    pub load_requests: f64,
+    /// The load that places prefix groups (`rendezvous`): own requests in
+    /// flight; once another gateway feeds the replica, the larger of those and
+    /// the engine's count averaged over scrapes (`Signals::smoothed_requests`).
+    pub placement_load: f64,
+    /// Own estimated tokens in flight.
+    pub token_load: f64,
+    pub queued_prefill: f64,
+    pub est_ttft_ms: f64,
+    /// LoRA: 3 adapter in use on the engine (running or waiting requests), 2
+    /// this gateway sent it there recently (vLLM reports idle resident adapters
+    /// nowhere), 1 room to load it, 0 none.
+    pub lora_tier: u8,
+    /// Rendezvous weight of this replica for the request's prefix group.
+    pub rendezvous: u64,
+    /// Prefix groups this gateway has placed on the replica and still indexes
+    /// (filled only for a request opening a new group).
+    pub groups: u32,
+    /// Another gateway fed this replica recently (`Signals::foreign_load_at`).
+    pub foreign_load: bool,
+    pub alive: bool,
+    /// The config name of the filter that dropped it.
+    pub dropped_by: Option<&'static str>,
+    pub score: f64,
+}
+
+/// Per-request context shared by filters and scorers.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub req: &'a RouteRequest<'a>,
+    pub saturation: &'a SaturationConfig,
+    pub sticky: &'a StickyConfig,
+    pub rendezvous: &'a RendezvousConfig,
+    pub block_size: u32,
+    pub prefill_rate: f64,
+    pub prompt_blocks: u32,
+    /// Hash naming the prompt's prefix group (its first `rendezvous.blocks` blocks).
+    pub group_key: Option<u64>,
+    /// The adapter asked for: `req.lora`, or the model name when a replica
+    /// reports it as a resident or loading adapter.
+    pub lora: Option<&'a str>,
+    pub explain: bool,
+}
+
+/// What one filter did to the candidate set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Narrowing {
+    pub dropped: u32,
+    /// It would have dropped every candidate, so it dropped none.
+    pub fail_open: bool,
+}
+
+/// Narrows the candidates: drops the alive ones it rules out by clearing
+/// their `alive` (the pipeline records which filter did). It must fail open:
+/// keep them all rather than drop every one, so no filter can make a request
+/// unroutable.
+pub trait Filter: Send + Sync + fmt::Debug {
+    /// `detail` takes a one-line explanation when `ctx.explain` is set.
+    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing;
+}
+
+/// Rates the candidates the filters kept, each in [0, 1] (1 = best); the
+/// policy adds the scores with their configured weights.
+pub trait Scorer: Send + Sync + fmt::Debug {
+    /// A value taken over the alive candidates once, before any is scored,
+    /// for scores relative to the field (such as the lowest cost among them).
+    fn reference(&self, _alive: &mut dyn Iterator<Item = &Candidate>) -> f64 {
+        0.0
+    }
+
+    /// Candidate `c`'s score, given [`reference`](Self::reference)'s value.
+    fn score(&self, c: &Candidate, reference: f64, ctx: &Ctx<'_>) -> f64;
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::routing::RoutingConfig;
+
+    /// A neutral candidate for filter/scorer unit tests.
+    pub(crate) fn cand(idx: usize) -> Candidate {
+        Candidate {
+            idx,
+            matched_blocks: 0,
+            uncached_tokens: 0,
+            fresh: true,
+            saturated: false,
+            waiting: 0.0,
+            running: 0.0,
+            kv_usage: 0.0,
+            load_requests: 0.0,
+            placement_load: 0.0,
+            token_load: 0.0,
+            queued_prefill: 0.0,
+            est_ttft_ms: 0.0,
+            lora_tier: 0,
+            rendezvous: 0,
+            groups: 0,
+            foreign_load: false,
+            alive: true,
+            dropped_by: None,
+            score: 0.0,
+        }
+    }
+
+    pub(crate) fn ctx_for<'a>(
+        cfg: &'a RoutingConfig,
+        lora: Option<&'a str>,
+        prompt_tokens: u32,
+    ) -> Ctx<'a> {
+        let req = Box::leak(Box::new(RouteRequest {
+            request_id: "t",
+            model: "m",
+            prompt_text: "",
+            prompt_tokens,
+            max_tokens: 10,
+            lora,
+            hashes: Default::default(),
+        }));
+        Ctx {
+            req,
+            saturation: &cfg.saturation,
+            sticky: &cfg.sticky,
+            rendezvous: &cfg.rendezvous,
+            block_size: 16,
+            prefill_rate: 16_000.0,
+            prompt_blocks: prompt_tokens / 16,
+            group_key: Some(1),
+            lora,
+            explain: true,
+        }
+    }
+}

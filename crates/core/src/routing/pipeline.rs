@@ -1,0 +1,112 @@
+//! The inference-aware policy's chain of plugins, built once per picker from
+//! the config through the registry: the filters in the configured order, each
+//! recorded for `explain`, then the weighted sum of the scorers.
+
+use serde::Serialize;
+
+use super::config::{FilterName, WeightedScorer};
+use super::framework::{Candidate, Ctx, Filter, Scorer};
+
+/// What one filter did, for `explain`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FilterOutcome {
+    pub filter: FilterName,
+    pub dropped: u32,
+    /// It would have dropped every candidate, so it dropped none.
+    pub fail_open: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// The filters and weighted scorers of one picker.
+#[derive(Debug)]
+pub struct Pipeline {
+    filters: Vec<(FilterName, Box<dyn Filter>)>,
+    scorers: Vec<(Box<dyn Scorer>, f64)>,
+}
+
+impl Pipeline {
+    pub fn new(filters: &[FilterName], scorers: &[WeightedScorer]) -> Self {
+        Pipeline {
+            filters: filters.iter().map(|f| (*f, f.build())).collect(),
+            scorers: scorers
+                .iter()
+                .map(|ws| (ws.scorer.build(), ws.weight))
+                .collect(),
+        }
+    }
+
+    /// Runs the filters in order; returns what each did when `ctx.explain`
+    /// is set (else nothing, and allocates nothing).
+    pub fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) -> Vec<FilterOutcome> {
+        let mut outcomes = Vec::new();
+        for (name, f) in &self.filters {
+            let o = run_filter(*name, &**f, cands, ctx);
+            if ctx.explain {
+                outcomes.push(o);
+            }
+        }
+        outcomes
+    }
+
+    /// Sets each alive candidate's `score` to the weighted sum of the scorers.
+    pub fn score(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) {
+        for c in cands.iter_mut() {
+            c.score = 0.0;
+        }
+        for (scorer, weight) in &self.scorers {
+            let reference = scorer.reference(&mut cands.iter().filter(|c| c.alive));
+            for c in cands.iter_mut().filter(|c| c.alive) {
+                c.score += weight * scorer.score(c, reference, ctx);
+            }
+        }
+    }
+}
+
+/// Runs filter `name` and marks the candidates it dropped with its name.
+fn run_filter(
+    name: FilterName,
+    filter: &dyn Filter,
+    cands: &mut [Candidate],
+    ctx: &Ctx<'_>,
+) -> FilterOutcome {
+    let mut detail = String::new();
+    let n = filter.filter(cands, ctx, &mut detail);
+    for c in cands
+        .iter_mut()
+        .filter(|c| !c.alive && c.dropped_by.is_none())
+    {
+        c.dropped_by = Some(name.as_str());
+    }
+    FilterOutcome {
+        filter: name,
+        dropped: n.dropped,
+        fail_open: n.fail_open,
+        detail,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::routing::framework::test_support::ctx_for;
+    use crate::routing::RoutingConfig;
+
+    /// Applies filter `name` to the candidates, as the pipeline does.
+    pub(crate) fn apply(name: FilterName, cands: &mut [Candidate], ctx: &Ctx<'_>) -> FilterOutcome {
+        run_filter(name, &*name.build(), cands, ctx)
+    }
+
+    /// Scores the candidates with `scorers`, as the pipeline does, for a
+    /// prompt of `prompt_blocks` blocks.
+    pub(crate) fn score_all(
+        scorers: &[WeightedScorer],
+        cands: &mut [Candidate],
+        prompt_blocks: u32,
+    ) {
+        let cfg = RoutingConfig::default();
+        let mut ctx = ctx_for(&cfg, None, 0);
+        ctx.prompt_blocks = prompt_blocks;
+        Pipeline::new(&[], scorers).score(cands, &ctx);
+    }
+}
