@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use infergate_core::config::{Config, ConfigError};
+use infergate_core::reload::FileWatch;
 use infergate_kube::{
     connect, spawn_discovery, CanarySet, CanaryWatch, Cluster, Composer, ConfigMapWatch,
     ConnectError, Discovery, DiscoveryOptions, EventPublisher, InitialConfigError, KubeOptions,
     WatchOptions, DEFAULT_CONFIGMAP_KEY,
 };
-use infergate_core::config::{Config, ConfigError};
 use infergate_proxy::Gateway;
-use infergate_core::reload::FileWatch;
 
 /// The Kubernetes flags of `infergate serve`.
 #[derive(Debug, Clone, Default, clap::Args)]

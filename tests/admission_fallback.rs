@@ -31,11 +31,7 @@ fn served_by_small(status: http::StatusCode, h: &http::HeaderMap, body: &[u8], r
     assert_eq!(v["model"], "small", "{v}");
 }
 
-async fn fallback_metric(
-    c: &HttpClient,
-    gw: &infergate_proxy::ServerHandle,
-    reason: &str,
-) -> bool {
+async fn fallback_metric(c: &HttpClient, gw: &infergate_proxy::ServerHandle, reason: &str) -> bool {
     metrics(c, gw).await.lines().any(|l| {
         l.starts_with("infergate_fallbacks_total")
             && l.contains(&format!("reason=\"{reason}\""))

@@ -11,12 +11,12 @@ mod sim_util;
 use std::time::Duration;
 
 use fake_apiserver::FakeApiServer;
+use infergate::control_plane::{ConfigSource, ControlOptions, ControlPlane, Loaded};
 use infergate_core::config::Config;
+use infergate_core::discovery::gate::GateOptions;
 use infergate_kube::{
     Cluster, ConfigMapWatch, DiscoveryOptions, WatchOptions, CANARY_OF, CANARY_WEIGHT,
 };
-use infergate_core::discovery::gate::GateOptions;
-use infergate::control_plane::{ConfigSource, ControlOptions, ControlPlane, Loaded};
 use infergate_proxy::Gateway;
 use infergate_proxy::ServerHandle;
 use infergate_sim::{start_fleet, Faults, Fleet, FleetConfig, Profile};

@@ -56,7 +56,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
     // `serve` runs one serving worker per CPU unless the config says otherwise.
     let mut main = config.listeners.main.clone();
-    main.workers.get_or_insert(infergate_proxy::available_cpus());
+    main.workers
+        .get_or_insert(infergate_proxy::available_cpus());
     let handle = infergate_proxy::start_with(gateway, &main, config.listeners.admin.as_ref())
         .await
         .context("starting the listeners")?;

@@ -110,15 +110,21 @@ pub struct Failure {
 #[derive(Debug)]
 pub enum Event {
     /// A replica was reserved.
-    Admitted { replica: Arc<str> },
+    Admitted {
+        replica: Arc<str>,
+    },
     NotAdmitted(AdmitError),
     /// Response headers arrived with this status.
-    Answered { status: StatusCode },
+    Answered {
+        status: StatusCode,
+    },
     /// No connection could be made: nothing was sent, so another replica may
     /// take it.
     ConnectFailed,
     /// The try failed after the request may have reached the engine.
-    SendFailed { detail: String },
+    SendFailed {
+        detail: String,
+    },
     /// No response header before the first-byte deadline.
     FirstByteTimeout,
     /// The client went away.
@@ -250,18 +256,16 @@ impl<R: PlanRoute> RequestPlan<R> {
                 }
             }
             (Phase::Admitting, Event::NotAdmitted(e)) => self.refused(e),
-            (Phase::AdmittingAfterFailure, Event::NotAdmitted(e)) => {
-                match self.fallbacks.next() {
-                    Some(next) => {
-                        self.side = next;
-                        self.admit(None)
-                    }
-                    None => {
-                        let error = e.to_api_error(self.side.name(), self.side.retry_after_secs());
-                        self.fail(error, 0, None, false)
-                    }
+            (Phase::AdmittingAfterFailure, Event::NotAdmitted(e)) => match self.fallbacks.next() {
+                Some(next) => {
+                    self.side = next;
+                    self.admit(None)
                 }
-            }
+                None => {
+                    let error = e.to_api_error(self.side.name(), self.side.retry_after_secs());
+                    self.fail(error, 0, None, false)
+                }
+            },
             // No replica left for a retry: the side has failed.
             (Phase::Retrying, Event::NotAdmitted(_)) => {
                 let error = self
@@ -274,7 +278,8 @@ impl<R: PlanRoute> RequestPlan<R> {
             (Phase::Sending, Event::Answered { status }) => self.answered(status, now),
             (Phase::Sending, Event::ConnectFailed) => {
                 let replica = self.take_replica();
-                self.last_error = Some(upstream_failed(format_args!("cannot connect to {replica}")));
+                self.last_error =
+                    Some(upstream_failed(format_args!("cannot connect to {replica}")));
                 self.tried.push(replica);
                 if self.attempt < self.side.config().retries.attempts {
                     self.phase = Phase::Retrying;

@@ -39,7 +39,11 @@ pub(crate) fn too_large(limit: u64) -> ApiError {
 
 /// Reads `body` whole; 413 past `limit` (early, from Content-Length, when it is
 /// declared), 400 when the client's body breaks off.
-pub(crate) async fn read_limited<B>(headers: &HeaderMap, body: B, limit: u64) -> Result<Bytes, ApiError>
+pub(crate) async fn read_limited<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: u64,
+) -> Result<Bytes, ApiError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

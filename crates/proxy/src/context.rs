@@ -2,12 +2,11 @@
 //! moves through the pipeline. Routing and admission read it; extend it here
 //! when a step needs another parsed field or header.
 
-
-
 /// Header carrying the request id (generated when the client sends none).
 pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 /// Header naming the replica that served the request (added to responses).
-pub(crate) const REPLICA_HEADER: http::HeaderName = http::HeaderName::from_static("x-infergate-replica");
+pub(crate) const REPLICA_HEADER: http::HeaderName =
+    http::HeaderName::from_static("x-infergate-replica");
 
 /// Which OpenAI endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,8 +187,7 @@ pub(crate) async fn forward(
                     body: body.clone(),
                     request_id: out.request_id,
                 };
-                let (event, answered) =
-                    send(&route, guard, &this, ctx, first_byte_deadline).await;
+                let (event, answered) = send(&route, guard, &this, ctx, first_byte_deadline).await;
                 let next = plan.on(event, Instant::now());
                 if let (Step::Respond, Some((response, permit, guard))) = (&next, answered) {
                     return Ok(Upstream {
@@ -286,7 +285,13 @@ async fn admit_on(
     };
     match route
         .admission
-        .acquire(&route.pool, &*route.picker, &rr, &plan.ticket(), plan.excluded())
+        .acquire(
+            &route.pool,
+            &*route.picker,
+            &rr,
+            &plan.ticket(),
+            plan.excluded(),
+        )
         .await
     {
         Ok(r) => (

@@ -201,7 +201,10 @@ impl Gateway {
         // the pickers that use replica signals.
         let mut per_pool: HashMap<
             String,
-            (infergate_core::routing::config::ScrapeConfig, Vec<Arc<dyn Picker>>),
+            (
+                infergate_core::routing::config::ScrapeConfig,
+                Vec<Arc<dyn Picker>>,
+            ),
         > = HashMap::new();
         let mut by_model = HashMap::new();
         self.admissions.begin_load();

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use infergate_core::admission::{CanarySide, CanarySplit};
 use crate::telemetry::{log, metrics};
+use infergate_core::admission::{CanarySide, CanarySplit};
 
 /// How a request ended, for the log and the `outcome` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,20 +25,21 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::execute::{ForwardError, Upstream};
-use infergate_core::plan::{upstream_failed, upstream_timeout};
 use super::record::{Outcome, RequestRecord};
 use super::upstream::UpstreamBody;
 use super::usage::UsageCounter;
 use crate::backpressure::StreamStallWatch;
+use crate::telemetry::metrics::PairMetrics;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
+use infergate_core::plan::{upstream_failed, upstream_timeout};
 use infergate_protocol::error::ApiError;
-use crate::telemetry::metrics::PairMetrics;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The forwarding future a committed-early stream waits on.
-pub(crate) type PendingUpstream = Pin<Box<dyn Future<Output = Result<Upstream, ForwardError>> + Send>>;
+pub(crate) type PendingUpstream =
+    Pin<Box<dyn Future<Output = Result<Upstream, ForwardError>> + Send>>;
 
 const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionConfig;
-use infergate_protocol::EngineKind;
 use crate::routing::RoutingConfig;
+use infergate_protocol::EngineKind;
 
 /// The embedded default config used by `infergate quickstart`.
 pub const QUICKSTART_YAML: &str = include_str!("../../../../config/quickstart.yaml");

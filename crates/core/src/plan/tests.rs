@@ -85,8 +85,19 @@ fn canary_route(weight: f64, extra: &str) -> Arc<TestRoute> {
     })
 }
 
-fn plan(r: &Arc<TestRoute>, fallbacks: Vec<Arc<TestRoute>>, headers: &HeaderMap) -> RequestPlan<TestRoute> {
-    RequestPlan::new(r, fallbacks, headers, "m", Some("alice"), Cost::estimate(100, Some(10), 0))
+fn plan(
+    r: &Arc<TestRoute>,
+    fallbacks: Vec<Arc<TestRoute>>,
+    headers: &HeaderMap,
+) -> RequestPlan<TestRoute> {
+    RequestPlan::new(
+        r,
+        fallbacks,
+        headers,
+        "m",
+        Some("alice"),
+        Cost::estimate(100, Some(10), 0),
+    )
 }
 
 fn key(s: &str) -> Arc<str> {
@@ -125,14 +136,28 @@ fn expect_fail(step: Step<TestRoute>) -> Failure {
 
 /// Admits on `pool` at `now` and checks the send that follows.
 #[track_caller]
-fn admit_and_send(p: &mut RequestPlan<TestRoute>, replica: &str, pool: &str, attempt: u32, now: Instant) {
-    let step = p.on(Event::Admitted { replica: key(replica) }, now);
+fn admit_and_send(
+    p: &mut RequestPlan<TestRoute>,
+    replica: &str,
+    pool: &str,
+    attempt: u32,
+    now: Instant,
+) {
+    let step = p.on(
+        Event::Admitted {
+            replica: key(replica),
+        },
+        now,
+    );
     expect_send(step, pool, attempt);
 }
 
 fn forced(side: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("x-infergate-canary", HeaderValue::from_str(side).expect("header"));
+    h.insert(
+        "x-infergate-canary",
+        HeaderValue::from_str(side).expect("header"),
+    );
     h
 }
 
@@ -143,7 +168,15 @@ fn canary_side_chosen() {
     expect_admit(p.start(), "canary");
     assert_eq!(p.canary().map(|(_, s)| *s), Some(CanarySide::Canary));
     admit_and_send(&mut p, "127.0.0.1:9101", "canary", 1, Instant::now());
-    assert!(matches!(p.on(Event::Answered { status: StatusCode::OK }, Instant::now()), Step::Respond));
+    assert!(matches!(
+        p.on(
+            Event::Answered {
+                status: StatusCode::OK
+            },
+            Instant::now()
+        ),
+        Step::Respond
+    ));
 }
 
 #[test]
@@ -159,30 +192,61 @@ fn stable_after_canary_has_no_ready_replica() {
     let r = canary_route(100.0, "");
     let mut p = plan(&r, vec![], &HeaderMap::new());
     expect_admit(p.start(), "canary");
-    let step = p.on(Event::NotAdmitted(AdmitError::NoReadyReplica), Instant::now());
+    let step = p.on(
+        Event::NotAdmitted(AdmitError::NoReadyReplica),
+        Instant::now(),
+    );
     expect_admit(step, "stable");
     assert_eq!(p.canary().map(|(_, s)| *s), Some(CanarySide::Stable));
-    assert_eq!(p.fallback(), None, "stable is the route itself, not a fallback");
+    assert_eq!(
+        p.fallback(),
+        None,
+        "stable is the route itself, not a fallback"
+    );
     admit_and_send(&mut p, "127.0.0.1:9001", "stable", 1, Instant::now());
 }
 
 #[test]
 fn fallback_after_stable_fails_upstream() {
     let fb = "admission: {fallback: {models: [small]}}\n";
-    let r = route(&format!("model: m\npool: big\n{fb}retries: {{attempts: 1}}\n"), "big", &[9001]);
+    let r = route(
+        &format!("model: m\npool: big\n{fb}retries: {{attempts: 1}}\n"),
+        "big",
+        &[9001],
+    );
     let small = route("model: small\npool: little\n", "little", &[9201]);
     let mut p = plan(&r, vec![small], &HeaderMap::new());
     expect_admit(p.start(), "big");
     let t0 = Instant::now();
     admit_and_send(&mut p, "127.0.0.1:9001", "big", 1, t0);
     // The only replica answers 503: nothing to retry on, so the side failed.
-    let step = p.on(Event::Answered { status: StatusCode::SERVICE_UNAVAILABLE }, t0);
+    let step = p.on(
+        Event::Answered {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+        },
+        t0,
+    );
     expect_admit(step, "little");
     assert_eq!(p.fallback(), Some(FallbackReason::UpstreamFailure));
-    assert_eq!(p.upstream_model(), "small", "a fallback is sent its own model name");
-    assert!(p.excluded().is_empty(), "the fallback's replicas were never tried");
+    assert_eq!(
+        p.upstream_model(),
+        "small",
+        "a fallback is sent its own model name"
+    );
+    assert!(
+        p.excluded().is_empty(),
+        "the fallback's replicas were never tried"
+    );
     admit_and_send(&mut p, "127.0.0.1:9201", "little", 1, t0);
-    assert!(matches!(p.on(Event::Answered { status: StatusCode::OK }, t0), Step::Respond));
+    assert!(matches!(
+        p.on(
+            Event::Answered {
+                status: StatusCode::OK
+            },
+            t0
+        ),
+        Step::Respond
+    ));
 }
 
 #[test]
@@ -200,7 +264,12 @@ fn no_fallback_after_the_first_byte_deadline() {
     let late = t0 + Duration::from_secs(2);
     // A 5xx answer past the deadline goes to the client as it is.
     assert!(matches!(
-        p.on(Event::Answered { status: StatusCode::INTERNAL_SERVER_ERROR }, late),
+        p.on(
+            Event::Answered {
+                status: StatusCode::INTERNAL_SERVER_ERROR
+            },
+            late
+        ),
         Step::Respond
     ));
 }
@@ -213,21 +282,48 @@ fn retry_on_a_different_replica() {
     let now = Instant::now();
     admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, now);
     assert!(p.is_retryable(StatusCode::SERVICE_UNAVAILABLE));
-    assert!(!p.is_retryable(StatusCode::BAD_REQUEST), "a 4xx is the client's answer");
-    let step = p.on(Event::Answered { status: StatusCode::SERVICE_UNAVAILABLE }, now);
+    assert!(
+        !p.is_retryable(StatusCode::BAD_REQUEST),
+        "a 4xx is the client's answer"
+    );
+    let step = p.on(
+        Event::Answered {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+        },
+        now,
+    );
     assert_eq!(expect_admit(step, "p"), Some(RetryReason::Status));
-    assert_eq!(p.excluded(), &[key("127.0.0.1:9001")], "the retry excludes the replica tried");
+    assert_eq!(
+        p.excluded(),
+        &[key("127.0.0.1:9001")],
+        "the retry excludes the replica tried"
+    );
     admit_and_send(&mut p, "127.0.0.1:9002", "p", 2, now);
     let step = p.on(Event::ConnectFailed, now);
     assert_eq!(expect_admit(step, "p"), Some(RetryReason::Connect));
-    assert_eq!(p.excluded(), &[key("127.0.0.1:9001"), key("127.0.0.1:9002")]);
+    assert_eq!(
+        p.excluded(),
+        &[key("127.0.0.1:9001"), key("127.0.0.1:9002")]
+    );
     admit_and_send(&mut p, "127.0.0.1:9003", "p", 3, now);
-    assert!(matches!(p.on(Event::Answered { status: StatusCode::OK }, now), Step::Respond));
+    assert!(matches!(
+        p.on(
+            Event::Answered {
+                status: StatusCode::OK
+            },
+            now
+        ),
+        Step::Respond
+    ));
 }
 
 #[test]
 fn retries_stop_at_the_configured_attempts() {
-    let r = route("model: m\npool: p\nretries: {attempts: 2}\n", "p", &[9001, 9002, 9003]);
+    let r = route(
+        "model: m\npool: p\nretries: {attempts: 2}\n",
+        "p",
+        &[9001, 9002, 9003],
+    );
     let mut p = plan(&r, vec![], &HeaderMap::new());
     p.start();
     let now = Instant::now();
@@ -250,7 +346,12 @@ fn a_retryable_status_with_no_other_replica_goes_to_the_client() {
     admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, now);
     assert!(!p.is_retryable(StatusCode::SERVICE_UNAVAILABLE));
     assert!(matches!(
-        p.on(Event::Answered { status: StatusCode::SERVICE_UNAVAILABLE }, now),
+        p.on(
+            Event::Answered {
+                status: StatusCode::SERVICE_UNAVAILABLE
+            },
+            now
+        ),
         Step::Respond
     ));
 }
@@ -262,10 +363,21 @@ fn no_retry_after_the_first_byte() {
     p.start();
     let now = Instant::now();
     admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, now);
-    assert!(matches!(p.on(Event::Answered { status: StatusCode::OK }, now), Step::Respond));
+    assert!(matches!(
+        p.on(
+            Event::Answered {
+                status: StatusCode::OK
+            },
+            now
+        ),
+        Step::Respond
+    ));
     // Whatever happens to the stream afterwards, the plan is over.
     assert!(matches!(p.on(Event::ConnectFailed, now), Step::Abandon));
-    assert!(matches!(p.on(Event::Admitted { replica: key("x") }, now), Step::Abandon));
+    assert!(matches!(
+        p.on(Event::Admitted { replica: key("x") }, now),
+        Step::Abandon
+    ));
 }
 
 #[test]
@@ -293,19 +405,34 @@ fn a_failure_after_sending_is_not_retried_but_may_fall_back() {
     p.start();
     let now = Instant::now();
     admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, now);
-    let f = expect_fail(p.on(Event::SendFailed { detail: "connection reset".into() }, now));
+    let f = expect_fail(p.on(
+        Event::SendFailed {
+            detail: "connection reset".into(),
+        },
+        now,
+    ));
     assert_eq!(f.error.status, StatusCode::BAD_GATEWAY);
     assert_eq!(f.attempts, 1);
 }
 
 #[test]
 fn queue_deadline_to_fallback() {
-    let r = route("model: m\npool: big\nadmission: {fallback: {models: [small]}}\n", "big", &[9001]);
+    let r = route(
+        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
+        "big",
+        &[9001],
+    );
     let small = route("model: small\npool: little\n", "little", &[9201]);
     let mut p = plan(&r, vec![small], &HeaderMap::new());
-    assert!(p.ticket().predict_wait, "a fallback could serve it: predict the wait");
+    assert!(
+        p.ticket().predict_wait,
+        "a fallback could serve it: predict the wait"
+    );
     expect_admit(p.start(), "big");
-    let step = p.on(Event::NotAdmitted(AdmitError::DeadlineExceeded), Instant::now());
+    let step = p.on(
+        Event::NotAdmitted(AdmitError::DeadlineExceeded),
+        Instant::now(),
+    );
     expect_admit(step, "little");
     assert_eq!(p.fallback(), Some(FallbackReason::QueueDeadline));
     assert!(!p.ticket().predict_wait, "no fallback left");
@@ -317,7 +444,10 @@ fn queue_deadline_without_fallback_is_a_503_rejection() {
     let r = route("model: m\npool: p\n", "p", &[9001]);
     let mut p = plan(&r, vec![], &HeaderMap::new());
     p.start();
-    let f = expect_fail(p.on(Event::NotAdmitted(AdmitError::DeadlineExceeded), Instant::now()));
+    let f = expect_fail(p.on(
+        Event::NotAdmitted(AdmitError::DeadlineExceeded),
+        Instant::now(),
+    ));
     assert_eq!(f.error.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(f.rejected);
     assert_eq!(f.attempts, 0);
@@ -325,7 +455,11 @@ fn queue_deadline_without_fallback_is_a_503_rejection() {
 
 #[test]
 fn shedding_is_answered_never_a_fallback() {
-    let r = route("model: m\npool: big\nadmission: {fallback: {models: [small]}}\n", "big", &[9001]);
+    let r = route(
+        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
+        "big",
+        &[9001],
+    );
     let small = route("model: small\npool: little\n", "little", &[9201]);
     let mut p = plan(&r, vec![small], &HeaderMap::new());
     p.start();
@@ -336,13 +470,20 @@ fn shedding_is_answered_never_a_fallback() {
 
 #[test]
 fn the_client_may_forbid_fallback() {
-    let r = route("model: m\npool: big\nadmission: {fallback: {models: [small]}}\n", "big", &[9001]);
+    let r = route(
+        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
+        "big",
+        &[9001],
+    );
     let small = route("model: small\npool: little\n", "little", &[9201]);
     let mut h = HeaderMap::new();
     h.insert("x-infergate-no-fallback", HeaderValue::from_static("true"));
     let mut p = plan(&r, vec![small], &h);
     p.start();
-    let f = expect_fail(p.on(Event::NotAdmitted(AdmitError::NoReadyReplica), Instant::now()));
+    let f = expect_fail(p.on(
+        Event::NotAdmitted(AdmitError::NoReadyReplica),
+        Instant::now(),
+    ));
     assert_eq!(f.error.status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
@@ -374,7 +515,10 @@ fn client_disconnect_abandons_in_every_phase() {
     let mut p = plan(&r, vec![], &HeaderMap::new());
     p.start();
     assert!(matches!(p.on(Event::ClientGone, now), Step::Abandon));
-    assert!(matches!(p.on(Event::Admitted { replica: key("x") }, now), Step::Abandon));
+    assert!(matches!(
+        p.on(Event::Admitted { replica: key("x") }, now),
+        Step::Abandon
+    ));
     // While waiting for the first byte.
     let mut p = plan(&r, vec![], &HeaderMap::new());
     p.start();
@@ -393,7 +537,12 @@ fn an_event_out_of_order_ends_the_request_with_an_error() {
     let r = route("model: m\npool: p\n", "p", &[9001]);
     let mut p = plan(&r, vec![], &HeaderMap::new());
     p.start();
-    let f = expect_fail(p.on(Event::Answered { status: StatusCode::OK }, Instant::now()));
+    let f = expect_fail(p.on(
+        Event::Answered {
+            status: StatusCode::OK,
+        },
+        Instant::now(),
+    ));
     assert_eq!(f.error.status, StatusCode::BAD_GATEWAY);
 }
 
@@ -403,5 +552,8 @@ fn target_model_names_the_upstream_model() {
     let p = plan(&r, vec![], &HeaderMap::new());
     assert_eq!(p.upstream_model(), "big-v2");
     let plain = route("model: m\npool: p\n", "p", &[9001]);
-    assert_eq!(plan(&plain, vec![], &HeaderMap::new()).upstream_model(), "m");
+    assert_eq!(
+        plan(&plain, vec![], &HeaderMap::new()).upstream_model(),
+        "m"
+    );
 }

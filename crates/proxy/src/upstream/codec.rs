@@ -73,7 +73,9 @@ pub(crate) struct ResponseHead {
 
 /// Parses a response head at the start of `buf`: `Ok(None)` while it is
 /// incomplete, else the head and the bytes it took.
-pub(crate) fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, ProtocolError> {
+pub(crate) fn parse_response_head(
+    buf: &[u8],
+) -> Result<Option<(ResponseHead, usize)>, ProtocolError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut slots);
     let len = match parsed.parse(buf) {
