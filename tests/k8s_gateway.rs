@@ -13,7 +13,7 @@ use std::time::Duration;
 use fake_apiserver::FakeApiServer;
 use infergate::control_plane::{ConfigSource, ControlOptions, ControlPlane, Loaded};
 use infergate_core::config::Config;
-use infergate_core::discovery::gate::GateOptions;
+use infergate_core::discovery::GateOptions;
 use infergate_kube::{
     Cluster, ConfigMapWatch, DiscoveryOptions, WatchOptions, CANARY_OF, CANARY_WEIGHT,
 };

@@ -10,8 +10,7 @@ use std::time::Instant;
 use criterion::{criterion_group, criterion_main, Criterion};
 use infergate_core::discovery::Endpoint;
 use infergate_core::pool::Replica;
-use infergate_core::routing::signals::Signals;
-use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfig};
+use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfig, Signals};
 use infergate_protocol::tokenizer;
 
 const REPLICAS: u16 = 64;

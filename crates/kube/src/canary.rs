@@ -31,7 +31,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::endpoints::WatchOptions;
 use super::events::{object_ref, EventPublisher};
-use infergate_core::admission::config::CanaryConfig;
+use infergate_core::admission::CanaryConfig;
 use infergate_core::config::{Config, PoolConfig, PoolSource, RouteConfig, ServiceRef};
 
 /// The stable Service this Service is a canary of.

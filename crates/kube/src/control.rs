@@ -22,7 +22,7 @@ use super::canary::CanarySet;
 use super::endpoints::{watch_endpoints, ServiceTarget, WatchOptions};
 use infergate_core::config::{Config, PoolSource, ServiceRef};
 use infergate_core::dataplane::Dataplane;
-use infergate_core::discovery::gate::{run_gated, GateOptions};
+use infergate_core::discovery::{run_gated, GateOptions};
 use infergate_core::reload::{ConfigTarget, Rejected};
 
 /// Composes the applied config from the base config (file or ConfigMap) and

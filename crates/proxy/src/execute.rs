@@ -22,8 +22,10 @@ use super::gateway::Route;
 use super::parse::upstream_body;
 use super::upstream::{Outgoing, UpstreamBody};
 use crate::telemetry::metrics::record_retry;
-use infergate_core::admission::fallback::{self, FallbackReason};
-use infergate_core::admission::{canary, CanarySide, CanarySplit, Outcome, Reservation};
+use infergate_core::admission::{
+    CanarySide, CanarySplit, FallbackReason, Outcome, Reservation, CANARY_SIDE_HEADER,
+    FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER,
+};
 use infergate_core::plan::{Event, Failure, RequestPlan, RetryReason, Step};
 use infergate_core::routing::RouteRequest;
 use infergate_protocol::error::ApiError;
@@ -55,16 +57,16 @@ impl Served {
 /// `x-infergate-fallback-reason` and `x-infergate-canary-side`.
 pub(crate) fn served_headers(h: &mut HeaderMap, s: &Served) {
     if let Ok(v) = HeaderValue::from_str(&s.model) {
-        h.insert(fallback::SERVED_MODEL_HEADER, v);
+        h.insert(SERVED_MODEL_HEADER, v);
     }
     if let Some(r) = s.fallback {
         h.insert(
-            fallback::FALLBACK_REASON_HEADER,
+            FALLBACK_REASON_HEADER,
             HeaderValue::from_static(r.as_str()),
         );
     }
     if let Some((_, side)) = &s.canary {
-        h.insert(canary::SIDE_HEADER, HeaderValue::from_static(side.as_str()));
+        h.insert(CANARY_SIDE_HEADER, HeaderValue::from_static(side.as_str()));
     }
 }
 

@@ -20,8 +20,7 @@ use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
-use infergate_core::routing::scrape::Scrapers;
-use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig};
+use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig, Scrapers};
 
 /// One model route, resolved against its pool.
 #[derive(Debug)]
@@ -202,7 +201,7 @@ impl Gateway {
         let mut per_pool: HashMap<
             String,
             (
-                infergate_core::routing::config::ScrapeConfig,
+                infergate_core::routing::ScrapeConfig,
                 Vec<Arc<dyn Picker>>,
             ),
         > = HashMap::new();

@@ -18,7 +18,7 @@ use super::parse::parse_features;
 use super::record::{Outcome, RequestRecord};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
-use infergate_core::admission::budget::Cost;
+use infergate_core::admission::Cost;
 use infergate_protocol::error::ApiError;
 
 /// Handles one client request.

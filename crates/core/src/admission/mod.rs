@@ -8,13 +8,13 @@
 //! classifies a request: its priority band, its tenant and its deadline, from
 //! headers and body.
 
-pub mod budget;
-pub mod canary;
-pub mod config;
-pub mod fallback;
-pub mod outlier;
-pub mod queue;
-pub mod registry;
+pub(crate) mod budget;
+pub(crate) mod canary;
+pub(crate) mod config;
+pub(crate) mod fallback;
+pub(crate) mod outlier;
+pub(crate) mod queue;
+pub(crate) mod registry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +22,12 @@ use std::time::Duration;
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-pub use budget::{Budget, Reservation};
-pub use canary::{CanarySide, CanarySplit};
-pub use config::AdmissionConfig;
-pub use fallback::{FallbackReason, FallbackTrigger};
+pub use budget::{Budget, Cost, Reservation};
+pub use canary::{CanarySide, CanarySplit, SIDE_HEADER as CANARY_SIDE_HEADER};
+pub use config::{AdmissionConfig, CanaryConfig};
+pub use fallback::{
+    FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER,
+};
 pub use outlier::{Outcome, OutlierDetector};
 pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
 pub use registry::AdmissionRegistry;

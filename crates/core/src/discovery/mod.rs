@@ -7,9 +7,10 @@
 //! [`ReplicaClient`] is the HTTP client every replica check (gate, scrape,
 //! health probe) uses.
 
-pub mod gate;
+pub(crate) mod gate;
 pub(crate) mod probe;
 
+pub use gate::{run_gated, GateOptions};
 pub use probe::ReplicaClient;
 
 use std::sync::Arc;

@@ -14,7 +14,7 @@
 //! prefill, so no path can route without counting load.
 
 mod aware;
-pub mod config;
+pub(crate) mod config;
 mod filters;
 mod framework;
 mod pipeline;
@@ -22,15 +22,17 @@ mod policy_config;
 mod prefix_index;
 mod registry;
 mod scorers;
-pub mod scrape;
-pub mod signals;
+pub(crate) mod scrape;
+pub(crate) mod signals;
 pub(crate) mod simple;
 
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 pub use aware::InferenceAware;
-pub use config::{PolicyName, RoutingConfig};
+pub use config::{PolicyName, RoutingConfig, ScrapeConfig};
+pub use scrape::Scrapers;
+pub use signals::Signals;
 
 use crate::pool::{LoadGuard, Replica};
 use infergate_protocol::tokenizer;
