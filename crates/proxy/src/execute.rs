@@ -60,10 +60,7 @@ pub(crate) fn served_headers(h: &mut HeaderMap, s: &Served) {
         h.insert(SERVED_MODEL_HEADER, v);
     }
     if let Some(r) = s.fallback {
-        h.insert(
-            FALLBACK_REASON_HEADER,
-            HeaderValue::from_static(r.as_str()),
-        );
+        h.insert(FALLBACK_REASON_HEADER, HeaderValue::from_static(r.as_str()));
     }
     if let Some((_, side)) = &s.canary {
         h.insert(CANARY_SIDE_HEADER, HeaderValue::from_static(side.as_str()));

@@ -200,10 +200,7 @@ impl Gateway {
         // the pickers that use replica signals.
         let mut per_pool: HashMap<
             String,
-            (
-                infergate_core::routing::ScrapeConfig,
-                Vec<Arc<dyn Picker>>,
-            ),
+            (infergate_core::routing::ScrapeConfig, Vec<Arc<dyn Picker>>),
         > = HashMap::new();
         let mut by_model = HashMap::new();
         self.admissions.begin_load();

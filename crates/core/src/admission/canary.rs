@@ -23,7 +23,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::config::CanaryConfig;
 
 /// Header forcing a side: `canary` (or `true`/`1`) or `stable` (`false`/`0`).
-pub const FORCE_HEADER: &str = "x-infergate-canary";
+pub(crate) const FORCE_HEADER: &str = "x-infergate-canary";
 /// Response header naming the side that served.
 pub const SIDE_HEADER: http::HeaderName = http::HeaderName::from_static("x-infergate-canary-side");
 

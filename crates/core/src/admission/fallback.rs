@@ -14,7 +14,7 @@ use super::config::FallbackConfig;
 use super::queue::AdmitError;
 
 /// Request header: `true`/`1` forbids serving the request with another model.
-pub const NO_FALLBACK_HEADER: &str = "x-infergate-no-fallback";
+pub(crate) const NO_FALLBACK_HEADER: &str = "x-infergate-no-fallback";
 /// Response header naming the model that served the request.
 pub const SERVED_MODEL_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-infergate-served-model");
@@ -70,7 +70,7 @@ impl FallbackTrigger for FallbackConfig {
 }
 
 /// Whether the client forbade fallback.
-pub fn forbidden(headers: &HeaderMap) -> bool {
+pub(crate) fn forbidden(headers: &HeaderMap) -> bool {
     headers
         .get(NO_FALLBACK_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -78,7 +78,7 @@ pub fn forbidden(headers: &HeaderMap) -> bool {
 }
 
 /// Counts one fallback (metric and log line).
-pub fn record(route: &str, from: &str, to: &str, reason: FallbackReason) {
+pub(crate) fn record(route: &str, from: &str, to: &str, reason: FallbackReason) {
     metrics::counter!("infergate_fallbacks_total", "route" => route.to_string(), "from" => from.to_string(), "to" => to.to_string(), "reason" => reason.as_str())
         .increment(1);
     tracing::info!(

@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use budget::{Budget, Cost, Reservation};
 pub use canary::{CanarySide, CanarySplit, SIDE_HEADER as CANARY_SIDE_HEADER};
 pub use config::{AdmissionConfig, CanaryConfig};
-pub use fallback::{
-    FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER,
-};
+pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER};
 pub use outlier::{Outcome, OutlierDetector};
 pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
 pub use registry::AdmissionRegistry;

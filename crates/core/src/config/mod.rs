@@ -268,13 +268,13 @@ fn default_max_tokens() -> u32 {
 mod opt_size {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         #[derive(Deserialize)]
         struct Wrap(#[serde(with = "super::units::size")] u64);
         Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
     }
 
-    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => s.serialize_u64(*v),
             None => s.serialize_none(),

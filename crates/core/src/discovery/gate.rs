@@ -48,7 +48,7 @@ impl Default for GateOptions {
 }
 
 /// The path whose first 200 admits an endpoint of this engine.
-pub fn probe_path(engine: EngineKind) -> &'static str {
+pub(crate) fn probe_path(engine: EngineKind) -> &'static str {
     match engine {
         EngineKind::LlamaCpp => "/health",
         EngineKind::Vllm | EngineKind::Sglang => "/metrics",

@@ -39,7 +39,7 @@ use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
 
 /// Why one request went where it went.
 #[derive(Debug, Clone, Serialize)]
-pub struct Decision {
+pub(super) struct Decision {
     pub request_id: String,
     pub chosen: Arc<str>,
     pub reason: String,
@@ -52,7 +52,7 @@ pub struct Decision {
 
 /// A candidate in a [`Decision`].
 #[derive(Debug, Clone, Serialize)]
-pub struct CandidateView {
+pub(super) struct CandidateView {
     pub replica: Arc<str>,
     pub matched_blocks: u32,
     pub est_ttft_ms: f64,
@@ -590,7 +590,7 @@ impl Picker for InferenceAware {
 
 /// Per replica: own load, last signals and (for the aware picker) indexed
 /// blocks and last score.
-pub fn replicas_view(
+pub(super) fn replicas_view(
     replicas: &[Arc<Replica>],
     aware: Option<&InferenceAware>,
 ) -> serde_json::Value {

@@ -6,8 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use super::policy_config::{RendezvousConfig, SaturationConfig, StickyConfig};
-pub use super::registry::{FilterName, ScorerName};
+pub(crate) use super::policy_config::{RendezvousConfig, SaturationConfig, StickyConfig};
+pub(crate) use super::registry::{FilterName, ScorerName};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

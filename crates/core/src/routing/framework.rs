@@ -11,7 +11,7 @@ use super::RouteRequest;
 
 /// One replica as the policy sees it for one request.
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub(super) struct Candidate {
     /// Index into the replica slice.
     pub idx: usize,
     pub matched_blocks: u32,
@@ -51,7 +51,7 @@ pub struct Candidate {
 
 /// Per-request context shared by filters and scorers.
 #[derive(Debug)]
-pub struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     pub req: &'a RouteRequest<'a>,
     pub saturation: &'a SaturationConfig,
     pub sticky: &'a StickyConfig,
@@ -69,7 +69,7 @@ pub struct Ctx<'a> {
 
 /// What one filter did to the candidate set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Narrowing {
+pub(super) struct Narrowing {
     pub dropped: u32,
     /// It would have dropped every candidate, so it dropped none.
     pub fail_open: bool,
@@ -79,14 +79,14 @@ pub struct Narrowing {
 /// their `alive` (the pipeline records which filter did). It must fail open:
 /// keep them all rather than drop every one, so no filter can make a request
 /// unroutable.
-pub trait Filter: Send + Sync + fmt::Debug {
+pub(super) trait Filter: Send + Sync + fmt::Debug {
     /// `detail` takes a one-line explanation when `ctx.explain` is set.
     fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing;
 }
 
 /// Rates the candidates the filters kept, each in [0, 1] (1 = best); the
 /// policy adds the scores with their configured weights.
-pub trait Scorer: Send + Sync + fmt::Debug {
+pub(super) trait Scorer: Send + Sync + fmt::Debug {
     /// A value taken over the alive candidates once, before any is scored,
     /// for scores relative to the field (such as the lowest cost among them).
     fn reference(&self, _alive: &mut dyn Iterator<Item = &Candidate>) -> f64 {

@@ -9,7 +9,7 @@ use super::framework::{Candidate, Ctx, Filter, Scorer};
 
 /// What one filter did, for `explain`.
 #[derive(Debug, Clone, Serialize)]
-pub struct FilterOutcome {
+pub(super) struct FilterOutcome {
     pub filter: FilterName,
     pub dropped: u32,
     /// It would have dropped every candidate, so it dropped none.
@@ -20,13 +20,13 @@ pub struct FilterOutcome {
 
 /// The filters and weighted scorers of one picker.
 #[derive(Debug)]
-pub struct Pipeline {
+pub(super) struct Pipeline {
     filters: Vec<(FilterName, Box<dyn Filter>)>,
     scorers: Vec<(Box<dyn Scorer>, f64)>,
 }
 
 impl Pipeline {
-    pub fn new(filters: &[FilterName], scorers: &[WeightedScorer]) -> Self {
+    pub(super) fn new(filters: &[FilterName], scorers: &[WeightedScorer]) -> Self {
         Pipeline {
             filters: filters.iter().map(|f| (*f, f.build())).collect(),
             scorers: scorers
@@ -38,7 +38,7 @@ impl Pipeline {
 
     /// Runs the filters in order; returns what each did when `ctx.explain`
     /// is set (else nothing, and allocates nothing).
-    pub fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) -> Vec<FilterOutcome> {
+    pub(super) fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) -> Vec<FilterOutcome> {
         let mut outcomes = Vec::new();
         for (name, f) in &self.filters {
             let o = run_filter(*name, &**f, cands, ctx);
@@ -50,7 +50,7 @@ impl Pipeline {
     }
 
     /// Sets each alive candidate's `score` to the weighted sum of the scorers.
-    pub fn score(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) {
+    pub(super) fn score(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) {
         for c in cands.iter_mut() {
             c.score = 0.0;
         }

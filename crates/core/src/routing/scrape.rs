@@ -29,11 +29,11 @@ use crate::pool::{Pool, Replica};
 const MAX_BODY: usize = 4 << 20;
 
 /// The pickers routing over a pool (told when replicas leave); replaced on reload.
-pub type PickerSet = Arc<ArcSwap<Vec<Arc<dyn Picker>>>>;
+pub(crate) type PickerSet = Arc<ArcSwap<Vec<Arc<dyn Picker>>>>;
 
 /// Stops the pool's scrape loops when dropped.
 #[derive(Debug)]
-pub struct ScrapeHandle {
+pub(crate) struct ScrapeHandle {
     supervisor: JoinHandle<()>,
 }
 
@@ -45,7 +45,11 @@ impl Drop for ScrapeHandle {
 
 /// Starts scraping `pool`'s replicas (must be called inside a tokio runtime).
 /// Returns `None` when scraping is disabled.
-pub fn spawn(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet) -> Option<ScrapeHandle> {
+pub(crate) fn spawn(
+    pool: Arc<Pool>,
+    cfg: ScrapeConfig,
+    pickers: PickerSet,
+) -> Option<ScrapeHandle> {
     if !cfg.enabled {
         return None;
     }
@@ -54,7 +58,7 @@ pub fn spawn(pool: Arc<Pool>, cfg: ScrapeConfig, pickers: PickerSet) -> Option<S
 }
 
 /// A pool to scrape, its scrape config and the pickers routing over it.
-pub type PoolScrape = (Arc<Pool>, ScrapeConfig, Vec<Arc<dyn Picker>>);
+pub(crate) type PoolScrape = (Arc<Pool>, ScrapeConfig, Vec<Arc<dyn Picker>>);
 
 /// The scrape loops of every pool of a gateway, kept across config reloads.
 #[derive(Debug, Default)]

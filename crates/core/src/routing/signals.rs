@@ -16,7 +16,7 @@ use infergate_protocol::EngineKind;
 
 /// Metric names of one engine.
 #[derive(Debug, Clone, Copy)]
-pub struct MetricNames {
+pub(crate) struct MetricNames {
     pub waiting: &'static str,
     pub running: &'static str,
     /// KV usage gauges in 0..1, first present wins (newer name first).
@@ -31,7 +31,7 @@ pub struct MetricNames {
 }
 
 impl MetricNames {
-    pub fn for_engine(engine: EngineKind) -> MetricNames {
+    pub(crate) fn for_engine(engine: EngineKind) -> MetricNames {
         match engine {
             EngineKind::Vllm => MetricNames {
                 waiting: "vllm:num_requests_waiting",
@@ -93,7 +93,7 @@ impl LoraInfo {
 /// groups ([`Signals::smoothed_requests`]): several scrape intervals (50 ms by
 /// default), yet short against the life of a group, so sustained load still
 /// moves new groups off a replica within about a second.
-pub const LOAD_SMOOTHING: Duration = Duration::from_millis(500);
+pub(crate) const LOAD_SMOOTHING: Duration = Duration::from_millis(500);
 
 /// One scrape's result.
 #[derive(Debug, Clone, Serialize)]
@@ -222,7 +222,7 @@ impl Signals {
 
 /// Parses a `/metrics` body for `engine`. Gauges with several label sets (one
 /// per model name or data-parallel engine) are summed; KV usage takes the max.
-pub fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
+pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
     let names = MetricNames::for_engine(engine);
     let mut waiting = None::<f64>;
     let mut running = None::<f64>;

@@ -19,7 +19,7 @@ fn allowed<'a>(
 
 /// Fewest requests in flight, ties broken by fewest tokens in flight.
 #[derive(Debug, Default)]
-pub struct LeastRequest;
+pub(crate) struct LeastRequest;
 
 impl Picker for LeastRequest {
     fn pick(
@@ -36,7 +36,7 @@ impl Picker for LeastRequest {
 
 /// Each replica in turn.
 #[derive(Debug, Default)]
-pub struct RoundRobin {
+pub(crate) struct RoundRobin {
     next: AtomicUsize,
 }
 
@@ -58,7 +58,7 @@ impl Picker for RoundRobin {
 
 /// Uniformly at random.
 #[derive(Debug, Default)]
-pub struct Random;
+pub(crate) struct Random;
 
 impl Picker for Random {
     fn pick(
@@ -78,7 +78,7 @@ impl Picker for Random {
 
 /// Power of two choices: two distinct replicas at random, the less loaded wins.
 #[derive(Debug, Default)]
-pub struct PowerOfTwo;
+pub(crate) struct PowerOfTwo;
 
 impl Picker for PowerOfTwo {
     fn pick(

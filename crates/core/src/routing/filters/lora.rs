@@ -5,7 +5,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
 
 /// Adapter requests: the best non-empty tier of in use > sent recently > has room.
 #[derive(Debug)]
-pub struct Lora;
+pub(crate) struct Lora;
 
 impl Filter for Lora {
     fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, _detail: &mut String) -> Narrowing {

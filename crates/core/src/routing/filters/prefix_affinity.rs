@@ -11,7 +11,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
 /// drop them (spill), so `rendezvous` sends the overflow of one prefix to the
 /// same next replica from every gateway rather than scattering copies.
 #[derive(Debug)]
-pub struct PrefixAffinity;
+pub(crate) struct PrefixAffinity;
 
 impl Filter for PrefixAffinity {
     fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing {

@@ -16,7 +16,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
 /// count requests that have finished) put the same group on different homes
 /// whenever one of them caught a brief burst on its first choice.
 #[derive(Debug)]
-pub struct Rendezvous;
+pub(crate) struct Rendezvous;
 
 impl Filter for Rendezvous {
     fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing {

@@ -17,7 +17,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
 /// 0.81 and p90 TTFT rose from 78 ms to 694 ms. Past 20 the queue is waiting
 /// for batch slots, which the TTFT estimate does not see.
 #[derive(Debug)]
-pub struct Saturation;
+pub(crate) struct Saturation;
 
 impl Filter for Saturation {
     fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, _detail: &mut String) -> Narrowing {

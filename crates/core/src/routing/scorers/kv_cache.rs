@@ -4,7 +4,7 @@ use crate::routing::framework::{Candidate, Ctx, Scorer};
 
 /// 1 − KV-cache usage.
 #[derive(Debug)]
-pub struct KvCache;
+pub(crate) struct KvCache;
 
 impl Scorer for KvCache {
     fn score(&self, c: &Candidate, _reference: f64, _ctx: &Ctx<'_>) -> f64 {

@@ -16,7 +16,7 @@ use std::fmt;
 use super::framework::{Candidate, Ctx, Scorer};
 
 /// A value to minimise, scored relative to the lowest among the candidates.
-pub trait Cost: Send + Sync + fmt::Debug {
+pub(super) trait Cost: Send + Sync + fmt::Debug {
     fn cost(&self, c: &Candidate) -> f64;
 }
 

@@ -4,7 +4,7 @@ use crate::routing::framework::{Candidate, Ctx, Scorer};
 
 /// Fraction of the prompt's blocks cached.
 #[derive(Debug)]
-pub struct Prefix;
+pub(crate) struct Prefix;
 
 impl Scorer for Prefix {
     fn score(&self, c: &Candidate, _reference: f64, ctx: &Ctx<'_>) -> f64 {

@@ -5,7 +5,7 @@ use crate::routing::framework::Candidate;
 
 /// Engine-reported waiting requests.
 #[derive(Debug)]
-pub struct Queue;
+pub(crate) struct Queue;
 
 impl Cost for Queue {
     fn cost(&self, c: &Candidate) -> f64 {

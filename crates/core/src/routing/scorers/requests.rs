@@ -5,7 +5,7 @@ use crate::routing::framework::Candidate;
 
 /// Requests in flight (own count or engine running + waiting, whichever is larger).
 #[derive(Debug)]
-pub struct Requests;
+pub(crate) struct Requests;
 
 impl Cost for Requests {
     fn cost(&self, c: &Candidate) -> f64 {

@@ -5,7 +5,7 @@ use crate::routing::framework::Candidate;
 
 /// Estimated tokens in flight (prompt + output).
 #[derive(Debug)]
-pub struct TokenLoad;
+pub(crate) struct TokenLoad;
 
 impl Cost for TokenLoad {
     fn cost(&self, c: &Candidate) -> f64 {

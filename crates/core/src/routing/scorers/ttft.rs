@@ -5,7 +5,7 @@ use crate::routing::framework::Candidate;
 
 /// Estimated time to first token: queued prefill + this prompt's uncached part.
 #[derive(Debug)]
-pub struct Ttft;
+pub(crate) struct Ttft;
 
 impl Cost for Ttft {
     fn cost(&self, c: &Candidate) -> f64 {
