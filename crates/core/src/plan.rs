@@ -268,12 +268,7 @@ impl<R: PlanRoute> RequestPlan<R> {
             },
             // No replica left for a retry: the side has failed.
             (Phase::Retrying, Event::NotAdmitted(_)) => {
-                let error = self
-                    .last_error
-                    .take()
-                    .unwrap_or_else(|| no_replica(self.side.name()));
-                let replica = self.tried.last().cloned();
-                self.side_failed(error, self.tried.len() as u32, replica, now)
+                self.retries_exhausted(now)
             }
             (Phase::Sending, Event::Answered { status }) => self.answered(status, now),
             (Phase::Sending, Event::ConnectFailed) => {
@@ -285,12 +280,7 @@ impl<R: PlanRoute> RequestPlan<R> {
                     self.phase = Phase::Retrying;
                     return self.admit(Some(RetryReason::Connect));
                 }
-                let error = self
-                    .last_error
-                    .take()
-                    .unwrap_or_else(|| no_replica(self.side.name()));
-                let replica = self.tried.last().cloned();
-                self.side_failed(error, self.tried.len() as u32, replica, now)
+                self.retries_exhausted(now)
             }
             (Phase::Sending, Event::SendFailed { detail }) => {
                 let replica = self.take_replica();
@@ -449,6 +439,17 @@ impl<R: PlanRoute> RequestPlan<R> {
             }
         }
         self.fail(error, attempts, replica, false)
+    }
+
+    /// No try left on the side (or no replica left to retry on): it failed
+    /// with the last try's error.
+    fn retries_exhausted(&mut self, now: Instant) -> Step<R> {
+        let error = self
+            .last_error
+            .take()
+            .unwrap_or_else(|| no_replica(self.side.name()));
+        let replica = self.tried.last().cloned();
+        self.side_failed(error, self.tried.len() as u32, replica, now)
     }
 
     fn fall_back_after_failure(&mut self, next: Arc<R>) -> Step<R> {

@@ -100,6 +100,17 @@ fn plan(
     )
 }
 
+/// Route `m` on pool `big` (one replica) falling back to `small` on `little`.
+fn big_with_small_fallback() -> (Arc<TestRoute>, Arc<TestRoute>) {
+    let r = route(
+        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
+        "big",
+        &[9001],
+    );
+    let small = route("model: small\npool: little\n", "little", &[9201]);
+    (r, small)
+}
+
 fn key(s: &str) -> Arc<str> {
     Arc::from(s)
 }
@@ -417,12 +428,7 @@ fn a_failure_after_sending_is_not_retried_but_may_fall_back() {
 
 #[test]
 fn queue_deadline_to_fallback() {
-    let r = route(
-        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
-        "big",
-        &[9001],
-    );
-    let small = route("model: small\npool: little\n", "little", &[9201]);
+    let (r, small) = big_with_small_fallback();
     let mut p = plan(&r, vec![small], &HeaderMap::new());
     assert!(
         p.ticket().predict_wait,
@@ -455,12 +461,7 @@ fn queue_deadline_without_fallback_is_a_503_rejection() {
 
 #[test]
 fn shedding_is_answered_never_a_fallback() {
-    let r = route(
-        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
-        "big",
-        &[9001],
-    );
-    let small = route("model: small\npool: little\n", "little", &[9201]);
+    let (r, small) = big_with_small_fallback();
     let mut p = plan(&r, vec![small], &HeaderMap::new());
     p.start();
     let f = expect_fail(p.on(Event::NotAdmitted(AdmitError::Shed), Instant::now()));
@@ -470,12 +471,7 @@ fn shedding_is_answered_never_a_fallback() {
 
 #[test]
 fn the_client_may_forbid_fallback() {
-    let r = route(
-        "model: m\npool: big\nadmission: {fallback: {models: [small]}}\n",
-        "big",
-        &[9001],
-    );
-    let small = route("model: small\npool: little\n", "little", &[9201]);
+    let (r, small) = big_with_small_fallback();
     let mut h = HeaderMap::new();
     h.insert("x-infergate-no-fallback", HeaderValue::from_static("true"));
     let mut p = plan(&r, vec![small], &h);
