@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
+use crate::composer::Composer;
 use infergate_core::config::{Config, ConfigError};
 use infergate_core::reload::FileWatch;
 use infergate_kube::{
-    connect, spawn_discovery, CanarySet, CanaryWatch, Cluster, Composer, ConfigMapWatch,
-    ConnectError, Discovery, DiscoveryOptions, EventPublisher, InitialConfigError, KubeOptions,
-    WatchOptions, DEFAULT_CONFIGMAP_KEY,
+    connect, spawn_discovery, CanarySet, CanaryWatch, Cluster, ConfigMapWatch, ConnectError,
+    Discovery, DiscoveryOptions, EventPublisher, InitialConfigError, KubeOptions, WatchOptions,
+    DEFAULT_CONFIGMAP_KEY,
 };
 use infergate_proxy::Gateway;
 

@@ -3,4 +3,5 @@
 //! them: the control plane for a config file or a cluster, and the gateway.
 
 pub mod cli;
+pub mod composer;
 pub mod control_plane;

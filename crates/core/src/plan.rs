@@ -267,9 +267,7 @@ impl<R: PlanRoute> RequestPlan<R> {
                 }
             },
             // No replica left for a retry: the side has failed.
-            (Phase::Retrying, Event::NotAdmitted(_)) => {
-                self.retries_exhausted(now)
-            }
+            (Phase::Retrying, Event::NotAdmitted(_)) => self.retries_exhausted(now),
             (Phase::Sending, Event::Answered { status }) => self.answered(status, now),
             (Phase::Sending, Event::ConnectFailed) => {
                 let replica = self.take_replica();

@@ -180,7 +180,7 @@ fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary> {
 
 /// Lays the canaries over a config: each planned canary pool is added and
 /// the route's canary split points at it with the annotated weight.
-pub(crate) fn overlay(base: &Config, set: &CanarySet, namespace: &str) -> Config {
+pub fn overlay(base: &Config, set: &CanarySet, namespace: &str) -> Config {
     let mut cfg = base.clone();
     for rc in plan(base, set, namespace) {
         if !cfg.pools.iter().any(|p| p.name == rc.pool.name) {

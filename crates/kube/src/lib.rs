@@ -6,7 +6,7 @@
 //!   per `service:` pool of the applied config;
 //! - [`ConfigMapWatch`]: the routes ConfigMap, watched and hot-reloaded;
 //! - [`CanaryWatch`]: canary rollouts declared by annotations on a Service, laid
-//!   over the config by [`Composer`];
+//!   over the config by [`canary_overlay`] (the binary's composer applies it);
 //! - [`EventPublisher`]: Kubernetes Events for rejected configuration.
 //!
 //! Every watch is kube-runtime's `watcher` (list, then watch from the list's
@@ -17,16 +17,17 @@ mod backoff;
 mod canary;
 mod client;
 mod configmap;
-mod control;
+mod discovery;
 mod endpoints;
 mod events;
 
+pub use canary::overlay as canary_overlay;
 pub use canary::{
     Canary, CanaryError, CanarySet, CanaryWatch, CANARY_MODEL, CANARY_OF, CANARY_WEIGHT,
 };
 pub use client::{connect, Cluster, ConnectError, KubeOptions};
 pub use configmap::{ConfigMapWatch, InitialConfigError, DEFAULT_CONFIGMAP_KEY};
-pub use control::{spawn_discovery, Composer, Discovery, DiscoveryOptions};
+pub use discovery::{spawn_discovery, Discovery, DiscoveryOptions};
 pub use endpoints::{watch_endpoints, ServiceTarget, WatchOptions};
 pub use events::EventPublisher;
 
