@@ -341,7 +341,13 @@ impl InferenceAware {
                 Routability::LoadUnknown => false,
                 Routability::Excluded | Routability::Ejected => continue,
             };
-            let fresh_sig = sig.filter(|s| s.is_fresh(now, stale));
+            // With scraping on, "routable" already means fresh signals: do not
+            // judge their age twice.
+            let fresh_sig = match (self.cfg.scrape.enabled, fresh) {
+                (true, true) => sig,
+                (true, false) => None,
+                (false, _) => sig.filter(|s| s.is_fresh(now, stale)),
+            };
             let own_requests = r.load.requests();
             let (waiting, running, kv) = fresh_sig.map_or((0.0, 0.0, 0.0), |s| {
                 (

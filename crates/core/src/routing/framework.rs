@@ -89,12 +89,22 @@ pub(super) trait Filter: Send + Sync + fmt::Debug {
 pub(super) trait Scorer: Send + Sync + fmt::Debug {
     /// A value taken over the alive candidates once, before any is scored,
     /// for scores relative to the field (such as the lowest cost among them).
-    fn reference(&self, _alive: &mut dyn Iterator<Item = &Candidate>) -> f64 {
+    fn reference(&self, _cands: &[Candidate]) -> f64 {
         0.0
     }
 
     /// Candidate `c`'s score, given [`reference`](Self::reference)'s value.
     fn score(&self, c: &Candidate, reference: f64, ctx: &Ctx<'_>) -> f64;
+
+    /// Adds `weight` times each alive candidate's score to its total. The
+    /// pipeline makes this one call per scorer and decision, so the calls per
+    /// candidate inside it are static (inlined), not virtual.
+    fn add_weighted(&self, cands: &mut [Candidate], weight: f64, ctx: &Ctx<'_>) {
+        let reference = self.reference(cands);
+        for c in cands.iter_mut().filter(|c| c.alive) {
+            c.score += weight * self.score(c, reference, ctx);
+        }
+    }
 }
 
 #[cfg(test)]

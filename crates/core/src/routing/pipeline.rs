@@ -55,10 +55,7 @@ impl Pipeline {
             c.score = 0.0;
         }
         for (scorer, weight) in &self.scorers {
-            let reference = scorer.reference(&mut cands.iter().filter(|c| c.alive));
-            for c in cands.iter_mut().filter(|c| c.alive) {
-                c.score += weight * scorer.score(c, reference, ctx);
-            }
+            scorer.add_weighted(cands, *weight, ctx);
         }
     }
 }

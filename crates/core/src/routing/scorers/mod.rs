@@ -22,8 +22,12 @@ pub(super) trait Cost: Send + Sync + fmt::Debug {
 
 impl<T: Cost> Scorer for T {
     /// The lowest cost among the alive candidates.
-    fn reference(&self, alive: &mut dyn Iterator<Item = &Candidate>) -> f64 {
-        alive.map(|c| self.cost(c)).fold(f64::INFINITY, f64::min)
+    fn reference(&self, cands: &[Candidate]) -> f64 {
+        cands
+            .iter()
+            .filter(|c| c.alive)
+            .map(|c| self.cost(c))
+            .fold(f64::INFINITY, f64::min)
     }
 
     fn score(&self, c: &Candidate, lowest: f64, _ctx: &Ctx<'_>) -> f64 {
