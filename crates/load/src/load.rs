@@ -277,7 +277,8 @@ async fn run(args: Args) -> Result<bool, String> {
     Ok(stats.classes.iter().any(|c| c.ok > 0))
 }
 
-fn main() -> ExitCode {
+/// The `infergate-load` command (the binary crate's `src/bin/infergate-load.rs` calls it).
+pub fn main() -> ExitCode {
     let args = Args::parse();
     raise_fd_limit();
     let rt = if args.threads <= 1 {

@@ -201,7 +201,8 @@ async fn worker(
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// The `infergate-sim-cost` command (the binary crate's `src/bin/infergate-sim-cost.rs` calls it).
+pub fn main() -> anyhow::Result<()> {
     let o = parse_opts()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
