@@ -69,11 +69,15 @@ fn run_filter(
 ) -> FilterOutcome {
     let mut detail = String::new();
     let n = filter.filter(cands, ctx, &mut detail);
-    for c in cands
-        .iter_mut()
-        .filter(|c| !c.alive && c.dropped_by.is_none())
-    {
-        c.dropped_by = Some(name.as_str());
+    // Candidates dropped by earlier filters are marked already: only a
+    // filter that dropped some has any to mark.
+    if n.dropped > 0 {
+        for c in cands
+            .iter_mut()
+            .filter(|c| !c.alive && c.dropped_by.is_none())
+        {
+            c.dropped_by = Some(name.as_str());
+        }
     }
     FilterOutcome {
         filter: name,
