@@ -294,12 +294,7 @@ impl<R: PlanRoute> RequestPlan<R> {
             // end the request with an error rather than guess.
             (_, event) => {
                 tracing::error!(?event, phase = ?self.phase, "request plan: event out of order");
-                self.fail(
-                    upstream_failed("internal error: request plan out of order"),
-                    self.attempt,
-                    self.replica.clone(),
-                    false,
-                )
+                self.fail(out_of_order(), self.attempt, self.replica.clone(), false)
             }
         }
     }
@@ -501,6 +496,12 @@ fn upstream_model<'a, R: PlanRoute>(route: &'a R, requested: &'a str, fallback: 
         (None, true) => route.name(),
         (None, false) => requested,
     }
+}
+
+/// 502: the plan and its executor disagree on the request's phase (a bug:
+/// the request ends rather than guess).
+pub fn out_of_order() -> ApiError {
+    upstream_failed("internal error: request plan out of order")
 }
 
 /// 503: no replica to send to.

@@ -26,7 +26,7 @@ use infergate_core::admission::{
     CanarySide, CanarySplit, FallbackReason, Outcome, Reservation, CANARY_SIDE_HEADER,
     FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER,
 };
-use infergate_core::plan::{Event, Failure, RequestPlan, RetryReason, Step};
+use infergate_core::plan::{self, Event, Failure, RequestPlan, RetryReason, Step};
 use infergate_core::routing::RouteRequest;
 use infergate_protocol::error::ApiError;
 
@@ -104,6 +104,8 @@ pub(crate) struct Reserved {
     reservation: Reservation,
     route: Arc<Route>,
     attempt: u32,
+    /// When the first response byte is due (the clock starts at admission).
+    pub(crate) first_byte_deadline: Instant,
 }
 
 /// Drives the plan's admission steps until a replica is reserved (the
@@ -117,10 +119,14 @@ pub(crate) async fn admit(plan: &mut Plan, ctx: &RequestContext) -> Result<Reser
                 let (event, reservation) = admit_on(plan, &route, retry, ctx).await;
                 let next = plan.on(event, Instant::now());
                 if let (Step::Send { route, attempt }, Some(reservation)) = (&next, reservation) {
+                    let first_byte_deadline = plan
+                        .first_byte_deadline()
+                        .unwrap_or_else(|| Instant::now() + route.config.timeouts.first_byte);
                     return Ok(Reserved {
                         reservation,
                         route: route.clone(),
                         attempt: *attempt,
+                        first_byte_deadline,
                     });
                 }
                 next
@@ -141,9 +147,7 @@ pub(crate) async fn forward(
     out: Outgoing<'_>,
     include_usage: bool,
 ) -> Result<Upstream, ForwardError> {
-    let first_byte_deadline = plan
-        .first_byte_deadline()
-        .unwrap_or_else(|| Instant::now() + first.route.config.timeouts.first_byte);
+    let first_byte_deadline = first.first_byte_deadline;
     let mut reservation = Some(first.reservation);
     let mut step = Step::Send {
         route: first.route,
@@ -160,7 +164,7 @@ pub(crate) async fn forward(
             Step::Send { route, attempt } => {
                 let Some(guard) = reservation.take() else {
                     return Err(ForwardError::from(Failure {
-                        error: out_of_order_error(),
+                        error: plan::out_of_order(),
                         attempts: attempt,
                         replica: None,
                         rejected: false,
@@ -303,14 +307,10 @@ async fn admit_on(
     }
 }
 
-fn out_of_order_error() -> ApiError {
-    infergate_core::plan::upstream_failed("internal error: request plan out of order")
-}
-
 fn out_of_order(step: &Step<Route>) -> Failure {
     tracing::error!(?step, "request executor: unexpected plan step");
     Failure {
-        error: out_of_order_error(),
+        error: plan::out_of_order(),
         attempts: 0,
         replica: None,
         rejected: false,

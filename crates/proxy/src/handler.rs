@@ -157,9 +157,7 @@ where
 
     let timeouts = rc.timeouts.clone();
     let stream = ctx.features.stream;
-    let first_byte_deadline = plan
-        .first_byte_deadline()
-        .unwrap_or_else(|| Instant::now() + timeouts.first_byte);
+    let first_byte_deadline = reserved.first_byte_deadline;
     record.overhead = Some(received_at.elapsed());
     let path_and_query = parts
         .uri

@@ -178,8 +178,7 @@ impl PoolAdmission {
         let members = pool.replicas();
         let ejected = self.outlier.ejected();
         let routable = RoutabilityCheck::new(&ejected, exclude);
-        let any_ready = members.iter().any(|r| routable.of(r).takes_requests());
-        if !any_ready {
+        if !routable.any_takes_requests(&members) {
             return Placement::NoReplica;
         }
         // A replica already caching part of the prompt needs room only for the rest.

@@ -163,6 +163,11 @@ fn admit_and_send(
     expect_send(step, pool, attempt);
 }
 
+/// Reports response headers with `status` at `now`.
+fn answered(p: &mut RequestPlan<TestRoute>, status: StatusCode, now: Instant) -> Step<TestRoute> {
+    p.on(Event::Answered { status }, now)
+}
+
 fn forced(side: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
@@ -180,12 +185,7 @@ fn canary_side_chosen() {
     assert_eq!(p.canary().map(|(_, s)| *s), Some(CanarySide::Canary));
     admit_and_send(&mut p, "127.0.0.1:9101", "canary", 1, Instant::now());
     assert!(matches!(
-        p.on(
-            Event::Answered {
-                status: StatusCode::OK
-            },
-            Instant::now()
-        ),
+        answered(&mut p, StatusCode::OK, Instant::now()),
         Step::Respond
     ));
 }
@@ -231,12 +231,7 @@ fn fallback_after_stable_fails_upstream() {
     let t0 = Instant::now();
     admit_and_send(&mut p, "127.0.0.1:9001", "big", 1, t0);
     // The only replica answers 503: nothing to retry on, so the side failed.
-    let step = p.on(
-        Event::Answered {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-        },
-        t0,
-    );
+    let step = answered(&mut p, StatusCode::SERVICE_UNAVAILABLE, t0);
     expect_admit(step, "little");
     assert_eq!(p.fallback(), Some(FallbackReason::UpstreamFailure));
     assert_eq!(
@@ -250,12 +245,7 @@ fn fallback_after_stable_fails_upstream() {
     );
     admit_and_send(&mut p, "127.0.0.1:9201", "little", 1, t0);
     assert!(matches!(
-        p.on(
-            Event::Answered {
-                status: StatusCode::OK
-            },
-            t0
-        ),
+        answered(&mut p, StatusCode::OK, t0),
         Step::Respond
     ));
 }
@@ -275,12 +265,7 @@ fn no_fallback_after_the_first_byte_deadline() {
     let late = t0 + Duration::from_secs(2);
     // A 5xx answer past the deadline goes to the client as it is.
     assert!(matches!(
-        p.on(
-            Event::Answered {
-                status: StatusCode::INTERNAL_SERVER_ERROR
-            },
-            late
-        ),
+        answered(&mut p, StatusCode::INTERNAL_SERVER_ERROR, late),
         Step::Respond
     ));
 }
@@ -297,12 +282,7 @@ fn retry_on_a_different_replica() {
         !p.is_retryable(StatusCode::BAD_REQUEST),
         "a 4xx is the client's answer"
     );
-    let step = p.on(
-        Event::Answered {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-        },
-        now,
-    );
+    let step = answered(&mut p, StatusCode::SERVICE_UNAVAILABLE, now);
     assert_eq!(expect_admit(step, "p"), Some(RetryReason::Status));
     assert_eq!(
         p.excluded(),
@@ -318,12 +298,7 @@ fn retry_on_a_different_replica() {
     );
     admit_and_send(&mut p, "127.0.0.1:9003", "p", 3, now);
     assert!(matches!(
-        p.on(
-            Event::Answered {
-                status: StatusCode::OK
-            },
-            now
-        ),
+        answered(&mut p, StatusCode::OK, now),
         Step::Respond
     ));
 }
@@ -357,12 +332,7 @@ fn a_retryable_status_with_no_other_replica_goes_to_the_client() {
     admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, now);
     assert!(!p.is_retryable(StatusCode::SERVICE_UNAVAILABLE));
     assert!(matches!(
-        p.on(
-            Event::Answered {
-                status: StatusCode::SERVICE_UNAVAILABLE
-            },
-            now
-        ),
+        answered(&mut p, StatusCode::SERVICE_UNAVAILABLE, now),
         Step::Respond
     ));
 }
@@ -375,12 +345,7 @@ fn no_retry_after_the_first_byte() {
     let now = Instant::now();
     admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, now);
     assert!(matches!(
-        p.on(
-            Event::Answered {
-                status: StatusCode::OK
-            },
-            now
-        ),
+        answered(&mut p, StatusCode::OK, now),
         Step::Respond
     ));
     // Whatever happens to the stream afterwards, the plan is over.
@@ -533,12 +498,7 @@ fn an_event_out_of_order_ends_the_request_with_an_error() {
     let r = route("model: m\npool: p\n", "p", &[9001]);
     let mut p = plan(&r, vec![], &HeaderMap::new());
     p.start();
-    let f = expect_fail(p.on(
-        Event::Answered {
-            status: StatusCode::OK,
-        },
-        Instant::now(),
-    ));
+    let f = expect_fail(answered(&mut p, StatusCode::OK, Instant::now()));
     assert_eq!(f.error.status, StatusCode::BAD_GATEWAY);
 }
 
