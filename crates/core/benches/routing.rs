@@ -57,6 +57,9 @@ fn prompt(g: usize, q: usize) -> String {
 }
 
 fn bench(c: &mut Criterion) {
+    let count_only: Option<usize> = std::env::var("ROUTING_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let rs = replicas();
     let picker = InferenceAware::new(RoutingConfig::default());
     // Warm the index: every group routed a few times.
@@ -107,6 +110,32 @@ fn bench(c: &mut Criterion) {
         hashes: Default::default(),
         ..req
     };
+    // ROUTING_COUNT=N: run N decisions (ROUTING_WHICH=explain or no_explain) and
+    // exit, for instruction counts under callgrind (subtract a run with N=0).
+    if let Some(n) = count_only {
+        let quiet = InferenceAware::new(RoutingConfig {
+            explain_buffer: 0,
+            ..RoutingConfig::default()
+        });
+        for p in &prompts {
+            let req = RouteRequest {
+                prompt_text: p,
+                prompt_tokens: tokenizer::count_tokens(p),
+                hashes: Default::default(),
+                ..req
+            };
+            black_box(quiet.pick(&rs, &req, &[]));
+        }
+        let explain = std::env::var("ROUTING_WHICH").as_deref() == Ok("explain");
+        for _ in 0..n {
+            if explain {
+                black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
+            } else {
+                black_box(quiet.pick_and_begin(&rs, black_box(&fresh()), &[]));
+            }
+        }
+        std::process::exit(0);
+    }
     // Wall time is noisy on a shared machine: also report this thread's CPU time.
     let n = 2_000;
     let t0 = thread_cpu_ns();
