@@ -43,6 +43,12 @@ pub(crate) struct RequestFeatures {
     pub user: Option<String>,
     /// The client asked for a usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Completions asked for: the larger of `n` and `best_of` (1 when unset).
+    pub choices: u32,
+    /// Where the `model` value sits in the body (for a rewrite by splicing).
+    pub model_span: Option<std::ops::Range<usize>>,
+    /// Where the `stream_options` value sits in the body, when present.
+    pub stream_options_span: Option<std::ops::Range<usize>>,
 }
 
 /// One request as it moves through the pipeline.

@@ -112,7 +112,7 @@ where
         Ok(f) => f,
         Err(e) => return reject(e, record),
     };
-    record.model = features.model.clone();
+    record.set_model(&features.model);
     record.prompt_tokens = u64::from(features.prompt_tokens);
     let Some(route) = table.resolve(&features.model).cloned() else {
         return reject(ApiError::model_not_found(&features.model), record);
