@@ -42,7 +42,10 @@ impl Outcome {
 /// What is known about a request so far.
 #[derive(Debug)]
 pub struct RequestRecord {
+    /// The gateway's id of the request.
     pub request_id: String,
+    /// The id the client sent as `x-request-id`, if any.
+    pub client_request_id: Option<String>,
     pub route: Arc<str>,
     pub model: String,
     pub replica: Arc<str>,
@@ -62,6 +65,7 @@ impl RequestRecord {
     pub fn new(request_id: String, received_at: Instant) -> Self {
         RequestRecord {
             request_id,
+            client_request_id: None,
             route: Arc::from(UNRESOLVED),
             model: String::new(),
             replica: Arc::from("-"),
@@ -107,6 +111,7 @@ impl RequestRecord {
         }
         log::request_line(&log::RequestLine {
             request_id: &self.request_id,
+            client_request_id: self.client_request_id.as_deref(),
             model: &self.model,
             route: &self.route,
             replica: &self.replica,

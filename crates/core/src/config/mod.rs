@@ -99,6 +99,10 @@ pub struct Limits {
     /// a request that would exceed it is answered 503 with `Retry-After`.
     #[serde(default = "Limits::default_inflight", with = "units::size")]
     pub max_inflight_body_bytes: u64,
+    /// An HTTP/1 request head must arrive within this long (slow-header
+    /// clients, "slowloris", are cut).
+    #[serde(default = "Limits::default_header_read", with = "units::duration")]
+    pub header_read_timeout: Duration,
     /// The whole body must arrive within this long after the request head
     /// (408 beyond): a client trickling its body holds memory and a slot.
     #[serde(default = "Limits::default_body_read", with = "units::duration")]
@@ -137,6 +141,9 @@ impl Limits {
     fn default_body_read() -> Duration {
         Duration::from_secs(30)
     }
+    fn default_header_read() -> Duration {
+        Duration::from_secs(30)
+    }
     fn default_max_n() -> u32 {
         128
     }
@@ -161,6 +168,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_inflight_body_bytes: Self::default_inflight(),
+            header_read_timeout: Self::default_header_read(),
             body_read_timeout: Self::default_body_read(),
             max_n: Self::default_max_n(),
             max_connections: Self::default_max_connections(),
