@@ -68,6 +68,7 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(invalid(&"expected a JSON object"));
     }
+    TEXT_CAP.set(body.len());
     let probe: Probe<'_> = serde_json::from_slice(body).map_err(|e| invalid(&e))?;
     let model_span = probe.model.map(|raw| span_of(body, raw));
     let model: Option<Cow<'_, str>> = match probe.model {
@@ -112,6 +113,34 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
         model_span,
         stream_options_span: probe.stream_options.map(|raw| span_of(body, raw)),
     })
+}
+
+thread_local! {
+    /// The most bytes a rendered prompt may hold: the body's length, set by
+    /// [`parse_features`] before it parses (a derived field has no other way
+    /// to learn it). Strings only shrink when rendered (escapes, role tags are
+    /// shorter than their JSON), so only prompts of floats (`1e5` renders as
+    /// `100000.0 `) are ever cut; it bounds a request's memory to twice its
+    /// body, which the body budget accounts for.
+    static TEXT_CAP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Appends `s` to a rendered prompt, within [`TEXT_CAP`] bytes, allocated once.
+fn push_capped(out: &mut String, s: &str) {
+    let cap = TEXT_CAP.get();
+    if out.capacity() == 0 {
+        out.reserve_exact(cap);
+    }
+    let room = cap.saturating_sub(out.len());
+    if s.len() <= room {
+        out.push_str(s);
+        return;
+    }
+    let mut end = room;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.push_str(&s[..end]);
 }
 
 /// Where `raw` (borrowed from `body`) sits in `body`.
@@ -203,10 +232,10 @@ struct PromptVisitor<'o> {
 }
 
 impl PromptVisitor<'_> {
-    fn number(self, n: impl fmt::Display) {
+    fn number(self, n: &str) {
         if !self.top {
-            use fmt::Write;
-            let _ = write!(self.out, "{n} ");
+            push_capped(self.out, n);
+            push_capped(self.out, " ");
         }
     }
 }
@@ -224,7 +253,7 @@ impl<'de> Visitor<'de> for PromptVisitor<'_> {
         f.write_str("a prompt (a string or an array)")
     }
     fn visit_str<E>(self, s: &str) -> Result<(), E> {
-        self.out.push_str(s);
+        push_capped(self.out, s);
         Ok(())
     }
     fn visit_u64<E>(self, n: u64) -> Result<(), E> {
@@ -238,7 +267,7 @@ impl<'de> Visitor<'de> for PromptVisitor<'_> {
     fn visit_f64<E>(self, n: f64) -> Result<(), E> {
         // serde_json's own rendering of a float, as `Value::Number` prints it.
         if let Some(n) = serde_json::Number::from_f64(n) {
-            self.number(n);
+            self.number(&n.to_string());
         }
         Ok(())
     }
@@ -275,7 +304,7 @@ impl<'de> Deserialize<'de> for ChatText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let mut out = String::new();
         d.deserialize_seq(MessagesVisitor(&mut out))?;
-        out.push_str("<|assistant|>\n");
+        push_capped(&mut out, "<|assistant|>\n");
         Ok(ChatText(out))
     }
 }
@@ -320,8 +349,14 @@ impl<'de> Visitor<'de> for MessageVisitor<'_> {
                     let role: Cow<'de, str> = map.next_value()?;
                     // Usually the role comes first; when `content` came
                     // before it, its text is already in place after `start`.
-                    for piece in ["|>\n", &role, "<|"] {
-                        out.insert_str(start, piece);
+                    if out.capacity() == 0 {
+                        push_capped(out, "");
+                    }
+                    let room = TEXT_CAP.get().saturating_sub(out.len());
+                    if role.len() + 5 <= room {
+                        for piece in ["|>\n", &role, "<|"] {
+                            out.insert_str(start, piece);
+                        }
                     }
                     role_seen = true;
                 }
@@ -340,7 +375,7 @@ impl<'de> Visitor<'de> for MessageVisitor<'_> {
         if !role_seen {
             return Err(serde::de::Error::missing_field("role"));
         }
-        out.push('\n');
+        push_capped(out, "\n");
         Ok(())
     }
 }
@@ -362,7 +397,7 @@ impl<'de> Visitor<'de> for ContentVisitor<'_> {
         f.write_str("message content")
     }
     fn visit_str<E>(self, s: &str) -> Result<(), E> {
-        self.0.push_str(s);
+        push_capped(self.0, s);
         Ok(())
     }
     fn visit_u64<E>(self, _: u64) -> Result<(), E> {
@@ -438,7 +473,7 @@ impl<'de> Visitor<'de> for PartVisitor<'_> {
             }
         }
         if let Some(t) = text {
-            self.0.push_str(&t);
+            push_capped(self.0, &t);
         }
         Ok(())
     }
