@@ -119,7 +119,8 @@ pub(crate) struct BodyLimits<'a> {
 /// it is declared), 503 when the bodies in flight would exceed their budget,
 /// 408 when it is not complete by the deadline (a slow client), 400 when the
 /// client's body breaks off. The permit holds the body's bytes in the budget
-/// for as long as the caller keeps it.
+/// and of the prompt text rendered from it (twice the body) for as long as
+/// the caller keeps it.
 pub(crate) async fn read_limited<B>(
     headers: &HeaderMap,
     body: B,
@@ -174,7 +175,12 @@ where
         Ok(single.unwrap_or_else(|| Bytes::from(joined)))
     };
     match tokio::time::timeout_at(limits.deadline.into(), read).await {
-        Ok(Ok(bytes)) => Ok((bytes, permit)),
+        Ok(Ok(bytes)) => {
+            // Parsing renders the prompt into a text at most as long as the
+            // body (see `parse`): the permit holds room for both.
+            permit.grow_to(2 * bytes.len() as u64, limits.max_inflight)?;
+            Ok((bytes, permit))
+        }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -210,7 +216,7 @@ mod tests {
         let ok = read_limited(&h, Full::new(Bytes::from_static(b"12345")), &limits(&b, 5, 100)).await;
         let (bytes, permit) = ok.unwrap();
         assert_eq!(bytes, Bytes::from_static(b"12345"));
-        assert_eq!(b.used(), 5);
+        assert_eq!(b.used(), 10, "the body and room for its rendered prompt");
         drop(permit);
         assert_eq!(b.used(), 0, "returned on drop");
         let big = read_limited(&h, Full::new(Bytes::from_static(b"123456")), &limits(&b, 5, 100)).await;
@@ -236,16 +242,16 @@ mod tests {
     async fn the_budget_bounds_bodies_in_flight() {
         let b = Arc::new(BodyBudget::default());
         let h = HeaderMap::new();
-        let (_a, held) = read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 100))
+        let (_a, held) = read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 200))
             .await
             .unwrap();
-        let e = read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 100))
+        let e = read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 200))
             .await
             .unwrap_err();
         assert_eq!((e.status.as_u16(), e.retry_after_secs), (503, Some(1)));
-        assert_eq!(b.used(), 60, "the refused body gave its share back");
+        assert_eq!(b.used(), 120, "the refused body gave its share back");
         drop(held);
-        assert!(read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 100))
+        assert!(read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 200))
             .await
             .is_ok());
     }

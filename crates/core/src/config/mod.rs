@@ -95,8 +95,10 @@ fn default_max_body() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Request-body bytes held by all requests being read or parsed at once;
-    /// a request that would exceed it is answered 503 with `Retry-After`.
+    /// Request-body bytes held by all requests at once, counting each body
+    /// twice (the body and the prompt text rendered from it) until it has
+    /// gone upstream; a request that would exceed it is answered 503 with
+    /// `Retry-After`. At least twice every body limit.
     #[serde(default = "Limits::default_inflight", with = "units::size")]
     pub max_inflight_body_bytes: u64,
     /// An HTTP/1 request head must arrive within this long (slow-header
@@ -669,11 +671,11 @@ impl Limits {
                 return Err((key, format!("limits.{key}: must be at least 1")));
             }
         }
-        if self.max_inflight_body_bytes < max_body_bytes {
+        if self.max_inflight_body_bytes < max_body_bytes.saturating_mul(2) {
             return Err((
                 "max_inflight_body_bytes",
                 format!(
-                    "limits.max_inflight_body_bytes ({}) is smaller than max_body_bytes ({max_body_bytes}): a body of the maximum size could never be read",
+                    "limits.max_inflight_body_bytes ({}) is smaller than twice max_body_bytes ({max_body_bytes}; a body and its rendered prompt): a body of the maximum size could never be accepted",
                     self.max_inflight_body_bytes
                 ),
             ));
@@ -730,11 +732,11 @@ impl RouteConfig {
             ));
         }
         if let Some(b) = self.max_body_bytes {
-            if b > limits.max_inflight_body_bytes {
+            if b.saturating_mul(2) > limits.max_inflight_body_bytes {
                 return Err((
                     "max_body_bytes",
                     format!(
-                        "route `{route}`: max_body_bytes ({b}) is larger than limits.max_inflight_body_bytes ({})",
+                        "route `{route}`: twice max_body_bytes ({b}; a body and its rendered prompt) is larger than limits.max_inflight_body_bytes ({})",
                         limits.max_inflight_body_bytes
                     ),
                 ));
@@ -901,7 +903,7 @@ routes:
             Config::parse(&big, "g").unwrap().max_read_body_bytes(),
             32 << 20
         );
-        let small = format!("{GOOD}limits: {{ max_inflight_body_bytes: 1MiB }}\n");
+        let small = format!("{GOOD}limits: {{ max_inflight_body_bytes: 6MiB }}\n");
         let e = Config::parse(&small, "g").unwrap_err().to_string();
         assert!(e.contains("limits.max_inflight_body_bytes"), "{e}");
         let zero = format!("{GOOD}limits: {{ max_n: 0 }}\n");
