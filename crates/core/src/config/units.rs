@@ -49,6 +49,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
+    // Whole numbers are converted exactly (`18969036196ms` is not a round
+    // trip through f64 seconds); fractions go through f64.
+    if let Ok(whole) = num.parse::<u64>() {
+        let d = match unit.trim() {
+            "" | "s" | "sec" | "secs" => Some(Duration::from_secs(whole)),
+            "ms" => Some(Duration::from_millis(whole)),
+            "us" | "µs" => Some(Duration::from_micros(whole)),
+            _ => None,
+        };
+        if let Some(d) = d {
+            return if d <= MAX_DURATION {
+                Ok(d)
+            } else {
+                duration_from_secs(d.as_secs_f64(), &s)
+            };
+        }
+    }
     let value: f64 = num
         .parse()
         .map_err(|_| format!("expected a duration such as `30s` or `250ms`, found `{s}`"))?;
@@ -183,6 +200,10 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            parse_duration("18969036196ms").unwrap(),
+            Duration::from_millis(18_969_036_196)
+        );
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("fast").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
@@ -210,5 +231,53 @@ mod tests {
         assert_eq!(parse_size("8MiB").unwrap(), 8 << 20);
         assert_eq!(parse_size("1MB").unwrap(), 1_000_000);
         assert!(parse_size("8 furlongs").is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any text: a duration within the cap or an error, never a panic.
+            #[test]
+            fn any_duration_text_parses_within_the_cap_or_fails(s in "\\PC{0,24}") {
+                if let Ok(d) = parse_duration(&s) {
+                    prop_assert!(d <= MAX_DURATION);
+                }
+            }
+
+            #[test]
+            fn numbers_with_units_parse_within_the_cap_or_fail(
+                n in prop_oneof![any::<f64>(), 0.0..1e6],
+                unit in prop_oneof![Just(""), Just("ms"), Just("s"), Just("m"), Just("h"), Just("us")],
+            ) {
+                if let Ok(d) = parse_duration(&format!("{n}{unit}")) {
+                    prop_assert!(d <= MAX_DURATION);
+                }
+                let _ = duration_from_secs(n, &n);
+            }
+
+            /// What `format_duration` writes parses back to the same value.
+            #[test]
+            fn formatted_durations_round_trip(ms in 0u64..MAX_DURATION.as_millis() as u64) {
+                let d = Duration::from_millis(ms);
+                prop_assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+            }
+
+            #[test]
+            fn any_size_text_parses_or_fails(s in "\\PC{0,24}") {
+                let _ = parse_size(&s);
+            }
+
+            #[test]
+            fn sizes_round_trip(n in 0u64..1 << 40, unit in prop_oneof![Just(("", 1u64)), Just(("KiB", 1 << 10)), Just(("MiB", 1 << 20)), Just(("GB", 1_000_000_000))]) {
+                let (suffix, mult) = unit;
+                let text = format!("{n}{suffix}");
+                match n.checked_mul(mult) {
+                    Some(v) => prop_assert_eq!(parse_size(&text).unwrap(), v),
+                    None => prop_assert!(parse_size(&text).is_err()),
+                }
+            }
+        }
     }
 }
