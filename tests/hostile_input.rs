@@ -164,7 +164,11 @@ async fn run_group(addr: std::net::SocketAddr, group: &str, cases: Vec<Case>) ->
     assert!(failures.is_empty(), "{group}:\n{}", failures.join("\n"));
     // The gateway still serves a valid request after the group.
     let a = run(addr, &[Part::Bytes(completion(VALID.as_bytes()))]).await;
-    assert_eq!(a.statuses, [200], "{group}: a valid request after the group");
+    assert_eq!(
+        a.statuses,
+        [200],
+        "{group}: a valid request after the group"
+    );
     n
 }
 
@@ -176,7 +180,9 @@ fn protocol_cases() -> Vec<Case> {
     );
     let many_headers = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: gw\r\n{}\r\n",
-        (0..300).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()
+        (0..300)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
     );
     let long_path = format!("GET /{} HTTP/1.1\r\nHost: gw\r\n\r\n", "a".repeat(70_000));
     let mut pipelined_junk = completion(VALID.as_bytes());
@@ -267,14 +273,29 @@ fn json_cases() -> Vec<Case> {
         ("close brace", b"}".to_vec()),
         ("missing value", br#"{"model":}"#.to_vec()),
         ("truncated string", br#"{"model":"m"#.to_vec()),
-        ("trailing garbage", br#"{"model":"m","prompt":"x"} x"#.to_vec()),
+        (
+            "trailing garbage",
+            br#"{"model":"m","prompt":"x"} x"#.to_vec(),
+        ),
         ("trailing comma", br#"{"model":"m","prompt":"x",}"#.to_vec()),
         ("single quotes", br#"{'model':'m'}"#.to_vec()),
         ("comment", b"{/* c */\"model\":\"m\"}".to_vec()),
-        ("NaN literal", br#"{"model":"m","prompt":"x","temperature":NaN}"#.to_vec()),
-        ("Infinity literal", br#"{"model":"m","prompt":"x","max_tokens":Infinity}"#.to_vec()),
-        ("BOM prefix", b"\xef\xbb\xbf{\"model\":\"m\",\"prompt\":\"x\"}".to_vec()),
-        ("UTF-16 body", b"\xff\xfe{\x00\"\x00m\x00\"\x00}\x00".to_vec()),
+        (
+            "NaN literal",
+            br#"{"model":"m","prompt":"x","temperature":NaN}"#.to_vec(),
+        ),
+        (
+            "Infinity literal",
+            br#"{"model":"m","prompt":"x","max_tokens":Infinity}"#.to_vec(),
+        ),
+        (
+            "BOM prefix",
+            b"\xef\xbb\xbf{\"model\":\"m\",\"prompt\":\"x\"}".to_vec(),
+        ),
+        (
+            "UTF-16 body",
+            b"\xff\xfe{\x00\"\x00m\x00\"\x00}\x00".to_vec(),
+        ),
         ("array body", b"[]".to_vec()),
         ("positional array body", br#"["m","x"]"#.to_vec()),
         ("string body", br#""m""#.to_vec()),
@@ -284,54 +305,173 @@ fn json_cases() -> Vec<Case> {
         ("deep prompt nesting", deep_prompt.into_bytes()),
         ("deep object nesting", deep_object.into_bytes()),
         ("deep content nesting", deep_messages.into_bytes()),
-        ("max_tokens 1e400", br#"{"model":"m","prompt":"x","max_tokens":1e400}"#.to_vec()),
-        ("max_tokens 2^70", br#"{"model":"m","prompt":"x","max_tokens":1180591620717411303424}"#.to_vec()),
-        ("max_tokens negative", br#"{"model":"m","prompt":"x","max_tokens":-5}"#.to_vec()),
-        ("max_tokens fraction", br#"{"model":"m","prompt":"x","max_tokens":1.5}"#.to_vec()),
-        ("max_tokens string", br#"{"model":"m","prompt":"x","max_tokens":"10"}"#.to_vec()),
-        ("max_tokens zero", br#"{"model":"m","prompt":"x","max_tokens":0}"#.to_vec()),
-        ("n huge", br#"{"model":"m","prompt":"x","n":100000}"#.to_vec()),
-        ("n negative", br#"{"model":"m","prompt":"x","n":-1}"#.to_vec()),
+        (
+            "max_tokens 1e400",
+            br#"{"model":"m","prompt":"x","max_tokens":1e400}"#.to_vec(),
+        ),
+        (
+            "max_tokens 2^70",
+            br#"{"model":"m","prompt":"x","max_tokens":1180591620717411303424}"#.to_vec(),
+        ),
+        (
+            "max_tokens negative",
+            br#"{"model":"m","prompt":"x","max_tokens":-5}"#.to_vec(),
+        ),
+        (
+            "max_tokens fraction",
+            br#"{"model":"m","prompt":"x","max_tokens":1.5}"#.to_vec(),
+        ),
+        (
+            "max_tokens string",
+            br#"{"model":"m","prompt":"x","max_tokens":"10"}"#.to_vec(),
+        ),
+        (
+            "max_tokens zero",
+            br#"{"model":"m","prompt":"x","max_tokens":0}"#.to_vec(),
+        ),
+        (
+            "n huge",
+            br#"{"model":"m","prompt":"x","n":100000}"#.to_vec(),
+        ),
+        (
+            "n negative",
+            br#"{"model":"m","prompt":"x","n":-1}"#.to_vec(),
+        ),
         ("n zero", br#"{"model":"m","prompt":"x","n":0}"#.to_vec()),
-        ("n string", br#"{"model":"m","prompt":"x","n":"2"}"#.to_vec()),
-        ("best_of huge", br#"{"model":"m","prompt":"x","best_of":4294967295}"#.to_vec()),
+        (
+            "n string",
+            br#"{"model":"m","prompt":"x","n":"2"}"#.to_vec(),
+        ),
+        (
+            "best_of huge",
+            br#"{"model":"m","prompt":"x","best_of":4294967295}"#.to_vec(),
+        ),
         ("model number", br#"{"model":1,"prompt":"x"}"#.to_vec()),
         ("model array", br#"{"model":["m"],"prompt":"x"}"#.to_vec()),
-        ("model object", br#"{"model":{"m":1},"prompt":"x"}"#.to_vec()),
+        (
+            "model object",
+            br#"{"model":{"m":1},"prompt":"x"}"#.to_vec(),
+        ),
         ("model null", br#"{"model":null,"prompt":"x"}"#.to_vec()),
         ("model true", br#"{"model":true,"prompt":"x"}"#.to_vec()),
         ("model empty", br#"{"model":"","prompt":"x"}"#.to_vec()),
-        ("model unknown", br#"{"model":"nope","prompt":"x"}"#.to_vec()),
+        (
+            "model unknown",
+            br#"{"model":"nope","prompt":"x"}"#.to_vec(),
+        ),
         ("model 60 KB", long_model.into_bytes()),
-        ("model with NUL escape", br#"{"model":"m\u0000","prompt":"x"}"#.to_vec()),
-        ("model lone surrogate", br#"{"model":"\ud800","prompt":"x"}"#.to_vec()),
-        ("duplicate model key", br#"{"model":"m","model":"m","prompt":"x"}"#.to_vec()),
-        ("duplicate stream key", br#"{"model":"m","prompt":"x","stream":true,"stream":false}"#.to_vec()),
-        ("stream string", br#"{"model":"m","prompt":"x","stream":"yes"}"#.to_vec()),
-        ("stream number", br#"{"model":"m","prompt":"x","stream":1}"#.to_vec()),
-        ("stream_options number", br#"{"model":"m","prompt":"x","stream":true,"stream_options":5}"#.to_vec()),
-        ("user number", br#"{"model":"m","prompt":"x","user":5}"#.to_vec()),
-        ("non-UTF-8 in model", b"{\"model\":\"\xff\",\"prompt\":\"x\"}".to_vec()),
-        ("non-UTF-8 in prompt", b"{\"model\":\"m\",\"prompt\":\"\xc3\x28\"}".to_vec()),
-        ("overlong UTF-8", b"{\"model\":\"m\",\"prompt\":\"\xc0\xaf\"}".to_vec()),
-        ("prompt object", br#"{"model":"m","prompt":{"a":1}}"#.to_vec()),
+        (
+            "model with NUL escape",
+            br#"{"model":"m\u0000","prompt":"x"}"#.to_vec(),
+        ),
+        (
+            "model lone surrogate",
+            br#"{"model":"\ud800","prompt":"x"}"#.to_vec(),
+        ),
+        (
+            "duplicate model key",
+            br#"{"model":"m","model":"m","prompt":"x"}"#.to_vec(),
+        ),
+        (
+            "duplicate stream key",
+            br#"{"model":"m","prompt":"x","stream":true,"stream":false}"#.to_vec(),
+        ),
+        (
+            "stream string",
+            br#"{"model":"m","prompt":"x","stream":"yes"}"#.to_vec(),
+        ),
+        (
+            "stream number",
+            br#"{"model":"m","prompt":"x","stream":1}"#.to_vec(),
+        ),
+        (
+            "stream_options number",
+            br#"{"model":"m","prompt":"x","stream":true,"stream_options":5}"#.to_vec(),
+        ),
+        (
+            "user number",
+            br#"{"model":"m","prompt":"x","user":5}"#.to_vec(),
+        ),
+        (
+            "non-UTF-8 in model",
+            b"{\"model\":\"\xff\",\"prompt\":\"x\"}".to_vec(),
+        ),
+        (
+            "non-UTF-8 in prompt",
+            b"{\"model\":\"m\",\"prompt\":\"\xc3\x28\"}".to_vec(),
+        ),
+        (
+            "overlong UTF-8",
+            b"{\"model\":\"m\",\"prompt\":\"\xc0\xaf\"}".to_vec(),
+        ),
+        (
+            "prompt object",
+            br#"{"model":"m","prompt":{"a":1}}"#.to_vec(),
+        ),
         ("prompt empty", br#"{"model":"m","prompt":""}"#.to_vec()),
-        ("temperature negative", br#"{"model":"m","prompt":"x","temperature":-1}"#.to_vec()),
-        ("top_p zero", br#"{"model":"m","prompt":"x","top_p":0}"#.to_vec()),
-        ("top_p above one", br#"{"model":"m","prompt":"x","top_p":1.5}"#.to_vec()),
-        ("prompt beyond the context", format!("{{\"model\":\"m\",\"prompt\":\"{}\"}}", "word ".repeat(12_000)).into_bytes()),
+        (
+            "temperature negative",
+            br#"{"model":"m","prompt":"x","temperature":-1}"#.to_vec(),
+        ),
+        (
+            "top_p zero",
+            br#"{"model":"m","prompt":"x","top_p":0}"#.to_vec(),
+        ),
+        (
+            "top_p above one",
+            br#"{"model":"m","prompt":"x","top_p":1.5}"#.to_vec(),
+        ),
+        (
+            "prompt beyond the context",
+            format!(
+                "{{\"model\":\"m\",\"prompt\":\"{}\"}}",
+                "word ".repeat(12_000)
+            )
+            .into_bytes(),
+        ),
     ];
     let chat: Vec<(&str, Vec<u8>)> = vec![
-        ("messages string", br#"{"model":"m","messages":"hi"}"#.to_vec()),
-        ("messages object", br#"{"model":"m","messages":{"role":"user"}}"#.to_vec()),
-        ("messages of numbers", br#"{"model":"m","messages":[1,2]}"#.to_vec()),
-        ("message without role", br#"{"model":"m","messages":[{"content":"x"}]}"#.to_vec()),
-        ("role number", br#"{"model":"m","messages":[{"role":1,"content":"x"}]}"#.to_vec()),
-        ("unknown role", br#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#.to_vec()),
-        ("content number", br#"{"model":"m","messages":[{"role":"user","content":5}]}"#.to_vec()),
-        ("content part without type", br#"{"model":"m","messages":[{"role":"user","content":[{"text":"x"}]}]}"#.to_vec()),
-        ("text part not a string", br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":[1]}]}]}"#.to_vec()),
-        ("duplicate role", br#"{"model":"m","messages":[{"role":"user","role":"system","content":"x"}]}"#.to_vec()),
+        (
+            "messages string",
+            br#"{"model":"m","messages":"hi"}"#.to_vec(),
+        ),
+        (
+            "messages object",
+            br#"{"model":"m","messages":{"role":"user"}}"#.to_vec(),
+        ),
+        (
+            "messages of numbers",
+            br#"{"model":"m","messages":[1,2]}"#.to_vec(),
+        ),
+        (
+            "message without role",
+            br#"{"model":"m","messages":[{"content":"x"}]}"#.to_vec(),
+        ),
+        (
+            "role number",
+            br#"{"model":"m","messages":[{"role":1,"content":"x"}]}"#.to_vec(),
+        ),
+        (
+            "unknown role",
+            br#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#.to_vec(),
+        ),
+        (
+            "content number",
+            br#"{"model":"m","messages":[{"role":"user","content":5}]}"#.to_vec(),
+        ),
+        (
+            "content part without type",
+            br#"{"model":"m","messages":[{"role":"user","content":[{"text":"x"}]}]}"#.to_vec(),
+        ),
+        (
+            "text part not a string",
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":[1]}]}]}"#
+                .to_vec(),
+        ),
+        (
+            "duplicate role",
+            br#"{"model":"m","messages":[{"role":"user","role":"system","content":"x"}]}"#.to_vec(),
+        ),
         ("empty messages", br#"{"model":"m","messages":[]}"#.to_vec()),
     ];
     bodies
@@ -382,15 +522,30 @@ fn header_and_path_cases() -> Vec<Case> {
     for (name, h) in [
         ("x-request-id 4 KB", long_id.as_str()),
         ("x-request-id with spaces", "X-Request-Id: a b c\r\n"),
-        ("x-client-request-id spoofed", "X-Client-Request-Id: spoof\r\n"),
+        (
+            "x-client-request-id spoofed",
+            "X-Client-Request-Id: spoof\r\n",
+        ),
         ("priority garbage", "X-Infergate-Priority: \u{7f}\u{1}\r\n"),
-        ("priority huge", "X-Infergate-Priority: 99999999999999999999\r\n"),
-        ("objective garbage", "X-Gateway-Inference-Objective: ../../x\r\n"),
+        (
+            "priority huge",
+            "X-Infergate-Priority: 99999999999999999999\r\n",
+        ),
+        (
+            "objective garbage",
+            "X-Gateway-Inference-Objective: ../../x\r\n",
+        ),
         ("deadline negative", "X-Infergate-Deadline-Ms: -1\r\n"),
         ("deadline huge", "X-Infergate-Deadline-Ms: 1e30\r\n"),
         ("canary garbage", "X-Infergate-Canary: maybe\r\n"),
-        ("fairness id path-like", "X-Gateway-Inference-Fairness-Id: ../../AAAA\r\n"),
-        ("hop-by-hop in Connection", "Connection: x-secret, keep-alive\r\nX-Secret: 1\r\n"),
+        (
+            "fairness id path-like",
+            "X-Gateway-Inference-Fairness-Id: ../../AAAA\r\n",
+        ),
+        (
+            "hop-by-hop in Connection",
+            "Connection: x-secret, keep-alive\r\nX-Secret: 1\r\n",
+        ),
         ("TE trailers", "TE: trailers\r\n"),
     ] {
         v.push(case(
@@ -468,10 +623,26 @@ fn size_and_slow_cases() -> Vec<Case> {
         parts
     };
     let mut cases = vec![
-        case("body exactly at the limit", completion(&padded(LIMIT)), NoServerError),
-        case("body one over the limit", completion(&padded(LIMIT + 1)), Reject),
-        case("body 10x the limit", completion(&padded(LIMIT * 10)), Reject),
-        case("declared over the limit, nothing sent", head(LIMIT + 1), Reject),
+        case(
+            "body exactly at the limit",
+            completion(&padded(LIMIT)),
+            NoServerError,
+        ),
+        case(
+            "body one over the limit",
+            completion(&padded(LIMIT + 1)),
+            Reject,
+        ),
+        case(
+            "body 10x the limit",
+            completion(&padded(LIMIT * 10)),
+            Reject,
+        ),
+        case(
+            "declared over the limit, nothing sent",
+            head(LIMIT + 1),
+            Reject,
+        ),
         case("declared 1 GB", head(1 << 30), Reject),
         case("chunked over the limit", chunked_over, Reject),
         case("content-length lying short", short_body, Reject),

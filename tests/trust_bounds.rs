@@ -67,7 +67,10 @@ async fn random_model_names_do_not_grow_metrics() {
         resp.into_body().collect().await.unwrap().to_bytes()
     };
     let text = String::from_utf8_lossy(&text);
-    assert!(text.contains("model=\"unknown\""), "the bounded label is used");
+    assert!(
+        text.contains("model=\"unknown\""),
+        "the bounded label is used"
+    );
 }
 
 #[tokio::test]
@@ -76,17 +79,20 @@ async fn n_multiplies_the_output_reservation_and_absurd_n_is_refused() {
     let up = mini_upstream("a", Behaviour::Echo).await;
     let gw = gateway(config(&[up.url()], "")).await;
     let route = gw.gateway.routes().resolve("m").unwrap().clone();
-    let tokens_in_flight = || -> u64 { route.pool.replicas().iter().map(|r| r.load.tokens()).sum() };
+    let tokens_in_flight =
+        || -> u64 { route.pool.replicas().iter().map(|r| r.load.tokens()).sum() };
     let mut reserved = Vec::new();
     for n in [1, 8] {
-        let body = format!(
-            r#"{{"model":"m","prompt":"abcd","max_tokens":10,"n":{n},"x_ttft_ms":400}}"#
-        );
+        let body =
+            format!(r#"{{"model":"m","prompt":"abcd","max_tokens":10,"n":{n},"x_ttft_ms":400}}"#);
         let url = gw.url();
         let task = tokio::spawn(async move { post(&url, "/v1/completions", &body).await.0 });
         let started = std::time::Instant::now();
         while tokens_in_flight() == 0 {
-            assert!(started.elapsed() < Duration::from_secs(2), "never in flight");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "never in flight"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         reserved.push(tokens_in_flight());
@@ -120,7 +126,11 @@ async fn replica_addresses_do_not_reach_clients() {
     drop(gw);
     let gw = gateway(yaml(true)).await;
     let (_, h, _) = complete(&gw.url()).await;
-    assert_eq!(h["x-infergate-replica"], up.key().as_str(), "on when enabled");
+    assert_eq!(
+        h["x-infergate-replica"],
+        up.key().as_str(),
+        "on when enabled"
+    );
 
     // A replica that refuses connections: the 502 names no address.
     let dead = dead_url();
@@ -162,7 +172,10 @@ async fn an_engine_400_is_relayed_as_the_engine_wrote_it() {
             "/v1/completions",
             r#"{"model":"m","prompt":"hi","temperature":-1}"#,
         ),
-        ("/v1/completions", r#"{"model":"m","prompt":"hi","top_p":0}"#),
+        (
+            "/v1/completions",
+            r#"{"model":"m","prompt":"hi","top_p":0}"#,
+        ),
         ("/v1/completions", r#"{"model":"m","prompt":"hi","n":0}"#),
     ] {
         let (ds, _, db) = post(&direct, path, body).await;

@@ -213,13 +213,23 @@ mod tests {
     async fn limits_and_content_types() {
         let b = Arc::new(BodyBudget::default());
         let h = HeaderMap::new();
-        let ok = read_limited(&h, Full::new(Bytes::from_static(b"12345")), &limits(&b, 5, 100)).await;
+        let ok = read_limited(
+            &h,
+            Full::new(Bytes::from_static(b"12345")),
+            &limits(&b, 5, 100),
+        )
+        .await;
         let (bytes, permit) = ok.unwrap();
         assert_eq!(bytes, Bytes::from_static(b"12345"));
         assert_eq!(b.used(), 10, "the body and room for its rendered prompt");
         drop(permit);
         assert_eq!(b.used(), 0, "returned on drop");
-        let big = read_limited(&h, Full::new(Bytes::from_static(b"123456")), &limits(&b, 5, 100)).await;
+        let big = read_limited(
+            &h,
+            Full::new(Bytes::from_static(b"123456")),
+            &limits(&b, 5, 100),
+        )
+        .await;
         assert_eq!(big.unwrap_err().status, 413);
         let mut declared = HeaderMap::new();
         declared.insert(http::header::CONTENT_LENGTH, "99".parse().unwrap());
@@ -242,27 +252,40 @@ mod tests {
     async fn the_budget_bounds_bodies_in_flight() {
         let b = Arc::new(BodyBudget::default());
         let h = HeaderMap::new();
-        let (_a, held) = read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 200))
-            .await
-            .unwrap();
-        let e = read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 200))
-            .await
-            .unwrap_err();
+        let (_a, held) = read_limited(
+            &h,
+            Full::new(Bytes::from(vec![b'x'; 60])),
+            &limits(&b, 100, 200),
+        )
+        .await
+        .unwrap();
+        let e = read_limited(
+            &h,
+            Full::new(Bytes::from(vec![b'x'; 60])),
+            &limits(&b, 100, 200),
+        )
+        .await
+        .unwrap_err();
         assert_eq!((e.status.as_u16(), e.retry_after_secs), (503, Some(1)));
         assert_eq!(b.used(), 120, "the refused body gave its share back");
         drop(held);
-        assert!(read_limited(&h, Full::new(Bytes::from(vec![b'x'; 60])), &limits(&b, 100, 200))
-            .await
-            .is_ok());
+        assert!(read_limited(
+            &h,
+            Full::new(Bytes::from(vec![b'x'; 60])),
+            &limits(&b, 100, 200)
+        )
+        .await
+        .is_ok());
     }
 
     #[tokio::test]
     async fn chunks_are_joined_and_a_slow_body_times_out() {
         let b = Arc::new(BodyBudget::default());
         let h = HeaderMap::new();
-        let chunks = futures::stream::iter(
-            ["ab", "cd", "e"].map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(c)))),
-        );
+        let chunks =
+            futures::stream::iter(["ab", "cd", "e"].map(|c| {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(c)))
+            }));
         let (bytes, _p) = read_limited(&h, StreamBody::new(chunks), &limits(&b, 10, 100))
             .await
             .unwrap();
@@ -270,11 +293,20 @@ mod tests {
 
         let slow = futures::stream::unfold(0, |i| async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            (i < 100).then(|| (Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"x"))), i + 1))
+            (i < 100).then(|| {
+                (
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                        b"x",
+                    ))),
+                    i + 1,
+                )
+            })
         });
         let mut l = limits(&b, 1000, 10_000);
         l.deadline = Instant::now() + Duration::from_millis(120);
-        let e = read_limited(&h, StreamBody::new(slow), &l).await.unwrap_err();
+        let e = read_limited(&h, StreamBody::new(slow), &l)
+            .await
+            .unwrap_err();
         assert_eq!(e.status, 408);
     }
 }

@@ -14,9 +14,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
+use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
 use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
-use super::body::BodyBudget;
 use infergate_core::config::{Config, ConfigError, Limits, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::plan::PlanRoute;

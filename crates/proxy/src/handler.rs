@@ -87,7 +87,8 @@ impl RequestIds {
     }
 
     fn record(&self, received_at: Instant) -> RequestRecord {
-        let mut r = RequestRecord::new(self.gateway.to_str().unwrap_or("-").to_owned(), received_at);
+        let mut r =
+            RequestRecord::new(self.gateway.to_str().unwrap_or("-").to_owned(), received_at);
         r.client_request_id = self
             .client
             .as_ref()

@@ -121,12 +121,18 @@ mod tests {
         h.insert("x-client-request-id", "spoofed".parse().unwrap());
         let mut out = Vec::new();
         let client_id = HeaderValue::from_static("client-chosen");
-        upstream_request_headers(&h, &HeaderValue::from_static("rid"), Some(&client_id), 10, |n, v| {
-            out.push((
-                String::from_utf8_lossy(n).into_owned(),
-                String::from_utf8_lossy(v).into_owned(),
-            ))
-        });
+        upstream_request_headers(
+            &h,
+            &HeaderValue::from_static("rid"),
+            Some(&client_id),
+            10,
+            |n, v| {
+                out.push((
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                ))
+            },
+        );
         let pairs: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         assert_eq!(
             pairs,

@@ -72,9 +72,8 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
     let probe: Probe<'_> = serde_json::from_slice(body).map_err(|e| invalid(&e))?;
     let model_span = probe.model.map(|raw| span_of(body, raw));
     let model: Option<Cow<'_, str>> = match probe.model {
-        Some(raw) => serde_json::from_str(raw.get()).map_err(|_| {
-            ApiError::bad_request("`model` must be a string.").with_param("model")
-        })?,
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|_| ApiError::bad_request("`model` must be a string.").with_param("model"))?,
         None => None,
     };
     let model = match model {

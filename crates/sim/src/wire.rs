@@ -85,13 +85,15 @@ pub(crate) fn validate(r: &GenRequest) -> Result<(), ApiError> {
         }
         let ok = match &m.content {
             Value::String(_) | Value::Null => true,
-            Value::Array(parts) => parts.iter().all(|p| {
-                match p.get("type").and_then(Value::as_str) {
-                    Some("text") => p.get("text").is_some_and(Value::is_string),
-                    Some(_) => true,
-                    None => false,
-                }
-            }),
+            Value::Array(parts) => {
+                parts
+                    .iter()
+                    .all(|p| match p.get("type").and_then(Value::as_str) {
+                        Some("text") => p.get("text").is_some_and(Value::is_string),
+                        Some(_) => true,
+                        None => false,
+                    })
+            }
             _ => false,
         };
         if !ok {
@@ -367,10 +369,19 @@ mod tests {
         let ok = |b: &str| validate(&parse::<GenRequest>(b.as_bytes()).unwrap());
         assert!(ok(r#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"q"},{"type":"image_url","image_url":{"url":"x"}}]},{"role":"assistant","content":null},{"role":"tool","content":"r"},{"role":"developer","content":"d"}],"temperature":0,"top_p":1,"n":2}"#).is_ok());
         for (body, param) in [
-            (r#"{"messages":[{"role":"wizard","content":"x"}]}"#, "messages"),
+            (
+                r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
+                "messages",
+            ),
             (r#"{"messages":[{"role":"user","content":7}]}"#, "messages"),
-            (r#"{"messages":[{"role":"user","content":[{"text":"no type"}]}]}"#, "messages"),
-            (r#"{"messages":[{"role":"user","content":[{"type":"text","text":3}]}]}"#, "messages"),
+            (
+                r#"{"messages":[{"role":"user","content":[{"text":"no type"}]}]}"#,
+                "messages",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"text","text":3}]}]}"#,
+                "messages",
+            ),
             (r#"{"prompt":"x","temperature":-0.5}"#, "temperature"),
             (r#"{"prompt":"x","top_p":0}"#, "top_p"),
             (r#"{"prompt":"x","top_p":1.5}"#, "top_p"),

@@ -123,10 +123,7 @@ pub struct Limits {
     #[serde(default = "Limits::default_h2_streams")]
     pub http2_max_concurrent_streams: u32,
     /// HTTP/2 PING interval on idle connections; `off` disables it.
-    #[serde(
-        default = "Limits::default_h2_keepalive",
-        with = "units::opt_duration"
-    )]
+    #[serde(default = "Limits::default_h2_keepalive", with = "units::opt_duration")]
     pub http2_keepalive_interval: Option<Duration>,
     /// A PING unanswered for this long closes the connection.
     #[serde(
@@ -863,18 +860,30 @@ routes:
 
     #[test]
     fn absurd_durations_are_errors_naming_the_field() {
-        for v in ["1e20", "-1", ".nan", ".inf", "-.inf", "1e300s", "\"99999999999h\""] {
+        for v in [
+            "1e20",
+            "-1",
+            ".nan",
+            ".inf",
+            "-.inf",
+            "1e300s",
+            "\"99999999999h\"",
+        ] {
             let bad = GOOD.replace("first_byte: 5m", &format!("first_byte: {v}"));
             let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
             assert!(e.contains("first_byte"), "{v}: {e}");
             assert!(
-                e.contains("out of range") || e.contains("expected a duration") || e.contains("unknown duration unit"),
+                e.contains("out of range")
+                    || e.contains("expected a duration")
+                    || e.contains("unknown duration unit"),
                 "{v}: {e}"
             );
         }
         let near = GOOD.replace("first_byte: 5m", "first_byte: 8760h");
         assert_eq!(
-            Config::parse(&near, "g.yaml").unwrap().routes[0].timeouts.first_byte,
+            Config::parse(&near, "g.yaml").unwrap().routes[0]
+                .timeouts
+                .first_byte,
             units::MAX_DURATION
         );
         let ms = GOOD.replace(

@@ -211,18 +211,37 @@ mod tests {
 
     #[test]
     fn durations_out_of_range_are_errors_not_panics() {
-        for n in [1e20, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e300] {
+        for n in [
+            1e20,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e300,
+        ] {
             let e = duration_from_secs(n, &n).unwrap_err();
             assert!(e.contains("out of range"), "{n}: {e}");
         }
-        for s in ["99999999999999999999999h", "1e20", "-5s", "inf", "NaN", ".inf"] {
+        for s in [
+            "99999999999999999999999h",
+            "1e20",
+            "-5s",
+            "inf",
+            "NaN",
+            ".inf",
+        ] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
-        assert_eq!(duration_from_secs(MAX_DURATION.as_secs_f64(), &0).unwrap(), MAX_DURATION);
+        assert_eq!(
+            duration_from_secs(MAX_DURATION.as_secs_f64(), &0).unwrap(),
+            MAX_DURATION
+        );
         assert!(check_millis(u64::MAX).is_err());
         assert_eq!(check_millis(1500).unwrap(), Duration::from_millis(1500));
         // The cap keeps `Instant + d` from overflowing.
-        assert!(std::time::Instant::now().checked_add(MAX_DURATION).is_some());
+        assert!(std::time::Instant::now()
+            .checked_add(MAX_DURATION)
+            .is_some());
     }
 
     #[test]

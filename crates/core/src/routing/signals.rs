@@ -514,7 +514,8 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
                 Just("llamacpp:kv_cache_usage_ratio"),
             ];
             prop_oneof![
-                (name.clone(), "\\PC{0,40}", "\\PC{0,12}").prop_map(|(n, labels, v)| format!("{n}{{{labels}}} {v}")),
+                (name.clone(), "\\PC{0,40}", "\\PC{0,12}")
+                    .prop_map(|(n, labels, v)| format!("{n}{{{labels}}} {v}")),
                 (name, any::<f64>()).prop_map(|(n, v)| format!("{n} {v}")),
                 "\\PC{0,60}",
                 Just("# HELP x y".to_string()),

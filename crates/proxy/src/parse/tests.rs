@@ -62,10 +62,17 @@ fn rejects_bad_bodies() {
     assert_eq!(e.status, 400, "duplicate key");
     let e = parse_features(ApiKind::Completions, br#"{"model":7}"#).unwrap_err();
     assert_eq!((e.status.as_u16(), e.param), (400, Some("model")));
-    let e = parse_features(ApiKind::ChatCompletions, br#"{"model":"m","messages":[{"content":"x"}]}"#)
-        .unwrap_err();
+    let e = parse_features(
+        ApiKind::ChatCompletions,
+        br#"{"model":"m","messages":[{"content":"x"}]}"#,
+    )
+    .unwrap_err();
     assert_eq!(e.status, 400, "a message without a role");
-    let deep = format!("{{\"model\":\"m\",\"prompt\":{}{}}}", "[".repeat(5000), "]".repeat(5000));
+    let deep = format!(
+        "{{\"model\":\"m\",\"prompt\":{}{}}}",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
     let e = parse_features(ApiKind::Completions, deep.as_bytes()).unwrap_err();
     assert_eq!(e.status, 400, "nesting beyond serde_json's limit");
     let e = parse_features(ApiKind::Completions, b"{\"model\":\"\xff\"}").unwrap_err();
@@ -112,7 +119,9 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
         any::<u64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".{0,8}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {

@@ -208,9 +208,8 @@ impl UpstreamClient {
             out.request_id,
             out.client_request_id,
             out.body.len(),
-            |n, v| {
-            codec::encode_header(&mut head, n, v)
-        });
+            |n, v| codec::encode_header(&mut head, n, v),
+        );
         codec::end_head(&mut head);
         let worker = crate::worker::current() % MAX_WORKER_POOLS;
         let conn = match slot.checkout(worker) {
