@@ -234,22 +234,106 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 fn tls_acceptor(cfg: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = Arc::new(ReloadingCert {
+        current: arc_swap::ArcSwap::from_pointee(load_certified(cfg, &provider)?),
+    });
+    tokio::spawn(watch_cert(
+        Arc::downgrade(&resolver),
+        cfg.clone(),
+        provider.clone(),
+    ));
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+}
+
+/// The listener's certificate, swapped when its files change (a renewed
+/// certificate is served without a restart).
+#[derive(Debug)]
+struct ReloadingCert {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn load_certified(
+    cfg: &TlsConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, StartError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&cfg.cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!(
+            "{}: no certificate",
+            cfg.cert_file.display()
+        )));
+    }
     let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
         .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
+    Ok(rustls::sign::CertifiedKey::new(certs, signer))
+}
+
+/// How often the certificate files are checked for a change.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// Polls the certificate and key files (modification time and length, which
+/// also sees the symlink swap of a mounted Secret) and swaps in a new
+/// certificate; one that does not load is logged and the old one kept. Ends
+/// with the listener (when the resolver is dropped).
+async fn watch_cert(
+    resolver: std::sync::Weak<ReloadingCert>,
+    cfg: TlsConfig,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) {
+    let stamp = |cfg: &TlsConfig| {
+        [&cfg.cert_file, &cfg.key_file].map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        })
+    };
+    let mut seen = stamp(&cfg);
+    loop {
+        tokio::time::sleep(CERT_POLL).await;
+        let Some(resolver) = resolver.upgrade() else {
+            return;
+        };
+        let now = stamp(&cfg);
+        if now == seen {
+            continue;
+        }
+        match load_certified(&cfg, &provider) {
+            Ok(k) => {
+                resolver.current.store(Arc::new(k));
+                seen = now;
+                tracing::info!(cert = %cfg.cert_file.display(), "TLS certificate reloaded");
+            }
+            // Perhaps half written: the rest of the write changes the stamp again.
+            Err(e) => {
+                seen = now;
+                tracing::warn!(error = %e, "TLS certificate not reloaded; keeping the current one");
+            }
+        }
+    }
 }
 
 /// The connection bounds of a listener (`limits` in the config), shared by
