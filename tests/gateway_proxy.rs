@@ -57,12 +57,40 @@ async fn request_id_flows_to_the_replica_and_back() {
         &[("x-request-id", "rid-42")],
     )
     .await;
-    assert_eq!(resp.headers()["x-request-id"], "rid-42");
+    // The gateway's own id upstream and back (issue 13: a client's id let two
+    // clients' requests share one); the client's id kept apart.
+    let gw_id = resp.headers()["x-request-id"].clone();
+    assert_eq!(gw_id.len(), 36);
+    assert_eq!(resp.headers()["x-client-request-id"], "rid-42");
     let seen = up.seen.last_headers.lock().unwrap().clone().unwrap();
-    assert_eq!(seen["x-request-id"], "rid-42");
-    // Generated when absent.
+    assert_eq!(seen["x-request-id"], gw_id);
+    assert_eq!(seen["x-client-request-id"], "rid-42");
+    // Generated when absent, and no client id then.
     let (_, h, _) = complete(&gw.url()).await;
     assert_eq!(h["x-request-id"].len(), 36);
+    assert!(!h.contains_key("x-client-request-id"));
+}
+
+#[tokio::test]
+async fn two_clients_with_the_same_request_id_get_distinct_upstream_ids() {
+    let up = mini_upstream("a", Behaviour::Echo).await;
+    let gw = gateway(config(&[up.url()], "")).await;
+    let mut upstream_ids = Vec::new();
+    for _ in 0..2 {
+        let resp = post_stream(
+            &gw.url(),
+            "/v1/completions",
+            r#"{"model":"m","prompt":"x"}"#,
+            &[("x-request-id", "same-id")],
+        )
+        .await;
+        assert_eq!(resp.headers()["x-client-request-id"], "same-id");
+        let seen = up.seen.last_headers.lock().unwrap().clone().unwrap();
+        assert_eq!(seen["x-client-request-id"], "same-id");
+        assert_eq!(seen["x-request-id"], resp.headers()["x-request-id"]);
+        upstream_ids.push(seen["x-request-id"].clone());
+    }
+    assert_ne!(upstream_ids[0], upstream_ids[1]);
 }
 
 #[tokio::test]

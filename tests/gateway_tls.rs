@@ -54,6 +54,15 @@ async fn connect(
     cert: &std::path::Path,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    try_connect(addr, cert, alpn).await.unwrap()
+}
+
+/// A TLS handshake trusting only the certificate in `cert`.
+async fn try_connect(
+    addr: std::net::SocketAddr,
+    cert: &std::path::Path,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(cert).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -69,7 +78,6 @@ async fn connect(
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 fn request(url: &str) -> http::Request<Full<Bytes>> {
@@ -122,4 +130,55 @@ async fn tls_listener_speaks_h2_and_http1_by_alpn() {
     let resp = send.send_request(request(&url)).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_11);
     assert_eq!(resp.status(), 200);
+}
+
+/// A renewed certificate is served without a restart, and a client that
+/// never finishes its handshake is cut after `limits.tls_handshake_timeout`.
+#[tokio::test]
+async fn certificate_files_are_reloaded_and_stalled_handshakes_are_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(why) = make_cert(dir.path()) {
+        if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+            panic!("required external tool missing: {why}");
+        }
+        eprintln!("SKIPPED certificate_files_are_reloaded_and_stalled_handshakes_are_cut: {why}");
+        return;
+    }
+    let up = mini_upstream("a", Behaviour::Echo).await;
+    let mut cfg = config(&[up.url()], "");
+    cfg.listeners.main.tls = Some(infergate_core::config::TlsConfig {
+        cert_file: dir.path().join("cert.pem"),
+        key_file: dir.path().join("key.pem"),
+    });
+    cfg.limits.tls_handshake_timeout = std::time::Duration::from_millis(300);
+    let gw = gateway(cfg).await;
+    let first = dir.path().join("first.pem");
+    std::fs::copy(dir.path().join("cert.pem"), &first).unwrap();
+    assert!(try_connect(gw.local_addr, &first, b"h2").await.is_ok());
+
+    // A new self-signed certificate (a new key) replaces the files.
+    make_cert(dir.path()).unwrap();
+    let second = dir.path().join("cert.pem");
+    let started = std::time::Instant::now();
+    while try_connect(gw.local_addr, &second, b"h2").await.is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the new certificate is served within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        try_connect(gw.local_addr, &first, b"h2").await.is_err(),
+        "the old certificate is no longer served"
+    );
+
+    // A client that sends nothing after connecting is closed.
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(gw.local_addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), tcp.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed after the handshake timeout: {read:?}"
+    );
 }

@@ -314,6 +314,34 @@ async fn a_configmap_update_applies_within_a_second_and_an_invalid_one_keeps_the
     let (status, _) = post_json(&c, &s.url(), &chat("tiny", "hi", 3, false)).await;
     assert_eq!(status, 200, "the last good config still serves");
     assert_eq!(s.members(), [s.key(0)], "discovery unaffected");
+
+    // A duration that used to panic the watcher (`Duration::from_secs_f64(1e20)`)
+    // is a rejected config with its Event, and the watcher keeps going.
+    let rejected = || {
+        s.api
+            .objects("events")
+            .iter()
+            .filter(|e| e["reason"] == "ConfigRejected")
+            .count()
+    };
+    let before = rejected();
+    let absurd = config_yaml("llama, tiny, huge").replace(
+        "    pool: vllm\n",
+        "    pool: vllm\n    timeouts: { first_byte: 1e20 }\n",
+    );
+    s.api.upsert(&configmap(&absurd));
+    assert!(
+        eventually(SEC, || rejected() > before).await,
+        "first_byte: 1e20 gives a Warning Event"
+    );
+    assert!(s.server.gateway.routes().resolve("huge").is_none());
+    let (status, _) = post_json(&c, &s.url(), &chat("tiny", "hi", 3, false)).await;
+    assert_eq!(status, 200, "the last good config still serves");
+    s.api.upsert(&configmap(&config_yaml("llama, tiny, later")));
+    assert!(
+        eventually(SEC, || s.server.gateway.routes().resolve("later").is_some()).await,
+        "the watcher survived: a later good config applies"
+    );
 }
 
 fn service(name: &str, annotations: &[(&str, &str)]) -> Service {
@@ -516,6 +544,25 @@ async fn the_binary_hot_reloads_its_config_file_outside_kubernetes() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(status_of("tiny").await, 200);
     assert_eq!(status_of("llama").await, 200);
+    // Durations that used to panic (`1e20`, NaN, negative) are rejected configs:
+    // the old one keeps serving and the watcher keeps watching.
+    for bad in ["1e20", ".nan", "-5", ".inf"] {
+        let text = file_config("llama, tiny, huge").replace(
+            "    pool: p\n",
+            &format!("    pool: p\n    timeouts: {{ first_byte: {bad} }}\n"),
+        );
+        std::fs::write(&path, text).unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(status_of("huge").await, 404, "{bad} rejected");
+        assert_eq!(status_of("tiny").await, 200, "{bad}: old config serves");
+    }
+    std::fs::write(&path, file_config("llama, later")).unwrap();
+    let started = std::time::Instant::now();
+    while status_of("later").await != 200 {
+        assert!(started.elapsed() < 2 * SEC, "the file watcher survived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(child.try_wait().unwrap(), None, "the gateway did not exit");
     child.kill().await.unwrap();
 }
 

@@ -49,7 +49,8 @@ pub fn urls(f: &Fleet) -> String {
 /// and `routes:` sections).
 pub async fn gateway(pools_and_routes: &str) -> ServerHandle {
     let yaml = format!(
-        "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n{pools_and_routes}\n"
+        "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n\
+         expose_replica_header: true\n{pools_and_routes}\n"
     );
     let cfg = Config::parse(&yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     infergate_proxy::start(cfg).await.unwrap()

@@ -237,6 +237,7 @@ pub fn config(endpoints: &[String], extra_route: &str) -> Config {
     let yaml = format!(
         "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n\
          max_body_bytes: 64KiB\n\
+         expose_replica_header: true\n\
          pools:\n  - name: p\n{pool}\n\
          routes:\n  - model: m\n    aliases: [m-alias]\n    pool: p\n{routing}{extra_route}\n"
     );

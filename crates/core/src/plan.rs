@@ -271,8 +271,9 @@ impl<R: PlanRoute> RequestPlan<R> {
             (Phase::Sending, Event::Answered { status }) => self.answered(status, now),
             (Phase::Sending, Event::ConnectFailed) => {
                 let replica = self.take_replica();
-                self.last_error =
-                    Some(upstream_failed(format_args!("cannot connect to {replica}")));
+                // The address goes to the log, never to the client.
+                tracing::warn!(route = %self.side.name(), %replica, "cannot connect to replica");
+                self.last_error = Some(upstream_failed("cannot connect to a replica"));
                 self.tried.push(replica);
                 if self.attempt < self.side.config().retries.attempts {
                     self.phase = Phase::Retrying;

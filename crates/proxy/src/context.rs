@@ -2,8 +2,13 @@
 //! moves through the pipeline. Routing and admission read it; extend it here
 //! when a step needs another parsed field or header.
 
-/// Header carrying the request id (generated when the client sends none).
+/// Header carrying the request id: the gateway's own, upstream and to the
+/// client (a client's id would let two clients' requests share one).
 pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+/// The id the client sent as `x-request-id`, kept apart (upstream, in the
+/// log, echoed in the response).
+pub(crate) const CLIENT_REQUEST_ID: http::HeaderName =
+    http::HeaderName::from_static("x-client-request-id");
 /// Header naming the replica that served the request (added to responses).
 pub(crate) const REPLICA_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-infergate-replica");
@@ -43,6 +48,12 @@ pub(crate) struct RequestFeatures {
     pub user: Option<String>,
     /// The client asked for a usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Completions asked for: the larger of `n` and `best_of` (1 when unset).
+    pub choices: u32,
+    /// Where the `model` value sits in the body (for a rewrite by splicing).
+    pub model_span: Option<std::ops::Range<usize>>,
+    /// Where the `stream_options` value sits in the body, when present.
+    pub stream_options_span: Option<std::ops::Range<usize>>,
 }
 
 /// One request as it moves through the pipeline.

@@ -189,6 +189,7 @@ pub(crate) async fn forward(
                     headers: out.headers,
                     body: body.clone(),
                     request_id: out.request_id,
+                    client_request_id: out.client_request_id,
                 };
                 let (event, answered) = send(&route, guard, &this, ctx, first_byte_deadline).await;
                 let next = plan.on(event, Instant::now());

@@ -14,9 +14,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 
+use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
 use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
-use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
+use infergate_core::config::{Config, ConfigError, Limits, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
@@ -66,8 +67,14 @@ impl PlanRoute for Route {
 pub struct RouteTable {
     by_model: HashMap<String, Arc<Route>>,
     pub routes: Vec<Arc<Route>>,
-    /// Limit applied while reading a body (before the route is known).
+    /// Body limit of a route that sets none.
     pub max_body_bytes: u64,
+    /// Limit applied while reading a body (before the route is known): the
+    /// largest any route accepts.
+    pub max_read_body_bytes: u64,
+    pub limits: Limits,
+    /// Whether responses name the replica (`x-infergate-replica`).
+    pub expose_replica_header: bool,
     /// The `GET /v1/models` answer, rendered once.
     pub models_body: Bytes,
 }
@@ -90,6 +97,8 @@ pub struct Gateway {
     ready: AtomicBool,
     /// Queues, ejections and canary verdicts, kept across reloads.
     admissions: AdmissionRegistry,
+    /// Request-body bytes held by all requests (bounded by `limits`).
+    pub(crate) body_budget: Arc<BodyBudget>,
 }
 
 #[derive(Default)]
@@ -119,8 +128,12 @@ impl Gateway {
                 by_model: HashMap::new(),
                 routes: Vec::new(),
                 max_body_bytes: config.max_body_bytes,
+                max_read_body_bytes: config.max_read_body_bytes(),
+                limits: config.limits.clone(),
+                expose_replica_header: config.expose_replica_header,
                 models_body: Bytes::new(),
             }),
+            body_budget: Arc::default(),
             config: tx,
             state: Mutex::new(ReloadState::default()),
             ready: AtomicBool::new(true),
@@ -281,6 +294,9 @@ impl Gateway {
             by_model,
             routes,
             max_body_bytes: config.max_body_bytes,
+            max_read_body_bytes: config.max_read_body_bytes(),
+            limits: config.limits.clone(),
+            expose_replica_header: config.expose_replica_header,
             models_body,
         }));
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();

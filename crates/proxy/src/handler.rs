@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 
-use super::body::{check_content_type, read_limited, too_large};
-use super::context::{ApiKind, RequestContext, REPLICA_HEADER, REQUEST_ID};
+use super::body::{check_content_type, read_limited, too_large, BodyLimits};
+use super::context::{ApiKind, RequestContext, CLIENT_REQUEST_ID, REPLICA_HEADER, REQUEST_ID};
 use super::execute::{self, served_headers, Plan};
 use super::gateway::Gateway;
 use super::headers::{clean_response_headers, is_event_stream};
@@ -28,20 +28,18 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let received_at = Instant::now();
-    let request_id = request_id_of(&req);
+    let ids = RequestIds::of(&req);
     let version = req.version();
     let mut resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
-        (&Method::POST, p) if p.starts_with("/v1/") => {
-            proxy(&gw, req, request_id.clone(), received_at).await
-        }
+        (&Method::POST, p) if p.starts_with("/v1/") => proxy(&gw, req, &ids, received_at).await,
         (_, p) if p.starts_with("/v1/") => reject(
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
                 format!("Method {} is not allowed on {p}", req.method()),
             ),
-            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
+            ids.record(received_at),
         ),
         (_, p) => reject(
             ApiError::new(
@@ -50,10 +48,14 @@ where
                 format!("Unknown path {p}"),
             )
             .with_code("not_found"),
-            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
+            ids.record(received_at),
         ),
     };
-    resp.headers_mut().insert(REQUEST_ID, request_id);
+    let h = resp.headers_mut();
+    h.insert(REQUEST_ID, ids.gateway);
+    if let Some(c) = ids.client {
+        h.insert(CLIENT_REQUEST_ID, c);
+    }
     if version == http::Version::HTTP_2 {
         let limit = gw.config().listeners.main.client_stall;
         resp = resp.map(|b| b.watch_stream(limit));
@@ -61,15 +63,38 @@ where
     resp
 }
 
-/// The client's `x-request-id` when usable, else a fresh UUID.
-fn request_id_of<B>(req: &Request<B>) -> HeaderValue {
-    match req.headers().get(REQUEST_ID) {
-        Some(v) if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() => v.clone(),
-        _ => {
-            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
-        }
+/// A request's ids: the gateway's own (always fresh: a client's id would let
+/// two clients' requests share one upstream and in the log) and the
+/// client's `x-request-id`, kept apart.
+struct RequestIds {
+    gateway: HeaderValue,
+    client: Option<HeaderValue>,
+}
+
+impl RequestIds {
+    fn of<B>(req: &Request<B>) -> Self {
+        let client = req
+            .headers()
+            .get(REQUEST_ID)
+            .filter(|v| {
+                !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic)
+            })
+            .cloned();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        let gateway = HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"));
+        RequestIds { gateway, client }
+    }
+
+    fn record(&self, received_at: Instant) -> RequestRecord {
+        let mut r =
+            RequestRecord::new(self.gateway.to_str().unwrap_or("-").to_owned(), received_at);
+        r.client_request_id = self
+            .client
+            .as_ref()
+            .and_then(|c| c.to_str().ok())
+            .map(str::to_owned);
+        r
     }
 }
 
@@ -89,22 +114,30 @@ fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
 async fn proxy<B>(
     gw: &Gateway,
     req: Request<B>,
-    request_id: HeaderValue,
+    ids: &RequestIds,
     received_at: Instant,
 ) -> Response<GatewayBody>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut record = RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at);
+    let mut record = ids.record(received_at);
     let (parts, body) = req.into_parts();
     let kind = ApiKind::from_path(parts.uri.path());
     let table = gw.routes();
+    let limits = &table.limits;
 
     if let Err(e) = check_content_type(&parts.headers) {
         return reject(e, record);
     }
-    let body = match read_limited(&parts.headers, body, table.max_body_bytes).await {
+    let read = BodyLimits {
+        max_bytes: table.max_read_body_bytes,
+        budget: &gw.body_budget,
+        max_inflight: limits.max_inflight_body_bytes,
+        deadline: received_at + limits.body_read_timeout,
+        timeout: limits.body_read_timeout,
+    };
+    let (body, body_permit) = match read_limited(&parts.headers, body, &read).await {
         Ok(b) => b,
         Err(e) => return reject(e, record),
     };
@@ -112,21 +145,34 @@ where
         Ok(f) => f,
         Err(e) => return reject(e, record),
     };
-    record.model = features.model.clone();
+    record.set_model(&features.model);
     record.prompt_tokens = u64::from(features.prompt_tokens);
     let Some(route) = table.resolve(&features.model).cloned() else {
         return reject(ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
     let rc = &route.config;
-    if let Some(limit) = rc.max_body_bytes {
-        if body.len() as u64 > limit {
-            return reject(too_large(limit), record);
-        }
+    let body_limit = rc.max_body_bytes.unwrap_or(table.max_body_bytes);
+    if body.len() as u64 > body_limit {
+        return reject(too_large(body_limit), record);
+    }
+    if features.choices > limits.max_n {
+        return reject(
+            ApiError::bad_request(format!(
+                "`n` and `best_of` may be at most {} on this gateway",
+                limits.max_n
+            ))
+            .with_param("n"),
+            record,
+        );
     }
 
     let mut ctx = RequestContext::new(record.request_id.clone());
-    ctx.expected_output_tokens = features.max_tokens.unwrap_or(rc.default_max_tokens);
+    // Every completion asked for (`n`, `best_of`) generates its own output.
+    ctx.expected_output_tokens = features
+        .max_tokens
+        .unwrap_or(rc.default_max_tokens)
+        .saturating_mul(features.choices.max(1));
     ctx.features = features;
 
     let fallbacks = rc
@@ -156,6 +202,7 @@ where
     };
 
     let timeouts = rc.timeouts.clone();
+    let expose_replica = table.expose_replica_header;
     let stream = ctx.features.stream;
     let first_byte_deadline = reserved.first_byte_deadline;
     record.overhead = Some(received_at.elapsed());
@@ -165,7 +212,8 @@ where
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let headers = parts.headers;
-    let rid = request_id.clone();
+    let rid = ids.gateway.clone();
+    let client_rid = ids.client.clone();
     let include_usage = rc.usage.include_usage;
     let mut pending = Box::pin(async move {
         let out = Outgoing {
@@ -173,8 +221,12 @@ where
             headers: &headers,
             body,
             request_id: &rid,
+            client_request_id: client_rid.as_ref(),
         };
-        execute::forward(plan, reserved, &ctx, out, include_usage).await
+        let r = execute::forward(plan, reserved, &ctx, out, include_usage).await;
+        // The body is gone once forwarded: its bytes leave the budget.
+        drop(body_permit);
+        r
     });
 
     let upstream = match (stream, timeouts.keepalive_after) {
@@ -220,8 +272,13 @@ where
                 // The relay may append an error event: the length is not known.
                 head.headers.remove(http::header::CONTENT_LENGTH);
             }
-            if let Ok(v) = HeaderValue::from_str(up.guard.replica().key()) {
-                head.headers.insert(REPLICA_HEADER, v);
+            // Replica addresses are internal: named only when config allows.
+            if expose_replica {
+                if let Ok(v) = HeaderValue::from_str(up.guard.replica().key()) {
+                    head.headers.insert(REPLICA_HEADER, v);
+                }
+            } else {
+                head.headers.remove(REPLICA_HEADER);
             }
             served_headers(&mut head.headers, &up.served);
             record.canary = up.served.canary.clone();

@@ -1,6 +1,7 @@
 //! Header hygiene between client and replica: hop-by-hop headers are not
 //! forwarded (RFC 9110 §7.6.1), and the gateway sets Host, Content-Length and
-//! the request id itself.
+//! the request ids itself (its own `x-request-id`; the client's in
+//! `x-client-request-id`).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -32,12 +33,14 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 /// Calls `emit` with each header of the upstream request: the client's,
-/// without hop-by-hop ones, Host, Content-Length and Expect, then the request
-/// id and the body's length. Written straight into the request head, with no
-/// intermediate header map.
+/// without hop-by-hop ones, Host, Content-Length, Expect and the request ids,
+/// then the gateway's request id, the client's own id (if it sent one) as
+/// `x-client-request-id`, and the body's length. Written straight into the
+/// request head, with no intermediate header map.
 pub(crate) fn upstream_request_headers(
     client: &HeaderMap,
     request_id: &HeaderValue,
+    client_request_id: Option<&HeaderValue>,
     content_length: usize,
     mut emit: impl FnMut(&[u8], &[u8]),
 ) {
@@ -48,6 +51,7 @@ pub(crate) fn upstream_request_headers(
             || name == header::CONTENT_LENGTH
             || name == header::EXPECT
             || name == super::context::REQUEST_ID
+            || name == super::context::CLIENT_REQUEST_ID
             || listed.contains(name)
         {
             continue;
@@ -58,6 +62,12 @@ pub(crate) fn upstream_request_headers(
         super::context::REQUEST_ID.as_str().as_bytes(),
         request_id.as_bytes(),
     );
+    if let Some(id) = client_request_id {
+        emit(
+            super::context::CLIENT_REQUEST_ID.as_str().as_bytes(),
+            id.as_bytes(),
+        );
+    }
     let mut length = itoa::Buffer::new();
     emit(b"content-length", length.format(content_length).as_bytes());
 }
@@ -108,19 +118,28 @@ mod tests {
         h.insert("authorization", "Bearer k".parse().unwrap());
         h.insert("content-length", "3".parse().unwrap());
         h.insert("x-request-id", "client-chosen".parse().unwrap());
+        h.insert("x-client-request-id", "spoofed".parse().unwrap());
         let mut out = Vec::new();
-        upstream_request_headers(&h, &HeaderValue::from_static("rid"), 10, |n, v| {
-            out.push((
-                String::from_utf8_lossy(n).into_owned(),
-                String::from_utf8_lossy(v).into_owned(),
-            ))
-        });
+        let client_id = HeaderValue::from_static("client-chosen");
+        upstream_request_headers(
+            &h,
+            &HeaderValue::from_static("rid"),
+            Some(&client_id),
+            10,
+            |n, v| {
+                out.push((
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                ))
+            },
+        );
         let pairs: Vec<(&str, &str)> = out.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         assert_eq!(
             pairs,
             [
                 ("authorization", "Bearer k"),
                 ("x-request-id", "rid"),
+                ("x-client-request-id", "client-chosen"),
                 ("content-length", "10")
             ]
         );

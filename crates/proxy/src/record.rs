@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 use crate::telemetry::{log, metrics};
 use infergate_core::admission::{CanarySide, CanarySplit};
 
+/// The route of a request whose model did not resolve (yet).
+const UNRESOLVED: &str = "-";
+/// The longest model name written to the log.
+const MAX_LOGGED_MODEL: usize = 256;
+
 /// How a request ended, for the log and the `outcome` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -37,7 +42,10 @@ impl Outcome {
 /// What is known about a request so far.
 #[derive(Debug)]
 pub struct RequestRecord {
+    /// The gateway's id of the request.
     pub request_id: String,
+    /// The id the client sent as `x-request-id`, if any.
+    pub client_request_id: Option<String>,
     pub route: Arc<str>,
     pub model: String,
     pub replica: Arc<str>,
@@ -57,7 +65,8 @@ impl RequestRecord {
     pub fn new(request_id: String, received_at: Instant) -> Self {
         RequestRecord {
             request_id,
-            route: Arc::from("-"),
+            client_request_id: None,
+            route: Arc::from(UNRESOLVED),
             model: String::new(),
             replica: Arc::from("-"),
             received_at,
@@ -68,6 +77,22 @@ impl RequestRecord {
             attempts: 0,
             canary: None,
         }
+    }
+
+    /// Whether the request's model resolved to a route.
+    fn resolved(&self) -> bool {
+        &*self.route != UNRESOLVED
+    }
+
+    /// Keeps the client's model name for the log, cut to [`MAX_LOGGED_MODEL`]
+    /// bytes: a client may send megabytes of it.
+    pub fn set_model(&mut self, model: &str) {
+        self.model.clear();
+        let mut end = model.len().min(MAX_LOGGED_MODEL);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.model.push_str(&model[..end]);
     }
 
     /// Writes the log line and the metrics.
@@ -86,6 +111,7 @@ impl RequestRecord {
         }
         log::request_line(&log::RequestLine {
             request_id: &self.request_id,
+            client_request_id: self.client_request_id.as_deref(),
             model: &self.model,
             route: &self.route,
             replica: &self.replica,
@@ -97,9 +123,16 @@ impl RequestRecord {
             duration,
             attempts: self.attempts,
         });
+        // Labels come from config only: the route the model name resolved
+        // to, or `unknown`; never the client's string (unbounded series).
+        let model_label: &str = if self.resolved() {
+            &self.route
+        } else {
+            "unknown"
+        };
         metrics::record_finished(&metrics::Finished {
             route: &self.route,
-            model: &self.model,
+            model: model_label,
             replica: &self.replica,
             status,
             outcome: outcome.as_str(),

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::gateway::Gateway;
 use crate::backpressure::StallIo;
-use infergate_core::config::{Config, ConfigError, Listener, TlsConfig};
+use infergate_core::config::{Config, ConfigError, Limits, Listener, TlsConfig};
 
 /// The server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +107,8 @@ pub async fn start_with(
             source,
         })?;
     let tls = main.tls.as_ref().map(tls_acceptor).transpose()?;
+    // Read at start (like `workers`): a reload does not rebuild listeners.
+    let limits = ConnLimits::new(&gateway.config().limits);
     let gw = gateway.clone();
     let handler = move |req| {
         let gw = gw.clone();
@@ -116,14 +119,23 @@ pub async fn start_with(
             main_listener,
             tls,
             main.client_stall,
+            limits.clone(),
             stop_rx,
             handler,
         )),
-        Some(n) => spawn_workers(n, main_listener, tls, main.client_stall, stop_rx, handler)
-            .map_err(|source| StartError::Bind {
-                addr: local_addr,
-                source,
-            })?,
+        Some(n) => spawn_workers(
+            n,
+            main_listener,
+            tls,
+            main.client_stall,
+            limits.clone(),
+            stop_rx,
+            handler,
+        )
+        .map_err(|source| StartError::Bind {
+            addr: local_addr,
+            source,
+        })?,
     };
 
     let mut admin_addr = None;
@@ -137,6 +149,7 @@ pub async fn start_with(
             l,
             tls,
             a.client_stall,
+            limits.for_another_listener(),
             stop_admin_rx,
             move |req| {
                 let r = super::admin::handle(&gw, &req);
@@ -171,6 +184,7 @@ fn spawn_workers<F, Fut>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     client_stall: Option<Duration>,
+    limits: ConnLimits,
     stop: watch::Receiver<Option<Duration>>,
     handler: F,
 ) -> std::io::Result<JoinHandle<()>>
@@ -185,6 +199,7 @@ where
     for i in 1..=n.max(1) {
         let socket = shared.try_clone()?;
         let (tls, stop, handler) = (tls.clone(), stop.clone(), handler.clone());
+        let limits = limits.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -195,7 +210,7 @@ where
                 super::worker::enter(i);
                 runtime.block_on(async move {
                     match TcpListener::from_std(socket) {
-                        Ok(l) => accept_loop(l, tls, client_stall, stop, handler).await,
+                        Ok(l) => accept_loop(l, tls, client_stall, limits, stop, handler).await,
                         Err(e) => tracing::error!(error = %e, worker = i, "worker cannot listen"),
                     }
                 });
@@ -219,39 +234,180 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 fn tls_acceptor(cfg: &TlsConfig) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = Arc::new(ReloadingCert {
+        current: arc_swap::ArcSwap::from_pointee(load_certified(cfg, &provider)?),
+    });
+    tokio::spawn(watch_cert(
+        Arc::downgrade(&resolver),
+        cfg.clone(),
+        provider.clone(),
+    ));
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+}
+
+/// The listener's certificate, swapped when its files change (a renewed
+/// certificate is served without a restart).
+#[derive(Debug)]
+struct ReloadingCert {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn load_certified(
+    cfg: &TlsConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, StartError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(&cfg.cert_file)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.cert_file.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!(
+            "{}: no certificate",
+            cfg.cert_file.display()
+        )));
+    }
     let key = PrivateKeyDer::from_pem_file(&cfg.key_file)
         .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| StartError::Tls(format!("{}: {e}", cfg.key_file.display())))?;
+    Ok(rustls::sign::CertifiedKey::new(certs, signer))
 }
 
-fn conn_builder() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        // Pipelined requests get their answers in one write.
-        .pipeline_flush(true);
-    b.http2().timer(TokioTimer::new());
-    b
+/// How often the certificate files are checked for a change.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// Polls the certificate and key files (modification time and length, which
+/// also sees the symlink swap of a mounted Secret) and swaps in a new
+/// certificate; one that does not load is logged and the old one kept. Ends
+/// with the listener (when the resolver is dropped).
+async fn watch_cert(
+    resolver: std::sync::Weak<ReloadingCert>,
+    cfg: TlsConfig,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) {
+    let stamp = |cfg: &TlsConfig| {
+        [&cfg.cert_file, &cfg.key_file].map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        })
+    };
+    let mut seen = stamp(&cfg);
+    loop {
+        tokio::time::sleep(CERT_POLL).await;
+        let Some(resolver) = resolver.upgrade() else {
+            return;
+        };
+        let now = stamp(&cfg);
+        if now == seen {
+            continue;
+        }
+        match load_certified(&cfg, &provider) {
+            Ok(k) => {
+                resolver.current.store(Arc::new(k));
+                seen = now;
+                tracing::info!(cert = %cfg.cert_file.display(), "TLS certificate reloaded");
+            }
+            // Perhaps half written: the rest of the write changes the stamp again.
+            Err(e) => {
+                seen = now;
+                tracing::warn!(error = %e, "TLS certificate not reloaded; keeping the current one");
+            }
+        }
+    }
+}
+
+/// The connection bounds of a listener (`limits` in the config), shared by
+/// its worker threads.
+#[derive(Clone)]
+struct ConnLimits {
+    /// Connections open now, across the listener's workers.
+    open: Arc<AtomicUsize>,
+    max_connections: usize,
+    tls_handshake_timeout: Duration,
+    header_read_timeout: Duration,
+    h2_max_streams: u32,
+    h2_keepalive_interval: Option<Duration>,
+    h2_keepalive_timeout: Duration,
+}
+
+impl ConnLimits {
+    fn new(l: &Limits) -> Self {
+        ConnLimits {
+            open: Arc::default(),
+            max_connections: l.max_connections,
+            tls_handshake_timeout: l.tls_handshake_timeout,
+            header_read_timeout: l.header_read_timeout,
+            h2_max_streams: l.http2_max_concurrent_streams,
+            h2_keepalive_interval: l.http2_keepalive_interval,
+            h2_keepalive_timeout: l.http2_keepalive_timeout,
+        }
+    }
+
+    /// The same bounds with a count of its own.
+    fn for_another_listener(&self) -> Self {
+        ConnLimits {
+            open: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Counts a new connection, or `None` when the listener is full.
+    fn admit(&self) -> Option<OpenConn> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        let guard = OpenConn(self.open.clone());
+        (before < self.max_connections).then_some(guard)
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            // Pipelined requests get their answers in one write.
+            .pipeline_flush(true);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.h2_max_streams)
+            .keep_alive_interval(self.h2_keepalive_interval)
+            .keep_alive_timeout(self.h2_keepalive_timeout);
+        b
+    }
+}
+
+/// One open connection of a listener; uncounted on drop.
+struct OpenConn(Arc<AtomicUsize>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     client_stall: Option<Duration>,
+    limits: ConnLimits,
     mut stop: watch::Receiver<Option<Duration>>,
     handler: F,
 ) where
@@ -260,7 +416,8 @@ async fn accept_loop<F, Fut>(
         + Send
         + 'static,
 {
-    let builder = Arc::new(conn_builder());
+    let builder = Arc::new(limits.builder());
+    let handshake_timeout = limits.tls_handshake_timeout;
     let graceful = GracefulShutdown::new();
     let mut conns = tokio::task::JoinSet::new();
     let grace = loop {
@@ -276,6 +433,11 @@ async fn accept_loop<F, Fut>(
                         continue;
                     }
                 };
+                let Some(open) = limits.admit() else {
+                    // Over the cap: closed at once (dropped), before any read.
+                    tracing::debug!(max = limits.max_connections, "connection refused: listener full");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let stream = StallIo::new(stream, client_stall);
                 let svc = service_fn(handler.clone());
@@ -287,6 +449,7 @@ async fn accept_loop<F, Fut>(
                 match tls {
                     None => {
                         conns.spawn(async move {
+                            let _open = open;
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
                             if let Err(e) = watcher.watch(conn.into_owned()).await {
                                 tracing::debug!(error = %e, "connection ended with an error");
@@ -295,10 +458,16 @@ async fn accept_loop<F, Fut>(
                     }
                     Some(acceptor) => {
                         conns.spawn(async move {
-                            let s = match acceptor.accept(stream).await {
-                                Ok(s) => s,
-                                Err(e) => {
+                            let _open = open;
+                            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                            let s = match handshake.await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
                                     tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
                                     return;
                                 }
                             };

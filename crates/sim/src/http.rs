@@ -282,6 +282,7 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
     *lock(&rep.last_headers) = Some(req.headers().clone());
     let body = read_body(req).await?;
     let r: GenRequest = wire::parse(&body)?;
+    wire::validate(&r)?;
     let stream = r.stream.unwrap_or(false);
     let stall = match rep.fault_verdict(stream) {
         FaultVerdict::Proceed { stall } => stall,

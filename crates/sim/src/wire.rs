@@ -59,6 +59,74 @@ pub(crate) struct GenRequest {
     /// Embeddings input.
     #[serde(default)]
     pub input: Option<Value>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub n: Option<i64>,
+}
+
+/// Roles vLLM's chat templates accept.
+const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "developer"];
+
+/// Checks what vLLM's request validation checks before scheduling (roles,
+/// content types, sampling ranges, `n`); the context length is checked once
+/// the prompt is tokenized. A violation is vLLM's 400.
+pub(crate) fn validate(r: &GenRequest) -> Result<(), ApiError> {
+    for (i, m) in r.messages.iter().flatten().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}].role: unknown role `{}` (expected one of {})",
+                m.role,
+                ROLES.join(", ")
+            ))
+            .with_param("messages"));
+        }
+        let ok = match &m.content {
+            Value::String(_) | Value::Null => true,
+            Value::Array(parts) => {
+                parts
+                    .iter()
+                    .all(|p| match p.get("type").and_then(Value::as_str) {
+                        Some("text") => p.get("text").is_some_and(Value::is_string),
+                        Some(_) => true,
+                        None => false,
+                    })
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}].content: expected a string or a list of typed content parts"
+            ))
+            .with_param("messages"));
+        }
+    }
+    if let Some(t) = r.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(ApiError::bad_request(format!(
+                "temperature must be non-negative, got {t}."
+            ))
+            .with_param("temperature"));
+        }
+    }
+    if let Some(p) = r.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(
+                ApiError::bad_request(format!("top_p must be in (0, 1], got {p}."))
+                    .with_param("top_p"),
+            );
+        }
+    }
+    if let Some(n) = r.n {
+        if n < 1 {
+            return Err(
+                ApiError::bad_request(format!("n must be at least 1, got {n}.")).with_param("n"),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Parses a JSON body, answering malformed JSON and wrong field types with 400.
@@ -294,6 +362,34 @@ mod tests {
         let v = full_response(ApiKind::Completion, "cmpl-1", 1, "m", 0, 5, "length", 3, 0);
         assert_eq!(v["object"], "text_completion");
         assert_eq!(count_tokens(v["choices"][0]["text"].as_str().unwrap()), 5);
+    }
+
+    #[test]
+    fn validates_like_vllm() {
+        let ok = |b: &str| validate(&parse::<GenRequest>(b.as_bytes()).unwrap());
+        assert!(ok(r#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"q"},{"type":"image_url","image_url":{"url":"x"}}]},{"role":"assistant","content":null},{"role":"tool","content":"r"},{"role":"developer","content":"d"}],"temperature":0,"top_p":1,"n":2}"#).is_ok());
+        for (body, param) in [
+            (
+                r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
+                "messages",
+            ),
+            (r#"{"messages":[{"role":"user","content":7}]}"#, "messages"),
+            (
+                r#"{"messages":[{"role":"user","content":[{"text":"no type"}]}]}"#,
+                "messages",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"text","text":3}]}]}"#,
+                "messages",
+            ),
+            (r#"{"prompt":"x","temperature":-0.5}"#, "temperature"),
+            (r#"{"prompt":"x","top_p":0}"#, "top_p"),
+            (r#"{"prompt":"x","top_p":1.5}"#, "top_p"),
+            (r#"{"prompt":"x","n":0}"#, "n"),
+        ] {
+            let e = ok(body).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param), (400, Some(param)), "{body}");
+        }
     }
 
     #[test]

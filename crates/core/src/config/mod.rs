@@ -9,6 +9,8 @@
 //! - `routes`: a model name and its aliases, mapped to a pool, with per-route
 //!   timeouts, retries, body limit, usage injection, and the `routing:` and
 //!   `admission:` sections owned by those modules.
+//! - `limits`: bounds that protect the gateway itself from its clients (bodies
+//!   in flight, slow bodies, `n`, connections, TLS handshakes, HTTP/2 streams).
 //!
 //! Unknown keys are errors everywhere (`deny_unknown_fields`), so a typo never
 //! silently falls back to a default. See docs/config.md for the reference.
@@ -61,10 +63,16 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(default)]
     pub listeners: Listeners,
-    /// Request-size limit applied while the body is read (before the route is
-    /// known); a route may set a smaller one.
+    /// Request-body limit of a route that sets none (413 beyond). A route's
+    /// own `max_body_bytes` replaces it, larger or smaller.
     #[serde(default = "default_max_body", with = "units::size")]
     pub max_body_bytes: u64,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Answer `x-infergate-replica` (the replica's `host:port`) on responses.
+    /// Off by default: replica addresses are internal to the deployment.
+    #[serde(default)]
+    pub expose_replica_header: bool,
     /// How long in-flight requests may run after SIGTERM before the process exits.
     #[serde(default = "default_grace", with = "units::duration")]
     pub shutdown_grace: Duration,
@@ -76,8 +84,99 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
+/// token ids (`[12345, ...]`); 4x that covers long chat histories. Requests
+/// carrying images as base64 need more: raise it on their route.
 fn default_max_body() -> u64 {
-    16 << 20
+    4 << 20
+}
+
+/// Bounds that keep one client (or many) from exhausting the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Request-body bytes held by all requests at once, counting each body
+    /// twice (the body and the prompt text rendered from it) until it has
+    /// gone upstream; a request that would exceed it is answered 503 with
+    /// `Retry-After`. At least twice every body limit.
+    #[serde(default = "Limits::default_inflight", with = "units::size")]
+    pub max_inflight_body_bytes: u64,
+    /// An HTTP/1 request head must arrive within this long (slow-header
+    /// clients, "slowloris", are cut).
+    #[serde(default = "Limits::default_header_read", with = "units::duration")]
+    pub header_read_timeout: Duration,
+    /// The whole body must arrive within this long after the request head
+    /// (408 beyond): a client trickling its body holds memory and a slot.
+    #[serde(default = "Limits::default_body_read", with = "units::duration")]
+    pub body_read_timeout: Duration,
+    /// The largest `n` (and `best_of`) a request may ask for (400 beyond); the
+    /// cost estimate reserves `n` times the output.
+    #[serde(default = "Limits::default_max_n")]
+    pub max_n: u32,
+    /// Open client connections per listener; more are closed at accept.
+    #[serde(default = "Limits::default_max_connections")]
+    pub max_connections: usize,
+    /// A TLS client must finish its handshake within this long.
+    #[serde(default = "Limits::default_tls_handshake", with = "units::duration")]
+    pub tls_handshake_timeout: Duration,
+    /// Concurrent streams an HTTP/2 client may open on one connection.
+    #[serde(default = "Limits::default_h2_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 PING interval on idle connections; `off` disables it.
+    #[serde(default = "Limits::default_h2_keepalive", with = "units::opt_duration")]
+    pub http2_keepalive_interval: Option<Duration>,
+    /// A PING unanswered for this long closes the connection.
+    #[serde(
+        default = "Limits::default_h2_keepalive_timeout",
+        with = "units::duration"
+    )]
+    pub http2_keepalive_timeout: Duration,
+}
+
+impl Limits {
+    fn default_inflight() -> u64 {
+        256 << 20
+    }
+    fn default_body_read() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_header_read() -> Duration {
+        Duration::from_secs(30)
+    }
+    fn default_max_n() -> u32 {
+        128
+    }
+    fn default_max_connections() -> usize {
+        10_000
+    }
+    fn default_tls_handshake() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_h2_streams() -> u32 {
+        256
+    }
+    fn default_h2_keepalive() -> Option<Duration> {
+        Some(Duration::from_secs(30))
+    }
+    fn default_h2_keepalive_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_inflight_body_bytes: Self::default_inflight(),
+            header_read_timeout: Self::default_header_read(),
+            body_read_timeout: Self::default_body_read(),
+            max_n: Self::default_max_n(),
+            max_connections: Self::default_max_connections(),
+            tls_handshake_timeout: Self::default_tls_handshake(),
+            http2_max_concurrent_streams: Self::default_h2_streams(),
+            http2_keepalive_interval: Self::default_h2_keepalive(),
+            http2_keepalive_timeout: Self::default_h2_keepalive_timeout(),
+        }
+    }
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)
@@ -247,7 +346,7 @@ pub struct RouteConfig {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub retries: RetryConfig,
-    /// A smaller body limit for this route (the global `max_body_bytes` applies first).
+    /// This route's body limit, larger or smaller than the global `max_body_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_size")]
     pub max_body_bytes: Option<u64>,
     #[serde(default)]
@@ -396,7 +495,12 @@ impl Config {
 
     /// Parses and validates YAML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            // The YAML error's own path stops at the enclosing map; the
+            // tracked one names the field (`routes[0].timeouts.first_byte`).
+            let path = e.path().to_string();
+            let e = e.into_inner();
             let (line, column) = e
                 .location()
                 .map(|l| (l.line(), l.column()))
@@ -405,6 +509,7 @@ impl Config {
             if let Some(i) = message.rfind(" at line ") {
                 message.truncate(i);
             }
+            message = with_full_path(message, &path);
             ConfigError::Parse {
                 file: file.to_string(),
                 line,
@@ -461,6 +566,18 @@ impl Config {
                 _ => {}
             }
             for url in &p.endpoints {
+                if url.starts_with("https://") {
+                    // The upstream client speaks plain HTTP/1.1: sending a
+                    // request meant for TLS in clear text to port 443 would
+                    // leak it and fail, so it is refused here.
+                    return Err(invalid(
+                        url,
+                        format!(
+                            "pool `{}`: `https://` endpoints are not supported (the upstream client speaks plain HTTP); use `http://` on a trusted network or a TLS sidecar, found `{url}`",
+                            p.name
+                        ),
+                    ));
+                }
                 if crate::discovery::Endpoint::from_url(url).is_none()
                     || !(url.starts_with("http://") || url.starts_with("https://"))
                 {
@@ -516,8 +633,128 @@ impl Config {
             r.admission
                 .check(&r.model, |m| models.contains(m), |p| pool_names.contains(p))
                 .map_err(|(needle, message)| invalid(&needle, message))?;
+            r.check_bounds(&self.limits)
+                .map_err(|(needle, message)| invalid(needle, message))?;
+        }
+        self.limits
+            .check(self.max_body_bytes)
+            .map_err(|(needle, message)| invalid(needle, message))?;
+        Ok(())
+    }
+
+    /// The largest body any route accepts: bodies are read up to this before
+    /// the route (named inside the body) is known.
+    pub fn max_read_body_bytes(&self) -> u64 {
+        self.routes
+            .iter()
+            .filter_map(|r| r.max_body_bytes)
+            .fold(self.max_body_bytes, u64::max)
+    }
+}
+
+impl Limits {
+    /// Checks the limits; the error is (a text to find its line, message).
+    fn check(&self, max_body_bytes: u64) -> Result<(), (&'static str, String)> {
+        let at_least_one = [
+            ("max_n", self.max_n as u64),
+            ("max_connections", self.max_connections as u64),
+            (
+                "http2_max_concurrent_streams",
+                u64::from(self.http2_max_concurrent_streams),
+            ),
+        ];
+        for (key, v) in at_least_one {
+            if v == 0 {
+                return Err((key, format!("limits.{key}: must be at least 1")));
+            }
+        }
+        if self.max_inflight_body_bytes < max_body_bytes.saturating_mul(2) {
+            return Err((
+                "max_inflight_body_bytes",
+                format!(
+                    "limits.max_inflight_body_bytes ({}) is smaller than twice max_body_bytes ({max_body_bytes}; a body and its rendered prompt): a body of the maximum size could never be accepted",
+                    self.max_inflight_body_bytes
+                ),
+            ));
         }
         Ok(())
+    }
+}
+
+impl RouteConfig {
+    /// Bounds that the YAML shape cannot express: durations given as whole
+    /// milliseconds or seconds (capped like the others, see
+    /// [`units::MAX_DURATION`]) and a body limit the in-flight bound can hold.
+    fn check_bounds(&self, limits: &Limits) -> Result<(), (&'static str, String)> {
+        let route = &self.model;
+        let q = &self.admission.queue;
+        let o = &self.admission.outlier;
+        let s = &self.routing.scrape;
+        let millis = [
+            ("admission.queue.timeout_ms", q.timeout_ms),
+            ("admission.queue.max_timeout_ms", q.max_timeout_ms),
+            (
+                "admission.queue.retry_after_secs",
+                q.retry_after_secs.saturating_mul(1000),
+            ),
+            ("admission.outlier.base_ejection_ms", o.base_ejection_ms),
+            ("admission.outlier.max_ejection_ms", o.max_ejection_ms),
+            ("admission.outlier.probe_interval_ms", o.probe_interval_ms),
+            ("admission.outlier.probe_timeout_ms", o.probe_timeout_ms),
+            ("routing.scrape.interval_ms", s.interval_ms),
+            ("routing.scrape.timeout_ms", s.timeout_ms),
+            ("routing.scrape.stale_after_ms", s.stale_after_ms),
+            (
+                "routing.rendezvous.shared_window_ms",
+                self.routing.rendezvous.shared_window_ms,
+            ),
+        ];
+        let canary_window = self
+            .admission
+            .canary
+            .as_ref()
+            .map(|c| c.rollback.window_secs.saturating_mul(1000));
+        let canary = canary_window.map(|w| ("admission.canary.rollback.window_secs", w));
+        for (key, ms) in millis.into_iter().chain(canary) {
+            if let Err(e) = units::check_millis(ms) {
+                let short = key.rsplit('.').next().unwrap_or(key);
+                return Err((short, format!("route `{route}`: {key}: {e}")));
+            }
+        }
+        let margin = self.routing.sticky.max_margin_ms;
+        if !(margin.is_finite() && margin >= 0.0) {
+            return Err((
+                "max_margin_ms",
+                format!("route `{route}`: routing.sticky.max_margin_ms must be a non-negative finite number"),
+            ));
+        }
+        if let Some(b) = self.max_body_bytes {
+            if b.saturating_mul(2) > limits.max_inflight_body_bytes {
+                return Err((
+                    "max_body_bytes",
+                    format!(
+                        "route `{route}`: twice max_body_bytes ({b}; a body and its rendered prompt) is larger than limits.max_inflight_body_bytes ({})",
+                        limits.max_inflight_body_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the leading `path: ` of a YAML error message with `full` when
+/// `full` extends it (or adds it when the message has none).
+fn with_full_path(message: String, full: &str) -> String {
+    if full.is_empty() || full == "." {
+        return message;
+    }
+    match message.split_once(": ") {
+        Some((prefix, rest)) if full.starts_with(prefix) && !prefix.contains(' ') => {
+            format!("{full}: {rest}")
+        }
+        _ if message.starts_with(full) => message,
+        _ => format!("{full}: {message}"),
     }
 }
 
@@ -619,6 +856,68 @@ routes:
             .unwrap_err()
             .to_string()
             .contains("expected an endpoint URL"));
+    }
+
+    #[test]
+    fn absurd_durations_are_errors_naming_the_field() {
+        for v in [
+            "1e20",
+            "-1",
+            ".nan",
+            ".inf",
+            "-.inf",
+            "1e300s",
+            "\"99999999999h\"",
+        ] {
+            let bad = GOOD.replace("first_byte: 5m", &format!("first_byte: {v}"));
+            let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
+            assert!(e.contains("first_byte"), "{v}: {e}");
+            assert!(
+                e.contains("out of range")
+                    || e.contains("expected a duration")
+                    || e.contains("unknown duration unit"),
+                "{v}: {e}"
+            );
+        }
+        let near = GOOD.replace("first_byte: 5m", "first_byte: 8760h");
+        assert_eq!(
+            Config::parse(&near, "g.yaml").unwrap().routes[0]
+                .timeouts
+                .first_byte,
+            units::MAX_DURATION
+        );
+        let ms = GOOD.replace(
+            "usage: { include_usage: true }",
+            "usage: { include_usage: true }\n    admission: { queue: { max_timeout_ms: 18446744073709551615 } }",
+        );
+        let e = Config::parse(&ms, "g.yaml").unwrap_err().to_string();
+        assert!(e.contains("admission.queue.max_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn https_endpoints_are_refused() {
+        let bad = GOOD.replace("http://127.0.0.1:8002", "https://127.0.0.1:8002");
+        let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
+        assert!(e.contains("`https://` endpoints are not supported"), "{e}");
+    }
+
+    #[test]
+    fn limits_default_and_validate() {
+        let c = Config::parse(GOOD, "g.yaml").unwrap();
+        assert_eq!(c.max_body_bytes, 4 << 20);
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.max_read_body_bytes(), 4 << 20);
+        let big = GOOD.replace("max_body_bytes: 1MiB", "max_body_bytes: 32MiB");
+        assert_eq!(
+            Config::parse(&big, "g").unwrap().max_read_body_bytes(),
+            32 << 20
+        );
+        let small = format!("{GOOD}limits: {{ max_inflight_body_bytes: 6MiB }}\n");
+        let e = Config::parse(&small, "g").unwrap_err().to_string();
+        assert!(e.contains("limits.max_inflight_body_bytes"), "{e}");
+        let zero = format!("{GOOD}limits: {{ max_n: 0 }}\n");
+        let e = Config::parse(&zero, "g").unwrap_err().to_string();
+        assert!(e.contains("limits.max_n"), "{e}");
     }
 
     #[test]

@@ -494,4 +494,51 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         assert!(s.is_fresh(t0, Duration::from_millis(100)));
         assert!(!s.is_fresh(t0 + Duration::from_millis(101), Duration::from_millis(100)));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Lines that look like exposition lines of any engine, mixed with junk.
+        fn line() -> impl Strategy<Value = String> {
+            let name = prop_oneof![
+                Just("vllm:num_requests_running"),
+                Just("vllm:num_requests_waiting"),
+                Just("vllm:kv_cache_usage_perc"),
+                Just("vllm:cache_config_info"),
+                Just("vllm:lora_requests_info"),
+                Just("sglang:num_running_reqs"),
+                Just("sglang:num_queue_reqs"),
+                Just("sglang:token_usage"),
+                Just("llamacpp:requests_processing"),
+                Just("llamacpp:kv_cache_usage_ratio"),
+            ];
+            prop_oneof![
+                (name.clone(), "\\PC{0,40}", "\\PC{0,12}")
+                    .prop_map(|(n, labels, v)| format!("{n}{{{labels}}} {v}")),
+                (name, any::<f64>()).prop_map(|(n, v)| format!("{n} {v}")),
+                "\\PC{0,60}",
+                Just("# HELP x y".to_string()),
+            ]
+        }
+
+        proptest! {
+            /// Any body: signals (maybe empty), never a panic, for every engine.
+            #[test]
+            fn any_metrics_body_parses(lines in prop::collection::vec(line(), 0..20)) {
+                let body = lines.join("\n");
+                for engine in [EngineKind::Vllm, EngineKind::Sglang, EngineKind::LlamaCpp] {
+                    let _ = parse(engine, &body, Instant::now());
+                }
+            }
+
+            #[test]
+            fn any_bytes_as_text_parse(raw in prop::collection::vec(any::<u8>(), 0..400)) {
+                let body = String::from_utf8_lossy(&raw);
+                for engine in [EngineKind::Vllm, EngineKind::Sglang, EngineKind::LlamaCpp] {
+                    let _ = parse(engine, &body, Instant::now());
+                }
+            }
+        }
+    }
 }

@@ -54,6 +54,8 @@ pub fn flush() {
 /// The fields of a request's log line.
 pub(crate) struct RequestLine<'a> {
     pub request_id: &'a str,
+    /// The client's own `x-request-id`, when it sent one.
+    pub client_request_id: Option<&'a str>,
     pub model: &'a str,
     pub route: &'a str,
     pub replica: &'a str,
@@ -77,6 +79,7 @@ pub(crate) fn request_line(l: &RequestLine<'_>) {
         None => tracing::info!(
             target: "infergate::access",
             request_id = l.request_id,
+            client_request_id = l.client_request_id,
             model = l.model,
             route = l.route,
             replica = l.replica,
@@ -214,6 +217,9 @@ fn format_text(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
         "  INFO infergate::access: request request_id={} model={} route={} replica={} status={} outcome={} prompt_tokens={} completion_tokens={}",
         l.request_id, l.model, l.route, l.replica, l.status, l.outcome, l.prompt_tokens, l.completion_tokens
     );
+    if let Some(id) = l.client_request_id {
+        let _ = write!(out, " client_request_id={id}");
+    }
     if let Some(t) = l.ttft {
         out.push_str(" ttft_ms=");
         write_ms(out, t);
@@ -235,6 +241,11 @@ fn format_json(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
     ] {
         let _ = write!(out, ",\"{k}\":\"");
         json_escape(out, v);
+        out.push('"');
+    }
+    if let Some(id) = l.client_request_id {
+        out.push_str(",\"client_request_id\":\"");
+        json_escape(out, id);
         out.push('"');
     }
     let _ = write!(
@@ -274,6 +285,7 @@ mod tests {
     fn line() -> RequestLine<'static> {
         RequestLine {
             request_id: "r\"1",
+            client_request_id: Some("c1"),
             model: "m\n",
             route: "m",
             replica: "127.0.0.1:1",
@@ -297,6 +309,7 @@ mod tests {
         assert_eq!(v["timestamp"], "2026-11-27T15:02:07.996772Z");
         assert_eq!(v["target"], "infergate::access");
         assert_eq!(v["request_id"], "r\"1");
+        assert_eq!(v["client_request_id"], "c1");
         assert_eq!(v["model"], "m\n");
         assert_eq!(v["status"], 200);
         assert_eq!(v["ttft_ms"], 1.234);

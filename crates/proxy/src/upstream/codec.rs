@@ -429,4 +429,106 @@ mod tests {
         let long = vec![b'1'; MAX_LINE_BYTES + 1];
         assert!(decode_in_pieces(&long, long.len()).is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Feeds `input` to a decoder in pieces of `piece` bytes; returns the
+        /// data decoded and whether the end was reached (or the first error).
+        fn decode_all(input: &[u8], piece: usize) -> Result<(Vec<u8>, bool), ProtocolError> {
+            let mut d = ChunkedDecoder::default();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            for part in input.chunks(piece.max(1)) {
+                buf.extend_from_slice(part);
+                // Each step consumes bytes or asks for more: bounded by the input.
+                for _ in 0..=input.len() * 2 + 4 {
+                    match d.decode(&mut buf)? {
+                        Decoded::Data(b) => out.extend_from_slice(&b),
+                        Decoded::NeedMore => break,
+                        Decoded::End => return Ok((out, true)),
+                    }
+                }
+            }
+            Ok((out, false))
+        }
+
+        proptest! {
+            /// Any bytes as a response head: an answer, never a panic.
+            #[test]
+            fn any_head_bytes_parse_or_fail(raw in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = parse_response_head(&raw);
+            }
+
+            /// Heads built from random parts parse to what was written.
+            #[test]
+            fn written_heads_parse_back(
+                status in 200u16..600,
+                len in any::<u32>(),
+                chunked in any::<bool>(),
+                close in any::<bool>(),
+                extra in prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,20}"), 0..6),
+            ) {
+                let mut raw = format!("HTTP/1.1 {status} X\r\n");
+                if chunked {
+                    raw.push_str("transfer-encoding: chunked\r\n");
+                } else {
+                    raw.push_str(&format!("content-length: {len}\r\n"));
+                }
+                if close {
+                    raw.push_str("connection: close\r\n");
+                }
+                for (n, v) in &extra {
+                    raw.push_str(&format!("{n}: {}\r\n", v.trim()));
+                }
+                raw.push_str("\r\n");
+                let (h, used) = parse_response_head(raw.as_bytes()).unwrap().unwrap();
+                prop_assert_eq!(used, raw.len());
+                prop_assert_eq!(h.status.as_u16(), status);
+                let no_body = status == 204 || status == 304;
+                if !no_body {
+                    let want = if chunked { Framing::Chunked } else { Framing::Length(u64::from(len)) };
+                    prop_assert_eq!(h.framing, want);
+                }
+                if close {
+                    prop_assert!(!h.keep_alive);
+                }
+            }
+
+            /// Chunked encoding of any data, delivered in any pieces, decodes
+            /// to the same data.
+            #[test]
+            fn chunked_round_trips(
+                chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..64), 0..8),
+                piece in 1usize..40,
+                ext in any::<bool>(),
+            ) {
+                let mut wire = Vec::new();
+                for c in &chunks {
+                    wire.extend_from_slice(format!("{:x}", c.len()).as_bytes());
+                    if ext {
+                        wire.extend_from_slice(b";name=value");
+                    }
+                    wire.extend_from_slice(b"\r\n");
+                    wire.extend_from_slice(c);
+                    wire.extend_from_slice(b"\r\n");
+                }
+                wire.extend_from_slice(b"0\r\nx-trailer: 1\r\n\r\n");
+                let (data, ended) = decode_all(&wire, piece).unwrap();
+                prop_assert!(ended);
+                prop_assert_eq!(data, chunks.concat());
+            }
+
+            /// Any bytes as a chunked body: data, an end or an error, never a
+            /// panic or an endless loop.
+            #[test]
+            fn any_chunked_bytes_decode_or_fail(
+                raw in prop::collection::vec(any::<u8>(), 0..512),
+                piece in 1usize..64,
+            ) {
+                let _ = decode_all(&raw, piece);
+            }
+        }
+    }
 }

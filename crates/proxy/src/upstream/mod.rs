@@ -104,6 +104,8 @@ pub struct Outgoing<'a> {
     pub headers: &'a HeaderMap,
     pub body: Bytes,
     pub request_id: &'a HeaderValue,
+    /// The client's own `x-request-id`, sent as `x-client-request-id`.
+    pub client_request_id: Option<&'a HeaderValue>,
 }
 
 /// Why a send or a body read failed.
@@ -201,9 +203,13 @@ impl UpstreamClient {
         let authority = slot.authority.as_deref().ok_or(UpstreamError::Uri)?;
         let mut head = BytesMut::new();
         codec::encode_request_line(&mut head, out.path_and_query.as_str(), authority);
-        upstream_request_headers(out.headers, out.request_id, out.body.len(), |n, v| {
-            codec::encode_header(&mut head, n, v)
-        });
+        upstream_request_headers(
+            out.headers,
+            out.request_id,
+            out.client_request_id,
+            out.body.len(),
+            |n, v| codec::encode_header(&mut head, n, v),
+        );
         codec::end_head(&mut head);
         let worker = crate::worker::current() % MAX_WORKER_POOLS;
         let conn = match slot.checkout(worker) {
@@ -560,6 +566,7 @@ mod tests {
             headers: &headers,
             body: Bytes::from_static(b"{}"),
             request_id: &rid,
+            client_request_id: None,
         };
         client.send(&url.into(), url, &out, "r").await
     }
