@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::{log, metrics};
+use crate::telemetry::{live, log, metrics};
 use infergate_core::admission::{CanarySide, CanarySplit};
 
 /// How a request ended, for the log and the `outcome` metric label.
@@ -47,6 +47,9 @@ pub struct RequestRecord {
     pub overhead: Option<Duration>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Sum and count of the gaps between stream chunks (inter-token latency).
+    pub itl_sum: Duration,
+    pub itl_count: u64,
     pub attempts: u32,
     /// The route's canary split and the side that served, for its rollback
     /// statistics.
@@ -65,6 +68,8 @@ impl RequestRecord {
             overhead: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            itl_sum: Duration::ZERO,
+            itl_count: 0,
             attempts: 0,
             canary: None,
         }
@@ -84,6 +89,12 @@ impl RequestRecord {
                 );
             split.record(*side, !failed, self.ttft);
         }
+        live::record(
+            self.ttft,
+            self.itl_sum,
+            self.itl_count,
+            self.completion_tokens,
+        );
         log::request_line(&log::RequestLine {
             request_id: &self.request_id,
             model: &self.model,

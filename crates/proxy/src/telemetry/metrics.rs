@@ -25,6 +25,7 @@ pub(crate) const RETRIES: &str = "infergate_upstream_retries_total";
 pub(crate) const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
 pub(crate) const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
 pub(crate) const REPLICAS: &str = "infergate_pool_replicas";
+pub(crate) const WARMUP: &str = "infergate_replica_warmup_seconds";
 
 /// How often buffered histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
@@ -82,6 +83,16 @@ pub(crate) fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool
             ];
             gauge!(IN_FLIGHT, &labels).set(r.load.requests() as f64);
             gauge!(TOKENS_IN_FLIGHT, &labels).set(r.load.tokens() as f64);
+            let stages = [
+                ("first_scrape", r.warmup.first_scrape()),
+                ("first_token", r.warmup.first_token()),
+            ];
+            for (stage, took) in stages {
+                if let Some(d) = took {
+                    gauge!(WARMUP, "pool" => pool.name.to_string(), "replica" => r.key().to_string(), "stage" => stage)
+                        .set(d.as_secs_f64());
+                }
+            }
         }
     }
     h.render()
