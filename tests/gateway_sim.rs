@@ -250,7 +250,9 @@ async fn an_alias_reaches_an_engine_that_serves_only_the_canonical_name() {
     let fleet = start_fleet(fleet_config(1)).await.unwrap();
     let direct = fleet.urls()[0].clone();
     let body = |model: &str| {
-        format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"Hi there"}}],"max_tokens":5}}"#)
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"Hi there"}}],"max_tokens":5}}"#
+        )
     };
     // The replica itself knows only `m`.
     let (s, _, b) = post(&direct, "/v1/chat/completions", &body("m-alias")).await;
@@ -261,7 +263,11 @@ async fn an_alias_reaches_an_engine_that_serves_only_the_canonical_name() {
     let (s, _, via_alias) = post(&gw.url(), "/v1/chat/completions", &body("m-alias")).await;
     assert_eq!(s.as_u16(), 200, "{}", String::from_utf8_lossy(&via_alias));
     let (_, _, canonical) = post(&direct, "/v1/chat/completions", &body("m")).await;
-    assert_eq!(mask(&via_alias), mask(&canonical), "the engine's own answer");
+    assert_eq!(
+        mask(&via_alias),
+        mask(&canonical),
+        "the engine's own answer"
+    );
 
     // forward_alias: the alias goes upstream as sent, and this engine refuses it.
     let fwd = gateway(config(&fleet.urls(), "    forward_alias: true\n")).await;

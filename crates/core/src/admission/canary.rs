@@ -462,7 +462,11 @@ mod tests {
         assert!(split.rolled_back().is_none(), "new config: starts afresh");
         assert_eq!(split.effective_weight(), 20.0);
         let history = split.rollbacks();
-        assert_eq!(history.len(), 1, "the rollback is remembered after a new config");
+        assert_eq!(
+            history.len(),
+            1,
+            "the rollback is remembered after a new config"
+        );
         assert_eq!(history[0].reason, why);
         assert!(history[0].at_unix > 0);
     }

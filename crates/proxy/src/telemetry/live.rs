@@ -132,9 +132,7 @@ impl History {
                     .map_or(0, |d| d.as_millis() as u64),
                 ttft_ms: mean(cur.ttft_us, cur.ttft_n, prev.ttft_us, prev.ttft_n),
                 itl_ms: mean(cur.itl_us, cur.itl_n, prev.itl_us, prev.itl_n),
-                tokens_per_s: cur
-                    .completion_tokens
-                    .saturating_sub(prev.completion_tokens) as f64
+                tokens_per_s: cur.completion_tokens.saturating_sub(prev.completion_tokens) as f64
                     / secs,
                 requests_per_s: cur.requests.saturating_sub(prev.requests) as f64 / secs,
                 queue_depth,
