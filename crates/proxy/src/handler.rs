@@ -32,7 +32,7 @@ where
     let version = req.version();
     let mut resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
-        (&Method::POST, p) if p.starts_with("/v1/") => {
+        (&Method::POST, p) if p.starts_with("/v1/") || ApiKind::is_unversioned_api(p) => {
             proxy(&gw, req, request_id.clone(), received_at).await
         }
         (_, p) if p.starts_with("/v1/") => reject(

@@ -11,7 +11,10 @@ use serde_json::Value;
 
 use super::context::{ApiKind, RequestFeatures};
 use infergate_protocol::error::ApiError;
-use infergate_protocol::prompt::{render_chat, render_completion_prompt, ChatMessage};
+use infergate_protocol::prompt::{
+    render_anthropic, render_chat, render_completion_prompt, render_pair, render_responses,
+    ChatMessage,
+};
 use infergate_protocol::tokenizer::count_tokens;
 
 /// The subset of an OpenAI request body we read. Unknown fields are skipped.
@@ -25,6 +28,23 @@ struct Probe<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    /// Responses API.
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
+    #[serde(default)]
+    instructions: Option<Value>,
+    /// Anthropic messages.
+    #[serde(default)]
+    system: Option<Value>,
+    /// Rerank (`query`, `documents`) and score (`text_1`, `text_2`).
+    #[serde(default)]
+    query: Option<Value>,
+    #[serde(default)]
+    documents: Option<Value>,
+    #[serde(default)]
+    text_1: Option<Value>,
+    #[serde(default)]
+    text_2: Option<Value>,
     #[serde(default)]
     messages: Option<Vec<ChatMessage>>,
     #[serde(default)]
@@ -64,6 +84,16 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
         ApiKind::ChatCompletions => probe.messages.as_deref().map(render_chat),
         ApiKind::Completions => probe.prompt.as_ref().map(render_completion_prompt),
         ApiKind::Embeddings => probe.input.as_ref().map(render_completion_prompt),
+        ApiKind::Responses => Some(render_responses(
+            probe.instructions.as_ref(),
+            probe.input.as_ref(),
+        )),
+        ApiKind::Messages => probe
+            .messages
+            .as_deref()
+            .map(|m| render_anthropic(probe.system.as_ref(), m)),
+        ApiKind::Rerank => Some(render_pair(probe.query.as_ref(), probe.documents.as_ref())),
+        ApiKind::Score => Some(render_pair(probe.text_1.as_ref(), probe.text_2.as_ref())),
         ApiKind::Other => probe
             .messages
             .as_deref()
@@ -71,10 +101,17 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
             .or_else(|| probe.prompt.as_ref().map(render_completion_prompt)),
     }
     .unwrap_or_default();
+    let max_tokens = match kind {
+        // Nothing is generated: the whole cost is the prompt.
+        ApiKind::Rerank | ApiKind::Score => Some(0),
+        ApiKind::Responses => probe.max_output_tokens,
+        _ => probe.max_completion_tokens.or(probe.max_tokens),
+    };
     Ok(RequestFeatures {
+        api: kind,
         model,
         stream: probe.stream.unwrap_or(false),
-        max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
+        max_tokens,
         prompt_tokens: count_tokens(&prompt_text),
         prompt_text,
         user: probe.user.map(Cow::into_owned),
@@ -95,7 +132,10 @@ pub(crate) fn upstream_body(
     inject_usage: bool,
 ) -> Result<Bytes, ApiError> {
     let rename = target_model.filter(|t| *t != features.model);
-    let inject = inject_usage && features.stream && !features.include_usage;
+    let inject = inject_usage
+        && features.stream
+        && !features.include_usage
+        && features.api.takes_stream_options();
     if rename.is_none() && !inject {
         return Ok(original.clone());
     }
@@ -152,6 +192,37 @@ mod tests {
         let e =
             parse_features(ApiKind::Embeddings, br#"{"model":"m","input":["ab","cd"]}"#).unwrap();
         assert_eq!(e.prompt_text, "abcd");
+    }
+
+    #[test]
+    fn parses_responses_messages_rerank_and_score() {
+        let r = parse_features(
+            ApiKind::Responses,
+            br#"{"model":"m","instructions":"S","input":"Q","max_output_tokens":9,"stream":true}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt_text, "<|system|>\nS\n<|user|>\nQ\n<|assistant|>\n");
+        assert_eq!((r.max_tokens, r.stream), (Some(9), true));
+        let m = parse_features(
+            ApiKind::Messages,
+            br#"{"model":"m","system":[{"type":"text","text":"S"}],"max_tokens":5,
+                "messages":[{"role":"user","content":"Q"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.prompt_text, r.prompt_text, "the same chat, the same prefix");
+        assert_eq!(m.max_tokens, Some(5));
+        let k = parse_features(
+            ApiKind::Rerank,
+            br#"{"model":"m","query":"q","documents":["a","b"]}"#,
+        )
+        .unwrap();
+        assert_eq!((k.prompt_text.as_str(), k.max_tokens), ("q\na\nb\n", Some(0)));
+        let s = parse_features(ApiKind::Score, br#"{"model":"m","text_1":"q","text_2":["a"]}"#)
+            .unwrap();
+        assert_eq!(s.prompt_text, "q\na\n");
+        // A usage-injecting route leaves the non-OpenAI streams alone.
+        let orig = Bytes::from_static(br#"{"model":"m","input":"Q","stream":true}"#);
+        assert_eq!(upstream_body(&orig, &r, None, true).unwrap(), orig);
     }
 
     #[test]
