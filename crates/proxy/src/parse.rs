@@ -209,16 +209,25 @@ mod tests {
                 "messages":[{"role":"user","content":"Q"}]}"#,
         )
         .unwrap();
-        assert_eq!(m.prompt_text, r.prompt_text, "the same chat, the same prefix");
+        assert_eq!(
+            m.prompt_text, r.prompt_text,
+            "the same chat, the same prefix"
+        );
         assert_eq!(m.max_tokens, Some(5));
         let k = parse_features(
             ApiKind::Rerank,
             br#"{"model":"m","query":"q","documents":["a","b"]}"#,
         )
         .unwrap();
-        assert_eq!((k.prompt_text.as_str(), k.max_tokens), ("q\na\nb\n", Some(0)));
-        let s = parse_features(ApiKind::Score, br#"{"model":"m","text_1":"q","text_2":["a"]}"#)
-            .unwrap();
+        assert_eq!(
+            (k.prompt_text.as_str(), k.max_tokens),
+            ("q\na\nb\n", Some(0))
+        );
+        let s = parse_features(
+            ApiKind::Score,
+            br#"{"model":"m","text_1":"q","text_2":["a"]}"#,
+        )
+        .unwrap();
         assert_eq!(s.prompt_text, "q\na\n");
         // A usage-injecting route leaves the non-OpenAI streams alone.
         let orig = Bytes::from_static(br#"{"model":"m","input":"Q","stream":true}"#);

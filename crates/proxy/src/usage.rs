@@ -198,18 +198,36 @@ mod tests {
         r.observe(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n");
         r.observe(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"a\"}\n\n");
         r.observe(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":12,\"input_tokens_details\":{\"cached_tokens\":8},\"output_tokens\":3,\"total_tokens\":15}}}\n\n");
-        assert_eq!(r.usage, Some(Usage { prompt_tokens: 12, completion_tokens: 3 }));
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 3
+            })
+        );
         // Anthropic: input in message_start, output in message_delta.
         let mut a = UsageCounter::new(true);
         a.observe(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
         a.observe(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"x\"}}\n\n");
         a.observe(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
-        assert_eq!(a.usage, Some(Usage { prompt_tokens: 25, completion_tokens: 7 }));
+        assert_eq!(
+            a.usage,
+            Some(Usage {
+                prompt_tokens: 25,
+                completion_tokens: 7
+            })
+        );
         assert_eq!(a.completion_tokens(), 7);
         // Rerank reports only a total: all of it is prompt.
         let mut k = UsageCounter::new(false);
         k.observe(b"{\"results\":[],\"usage\":{\"total_tokens\":40}}");
-        assert_eq!(k.usage, Some(Usage { prompt_tokens: 40, completion_tokens: 0 }));
+        assert_eq!(
+            k.usage,
+            Some(Usage {
+                prompt_tokens: 40,
+                completion_tokens: 0
+            })
+        );
     }
 
     #[test]

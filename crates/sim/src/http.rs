@@ -259,9 +259,7 @@ fn prompt_of(r: &GenRequest, kind: Option<ApiKind>) -> Result<(ApiKind, String),
             return Ok((ApiKind::Messages, render_anthropic(r.system.as_ref(), m)));
         }
         (Some(ApiKind::Messages), _) => {
-            return Err(
-                ApiError::bad_request("Field required: messages").with_param("messages")
-            );
+            return Err(ApiError::bad_request("Field required: messages").with_param("messages"));
         }
         _ => {}
     }

@@ -210,18 +210,45 @@ impl SseFramer {
     pub(crate) fn role_chunk(&self, buf: &mut BytesMut) {
         match self.kind {
             ApiKind::Responses => {
-                let resp = responses_body(&self.id, self.created, &self.model, "in_progress", None, None);
-                Self::event(buf, "response.created", &json!({"type": "response.created", "sequence_number": 0, "response": resp}));
+                let resp = responses_body(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    "in_progress",
+                    None,
+                    None,
+                );
+                Self::event(
+                    buf,
+                    "response.created",
+                    &json!({"type": "response.created", "sequence_number": 0, "response": resp}),
+                );
                 let item = json!({"type": "message", "id": self.item_id(), "status": "in_progress", "role": "assistant", "content": []});
-                Self::event(buf, "response.output_item.added", &json!({"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item}));
-                Self::event(buf, "response.content_part.added", &json!({"type": "response.content_part.added", "sequence_number": 2, "item_id": self.item_id(), "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}));
+                Self::event(
+                    buf,
+                    "response.output_item.added",
+                    &json!({"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item}),
+                );
+                Self::event(
+                    buf,
+                    "response.content_part.added",
+                    &json!({"type": "response.content_part.added", "sequence_number": 2, "item_id": self.item_id(), "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+                );
                 return;
             }
             ApiKind::Messages => {
                 let msg = json!({"id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
                     "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 1}});
-                Self::event(buf, "message_start", &json!({"type": "message_start", "message": msg}));
-                Self::event(buf, "content_block_start", &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
+                Self::event(
+                    buf,
+                    "message_start",
+                    &json!({"type": "message_start", "message": msg}),
+                );
+                Self::event(
+                    buf,
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                );
                 return;
             }
             ApiKind::Chat | ApiKind::Completion => {}
@@ -306,18 +333,49 @@ impl SseFramer {
                 let text = output_text(self.seed, completion);
                 let n = 3 + completion;
                 let id = self.item_id();
-                Self::event(buf, "response.output_text.done", &json!({"type": "response.output_text.done", "sequence_number": n, "item_id": id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}));
+                Self::event(
+                    buf,
+                    "response.output_text.done",
+                    &json!({"type": "response.output_text.done", "sequence_number": n, "item_id": id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+                );
                 let part = json!({"type": "output_text", "text": text, "annotations": []});
-                Self::event(buf, "response.content_part.done", &json!({"type": "response.content_part.done", "sequence_number": n + 1, "item_id": id, "output_index": 0, "content_index": 0, "part": part}));
+                Self::event(
+                    buf,
+                    "response.content_part.done",
+                    &json!({"type": "response.content_part.done", "sequence_number": n + 1, "item_id": id, "output_index": 0, "content_index": 0, "part": part}),
+                );
                 let item = json!({"type": "message", "id": id, "status": "completed", "role": "assistant", "content": [part]});
-                Self::event(buf, "response.output_item.done", &json!({"type": "response.output_item.done", "sequence_number": n + 2, "output_index": 0, "item": item}));
-                let resp = responses_body(&self.id, self.created, &self.model, "completed", Some(item), Some(responses_usage(prompt, completion, cached)));
-                Self::event(buf, "response.completed", &json!({"type": "response.completed", "sequence_number": n + 3, "response": resp}));
+                Self::event(
+                    buf,
+                    "response.output_item.done",
+                    &json!({"type": "response.output_item.done", "sequence_number": n + 2, "output_index": 0, "item": item}),
+                );
+                let resp = responses_body(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    "completed",
+                    Some(item),
+                    Some(responses_usage(prompt, completion, cached)),
+                );
+                Self::event(
+                    buf,
+                    "response.completed",
+                    &json!({"type": "response.completed", "sequence_number": n + 3, "response": resp}),
+                );
             }
             ApiKind::Messages => {
-                Self::event(buf, "content_block_stop", &json!({"type": "content_block_stop", "index": 0}));
-                Self::event(buf, "message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(finish), "stop_sequence": null},
-                    "usage": {"input_tokens": prompt, "output_tokens": completion, "cache_read_input_tokens": cached}}));
+                Self::event(
+                    buf,
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": 0}),
+                );
+                Self::event(
+                    buf,
+                    "message_delta",
+                    &json!({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(finish), "stop_sequence": null},
+                    "usage": {"input_tokens": prompt, "output_tokens": completion, "cache_read_input_tokens": cached}}),
+                );
                 Self::event(buf, "message_stop", &json!({"type": "message_stop"}));
             }
             ApiKind::Chat | ApiKind::Completion => {}
@@ -390,7 +448,14 @@ pub(crate) fn full_response(
         ApiKind::Responses => {
             let item = json!({"type": "message", "id": format!("msg_{}", id.trim_start_matches("resp_")), "status": "completed",
                 "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]});
-            return responses_body(id, created, model, "completed", Some(item), Some(responses_usage(prompt, completion, cached)));
+            return responses_body(
+                id,
+                created,
+                model,
+                "completed",
+                Some(item),
+                Some(responses_usage(prompt, completion, cached)),
+            );
         }
         ApiKind::Messages => {
             return json!({
@@ -463,6 +528,77 @@ mod tests {
         assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
         assert_eq!(v[3]["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
         assert_eq!(v[3]["usage"]["total_tokens"], 12);
+    }
+
+    /// `(event name, data)` of each typed event in `buf`.
+    fn typed_events(buf: &[u8]) -> Vec<(String, Value)> {
+        std::str::from_utf8(buf)
+            .unwrap()
+            .split("\n\n")
+            .filter(|s| !s.is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once("\ndata: ").unwrap();
+                let name = name.strip_prefix("event: ").unwrap().to_string();
+                let data: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(data["type"], name.as_str(), "the type names the event");
+                (name, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn responses_and_messages_streams_are_typed_events_ending_with_usage() {
+        let f = SseFramer::new(ApiKind::Responses, "resp_1", 7, "m", 3).with_prompt_tokens(10);
+        let mut buf = BytesMut::new();
+        f.role_chunk(&mut buf);
+        f.token_chunk(&mut buf, 0, None);
+        f.token_chunk(&mut buf, 1, Some("length"));
+        f.end_events(&mut buf, 2, 4, "length");
+        let ev = typed_events(&buf);
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[0], "response.created");
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| **n == "response.output_text.delta")
+                .count(),
+            2
+        );
+        let (last, done) = ev.last().unwrap();
+        assert_eq!(last, "response.completed");
+        let u = &done["response"]["usage"];
+        assert_eq!(
+            (u["input_tokens"].as_u64(), u["output_tokens"].as_u64()),
+            (Some(10), Some(2))
+        );
+        assert_eq!(u["input_tokens_details"]["cached_tokens"], 4);
+        assert_eq!(
+            done["response"]["output"][0]["content"][0]["text"],
+            output_text(3, 2)
+        );
+        assert!(!std::str::from_utf8(&buf).unwrap().contains("[DONE]"));
+
+        let f = SseFramer::new(ApiKind::Messages, "msg_1", 7, "m", 3).with_prompt_tokens(10);
+        let mut buf = BytesMut::new();
+        f.role_chunk(&mut buf);
+        f.token_chunk(&mut buf, 0, None);
+        f.end_events(&mut buf, 1, 0, "stop");
+        let ev = typed_events(&buf);
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(ev[0].1["message"]["usage"]["input_tokens"], 10);
+        assert_eq!(ev[4].1["usage"]["output_tokens"], 1);
+        assert_eq!(ev[4].1["delta"]["stop_reason"], "end_turn");
     }
 
     #[test]
