@@ -100,7 +100,10 @@ fn dockerfile_matches_the_manifests_and_the_code() {
         .find(|(k, _)| k == "RUN")
         .map(|(_, a)| a.clone())
         .unwrap();
-    assert!(run.contains("cargo build --release --locked --bin infergate"), "{run}");
+    assert!(
+        run.contains("cargo build --release --locked --bin infergate"),
+        "{run}"
+    );
 
     // Runtime: the user and ports the Deployment expects, the config's ports.
     let deployment = read("deploy/base/deployment.yaml");
@@ -162,6 +165,9 @@ fn dockerfile_matches_the_manifests_and_the_code() {
     // The build context leaves target/ and .git out.
     let ignore = read(".dockerignore");
     for p in ["target", ".git"] {
-        assert!(ignore.lines().any(|l| l.trim() == p), ".dockerignore lacks {p}");
+        assert!(
+            ignore.lines().any(|l| l.trim() == p),
+            ".dockerignore lacks {p}"
+        );
     }
 }

@@ -12,32 +12,14 @@ mod support;
 use infergate_sim::{start_fleet, FleetConfig, Profile};
 use support::*;
 
-fn python() -> String {
-    std::env::var("INFERGATE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn sdk_available() -> Result<(), String> {
-    match std::process::Command::new(python())
-        .args(["-c", "import openai"])
-        .output()
-    {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "the openai SDK is not installed ({}): pip install openai",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Err(format!("{} not found: {e}", python())),
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs the openai Python SDK: python3 -m pip install openai"]
 async fn openai_python_sdk_works_through_the_gateway() {
-    if let Err(why) = sdk_available() {
-        if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-            panic!("required external tool missing: {why}");
-        }
-        eprintln!("SKIPPED openai_python_sdk_works_through_the_gateway: {why}");
+    if !python_modules(
+        "openai_python_sdk_works_through_the_gateway",
+        "openai",
+        "python3 -m pip install openai",
+    ) {
         return;
     }
     let fleet = start_fleet(FleetConfig {

@@ -15,24 +15,6 @@ mod support;
 use infergate_sim::{start_fleet, FleetConfig, Profile};
 use support::*;
 
-fn python() -> String {
-    std::env::var("INFERGATE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn sdks_available() -> Result<(), String> {
-    match std::process::Command::new(python())
-        .args(["-c", "import openai, anthropic"])
-        .output()
-    {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "the openai and anthropic SDKs are not installed ({}): pip install openai anthropic",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Err(format!("{} not found: {e}", python())),
-    }
-}
-
 /// Sum of every series of `name` in Prometheus text.
 fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -54,11 +36,11 @@ async fn admin_metrics(gw: &infergate_proxy::ServerHandle) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the openai and anthropic Python SDKs: python3 -m pip install openai anthropic"]
 async fn responses_and_messages_sdks_route_by_prefix_and_count_exact_usage() {
-    if let Err(why) = sdks_available() {
-        if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-            panic!("required external tool missing: {why}");
-        }
-        eprintln!("SKIPPED responses_and_messages_sdks: {why}");
+    if !python_modules(
+        "responses_and_messages_sdks",
+        "openai, anthropic",
+        "python3 -m pip install openai anthropic",
+    ) {
         return;
     }
     let fleet = start_fleet(FleetConfig {
