@@ -132,7 +132,8 @@ async fn status_page_shows_live_state_a_killed_replica_and_a_rollback() {
         "pools:\n  - name: stable\n    endpoints: [{}]\n  - name: canary\n    endpoints: [{}]\n\
 routes:\n  - model: m\n    aliases: [llama]\n    pool: stable\n    admission:\n      \
 canary: {{ pool: canary, weight: 30, rollback: {{ min_requests: 10, window_secs: 60 }} }}\n      \
-outlier: {{ consecutive_failures: 2, base_ejection_ms: 600000, probe_interval_ms: 600000 }}\n",
+outlier: {{ consecutive_failures: 2, base_ejection_ms: 600000, probe_interval_ms: 600000 }}\n      \
+budget: {{ max_requests_per_replica: 2 }}\n",
         urls(&stable),
         urls(&canary)
     ))
@@ -193,9 +194,11 @@ outlier: {{ consecutive_failures: 2, base_ejection_ms: 600000, probe_interval_ms
             .any(|r| r["warmup"]["first_token_s"].is_number()),
         "{reps:?}"
     );
-    // Screenshots under load: six clients keep longer streams going.
+    // Screenshots under load: ten clients keep longer streams going, more
+    // than the replicas' budgets (two each) admit, so some wait in the
+    // queue, half of them in the critical band.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..6)
+    let load: Vec<_> = (0..10)
         .map(|i| {
             let (c, url, stop) = (c.clone(), gw.url(), stop.clone());
             let body = serde_json::json!({"model": "llama", "stream": true, "max_tokens": 400,
@@ -205,8 +208,10 @@ outlier: {{ consecutive_failures: 2, base_ejection_ms: 600000, probe_interval_ms
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline
                 {
+                    let band = if i % 2 == 0 { "critical" } else { "standard" };
                     let req = http::Request::post(format!("{url}/v1/completions"))
                         .header("content-type", "application/json")
+                        .header("x-infergate-priority", band)
                         .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
                         .unwrap();
                     if let Ok(resp) = c.request(req).await {
@@ -219,10 +224,19 @@ outlier: {{ consecutive_failures: 2, base_ejection_ms: 600000, probe_interval_ms
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let dom = browse(&browser, &page, 1280, 1500, &dir.join("1-live-laptop.png")).await;
     browse(&browser, &page, 390, 2400, &dir.join("1-live-phone.png")).await;
+    let under_load = status(&c, &gw).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
     }
+    assert!(
+        under_load["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["queue_depth"].as_u64() > Some(0)),
+        "the queue depth chart saw the waiting requests: {under_load}"
+    );
     assert!(
         dom.contains("data-band=\"critical\""),
         "queues per band are shown"
