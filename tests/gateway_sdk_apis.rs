@@ -15,12 +15,17 @@ mod support;
 use infergate_sim::{start_fleet, FleetConfig, Profile};
 use support::*;
 
-/// Sum of every series of `name` in Prometheus text.
-fn metric_sum(text: &str, name: &str) -> f64 {
+/// Sum of every series of `name` in Prometheus text whose labels contain
+/// `having`.
+fn metric_sum_of(text: &str, name: &str, having: &str) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(having))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    metric_sum_of(text, name, "")
 }
 
 async fn admin_metrics(gw: &infergate_proxy::ServerHandle) -> String {
@@ -126,4 +131,34 @@ async fn responses_and_messages_sdks_route_by_prefix_and_count_exact_usage() {
         completion,
         "{m}"
     );
+    // And so did the GenAI-convention token histogram, by token type, with
+    // the Responses and messages calls as `chat` operations.
+    let usage = "gen_ai_client_token_usage_sum";
+    assert_eq!(
+        metric_sum_of(&m, usage, "gen_ai_token_type=\"input\""),
+        prompt,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum_of(&m, usage, "gen_ai_token_type=\"output\""),
+        completion,
+        "{m}"
+    );
+    assert_eq!(
+        metric_sum_of(
+            &m,
+            "gen_ai_server_time_to_first_token_seconds_count",
+            "gen_ai_operation_name=\"chat\""
+        ),
+        4.0,
+        "{m}"
+    );
+    for op in ["rerank", "score"] {
+        let count = metric_sum_of(
+            &m,
+            "gen_ai_server_request_duration_seconds_count",
+            &format!("gen_ai_operation_name=\"{op}\""),
+        );
+        assert_eq!(count, 1.0, "{op}: {m}");
+    }
 }

@@ -46,6 +46,19 @@ impl ApiKind {
         matches!(path, "/rerank" | "/v2/rerank" | "/score")
     }
 
+    /// The GenAI semantic conventions' `gen_ai.operation.name` (`rerank`
+    /// and `score` are not in the conventions yet; they keep their own names).
+    pub(crate) fn operation(self) -> &'static str {
+        match self {
+            ApiKind::ChatCompletions | ApiKind::Responses | ApiKind::Messages => "chat",
+            ApiKind::Completions => "text_completion",
+            ApiKind::Embeddings => "embeddings",
+            ApiKind::Rerank => "rerank",
+            ApiKind::Score => "score",
+            ApiKind::Other => "other",
+        }
+    }
+
     /// Whether the API takes `stream_options.include_usage` (the OpenAI
     /// chat and completions streams); the others report usage on their own.
     pub(crate) fn takes_stream_options(self) -> bool {

@@ -118,6 +118,7 @@ where
         return reject(ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
+    record.operation = Some(kind.operation());
     let rc = &route.config;
     if let Some(limit) = rc.max_body_bytes {
         if body.len() as u64 > limit {

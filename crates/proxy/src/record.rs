@@ -39,6 +39,8 @@ impl Outcome {
 pub struct RequestRecord {
     pub request_id: String,
     pub route: Arc<str>,
+    /// `gen_ai.operation.name` of the API, once the route is known.
+    pub operation: Option<&'static str>,
     pub model: String,
     pub replica: Arc<str>,
     pub received_at: Instant,
@@ -61,6 +63,7 @@ impl RequestRecord {
         RequestRecord {
             request_id,
             route: Arc::from("-"),
+            operation: None,
             model: String::new(),
             replica: Arc::from("-"),
             received_at,
@@ -110,6 +113,7 @@ impl RequestRecord {
         });
         metrics::record_finished(&metrics::Finished {
             route: &self.route,
+            operation: self.operation,
             model: &self.model,
             replica: &self.replica,
             status,
