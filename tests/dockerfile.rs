@@ -7,7 +7,7 @@
 //! docs/kubernetes.md, "The container image", says what was tried.)
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

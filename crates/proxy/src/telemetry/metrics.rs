@@ -204,16 +204,27 @@ impl GenAi {
     }
 }
 
+type GenAiKey = (Arc<str>, &'static str);
+
 /// The cached GenAI handles of `(route, operation)`.
 fn genai(route: &Arc<str>, operation: &'static str) -> Arc<GenAi> {
-    let c = cache();
-    let key = (route.clone(), operation);
-    if let Some(m) = c.genai.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+    cached(&cache().genai, (route.clone(), operation), || {
+        GenAi::new(route, operation)
+    })
+}
+
+/// The value of `key` in `map`, made by `make` the first time (a read lock
+/// on every later call: no registry lookup, no label allocation).
+fn cached<K: Eq + std::hash::Hash, V>(
+    map: &RwLock<HashMap<K, Arc<V>>>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    if let Some(m) = map.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return m.clone();
     }
-    let m = Arc::new(GenAi::new(route, operation));
-    c.genai
-        .write()
+    let m = Arc::new(make());
+    map.write()
         .unwrap_or_else(|p| p.into_inner())
         .entry(key)
         .or_insert(m)
@@ -226,7 +237,7 @@ type RequestsEntry = (Box<str>, u16, &'static str, Counter);
 #[derive(Default)]
 struct Cache {
     pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
-    genai: RwLock<HashMap<(Arc<str>, &'static str), Arc<GenAi>>>,
+    genai: RwLock<HashMap<GenAiKey, Arc<GenAi>>>,
 }
 
 fn cache() -> &'static Cache {
@@ -237,18 +248,9 @@ fn cache() -> &'static Cache {
 /// The cached handles of `(route, replica)`.
 pub(crate) fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
     let _ = handle();
-    let key = (route.clone(), replica.clone());
-    let c = cache();
-    if let Some(m) = c.pairs.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return m.clone();
-    }
-    let m = Arc::new(PairMetrics::new(route, replica));
-    c.pairs
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(key)
-        .or_insert(m)
-        .clone()
+    cached(&cache().pairs, (route.clone(), replica.clone()), || {
+        PairMetrics::new(route, replica)
+    })
 }
 
 /// What one finished request contributes to the metrics.
