@@ -31,19 +31,7 @@ async fn openai_python_sdk_works_through_the_gateway() {
     .await
     .unwrap();
     let gw = gateway(config(&fleet.urls(), "")).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support_gateway/openai_client.py"
-    );
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg(format!("{}/v1", gw.url()))
-        .arg("m")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
+    let args = [format!("{}/v1", gw.url()), "m".into()];
+    let stdout = run_python("openai_client.py", &args).await;
     assert!(stdout.contains("openai sdk ok"), "{stdout}");
 }

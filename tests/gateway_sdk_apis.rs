@@ -61,20 +61,8 @@ async fn responses_and_messages_sdks_route_by_prefix_and_count_exact_usage() {
         "    routing: { policy: inference_aware }\n",
     ))
     .await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support_gateway/responses_messages_client.py"
-    );
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg(gw.url())
-        .arg("m-alias")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
+    let args = [gw.url(), "m-alias".into()];
+    let stdout = run_python("responses_messages_client.py", &args).await;
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let replicas: Vec<&str> = v["replicas"]
         .as_array()

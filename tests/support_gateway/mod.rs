@@ -329,3 +329,22 @@ pub fn python_modules(test: &str, modules: &str, install: &str) -> bool {
     eprintln!("SKIPPED {test}: {why}");
     false
 }
+
+/// Runs `tests/support_gateway/{script}` with `args` and returns its stdout
+/// (panics with both outputs when it fails).
+pub async fn run_python(script: &str, args: &[String]) -> String {
+    let path = format!(
+        "{}/tests/support_gateway/{script}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = tokio::process::Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
+    stdout
+}
