@@ -131,8 +131,8 @@ async fn status_page_shows_live_state_a_killed_replica_and_a_rollback() {
     let gw = gateway(&format!(
         "pools:\n  - name: stable\n    endpoints: [{}]\n  - name: canary\n    endpoints: [{}]\n\
 routes:\n  - model: m\n    aliases: [llama]\n    pool: stable\n    admission:\n      \
-canary: {{ pool: canary, weight: 30, rollback: {{ min_requests: 10, window_secs: 60 }} }}\n      \
-outlier: {{ consecutive_failures: 2, base_ejection_ms: 600000, probe_interval_ms: 600000 }}\n      \
+canary: {{ pool: canary, weight: 30, rollback: {{ min_requests: 10, window_secs: 60, max_ttft_p90_ratio: 1000.0 }} }}\n      \
+outlier: {{ consecutive_failures: 1000 }}\n      \
 budget: {{ max_requests_per_replica: 2 }}\n",
         urls(&stable),
         urls(&canary)
@@ -317,7 +317,13 @@ budget: {{ max_requests_per_replica: 2 }}\n",
     .await;
     assert!(dom.contains("data-canary=\"rolled-back\""), "{dom}");
     assert!(dom.contains("data-rollbacks"), "rollback history shown");
-    assert!(dom.contains("error rate"), "the reason is shown");
+    // Rolled back for its errors (a TTFT verdict is switched off above: a
+    // one-replica canary on a loaded machine can be slower than stable).
+    assert!(
+        dom.contains("error rate"),
+        "the reason is shown: {:?}",
+        split.rolled_back()
+    );
     let st = status(&c, &gw).await;
     assert_eq!(st["routes"][0]["rollbacks"].as_array().unwrap().len(), 1);
 
