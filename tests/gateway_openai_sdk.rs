@@ -12,32 +12,14 @@ mod support;
 use infergate_sim::{start_fleet, FleetConfig, Profile};
 use support::*;
 
-fn python() -> String {
-    std::env::var("INFERGATE_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-fn sdk_available() -> Result<(), String> {
-    match std::process::Command::new(python())
-        .args(["-c", "import openai"])
-        .output()
-    {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!(
-            "the openai SDK is not installed ({}): pip install openai",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Err(e) => Err(format!("{} not found: {e}", python())),
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs the openai Python SDK: python3 -m pip install openai"]
 async fn openai_python_sdk_works_through_the_gateway() {
-    if let Err(why) = sdk_available() {
-        if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
-            panic!("required external tool missing: {why}");
-        }
-        eprintln!("SKIPPED openai_python_sdk_works_through_the_gateway: {why}");
+    if !python_modules(
+        "openai_python_sdk_works_through_the_gateway",
+        "openai",
+        "python3 -m pip install openai",
+    ) {
         return;
     }
     let fleet = start_fleet(FleetConfig {
@@ -49,19 +31,7 @@ async fn openai_python_sdk_works_through_the_gateway() {
     .await
     .unwrap();
     let gw = gateway(config(&fleet.urls(), "")).await;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support_gateway/openai_client.py"
-    );
-    let out = tokio::process::Command::new(python())
-        .arg(script)
-        .arg(format!("{}/v1", gw.url()))
-        .arg("m")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
+    let args = [format!("{}/v1", gw.url()), "m".into()];
+    let stdout = run_python("openai_client.py", &args).await;
     assert!(stdout.contains("openai sdk ok"), "{stdout}");
 }

@@ -241,3 +241,37 @@ async fn quickstart_serves_the_embedded_config() {
     assert_eq!(v["usage"]["completion_tokens"], 4);
     handle.drain(Duration::from_secs(1)).await;
 }
+
+/// A client using an alias reaches a replica that serves only the canonical
+/// name (an unknown name gets vLLM's 404): the gateway rewrites the model to
+/// the route's `model`, or sends the alias as is with `forward_alias: true`.
+#[tokio::test]
+async fn an_alias_reaches_an_engine_that_serves_only_the_canonical_name() {
+    let fleet = start_fleet(fleet_config(1)).await.unwrap();
+    let direct = fleet.urls()[0].clone();
+    let body = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"Hi there"}}],"max_tokens":5}}"#
+        )
+    };
+    // The replica itself knows only `m`.
+    let (s, _, b) = post(&direct, "/v1/chat/completions", &body("m-alias")).await;
+    assert_eq!(s.as_u16(), 404, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(error_of(&b)["code"], "model_not_found");
+
+    let gw = gateway(config(&fleet.urls(), "")).await;
+    let (s, _, via_alias) = post(&gw.url(), "/v1/chat/completions", &body("m-alias")).await;
+    assert_eq!(s.as_u16(), 200, "{}", String::from_utf8_lossy(&via_alias));
+    let (_, _, canonical) = post(&direct, "/v1/chat/completions", &body("m")).await;
+    assert_eq!(
+        mask(&via_alias),
+        mask(&canonical),
+        "the engine's own answer"
+    );
+
+    // forward_alias: the alias goes upstream as sent, and this engine refuses it.
+    let fwd = gateway(config(&fleet.urls(), "    forward_alias: true\n")).await;
+    let (s, _, b) = post(&fwd.url(), "/v1/chat/completions", &body("m-alias")).await;
+    assert_eq!(s.as_u16(), 404, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(error_of(&b)["code"], "model_not_found");
+}

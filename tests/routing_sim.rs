@@ -234,7 +234,7 @@ async fn adapter_requests_go_to_the_replica_holding_the_adapter() {
     let yaml = format!(
         "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n\
          pools:\n  - name: p\n    endpoints: [{}]\n\
-         routes:\n  - model: m\n    aliases: [ad1, ad2]\n    pool: p\n{ROUTING}",
+         routes:\n  - model: m\n    aliases: [ad1, ad2]\n    forward_alias: true\n    pool: p\n{ROUTING}",
         eps.join(", ")
     );
     let gw = gateway(infergate_core::config::Config::parse(&yaml, "t.yaml").unwrap()).await;

@@ -303,3 +303,49 @@ pub fn dead_url() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     format!("http://{}", l.local_addr().unwrap())
 }
+
+/// The Python interpreter the SDK tests run (`INFERGATE_PYTHON`, else python3).
+pub fn python() -> String {
+    std::env::var("INFERGATE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Whether Python can import `modules` (comma-separated); `Err` says how to
+/// install them. With INFERGATE_REQUIRE_EXTERNAL=1 (CI) a missing module
+/// fails the test; otherwise the caller skips with the printed reason.
+pub fn python_modules(test: &str, modules: &str, install: &str) -> bool {
+    let why = match std::process::Command::new(python())
+        .args(["-c", &format!("import {modules}")])
+        .output()
+    {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "{modules} not importable ({}): {install}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("{} not found: {e}", python()),
+    };
+    if std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
+        panic!("required external tool missing: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+/// Runs `tests/support_gateway/{script}` with `args` and returns its stdout
+/// (panics with both outputs when it fails).
+pub async fn run_python(script: &str, args: &[String]) -> String {
+    let path = format!(
+        "{}/tests/support_gateway/{script}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = tokio::process::Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python failed:\n{stdout}\n{stderr}");
+    stdout
+}

@@ -32,6 +32,7 @@ fn replicas() -> Vec<Arc<Replica>> {
                 block_size: Some(16),
                 num_blocks: Some(20_000),
                 lora: None,
+                prefix_hit_rate: None,
                 own_requests_at_scrape: 0,
                 batch_limit: None,
                 foreign_load_at: None,

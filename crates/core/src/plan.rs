@@ -489,13 +489,16 @@ impl<R: PlanRoute> RequestPlan<R> {
     }
 }
 
-/// The model name sent upstream on `route`: its `target_model`; else, on a
-/// fallback, the fallback route's own name; else what the client asked for.
+/// The model name sent upstream on `route`: its `target_model`; else what the
+/// client asked for when the route forwards aliases (never on a fallback, whose
+/// route has its own name); else the route's own name, so an alias is
+/// rewritten to the canonical model the engine serves.
 fn upstream_model<'a, R: PlanRoute>(route: &'a R, requested: &'a str, fallback: bool) -> &'a str {
-    match (&route.config().target_model, fallback) {
+    let config = route.config();
+    match (&config.target_model, fallback) {
         (Some(t), _) => t,
-        (None, true) => route.name(),
-        (None, false) => requested,
+        (None, false) if config.forward_alias => requested,
+        (None, _) => route.name(),
     }
 }
 

@@ -35,7 +35,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -84,6 +84,8 @@ pub struct Replica {
     /// The last scrape of the replica's `/metrics` (routing's scrape loop writes
     /// it; `None` until the first scrape: unknown, treated as saturated).
     pub signals: ArcSwapOption<Signals>,
+    /// How long the replica took to become useful after it joined the pool.
+    pub warmup: Warmup,
 }
 
 impl Replica {
@@ -92,6 +94,7 @@ impl Replica {
             endpoint,
             load: ReplicaLoad::default(),
             signals: ArcSwapOption::empty(),
+            warmup: Warmup::default(),
         }
     }
 
@@ -183,6 +186,58 @@ impl Drop for LoadGuard {
         load.tokens.fetch_sub(self.tokens, Ordering::Relaxed);
         load.prefill_tokens
             .fetch_sub(self.prefill_tokens, Ordering::Relaxed);
+    }
+}
+
+/// Model loading and warm-up as the gateway sees it: from the replica joining
+/// the pool (its endpoint appeared, or passed the discovery gate) to its first
+/// successful `/metrics` scrape and to the first token it served. Each is set
+/// once; later scrapes and tokens cost one atomic load.
+#[derive(Debug)]
+pub struct Warmup {
+    appeared: Instant,
+    first_scrape: OnceLock<Duration>,
+    first_token: OnceLock<Duration>,
+}
+
+impl Default for Warmup {
+    fn default() -> Self {
+        Warmup {
+            appeared: Instant::now(),
+            first_scrape: OnceLock::new(),
+            first_token: OnceLock::new(),
+        }
+    }
+}
+
+impl Warmup {
+    /// A scrape succeeded (the first one sets the figure).
+    pub fn scraped(&self) {
+        if self.first_scrape.get().is_none() {
+            let _ = self.first_scrape.set(self.appeared.elapsed());
+        }
+    }
+
+    /// A first token came back from the replica.
+    pub fn token_served(&self) {
+        if self.first_token.get().is_none() {
+            let _ = self.first_token.set(self.appeared.elapsed());
+        }
+    }
+
+    /// Time since the replica joined the pool.
+    pub fn age(&self) -> Duration {
+        self.appeared.elapsed()
+    }
+
+    /// From joining to the first successful scrape, once it happened.
+    pub fn first_scrape(&self) -> Option<Duration> {
+        self.first_scrape.get().copied()
+    }
+
+    /// From joining to the first token served, once it happened.
+    pub fn first_token(&self) -> Option<Duration> {
+        self.first_token.get().copied()
     }
 }
 

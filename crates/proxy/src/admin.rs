@@ -2,7 +2,9 @@
 //! `/readyz` (accepting traffic; off while draining) and `/routes` (a JSON view
 //! of routes, pools and each replica's load), `/routing` (per route and pool:
 //! replica signals, last scores, prefix-index size) and
-//! `/routing/explain/{request_id}` (why that request went where it went).
+//! `/routing/explain/{request_id}` (why that request went where it went);
+//! `/` is the status page (one self-contained HTML file, `status.html`,
+//! embedded in the binary) and `/status.json` the one view it polls.
 
 use std::sync::Arc;
 
@@ -38,6 +40,12 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
             "text/plain; version=0.0.4",
             metrics::render(gw.pools().iter()),
         ),
+        "/" | "/status" => text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
+        "/status.json" => text(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec(&status_view(gw)).unwrap_or_default(),
+        ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if gw.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),
@@ -67,6 +75,120 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
+}
+
+/// The status page: plain HTML, CSS and JavaScript, no external assets.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Decisions shown per route side on the status page.
+const RECENT_DECISIONS: usize = 8;
+
+fn secs(d: Option<std::time::Duration>) -> Option<f64> {
+    d.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+/// Everything the status page shows, in one document: pools and replicas
+/// (state, engine signals, own load, warm-up), routes with their canary,
+/// admission queues per band, recent routing decisions and the chart samples.
+pub(crate) fn status_view(gw: &Gateway) -> serde_json::Value {
+    let now = std::time::Instant::now();
+    let admissions = gw.pool_admissions();
+    let pools: Vec<_> = gw
+        .pools()
+        .iter()
+        .map(|p| {
+            let admission = admissions.iter().find(|a| a.name == p.name);
+            let queues = admission.map(|a| {
+                a.queued_by_band()
+                    .iter()
+                    .map(|(band, n)| (band.as_str().to_string(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>()
+            });
+            let replicas: Vec<_> = p
+                .replicas()
+                .iter()
+                .map(|r| {
+                    let sig = r.signals.load_full();
+                    let ejected = admission.is_some_and(|a| a.outlier.is_ejected(r.key()));
+                    let state = match sig.as_deref() {
+                        _ if ejected => "ejected",
+                        _ if !gw.is_ready() => "draining",
+                        None => "unscraped",
+                        Some(s) if s.error.is_some() => "unreachable",
+                        Some(_) => "ready",
+                    };
+                    let ok = sig.as_deref().filter(|s| s.error.is_none());
+                    json!({
+                        "key": r.key(),
+                        "url": &*r.endpoint.base_url,
+                        "state": state,
+                        "error": sig.as_deref().and_then(|s| s.error.as_deref()),
+                        "waiting": ok.map(|s| s.waiting),
+                        "running": ok.map(|s| s.running),
+                        "kv_usage": ok.and_then(|s| s.kv_usage),
+                        "prefix_hit_rate": ok.and_then(|s| s.prefix_hit_rate),
+                        "scrape_age_ms": sig.as_deref().map(|s| now.saturating_duration_since(s.at).as_millis() as u64),
+                        "requests_in_flight": r.load.requests(),
+                        "tokens_in_flight": r.load.tokens(),
+                        "requests_started": r.load.started(),
+                        "warmup": {
+                            "age_s": secs(Some(r.warmup.age())),
+                            "first_scrape_s": secs(r.warmup.first_scrape()),
+                            "first_token_s": secs(r.warmup.first_token()),
+                        },
+                    })
+                })
+                .collect();
+            json!({"name": &*p.name, "engine": p.engine.as_str(), "queued": queues, "replicas": replicas})
+        })
+        .collect();
+    let table = gw.routes();
+    let routes: Vec<_> = table
+        .routes
+        .iter()
+        .map(|r| {
+            let canary = r.canary.config().map(|c| {
+                json!({
+                    "pool": c.pool, "model": c.model, "weight": c.weight,
+                    "effective_weight": r.canary.effective_weight(),
+                    "rolled_back": r.canary.rolled_back(),
+                })
+            });
+            json!({
+                "model": &*r.name,
+                "aliases": r.config.aliases,
+                "pool": &*r.pool.name,
+                "upstream_model": r.config.target_model.as_deref().unwrap_or(&r.name),
+                "policy": r.config.routing.policy,
+                "canary": canary,
+                "rollbacks": r.canary.rollbacks(),
+            })
+        })
+        .collect();
+    let mut decisions = Vec::new();
+    let sides = table.routes.iter().flat_map(|r| {
+        std::iter::once((r, "stable")).chain(r.canary_side.iter().map(|c| (c, "canary")))
+    });
+    for (r, side) in sides {
+        for mut d in r.picker.recent_decisions(RECENT_DECISIONS) {
+            if let Some(o) = d.as_object_mut() {
+                o.insert("model".into(), json!(&*r.name));
+                o.insert("side".into(), json!(side));
+                o.insert("pool".into(), json!(&*r.pool.name));
+            }
+            decisions.push(d);
+        }
+    }
+    json!({
+        "ready": gw.is_ready(),
+        "now_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        "pools": pools,
+        "routes": routes,
+        "decisions": decisions,
+        "history": gw.history().samples(),
+    })
 }
 
 /// Every route's picker over its pool (and canary pool): signals per replica,

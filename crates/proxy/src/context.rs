@@ -13,13 +13,22 @@ pub(crate) const CLIENT_REQUEST_ID: http::HeaderName =
 pub(crate) const REPLICA_HEADER: http::HeaderName =
     http::HeaderName::from_static("x-infergate-replica");
 
-/// Which OpenAI endpoint a request is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which inference API a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum ApiKind {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// OpenAI Responses API (`/v1/responses`).
+    Responses,
+    /// Anthropic-style messages (`/v1/messages`).
+    Messages,
+    /// Rerank (`/v1/rerank`, `/rerank`, `/v2/rerank`): no output tokens.
+    Rerank,
+    /// Score (`/v1/score`, `/score`): no output tokens.
+    Score,
     /// Another `/v1/*` POST, passed through to the route's model.
+    #[default]
     Other,
 }
 
@@ -29,14 +38,43 @@ impl ApiKind {
             "/v1/chat/completions" => ApiKind::ChatCompletions,
             "/v1/completions" => ApiKind::Completions,
             "/v1/embeddings" => ApiKind::Embeddings,
+            "/v1/responses" => ApiKind::Responses,
+            "/v1/messages" => ApiKind::Messages,
+            "/v1/rerank" | "/rerank" | "/v2/rerank" => ApiKind::Rerank,
+            "/v1/score" | "/score" => ApiKind::Score,
             _ => ApiKind::Other,
         }
+    }
+
+    /// Paths outside `/v1/` that are inference APIs too (vLLM serves them).
+    pub(crate) fn is_unversioned_api(path: &str) -> bool {
+        matches!(path, "/rerank" | "/v2/rerank" | "/score")
+    }
+
+    /// The GenAI semantic conventions' `gen_ai.operation.name` (`rerank`
+    /// and `score` are not in the conventions yet; they keep their own names).
+    pub(crate) fn operation(self) -> &'static str {
+        match self {
+            ApiKind::ChatCompletions | ApiKind::Responses | ApiKind::Messages => "chat",
+            ApiKind::Completions => "text_completion",
+            ApiKind::Embeddings => "embeddings",
+            ApiKind::Rerank => "rerank",
+            ApiKind::Score => "score",
+            ApiKind::Other => "other",
+        }
+    }
+
+    /// Whether the API takes `stream_options.include_usage` (the OpenAI
+    /// chat and completions streams); the others report usage on their own.
+    pub(crate) fn takes_stream_options(self) -> bool {
+        matches!(self, ApiKind::ChatCompletions | ApiKind::Completions)
     }
 }
 
 /// The fields of the JSON body that the gateway needs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct RequestFeatures {
+    pub api: ApiKind,
     pub model: String,
     pub stream: bool,
     /// `max_tokens` or `max_completion_tokens`, when set.

@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
+use crate::telemetry::live::History;
 use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use infergate_core::config::{Config, ConfigError, Limits, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
@@ -99,6 +100,8 @@ pub struct Gateway {
     admissions: AdmissionRegistry,
     /// Request-body bytes held by all requests (bounded by `limits`).
     pub(crate) body_budget: Arc<BodyBudget>,
+    /// The status page's chart samples.
+    history: History,
 }
 
 #[derive(Default)]
@@ -138,6 +141,7 @@ impl Gateway {
             state: Mutex::new(ReloadState::default()),
             ready: AtomicBool::new(true),
             admissions: AdmissionRegistry::default(),
+            history: History::default(),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -178,6 +182,33 @@ impl Gateway {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The status page's chart samples.
+    pub(crate) fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The admission state of each pool that a route (or its canary side)
+    /// targets, one per pool, by pool name.
+    pub(crate) fn pool_admissions(&self) -> Vec<Arc<PoolAdmission>> {
+        let table = self.routes();
+        let mut out: Vec<Arc<PoolAdmission>> = Vec::new();
+        let sides = table
+            .routes
+            .iter()
+            .flat_map(|r| std::iter::once(r).chain(r.canary_side.iter()));
+        for r in sides {
+            if !out.iter().any(|a| a.name == r.admission.name) {
+                out.push(r.admission.clone());
+            }
+        }
+        out
+    }
+
+    /// Requests waiting in every pool's admission queue.
+    pub(crate) fn queue_depth(&self) -> usize {
+        self.pool_admissions().iter().map(|a| a.queued()).sum()
     }
 
     /// The canary split of a route (its weight, rollback state).

@@ -32,7 +32,9 @@ where
     let version = req.version();
     let mut resp = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
-        (&Method::POST, p) if p.starts_with("/v1/") => proxy(&gw, req, &ids, received_at).await,
+        (&Method::POST, p) if p.starts_with("/v1/") || ApiKind::is_unversioned_api(p) => {
+            proxy(&gw, req, &ids, received_at).await
+        }
         (_, p) if p.starts_with("/v1/") => reject(
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -151,6 +153,7 @@ where
         return reject(ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
+    record.operation = Some(kind.operation());
     let rc = &route.config;
     let body_limit = rc.max_body_bytes.unwrap_or(table.max_body_bytes);
     if body.len() as u64 > body_limit {

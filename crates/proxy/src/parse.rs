@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 
 use super::context::{ApiKind, RequestFeatures};
 use infergate_protocol::error::ApiError;
+use infergate_protocol::prompt::{push_content_text, render_pair, render_responses};
 use infergate_protocol::tokenizer::count_tokens;
 
 /// The subset of an OpenAI request body we read. Unknown fields are skipped
@@ -32,6 +33,9 @@ struct Probe<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    /// Responses API.
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
     #[serde(default)]
     n: Option<u32>,
     #[serde(default)]
@@ -40,8 +44,25 @@ struct Probe<'a> {
     messages: Option<ChatText>,
     #[serde(default)]
     prompt: Option<PromptText>,
-    #[serde(default)]
-    input: Option<PromptText>,
+    /// Embeddings (a prompt) or the Responses API (a string or items):
+    /// read once the API is known.
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    /// Responses API.
+    #[serde(borrow, default)]
+    instructions: Option<&'a RawValue>,
+    /// Anthropic messages.
+    #[serde(borrow, default)]
+    system: Option<&'a RawValue>,
+    /// Rerank (`query`, `documents`) and score (`text_1`, `text_2`).
+    #[serde(borrow, default)]
+    query: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    documents: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text_1: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text_2: Option<&'a RawValue>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -93,17 +114,60 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
     };
     let chat = probe.messages.map(|c| c.0);
     let prompt = probe.prompt.map(|p| p.0);
+    // The fields only the newer APIs use are small beside their prompt
+    // (instructions, a system prompt, a query): those are read as values.
+    let value = |raw: Option<&RawValue>| -> Result<Option<serde_json::Value>, ApiError> {
+        raw.map(|r| serde_json::from_str(r.get()).map_err(|e| invalid(&e)))
+            .transpose()
+    };
     let prompt_text = match kind {
         ApiKind::ChatCompletions => chat,
         ApiKind::Completions => prompt,
-        ApiKind::Embeddings => probe.input.map(|p| p.0),
+        ApiKind::Embeddings => match probe.input {
+            Some(raw) => Some(
+                serde_json::from_str::<PromptText>(raw.get())
+                    .map_err(|e| invalid(&e))?
+                    .0,
+            ),
+            None => None,
+        },
+        ApiKind::Responses => Some(render_responses(
+            value(probe.instructions)?.as_ref(),
+            value(probe.input)?.as_ref(),
+        )),
+        ApiKind::Messages => match value(probe.system)?.filter(|s| !s.is_null()) {
+            // `render_anthropic`: the system prompt as the first message.
+            Some(system) => {
+                let mut text = String::from("<|system|>\n");
+                push_content_text(&system, &mut text);
+                text.push('\n');
+                text.push_str(chat.as_deref().unwrap_or("<|assistant|>\n"));
+                Some(text)
+            }
+            None => chat,
+        },
+        ApiKind::Rerank => Some(render_pair(
+            value(probe.query)?.as_ref(),
+            value(probe.documents)?.as_ref(),
+        )),
+        ApiKind::Score => Some(render_pair(
+            value(probe.text_1)?.as_ref(),
+            value(probe.text_2)?.as_ref(),
+        )),
         ApiKind::Other => chat.or(prompt),
     }
     .unwrap_or_default();
+    let max_tokens = match kind {
+        // Nothing is generated: the whole cost is the prompt.
+        ApiKind::Rerank | ApiKind::Score => Some(0),
+        ApiKind::Responses => probe.max_output_tokens,
+        _ => probe.max_completion_tokens.or(probe.max_tokens),
+    };
     Ok(RequestFeatures {
+        api: kind,
         model,
         stream: probe.stream.unwrap_or(false),
-        max_tokens: probe.max_completion_tokens.or(probe.max_tokens),
+        max_tokens,
         choices: probe.n.unwrap_or(1).max(probe.best_of.unwrap_or(1)),
         prompt_tokens: count_tokens(&prompt_text),
         prompt_text,
@@ -159,7 +223,10 @@ pub(crate) fn upstream_body(
     inject_usage: bool,
 ) -> Result<Bytes, ApiError> {
     let rename = target_model.filter(|t| *t != features.model);
-    let inject = inject_usage && features.stream && !features.include_usage;
+    let inject = inject_usage
+        && features.stream
+        && !features.include_usage
+        && features.api.takes_stream_options();
     if rename.is_none() && !inject {
         return Ok(original.clone());
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::telemetry::{log, metrics};
+use crate::telemetry::{live, log, metrics};
 use infergate_core::admission::{CanarySide, CanarySplit};
 
 /// The route of a request whose model did not resolve (yet).
@@ -47,6 +47,8 @@ pub struct RequestRecord {
     /// The id the client sent as `x-request-id`, if any.
     pub client_request_id: Option<String>,
     pub route: Arc<str>,
+    /// `gen_ai.operation.name` of the API, once the route is known.
+    pub operation: Option<&'static str>,
     pub model: String,
     pub replica: Arc<str>,
     pub received_at: Instant,
@@ -55,6 +57,9 @@ pub struct RequestRecord {
     pub overhead: Option<Duration>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Sum and count of the gaps between stream chunks (inter-token latency).
+    pub itl_sum: Duration,
+    pub itl_count: u64,
     pub attempts: u32,
     /// The route's canary split and the side that served, for its rollback
     /// statistics.
@@ -67,6 +72,7 @@ impl RequestRecord {
             request_id,
             client_request_id: None,
             route: Arc::from(UNRESOLVED),
+            operation: None,
             model: String::new(),
             replica: Arc::from("-"),
             received_at,
@@ -74,6 +80,8 @@ impl RequestRecord {
             overhead: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            itl_sum: Duration::ZERO,
+            itl_count: 0,
             attempts: 0,
             canary: None,
         }
@@ -109,6 +117,12 @@ impl RequestRecord {
                 );
             split.record(*side, !failed, self.ttft);
         }
+        live::record(
+            self.ttft,
+            self.itl_sum,
+            self.itl_count,
+            self.completion_tokens,
+        );
         log::request_line(&log::RequestLine {
             request_id: &self.request_id,
             client_request_id: self.client_request_id.as_deref(),
@@ -132,6 +146,7 @@ impl RequestRecord {
         };
         metrics::record_finished(&metrics::Finished {
             route: &self.route,
+            operation: self.operation,
             model: model_label,
             replica: &self.replica,
             status,

@@ -272,12 +272,16 @@ impl RelayBody {
                 self.record.ttft = Some(now - self.record.received_at);
                 if let Some(g) = self.guard.as_mut() {
                     g.prefill_done();
+                    g.replica().warmup.token_served();
                 }
                 self.keepalive = None;
             }
             Some(prev) => {
+                let gap = now - prev;
                 if let Some(m) = &self.stream_metrics {
-                    m.itl.record((now - prev).as_secs_f64());
+                    m.itl.record(gap.as_secs_f64());
+                    self.record.itl_sum += gap;
+                    self.record.itl_count += 1;
                 }
             }
         }

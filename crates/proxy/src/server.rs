@@ -144,6 +144,12 @@ pub async fn start_with(
         let l = bind(a.address).await?;
         admin_addr = l.local_addr().ok();
         let tls = a.tls.as_ref().map(tls_acceptor).transpose()?;
+        // The status page's charts: one sample a second while the gateway lives.
+        tokio::spawn(crate::telemetry::live::sample_loop(
+            Arc::downgrade(&gateway),
+            Gateway::history,
+            Gateway::queue_depth,
+        ));
         let gw = gateway.clone();
         admin_task = Some(tokio::spawn(accept_loop(
             l,

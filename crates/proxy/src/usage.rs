@@ -1,17 +1,48 @@
 //! Reads token usage from a response as it streams by, without buffering it:
 //! SSE streams are scanned line by line (`data:` events counted, a `usage`
 //! object parsed when present); a JSON body is searched for its `usage` object.
+//!
+//! Every API's usage shape is read: OpenAI's `prompt_tokens` /
+//! `completion_tokens`, the Responses API's and Anthropic's `input_tokens` /
+//! `output_tokens` (the Responses stream reports it in `response.completed`;
+//! Anthropic's in `message_start`, input, then `message_delta`, output so
+//! far: the counts are merged), and rerank's `total_tokens` alone.
 
 use std::sync::LazyLock;
 
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Usage {
-    #[serde(default)]
     pub prompt_tokens: u64,
-    #[serde(default)]
     pub completion_tokens: u64,
+}
+
+/// A `usage` object as sent: any of the fields may be missing.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct RawUsage {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    total_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    /// This report over `previous` (a later report of a field wins).
+    fn over(self, previous: Option<Usage>) -> Usage {
+        let prev = previous.unwrap_or_default();
+        let completion = self.completion_tokens.unwrap_or(prev.completion_tokens);
+        let prompt = self
+            .prompt_tokens
+            .or_else(|| self.total_tokens.map(|t| t.saturating_sub(completion)))
+            .unwrap_or(prev.prompt_tokens);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        }
+    }
 }
 
 /// Bytes kept from the end of a JSON frame in case `usage` straddles two frames.
@@ -88,7 +119,7 @@ impl UsageCounter {
             return;
         }
         match usage_in(data) {
-            Some(u) => self.usage = Some(u),
+            Some(u) => self.usage = Some(u.over(self.usage)),
             // A usage-only chunk (empty choices) is not a token.
             None => self.events += 1,
         }
@@ -97,13 +128,13 @@ impl UsageCounter {
     fn observe_json(&mut self, chunk: &[u8]) {
         if self.carry.is_empty() {
             if let Some(u) = usage_in(chunk) {
-                self.usage = Some(u);
+                self.usage = Some(u.over(self.usage));
                 return;
             }
         } else {
             self.carry.extend_from_slice(chunk);
             if let Some(u) = usage_in(&self.carry) {
-                self.usage = Some(u);
+                self.usage = Some(u.over(self.usage));
                 self.carry.clear();
                 return;
             }
@@ -115,7 +146,7 @@ impl UsageCounter {
 }
 
 /// Finds `"usage": {...}` in JSON text and parses the object.
-fn usage_in(text: &[u8]) -> Option<Usage> {
+fn usage_in(text: &[u8]) -> Option<RawUsage> {
     const KEY: &[u8] = b"\"usage\"";
     // Every SSE event is searched: a SIMD search, built once (a byte-window
     // scan here was half of the gateway's CPU relaying streams).
@@ -132,7 +163,7 @@ fn usage_in(text: &[u8]) -> Option<Usage> {
     if value[start] != b'{' {
         return None; // `"usage": null`
     }
-    let mut de = serde_json::Deserializer::from_slice(&value[start..]).into_iter::<Usage>();
+    let mut de = serde_json::Deserializer::from_slice(&value[start..]).into_iter::<RawUsage>();
     de.next()?.ok()
 }
 
@@ -158,6 +189,45 @@ mod tests {
             })
         );
         assert_eq!(c.completion_tokens(), 9);
+    }
+
+    #[test]
+    fn reads_responses_and_anthropic_streams_and_rerank_bodies() {
+        // Responses API: usage arrives in `response.completed` only.
+        let mut r = UsageCounter::new(true);
+        r.observe(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n");
+        r.observe(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"a\"}\n\n");
+        r.observe(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":12,\"input_tokens_details\":{\"cached_tokens\":8},\"output_tokens\":3,\"total_tokens\":15}}}\n\n");
+        assert_eq!(
+            r.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 3
+            })
+        );
+        // Anthropic: input in message_start, output in message_delta.
+        let mut a = UsageCounter::new(true);
+        a.observe(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+        a.observe(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"x\"}}\n\n");
+        a.observe(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+        assert_eq!(
+            a.usage,
+            Some(Usage {
+                prompt_tokens: 25,
+                completion_tokens: 7
+            })
+        );
+        assert_eq!(a.completion_tokens(), 7);
+        // Rerank reports only a total: all of it is prompt.
+        let mut k = UsageCounter::new(false);
+        k.observe(b"{\"results\":[],\"usage\":{\"total_tokens\":40}}");
+        assert_eq!(
+            k.usage,
+            Some(Usage {
+                prompt_tokens: 40,
+                completion_tokens: 0
+            })
+        );
     }
 
     #[test]

@@ -120,6 +120,14 @@ impl SseBody {
                     "the engine dropped the request",
                 );
                 self.framer.error_chunk(&mut self.buf, &err);
+            } else if self.framer.has_typed_events() {
+                let s = &self.guard.shared;
+                self.framer.end_events(
+                    &mut self.buf,
+                    generated,
+                    s.cached_tokens(),
+                    status.finish_reason(),
+                );
             } else if self.include_usage {
                 let s = &self.guard.shared;
                 self.framer.usage_chunk(
@@ -129,7 +137,9 @@ impl SseBody {
                     s.cached_tokens(),
                 );
             }
-            SseFramer::done(&mut self.buf);
+            if !self.framer.has_typed_events() {
+                SseFramer::done(&mut self.buf);
+            }
             self.done = true;
         }
         self.buf.len() > start

@@ -20,7 +20,9 @@ use super::metrics::{render, MetricsContext};
 use super::replica::{lock, unix_now, FaultVerdict, Replica};
 use super::wire::{self, ApiKind, GenRequest, SseFramer};
 use infergate_protocol::error::ApiError;
-use infergate_protocol::prompt::{render_chat, render_completion_prompt};
+use infergate_protocol::prompt::{
+    render_anthropic, render_chat, render_completion_prompt, render_pair, render_responses,
+};
 use infergate_protocol::tokenizer;
 use infergate_protocol::EngineKind;
 
@@ -121,6 +123,10 @@ async fn route(
     let r = match path {
         "/v1/chat/completions" if post => return generate(rep, ApiKind::Chat, req).await,
         "/v1/completions" if post => return generate(rep, ApiKind::Completion, req).await,
+        "/v1/responses" if post => return generate(rep, ApiKind::Responses, req).await,
+        "/v1/messages" if post => return generate(rep, ApiKind::Messages, req).await,
+        "/v1/rerank" | "/rerank" | "/v2/rerank" if post => return rerank(rep, req).await,
+        "/v1/score" | "/score" if post => return score(rep, req).await,
         "/health" | "/ping" if get || (path == "/ping" && post) => {
             if rep.loading() {
                 return Err(loading_error().into());
@@ -241,6 +247,22 @@ async fn route(
 /// The prompt text of a request (chat messages or completion prompt) and
 /// whether it was chat. `kind` = None accepts either (`/tokenize`).
 fn prompt_of(r: &GenRequest, kind: Option<ApiKind>) -> Result<(ApiKind, String), ApiError> {
+    match (kind, &r.messages) {
+        (Some(ApiKind::Responses), _) => {
+            if r.input.is_none() {
+                return Err(ApiError::bad_request("Field required: input").with_param("input"));
+            }
+            let text = render_responses(r.instructions.as_ref(), r.input.as_ref());
+            return Ok((ApiKind::Responses, text));
+        }
+        (Some(ApiKind::Messages), Some(m)) if !m.is_empty() => {
+            return Ok((ApiKind::Messages, render_anthropic(r.system.as_ref(), m)));
+        }
+        (Some(ApiKind::Messages), _) => {
+            return Err(ApiError::bad_request("Field required: messages").with_param("messages"));
+        }
+        _ => {}
+    }
     match (kind, &r.messages, &r.prompt) {
         (Some(ApiKind::Chat) | None, Some(m), _) => {
             if m.is_empty() {
@@ -319,7 +341,11 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
     let (_, text) = prompt_of(&r, Some(kind))?;
     let p = &rep.cfg.params;
     let prompt_tokens = tokenizer::count_tokens(&text);
-    let requested = match r.max_completion_tokens.or(r.max_tokens) {
+    let asked = match kind {
+        ApiKind::Responses => r.max_output_tokens,
+        _ => r.max_completion_tokens.or(r.max_tokens),
+    };
+    let requested = match asked {
         Some(m) if m < 1 => {
             return Err(
                 ApiError::bad_request(format!("max_tokens must be at least 1, got {m}."))
@@ -382,7 +408,8 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
                 (f.stall_ms > 0).then(|| rep.cfg.wall_ms(f.stall_ms)),
             )
         });
-        let framer = SseFramer::new(kind, &id, created, &model_name, seed);
+        let framer =
+            SseFramer::new(kind, &id, created, &model_name, seed).with_prompt_tokens(prompt_tokens);
         let body = SseBody::new(guard, framer, include_usage, stall);
         let mut resp = Response::new(SimBody::Sse(Box::new(body)));
         resp.headers_mut().insert(
@@ -448,6 +475,82 @@ async fn embeddings(rep: &Arc<Replica>, req: Request<Incoming>) -> Result<Resp, 
         StatusCode::OK,
         &json!({"object": "list", "data": data, "model": r.model.as_deref().unwrap_or(rep.cfg.model()),
                 "usage": {"prompt_tokens": total, "total_tokens": total}}),
+    ))
+}
+
+/// A deterministic relevance in 0..1 of `doc` to `query`.
+fn relevance(query: &str, doc: &str) -> f64 {
+    let h = tokenizer::model_seed(&format!("{query}\u{0}{doc}"));
+    (h % 10_000) as f64 / 10_000.0
+}
+
+/// The texts of a rerank `documents` or score `text_*` field: a string, or an
+/// array of strings or `{text}` objects.
+fn texts(v: Option<&Value>, field: &'static str) -> Result<Vec<String>, ApiError> {
+    match v {
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) if !items.is_empty() => Ok(items
+            .iter()
+            .map(|it| render_pair(Some(&Value::Array(vec![it.clone()])), None))
+            .map(|t| t.trim_end_matches('\n').to_owned())
+            .collect()),
+        _ => Err(ApiError::bad_request(format!("Field required: {field}")).with_param(field)),
+    }
+}
+
+/// `POST /v1/rerank` (and `/rerank`, `/v2/rerank`), as vLLM's pooling
+/// models answer it: results by relevance, usage as total tokens; no engine
+/// time.
+async fn rerank(rep: &Arc<Replica>, req: Request<Incoming>) -> Result<Resp, Fail> {
+    let body = read_body(req).await?;
+    let v: Value = wire::parse(&body)?;
+    let model = v.get("model").and_then(Value::as_str);
+    resolve_model(rep, model)?;
+    let query = texts(v.get("query"), "query")?.concat();
+    let docs = texts(v.get("documents"), "documents")?;
+    let top_n = v
+        .get("top_n")
+        .and_then(Value::as_u64)
+        .map_or(docs.len(), |n| n as usize);
+    let total = tokenizer::count_tokens(&render_pair(v.get("query"), v.get("documents")));
+    let mut results: Vec<Value> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| json!({"index": i, "document": {"text": d}, "relevance_score": relevance(&query, d)}))
+        .collect();
+    results.sort_by(|a, b| {
+        b["relevance_score"]
+            .as_f64()
+            .partial_cmp(&a["relevance_score"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    results.truncate(top_n);
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"id": format!("rerank-{}", uuid::Uuid::new_v4().simple()),
+                "model": model.unwrap_or(rep.cfg.model()),
+                "usage": {"total_tokens": total}, "results": results}),
+    ))
+}
+
+/// `POST /v1/score` (and `/score`): `text_1` against each `text_2`.
+async fn score(rep: &Arc<Replica>, req: Request<Incoming>) -> Result<Resp, Fail> {
+    let body = read_body(req).await?;
+    let v: Value = wire::parse(&body)?;
+    let model = v.get("model").and_then(Value::as_str);
+    resolve_model(rep, model)?;
+    let first = texts(v.get("text_1"), "text_1")?.concat();
+    let data: Vec<Value> = texts(v.get("text_2"), "text_2")?
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"index": i, "object": "score", "score": relevance(&first, t)}))
+        .collect();
+    let total = tokenizer::count_tokens(&render_pair(v.get("text_1"), v.get("text_2")));
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"id": format!("score-{}", uuid::Uuid::new_v4().simple()), "object": "list",
+                "created": unix_now(), "model": model.unwrap_or(rep.cfg.model()), "data": data,
+                "usage": {"prompt_tokens": total, "total_tokens": total, "completion_tokens": 0}}),
     ))
 }
 

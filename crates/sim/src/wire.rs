@@ -1,6 +1,9 @@
-//! The OpenAI wire format as vLLM frames it: request parsing and validation
+//! The wire formats as vLLM frames them: request parsing and validation
 //! messages, deterministic output text, SSE chunks written into reusable
-//! buffers, and the non-streaming JSON bodies.
+//! buffers, and the non-streaming JSON bodies: OpenAI chat and completions,
+//! the Responses API (typed `event:` stream ending in `response.completed`
+//! with usage) and Anthropic messages (`message_start` with input usage ...
+//! `message_delta` with output usage, `message_stop`).
 
 use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
@@ -14,6 +17,10 @@ use infergate_protocol::prompt::ChatMessage;
 pub(crate) enum ApiKind {
     Chat,
     Completion,
+    /// `/v1/responses`.
+    Responses,
+    /// `/v1/messages` (Anthropic).
+    Messages,
 }
 
 impl ApiKind {
@@ -22,13 +29,22 @@ impl ApiKind {
             (ApiKind::Chat, true) => "chat.completion.chunk",
             (ApiKind::Chat, false) => "chat.completion",
             (ApiKind::Completion, _) => "text_completion",
+            (ApiKind::Responses, _) => "response",
+            (ApiKind::Messages, _) => "message",
         }
     }
     fn id_prefix(self) -> &'static str {
         match self {
             ApiKind::Chat => "chatcmpl-",
             ApiKind::Completion => "cmpl-",
+            ApiKind::Responses => "resp_",
+            ApiKind::Messages => "msg_",
         }
+    }
+    /// Whether the stream is typed events that carry their own usage and
+    /// end (no `stream_options`, no `data: [DONE]`).
+    pub(crate) fn has_typed_events(self) -> bool {
+        matches!(self, ApiKind::Responses | ApiKind::Messages)
     }
 }
 
@@ -56,9 +72,17 @@ pub(crate) struct GenRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
-    /// Embeddings input.
+    /// Embeddings and Responses API input.
     #[serde(default)]
     pub input: Option<Value>,
+    /// Responses API.
+    #[serde(default)]
+    pub instructions: Option<Value>,
+    #[serde(default)]
+    pub max_output_tokens: Option<i64>,
+    /// Anthropic messages.
+    #[serde(default)]
+    pub system: Option<Value>,
     #[serde(default)]
     pub temperature: Option<f64>,
     #[serde(default)]
@@ -193,18 +217,55 @@ pub(crate) struct SseFramer {
     /// `data: {"id":..,"object":..,"created":..,"model":..,`
     head: String,
     seed: u64,
+    /// For the typed-event streams, which repeat them in their own shapes.
+    id: String,
+    created: u64,
+    model: String,
+    /// Prompt tokens (Anthropic's `message_start` reports them).
+    prompt_tokens: u32,
 }
 
 const DONE: &[u8] = b"data: [DONE]\n\n";
 
 impl SseFramer {
     pub(crate) fn new(kind: ApiKind, id: &str, created: u64, model: &str, seed: u64) -> Self {
-        let model = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".into());
+        let quoted = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".into());
         let head = format!(
-            "data: {{\"id\":\"{id}\",\"object\":\"{}\",\"created\":{created},\"model\":{model},",
+            "data: {{\"id\":\"{id}\",\"object\":\"{}\",\"created\":{created},\"model\":{quoted},",
             kind.object(true)
         );
-        SseFramer { kind, head, seed }
+        SseFramer {
+            kind,
+            head,
+            seed,
+            id: id.to_owned(),
+            created,
+            model: model.to_owned(),
+            prompt_tokens: 0,
+        }
+    }
+
+    /// Whether this stream is typed events (Responses API, Anthropic).
+    pub(crate) fn has_typed_events(&self) -> bool {
+        self.kind.has_typed_events()
+    }
+
+    /// Sets the prompt size (reported by Anthropic's first event).
+    pub(crate) fn with_prompt_tokens(mut self, n: u32) -> Self {
+        self.prompt_tokens = n;
+        self
+    }
+
+    fn event(buf: &mut BytesMut, name: &str, data: &Value) {
+        buf.put_slice(b"event: ");
+        buf.put_slice(name.as_bytes());
+        buf.put_slice(b"\ndata: ");
+        buf.put_slice(data.to_string().as_bytes());
+        buf.put_slice(b"\n\n");
+    }
+
+    fn item_id(&self) -> String {
+        format!("msg_{}", self.id.trim_start_matches("resp_"))
     }
 
     /// Bytes a token chunk needs, for pre-sizing buffers.
@@ -212,8 +273,54 @@ impl SseFramer {
         self.head.len() + 128
     }
 
-    /// The chat stream's first chunk (`delta.role`), sent with the first token.
+    /// The chat stream's first chunk (`delta.role`), sent with the first
+    /// token; the typed-event streams' opening events.
     pub(crate) fn role_chunk(&self, buf: &mut BytesMut) {
+        match self.kind {
+            ApiKind::Responses => {
+                let resp = responses_body(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    "in_progress",
+                    None,
+                    None,
+                );
+                Self::event(
+                    buf,
+                    "response.created",
+                    &json!({"type": "response.created", "sequence_number": 0, "response": resp}),
+                );
+                let item = json!({"type": "message", "id": self.item_id(), "status": "in_progress", "role": "assistant", "content": []});
+                Self::event(
+                    buf,
+                    "response.output_item.added",
+                    &json!({"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": item}),
+                );
+                Self::event(
+                    buf,
+                    "response.content_part.added",
+                    &json!({"type": "response.content_part.added", "sequence_number": 2, "item_id": self.item_id(), "output_index": 0, "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}),
+                );
+                return;
+            }
+            ApiKind::Messages => {
+                let msg = json!({"id": self.id, "type": "message", "role": "assistant", "content": [], "model": self.model,
+                    "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 1}});
+                Self::event(
+                    buf,
+                    "message_start",
+                    &json!({"type": "message_start", "message": msg}),
+                );
+                Self::event(
+                    buf,
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                );
+                return;
+            }
+            ApiKind::Chat | ApiKind::Completion => {}
+        }
         if self.kind == ApiKind::Chat {
             buf.put_slice(self.head.as_bytes());
             buf.put_slice(br#""choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#);
@@ -224,15 +331,28 @@ impl SseFramer {
     /// Output token `i`; the last one carries its `finish_reason`.
     pub(crate) fn token_chunk(&self, buf: &mut BytesMut, i: u32, finish: Option<&str>) {
         buf.reserve(self.chunk_len());
+        let word = token_text(self.seed, i);
+        match self.kind {
+            ApiKind::Responses => {
+                let e = json!({"type": "response.output_text.delta", "sequence_number": 3 + i, "item_id": self.item_id(),
+                    "output_index": 0, "content_index": 0, "delta": word, "logprobs": []});
+                return Self::event(buf, "response.output_text.delta", &e);
+            }
+            ApiKind::Messages => {
+                let e = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}});
+                return Self::event(buf, "content_block_delta", &e);
+            }
+            ApiKind::Chat | ApiKind::Completion => {}
+        }
         buf.put_slice(self.head.as_bytes());
-        let text = token_text(self.seed, i).as_bytes();
+        let text = word.as_bytes();
         match self.kind {
             ApiKind::Chat => {
                 buf.put_slice(br#""choices":[{"index":0,"delta":{"content":""#);
                 buf.put_slice(text);
                 buf.put_slice(br#""},"logprobs":null,"finish_reason":"#);
             }
-            ApiKind::Completion => {
+            ApiKind::Completion | ApiKind::Responses | ApiKind::Messages => {
                 buf.put_slice(br#""choices":[{"index":0,"text":""#);
                 buf.put_slice(text);
                 buf.put_slice(br#"","logprobs":null,"finish_reason":"#);
@@ -267,6 +387,69 @@ impl SseFramer {
         buf.put_slice(b"}\n\n");
     }
 
+    /// The typed-event streams' closing events, with the usage.
+    pub(crate) fn end_events(
+        &self,
+        buf: &mut BytesMut,
+        completion: u32,
+        cached: u32,
+        finish: &str,
+    ) {
+        let prompt = self.prompt_tokens;
+        match self.kind {
+            ApiKind::Responses => {
+                let text = output_text(self.seed, completion);
+                let n = 3 + completion;
+                let id = self.item_id();
+                Self::event(
+                    buf,
+                    "response.output_text.done",
+                    &json!({"type": "response.output_text.done", "sequence_number": n, "item_id": id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+                );
+                let part = json!({"type": "output_text", "text": text, "annotations": []});
+                Self::event(
+                    buf,
+                    "response.content_part.done",
+                    &json!({"type": "response.content_part.done", "sequence_number": n + 1, "item_id": id, "output_index": 0, "content_index": 0, "part": part}),
+                );
+                let item = json!({"type": "message", "id": id, "status": "completed", "role": "assistant", "content": [part]});
+                Self::event(
+                    buf,
+                    "response.output_item.done",
+                    &json!({"type": "response.output_item.done", "sequence_number": n + 2, "output_index": 0, "item": item}),
+                );
+                let resp = responses_body(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    "completed",
+                    Some(item),
+                    Some(responses_usage(prompt, completion, cached)),
+                );
+                Self::event(
+                    buf,
+                    "response.completed",
+                    &json!({"type": "response.completed", "sequence_number": n + 3, "response": resp}),
+                );
+            }
+            ApiKind::Messages => {
+                Self::event(
+                    buf,
+                    "content_block_stop",
+                    &json!({"type": "content_block_stop", "index": 0}),
+                );
+                Self::event(
+                    buf,
+                    "message_delta",
+                    &json!({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(finish), "stop_sequence": null},
+                    "usage": {"input_tokens": prompt, "output_tokens": completion, "cache_read_input_tokens": cached}}),
+                );
+                Self::event(buf, "message_stop", &json!({"type": "message_stop"}));
+            }
+            ApiKind::Chat | ApiKind::Completion => {}
+        }
+    }
+
     /// An error event (the engine dropped the request).
     pub(crate) fn error_chunk(&self, buf: &mut BytesMut, err: &ApiError) {
         buf.put_slice(b"data: ");
@@ -277,6 +460,42 @@ impl SseFramer {
     pub(crate) fn done(buf: &mut BytesMut) {
         buf.put_slice(DONE);
     }
+}
+
+/// Anthropic's name for a finish reason.
+fn anthropic_stop(finish: &str) -> &'static str {
+    match finish {
+        "length" => "max_tokens",
+        _ => "end_turn",
+    }
+}
+
+/// The Responses API's usage object.
+fn responses_usage(prompt: u32, completion: u32, cached: u32) -> Value {
+    json!({
+        "input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    })
+}
+
+/// A Responses API `response` object.
+fn responses_body(
+    id: &str,
+    created: u64,
+    model: &str,
+    status: &str,
+    item: Option<Value>,
+    usage: Option<Value>,
+) -> Value {
+    json!({
+        "id": id, "object": "response", "created_at": created, "model": model, "status": status,
+        "output": item.map_or_else(Vec::new, |i| vec![i]), "usage": usage,
+        "error": null, "incomplete_details": null, "instructions": null, "metadata": {},
+        "parallel_tool_calls": true, "temperature": 1.0, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+        "max_output_tokens": null, "previous_response_id": null, "reasoning": null,
+        "text": {"format": {"type": "text"}}, "truncation": "disabled",
+    })
 }
 
 /// The whole non-streaming response body.
@@ -293,6 +512,29 @@ pub(crate) fn full_response(
     cached: u32,
 ) -> Value {
     let text = output_text(seed, completion);
+    match kind {
+        ApiKind::Responses => {
+            let item = json!({"type": "message", "id": format!("msg_{}", id.trim_start_matches("resp_")), "status": "completed",
+                "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]});
+            return responses_body(
+                id,
+                created,
+                model,
+                "completed",
+                Some(item),
+                Some(responses_usage(prompt, completion, cached)),
+            );
+        }
+        ApiKind::Messages => {
+            return json!({
+                "id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": anthropic_stop(finish), "stop_sequence": null,
+                "usage": {"input_tokens": prompt, "output_tokens": completion, "cache_read_input_tokens": cached},
+            });
+        }
+        ApiKind::Chat | ApiKind::Completion => {}
+    }
     let choice = match kind {
         ApiKind::Chat => json!({
             "index": 0,
@@ -301,7 +543,7 @@ pub(crate) fn full_response(
             "finish_reason": finish,
             "stop_reason": null,
         }),
-        ApiKind::Completion => json!({
+        _ => json!({
             "index": 0,
             "text": text,
             "logprobs": null,
@@ -354,6 +596,77 @@ mod tests {
         assert_eq!(v[3]["choices"].as_array().unwrap().len(), 0);
         assert_eq!(v[3]["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
         assert_eq!(v[3]["usage"]["total_tokens"], 12);
+    }
+
+    /// `(event name, data)` of each typed event in `buf`.
+    fn typed_events(buf: &[u8]) -> Vec<(String, Value)> {
+        std::str::from_utf8(buf)
+            .unwrap()
+            .split("\n\n")
+            .filter(|s| !s.is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once("\ndata: ").unwrap();
+                let name = name.strip_prefix("event: ").unwrap().to_string();
+                let data: Value = serde_json::from_str(data).unwrap();
+                assert_eq!(data["type"], name.as_str(), "the type names the event");
+                (name, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn responses_and_messages_streams_are_typed_events_ending_with_usage() {
+        let f = SseFramer::new(ApiKind::Responses, "resp_1", 7, "m", 3).with_prompt_tokens(10);
+        let mut buf = BytesMut::new();
+        f.role_chunk(&mut buf);
+        f.token_chunk(&mut buf, 0, None);
+        f.token_chunk(&mut buf, 1, Some("length"));
+        f.end_events(&mut buf, 2, 4, "length");
+        let ev = typed_events(&buf);
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[0], "response.created");
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| **n == "response.output_text.delta")
+                .count(),
+            2
+        );
+        let (last, done) = ev.last().unwrap();
+        assert_eq!(last, "response.completed");
+        let u = &done["response"]["usage"];
+        assert_eq!(
+            (u["input_tokens"].as_u64(), u["output_tokens"].as_u64()),
+            (Some(10), Some(2))
+        );
+        assert_eq!(u["input_tokens_details"]["cached_tokens"], 4);
+        assert_eq!(
+            done["response"]["output"][0]["content"][0]["text"],
+            output_text(3, 2)
+        );
+        assert!(!std::str::from_utf8(&buf).unwrap().contains("[DONE]"));
+
+        let f = SseFramer::new(ApiKind::Messages, "msg_1", 7, "m", 3).with_prompt_tokens(10);
+        let mut buf = BytesMut::new();
+        f.role_chunk(&mut buf);
+        f.token_chunk(&mut buf, 0, None);
+        f.end_events(&mut buf, 1, 0, "stop");
+        let ev = typed_events(&buf);
+        let names: Vec<&str> = ev.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        assert_eq!(ev[0].1["message"]["usage"]["input_tokens"], 10);
+        assert_eq!(ev[4].1["usage"]["output_tokens"], 1);
+        assert_eq!(ev[4].1["delta"]["stop_reason"], "end_turn");
     }
 
     #[test]

@@ -74,10 +74,24 @@ struct Window {
     last_eval: Option<Instant>,
 }
 
+/// One automatic rollback, kept for the status page.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Rollback {
+    /// Seconds since the Unix epoch.
+    pub at_unix: u64,
+    pub pool: String,
+    pub reason: String,
+}
+
+/// Rollbacks remembered per route (oldest dropped first).
+const ROLLBACK_HISTORY: usize = 16;
+
 /// The canary split of one route.
 #[derive(Debug)]
 pub struct CanarySplit {
     route: Arc<str>,
+    /// Past rollbacks of this route, newest last.
+    history: Mutex<VecDeque<Rollback>>,
     current: ArcSwap<Current>,
     window: Mutex<Window>,
     /// What the config file said last (a run-time `set` wins until it changes).
@@ -88,6 +102,7 @@ impl CanarySplit {
     pub fn new(route: impl Into<Arc<str>>, cfg: Option<CanaryConfig>) -> Self {
         let s = CanarySplit {
             route: route.into(),
+            history: Mutex::new(VecDeque::new()),
             current: ArcSwap::from_pointee(Current {
                 cfg: None,
                 rolled_back: None,
@@ -146,6 +161,12 @@ impl CanarySplit {
     /// Why the canary was rolled back, if it was.
     pub fn rolled_back(&self) -> Option<String> {
         self.current.load().rolled_back.clone()
+    }
+
+    /// Past automatic rollbacks, oldest first.
+    pub fn rollbacks(&self) -> Vec<Rollback> {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        h.iter().cloned().collect()
     }
 
     /// The weight in effect (zero after a rollback).
@@ -257,6 +278,18 @@ impl CanarySplit {
                 }
             });
             if rolled {
+                let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+                if h.len() == ROLLBACK_HISTORY {
+                    h.pop_front();
+                }
+                h.push_back(Rollback {
+                    at_unix: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    pool: cfg.pool.clone(),
+                    reason: reason.clone(),
+                });
+                drop(h);
                 metrics::counter!("infergate_canary_rollbacks_total", "route" => self.route.to_string(), "pool" => cfg.pool.clone())
                     .increment(1);
                 metrics::gauge!("infergate_canary_weight_percent", "route" => self.route.to_string())
@@ -428,6 +461,14 @@ mod tests {
         split.set(Some(cfg(20.0)));
         assert!(split.rolled_back().is_none(), "new config: starts afresh");
         assert_eq!(split.effective_weight(), 20.0);
+        let history = split.rollbacks();
+        assert_eq!(
+            history.len(),
+            1,
+            "the rollback is remembered after a new config"
+        );
+        assert_eq!(history[0].reason, why);
+        assert!(history[0].at_unix > 0);
     }
 
     #[test]

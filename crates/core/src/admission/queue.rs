@@ -151,6 +151,12 @@ impl PoolAdmission {
         self.shared.lock().queued
     }
 
+    /// Requests waiting now in each band, highest band first.
+    pub fn queued_by_band(&self) -> [(Priority, usize); 3] {
+        let s = self.shared.lock();
+        Priority::ALL.map(|p| (p, s.bands[p.index()].waiting))
+    }
+
     /// Capacity may have appeared without a release (the pool's members
     /// changed, a replica reported its KV size or came back from ejection):
     /// the best waiter gets a turn. The registry calls it on the pool's events.

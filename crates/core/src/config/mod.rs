@@ -338,10 +338,15 @@ pub struct RouteConfig {
     pub aliases: Vec<String>,
     /// The pool (by name) serving this route.
     pub pool: String,
-    /// The model name sent upstream when it differs from what the client sent
-    /// (the body is rewritten); by default the body goes untouched.
+    /// The model name sent upstream (the body is rewritten when it differs
+    /// from what the client sent); by default the route's `model`, so a client
+    /// using an alias reaches an engine that serves only the canonical name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_model: Option<String>,
+    /// Send an alias upstream as the client sent it (for engines started with
+    /// that extra name) instead of rewriting it to `target_model` / `model`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward_alias: bool,
     #[serde(default)]
     pub timeouts: Timeouts,
     #[serde(default)]

@@ -513,3 +513,28 @@ fn target_model_names_the_upstream_model() {
         "m"
     );
 }
+
+#[test]
+fn an_alias_is_rewritten_to_the_canonical_model_unless_forwarded() {
+    let r = route("model: canonical\naliases: [m]\npool: p\n", "p", &[9001]);
+    // `plan` asks for "m", the alias.
+    assert_eq!(
+        plan(&r, vec![], &HeaderMap::new()).upstream_model(),
+        "canonical"
+    );
+    let fwd = route(
+        "model: canonical\naliases: [m]\npool: p\nforward_alias: true\n",
+        "p",
+        &[9001],
+    );
+    assert_eq!(plan(&fwd, vec![], &HeaderMap::new()).upstream_model(), "m");
+    let target = route(
+        "model: canonical\naliases: [m]\npool: p\ntarget_model: engine-name\nforward_alias: true\n",
+        "p",
+        &[9001],
+    );
+    assert_eq!(
+        plan(&target, vec![], &HeaderMap::new()).upstream_model(),
+        "engine-name"
+    );
+}

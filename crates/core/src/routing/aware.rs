@@ -592,6 +592,21 @@ impl Picker for InferenceAware {
         self.decision(request_id)
             .map(|d| serde_json::to_value(&*d).unwrap_or(serde_json::Value::Null))
     }
+
+    fn recent_decisions(&self, n: usize) -> Vec<serde_json::Value> {
+        let log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter()
+            .rev()
+            .take(n)
+            .map(|d| {
+                json!({
+                    "request_id": d.request_id, "chosen": d.chosen, "reason": d.reason,
+                    "prompt_tokens": d.prompt_tokens, "cached_tokens": d.cached_tokens,
+                    "candidates": d.candidates.len(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Per replica: own load, last signals and (for the aware picker) indexed
@@ -669,6 +684,7 @@ pub(crate) mod tests {
             block_size: Some(16),
             num_blocks: Some(1000),
             lora,
+            prefix_hit_rate: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
             foreign_load_at: None,

@@ -140,6 +140,12 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
     fn explain(&self, _request_id: &str) -> Option<serde_json::Value> {
         None
     }
+
+    /// The last `n` decisions this picker remembers, newest first, each in
+    /// brief (request id, chosen replica, reason, prompt and cached tokens).
+    fn recent_decisions(&self, _n: usize) -> Vec<serde_json::Value> {
+        Vec::new()
+    }
 }
 
 /// Whether `replica` is one of `exclude` (compared by key).

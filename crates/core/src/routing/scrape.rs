@@ -194,6 +194,9 @@ async fn scrape_loop(replica: Arc<Replica>, pool: Arc<Pool>, cfg: ScrapeConfig) 
             signals.with_context(replica.load.requests(), ours_at_most, previous.as_deref());
         let capacity_changed =
             previous.as_ref().and_then(|p| p.cache_tokens()) != signals.cache_tokens();
+        if signals.error.is_none() {
+            replica.warmup.scraped();
+        }
         replica.signals.store(Some(Arc::new(signals)));
         if capacity_changed {
             pool.capacity_reported();

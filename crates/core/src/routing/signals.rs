@@ -28,6 +28,10 @@ pub(crate) struct MetricNames {
     pub block_size_label: &'static str,
     pub num_blocks_label: &'static str,
     pub lora: Option<&'static str>,
+    /// Prefix-cache hit rate: a gauge in 0..1, or (hits, queries) counters
+    /// whose ratio since the engine started is the rate.
+    pub prefix_hit_rate: Option<&'static str>,
+    pub prefix_counters: Option<(&'static str, &'static str)>,
 }
 
 impl MetricNames {
@@ -42,6 +46,11 @@ impl MetricNames {
                 block_size_label: "block_size",
                 num_blocks_label: "num_gpu_blocks",
                 lora: Some("vllm:lora_requests_info"),
+                prefix_hit_rate: None,
+                prefix_counters: Some((
+                    "vllm:prefix_cache_hits_total",
+                    "vllm:prefix_cache_queries_total",
+                )),
             },
             EngineKind::Sglang => MetricNames {
                 waiting: "sglang:num_queue_reqs",
@@ -52,6 +61,8 @@ impl MetricNames {
                 block_size_label: "page_size",
                 num_blocks_label: "num_pages",
                 lora: None,
+                prefix_hit_rate: Some("sglang:cache_hit_rate"),
+                prefix_counters: None,
             },
             EngineKind::LlamaCpp => MetricNames {
                 waiting: "llamacpp:requests_deferred",
@@ -63,6 +74,8 @@ impl MetricNames {
                 block_size_label: "",
                 num_blocks_label: "",
                 lora: None,
+                prefix_hit_rate: None,
+                prefix_counters: None,
             },
         }
     }
@@ -108,6 +121,9 @@ pub struct Signals {
     pub block_size: Option<u32>,
     pub num_blocks: Option<u64>,
     pub lora: Option<LoraInfo>,
+    /// The engine's prefix-cache hit rate (0..1) since it started, when it
+    /// reports one (shown on the status page; routing does not use it).
+    pub prefix_hit_rate: Option<f64>,
     /// The gateway's own requests in flight on the replica when it was scraped:
     /// requests sent since then are not in `running`/`waiting` yet.
     pub own_requests_at_scrape: u64,
@@ -140,6 +156,7 @@ impl Signals {
             block_size: None,
             num_blocks: None,
             lora: None,
+            prefix_hit_rate: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
             foreign_load_at: None,
@@ -230,6 +247,8 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
     let mut block_size = None;
     let mut num_blocks = None;
     let mut lora: Option<(f64, LoraInfo)> = None;
+    let mut hit_rate = None::<f64>;
+    let (mut hits, mut queries) = (None::<f64>, None::<f64>);
     for line in body.lines() {
         let Some(first) = line.as_bytes().first() else {
             continue;
@@ -254,8 +273,20 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             if lora.as_ref().is_none_or(|(ts, _)| value >= *ts) {
                 lora = Some((value, parse_lora(labels)));
             }
+        } else if Some(name) == names.prefix_hit_rate {
+            hit_rate = Some(value);
+        } else if let Some((h, q)) = names.prefix_counters {
+            if name == h {
+                *hits.get_or_insert(0.0) += value;
+            } else if name == q {
+                *queries.get_or_insert(0.0) += value;
+            }
         }
     }
+    let prefix_hit_rate = hit_rate.or(match (hits, queries) {
+        (Some(h), Some(q)) if q > 0.0 => Some((h / q).clamp(0.0, 1.0)),
+        _ => None,
+    });
     let kv_usage = kv.into_iter().flatten().next();
     match (waiting, running) {
         (Some(waiting), Some(running)) if kv_usage.is_some() || !names.kv_required => Signals {
@@ -267,6 +298,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             block_size,
             num_blocks,
             lora: lora.map(|(_, l)| l),
+            prefix_hit_rate,
             own_requests_at_scrape: 0,
             batch_limit: None,
             foreign_load_at: None,
@@ -366,6 +398,12 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         let l = s.lora.unwrap();
         assert_eq!(l.running, vec!["a1", "a2"]);
         assert!(l.is_resident("a2") && !l.is_resident("old") && !l.has_room());
+        assert_eq!(s.prefix_hit_rate, None, "no prefix counters in this body");
+        let with_cache = format!(
+            "{VLLM}vllm:prefix_cache_queries_total{{model_name=\"m\"}} 400\nvllm:prefix_cache_hits_total{{model_name=\"m\"}} 100\n"
+        );
+        let s = parse(EngineKind::Vllm, &with_cache, Instant::now());
+        assert_eq!(s.prefix_hit_rate, Some(0.25));
     }
 
     #[test]
@@ -385,9 +423,10 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
 
     #[test]
     fn parses_sglang_and_llamacpp() {
-        let sg = "sglang:num_queue_reqs{model_name=\"m\"} 5\nsglang:num_running_reqs{model_name=\"m\"} 7\nsglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_config_info{page_size=\"1\",num_pages=\"9000\"} 1\n";
+        let sg = "sglang:num_queue_reqs{model_name=\"m\"} 5\nsglang:num_running_reqs{model_name=\"m\"} 7\nsglang:token_usage{model_name=\"m\"} 0.5\nsglang:cache_config_info{page_size=\"1\",num_pages=\"9000\"} 1\nsglang:cache_hit_rate{model_name=\"m\"} 0.75\n";
         let s = parse(EngineKind::Sglang, sg, Instant::now());
         assert_eq!((s.waiting, s.running, s.kv_usage), (5.0, 7.0, Some(0.5)));
+        assert_eq!(s.prefix_hit_rate, Some(0.75));
         assert_eq!(s.cache_tokens(), Some(9000));
         let ll = "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 2\nllamacpp:requests_deferred 1\n";
         let s = parse(EngineKind::LlamaCpp, ll, Instant::now());

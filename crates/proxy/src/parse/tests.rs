@@ -7,6 +7,46 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 #[test]
+fn parses_responses_messages_rerank_and_score() {
+    let r = parse_features(
+        ApiKind::Responses,
+        br#"{"model":"m","instructions":"S","input":"Q","max_output_tokens":9,"stream":true}"#,
+    )
+    .unwrap();
+    assert_eq!(r.prompt_text, "<|system|>\nS\n<|user|>\nQ\n<|assistant|>\n");
+    assert_eq!((r.max_tokens, r.stream), (Some(9), true));
+    let m = parse_features(
+        ApiKind::Messages,
+        br#"{"model":"m","system":[{"type":"text","text":"S"}],"max_tokens":5,
+            "messages":[{"role":"user","content":"Q"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        m.prompt_text, r.prompt_text,
+        "the same chat, the same prefix"
+    );
+    assert_eq!(m.max_tokens, Some(5));
+    let k = parse_features(
+        ApiKind::Rerank,
+        br#"{"model":"m","query":"q","documents":["a","b"]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (k.prompt_text.as_str(), k.max_tokens),
+        ("q\na\nb\n", Some(0))
+    );
+    let s = parse_features(
+        ApiKind::Score,
+        br#"{"model":"m","text_1":"q","text_2":["a"]}"#,
+    )
+    .unwrap();
+    assert_eq!(s.prompt_text, "q\na\n");
+    // A usage-injecting route leaves the non-OpenAI streams alone.
+    let orig = Bytes::from_static(br#"{"model":"m","input":"Q","stream":true}"#);
+    assert_eq!(upstream_body(&orig, &r, None, true).unwrap(), orig);
+}
+
+#[test]
 fn parses_chat_features() {
     let body = br#"{"model":"m","stream":true,"max_completion_tokens":7,"user":"u",
         "messages":[{"role":"user","content":"hello world!"}],"temperature":0.5,
@@ -208,7 +248,8 @@ proptest! {
             obj.remove(k);
         }
         let orig = Bytes::from(Value::Object(obj.clone()).to_string());
-        let f = parse_features(ApiKind::Other, &orig).unwrap();
+        // Chat: usage is injected only for the APIs with `stream_options`.
+        let f = parse_features(ApiKind::ChatCompletions, &orig).unwrap();
         let out = upstream_body(&orig, &f, Some(&target), true).unwrap();
         let Value::Object(mut want) = serde_json::from_slice(&orig).unwrap() else {
             unreachable!("an object")

@@ -25,6 +25,13 @@ pub(crate) const RETRIES: &str = "infergate_upstream_retries_total";
 pub(crate) const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
 pub(crate) const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
 pub(crate) const REPLICAS: &str = "infergate_pool_replicas";
+pub(crate) const WARMUP: &str = "infergate_replica_warmup_seconds";
+// The OpenTelemetry GenAI semantic conventions' metrics, as Prometheus names
+// them (dots to underscores, unit suffix), labelled `gen_ai_request_model`
+// (the route) and `gen_ai_operation_name`.
+pub(crate) const GENAI_TTFT: &str = "gen_ai_server_time_to_first_token_seconds";
+pub(crate) const GENAI_DURATION: &str = "gen_ai_server_request_duration_seconds";
+pub(crate) const GENAI_TOKENS: &str = "gen_ai_client_token_usage";
 
 /// How often buffered histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
@@ -34,6 +41,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 const ITL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56,
+];
+/// The conventions' advisory buckets for `gen_ai.client.token.usage`.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
 ];
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
@@ -49,6 +60,15 @@ pub(crate) fn handle() -> &'static PrometheusHandle {
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(ITL.into()), ITL_BUCKETS))
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(GENAI_TTFT.into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(GENAI_DURATION.into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(GENAI_TOKENS.into()), TOKEN_BUCKETS)
             })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
@@ -82,6 +102,16 @@ pub(crate) fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool
             ];
             gauge!(IN_FLIGHT, &labels).set(r.load.requests() as f64);
             gauge!(TOKENS_IN_FLIGHT, &labels).set(r.load.tokens() as f64);
+            let stages = [
+                ("first_scrape", r.warmup.first_scrape()),
+                ("first_token", r.warmup.first_token()),
+            ];
+            for (stage, took) in stages {
+                if let Some(d) = took {
+                    gauge!(WARMUP, "pool" => pool.name.to_string(), "replica" => r.key().to_string(), "stage" => stage)
+                        .set(d.as_secs_f64());
+                }
+            }
         }
     }
     h.render()
@@ -142,12 +172,72 @@ impl PairMetrics {
 
 type PairKey = (Arc<str>, Arc<str>);
 
+/// The GenAI-convention handles of one (route, operation).
+struct GenAi {
+    ttft: Histogram,
+    duration: Histogram,
+    input_tokens: Histogram,
+    output_tokens: Histogram,
+}
+
+impl GenAi {
+    fn new(route: &str, operation: &'static str) -> Self {
+        let m = || {
+            [
+                ("gen_ai_request_model", route.to_string()),
+                ("gen_ai_operation_name", operation.to_string()),
+            ]
+        };
+        let tokens = |kind: &'static str| {
+            let [a, b] = m();
+            histogram!(
+                GENAI_TOKENS,
+                &[a, b, ("gen_ai_token_type", kind.to_string())]
+            )
+        };
+        GenAi {
+            ttft: histogram!(GENAI_TTFT, &m()),
+            duration: histogram!(GENAI_DURATION, &m()),
+            input_tokens: tokens("input"),
+            output_tokens: tokens("output"),
+        }
+    }
+}
+
+type GenAiKey = (Arc<str>, &'static str);
+
+/// The cached GenAI handles of `(route, operation)`.
+fn genai(route: &Arc<str>, operation: &'static str) -> Arc<GenAi> {
+    cached(&cache().genai, (route.clone(), operation), || {
+        GenAi::new(route, operation)
+    })
+}
+
+/// The value of `key` in `map`, made by `make` the first time (a read lock
+/// on every later call: no registry lookup, no label allocation).
+fn cached<K: Eq + std::hash::Hash, V>(
+    map: &RwLock<HashMap<K, Arc<V>>>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    if let Some(m) = map.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return m.clone();
+    }
+    let m = Arc::new(make());
+    map.write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(m)
+        .clone()
+}
+
 /// (model, status, outcome) and its `infergate_requests_total` counter.
 type RequestsEntry = (Box<str>, u16, &'static str, Counter);
 
 #[derive(Default)]
 struct Cache {
     pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
+    genai: RwLock<HashMap<GenAiKey, Arc<GenAi>>>,
 }
 
 fn cache() -> &'static Cache {
@@ -158,23 +248,16 @@ fn cache() -> &'static Cache {
 /// The cached handles of `(route, replica)`.
 pub(crate) fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
     let _ = handle();
-    let key = (route.clone(), replica.clone());
-    let c = cache();
-    if let Some(m) = c.pairs.read().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return m.clone();
-    }
-    let m = Arc::new(PairMetrics::new(route, replica));
-    c.pairs
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(key)
-        .or_insert(m)
-        .clone()
+    cached(&cache().pairs, (route.clone(), replica.clone()), || {
+        PairMetrics::new(route, replica)
+    })
 }
 
 /// What one finished request contributes to the metrics.
 pub(crate) struct Finished<'a> {
     pub route: &'a Arc<str>,
+    /// Set once the route was resolved (the GenAI metrics need it).
+    pub operation: Option<&'static str>,
     pub model: &'a str,
     pub replica: &'a Arc<str>,
     pub status: u16,
@@ -203,6 +286,19 @@ pub(crate) fn record_finished(f: &Finished<'_>) {
     }
     if f.completion_tokens > 0 {
         m.completion_tokens.increment(f.completion_tokens);
+    }
+    if let Some(op) = f.operation {
+        let g = genai(f.route, op);
+        g.duration.record(f.duration.as_secs_f64());
+        if let Some(t) = f.ttft {
+            g.ttft.record(t.as_secs_f64());
+        }
+        if f.prompt_tokens > 0 {
+            g.input_tokens.record(f.prompt_tokens as f64);
+        }
+        if f.completion_tokens > 0 {
+            g.output_tokens.record(f.completion_tokens as f64);
+        }
     }
 }
 
