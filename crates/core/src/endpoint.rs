@@ -143,8 +143,14 @@ mod tests {
 
     #[test]
     fn paths_normalise_or_are_refused() {
-        assert!(matches!(normalize_path("/v1/completions"), Ok(Cow::Borrowed(_))));
-        assert_eq!(normalize_path("//v1///completions").unwrap(), "/v1/completions");
+        assert!(matches!(
+            normalize_path("/v1/completions"),
+            Ok(Cow::Borrowed(_))
+        ));
+        assert_eq!(
+            normalize_path("//v1///completions").unwrap(),
+            "/v1/completions"
+        );
         assert_eq!(normalize_path("/v1//x/").unwrap(), "/v1/x/");
         assert_eq!(normalize_path("//").unwrap(), "/");
         for p in [

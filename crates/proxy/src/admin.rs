@@ -3,6 +3,8 @@
 //! of routes, pools and each replica's load), `/routing` (per route and pool:
 //! replica signals, last scores, prefix-index size) and
 //! `/routing/explain/{request_id}` (why that request went where it went).
+//! With `auth.admin` a bearer token guards all but the probes (`/healthz`,
+//! `/readyz`) and, when public, `/metrics`.
 
 use std::sync::Arc;
 
@@ -31,6 +33,22 @@ fn text(
 pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<GatewayBody> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+    }
+    if !gw
+        .identity()
+        .authenticator()
+        .admin_allows(req.headers(), req.uri().path())
+    {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "admin endpoints need `Authorization: Bearer TOKEN`\n",
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return r;
     }
     match req.uri().path() {
         "/metrics" => text(

@@ -18,6 +18,7 @@ use super::upstream::UpstreamClient;
 use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
+use infergate_core::identity::{IdentityStore, Policy};
 use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
 use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig, Scrapers};
@@ -90,6 +91,8 @@ pub struct Gateway {
     ready: AtomicBool,
     /// Queues, ejections and canary verdicts, kept across reloads.
     admissions: AdmissionRegistry,
+    /// Who callers are (`auth:` and the key file).
+    identity: IdentityStore,
 }
 
 #[derive(Default)]
@@ -125,6 +128,7 @@ impl Gateway {
             state: Mutex::new(ReloadState::default()),
             ready: AtomicBool::new(true),
             admissions: AdmissionRegistry::default(),
+            identity: IdentityStore::default(),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -167,6 +171,12 @@ impl Gateway {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Authentication: the per-request snapshot, and the key file's watch
+    /// target (`IdentityStore::apply_keys_text`).
+    pub fn identity(&self) -> &IdentityStore {
+        &self.identity
+    }
+
     /// The canary split of a route (its weight, rollback state).
     pub fn canary(&self, route: &str) -> Option<Arc<CanarySplit>> {
         self.admissions.canary_of(route)
@@ -182,6 +192,14 @@ impl Gateway {
     /// the snapshot they started with; pools and pickers are reused by name.
     pub fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
         config.validate()?;
+        let auth = self
+            .identity
+            .prepare(&config.auth)
+            .map_err(|message| ConfigError::Invalid {
+                file: "<config>".into(),
+                line: None,
+                message,
+            })?;
         let mut state = self.lock_state();
         let mut pools = HashMap::new();
         for pc in &config.pools {
@@ -276,13 +294,14 @@ impl Gateway {
             }
             routes.push(route);
         }
-        let models_body = models_list(&config);
+        let models_body = models_list(config.routes.iter());
         self.table.store(Arc::new(RouteTable {
             by_model,
             routes,
             max_body_bytes: config.max_body_bytes,
             models_body,
         }));
+        self.identity.commit(auth);
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);
@@ -302,12 +321,26 @@ impl Gateway {
     }
 }
 
-/// The OpenAI `GET /v1/models` body: every model name and alias served.
-fn models_list(config: &Config) -> Bytes {
-    let data: Vec<serde_json::Value> = config
-        .routes
-        .iter()
-        .flat_map(|r| std::iter::once(&r.model).chain(&r.aliases))
+impl RouteTable {
+    /// The `GET /v1/models` answer for a caller: the shared one when it may
+    /// use every model, else only the routes its policy allows.
+    pub fn models_for(&self, policy: &Policy) -> Bytes {
+        if policy.allows_all() {
+            return self.models_body.clone();
+        }
+        let allowed = self
+            .routes
+            .iter()
+            .map(|r| &r.config)
+            .filter(|rc| policy.allows(rc.names()));
+        models_list(allowed)
+    }
+}
+
+/// The OpenAI `GET /v1/models` body: every model name and alias of `routes`.
+fn models_list<'a>(routes: impl Iterator<Item = &'a RouteConfig>) -> Bytes {
+    let data: Vec<serde_json::Value> = routes
+        .flat_map(|r| r.names())
         .map(|m| {
             serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "infergate"})
         })

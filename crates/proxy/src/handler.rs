@@ -1,12 +1,13 @@
-//! The per-request pipeline: body → features → route → admission → forward →
-//! relay. Each step lives in its own module; this one wires them and turns
+//! The per-request pipeline: path allow-list → caller → body → features →
+//! route (and the caller's models) → admission → forward → relay. Each step lives in its own module; this one wires them and turns
 //! every failure into an OpenAI-style JSON error with a log line.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 
 use super::body::{check_content_type, read_limited, too_large};
@@ -19,10 +20,16 @@ use super::record::{Outcome, RequestRecord};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
 use infergate_core::admission::Cost;
+use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
+use infergate_core::identity::AuthError;
 use infergate_protocol::error::ApiError;
 
-/// Handles one client request.
-pub(crate) async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GatewayBody>
+/// Handles one client request from `peer`.
+pub(crate) async fn handle<B>(
+    gw: Arc<Gateway>,
+    req: Request<B>,
+    peer: IpAddr,
+) -> Response<GatewayBody>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -30,28 +37,13 @@ where
     let received_at = Instant::now();
     let request_id = request_id_of(&req);
     let version = req.version();
-    let mut resp = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
-        (&Method::POST, p) if p.starts_with("/v1/") => {
-            proxy(&gw, req, request_id.clone(), received_at).await
+    let record = || RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at);
+    let mut resp = match dispatch(req.method(), req.uri().path()) {
+        Dispatch::Models => models(&gw, req.headers(), peer, record()),
+        Dispatch::Forward(endpoint) => {
+            proxy(&gw, req, peer, endpoint, request_id.clone(), received_at).await
         }
-        (_, p) if p.starts_with("/v1/") => reject(
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                format!("Method {} is not allowed on {p}", req.method()),
-            ),
-            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
-        ),
-        (_, p) => reject(
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!("Unknown path {p}"),
-            )
-            .with_code("not_found"),
-            RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at),
-        ),
+        Dispatch::Refuse(e) => reject(e, record()),
     };
     resp.headers_mut().insert(REQUEST_ID, request_id);
     if version == http::Version::HTTP_2 {
@@ -59,6 +51,63 @@ where
         resp = resp.map(|b| b.watch_stream(limit));
     }
     resp
+}
+
+/// What a request's method and path ask for.
+enum Dispatch {
+    Models,
+    /// An inference endpoint and its canonical path.
+    Forward((InferenceEndpoint, &'static str)),
+    Refuse(ApiError),
+}
+
+/// Normalises the path and checks it against the forwarding allow-list
+/// (`core::endpoint`): only inference endpoints reach a replica.
+fn dispatch(method: &Method, raw: &str) -> Dispatch {
+    let path = match normalize_path(raw) {
+        Ok(p) => p,
+        Err(e) => {
+            return Dispatch::Refuse(ApiError::bad_request(e.message()).with_code("invalid_path"))
+        }
+    };
+    match (method, InferenceEndpoint::from_path(&path)) {
+        (&Method::GET, None) if path == "/v1/models" => Dispatch::Models,
+        (&Method::POST, Some(e)) => Dispatch::Forward(e),
+        (m, Some(_)) => Dispatch::Refuse(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("Method {m} is not allowed on {path}"),
+        )),
+        (_, None) => Dispatch::Refuse(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("Unknown path {path}"),
+            )
+            .with_code("not_found"),
+        ),
+    }
+}
+
+/// `GET /v1/models`: the models the caller may use.
+fn models(
+    gw: &Gateway,
+    headers: &http::HeaderMap,
+    peer: IpAddr,
+    record: RequestRecord,
+) -> Response<GatewayBody> {
+    match gw.identity().authenticator().authenticate(headers, peer) {
+        Ok(caller) => json_response(gw.routes().models_for(&caller.policy)),
+        Err(e) => unauthorized(e, record),
+    }
+}
+
+/// 401 with the OpenAI error body and `WWW-Authenticate: Bearer`.
+fn unauthorized(e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
+    let mut r = reject(e.to_api_error(), record);
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// The client's `x-request-id` when usable, else a fresh UUID.
@@ -70,6 +119,18 @@ fn request_id_of<B>(req: &Request<B>) -> HeaderValue {
             let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
             HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
         }
+    }
+}
+
+/// The path sent upstream: the endpoint's canonical spelling with the
+/// client's query (the client's own bytes when they are already canonical).
+fn upstream_path(uri: &http::Uri, canonical: &'static str) -> http::uri::PathAndQuery {
+    match (uri.path_and_query(), uri.query()) {
+        (Some(pq), _) if pq.path() == canonical => pq.clone(),
+        (_, None) => http::uri::PathAndQuery::from_static(canonical),
+        (_, Some(q)) => format!("{canonical}?{q}")
+            .parse()
+            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static(canonical)),
     }
 }
 
@@ -89,6 +150,8 @@ fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
 async fn proxy<B>(
     gw: &Gateway,
     req: Request<B>,
+    peer: IpAddr,
+    (endpoint, path): (InferenceEndpoint, &'static str),
     request_id: HeaderValue,
     received_at: Instant,
 ) -> Response<GatewayBody>
@@ -97,8 +160,17 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut record = RequestRecord::new(request_id.to_str().unwrap_or("-").to_owned(), received_at);
-    let (parts, body) = req.into_parts();
-    let kind = ApiKind::from_path(parts.uri.path());
+    let (mut parts, body) = req.into_parts();
+    // Who is calling, before the body is read.
+    let caller = match gw
+        .identity()
+        .authenticator()
+        .authenticate(&parts.headers, peer)
+    {
+        Ok(c) => c,
+        Err(e) => return unauthorized(e, record),
+    };
+    let kind = ApiKind::from_path(path);
     let table = gw.routes();
 
     if let Err(e) = check_content_type(&parts.headers) {
@@ -114,11 +186,27 @@ where
     };
     record.model = features.model.clone();
     record.prompt_tokens = u64::from(features.prompt_tokens);
-    let Some(route) = table.resolve(&features.model).cloned() else {
+    // A model the caller may not use is as unknown to it as a missing one.
+    let Some(route) = table
+        .resolve(&features.model)
+        .filter(|r| caller.policy.allows(r.config.names()))
+        .cloned()
+    else {
         return reject(ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
     let rc = &route.config;
+    if !rc.serves(endpoint) {
+        return reject(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model `{}` is not served on {path}", features.model),
+            )
+            .with_code("not_found"),
+            record,
+        );
+    }
     if let Some(limit) = rc.max_body_bytes {
         if body.len() as u64 > limit {
             return reject(too_large(limit), record);
@@ -135,6 +223,7 @@ where
         .models
         .iter()
         .filter_map(|m| table.resolve(m).cloned())
+        .filter(|r| caller.policy.allows(r.config.names()))
         .collect();
     let cost = Cost::estimate(
         ctx.features.prompt_tokens,
@@ -148,7 +237,13 @@ where
         &ctx.features.model,
         ctx.features.user.as_deref(),
         cost,
+        &caller.policy.entitlements,
     );
+    // Control headers the caller may not use were ignored; the engine must
+    // not see them (nor the caller's key).
+    for name in caller.policy.stripped_headers() {
+        parts.headers.remove(name);
+    }
     record.canary = plan.canary().cloned();
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
@@ -159,11 +254,7 @@ where
     let stream = ctx.features.stream;
     let first_byte_deadline = reserved.first_byte_deadline;
     record.overhead = Some(received_at.elapsed());
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = upstream_path(&parts.uri, path);
     let headers = parts.headers;
     let rid = request_id.clone();
     let include_usage = rc.usage.include_usage;

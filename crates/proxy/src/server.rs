@@ -35,6 +35,8 @@ pub enum StartError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error("the admin listener binds {0}, beyond loopback, without a token: set `auth.admin.token_file` (or INFERGATE_ADMIN_TOKEN), or bind it to 127.0.0.1")]
+    AdminUnprotected(SocketAddr),
 }
 
 /// A running gateway.
@@ -95,6 +97,11 @@ pub async fn start_with(
     main: &Listener,
     admin: Option<&Listener>,
 ) -> Result<ServerHandle, StartError> {
+    if let Some(a) = admin {
+        if !a.address.ip().is_loopback() && !gateway.identity().authenticator().admin_protected() {
+            return Err(StartError::AdminUnprotected(a.address));
+        }
+    }
     let (stop_main, stop_rx) = watch::channel(None);
     let (stop_admin, stop_admin_rx) = watch::channel(None);
 
@@ -107,9 +114,9 @@ pub async fn start_with(
         })?;
     let tls = main.tls.as_ref().map(tls_acceptor).transpose()?;
     let gw = gateway.clone();
-    let handler = move |req| {
+    let handler = move |req, peer: SocketAddr| {
         let gw = gw.clone();
-        async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
+        async move { Ok::<_, Infallible>(super::handler::handle(gw, req, peer.ip()).await) }
     };
     let main_task = match main.workers {
         None | Some(0) => tokio::spawn(accept_loop(
@@ -138,7 +145,7 @@ pub async fn start_with(
             tls,
             a.client_stall,
             stop_admin_rx,
-            move |req| {
+            move |req, _peer| {
                 let r = super::admin::handle(&gw, &req);
                 async move { Ok::<_, Infallible>(r) }
             },
@@ -175,7 +182,7 @@ fn spawn_workers<F, Fut>(
     handler: F,
 ) -> std::io::Result<JoinHandle<()>>
 where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
         + Send
         + 'static,
@@ -255,7 +262,7 @@ async fn accept_loop<F, Fut>(
     mut stop: watch::Receiver<Option<Duration>>,
     handler: F,
 ) where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
         + Send
         + 'static,
@@ -267,7 +274,7 @@ async fn accept_loop<F, Fut>(
         tokio::select! {
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         // Out of file descriptors and the like: back off briefly.
@@ -278,7 +285,9 @@ async fn accept_loop<F, Fut>(
                 };
                 let _ = stream.set_nodelay(true);
                 let stream = StallIo::new(stream, client_stall);
-                let svc = service_fn(handler.clone());
+                let h = handler.clone();
+                // The peer address is the caller's source for `auth.trusted_headers`.
+                let svc = service_fn(move |req| h(req, peer));
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 let tls = tls.clone();

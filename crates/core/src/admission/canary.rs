@@ -427,7 +427,8 @@ mod tests {
         assert!(why.contains("error rate"), "{why}");
         assert_eq!(split.effective_weight(), 0.0);
         let h = HeaderMap::new();
-        assert!((0..200).all(|i| split.choose(&h, Some(&format!("u{i}")), true).0 == CanarySide::Stable));
+        assert!((0..200)
+            .all(|i| split.choose(&h, Some(&format!("u{i}")), true).0 == CanarySide::Stable));
         split.set(Some(cfg(50.0)));
         assert!(
             split.rolled_back().is_some(),

@@ -240,7 +240,12 @@ mod tests {
         assert_eq!(c.priority, Priority::Standard, "lowered to the cap");
         assert_eq!(&*c.tenant, "search", "the team, not the header");
         // A lower band is honoured (never raised); no header: the default objective.
-        let c = classify(&headers(&[(PRIORITY_HEADER, "sheddable")]), None, &cfg, &team);
+        let c = classify(
+            &headers(&[(PRIORITY_HEADER, "sheddable")]),
+            None,
+            &cfg,
+            &team,
+        );
         assert_eq!(c.priority, Priority::Sheddable);
         let c = classify(&HeaderMap::new(), None, &cfg, &team);
         assert_eq!(c.priority, Priority::Sheddable, "default objective `batch`");
@@ -250,6 +255,9 @@ mod tests {
             default_objective: None,
             ..team
         };
-        assert_eq!(classify(&HeaderMap::new(), None, &cfg, &plain).priority, Priority::Standard);
+        assert_eq!(
+            classify(&HeaderMap::new(), None, &cfg, &plain).priority,
+            Priority::Standard
+        );
     }
 }

@@ -1011,7 +1011,9 @@ mod tests {
             // Arrival order is the loop's order.
             wait_queued(&adm, i + 1).await;
         }
-        let lines = adm.shared.lock().bands[Priority::Standard.index()].tenants.len();
+        let lines = adm.shared.lock().bands[Priority::Standard.index()]
+            .tenants
+            .len();
         assert_eq!(lines, 3, "steady, the first rotating id, default");
         drop(hold);
         for t in tasks {

@@ -111,8 +111,7 @@ impl Authenticator {
                     let team = team_names[k.team.as_str()].clone();
                     let record = KeyRecord {
                         digest: k.digest,
-                        id: HeaderValue::from_str(&k.id)
-                            .unwrap_or(HeaderValue::from_static("-")),
+                        id: HeaderValue::from_str(&k.id).unwrap_or(HeaderValue::from_static("-")),
                         policy: Arc::new(Policy::resolve(&spec, team, credentials)),
                     };
                     (k.digest, record)
@@ -205,6 +204,11 @@ impl Authenticator {
         }
     }
 
+    /// Whether admin requests need a bearer token.
+    pub fn admin_protected(&self) -> bool {
+        self.admin_token.is_some()
+    }
+
     /// Whether an admin request for `path` may be served: probes always;
     /// `/metrics` when public; otherwise the bearer token when one is set.
     pub fn admin_allows(&self, headers: &HeaderMap, path: &str) -> bool {
@@ -273,14 +277,22 @@ mod tests {
     #[test]
     fn keys_identify_their_team_and_policy() {
         let a = keys_auth();
-        let c = a.authenticate(&h(&[("authorization", "Bearer sk-search")]), PEER).unwrap();
+        let c = a
+            .authenticate(&h(&[("authorization", "Bearer sk-search")]), PEER)
+            .unwrap();
         assert_eq!(&*c.policy.team, "search");
         assert_eq!(c.key_id.unwrap(), "s1");
         assert_eq!(c.policy.entitlements.max_priority, Priority::Critical);
         assert!(c.policy.allows(["big"].into_iter()) && !c.policy.allows(["small"].into_iter()));
-        let c = a.authenticate(&h(&[("x-api-key", "sk-ads")]), PEER).unwrap();
+        let c = a
+            .authenticate(&h(&[("x-api-key", "sk-ads")]), PEER)
+            .unwrap();
         assert_eq!(&*c.policy.team, "ads");
-        assert_eq!(c.policy.entitlements.max_priority, Priority::Standard, "base");
+        assert_eq!(
+            c.policy.entitlements.max_priority,
+            Priority::Standard,
+            "base"
+        );
         assert!(c.policy.allows(["small"].into_iter()));
         assert_eq!(c.policy.stripped_headers().next(), Some("authorization"));
         let lower = a.authenticate(&h(&[("authorization", "bearer   sk-ads ")]), PEER);
@@ -288,9 +300,15 @@ mod tests {
 
         let err = |hs: &[(&'static str, &str)]| a.authenticate(&h(hs), PEER).unwrap_err();
         assert_eq!(err(&[]), AuthError::MissingKey);
-        assert_eq!(err(&[("authorization", "Basic sk-ads")]), AuthError::MissingKey);
+        assert_eq!(
+            err(&[("authorization", "Basic sk-ads")]),
+            AuthError::MissingKey
+        );
         assert_eq!(err(&[("authorization", "Bearer ")]), AuthError::MissingKey);
-        assert_eq!(err(&[("authorization", "Bearer sk-wrong")]), AuthError::InvalidKey);
+        assert_eq!(
+            err(&[("authorization", "Bearer sk-wrong")]),
+            AuthError::InvalidKey
+        );
         let e = AuthError::InvalidKey.to_api_error();
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
     }
@@ -311,24 +329,40 @@ mod tests {
         assert_eq!(c.key_id.unwrap(), "k9");
         let c = a.authenticate(&h(&[("x-team", "other")]), proxy).unwrap();
         assert_eq!(&*c.policy.team, "other");
-        assert!(!c.policy.entitlements.may_force_canary, "unlisted: defaults");
+        assert!(
+            !c.policy.entitlements.may_force_canary,
+            "unlisted: defaults"
+        );
         assert_eq!(
-            a.authenticate(&h(&[("x-team", "search")]), PEER).unwrap_err(),
+            a.authenticate(&h(&[("x-team", "search")]), PEER)
+                .unwrap_err(),
             AuthError::UntrustedSource
         );
-        assert_eq!(a.authenticate(&h(&[]), proxy).unwrap_err(), AuthError::MissingTeam);
+        assert_eq!(
+            a.authenticate(&h(&[]), proxy).unwrap_err(),
+            AuthError::MissingTeam
+        );
     }
 
     #[test]
     fn none_trusts_everyone_and_admin_needs_the_token() {
         let a = Authenticator::default();
         let c = a.authenticate(&HeaderMap::new(), PEER).unwrap();
-        assert_eq!(c.policy.entitlements, crate::admission::Entitlements::unrestricted());
-        assert!(a.admin_allows(&HeaderMap::new(), "/routes"), "no token configured");
+        assert_eq!(
+            c.policy.entitlements,
+            crate::admission::Entitlements::unrestricted()
+        );
+        assert!(
+            a.admin_allows(&HeaderMap::new(), "/routes"),
+            "no token configured"
+        );
 
         let k = keys_auth();
         assert!(k.admin_allows(&HeaderMap::new(), "/healthz"));
-        assert!(k.admin_allows(&HeaderMap::new(), "/metrics"), "public_metrics");
+        assert!(
+            k.admin_allows(&HeaderMap::new(), "/metrics"),
+            "public_metrics"
+        );
         assert!(!k.admin_allows(&HeaderMap::new(), "/routes"));
         assert!(!k.admin_allows(&h(&[("authorization", "Bearer nope")]), "/routes"));
         assert!(k.admin_allows(&h(&[("authorization", "Bearer admin-token")]), "/routes"));

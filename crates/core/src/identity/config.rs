@@ -109,18 +109,16 @@ impl AuthConfig {
                 ))
             }
             AuthMode::TrustedHeaders => match &self.trusted_headers {
-                None => {
-                    return Err((
-                        "mode:".into(),
-                        "auth: `mode: trusted_headers` needs `trusted_headers: {team_header, sources}`"
-                            .into(),
-                    ))
-                }
+                None => return Err((
+                    "mode:".into(),
+                    "auth: `mode: trusted_headers` needs `trusted_headers: {team_header, sources}`"
+                        .into(),
+                )),
                 Some(t) => {
                     if http::HeaderName::from_bytes(t.team_header.as_bytes()).is_err()
-                        || t.key_header.as_ref().is_some_and(|k| {
-                            http::HeaderName::from_bytes(k.as_bytes()).is_err()
-                        })
+                        || t.key_header
+                            .as_ref()
+                            .is_some_and(|k| http::HeaderName::from_bytes(k.as_bytes()).is_err())
                     {
                         return Err((
                             "team_header".into(),
@@ -130,7 +128,8 @@ impl AuthConfig {
                     if t.sources.is_empty() {
                         return Err((
                             "sources".into(),
-                            "auth.trusted_headers: `sources` must list the proxy's address ranges".into(),
+                            "auth.trusted_headers: `sources` must list the proxy's address ranges"
+                                .into(),
                         ));
                     }
                 }
@@ -140,7 +139,10 @@ impl AuthConfig {
         if self.mode != AuthMode::Keys && self.key_file.is_some() {
             return Err((
                 "key_file".into(),
-                format!("auth: `key_file` is only used with `mode: keys` (mode is `{}`)", self.mode.as_str()),
+                format!(
+                    "auth: `key_file` is only used with `mode: keys` (mode is `{}`)",
+                    self.mode.as_str()
+                ),
             ));
         }
         let specs = std::iter::once(("defaults", &self.defaults))
@@ -182,23 +184,33 @@ mod tests {
         let yes = |_: &str| true;
         let e = parse("mode: keys").check(yes, None, false).unwrap_err();
         assert!(e.1.contains("needs `key_file"), "{e:?}");
-        let e = parse("mode: trusted_headers").check(yes, None, false).unwrap_err();
+        let e = parse("mode: trusted_headers")
+            .check(yes, None, false)
+            .unwrap_err();
         assert!(e.1.contains("trusted_headers: {team_header"), "{e:?}");
         let e = parse("mode: trusted_headers\ntrusted_headers: {team_header: x-team, sources: []}")
             .check(yes, None, false)
             .unwrap_err();
         assert!(e.1.contains("sources"), "{e:?}");
-        parse("mode: trusted_headers\ntrusted_headers: {team_header: x-team, sources: [10.0.0.0/8]}")
-            .check(yes, None, false)
-            .unwrap();
+        parse(
+            "mode: trusted_headers\ntrusted_headers: {team_header: x-team, sources: [10.0.0.0/8]}",
+        )
+        .check(yes, None, false)
+        .unwrap();
         let e = parse("key_file: /k").check(yes, None, false).unwrap_err();
         assert!(e.1.contains("only used with `mode: keys`"), "{e:?}");
         let e = parse("mode: keys\nkey_file: /k\nteams: {search: {models: [nope]}}")
             .check(|m| m == "m", None, false)
             .unwrap_err();
-        assert_eq!(e.1, "auth: `search` allows model `nope`, which no route serves");
+        assert_eq!(
+            e.1,
+            "auth: `search` allows model `nope`, which no route serves"
+        );
         assert!(serde_yaml_ng::from_str::<AuthConfig>("mode: jwt").is_err());
-        assert!(serde_yaml_ng::from_str::<AuthConfig>("trusted_headers: {team_header: t, sources: [nope]}").is_err());
+        assert!(serde_yaml_ng::from_str::<AuthConfig>(
+            "trusted_headers: {team_header: t, sources: [nope]}"
+        )
+        .is_err());
     }
 
     #[test]
@@ -208,7 +220,10 @@ mod tests {
         let all: SocketAddr = "0.0.0.0:9090".parse().unwrap();
         none.check(|_| true, Some(lo), false).unwrap();
         let e = none.check(|_| true, Some(all), false).unwrap_err();
-        assert!(e.1.contains("beyond loopback") && e.1.contains("token_file"), "{e:?}");
+        assert!(
+            e.1.contains("beyond loopback") && e.1.contains("token_file"),
+            "{e:?}"
+        );
         none.check(|_| true, Some(all), true).unwrap();
     }
 }

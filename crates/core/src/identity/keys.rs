@@ -11,8 +11,8 @@
 //!   policy: { models: [llama-3-8b], max_priority: critical }
 //! ```
 
-use sha2::{Digest, Sha256};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::policy::PolicySpec;
@@ -101,7 +101,9 @@ impl KeyFile {
         let mut digests = std::collections::HashSet::new();
         for e in entries.unwrap_or_default() {
             if e.id.is_empty() || e.team.is_empty() {
-                return Err(format!("{origin}: every key needs a non-empty `id` and `team`"));
+                return Err(format!(
+                    "{origin}: every key needs a non-empty `id` and `team`"
+                ));
             }
             let Some(digest) = from_hex(&e.sha256) else {
                 return Err(format!(
@@ -163,7 +165,9 @@ mod tests {
         assert_eq!(KeyFile::parse("", "k").unwrap().keys.len(), 0);
 
         let dup = good.replace("id: b", "id: a");
-        assert!(KeyFile::parse(&dup, "k").unwrap_err().contains("listed twice"));
+        assert!(KeyFile::parse(&dup, "k")
+            .unwrap_err()
+            .contains("listed twice"));
         let short = good.replace(&hash_key("kb"), "abc");
         let e = KeyFile::parse(&short, "k").unwrap_err();
         assert!(e.contains("key `b`") && e.contains("64 hex digits"), "{e}");
@@ -172,6 +176,8 @@ mod tests {
         let e = KeyFile::parse(&typo, "keys.yaml").unwrap_err();
         assert!(e.starts_with("keys.yaml:7:") && e.contains("teem"), "{e}");
         let same = good.replace(&hash_key("kb"), &hash_key("ka"));
-        assert!(KeyFile::parse(&same, "k").unwrap_err().contains("same sha256"));
+        assert!(KeyFile::parse(&same, "k")
+            .unwrap_err()
+            .contains("same sha256"));
     }
 }

@@ -102,11 +102,7 @@ impl Policy {
     /// Resolves `spec` (already layered down to a base, so every field but
     /// `models` and `default_objective` is set) for `team`. `credentials`:
     /// the request's API key headers are removed before forwarding.
-    pub fn resolve(
-        spec: &PolicySpec,
-        team: Arc<str>,
-        credentials: bool,
-    ) -> Policy {
+    pub fn resolve(spec: &PolicySpec, team: Arc<str>, credentials: bool) -> Policy {
         let models = spec
             .models
             .as_ref()
@@ -144,6 +140,11 @@ impl Policy {
         }
     }
 
+    /// Whether the caller may use every model.
+    pub fn allows_all(&self) -> bool {
+        self.models.is_none()
+    }
+
     /// Request headers to remove before forwarding: the caller's key, and
     /// the control headers it is not entitled to (ignored by the gateway, so
     /// the engine must not see them either).
@@ -153,7 +154,10 @@ impl Policy {
             (s.credentials, &["authorization", API_KEY_HEADER]),
             (s.priority, &[PRIORITY_HEADER, OBJECTIVE_HEADER]),
             (s.canary, &[crate::admission::canary::FORCE_HEADER]),
-            (s.fallback, &[crate::admission::fallback::NO_FALLBACK_HEADER]),
+            (
+                s.fallback,
+                &[crate::admission::fallback::NO_FALLBACK_HEADER],
+            ),
             (s.tenant, &[FAIRNESS_HEADER]),
         ];
         pairs

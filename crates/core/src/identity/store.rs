@@ -66,7 +66,10 @@ impl IdentityStore {
                     format!("auth.admin.token_file {}: cannot read: {e}", path.display())
                 })?;
                 Some(token_digest(&t).ok_or_else(|| {
-                    format!("auth.admin.token_file {}: the file is empty", path.display())
+                    format!(
+                        "auth.admin.token_file {}: the file is empty",
+                        path.display()
+                    )
                 })?)
             }
             None => std::env::var(ADMIN_TOKEN_ENV)
@@ -116,8 +119,11 @@ impl IdentityStore {
     }
 
     fn rebuild(&self, st: &State) {
-        self.current
-            .store(Arc::new(Authenticator::new(&st.auth, &st.keys, st.admin_token)));
+        self.current.store(Arc::new(Authenticator::new(
+            &st.auth,
+            &st.keys,
+            st.admin_token,
+        )));
     }
 }
 
@@ -165,7 +171,10 @@ mod tests {
             m
         };
         let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        assert!(store.authenticator().authenticate(&h("one"), peer).is_ok(), "mode none");
+        assert!(
+            store.authenticator().authenticate(&h("one"), peer).is_ok(),
+            "mode none"
+        );
         store.commit(store.prepare(&auth).unwrap());
         assert!(store.authenticator().authenticate(&h("one"), peer).is_ok());
         assert!(store.authenticator().authenticate(&h("two"), peer).is_err());
