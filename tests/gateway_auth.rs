@@ -19,12 +19,12 @@ use support::*;
 /// Keys: `sk-search` (team search: model `m` only, may go critical and
 /// force the canary), `sk-ads` (team ads: the defaults, every model,
 /// standard at most).
-fn key_file(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("keys.yaml");
     std::fs::write(
         &path,
         format!(
-            "- {{id: search-1, sha256: {}, team: search}}\n- {{id: ads-1, sha256: {}, team: ads}}\n{extra}",
+            "- {{id: search-1, sha256: {}, team: search}}\n- {{id: ads-1, sha256: {}, team: ads}}\n",
             hash_key("sk-search"),
             hash_key("sk-ads")
         ),
@@ -35,7 +35,7 @@ fn key_file(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
 
 /// A gateway with two routes (`m` on `stable`, `other` on `stable`), `m`
 /// with a weight-0 canary on `canary`, keys on.
-fn keyed_config(stable: &str, canary: &str, keys: &std::path::Path, route_extra: &str) -> Config {
+fn keyed_config(stable: &str, canary: &str, keys: &std::path::Path) -> Config {
     let yaml = format!(
         r#"listeners:
   main: {{ address: "127.0.0.1:0" }}
@@ -55,7 +55,6 @@ routes:
     pool: stable
     routing: {{ policy: least_request }}
     admission: {{ canary: {{ pool: canary, weight: 0 }} }}
-{route_extra}
   - model: other
     pool: stable
     routing: {{ policy: least_request }}
@@ -65,21 +64,32 @@ routes:
     Config::parse(&yaml, "auth.yaml").unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
-async fn post_as(
-    url: &str,
-    path: &str,
-    body: &str,
-    headers: &[(&str, &str)],
-) -> (http::StatusCode, http::HeaderMap, bytes::Bytes) {
-    let resp = post_stream(url, path, body, headers).await;
-    let (parts, body) = resp.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
-    (parts.status, parts.headers, bytes)
+/// Replicas for the stable and canary sides, the key file (in `dir`) and
+/// the config over them.
+struct Keyed {
+    stable: MiniUpstream,
+    canary: MiniUpstream,
+    keys: std::path::PathBuf,
+    config: Config,
+    _dir: tempfile::TempDir,
 }
+
+async fn keyed(stable: Behaviour) -> Keyed {
+    let stable = mini_upstream("s", stable).await;
+    let canary = mini_upstream("c", Behaviour::Echo).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = key_file(dir.path());
+    let config = keyed_config(&stable.url(), &canary.url(), &keys);
+    Keyed {
+        stable,
+        canary,
+        keys,
+        config,
+        _dir: dir,
+    }
+}
+
+use support::post_with as post_as;
 
 async fn get_as(url: &str, headers: &[(&str, &str)]) -> (http::StatusCode, bytes::Bytes) {
     let mut b = http::Request::get(url);
@@ -101,18 +111,8 @@ const CHAT_M: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]
 
 #[tokio::test]
 async fn a_missing_or_wrong_key_is_401_and_never_reaches_a_replica() {
-    let (stable, canary) = (
-        mini_upstream("s", Behaviour::Echo).await,
-        mini_upstream("c", Behaviour::Echo).await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(keyed_config(
-        &stable.url(),
-        &canary.url(),
-        &key_file(dir.path(), ""),
-        "",
-    ))
-    .await;
+    let k = keyed(Behaviour::Echo).await;
+    let (stable, gw) = (&k.stable, gateway(k.config.clone()).await);
     for headers in [
         vec![],
         vec![("authorization", "Bearer sk-wrong")],
@@ -144,18 +144,8 @@ async fn a_missing_or_wrong_key_is_401_and_never_reaches_a_replica() {
 
 #[tokio::test]
 async fn a_key_sees_only_its_models() {
-    let (stable, canary) = (
-        mini_upstream("s", Behaviour::Echo).await,
-        mini_upstream("c", Behaviour::Echo).await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let gw = gateway(keyed_config(
-        &stable.url(),
-        &canary.url(),
-        &key_file(dir.path(), ""),
-        "",
-    ))
-    .await;
+    let k = keyed(Behaviour::Echo).await;
+    let (stable, gw) = (&k.stable, gateway(k.config.clone()).await);
     let search = [("authorization", "Bearer sk-search")];
     let other = r#"{"model":"other","messages":[{"role":"user","content":"hi"}]}"#;
     let (s, _, body) = post_as(&gw.url(), "/v1/chat/completions", other, &search).await;
@@ -200,15 +190,14 @@ async fn a_key_sees_only_its_models() {
 
 #[tokio::test]
 async fn control_headers_count_only_for_callers_entitled_to_them() {
-    let stable = mini_upstream("s", Behaviour::Stall { after: 1 }).await;
-    let canary = mini_upstream("c", Behaviour::Echo).await;
-    let dir = tempfile::tempdir().unwrap();
     // The stable replica of `m` takes one request at a time: while it is
     // busy a sheddable request is refused (429) at once, a critical one
     // waits in the queue (here until its 300 ms deadline: 503). Team ads
     // may use `sheddable` at most, search `critical`.
+    let k = keyed(Behaviour::Stall { after: 1 }).await;
+    let (stable, canary) = (&k.stable, &k.canary);
     let gw = gateway({
-        let mut c = keyed_config(&stable.url(), &canary.url(), &key_file(dir.path(), ""), "");
+        let mut c = k.config.clone();
         c.auth.teams.insert(
             "ads".into(),
             serde_yaml_ng::from_str("max_priority: sheddable").unwrap(),
@@ -348,14 +337,9 @@ async fn only_inference_endpoints_are_forwarded() {
 
 #[tokio::test]
 async fn key_file_changes_apply_without_a_restart() {
-    let (stable, canary) = (
-        mini_upstream("s", Behaviour::Echo).await,
-        mini_upstream("c", Behaviour::Echo).await,
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let keys = key_file(dir.path(), "");
-    let config = keyed_config(&stable.url(), &canary.url(), &keys, "");
-    let cfg_path = dir.path().join("config.yaml");
+    let k = keyed(Behaviour::Echo).await;
+    let (keys, config) = (&k.keys, k.config.clone());
+    let cfg_path = k.keys.with_file_name("config.yaml");
     let text = serde_yaml_ng::to_string(&config).unwrap();
     std::fs::write(&cfg_path, &text).unwrap();
     let gateway = infergate_proxy::Gateway::new(config.clone()).unwrap();
@@ -386,7 +370,7 @@ async fn key_file_changes_apply_without_a_restart() {
     assert_eq!(status("sk-ads").await, 200);
     // Rotate: ads's key is revoked, a new one added (as a Secret update would).
     std::fs::write(
-        &keys,
+        keys,
         format!(
             "- {{id: search-1, sha256: {}, team: search}}\n- {{id: new-1, sha256: {}, team: ads}}\n",
             hash_key("sk-search"),
@@ -405,7 +389,7 @@ async fn key_file_changes_apply_without_a_restart() {
     assert!(ok, "the new key was never accepted");
     assert_eq!(status("sk-ads").await, 401, "the revoked key is refused");
     // A broken file is rejected; the keys in force stay.
-    std::fs::write(&keys, "- id: [").unwrap();
+    std::fs::write(keys, "- id: [").unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(status("sk-new").await, 200);
 }
