@@ -247,3 +247,20 @@ pub async fn wait_for_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+#[cfg(test)]
+mod hash_key_tests {
+    use super::key_entry;
+    use infergate_core::identity::KeyFile;
+
+    #[test]
+    fn the_printed_entry_is_a_valid_key_file_for_that_key() {
+        let entry = key_entry(" sk-abc\n", "ci", "search").unwrap();
+        assert!(!entry.contains("sk-abc"), "only the hash is printed");
+        let f = KeyFile::parse(&entry, "stdout").unwrap();
+        assert_eq!(f.keys[0].id, "ci");
+        assert_eq!(f.keys[0].team, "search");
+        assert!(entry.contains(&infergate_core::identity::hash_key("sk-abc")));
+        assert!(key_entry("  \n", "a", "b").is_err());
+    }
+}
