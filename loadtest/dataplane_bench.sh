@@ -20,6 +20,10 @@
 #   SKIP_BUILD=1 DUR=6 ROUNDS=3 CONC=64 LAT_CONNS=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 IG_POLICY=least_request loadtest/dataplane_bench.sh
 #   IG_BASELINE=/path/to/old/infergate loadtest/dataplane_bench.sh   # adds that build as target
 #       "baseline", in the same interleaved rounds: a before/after comparison of a change
+#   IG_AUTH=keys loadtest/dataplane_bench.sh   # adds target "infergate-keys": the same gateway with
+#       `auth: keys` (a generated key file of IG_KEYS keys, default 1000), every request sending
+#       `Authorization: Bearer` one of them, in the same interleaved rounds: the cost of authentication
+#   PEERS=0 ...                                # skip nginx, vllm-router and sglang-router
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -48,6 +52,9 @@ UP_PORT=$((BASE + 1)); IG_PORT=$((BASE + 10)); IG_ADMIN=$((BASE + 11))
 NG_PORT=$((BASE + 20)); VR_PORT=$((BASE + 30)); SR_PORT=$((BASE + 40))
 IDLE_UP_PORT=$((BASE + 50)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
 BL_PORT=$((BASE + 60)); BL_ADMIN=$((BASE + 61))
+AK_PORT=$((BASE + 70)); AK_ADMIN=$((BASE + 71))
+PEERS=${PEERS:-1}
+IG_KEYS=${IG_KEYS:-1000}
 MODEL=bench-model
 RUN=$(mktemp -d /tmp/dataplane-bench.XXXXXX)
 export HF_ENDPOINT="http://127.0.0.1:9" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -127,6 +134,21 @@ start_bg infergate "$IG" serve --config "$RUN/infergate.yaml"
 wait_http "http://127.0.0.1:$IG_ADMIN/readyz"
 TARGETS=("direct=$UP" "infergate=http://127.0.0.1:$IG_PORT")
 declare -A PID_OF=([infergate]=$(cat "$RUN/infergate.pid"))
+declare -A HDRS=()  # an extra request header per target
+if [[ ${IG_AUTH:-} == keys ]]; then
+  # A key file of IG_KEYS keys (the lookup is a hash map: its size should not
+  # matter); the load sends the last one.
+  for i in $(seq "$IG_KEYS"); do
+    printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
+      "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
+  done >"$RUN/keys.yaml"
+  sed -e "s/$IG_PORT/$AK_PORT/" -e "s/$IG_ADMIN/$AK_ADMIN/" "$RUN/infergate.yaml" >"$RUN/keys-gw.yaml"
+  printf 'auth: { mode: keys, key_file: %s }\n' "$RUN/keys.yaml" >>"$RUN/keys-gw.yaml"
+  start_bg infergate-keys "$IG" serve --config "$RUN/keys-gw.yaml"
+  wait_http "http://127.0.0.1:$AK_ADMIN/readyz"
+  TARGETS+=("infergate-keys=http://127.0.0.1:$AK_PORT"); PID_OF[infergate-keys]=$(cat "$RUN/infergate-keys.pid")
+  HDRS[infergate-keys]="authorization:Bearer sk-bench-$IG_KEYS"
+fi
 if [[ -n ${IG_BASELINE:-} ]]; then
   sed -e "s/$IG_PORT/$BL_PORT/" -e "s/$IG_ADMIN/$BL_ADMIN/" "$RUN/infergate.yaml" >"$RUN/baseline.yaml"
   start_bg baseline "$IG_BASELINE" serve --config "$RUN/baseline.yaml"
@@ -134,7 +156,7 @@ if [[ -n ${IG_BASELINE:-} ]]; then
   TARGETS+=("baseline=http://127.0.0.1:$BL_PORT"); PID_OF[baseline]=$(cat "$RUN/baseline.pid")
 fi
 
-if command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
+if (( PEERS )) && command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
   mkdir -p "$RUN/nginx-tmp"
   sed -e "s|@PORT@|$NG_PORT|" -e "s|@RUN@|$RUN|g" "$PEERS_DIR/nginx.conf.in" |
     awk -v ups="        server 127.0.0.1:$UP_PORT max_fails=0;" '{ if ($0 ~ /^@UPSTREAMS@$/) print ups; else print }' \
@@ -145,7 +167,7 @@ if command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
 else
   echo "# nginx not installed: skipped (run ../shared/peers/setup.sh)"
 fi
-if [[ -x "$PEERS_VENV/bin/vllm-router" ]]; then
+if (( PEERS )) && [[ -x "$PEERS_VENV/bin/vllm-router" ]]; then
   start_bg vllm-router "$PEERS_VENV/bin/vllm-router" --host 127.0.0.1 --port "$VR_PORT" \
     --worker-urls "$UP" --policy round_robin --prometheus-host 127.0.0.1 \
     --prometheus-port $((VR_PORT + 1)) --worker-startup-check-interval 1
@@ -154,7 +176,7 @@ if [[ -x "$PEERS_VENV/bin/vllm-router" ]]; then
 else
   echo "# vllm-router not installed: skipped"
 fi
-if [[ -x "$PEERS_VENV/bin/sglang-router" ]]; then
+if (( PEERS )) && [[ -x "$PEERS_VENV/bin/sglang-router" ]]; then
   start_bg sglang-router "$PEERS_VENV/bin/sglang-router" launch --host 127.0.0.1 --port "$SR_PORT" \
     --worker-urls "$UP" --policy round_robin --prometheus-host 127.0.0.1 \
     --prometheus-port $((SR_PORT + 1)) --worker-startup-check-interval 1
@@ -165,9 +187,11 @@ else
 fi
 sleep 1
 
-load() {  # out.json url args...
+load() {  # out.json url args...   (the HDRS header of the target named in out.json is added)
   local out=$1 url=$2; shift 2
-  "$LOAD" --url "$url" --model "$MODEL" --json "$@" >"$out" 2>"$out.err" || {
+  local name; name=$(basename "$out" .json); name=${name#*-}; name=${name%-*}
+  local hdr=${HDRS[$name]:-}
+  "$LOAD" --url "$url" --model "$MODEL" --json ${hdr:+-H "$hdr"} "$@" >"$out" 2>"$out.err" || {
     echo "load failed for $url: $(tail -3 "$out.err")" >&2; echo '{}' >"$out"; }
 }
 

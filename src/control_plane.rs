@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::composer::Composer;
 use infergate_core::config::{Config, ConfigError};
-use infergate_core::reload::FileWatch;
+use infergate_core::reload::{FileWatch, Source};
 use infergate_kube::{
     connect, spawn_discovery, CanarySet, CanaryWatch, Cluster, ConfigMapWatch, ConnectError,
     Discovery, DiscoveryOptions, EventPublisher, InitialConfigError, KubeOptions, WatchOptions,
@@ -145,6 +145,38 @@ impl Default for ControlOptions {
     }
 }
 
+/// Watches `auth.key_file` (a mounted Secret is such a file) and applies
+/// every change to the gateway's keys, like the config file; a config whose
+/// key file moved restarts the watch on the new path.
+async fn follow_key_file(gateway: Arc<Gateway>, interval: Duration) {
+    let mut configs = gateway.subscribe();
+    loop {
+        let path = gateway.identity().key_path();
+        let watch = path.clone().map(|path| {
+            let gw = gateway.clone();
+            let target =
+                move |text: &str, origin: &str| gw.identity().apply_keys_text(text, origin);
+            // Applies the file once at start (the keys just read again), then
+            // every change.
+            tokio::spawn(FileWatch { path, interval }.run_as(target, None, Source::KeyFile))
+        });
+        let alive = loop {
+            if configs.changed().await.is_err() {
+                break false;
+            }
+            if gateway.identity().key_path() != path {
+                break true;
+            }
+        };
+        if let Some(w) = watch {
+            w.abort();
+        }
+        if !alive {
+            return;
+        }
+    }
+}
+
 /// The running control-plane tasks; dropping it stops them all.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -223,6 +255,10 @@ impl ControlPlane {
             };
             tasks.push(tokio::spawn(watch.run(composer.clone(), Some(loaded.text))));
         }
+        tasks.push(tokio::spawn(follow_key_file(
+            gateway.clone(),
+            opts.file_poll,
+        )));
         ControlPlane {
             composer,
             tasks,

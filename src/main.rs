@@ -30,6 +30,8 @@ enum Command {
     Quickstart(infergate::cli::QuickstartArgs),
     /// Validate a config file without starting.
     CheckConfig(infergate::cli::CheckConfigArgs),
+    /// Print the SHA-256 of an API key, for the key file (`auth.key_file`).
+    HashKey(infergate::cli::HashKeyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
                 Command::Sim(args) => infergate_sim::run(args).await,
                 Command::Quickstart(args) => infergate::cli::quickstart(args).await,
                 Command::CheckConfig(args) => infergate::cli::check_config(args),
+                Command::HashKey(args) => infergate::cli::hash_key(args),
             }
         }),
         Err(e) => Err(e.into()),

@@ -1,5 +1,5 @@
 //! The subcommands of the `infergate` binary other than `sim` (which lives with
-//! the simulator): `serve`, `quickstart`, `check-config`.
+//! the simulator): `serve`, `quickstart`, `check-config`, `hash-key`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,45 @@ pub struct QuickstartArgs {
 pub struct CheckConfigArgs {
     /// Path of the YAML config to validate.
     pub file: PathBuf,
+}
+
+/// Flags of `infergate hash-key`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HashKeyArgs {
+    /// The API key; `-` (or nothing) reads it from stdin, which keeps it out
+    /// of the shell history.
+    pub key: Option<String>,
+    /// Key id for the printed key-file entry.
+    #[arg(long, default_value = "KEY-ID")]
+    pub id: String,
+    /// Team for the printed key-file entry.
+    #[arg(long, default_value = "TEAM")]
+    pub team: String,
+}
+
+/// `infergate hash-key [KEY|-]`: prints a key-file entry with the key's
+/// SHA-256 (the key itself is never stored).
+pub fn hash_key(args: HashKeyArgs) -> anyhow::Result<()> {
+    let key = match args.key.as_deref() {
+        Some(k) if k != "-" => k.to_string(),
+        _ => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_line(&mut s)
+                .context("reading the key from stdin")?;
+            s
+        }
+    };
+    println!("{}", key_entry(&key, &args.id, &args.team)?);
+    Ok(())
+}
+
+/// One key-file entry for `key` (trimmed; an empty key is an error).
+pub fn key_entry(key: &str, id: &str, team: &str) -> anyhow::Result<String> {
+    let key = key.trim();
+    anyhow::ensure!(!key.is_empty(), "the key is empty");
+    let sha = infergate_core::identity::hash_key(key);
+    Ok(format!("- id: {id}\n  sha256: {sha}\n  team: {team}"))
 }
 
 /// `infergate serve --config FILE | --configmap NAME`: runs until SIGTERM or
@@ -206,5 +245,22 @@ pub async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod hash_key_tests {
+    use super::key_entry;
+    use infergate_core::identity::KeyFile;
+
+    #[test]
+    fn the_printed_entry_is_a_valid_key_file_for_that_key() {
+        let entry = key_entry(" sk-abc\n", "ci", "search").unwrap();
+        assert!(!entry.contains("sk-abc"), "only the hash is printed");
+        let f = KeyFile::parse(&entry, "stdout").unwrap();
+        assert_eq!(f.keys[0].id, "ci");
+        assert_eq!(f.keys[0].team, "search");
+        assert!(entry.contains(&infergate_core::identity::hash_key("sk-abc")));
+        assert!(key_entry("  \n", "a", "b").is_err());
     }
 }

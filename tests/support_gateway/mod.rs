@@ -254,7 +254,17 @@ pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Fu
 
 /// POSTs JSON and returns status, headers and the whole body.
 pub async fn post(url: &str, path: &str, body: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let resp = post_stream(url, path, body, &[]).await;
+    post_with(url, path, body, &[]).await
+}
+
+/// [`post`] with extra request headers.
+pub async fn post_with(
+    url: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Bytes) {
+    let resp = post_stream(url, path, body, headers).await;
     let (parts, body) = resp.into_parts();
     let bytes = body
         .collect()

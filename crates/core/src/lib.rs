@@ -7,6 +7,8 @@ pub mod admission;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;
+pub mod endpoint;
+pub mod identity;
 pub mod plan;
 pub mod pool;
 pub mod reload;

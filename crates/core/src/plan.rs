@@ -32,7 +32,7 @@ use infergate_protocol::error::ApiError;
 use crate::admission::budget::Cost;
 use crate::admission::fallback::{self, FallbackReason, FallbackTrigger};
 use crate::admission::queue::{AdmitError, Ticket};
-use crate::admission::{classify, CanarySide, CanarySplit, RequestClass};
+use crate::admission::{classify, CanarySide, CanarySplit, Entitlements, RequestClass};
 use crate::config::RouteConfig;
 use crate::pool::Pool;
 
@@ -179,7 +179,8 @@ pub struct RequestPlan<R: PlanRoute> {
 impl<R: PlanRoute> RequestPlan<R> {
     /// Classifies the request (band, tenant, deadline), chooses its canary
     /// side and lists the fallbacks it may use. `fallbacks` are the routes of
-    /// `route`'s `admission.fallback.models`, resolved by the caller.
+    /// `route`'s `admission.fallback.models`, resolved by the caller; `ent`
+    /// says which of the request's control headers the caller may use.
     pub fn new(
         route: &Arc<R>,
         fallbacks: Vec<Arc<R>>,
@@ -187,10 +188,11 @@ impl<R: PlanRoute> RequestPlan<R> {
         requested_model: &str,
         user: Option<&str>,
         cost: Cost,
+        ent: &Entitlements,
     ) -> Self {
         let cfg = &route.config().admission;
-        let class = classify(headers, user, cfg);
-        let (side, target) = route.canary().choose(headers, user);
+        let class = classify(headers, user, cfg, ent);
+        let (side, target) = route.canary().choose(headers, user, ent.may_force_canary);
         let canary_side = match (&target, route.canary_side()) {
             (Some(t), Some(cs)) if *cs.pool().name == *t.pool => Some(cs.clone()),
             _ => None,
@@ -203,7 +205,7 @@ impl<R: PlanRoute> RequestPlan<R> {
             };
             (route.canary().clone(), side)
         });
-        let fallbacks = if fallback::forbidden(headers) {
+        let fallbacks = if ent.may_forbid_fallback && fallback::forbidden(headers) {
             Vec::new()
         } else {
             fallbacks

@@ -41,6 +41,8 @@ impl<T: ConfigTarget> ConfigTarget for std::sync::Arc<T> {
 pub enum Source {
     File,
     ConfigMap,
+    /// `auth.key_file`.
+    KeyFile,
 }
 
 impl Source {
@@ -48,6 +50,7 @@ impl Source {
         match self {
             Source::File => "file",
             Source::ConfigMap => "configmap",
+            Source::KeyFile => "key_file",
         }
     }
 }
@@ -111,6 +114,12 @@ impl FileWatch {
     /// A file that disappears or cannot be read is logged once and keeps the
     /// current config; the watch picks it up again when it comes back.
     pub async fn run(self, target: impl ConfigTarget, applied: Option<String>) {
+        self.run_as(target, applied, Source::File).await
+    }
+
+    /// [`FileWatch::run`] for a file other than the config (`source` labels
+    /// its log lines and metrics).
+    pub async fn run_as(self, target: impl ConfigTarget, applied: Option<String>, source: Source) {
         let origin = self.path.display().to_string();
         let mut last_hash = applied.as_deref().map(fingerprint);
         let mut last_meta: Option<(SystemTime, u64)> = None;
@@ -148,7 +157,7 @@ impl FileWatch {
                 continue;
             }
             last_hash = Some(hash);
-            let _ = apply_and_record(&target, Source::File, &origin, &text);
+            let _ = apply_and_record(&target, source, &origin, &text);
         }
     }
 }

@@ -5,6 +5,8 @@
 //! `/routing/explain/{request_id}` (why that request went where it went);
 //! `/` is the status page (one self-contained HTML file, `status.html`,
 //! embedded in the binary) and `/status.json` the one view it polls.
+//! With `auth.admin` a bearer token guards all but the probes (`/healthz`,
+//! `/readyz`) and, when public, `/metrics`.
 
 use std::sync::Arc;
 
@@ -33,6 +35,22 @@ fn text(
 pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<GatewayBody> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+    }
+    if !gw
+        .identity()
+        .authenticator()
+        .admin_allows(req.headers(), req.uri().path())
+    {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "admin endpoints need `Authorization: Bearer TOKEN`\n",
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return r;
     }
     match req.uri().path() {
         "/metrics" => text(

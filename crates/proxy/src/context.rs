@@ -2,6 +2,8 @@
 //! moves through the pipeline. Routing and admission read it; extend it here
 //! when a step needs another parsed field or header.
 
+use infergate_core::endpoint::InferenceEndpoint;
+
 /// Header carrying the request id: the gateway's own, upstream and to the
 /// client (a client's id would let two clients' requests share one).
 pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -33,22 +35,18 @@ pub(crate) enum ApiKind {
 }
 
 impl ApiKind {
-    pub(crate) fn from_path(path: &str) -> ApiKind {
-        match path {
-            "/v1/chat/completions" => ApiKind::ChatCompletions,
-            "/v1/completions" => ApiKind::Completions,
-            "/v1/embeddings" => ApiKind::Embeddings,
-            "/v1/responses" => ApiKind::Responses,
-            "/v1/messages" => ApiKind::Messages,
-            "/v1/rerank" | "/rerank" | "/v2/rerank" => ApiKind::Rerank,
-            "/v1/score" | "/score" => ApiKind::Score,
-            _ => ApiKind::Other,
+    /// The API of an allowed endpoint (`core::endpoint`'s path table).
+    pub(crate) fn of(endpoint: InferenceEndpoint) -> ApiKind {
+        match endpoint {
+            InferenceEndpoint::ChatCompletions => ApiKind::ChatCompletions,
+            InferenceEndpoint::Completions => ApiKind::Completions,
+            InferenceEndpoint::Embeddings => ApiKind::Embeddings,
+            InferenceEndpoint::Responses => ApiKind::Responses,
+            InferenceEndpoint::Messages => ApiKind::Messages,
+            InferenceEndpoint::Rerank => ApiKind::Rerank,
+            InferenceEndpoint::Score => ApiKind::Score,
+            InferenceEndpoint::Tokenize | InferenceEndpoint::Detokenize => ApiKind::Other,
         }
-    }
-
-    /// Paths outside `/v1/` that are inference APIs too (vLLM serves them).
-    pub(crate) fn is_unversioned_api(path: &str) -> bool {
-        matches!(path, "/rerank" | "/v2/rerank" | "/score")
     }
 
     /// The GenAI semantic conventions' `gen_ai.operation.name` (`rerank`

@@ -20,6 +20,7 @@ use crate::telemetry::live::History;
 use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
 use infergate_core::config::{Config, ConfigError, Limits, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
+use infergate_core::identity::{IdentityStore, Policy};
 use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
 use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig, Scrapers};
@@ -102,6 +103,8 @@ pub struct Gateway {
     pub(crate) body_budget: Arc<BodyBudget>,
     /// The status page's chart samples.
     history: History,
+    /// Who callers are (`auth:` and the key file).
+    identity: IdentityStore,
 }
 
 #[derive(Default)]
@@ -142,6 +145,7 @@ impl Gateway {
             ready: AtomicBool::new(true),
             admissions: AdmissionRegistry::default(),
             history: History::default(),
+            identity: IdentityStore::default(),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -211,6 +215,12 @@ impl Gateway {
         self.pool_admissions().iter().map(|a| a.queued()).sum()
     }
 
+    /// Authentication: the per-request snapshot, and the key file's watch
+    /// target (`IdentityStore::apply_keys_text`).
+    pub fn identity(&self) -> &IdentityStore {
+        &self.identity
+    }
+
     /// The canary split of a route (its weight, rollback state).
     pub fn canary(&self, route: &str) -> Option<Arc<CanarySplit>> {
         self.admissions.canary_of(route)
@@ -226,6 +236,14 @@ impl Gateway {
     /// the snapshot they started with; pools and pickers are reused by name.
     pub fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
         config.validate()?;
+        let auth = self
+            .identity
+            .prepare(&config.auth)
+            .map_err(|message| ConfigError::Invalid {
+                file: "<config>".into(),
+                line: None,
+                message,
+            })?;
         let mut state = self.lock_state();
         let mut pools = HashMap::new();
         for pc in &config.pools {
@@ -320,7 +338,7 @@ impl Gateway {
             }
             routes.push(route);
         }
-        let models_body = models_list(&config);
+        let models_body = models_list(config.routes.iter());
         self.table.store(Arc::new(RouteTable {
             by_model,
             routes,
@@ -330,6 +348,7 @@ impl Gateway {
             expose_replica_header: config.expose_replica_header,
             models_body,
         }));
+        self.identity.commit(auth);
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);
@@ -349,12 +368,26 @@ impl Gateway {
     }
 }
 
-/// The OpenAI `GET /v1/models` body: every model name and alias served.
-fn models_list(config: &Config) -> Bytes {
-    let data: Vec<serde_json::Value> = config
-        .routes
-        .iter()
-        .flat_map(|r| std::iter::once(&r.model).chain(&r.aliases))
+impl RouteTable {
+    /// The `GET /v1/models` answer for a caller: the shared one when it may
+    /// use every model, else only the routes its policy allows.
+    pub fn models_for(&self, policy: &Policy) -> Bytes {
+        if policy.allows_all() {
+            return self.models_body.clone();
+        }
+        let allowed = self
+            .routes
+            .iter()
+            .map(|r| &r.config)
+            .filter(|rc| policy.allows(rc.names()));
+        models_list(allowed)
+    }
+}
+
+/// The OpenAI `GET /v1/models` body: every model name and alias of `routes`.
+fn models_list<'a>(routes: impl Iterator<Item = &'a RouteConfig>) -> Bytes {
+    let data: Vec<serde_json::Value> = routes
+        .flat_map(|r| r.names())
         .map(|m| {
             serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "infergate"})
         })

@@ -1,12 +1,13 @@
-//! The per-request pipeline: body → features → route → admission → forward →
-//! relay. Each step lives in its own module; this one wires them and turns
+//! The per-request pipeline: path allow-list → caller → body → features →
+//! route (and the caller's models) → admission → forward → relay. Each step lives in its own module; this one wires them and turns
 //! every failure into an OpenAI-style JSON error with a log line.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 
 use super::body::{check_content_type, read_limited, too_large, BodyLimits};
@@ -19,10 +20,16 @@ use super::record::{Outcome, RequestRecord};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
 use infergate_core::admission::Cost;
+use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
+use infergate_core::identity::AuthError;
 use infergate_protocol::error::ApiError;
 
-/// Handles one client request.
-pub(crate) async fn handle<B>(gw: Arc<Gateway>, req: Request<B>) -> Response<GatewayBody>
+/// Handles one client request from `peer`.
+pub(crate) async fn handle<B>(
+    gw: Arc<Gateway>,
+    req: Request<B>,
+    peer: IpAddr,
+) -> Response<GatewayBody>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -30,28 +37,11 @@ where
     let received_at = Instant::now();
     let ids = RequestIds::of(&req);
     let version = req.version();
-    let mut resp = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/models") => json_response(gw.routes().models_body.clone()),
-        (&Method::POST, p) if p.starts_with("/v1/") || ApiKind::is_unversioned_api(p) => {
-            proxy(&gw, req, &ids, received_at).await
-        }
-        (_, p) if p.starts_with("/v1/") => reject(
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                format!("Method {} is not allowed on {p}", req.method()),
-            ),
-            ids.record(received_at),
-        ),
-        (_, p) => reject(
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!("Unknown path {p}"),
-            )
-            .with_code("not_found"),
-            ids.record(received_at),
-        ),
+    let record = || ids.record(received_at);
+    let mut resp = match dispatch(req.method(), req.uri().path()) {
+        Dispatch::Models => models(&gw, req.headers(), peer, record()),
+        Dispatch::Forward(endpoint) => proxy(&gw, req, peer, endpoint, &ids, received_at).await,
+        Dispatch::Refuse(e) => reject(e, record()),
     };
     let h = resp.headers_mut();
     h.insert(REQUEST_ID, ids.gateway);
@@ -63,6 +53,63 @@ where
         resp = resp.map(|b| b.watch_stream(limit));
     }
     resp
+}
+
+/// What a request's method and path ask for.
+enum Dispatch {
+    Models,
+    /// An inference endpoint and its canonical path.
+    Forward((InferenceEndpoint, &'static str)),
+    Refuse(ApiError),
+}
+
+/// Normalises the path and checks it against the forwarding allow-list
+/// (`core::endpoint`): only inference endpoints reach a replica.
+fn dispatch(method: &Method, raw: &str) -> Dispatch {
+    let path = match normalize_path(raw) {
+        Ok(p) => p,
+        Err(e) => {
+            return Dispatch::Refuse(ApiError::bad_request(e.message()).with_code("invalid_path"))
+        }
+    };
+    match (method, InferenceEndpoint::from_path(&path)) {
+        (&Method::GET, None) if path == "/v1/models" => Dispatch::Models,
+        (&Method::POST, Some(e)) => Dispatch::Forward(e),
+        (m, Some(_)) => Dispatch::Refuse(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("Method {m} is not allowed on {path}"),
+        )),
+        (_, None) => Dispatch::Refuse(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("Unknown path {path}"),
+            )
+            .with_code("not_found"),
+        ),
+    }
+}
+
+/// `GET /v1/models`: the models the caller may use.
+fn models(
+    gw: &Gateway,
+    headers: &http::HeaderMap,
+    peer: IpAddr,
+    record: RequestRecord,
+) -> Response<GatewayBody> {
+    match gw.identity().authenticator().authenticate(headers, peer) {
+        Ok(caller) => json_response(gw.routes().models_for(&caller.policy)),
+        Err(e) => unauthorized(e, record),
+    }
+}
+
+/// 401 with the OpenAI error body and `WWW-Authenticate: Bearer`.
+fn unauthorized(e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
+    let mut r = reject(e.to_api_error(), record);
+    r.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// A request's ids: the gateway's own (always fresh: a client's id would let
@@ -100,6 +147,18 @@ impl RequestIds {
     }
 }
 
+/// The path sent upstream: the endpoint's canonical spelling with the
+/// client's query (the client's own bytes when they are already canonical).
+fn upstream_path(uri: &http::Uri, canonical: &'static str) -> http::uri::PathAndQuery {
+    match (uri.path_and_query(), uri.query()) {
+        (Some(pq), _) if pq.path() == canonical => pq.clone(),
+        (_, None) => http::uri::PathAndQuery::from_static(canonical),
+        (_, Some(q)) => format!("{canonical}?{q}")
+            .parse()
+            .unwrap_or_else(|_| http::uri::PathAndQuery::from_static(canonical)),
+    }
+}
+
 fn json_response(body: Bytes) -> Response<GatewayBody> {
     let mut r = Response::new(GatewayBody::from(body));
     r.headers_mut()
@@ -116,6 +175,8 @@ fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
 async fn proxy<B>(
     gw: &Gateway,
     req: Request<B>,
+    peer: IpAddr,
+    (endpoint, path): (InferenceEndpoint, &'static str),
     ids: &RequestIds,
     received_at: Instant,
 ) -> Response<GatewayBody>
@@ -124,8 +185,17 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut record = ids.record(received_at);
-    let (parts, body) = req.into_parts();
-    let kind = ApiKind::from_path(parts.uri.path());
+    let (mut parts, body) = req.into_parts();
+    // Who is calling, before the body is read.
+    let caller = match gw
+        .identity()
+        .authenticator()
+        .authenticate(&parts.headers, peer)
+    {
+        Ok(c) => c,
+        Err(e) => return unauthorized(e, record),
+    };
+    let kind = ApiKind::of(endpoint);
     let table = gw.routes();
     let limits = &table.limits;
 
@@ -149,12 +219,28 @@ where
     };
     record.set_model(&features.model);
     record.prompt_tokens = u64::from(features.prompt_tokens);
-    let Some(route) = table.resolve(&features.model).cloned() else {
+    // A model the caller may not use is as unknown to it as a missing one.
+    let Some(route) = table
+        .resolve(&features.model)
+        .filter(|r| caller.policy.allows(r.config.names()))
+        .cloned()
+    else {
         return reject(ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
     record.operation = Some(kind.operation());
     let rc = &route.config;
+    if !rc.serves(endpoint) {
+        return reject(
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model `{}` is not served on {path}", features.model),
+            )
+            .with_code("not_found"),
+            record,
+        );
+    }
     let body_limit = rc.max_body_bytes.unwrap_or(table.max_body_bytes);
     if body.len() as u64 > body_limit {
         return reject(too_large(body_limit), record);
@@ -184,6 +270,7 @@ where
         .models
         .iter()
         .filter_map(|m| table.resolve(m).cloned())
+        .filter(|r| caller.policy.allows(r.config.names()))
         .collect();
     let cost = Cost::estimate(
         ctx.features.prompt_tokens,
@@ -197,7 +284,13 @@ where
         &ctx.features.model,
         ctx.features.user.as_deref(),
         cost,
+        &caller.policy.entitlements,
     );
+    // Control headers the caller may not use were ignored; the engine must
+    // not see them (nor the caller's key).
+    for name in caller.policy.stripped_headers() {
+        parts.headers.remove(name);
+    }
     record.canary = plan.canary().cloned();
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
@@ -209,11 +302,7 @@ where
     let stream = ctx.features.stream;
     let first_byte_deadline = reserved.first_byte_deadline;
     record.overhead = Some(received_at.elapsed());
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path_and_query = upstream_path(&parts.uri, path);
     let headers = parts.headers;
     let rid = ids.gateway.clone();
     let client_rid = ids.client.clone();

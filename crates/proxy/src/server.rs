@@ -36,6 +36,8 @@ pub enum StartError {
     },
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error("the admin listener binds {0}, beyond loopback, without a token: set `auth.admin.token_file` (or INFERGATE_ADMIN_TOKEN), or bind it to 127.0.0.1")]
+    AdminUnprotected(SocketAddr),
 }
 
 /// A running gateway.
@@ -96,6 +98,11 @@ pub async fn start_with(
     main: &Listener,
     admin: Option<&Listener>,
 ) -> Result<ServerHandle, StartError> {
+    if let Some(a) = admin {
+        if !a.address.ip().is_loopback() && !gateway.identity().authenticator().admin_protected() {
+            return Err(StartError::AdminUnprotected(a.address));
+        }
+    }
     let (stop_main, stop_rx) = watch::channel(None);
     let (stop_admin, stop_admin_rx) = watch::channel(None);
 
@@ -110,9 +117,9 @@ pub async fn start_with(
     // Read at start (like `workers`): a reload does not rebuild listeners.
     let limits = ConnLimits::new(&gateway.config().limits);
     let gw = gateway.clone();
-    let handler = move |req| {
+    let handler = move |req, peer: SocketAddr| {
         let gw = gw.clone();
-        async move { Ok::<_, Infallible>(super::handler::handle(gw, req).await) }
+        async move { Ok::<_, Infallible>(super::handler::handle(gw, req, peer.ip()).await) }
     };
     let main_task = match main.workers {
         None | Some(0) => tokio::spawn(accept_loop(
@@ -157,7 +164,7 @@ pub async fn start_with(
             a.client_stall,
             limits.for_another_listener(),
             stop_admin_rx,
-            move |req| {
+            move |req, _peer| {
                 let r = super::admin::handle(&gw, &req);
                 async move { Ok::<_, Infallible>(r) }
             },
@@ -195,7 +202,7 @@ fn spawn_workers<F, Fut>(
     handler: F,
 ) -> std::io::Result<JoinHandle<()>>
 where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
         + Send
         + 'static,
@@ -417,7 +424,7 @@ async fn accept_loop<F, Fut>(
     mut stop: watch::Receiver<Option<Duration>>,
     handler: F,
 ) where
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<http::Response<super::relay::GatewayBody>, Infallible>>
         + Send
         + 'static,
@@ -430,7 +437,7 @@ async fn accept_loop<F, Fut>(
         tokio::select! {
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         // Out of file descriptors and the like: back off briefly.
@@ -446,7 +453,9 @@ async fn accept_loop<F, Fut>(
                 };
                 let _ = stream.set_nodelay(true);
                 let stream = StallIo::new(stream, client_stall);
-                let svc = service_fn(handler.clone());
+                let h = handler.clone();
+                // The peer address is the caller's source for `auth.trusted_headers`.
+                let svc = service_fn(move |req| h(req, peer));
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 let tls = tls.clone();

@@ -179,10 +179,13 @@ impl CanarySplit {
     }
 
     /// Picks the side for a request; `Canary` comes with the canary's target.
+    /// `x-infergate-canary` forces a side only when `may_force` (the caller's
+    /// entitlement); otherwise it is ignored.
     pub fn choose(
         &self,
         headers: &HeaderMap,
         user: Option<&str>,
+        may_force: bool,
     ) -> (CanarySide, Option<CanaryTarget>) {
         let cur = self.current.load();
         let Some(cfg) = &cur.cfg else {
@@ -190,6 +193,7 @@ impl CanarySplit {
         };
         let forced = headers
             .get(FORCE_HEADER)
+            .filter(|_| may_force)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| match v.trim().to_ascii_lowercase().as_str() {
                 "canary" | "true" | "1" => Some(CanarySide::Canary),
@@ -384,15 +388,15 @@ mod tests {
         let h = HeaderMap::new();
         let n = 10_000;
         let canary = (0..n)
-            .filter(|i| split.choose(&h, Some(&format!("user-{i}"))).0 == CanarySide::Canary)
+            .filter(|i| split.choose(&h, Some(&format!("user-{i}")), true).0 == CanarySide::Canary)
             .count();
         let share = canary as f64 / n as f64;
         assert!((share - 0.10).abs() < 0.02, "share {share}");
         for i in 0..500 {
             let u = format!("user-{i}");
-            let first = split.choose(&h, Some(&u));
+            let first = split.choose(&h, Some(&u), true);
             for _ in 0..3 {
-                assert_eq!(split.choose(&h, Some(&u)), first);
+                assert_eq!(split.choose(&h, Some(&u), true), first);
             }
         }
         // The header key wins over `user`; the API key is used last.
@@ -411,10 +415,10 @@ mod tests {
     fn header_forces_a_side() {
         let split = CanarySplit::new("m", Some(cfg(0.0)));
         let mut h = HeaderMap::new();
-        assert_eq!(split.choose(&h, Some("u")).0, CanarySide::Stable);
+        assert_eq!(split.choose(&h, Some("u"), true).0, CanarySide::Stable);
         h.insert(FORCE_HEADER, "canary".parse().unwrap());
         assert_eq!(
-            split.choose(&h, Some("u")),
+            split.choose(&h, Some("u"), true),
             (
                 CanarySide::Canary,
                 Some(CanaryTarget {
@@ -425,13 +429,17 @@ mod tests {
         );
         let split = CanarySplit::new("m", Some(cfg(100.0)));
         h.insert(FORCE_HEADER, "stable".parse().unwrap());
-        assert_eq!(split.choose(&h, Some("u")).0, CanarySide::Stable);
+        assert_eq!(split.choose(&h, Some("u"), true).0, CanarySide::Stable);
         assert_eq!(
-            split.choose(&HeaderMap::new(), Some("u")).0,
+            split.choose(&HeaderMap::new(), Some("u"), true).0,
             CanarySide::Canary
         );
+        // A caller without the entitlement cannot force the weight-0 canary.
+        h.insert(FORCE_HEADER, "canary".parse().unwrap());
+        let zero = CanarySplit::new("m", Some(cfg(0.0)));
+        assert_eq!(zero.choose(&h, Some("u"), false).0, CanarySide::Stable);
         assert_eq!(
-            CanarySplit::new("m", None).choose(&h, None),
+            CanarySplit::new("m", None).choose(&h, None, true),
             (CanarySide::Stable, None)
         );
     }
@@ -452,7 +460,8 @@ mod tests {
         assert!(why.contains("error rate"), "{why}");
         assert_eq!(split.effective_weight(), 0.0);
         let h = HeaderMap::new();
-        assert!((0..200).all(|i| split.choose(&h, Some(&format!("u{i}"))).0 == CanarySide::Stable));
+        assert!((0..200)
+            .all(|i| split.choose(&h, Some(&format!("u{i}")), true).0 == CanarySide::Stable));
         split.set(Some(cfg(50.0)));
         assert!(
             split.rolled_back().is_some(),

@@ -106,6 +106,10 @@ pub struct QueueConfig {
     /// Gateway API Inference Extension's rule); when false they wait in the
     /// lowest band like the others.
     pub shed_sheddable: bool,
+    /// Tenants with their own fair share in a band at once; a new tenant
+    /// beyond them shares the `default` tenant's line, so rotating tenant
+    /// ids buys no extra shares and the per-band list stays short.
+    pub max_tenants: usize,
 }
 
 impl Default for QueueConfig {
@@ -116,6 +120,7 @@ impl Default for QueueConfig {
             max_timeout_ms: 300_000,
             retry_after_secs: 1,
             shed_sheddable: true,
+            max_tenants: 64,
         }
     }
 }

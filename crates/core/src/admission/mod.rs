@@ -98,24 +98,67 @@ pub struct RequestClass {
     pub max_wait: Duration,
 }
 
+/// What a caller may ask of the gateway through its control headers. The
+/// identity layer decides it per caller (`identity::Policy`); classification
+/// and the plan take it instead of trusting the headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entitlements {
+    /// The highest band: a request asking for more is lowered to it (never
+    /// raised).
+    pub max_priority: Priority,
+    /// Objective applied when the request names no band.
+    pub default_objective: Option<Arc<str>>,
+    /// Whether `x-infergate-canary` may force a side.
+    pub may_force_canary: bool,
+    /// Whether `x-infergate-no-fallback` may forbid fallback models.
+    pub may_forbid_fallback: bool,
+    /// The fairness tenant (the caller's team); `None`: the request's
+    /// `x-gateway-inference-fairness-id`, else its `user`.
+    pub tenant: Option<Arc<str>>,
+}
+
+impl Entitlements {
+    /// Everything allowed, tenant from the request (`auth: none`, tests).
+    pub fn unrestricted() -> Entitlements {
+        Entitlements {
+            max_priority: Priority::Critical,
+            default_objective: None,
+            may_force_canary: true,
+            may_forbid_fallback: true,
+            tenant: None,
+        }
+    }
+}
+
 /// Classifies a request: band from `x-infergate-priority`, else
 /// `x-gateway-inference-objective` (band name, configured objective, or GIE
-/// integer), else the route default; tenant from `x-gateway-inference-fairness-id`,
-/// else the body's `user`; deadline from `x-infergate-deadline-ms`, capped.
-pub fn classify(headers: &HeaderMap, user: Option<&str>, cfg: &AdmissionConfig) -> RequestClass {
+/// integer), else the caller's default objective, else the route default,
+/// then lowered to the caller's highest band; tenant from the caller's team,
+/// or (when its policy allows) `x-gateway-inference-fairness-id`, else the
+/// body's `user`; deadline from `x-infergate-deadline-ms`, capped.
+pub fn classify(
+    headers: &HeaderMap,
+    user: Option<&str>,
+    cfg: &AdmissionConfig,
+    ent: &Entitlements,
+) -> RequestClass {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let objective = |o: &str| {
+        cfg.objectives
+            .get(o)
+            .copied()
+            .or_else(|| Priority::parse(o))
+    };
     let priority = header(PRIORITY_HEADER)
         .and_then(Priority::parse)
-        .or_else(|| {
-            header(OBJECTIVE_HEADER).and_then(|o| {
-                cfg.objectives
-                    .get(o)
-                    .copied()
-                    .or_else(|| Priority::parse(o))
-            })
-        })
-        .unwrap_or(cfg.default_priority);
-    let tenant: Arc<str> = header(FAIRNESS_HEADER).or(user).unwrap_or("").into();
+        .or_else(|| header(OBJECTIVE_HEADER).and_then(objective))
+        .or_else(|| ent.default_objective.as_deref().and_then(objective))
+        .unwrap_or(cfg.default_priority)
+        .min(ent.max_priority);
+    let tenant: Arc<str> = match &ent.tenant {
+        Some(t) => t.clone(),
+        None => header(FAIRNESS_HEADER).or(user).unwrap_or("").into(),
+    };
     let wait_ms = header(DEADLINE_HEADER)
         .and_then(|v| v.trim().parse::<u64>().ok())
         .unwrap_or(cfg.queue.timeout_ms)
@@ -143,17 +186,18 @@ mod tests {
     fn classifies_from_headers_body_and_defaults() {
         let mut cfg = AdmissionConfig::default();
         cfg.objectives.insert("batch".into(), Priority::Sheddable);
-        let c = classify(&HeaderMap::new(), Some("alice"), &cfg);
+        let all = Entitlements::unrestricted();
+        let c = classify(&HeaderMap::new(), Some("alice"), &cfg, &all);
         assert_eq!(c.priority, Priority::Standard);
         assert_eq!(&*c.tenant, "alice");
         assert_eq!(c.max_wait, Duration::from_millis(30_000));
 
-        let c = classify(&headers(&[(OBJECTIVE_HEADER, "batch")]), None, &cfg);
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "batch")]), None, &cfg, &all);
         assert_eq!(c.priority, Priority::Sheddable);
         assert_eq!(&*c.tenant, "");
-        let c = classify(&headers(&[(OBJECTIVE_HEADER, "5")]), None, &cfg);
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "5")]), None, &cfg, &all);
         assert_eq!(c.priority, Priority::Critical);
-        let c = classify(&headers(&[(OBJECTIVE_HEADER, "-1")]), None, &cfg);
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "-1")]), None, &cfg, &all);
         assert_eq!(c.priority, Priority::Sheddable);
         let c = classify(
             &headers(&[
@@ -164,15 +208,56 @@ mod tests {
             ]),
             Some("alice"),
             &cfg,
+            &all,
         );
         assert_eq!(c.priority, Priority::Critical);
         assert_eq!(&*c.tenant, "team-a");
         assert_eq!(c.max_wait, Duration::from_millis(cfg.queue.max_timeout_ms));
         // Unknown objective falls back to the route default.
-        let c = classify(&headers(&[(OBJECTIVE_HEADER, "nope")]), None, &cfg);
+        let c = classify(&headers(&[(OBJECTIVE_HEADER, "nope")]), None, &cfg, &all);
         assert_eq!(c.priority, Priority::Standard);
         assert!(
             Priority::Critical > Priority::Standard && Priority::Standard > Priority::Sheddable
+        );
+    }
+
+    #[test]
+    fn entitlements_cap_the_band_and_fix_the_tenant() {
+        let mut cfg = AdmissionConfig::default();
+        cfg.objectives.insert("batch".into(), Priority::Sheddable);
+        let team = Entitlements {
+            max_priority: Priority::Standard,
+            default_objective: Some("batch".into()),
+            may_force_canary: false,
+            may_forbid_fallback: false,
+            tenant: Some("search".into()),
+        };
+        let asks = headers(&[
+            (PRIORITY_HEADER, "critical"),
+            (FAIRNESS_HEADER, "rotating-id-17"),
+        ]);
+        let c = classify(&asks, Some("alice"), &cfg, &team);
+        assert_eq!(c.priority, Priority::Standard, "lowered to the cap");
+        assert_eq!(&*c.tenant, "search", "the team, not the header");
+        // A lower band is honoured (never raised); no header: the default objective.
+        let c = classify(
+            &headers(&[(PRIORITY_HEADER, "sheddable")]),
+            None,
+            &cfg,
+            &team,
+        );
+        assert_eq!(c.priority, Priority::Sheddable);
+        let c = classify(&HeaderMap::new(), None, &cfg, &team);
+        assert_eq!(c.priority, Priority::Sheddable, "default objective `batch`");
+        // A route default above the cap is lowered too.
+        cfg.default_priority = Priority::Critical;
+        let plain = Entitlements {
+            default_objective: None,
+            ..team
+        };
+        assert_eq!(
+            classify(&HeaderMap::new(), None, &cfg, &plain).priority,
+            Priority::Standard
         );
     }
 }

@@ -247,7 +247,8 @@ impl PoolAdmission {
                     }
                 }
             }
-            let (id, rx) = st.enqueue(band, &ticket.class.tenant, ticket.cost.total(), false);
+            let tenant = st.tenant_line(band, &ticket.class.tenant, self.queue_cfg.max_tenants);
+            let (id, rx) = st.enqueue(band, &tenant, ticket.cost.total(), false);
             if st.epoch != epoch {
                 st.grant_next();
             }
@@ -255,7 +256,7 @@ impl PoolAdmission {
             Waiter {
                 shared: &self.shared,
                 band,
-                tenant: ticket.class.tenant.clone(),
+                tenant,
                 cost: ticket.cost.total(),
                 id,
                 rx,
@@ -442,6 +443,19 @@ impl State {
             .any(|b| b.waiting > 0 || b.granted > 0)
     }
 
+    /// The line `tenant` waits in: its own, or the shared
+    /// [`OVERFLOW_TENANT`] once the band has `max_tenants` lines.
+    fn tenant_line(&self, band: Priority, tenant: &Arc<str>, max_tenants: usize) -> Arc<str> {
+        let lines = &self.bands[band.index()].tenants;
+        if lines.len() < max_tenants.max(1) || lines.iter().any(|t| t.tenant == *tenant) {
+            return tenant.clone();
+        }
+        lines
+            .iter()
+            .find(|t| &*t.tenant == OVERFLOW_TENANT)
+            .map_or_else(|| OVERFLOW_TENANT.into(), |t| t.tenant.clone())
+    }
+
     fn enqueue(
         &mut self,
         band: Priority,
@@ -566,6 +580,9 @@ impl Band {
         }
     }
 }
+
+/// The tenant whose line new tenants share once a band has `max_tenants`.
+pub const OVERFLOW_TENANT: &str = "default";
 
 #[derive(Debug)]
 struct TenantLine {
@@ -956,6 +973,63 @@ mod tests {
         assert!(
             (share - 0.5).abs() < 0.05,
             "big's token share {share} ({tok:?})"
+        );
+    }
+
+    #[tokio::test]
+    async fn rotating_tenant_ids_share_one_line_beyond_max_tenants() {
+        // "steady" sends 60 requests under one id, a rotating client 60 under
+        // 60 ids, interleaved. Unbounded, each new id would join at the
+        // least-served count and overtake "steady"; with `max_tenants: 2`
+        // the ids beyond the first share the `default` line, so "steady"
+        // keeps half the turns and the band's list stays at three lines.
+        let (pool, _) = setup(1, 10);
+        let mut cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                tokens_per_replica: Some(10),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        cfg.queue.max_tenants = 2;
+        let adm = Arc::new(PoolAdmission::new("p", &cfg));
+        let hold = acquire(&pool, &adm, ticket(Priority::Standard, "x", 10, 1000))
+            .await
+            .unwrap();
+        let served: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for i in 0..120 {
+            let steady = i % 2 == 0;
+            let tenant = if steady {
+                "steady".to_string()
+            } else {
+                format!("rot-{i}")
+            };
+            let (pool, a, served) = (pool.clone(), adm.clone(), served.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = acquire(&pool, &a, ticket(Priority::Standard, &tenant, 10, 20_000))
+                    .await
+                    .unwrap();
+                served.lock().unwrap().push(steady);
+                tokio::task::yield_now().await;
+                drop(r);
+            }));
+            // Arrival order is the loop's order.
+            wait_queued(&adm, i + 1).await;
+        }
+        let lines = adm.shared.lock().bands[Priority::Standard.index()]
+            .tenants
+            .len();
+        assert_eq!(lines, 3, "steady, the first rotating id, default");
+        drop(hold);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let served = served.lock().unwrap();
+        let steady_first_half = served[..60].iter().filter(|s| **s).count();
+        assert!(
+            (25..=35).contains(&steady_first_half),
+            "steady got {steady_first_half} of the first 60 turns"
         );
     }
 

@@ -25,6 +25,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionConfig;
+use crate::endpoint::InferenceEndpoint;
+use crate::identity::{AuthConfig, ADMIN_TOKEN_ENV};
 use crate::routing::RoutingConfig;
 use infergate_protocol::EngineKind;
 
@@ -82,6 +84,9 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Who callers are and what they may do; `mode: none` when absent.
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
@@ -356,6 +361,10 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     #[serde(default)]
     pub usage: UsageConfig,
+    /// The inference endpoints this route serves (default: every one, see
+    /// `endpoint`); a request to another is answered 404.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Vec<InferenceEndpoint>>,
     /// Expected output tokens when a request sets no `max_tokens` (load estimates).
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u32,
@@ -367,6 +376,20 @@ pub struct RouteConfig {
 
 fn default_max_tokens() -> u32 {
     256
+}
+
+impl RouteConfig {
+    /// Whether this route serves `endpoint`.
+    pub fn serves(&self, endpoint: InferenceEndpoint) -> bool {
+        self.endpoints
+            .as_ref()
+            .is_none_or(|e| e.contains(&endpoint))
+    }
+
+    /// The route's model name and its aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.model.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
 }
 
 mod opt_size {
@@ -644,6 +667,15 @@ impl Config {
         self.limits
             .check(self.max_body_bytes)
             .map_err(|(needle, message)| invalid(needle, message))?;
+        let admin_token_set = self.auth.admin.token_file.is_some()
+            || std::env::var_os(ADMIN_TOKEN_ENV).is_some_and(|v| !v.is_empty());
+        self.auth
+            .check(
+                |m| models.contains(m),
+                self.listeners.admin.as_ref().map(|a| a.address),
+                admin_token_set,
+            )
+            .map_err(|(needle, message)| invalid(&needle, message))?;
         Ok(())
     }
 

@@ -97,6 +97,7 @@ fn plan(
         "m",
         Some("alice"),
         Cost::estimate(100, Some(10), 0),
+        &Entitlements::unrestricted(),
     )
 }
 
