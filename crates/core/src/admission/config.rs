@@ -106,6 +106,10 @@ pub struct QueueConfig {
     /// Gateway API Inference Extension's rule); when false they wait in the
     /// lowest band like the others.
     pub shed_sheddable: bool,
+    /// Requests that may wait (each up to its deadline) while the pool has no
+    /// ready replica, for example while it scales from zero; beyond, and with
+    /// 0, 503 `no_ready_replica` at once.
+    pub max_waiting_when_empty: usize,
 }
 
 impl Default for QueueConfig {
@@ -116,6 +120,7 @@ impl Default for QueueConfig {
             max_timeout_ms: 300_000,
             retry_after_secs: 1,
             shed_sheddable: true,
+            max_waiting_when_empty: 256,
         }
     }
 }

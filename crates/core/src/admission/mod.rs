@@ -4,12 +4,14 @@
 //! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
 //! fallback to smaller models ([`fallback`]), and cutting clients that stop
 //! reading a stream ([`backpressure`]); [`registry`] keeps this state across
-//! config reloads. The request path uses it through `proxy::admit`. This file
+//! config reloads; [`cold_start`] ramps up a replica that joins while
+//! requests wait for one. The request path uses it through `proxy::admit`. This file
 //! classifies a request: its priority band, its tenant and its deadline, from
 //! headers and body.
 
 pub(crate) mod budget;
 pub(crate) mod canary;
+pub(crate) mod cold_start;
 pub(crate) mod config;
 pub(crate) mod fallback;
 pub(crate) mod outlier;

@@ -84,16 +84,17 @@ async fn wake_queue_on_pool_events(
     admission: Weak<PoolAdmission>,
 ) {
     loop {
-        let event = tokio::select! {
-            r = membership.changed() => r,
-            r = capacity.changed() => r,
+        let members = tokio::select! {
+            r = membership.changed() => r.map(|()| Some(membership.borrow_and_update().clone())),
+            r = capacity.changed() => r.map(|()| None),
         };
         // The pool (the senders' owner) is gone: nothing more to follow.
-        if event.is_err() {
-            return;
-        }
+        let Ok(members) = members else { return };
         let Some(a) = admission.upgrade() else { return };
-        a.capacity_changed();
+        match members {
+            Some(m) => a.members_changed(&m),
+            None => a.capacity_changed(),
+        }
     }
 }
 
@@ -235,6 +236,7 @@ mod tests {
                     output: 50,
                 },
                 predict_wait: false,
+                wait_for_replica: false,
             };
             adm.acquire(&pool, &LeastRequest, &req, &ticket, &[]).await
         })
