@@ -27,7 +27,7 @@ fn gauge(text: &str, name: &str) -> f64 {
 async fn a_pool_scales_from_zero_while_requests_wait_in_band_order() {
     // One request at a time on the replica, so completion order is admission order.
     let gw = gateway(
-        "pools:\n  - name: p\n    endpoints: []\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: { max_requests_per_replica: 1 }\n",
+        "pools:\n  - name: p\n    service: { name: none, port: 80 }\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: { max_requests_per_replica: 1 }\n",
     )
     .await;
     let c = client();
