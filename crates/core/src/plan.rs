@@ -37,7 +37,7 @@ use infergate_protocol::error::ApiError;
 use crate::admission::budget::Cost;
 use crate::admission::fallback::{self, FallbackReason, FallbackTrigger};
 use crate::admission::queue::{AdmitError, Ticket};
-use crate::admission::{classify, CanarySide, CanarySplit, RequestClass};
+use crate::admission::{classify, CanarySide, CanarySplit, RequestClass, Stratum};
 use crate::config::RouteConfig;
 use crate::pool::Pool;
 
@@ -352,6 +352,12 @@ impl<R: PlanRoute> RequestPlan<R> {
         self.fallback
     }
 
+    /// The traffic the request's canary outcome is matched with (its band
+    /// and prompt length).
+    pub fn canary_stratum(&self) -> Stratum {
+        Stratum::of(self.class.priority, self.cost.prompt)
+    }
+
     /// The canary split and side, when the route has a canary.
     pub fn canary(&self) -> Option<&(Arc<CanarySplit>, CanarySide)> {
         self.canary.as_ref()
@@ -414,8 +420,9 @@ impl<R: PlanRoute> RequestPlan<R> {
         {
             // The canary side has no ready replica: count it against the
             // canary and serve the user from the stable side.
+            let stratum = self.canary_stratum();
             if let Some((split, side)) = &mut self.canary {
-                split.record(CanarySide::Canary, false, None);
+                split.record(CanarySide::Canary, false, None, stratum);
                 *side = CanarySide::Stable;
             }
             self.side = self.origin.clone();

@@ -150,6 +150,7 @@ where
         cost,
     );
     record.canary = plan.canary().cloned();
+    record.canary_stratum = plan.canary_stratum();
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
         Err(f) => return reject(f.error, record),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::telemetry::{log, metrics};
-use infergate_core::admission::{CanarySide, CanarySplit};
+use infergate_core::admission::{CanarySide, CanarySplit, Stratum};
 
 /// How a request ended, for the log and the `outcome` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct RequestRecord {
     /// The route's canary split and the side that served, for its rollback
     /// statistics.
     pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
+    /// The traffic the canary's outcome is matched with (band, prompt length).
+    pub canary_stratum: Stratum,
 }
 
 impl RequestRecord {
@@ -67,6 +69,7 @@ impl RequestRecord {
             completion_tokens: 0,
             attempts: 0,
             canary: None,
+            canary_stratum: Stratum::default(),
         }
     }
 
@@ -82,7 +85,7 @@ impl RequestRecord {
                         | Outcome::IdleTimeout
                         | Outcome::TotalTimeout
                 );
-            split.record(*side, !failed, self.ttft);
+            split.record(*side, !failed, self.ttft, self.canary_stratum);
         }
         log::request_line(&log::RequestLine {
             request_id: &self.request_id,

@@ -197,8 +197,19 @@ pub struct RollbackConfig {
     pub min_requests: u64,
     /// Roll back when canary error rate > stable error rate + this (0.05 = 5 points).
     pub max_error_rate_increase: f64,
-    /// Roll back when canary p90 TTFT > stable p90 TTFT × this.
+    /// Roll back when canary TTFT is above stable TTFT × this (its p90, and
+    /// over matched samples at `confidence`).
     pub max_ttft_p90_ratio: f64,
+    /// TTFT differences below this many ms never count (a 2 ms vs 1 ms
+    /// canary is not a regression).
+    pub ttft_floor_ms: f64,
+    /// Confidence a rollback needs (one-sided tests: 0.99 = p < 0.01).
+    pub confidence: f64,
+    /// Seconds after the canary is (re)configured before samples count: its
+    /// caches and connections are cold at first.
+    pub warmup_secs: u64,
+    /// Canary requests that never count (its first ones, cold too).
+    pub warmup_requests: u64,
 }
 
 impl Default for RollbackConfig {
@@ -209,6 +220,10 @@ impl Default for RollbackConfig {
             min_requests: 50,
             max_error_rate_increase: 0.05,
             max_ttft_p90_ratio: 1.5,
+            ttft_floor_ms: 50.0,
+            confidence: 0.99,
+            warmup_secs: 10,
+            warmup_requests: 20,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! another model. Token-level budgets per replica ([`budget`]), the per-pool
 //! priority queue ([`queue`]), outlier ejection with active probes
 //! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
-//! fallback to smaller models ([`fallback`]), and cutting clients that stop
+//! fallback to smaller models ([`fallback`]), canary verdicts ([`verdict`]), and cutting clients that stop
 //! reading a stream ([`backpressure`]); [`registry`] keeps this state across
 //! config reloads; [`cold_start`] ramps up a replica that joins while
 //! requests wait for one. The request path uses it through `proxy::admit`. This file
@@ -17,6 +17,7 @@ pub(crate) mod fallback;
 pub(crate) mod outlier;
 pub(crate) mod queue;
 pub(crate) mod registry;
+pub(crate) mod verdict;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERV
 pub use outlier::{Outcome, OutlierDetector};
 pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
 pub use registry::AdmissionRegistry;
+pub use verdict::Stratum;
 
 /// GIE header naming the request's objective (mapped to a priority band).
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
