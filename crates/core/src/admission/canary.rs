@@ -81,6 +81,8 @@ struct Window {
     armed_at: Option<Instant>,
     /// Canary requests seen since (the first `warmup_requests` do not count).
     canary_seen: u64,
+    /// Samples (stable, canary) the last comparison was made on.
+    judged: (usize, usize),
 }
 
 /// The canary split of one route.
@@ -157,6 +159,11 @@ impl CanarySplit {
     /// Why the canary was rolled back, if it was.
     pub fn rolled_back(&self) -> Option<String> {
         self.current.load().rolled_back.clone()
+    }
+
+    /// The samples (stable, canary) the last comparison was made on.
+    pub fn judged(&self) -> (usize, usize) {
+        self.window.lock().unwrap_or_else(|e| e.into_inner()).judged
     }
 
     /// The weight in effect (zero after a rollback).
@@ -283,6 +290,7 @@ impl CanarySplit {
             }
             let outcomes = |q: &VecDeque<Sample>| q.iter().map(|s| s.outcome).collect::<Vec<_>>();
             let (stable, canary) = (outcomes(&w.sides[0]), outcomes(&w.sides[1]));
+            w.judged = (stable.len(), canary.len());
             drop(w);
             for (side, n) in [("stable", stable.len()), ("canary", canary.len())] {
                 metrics::gauge!("infergate_canary_judged_requests", "route" => self.route.to_string(), "side" => side)
