@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::upstream::UpstreamClient;
-use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
+use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission, RolledBack};
 use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::plan::PlanRoute;
@@ -165,6 +165,11 @@ impl Gateway {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Follows every route's canary rollbacks (for Kubernetes Events).
+    pub fn canary_rollbacks(&self) -> tokio::sync::broadcast::Receiver<RolledBack> {
+        self.admissions.rollbacks()
     }
 
     /// The canary split of a route (its weight, rollback state).

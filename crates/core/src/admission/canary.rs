@@ -85,6 +85,17 @@ struct Window {
     judged: (usize, usize),
 }
 
+/// A canary that was rolled back (told to whoever reports it, for example
+/// as a Kubernetes Event on the canary's Service).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolledBack {
+    pub route: Arc<str>,
+    /// The canary's pool.
+    pub pool: String,
+    /// Why, with both sides' figures and sample sizes.
+    pub reason: String,
+}
+
 /// The canary split of one route.
 #[derive(Debug)]
 pub struct CanarySplit {
@@ -93,6 +104,8 @@ pub struct CanarySplit {
     window: Mutex<Window>,
     /// What the config file said last (a run-time `set` wins until it changes).
     from_file: Mutex<Option<CanaryConfig>>,
+    /// Where rollbacks are announced (the admission registry's channel).
+    announce: Option<tokio::sync::broadcast::Sender<RolledBack>>,
 }
 
 impl CanarySplit {
@@ -105,9 +118,16 @@ impl CanarySplit {
             }),
             window: Mutex::new(Window::default()),
             from_file: Mutex::new(cfg.clone()),
+            announce: None,
         };
         s.set(cfg);
         s
+    }
+
+    /// Announces its rollbacks on `tx`.
+    pub(crate) fn announcing(mut self, tx: tokio::sync::broadcast::Sender<RolledBack>) -> Self {
+        self.announce = Some(tx);
+        self
     }
 
     /// Applies the config's canary, only when its value changed since the
@@ -320,6 +340,14 @@ impl CanarySplit {
             metrics::gauge!("infergate_canary_weight_percent", "route" => self.route.to_string())
                 .set(0.0);
             tracing::warn!(route = %self.route, pool = %cfg.pool, %reason, "canary rolled back: weight set to 0 until the config changes");
+            if let Some(tx) = &self.announce {
+                // Nobody listening (no cluster) is fine.
+                let _ = tx.send(RolledBack {
+                    route: self.route.clone(),
+                    pool: cfg.pool.clone(),
+                    reason,
+                });
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 pub use budget::{Budget, Cost, Reservation};
-pub use canary::{CanarySide, CanarySplit, SIDE_HEADER as CANARY_SIDE_HEADER};
+pub use canary::{CanarySide, CanarySplit, RolledBack, SIDE_HEADER as CANARY_SIDE_HEADER};
 pub use config::{AdmissionConfig, CanaryConfig};
 pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER};
 pub use outlier::{Outcome, OutlierDetector};

@@ -14,14 +14,25 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio::task::JoinHandle;
 
-use super::canary::CanarySplit;
+use super::canary::{CanarySplit, RolledBack};
 use super::config::{AdmissionConfig, CanaryConfig};
 use super::queue::PoolAdmission;
 use crate::pool::Pool;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AdmissionRegistry {
     state: Mutex<State>,
+    /// Every route's canary rollbacks.
+    rollbacks: tokio::sync::broadcast::Sender<RolledBack>,
+}
+
+impl Default for AdmissionRegistry {
+    fn default() -> Self {
+        AdmissionRegistry {
+            state: Mutex::default(),
+            rollbacks: tokio::sync::broadcast::Sender::new(16),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -161,11 +172,16 @@ impl AdmissionRegistry {
                 c.clone()
             }
             None => {
-                let c = Arc::new(CanarySplit::new(route, cfg));
+                let c = Arc::new(CanarySplit::new(route, cfg).announcing(self.rollbacks.clone()));
                 st.canaries.insert(route.to_string(), c.clone());
                 c
             }
         }
+    }
+
+    /// Follows every route's canary rollbacks.
+    pub fn rollbacks(&self) -> tokio::sync::broadcast::Receiver<RolledBack> {
+        self.rollbacks.subscribe()
     }
 
     /// The canary split of a route, if the route exists.
