@@ -132,7 +132,10 @@ async fn a_canary_identical_to_stable_is_not_rolled_back() {
     assert!(canary >= 100, "only {canary} canary requests");
     // A verdict was reached on enough samples, and it was "keep".
     let (stable, judged) = split.judged();
-    assert!(judged >= 50, "judged on {judged} canary requests ({stable} stable)");
+    assert!(
+        judged >= 50,
+        "judged on {judged} canary requests ({stable} stable)"
+    );
 
     assert_eq!(split.rolled_back(), None);
     assert_eq!(split.effective_weight(), 30.0);
@@ -165,7 +168,10 @@ async fn a_failing_canary_is_rolled_back_and_stays_until_the_config_changes() {
     }
     let why = split.rolled_back().unwrap();
     assert!(why.starts_with("errors: "), "{why}");
-    assert!(why.contains("vs stable 0.0% (n="), "both sides' figures: {why}");
+    assert!(
+        why.contains("vs stable 0.0% (n="),
+        "both sides' figures: {why}"
+    );
     assert_eq!(split.effective_weight(), 0.0);
     // Every user now goes to stable.
     for u in 0..100 {

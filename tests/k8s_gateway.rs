@@ -566,12 +566,19 @@ async fn a_bad_canary_declared_by_annotation_is_rolled_back_automatically() {
     assert_eq!(canary_share(&s, 20).await, 0, "rolled back: all on stable");
     // A Warning Event on the canary's Service gives the reason and figures.
     let event = || {
-        s.api.objects("events").into_iter().find(|e| {
-            e["reason"] == "CanaryRolledBack" && e["regarding"]["name"] == "vllm-v2"
-        })
+        s.api
+            .objects("events")
+            .into_iter()
+            .find(|e| e["reason"] == "CanaryRolledBack" && e["regarding"]["name"] == "vllm-v2")
     };
-    assert!(eventually(SEC, || event().is_some()).await, "no rollback Event");
-    let note = event().unwrap()["note"].as_str().unwrap_or_default().to_string();
+    assert!(
+        eventually(SEC, || event().is_some()).await,
+        "no rollback Event"
+    );
+    let note = event().unwrap()["note"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(note.contains("vs stable") && note.contains("(n="), "{note}");
 
     // The model team fixes the canary and changes the annotation: re-armed.

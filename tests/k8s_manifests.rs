@@ -140,9 +140,8 @@ fn sources() -> String {
 /// query of gauges the gateway exports, for a pool the routes config names.
 #[test]
 fn the_scale_from_zero_example_queries_the_demand_of_a_configured_pool() {
-    let text =
-        std::fs::read_to_string(deploy().join("examples/scale-from-zero/scaledobject.yaml"))
-            .unwrap();
+    let text = std::fs::read_to_string(deploy().join("examples/scale-from-zero/scaledobject.yaml"))
+        .unwrap();
     let so: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
     assert_eq!(so["kind"].as_str(), Some("ScaledObject"));
     let spec = &so["spec"];
@@ -154,7 +153,10 @@ fn the_scale_from_zero_example_queries_the_demand_of_a_configured_pool() {
     assert_eq!(trigger["type"].as_str(), Some("prometheus"));
     let query = trigger["metadata"]["query"].as_str().unwrap();
     let names = metric_names(query);
-    assert!(names.contains(&"infergate_admission_queue_depth"), "{query}");
+    assert!(
+        names.contains(&"infergate_admission_queue_depth"),
+        "{query}"
+    );
     let sources = sources();
     for name in names {
         assert!(

@@ -172,6 +172,8 @@ fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary> {
                     namespace: Some(c.namespace.clone()),
                     port: sref.port.clone(),
                 }),
+                // The canary runs the same engine, configured the same way.
+                engine_priority: pool.engine_priority,
             },
             weight: c.weight,
             model: c.model.clone(),
@@ -294,7 +296,10 @@ pub async fn report_rollbacks(
         // A canary from the routes config (no annotation) has no Service of its own.
         let Some(service) = service else { continue };
         let regarding = object_ref::<Service>(&namespace, &service, None);
-        let note = format!("route {}: canary rolled back, weight 0: {}", rb.route, rb.reason);
+        let note = format!(
+            "route {}: canary rolled back, weight 0: {}",
+            rb.route, rb.reason
+        );
         events.warn(regarding, "CanaryRolledBack", "Rollback", note);
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct RequestFeatures {
     pub user: Option<String>,
     /// The client asked for a usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// The body has a `priority` field (only the gateway sets the engine's).
+    pub has_priority: bool,
 }
 
 /// One request as it moves through the pipeline.

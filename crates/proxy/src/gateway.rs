@@ -15,7 +15,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::upstream::UpstreamClient;
-use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission, RolledBack};
+use infergate_core::admission::{
+    AdmissionRegistry, CanarySplit, EnginePriority, PoolAdmission, RolledBack,
+};
 use infergate_core::config::{Config, ConfigError, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::plan::PlanRoute;
@@ -38,6 +40,8 @@ pub struct Route {
     /// The canary side: this route's config over the canary pool (its
     /// `target_model` is the canary's model when set).
     pub canary_side: Option<Arc<Route>>,
+    /// The pool's engines take the band as the body's `priority`.
+    pub engine_priority: Option<EnginePriority>,
 }
 
 impl PlanRoute for Route {
@@ -200,6 +204,13 @@ impl Gateway {
             }
             pools.insert(pc.name.clone(), pool);
         }
+        let engine_priority = |pool: &str| {
+            config
+                .pools
+                .iter()
+                .find(|p| p.name == pool)
+                .and_then(|p| p.engine_priority)
+        };
         let mut pickers = HashMap::new();
         // Per pool: the scrape config (of its first inference-aware route) and
         // the pickers that use replica signals.
@@ -264,6 +275,7 @@ impl Gateway {
                     config: cfg,
                     canary: Arc::new(CanarySplit::new(rc.model.as_str(), None)),
                     canary_side: None,
+                    engine_priority: engine_priority(&cc.pool),
                 }))
             });
             let route = Arc::new(Route {
@@ -275,6 +287,7 @@ impl Gateway {
                 admission,
                 canary,
                 canary_side,
+                engine_priority: engine_priority(&rc.pool),
             });
             for name in std::iter::once(&rc.model).chain(&rc.aliases) {
                 by_model.insert(name.clone(), route.clone());

@@ -35,6 +35,8 @@ struct Probe<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    priority: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -82,27 +84,40 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        has_priority: probe.priority.is_some(),
     })
 }
 
 /// Returns the body to send upstream: the original bytes when nothing needs to
-/// change, or a re-serialized body with `model` replaced and/or
-/// `stream_options.include_usage: true` added.
+/// change, or a re-serialized body with `model` replaced, and/or
+/// `stream_options.include_usage: true` added, and/or `priority` set to
+/// `engine_priority` (the pool's engines take the band) or removed (they do
+/// not: a client never picks its engine priority).
 pub(crate) fn upstream_body(
     original: &Bytes,
     features: &RequestFeatures,
     target_model: Option<&str>,
     inject_usage: bool,
+    engine_priority: Option<i64>,
 ) -> Result<Bytes, ApiError> {
     let rename = target_model.filter(|t| *t != features.model);
     let inject = inject_usage && features.stream && !features.include_usage;
-    if rename.is_none() && !inject {
+    let priority = engine_priority.is_some() || features.has_priority;
+    if rename.is_none() && !inject && !priority {
         return Ok(original.clone());
     }
     let mut obj: serde_json::Map<String, Value> = serde_json::from_slice(original)
         .map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body: {e}")))?;
     if let Some(t) = rename {
         obj.insert("model".into(), Value::String(t.to_owned()));
+    }
+    match engine_priority {
+        Some(p) => {
+            obj.insert("priority".into(), Value::from(p));
+        }
+        None => {
+            obj.remove("priority");
+        }
     }
     if inject {
         let opts = obj
@@ -168,13 +183,32 @@ mod tests {
     fn rewrites_only_when_needed() {
         let orig = Bytes::from_static(br#"{"model":"a",  "stream":true}"#);
         let f = parse_features(ApiKind::Completions, &orig).unwrap();
-        let same = upstream_body(&orig, &f, None, false).unwrap();
+        let same = upstream_body(&orig, &f, None, false, None).unwrap();
         assert_eq!(same, orig, "untouched bytes");
-        let same = upstream_body(&orig, &f, Some("a"), false).unwrap();
+        let same = upstream_body(&orig, &f, Some("a"), false, None).unwrap();
         assert_eq!(same, orig, "same target model keeps bytes");
-        let renamed = upstream_body(&orig, &f, Some("b"), true).unwrap();
+        let renamed = upstream_body(&orig, &f, Some("b"), true, None).unwrap();
         let v: Value = serde_json::from_slice(&renamed).unwrap();
         assert_eq!(v["model"], "b");
         assert_eq!(v["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn the_engine_priority_is_the_gateways_never_the_clients() {
+        let orig = Bytes::from_static(br#"{"model":"a","priority":-100}"#);
+        let f = parse_features(ApiKind::Completions, &orig).unwrap();
+        assert!(f.has_priority);
+        let body = |p| -> Value {
+            serde_json::from_slice(&upstream_body(&orig, &f, None, false, p).unwrap()).unwrap()
+        };
+        assert_eq!(body(Some(1))["priority"], 1, "the band's, not the client's");
+        assert!(body(None).get("priority").is_none(), "removed elsewhere");
+        let plain = Bytes::from_static(br#"{"model":"a"}"#);
+        let f = parse_features(ApiKind::Completions, &plain).unwrap();
+        let v: Value =
+            serde_json::from_slice(&upstream_body(&plain, &f, None, false, Some(-1)).unwrap())
+                .unwrap();
+        assert_eq!(v["priority"], -1);
+        assert_eq!(upstream_body(&plain, &f, None, false, None).unwrap(), plain);
     }
 }

@@ -59,6 +59,9 @@ pub(crate) struct GenRequest {
     /// Embeddings input.
     #[serde(default)]
     pub input: Option<Value>,
+    /// vLLM's scheduling priority (lower first; priority scheduling only).
+    #[serde(default)]
+    pub priority: Option<i64>,
 }
 
 /// Parses a JSON body, answering malformed JSON and wrong field types with 400.

@@ -460,9 +460,21 @@ mod tests {
             now = t0 + Duration::from_millis(20 * i as u64);
             let ms = |m: u64| Some(Duration::from_millis(m));
             let s = Stratum::default();
-            split.record_at(CanarySide::Stable, true, ms(100 + (i % 13) as u64 * 7), s, now);
+            split.record_at(
+                CanarySide::Stable,
+                true,
+                ms(100 + (i % 13) as u64 * 7),
+                s,
+                now,
+            );
             let (ok, ttft) = canary(i);
-            split.record_at(CanarySide::Canary, ok, ms(ttft + (i % 11) as u64 * 7), s, now);
+            split.record_at(
+                CanarySide::Canary,
+                ok,
+                ms(ttft + (i % 11) as u64 * 7),
+                s,
+                now,
+            );
         }
         now
     }
@@ -475,7 +487,9 @@ mod tests {
         feed(&split, t0, 400, |i| (i % 4 != 0, 100));
         assert!(split.rolled_back().is_none(), "warm-up");
         // After it: above stable's 0% + 5 points.
-        feed(&split, t0 + Duration::from_secs(10), 600, |i| (i % 4 != 0, 100));
+        feed(&split, t0 + Duration::from_secs(10), 600, |i| {
+            (i % 4 != 0, 100)
+        });
         let why = split.rolled_back().expect("rolled back");
         assert!(why.starts_with("errors: errors 2"), "{why}");
         assert!(why.contains("vs stable 0.0% (n="), "{why}");
@@ -501,12 +515,17 @@ mod tests {
         let later = after_warmup + Duration::from_secs(2);
         let ms = Some(Duration::from_millis(100));
         split.record_at(CanarySide::Stable, true, ms, Stratum::default(), later);
-        assert!(split.rolled_back().is_none(), "19 canary requests are not enough");
+        assert!(
+            split.rolled_back().is_none(),
+            "19 canary requests are not enough"
+        );
         // Close sides never roll back.
         let ok = CanarySplit::new("m", Some(cfg(50.0)));
         feed(&ok, after_warmup, 2000, |_| (true, 112));
         assert!(ok.rolled_back().is_none(), "{:?}", ok.rolled_back());
-        feed(&split, after_warmup + Duration::from_secs(3), 200, |_| (true, 250));
+        feed(&split, after_warmup + Duration::from_secs(3), 200, |_| {
+            (true, 250)
+        });
         let why = split.rolled_back().expect("rolled back");
         assert!(why.starts_with("ttft: "), "{why}");
         assert!(why.contains("p90 TTFT"), "{why}");
@@ -535,7 +554,7 @@ mod tests {
         while t < secs {
             let load = if !bursty {
                 1.0
-            } else if (t as u64 / 2) % 2 == 0 {
+            } else if (t as u64 / 2).is_multiple_of(2) {
                 1.8
             } else {
                 0.2
@@ -598,7 +617,9 @@ mod tests {
         for weight in [10.0, 30.0, 50.0] {
             for bursty in [false, true] {
                 for seed in 100..120 {
-                    for (slow, errors, what) in [(2.0, 0.0, "2x TTFT"), (1.0, 0.10, "+10 points errors")] {
+                    for (slow, errors, what) in
+                        [(2.0, 0.0, "2x TTFT"), (1.0, 0.10, "+10 points errors")]
+                    {
                         let r = rollout(seed, weight, bursty, slow, errors);
                         worst = worst.max(r.unwrap_or(f64::INFINITY));
                         assert!(

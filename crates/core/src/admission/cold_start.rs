@@ -75,8 +75,10 @@ mod tests {
         assert!(r.load.is_cold());
         assert!(!admits(&r, true), "no scrape yet");
         assert!(admits(&r, false), "an unscraped pool waits for no scrape");
-        r.signals
-            .store(Some(Arc::new(Signals::failed(Instant::now(), "x".to_string()))));
+        r.signals.store(Some(Arc::new(Signals::failed(
+            Instant::now(),
+            "x".to_string(),
+        ))));
         let mut held = Vec::new();
         while admits(&r, true) {
             held.push(r.begin(10, 10));

@@ -2,7 +2,8 @@
 //! another model. Token-level budgets per replica ([`budget`]), the per-pool
 //! priority queue ([`queue`]), outlier ejection with active probes
 //! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
-//! fallback to smaller models ([`fallback`]), canary verdicts ([`verdict`]), and cutting clients that stop
+//! fallback to smaller models ([`fallback`]), canary verdicts ([`verdict`]),
+//! the engine's own priority field ([`engine_priority`]), and cutting clients that stop
 //! reading a stream ([`backpressure`]); [`registry`] keeps this state across
 //! config reloads; [`cold_start`] ramps up a replica that joins while
 //! requests wait for one. The request path uses it through `proxy::admit`. This file
@@ -13,6 +14,7 @@ pub(crate) mod budget;
 pub(crate) mod canary;
 pub(crate) mod cold_start;
 pub(crate) mod config;
+pub(crate) mod engine_priority;
 pub(crate) mod fallback;
 pub(crate) mod outlier;
 pub(crate) mod queue;
@@ -28,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use budget::{Budget, Cost, Reservation};
 pub use canary::{CanarySide, CanarySplit, RolledBack, SIDE_HEADER as CANARY_SIDE_HEADER};
 pub use config::{AdmissionConfig, CanaryConfig};
+pub use engine_priority::EnginePriority;
 pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER};
 pub use outlier::{Outcome, OutlierDetector};
 pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};

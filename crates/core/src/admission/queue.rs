@@ -1090,7 +1090,13 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            tasks.push(spawn_waiter(&pool, &adm, held(p, 10_000), label, order.clone()));
+            tasks.push(spawn_waiter(
+                &pool,
+                &adm,
+                held(p, 10_000),
+                label,
+                order.clone(),
+            ));
             wait_queued(&adm, i + 1).await;
         }
         assert_eq!(adm.waiting_for_replica(), 6);
@@ -1134,7 +1140,14 @@ mod tests {
         assert_eq!(adm.waiting_for_replica(), 0);
         assert_eq!(
             *order.lock().unwrap(),
-            vec!["critical", "critical", "standard", "standard", "sheddable", "sheddable"]
+            vec![
+                "critical",
+                "critical",
+                "standard",
+                "standard",
+                "sheddable",
+                "sheddable"
+            ]
         );
         for t in rest {
             t.await.unwrap().unwrap();

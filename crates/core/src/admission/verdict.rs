@@ -260,7 +260,10 @@ mod tests {
         assert_eq!(s(Priority::Critical, 100), s(Priority::Critical, 120));
         assert_ne!(s(Priority::Critical, 100), s(Priority::Critical, 300));
         assert_ne!(s(Priority::Critical, 100), s(Priority::Standard, 100));
-        assert_eq!(s(Priority::Sheddable, 1 << 40), s(Priority::Sheddable, 1 << 20));
+        assert_eq!(
+            s(Priority::Sheddable, 1 << 40),
+            s(Priority::Sheddable, 1 << 20)
+        );
     }
 
     #[test]

@@ -531,7 +531,10 @@ fn waits_for_a_replica_only_when_nothing_else_could_serve() {
     let mut p = plan(&r, vec![small], &HeaderMap::new());
     expect_admit(p.start(), "big");
     assert!(!p.ticket().wait_for_replica);
-    let step = p.on(Event::NotAdmitted(AdmitError::NoReadyReplica), Instant::now());
+    let step = p.on(
+        Event::NotAdmitted(AdmitError::NoReadyReplica),
+        Instant::now(),
+    );
     expect_admit(step, "little");
     assert!(p.ticket().wait_for_replica, "the last fallback waits");
     // The same route with the trigger off: waits on its own side.
@@ -550,7 +553,10 @@ fn waits_for_a_replica_only_when_nothing_else_could_serve() {
     let mut p = plan(&r, vec![], &HeaderMap::new());
     expect_admit(p.start(), "canary");
     assert!(!p.ticket().wait_for_replica);
-    let step = p.on(Event::NotAdmitted(AdmitError::NoReadyReplica), Instant::now());
+    let step = p.on(
+        Event::NotAdmitted(AdmitError::NoReadyReplica),
+        Instant::now(),
+    );
     expect_admit(step, "stable");
     assert!(p.ticket().wait_for_replica);
 }
