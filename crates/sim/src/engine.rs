@@ -258,16 +258,20 @@ impl Engine {
         }
     }
 
-    /// What a running sequence's part of the step being planned adds:
-    /// (prefill tokens, decoding sequences, their context tokens).
-    fn scheduled_work(s: &Seq) -> (u64, u64, u64) {
+    /// Takes a running sequence's part of the step being planned back out of
+    /// the step's (prefill tokens, decoding sequences, their context tokens)
+    /// and token budget.
+    fn take_back(s: &Seq, work: (&mut u64, &mut u64, &mut u64), budget: &mut u32) {
+        let (prefill, decode_seqs, decode_ctx) = work;
         match s.scheduled {
-            0 => (0, 0, 0),
+            0 => {}
             1 if s.output > 0 && s.num_tokens() - s.num_computed == 1 => {
-                (0, 1, u64::from(s.num_computed))
+                *decode_seqs -= 1;
+                *decode_ctx -= u64::from(s.num_computed);
             }
-            n => (u64::from(n), 0, 0),
+            n => *prefill -= u64::from(n),
         }
+        *budget += s.scheduled;
     }
 
     /// The running sequence a full cache (or, under priority scheduling, a
@@ -307,13 +311,8 @@ impl Engine {
                 };
                 if v < i {
                     // Already scheduled in this step: take its part back.
-                    let delta = Self::scheduled_work(&self.running[v]);
-                    (prefill, decode_seqs, decode_ctx) = (
-                        prefill - delta.0,
-                        decode_seqs - delta.1,
-                        decode_ctx - delta.2,
-                    );
-                    budget += self.running[v].scheduled;
+                    let work = (&mut prefill, &mut decode_seqs, &mut decode_ctx);
+                    Self::take_back(&self.running[v], work, &mut budget);
                     i -= 1;
                 }
                 self.preempt(v);
@@ -348,14 +347,8 @@ impl Engine {
                 if head.rank() >= self.running[v].rank() {
                     break;
                 }
-                // Take its part of this step back.
-                let delta = Self::scheduled_work(&self.running[v]);
-                (prefill, decode_seqs, decode_ctx) = (
-                    prefill - delta.0,
-                    decode_seqs - delta.1,
-                    decode_ctx - delta.2,
-                );
-                budget += self.running[v].scheduled;
+                let work = (&mut prefill, &mut decode_seqs, &mut decode_ctx);
+                Self::take_back(&self.running[v], work, &mut budget);
                 self.preempt(v);
             }
         }
