@@ -15,6 +15,8 @@ Reports, per gateway:
 
 Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
     python3 loadtest/overload.py [--duration 15] [--replicas 2] [--time-scale 0.25]
+        [--profile tiny] [--defaults] [--engine-priority]
+        [--prompt-tokens 64 --max-tokens 32]   # the workload shape
 
 Everything listens on 127.0.0.1. Needs /tmp/peers-venv (../shared/peers/setup.sh)
 for the peer routers; without it only infergate runs.
@@ -139,6 +141,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", default="target/release")
     ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--profile", default="tiny",
+                    help="the simulator profile (tiny, llama-8b-h100, ...)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="infergate with the default admission config: only max_requests_per_replica "
+                         "(= --max-num-seqs) and the queue deadline; no token budget, reserve, engine "
+                         "queue or prefill cap (the tuning flags below are ignored)")
+    ap.add_argument("--engine-priority", action="store_true",
+                    help="run the simulator with --scheduling-policy priority and declare "
+                         "engine_priority: vllm on infergate's pool")
     ap.add_argument("--time-scale", type=float, default=0.25)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -165,6 +176,8 @@ def main():
     ap.add_argument("--base-port", type=int, default=18700)
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
     args = ap.parse_args()
+    if args.profile != "tiny" and not args.defaults:
+        ap.error("the tuned budget is sized for the tiny profile's KV cache: use --defaults with other profiles")
 
     infergate = os.path.join(args.bin_dir, "infergate")
     load_bin = os.path.join(args.bin_dir, "infergate-load")
@@ -174,10 +187,11 @@ def main():
     results = {}
     try:
         procs.start("sim", [
-            infergate, "sim", "--profile", "tiny", "--replicas", str(args.replicas),
+            infergate, "sim", "--profile", args.profile, "--replicas", str(args.replicas),
             "--base-port", str(bp), "--time-scale", str(args.time_scale),
             "--served-model-name", MODEL, "--max-num-seqs", str(args.max_num_seqs),
             "--output-len", args.output_len,
+            "--scheduling-policy", "priority" if args.engine_priority else "fcfs",
         ])
         for u in sim_urls:
             wait_http(u + "/health")
@@ -194,6 +208,10 @@ def main():
         reserve += f", critical_engine_queue: {args.critical_engine_queue}"
         if args.max_prefill_tokens > 0:
             reserve += f", max_prefill_tokens_per_replica: {args.max_prefill_tokens}"
+        budget = f"tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}{reserve}"
+        if args.defaults:
+            budget = f"max_requests_per_replica: {args.max_num_seqs}"
+        engine_priority = "\n    engine_priority: vllm" if args.engine_priority else ""
         cfg = f"""
 listeners:
   main: {{ address: "127.0.0.1:{bp + 100}" }}
@@ -201,12 +219,12 @@ listeners:
 logging: {{ level: warn }}
 pools:
   - name: p
-    endpoints: [{", ".join(f'"{u}"' for u in sim_urls)}]
+    endpoints: [{", ".join(f'"{u}"' for u in sim_urls)}]{engine_priority}
 routes:
   - model: {MODEL}
     pool: p
     admission:
-      budget: {{ tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}{reserve} }}
+      budget: {{ {budget} }}
       queue: {{ timeout_ms: {args.deadline_ms}, max_requests: 4096 }}
 """
         cfg_file = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
@@ -297,12 +315,14 @@ routes:
     finally:
         procs.stop_all()
 
-    print(f"fleet: {args.replicas} x sim tiny (max_num_seqs {args.max_num_seqs}, time scale {args.time_scale}),"
+    tuning = ("default admission config" if args.defaults else
+              f"infergate critical reserve {args.critical_reserve}, critical engine queue {args.critical_engine_queue},"
+              f" prefill cap {args.max_prefill_tokens or 'none'}")
+    print(f"fleet: {args.replicas} x sim {args.profile} (max_num_seqs {args.max_num_seqs}, time scale {args.time_scale},"
+          f" engine priority {'on' if args.engine_priority else 'off'}),"
           f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
           f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
-          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms;"
-          f" infergate critical reserve {args.critical_reserve}, critical engine queue {args.critical_engine_queue},"
-          f" prefill cap {args.max_prefill_tokens or 'none'}")
+          f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms; {tuning}")
     print(f"unloaded critical p99 TTFT: {unloaded:.1f} ms" if unloaded else "unloaded: n/a")
     hdr = f"{'gateway':<14}{'crit p99 TTFT':>14}{'x unloaded':>11}{'crit ok%':>9}{'shed reject p99':>16}{'goodput':>9}{'ok req/s':>9}{'max engine queue':>17}  statuses"
     print(hdr)

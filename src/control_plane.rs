@@ -229,6 +229,12 @@ impl ControlPlane {
                     tx,
                     Some(events.clone()),
                 )));
+                tasks.push(tokio::spawn(infergate_kube::report_canary_rollbacks(
+                    gateway.canary_rollbacks(),
+                    rx.clone(),
+                    cluster.namespace.clone(),
+                    events.clone(),
+                )));
                 tasks.push(tokio::spawn(composer.clone().follow_canaries(rx)));
             }
             if let ConfigSource::ConfigMap(watch) = &loaded.source {

@@ -51,7 +51,12 @@ async fn no_ready_replica_falls_back_unless_forbidden() {
         &c,
         &gw,
         &completion("big", "hi", 3, false),
-        &[("x-infergate-no-fallback", "true")],
+        // Without a fallback it waits for a replica (scale from zero) until
+        // its deadline.
+        &[
+            ("x-infergate-no-fallback", "true"),
+            ("x-infergate-deadline-ms", "100"),
+        ],
     )
     .await;
     assert_eq!(s, 503);
@@ -121,7 +126,12 @@ async fn every_attempt_failing_before_the_first_byte_falls_back() {
         &c,
         &gw,
         &completion("big", "hi", 3, false),
-        &[("x-infergate-no-fallback", "true")],
+        // Without a fallback it waits for a replica (scale from zero) until
+        // its deadline.
+        &[
+            ("x-infergate-no-fallback", "true"),
+            ("x-infergate-deadline-ms", "100"),
+        ],
     )
     .await;
     assert_eq!(s, 503);

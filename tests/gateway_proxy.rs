@@ -293,8 +293,14 @@ async fn every_error_status_has_an_openai_json_body() {
     let gw502 = gateway(config(&[dead], "")).await;
     let (s, _, b) = complete(&gw502.url()).await;
     check(s.as_u16(), b, 502);
-    // 503: a pool with no replicas yet (a Service nobody has discovered).
-    let gw503 = gateway(config(&[], "")).await;
+    // 503: a pool with no replicas yet (a Service nobody has discovered),
+    // when the route holds no request for a replica to start
+    // (tests/admission_scale_from_zero.rs covers the wait).
+    let gw503 = gateway(config(
+        &[],
+        "    admission: { queue: { max_waiting_when_empty: 0 } }",
+    ))
+    .await;
     let (s, h, b) = complete(&gw503.url()).await;
     assert_eq!(check(s.as_u16(), b, 503)["code"], "no_ready_replica");
     assert!(h.contains_key("retry-after"));

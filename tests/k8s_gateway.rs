@@ -592,20 +592,41 @@ async fn a_bad_canary_declared_by_annotation_is_rolled_back_automatically() {
             .await,
         "canary active"
     );
-    // Distinct users until the default rollback rule (50 requests per side in
-    // the window, error rate +5 points) trips; bounded at 400 requests.
+    // Distinct users until the default rollback rules (10 s warm-up, then
+    // 50 requests per side, error rate +5 points at 99%) trip; bounded at
+    // 30 s and 6,000 requests.
     let c = client();
-    let mut sent = 0;
-    while split().is_some_and(|c| c.rolled_back().is_none()) && sent < 400 {
+    let (mut sent, t0) = (0, std::time::Instant::now());
+    while split().is_some_and(|c| c.rolled_back().is_none())
+        && sent < 6000
+        && t0.elapsed() < Duration::from_secs(30)
+    {
         let mut body = chat(MODEL, "hello", 2, false);
         body["user"] = format!("user-{sent}").into();
         let _ = sim_util::call(&c, "POST", &s.url(), Some(&body)).await;
         sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let reason = split().and_then(|c| c.rolled_back());
     eprintln!("rolled back after {sent} requests: {reason:?}");
     assert!(reason.is_some(), "not rolled back after {sent} requests");
     assert_eq!(canary_share(&s, 20).await, 0, "rolled back: all on stable");
+    // A Warning Event on the canary's Service gives the reason and figures.
+    let event = || {
+        s.api
+            .objects("events")
+            .into_iter()
+            .find(|e| e["reason"] == "CanaryRolledBack" && e["regarding"]["name"] == "vllm-v2")
+    };
+    assert!(
+        eventually(SEC, || event().is_some()).await,
+        "no rollback Event"
+    );
+    let note = event().unwrap()["note"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(note.contains("vs stable") && note.contains("(n="), "{note}");
 
     // The model team fixes the canary and changes the annotation: re-armed.
     s.fleet.replica(1).set_faults(Faults::default());

@@ -66,6 +66,7 @@ fn every_overlay_builds_and_validates() {
         "overlays/dev",
         "overlays/production",
         "examples/vllm",
+        "examples/scale-from-zero",
     ] {
         assert!(
             stdout.contains(&format!("kubectl kustomize deploy/{dir}")),
@@ -89,6 +90,97 @@ fn the_example_canary_uses_the_annotations_the_gateway_reads() {
     // The stable Service must not select the canary's pods.
     let sel = |s: &Service| s.spec.as_ref().unwrap().selector.clone().unwrap();
     assert_ne!(sel(&stable[0]), sel(&services[0]));
+}
+
+/// Every `infergate_*` metric named in `text` (histogram suffixes aside).
+fn metric_names(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("infergate_") {
+        let start = i + pos;
+        let end = start
+            + text[start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(text.len() - start);
+        i = end;
+        // Skip recording-rule names (`route:infergate_...:rate5m`).
+        if start > 0 && text.as_bytes()[start - 1] == b':' {
+            continue;
+        }
+        let name = &text[start..end];
+        names.push(
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name),
+        );
+    }
+    names
+}
+
+/// The Rust sources of the workspace, concatenated.
+fn sources() -> String {
+    let mut sources = String::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut dirs = vec![root.join("src"), root.join("crates")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push_str(&std::fs::read_to_string(path).unwrap());
+            }
+        }
+    }
+    sources
+}
+
+/// The scale-from-zero example scales the example Deployment from 0 on a
+/// query of gauges the gateway exports, for a pool the routes config names.
+#[test]
+fn the_scale_from_zero_example_queries_the_demand_of_a_configured_pool() {
+    let text = std::fs::read_to_string(deploy().join("examples/scale-from-zero/scaledobject.yaml"))
+        .unwrap();
+    let so: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(so["kind"].as_str(), Some("ScaledObject"));
+    let spec = &so["spec"];
+    assert_eq!(spec["minReplicaCount"].as_u64(), Some(0), "scales to zero");
+    let target = spec["scaleTargetRef"]["name"].as_str().unwrap();
+    let deployments: Vec<Deployment> = docs("examples/vllm/vllm-llama.yaml", "Deployment");
+    assert_eq!(deployments[0].metadata.name.as_deref(), Some(target));
+    let trigger = &spec["triggers"][0];
+    assert_eq!(trigger["type"].as_str(), Some("prometheus"));
+    let query = trigger["metadata"]["query"].as_str().unwrap();
+    let names = metric_names(query);
+    assert!(
+        names.contains(&"infergate_admission_queue_depth"),
+        "{query}"
+    );
+    let sources = sources();
+    for name in names {
+        assert!(
+            sources.contains(&format!("\"{name}\"")),
+            "the query uses {name}, which no code exports"
+        );
+    }
+    let path = deploy().join("base/config.yaml");
+    let config = infergate_core::config::Config::parse(
+        &std::fs::read_to_string(&path).unwrap(),
+        &path.display().to_string(),
+    )
+    .unwrap();
+    let pools: Vec<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
+    let label = query
+        .split("pool=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap();
+    assert!(pools.contains(&label), "pool {label} not in {pools:?}");
+    assert!(
+        query.matches(&format!("pool=\"{label}\"")).count() == query.matches("pool=").count(),
+        "one pool throughout: {query}"
+    );
 }
 
 #[test]
@@ -191,46 +283,17 @@ fn the_routes_configmap_is_a_valid_config_naming_the_example_service() {
 /// code exports (histogram suffixes aside), so they cannot drift apart.
 #[test]
 fn alerts_and_dashboard_query_metrics_the_code_exports() {
-    let mut sources = String::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut dirs = vec![root.join("src"), root.join("crates")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                sources.push_str(&std::fs::read_to_string(path).unwrap());
-            }
-        }
-    }
+    let sources = sources();
     let mut checked = 0;
     for file in [
         "components/monitoring/prometheusrule.yaml",
         "components/monitoring/infergate-dashboard.json",
     ] {
         let text = std::fs::read_to_string(deploy().join(file)).unwrap();
-        let bytes = text.as_bytes();
-        let mut i = 0;
-        while let Some(pos) = text[i..].find("infergate_") {
-            let start = i + pos;
-            let end = start
-                + text[start..]
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(text.len() - start);
-            i = end;
-            // Skip recording-rule names (`route:infergate_...:rate5m`).
-            if start > 0 && bytes[start - 1] == b':' {
-                continue;
-            }
-            let name = &text[start..end];
-            let base = ["_bucket", "_count", "_sum"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s))
-                .unwrap_or(name);
+        for base in metric_names(&text) {
             assert!(
                 sources.contains(&format!("\"{base}\"")),
-                "{file} queries {name}, which no code exports"
+                "{file} queries {base}, which no code exports"
             );
             checked += 1;
         }

@@ -14,6 +14,11 @@
 //! - **admission refusals** (no ready replica, queue deadline) move to the next
 //!   fallback model when the route's triggers allow; shedding and a full queue
 //!   are the client's answer (429), never a fallback.
+//! - **waiting for a replica** (scale from zero,
+//!   [`Ticket::wait_for_replica`]): a side with no ready replica is waited for,
+//!   up to the request's deadline, only when nothing else could serve it now:
+//!   not on the canary side, a retry, after an upstream failure, or when a
+//!   fallback takes over on "no ready replica".
 //! - **retry** ([`RequestPlan::is_retryable`]): only before any response byte:
 //!   a connect failure, or a status in `retries.on_status` while another
 //!   untried replica exists, within `retries.attempts` tries on the side.
@@ -32,7 +37,7 @@ use infergate_protocol::error::ApiError;
 use crate::admission::budget::Cost;
 use crate::admission::fallback::{self, FallbackReason, FallbackTrigger};
 use crate::admission::queue::{AdmitError, Ticket};
-use crate::admission::{classify, CanarySide, CanarySplit, Entitlements, RequestClass};
+use crate::admission::{classify, CanarySide, CanarySplit, Entitlements, RequestClass, Stratum};
 use crate::config::RouteConfig;
 use crate::pool::Pool;
 
@@ -314,7 +319,20 @@ impl<R: PlanRoute> RequestPlan<R> {
             class: self.class.clone(),
             cost: self.cost,
             predict_wait: self.fallbacks.len() > 0 && fb.triggers(FallbackReason::QueueDeadline),
+            wait_for_replica: self.waits_for_replica(),
         }
+    }
+
+    /// Whether the request waits (up to its deadline) for a replica when its
+    /// side has none ready (scale from zero): only when nothing else could
+    /// serve it now. Not on a canary side (stable serves it), not on a retry
+    /// (its untried replicas are gone), not after an upstream failure, and not
+    /// when a fallback takes over on "no ready replica".
+    fn waits_for_replica(&self) -> bool {
+        let canary_side = self.fallback.is_none() && !Arc::ptr_eq(&self.side, &self.origin);
+        let fb = &self.origin.config().admission.fallback;
+        let falls_back = self.fallbacks.len() > 0 && fb.triggers(FallbackReason::NoReadyReplica);
+        self.phase == Phase::Admitting && !canary_side && !falls_back
     }
 
     /// The model name sent upstream on the current side.
@@ -335,6 +353,12 @@ impl<R: PlanRoute> RequestPlan<R> {
     /// Why a fallback serves the request (`None`: its own route).
     pub fn fallback(&self) -> Option<FallbackReason> {
         self.fallback
+    }
+
+    /// The traffic the request's canary outcome is matched with (its band
+    /// and prompt length).
+    pub fn canary_stratum(&self) -> Stratum {
+        Stratum::of(self.class.priority, self.cost.prompt)
     }
 
     /// The canary split and side, when the route has a canary.
@@ -399,8 +423,9 @@ impl<R: PlanRoute> RequestPlan<R> {
         {
             // The canary side has no ready replica: count it against the
             // canary and serve the user from the stable side.
+            let stratum = self.canary_stratum();
             if let Some((split, side)) = &mut self.canary {
-                split.record(CanarySide::Canary, false, None);
+                split.record(CanarySide::Canary, false, None, stratum);
                 *side = CanarySide::Stable;
             }
             self.side = self.origin.clone();

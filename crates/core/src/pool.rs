@@ -34,7 +34,7 @@
 //! prefers replicas whose load is known.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,11 @@ pub struct ReplicaLoad {
     /// Requests ever started (monotonic): with `requests`, bounds how many of
     /// ours the engine can have counted during a scrape.
     started: AtomicU64,
+    /// Requests that produced a first byte (monotonic).
+    answered: AtomicU64,
+    /// Joined a pool that had requests waiting for a replica: admission ramps
+    /// it up slowly (`admission::cold_start`).
+    cold: AtomicBool,
 }
 
 impl ReplicaLoad {
@@ -73,6 +78,19 @@ impl ReplicaLoad {
     /// Uncached prompt tokens of requests that have not produced a first byte yet.
     pub fn prefill_tokens(&self) -> u64 {
         self.prefill_tokens.load(Ordering::Relaxed)
+    }
+    /// Requests that produced a first byte on the replica.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+    /// Whether the replica started cold (see `admission::cold_start`).
+    pub fn is_cold(&self) -> bool {
+        self.cold.load(Ordering::Relaxed)
+    }
+    /// Marks the replica cold (it joined while requests waited for one) or
+    /// warm again.
+    pub(crate) fn set_cold(&self, cold: bool) {
+        self.cold.store(cold, Ordering::Relaxed);
     }
 }
 
@@ -116,6 +134,7 @@ impl Replica {
             tokens,
             prefill_tokens,
             cached_tokens: 0,
+            answered: false,
         }
     }
 }
@@ -127,6 +146,8 @@ pub struct LoadGuard {
     tokens: u64,
     prefill_tokens: u64,
     cached_tokens: u64,
+    /// The first byte arrived.
+    answered: bool,
 }
 
 impl LoadGuard {
@@ -140,7 +161,12 @@ impl LoadGuard {
     }
 
     /// The first byte arrived: the prefill is done, release its share.
-    pub fn prefill_done(&mut self) {
+    /// Returns whether this was the first call (the request's first answer).
+    pub fn prefill_done(&mut self) -> bool {
+        if std::mem::replace(&mut self.answered, true) {
+            return false;
+        }
+        self.replica.load.answered.fetch_add(1, Ordering::Relaxed);
         let p = std::mem::take(&mut self.prefill_tokens);
         if p > 0 {
             self.replica
@@ -148,6 +174,7 @@ impl LoadGuard {
                 .prefill_tokens
                 .fetch_sub(p, Ordering::Relaxed);
         }
+        true
     }
 
     /// Replaces the estimate with a better one (for example once the stream
@@ -344,8 +371,11 @@ pub struct Pool {
     members: ArcSwap<Vec<Arc<Replica>>>,
     /// The members, published to followers on every change.
     membership: watch::Sender<Members>,
-    /// Counts changes of a replica's reported KV capacity.
+    /// Counts changes of a replica's reported KV capacity (and first scrapes).
     capacity: watch::Sender<u64>,
+    /// Scrape supervisors running for the pool (while one runs, a new
+    /// member's load is unknown until its first scrape).
+    scrapers: AtomicU32,
     client: ReplicaClient,
 }
 
@@ -357,6 +387,7 @@ impl Pool {
             members: ArcSwap::from_pointee(Vec::new()),
             membership: watch::Sender::new(Members::default()),
             capacity: watch::Sender::new(0),
+            scrapers: AtomicU32::new(0),
             client: ReplicaClient::default(),
         }
     }
@@ -380,6 +411,20 @@ impl Pool {
     /// admission's budget may have room it did not have.
     pub(crate) fn capacity_reported(&self) {
         self.capacity.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the members' `/metrics` are scraped (set by the scrape supervisor).
+    pub fn is_scraped(&self) -> bool {
+        self.scrapers.load(Ordering::Relaxed) > 0
+    }
+
+    /// A scrape supervisor started (`true`) or stopped (`false`).
+    pub(crate) fn scraper_running(&self, running: bool) {
+        if running {
+            self.scrapers.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.scrapers.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Follows capacity reports (see [`Pool::capacity_reported`]).

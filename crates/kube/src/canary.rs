@@ -18,7 +18,9 @@
 //! Service) ends it. The Services of the namespace are watched; every change
 //! publishes the complete, sorted set of valid canaries. An invalid annotation is
 //! logged, counted and reported as a Warning Event on the Service, and that
-//! Service is not a canary until fixed.
+//! Service is not a canary until fixed. A canary the admission layer rolls
+//! back is reported as a Warning Event `CanaryRolledBack` on its Service, with
+//! the verdict's figures ([`report_rollbacks`]).
 
 use std::collections::BTreeMap;
 
@@ -31,7 +33,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::endpoints::WatchOptions;
 use super::events::{object_ref, EventPublisher};
-use infergate_core::admission::CanaryConfig;
+use infergate_core::admission::{CanaryConfig, RolledBack};
 use infergate_core::config::{Config, PoolConfig, PoolSource, RouteConfig, ServiceRef};
 
 /// The stable Service this Service is a canary of.
@@ -170,6 +172,8 @@ fn plan(base: &Config, set: &CanarySet, namespace: &str) -> Vec<RouteCanary> {
                     namespace: Some(c.namespace.clone()),
                     port: sref.port.clone(),
                 }),
+                // The canary runs the same engine, configured the same way.
+                engine_priority: pool.engine_priority,
             },
             weight: c.weight,
             model: c.model.clone(),
@@ -261,6 +265,42 @@ impl CanaryWatch {
                 tx.send_replace(set);
             }
         }
+    }
+}
+
+/// Reports each canary rollback (`rollbacks`) as a Warning Event
+/// `CanaryRolledBack` on the canary's Service (found in the current canary
+/// set by its pool), with the reason: both sides' figures and sample sizes.
+/// Runs until the gateway goes away.
+pub async fn report_rollbacks(
+    mut rollbacks: tokio::sync::broadcast::Receiver<RolledBack>,
+    canaries: tokio::sync::watch::Receiver<CanarySet>,
+    namespace: String,
+    events: EventPublisher,
+) {
+    loop {
+        let rb = match rollbacks.recv().await {
+            Ok(rb) => rb,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "canary rollback events lagged");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let service = canaries
+            .borrow()
+            .0
+            .iter()
+            .find(|c| canary_pool_name(c) == rb.pool)
+            .map(|c| c.service.clone());
+        // A canary from the routes config (no annotation) has no Service of its own.
+        let Some(service) = service else { continue };
+        let regarding = object_ref::<Service>(&namespace, &service, None);
+        let note = format!(
+            "route {}: canary rolled back, weight 0: {}",
+            rb.route, rb.reason
+        );
+        events.warn(regarding, "CanaryRolledBack", "Rollback", note);
     }
 }
 

@@ -22,6 +22,7 @@ mod endpoints;
 mod events;
 
 pub use canary::overlay as canary_overlay;
+pub use canary::report_rollbacks as report_canary_rollbacks;
 pub use canary::{
     Canary, CanaryError, CanarySet, CanaryWatch, CANARY_MODEL, CANARY_OF, CANARY_WEIGHT,
 };

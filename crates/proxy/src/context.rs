@@ -90,6 +90,9 @@ pub(crate) struct RequestFeatures {
     pub model_span: Option<std::ops::Range<usize>>,
     /// Where the `stream_options` value sits in the body, when present.
     pub stream_options_span: Option<std::ops::Range<usize>>,
+    /// Where the client's `priority` value sits in the body (only the gateway
+    /// sets the engine's).
+    pub priority_span: Option<std::ops::Range<usize>>,
 }
 
 /// One request as it moves through the pipeline.

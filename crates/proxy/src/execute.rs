@@ -177,6 +177,9 @@ pub(crate) async fn forward(
                         &ctx.features,
                         Some(plan.upstream_model()),
                         include_usage,
+                        route
+                            .engine_priority
+                            .map(|e| e.value(plan.class().priority)),
                     )
                     .map_err(|error| ForwardError {
                         error,

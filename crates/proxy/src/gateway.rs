@@ -17,7 +17,9 @@ use bytes::Bytes;
 use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
 use crate::telemetry::live::History;
-use infergate_core::admission::{AdmissionRegistry, CanarySplit, PoolAdmission};
+use infergate_core::admission::{
+    AdmissionRegistry, CanarySplit, EnginePriority, PoolAdmission, RolledBack,
+};
 use infergate_core::config::{Config, ConfigError, Limits, PoolSource, RouteConfig};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::identity::{IdentityStore, Policy};
@@ -41,6 +43,8 @@ pub struct Route {
     /// The canary side: this route's config over the canary pool (its
     /// `target_model` is the canary's model when set).
     pub canary_side: Option<Arc<Route>>,
+    /// The pool's engines take the band as the body's `priority`.
+    pub engine_priority: Option<EnginePriority>,
 }
 
 impl PlanRoute for Route {
@@ -221,6 +225,11 @@ impl Gateway {
         &self.identity
     }
 
+    /// Follows every route's canary rollbacks (for Kubernetes Events).
+    pub fn canary_rollbacks(&self) -> tokio::sync::broadcast::Receiver<RolledBack> {
+        self.admissions.rollbacks()
+    }
+
     /// The canary split of a route (its weight, rollback state).
     pub fn canary(&self, route: &str) -> Option<Arc<CanarySplit>> {
         self.admissions.canary_of(route)
@@ -257,6 +266,13 @@ impl Gateway {
             }
             pools.insert(pc.name.clone(), pool);
         }
+        let engine_priority = |pool: &str| {
+            config
+                .pools
+                .iter()
+                .find(|p| p.name == pool)
+                .and_then(|p| p.engine_priority)
+        };
         let mut pickers = HashMap::new();
         // Per pool: the scrape config (of its first inference-aware route) and
         // the pickers that use replica signals.
@@ -321,6 +337,7 @@ impl Gateway {
                     config: cfg,
                     canary: Arc::new(CanarySplit::new(rc.model.as_str(), None)),
                     canary_side: None,
+                    engine_priority: engine_priority(&cc.pool),
                 }))
             });
             let route = Arc::new(Route {
@@ -332,6 +349,7 @@ impl Gateway {
                 admission,
                 canary,
                 canary_side,
+                engine_priority: engine_priority(&rc.pool),
             });
             for name in std::iter::once(&rc.model).chain(&rc.aliases) {
                 by_model.insert(name.clone(), route.clone());

@@ -292,6 +292,7 @@ where
         parts.headers.remove(name);
     }
     record.canary = plan.canary().cloned();
+    record.canary_stratum = plan.canary_stratum();
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
         Err(f) => return reject(f.error, record),

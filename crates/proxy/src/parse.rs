@@ -67,6 +67,9 @@ struct Probe<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     stream_options: Option<&'a RawValue>,
+    /// vLLM's scheduling priority: only the gateway sets it (`upstream_body`).
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +178,7 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
         include_usage,
         model_span,
         stream_options_span: probe.stream_options.map(|raw| span_of(body, raw)),
+        priority_span: probe.priority.map(|raw| span_of(body, raw)),
     })
 }
 
@@ -213,27 +217,36 @@ fn span_of(body: &[u8], raw: &RawValue) -> Range<usize> {
 }
 
 /// Returns the body to send upstream: the original bytes when nothing needs to
-/// change, or the original bytes with `model` replaced and/or
-/// `stream_options.include_usage: true` set, spliced at the spans the parse
-/// recorded (the rest of the body is copied, never parsed again).
+/// change, or the original bytes with `model` replaced, and/or
+/// `stream_options.include_usage: true` set, and/or `priority` set to
+/// `engine_priority` (the pool's engines take the band) or to vLLM's default
+/// 0 (they do not: a client never picks its engine priority), spliced at the
+/// spans the parse recorded (the rest of the body is copied, never parsed
+/// again).
 pub(crate) fn upstream_body(
     original: &Bytes,
     features: &RequestFeatures,
     target_model: Option<&str>,
     inject_usage: bool,
+    engine_priority: Option<i64>,
 ) -> Result<Bytes, ApiError> {
     let rename = target_model.filter(|t| *t != features.model);
     let inject = inject_usage
         && features.stream
         && !features.include_usage
         && features.api.takes_stream_options();
-    if rename.is_none() && !inject {
+    let priority = match (engine_priority, &features.priority_span) {
+        (Some(p), span) => Some((span.clone(), p)),
+        (None, Some(span)) if &original[span.clone()] != b"0" => Some((Some(span.clone()), 0)),
+        (None, _) => None,
+    };
+    if rename.is_none() && !inject && priority.is_none() {
         return Ok(original.clone());
     }
     let encode_err =
         |e: serde_json::Error| ApiError::bad_request(format!("Could not re-encode the body: {e}"));
     // (span replaced, new bytes), applied in order of position.
-    let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(2);
+    let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(3);
     if let Some(t) = rename {
         let span = features.model_span.clone().ok_or_else(|| {
             ApiError::bad_request("You must provide a model parameter.").with_param("model")
@@ -257,6 +270,19 @@ pub(crate) fn upstream_body(
                     at..at,
                     br#""stream_options":{"include_usage":true},"#.to_vec(),
                 ));
+            }
+        }
+    }
+    if let Some((span, p)) = priority {
+        let value = itoa::Buffer::new().format(p).as_bytes().to_vec();
+        match span {
+            Some(span) => edits.push((span, value)),
+            None => {
+                let at = original.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+                let mut member = br#""priority":"#.to_vec();
+                member.extend_from_slice(&value);
+                member.push(b',');
+                edits.push((at..at, member));
             }
         }
     }

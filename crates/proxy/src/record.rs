@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::telemetry::{live, log, metrics};
-use infergate_core::admission::{CanarySide, CanarySplit};
+use infergate_core::admission::{CanarySide, CanarySplit, Stratum};
 
 /// The route of a request whose model did not resolve (yet).
 const UNRESOLVED: &str = "-";
@@ -64,6 +64,8 @@ pub struct RequestRecord {
     /// The route's canary split and the side that served, for its rollback
     /// statistics.
     pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
+    /// The traffic the canary's outcome is matched with (band, prompt length).
+    pub canary_stratum: Stratum,
 }
 
 impl RequestRecord {
@@ -84,6 +86,7 @@ impl RequestRecord {
             itl_count: 0,
             attempts: 0,
             canary: None,
+            canary_stratum: Stratum::default(),
         }
     }
 
@@ -115,7 +118,7 @@ impl RequestRecord {
                         | Outcome::IdleTimeout
                         | Outcome::TotalTimeout
                 );
-            split.record(*side, !failed, self.ttft);
+            split.record(*side, !failed, self.ttft, self.canary_stratum);
         }
         live::record(
             self.ttft,

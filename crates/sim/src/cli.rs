@@ -80,6 +80,10 @@ pub struct SimArgs {
     /// LoRA adapters resident at once.
     #[arg(long)]
     pub max_loras: Option<u32>,
+    /// vLLM's scheduling policy: `fcfs` or `priority` (by the request's
+    /// `priority` field, lower first, preempting lower-priority sequences).
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    pub scheduling_policy: String,
     /// Time to load a non-resident LoRA adapter (milliseconds).
     #[arg(long)]
     pub lora_load_ms: Option<f64>,
@@ -138,6 +142,7 @@ impl SimArgs {
             max_loras,
             lora_load_ms
         );
+        p.priority_scheduling = self.scheduling_policy == "priority";
         FleetConfig {
             profile: self.profile,
             params: p,

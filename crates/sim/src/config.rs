@@ -52,6 +52,7 @@ impl Profile {
                 kv_read_ns_per_token: 49.0,
                 max_loras: 4,
                 lora_load_ms: 30.0,
+                priority_scheduling: false,
             },
             // KV/token = 2 x 80 x 8 x 128 x 2 B = 320 KiB, 80 KiB per GPU at TP4.
             // Per GPU: 0.9 x 80 GiB - 33 GiB weights - ~3 GiB ~= 36 GiB -> ~29k blocks.
@@ -70,6 +71,7 @@ impl Profile {
                 kv_read_ns_per_token: 31.0,
                 max_loras: 4,
                 lora_load_ms: 120.0,
+                priority_scheduling: false,
             },
             // KV/token = 2 x 16 x 8 x 64 x 2 B = 32 KiB.
             // 0.9 x 24 GB - 2.5 GB weights - ~1.5 GB ~= 17.6 GB -> ~33k blocks.
@@ -89,6 +91,7 @@ impl Profile {
                 kv_read_ns_per_token: 137.0,
                 max_loras: 4,
                 lora_load_ms: 10.0,
+                priority_scheduling: false,
             },
             Profile::Tiny => EngineParams {
                 model_name: "sim-tiny".into(),
@@ -103,6 +106,7 @@ impl Profile {
                 kv_read_ns_per_token: 0.0,
                 max_loras: 2,
                 lora_load_ms: 20.0,
+                priority_scheduling: false,
             },
         }
     }
@@ -137,6 +141,14 @@ pub struct EngineParams {
     pub max_loras: u32,
     /// Time to load a non-resident adapter.
     pub lora_load_ms: f64,
+    /// vLLM's `--scheduling-policy priority`: the waiting queue is ordered by
+    /// each request's `priority` (lower first), then arrival; a waiting
+    /// request that outranks a running one when the batch is full preempts
+    /// the lowest-ranked running sequence (recomputed later), and so does
+    /// a full KV cache. Off (FCFS), a request with a non-zero `priority` is
+    /// refused with 400, as vLLM does.
+    #[serde(default)]
+    pub priority_scheduling: bool,
 }
 
 impl EngineParams {

@@ -103,6 +103,8 @@ pub(crate) struct NewSeq {
     /// LoRA adapter index, if the request names one.
     pub lora: Option<u16>,
     pub arrival: Instant,
+    /// The request's `priority` (lower first; priority scheduling only).
+    pub priority: i64,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,11 @@ struct Seq {
 impl Seq {
     fn num_tokens(&self) -> u32 {
         self.new.shared.prompt_tokens + self.output
+    }
+
+    /// Rank under priority scheduling: lower goes first.
+    fn rank(&self) -> (i64, Instant) {
+        (self.new.priority, self.new.arrival)
     }
 }
 
@@ -211,7 +218,7 @@ impl Engine {
         self.counters.requests_received += 1;
         self.counters.prompt_tokens += u64::from(new.shared.prompt_tokens);
         let arrival = new.arrival;
-        self.waiting.push_back(Seq {
+        let seq = Seq {
             new,
             output: 0,
             num_computed: 0,
@@ -220,7 +227,61 @@ impl Engine {
             scheduled: 0,
             admitted_once: false,
             last_token: arrival,
-        });
+        };
+        if self.p.priority_scheduling {
+            self.enqueue_ranked(seq);
+        } else {
+            self.waiting.push_back(seq);
+        }
+    }
+
+    /// Inserts into the waiting queue ordered by (priority, arrival).
+    fn enqueue_ranked(&mut self, seq: Seq) {
+        let at = self.waiting.partition_point(|w| w.rank() <= seq.rank());
+        self.waiting.insert(at, seq);
+    }
+
+    /// Takes a running sequence out to recompute it later: FCFS preempts the
+    /// newest (back of the queue's front), priority scheduling the
+    /// lowest-ranked (into its place in the queue).
+    fn preempt(&mut self, index: usize) {
+        let mut victim = self.running.remove(index);
+        self.kv.release(&mut victim.blocks);
+        victim.num_computed = 0;
+        victim.registered = 0;
+        victim.scheduled = 0;
+        self.counters.preemptions += 1;
+        if self.p.priority_scheduling {
+            self.enqueue_ranked(victim);
+        } else {
+            self.waiting.push_front(victim);
+        }
+    }
+
+    /// Takes a running sequence's part of the step being planned back out of
+    /// the step's (prefill tokens, decoding sequences, their context tokens)
+    /// and token budget.
+    fn take_back(s: &Seq, work: (&mut u64, &mut u64, &mut u64), budget: &mut u32) {
+        let (prefill, decode_seqs, decode_ctx) = work;
+        match s.scheduled {
+            0 => {}
+            1 if s.output > 0 && s.num_tokens() - s.num_computed == 1 => {
+                *decode_seqs -= 1;
+                *decode_ctx -= u64::from(s.num_computed);
+            }
+            n => *prefill -= u64::from(n),
+        }
+        *budget += s.scheduled;
+    }
+
+    /// The running sequence a full cache (or, under priority scheduling, a
+    /// higher-priority arrival) preempts: the newest, or the lowest-ranked.
+    fn victim(&self) -> Option<usize> {
+        if self.p.priority_scheduling {
+            (0..self.running.len()).max_by_key(|&i| self.running[i].rank())
+        } else {
+            self.running.len().checked_sub(1)
+        }
     }
 
     /// Plans one step. Returns its modelled duration in microseconds, or `None`
@@ -243,19 +304,22 @@ impl Engine {
                 if self.kv.ensure(&mut seq.blocks, seq.num_computed + n) {
                     break;
                 }
-                // Cache full: preempt the newest running sequence (recompute later).
-                let Some(mut victim) = self.running.pop() else {
+                // Cache full: preempt the newest (FCFS) or lowest-ranked
+                // running sequence (recompute later).
+                let Some(v) = self.victim() else {
                     break 'running;
                 };
-                self.kv.release(&mut victim.blocks);
-                victim.num_computed = 0;
-                victim.registered = 0;
-                victim.scheduled = 0;
-                self.counters.preemptions += 1;
-                self.waiting.push_front(victim);
+                if v < i {
+                    // Already scheduled in this step: take its part back.
+                    let work = (&mut prefill, &mut decode_seqs, &mut decode_ctx);
+                    Self::take_back(&self.running[v], work, &mut budget);
+                    i -= 1;
+                }
+                self.preempt(v);
                 preempted = true;
-                if self.running.len() == i {
-                    break 'running;
+                if v == i || self.running.len() <= i {
+                    // The sequence itself went back to waiting.
+                    continue 'running;
                 }
             }
             let seq = &mut self.running[i];
@@ -272,7 +336,24 @@ impl Engine {
             i += 1;
         }
 
-        // Then admit waiting ones, unless this step had to preempt.
+        // Priority scheduling: a waiting request that outranks a running one
+        // while the batch is full takes the lowest-ranked one's slot (it is
+        // recomputed later), before this step's admissions.
+        if self.p.priority_scheduling && !preempted {
+            while self.running.len() as u32 >= self.p.max_num_seqs {
+                let (Some(head), Some(v)) = (self.waiting.front(), self.victim()) else {
+                    break;
+                };
+                if head.rank() >= self.running[v].rank() {
+                    break;
+                }
+                let work = (&mut prefill, &mut decode_seqs, &mut decode_ctx);
+                Self::take_back(&self.running[v], work, &mut budget);
+                self.preempt(v);
+            }
+        }
+
+        // Then admit waiting ones, unless this step had to preempt for cache.
         let mut wi = 0;
         while !preempted
             && wi < self.waiting.len()
@@ -515,6 +596,31 @@ mod tests {
         out: u32,
         hashes: Vec<u64>,
     ) -> Arc<SeqShared> {
+        submit(engine, id, prompt, out, hashes, Instant::now(), 0)
+    }
+
+    /// A sequence with a vLLM `priority`, arriving `id` ms after a fixed start.
+    fn ranked(
+        engine: &mut Engine,
+        id: u64,
+        prompt: u32,
+        out: u32,
+        priority: i64,
+    ) -> Arc<SeqShared> {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let arrival = *START.get_or_init(Instant::now) + std::time::Duration::from_millis(id);
+        submit(engine, id, prompt, out, vec![], arrival, priority)
+    }
+
+    fn submit(
+        engine: &mut Engine,
+        id: u64,
+        prompt: u32,
+        out: u32,
+        hashes: Vec<u64>,
+        arrival: Instant,
+        priority: i64,
+    ) -> Arc<SeqShared> {
         let shared = Arc::new(SeqShared::new(id, prompt));
         engine.submit(NewSeq {
             shared: shared.clone(),
@@ -522,7 +628,8 @@ mod tests {
             output_tokens: out,
             hits_max_tokens: true,
             lora: None,
-            arrival: Instant::now(),
+            arrival,
+            priority,
         });
         shared
     }
@@ -668,6 +775,7 @@ mod tests {
                 hits_max_tokens: true,
                 lora: Some(lora),
                 arrival: Instant::now(),
+                priority: 0,
             });
             s
         };
@@ -680,5 +788,103 @@ mod tests {
         assert_eq!((s.running, s.waiting), (1, 1));
         run(&mut e, &[]);
         assert_eq!(e.counters.lora_loads, 2);
+    }
+
+    fn priority_params(max_num_seqs: u32) -> EngineParams {
+        EngineParams {
+            max_num_seqs,
+            priority_scheduling: true,
+            ..params()
+        }
+    }
+
+    #[test]
+    fn priority_scheduling_orders_the_queue_by_priority_then_arrival() {
+        let mut e = Engine::new(priority_params(1));
+        let a = ranked(&mut e, 1, 16, 2, 1);
+        let b = ranked(&mut e, 2, 16, 2, 0);
+        let c = ranked(&mut e, 3, 16, 2, 1);
+        let d = ranked(&mut e, 4, 16, 2, 0);
+        let (first, _) = run(&mut e, &[&a, &b, &c, &d]);
+        let mut order = [
+            (first[0], 'a'),
+            (first[1], 'b'),
+            (first[2], 'c'),
+            (first[3], 'd'),
+        ];
+        order.sort_by(|x, y| x.0.total_cmp(&y.0));
+        assert_eq!(order.map(|o| o.1), ['b', 'd', 'a', 'c']);
+        assert_eq!(
+            e.counters.preemptions, 0,
+            "equal or lower ranks never preempt"
+        );
+    }
+
+    #[test]
+    fn a_higher_priority_arrival_preempts_the_lowest_running_sequence() {
+        let mut e = Engine::new(priority_params(2));
+        let low = ranked(&mut e, 1, 32, 40, 2);
+        let mid = ranked(&mut e, 2, 32, 40, 1);
+        for _ in 0..5 {
+            let us = e.schedule().unwrap();
+            e.finish_step(Instant::now(), us, us);
+        }
+        let (_, low_before) = low.progress();
+        assert!(low_before > 0, "both running");
+        // The batch is full; a critical request arrives.
+        let top = ranked(&mut e, 3, 32, 4, 0);
+        let us = e.schedule().unwrap();
+        let s = e.snapshot();
+        assert_eq!((s.running, s.waiting), (2, 1), "top in, low out");
+        assert_eq!(e.counters.preemptions, 1);
+        e.finish_step(Instant::now(), us, us);
+        assert!(
+            top.progress().1 > 0,
+            "top's first token in the very next step"
+        );
+        // Everything still finishes; the preempted one is recomputed.
+        run(&mut e, &[]);
+        for (seq, n) in [(&low, 40), (&mid, 40), (&top, 4)] {
+            assert_eq!(seq.progress(), (SeqStatus::Length, n));
+        }
+        // FCFS never preempts for a later arrival.
+        let mut f = Engine::new(EngineParams {
+            max_num_seqs: 2,
+            ..params()
+        });
+        ranked(&mut f, 1, 32, 40, 0);
+        ranked(&mut f, 2, 32, 40, 0);
+        let us = f.schedule().unwrap();
+        f.finish_step(Instant::now(), us, us);
+        let late = ranked(&mut f, 3, 32, 4, 0);
+        let us = f.schedule().unwrap();
+        f.finish_step(Instant::now(), us, us);
+        assert_eq!((late.progress().1, f.counters.preemptions), (0, 0));
+    }
+
+    #[test]
+    fn a_full_cache_preempts_the_lowest_priority_not_the_newest() {
+        let mut e = Engine::new(EngineParams {
+            num_gpu_blocks: 10,
+            ..priority_params(4)
+        });
+        // The newest has the highest priority: the older, lower one goes.
+        let low = ranked(&mut e, 1, 48, 40, 5);
+        let high = ranked(&mut e, 2, 48, 40, 0);
+        let mut low_preempted_while_high_ran = false;
+        let mut guard = 0;
+        while let Some(us) = e.schedule() {
+            if e.counters.preemptions > 0 && !low_preempted_while_high_ran {
+                low_preempted_while_high_ran =
+                    e.snapshot().running == 1 && high.progress().0 == SeqStatus::Active;
+            }
+            e.finish_step(Instant::now(), us, us);
+            guard += 1;
+            assert!(guard < 10_000);
+        }
+        assert!(e.counters.preemptions >= 1);
+        assert!(low_preempted_while_high_ran);
+        assert_eq!(high.progress(), (SeqStatus::Length, 40));
+        assert_eq!(low.progress(), (SeqStatus::Length, 40));
     }
 }

@@ -340,6 +340,14 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
     }
     let (_, text) = prompt_of(&r, Some(kind))?;
     let p = &rep.cfg.params;
+    let priority = r.priority.unwrap_or(0);
+    if priority != 0 && !p.priority_scheduling {
+        return Err(ApiError::bad_request(format!(
+            "Got priority {priority} but Priority scheduling is not enabled."
+        ))
+        .with_param("priority")
+        .into());
+    }
     let prompt_tokens = tokenizer::count_tokens(&text);
     let asked = match kind {
         ApiKind::Responses => r.max_output_tokens,
@@ -387,6 +395,7 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
         hits_max_tokens: output_tokens == max_tokens,
         lora,
         arrival,
+        priority,
     });
     rep.poke();
     let guard = SeqGuard {

@@ -75,6 +75,9 @@ pub(crate) struct GenRequest {
     /// Embeddings and Responses API input.
     #[serde(default)]
     pub input: Option<Value>,
+    /// vLLM's scheduling priority (lower first; priority scheduling only).
+    #[serde(default)]
+    pub priority: Option<i64>,
     /// Responses API.
     #[serde(default)]
     pub instructions: Option<Value>,

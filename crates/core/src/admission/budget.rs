@@ -188,13 +188,12 @@ impl Reservation {
 
     /// The first response byte arrived: the prefill share is released, and
     /// when asked, the queue hears of it (a request held back by the
-    /// replica's prefill cap may go now).
+    /// replica's prefill cap, or by a cold replica's ramp, may go now).
     pub fn prefill_done(&mut self) {
         let Some(g) = &mut self.guard else { return };
-        if g.prefill_tokens() == 0 {
+        if !g.prefill_done() {
             return;
         }
-        g.prefill_done();
         if let (true, Some(l)) = (self.wake_on_prefill, &self.listener) {
             l.capacity_freed(0);
         }

@@ -110,6 +110,10 @@ pub struct QueueConfig {
     /// beyond them shares the `default` tenant's line, so rotating tenant
     /// ids buys no extra shares and the per-band list stays short.
     pub max_tenants: usize,
+    /// Requests that may wait (each up to its deadline) while the pool has no
+    /// ready replica, for example while it scales from zero; beyond, and with
+    /// 0, 503 `no_ready_replica` at once.
+    pub max_waiting_when_empty: usize,
 }
 
 impl Default for QueueConfig {
@@ -121,6 +125,7 @@ impl Default for QueueConfig {
             retry_after_secs: 1,
             shed_sheddable: true,
             max_tenants: 64,
+            max_waiting_when_empty: 256,
         }
     }
 }
@@ -197,8 +202,19 @@ pub struct RollbackConfig {
     pub min_requests: u64,
     /// Roll back when canary error rate > stable error rate + this (0.05 = 5 points).
     pub max_error_rate_increase: f64,
-    /// Roll back when canary p90 TTFT > stable p90 TTFT × this.
+    /// Roll back when canary TTFT is above stable TTFT × this (its p90, and
+    /// over matched samples at `confidence`).
     pub max_ttft_p90_ratio: f64,
+    /// TTFT differences below this many ms never count (a 2 ms vs 1 ms
+    /// canary is not a regression).
+    pub ttft_floor_ms: f64,
+    /// Confidence a rollback needs (one-sided tests: 0.99 = p < 0.01).
+    pub confidence: f64,
+    /// Seconds after the canary is (re)configured before samples count: its
+    /// caches and connections are cold at first.
+    pub warmup_secs: u64,
+    /// Canary requests that never count (its first ones, cold too).
+    pub warmup_requests: u64,
 }
 
 impl Default for RollbackConfig {
@@ -209,6 +225,10 @@ impl Default for RollbackConfig {
             min_requests: 50,
             max_error_rate_increase: 0.05,
             max_ttft_p90_ratio: 1.5,
+            ttft_floor_ms: 50.0,
+            confidence: 0.99,
+            warmup_secs: 10,
+            warmup_requests: 20,
         }
     }
 }

@@ -2,19 +2,24 @@
 //! another model. Token-level budgets per replica ([`budget`]), the per-pool
 //! priority queue ([`queue`]), outlier ejection with active probes
 //! ([`outlier`]), canary splits with automatic rollback ([`canary`]) and
-//! fallback to smaller models ([`fallback`]), and cutting clients that stop
+//! fallback to smaller models ([`fallback`]), canary verdicts ([`verdict`]),
+//! the engine's own priority field ([`engine_priority`]), and cutting clients that stop
 //! reading a stream ([`backpressure`]); [`registry`] keeps this state across
-//! config reloads. The request path uses it through `proxy::admit`. This file
+//! config reloads; [`cold_start`] ramps up a replica that joins while
+//! requests wait for one. The request path uses it through `proxy::admit`. This file
 //! classifies a request: its priority band, its tenant and its deadline, from
 //! headers and body.
 
 pub(crate) mod budget;
 pub(crate) mod canary;
+pub(crate) mod cold_start;
 pub(crate) mod config;
+pub(crate) mod engine_priority;
 pub(crate) mod fallback;
 pub(crate) mod outlier;
 pub(crate) mod queue;
 pub(crate) mod registry;
+pub(crate) mod verdict;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +28,16 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 pub use budget::{Budget, Cost, Reservation};
-pub use canary::{CanarySide, CanarySplit, Rollback, SIDE_HEADER as CANARY_SIDE_HEADER};
+pub use canary::{
+    CanarySide, CanarySplit, Rollback, RolledBack, SIDE_HEADER as CANARY_SIDE_HEADER,
+};
 pub use config::{AdmissionConfig, CanaryConfig};
+pub use engine_priority::EnginePriority;
 pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER};
 pub use outlier::{Outcome, OutlierDetector};
 pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
 pub use registry::AdmissionRegistry;
+pub use verdict::Stratum;
 
 /// GIE header naming the request's objective (mapped to a priority band).
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";

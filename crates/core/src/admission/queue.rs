@@ -24,6 +24,14 @@
 //! placed; a full queue refuses with 429; a deadline passed in the queue gives
 //! 503; all with `Retry-After`. A waiter whose future is dropped (the client
 //! went away) leaves the queue at once (a `Drop` guard).
+//!
+//! Scale from zero: a request whose plan lets it wait for a replica
+//! ([`Ticket::wait_for_replica`]) is held in the same queue while the pool has
+//! no ready replica (at most `queue.max_waiting_when_empty` of them; past its
+//! deadline it gets 503 `no_ready_replica`). A replica that joins while
+//! requests are held starts cold (`cold_start`), so the held requests go in
+//! band order at the pace of its first answers. The queue's gauges (requests,
+//! tokens, requests held for a replica) are the demand an autoscaler reads.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +41,7 @@ use http::StatusCode;
 use tokio::sync::oneshot;
 
 use super::budget::{Budget, CapacityListener, Cost, Reservation};
+use super::cold_start;
 use super::config::{AdmissionConfig, QueueConfig};
 use super::outlier::OutlierDetector;
 use super::{Priority, RequestClass};
@@ -48,6 +57,10 @@ pub struct Ticket {
     /// Refuse at once ([`AdmitError::WouldExceedDeadline`]) when the estimated
     /// wait is longer than the deadline (set when a fallback could serve it).
     pub predict_wait: bool,
+    /// Wait (up to the deadline) while the pool has no ready replica, instead
+    /// of [`AdmitError::NoReadyReplica`] at once (set by the plan when nothing
+    /// else could serve the request now).
+    pub wait_for_replica: bool,
 }
 
 /// Why a request was not admitted.
@@ -157,11 +170,25 @@ impl PoolAdmission {
         Priority::ALL.map(|p| (p, s.bands[p.index()].waiting))
     }
 
+    /// Requests held because the pool had no ready replica, now.
+    pub fn waiting_for_replica(&self) -> usize {
+        self.shared.lock().held
+    }
+
     /// Capacity may have appeared without a release (the pool's members
     /// changed, a replica reported its KV size or came back from ejection):
     /// the best waiter gets a turn. The registry calls it on the pool's events.
     pub fn capacity_changed(&self) {
         self.shared.capacity_freed(0);
+    }
+
+    /// The pool's members changed: replicas joining while requests wait for
+    /// one start cold (`cold_start`); then the queue gets a turn.
+    pub fn members_changed(&self, members: &[Arc<Replica>]) {
+        if self.shared.lock().held > 0 {
+            cold_start::mark_joined(members);
+        }
+        self.capacity_changed();
     }
 
     /// A listener to hand to code that frees capacity (for example the
@@ -187,22 +214,29 @@ impl PoolAdmission {
         if !routable.any_takes_requests(&members) {
             return Placement::NoReplica;
         }
+        let scraped = pool.is_scraped();
         // A replica already caching part of the prompt needs room only for the rest.
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
                 prompt: cost.prompt - cached.min(cost.prompt),
                 output: cost.output,
             };
-            routable.of(r).takes_requests() && self.budget.fits(r, cost_here, priority)
+            routable.of(r).takes_requests()
+                && cold_start::admits(r, scraped)
+                && self.budget.fits(r, cost_here, priority)
         };
         // One call: the picker looks the prompt's prefix up once, asks `fits`
         // per replica, records its decision and accounts only the uncached
         // part of the prompt as prefill.
         match picker.pick_fitting_and_begin(&members, req, exclude, &fits) {
-            Some(g) => Placement::Placed(
-                Budget::reserve_guard(g, cost, Some(self.listener()))
-                    .waking_queue_on_prefill(self.budget.caps_prefill()),
-            ),
+            Some(g) => {
+                // A cold replica's ramp widens with each first byte.
+                let wake = self.budget.caps_prefill() || g.replica().load.is_cold();
+                Placement::Placed(
+                    Budget::reserve_guard(g, cost, Some(self.listener()))
+                        .waking_queue_on_prefill(wake),
+                )
+            }
             None => Placement::Full,
         }
     }
@@ -225,21 +259,29 @@ impl PoolAdmission {
             (st.ahead_of(band), st.epoch)
         };
         let first = self.try_place_unless(blocked, pool, picker, req, ticket, exclude);
-        match first {
+        let held = match first {
             Placement::Placed(r) => return Ok(r),
-            Placement::NoReplica => return Err(self.refuse(AdmitError::NoReadyReplica)),
-            Placement::Full => {}
-        }
-        if band == Priority::Sheddable && self.queue_cfg.shed_sheddable {
-            return Err(self.refuse(AdmitError::Shed));
-        }
+            Placement::NoReplica if !ticket.wait_for_replica => {
+                return Err(self.refuse(AdmitError::NoReadyReplica))
+            }
+            // Scale from zero: not an overload, so even sheddable requests wait.
+            Placement::NoReplica => true,
+            Placement::Full if band == Priority::Sheddable && self.queue_cfg.shed_sheddable => {
+                return Err(self.refuse(AdmitError::Shed));
+            }
+            Placement::Full => false,
+        };
         let mut waiter = {
             let mut st = self.shared.lock();
             if st.queued >= self.queue_cfg.max_requests {
                 drop(st);
                 return Err(self.refuse(AdmitError::QueueFull));
             }
-            if ticket.predict_wait {
+            if held && st.held >= self.queue_cfg.max_waiting_when_empty {
+                drop(st);
+                return Err(self.refuse(AdmitError::NoReadyReplica));
+            }
+            if ticket.predict_wait && !held {
                 if let Some(wait) = st.estimate_wait(band, ticket.cost.total()) {
                     if wait > ticket.class.max_wait {
                         drop(st);
@@ -249,6 +291,7 @@ impl PoolAdmission {
             }
             let tenant = st.tenant_line(band, &ticket.class.tenant, self.queue_cfg.max_tenants);
             let (id, rx) = st.enqueue(band, &tenant, ticket.cost.total(), false);
+            st.held += usize::from(held);
             if st.epoch != epoch {
                 st.grant_next();
             }
@@ -261,6 +304,7 @@ impl PoolAdmission {
                 id,
                 rx,
                 phase: Phase::Queued,
+                held,
             }
         };
         loop {
@@ -275,7 +319,10 @@ impl PoolAdmission {
                                 .record(started.elapsed().as_secs_f64());
                             return Ok(r);
                         }
-                        Placement::Full => waiter.requeue(epoch),
+                        Placement::Full => waiter.requeue(epoch, false),
+                        Placement::NoReplica if ticket.wait_for_replica => {
+                            waiter.requeue(epoch, true)
+                        }
                         Placement::NoReplica => {
                             drop(waiter);
                             return Err(self.refuse(AdmitError::NoReadyReplica));
@@ -285,10 +332,16 @@ impl PoolAdmission {
                 // The timer never fires early; the check keeps the deadline exact anyway.
                 Err(_) if Instant::now() < deadline => {}
                 // The deadline passed. (A closed channel cannot happen: the
-                // queue never drops a sender without sending.)
+                // queue never drops a sender without sending.) Still no
+                // replica: say so; otherwise the queue was too slow.
                 Ok(Err(_)) | Err(_) => {
+                    let e = if waiter.held && self.no_replica(pool, exclude) {
+                        AdmitError::NoReadyReplica
+                    } else {
+                        AdmitError::DeadlineExceeded
+                    };
                     drop(waiter);
-                    return Err(self.refuse(AdmitError::DeadlineExceeded));
+                    return Err(self.refuse(e));
                 }
             }
         }
@@ -309,12 +362,17 @@ impl PoolAdmission {
         }
         // Others of this band or higher wait: do not overtake them, but still
         // tell "no replica at all" apart from "full".
-        let ejected = self.outlier.ejected();
-        if RoutabilityCheck::new(&ejected, exclude).any_takes_requests(&pool.replicas()) {
-            Placement::Full
-        } else {
+        if self.no_replica(pool, exclude) {
             Placement::NoReplica
+        } else {
+            Placement::Full
         }
+    }
+
+    /// Whether no member of `pool` takes requests (all ejected or excluded, or none).
+    fn no_replica(&self, pool: &Pool, exclude: &[Arc<str>]) -> bool {
+        let ejected = self.outlier.ejected();
+        !RoutabilityCheck::new(&ejected, exclude).any_takes_requests(&pool.replicas())
     }
 
     fn refuse(&self, e: AdmitError) -> AdmitError {
@@ -343,6 +401,8 @@ struct Waiter<'a> {
     id: u64,
     rx: oneshot::Receiver<()>,
     phase: Phase,
+    /// Counted in `State::held` (it found no ready replica).
+    held: bool,
 }
 
 impl Waiter<'_> {
@@ -355,29 +415,39 @@ impl Waiter<'_> {
             t.vtc += self.cost;
         }
         b.cleanup();
+        st.held -= usize::from(self.held);
         st.grant_next();
         self.shared.gauge(&st);
         self.phase = Phase::Done;
     }
 
-    /// Did not fit after a turn: back to the front of its line; if capacity
-    /// was freed meanwhile, the best waiter gets a turn right away.
-    fn requeue(&mut self, epoch: u64) {
+    /// Did not fit after a turn (`no_replica`: because the pool has no ready
+    /// replica): back to the front of its line; if capacity was freed
+    /// meanwhile, the best waiter gets a turn right away.
+    fn requeue(&mut self, epoch: u64, no_replica: bool) {
         let mut st = self.shared.lock();
         st.bands[self.band.index()].granted -= 1;
         let (id, rx) = st.enqueue(self.band, &self.tenant, self.cost, true);
+        if no_replica && !self.held {
+            self.held = true;
+            st.held += 1;
+        }
         self.id = id;
         self.rx = rx;
         self.phase = Phase::Queued;
         if st.epoch != epoch {
             st.grant_next();
         }
+        self.shared.gauge(&st);
     }
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
+        if self.phase != Phase::Done {
+            st.held -= usize::from(self.held);
+        }
         match self.phase {
             Phase::Done => return,
             Phase::Queued => {
@@ -409,9 +479,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The queue's gauges: the demand waiting on the pool (what an
+    /// autoscaler reads, e.g. to scale from zero).
     fn gauge(&self, st: &State) {
-        metrics::gauge!("infergate_admission_queue_depth", "pool" => self.name.to_string())
-            .set(st.queued as f64);
+        let pool = self.name.to_string();
+        let tokens: u64 = st.bands.iter().map(|b| b.queued_tokens).sum();
+        metrics::gauge!("infergate_admission_queue_tokens", "pool" => pool.clone())
+            .set(tokens as f64);
+        metrics::gauge!("infergate_admission_waiting_for_replica", "pool" => pool.clone())
+            .set(st.held as f64);
+        metrics::gauge!("infergate_admission_queue_depth", "pool" => pool).set(st.queued as f64);
     }
 }
 
@@ -431,6 +508,8 @@ struct State {
     bands: [Band; 3],
     next_id: u64,
     queued: usize,
+    /// Waiters that found no ready replica (scale from zero), still waiting.
+    held: usize,
     epoch: u64,
     drain: DrainRate,
 }
@@ -680,6 +759,7 @@ mod tests {
                 output: tokens - tokens / 2,
             },
             predict_wait: false,
+            wait_for_replica: false,
         }
     }
 
@@ -1056,6 +1136,138 @@ mod tests {
         let r = w.await.unwrap().unwrap();
         assert_eq!(r.replica().key(), "127.0.0.1:9199");
         assert_eq!(*order.lock().unwrap(), vec!["w"]);
+    }
+
+    fn held(p: Priority, wait_ms: u64) -> Ticket {
+        Ticket {
+            wait_for_replica: true,
+            ..ticket(p, "", 10, wait_ms)
+        }
+    }
+
+    #[tokio::test]
+    async fn scale_from_zero_holds_requests_and_ramps_up_the_cold_replica_in_band_order() {
+        let (pool, adm) = setup(0, 1000);
+        // Without the plan's leave to wait: refused at once, as before.
+        let t0 = Instant::now();
+        assert_eq!(
+            acquire(&pool, &adm, ticket(Priority::Critical, "", 10, 5000))
+                .await
+                .unwrap_err(),
+            AdmitError::NoReadyReplica
+        );
+        assert!(t0.elapsed() < Duration::from_millis(50));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, (p, label)) in [
+            (Priority::Sheddable, "sheddable"),
+            (Priority::Standard, "standard"),
+            (Priority::Critical, "critical"),
+            (Priority::Sheddable, "sheddable"),
+            (Priority::Standard, "standard"),
+            (Priority::Critical, "critical"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            tasks.push(spawn_waiter(
+                &pool,
+                &adm,
+                held(p, 10_000),
+                label,
+                order.clone(),
+            ));
+            wait_queued(&adm, i + 1).await;
+        }
+        assert_eq!(adm.waiting_for_replica(), 6);
+        // The first replica joins (the registry calls this on the pool's event).
+        pool.apply(Update::Add(vec![Endpoint::from_url(
+            "http://127.0.0.1:9150",
+        )
+        .unwrap()]));
+        adm.members_changed(&pool.replicas());
+        let replica = pool.replicas()[0].clone();
+        assert!(replica.load.is_cold());
+        let mut placed = Vec::new();
+        for t in tasks.drain(..2) {
+            placed.push(t);
+        }
+        // Tasks finish in any order; collect the two that the window lets in.
+        wait_queued(&adm, 4).await;
+        assert_eq!(replica.load.requests(), cold_start::INITIAL_WINDOW);
+        assert_eq!(*order.lock().unwrap(), vec!["critical", "critical"]);
+        // Their first bytes widen the window to four: the standards go.
+        let mut rest = tasks;
+        rest.extend(placed);
+        let mut reservations = Vec::new();
+        while reservations.len() < 2 {
+            let i = rest.iter().position(|t| t.is_finished());
+            match i {
+                Some(i) => reservations.push(rest.remove(i).await.unwrap().unwrap()),
+                None => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        for r in reservations.iter_mut() {
+            r.prefill_done();
+        }
+        wait_queued(&adm, 2).await;
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec!["critical", "critical", "standard", "standard"]
+        );
+        drop(reservations);
+        wait_queued(&adm, 0).await;
+        assert_eq!(adm.waiting_for_replica(), 0);
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec![
+                "critical",
+                "critical",
+                "standard",
+                "standard",
+                "sheddable",
+                "sheddable"
+            ]
+        );
+        for t in rest {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_held_request_past_its_deadline_gets_503_and_the_hold_is_capped() {
+        let (pool, _) = setup(0, 1000);
+        let cfg = AdmissionConfig {
+            queue: QueueConfig {
+                max_waiting_when_empty: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let adm = Arc::new(PoolAdmission::new("p", &cfg));
+        let t0 = Instant::now();
+        let first = spawn_waiter(
+            &pool,
+            &adm,
+            held(Priority::Standard, 80),
+            "w",
+            Arc::default(),
+        );
+        wait_queued(&adm, 1).await;
+        // The cap: one more is refused at once.
+        assert_eq!(
+            acquire(&pool, &adm, held(Priority::Critical, 5000))
+                .await
+                .unwrap_err(),
+            AdmitError::NoReadyReplica
+        );
+        let e = first.await.unwrap().unwrap_err();
+        assert!(t0.elapsed() >= Duration::from_millis(80));
+        assert_eq!(e, AdmitError::NoReadyReplica, "still no replica: said so");
+        let api = e.to_api_error("m", 1);
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.retry_after_secs, Some(1));
+        assert_eq!((adm.queued(), adm.waiting_for_replica()), (0, 0));
     }
 
     #[tokio::test]

@@ -14,14 +14,25 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio::task::JoinHandle;
 
-use super::canary::CanarySplit;
+use super::canary::{CanarySplit, RolledBack};
 use super::config::{AdmissionConfig, CanaryConfig};
 use super::queue::PoolAdmission;
 use crate::pool::Pool;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AdmissionRegistry {
     state: Mutex<State>,
+    /// Every route's canary rollbacks.
+    rollbacks: tokio::sync::broadcast::Sender<RolledBack>,
+}
+
+impl Default for AdmissionRegistry {
+    fn default() -> Self {
+        AdmissionRegistry {
+            state: Mutex::default(),
+            rollbacks: tokio::sync::broadcast::Sender::new(16),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -84,16 +95,17 @@ async fn wake_queue_on_pool_events(
     admission: Weak<PoolAdmission>,
 ) {
     loop {
-        let event = tokio::select! {
-            r = membership.changed() => r,
-            r = capacity.changed() => r,
+        let members = tokio::select! {
+            r = membership.changed() => r.map(|()| Some(membership.borrow_and_update().clone())),
+            r = capacity.changed() => r.map(|()| None),
         };
         // The pool (the senders' owner) is gone: nothing more to follow.
-        if event.is_err() {
-            return;
-        }
+        let Ok(members) = members else { return };
         let Some(a) = admission.upgrade() else { return };
-        a.capacity_changed();
+        match members {
+            Some(m) => a.members_changed(&m),
+            None => a.capacity_changed(),
+        }
     }
 }
 
@@ -160,11 +172,16 @@ impl AdmissionRegistry {
                 c.clone()
             }
             None => {
-                let c = Arc::new(CanarySplit::new(route, cfg));
+                let c = Arc::new(CanarySplit::new(route, cfg).announcing(self.rollbacks.clone()));
                 st.canaries.insert(route.to_string(), c.clone());
                 c
             }
         }
+    }
+
+    /// Follows every route's canary rollbacks.
+    pub fn rollbacks(&self) -> tokio::sync::broadcast::Receiver<RolledBack> {
+        self.rollbacks.subscribe()
     }
 
     /// The canary split of a route, if the route exists.
@@ -235,6 +252,7 @@ mod tests {
                     output: 50,
                 },
                 predict_wait: false,
+                wait_for_replica: false,
             };
             adm.acquire(&pool, &LeastRequest, &req, &ticket, &[]).await
         })

@@ -295,6 +295,11 @@ pub struct PoolConfig {
     /// A Kubernetes Service whose ready endpoints are the replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceRef>,
+    /// The engines schedule by the request's own priority (`vllm`: vLLM's
+    /// `--scheduling-policy priority`); the gateway then sends each request's
+    /// band as that priority. Unset: a client's `priority` field is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_priority: Option<crate::admission::EnginePriority>,
 }
 
 /// Where a pool's replicas come from.

@@ -539,3 +539,50 @@ fn an_alias_is_rewritten_to_the_canonical_model_unless_forwarded() {
         "engine-name"
     );
 }
+
+#[test]
+fn waits_for_a_replica_only_when_nothing_else_could_serve() {
+    // Its own side, no fallback: wait (scale from zero).
+    let r = route("model: m\npool: p\n", "p", &[9001]);
+    let mut p = plan(&r, vec![], &HeaderMap::new());
+    expect_admit(p.start(), "p");
+    assert!(p.ticket().wait_for_replica);
+    // A retry excludes the replicas tried: never waits.
+    admit_and_send(&mut p, "127.0.0.1:9001", "p", 1, Instant::now());
+    expect_admit(p.on(Event::ConnectFailed, Instant::now()), "p");
+    assert!(!p.ticket().wait_for_replica, "a retry does not wait");
+
+    // A fallback that takes over on "no ready replica": go there at once.
+    let (r, small) = big_with_small_fallback();
+    let mut p = plan(&r, vec![small], &HeaderMap::new());
+    expect_admit(p.start(), "big");
+    assert!(!p.ticket().wait_for_replica);
+    let step = p.on(
+        Event::NotAdmitted(AdmitError::NoReadyReplica),
+        Instant::now(),
+    );
+    expect_admit(step, "little");
+    assert!(p.ticket().wait_for_replica, "the last fallback waits");
+    // The same route with the trigger off: waits on its own side.
+    let r = route(
+        "model: m\npool: big\nadmission: {fallback: {models: [small], on_no_ready_replica: false}}\n",
+        "big",
+        &[9001],
+    );
+    let small = route("model: small\npool: little\n", "little", &[9201]);
+    let mut p = plan(&r, vec![small], &HeaderMap::new());
+    expect_admit(p.start(), "big");
+    assert!(p.ticket().wait_for_replica);
+
+    // The canary side does not wait: stable serves.
+    let r = canary_route(100.0, "");
+    let mut p = plan(&r, vec![], &HeaderMap::new());
+    expect_admit(p.start(), "canary");
+    assert!(!p.ticket().wait_for_replica);
+    let step = p.on(
+        Event::NotAdmitted(AdmitError::NoReadyReplica),
+        Instant::now(),
+    );
+    expect_admit(step, "stable");
+    assert!(p.ticket().wait_for_replica);
+}

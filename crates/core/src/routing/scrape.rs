@@ -4,8 +4,8 @@
 //! scrape keeps the last good signals until they are older than
 //! `stale_after_ms`, then stores the failure (the replica's load is then
 //! unknown, see `pool::Routability`). A change of a replica's reported KV
-//! capacity is told to the pool (`Pool::capacity_reported`), so admission's
-//! queue can use it. A supervisor follows the pool's membership channel: on
+//! capacity (or its first scrape) is told to the pool
+//! (`Pool::capacity_reported`), so admission's queue can use it. A supervisor follows the pool's membership channel: on
 //! each change it starts a loop for each new replica, stops the loops of
 //! removed ones and tells the pickers to forget them. Dropping the
 //! [`ScrapeHandle`] stops everything.
@@ -35,11 +35,13 @@ pub(crate) type PickerSet = Arc<ArcSwap<Vec<Arc<dyn Picker>>>>;
 #[derive(Debug)]
 pub(crate) struct ScrapeHandle {
     supervisor: JoinHandle<()>,
+    pool: Arc<Pool>,
 }
 
 impl Drop for ScrapeHandle {
     fn drop(&mut self) {
         self.supervisor.abort();
+        self.pool.scraper_running(false);
     }
 }
 
@@ -53,8 +55,9 @@ pub(crate) fn spawn(
     if !cfg.enabled {
         return None;
     }
-    let supervisor = tokio::spawn(supervise(pool, cfg, pickers));
-    Some(ScrapeHandle { supervisor })
+    pool.scraper_running(true);
+    let supervisor = tokio::spawn(supervise(pool.clone(), cfg, pickers));
+    Some(ScrapeHandle { supervisor, pool })
 }
 
 /// A pool to scrape, its scrape config and the pickers routing over it.
@@ -192,8 +195,10 @@ async fn scrape_loop(replica: Arc<Replica>, pool: Arc<Pool>, cfg: ScrapeConfig) 
         let ours_at_most = in_flight + replica.load.started().saturating_sub(begun);
         let signals =
             signals.with_context(replica.load.requests(), ours_at_most, previous.as_deref());
-        let capacity_changed =
-            previous.as_ref().and_then(|p| p.cache_tokens()) != signals.cache_tokens();
+        // A first scrape counts as a change: a replica held back until its
+        // first scrape (admission::cold_start) may take requests now.
+        let capacity_changed = previous.is_none()
+            || previous.as_ref().and_then(|p| p.cache_tokens()) != signals.cache_tokens();
         if signals.error.is_none() {
             replica.warmup.scraped();
         }

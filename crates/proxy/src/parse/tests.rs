@@ -43,7 +43,7 @@ fn parses_responses_messages_rerank_and_score() {
     assert_eq!(s.prompt_text, "q\na\n");
     // A usage-injecting route leaves the non-OpenAI streams alone.
     let orig = Bytes::from_static(br#"{"model":"m","input":"Q","stream":true}"#);
-    assert_eq!(upstream_body(&orig, &r, None, true).unwrap(), orig);
+    assert_eq!(upstream_body(&orig, &r, None, true, None).unwrap(), orig);
 }
 
 #[test]
@@ -123,11 +123,11 @@ fn rejects_bad_bodies() {
 fn rewrites_only_when_needed() {
     let orig = Bytes::from_static(br#"{"model":"a",  "stream":true}"#);
     let f = parse_features(ApiKind::Completions, &orig).unwrap();
-    let same = upstream_body(&orig, &f, None, false).unwrap();
+    let same = upstream_body(&orig, &f, None, false, None).unwrap();
     assert_eq!(same, orig, "untouched bytes");
-    let same = upstream_body(&orig, &f, Some("a"), false).unwrap();
+    let same = upstream_body(&orig, &f, Some("a"), false, None).unwrap();
     assert_eq!(same, orig, "same target model keeps bytes");
-    let renamed = upstream_body(&orig, &f, Some("b"), true).unwrap();
+    let renamed = upstream_body(&orig, &f, Some("b"), true, None).unwrap();
     let v: Value = serde_json::from_slice(&renamed).unwrap();
     assert_eq!(v["model"], "b");
     assert_eq!(v["stream_options"]["include_usage"], true);
@@ -140,12 +140,12 @@ fn rewrites_splice_the_original_bytes() {
     );
     let f = parse_features(ApiKind::Completions, &orig).unwrap();
     assert_eq!(f.model, "a\u{e9}");
-    let out = upstream_body(&orig, &f, Some("b\"q"), true).unwrap();
+    let out = upstream_body(&orig, &f, Some("b\"q"), true, None).unwrap();
     assert_eq!(
         std::str::from_utf8(&out).unwrap(),
         r#" { "prompt": [1, 2,3], "model" : "b\"q", "stream":true, "stream_options": {"include_usage":true,"x":1}, "z": {"k": [null]} }"#
     );
-    let out = upstream_body(&orig, &f, Some("b"), false).unwrap();
+    let out = upstream_body(&orig, &f, Some("b"), false, None).unwrap();
     assert_eq!(
         std::str::from_utf8(&out).unwrap(),
         r#" { "prompt": [1, 2,3], "model" : "b", "stream":true, "stream_options": {"x": 1}, "z": {"k": [null]} }"#
@@ -250,7 +250,7 @@ proptest! {
         let orig = Bytes::from(Value::Object(obj.clone()).to_string());
         // Chat: usage is injected only for the APIs with `stream_options`.
         let f = parse_features(ApiKind::ChatCompletions, &orig).unwrap();
-        let out = upstream_body(&orig, &f, Some(&target), true).unwrap();
+        let out = upstream_body(&orig, &f, Some(&target), true, None).unwrap();
         let Value::Object(mut want) = serde_json::from_slice(&orig).unwrap() else {
             unreachable!("an object")
         };
@@ -261,4 +261,23 @@ proptest! {
         let got: Value = serde_json::from_slice(&out).unwrap();
         prop_assert_eq!(got, Value::Object(want));
     }
+}
+
+#[test]
+fn the_engine_priority_is_the_gateways_never_the_clients() {
+    let orig = Bytes::from_static(br#"{"model":"a","priority":-100}"#);
+    let f = parse_features(ApiKind::Completions, &orig).unwrap();
+    assert!(f.priority_span.is_some());
+    let body = |p| -> Value {
+        serde_json::from_slice(&upstream_body(&orig, &f, None, false, p).unwrap()).unwrap()
+    };
+    assert_eq!(body(Some(1))["priority"], 1, "the band's, not the client's");
+    assert_eq!(body(None)["priority"], 0, "vLLM's default elsewhere");
+    let plain = Bytes::from_static(br#"{"model":"a"}"#);
+    let f = parse_features(ApiKind::Completions, &plain).unwrap();
+    let v: Value =
+        serde_json::from_slice(&upstream_body(&plain, &f, None, false, Some(-1)).unwrap()).unwrap();
+    assert_eq!(v["priority"], -1);
+    assert_eq!(v["model"], "a");
+    assert_eq!(upstream_body(&plain, &f, None, false, None).unwrap(), plain);
 }
