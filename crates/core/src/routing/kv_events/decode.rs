@@ -56,8 +56,9 @@ fn err<T>(m: impl Into<String>) -> Result<T, DecodeError> {
     Err(DecodeError(m.into()))
 }
 
-/// Deepest nesting accepted (a batch needs 4).
-const MAX_DEPTH: usize = 8;
+/// Deepest nesting accepted (rmpv counts a string or byte string as a level:
+/// a batch needs 6).
+const MAX_DEPTH: usize = 16;
 
 /// Decodes one payload.
 pub fn decode_batch(payload: &[u8]) -> Result<KvEventBatch, DecodeError> {
