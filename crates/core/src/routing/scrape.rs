@@ -131,7 +131,7 @@ fn sync_kv_events(
         match running.iter().position(|(i, _)| Arc::ptr_eq(i, &index)) {
             Some(at) => next.push(running.swap_remove(at)),
             None if runtime => {
-                let handle = kv_events::spawn(pool.clone(), index.clone(), cfg);
+                let handle = kv_events::follow_pool(pool.clone(), index.clone(), cfg);
                 next.push((index, handle));
             }
             None => {}

@@ -15,11 +15,13 @@ mod decode;
 mod index;
 mod subscriber;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use decode::{decode_batch, DecodeError, KvEvent, KvEventBatch};
 pub use index::{key_seed, PreciseIndex, PreciseStats};
-pub(crate) use subscriber::{spawn, KvEventsHandle};
+pub use subscriber::{follow_pool, KvEventsHandle};
 
 /// `routing.kv_events` of a pool: where each replica publishes its events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +45,19 @@ pub struct KvEventsConfig {
     pub heartbeat_ms: u64,
     /// Each replay reply must arrive within this.
     pub replay_timeout_ms: u64,
+    /// Per replica, by its `host:port` key: explicit endpoints, overriding
+    /// the port rules (replicas sharing a host, such as a static pool of
+    /// simulated replicas started with ephemeral ports).
+    pub endpoints: BTreeMap<String, ReplicaEvents>,
+}
+
+/// One replica's event endpoints, `tcp://host:port`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaEvents {
+    pub endpoint: String,
+    #[serde(default)]
+    pub replay_endpoint: Option<String>,
 }
 
 impl Default for KvEventsConfig {
@@ -56,6 +71,7 @@ impl Default for KvEventsConfig {
             stale_after_ms: 5000,
             heartbeat_ms: 1000,
             replay_timeout_ms: 500,
+            endpoints: BTreeMap::new(),
         }
     }
 }

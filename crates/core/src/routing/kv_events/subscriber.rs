@@ -41,7 +41,7 @@ const RECONNECT: Duration = Duration::from_millis(500);
 
 /// Stops the supervisor (and with it every replica task) when dropped.
 #[derive(Debug)]
-pub(crate) struct KvEventsHandle {
+pub struct KvEventsHandle {
     supervisor: JoinHandle<()>,
 }
 
@@ -51,8 +51,9 @@ impl Drop for KvEventsHandle {
     }
 }
 
-/// Starts following `pool`'s replicas into `index` (inside a tokio runtime).
-pub(crate) fn spawn(
+/// Starts following `pool`'s replicas into `index` (inside a tokio runtime);
+/// the gateway does this for every pool whose routing sets `kv_events`.
+pub fn follow_pool(
     pool: Arc<Pool>,
     index: Arc<PreciseIndex>,
     cfg: KvEventsConfig,
@@ -121,7 +122,10 @@ async fn supervise(pool: Arc<Pool>, index: Arc<PreciseIndex>, cfg: KvEventsConfi
 }
 
 /// `tcp://host:port` of the replica's publisher and replay socket.
-pub(crate) fn endpoints(replica: &Replica, cfg: &KvEventsConfig) -> Option<(String, Option<String>)> {
+fn endpoints(replica: &Replica, cfg: &KvEventsConfig) -> Option<(String, Option<String>)> {
+    if let Some(ev) = cfg.endpoints.get(replica.key()) {
+        return Some((ev.endpoint.clone(), ev.replay_endpoint.clone()));
+    }
     let uri: http::Uri = replica.endpoint.base_url.parse().ok()?;
     let host = uri.host()?;
     let http_port = i64::from(uri.port_u16().unwrap_or(80));
@@ -270,6 +274,11 @@ impl Stream {
             }
             _ => {}
         }
+        // Past what the last replay delivered: the SUB socket has caught up,
+        // so a lower sequence from now on is a restart, not a repeat.
+        if self.replayed.is_some_and(|(_, hi)| seq > hi) {
+            self.replayed = None;
+        }
         self.apply(seq, payload);
     }
 
@@ -361,5 +370,41 @@ impl Stream {
         }
         self.confirm();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Endpoint;
+    use crate::routing::kv_events::ReplicaEvents;
+
+    #[test]
+    fn endpoints_follow_the_port_rules() {
+        let r = Replica::new(Endpoint::from_url("http://10.0.0.7:8000").unwrap());
+        let mut cfg = KvEventsConfig::default();
+        assert_eq!(
+            endpoints(&r, &cfg),
+            Some(("tcp://10.0.0.7:5557".into(), None))
+        );
+        cfg.replay_port = Some(5558);
+        cfg.port_offset = Some(1000);
+        assert_eq!(
+            endpoints(&r, &cfg),
+            Some((
+                "tcp://10.0.0.7:9000".into(),
+                Some("tcp://10.0.0.7:5558".into())
+            ))
+        );
+        cfg.port_offset = Some(-9000);
+        assert_eq!(endpoints(&r, &cfg), None, "no port below 0");
+        cfg.endpoints.insert(
+            "10.0.0.7:8000".into(),
+            ReplicaEvents {
+                endpoint: "tcp://h:1".into(),
+                replay_endpoint: None,
+            },
+        );
+        assert_eq!(endpoints(&r, &cfg), Some(("tcp://h:1".into(), None)));
     }
 }
