@@ -76,7 +76,7 @@ pub(crate) async fn bind(
     })
 }
 
-/// Publishes `rx`'s events until the channel closes (the fleet stopped).
+/// Publishes `rx`'s events until the fleet shuts down.
 pub(crate) async fn run(
     rep: Arc<Replica>,
     cfg: KvEventsConfig,
@@ -92,8 +92,17 @@ pub(crate) async fn run(
     let mut buffer: VecDeque<(u64, Bytes)> = VecDeque::new();
     let mut next_seq = 0u64;
     let mut events = Vec::new();
+    let mut control = rep.control.subscribe();
     loop {
+        if control.borrow_and_update().shutdown {
+            return;
+        }
         tokio::select! {
+            changed = control.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
             got = rx.recv() => {
                 let Some(first) = got else { return };
                 events.clear();
