@@ -135,9 +135,17 @@ fn assert_prefixes_agree(ix: &PreciseIndex, fleet: &Fleet, prompts: &[String]) {
         for r in fleet.replicas() {
             let cached: std::collections::HashSet<u64> =
                 r.cached_block_hashes().into_iter().collect();
-            let engine = engine_hashes.iter().take_while(|h| cached.contains(h)).count() as u32;
+            let engine = engine_hashes
+                .iter()
+                .take_while(|h| cached.contains(h))
+                .count() as u32;
             let key = r.addr().to_string();
-            assert_eq!(ours.get(&key).copied(), Some(engine), "replica {key}, prompt {}", &p[..20]);
+            assert_eq!(
+                ours.get(&key).copied(),
+                Some(engine),
+                "replica {key}, prompt {}",
+                &p[..20]
+            );
         }
     }
 }
@@ -165,7 +173,11 @@ async fn precise_index_mirrors_the_engines_caches() {
     let ix = Arc::new(PreciseIndex::new());
     let _follow = follow_pool(pool.clone(), ix.clone(), events_config(&fleet));
     let urls = fleet.urls();
-    let keys: Vec<String> = fleet.replicas().iter().map(|r| r.addr().to_string()).collect();
+    let keys: Vec<String> = fleet
+        .replicas()
+        .iter()
+        .map(|r| r.addr().to_string())
+        .collect();
     for k in &keys {
         wait_live(&ix, k, true).await;
     }
@@ -295,7 +307,10 @@ async fn gateway_routes_by_events_and_shows_which_index_answered() {
         let e = get_json(&format!("{admin}/routing/explain/{id}")).await;
         let cands = e["decision"]["candidates"].as_array().unwrap();
         assert!(cands.iter().all(|c| c["prefix_index"] == "precise"), "{e}");
-        let best = cands.iter().map(|c| c["matched_blocks"].as_u64().unwrap()).max();
+        let best = cands
+            .iter()
+            .map(|c| c["matched_blocks"].as_u64().unwrap())
+            .max();
         assert_eq!(best, Some(300 / BS as u64), "{encoding:?}: {e}");
         let v = get_json(&format!("{admin}/routing")).await;
         assert!(

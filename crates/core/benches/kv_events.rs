@@ -28,7 +28,9 @@ const ROUNDS: u64 = 20;
 
 fn stored(replica: u64, first: u64, n: usize, parent: Option<u64>, tokens: &[u32]) -> KvEvent {
     KvEvent::Stored {
-        hashes: (first..first + n as u64).map(|b| replica << 40 | b).collect(),
+        hashes: (first..first + n as u64)
+            .map(|b| replica << 40 | b)
+            .collect(),
         parent,
         token_ids: tokens[..n * BS].to_vec(),
         block_size: BS as u32,
@@ -84,7 +86,11 @@ fn bench(c: &mut Criterion) {
     let keys = check.token_block_keys(BS, key_seed(None), 1024);
     let mut best = 0;
     ix.longest_prefix(&keys, |_, n| best = best.max(n));
-    assert_eq!(best as usize, 6_000 / BS, "replica 1 holds group 7's system prompt");
+    assert_eq!(
+        best as usize,
+        6_000 / BS,
+        "replica 1 holds group 7's system prompt"
+    );
     let n = 2_000;
     let t0 = thread_cpu_ns();
     for _ in 0..n {
@@ -117,7 +123,9 @@ fn bench(c: &mut Criterion) {
                 let first = HELD + round * PER_EVENT as u64;
                 let parent = Some(i << 40 | (first - 1));
                 let store = stored(i, first, PER_EVENT, parent, &tokens[(round as usize) * 7..]);
-                let hashes = (first..first + PER_EVENT as u64).map(|b| i << 40 | b).collect();
+                let hashes = (first..first + PER_EVENT as u64)
+                    .map(|b| i << 40 | b)
+                    .collect();
                 let remove = KvEvent::Removed {
                     hashes,
                     medium: None,
@@ -149,7 +157,9 @@ fn bench(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("apply_events");
     g.throughput(Throughput::Elements(blocks_per_iter));
-    g.bench_function("store_then_remove_64_replicas", |b| b.iter(|| run(&apply_ix)));
+    g.bench_function("store_then_remove_64_replicas", |b| {
+        b.iter(|| run(&apply_ix))
+    });
     g.finish();
     assert_eq!(apply_ix.stats().entries as u64, HELD * u64::from(REPLICAS));
 }

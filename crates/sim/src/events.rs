@@ -266,7 +266,9 @@ mod tests {
         let mut out = Vec::new();
         encode_batch(
             1.0,
-            &[CacheEvent::Removed { hashes: vec![0x0102] }],
+            &[CacheEvent::Removed {
+                hashes: vec![0x0102],
+            }],
             EventEncoding::Map,
             false,
             &mut out,

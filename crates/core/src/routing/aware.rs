@@ -104,7 +104,10 @@ impl InferenceAware {
     pub fn new(cfg: RoutingConfig) -> Self {
         InferenceAware {
             pipeline: Pipeline::new(&cfg.filters, &cfg.scorers),
-            precise: cfg.kv_events.as_ref().map(|_| Arc::new(PreciseIndex::new())),
+            precise: cfg
+                .kv_events
+                .as_ref()
+                .map(|_| Arc::new(PreciseIndex::new())),
             cfg,
             index: PrefixIndex::new(),
             mean_uncached: AtomicU64::new(0f64.to_bits()),
@@ -169,7 +172,8 @@ impl InferenceAware {
         hashes: &[u64],
     ) -> Vec<Matched> {
         let mut matched = vec![Matched::default(); replicas.len()];
-        let position = |key: &Arc<str>| replicas.iter().position(|r| same_key(&r.endpoint.key, key));
+        let position =
+            |key: &Arc<str>| replicas.iter().position(|r| same_key(&r.endpoint.key, key));
         self.index
             .longest_prefix(hashes, &mut |key: &Arc<str>, blocks: u32| {
                 if let Some(i) = position(key) {
@@ -604,7 +608,9 @@ impl Picker for InferenceAware {
         // The replicas that fit, with their matches, in their order.
         let mut fitting = Vec::with_capacity(replicas.len());
         for (i, r) in replicas.iter().enumerate() {
-            if !super::is_excluded(r, exclude) && fits(r, self.cached_tokens(matched[i].blocks, req)) {
+            if !super::is_excluded(r, exclude)
+                && fits(r, self.cached_tokens(matched[i].blocks, req))
+            {
                 matched[fitting.len()] = matched[i];
                 fitting.push(r.clone());
             }

@@ -6,9 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::kv_events::KvEventsConfig;
 pub(crate) use super::policy_config::{RendezvousConfig, SaturationConfig, StickyConfig};
 pub(crate) use super::registry::{FilterName, ScorerName};
-use super::kv_events::KvEventsConfig;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -165,7 +165,10 @@ mod tests {
         let c: RoutingConfig =
             serde_yaml_ng::from_str("kv_events: {port: 5557, replay_port: 5558}").unwrap();
         let ev = c.kv_events.unwrap();
-        assert_eq!((ev.port, ev.replay_port, ev.stale_after_ms), (5557, Some(5558), 5000));
+        assert_eq!(
+            (ev.port, ev.replay_port, ev.stale_after_ms),
+            (5557, Some(5558), 5000)
+        );
         assert!(serde_yaml_ng::from_str::<RoutingConfig>("kv_events: {prot: 1}").is_err());
     }
 }

@@ -98,7 +98,12 @@ impl RouteRequest<'_> {
     /// The prompt's token-block keys (`tokenizer::for_each_token_block_key`)
     /// for the precise index: computed on first use, reused like
     /// [`block_hashes`](Self::block_hashes).
-    pub fn token_block_keys(&self, block_size: usize, seed: u64, max_blocks: usize) -> Cow<'_, [u64]> {
+    pub fn token_block_keys(
+        &self,
+        block_size: usize,
+        seed: u64,
+        max_blocks: usize,
+    ) -> Cow<'_, [u64]> {
         let compute = || {
             let mut keys = Vec::with_capacity(
                 (self.prompt_tokens as usize / block_size.max(1)).min(max_blocks),

@@ -136,7 +136,11 @@ fn decode_event(v: &Value) -> Result<Option<KvEvent>, DecodeError> {
         },
         _ => return err("event is neither an array nor a map"),
     };
-    let medium = |pos| f.get(pos, "medium").and_then(Value::as_str).map(str::to_owned);
+    let medium = |pos| {
+        f.get(pos, "medium")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     Ok(Some(match f.tag {
         "BlockStored" => {
             let hashes = hashes(f.get(0, "block_hashes"))?;
@@ -312,8 +316,8 @@ mod tests {
     fn malformed_batches_are_errors() {
         for bad in [
             &[][..],
-            &[0xc1],            // never-used marker
-            &[0x91, 0x00],      // one field
+            &[0xc1],             // never-used marker
+            &[0x91, 0x00],       // one field
             &[0x92, 0x00, 0x01], // events not an array
             &[0x92, 0x00, 0x91, 0x05],
             &[0x92, 0x00, 0x91, 0x92, 0xa1, b'x'], // truncated

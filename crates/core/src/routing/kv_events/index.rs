@@ -289,7 +289,11 @@ impl PreciseIndex {
         }
         PreciseStats {
             replicas: inner.by_key.len(),
-            live_replicas: inner.slots.iter().filter(|s| s.live && s.key.is_some()).count(),
+            live_replicas: inner
+                .slots
+                .iter()
+                .filter(|s| s.live && s.key.is_some())
+                .count(),
             blocks: inner.blocks.len(),
             entries,
             block_size: inner.block_size,
@@ -459,10 +463,13 @@ mod tests {
         let k1 = key(k0, &[3, 4]);
         let m = matches(&ix, &[k0, k1, 77]);
         assert_eq!((m["a"], m["b"]), (2, 2));
-        ix.apply(&b, &[KvEvent::Removed {
-            hashes: vec![901],
-            medium: None,
-        }]);
+        ix.apply(
+            &b,
+            &[KvEvent::Removed {
+                hashes: vec![901],
+                medium: None,
+            }],
+        );
         assert_eq!(matches(&ix, &[k0, k1])["b"], 1);
         assert_eq!(ix.stats().entries, 3);
         // Not live: not answered.
@@ -486,31 +493,43 @@ mod tests {
         let k0 = key(key_seed(None), &[1, 2]);
         assert_eq!(matches(&ix, &[k0])["a"], 0);
         // Two engine hashes (say, two cache salts) for the same tokens.
-        ix.apply(&a, &[stored(&[10], None, &[1, 2]), stored(&[11], None, &[1, 2])]);
-        ix.apply(&a, &[KvEvent::Removed {
-            hashes: vec![10],
-            medium: None,
-        }]);
+        ix.apply(
+            &a,
+            &[stored(&[10], None, &[1, 2]), stored(&[11], None, &[1, 2])],
+        );
+        ix.apply(
+            &a,
+            &[KvEvent::Removed {
+                hashes: vec![10],
+                medium: None,
+            }],
+        );
         assert_eq!(matches(&ix, &[k0])["a"], 1, "hash 11 still holds the key");
         // Another block size than the first one seen is ignored and counted.
-        ix.apply(&a, &[KvEvent::Stored {
-            hashes: vec![20],
-            parent: None,
-            token_ids: vec![1, 2, 3],
-            block_size: 3,
-            lora_name: None,
-            medium: None,
-        }]);
+        ix.apply(
+            &a,
+            &[KvEvent::Stored {
+                hashes: vec![20],
+                parent: None,
+                token_ids: vec![1, 2, 3],
+                block_size: 3,
+                lora_name: None,
+                medium: None,
+            }],
+        );
         assert_eq!(ix.stats().mismatched_block_size_events, 1);
         // LoRA blocks live in their own key space.
-        ix.apply(&a, &[KvEvent::Stored {
-            hashes: vec![30],
-            parent: None,
-            token_ids: vec![1, 2],
-            block_size: 2,
-            lora_name: Some("ad".into()),
-            medium: None,
-        }]);
+        ix.apply(
+            &a,
+            &[KvEvent::Stored {
+                hashes: vec![30],
+                parent: None,
+                token_ids: vec![1, 2],
+                block_size: 2,
+                lora_name: Some("ad".into()),
+                medium: None,
+            }],
+        );
         let kl = key(key_seed(Some("ad")), &[1, 2]);
         assert_ne!(kl, k0);
         assert_eq!(matches(&ix, &[kl])["a"], 1);
@@ -564,7 +583,10 @@ mod tests {
         let st = ix.stats();
         assert_eq!(st.entries as u64, replicas * per_replica);
         let per_block = st.memory_bytes as f64 / st.entries as f64;
-        println!("precise index: {} entries, {} bytes, {per_block:.1} bytes per indexed block", st.entries, st.memory_bytes);
+        println!(
+            "precise index: {} entries, {} bytes, {per_block:.1} bytes per indexed block",
+            st.entries, st.memory_bytes
+        );
         assert!(per_block < 128.0, "{per_block}");
     }
 }

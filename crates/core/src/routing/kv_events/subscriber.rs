@@ -160,7 +160,12 @@ struct Stream {
     replay_timeout: Duration,
 }
 
-async fn follow(replica: Arc<Replica>, index: Arc<PreciseIndex>, cfg: KvEventsConfig, pool: Arc<str>) {
+async fn follow(
+    replica: Arc<Replica>,
+    index: Arc<PreciseIndex>,
+    cfg: KvEventsConfig,
+    pool: Arc<str>,
+) {
     let key = replica.endpoint.key.clone();
     let Some((pub_ep, replay_ep)) = endpoints(&replica, &cfg) else {
         tracing::warn!(replica = %key, "kv events: cannot derive the event endpoint from the replica URL");
@@ -196,7 +201,11 @@ async fn follow(replica: Arc<Replica>, index: Arc<PreciseIndex>, cfg: KvEventsCo
             tokio::time::sleep(RECONNECT).await;
             continue;
         }
-        let mut tick = tokio::time::interval(heartbeat.min(stale_after / 2).max(Duration::from_millis(10)));
+        let mut tick = tokio::time::interval(
+            heartbeat
+                .min(stale_after / 2)
+                .max(Duration::from_millis(10)),
+        );
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -234,7 +243,9 @@ impl Stream {
         }
         let recent = self.last_confirm.elapsed() < stale_after;
         let idle_ok = self.replay_ep.is_none()
-            && self.unconfirmed_since.is_none_or(|t| t.elapsed() < stale_after);
+            && self
+                .unconfirmed_since
+                .is_none_or(|t| t.elapsed() < stale_after);
         let live = recent || idle_ok;
         if live != self.index.is_live(&self.key) {
             tracing::info!(replica = %self.key, live, "kv events: replica's precise index {}", if live { "in use" } else { "stale: approximate index in use" });
@@ -252,7 +263,10 @@ impl Stream {
         };
         match self.expected {
             Some(e) if seq < e => {
-                if self.replayed.is_some_and(|(lo, hi)| (lo..=hi).contains(&seq)) {
+                if self
+                    .replayed
+                    .is_some_and(|(lo, hi)| (lo..=hi).contains(&seq))
+                {
                     return; // already applied from a replay
                 }
                 tracing::info!(replica = %self.key, seq, expected = e, "kv events: sequence went back (engine restarted): replica cleared");
@@ -263,8 +277,12 @@ impl Stream {
                 }
             }
             Some(e) if seq > e => {
-                metrics::counter!("infergate_kv_events_gaps_total", "pool" => self.pool.clone()).increment(1);
-                if self.replay_ep.is_none() || !self.replay(e).await || self.expected.is_some_and(|x| x <= e) {
+                metrics::counter!("infergate_kv_events_gaps_total", "pool" => self.pool.clone())
+                    .increment(1);
+                if self.replay_ep.is_none()
+                    || !self.replay(e).await
+                    || self.expected.is_some_and(|x| x <= e)
+                {
                     tracing::info!(replica = %self.key, from = e, to = seq, "kv events: lost events could not be replayed: replica cleared");
                     self.index.clear_replica(&self.key);
                 }
@@ -287,7 +305,8 @@ impl Stream {
             Ok(batch) => {
                 self.index.apply(&self.key, &batch.events);
                 let n = batch.events.len() as u64;
-                metrics::counter!("infergate_kv_events_applied_total", "pool" => self.pool.clone()).increment(n);
+                metrics::counter!("infergate_kv_events_applied_total", "pool" => self.pool.clone())
+                    .increment(n);
                 if batch.events.iter().any(|e| matches!(e, KvEvent::Cleared)) {
                     tracing::debug!(replica = %self.key, "kv events: all blocks cleared");
                 }
@@ -322,7 +341,10 @@ impl Stream {
     async fn replay_inner(&mut self, ep: &str, from: u64) -> bool {
         if self.dealer.is_none() {
             let mut d = DealerSocket::new();
-            if !matches!(timeout(self.replay_timeout, d.connect(ep)).await, Ok(Ok(()))) {
+            if !matches!(
+                timeout(self.replay_timeout, d.connect(ep)).await,
+                Ok(Ok(()))
+            ) {
                 return false;
             }
             self.dealer = Some(d);
@@ -345,7 +367,8 @@ impl Stream {
             if n < 2 {
                 continue;
             }
-            let Ok(seq) = <[u8; 8]>::try_from(frames[n - 2].as_ref()).map(u64::from_be_bytes) else {
+            let Ok(seq) = <[u8; 8]>::try_from(frames[n - 2].as_ref()).map(u64::from_be_bytes)
+            else {
                 continue;
             };
             if seq == END_SEQ {
