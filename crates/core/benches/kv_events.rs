@@ -11,13 +11,12 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use infergate_core::routing::kv_events::{key_seed, KvEvent, KvEventsConfig, PreciseIndex};
-use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfig};
+use infergate_core::routing::{InferenceAware, RouteRequest, RoutingConfig};
 use infergate_protocol::tokenizer;
 
 mod common;
 use common::{prompt, replicas, thread_cpu_ns, REPLICAS};
 
-const GROUPS: usize = 256;
 const BS: usize = 16;
 /// Blocks each replica holds in the apply benchmark (its steady state).
 const HELD: u64 = 10_000;

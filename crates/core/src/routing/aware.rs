@@ -183,12 +183,11 @@ impl InferenceAware {
         if let Some(precise) = &self.precise {
             let engine_bs = precise.block_size() as usize;
             let bs = self.block_size() as usize;
-            let keys = if engine_bs == 0 {
-                Cow::Borrowed(&[][..])
-            } else {
-                // The same token horizon as the approximate index.
-                let max = self.cfg.prefix.max_blocks as usize * bs / engine_bs;
-                req.token_block_keys(engine_bs, key_seed(req.lora), max)
+            // The same token horizon as the approximate index; no block size
+            // known yet (no event): no keys, every live replica matches 0.
+            let keys = match (self.cfg.prefix.max_blocks as usize * bs).checked_div(engine_bs) {
+                Some(max) => req.token_block_keys(engine_bs, key_seed(req.lora), max),
+                None => Cow::Borrowed(&[][..]),
             };
             precise.longest_prefix(&keys, |key, engine_blocks| {
                 if let Some(i) = position(key) {
