@@ -15,7 +15,6 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt;
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::pool::Pool;
 use infergate_core::routing::kv_events::{
@@ -253,18 +252,9 @@ async fn precise_index_mirrors_the_engines_caches() {
     fleet.shutdown().await;
 }
 
-async fn get_json(url: &str) -> serde_json::Value {
-    let req = http::Request::get(url)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&body).unwrap_or_default()
-}
-
 /// The route's per-replica view from `/routing`.
 async fn replica_views(admin: &str) -> Vec<serde_json::Value> {
-    let v = get_json(&format!("{admin}/routing")).await;
+    let v = admin_json(&format!("{admin}/routing")).await;
     v["routes"][0]["view"]["replicas"]
         .as_array()
         .cloned()
@@ -304,7 +294,7 @@ async fn gateway_routes_by_events_and_shows_which_index_answered() {
         let (s, h, _) = post(&gw.url(), "/v1/completions", &body.to_string()).await;
         assert_eq!(s, 200);
         let id = h["x-request-id"].to_str().unwrap().to_string();
-        let e = get_json(&format!("{admin}/routing/explain/{id}")).await;
+        let e = admin_json(&format!("{admin}/routing/explain/{id}")).await;
         let cands = e["decision"]["candidates"].as_array().unwrap();
         assert!(cands.iter().all(|c| c["prefix_index"] == "precise"), "{e}");
         let best = cands
@@ -312,7 +302,7 @@ async fn gateway_routes_by_events_and_shows_which_index_answered() {
             .map(|c| c["matched_blocks"].as_u64().unwrap())
             .max();
         assert_eq!(best, Some(300 / BS as u64), "{encoding:?}: {e}");
-        let v = get_json(&format!("{admin}/routing")).await;
+        let v = admin_json(&format!("{admin}/routing")).await;
         assert!(
             v["routes"][0]["view"]["precise_index"]["entries"].as_u64() > Some(0),
             "{v}"

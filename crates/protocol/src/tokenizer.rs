@@ -41,11 +41,16 @@ pub fn count_tokens(text: &str) -> u32 {
 
 /// Iterates over the tokens of `text` as string slices.
 pub fn tokens(text: &str) -> impl Iterator<Item = &str> {
-    TokenIter { rest: text }
+    TokenIter {
+        rest: text,
+        // Checked once: per token it would rescan the rest (quadratic).
+        ascii: text.is_ascii(),
+    }
 }
 
 struct TokenIter<'a> {
     rest: &'a str,
+    ascii: bool,
 }
 
 impl<'a> Iterator for TokenIter<'a> {
@@ -54,7 +59,11 @@ impl<'a> Iterator for TokenIter<'a> {
         if self.rest.is_empty() {
             return None;
         }
-        let end = byte_offset_after_chars(self.rest, CHARS_PER_TOKEN);
+        let end = if self.ascii {
+            CHARS_PER_TOKEN.min(self.rest.len())
+        } else {
+            byte_offset_after_chars(self.rest, CHARS_PER_TOKEN)
+        };
         let (tok, rest) = self.rest.split_at(end);
         self.rest = rest;
         Some(tok)
@@ -63,9 +72,6 @@ impl<'a> Iterator for TokenIter<'a> {
 
 /// Byte offset just past the first `n` chars of `s` (or `s.len()`).
 fn byte_offset_after_chars(s: &str, n: usize) -> usize {
-    if s.is_ascii() {
-        return n.min(s.len());
-    }
     s.char_indices().nth(n).map(|(i, _)| i).unwrap_or(s.len())
 }
 
@@ -180,11 +186,34 @@ pub fn for_each_token_block_key(
         }
         return;
     }
-    let mut block = [0u32; STACK];
+    // ASCII (the common case): a token is 4 bytes, no char walking; each
+    // path is its own monomorphic loop.
+    if text.is_ascii() {
+        key_blocks(
+            text.as_bytes()
+                .chunks(CHARS_PER_TOKEN)
+                .map(|t| (xxh3_64(t) % VOCAB_SIZE) as u32),
+            block_size,
+            seed,
+            f,
+        );
+    } else {
+        key_blocks(tokens(text).map(token_id), block_size, seed, f);
+    }
+}
+
+/// Chains the keys of full `block_size` blocks of `ids` (at most 128 per block).
+fn key_blocks(
+    ids: impl Iterator<Item = u32>,
+    block_size: usize,
+    seed: u64,
+    mut f: impl FnMut(u64) -> bool,
+) {
+    let mut block = [0u32; 128];
     let mut n = 0;
     let mut parent = seed;
-    for t in tokens(text) {
-        block[n] = token_id(t);
+    for id in ids {
+        block[n] = id;
         n += 1;
         if n == block_size {
             n = 0;

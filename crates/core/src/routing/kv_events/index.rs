@@ -19,7 +19,6 @@
 //! here and the router uses the approximate index for it.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
@@ -28,24 +27,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use infergate_protocol::tokenizer::token_block_key;
 
 use super::decode::KvEvent;
-
-/// Keys and engine hashes are already uniform: they hash to themselves.
-#[derive(Default)]
-struct IdentityHasher(u64);
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-type U64Map<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+use crate::routing::prefix_index::U64Map;
 
 /// Salt of keys chained from a parent the replica no longer holds.
 const ORPHAN: u64 = 0x6f72_7068_616e_0001;
