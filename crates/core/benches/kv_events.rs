@@ -15,7 +15,7 @@ use infergate_core::routing::{InferenceAware, RouteRequest, RoutingConfig};
 use infergate_protocol::tokenizer;
 
 mod common;
-use common::{prompt, replicas, thread_cpu_ns, REPLICAS};
+use common::{prompt, replicas, report_cpu_us, thread_cpu_ns, REPLICAS};
 
 const BS: usize = 16;
 /// Blocks each replica holds in the apply benchmark (its steady state).
@@ -90,15 +90,9 @@ fn bench(c: &mut Criterion) {
         6_000 / BS,
         "replica 1 holds group 7's system prompt"
     );
-    let n = 2_000;
-    let t0 = thread_cpu_ns();
-    for _ in 0..n {
+    report_cpu_us("precise decision", 2_000, || {
         black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
-    }
-    eprintln!(
-        "precise decision cpu time: {:.1} us (thread CPU time, mean of {n})",
-        (thread_cpu_ns() - t0) as f64 / f64::from(n) / 1000.0
-    );
+    });
     c.bench_function("precise_decision_8k_tokens_64_replicas", |b| {
         b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
     });

@@ -10,7 +10,7 @@ use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfi
 use infergate_protocol::tokenizer;
 
 mod common;
-use common::{prompt, replicas, thread_cpu_ns};
+use common::{prompt, replicas, report_cpu_us};
 
 const GROUPS: usize = 256;
 
@@ -66,15 +66,9 @@ fn bench(c: &mut Criterion) {
         ..req
     };
     // Wall time is noisy on a shared machine: also report this thread's CPU time.
-    let n = 2_000;
-    let t0 = thread_cpu_ns();
-    for _ in 0..n {
+    report_cpu_us("decision", 2_000, || {
         black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
-    }
-    eprintln!(
-        "decision cpu time: {:.1} us (thread CPU time, mean of {n})",
-        (thread_cpu_ns() - t0) as f64 / f64::from(n) / 1000.0
-    );
+    });
     c.bench_function("decision_8k_tokens_64_replicas", |b| {
         b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
     });

@@ -62,3 +62,15 @@ pub fn thread_cpu_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Mean thread CPU time of `n` calls of `f`, in microseconds, printed as
+/// `{label} cpu time: ... us` (robust to a busy machine, unlike wall time).
+pub fn report_cpu_us(label: &str, n: u32, mut f: impl FnMut()) -> f64 {
+    let t0 = thread_cpu_ns();
+    for _ in 0..n {
+        f();
+    }
+    let us = (thread_cpu_ns() - t0) as f64 / f64::from(n) / 1000.0;
+    eprintln!("{label} cpu time: {us:.1} us (thread CPU time, mean of {n})");
+    us
+}
