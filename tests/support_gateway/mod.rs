@@ -252,6 +252,14 @@ pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Fu
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// GETs a JSON document (an admin endpoint); `Null` when the body is not JSON.
+pub async fn admin_json(url: &str) -> serde_json::Value {
+    let req = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+    let resp = client().request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap_or_default()
+}
+
 /// POSTs JSON and returns status, headers and the whole body.
 pub async fn post(url: &str, path: &str, body: &str) -> (StatusCode, HeaderMap, Bytes) {
     post_with(url, path, body, &[]).await

@@ -4,58 +4,15 @@
 //! Run: `cargo bench --bench routing` (prints `index memory: ... bytes/entry`).
 
 use std::hint::black_box;
-use std::sync::Arc;
-use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use infergate_core::discovery::Endpoint;
-use infergate_core::pool::Replica;
-use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfig, Signals};
+use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfig};
 use infergate_protocol::tokenizer;
 
-const REPLICAS: u16 = 64;
-const PROMPT_TOKENS: usize = 8_000;
+mod common;
+use common::{prompt, replicas, report_cpu_us};
+
 const GROUPS: usize = 256;
-
-fn replicas() -> Vec<Arc<Replica>> {
-    (0..REPLICAS)
-        .map(|i| {
-            let r = Arc::new(Replica::new(
-                Endpoint::from_url(&format!("http://10.0.{}.{}:8000", i / 200, i % 200)).unwrap(),
-            ));
-            r.signals.store(Some(Arc::new(Signals {
-                at: Instant::now() + std::time::Duration::from_secs(3600),
-                error: None,
-                waiting: f64::from(i % 3),
-                running: 8.0,
-                kv_usage: Some(0.5),
-                block_size: Some(16),
-                num_blocks: Some(20_000),
-                lora: None,
-                prefix_hit_rate: None,
-                own_requests_at_scrape: 0,
-                batch_limit: None,
-                foreign_load_at: None,
-                smoothed_requests: 8.0 + f64::from(i % 3),
-            })));
-            r
-        })
-        .collect()
-}
-
-/// A chat prompt of about `PROMPT_TOKENS` tokens: a 6,000-token system prompt
-/// shared by group `g`, then a question.
-fn prompt(g: usize, q: usize) -> String {
-    let sys_chars = 6_000 * tokenizer::CHARS_PER_TOKEN;
-    let q_chars = (PROMPT_TOKENS - 6_000) * tokenizer::CHARS_PER_TOKEN;
-    let sys = format!("group {g} system prompt, long and detailed. ").repeat(sys_chars / 40 + 1);
-    let question = format!("question {q} from a user of group {g}. ").repeat(q_chars / 30 + 1);
-    format!(
-        "<|system|>\n{}\n<|user|>\n{}\n<|assistant|>\n",
-        &sys[..sys_chars],
-        &question[..q_chars]
-    )
-}
 
 fn bench(c: &mut Criterion) {
     let count_only: Option<usize> = std::env::var("ROUTING_COUNT")
@@ -138,15 +95,9 @@ fn bench(c: &mut Criterion) {
         std::process::exit(0);
     }
     // Wall time is noisy on a shared machine: also report this thread's CPU time.
-    let n = 2_000;
-    let t0 = thread_cpu_ns();
-    for _ in 0..n {
+    report_cpu_us("decision", 2_000, || {
         black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
-    }
-    eprintln!(
-        "decision cpu time: {:.1} us (thread CPU time, mean of {n})",
-        (thread_cpu_ns() - t0) as f64 / f64::from(n) / 1000.0
-    );
+    });
     c.bench_function("decision_8k_tokens_64_replicas", |b| {
         b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
     });
@@ -169,16 +120,6 @@ fn bench(c: &mut Criterion) {
     c.bench_function("block_hashes_8k_tokens", |b| {
         b.iter(|| black_box(tokenizer::block_hashes(black_box(&text), 16, 1, 1024)))
     });
-}
-
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 criterion_group!(benches, bench);

@@ -17,8 +17,12 @@
 //!   Block `i`'s hash is `xxh3_64_with_seed(bytes of block i, seed = hash of block i-1)`,
 //!   with `seed` of block 0 = the caller's salt (for example a hash of the model
 //!   name), so equal hashes mean an equal whole prefix, not just an equal block.
+//! - A *token-block key* ([`token_block_key`]) is the same chain over a block's
+//!   token ids instead of its text: the gateway computes it both from the token
+//!   ids an engine's KV events carry and from its own tokenization of a prompt,
+//!   so it needs neither the engine's block hash nor its hash seed.
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
 
 /// Characters per token of the shared tokenizer.
 pub const CHARS_PER_TOKEN: usize = 4;
@@ -37,11 +41,16 @@ pub fn count_tokens(text: &str) -> u32 {
 
 /// Iterates over the tokens of `text` as string slices.
 pub fn tokens(text: &str) -> impl Iterator<Item = &str> {
-    TokenIter { rest: text }
+    TokenIter {
+        rest: text,
+        // Checked once: per token it would rescan the rest (quadratic).
+        ascii: text.is_ascii(),
+    }
 }
 
 struct TokenIter<'a> {
     rest: &'a str,
+    ascii: bool,
 }
 
 impl<'a> Iterator for TokenIter<'a> {
@@ -50,7 +59,11 @@ impl<'a> Iterator for TokenIter<'a> {
         if self.rest.is_empty() {
             return None;
         }
-        let end = byte_offset_after_chars(self.rest, CHARS_PER_TOKEN);
+        let end = if self.ascii {
+            CHARS_PER_TOKEN.min(self.rest.len())
+        } else {
+            byte_offset_after_chars(self.rest, CHARS_PER_TOKEN)
+        };
         let (tok, rest) = self.rest.split_at(end);
         self.rest = rest;
         Some(tok)
@@ -59,9 +72,6 @@ impl<'a> Iterator for TokenIter<'a> {
 
 /// Byte offset just past the first `n` chars of `s` (or `s.len()`).
 fn byte_offset_after_chars(s: &str, n: usize) -> usize {
-    if s.is_ascii() {
-        return n.min(s.len());
-    }
     s.char_indices().nth(n).map(|(i, _)| i).unwrap_or(s.len())
 }
 
@@ -132,6 +142,89 @@ pub fn for_each_block_hash(
     }
 }
 
+/// The key of one block of `tokens` whose preceding block's key is `parent`
+/// (the chain's seed for a prompt's first block): xxh3 of the ids as
+/// little-endian u32s, seeded with `parent`. Allocates nothing.
+pub fn token_block_key(parent: u64, tokens: &[u32]) -> u64 {
+    const STACK: usize = 128;
+    if tokens.len() <= STACK {
+        let mut buf = [0u8; STACK * 4];
+        for (chunk, t) in buf.chunks_exact_mut(4).zip(tokens) {
+            chunk.copy_from_slice(&t.to_le_bytes());
+        }
+        xxh3_64_with_seed(&buf[..tokens.len() * 4], parent)
+    } else {
+        let mut h = Xxh3::with_seed(parent);
+        for t in tokens {
+            h.update(&t.to_le_bytes());
+        }
+        h.digest()
+    }
+}
+
+/// Calls `f` with the token-block key of each full `block_size`-token block of
+/// `text` (tokenized by [`tokens`]), chained from `seed`, until `f` returns
+/// false. Allocates nothing.
+pub fn for_each_token_block_key(
+    text: &str,
+    block_size: usize,
+    seed: u64,
+    mut f: impl FnMut(u64) -> bool,
+) {
+    const STACK: usize = 128;
+    if block_size == 0 || block_size > STACK {
+        if block_size > STACK {
+            // Rare block sizes: one allocation for the block's ids.
+            let ids = token_ids(text);
+            let mut parent = seed;
+            for block in ids.chunks_exact(block_size) {
+                parent = token_block_key(parent, block);
+                if !f(parent) {
+                    return;
+                }
+            }
+        }
+        return;
+    }
+    // ASCII (the common case): a token is 4 bytes, no char walking; each
+    // path is its own monomorphic loop.
+    if text.is_ascii() {
+        key_blocks(
+            text.as_bytes()
+                .chunks(CHARS_PER_TOKEN)
+                .map(|t| (xxh3_64(t) % VOCAB_SIZE) as u32),
+            block_size,
+            seed,
+            f,
+        );
+    } else {
+        key_blocks(tokens(text).map(token_id), block_size, seed, f);
+    }
+}
+
+/// Chains the keys of full `block_size` blocks of `ids` (at most 128 per block).
+fn key_blocks(
+    ids: impl Iterator<Item = u32>,
+    block_size: usize,
+    seed: u64,
+    mut f: impl FnMut(u64) -> bool,
+) {
+    let mut block = [0u32; 128];
+    let mut n = 0;
+    let mut parent = seed;
+    for id in ids {
+        block[n] = id;
+        n += 1;
+        if n == block_size {
+            n = 0;
+            parent = token_block_key(parent, &block[..block_size]);
+            if !f(parent) {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +268,29 @@ mod tests {
             block_hashes(&s9, 2, 0, usize::MAX),
             block_hashes(&s, 2, 0, usize::MAX)
         );
+    }
+
+    #[test]
+    fn token_block_keys_chain_over_ids_and_match_from_text_or_ids() {
+        let text = "abcd".repeat(40) + "tail";
+        let ids = token_ids(&text);
+        let mut from_text = Vec::new();
+        for_each_token_block_key(&text, 16, 5, |k| {
+            from_text.push(k);
+            true
+        });
+        assert_eq!(from_text.len(), 2, "only full blocks");
+        let k0 = token_block_key(5, &ids[..16]);
+        assert_eq!(from_text, vec![k0, token_block_key(k0, &ids[16..32])]);
+        // Same block content, another position: another key (chained).
+        assert_ne!(from_text[0], from_text[1]);
+        // A large block size takes the allocating path and agrees.
+        let long = "wxyz".repeat(300);
+        let mut big = Vec::new();
+        for_each_token_block_key(&long, 200, 1, |k| {
+            big.push(k);
+            true
+        });
+        assert_eq!(big, vec![token_block_key(1, &token_ids(&long)[..200])]);
     }
 }

@@ -4,6 +4,7 @@
 use infergate_protocol::EngineKind;
 
 use super::config::{Faults, FleetConfig, OutputLen, Profile};
+use super::events::KvEventsConfig;
 use super::fleet::start_fleet;
 
 /// Flags of `infergate sim`. Engine parameters default to the profile's.
@@ -49,6 +50,12 @@ pub struct SimArgs {
     /// Seed of the fault dice.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Publish KV-cache events as vLLM does (same JSON as vLLM's flag, e.g.
+    /// `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557","replay_endpoint":"tcp://*:5558"}`);
+    /// replica i binds the ports + i. Extra keys: `encoding` (`map` or
+    /// `array`), `int_block_hashes` (false = 32-byte hashes).
+    #[arg(long, value_parser = KvEventsConfig::parse)]
+    pub kv_events_config: Option<KvEventsConfig>,
 
     /// Tokens per KV block.
     #[arg(long)]
@@ -168,6 +175,10 @@ impl SimArgs {
             output_len: self.output_len,
             default_max_tokens: self.default_max_tokens,
             seed: self.seed,
+            kv_events: self
+                .kv_events_config
+                .clone()
+                .filter(|c| c.enable_kv_cache_events),
         }
     }
 }
@@ -184,7 +195,17 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
     let cfg = args.to_config();
     let fleet = start_fleet(cfg.clone()).await?;
     for r in fleet.replicas() {
-        println!("replica {} {} model={}", r.index(), r.url(), cfg.model());
+        match r.kv_event_ports() {
+            Some((port, replay)) => println!(
+                "replica {} {} model={} kv_events=tcp://{}:{port} replay={}",
+                r.index(),
+                r.url(),
+                cfg.model(),
+                cfg.host,
+                replay.map_or("-".into(), |p| format!("tcp://{}:{p}", cfg.host)),
+            ),
+            None => println!("replica {} {} model={}", r.index(), r.url(), cfg.model()),
+        }
     }
     tracing::info!(
         replicas = fleet.len(),
@@ -224,6 +245,8 @@ mod tests {
             "b",
             "--output-len",
             "uniform:2:5",
+            "--kv-events-config",
+            r#"{"enable_kv_cache_events":true,"endpoint":"tcp://*:0","encoding":"array"}"#,
         ]);
         let cfg = cli.sim.to_config();
         assert_eq!(cfg.params.num_gpu_blocks, 99);
@@ -231,5 +254,8 @@ mod tests {
         assert_eq!(cfg.metrics_flavor, EngineKind::LlamaCpp);
         assert_eq!(cfg.lora_adapters, vec!["a", "b"]);
         assert_eq!(cfg.output_len, OutputLen::Uniform { min: 2, max: 5 });
+        let ev = cfg.kv_events.expect("kv events on");
+        assert_eq!(ev.encoding, super::super::events::EventEncoding::Array);
+        assert!(Cli::try_parse_from(["x", "--kv-events-config", "{"]).is_err());
     }
 }

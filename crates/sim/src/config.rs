@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use infergate_protocol::EngineKind;
 
+use super::events::KvEventsConfig;
+
 /// A named set of engine parameters modelled on a real deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -263,6 +265,8 @@ pub struct FleetConfig {
     pub default_max_tokens: u32,
     /// Seed of the fault dice.
     pub seed: u64,
+    /// Publish KV-cache events (vLLM's `--kv-events-config`); `None` = off.
+    pub kv_events: Option<KvEventsConfig>,
 }
 
 impl Default for FleetConfig {
@@ -282,6 +286,7 @@ impl Default for FleetConfig {
             output_len: OutputLen::MaxTokens,
             default_max_tokens: 256,
             seed: 0,
+            kv_events: None,
         }
     }
 }

@@ -19,8 +19,9 @@ use std::time::Instant;
 use futures::task::AtomicWaker;
 
 use super::config::EngineParams;
+use super::events::EventSink;
 use super::histogram::Histogram;
-use super::kv::{BlockId, BlockPool};
+use super::kv::{BlockId, BlockPool, BlockTokens};
 
 /// Why a sequence ended (or that it has not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +97,8 @@ pub(crate) struct NewSeq {
     pub shared: Arc<SeqShared>,
     /// Chained hashes of the prompt's full blocks.
     pub hashes: Vec<u64>,
+    /// The prompt's token ids, for KV events (empty when they are off).
+    pub token_ids: Vec<u32>,
     /// Tokens to generate.
     pub output_tokens: u32,
     /// True when `output_tokens` is the request's `max_tokens` (finish `length`).
@@ -190,12 +193,21 @@ pub(crate) struct Engine {
     pub e2e: Histogram,
     /// When each client-disconnect abort happened.
     pub aborted_at: Vec<Instant>,
+    /// Adapter names by index, for KV events.
+    lora_names: Vec<String>,
 }
 
 impl Engine {
+    #[cfg(test)]
     pub(crate) fn new(p: EngineParams) -> Self {
+        Self::with_events(p, None, Vec::new())
+    }
+
+    /// An engine whose cache sends its changes to `events` (see `kv.rs`).
+    pub(crate) fn with_events(p: EngineParams, events: EventSink, lora_names: Vec<String>) -> Self {
         Engine {
-            kv: BlockPool::new(p.num_gpu_blocks, p.block_size),
+            kv: BlockPool::new(p.num_gpu_blocks, p.block_size, events),
+            lora_names,
             p,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -331,7 +343,7 @@ impl Engine {
             }
             seq.scheduled = n;
             budget -= n;
-            Self::register_full_blocks(&mut self.kv, seq, bs);
+            Self::register_full_blocks(&mut self.kv, seq, bs, &self.lora_names);
             scheduled_any = true;
             i += 1;
         }
@@ -396,7 +408,7 @@ impl Engine {
             prefill += u64::from(n);
             seq.scheduled = n;
             budget -= n;
-            Self::register_full_blocks(&mut self.kv, seq, bs);
+            Self::register_full_blocks(&mut self.kv, seq, bs, &self.lora_names);
             scheduled_any = true;
             if let Some(seq) = self.waiting.remove(wi) {
                 self.running.push(seq);
@@ -419,10 +431,18 @@ impl Engine {
         Some(self.p.step_us(prefill, decode_seqs, decode_ctx, lora_loads))
     }
 
-    fn register_full_blocks(kv: &mut BlockPool, seq: &mut Seq, bs: u32) {
+    fn register_full_blocks(kv: &mut BlockPool, seq: &mut Seq, bs: u32, lora_names: &[String]) {
         let upto = (((seq.num_computed + seq.scheduled) / bs) as usize).min(seq.new.hashes.len());
         if upto > seq.registered {
-            kv.register(&seq.blocks, &seq.new.hashes, seq.registered, upto);
+            let tokens = BlockTokens {
+                token_ids: &seq.new.token_ids,
+                lora_name: seq
+                    .new
+                    .lora
+                    .and_then(|a| lora_names.get(usize::from(a)))
+                    .map(String::as_str),
+            };
+            kv.register(&seq.blocks, &seq.new.hashes, seq.registered, upto, tokens);
             seq.registered = upto;
         }
     }
@@ -553,6 +573,11 @@ impl Engine {
         self.kv.reset_prefix_cache();
     }
 
+    /// Every prefix hash the cache holds.
+    pub(crate) fn cached_hashes(&self) -> Vec<u64> {
+        self.kv.cached_hashes()
+    }
+
     pub(crate) fn snapshot(&self) -> EngineSnapshot {
         let mut running_loras: Vec<u16> = self.running.iter().filter_map(|s| s.new.lora).collect();
         running_loras.sort_unstable();
@@ -625,6 +650,7 @@ mod tests {
         engine.submit(NewSeq {
             shared: shared.clone(),
             hashes,
+            token_ids: Vec::new(),
             output_tokens: out,
             hits_max_tokens: true,
             lora: None,
@@ -771,6 +797,7 @@ mod tests {
             e.submit(NewSeq {
                 shared: s.clone(),
                 hashes: vec![],
+                token_ids: Vec::new(),
                 output_tokens: 4,
                 hits_max_tokens: true,
                 lora: Some(lora),

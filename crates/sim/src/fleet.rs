@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 use super::clock::Clock;
 use super::config::{Faults, FleetConfig};
 use super::error::SimError;
+use super::publish;
 use super::replica::{Replica, ReplicaStats};
 use super::serve::accept_loop;
 
@@ -64,6 +65,28 @@ impl ReplicaHandle {
     /// Restarts after a crash (empty cache; the model load delay applies).
     pub fn restart(&self) {
         self.inner.restart()
+    }
+    /// The bound KV-event ports (publish, replay) when events are on.
+    pub fn kv_event_ports(&self) -> Option<(u16, Option<u16>)> {
+        self.inner.kv_ports.get().copied()
+    }
+    /// Every prefix hash the replica's cache holds (what its KV events describe).
+    pub fn cached_block_hashes(&self) -> Vec<u64> {
+        self.inner.cached_hashes()
+    }
+    /// Numbers and buffers the next `n` KV-event batches without sending
+    /// them (a lossy link: the subscriber sees a gap and must replay).
+    pub fn drop_next_kv_events(&self, n: u32) {
+        self.inner
+            .kv_drop_next
+            .store(n, std::sync::atomic::Ordering::Release);
+    }
+    /// While true the KV-event publisher sends nothing and answers no replay
+    /// (events are still numbered and buffered, as behind a partition).
+    pub fn set_kv_events_silent(&self, silent: bool) {
+        self.inner
+            .kv_silent
+            .store(silent, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -156,7 +179,21 @@ pub async fn start_fleet(cfg: FleetConfig) -> Result<Fleet, SimError> {
         let addr = listener
             .local_addr()
             .map_err(|source| SimError::Bind { addr: want, source })?;
-        let rep = Arc::new(Replica::new(i, addr, cfg.clone()));
+        let (sink, events) = match &cfg.kv_events {
+            Some(ev) => {
+                let sockets = publish::bind(ev, cfg.host, i)
+                    .await
+                    .map_err(|e| SimError::Config(format!("kv events: {e}")))?;
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some((ev.clone(), sockets, rx)))
+            }
+            None => (None, None),
+        };
+        let rep = Arc::new(Replica::new(i, addr, cfg.clone(), sink));
+        if let Some((ev, sockets, rx)) = events {
+            let _ = rep.kv_ports.set((sockets.port, sockets.replay_port));
+            tasks.push(tokio::spawn(publish::run(rep.clone(), ev, sockets, rx)));
+        }
         tasks.push(tokio::spawn(accept_loop(rep.clone(), listener)));
         replicas.push(ReplicaHandle { inner: rep });
     }

@@ -387,10 +387,17 @@ async fn generate(rep: &Arc<Replica>, kind: ApiKind, req: Request<Incoming>) -> 
         tokenizer::model_seed(&model_name),
         usize::MAX,
     );
+    // Token ids only matter to KV events (BlockStored carries them).
+    let token_ids = if rep.cfg.kv_events.is_some() {
+        tokenizer::token_ids(&text)
+    } else {
+        Vec::new()
+    };
     let shared = Arc::new(SeqShared::new(rep.next_seq_id(), prompt_tokens));
     lock(&rep.engine).submit(NewSeq {
         shared: shared.clone(),
         hashes,
+        token_ids,
         output_tokens,
         hits_max_tokens: output_tokens == max_tokens,
         lora,

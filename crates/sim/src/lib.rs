@@ -6,11 +6,12 @@
 //! metric names, LoRA slots and injectable faults. docs/sim.md describes the
 //! model and the profiles' sources.
 //!
-//! Modules, each depending only on those before it: `config` (what a fleet
-//! is), `error`, `kv` (block pool + prefix cache), `histogram` and `engine`
+//! Modules, each depending only on those before it: `events` (vLLM KV-event
+//! settings, the cache's events and their msgpack encoding), `config` (what
+//! a fleet is), `error`, `kv` (block pool + prefix cache, raising events), `histogram` and `engine`
 //! (the scheduler, clock-free), `metrics` (Prometheus text), `replica`
 //! (run-time state and faults), `clock` (one thread pacing every replica's
-//! steps), `wire` and `body` (framing, streamed responses, disconnect =
+//! steps), `publish` (the KV events' ZMQ publisher and replay socket), `wire` and `body` (framing, streamed responses, disconnect =
 //! abort), `http` (the API surface), `serve` (listener and connections),
 //! `fleet` (start/stop in-process), `cli` (`infergate sim`). Only the items
 //! re-exported below are public.
@@ -21,11 +22,13 @@ mod clock;
 mod config;
 mod engine;
 mod error;
+mod events;
 mod fleet;
 mod histogram;
 mod http;
 mod kv;
 mod metrics;
+mod publish;
 mod replica;
 mod serve;
 mod wire;
@@ -34,5 +37,6 @@ pub use cli::{run, SimArgs};
 pub use config::{EngineParams, Faults, FleetConfig, OutputLen, Profile};
 pub use engine::Counters;
 pub use error::SimError;
+pub use events::{EventEncoding, KvEventsConfig};
 pub use fleet::{start_fleet, Fleet, ReplicaHandle};
 pub use replica::ReplicaStats;

@@ -4,7 +4,7 @@
 //! statistics tests read.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use super::config::{Faults, FleetConfig};
 use super::engine::{Counters, Engine, EngineSnapshot};
+use super::events::{CacheEvent, EventSink};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,10 +99,23 @@ pub(crate) struct Replica {
     pub(crate) http_requests: AtomicU64,
     pub(crate) generation_requests: AtomicU64,
     pub created_unix: u64,
+    /// Where the engine's cache changes go (KV events on).
+    kv_sink: EventSink,
+    /// KV-event batches to number and buffer but not send (a lossy link).
+    pub(crate) kv_drop_next: AtomicU32,
+    /// The KV-event publisher sends nothing and answers no replay.
+    pub(crate) kv_silent: AtomicBool,
+    /// Bound KV-event ports (publish, replay), once bound.
+    pub(crate) kv_ports: OnceLock<(u16, Option<u16>)>,
 }
 
 impl Replica {
-    pub(crate) fn new(index: usize, addr: SocketAddr, cfg: Arc<FleetConfig>) -> Self {
+    pub(crate) fn new(
+        index: usize,
+        addr: SocketAddr,
+        cfg: Arc<FleetConfig>,
+        kv_sink: EventSink,
+    ) -> Self {
         let faults = cfg.faults.clone();
         let ready_at = Instant::now() + cfg.wall_ms(faults.load_delay_ms);
         let control = Control {
@@ -111,7 +125,11 @@ impl Replica {
         Replica {
             index,
             addr,
-            engine: Mutex::new(Engine::new(cfg.params.clone())),
+            engine: Mutex::new(Engine::with_events(
+                cfg.params.clone(),
+                kv_sink.clone(),
+                cfg.lora_adapters.clone(),
+            )),
             clock: OnceLock::new(),
             faults: Mutex::new(FaultState {
                 faults,
@@ -127,6 +145,10 @@ impl Replica {
             http_requests: AtomicU64::new(0),
             generation_requests: AtomicU64::new(0),
             created_unix: unix_now(),
+            kv_sink,
+            kv_drop_next: AtomicU32::new(0),
+            kv_silent: AtomicBool::new(false),
+            kv_ports: OnceLock::new(),
             cfg,
         }
     }
@@ -218,7 +240,18 @@ impl Replica {
             fs.counted = 0;
             fs.ready_at = Instant::now() + self.cfg.wall_ms(fs.faults.load_delay_ms);
         }
-        *lock(&self.engine) = Engine::new(self.cfg.params.clone());
+        {
+            let mut engine = lock(&self.engine);
+            // The old cache's last events must not be numbered after the restart.
+            if let Some(tx) = &self.kv_sink {
+                let _ = tx.send(CacheEvent::Restarted);
+            }
+            *engine = Engine::with_events(
+                self.cfg.params.clone(),
+                self.kv_sink.clone(),
+                self.cfg.lora_adapters.clone(),
+            );
+        }
         self.control.send_modify(|c| c.crashed = false);
     }
 
@@ -235,6 +268,11 @@ impl Replica {
                 "client went away: sequence aborted"
             );
         }
+    }
+
+    /// Every prefix hash the engine's cache holds.
+    pub(crate) fn cached_hashes(&self) -> Vec<u64> {
+        lock(&self.engine).cached_hashes()
     }
 
     pub(crate) fn snapshot(&self) -> EngineSnapshot {

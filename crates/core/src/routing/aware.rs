@@ -3,8 +3,10 @@
 //!
 //! For each request it builds one [`Candidate`] per allowed replica from three
 //! sources: the gateway's own accounting (always current), the replica's last
-//! scrape (unknown or stale = saturated) and the approximate prefix index (how
-//! many leading blocks of this prompt were recently sent there). It then runs
+//! scrape (unknown or stale = saturated) and a prefix index: the precise one
+//! (`kv_events`, what the engine itself reported caching) for replicas whose
+//! event stream is live, else the approximate one (how many leading blocks of
+//! this prompt were recently sent there). It then runs
 //! the configured filters and weighted scorers (a [`Pipeline`] built from the
 //! registry), takes the best score (ties broken by rendezvous weight, so
 //! independent gateways agree), records the prompt's blocks for the chosen
@@ -31,6 +33,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::config::{FilterName, RoutingConfig};
 use super::framework::{Candidate, Ctx};
+use super::kv_events::{key_seed, KvEventsConfig, PreciseIndex};
 use super::pipeline::{FilterOutcome, Pipeline};
 use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
@@ -55,6 +58,8 @@ pub(super) struct Decision {
 pub(super) struct CandidateView {
     pub replica: Arc<str>,
     pub matched_blocks: u32,
+    /// Which index answered `matched_blocks`: "precise" or "approximate".
+    pub prefix_index: &'static str,
     pub est_ttft_ms: f64,
     pub load_requests: f64,
     pub placement_load: f64,
@@ -76,6 +81,8 @@ pub struct InferenceAware {
     cfg: RoutingConfig,
     pipeline: Pipeline,
     index: PrefixIndex,
+    /// The precise index, when `routing.kv_events` is set.
+    precise: Option<Arc<PreciseIndex>>,
     /// EWMA of uncached prompt tokens per request (f64 bits).
     mean_uncached: AtomicU64,
     decisions: Mutex<VecDeque<Arc<Decision>>>,
@@ -97,6 +104,10 @@ impl InferenceAware {
     pub fn new(cfg: RoutingConfig) -> Self {
         InferenceAware {
             pipeline: Pipeline::new(&cfg.filters, &cfg.scorers),
+            precise: cfg
+                .kv_events
+                .as_ref()
+                .map(|_| Arc::new(PreciseIndex::new())),
             cfg,
             index: PrefixIndex::new(),
             mean_uncached: AtomicU64::new(0f64.to_bits()),
@@ -108,6 +119,11 @@ impl InferenceAware {
 
     pub fn index(&self) -> &PrefixIndex {
         &self.index
+    }
+
+    /// The precise index (`routing.kv_events` set).
+    pub fn precise_index(&self) -> Option<&Arc<PreciseIndex>> {
+        self.precise.as_ref()
     }
 
     fn block_size(&self) -> u32 {
@@ -132,9 +148,9 @@ impl InferenceAware {
     #[cfg(test)]
     fn cached_prompt_tokens(&self, replicas: &[Arc<Replica>], req: &RouteRequest<'_>) -> Vec<u64> {
         let hashes = self.hashes(req);
-        self.matched_blocks(replicas, &hashes)
+        self.matched_blocks(replicas, req, &hashes)
             .into_iter()
-            .map(|blocks| self.cached_tokens(blocks, req))
+            .map(|m| self.cached_tokens(m.blocks, req))
             .collect()
     }
 
@@ -146,15 +162,43 @@ impl InferenceAware {
     }
 
     /// Leading blocks of `hashes` each of `replicas` holds (same order): one
-    /// lookup in the prefix index.
-    fn matched_blocks(&self, replicas: &[Arc<Replica>], hashes: &[u64]) -> Vec<u32> {
-        let mut matched = vec![0; replicas.len()];
+    /// lookup in the approximate index, then one in the precise index, whose
+    /// answer replaces it for each replica whose events are live (converted
+    /// from the engine's block size to ours).
+    fn matched_blocks(
+        &self,
+        replicas: &[Arc<Replica>],
+        req: &RouteRequest<'_>,
+        hashes: &[u64],
+    ) -> Vec<Matched> {
+        let mut matched = vec![Matched::default(); replicas.len()];
+        let position =
+            |key: &Arc<str>| replicas.iter().position(|r| same_key(&r.endpoint.key, key));
         self.index
             .longest_prefix(hashes, &mut |key: &Arc<str>, blocks: u32| {
-                if let Some(i) = replicas.iter().position(|r| same_key(&r.endpoint.key, key)) {
-                    matched[i] = blocks;
+                if let Some(i) = position(key) {
+                    matched[i].blocks = blocks;
                 }
             });
+        if let Some(precise) = &self.precise {
+            let engine_bs = precise.block_size() as usize;
+            let bs = self.block_size() as usize;
+            // The same token horizon as the approximate index; no block size
+            // known yet (no event): no keys, every live replica matches 0.
+            let keys = match (self.cfg.prefix.max_blocks as usize * bs).checked_div(engine_bs) {
+                Some(max) => req.token_block_keys(engine_bs, key_seed(req.lora), max),
+                None => Cow::Borrowed(&[][..]),
+            };
+            precise.longest_prefix(&keys, |key, engine_blocks| {
+                if let Some(i) = position(key) {
+                    let ours = (engine_blocks as usize * engine_bs / bs).min(hashes.len());
+                    matched[i] = Matched {
+                        blocks: ours as u32,
+                        precise: true,
+                    };
+                }
+            });
+        }
         matched
     }
 
@@ -171,7 +215,7 @@ impl InferenceAware {
         exclude: &[Arc<str>],
     ) -> Option<(usize, u32)> {
         let hashes = self.hashes(req);
-        let matched = self.matched_blocks(replicas, &hashes);
+        let matched = self.matched_blocks(replicas, req, &hashes);
         self.decide(replicas, req, exclude, &hashes, &matched)
     }
 
@@ -193,7 +237,7 @@ impl InferenceAware {
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
         hashes: &[u64],
-        matched: &[u32],
+        matched: &[Matched],
     ) -> Option<(usize, u32)> {
         let bs = self.block_size();
         let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
@@ -318,7 +362,7 @@ impl InferenceAware {
         replicas: &[Arc<Replica>],
         req: &RouteRequest<'_>,
         exclude: &[Arc<str>],
-        matched: &[u32],
+        matched: &[Matched],
         ctx: &Ctx<'_>,
     ) -> Vec<Candidate> {
         let now = Instant::now();
@@ -377,7 +421,8 @@ impl InferenceAware {
             };
             out.push(Candidate {
                 idx,
-                matched_blocks: matched[idx],
+                matched_blocks: matched[idx].blocks,
+                precise: matched[idx].precise,
                 uncached_tokens: req.prompt_tokens,
                 fresh,
                 saturated,
@@ -430,6 +475,7 @@ impl InferenceAware {
                 .map(|c| CandidateView {
                     replica: replicas[c.idx].endpoint.key.clone(),
                     matched_blocks: c.matched_blocks,
+                    prefix_index: if c.precise { "precise" } else { "approximate" },
                     est_ttft_ms: c.est_ttft_ms,
                     load_requests: c.load_requests,
                     placement_load: c.placement_load,
@@ -515,8 +561,11 @@ fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
         None => "no filter applied".into(),
     };
     format!(
-        "{by}; best score {:.3} among the rest (est TTFT {:.1} ms, {} cached blocks)",
-        chosen.score, chosen.est_ttft_ms, chosen.matched_blocks
+        "{by}; best score {:.3} among the rest (est TTFT {:.1} ms, {} cached blocks by the {} index)",
+        chosen.score,
+        chosen.est_ttft_ms,
+        chosen.matched_blocks,
+        if chosen.precise { "precise" } else { "approximate" }
     )
 }
 
@@ -554,11 +603,13 @@ impl Picker for InferenceAware {
         fits: &Fits<'_>,
     ) -> Option<LoadGuard> {
         let hashes = self.hashes(req);
-        let mut matched = self.matched_blocks(replicas, &hashes);
+        let mut matched = self.matched_blocks(replicas, req, &hashes);
         // The replicas that fit, with their matches, in their order.
         let mut fitting = Vec::with_capacity(replicas.len());
         for (i, r) in replicas.iter().enumerate() {
-            if !super::is_excluded(r, exclude) && fits(r, self.cached_tokens(matched[i], req)) {
+            if !super::is_excluded(r, exclude)
+                && fits(r, self.cached_tokens(matched[i].blocks, req))
+            {
                 matched[fitting.len()] = matched[i];
                 fitting.push(r.clone());
             }
@@ -579,6 +630,9 @@ impl Picker for InferenceAware {
         if let Some(obj) = v.as_object_mut() {
             obj.insert("policy".into(), json!("inference_aware"));
             obj.insert("index".into(), json!(self.index.stats()));
+            if let Some(p) = &self.precise {
+                obj.insert("precise_index".into(), json!(p.stats()));
+            }
             obj.insert(
                 "decisions".into(),
                 json!(self.total_decisions.load(Ordering::Relaxed)),
@@ -607,6 +661,17 @@ impl Picker for InferenceAware {
             })
             .collect()
     }
+
+    fn kv_events(&self) -> Option<(Arc<PreciseIndex>, KvEventsConfig)> {
+        Some((self.precise.clone()?, self.cfg.kv_events.clone()?))
+    }
+}
+
+/// Leading prompt blocks a replica holds, and whether the precise index said so.
+#[derive(Debug, Clone, Copy, Default)]
+struct Matched {
+    blocks: u32,
+    precise: bool,
 }
 
 /// Per replica: own load, last signals and (for the aware picker) indexed
@@ -638,6 +703,11 @@ pub(super) fn replicas_view(
                     json!(routability == Routability::Routable),
                 );
                 obj.insert("indexed_blocks".into(), json!(a.index.replica_blocks(r.key())));
+                let precise = a.precise.as_ref().is_some_and(|p| p.is_live(r.key()));
+                obj.insert(
+                    "prefix_index".into(),
+                    json!(if precise { "precise" } else { "approximate" }),
+                );
                 let last_score = last
                     .as_ref()
                     .and_then(|d| d.candidates.iter().find(|c| &*c.replica == r.key()));

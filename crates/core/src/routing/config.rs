@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::kv_events::KvEventsConfig;
 pub(crate) use super::policy_config::{RendezvousConfig, SaturationConfig, StickyConfig};
 pub(crate) use super::registry::{FilterName, ScorerName};
 
@@ -29,6 +30,9 @@ pub struct RoutingConfig {
     pub policy: PolicyName,
     pub scrape: ScrapeConfig,
     pub prefix: PrefixConfig,
+    /// Follow the replicas' KV-cache events for a precise prefix index
+    /// (absent = the approximate index only).
+    pub kv_events: Option<KvEventsConfig>,
     pub saturation: SaturationConfig,
     pub sticky: StickyConfig,
     pub rendezvous: RendezvousConfig,
@@ -49,6 +53,7 @@ impl Default for RoutingConfig {
             policy: PolicyName::default(),
             scrape: ScrapeConfig::default(),
             prefix: PrefixConfig::default(),
+            kv_events: None,
             saturation: SaturationConfig::default(),
             sticky: StickyConfig::default(),
             rendezvous: RendezvousConfig::default(),
@@ -157,5 +162,13 @@ mod tests {
         let c: RoutingConfig = serde_yaml_ng::from_str("policy: default").unwrap();
         assert_eq!(c.policy, PolicyName::InferenceAware);
         assert!(serde_yaml_ng::from_str::<RoutingConfig>("polcy: random").is_err());
+        let c: RoutingConfig =
+            serde_yaml_ng::from_str("kv_events: {port: 5557, replay_port: 5558}").unwrap();
+        let ev = c.kv_events.unwrap();
+        assert_eq!(
+            (ev.port, ev.replay_port, ev.stale_after_ms),
+            (5557, Some(5558), 5000)
+        );
+        assert!(serde_yaml_ng::from_str::<RoutingConfig>("kv_events: {prot: 1}").is_err());
     }
 }

@@ -15,6 +15,9 @@ pub(super) struct Candidate {
     /// Index into the replica slice.
     pub idx: usize,
     pub matched_blocks: u32,
+    /// `matched_blocks` came from the replica's own KV events (else from
+    /// the approximate index).
+    pub precise: bool,
     pub uncached_tokens: u32,
     /// Signals fresh (or scraping disabled).
     pub fresh: bool,
@@ -117,6 +120,7 @@ pub(crate) mod test_support {
         Candidate {
             idx,
             matched_blocks: 0,
+            precise: false,
             uncached_tokens: 0,
             fresh: true,
             saturated: false,

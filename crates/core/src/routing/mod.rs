@@ -4,7 +4,8 @@
 //! about the request ([`RouteRequest`]) and the replicas already tried (a retry
 //! never goes back to a replica that just failed). Pickers are chosen per pool
 //! from the config: the inference-aware default (`aware`: replica signals from
-//! [`scrape`], the approximate `prefix_index`, and the filters and scorers of
+//! [`scrape`], the approximate `prefix_index` or, where the engines publish
+//! KV-cache events, the precise index of [`kv_events`], and the filters and scorers of
 //! `filters/` and `scorers/`, registered by name in `registry`, run by
 //! `pipeline`) or a simple one (`simple`).
 //!
@@ -17,6 +18,7 @@ mod aware;
 pub(crate) mod config;
 mod filters;
 mod framework;
+pub mod kv_events;
 mod pipeline;
 mod policy_config;
 mod prefix_index;
@@ -55,10 +57,14 @@ pub struct RouteRequest<'a> {
 }
 
 /// A request's prompt block hashes with the (block size, most blocks) they
-/// were computed for: a queued request tries again, a retry places it anew;
-/// all of them reuse one hashing of the prompt.
+/// were computed for, and its token-block keys for the precise index with
+/// (block size, seed, most blocks): a queued request tries again, a retry
+/// places it anew; all of them reuse one hashing of the prompt.
 #[derive(Debug, Clone, Default)]
-pub struct PromptHashes(OnceLock<(usize, usize, Vec<u64>)>);
+pub struct PromptHashes {
+    text: OnceLock<(usize, usize, Vec<u64>)>,
+    tokens: OnceLock<(usize, u64, usize, Vec<u64>)>,
+}
 
 impl RouteRequest<'_> {
     /// The estimated total cost of the request in tokens (prompt + expected output).
@@ -80,10 +86,43 @@ impl RouteRequest<'_> {
         };
         let (bs, max, hashes) = self
             .hashes
-            .0
+            .text
             .get_or_init(|| (block_size, max_blocks, compute()));
         if (*bs, *max) == (block_size, max_blocks) {
             Cow::Borrowed(hashes)
+        } else {
+            Cow::Owned(compute())
+        }
+    }
+
+    /// The prompt's token-block keys (`tokenizer::for_each_token_block_key`)
+    /// for the precise index: computed on first use, reused like
+    /// [`block_hashes`](Self::block_hashes).
+    pub fn token_block_keys(
+        &self,
+        block_size: usize,
+        seed: u64,
+        max_blocks: usize,
+    ) -> Cow<'_, [u64]> {
+        let compute = || {
+            let mut keys = Vec::with_capacity(
+                (self.prompt_tokens as usize / block_size.max(1)).min(max_blocks),
+            );
+            tokenizer::for_each_token_block_key(self.prompt_text, block_size, seed, |k| {
+                if keys.len() >= max_blocks {
+                    return false;
+                }
+                keys.push(k);
+                true
+            });
+            keys
+        };
+        let (bs, sd, max, keys) = self
+            .hashes
+            .tokens
+            .get_or_init(|| (block_size, seed, max_blocks, compute()));
+        if (*bs, *sd, *max) == (block_size, seed, max_blocks) {
+            Cow::Borrowed(keys)
         } else {
             Cow::Owned(compute())
         }
@@ -145,6 +184,12 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
     /// brief (request id, chosen replica, reason, prompt and cached tokens).
     fn recent_decisions(&self, _n: usize) -> Vec<serde_json::Value> {
         Vec::new()
+    }
+
+    /// The precise prefix index this picker routes by, and where its
+    /// replicas publish their KV events (`routing.kv_events`).
+    fn kv_events(&self) -> Option<(Arc<kv_events::PreciseIndex>, kv_events::KvEventsConfig)> {
+        None
     }
 }
 

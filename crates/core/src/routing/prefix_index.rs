@@ -26,7 +26,7 @@ const NIL: u32 = u32::MAX;
 
 /// Block hashes are already uniform (xxh3): use them as their own hash.
 #[derive(Default)]
-struct IdentityHasher(u64);
+pub(super) struct IdentityHasher(u64);
 impl Hasher for IdentityHasher {
     fn finish(&self) -> u64 {
         self.0
@@ -40,7 +40,9 @@ impl Hasher for IdentityHasher {
         self.0 = n;
     }
 }
-type BlockMap = HashMap<u64, u32, BuildHasherDefault<IdentityHasher>>;
+/// A map keyed by an already-uniform u64 hash (also the precise index's).
+pub(super) type U64Map<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+type BlockMap = U64Map<u32>;
 
 #[derive(Debug, Clone, Copy)]
 struct Node {

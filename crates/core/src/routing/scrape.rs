@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use super::config::ScrapeConfig;
+use super::kv_events::{self, KvEventsHandle, PreciseIndex};
 use super::signals::{self, Signals};
 use super::Picker;
 
@@ -75,6 +76,8 @@ struct PoolScraper {
     cfg: ScrapeConfig,
     pickers: PickerSet,
     _handle: Option<ScrapeHandle>,
+    /// The KV-event subscribers feeding each picker's precise index.
+    kv: Vec<(Arc<PreciseIndex>, KvEventsHandle)>,
 }
 
 impl Scrapers {
@@ -88,7 +91,8 @@ impl Scrapers {
         for (pool, cfg, pickers) in pools {
             let name = pool.name.clone();
             match self.by_pool.remove(&name) {
-                Some(s) if Arc::ptr_eq(&s.pool, &pool) && s.cfg == cfg => {
+                Some(mut s) if Arc::ptr_eq(&s.pool, &pool) && s.cfg == cfg => {
+                    s.kv = sync_kv_events(&pool, &pickers, std::mem::take(&mut s.kv), runtime);
                     s.pickers.store(Arc::new(pickers));
                     next.insert(name, s);
                 }
@@ -99,6 +103,7 @@ impl Scrapers {
                     } else {
                         None
                     };
+                    let kv = sync_kv_events(&pool, &set.load(), Vec::new(), runtime);
                     next.insert(
                         name,
                         PoolScraper {
@@ -106,6 +111,7 @@ impl Scrapers {
                             cfg,
                             pickers: set,
                             _handle: handle,
+                            kv,
                         },
                     );
                 }
@@ -113,6 +119,28 @@ impl Scrapers {
         }
         self.by_pool = next;
     }
+}
+
+/// The KV-event subscribers for `pickers`' precise indexes: the running ones
+/// kept (same index object), new ones started, the others stopped.
+fn sync_kv_events(
+    pool: &Arc<Pool>,
+    pickers: &[Arc<dyn Picker>],
+    mut running: Vec<(Arc<PreciseIndex>, KvEventsHandle)>,
+    runtime: bool,
+) -> Vec<(Arc<PreciseIndex>, KvEventsHandle)> {
+    let mut next = Vec::new();
+    for (index, cfg) in pickers.iter().filter_map(|p| p.kv_events()) {
+        match running.iter().position(|(i, _)| Arc::ptr_eq(i, &index)) {
+            Some(at) => next.push(running.swap_remove(at)),
+            None if runtime => {
+                let handle = kv_events::follow_pool(pool.clone(), index.clone(), cfg);
+                next.push((index, handle));
+            }
+            None => {}
+        }
+    }
+    next
 }
 
 /// Aborts the replica loops it owns when the supervisor itself is aborted.
