@@ -190,6 +190,7 @@ pub fn quickstart_banner(handle: &infergate_proxy::ServerHandle, replicas: &[Str
     format!(
         r#"infergate is up.
   OpenAI API: {url}/v1   (model "{model}")
+  status:     {admin}/   (live status page, open it in a browser)
   admin:      {admin}/metrics  {admin}/routes  {admin}/readyz
   replicas:   {replicas} (simulated, vLLM-like)
 
