@@ -214,8 +214,14 @@ fn format_text(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
     write_timestamp(out, now);
     let _ = write!(
         out,
-        "  INFO infergate::access: request request_id={} model={} route={} replica={} status={} outcome={} prompt_tokens={} completion_tokens={}",
-        l.request_id, l.model, l.route, l.replica, l.status, l.outcome, l.prompt_tokens, l.completion_tokens
+        "  INFO infergate::access: request request_id={} model=",
+        l.request_id
+    );
+    push_text_value(out, l.model);
+    let _ = write!(
+        out,
+        " route={} replica={} status={} outcome={} prompt_tokens={} completion_tokens={}",
+        l.route, l.replica, l.status, l.outcome, l.prompt_tokens, l.completion_tokens
     );
     if let Some(id) = l.client_request_id {
         let _ = write!(out, " client_request_id={id}");
@@ -227,6 +233,17 @@ fn format_text(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
     out.push_str(" duration_ms=");
     write_ms(out, l.duration);
     let _ = writeln!(out, " attempts={}", l.attempts);
+}
+
+/// A client-chosen value in a text line: as is when it is one plain word,
+/// else quoted with Rust's escapes, so a newline or a quote in it cannot
+/// start a forged line or field.
+fn push_text_value(out: &mut String, v: &str) {
+    if !v.is_empty() && v.chars().all(|c| c.is_ascii_graphic() && c != '"') {
+        out.push_str(v);
+    } else {
+        let _ = write!(out, "{v:?}");
+    }
 }
 
 fn format_json(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
@@ -324,6 +341,21 @@ mod tests {
         assert!(s.starts_with("1970-01-01T00:00:00.000000Z  INFO infergate::access: request "));
         assert!(s.contains(" status=200 outcome=ok "));
         assert!(s.contains(" ttft_ms=1.234 duration_ms=20.005 attempts=1\n"));
+    }
+
+    #[test]
+    fn a_client_model_name_cannot_forge_a_text_line() {
+        let mut l = line();
+        let forged = "m\n1970-01-01T00:00:00.000000Z  INFO infergate::access: request model=x";
+        l.model = forged;
+        let mut s = String::new();
+        format_text(&mut s, UNIX_EPOCH, &l);
+        assert_eq!(s.matches('\n').count(), 1, "one line: {s}");
+        assert!(s.contains(r#" model="m\n1970"#), "{s}");
+        let mut plain = String::new();
+        l.model = "meta-llama/Llama-3.1-8B";
+        format_text(&mut plain, UNIX_EPOCH, &l);
+        assert!(plain.contains(" model=meta-llama/Llama-3.1-8B route="));
     }
 
     #[test]
