@@ -310,3 +310,34 @@ async fn many_maximum_size_bodies_stay_within_the_memory_bound() {
         assert!(grown < BOUND_KIB, "peak RSS grew {grown} KiB");
     }
 }
+
+/// A listener holds at most `limits.max_connections` connections: one more
+/// is closed at once (never queued unseen), and a freed slot serves again.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let up = mini_upstream("a", Behaviour::Echo).await;
+    let mut c = config(&[up.url()], "");
+    c.limits.max_connections = 2;
+    let gw = gateway(c).await;
+    let addr = gw.url().trim_start_matches("http://").to_string();
+    let held: Vec<tokio::net::TcpStream> = vec![
+        tokio::net::TcpStream::connect(&addr).await.unwrap(),
+        tokio::net::TcpStream::connect(&addr).await.unwrap(),
+    ];
+    // Let the accept loop count both.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("the extra connection is closed, not left open");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed at once: {read:?}"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, _) = complete(&gw.url()).await;
+    assert_eq!(status, 200, "a freed slot serves again");
+}
