@@ -332,12 +332,44 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
         .await
         .expect("the extra connection is closed, not left open");
-    assert!(
-        matches!(read, Ok(0) | Err(_)),
-        "closed at once: {read:?}"
-    );
+    assert!(matches!(read, Ok(0) | Err(_)), "closed at once: {read:?}");
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, _, _) = complete(&gw.url()).await;
     assert_eq!(status, 200, "a freed slot serves again");
+}
+
+/// HTTP/2 clients see the configured stream limit in the server's SETTINGS
+/// (`limits.http2_max_concurrent_streams`), so one connection cannot open
+/// streams without bound.
+#[tokio::test]
+async fn http2_advertises_the_configured_stream_limit() {
+    let up = mini_upstream("a", Behaviour::Echo).await;
+    let mut c = config(&[up.url()], "");
+    c.limits.http2_max_concurrent_streams = 7;
+    let gw = gateway(c).await;
+    let addr = gw.url().trim_start_matches("http://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    // One request and its answer: the server's SETTINGS have arrived by then.
+    let req = http::Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let exchange = async move {
+        let mut send = send.ready().await.unwrap();
+        let (resp, mut body) = send.send_request(req, false).unwrap();
+        body.send_data(
+            Bytes::from_static(br#"{"model":"m","prompt":"hi","max_tokens":1}"#),
+            true,
+        )
+        .unwrap();
+        resp.await.unwrap().status()
+    };
+    let status = tokio::select! {
+        s = exchange => s,
+        e = &mut conn => panic!("connection ended first: {e:?}"),
+    };
+    assert_eq!(status, 200);
+    assert_eq!(conn.max_concurrent_send_streams(), 7);
 }
