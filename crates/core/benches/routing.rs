@@ -68,39 +68,7 @@ fn bench(c: &mut Criterion) {
         hashes: Default::default(),
         ..req
     };
-    // ROUTING_COUNT=N: run N decisions (ROUTING_WHICH=explain or no_explain) and
-    // exit, for instruction counts under callgrind (subtract a run with N=0).
-    if let Some(n) = count_only {
-        let quiet = InferenceAware::new(RoutingConfig {
-            explain_buffer: 0,
-            ..RoutingConfig::default()
-        });
-        for p in &prompts {
-            let req = RouteRequest {
-                prompt_text: p,
-                prompt_tokens: tokenizer::count_tokens(p),
-                hashes: Default::default(),
-                ..req
-            };
-            black_box(quiet.pick(&rs, &req, &[]));
-        }
-        let explain = std::env::var("ROUTING_WHICH").as_deref() == Ok("explain");
-        for _ in 0..n {
-            if explain {
-                black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
-            } else {
-                black_box(quiet.pick_and_begin(&rs, black_box(&fresh()), &[]));
-            }
-        }
-        std::process::exit(0);
-    }
-    // Wall time is noisy on a shared machine: also report this thread's CPU time.
-    report_cpu_us("decision", 2_000, || {
-        black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
-    });
-    c.bench_function("decision_8k_tokens_64_replicas", |b| {
-        b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
-    });
+    // The same policy without explanations, warmed the same way.
     let quiet = InferenceAware::new(RoutingConfig {
         explain_buffer: 0,
         ..RoutingConfig::default()
@@ -114,6 +82,25 @@ fn bench(c: &mut Criterion) {
         };
         black_box(quiet.pick(&rs, &req, &[]));
     }
+    // ROUTING_COUNT=N: run N decisions (ROUTING_WHICH=explain or no_explain) and
+    // exit, for instruction counts under callgrind (subtract a run with N=0).
+    if let Some(n) = count_only {
+        let chosen = match std::env::var("ROUTING_WHICH").as_deref() {
+            Ok("explain") => &picker,
+            _ => &quiet,
+        };
+        for _ in 0..n {
+            black_box(chosen.pick_and_begin(&rs, black_box(&fresh()), &[]));
+        }
+        std::process::exit(0);
+    }
+    // Wall time is noisy on a shared machine: also report this thread's CPU time.
+    report_cpu_us("decision", 2_000, || {
+        black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
+    });
+    c.bench_function("decision_8k_tokens_64_replicas", |b| {
+        b.iter(|| black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[])))
+    });
     c.bench_function("decision_8k_tokens_64_replicas_no_explain", |b| {
         b.iter(|| black_box(quiet.pick_and_begin(&rs, black_box(&fresh()), &[])))
     });

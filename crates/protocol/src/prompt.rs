@@ -44,14 +44,19 @@ pub fn render_chat(messages: &[ChatMessage]) -> String {
             .sum(),
     );
     for m in messages {
-        out.push_str("<|");
-        out.push_str(&m.role);
-        out.push_str("|>\n");
-        push_content_text(&m.content, &mut out);
-        out.push('\n');
+        push_message(&m.role, &m.content, &mut out);
     }
     out.push_str("<|assistant|>\n");
     out
+}
+
+/// Appends one rendered message (`<|role|>\ncontent\n`) to `out`.
+pub fn push_message(role: &str, content: &Value, out: &mut String) {
+    out.push_str("<|");
+    out.push_str(role);
+    out.push_str("|>\n");
+    push_content_text(content, out);
+    out.push('\n');
 }
 
 /// Renders a Responses API request (`instructions` and `input`) as the chat

@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 
 use super::context::{ApiKind, RequestFeatures};
 use infergate_protocol::error::ApiError;
-use infergate_protocol::prompt::{push_content_text, render_pair, render_responses};
+use infergate_protocol::prompt::{push_message, render_pair, render_responses};
 use infergate_protocol::tokenizer::count_tokens;
 
 /// The subset of an OpenAI request body we read. Unknown fields are skipped
@@ -141,9 +141,8 @@ pub(crate) fn parse_features(kind: ApiKind, body: &[u8]) -> Result<RequestFeatur
         ApiKind::Messages => match value(probe.system)?.filter(|s| !s.is_null()) {
             // `render_anthropic`: the system prompt as the first message.
             Some(system) => {
-                let mut text = String::from("<|system|>\n");
-                push_content_text(&system, &mut text);
-                text.push('\n');
+                let mut text = String::new();
+                push_message("system", &system, &mut text);
                 text.push_str(chat.as_deref().unwrap_or("<|assistant|>\n"));
                 Some(text)
             }
@@ -472,6 +471,28 @@ impl<'de> Visitor<'de> for MessageVisitor<'_> {
     }
 }
 
+/// The visits of numbers, booleans and null for a visitor that renders
+/// nothing from them (its answer is `()`).
+macro_rules! skip_scalars {
+    () => {
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    };
+}
+
 /// A message's `content`: a string, or an array of parts of which the `text`
 /// string of object parts counts (as `protocol::prompt::push_content_text`).
 struct ContentVisitor<'o>(&'o mut String);
@@ -492,21 +513,7 @@ impl<'de> Visitor<'de> for ContentVisitor<'_> {
         push_capped(self.0, s);
         Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
+    skip_scalars!();
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element_seed(PartVisitor(self.0))?.is_some() {}
         Ok(())
@@ -536,21 +543,7 @@ impl<'de> Visitor<'de> for PartVisitor<'_> {
     fn visit_str<E>(self, _: &str) -> Result<(), E> {
         Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
+    skip_scalars!();
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(())
