@@ -292,11 +292,17 @@ done
 if (( IDLE_STREAMS <= 0 )); then echo "# logs and raw JSON: $RUN"; exit 0; fi
 echo
 echo "# idle streams: $IDLE_STREAMS open streaming requests through infergate"
-start_bg idle-upstream "$IG" sim --profile tiny --replicas 1 --base-port "$IDLE_UP_PORT" \
+# One replica per 1,000 streams: a replica takes at most 1,024 connections
+# (budget.max_connections_per_replica), so every stream holds its upstream side.
+IDLE_REPLICAS=$(( (IDLE_STREAMS + 999) / 1000 ))
+start_bg idle-upstream "$IG" sim --profile tiny --replicas "$IDLE_REPLICAS" --base-port "$IDLE_UP_PORT" \
   --time-scale 0.00001 --served-model-name "$MODEL"
-# No admission limit: every stream must reach the replica (the sim's KV-derived
+wait_http "http://127.0.0.1:$IDLE_UP_PORT/health"
+IDLE_ENDPOINTS=$(python3 -c "print(', '.join(f'\"http://127.0.0.1:{$IDLE_UP_PORT + i}\"' for i in range($IDLE_REPLICAS)))")
+# No token budget: every stream must reach a replica (the sim's KV-derived
 # token budget would queue most of them in the gateway, holding no upstream side).
-sed -e "s/$IG_PORT/$IDLE_IG_PORT/" -e "s/$IG_ADMIN/$IDLE_IG_ADMIN/" -e "s/$UP_PORT/$IDLE_UP_PORT/" \
+sed -e "s/$IG_PORT/$IDLE_IG_PORT/" -e "s/$IG_ADMIN/$IDLE_IG_ADMIN/" \
+  -e "s|endpoints: \[\"$UP\"\]|endpoints: [$IDLE_ENDPOINTS]|" \
   "$RUN/infergate.yaml" >"$RUN/idle.yaml"
 cat >>"$RUN/idle.yaml" <<YAML
     admission:

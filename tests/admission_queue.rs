@@ -308,3 +308,76 @@ async fn a_critical_request_may_go_past_the_request_cap_while_others_wait_at_the
     assert!(t_held <= t_std);
     drop(f);
 }
+
+/// The per-replica connection bound is admission capacity: streams beyond it
+/// wait in the pool's queue (its gauge shows them) and are then served, or
+/// are refused 429 `queue_full` once the queue is full (counted); none waits
+/// for an upstream connection where admission cannot see it.
+#[tokio::test]
+async fn streams_beyond_the_connection_bound_are_queued_or_refused_by_admission() {
+    let f = fleet("m", 1, 5.0).await;
+    let gw = gateway(&format!(
+        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_connections_per_replica: 3, tokens_per_replica: 1000000 }}\n      queue: {{ max_requests: 4 }}\n",
+        urls(&f)
+    ))
+    .await;
+    let c = client();
+    let replica = route(&gw, "m").pool.replicas()[0].clone();
+    // Three long streams hold the bound (about 300 ms each at this time scale).
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(hold(&c, &gw, "m", 1500).await);
+    }
+    // Four more wait in admission's queue, not for a connection.
+    let mut queued_streams = Vec::new();
+    for i in 0..4 {
+        let (c, gw_url) = (c.clone(), gw.url());
+        let body = completion("m", "beyond", 8, true);
+        queued_streams.push(tokio::spawn(async move {
+            let req = http::Request::post(format!("{gw_url}/v1/completions"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap();
+            let resp = c.request(req).await.unwrap();
+            let s = resp.status();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            s
+        }));
+        until("queued by admission", || queued(&gw, "m") == i + 1).await;
+    }
+    assert_eq!(replica.load.requests(), 3, "the bound holds in flight");
+    assert!(f.replica(0).stats().running + f.replica(0).stats().waiting <= 3);
+    let m = metrics(&c, &gw).await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("infergate_admission_queue_depth{pool=\"p\"} 4")),
+        "{m}"
+    );
+    // The queue is full: the next two are refused at once, with JSON and Retry-After.
+    for _ in 0..2 {
+        let (s, h, b) = post(&c, &gw, &completion("m", "refused", 8, true), &[]).await;
+        assert_eq!(s, 429);
+        assert!(h.contains_key("retry-after"));
+        assert_eq!(error_of(&b)["code"], "queue_full");
+    }
+    let m = metrics(&c, &gw).await;
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("infergate_admission_rejected_total{pool=\"p\",reason=\"queue_full\"} 2")),
+        "{m}"
+    );
+    // Everything admitted is served; nothing waited for a connection unseen.
+    for t in held.into_iter().chain(queued_streams) {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    until("released", || {
+        replica.load.requests() == 0 && queued(&gw, "m") == 0
+    })
+    .await;
+    let m = metrics(&c, &gw).await;
+    assert!(
+        !m.contains("infergate_upstream_connection_waits_total"),
+        "{m}"
+    );
+    assert!(m.contains("infergate_admission_queue_wait_seconds"), "{m}");
+}

@@ -174,9 +174,11 @@ pub struct RelayBody {
     last_frame: Option<Instant>,
     usage: UsageCounter,
     stream_metrics: Option<std::sync::Arc<PairMetrics>>,
-    guard: Option<Reservation>,
-    /// The replica connection permit (see `upstream::MAX_CONNECTIONS_PER_REPLICA`).
+    /// The replica connection permit (see `upstream`), declared before the
+    /// reservation so it is dropped first: the waiter that the reservation's
+    /// release admits finds the connection free.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    guard: Option<Reservation>,
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,

@@ -79,6 +79,11 @@ impl Budget {
             1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
         };
         let load = &replica.load;
+        // The connection bound holds for every band: beyond it a request
+        // would wait for a connection where admission cannot see it.
+        if load.requests() >= self.cfg.max_connections_per_replica {
+            return false;
+        }
         if let Some(max) = self.cfg.max_requests_per_replica {
             let mut max = ((max as f64 * share).floor() as u64).max(1);
             if critical {
@@ -339,6 +344,26 @@ mod tests {
             !b.fits(&r, out(1), Priority::Critical),
             "the engine queue is bounded"
         );
+    }
+
+    #[test]
+    fn the_connection_bound_holds_for_every_band_even_without_a_budget() {
+        let b = Budget::new(BudgetConfig {
+            max_requests_per_replica: Some(8),
+            critical_engine_queue: 4,
+            max_connections_per_replica: 2,
+            ..Default::default()
+        });
+        let r = replica();
+        assert!(b.fits(&r, out(1), Priority::Critical));
+        let held: Vec<_> = (0..2)
+            .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
+            .collect();
+        for p in [Priority::Critical, S, Priority::Sheddable] {
+            assert!(!b.fits(&r, out(1), p), "{p:?} beyond the connection bound");
+        }
+        drop(held);
+        assert!(b.fits(&r, out(1), S), "room again once a request ends");
     }
 
     #[test]

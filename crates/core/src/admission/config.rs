@@ -74,7 +74,19 @@ pub struct BudgetConfig {
     /// burst over several steps (critical requests ignore it). A replica
     /// with no pending prefill always takes one request.
     pub max_prefill_tokens_per_replica: Option<u64>,
+    /// Requests (so upstream HTTP/1 connections) in flight per replica at
+    /// most, for every band, critical included: the gateway's connection
+    /// bound, admitted like any other capacity (a request beyond it queues,
+    /// is shed or times out in the queue, visibly). At most
+    /// [`MAX_CONNECTIONS_PER_REPLICA`], the upstream client's own bound.
+    pub max_connections_per_replica: u64,
 }
+
+/// The upstream client's hard bound on connections (so requests) in flight
+/// to one replica; `budget.max_connections_per_replica` defaults to it and
+/// may only lower it, so admission, not the client, holds every request
+/// beyond it.
+pub const MAX_CONNECTIONS_PER_REPLICA: u64 = 1024;
 
 impl Default for BudgetConfig {
     fn default() -> Self {
@@ -85,6 +97,7 @@ impl Default for BudgetConfig {
             critical_reserve: 0.0,
             critical_engine_queue: 0,
             max_prefill_tokens_per_replica: None,
+            max_connections_per_replica: MAX_CONNECTIONS_PER_REPLICA,
         }
     }
 }
@@ -311,6 +324,14 @@ impl AdmissionConfig {
                 format!("route `{route}`: `budget.critical_reserve` must be in [0, 1)"),
             ));
         }
+        if !(1..=MAX_CONNECTIONS_PER_REPLICA).contains(&self.budget.max_connections_per_replica) {
+            return Err((
+                "max_connections_per_replica:".into(),
+                format!(
+                    "route `{route}`: `budget.max_connections_per_replica` must be 1 to {MAX_CONNECTIONS_PER_REPLICA}"
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.budget.kv_fraction) || self.budget.kv_fraction == 0.0 {
             return Err((
                 "kv_fraction:".into(),
@@ -360,5 +381,16 @@ outlier: { consecutive_failures: 3 }
             .contains("fallback model `small`"));
         assert!(c.check("m", yes, no).unwrap_err().1.contains("canary pool"));
         assert!(c.check("small", yes, yes).unwrap_err().1.contains("itself"));
+        assert_eq!(
+            c.budget.max_connections_per_replica,
+            MAX_CONNECTIONS_PER_REPLICA
+        );
+        let mut over = c.clone();
+        over.budget.max_connections_per_replica = MAX_CONNECTIONS_PER_REPLICA + 1;
+        assert!(over
+            .check("m", yes, yes)
+            .unwrap_err()
+            .1
+            .contains("max_connections_per_replica"));
     }
 }

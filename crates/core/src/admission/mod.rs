@@ -31,7 +31,7 @@ pub use budget::{Budget, Cost, Reservation};
 pub use canary::{
     CanarySide, CanarySplit, Rollback, RolledBack, SIDE_HEADER as CANARY_SIDE_HEADER,
 };
-pub use config::{AdmissionConfig, CanaryConfig};
+pub use config::{AdmissionConfig, CanaryConfig, MAX_CONNECTIONS_PER_REPLICA};
 pub use engine_priority::EnginePriority;
 pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER};
 pub use outlier::{Outcome, OutlierDetector};

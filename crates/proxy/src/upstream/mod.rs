@@ -36,11 +36,14 @@ use self::codec::{ChunkedDecoder, Decoded, Framing, ProtocolError, ResponseHead}
 use super::headers::upstream_request_headers;
 use crate::telemetry::metrics::record_retry;
 
-/// Requests (so HTTP/1 connections) in flight to one replica at most; more
-/// wait for a free one within their first-byte deadline. It bounds the
-/// connections a burst can open (each costs the replica an accept and the
-/// gateway two buffers).
-pub(crate) const MAX_CONNECTIONS_PER_REPLICA: usize = 1024;
+/// Requests (so HTTP/1 connections) in flight to one replica at most. It
+/// bounds the connections a burst can open (each costs the replica an accept
+/// and the gateway two buffers). Admission holds requests beyond it
+/// (`budget.max_connections_per_replica`, at most this), so a request waits
+/// here only when two pools share one replica address; such a wait is
+/// counted in `infergate_upstream_connection_waits_total`.
+const MAX_CONNECTIONS_PER_REPLICA: usize =
+    infergate_core::admission::MAX_CONNECTIONS_PER_REPLICA as usize;
 /// Idle keep-alive connections kept per replica and serving worker.
 const MAX_IDLE_PER_REPLICA: usize = 256;
 /// An idle connection older than this is closed instead of reused. Replicas
@@ -194,12 +197,19 @@ impl UpstreamClient {
         route: &str,
     ) -> Result<(Response<UpstreamBody>, OwnedSemaphorePermit), UpstreamError> {
         let slot = self.slot(key, base_url);
-        let permit = slot
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| UpstreamError::ShutDown)?;
+        let permit = match slot.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(UpstreamError::ShutDown),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                metrics::counter!("infergate_upstream_connection_waits_total", "replica" => key.to_string())
+                    .increment(1);
+                slot.permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| UpstreamError::ShutDown)?
+            }
+        };
         let authority = slot.authority.as_deref().ok_or(UpstreamError::Uri)?;
         let mut head = BytesMut::new();
         codec::encode_request_line(&mut head, out.path_and_query.as_str(), authority);
