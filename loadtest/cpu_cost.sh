@@ -11,14 +11,21 @@
 #
 # A target is `nginx` (started by loadtest/peers.sh: one worker, no buffering)
 # or NAME=DIR, DIR holding an `infergate` binary. Env: ROUNDS (3), RATE (5000),
-# DUR (5 s), POLICY (least_request), WORKERS (2). Needs release binaries.
+# DUR (5 s), POLICY (least_request), WORKERS (2), AUTH (none; `keys`: infergate
+# checks a generated file of 1,000 API keys and every request sends one; nginx
+# gets the header and ignores it), PERF (a file: `perf record -g` the proxy's
+# process during the load of the last round, for infergate targets). Needs
+# release binaries.
+# The load tool is infergate-load, or oha when LOADER=oha and oha is on PATH.
+
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODE=${1:?usage: cpu_cost.sh req|sse TARGET...}; shift
 ROUNDS=${ROUNDS:-3}; RATE=${RATE:-5000}; DUR=${DUR:-5}
 POLICY=${POLICY:-least_request}; WORKERS=${WORKERS:-2}
-LOAD=target/release/infergate-load
+BIN=${BIN:-target/release}  # the sim and the load tool
+LOAD=$BIN/infergate-load
 UP_PORT=18401; PX_PORT=18410; ADMIN_PORT=18411
 RUN=$(mktemp -d /tmp/cpu-cost.XXXXXX)
 cat >"$RUN/gw.yaml" <<YAML
@@ -34,6 +41,19 @@ routes:
     pool: bench
     routing: { policy: $POLICY }
 YAML
+HDR=()
+if [[ ${AUTH:-none} == keys ]]; then
+  for i in $(seq 1000); do
+    printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
+      "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
+  done >"$RUN/keys.yaml"
+  printf 'auth: { mode: keys, key_file: %s }\n' "$RUN/keys.yaml" >>"$RUN/gw.yaml"
+  HDR=(-H "authorization:Bearer sk-bench-1000")
+fi
+LOADER=${LOADER:-infergate-load}
+if [[ $LOADER == oha ]] && ! command -v oha >/dev/null; then
+  echo "# oha not on PATH: using infergate-load"; LOADER=infergate-load
+fi
 export INFERGATE_PEERS_RUN="$RUN"
 PIDS=()
 cleanup() {
@@ -48,7 +68,7 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }  # utime stime, in clock tic
 
 one() {  # target -> "user+system" microseconds per unit
   local t=$1 px worker
-  target/release/infergate sim --profile llama-8b-h100 --replicas 1 --base-port "$UP_PORT" \
+  "$BIN/infergate" sim --profile llama-8b-h100 --replicas 1 --base-port "$UP_PORT" \
     --time-scale 1000000 --served-model-name bench-model >/dev/null 2>&1 &
   local sim=$!; PIDS+=("$sim")
   wait_http "http://127.0.0.1:$UP_PORT/health"
@@ -62,17 +82,32 @@ one() {  # target -> "user+system" microseconds per unit
     px=$!; PIDS+=("$px"); wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
     worker=$px
   fi
+  local perf_pid=
+  if [[ -n ${PERF:-} && $t != nginx && $r == "$ROUNDS" ]]; then
+    perf record -q -F 1999 -g -p "$px" -o "$PERF.${t%%=*}" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   read -r u0 s0 < <(ticks "$worker")
-  if [[ $MODE == req ]]; then
-    "$LOAD" --url "http://127.0.0.1:$PX_PORT" --model bench-model --json --workload small \
+  if [[ $MODE == req && $LOADER == oha ]]; then
+    # oha's open loop: -q is the total rate; its JSON has no request count,
+    # so count the answers it saw.
+    oha --no-tui -j -q "$RATE" -z "${DUR}s" -c 64 -m POST "${HDR[@]}" \
+      -H 'content-type: application/json' \
+      -d '{"model":"bench-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' \
+      "http://127.0.0.1:$PX_PORT/v1/chat/completions" >"$RUN/oha.json" 2>/dev/null
+    python3 -c "import json; v=json.load(open('$RUN/oha.json')); print(json.dumps({'ok': sum(v.get('statusCodeDistribution', {}).values())}))" >"$RUN/out.json"
+    field=ok
+  elif [[ $MODE == req ]]; then
+    "$LOAD" --url "http://127.0.0.1:$PX_PORT" --model bench-model --json --workload small "${HDR[@]}" \
       --max-tokens 1 --rate "$RATE" -d "$DUR" --max-in-flight 64 >"$RUN/out.json" 2>/dev/null
     field=ok
   else
-    "$LOAD" --url "http://127.0.0.1:$PX_PORT" --model bench-model --json --workload stream \
+    "$LOAD" --url "http://127.0.0.1:$PX_PORT" --model bench-model --json --workload stream "${HDR[@]}" \
       --max-tokens 256 -c 32 -d "$DUR" --no-usage >"$RUN/out.json" 2>/dev/null
     field=output_tokens
   fi
   read -r u1 s1 < <(ticks "$worker")
+  if [[ -n $perf_pid ]]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" 2>/dev/null || true; fi
   if [[ $t == nginx ]]; then bash loadtest/peers.sh stop cpu-nginx >/dev/null; else kill "$px"; fi
   kill "$sim" 2>/dev/null || true; wait "$px" "$sim" 2>/dev/null || true
   python3 - "$RUN/out.json" "$field" "$u0" "$s0" "$u1" "$s1" "$(getconf CLK_TCK)" <<'PY'
@@ -86,8 +121,8 @@ PY
 
 declare -A RES
 for r in $(seq "$ROUNDS"); do
-  for t in "$@"; do RES[$t]="${RES[$t]:-} $(one "$t")"; done
+  for t in "$@"; do RES[$t]="${RES[$t]:-} $(r=$r one "$t")"; done
 done
 unit=$([[ $MODE == req ]] && echo "small request at $RATE req/s" || echo "relayed SSE chunk")
-echo "# CPU per $unit, user+system µs, $ROUNDS rounds"
+echo "# CPU per $unit, user+system µs, $ROUNDS rounds (policy $POLICY, auth ${AUTH:-none}, load $LOADER)"
 for t in "$@"; do echo "  ${t%%=*}:${RES[$t]}"; done

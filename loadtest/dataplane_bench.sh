@@ -24,6 +24,9 @@
 #       `auth: keys` (a generated key file of IG_KEYS keys, default 1000), every request sending
 #       `Authorization: Bearer` one of them, in the same interleaved rounds: the cost of authentication
 #   PEERS=0 ...                                # skip nginx, vllm-router and sglang-router
+#   When `oha` is on PATH (cargo install oha), the saturation phase runs once more with oha
+#   as the load tool (same connections, duration and rounds; OHA=0 skips it), an
+#   independent client for the req/s ratios.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -231,6 +234,29 @@ for t in "${TARGETS[@]}"; do
   echo "  $name: median ${RPS[$name]} req/s ($(jget "$RUN/sat-$name-1.json" "sum(v.get('errors', {}).values()) if isinstance(v.get('errors'), dict) else v.get('errors')") errors in round 1)"
 done
 
+declare -A OHA_RPS=()
+if [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
+  echo "# 1b/3 saturation with oha: -c $CONC, ${DUR}s each, $ROUNDS rounds"
+  BODY="{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"
+  for r in $(seq "$ROUNDS"); do
+    line="  round $r:"
+    for t in "${TARGETS[@]}"; do
+      name=${t%%=*}; url=${t#*=}
+      hdr=${HDRS[$name]:-}
+      oha --no-tui -j -z "${DUR}s" -c "$CONC" -m POST -H 'content-type: application/json' \
+        ${hdr:+-H "${hdr%%:*}: ${hdr#*:}"} -d "$BODY" "$url/v1/chat/completions" \
+        >"$RUN/oha-$name-$r.json" 2>/dev/null || echo '{}' >"$RUN/oha-$name-$r.json"
+      line="$line $name $(jget "$RUN/oha-$name-$r.json" "round(v.get('summary', {}).get('requestsPerSec', 0))")"
+    done
+    echo "$line"
+  done
+  for t in "${TARGETS[@]}"; do
+    name=${t%%=*}
+    OHA_RPS[$name]=$(median "v['summary']['requestsPerSec'] * v['summary']['successRate']" "$RUN"/oha-"$name"-*.json)
+    echo "  $name: median ${OHA_RPS[$name]} req/s (oha)"
+  done
+fi
+
 HALF=$(( ${RPS[infergate]} / 2 ))
 echo "# 2/3 latency at half of infergate's saturation: open loop --rate $HALF over $LAT_CONNS connections, ${DUR}s each, $ROUNDS rounds"
 for r in $(seq "$ROUNDS"); do
@@ -286,7 +312,16 @@ for t in "${TARGETS[@]}"; do
   python3 -c "
 rps, sse = ${RPS[infergate]} / max(${RPS[$name]}, 1), ${SSE[infergate]} / max(${SSE[$name]}, 1)
 print(f'  vs $name: req/s x{rps:.2f}  SSE x{sse:.2f}  RSS ${RSS[infergate]} vs ${RSS[$name]} MiB')"
+  if [[ -n ${OHA_RPS[$name]:-} ]]; then
+    python3 -c "print(f'  vs $name with oha: req/s x{${OHA_RPS[infergate]} / max(${OHA_RPS[$name]}, 1):.2f}')"
+  fi
 done
+
+if [[ -n ${RPS[infergate-keys]:-} && -n ${RPS[nginx]:-} ]]; then
+  python3 -c "
+rps, sse = ${RPS[infergate-keys]} / max(${RPS[nginx]}, 1), ${SSE[infergate-keys]} / max(${SSE[nginx]}, 1)
+print(f'  infergate-keys (auth on) vs nginx: req/s x{rps:.2f}  SSE x{sse:.2f}  added p99 {${P99[infergate-keys]} - ${P99[direct]}:.3f} vs {${P99[nginx]} - ${P99[direct]}:.3f} ms')"
+fi
 
 # --- idle streams: the upstream is so slow no token ever comes during the test
 if (( IDLE_STREAMS <= 0 )); then echo "# logs and raw JSON: $RUN"; exit 0; fi
@@ -308,12 +343,17 @@ cat >>"$RUN/idle.yaml" <<YAML
     admission:
       budget: { tokens_per_replica: 1000000000 }
 YAML
+IDLE_HEADER=
+if [[ ${IG_AUTH:-} == keys ]]; then  # the streams authenticate too
+  printf 'auth: { mode: keys, key_file: %s }\n' "$RUN/keys.yaml" >>"$RUN/idle.yaml"
+  IDLE_HEADER="authorization: Bearer sk-bench-$IG_KEYS"
+fi
 start_bg idle-infergate "$IG" serve --config "$RUN/idle.yaml"
 wait_http "http://127.0.0.1:$IDLE_IG_ADMIN/readyz"
 IDLE_PID=$(cat "$RUN/idle-infergate.pid")
 IDLE_BEFORE=$(rss_mib "$IDLE_PID")
 echo "  infergate RSS before: $IDLE_BEFORE MiB"
-python3 "$ROOT/loadtest/idle_streams.py" "127.0.0.1" "$IDLE_IG_PORT" "$MODEL" "$IDLE_STREAMS" \
+IDLE_HEADER="$IDLE_HEADER" python3 "$ROOT/loadtest/idle_streams.py" "127.0.0.1" "$IDLE_IG_PORT" "$MODEL" "$IDLE_STREAMS" \
   "http://127.0.0.1:$IDLE_IG_ADMIN/routes" 300 >"$RUN/idle.out" 2>&1 &
 IDLE_CLIENT=$!
 PIDS+=("$IDLE_CLIENT")

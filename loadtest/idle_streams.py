@@ -13,6 +13,7 @@ flight within TIMEOUT_S (default 300), or a stream was closed or failed
 killed, holding the streams open.
 """
 import json
+import os
 import select
 import socket
 import sys
@@ -23,8 +24,11 @@ host, port, model, n, routes_url = sys.argv[1], int(sys.argv[2]), sys.argv[3], i
 timeout_s = float(sys.argv[6]) if len(sys.argv) > 6 else 300.0
 body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
                    "max_tokens": 16, "stream": True}).encode()
+# IDLE_HEADER="name: value" adds a header to every request (an API key).
+extra = os.environ.get("IDLE_HEADER", "")
+extra = f"{extra}\r\n" if extra else ""
 req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\ncontent-type: application/json\r\n"
-       f"content-length: {len(body)}\r\n\r\n").encode() + body
+       f"{extra}content-length: {len(body)}\r\n\r\n").encode() + body
 
 
 def in_flight():

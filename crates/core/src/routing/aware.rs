@@ -23,6 +23,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::config::{FilterName, RoutingConfig};
-use super::framework::{Candidate, Ctx};
+use super::framework::{Candidate, Ctx, Fixed};
 use super::kv_events::{key_seed, KvEventsConfig, PreciseIndex};
 use super::pipeline::{FilterOutcome, Pipeline};
 use super::prefix_index::PrefixIndex;
@@ -555,18 +556,22 @@ fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
     let decisive = filters.iter().rev().find(|f| {
         f.dropped > 0 || (!f.detail.is_empty() && f.filter == FilterName::PrefixAffinity)
     });
-    let by = match decisive {
-        Some(f) if !f.detail.is_empty() => format!("{:?}: {}", f.filter, f.detail),
-        Some(f) => format!("{:?} dropped {}", f.filter, f.dropped),
-        None => "no filter applied".into(),
+    // One string, numbers printed by `Fixed`: this runs on every decision.
+    let mut s = String::with_capacity(192);
+    let _ = match decisive {
+        Some(f) if !f.detail.is_empty() => write!(s, "{:?}: {}", f.filter, f.detail),
+        Some(f) => write!(s, "{:?} dropped {}", f.filter, f.dropped),
+        None => write!(s, "no filter applied"),
     };
-    format!(
-        "{by}; best score {:.3} among the rest (est TTFT {:.1} ms, {} cached blocks by the {} index)",
-        chosen.score,
-        chosen.est_ttft_ms,
+    let _ = write!(
+        s,
+        "; best score {} among the rest (est TTFT {} ms, {} cached blocks by the {} index)",
+        Fixed(chosen.score, 3),
+        Fixed(chosen.est_ttft_ms, 1),
         chosen.matched_blocks,
         if chosen.precise { "precise" } else { "approximate" }
-    )
+    );
+    s
 }
 
 /// Replica keys from the prefix index and from the pool are mostly the same

@@ -110,6 +110,34 @@ pub(super) trait Scorer: Send + Sync + fmt::Debug {
     }
 }
 
+/// `value` with `decimals` (at most 6) digits after the point, as `{:.N}`
+/// prints it, by integer arithmetic. The explanation of every routing
+/// decision prints a few such numbers, and std's exact float formatting
+/// (a bignum fallback) was half of the decision's cost. Values out of
+/// range and non-finite ones are printed by std; a tie rounds away from
+/// zero (std: to even), which an explanation does not mind.
+pub(crate) struct Fixed(pub f64, pub u8);
+
+impl std::fmt::Display for Fixed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (v, d) = (self.0, u32::from(self.1.min(6)));
+        if !v.is_finite() || v.abs() >= 1e12 {
+            return write!(f, "{:.*}", d as usize, v);
+        }
+        let scale = 10u64.pow(d);
+        let scaled = (v.abs() * scale as f64).round() as u64;
+        if v < 0.0 && scaled != 0 {
+            f.write_str("-")?;
+        }
+        let (int, frac) = (scaled / scale, scaled % scale);
+        if d == 0 {
+            write!(f, "{int}")
+        } else {
+            write!(f, "{int}.{frac:0width$}", width = d as usize)
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
@@ -168,5 +196,24 @@ pub(crate) mod test_support {
             lora,
             explain: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fixed;
+
+    #[test]
+    fn fixed_prints_as_std_does() {
+        for v in [0.0, 1.0, 12.3456, 62.5001, 0.04, 1234.5678, -3.21, 99.96, 1e13, f64::INFINITY] {
+            for d in [0u8, 1, 2, 3] {
+                assert_eq!(
+                    Fixed(v, d).to_string(),
+                    format!("{:.*}", d as usize, v),
+                    "{v} with {d} decimals"
+                );
+            }
+        }
+        assert_eq!(Fixed(f64::NAN, 1).to_string(), "NaN");
     }
 }

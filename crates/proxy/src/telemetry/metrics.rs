@@ -216,7 +216,7 @@ fn genai(route: &Arc<str>, operation: &'static str) -> Arc<GenAi> {
 /// The value of `key` in `map`, made by `make` the first time (a read lock
 /// on every later call: no registry lookup, no label allocation).
 fn cached<K: Eq + std::hash::Hash, V>(
-    map: &RwLock<HashMap<K, Arc<V>>>,
+    map: &RwLock<FnvMap<K, Arc<V>>>,
     key: K,
     make: impl FnOnce() -> V,
 ) -> Arc<V> {
@@ -234,10 +234,31 @@ fn cached<K: Eq + std::hash::Hash, V>(
 /// (model, status, outcome) and its `infergate_requests_total` counter.
 type RequestsEntry = (Box<str>, u16, &'static str, Counter);
 
+/// FNV-1a: the cache keys are a few short names from config (never client
+/// input, so no flooding to defend against), looked up twice per request,
+/// where SipHash cost more than the lookup itself.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FnvMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<Fnv>>;
+
 #[derive(Default)]
 struct Cache {
-    pairs: RwLock<HashMap<PairKey, Arc<PairMetrics>>>,
-    genai: RwLock<HashMap<GenAiKey, Arc<GenAi>>>,
+    pairs: RwLock<FnvMap<PairKey, Arc<PairMetrics>>>,
+    genai: RwLock<FnvMap<GenAiKey, Arc<GenAi>>>,
 }
 
 fn cache() -> &'static Cache {

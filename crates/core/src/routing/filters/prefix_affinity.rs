@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use super::{best_alive, keep_only, threshold_for};
-use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
+use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 
 /// Sticky until saturated: keep the replicas holding nearly the longest prefix
 /// unless their best estimated TTFT exceeds the best colder replica's by more
@@ -39,7 +39,10 @@ impl Filter for PrefixAffinity {
         if ctx.explain {
             let _ = write!(
                 detail,
-                "best prefix {best} blocks; sticky est TTFT {sticky_ttft:.1} ms vs colder {cold_ttft:.1} ms, margin {margin:.1} ms: {}",
+                "best prefix {best} blocks; sticky est TTFT {} ms vs colder {} ms, margin {} ms: {}",
+                Fixed(sticky_ttft, 1),
+                Fixed(cold_ttft, 1),
+                Fixed(margin, 1),
                 if stick { "stay" } else { "leave (spill)" }
             );
         }

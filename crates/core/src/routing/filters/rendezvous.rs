@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
+use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 
 /// A prefix no replica holds: keep the highest rendezvous weight among the
 /// replicas within the load bounds, so independent gateways agree on its home.
@@ -66,7 +66,7 @@ impl Filter for Rendezvous {
         };
         let Some(chosen) = best(true).or_else(|| best(false)) else {
             if ctx.explain {
-                let _ = write!(detail, "every replica above load bound {bound:.2}");
+                let _ = write!(detail, "every replica above load bound {}", Fixed(bound, 2));
             }
             return Narrowing {
                 dropped: 0,
@@ -77,13 +77,15 @@ impl Filter for Rendezvous {
             if new_group {
                 let _ = write!(
                     detail,
-                    "new prefix group: placed by rendezvous hash within load bound {bound:.2} and {group_cap} groups ({})",
+                    "new prefix group: placed by rendezvous hash within load bound {} and {group_cap} groups ({})",
+                    Fixed(bound, 2),
                     if shared { "other gateways seen: slack" } else { "alone: exact balance" }
                 );
             } else {
                 let _ = write!(
                     detail,
-                    "prefix holders unavailable: next by rendezvous hash within load bound {bound:.2}"
+                    "prefix holders unavailable: next by rendezvous hash within load bound {}",
+                    Fixed(bound, 2)
                 );
             }
         }
