@@ -5,7 +5,7 @@
 # loopback, in one run: each phase runs ROUNDS rounds of every target in turn
 # and reports the median. Prints for each:
 #   - req/s for small non-streaming completions at saturation (closed loop)
-#   - added p50 / p99 latency vs direct at half of infergate's saturation rate (open loop
+#   - added p50 / p99 latency vs direct at half of infergate's saturation rate (LAT_RATE: a fixed rate) (open loop
 #     over a fixed set of LAT_CONNS keep-alive connections, as wrk2 does; an arrival
 #     finding them all busy waits in the client and shows as schedule lag, printed too)
 #   - SSE chunks relayed per second (streaming, many tokens per request)
@@ -20,6 +20,7 @@
 #   SKIP_BUILD=1 DUR=6 ROUNDS=3 CONC=64 LAT_CONNS=64 SSE_CONC=32 SSE_TOKENS=256 IDLE_STREAMS=10000 IG_POLICY=least_request loadtest/dataplane_bench.sh
 #   IG_BASELINE=/path/to/old/infergate loadtest/dataplane_bench.sh   # adds that build as target
 #       "baseline", in the same interleaved rounds: a before/after comparison of a change
+#       (with IG_AUTH=keys the baseline runs with the keys too)
 #   IG_AUTH=keys loadtest/dataplane_bench.sh   # adds target "infergate-keys": the same gateway with
 #       `auth: keys` (a generated key file of IG_KEYS keys, default 1000), every request sending
 #       `Authorization: Bearer` one of them, in the same interleaved rounds: the cost of authentication
@@ -153,7 +154,11 @@ if [[ ${IG_AUTH:-} == keys ]]; then
   HDRS[infergate-keys]="authorization:Bearer sk-bench-$IG_KEYS"
 fi
 if [[ -n ${IG_BASELINE:-} ]]; then
-  sed -e "s/$IG_PORT/$BL_PORT/" -e "s/$IG_ADMIN/$BL_ADMIN/" "$RUN/infergate.yaml" >"$RUN/baseline.yaml"
+  # With IG_AUTH=keys the baseline authenticates too (compare it with infergate-keys).
+  BL_SRC=$RUN/infergate.yaml; [[ ${IG_AUTH:-} == keys ]] && BL_SRC=$RUN/keys-gw.yaml
+  [[ ${IG_AUTH:-} == keys ]] && HDRS[baseline]="authorization:Bearer sk-bench-$IG_KEYS"
+  sed -e "s/$IG_PORT/$BL_PORT/" -e "s/$IG_ADMIN/$BL_ADMIN/" -e "s/$AK_PORT/$BL_PORT/" -e "s/$AK_ADMIN/$BL_ADMIN/" \
+    "$BL_SRC" >"$RUN/baseline.yaml"
   start_bg baseline "$IG_BASELINE" serve --config "$RUN/baseline.yaml"
   wait_http "http://127.0.0.1:$BL_ADMIN/readyz"
   TARGETS+=("baseline=http://127.0.0.1:$BL_PORT"); PID_OF[baseline]=$(cat "$RUN/baseline.pid")
@@ -257,8 +262,8 @@ if [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
   done
 fi
 
-HALF=$(( ${RPS[infergate]} / 2 ))
-echo "# 2/3 latency at half of infergate's saturation: open loop --rate $HALF over $LAT_CONNS connections, ${DUR}s each, $ROUNDS rounds"
+HALF=${LAT_RATE:-$(( ${RPS[infergate]} / 2 ))}  # LAT_RATE=2000: a fixed rate instead
+echo "# 2/3 latency at ${LAT_RATE:+a fixed }${LAT_RATE:-half of the saturation of infergate}: open loop --rate $HALF over $LAT_CONNS connections, ${DUR}s each, $ROUNDS rounds"
 for r in $(seq "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
     name=${t%%=*}; url=${t#*=}

@@ -569,7 +569,11 @@ fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
         Fixed(chosen.score, 3),
         Fixed(chosen.est_ttft_ms, 1),
         chosen.matched_blocks,
-        if chosen.precise { "precise" } else { "approximate" }
+        if chosen.precise {
+            "precise"
+        } else {
+            "approximate"
+        }
     );
     s
 }

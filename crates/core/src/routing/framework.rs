@@ -205,7 +205,18 @@ mod tests {
 
     #[test]
     fn fixed_prints_as_std_does() {
-        for v in [0.0, 1.0, 12.3456, 62.5001, 0.04, 1234.5678, -3.21, 99.96, 1e13, f64::INFINITY] {
+        for v in [
+            0.0,
+            1.0,
+            12.3456,
+            62.5001,
+            0.04,
+            1234.5678,
+            -3.21,
+            99.96,
+            1e13,
+            f64::INFINITY,
+        ] {
             for d in [0u8, 1, 2, 3] {
                 assert_eq!(
                     Fixed(v, d).to_string(),
