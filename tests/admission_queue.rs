@@ -316,8 +316,9 @@ async fn a_critical_request_may_go_past_the_request_cap_while_others_wait_at_the
 #[tokio::test]
 async fn streams_beyond_the_connection_bound_are_queued_or_refused_by_admission() {
     let f = fleet("m", 1, 5.0).await;
+    // A pool name of its own: the metrics are process-wide, the other tests use `p`.
     let gw = gateway(&format!(
-        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_connections_per_replica: 3, tokens_per_replica: 1000000 }}\n      queue: {{ max_requests: 4 }}\n",
+        "pools:\n  - name: connbound\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: connbound\n    admission:\n      budget: {{ max_connections_per_replica: 3, tokens_per_replica: 1000000 }}\n      queue: {{ max_requests: 4 }}\n",
         urls(&f)
     ))
     .await;
@@ -350,7 +351,7 @@ async fn streams_beyond_the_connection_bound_are_queued_or_refused_by_admission(
     let m = metrics(&c, &gw).await;
     assert!(
         m.lines()
-            .any(|l| l.starts_with("infergate_admission_queue_depth{pool=\"p\"} 4")),
+            .any(|l| l.starts_with("infergate_admission_queue_depth{pool=\"connbound\"} 4")),
         "{m}"
     );
     // The queue is full: the next two are refused at once, with JSON and Retry-After.
@@ -362,8 +363,9 @@ async fn streams_beyond_the_connection_bound_are_queued_or_refused_by_admission(
     }
     let m = metrics(&c, &gw).await;
     assert!(
-        m.lines().any(|l| l
-            .starts_with("infergate_admission_rejected_total{pool=\"p\",reason=\"queue_full\"} 2")),
+        m.lines().any(|l| l.starts_with(
+            "infergate_admission_rejected_total{pool=\"connbound\",reason=\"queue_full\"} 2"
+        )),
         "{m}"
     );
     // Everything admitted is served; nothing waited for a connection unseen.
@@ -379,5 +381,10 @@ async fn streams_beyond_the_connection_bound_are_queued_or_refused_by_admission(
         !m.contains("infergate_upstream_connection_waits_total"),
         "{m}"
     );
-    assert!(m.contains("infergate_admission_queue_wait_seconds"), "{m}");
+    assert!(
+        m.lines()
+            .any(|l| l
+                .starts_with("infergate_admission_queue_wait_seconds_count{pool=\"connbound\"")),
+        "{m}"
+    );
 }
