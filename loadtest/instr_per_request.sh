@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Instructions per request of the gateway, which machine load does not change:
+# `infergate serve` (auth: keys with 1,000 keys, the default routing policy,
+# one serving worker) under valgrind's callgrind in front of one instant sim
+# replica, instrumented only while N small chat completions are sent
+# (400 req/s), then dumped. Divide the total (callgrind_annotate OUT.1) by N;
+# `callgrind_annotate --inclusive=yes OUT.1` shows where they go.
+#
+#   bash loadtest/instr_per_request.sh DIR OUT [N=2000]   # DIR holds the infergate to measure
+# Env: BIN (target/release): the sim and the load tool. Needs valgrind.
+set -eu
+DIR=$1; OUT=$2; N=${3:-2000}
+BIN=${BIN:-target/release}
+RUN=$(mktemp -d /tmp/instr.XXXX)
+UP=18501; PX=18510; AD=18511
+for i in $(seq 1000); do
+  printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
+    "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
+done >"$RUN/keys.yaml"
+cat >"$RUN/gw.yaml" <<YAML
+listeners:
+  main: { address: "127.0.0.1:$PX", workers: 1 }
+  admin: { address: "127.0.0.1:$AD" }
+logging: { level: warn }
+auth: { mode: keys, key_file: $RUN/keys.yaml }
+pools:
+  - name: bench
+    endpoints: ["http://127.0.0.1:$UP"]
+routes:
+  - model: bench-model
+    pool: bench
+YAML
+"$BIN/infergate" sim --profile llama-8b-h100 --replicas 1 --base-port $UP --time-scale 1000000 \
+  --served-model-name bench-model >/dev/null 2>&1 &
+SIM=$!
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" "$DIR/infergate" serve \
+  --config "$RUN/gw.yaml" >"$RUN/gw.log" 2>&1 &
+VG=$!
+for _ in $(seq 600); do curl -s -o /dev/null "http://127.0.0.1:$AD/readyz" && break; sleep 0.2; done
+load() { "$BIN/infergate-load" --url "http://127.0.0.1:$PX" --model bench-model --workload small \
+  --max-tokens 1 -H "authorization:Bearer sk-bench-1000" --max-in-flight 16 "$@"; }
+load --rate 100 -d 2 >/dev/null 2>&1   # warm-up, not counted
+callgrind_control -i on $VG >/dev/null
+load --rate 400 -d $((N / 400)) --json >"$OUT.load.json" 2>/dev/null
+callgrind_control -i off $VG >/dev/null
+callgrind_control -d $VG >/dev/null
+sleep 1
+kill $VG $SIM; wait $VG $SIM 2>/dev/null || true
+python3 -c "import json; v=json.load(open('$OUT.load.json')); print('requests answered', v.get('ok'), 'errors', v.get('errors'))"
+callgrind_annotate "$OUT.1" 2>/dev/null | grep 'PROGRAM TOTALS'
+rm -rf "$RUN"
