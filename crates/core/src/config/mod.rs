@@ -11,11 +11,17 @@
 //!   `admission:` sections owned by those modules.
 //! - `limits`: bounds that protect the gateway itself from its clients (bodies
 //!   in flight, slow bodies, `n`, connections, TLS handshakes, HTTP/2 streams).
+//! - `pricing`, `accounting`, `audit`: prices per model and pool
+//!   (`crate::cost`), the usage ledger's retention and pool sampling, and the
+//!   audit log ([`governance`]).
 //!
 //! Unknown keys are errors everywhere (`deny_unknown_fields`), so a typo never
 //! silently falls back to a default. See docs/config.md for the reference.
 
+mod governance;
 pub mod units;
+
+pub use governance::{AccountingConfig, AuditConfig, AuditOutput};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -91,6 +97,12 @@ pub struct Config {
     /// Token prices per model and GPU-hour prices per pool (`crate::cost`).
     #[serde(default)]
     pub pricing: PricingConfig,
+    /// Usage ledger retention and pool sampling (`/usage`, `/capacity`).
+    #[serde(default)]
+    pub accounting: AccountingConfig,
+    /// The audit log (off unless `audit.output` is set).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
@@ -381,6 +393,10 @@ pub struct RouteConfig {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// Write the request's prompt (as rendered for routing) into its audit
+    /// line. Off by default: prompts are the clients' data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_prompts: bool,
 }
 
 fn default_max_tokens() -> u32 {
@@ -698,6 +714,9 @@ impl Config {
         self.pricing
             .check(priced, |p| pool_names.contains(p))
             .map_err(|(needle, message)| invalid(&needle, message))?;
+        self.accounting
+            .check()
+            .map_err(|(needle, message)| invalid(needle, message))?;
         Ok(())
     }
 
