@@ -1,0 +1,221 @@
+//! Governance: what each request cost and who made it. The usage ledger
+//! ([`ledger`]: per-minute totals per team, key id, model, route and pool;
+//! `/usage` for chargeback; the per-team Prometheus counters), pool capacity
+//! and idle cost ([`capacity`]: replica load sampled against GPU-hour prices;
+//! `/capacity`), and the audit log ([`audit`]). One [`Governance`] per
+//! gateway; its settings (`pricing`, `accounting`, `audit`) reload with the
+//! config. Prices themselves and the cost function are `core::cost`.
+
+pub(crate) mod audit;
+pub(crate) mod capacity;
+pub(crate) mod ledger;
+pub(crate) mod report;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use infergate_core::config::{AccountingConfig, Config};
+use infergate_core::cost::{Money, PoolPrice, PricingConfig, TokenUsage};
+
+use audit::{Audit, RequestAudit};
+use capacity::Capacity;
+use ledger::{Ledger, RowKey, SeriesKey, Totals};
+
+/// The team label of a caller whose team only a trusted proxy's header named.
+pub(crate) const UNLISTED_TEAM: &str = "unlisted";
+/// The team of an anonymous caller (`auth: none`) or a request refused
+/// before it was authenticated.
+pub(crate) const NO_TEAM: &str = "-";
+
+/// The settings in force.
+struct Settings {
+    pricing: PricingConfig,
+    accounting: AccountingConfig,
+}
+
+/// Governance state of one gateway.
+pub(crate) struct Governance {
+    pub ledger: Ledger,
+    pub capacity: Capacity,
+    pub audit: Audit,
+    settings: ArcSwap<Settings>,
+    unlisted: Arc<str>,
+    no_team: Arc<str>,
+}
+
+impl std::fmt::Debug for Governance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Governance")
+            .field("audit", &self.audit.enabled())
+            .finish()
+    }
+}
+
+/// Everything governance records about one finished request.
+pub(crate) struct RequestFacts<'a> {
+    pub request_id: &'a str,
+    pub client_request_id: Option<&'a str>,
+    /// The caller's team (`-` when none) and whether the config lists it.
+    pub team: Option<&'a Arc<str>>,
+    pub team_listed: bool,
+    pub key_id: Option<&'a HeaderValue>,
+    pub requested_model: &'a str,
+    pub route: &'a Arc<str>,
+    /// The model and pool that served (or the route's, if none did).
+    pub model: &'a Arc<str>,
+    pub pool: &'a Arc<str>,
+    pub replica: &'a str,
+    pub priority: Option<&'static str>,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub usage: TokenUsage,
+    pub cost: Money,
+    pub client_addr: Option<IpAddr>,
+    pub duration: Duration,
+    pub prompt: Option<&'a str>,
+}
+
+fn minutes(retention: Duration) -> u64 {
+    retention.as_secs().div_ceil(60).max(1)
+}
+
+/// Minutes since the Unix epoch, now.
+pub(crate) fn minute_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 60)
+}
+
+impl Governance {
+    pub(crate) fn new(config: &Config) -> Governance {
+        let a = &config.accounting;
+        Governance {
+            ledger: Ledger::new(minutes(a.retention), a.max_rows),
+            capacity: Capacity::new(minutes(a.retention)),
+            audit: Audit::default(),
+            settings: ArcSwap::from_pointee(Settings {
+                pricing: config.pricing.clone(),
+                accounting: a.clone(),
+            }),
+            unlisted: Arc::from(UNLISTED_TEAM),
+            no_team: Arc::from(NO_TEAM),
+        }
+    }
+
+    /// Opens what `config` needs that can fail (the audit output) without
+    /// applying anything else.
+    pub(crate) fn prepare(&self, config: &Config) -> Result<(), String> {
+        self.audit.configure(&config.audit)
+    }
+
+    /// Takes `config`'s prices and accounting settings.
+    pub(crate) fn apply(&self, config: &Config) {
+        let a = &config.accounting;
+        self.ledger.configure(minutes(a.retention), a.max_rows);
+        self.capacity.configure(minutes(a.retention));
+        self.settings.store(Arc::new(Settings {
+            pricing: config.pricing.clone(),
+            accounting: a.clone(),
+        }));
+    }
+
+    pub(crate) fn currency(&self) -> String {
+        self.settings.load().pricing.currency.clone()
+    }
+
+    pub(crate) fn pool_price(&self, pool: &str) -> Option<PoolPrice> {
+        self.settings.load().pricing.pools.get(pool).copied()
+    }
+
+    pub(crate) fn sample_interval(&self) -> Duration {
+        self.settings.load().accounting.pool_sample_interval
+    }
+
+    pub(crate) fn retention(&self) -> Duration {
+        self.settings.load().accounting.retention
+    }
+
+    /// Records a finished request: its ledger row, its team's counters and
+    /// its audit line.
+    pub(crate) fn request(&self, f: &RequestFacts<'_>) {
+        let team = f.team.unwrap_or(&self.no_team);
+        let label = if f.team_listed { team } else { &self.unlisted };
+        self.ledger.add(
+            minute_now(),
+            RowKey {
+                team: team.clone(),
+                key: f.key_id.cloned(),
+                model: f.model.clone(),
+                route: f.route.clone(),
+                pool: f.pool.clone(),
+            },
+            SeriesKey {
+                team: label.clone(),
+                route: f.route.clone(),
+                model: f.model.clone(),
+                pool: f.pool.clone(),
+            },
+            Totals::of(f.usage, f.cost),
+        );
+        if self.audit.enabled() {
+            let settings = self.settings.load();
+            let cost = f.cost.to_decimal();
+            self.audit.request(&RequestAudit {
+                request_id: f.request_id,
+                client_request_id: f.client_request_id,
+                key_id: f.key_id.map(HeaderValue::as_bytes),
+                team,
+                requested_model: f.requested_model,
+                model: f.model,
+                route: f.route,
+                pool: f.pool,
+                replica: f.replica,
+                priority: f.priority,
+                status: f.status,
+                outcome: f.outcome,
+                input_tokens: f.usage.input,
+                cached_input_tokens: f.usage.cached_input,
+                output_tokens: f.usage.output,
+                cost: &cost,
+                currency: &settings.pricing.currency,
+                client_addr: f.client_addr,
+                duration: f.duration,
+                prompt: f.prompt,
+            });
+        }
+    }
+
+    /// Appends governance's Prometheus text.
+    pub(crate) fn render_metrics(&self, out: &mut String) {
+        self.ledger.render_metrics(out);
+        self.capacity.render_metrics(out);
+        self.audit.render_metrics(out);
+    }
+}
+
+/// Samples pool capacity every `accounting.pool_sample_interval` while the
+/// gateway lives.
+pub(crate) async fn sample_loop<T: Send + Sync + 'static>(
+    owner: Weak<T>,
+    governance: impl Fn(&T) -> &Governance + Send + 'static,
+    pools: impl Fn(&T) -> Vec<Arc<infergate_core::pool::Pool>> + Send + 'static,
+) {
+    loop {
+        let interval = match owner.upgrade() {
+            Some(o) => {
+                let g = governance(&o);
+                let every = g.sample_interval();
+                g.capacity
+                    .sample(Instant::now(), minute_now(), every * 5, &pools(&o), |p| {
+                        g.pool_price(p)
+                    });
+                every
+            }
+            None => return,
+        };
+        tokio::time::sleep(interval).await;
+    }
+}
