@@ -117,13 +117,14 @@ impl Capacity {
     }
 
     /// Samples every replica of `pools` at `now` (`minute`: minutes since the
-    /// epoch). The first call only sets the clock; later ones credit the time
-    /// since the previous one (at most `max_dt`).
+    /// epoch). The first call only sets the clock; later ones credit the
+    /// whole time since the previous one at this sample's load (a late
+    /// sample, the gateway short of CPU, still counts every replica-second:
+    /// the replicas cost money all along).
     pub(crate) fn sample(
         &self,
         now: Instant,
         minute: u64,
-        max_dt: Duration,
         pools: &[Arc<Pool>],
         price: impl Fn(&str) -> Option<PoolPrice>,
     ) {
@@ -148,7 +149,7 @@ impl Capacity {
         let mut s = self.lock();
         let dt = s
             .last
-            .map(|l| now.saturating_duration_since(l).min(max_dt).as_secs_f64());
+            .map(|l| now.saturating_duration_since(l).as_secs_f64());
         s.last = Some(now);
         self.record(&mut s, minute, dt, &loads, &price);
     }

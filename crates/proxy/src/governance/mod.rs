@@ -209,7 +209,7 @@ pub(crate) async fn sample_loop<T: Send + Sync + 'static>(
                 let g = governance(&o);
                 let every = g.sample_interval();
                 g.capacity
-                    .sample(Instant::now(), minute_now(), every * 5, &pools(&o), |p| {
+                    .sample(Instant::now(), minute_now(), &pools(&o), |p| {
                         g.pool_price(p)
                     });
                 every

@@ -121,7 +121,11 @@ fn range(p: &HashMap<String, String>, oldest: Option<u64>) -> Result<(u64, u64),
         None => minute_now() + 1,
     };
     if to < from {
-        return Err("`to` is before `from`".into());
+        if p.contains_key("from") {
+            return Err("`to` is before `from`".into());
+        }
+        // Only `to` given, before anything kept: an empty range.
+        return Ok((to, to));
     }
     Ok((from, to))
 }
