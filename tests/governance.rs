@@ -434,3 +434,99 @@ async fn capacity_report_matches_a_saturated_and_an_idle_replica() {
         "{m}"
     );
 }
+
+#[tokio::test]
+async fn administrative_changes_and_opted_in_prompts_are_audited() {
+    let fleet = |model: &str| {
+        start_fleet(FleetConfig {
+            replicas: 1,
+            served_model_name: Some(model.into()),
+            time_scale: 50.0,
+            ..FleetConfig::with_profile(Profile::Tiny)
+        })
+    };
+    let (stable, canary) = (fleet("m").await.unwrap(), fleet("m-v2").await.unwrap());
+    canary.replica(0).set_faults(infergate_sim::Faults {
+        error_rate: 1.0,
+        error_status: Some(500),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let yaml = format!(
+        "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n\
+         audit: {{ output: {} }}\n\
+         pools:\n  - name: stable\n    endpoints: [\"{}\"]\n  - name: canary\n    endpoints: [\"{}\"]\n\
+         routes:\n  - model: m\n    pool: stable\n    audit_prompts: true\n    admission:\n      canary: {{ pool: canary, model: m-v2, weight: 50, rollback: {{ min_requests: 20, window_secs: 60, warmup_secs: 0, warmup_requests: 0 }} }}\n",
+        audit.display(),
+        stable.urls()[0],
+        canary.urls()[0]
+    );
+    let gw = gateway(Config::parse(&yaml, "audit.yaml").unwrap()).await;
+    let split = gw.gateway.canary("m").unwrap();
+    // The failing canary is rolled back (judged once a second; bounded).
+    let t0 = Instant::now();
+    let mut n = 0;
+    while split.rolled_back().is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "never rolled back");
+        n += 1;
+        let body = format!(r#"{{"model":"m","prompt":"hi there","max_tokens":1,"user":"u{n}"}}"#);
+        post(&gw.url(), "/v1/completions", &body).await;
+    }
+    // A canary change, a rejected config, a key file change and a bad one.
+    let mut config = Config::clone(&gw.gateway.config());
+    let route = config.routes.iter_mut().find(|r| r.model == "m").unwrap();
+    route.admission.canary.as_mut().unwrap().weight = 10.0;
+    gw.gateway.apply_config(config.clone()).unwrap();
+    let mut bad = config.clone();
+    bad.routes[0].pool = "nope".into();
+    assert!(gw.gateway.apply_config(bad).is_err());
+    let keys = format!("- {{id: k1, sha256: {}, team: t}}\n", hash_key("secret-1"));
+    gw.gateway.apply_keys_text(&keys, "keys.yaml").unwrap();
+    assert!(gw.gateway.apply_keys_text("- id: x", "keys.yaml").is_err());
+
+    let rollback = audit_lines(&audit, "canary_rollback", 1).await;
+    assert_eq!(rollback.len(), 1);
+    assert_eq!(rollback[0]["route"], "m");
+    assert_eq!(rollback[0]["pool"], "canary");
+    assert!(rollback[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("errors: "));
+    let change = audit_lines(&audit, "canary_change", 1).await;
+    assert_eq!(change.len(), 1, "{change:?}");
+    assert_eq!(change[0]["route"], "m");
+    assert_eq!(change[0]["before"]["weight"], 50.0);
+    assert_eq!(change[0]["after"]["weight"], 10.0);
+    assert_eq!(change[0]["after"]["model"], "m-v2");
+    let reloads = audit_lines(&audit, "config_reload", 3).await;
+    let results: Vec<_> = reloads
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, ["applied", "applied", "rejected"]);
+    assert!(reloads[2]["error"].as_str().unwrap().contains("nope"));
+    assert_eq!(reloads[0]["routes"][0], "m");
+    let keys = audit_lines(&audit, "key_file_change", 2).await;
+    assert_eq!(keys[0]["result"], "applied");
+    assert_eq!(keys[0]["added"][0], "k1");
+    assert_eq!(keys[1]["result"], "rejected");
+    assert!(!std::fs::read_to_string(&audit)
+        .unwrap()
+        .contains(&hash_key("secret-1")));
+    // The route opted in: request lines carry the prompt.
+    let requests = audit_lines(&audit, "request", n).await;
+    assert_eq!(requests.len(), n);
+    assert!(
+        requests.iter().all(|r| r["prompt"] == "hi there"),
+        "{:?}",
+        requests[0]
+    );
+    assert!(time_ordered(&reloads));
+}
+
+/// Audit lines carry RFC 3339 UTC times, in order.
+fn time_ordered(lines: &[serde_json::Value]) -> bool {
+    let t: Vec<&str> = lines.iter().map(|l| l["time"].as_str().unwrap()).collect();
+    t.iter().all(|s| s.ends_with('Z') && s.len() == 27) && t.windows(2).all(|w| w[0] <= w[1])
+}
