@@ -409,7 +409,7 @@ async fn capacity_report_matches_a_saturated_and_an_idle_replica() {
     // and the last requests' tail (one request, ~60 tokens x 2.2 ms, about
     // 0.15 s of 3 s): utilisation at least 0.85, idle cost at most 15%.
     let util = f(&busy, "utilization");
-    assert!(util >= 0.85 && util <= 1.0, "{busy}");
+    assert!((0.85..=1.0).contains(&util), "{busy}");
     assert!(f(&busy, "mean_running") >= 3.4, "{busy}");
     let cost = f(&busy, "cost");
     let idle_cost = f(&busy, "idle_cost");
