@@ -79,16 +79,27 @@ async fn audit_lines(path: &Path, event: &str, n: usize) -> Vec<serde_json::Valu
     }
 }
 
-#[tokio::test]
-async fn usage_totals_equal_the_audit_log_and_the_engines_counters() {
-    let fleet = start_fleet(FleetConfig {
-        replicas: 2,
-        served_model_name: Some("m".into()),
-        time_scale: 20.0,
+/// Simulated vLLM replicas of the tiny profile serving `model`.
+async fn sim(
+    replicas: usize,
+    model: &str,
+    time_scale: f64,
+    params: EngineParams,
+) -> infergate_sim::Fleet {
+    start_fleet(FleetConfig {
+        replicas,
+        served_model_name: Some(model.into()),
+        time_scale,
+        params,
         ..FleetConfig::with_profile(Profile::Tiny)
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn usage_totals_equal_the_audit_log_and_the_engines_counters() {
+    let fleet = sim(2, "m", 20.0, Profile::Tiny.params()).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = write_keys(dir.path());
     let audit = dir.path().join("audit.jsonl");
@@ -326,15 +337,7 @@ async fn capacity_report_matches_a_saturated_and_an_idle_replica() {
         max_num_seqs: 4,
         ..Profile::Tiny.params()
     };
-    let fleet = start_fleet(FleetConfig {
-        replicas: 2,
-        served_model_name: Some("m".into()),
-        time_scale: 1.0,
-        params,
-        ..FleetConfig::with_profile(Profile::Tiny)
-    })
-    .await
-    .unwrap();
+    let fleet = sim(2, "m", 1.0, params).await;
     let urls = fleet.urls();
     // $3.60 per GPU-hour, 2 GPUs per replica: $0.002 per replica-second.
     let yaml = format!(
@@ -437,15 +440,8 @@ async fn capacity_report_matches_a_saturated_and_an_idle_replica() {
 
 #[tokio::test]
 async fn administrative_changes_and_opted_in_prompts_are_audited() {
-    let fleet = |model: &str| {
-        start_fleet(FleetConfig {
-            replicas: 1,
-            served_model_name: Some(model.into()),
-            time_scale: 50.0,
-            ..FleetConfig::with_profile(Profile::Tiny)
-        })
-    };
-    let (stable, canary) = (fleet("m").await.unwrap(), fleet("m-v2").await.unwrap());
+    let stable = sim(1, "m", 50.0, Profile::Tiny.params()).await;
+    let canary = sim(1, "m-v2", 50.0, Profile::Tiny.params()).await;
     canary.replica(0).set_faults(infergate_sim::Faults {
         error_rate: 1.0,
         error_status: Some(500),

@@ -16,8 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
+use std::net::IpAddr;
+
 use arc_swap::ArcSwapOption;
+use http::HeaderValue;
 use infergate_core::config::{AuditConfig, AuditOutput};
+use infergate_core::cost::{Money, TokenUsage};
 
 use crate::telemetry::log::{json_escape, write_timestamp};
 
@@ -26,28 +30,27 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Buffered bytes that wake the writer early.
 const FLUSH_BYTES: usize = 64 * 1024;
 
-/// The fields of a request's audit line.
-pub(crate) struct RequestAudit<'a> {
+/// Everything governance records about one finished request (its usage
+/// row and its audit line).
+pub(crate) struct RequestFacts<'a> {
     pub request_id: &'a str,
     pub client_request_id: Option<&'a str>,
-    pub key_id: Option<&'a [u8]>,
-    pub team: &'a str,
-    /// The model name the client sent (cut to 256 bytes).
+    /// The caller's team (`-` when none) and whether the config lists it.
+    pub team: Option<&'a Arc<str>>,
+    pub team_listed: bool,
+    pub key_id: Option<&'a HeaderValue>,
     pub requested_model: &'a str,
-    pub model: &'a str,
-    pub route: &'a str,
-    pub pool: &'a str,
+    pub route: &'a Arc<str>,
+    /// The model and pool that served (or the route's, if none did).
+    pub model: &'a Arc<str>,
+    pub pool: &'a Arc<str>,
     pub replica: &'a str,
-    pub priority: Option<&'a str>,
+    pub priority: Option<&'static str>,
     pub status: u16,
-    pub outcome: &'a str,
-    pub input_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub output_tokens: u64,
-    /// Exact decimal dollars.
-    pub cost: &'a str,
-    pub currency: &'a str,
-    pub client_addr: Option<std::net::IpAddr>,
+    pub outcome: &'static str,
+    pub usage: TokenUsage,
+    pub cost: Money,
+    pub client_addr: Option<IpAddr>,
     pub duration: Duration,
     pub prompt: Option<&'a str>,
 }
@@ -183,8 +186,8 @@ impl Audit {
         }
     }
 
-    /// Writes a request's line.
-    pub(crate) fn request(&self, r: &RequestAudit<'_>) {
+    /// Writes a request's line (`team`: its team, `-` when none).
+    pub(crate) fn request(&self, r: &RequestFacts<'_>, team: &str, currency: &str) {
         if !self.enabled() {
             return;
         }
@@ -193,7 +196,7 @@ impl Audit {
                 return;
             };
             line.clear();
-            format_request(&mut line, SystemTime::now(), r);
+            format_request(&mut line, SystemTime::now(), r, team, currency);
             self.push(&line);
         });
     }
@@ -242,7 +245,13 @@ fn push_str_field(out: &mut String, k: &str, v: &str) {
     out.push('"');
 }
 
-fn format_request(out: &mut String, now: SystemTime, r: &RequestAudit<'_>) {
+fn format_request(
+    out: &mut String,
+    now: SystemTime,
+    r: &RequestFacts<'_>,
+    team: &str,
+    currency: &str,
+) {
     out.push_str("{\"time\":\"");
     write_timestamp(out, now);
     out.push_str("\",\"event\":\"request\"");
@@ -251,10 +260,10 @@ fn format_request(out: &mut String, now: SystemTime, r: &RequestAudit<'_>) {
         push_str_field(out, "client_request_id", c);
     }
     match r.key_id {
-        Some(k) => push_str_field(out, "key_id", &String::from_utf8_lossy(k)),
+        Some(k) => push_str_field(out, "key_id", &String::from_utf8_lossy(k.as_bytes())),
         None => out.push_str(",\"key_id\":null"),
     }
-    push_str_field(out, "team", r.team);
+    push_str_field(out, "team", team);
     push_str_field(out, "requested_model", r.requested_model);
     push_str_field(out, "model", r.model);
     push_str_field(out, "route", r.route);
@@ -267,9 +276,9 @@ fn format_request(out: &mut String, now: SystemTime, r: &RequestAudit<'_>) {
     let _ = write!(
         out,
         ",\"status\":{},\"outcome\":\"{}\",\"input_tokens\":{},\"cached_input_tokens\":{},\"output_tokens\":{},\"cost\":\"{}\"",
-        r.status, r.outcome, r.input_tokens, r.cached_input_tokens, r.output_tokens, r.cost
+        r.status, r.outcome, r.usage.input, r.usage.cached_input, r.usage.output, r.cost
     );
-    push_str_field(out, "currency", r.currency);
+    push_str_field(out, "currency", currency);
     match r.client_addr {
         Some(a) => {
             let _ = write!(out, ",\"client_addr\":\"{a}\"");
@@ -288,35 +297,45 @@ fn format_request(out: &mut String, now: SystemTime, r: &RequestAudit<'_>) {
 mod tests {
     use super::*;
 
-    fn line(prompt: Option<&'static str>) -> RequestAudit<'static> {
-        RequestAudit {
+    /// Calls `f` with a sample request's facts.
+    fn with_line<R>(prompt: Option<&str>, f: impl FnOnce(&RequestFacts<'_>) -> R) -> R {
+        let m: Arc<str> = Arc::from("m");
+        let p: Arc<str> = Arc::from("p");
+        let team: Arc<str> = Arc::from("search");
+        let key = HeaderValue::from_static("search-prod");
+        f(&RequestFacts {
             request_id: "r1",
             client_request_id: None,
-            key_id: Some(b"search-prod"),
-            team: "search",
+            team: Some(&team),
+            team_listed: true,
+            key_id: Some(&key),
             requested_model: "m\"x",
-            model: "m",
-            route: "m",
-            pool: "p",
+            route: &m,
+            model: &m,
+            pool: &p,
             replica: "127.0.0.1:1",
             priority: Some("critical"),
             status: 200,
             outcome: "ok",
-            input_tokens: 10,
-            cached_input_tokens: 4,
-            output_tokens: 5,
-            cost: "0.000426",
-            currency: "USD",
+            usage: TokenUsage::new(10, 4, 5),
+            cost: Money(426_000_000),
             client_addr: Some([10, 0, 0, 1].into()),
             duration: Duration::from_micros(1500),
             prompt,
-        }
+        })
+    }
+
+    fn format(prompt: Option<&str>) -> String {
+        let mut s = String::new();
+        with_line(prompt, |l| {
+            format_request(&mut s, SystemTime::UNIX_EPOCH, l, "search", "USD")
+        });
+        s
     }
 
     #[test]
     fn request_lines_are_json_with_the_fields_and_no_prompt_unless_asked() {
-        let mut s = String::new();
-        format_request(&mut s, SystemTime::UNIX_EPOCH, &line(None));
+        let s = format(None);
         let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
         assert_eq!(v["event"], "request");
         assert_eq!(v["time"], "1970-01-01T00:00:00.000000Z");
@@ -327,8 +346,7 @@ mod tests {
         assert_eq!(v["client_addr"], "10.0.0.1");
         assert_eq!(v["duration_ms"], 1.5);
         assert!(v.get("prompt").is_none());
-        let mut s = String::new();
-        format_request(&mut s, SystemTime::UNIX_EPOCH, &line(Some("hi\n")));
+        let s = format(Some("hi\n"));
         let v: serde_json::Value = serde_json::from_str(s.trim_end()).unwrap();
         assert_eq!(v["prompt"], "hi\n");
     }
@@ -342,11 +360,10 @@ mod tests {
             config: AuditConfig::default(),
             shared: shared.clone(),
         })));
-        let mut one = String::new();
-        format_request(&mut one, SystemTime::UNIX_EPOCH, &line(None));
+        let one = format(None);
         let fit = 4096 / one.len() as u64;
         for _ in 0..100 {
-            a.request(&line(None));
+            with_line(None, |l| a.request(l, "search", "USD"));
         }
         assert_eq!(a.dropped(), 100 - fit);
         assert!(shared.lock().len() <= 4096);
@@ -358,7 +375,7 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let a = Audit::default();
         assert!(!a.enabled());
-        a.request(&line(None)); // off: nothing, nothing dropped
+        with_line(None, |l| a.request(l, "search", "USD")); // off: nothing, nothing dropped
         assert_eq!(a.dropped(), 0);
         let cfg = AuditConfig {
             output: Some(AuditOutput::File(path.clone())),
@@ -366,7 +383,7 @@ mod tests {
         };
         a.configure(&cfg).unwrap();
         for _ in 0..1000 {
-            a.request(&line(None));
+            with_line(None, |l| a.request(l, "search", "USD"));
         }
         a.admin("config_reload", serde_json::json!({"result": "applied"}));
         // Turning the output off flushes what was buffered.

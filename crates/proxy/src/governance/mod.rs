@@ -11,16 +11,15 @@ pub(crate) mod capacity;
 pub(crate) mod ledger;
 pub(crate) mod report;
 
-use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use http::HeaderValue;
 use infergate_core::config::{AccountingConfig, Config};
-use infergate_core::cost::{Money, PoolPrice, PricingConfig, TokenUsage};
+use infergate_core::cost::{PoolPrice, PricingConfig};
 
-use audit::{Audit, RequestAudit};
+use audit::Audit;
+pub(crate) use audit::RequestFacts;
 use capacity::Capacity;
 use ledger::{Ledger, RowKey, SeriesKey, Totals};
 
@@ -52,30 +51,6 @@ impl std::fmt::Debug for Governance {
             .field("audit", &self.audit.enabled())
             .finish()
     }
-}
-
-/// Everything governance records about one finished request.
-pub(crate) struct RequestFacts<'a> {
-    pub request_id: &'a str,
-    pub client_request_id: Option<&'a str>,
-    /// The caller's team (`-` when none) and whether the config lists it.
-    pub team: Option<&'a Arc<str>>,
-    pub team_listed: bool,
-    pub key_id: Option<&'a HeaderValue>,
-    pub requested_model: &'a str,
-    pub route: &'a Arc<str>,
-    /// The model and pool that served (or the route's, if none did).
-    pub model: &'a Arc<str>,
-    pub pool: &'a Arc<str>,
-    pub replica: &'a str,
-    pub priority: Option<&'static str>,
-    pub status: u16,
-    pub outcome: &'static str,
-    pub usage: TokenUsage,
-    pub cost: Money,
-    pub client_addr: Option<IpAddr>,
-    pub duration: Duration,
-    pub prompt: Option<&'a str>,
 }
 
 fn minutes(retention: Duration) -> u64 {
@@ -162,29 +137,7 @@ impl Governance {
         );
         if self.audit.enabled() {
             let settings = self.settings.load();
-            let cost = f.cost.to_decimal();
-            self.audit.request(&RequestAudit {
-                request_id: f.request_id,
-                client_request_id: f.client_request_id,
-                key_id: f.key_id.map(HeaderValue::as_bytes),
-                team,
-                requested_model: f.requested_model,
-                model: f.model,
-                route: f.route,
-                pool: f.pool,
-                replica: f.replica,
-                priority: f.priority,
-                status: f.status,
-                outcome: f.outcome,
-                input_tokens: f.usage.input,
-                cached_input_tokens: f.usage.cached_input,
-                output_tokens: f.usage.output,
-                cost: &cost,
-                currency: &settings.pricing.currency,
-                client_addr: f.client_addr,
-                duration: f.duration,
-                prompt: f.prompt,
-            });
+            self.audit.request(f, team, &settings.pricing.currency);
         }
     }
 
