@@ -88,6 +88,18 @@ struct State {
     overflow: RowKey,
 }
 
+impl State {
+    /// Drops the minutes older than the retention before `minute`.
+    fn expire(&mut self, minute: u64) {
+        let keep_from = minute.saturating_sub(self.retention_minutes - 1);
+        while self.minutes.front().is_some_and(|m| m.at < keep_from) {
+            if let Some(m) = self.minutes.pop_front() {
+                self.rows -= m.rows.len();
+            }
+        }
+    }
+}
+
 /// The ledger of one gateway.
 pub(crate) struct Ledger {
     state: Mutex<State>,
@@ -127,6 +139,12 @@ impl Ledger {
         s.max_rows = max_rows.max(1);
     }
 
+    /// Drops what is older than the retention (called as time passes, so a
+    /// quiet gateway forgets too).
+    pub(crate) fn expire(&self, minute: u64) {
+        self.lock().expire(minute);
+    }
+
     /// Adds one request at `minute` (minutes since the epoch).
     pub(crate) fn add(&self, minute: u64, key: RowKey, series: SeriesKey, t: Totals) {
         let mut s = self.lock();
@@ -142,12 +160,7 @@ impl Ledger {
                 at: minute,
                 rows: HashMap::new(),
             });
-            let keep_from = minute.saturating_sub(s.retention_minutes - 1);
-            while s.minutes.front().is_some_and(|m| m.at < keep_from) {
-                if let Some(m) = s.minutes.pop_front() {
-                    s.rows -= m.rows.len();
-                }
-            }
+            s.expire(minute);
         }
         // A request finishing just after a minute turned may carry the
         // previous minute: it lands in the newest minute (never before it).
@@ -462,6 +475,9 @@ mod tests {
         );
         // Minute 13 pushes out minute 10 (retention 3 minutes: 11, 12, 13).
         l.add(13, key("a", None, "r"), series("a"), t(0, 0, 0));
+        assert_eq!(l.extent().0, Some(11));
+        // Time passing alone expires too.
+        l.expire(13);
         assert_eq!(l.extent().0, Some(11));
         assert_eq!(l.query(&all).iter().map(|r| r.1.requests).sum::<u64>(), 3);
         let mut m = String::new();

@@ -161,6 +161,7 @@ pub(crate) async fn sample_loop<T: Send + Sync + 'static>(
             Some(o) => {
                 let g = governance(&o);
                 let every = g.sample_interval();
+                g.ledger.expire(minute_now());
                 g.capacity
                     .sample(Instant::now(), minute_now(), &pools(&o), |p| {
                         g.pool_price(p)
