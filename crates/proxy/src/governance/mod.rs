@@ -116,7 +116,8 @@ impl Governance {
     /// Records a finished request: its ledger row, its team's counters and
     /// its audit line.
     pub(crate) fn request(&self, f: &RequestFacts<'_>) {
-        let team = f.team.unwrap_or(&self.no_team);
+        // An anonymous caller's team is "" (`auth: none`): shown as `-`.
+        let team = f.team.filter(|t| !t.is_empty()).unwrap_or(&self.no_team);
         let label = if f.team_listed { team } else { &self.unlisted };
         self.ledger.add(
             minute_now(),
