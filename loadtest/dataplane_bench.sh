@@ -24,6 +24,9 @@
 #   IG_AUTH=keys loadtest/dataplane_bench.sh   # adds target "infergate-keys": the same gateway with
 #       `auth: keys` (a generated key file of IG_KEYS keys, default 1000), every request sending
 #       `Authorization: Bearer` one of them, in the same interleaved rounds: the cost of authentication
+#   IG_AUDIT=1 loadtest/dataplane_bench.sh     # adds target "infergate-audit": the same gateway with a
+#       price for the model and `audit: { output: FILE }` (one JSON line per request to a file), in the
+#       same interleaved rounds: the cost of the audit log (the usage ledger is always on)
 #   PEERS=0 ...                                # skip nginx, vllm-router and sglang-router
 #   When `oha` is on PATH (cargo install oha), the saturation phase runs once more with oha
 #   as the load tool (same connections, duration and rounds; OHA=0 skips it), an
@@ -57,6 +60,7 @@ NG_PORT=$((BASE + 20)); VR_PORT=$((BASE + 30)); SR_PORT=$((BASE + 40))
 IDLE_UP_PORT=$((BASE + 50)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
 BL_PORT=$((BASE + 60)); BL_ADMIN=$((BASE + 61))
 AK_PORT=$((BASE + 70)); AK_ADMIN=$((BASE + 71))
+AU_PORT=$((BASE + 80)); AU_ADMIN=$((BASE + 81))
 PEERS=${PEERS:-1}
 IG_KEYS=${IG_KEYS:-1000}
 MODEL=bench-model
@@ -152,6 +156,14 @@ if [[ ${IG_AUTH:-} == keys ]]; then
   wait_http "http://127.0.0.1:$AK_ADMIN/readyz"
   TARGETS+=("infergate-keys=http://127.0.0.1:$AK_PORT"); PID_OF[infergate-keys]=$(cat "$RUN/infergate-keys.pid")
   HDRS[infergate-keys]="authorization:Bearer sk-bench-$IG_KEYS"
+fi
+if [[ -n ${IG_AUDIT:-} ]]; then
+  sed -e "s/$IG_PORT/$AU_PORT/" -e "s/$IG_ADMIN/$AU_ADMIN/" "$RUN/infergate.yaml" >"$RUN/audit-gw.yaml"
+  printf 'pricing: { models: { %s: { input: 0.15, cached_input: 0.03, output: 0.6 } } }\naudit: { output: %s }\n' \
+    "$MODEL" "$RUN/audit.jsonl" >>"$RUN/audit-gw.yaml"
+  start_bg infergate-audit "$IG" serve --config "$RUN/audit-gw.yaml"
+  wait_http "http://127.0.0.1:$AU_ADMIN/readyz"
+  TARGETS+=("infergate-audit=http://127.0.0.1:$AU_PORT"); PID_OF[infergate-audit]=$(cat "$RUN/infergate-audit.pid")
 fi
 if [[ -n ${IG_BASELINE:-} ]]; then
   # With IG_AUTH=keys the baseline authenticates too (compare it with infergate-keys).

@@ -154,8 +154,7 @@ async fn follow_key_file(gateway: Arc<Gateway>, interval: Duration) {
         let path = gateway.identity().key_path();
         let watch = path.clone().map(|path| {
             let gw = gateway.clone();
-            let target =
-                move |text: &str, origin: &str| gw.identity().apply_keys_text(text, origin);
+            let target = move |text: &str, origin: &str| gw.apply_keys_text(text, origin);
             // Applies the file once at start (the keys just read again), then
             // every change.
             tokio::spawn(FileWatch { path, interval }.run_as(target, None, Source::KeyFile))

@@ -2,7 +2,9 @@
 //! `/readyz` (accepting traffic; off while draining) and `/routes` (a JSON view
 //! of routes, pools and each replica's load), `/routing` (per route and pool:
 //! replica signals, last scores, prefix-index size) and
-//! `/routing/explain/{request_id}` (why that request went where it went);
+//! `/routing/explain/{request_id}` (why that request went where it went),
+//! `/usage` (usage and cost totals for chargeback, JSON or CSV) and
+//! `/capacity` (pool utilisation and idle cost, see `governance`);
 //! `/` is the status page (one self-contained HTML file, `status.html`,
 //! embedded in the binary) and `/status.json` the one view it polls.
 //! With `auth.admin` a bearer token guards all but the probes (`/healthz`,
@@ -17,6 +19,7 @@ use serde_json::json;
 
 use super::gateway::Gateway;
 use super::relay::GatewayBody;
+use crate::governance::report;
 use crate::telemetry::metrics;
 
 fn text(
@@ -53,11 +56,20 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
         return r;
     }
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics::render(gw.pools().iter()),
-        ),
+        "/metrics" => {
+            let mut m = metrics::render(gw.pools().iter());
+            gw.governance().render_metrics(&mut m);
+            text(StatusCode::OK, "text/plain; version=0.0.4", m)
+        }
+        "/usage" => {
+            let (status, ct, body) = report::usage(gw.governance(), req.uri().query());
+            text(status, ct, body)
+        }
+        "/capacity" => {
+            let (status, ct, body) =
+                report::capacity(gw.governance(), &gw.pools(), req.uri().query());
+            text(status, ct, body)
+        }
         "/" | "/status" => text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         "/status.json" => text(
             StatusCode::OK,

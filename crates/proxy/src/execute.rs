@@ -78,6 +78,8 @@ pub struct Upstream {
     pub served: Served,
     /// Tries made on the side that answered, including the one that did.
     pub attempts: u32,
+    /// The route side that answered (a fallback's, the canary's).
+    pub route: Arc<Route>,
 }
 
 /// Why no replica answered.
@@ -203,6 +205,7 @@ pub(crate) async fn forward(
                         permit,
                         served: Served::of(&plan),
                         attempts: attempt,
+                        route,
                     });
                 }
                 // Not answered, or answered with a status the plan retries or

@@ -16,11 +16,13 @@ use bytes::Bytes;
 
 use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
+use crate::governance::Governance;
 use crate::telemetry::live::History;
 use infergate_core::admission::{
     AdmissionRegistry, CanarySplit, EnginePriority, PoolAdmission, RolledBack,
 };
 use infergate_core::config::{Config, ConfigError, Limits, PoolSource, RouteConfig};
+use infergate_core::cost::{PricingConfig, TokenPrice};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::identity::{IdentityStore, Policy};
 use infergate_core::plan::PlanRoute;
@@ -45,6 +47,12 @@ pub struct Route {
     pub canary_side: Option<Arc<Route>>,
     /// The pool's engines take the band as the body's `priority`.
     pub engine_priority: Option<EnginePriority>,
+    /// The model this side serves, for usage and metric labels: its
+    /// `target_model` (the canary's model on a canary side), else its name.
+    pub model_label: Arc<str>,
+    /// This side's token prices (`pricing.models` of its served model, else
+    /// of its name or an alias).
+    pub price: Option<TokenPrice>,
 }
 
 impl PlanRoute for Route {
@@ -109,6 +117,8 @@ pub struct Gateway {
     history: History,
     /// Who callers are (`auth:` and the key file).
     identity: IdentityStore,
+    /// Usage ledger, pool capacity and the audit log.
+    governance: Arc<Governance>,
 }
 
 #[derive(Default)]
@@ -150,6 +160,7 @@ impl Gateway {
             admissions: AdmissionRegistry::default(),
             history: History::default(),
             identity: IdentityStore::default(),
+            governance: Arc::new(Governance::new(&config)),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -225,6 +236,35 @@ impl Gateway {
         &self.identity
     }
 
+    /// Usage, capacity and audit state.
+    pub(crate) fn governance(&self) -> &Arc<Governance> {
+        &self.governance
+    }
+
+    /// Applies a new text of the key file (its watch calls this) and writes
+    /// the change to the audit log: key ids added and removed, never keys.
+    pub fn apply_keys_text(
+        &self,
+        text: &str,
+        origin: &str,
+    ) -> Result<(), infergate_core::reload::Rejected> {
+        let before = self.identity.key_ids();
+        let r = self.identity.apply_keys_text(text, origin);
+        let after = self.identity.key_ids();
+        let fields = match &r {
+            Ok(()) => serde_json::json!({
+                "result": "applied", "origin": origin, "keys": after.len(),
+                "added": after.iter().filter(|k| !before.contains(k)).collect::<Vec<_>>(),
+                "removed": before.iter().filter(|k| !after.contains(k)).collect::<Vec<_>>(),
+            }),
+            Err(e) => serde_json::json!({"result": "rejected", "origin": origin, "error": e.0}),
+        };
+        if r.is_err() || before != after {
+            self.governance.audit.admin("key_file_change", fields);
+        }
+        r
+    }
+
     /// Follows every route's canary rollbacks (for Kubernetes Events).
     pub fn canary_rollbacks(&self) -> tokio::sync::broadcast::Receiver<RolledBack> {
         self.admissions.rollbacks()
@@ -243,16 +283,43 @@ impl Gateway {
 
     /// Validates `config` and swaps it in atomically. Requests in flight keep
     /// the snapshot they started with; pools and pickers are reused by name.
+    /// Every applied or rejected config is written to the audit log, with
+    /// the canary changes it makes.
     pub fn apply_config(&self, config: Config) -> Result<(), ConfigError> {
+        let before = self.config();
+        let summary = serde_json::json!({
+            "routes": config.routes.iter().map(|r| r.model.as_str()).collect::<Vec<_>>(),
+            "pools": config.pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        });
+        let r = self.apply_config_inner(config);
+        let audit = &self.governance.audit;
+        match &r {
+            Ok(()) => {
+                let after = self.config();
+                let mut fields = summary;
+                fields["result"] = "applied".into();
+                audit.admin("config_reload", fields);
+                for change in canary_changes(&before, &after) {
+                    audit.admin("canary_change", change);
+                }
+            }
+            Err(e) => audit.admin(
+                "config_reload",
+                serde_json::json!({"result": "rejected", "error": e.to_string()}),
+            ),
+        }
+        r
+    }
+
+    fn apply_config_inner(&self, config: Config) -> Result<(), ConfigError> {
         config.validate()?;
-        let auth = self
-            .identity
-            .prepare(&config.auth)
-            .map_err(|message| ConfigError::Invalid {
-                file: "<config>".into(),
-                line: None,
-                message,
-            })?;
+        let invalid = |message| ConfigError::Invalid {
+            file: "<config>".into(),
+            line: None,
+            message,
+        };
+        let auth = self.identity.prepare(&config.auth).map_err(invalid)?;
+        self.governance.prepare(&config).map_err(invalid)?;
         let mut state = self.lock_state();
         let mut pools = HashMap::new();
         for pc in &config.pools {
@@ -334,10 +401,12 @@ impl Gateway {
                     pool: cpool,
                     picker,
                     client: client.clone(),
-                    config: cfg,
                     canary: Arc::new(CanarySplit::new(rc.model.as_str(), None)),
                     canary_side: None,
                     engine_priority: engine_priority(&cc.pool),
+                    model_label: served_model(&cfg),
+                    price: price_of(&config.pricing, &cfg),
+                    config: cfg,
                 }))
             });
             let route = Arc::new(Route {
@@ -350,6 +419,8 @@ impl Gateway {
                 canary,
                 canary_side,
                 engine_priority: engine_priority(&rc.pool),
+                model_label: served_model(rc),
+                price: price_of(&config.pricing, rc),
             });
             for name in std::iter::once(&rc.model).chain(&rc.aliases) {
                 by_model.insert(name.clone(), route.clone());
@@ -367,6 +438,7 @@ impl Gateway {
             models_body,
         }));
         self.identity.commit(auth);
+        self.governance.apply(&config);
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);
@@ -384,6 +456,43 @@ impl Gateway {
         self.config.send_replace(Arc::new(config));
         Ok(())
     }
+}
+
+/// The model a route side serves: its `target_model`, else its name.
+fn served_model(rc: &RouteConfig) -> Arc<str> {
+    Arc::from(rc.target_model.as_deref().unwrap_or(&rc.model))
+}
+
+/// A route side's token prices: of its served model, else of its names.
+fn price_of(pricing: &PricingConfig, rc: &RouteConfig) -> Option<TokenPrice> {
+    pricing.model_price(rc.target_model.as_deref().into_iter().chain(rc.names()))
+}
+
+/// The canary changes between two configs: one audit record per route
+/// whose canary (pool, model, weight) was added, changed or removed.
+fn canary_changes(before: &Config, after: &Config) -> Vec<serde_json::Value> {
+    let canary = |c: &Config, model: &str| {
+        c.routes
+            .iter()
+            .find(|r| r.model == model)
+            .and_then(|r| r.admission.canary.clone())
+            .map(|c| serde_json::json!({"pool": c.pool, "model": c.model, "weight": c.weight}))
+    };
+    let mut models: Vec<&str> = before
+        .routes
+        .iter()
+        .chain(&after.routes)
+        .map(|r| r.model.as_str())
+        .collect();
+    models.sort_unstable();
+    models.dedup();
+    models
+        .into_iter()
+        .filter_map(|m| {
+            let (b, a) = (canary(before, m), canary(after, m));
+            (b != a).then(|| serde_json::json!({"route": m, "before": b, "after": a}))
+        })
+        .collect()
 }
 
 impl RouteTable {

@@ -16,7 +16,7 @@ use super::execute::{self, served_headers, Plan};
 use super::gateway::Gateway;
 use super::headers::{clean_response_headers, is_event_stream};
 use super::parse::parse_features;
-use super::record::{Outcome, RequestRecord};
+use super::record::{CallerFacts, Outcome, RequestRecord, ServedBy};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
 use infergate_core::admission::Cost;
@@ -37,10 +37,10 @@ where
     let received_at = Instant::now();
     let ids = RequestIds::of(&req);
     let version = req.version();
-    let record = || ids.record(received_at);
+    let record = || ids.record(received_at, &gw, peer);
     let mut resp = match dispatch(req.method(), req.uri().path()) {
         Dispatch::Models => models(&gw, req.headers(), peer, record()),
-        Dispatch::Forward(endpoint) => proxy(&gw, req, peer, endpoint, &ids, received_at).await,
+        Dispatch::Forward(endpoint) => proxy(&gw, req, peer, endpoint, &ids, record()).await,
         Dispatch::Refuse(e) => reject(e, record()),
     };
     let h = resp.headers_mut();
@@ -135,7 +135,7 @@ impl RequestIds {
         RequestIds { gateway, client }
     }
 
-    fn record(&self, received_at: Instant) -> RequestRecord {
+    fn record(&self, received_at: Instant, gw: &Gateway, peer: IpAddr) -> RequestRecord {
         let mut r =
             RequestRecord::new(self.gateway.to_str().unwrap_or("-").to_owned(), received_at);
         r.client_request_id = self
@@ -143,6 +143,8 @@ impl RequestIds {
             .as_ref()
             .and_then(|c| c.to_str().ok())
             .map(str::to_owned);
+        r.governance = Some(gw.governance().clone());
+        r.client_addr = Some(peer);
         r
     }
 }
@@ -178,22 +180,28 @@ async fn proxy<B>(
     peer: IpAddr,
     (endpoint, path): (InferenceEndpoint, &'static str),
     ids: &RequestIds,
-    received_at: Instant,
+    mut record: RequestRecord,
 ) -> Response<GatewayBody>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut record = ids.record(received_at);
+    let received_at = record.received_at;
     let (mut parts, body) = req.into_parts();
     // Who is calling, before the body is read.
-    let caller = match gw
-        .identity()
-        .authenticator()
-        .authenticate(&parts.headers, peer)
-    {
-        Ok(c) => c,
-        Err(e) => return unauthorized(e, record),
+    let caller = {
+        let auth = gw.identity().authenticator();
+        match auth.authenticate(&parts.headers, peer) {
+            Ok(c) => {
+                record.caller = Some(CallerFacts {
+                    listed: auth.is_listed_team(&c.policy.team),
+                    team: c.policy.team.clone(),
+                    key_id: c.key_id.clone(),
+                });
+                c
+            }
+            Err(e) => return unauthorized(e, record),
+        }
     };
     let kind = ApiKind::of(endpoint);
     let table = gw.routes();
@@ -228,8 +236,12 @@ where
         return reject(ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
+    record.route_pool = Some(route.pool.name.clone());
     record.operation = Some(kind.operation());
     let rc = &route.config;
+    if rc.audit_prompts && gw.governance().audit.enabled() {
+        record.prompt = Some(features.prompt_text.clone());
+    }
     if !rc.serves(endpoint) {
         return reject(
             ApiError::new(
@@ -297,6 +309,7 @@ where
     }
     record.canary = plan.canary().cloned();
     record.canary_stratum = plan.canary_stratum();
+    record.band = Some(plan.class().priority);
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
         Err(f) => return reject(f.error, record),
@@ -379,6 +392,7 @@ where
             }
             served_headers(&mut head.headers, &up.served);
             record.canary = up.served.canary.clone();
+            record.served = Some(ServedBy::of(&up.route, head.status));
             let status = head.status.as_u16();
             let setup = RelaySetup {
                 record,

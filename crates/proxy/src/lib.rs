@@ -18,7 +18,11 @@
 //!    SSE error event, and releasing the replica's load guard on every path.
 //! 8. [`record`]: one log line and the metrics of a request ([`telemetry`]).
 //!
-//! [`admin`] serves `/metrics`, `/healthz`, `/readyz` and `/routes`.
+//! 9. [`governance`]: the request's usage row, cost and audit line; pool
+//!    capacity and idle cost.
+//!
+//! [`admin`] serves `/metrics`, `/healthz`, `/readyz`, `/routes`, `/usage`
+//! and `/capacity`.
 
 mod admin;
 mod backpressure;
@@ -26,6 +30,7 @@ mod body;
 mod context;
 mod execute;
 mod gateway;
+mod governance;
 mod handler;
 mod headers;
 mod parse;

@@ -1,11 +1,18 @@
-//! The record of one request that ends as one log line and its metrics,
-//! written exactly once whichever way the request ends.
+//! The record of one request that ends as one log line, its metrics and
+//! its governance record (usage ledger, cost, audit line), written exactly
+//! once whichever way the request ends.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::HeaderValue;
+
+use crate::gateway::Route;
+use crate::governance::{Governance, RequestFacts};
 use crate::telemetry::{live, log, metrics};
-use infergate_core::admission::{CanarySide, CanarySplit, Stratum};
+use infergate_core::admission::{CanarySide, CanarySplit, Priority, Stratum};
+use infergate_core::cost::{Money, TokenPrice, TokenUsage};
 
 /// The route of a request whose model did not resolve (yet).
 const UNRESOLVED: &str = "-";
@@ -66,6 +73,50 @@ pub struct RequestRecord {
     pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
     /// The traffic the canary's outcome is matched with (band, prompt length).
     pub canary_stratum: Stratum,
+    /// Of `prompt_tokens`, those the engine reported served from its cache.
+    pub cached_tokens: u64,
+    /// Where the governance record goes (none in unit tests).
+    pub(crate) governance: Option<Arc<Governance>>,
+    pub caller: Option<CallerFacts>,
+    pub client_addr: Option<IpAddr>,
+    pub band: Option<Priority>,
+    /// The route side that answered, once one did.
+    pub served: Option<ServedBy>,
+    /// The route's pool, for a request no replica answered.
+    pub route_pool: Option<Arc<str>>,
+    /// The prompt, kept only for a route with `audit_prompts`.
+    pub prompt: Option<String>,
+}
+
+/// The caller, for usage and audit.
+#[derive(Debug, Clone)]
+pub struct CallerFacts {
+    pub team: Arc<str>,
+    /// The team is in the config or key file (may be a metric label).
+    pub listed: bool,
+    pub key_id: Option<HeaderValue>,
+}
+
+/// The route side that answered a request.
+#[derive(Debug, Clone)]
+pub struct ServedBy {
+    pub model: Arc<str>,
+    pub pool: Arc<str>,
+    pub price: Option<TokenPrice>,
+    /// It answered 2xx: its tokens are billed (the engine's usage, else the
+    /// prompt count and counted events), even if the client left early.
+    pub billable: bool,
+}
+
+impl ServedBy {
+    pub(crate) fn of(route: &Route, status: http::StatusCode) -> ServedBy {
+        ServedBy {
+            model: route.model_label.clone(),
+            pool: route.pool.name.clone(),
+            price: route.price,
+            billable: status.is_success(),
+        }
+    }
 }
 
 impl RequestRecord {
@@ -87,6 +138,30 @@ impl RequestRecord {
             attempts: 0,
             canary: None,
             canary_stratum: Stratum::default(),
+            cached_tokens: 0,
+            governance: None,
+            caller: None,
+            client_addr: None,
+            band: None,
+            served: None,
+            route_pool: None,
+            prompt: None,
+        }
+    }
+
+    /// The tokens billed and their cost: what a replica that answered 2xx
+    /// served, nothing otherwise.
+    fn billed(&self) -> (TokenUsage, Money) {
+        match &self.served {
+            Some(s) if s.billable => {
+                let usage = TokenUsage::new(
+                    self.prompt_tokens,
+                    self.cached_tokens,
+                    self.completion_tokens,
+                );
+                (usage, s.price.map_or(Money::ZERO, |p| p.cost(usage)))
+            }
+            _ => (TokenUsage::default(), Money::ZERO),
         }
     }
 
@@ -120,6 +195,7 @@ impl RequestRecord {
                 );
             split.record(*side, !failed, self.ttft, self.canary_stratum);
         }
+        let (usage, cost) = self.billed();
         live::record(
             self.ttft,
             self.itl_sum,
@@ -139,6 +215,8 @@ impl RequestRecord {
             ttft: self.ttft,
             duration,
             attempts: self.attempts,
+            cached_prompt_tokens: self.cached_tokens,
+            cost,
         });
         // Labels come from config only: the route the model name resolved
         // to, or `unknown`; never the client's string (unbounded series).
@@ -160,5 +238,32 @@ impl RequestRecord {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
         });
+        if let Some(g) = &self.governance {
+            let route_pool = self.route_pool.as_ref().unwrap_or(&self.route);
+            let (model, pool) = match &self.served {
+                Some(s) => (&s.model, &s.pool),
+                None => (&self.route, route_pool),
+            };
+            g.request(&RequestFacts {
+                request_id: &self.request_id,
+                client_request_id: self.client_request_id.as_deref(),
+                team: self.caller.as_ref().map(|c| &c.team),
+                team_listed: self.caller.as_ref().is_none_or(|c| c.listed),
+                key_id: self.caller.as_ref().and_then(|c| c.key_id.as_ref()),
+                requested_model: &self.model,
+                route: &self.route,
+                model,
+                pool,
+                replica: &self.replica,
+                priority: self.band.map(Priority::as_str),
+                status,
+                outcome: outcome.as_str(),
+                usage,
+                cost,
+                client_addr: self.client_addr,
+                duration,
+                prompt: self.prompt.as_deref(),
+            });
+        }
     }
 }

@@ -25,7 +25,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 use super::execute::{ForwardError, Upstream};
-use super::record::{Outcome, RequestRecord};
+use super::record::{Outcome, RequestRecord, ServedBy};
 use super::upstream::UpstreamBody;
 use super::usage::UsageCounter;
 use crate::backpressure::StreamStallWatch;
@@ -358,6 +358,7 @@ impl RelayBody {
                     Poll::Ready(Ok(up)) => {
                         self.record.attempts = up.attempts;
                         let status = up.response.status();
+                        self.record.served = Some(ServedBy::of(&up.route, status));
                         let sse = super::headers::is_event_stream(up.response.headers());
                         let (_, body) = up.response.into_parts();
                         self.set_guard(up.guard);
@@ -472,6 +473,7 @@ impl RelayBody {
         self.record.completion_tokens = self.usage.completion_tokens();
         if let Some(u) = self.usage.usage {
             self.record.prompt_tokens = u.prompt_tokens;
+            self.record.cached_tokens = u.cached_tokens;
         }
         self.record.finish(status, outcome);
     }

@@ -92,6 +92,29 @@ pub async fn start(config: Config) -> Result<ServerHandle, StartError> {
     start_with(gateway, &listeners.main, listeners.admin.as_ref()).await
 }
 
+/// Writes each canary rollback to the gateway's audit log.
+async fn audit_rollbacks(
+    mut rx: tokio::sync::broadcast::Receiver<infergate_core::admission::RolledBack>,
+    gw: std::sync::Weak<Gateway>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let rb = match rx.recv().await {
+            Ok(rb) => rb,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "audit: canary rollbacks missed");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let Some(g) = gw.upgrade() else { return };
+        g.governance().audit.admin(
+            "canary_rollback",
+            serde_json::json!({"route": &*rb.route, "pool": rb.pool, "reason": rb.reason}),
+        );
+    }
+}
+
 /// Serves an existing [`Gateway`] on the given listeners.
 pub async fn start_with(
     gateway: Arc<Gateway>,
@@ -156,6 +179,16 @@ pub async fn start_with(
             Arc::downgrade(&gateway),
             Gateway::history,
             Gateway::queue_depth,
+        ));
+        // Pool capacity samples, and canary rollbacks into the audit log.
+        tokio::spawn(crate::governance::sample_loop(
+            Arc::downgrade(&gateway),
+            |g: &Gateway| &**g.governance(),
+            Gateway::pools,
+        ));
+        tokio::spawn(audit_rollbacks(
+            gateway.canary_rollbacks(),
+            Arc::downgrade(&gateway),
         ));
         let gw = gateway.clone();
         admin_task = Some(tokio::spawn(accept_loop(

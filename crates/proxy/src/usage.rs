@@ -6,7 +6,9 @@
 //! `completion_tokens`, the Responses API's and Anthropic's `input_tokens` /
 //! `output_tokens` (the Responses stream reports it in `response.completed`;
 //! Anthropic's in `message_start`, input, then `message_delta`, output so
-//! far: the counts are merged), and rerank's `total_tokens` alone.
+//! far: the counts are merged), and rerank's `total_tokens` alone. Cached
+//! prompt tokens (`prompt_tokens_details.cached_tokens`, the Responses API's
+//! `input_tokens_details`) are read too: they have their own price.
 
 use std::sync::LazyLock;
 
@@ -16,6 +18,16 @@ use serde::Deserialize;
 pub(crate) struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Of the prompt tokens, those the engine served from its prefix cache
+    /// (`prompt_tokens_details.cached_tokens`; 0 when not reported).
+    pub cached_tokens: u64,
+}
+
+/// `prompt_tokens_details` / `input_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct RawDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 /// A `usage` object as sent: any of the fields may be missing.
@@ -27,6 +39,8 @@ struct RawUsage {
     completion_tokens: Option<u64>,
     #[serde(default)]
     total_tokens: Option<u64>,
+    #[serde(default, alias = "input_tokens_details")]
+    prompt_tokens_details: Option<RawDetails>,
 }
 
 impl RawUsage {
@@ -38,9 +52,14 @@ impl RawUsage {
             .prompt_tokens
             .or_else(|| self.total_tokens.map(|t| t.saturating_sub(completion)))
             .unwrap_or(prev.prompt_tokens);
+        let cached = self
+            .prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(prev.cached_tokens);
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
+            cached_tokens: cached,
         }
     }
 }
@@ -185,7 +204,8 @@ mod tests {
             c.usage,
             Some(Usage {
                 prompt_tokens: 5,
-                completion_tokens: 9
+                completion_tokens: 9,
+                cached_tokens: 0
             })
         );
         assert_eq!(c.completion_tokens(), 9);
@@ -202,7 +222,8 @@ mod tests {
             r.usage,
             Some(Usage {
                 prompt_tokens: 12,
-                completion_tokens: 3
+                completion_tokens: 3,
+                cached_tokens: 8
             })
         );
         // Anthropic: input in message_start, output in message_delta.
@@ -214,7 +235,8 @@ mod tests {
             a.usage,
             Some(Usage {
                 prompt_tokens: 25,
-                completion_tokens: 7
+                completion_tokens: 7,
+                cached_tokens: 0
             })
         );
         assert_eq!(a.completion_tokens(), 7);
@@ -225,7 +247,8 @@ mod tests {
             k.usage,
             Some(Usage {
                 prompt_tokens: 40,
-                completion_tokens: 0
+                completion_tokens: 0,
+                cached_tokens: 0
             })
         );
     }
@@ -239,5 +262,9 @@ mod tests {
         let mut whole = UsageCounter::new(false);
         whole.observe(b"{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}");
         assert_eq!(whole.usage.unwrap().prompt_tokens, 1);
+        // Cached prompt tokens, as vLLM reports them with prefix caching on.
+        let mut cached = UsageCounter::new(false);
+        cached.observe(b"{\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}");
+        assert_eq!(cached.usage.unwrap().cached_tokens, 16);
     }
 }

@@ -11,11 +11,17 @@
 //!   `admission:` sections owned by those modules.
 //! - `limits`: bounds that protect the gateway itself from its clients (bodies
 //!   in flight, slow bodies, `n`, connections, TLS handshakes, HTTP/2 streams).
+//! - `pricing`, `accounting`, `audit`: prices per model and pool
+//!   (`crate::cost`), the usage ledger's retention and pool sampling, and the
+//!   audit log ([`governance`]).
 //!
 //! Unknown keys are errors everywhere (`deny_unknown_fields`), so a typo never
 //! silently falls back to a default. See docs/config.md for the reference.
 
+mod governance;
 pub mod units;
+
+pub use governance::{AccountingConfig, AuditConfig, AuditOutput};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -25,6 +31,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionConfig;
+use crate::cost::PricingConfig;
 use crate::endpoint::InferenceEndpoint;
 use crate::identity::{AuthConfig, ADMIN_TOKEN_ENV};
 use crate::routing::RoutingConfig;
@@ -87,6 +94,15 @@ pub struct Config {
     /// Who callers are and what they may do; `mode: none` when absent.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Token prices per model and GPU-hour prices per pool (`crate::cost`).
+    #[serde(default)]
+    pub pricing: PricingConfig,
+    /// Usage ledger retention and pool sampling (`/usage`, `/capacity`).
+    #[serde(default)]
+    pub accounting: AccountingConfig,
+    /// The audit log (off unless `audit.output` is set).
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 /// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
@@ -377,6 +393,10 @@ pub struct RouteConfig {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub admission: AdmissionConfig,
+    /// Write the request's prompt (as rendered for routing) into its audit
+    /// line. Off by default: prompts are the clients' data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_prompts: bool,
 }
 
 fn default_max_tokens() -> u32 {
@@ -681,6 +701,22 @@ impl Config {
                 admin_token_set,
             )
             .map_err(|(needle, message)| invalid(&needle, message))?;
+        let priced = |m: &str| {
+            self.routes.iter().any(|r| {
+                r.names().any(|n| n == m)
+                    || r.target_model.as_deref() == Some(m)
+                    || r.admission
+                        .canary
+                        .as_ref()
+                        .is_some_and(|c| c.model.as_deref() == Some(m))
+            })
+        };
+        self.pricing
+            .check(priced, |p| pool_names.contains(p))
+            .map_err(|(needle, message)| invalid(&needle, message))?;
+        self.accounting
+            .check()
+            .map_err(|(needle, message)| invalid(needle, message))?;
         Ok(())
     }
 
@@ -960,6 +996,21 @@ routes:
         let zero = format!("{GOOD}limits: {{ max_n: 0 }}\n");
         let e = Config::parse(&zero, "g").unwrap_err().to_string();
         assert!(e.contains("limits.max_n"), "{e}");
+    }
+
+    #[test]
+    fn pricing_names_known_models_and_pools() {
+        let priced = format!(
+            "{GOOD}pricing:\n  models:\n    llama: {{ input: 0.1, output: 0.4 }}\n  pools:\n    k8s: {{ gpu_hour: 2.5 }}\n"
+        );
+        let c = Config::parse(&priced, "g.yaml").unwrap();
+        assert_eq!(c.pricing.models["llama"].output.0, 400_000);
+        let bad = priced.replace("    llama: {", "    nope: {");
+        let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("g.yaml:23:") && e.contains("`nope`"), "{e}");
+        let bad = priced.replace("k8s: {", "gpus: {");
+        let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
+        assert!(e.contains("unknown pool `gpus`"), "{e}");
     }
 
     #[test]

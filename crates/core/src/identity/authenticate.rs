@@ -157,6 +157,15 @@ impl Authenticator {
         self.mode
     }
 
+    /// Whether `team` comes from the config or the key file (not only from
+    /// a trusted proxy's header): only such names become metric labels.
+    pub fn is_listed_team(&self, team: &str) -> bool {
+        match self.mode {
+            AuthMode::TrustedHeaders => self.teams.contains_key(team),
+            AuthMode::None | AuthMode::Keys => true,
+        }
+    }
+
     /// Keys loaded (keys mode).
     pub fn key_count(&self) -> usize {
         self.keys.len()

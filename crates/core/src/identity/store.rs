@@ -113,6 +113,13 @@ impl IdentityStore {
         Ok(())
     }
 
+    /// The ids of the keys in force, sorted (for the audit log).
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().keys.keys.iter().map(|k| k.id.clone()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// The key file path in force (what its watch should follow).
     pub fn key_path(&self) -> Option<PathBuf> {
         self.lock().key_path.clone()

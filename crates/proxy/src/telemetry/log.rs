@@ -16,6 +16,7 @@ use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use infergate_core::config::LogFormat;
+use infergate_core::cost::Money;
 
 /// The longest a line waits in memory before it is written.
 pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(100);
@@ -66,6 +67,11 @@ pub(crate) struct RequestLine<'a> {
     pub ttft: Option<Duration>,
     pub duration: Duration,
     pub attempts: u32,
+    /// Of `prompt_tokens`, those the engine served from its prefix cache.
+    pub cached_prompt_tokens: u64,
+    /// The request's cost at the configured prices (zero when unpriced or
+    /// not served).
+    pub cost: Money,
 }
 
 /// Emits the request's line at target `infergate::access`.
@@ -90,6 +96,8 @@ pub(crate) fn request_line(l: &RequestLine<'_>) {
             ttft_ms = l.ttft.map(|t| t.as_secs_f64() * 1e3),
             duration_ms = l.duration.as_secs_f64() * 1e3,
             attempts = l.attempts,
+            cached_prompt_tokens = l.cached_prompt_tokens,
+            cost = %l.cost,
             "request"
         ),
     }
@@ -176,7 +184,7 @@ impl AccessLog {
 }
 
 /// `2026-11-27T15:02:07.996772Z` (UTC, microseconds).
-fn write_timestamp(out: &mut String, now: SystemTime) {
+pub(crate) fn write_timestamp(out: &mut String, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -232,7 +240,11 @@ fn format_text(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
     }
     out.push_str(" duration_ms=");
     write_ms(out, l.duration);
-    let _ = writeln!(out, " attempts={}", l.attempts);
+    let _ = writeln!(
+        out,
+        " attempts={} cached_prompt_tokens={} cost={}",
+        l.attempts, l.cached_prompt_tokens, l.cost
+    );
 }
 
 /// A client-chosen value in a text line: as is when it is one plain word,
@@ -276,10 +288,14 @@ fn format_json(out: &mut String, now: SystemTime, l: &RequestLine<'_>) {
     }
     out.push_str(",\"duration_ms\":");
     write_ms(out, l.duration);
-    let _ = writeln!(out, ",\"attempts\":{}}}", l.attempts);
+    let _ = writeln!(
+        out,
+        ",\"attempts\":{},\"cached_prompt_tokens\":{},\"cost\":{}}}",
+        l.attempts, l.cached_prompt_tokens, l.cost
+    );
 }
 
-fn json_escape(out: &mut String, s: &str) {
+pub(crate) fn json_escape(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -313,6 +329,8 @@ mod tests {
             ttft: Some(Duration::from_micros(1_234)),
             duration: Duration::from_micros(20_005),
             attempts: 1,
+            cached_prompt_tokens: 2,
+            cost: Money(426_000_000),
         }
     }
 
@@ -332,6 +350,8 @@ mod tests {
         assert_eq!(v["ttft_ms"], 1.234);
         assert_eq!(v["duration_ms"], 20.005);
         assert_eq!(v["completion_tokens"], 4);
+        assert_eq!(v["cached_prompt_tokens"], 2);
+        assert_eq!(v["cost"], 0.000426);
     }
 
     #[test]
@@ -340,7 +360,9 @@ mod tests {
         format_text(&mut s, UNIX_EPOCH, &line());
         assert!(s.starts_with("1970-01-01T00:00:00.000000Z  INFO infergate::access: request "));
         assert!(s.contains(" status=200 outcome=ok "));
-        assert!(s.contains(" ttft_ms=1.234 duration_ms=20.005 attempts=1\n"));
+        assert!(s.contains(
+            " ttft_ms=1.234 duration_ms=20.005 attempts=1 cached_prompt_tokens=2 cost=0.000426\n"
+        ));
     }
 
     #[test]
