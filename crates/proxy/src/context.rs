@@ -102,6 +102,8 @@ pub(crate) struct RequestContext {
     pub features: RequestFeatures,
     /// Expected output tokens (request's max_tokens or the route default).
     pub expected_output_tokens: u32,
+    /// The request's span, when tracing is on (its children start under it).
+    pub trace: Option<crate::telemetry::trace::RequestTrace>,
 }
 
 impl RequestContext {
@@ -110,6 +112,7 @@ impl RequestContext {
             request_id,
             features: RequestFeatures::default(),
             expected_output_tokens: 0,
+            trace: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
 use crate::telemetry::live::History;
+use crate::telemetry::trace::Tracing;
 use infergate_core::admission::{
     AdmissionRegistry, CanarySplit, EnginePriority, PoolAdmission, RolledBack,
 };
@@ -109,6 +110,8 @@ pub struct Gateway {
     history: History,
     /// Who callers are (`auth:` and the key file).
     identity: IdentityStore,
+    /// OpenTelemetry traces (`telemetry.otlp`), built at start.
+    tracing: Option<Tracing>,
 }
 
 #[derive(Default)]
@@ -132,6 +135,17 @@ impl Gateway {
     /// Builds a gateway serving `config`.
     pub fn new(config: Config) -> Result<Arc<Gateway>, ConfigError> {
         config.validate()?;
+        let tracing = config
+            .telemetry
+            .otlp
+            .as_ref()
+            .map(Tracing::new)
+            .transpose()
+            .map_err(|message| ConfigError::Invalid {
+                file: "<config>".into(),
+                line: None,
+                message: format!("telemetry.otlp: {message}"),
+            })?;
         let (tx, _) = tokio::sync::watch::channel(Arc::new(config.clone()));
         let gw = Gateway {
             table: ArcSwap::from_pointee(RouteTable {
@@ -150,6 +164,7 @@ impl Gateway {
             admissions: AdmissionRegistry::default(),
             history: History::default(),
             identity: IdentityStore::default(),
+            tracing,
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -190,6 +205,11 @@ impl Gateway {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The tracer, when `telemetry.otlp` is set.
+    pub fn tracing(&self) -> Option<&Tracing> {
+        self.tracing.as_ref()
     }
 
     /// The status page's chart samples.

@@ -19,7 +19,9 @@ use super::parse::parse_features;
 use super::record::{Outcome, RequestRecord};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
-use infergate_core::admission::Cost;
+use crate::telemetry::trace::{self, RequestTrace};
+use infergate_core::admission::{Cost, Priority};
+use opentelemetry::KeyValue;
 use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
 use infergate_protocol::error::ApiError;
@@ -159,6 +161,18 @@ fn upstream_path(uri: &http::Uri, canonical: &'static str) -> http::uri::PathAnd
     }
 }
 
+/// The route and the caller's class on the request's span.
+fn trace_caller(t: &RequestTrace, route: &str, band: Priority, team: &str) {
+    let mut kv = vec![
+        KeyValue::new(trace::ROUTE, route.to_owned()),
+        KeyValue::new(trace::PRIORITY, band.as_str()),
+    ];
+    if !team.is_empty() {
+        kv.push(KeyValue::new(trace::TEAM, team.to_owned()));
+    }
+    t.set(kv);
+}
+
 fn json_response(body: Bytes) -> Response<GatewayBody> {
     let mut r = Response::new(GatewayBody::from(body));
     r.headers_mut()
@@ -186,6 +200,11 @@ where
 {
     let mut record = ids.record(received_at);
     let (mut parts, body) = req.into_parts();
+    let kind = ApiKind::of(endpoint);
+    if let Some(t) = gw.tracing() {
+        let span = t.start(&parts.headers, kind.operation(), &record.request_id, received_at);
+        record.trace = Some(span);
+    }
     // Who is calling, before the body is read.
     let caller = match gw
         .identity()
@@ -195,7 +214,6 @@ where
         Ok(c) => c,
         Err(e) => return unauthorized(e, record),
     };
-    let kind = ApiKind::of(endpoint);
     let table = gw.routes();
     let limits = &table.limits;
 
@@ -219,6 +237,9 @@ where
     };
     record.set_model(&features.model);
     record.prompt_tokens = u64::from(features.prompt_tokens);
+    if let Some(t) = &record.trace {
+        t.name_model(kind.operation(), &record.model);
+    }
     // A model the caller may not use is as unknown to it as a missing one.
     let Some(route) = table
         .resolve(&features.model)
@@ -263,6 +284,7 @@ where
         .unwrap_or(rc.default_max_tokens)
         .saturating_mul(features.choices.max(1));
     ctx.features = features;
+    ctx.trace = record.trace.clone();
 
     let fallbacks = rc
         .admission
@@ -293,6 +315,9 @@ where
     }
     record.canary = plan.canary().cloned();
     record.canary_stratum = plan.canary_stratum();
+    if let Some(t) = &record.trace {
+        trace_caller(t, &route.name, plan.class().priority, &caller.policy.team);
+    }
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
         Err(f) => return reject(f.error, record),
@@ -315,6 +340,7 @@ where
             body,
             request_id: &rid,
             client_request_id: client_rid.as_ref(),
+            traceparent: None,
         };
         let r = execute::forward(plan, reserved, &ctx, out, include_usage).await;
         // The body is gone once forwarded: its bytes leave the budget.

@@ -30,6 +30,9 @@ use super::upstream::UpstreamBody;
 use super::usage::UsageCounter;
 use crate::backpressure::StreamStallWatch;
 use crate::telemetry::metrics::PairMetrics;
+use crate::telemetry::trace;
+use opentelemetry::trace::{Span as _, SpanKind};
+use opentelemetry::KeyValue;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
 use infergate_core::plan::{upstream_failed, upstream_timeout};
@@ -178,6 +181,8 @@ pub struct RelayBody {
     /// The replica connection permit (see `upstream::MAX_CONNECTIONS_PER_REPLICA`).
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     record: RequestRecord,
+    /// The `stream` span (tracing on): from response headers to the end.
+    span: Option<opentelemetry_sdk::trace::Span>,
     status: u16,
     outcome: Option<Outcome>,
     /// The record was written (it is written once: at the end, or on drop).
@@ -235,6 +240,7 @@ impl RelayBody {
             guard: None,
             permit: None,
             record: s.record,
+            span: None,
             timeouts: s.timeouts,
             status,
             outcome: None,
@@ -244,6 +250,10 @@ impl RelayBody {
 
     fn set_guard(&mut self, guard: Reservation) {
         self.record.replica = guard.replica().endpoint.key.clone();
+        if let Some(t) = &self.record.trace {
+            let replica = KeyValue::new(trace::REPLICA, self.record.replica.to_string());
+            self.span = Some(t.child("stream", SpanKind::Internal, vec![replica]));
+        }
         if self.sse {
             self.stream_metrics = Some(crate::telemetry::metrics::pair(
                 &self.record.route,
@@ -270,6 +280,9 @@ impl RelayBody {
         match self.last_frame {
             None => {
                 self.record.ttft = Some(now - self.record.received_at);
+                if let Some(s) = self.span.as_mut() {
+                    s.add_event("first_token", Vec::new());
+                }
                 if let Some(g) = self.guard.as_mut() {
                     g.prefill_done();
                     g.replica().warmup.token_served();
@@ -470,6 +483,20 @@ impl RelayBody {
         self.record.completion_tokens = self.usage.completion_tokens();
         if let Some(u) = self.usage.usage {
             self.record.prompt_tokens = u.prompt_tokens;
+            self.record.cached_tokens = u.cached_tokens;
+        }
+        if let Some(mut s) = self.span.take() {
+            s.set_attribute(KeyValue::new(
+                trace::OUTPUT_TOKENS,
+                self.record.completion_tokens as i64,
+            ));
+            if let Some(t) = self.record.ttft {
+                s.set_attribute(KeyValue::new(trace::TTFT, t.as_secs_f64()));
+            }
+            if outcome != Outcome::Ok {
+                trace::fail(&mut s, outcome.as_str());
+            }
+            s.end();
         }
         self.record.finish(status, outcome);
     }
