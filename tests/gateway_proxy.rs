@@ -130,6 +130,45 @@ async fn a_stalled_stream_ends_with_an_sse_error_event() {
     assert_eq!(up.cancelled().len(), 1);
 }
 
+/// An Anthropic error body: `{"type": "error", "error": {"type", "message"}}`.
+fn anthropic_error(body: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    assert_eq!(v["type"], "error", "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    v["error"].clone()
+}
+
+#[tokio::test]
+async fn messages_errors_are_in_anthropic_shape() {
+    let up = mini_upstream("a", Behaviour::Stall { after: 2 }).await;
+    let gw = gateway(config(&[up.url()], "    timeouts: { idle: 200ms }")).await;
+    let url = gw.url();
+    let msg = |model: &str, stream: bool| {
+        format!(r#"{{"model":"{model}","max_tokens":5,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+    };
+    let (status, _, body) = post(&url, "/v1/messages", &msg("nope", false)).await;
+    assert_eq!(status, 404);
+    let e = anthropic_error(&body);
+    assert_eq!(e["type"], "not_found_error");
+    assert!(e["message"].as_str().unwrap().contains("nope"), "{e}");
+    let (status, _, body) = post(&url, "/v1/messages", "{not json").await;
+    assert_eq!(status, 400);
+    assert_eq!(anthropic_error(&body)["type"], "invalid_request_error");
+    // The other APIs keep OpenAI's shape.
+    let (status, _, body) = post(&url, "/v1/completions", r#"{"model":"nope","prompt":"p"}"#).await;
+    assert_eq!(status, 404);
+    assert_eq!(error_of(&body)["code"], "model_not_found");
+    // A stream that fails after its first events ends with Anthropic's
+    // `error` event.
+    let (status, _, bytes) = post(&url, "/v1/messages", &msg("m", true)).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&bytes);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let data = last.strip_prefix("event: error\ndata: ").expect(&text);
+    assert_eq!(anthropic_error(data.as_bytes())["type"], "timeout_error");
+}
+
 #[tokio::test]
 async fn connect_failure_is_retried_on_another_replica() {
     // A port with nothing listening, listed first so least-request tries it first.

@@ -69,4 +69,14 @@ assert final.usage.output_tokens == 4, final.usage
 assert final.usage.input_tokens > 0, final.usage
 seen(replica, final.usage.input_tokens, final.usage.output_tokens)
 
+# Errors on the messages API come in Anthropic's shape, which the SDK maps to
+# its own exception types.
+try:
+    an.messages.create(model="no-such-model", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
+    sys.exit("an unknown model was answered")
+except anthropic.NotFoundError as e:
+    assert e.status_code == 404, e
+    assert e.body["type"] == "error" and e.body["error"]["type"] == "not_found_error", e.body
+    assert "no-such-model" in e.body["error"]["message"], e.body
+
 print(json.dumps({"replicas": served, "input_tokens": usage["input"], "output_tokens": usage["output"]}))

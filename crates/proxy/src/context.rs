@@ -3,6 +3,7 @@
 //! when a step needs another parsed field or header.
 
 use infergate_core::endpoint::InferenceEndpoint;
+use infergate_protocol::error::ErrorShape;
 
 /// Header carrying the request id: the gateway's own, upstream and to the
 /// client (a client's id would let two clients' requests share one).
@@ -59,6 +60,14 @@ impl ApiKind {
             ApiKind::Rerank => "rerank",
             ApiKind::Score => "score",
             ApiKind::Other => "other",
+        }
+    }
+
+    /// The error body its clients read (Anthropic's for messages).
+    pub(crate) fn error_shape(self) -> ErrorShape {
+        match self {
+            ApiKind::Messages => ErrorShape::Anthropic,
+            _ => ErrorShape::OpenAi,
         }
     }
 

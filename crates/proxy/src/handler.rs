@@ -24,7 +24,7 @@ use infergate_core::admission::{Cost, Priority};
 use opentelemetry::KeyValue;
 use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
-use infergate_protocol::error::ApiError;
+use infergate_protocol::error::{ApiError, ErrorShape};
 
 /// Handles one client request from `peer`.
 pub(crate) async fn handle<B>(
@@ -43,7 +43,7 @@ where
     let mut resp = match dispatch(req.method(), req.uri().path()) {
         Dispatch::Models => models(&gw, req.headers(), peer, record()),
         Dispatch::Forward(endpoint) => proxy(&gw, req, peer, endpoint, &ids, received_at).await,
-        Dispatch::Refuse(e) => reject(e, record()),
+        Dispatch::Refuse(e, shape) => reject(shape, e, record()),
     };
     let h = resp.headers_mut();
     h.insert(REQUEST_ID, ids.gateway);
@@ -62,7 +62,8 @@ enum Dispatch {
     Models,
     /// An inference endpoint and its canonical path.
     Forward((InferenceEndpoint, &'static str)),
-    Refuse(ApiError),
+    /// An error, in the shape of the API the path names (OpenAI's if none).
+    Refuse(ApiError, ErrorShape),
 }
 
 /// Normalises the path and checks it against the forwarding allow-list
@@ -71,17 +72,23 @@ fn dispatch(method: &Method, raw: &str) -> Dispatch {
     let path = match normalize_path(raw) {
         Ok(p) => p,
         Err(e) => {
-            return Dispatch::Refuse(ApiError::bad_request(e.message()).with_code("invalid_path"))
+            return Dispatch::Refuse(
+                ApiError::bad_request(e.message()).with_code("invalid_path"),
+                ErrorShape::OpenAi,
+            )
         }
     };
     match (method, InferenceEndpoint::from_path(&path)) {
         (&Method::GET, None) if path == "/v1/models" => Dispatch::Models,
         (&Method::POST, Some(e)) => Dispatch::Forward(e),
-        (m, Some(_)) => Dispatch::Refuse(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            format!("Method {m} is not allowed on {path}"),
-        )),
+        (m, Some((e, _))) => Dispatch::Refuse(
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("Method {m} is not allowed on {path}"),
+            ),
+            ApiKind::of(e).error_shape(),
+        ),
         (_, None) => Dispatch::Refuse(
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -89,6 +96,7 @@ fn dispatch(method: &Method, raw: &str) -> Dispatch {
                 format!("Unknown path {path}"),
             )
             .with_code("not_found"),
+            ErrorShape::OpenAi,
         ),
     }
 }
@@ -102,13 +110,13 @@ fn models(
 ) -> Response<GatewayBody> {
     match gw.identity().authenticator().authenticate(headers, peer) {
         Ok(caller) => json_response(gw.routes().models_for(&caller.policy)),
-        Err(e) => unauthorized(e, record),
+        Err(e) => unauthorized(ErrorShape::OpenAi, e, record),
     }
 }
 
 /// 401 with the OpenAI error body and `WWW-Authenticate: Bearer`.
-fn unauthorized(e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
-    let mut r = reject(e.to_api_error(), record);
+fn unauthorized(shape: ErrorShape, e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
+    let mut r = reject(shape, e.to_api_error(), record);
     r.headers_mut()
         .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
@@ -180,10 +188,11 @@ fn json_response(body: Bytes) -> Response<GatewayBody> {
     r
 }
 
-fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
+/// Answers `e` in the client's API's error shape, with its log line.
+fn reject(shape: ErrorShape, e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
     tracing::debug!(request_id = %record.request_id, error = %e, "rejected");
     record.finish(e.status.as_u16(), Outcome::Rejected);
-    e.into_response()
+    e.into_response_as(shape)
 }
 
 async fn proxy<B>(
@@ -201,6 +210,7 @@ where
     let mut record = ids.record(received_at);
     let (mut parts, body) = req.into_parts();
     let kind = ApiKind::of(endpoint);
+    let shape = kind.error_shape();
     if let Some(t) = gw.tracing() {
         let span = t.start(&parts.headers, kind.operation(), &record.request_id, received_at);
         record.trace = Some(span);
@@ -212,13 +222,13 @@ where
         .authenticate(&parts.headers, peer)
     {
         Ok(c) => c,
-        Err(e) => return unauthorized(e, record),
+        Err(e) => return unauthorized(shape, e, record),
     };
     let table = gw.routes();
     let limits = &table.limits;
 
     if let Err(e) = check_content_type(&parts.headers) {
-        return reject(e, record);
+        return reject(shape, e, record);
     }
     let read = BodyLimits {
         max_bytes: table.max_read_body_bytes,
@@ -229,11 +239,11 @@ where
     };
     let (body, body_permit) = match read_limited(&parts.headers, body, &read).await {
         Ok(b) => b,
-        Err(e) => return reject(e, record),
+        Err(e) => return reject(shape, e, record),
     };
     let features = match parse_features(kind, &body) {
         Ok(f) => f,
-        Err(e) => return reject(e, record),
+        Err(e) => return reject(shape, e, record),
     };
     record.set_model(&features.model);
     record.prompt_tokens = u64::from(features.prompt_tokens);
@@ -246,13 +256,13 @@ where
         .filter(|r| caller.policy.allows(r.config.names()))
         .cloned()
     else {
-        return reject(ApiError::model_not_found(&features.model), record);
+        return reject(shape, ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
     record.operation = Some(kind.operation());
     let rc = &route.config;
     if !rc.serves(endpoint) {
-        return reject(
+        return reject(shape, 
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -264,10 +274,10 @@ where
     }
     let body_limit = rc.max_body_bytes.unwrap_or(table.max_body_bytes);
     if body.len() as u64 > body_limit {
-        return reject(too_large(body_limit), record);
+        return reject(shape, too_large(body_limit), record);
     }
     if features.choices > limits.max_n {
-        return reject(
+        return reject(shape, 
             ApiError::bad_request(format!(
                 "`n` and `best_of` may be at most {} on this gateway",
                 limits.max_n
@@ -320,7 +330,7 @@ where
     }
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
-        Err(f) => return reject(f.error, record),
+        Err(f) => return reject(shape, f.error, record),
     };
 
     let timeouts = rc.timeouts.clone();
@@ -355,7 +365,7 @@ where
                 r = &mut pending => r,
                 _ = tokio::time::sleep_until(commit_at.into()) => {
                     // Prefill is slow: commit the event stream now and keep it alive.
-                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true };
+                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true, shape };
                     let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
                     let h = resp.headers_mut();
                     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -380,7 +390,7 @@ where
             };
             tracing::warn!(request_id = %record.request_id, error = %fe.error, "upstream failed");
             record.finish(fe.error.status.as_u16(), outcome);
-            fe.error.into_response()
+            fe.error.into_response_as(shape)
         }
         Ok(up) => {
             record.attempts = up.attempts;
@@ -407,6 +417,7 @@ where
                 timeouts,
                 first_byte_deadline,
                 sse,
+                shape,
             };
             let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))

@@ -36,7 +36,7 @@ use opentelemetry::KeyValue;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
 use infergate_core::plan::{upstream_failed, upstream_timeout};
-use infergate_protocol::error::ApiError;
+use infergate_protocol::error::{ApiError, ErrorShape};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -159,12 +159,15 @@ pub struct RelaySetup {
     pub timeouts: Timeouts,
     pub first_byte_deadline: Instant,
     pub sse: bool,
+    /// The client's API's error shape (for a final error event).
+    pub shape: ErrorShape,
 }
 
 /// The relayed body of one request.
 pub struct RelayBody {
     phase: Phase,
     sse: bool,
+    shape: ErrorShape,
     timeouts: Timeouts,
     total_deadline: Option<Instant>,
     /// Fires no later than `deadline`; moved only when it fires early or the
@@ -229,6 +232,7 @@ impl RelayBody {
         RelayBody {
             phase,
             sse: s.sse,
+            shape: s.shape,
             total_deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
             deadline,
@@ -323,10 +327,14 @@ impl RelayBody {
         self.outcome = Some(outcome);
         self.keepalive = None;
         if self.sse {
-            let body = error.body();
-            let mut ev = BytesMut::with_capacity(body.len() + 10);
+            let body = error.body_as(self.shape);
+            let mut ev = BytesMut::with_capacity(body.len() + 24);
             if self.usage.mid_line() {
                 ev.extend_from_slice(b"\n\n");
+            }
+            // Anthropic's streams name their error event.
+            if self.shape == ErrorShape::Anthropic {
+                ev.extend_from_slice(b"event: error\n");
             }
             ev.extend_from_slice(b"data: ");
             ev.extend_from_slice(&body);
