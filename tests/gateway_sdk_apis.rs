@@ -120,6 +120,14 @@ async fn responses_and_messages_sdks_route_by_prefix_and_count_exact_usage() {
         completion,
         "{m}"
     );
+    // Prompt tokens served from the engine's prefix cache, as the SDKs saw
+    // them (Responses: `input_tokens_details.cached_tokens`; Anthropic:
+    // `cache_read_input_tokens`).
+    assert_eq!(
+        metric_sum(&m, "infergate_cached_prompt_tokens_total"),
+        v["cached_tokens"].as_f64().unwrap(),
+        "{m}"
+    );
     // And so did the GenAI-convention token histogram, by token type, with
     // the Responses and messages calls as `chat` operations.
     let usage = "gen_ai_client_token_usage_sum";
