@@ -168,6 +168,19 @@ mod tests {
                 ("content-length", "10")
             ]
         );
+        // Tracing off: the client's trace context passes untouched.
+        let mut names = Vec::new();
+        upstream_request_headers(
+            &h,
+            &GatewayHeaders {
+                request_id: &HeaderValue::from_static("rid"),
+                client_request_id: None,
+                traceparent: None,
+            },
+            0,
+            |n, v| names.push((n.to_vec(), v.to_vec())),
+        );
+        assert!(names.contains(&(b"traceparent".to_vec(), b"00-client".to_vec())));
         let mut r = h.clone();
         clean_response_headers(&mut r);
         assert!(r.get("connection").is_none() && r.get("x-secret").is_none());

@@ -348,3 +348,21 @@ fn status_label(status: u16) -> &'static str {
         _ => "5xx",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_per_output_token_is_the_time_after_the_first_over_the_rest() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            time_per_output_token(ms(1100), Some(ms(100)), 11),
+            Some(0.1)
+        );
+        // One token, no first token, or a TTFT past the end: none.
+        assert_eq!(time_per_output_token(ms(500), Some(ms(100)), 1), None);
+        assert_eq!(time_per_output_token(ms(500), None, 10), None);
+        assert_eq!(time_per_output_token(ms(50), Some(ms(100)), 10), None);
+    }
+}
