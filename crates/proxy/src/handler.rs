@@ -1,6 +1,8 @@
 //! The per-request pipeline: path allow-list → caller → body → features →
-//! route (and the caller's models) → admission → forward → relay. Each step lives in its own module; this one wires them and turns
-//! every failure into an OpenAI-style JSON error with a log line.
+//! route (and the caller's models) → admission → forward → relay. Each step
+//! lives in its own module; this one wires them, starts the request's span
+//! when tracing is on, and turns every failure into an OpenAI-style JSON
+//! error (Anthropic's shape on `/v1/messages`) with a log line.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -114,7 +116,7 @@ fn models(
     }
 }
 
-/// 401 with the OpenAI error body and `WWW-Authenticate: Bearer`.
+/// 401 with the error body (in `shape`) and `WWW-Authenticate: Bearer`.
 fn unauthorized(shape: ErrorShape, e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
     let mut r = reject(shape, e.to_api_error(), record);
     r.headers_mut()

@@ -184,8 +184,9 @@ pub struct RelayBody {
     /// The replica connection permit (see `upstream::MAX_CONNECTIONS_PER_REPLICA`).
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     record: RequestRecord,
-    /// The `stream` span (tracing on): from response headers to the end.
-    span: Option<opentelemetry_sdk::trace::Span>,
+    /// The `stream` span (tracing on): from response headers to the end
+    /// (boxed: tracing off, the relay stays small).
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
     status: u16,
     outcome: Option<Outcome>,
     /// The record was written (it is written once: at the end, or on drop).
@@ -256,7 +257,7 @@ impl RelayBody {
         self.record.replica = guard.replica().endpoint.key.clone();
         if let Some(t) = &self.record.trace {
             let replica = KeyValue::new(trace::REPLICA, self.record.replica.to_string());
-            self.span = Some(t.child("stream", SpanKind::Internal, vec![replica]));
+            self.span = Some(Box::new(t.child("stream", SpanKind::Internal, vec![replica])));
         }
         if self.sse {
             self.stream_metrics = Some(crate::telemetry::metrics::pair(
