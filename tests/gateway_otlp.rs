@@ -225,7 +225,9 @@ async fn a_request_trace_reaches_the_collector_and_the_replica_gets_its_context(
     let (status, _, second) = post_with(&url, "/v1/chat/completions", &body, &headers).await;
     assert_eq!(status, 200);
     let usage = stream_usage(&second);
-    let cached = usage["prompt_tokens_details"]["cached_tokens"].as_i64().unwrap();
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_i64()
+        .unwrap();
     assert!(cached > 0, "the replica reported no cached tokens: {usage}");
 
     // The replica received the gateway's context in the client's trace.
@@ -234,7 +236,10 @@ async fn a_request_trace_reaches_the_collector_and_the_replica_gets_its_context(
     let parts: Vec<&str> = sent.split('-').collect();
     assert_eq!(parts.len(), 4, "{sent}");
     assert_eq!((parts[0], parts[1], parts[3]), ("00", client_trace, "01"));
-    assert_ne!(parts[2], client_span, "the replica's parent is the gateway's span");
+    assert_ne!(
+        parts[2], client_span,
+        "the replica's parent is the gateway's span"
+    );
     assert_eq!(seen["tracestate"], "vendor=abc");
 
     // 2 requests x (request + queue + attempt + stream).
@@ -273,7 +278,9 @@ async fn a_request_trace_reaches_the_collector_and_the_replica_gets_its_context(
         usage["completion_tokens"].as_i64().unwrap()
     );
     assert_eq!(int(&a, "gen_ai.usage.cache_read.input_tokens"), cached);
-    assert!(matches!(a.get("gen_ai.response.time_to_first_chunk"), Some(Value::DoubleValue(t)) if *t > 0.0));
+    assert!(
+        matches!(a.get("gen_ai.response.time_to_first_chunk"), Some(Value::DoubleValue(t)) if *t > 0.0)
+    );
     assert_eq!(string(&a, "infergate.route"), "m");
     assert_eq!(string(&a, "infergate.priority"), "critical");
     assert_eq!(string(&a, "infergate.team"), "search");

@@ -145,7 +145,9 @@ async fn messages_errors_are_in_anthropic_shape() {
     let gw = gateway(config(&[up.url()], "    timeouts: { idle: 200ms }")).await;
     let url = gw.url();
     let msg = |model: &str, stream: bool| {
-        format!(r#"{{"model":"{model}","max_tokens":5,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#)
+        format!(
+            r#"{{"model":"{model}","max_tokens":5,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
     };
     let (status, _, body) = post(&url, "/v1/messages", &msg("nope", false)).await;
     assert_eq!(status, 404);
@@ -170,7 +172,10 @@ async fn messages_errors_are_in_anthropic_shape() {
 }
 
 /// The status page's view of replica `key` in the first pool, if listed.
-async fn replica_status(gw: &infergate_proxy::ServerHandle, key: &str) -> Option<serde_json::Value> {
+async fn replica_status(
+    gw: &infergate_proxy::ServerHandle,
+    key: &str,
+) -> Option<serde_json::Value> {
     let s = admin_json(&format!("{}/status.json", gw.admin_url().unwrap())).await;
     s["pools"][0]["replicas"]
         .as_array()
@@ -194,9 +199,15 @@ async fn a_replica_removed_with_requests_in_flight_shows_as_draining() {
     )
     .await;
     assert_eq!(resp.status(), 200);
-    let served = resp.headers()["x-infergate-replica"].to_str().unwrap().to_string();
+    let served = resp.headers()["x-infergate-replica"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let other = if served == a.addr.to_string() { &b } else { &a };
-    assert_eq!(replica_status(&gw, &served).await.unwrap()["state"], "unscraped");
+    assert_eq!(
+        replica_status(&gw, &served).await.unwrap()["state"],
+        "unscraped"
+    );
     // The replica leaves the pool (as a terminating endpoint leaves its
     // EndpointSlice) while its stream runs.
     gw.gateway.apply_config(config(&[other.url()], "")).unwrap();

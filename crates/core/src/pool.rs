@@ -549,7 +549,10 @@ mod tests {
         assert_eq!(r1.load.tokens(), 0);
         assert!(pool.draining().is_empty());
         // A replica removed idle is not draining.
-        pool.apply(Update::Remove(vec![pool.replicas()[0].endpoint.key.clone()]));
+        pool.apply(Update::Remove(vec![pool.replicas()[0]
+            .endpoint
+            .key
+            .clone()]));
         assert!(pool.draining().is_empty());
         pool.apply(Update::Reset(vec![ep(2)]));
         assert_eq!(pool.replicas().len(), 1);

@@ -197,10 +197,13 @@ mod tests {
             v,
             serde_json::json!({"type": "error", "error": {"type": "not_found_error", "message": "The model `nope` does not exist."}})
         );
-        let r: Response<Bytes> =
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "slow down")
-                .with_retry_after(3)
-                .into_response_as(ErrorShape::Anthropic);
+        let r: Response<Bytes> = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "slow down",
+        )
+        .with_retry_after(3)
+        .into_response_as(ErrorShape::Anthropic);
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["retry-after"], "3");
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();

@@ -23,8 +23,6 @@ use super::parse::upstream_body;
 use super::upstream::{Outgoing, UpstreamBody};
 use crate::telemetry::metrics::record_retry;
 use crate::telemetry::trace::{self, RequestTrace};
-use opentelemetry::trace::SpanKind;
-use opentelemetry::KeyValue;
 use infergate_core::admission::{
     CanarySide, CanarySplit, FallbackReason, Outcome, Reservation, CANARY_SIDE_HEADER,
     FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER,
@@ -32,6 +30,8 @@ use infergate_core::admission::{
 use infergate_core::plan::{self, Event, Failure, RequestPlan, RetryReason, Step};
 use infergate_core::routing::RouteRequest;
 use infergate_protocol::error::ApiError;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// A request's plan over the proxy's routes.
 pub(crate) type Plan = RequestPlan<Route>;
@@ -348,7 +348,9 @@ async fn admit_on(
     if let Some(mut span) = span {
         use opentelemetry::trace::Span as _;
         match &admitted {
-            Ok(r) => span.set_attribute(KeyValue::new(trace::REPLICA, r.replica().key().to_string())),
+            Ok(r) => {
+                span.set_attribute(KeyValue::new(trace::REPLICA, r.replica().key().to_string()))
+            }
             Err(e) => trace::fail(&mut span, e.as_str()),
         }
         span.end();

@@ -23,10 +23,10 @@ use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
 use crate::telemetry::trace::{self, RequestTrace};
 use infergate_core::admission::{Cost, Priority};
-use opentelemetry::KeyValue;
 use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
 use infergate_protocol::error::{ApiError, ErrorShape};
+use opentelemetry::KeyValue;
 
 /// Handles one client request from `peer`.
 pub(crate) async fn handle<B>(
@@ -214,7 +214,12 @@ where
     let kind = ApiKind::of(endpoint);
     let shape = kind.error_shape();
     if let Some(t) = gw.tracing() {
-        let span = t.start(&parts.headers, kind.operation(), &record.request_id, received_at);
+        let span = t.start(
+            &parts.headers,
+            kind.operation(),
+            &record.request_id,
+            received_at,
+        );
         record.trace = Some(span);
     }
     // Who is calling, before the body is read.
@@ -264,7 +269,8 @@ where
     record.operation = Some(kind.operation());
     let rc = &route.config;
     if !rc.serves(endpoint) {
-        return reject(shape, 
+        return reject(
+            shape,
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -279,7 +285,8 @@ where
         return reject(shape, too_large(body_limit), record);
     }
     if features.choices > limits.max_n {
-        return reject(shape, 
+        return reject(
+            shape,
             ApiError::bad_request(format!(
                 "`n` and `best_of` may be at most {} on this gateway",
                 limits.max_n

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::telemetry::trace::{self, RequestTrace};
 use crate::telemetry::{live, log, metrics};
-use opentelemetry::KeyValue;
 use infergate_core::admission::{CanarySide, CanarySplit, Stratum};
+use opentelemetry::KeyValue;
 
 /// The route of a request whose model did not resolve (yet).
 const UNRESOLVED: &str = "-";
@@ -183,7 +183,10 @@ impl RequestRecord {
             KeyValue::new(trace::ATTEMPTS, i64::from(self.attempts)),
         ];
         if self.cached_tokens > 0 {
-            kv.push(KeyValue::new(trace::CACHED_TOKENS, self.cached_tokens as i64));
+            kv.push(KeyValue::new(
+                trace::CACHED_TOKENS,
+                self.cached_tokens as i64,
+            ));
         }
         if let Some(ttft) = self.ttft {
             kv.push(KeyValue::new(trace::TTFT, ttft.as_secs_f64()));

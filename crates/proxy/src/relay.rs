@@ -31,12 +31,12 @@ use super::usage::UsageCounter;
 use crate::backpressure::StreamStallWatch;
 use crate::telemetry::metrics::PairMetrics;
 use crate::telemetry::trace;
-use opentelemetry::trace::{Span as _, SpanKind};
-use opentelemetry::KeyValue;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
 use infergate_core::plan::{upstream_failed, upstream_timeout};
 use infergate_protocol::error::{ApiError, ErrorShape};
+use opentelemetry::trace::{Span as _, SpanKind};
+use opentelemetry::KeyValue;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -257,7 +257,11 @@ impl RelayBody {
         self.record.replica = guard.replica().endpoint.key.clone();
         if let Some(t) = &self.record.trace {
             let replica = KeyValue::new(trace::REPLICA, self.record.replica.to_string());
-            self.span = Some(Box::new(t.child("stream", SpanKind::Internal, vec![replica])));
+            self.span = Some(Box::new(t.child(
+                "stream",
+                SpanKind::Internal,
+                vec![replica],
+            )));
         }
         if self.sse {
             self.stream_metrics = Some(crate::telemetry::metrics::pair(

@@ -805,7 +805,8 @@ impl Config {
             .check(self.max_body_bytes)
             .map_err(|(needle, message)| invalid(needle, message))?;
         if let Some(o) = &self.telemetry.otlp {
-            o.check().map_err(|(needle, message)| invalid(needle, message))?;
+            o.check()
+                .map_err(|(needle, message)| invalid(needle, message))?;
         }
         let admin_token_set = self.auth.admin.token_file.is_some()
             || std::env::var_os(ADMIN_TOKEN_ENV).is_some_and(|v| !v.is_empty());

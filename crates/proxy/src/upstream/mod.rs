@@ -210,12 +210,9 @@ impl UpstreamClient {
             client_request_id: out.client_request_id,
             traceparent: out.traceparent,
         };
-        upstream_request_headers(
-            out.headers,
-            &ours,
-            out.body.len(),
-            |n, v| codec::encode_header(&mut head, n, v),
-        );
+        upstream_request_headers(out.headers, &ours, out.body.len(), |n, v| {
+            codec::encode_header(&mut head, n, v)
+        });
         codec::end_head(&mut head);
         let worker = crate::worker::current() % MAX_WORKER_POOLS;
         let conn = match slot.checkout(worker) {
