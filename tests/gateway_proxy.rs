@@ -130,6 +130,100 @@ async fn a_stalled_stream_ends_with_an_sse_error_event() {
     assert_eq!(up.cancelled().len(), 1);
 }
 
+/// An Anthropic error body: `{"type": "error", "error": {"type", "message"}}`.
+fn anthropic_error(body: &[u8]) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    assert_eq!(v["type"], "error", "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    v["error"].clone()
+}
+
+#[tokio::test]
+async fn messages_errors_are_in_anthropic_shape() {
+    let up = mini_upstream("a", Behaviour::Stall { after: 2 }).await;
+    let gw = gateway(config(&[up.url()], "    timeouts: { idle: 200ms }")).await;
+    let url = gw.url();
+    let msg = |model: &str, stream: bool| {
+        format!(
+            r#"{{"model":"{model}","max_tokens":5,"stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    let (status, _, body) = post(&url, "/v1/messages", &msg("nope", false)).await;
+    assert_eq!(status, 404);
+    let e = anthropic_error(&body);
+    assert_eq!(e["type"], "not_found_error");
+    assert!(e["message"].as_str().unwrap().contains("nope"), "{e}");
+    let (status, _, body) = post(&url, "/v1/messages", "{not json").await;
+    assert_eq!(status, 400);
+    assert_eq!(anthropic_error(&body)["type"], "invalid_request_error");
+    // The other APIs keep OpenAI's shape.
+    let (status, _, body) = post(&url, "/v1/completions", r#"{"model":"nope","prompt":"p"}"#).await;
+    assert_eq!(status, 404);
+    assert_eq!(error_of(&body)["code"], "model_not_found");
+    // A stream that fails after its first events ends with Anthropic's
+    // `error` event.
+    let (status, _, bytes) = post(&url, "/v1/messages", &msg("m", true)).await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&bytes);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let data = last.strip_prefix("event: error\ndata: ").expect(&text);
+    assert_eq!(anthropic_error(data.as_bytes())["type"], "timeout_error");
+}
+
+/// The status page's view of replica `key` in the first pool, if listed.
+async fn replica_status(
+    gw: &infergate_proxy::ServerHandle,
+    key: &str,
+) -> Option<serde_json::Value> {
+    let s = admin_json(&format!("{}/status.json", gw.admin_url().unwrap())).await;
+    s["pools"][0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == key)
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_replica_removed_with_requests_in_flight_shows_as_draining() {
+    let a = mini_upstream("a", Behaviour::Echo).await;
+    let b = mini_upstream("b", Behaviour::Echo).await;
+    let gw = gateway(config(&[a.url(), b.url()], "")).await;
+    // A slow stream: 20 tokens, 40 ms apart.
+    let resp = post_stream(
+        &gw.url(),
+        "/v1/completions",
+        r#"{"model":"m","prompt":"p","stream":true,"max_tokens":20,"x_itl_ms":40}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let served = resp.headers()["x-infergate-replica"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let other = if served == a.addr.to_string() { &b } else { &a };
+    assert_eq!(
+        replica_status(&gw, &served).await.unwrap()["state"],
+        "unscraped"
+    );
+    // The replica leaves the pool (as a terminating endpoint leaves its
+    // EndpointSlice) while its stream runs.
+    gw.gateway.apply_config(config(&[other.url()], "")).unwrap();
+    let r = replica_status(&gw, &served).await.expect("still listed");
+    assert_eq!(r["state"], "draining", "{r}");
+    assert_eq!(r["requests_in_flight"], 1, "{r}");
+    assert_eq!(
+        replica_status(&gw, &other.addr.to_string()).await.unwrap()["state"],
+        "unscraped"
+    );
+    // Its last request ends: it is gone.
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
+    assert_eq!(replica_status(&gw, &served).await, None);
+}
+
 #[tokio::test]
 async fn connect_failure_is_retried_on_another_replica() {
     // A port with nothing listening, listed first so least-request tries it first.

@@ -109,14 +109,23 @@ async fn responses_and_messages_sdks_route_by_prefix_and_count_exact_usage() {
         + sc["usage"]["prompt_tokens"].as_f64().unwrap();
     let completion = v["output_tokens"].as_f64().unwrap();
     let m = admin_metrics(&gw).await;
+    // (The script's last call, an unknown model, never reached a route.)
     assert_eq!(
-        metric_sum(&m, "infergate_prompt_tokens_total"),
+        metric_sum_of(&m, "infergate_prompt_tokens_total", "route=\"m\""),
         prompt,
         "{m}"
     );
     assert_eq!(
         metric_sum(&m, "infergate_completion_tokens_total"),
         completion,
+        "{m}"
+    );
+    // Prompt tokens served from the engine's prefix cache, as the SDKs saw
+    // them (Responses: `input_tokens_details.cached_tokens`; Anthropic:
+    // `cache_read_input_tokens`).
+    assert_eq!(
+        metric_sum(&m, "infergate_cached_prompt_tokens_total"),
+        v["cached_tokens"].as_f64().unwrap(),
         "{m}"
     );
     // And so did the GenAI-convention token histogram, by token type, with

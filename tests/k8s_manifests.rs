@@ -92,11 +92,18 @@ fn the_example_canary_uses_the_annotations_the_gateway_reads() {
     assert_ne!(sel(&stable[0]), sel(&services[0]));
 }
 
-/// Every `infergate_*` metric named in `text` (histogram suffixes aside).
+/// Every `infergate_*` and `gen_ai_*` name in `text` (histogram suffixes
+/// aside; GenAI label names are matched too, and exported too).
 fn metric_names(text: &str) -> Vec<&str> {
     let mut names = Vec::new();
     let mut i = 0;
-    while let Some(pos) = text[i..].find("infergate_") {
+    let next = |from: usize| {
+        ["infergate_", "gen_ai_"]
+            .iter()
+            .filter_map(|p| text[from..].find(p))
+            .min()
+    };
+    while let Some(pos) = next(i) {
         let start = i + pos;
         let end = start
             + text[start..]

@@ -35,7 +35,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -377,6 +377,10 @@ pub struct Pool {
     /// member's load is unknown until its first scrape).
     scrapers: AtomicU32,
     client: ReplicaClient,
+    /// Replicas that left the pool (discovery removed them: terminating, not
+    /// ready, gone) while they may still serve requests: [`Pool::draining`].
+    /// Locked on membership changes and status reads, never per request.
+    departed: Mutex<Vec<Weak<Replica>>>,
 }
 
 impl Pool {
@@ -389,6 +393,7 @@ impl Pool {
             capacity: watch::Sender::new(0),
             scrapers: AtomicU32::new(0),
             client: ReplicaClient::default(),
+            departed: Mutex::new(Vec::new()),
         }
     }
 
@@ -445,11 +450,36 @@ impl Pool {
             if unchanged {
                 return false;
             }
+            let gone = published
+                .iter()
+                .filter(|r| !next.iter().any(|n| Arc::ptr_eq(n, r)))
+                .map(Arc::downgrade);
+            self.lock_departed().extend(gone);
             let next = Arc::new(next);
             self.members.store(next.clone());
             *published = next;
             true
         });
+    }
+
+    /// Replicas no longer in the pool that still serve requests they took
+    /// before they left (the status page shows them as draining). Each is
+    /// forgotten once its last request ended.
+    pub fn draining(&self) -> Vec<Arc<Replica>> {
+        let mut departed = self.lock_departed();
+        let mut draining = Vec::new();
+        departed.retain(|w| match w.upgrade() {
+            Some(r) if r.load.requests() > 0 => {
+                draining.push(r);
+                true
+            }
+            _ => false,
+        });
+        draining
+    }
+
+    fn lock_departed(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Replica>>> {
+        self.departed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -508,10 +538,22 @@ mod tests {
         assert_eq!(pool.replicas()[0].load.requests(), 1);
         pool.apply(Update::Remove(vec![r1.endpoint.key.clone()]));
         assert_eq!(pool.replicas().len(), 2);
-        // The removed replica is still accounted until its request ends.
+        // The removed replica is still accounted until its request ends,
+        // and draining meanwhile.
         assert_eq!(r1.load.tokens(), 100);
+        let draining = pool.draining();
+        assert_eq!(draining.len(), 1);
+        assert!(Arc::ptr_eq(&draining[0], &r1));
+        drop(draining);
         drop(guard);
         assert_eq!(r1.load.tokens(), 0);
+        assert!(pool.draining().is_empty());
+        // A replica removed idle is not draining.
+        pool.apply(Update::Remove(vec![pool.replicas()[0]
+            .endpoint
+            .key
+            .clone()]));
+        assert!(pool.draining().is_empty());
         pool.apply(Update::Reset(vec![ep(2)]));
         assert_eq!(pool.replicas().len(), 1);
     }

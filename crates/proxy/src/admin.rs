@@ -134,15 +134,20 @@ pub(crate) fn status_view(gw: &Gateway) -> serde_json::Value {
                     .map(|(band, n)| (band.as_str().to_string(), json!(n)))
                     .collect::<serde_json::Map<_, _>>()
             });
-            let replicas: Vec<_> = p
-                .replicas()
+            // Members, then replicas that left the pool but still serve
+            // the requests they took (Kubernetes: terminating endpoints).
+            let members = p.replicas();
+            let draining = p.draining();
+            let replicas: Vec<_> = members
                 .iter()
-                .map(|r| {
+                .map(|r| (r, false))
+                .chain(draining.iter().map(|r| (r, true)))
+                .map(|(r, departed)| {
                     let sig = r.signals.load_full();
                     let ejected = admission.is_some_and(|a| a.outlier.is_ejected(r.key()));
                     let state = match sig.as_deref() {
+                        _ if departed || !gw.is_ready() => "draining",
                         _ if ejected => "ejected",
-                        _ if !gw.is_ready() => "draining",
                         None => "unscraped",
                         Some(s) if s.error.is_some() => "unreachable",
                         Some(_) => "ready",

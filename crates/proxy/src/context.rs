@@ -3,6 +3,7 @@
 //! when a step needs another parsed field or header.
 
 use infergate_core::endpoint::InferenceEndpoint;
+use infergate_protocol::error::ErrorShape;
 
 /// Header carrying the request id: the gateway's own, upstream and to the
 /// client (a client's id would let two clients' requests share one).
@@ -62,6 +63,14 @@ impl ApiKind {
         }
     }
 
+    /// The error body its clients read (Anthropic's for messages).
+    pub(crate) fn error_shape(self) -> ErrorShape {
+        match self {
+            ApiKind::Messages => ErrorShape::Anthropic,
+            _ => ErrorShape::OpenAi,
+        }
+    }
+
     /// Whether the API takes `stream_options.include_usage` (the OpenAI
     /// chat and completions streams); the others report usage on their own.
     pub(crate) fn takes_stream_options(self) -> bool {
@@ -102,6 +111,8 @@ pub(crate) struct RequestContext {
     pub features: RequestFeatures,
     /// Expected output tokens (request's max_tokens or the route default).
     pub expected_output_tokens: u32,
+    /// The request's span, when tracing is on (its children start under it).
+    pub trace: Option<crate::telemetry::trace::RequestTrace>,
 }
 
 impl RequestContext {
@@ -110,6 +121,7 @@ impl RequestContext {
             request_id,
             features: RequestFeatures::default(),
             expected_output_tokens: 0,
+            trace: None,
         }
     }
 }

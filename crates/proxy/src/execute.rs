@@ -22,6 +22,7 @@ use super::gateway::Route;
 use super::parse::upstream_body;
 use super::upstream::{Outgoing, UpstreamBody};
 use crate::telemetry::metrics::record_retry;
+use crate::telemetry::trace::{self, RequestTrace};
 use infergate_core::admission::{
     CanarySide, CanarySplit, FallbackReason, Outcome, Reservation, CANARY_SIDE_HEADER,
     FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER,
@@ -29,6 +30,8 @@ use infergate_core::admission::{
 use infergate_core::plan::{self, Event, Failure, RequestPlan, RetryReason, Step};
 use infergate_core::routing::RouteRequest;
 use infergate_protocol::error::ApiError;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// A request's plan over the proxy's routes.
 pub(crate) type Plan = RequestPlan<Route>;
@@ -189,21 +192,35 @@ pub(crate) async fn forward(
                         replica: None,
                     })?;
                 }
+                // The try's span (tracing on) goes to the replica as its
+                // `traceparent`.
+                let span = ctx
+                    .trace
+                    .as_ref()
+                    .map(|t| t.attempt(guard.replica().key(), attempt));
                 let this = Outgoing {
                     path_and_query: out.path_and_query.clone(),
                     headers: out.headers,
                     body: body.clone(),
                     request_id: out.request_id,
                     client_request_id: out.client_request_id,
+                    traceparent: span.as_ref().and_then(|(_, tp)| tp.as_ref()),
                 };
                 let (event, answered) = send(&route, guard, &this, ctx, first_byte_deadline).await;
+                if let Some((mut span, _)) = span {
+                    end_attempt(&mut span, &event);
+                }
                 let next = plan.on(event, Instant::now());
                 if let (Step::Respond, Some((response, permit, guard))) = (&next, answered) {
+                    let served = Served::of(&plan);
+                    if let Some(t) = &ctx.trace {
+                        trace_served(t, &served);
+                    }
                     return Ok(Upstream {
                         response,
                         guard,
                         permit,
-                        served: Served::of(&plan),
+                        served,
                         attempts: attempt,
                         route,
                     });
@@ -220,6 +237,30 @@ pub(crate) async fn forward(
 }
 
 type Answered = (Response<UpstreamBody>, OwnedSemaphorePermit, Reservation);
+
+/// Ends a try's span with its outcome.
+fn end_attempt(span: &mut opentelemetry_sdk::trace::Span, event: &Event) {
+    use opentelemetry::trace::Span as _;
+    match event {
+        Event::Answered { status } => trace::answered(span, status.as_u16()),
+        Event::ConnectFailed => trace::fail(span, "connect_failed"),
+        Event::FirstByteTimeout => trace::fail(span, "first_byte_timeout"),
+        _ => trace::fail(span, "send_failed"),
+    }
+    span.end();
+}
+
+/// What served the request, on its span.
+fn trace_served(t: &RequestTrace, served: &Served) {
+    let mut kv = vec![KeyValue::new(trace::RESPONSE_MODEL, served.model.clone())];
+    if let Some((_, side)) = &served.canary {
+        kv.push(KeyValue::new(trace::CANARY_SIDE, side.as_str()));
+    }
+    if let Some(r) = served.fallback {
+        kv.push(KeyValue::new(trace::FALLBACK, r.as_str()));
+    }
+    t.set(kv);
+}
 
 /// One try on the reserved replica, bounded by the first-byte deadline; the
 /// outcome is recorded for outlier detection.
@@ -284,6 +325,10 @@ async fn admit_on(
         tracing::debug!(request_id = %ctx.request_id, replica = %failed, reason = reason.as_str(), "retrying");
         record_retry(&route.name, failed, reason.as_str());
     }
+    let span = ctx.trace.as_ref().map(|t| {
+        let pool = KeyValue::new(trace::POOL, route.pool.name.to_string());
+        t.child("queue", SpanKind::Internal, vec![pool])
+    });
     let rr = RouteRequest {
         request_id: &ctx.request_id,
         model: plan.upstream_model(),
@@ -293,7 +338,7 @@ async fn admit_on(
         lora: None,
         hashes: Default::default(),
     };
-    match route
+    let admitted = route
         .admission
         .acquire(
             &route.pool,
@@ -302,8 +347,18 @@ async fn admit_on(
             &plan.ticket(),
             plan.excluded(),
         )
-        .await
-    {
+        .await;
+    if let Some(mut span) = span {
+        use opentelemetry::trace::Span as _;
+        match &admitted {
+            Ok(r) => {
+                span.set_attribute(KeyValue::new(trace::REPLICA, r.replica().key().to_string()))
+            }
+            Err(e) => trace::fail(&mut span, e.as_str()),
+        }
+        span.end();
+    }
+    match admitted {
         Ok(r) => (
             Event::Admitted {
                 replica: r.replica().endpoint.key.clone(),

@@ -18,6 +18,7 @@ use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
 use crate::governance::Governance;
 use crate::telemetry::live::History;
+use crate::telemetry::trace::Tracing;
 use infergate_core::admission::{
     AdmissionRegistry, CanarySplit, EnginePriority, PoolAdmission, RolledBack,
 };
@@ -119,6 +120,8 @@ pub struct Gateway {
     identity: IdentityStore,
     /// Usage ledger, pool capacity and the audit log.
     governance: Arc<Governance>,
+    /// OpenTelemetry traces (`telemetry.otlp`), built at start.
+    tracing: Option<Tracing>,
 }
 
 #[derive(Default)]
@@ -142,6 +145,17 @@ impl Gateway {
     /// Builds a gateway serving `config`.
     pub fn new(config: Config) -> Result<Arc<Gateway>, ConfigError> {
         config.validate()?;
+        let tracing = config
+            .telemetry
+            .otlp
+            .as_ref()
+            .map(Tracing::new)
+            .transpose()
+            .map_err(|message| ConfigError::Invalid {
+                file: "<config>".into(),
+                line: None,
+                message: format!("telemetry.otlp: {message}"),
+            })?;
         let (tx, _) = tokio::sync::watch::channel(Arc::new(config.clone()));
         let gw = Gateway {
             table: ArcSwap::from_pointee(RouteTable {
@@ -161,6 +175,7 @@ impl Gateway {
             history: History::default(),
             identity: IdentityStore::default(),
             governance: Arc::new(Governance::new(&config)),
+            tracing,
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -201,6 +216,11 @@ impl Gateway {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The tracer, when `telemetry.otlp` is set.
+    pub fn tracing(&self) -> Option<&Tracing> {
+        self.tracing.as_ref()
     }
 
     /// The status page's chart samples.

@@ -1,6 +1,8 @@
 //! The per-request pipeline: path allow-list → caller → body → features →
-//! route (and the caller's models) → admission → forward → relay. Each step lives in its own module; this one wires them and turns
-//! every failure into an OpenAI-style JSON error with a log line.
+//! route (and the caller's models) → admission → forward → relay. Each step
+//! lives in its own module; this one wires them, starts the request's span
+//! when tracing is on, and turns every failure into an OpenAI-style JSON
+//! error (Anthropic's shape on `/v1/messages`) with a log line.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -19,10 +21,12 @@ use super::parse::parse_features;
 use super::record::{CallerFacts, Outcome, RequestRecord, ServedBy};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
 use super::upstream::Outgoing;
-use infergate_core::admission::Cost;
+use crate::telemetry::trace::{self, RequestTrace};
+use infergate_core::admission::{Cost, Priority};
 use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
-use infergate_protocol::error::ApiError;
+use infergate_protocol::error::{ApiError, ErrorShape};
+use opentelemetry::KeyValue;
 
 /// Handles one client request from `peer`.
 pub(crate) async fn handle<B>(
@@ -41,7 +45,7 @@ where
     let mut resp = match dispatch(req.method(), req.uri().path()) {
         Dispatch::Models => models(&gw, req.headers(), peer, record()),
         Dispatch::Forward(endpoint) => proxy(&gw, req, peer, endpoint, &ids, record()).await,
-        Dispatch::Refuse(e) => reject(e, record()),
+        Dispatch::Refuse(e, shape) => reject(shape, e, record()),
     };
     let h = resp.headers_mut();
     h.insert(REQUEST_ID, ids.gateway);
@@ -60,7 +64,8 @@ enum Dispatch {
     Models,
     /// An inference endpoint and its canonical path.
     Forward((InferenceEndpoint, &'static str)),
-    Refuse(ApiError),
+    /// An error, in the shape of the API the path names (OpenAI's if none).
+    Refuse(ApiError, ErrorShape),
 }
 
 /// Normalises the path and checks it against the forwarding allow-list
@@ -69,17 +74,23 @@ fn dispatch(method: &Method, raw: &str) -> Dispatch {
     let path = match normalize_path(raw) {
         Ok(p) => p,
         Err(e) => {
-            return Dispatch::Refuse(ApiError::bad_request(e.message()).with_code("invalid_path"))
+            return Dispatch::Refuse(
+                ApiError::bad_request(e.message()).with_code("invalid_path"),
+                ErrorShape::OpenAi,
+            )
         }
     };
     match (method, InferenceEndpoint::from_path(&path)) {
         (&Method::GET, None) if path == "/v1/models" => Dispatch::Models,
         (&Method::POST, Some(e)) => Dispatch::Forward(e),
-        (m, Some(_)) => Dispatch::Refuse(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            format!("Method {m} is not allowed on {path}"),
-        )),
+        (m, Some((e, _))) => Dispatch::Refuse(
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("Method {m} is not allowed on {path}"),
+            ),
+            ApiKind::of(e).error_shape(),
+        ),
         (_, None) => Dispatch::Refuse(
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -87,6 +98,7 @@ fn dispatch(method: &Method, raw: &str) -> Dispatch {
                 format!("Unknown path {path}"),
             )
             .with_code("not_found"),
+            ErrorShape::OpenAi,
         ),
     }
 }
@@ -100,13 +112,13 @@ fn models(
 ) -> Response<GatewayBody> {
     match gw.identity().authenticator().authenticate(headers, peer) {
         Ok(caller) => json_response(gw.routes().models_for(&caller.policy)),
-        Err(e) => unauthorized(e, record),
+        Err(e) => unauthorized(ErrorShape::OpenAi, e, record),
     }
 }
 
-/// 401 with the OpenAI error body and `WWW-Authenticate: Bearer`.
-fn unauthorized(e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
-    let mut r = reject(e.to_api_error(), record);
+/// 401 with the error body (in `shape`) and `WWW-Authenticate: Bearer`.
+fn unauthorized(shape: ErrorShape, e: AuthError, record: RequestRecord) -> Response<GatewayBody> {
+    let mut r = reject(shape, e.to_api_error(), record);
     r.headers_mut()
         .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
@@ -161,6 +173,18 @@ fn upstream_path(uri: &http::Uri, canonical: &'static str) -> http::uri::PathAnd
     }
 }
 
+/// The route and the caller's class on the request's span.
+fn trace_caller(t: &RequestTrace, route: &str, band: Priority, team: &str) {
+    let mut kv = vec![
+        KeyValue::new(trace::ROUTE, route.to_owned()),
+        KeyValue::new(trace::PRIORITY, band.as_str()),
+    ];
+    if !team.is_empty() {
+        kv.push(KeyValue::new(trace::TEAM, team.to_owned()));
+    }
+    t.set(kv);
+}
+
 fn json_response(body: Bytes) -> Response<GatewayBody> {
     let mut r = Response::new(GatewayBody::from(body));
     r.headers_mut()
@@ -168,10 +192,11 @@ fn json_response(body: Bytes) -> Response<GatewayBody> {
     r
 }
 
-fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
+/// Answers `e` in the client's API's error shape, with its log line.
+fn reject(shape: ErrorShape, e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
     tracing::debug!(request_id = %record.request_id, error = %e, "rejected");
     record.finish(e.status.as_u16(), Outcome::Rejected);
-    e.into_response()
+    e.into_response_as(shape)
 }
 
 async fn proxy<B>(
@@ -188,6 +213,17 @@ where
 {
     let received_at = record.received_at;
     let (mut parts, body) = req.into_parts();
+    let kind = ApiKind::of(endpoint);
+    let shape = kind.error_shape();
+    if let Some(t) = gw.tracing() {
+        let span = t.start(
+            &parts.headers,
+            kind.operation(),
+            &record.request_id,
+            received_at,
+        );
+        record.trace = Some(span);
+    }
     // Who is calling, before the body is read.
     let caller = {
         let auth = gw.identity().authenticator();
@@ -200,15 +236,14 @@ where
                 });
                 c
             }
-            Err(e) => return unauthorized(e, record),
+            Err(e) => return unauthorized(shape, e, record),
         }
     };
-    let kind = ApiKind::of(endpoint);
     let table = gw.routes();
     let limits = &table.limits;
 
     if let Err(e) = check_content_type(&parts.headers) {
-        return reject(e, record);
+        return reject(shape, e, record);
     }
     let read = BodyLimits {
         max_bytes: table.max_read_body_bytes,
@@ -219,21 +254,24 @@ where
     };
     let (body, body_permit) = match read_limited(&parts.headers, body, &read).await {
         Ok(b) => b,
-        Err(e) => return reject(e, record),
+        Err(e) => return reject(shape, e, record),
     };
     let features = match parse_features(kind, &body) {
         Ok(f) => f,
-        Err(e) => return reject(e, record),
+        Err(e) => return reject(shape, e, record),
     };
     record.set_model(&features.model);
     record.prompt_tokens = u64::from(features.prompt_tokens);
+    if let Some(t) = &record.trace {
+        t.name_model(kind.operation(), &record.model);
+    }
     // A model the caller may not use is as unknown to it as a missing one.
     let Some(route) = table
         .resolve(&features.model)
         .filter(|r| caller.policy.allows(r.config.names()))
         .cloned()
     else {
-        return reject(ApiError::model_not_found(&features.model), record);
+        return reject(shape, ApiError::model_not_found(&features.model), record);
     };
     record.route = route.name.clone();
     record.route_pool = Some(route.pool.name.clone());
@@ -244,6 +282,7 @@ where
     }
     if !rc.serves(endpoint) {
         return reject(
+            shape,
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -255,10 +294,11 @@ where
     }
     let body_limit = rc.max_body_bytes.unwrap_or(table.max_body_bytes);
     if body.len() as u64 > body_limit {
-        return reject(too_large(body_limit), record);
+        return reject(shape, too_large(body_limit), record);
     }
     if features.choices > limits.max_n {
         return reject(
+            shape,
             ApiError::bad_request(format!(
                 "`n` and `best_of` may be at most {} on this gateway",
                 limits.max_n
@@ -275,6 +315,7 @@ where
         .unwrap_or(rc.default_max_tokens)
         .saturating_mul(features.choices.max(1));
     ctx.features = features;
+    ctx.trace = record.trace.clone();
 
     let fallbacks = rc
         .admission
@@ -310,9 +351,12 @@ where
     record.canary = plan.canary().cloned();
     record.canary_stratum = plan.canary_stratum();
     record.band = Some(plan.class().priority);
+    if let Some(t) = &record.trace {
+        trace_caller(t, &route.name, plan.class().priority, &caller.policy.team);
+    }
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
-        Err(f) => return reject(f.error, record),
+        Err(f) => return reject(shape, f.error, record),
     };
 
     let timeouts = rc.timeouts.clone();
@@ -332,6 +376,7 @@ where
             body,
             request_id: &rid,
             client_request_id: client_rid.as_ref(),
+            traceparent: None,
         };
         let r = execute::forward(plan, reserved, &ctx, out, include_usage).await;
         // The body is gone once forwarded: its bytes leave the budget.
@@ -346,7 +391,7 @@ where
                 r = &mut pending => r,
                 _ = tokio::time::sleep_until(commit_at.into()) => {
                     // Prefill is slow: commit the event stream now and keep it alive.
-                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true };
+                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true, shape };
                     let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
                     let h = resp.headers_mut();
                     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -371,7 +416,7 @@ where
             };
             tracing::warn!(request_id = %record.request_id, error = %fe.error, "upstream failed");
             record.finish(fe.error.status.as_u16(), outcome);
-            fe.error.into_response()
+            fe.error.into_response_as(shape)
         }
         Ok(up) => {
             record.attempts = up.attempts;
@@ -399,6 +444,7 @@ where
                 timeouts,
                 first_byte_deadline,
                 sse,
+                shape,
             };
             let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))

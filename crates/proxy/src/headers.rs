@@ -32,15 +32,28 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// W3C trace context: the gateway's attempt span replaces the client's
+/// `traceparent` when tracing is on (`tracestate` passes through).
+const TRACEPARENT: &str = "traceparent";
+
+/// The headers the gateway sets on an upstream request.
+pub(crate) struct GatewayHeaders<'a> {
+    pub request_id: &'a HeaderValue,
+    /// The client's own `x-request-id`, if it sent one.
+    pub client_request_id: Option<&'a HeaderValue>,
+    /// The attempt span's `traceparent` (tracing on).
+    pub traceparent: Option<&'a HeaderValue>,
+}
+
 /// Calls `emit` with each header of the upstream request: the client's,
-/// without hop-by-hop ones, Host, Content-Length, Expect and the request ids,
-/// then the gateway's request id, the client's own id (if it sent one) as
-/// `x-client-request-id`, and the body's length. Written straight into the
-/// request head, with no intermediate header map.
+/// without hop-by-hop ones, Host, Content-Length, Expect and the request ids
+/// (and its `traceparent` when the gateway sends its own), then the gateway's
+/// request id, the client's own id (if it sent one) as `x-client-request-id`,
+/// the gateway's `traceparent`, and the body's length. Written straight into
+/// the request head, with no intermediate header map.
 pub(crate) fn upstream_request_headers(
     client: &HeaderMap,
-    request_id: &HeaderValue,
-    client_request_id: Option<&HeaderValue>,
+    ours: &GatewayHeaders<'_>,
     content_length: usize,
     mut emit: impl FnMut(&[u8], &[u8]),
 ) {
@@ -52,6 +65,7 @@ pub(crate) fn upstream_request_headers(
             || name == header::EXPECT
             || name == super::context::REQUEST_ID
             || name == super::context::CLIENT_REQUEST_ID
+            || (ours.traceparent.is_some() && name.as_str() == TRACEPARENT)
             || listed.contains(name)
         {
             continue;
@@ -60,13 +74,16 @@ pub(crate) fn upstream_request_headers(
     }
     emit(
         super::context::REQUEST_ID.as_str().as_bytes(),
-        request_id.as_bytes(),
+        ours.request_id.as_bytes(),
     );
-    if let Some(id) = client_request_id {
+    if let Some(id) = ours.client_request_id {
         emit(
             super::context::CLIENT_REQUEST_ID.as_str().as_bytes(),
             id.as_bytes(),
         );
+    }
+    if let Some(tp) = ours.traceparent {
+        emit(TRACEPARENT.as_bytes(), tp.as_bytes());
     }
     let mut length = itoa::Buffer::new();
     emit(b"content-length", length.format(content_length).as_bytes());
@@ -123,12 +140,18 @@ mod tests {
         h.insert("content-length", "3".parse().unwrap());
         h.insert("x-request-id", "client-chosen".parse().unwrap());
         h.insert("x-client-request-id", "spoofed".parse().unwrap());
+        h.insert("traceparent", "00-client".parse().unwrap());
+        h.insert("tracestate", "vendor=1".parse().unwrap());
         let mut out = Vec::new();
         let client_id = HeaderValue::from_static("client-chosen");
+        let tp = HeaderValue::from_static("00-gateway");
         upstream_request_headers(
             &h,
-            &HeaderValue::from_static("rid"),
-            Some(&client_id),
+            &GatewayHeaders {
+                request_id: &HeaderValue::from_static("rid"),
+                client_request_id: Some(&client_id),
+                traceparent: Some(&tp),
+            },
             10,
             |n, v| {
                 out.push((
@@ -142,11 +165,26 @@ mod tests {
             pairs,
             [
                 ("authorization", "Bearer k"),
+                ("tracestate", "vendor=1"),
                 ("x-request-id", "rid"),
                 ("x-client-request-id", "client-chosen"),
+                ("traceparent", "00-gateway"),
                 ("content-length", "10")
             ]
         );
+        // Tracing off: the client's trace context passes untouched.
+        let mut names = Vec::new();
+        upstream_request_headers(
+            &h,
+            &GatewayHeaders {
+                request_id: &HeaderValue::from_static("rid"),
+                client_request_id: None,
+                traceparent: None,
+            },
+            0,
+            |n, v| names.push((n.to_vec(), v.to_vec())),
+        );
+        assert!(names.contains(&(b"traceparent".to_vec(), b"00-client".to_vec())));
         let mut r = h.clone();
         clean_response_headers(&mut r);
         assert!(r.get("connection").is_none() && r.get("x-secret").is_none());

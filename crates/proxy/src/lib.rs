@@ -45,3 +45,4 @@ mod worker;
 pub use gateway::{Gateway, Route, RouteTable};
 pub use server::{available_cpus, start, start_with, ServerHandle, StartError};
 pub use telemetry::log::{flush as flush_logs, init as init_logging};
+pub use telemetry::trace::Tracing;

@@ -13,6 +13,8 @@ use crate::governance::{Governance, RequestFacts};
 use crate::telemetry::{live, log, metrics};
 use infergate_core::admission::{CanarySide, CanarySplit, Priority, Stratum};
 use infergate_core::cost::{Money, TokenPrice, TokenUsage};
+use crate::telemetry::trace::{self, RequestTrace};
+use opentelemetry::KeyValue;
 
 /// The route of a request whose model did not resolve (yet).
 const UNRESOLVED: &str = "-";
@@ -64,6 +66,9 @@ pub struct RequestRecord {
     pub overhead: Option<Duration>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Prompt tokens the engine served from its prefix cache (its usage's
+    /// `cached_tokens` / `cache_read_input_tokens`).
+    pub cached_tokens: u64,
     /// Sum and count of the gaps between stream chunks (inter-token latency).
     pub itl_sum: Duration,
     pub itl_count: u64,
@@ -73,8 +78,6 @@ pub struct RequestRecord {
     pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
     /// The traffic the canary's outcome is matched with (band, prompt length).
     pub canary_stratum: Stratum,
-    /// Of `prompt_tokens`, those the engine reported served from its cache.
-    pub cached_tokens: u64,
     /// Where the governance record goes (none in unit tests).
     pub(crate) governance: Option<Arc<Governance>>,
     pub caller: Option<CallerFacts>,
@@ -86,6 +89,8 @@ pub struct RequestRecord {
     pub route_pool: Option<Arc<str>>,
     /// The prompt, kept only for a route with `audit_prompts`.
     pub prompt: Option<String>,
+    /// The request's span, when tracing is on.
+    pub(crate) trace: Option<RequestTrace>,
 }
 
 /// The caller, for usage and audit.
@@ -133,12 +138,12 @@ impl RequestRecord {
             overhead: None,
             prompt_tokens: 0,
             completion_tokens: 0,
+            cached_tokens: 0,
             itl_sum: Duration::ZERO,
             itl_count: 0,
             attempts: 0,
             canary: None,
             canary_stratum: Stratum::default(),
-            cached_tokens: 0,
             governance: None,
             caller: None,
             client_addr: None,
@@ -146,6 +151,7 @@ impl RequestRecord {
             served: None,
             route_pool: None,
             prompt: None,
+            trace: None,
         }
     }
 
@@ -184,18 +190,21 @@ impl RequestRecord {
     /// Writes the log line and the metrics.
     pub fn finish(&self, status: u16, outcome: Outcome) {
         let duration = self.received_at.elapsed();
+        let failed = status >= 500
+            || matches!(
+                outcome,
+                Outcome::UpstreamError
+                    | Outcome::FirstByteTimeout
+                    | Outcome::IdleTimeout
+                    | Outcome::TotalTimeout
+            );
         if let Some((split, side)) = &self.canary {
-            let failed = status >= 500
-                || matches!(
-                    outcome,
-                    Outcome::UpstreamError
-                        | Outcome::FirstByteTimeout
-                        | Outcome::IdleTimeout
-                        | Outcome::TotalTimeout
-                );
             split.record(*side, !failed, self.ttft, self.canary_stratum);
         }
         let (usage, cost) = self.billed();
+        if let Some(t) = &self.trace {
+            self.end_trace(t, status, outcome, failed);
+        }
         live::record(
             self.ttft,
             self.itl_sum,
@@ -237,6 +246,7 @@ impl RequestRecord {
             overhead: self.overhead,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
         });
         if let Some(g) = &self.governance {
             let route_pool = self.route_pool.as_ref().unwrap_or(&self.route);
@@ -265,5 +275,31 @@ impl RequestRecord {
                 prompt: self.prompt.as_deref(),
             });
         }
+    }
+
+    /// The request span's closing attributes (the GenAI usage and TTFT).
+    fn end_trace(&self, t: &RequestTrace, status: u16, outcome: Outcome, failed: bool) {
+        let mut kv = vec![
+            KeyValue::new(trace::INPUT_TOKENS, self.prompt_tokens as i64),
+            KeyValue::new(trace::OUTPUT_TOKENS, self.completion_tokens as i64),
+            KeyValue::new(trace::ATTEMPTS, i64::from(self.attempts)),
+        ];
+        if self.cached_tokens > 0 {
+            kv.push(KeyValue::new(
+                trace::CACHED_TOKENS,
+                self.cached_tokens as i64,
+            ));
+        }
+        if let Some(ttft) = self.ttft {
+            kv.push(KeyValue::new(trace::TTFT, ttft.as_secs_f64()));
+        }
+        if self.resolved() {
+            kv.push(KeyValue::new(trace::ROUTE, self.route.to_string()));
+        }
+        if &*self.replica != "-" {
+            kv.push(KeyValue::new(trace::REPLICA, self.replica.to_string()));
+        }
+        t.set(kv);
+        t.end(status, outcome.as_str(), failed);
     }
 }

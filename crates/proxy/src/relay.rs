@@ -30,10 +30,13 @@ use super::upstream::UpstreamBody;
 use super::usage::UsageCounter;
 use crate::backpressure::StreamStallWatch;
 use crate::telemetry::metrics::PairMetrics;
+use crate::telemetry::trace;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
 use infergate_core::plan::{upstream_failed, upstream_timeout};
-use infergate_protocol::error::ApiError;
+use infergate_protocol::error::{ApiError, ErrorShape};
+use opentelemetry::trace::{Span as _, SpanKind};
+use opentelemetry::KeyValue;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -156,12 +159,15 @@ pub struct RelaySetup {
     pub timeouts: Timeouts,
     pub first_byte_deadline: Instant,
     pub sse: bool,
+    /// The client's API's error shape (for a final error event).
+    pub shape: ErrorShape,
 }
 
 /// The relayed body of one request.
 pub struct RelayBody {
     phase: Phase,
     sse: bool,
+    shape: ErrorShape,
     timeouts: Timeouts,
     total_deadline: Option<Instant>,
     /// Fires no later than `deadline`; moved only when it fires early or the
@@ -180,6 +186,9 @@ pub struct RelayBody {
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     guard: Option<Reservation>,
     record: RequestRecord,
+    /// The `stream` span (tracing on): from response headers to the end
+    /// (boxed: tracing off, the relay stays small).
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
     status: u16,
     outcome: Option<Outcome>,
     /// The record was written (it is written once: at the end, or on drop).
@@ -226,6 +235,7 @@ impl RelayBody {
         RelayBody {
             phase,
             sse: s.sse,
+            shape: s.shape,
             total_deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline.into())),
             deadline,
@@ -237,6 +247,7 @@ impl RelayBody {
             guard: None,
             permit: None,
             record: s.record,
+            span: None,
             timeouts: s.timeouts,
             status,
             outcome: None,
@@ -246,6 +257,14 @@ impl RelayBody {
 
     fn set_guard(&mut self, guard: Reservation) {
         self.record.replica = guard.replica().endpoint.key.clone();
+        if let Some(t) = &self.record.trace {
+            let replica = KeyValue::new(trace::REPLICA, self.record.replica.to_string());
+            self.span = Some(Box::new(t.child(
+                "stream",
+                SpanKind::Internal,
+                vec![replica],
+            )));
+        }
         if self.sse {
             self.stream_metrics = Some(crate::telemetry::metrics::pair(
                 &self.record.route,
@@ -272,6 +291,9 @@ impl RelayBody {
         match self.last_frame {
             None => {
                 self.record.ttft = Some(now - self.record.received_at);
+                if let Some(s) = self.span.as_mut() {
+                    s.add_event("first_token", Vec::new());
+                }
                 if let Some(g) = self.guard.as_mut() {
                     g.prefill_done();
                     g.replica().warmup.token_served();
@@ -312,10 +334,14 @@ impl RelayBody {
         self.outcome = Some(outcome);
         self.keepalive = None;
         if self.sse {
-            let body = error.body();
-            let mut ev = BytesMut::with_capacity(body.len() + 10);
+            let body = error.body_as(self.shape);
+            let mut ev = BytesMut::with_capacity(body.len() + 24);
             if self.usage.mid_line() {
                 ev.extend_from_slice(b"\n\n");
+            }
+            // Anthropic's streams name their error event.
+            if self.shape == ErrorShape::Anthropic {
+                ev.extend_from_slice(b"event: error\n");
             }
             ev.extend_from_slice(b"data: ");
             ev.extend_from_slice(&body);
@@ -474,6 +500,19 @@ impl RelayBody {
         if let Some(u) = self.usage.usage {
             self.record.prompt_tokens = u.prompt_tokens;
             self.record.cached_tokens = u.cached_tokens;
+        }
+        if let Some(mut s) = self.span.take() {
+            s.set_attribute(KeyValue::new(
+                trace::OUTPUT_TOKENS,
+                self.record.completion_tokens as i64,
+            ));
+            if let Some(t) = self.record.ttft {
+                s.set_attribute(KeyValue::new(trace::TTFT, t.as_secs_f64()));
+            }
+            if outcome != Outcome::Ok {
+                trace::fail(&mut s, outcome.as_str());
+            }
+            s.end();
         }
         self.record.finish(status, outcome);
     }

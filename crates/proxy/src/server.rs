@@ -77,6 +77,10 @@ impl ServerHandle {
         if let Some(t) = self.admin_task {
             let _ = t.await;
         }
+        // The spans of the requests just drained go out before the exit.
+        if let Some(t) = self.gateway.tracing() {
+            t.shutdown().await;
+        }
     }
 
     /// Stops at once (in-flight requests are cut).

@@ -6,9 +6,10 @@
 //! `completion_tokens`, the Responses API's and Anthropic's `input_tokens` /
 //! `output_tokens` (the Responses stream reports it in `response.completed`;
 //! Anthropic's in `message_start`, input, then `message_delta`, output so
-//! far: the counts are merged), and rerank's `total_tokens` alone. Cached
-//! prompt tokens (`prompt_tokens_details.cached_tokens`, the Responses API's
-//! `input_tokens_details`) are read too: they have their own price.
+//! far: the counts are merged), and rerank's `total_tokens` alone. Prompt
+//! tokens served from the engine's prefix cache come from OpenAI's
+//! `prompt_tokens_details.cached_tokens` (`input_tokens_details` in the
+//! Responses API) or Anthropic's `cache_read_input_tokens`.
 
 use std::sync::LazyLock;
 
@@ -18,16 +19,8 @@ use serde::Deserialize;
 pub(crate) struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
-    /// Of the prompt tokens, those the engine served from its prefix cache
-    /// (`prompt_tokens_details.cached_tokens`; 0 when not reported).
+    /// Of the prompt tokens, those read from the prefix cache.
     pub cached_tokens: u64,
-}
-
-/// `prompt_tokens_details` / `input_tokens_details`.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
-struct RawDetails {
-    #[serde(default)]
-    cached_tokens: Option<u64>,
 }
 
 /// A `usage` object as sent: any of the fields may be missing.
@@ -40,7 +33,15 @@ struct RawUsage {
     #[serde(default)]
     total_tokens: Option<u64>,
     #[serde(default, alias = "input_tokens_details")]
-    prompt_tokens_details: Option<RawDetails>,
+    prompt_tokens_details: Option<TokenDetails>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct TokenDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 impl RawUsage {
@@ -53,8 +54,8 @@ impl RawUsage {
             .or_else(|| self.total_tokens.map(|t| t.saturating_sub(completion)))
             .unwrap_or(prev.prompt_tokens);
         let cached = self
-            .prompt_tokens_details
-            .and_then(|d| d.cached_tokens)
+            .cache_read_input_tokens
+            .or_else(|| self.prompt_tokens_details.and_then(|d| d.cached_tokens))
             .unwrap_or(prev.cached_tokens);
         Usage {
             prompt_tokens: prompt,
@@ -228,7 +229,7 @@ mod tests {
         );
         // Anthropic: input in message_start, output in message_delta.
         let mut a = UsageCounter::new(true);
-        a.observe(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+        a.observe(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":16,\"output_tokens\":1}}}\n\n");
         a.observe(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"x\"}}\n\n");
         a.observe(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
         assert_eq!(
@@ -236,7 +237,7 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 25,
                 completion_tokens: 7,
-                cached_tokens: 0
+                cached_tokens: 16
             })
         );
         assert_eq!(a.completion_tokens(), 7);
@@ -260,11 +261,12 @@ mod tests {
         c.observe(b"etion_tokens\":4}}");
         assert_eq!(c.completion_tokens(), 4);
         let mut whole = UsageCounter::new(false);
-        whole.observe(b"{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}");
+        whole.observe(b"{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":1}}}");
         assert_eq!(whole.usage.unwrap().prompt_tokens, 1);
         // Cached prompt tokens, as vLLM reports them with prefix caching on.
         let mut cached = UsageCounter::new(false);
         cached.observe(b"{\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}");
         assert_eq!(cached.usage.unwrap().cached_tokens, 16);
+        assert_eq!(whole.usage.unwrap().cached_tokens, 1);
     }
 }

@@ -14,6 +14,8 @@
 //! - `pricing`, `accounting`, `audit`: prices per model and pool
 //!   (`crate::cost`), the usage ledger's retention and pool sampling, and the
 //!   audit log ([`governance`]).
+//! - `telemetry`: OpenTelemetry traces over OTLP/HTTP (off unless
+//!   `telemetry.otlp.endpoint` is set).
 //!
 //! Unknown keys are errors everywhere (`deny_unknown_fields`), so a typo never
 //! silently falls back to a default. See docs/config.md for the reference.
@@ -87,6 +89,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// Traces (OTLP); off by default. Read at start: a reload does not
+    /// change it.
+    #[serde(default, skip_serializing_if = "TelemetryConfig::is_off")]
+    pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
     #[serde(default)]
@@ -288,6 +294,132 @@ pub struct LoggingConfig {
     /// A `tracing` filter such as `info` or `infergate=debug` (RUST_LOG wins).
     #[serde(default)]
     pub level: Option<String>,
+}
+
+/// `telemetry:`: what the gateway exports besides logs and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OpenTelemetry traces over OTLP/HTTP (protobuf); none: no traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<OtlpConfig>,
+}
+
+impl TelemetryConfig {
+    fn is_off(&self) -> bool {
+        self.otlp.is_none()
+    }
+}
+
+/// `telemetry.otlp`: where and how spans are exported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/HTTP base URL (`http://collector:4318`); spans go
+    /// to `{endpoint}/v1/traces` unless the URL already ends with it.
+    pub endpoint: String,
+    /// `service.name` of the exported resource.
+    #[serde(default = "OtlpConfig::default_service_name")]
+    pub service_name: String,
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// Finished spans waiting for export; beyond it spans are dropped (and
+    /// counted), never waited for.
+    #[serde(default = "OtlpConfig::default_max_queue")]
+    pub max_queue_size: usize,
+    /// How often queued spans are sent (sooner when a batch of 512 is full).
+    #[serde(
+        default = "OtlpConfig::default_export_interval",
+        with = "units::duration"
+    )]
+    pub export_interval: Duration,
+    /// The longest one export request may take.
+    #[serde(default = "OtlpConfig::default_timeout", with = "units::duration")]
+    pub timeout: Duration,
+}
+
+impl OtlpConfig {
+    fn default_service_name() -> String {
+        "infergate".into()
+    }
+    fn default_max_queue() -> usize {
+        2048
+    }
+    fn default_export_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    fn default_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+
+    /// The URL spans are POSTed to.
+    pub fn traces_url(&self) -> String {
+        let base = self.endpoint.trim_end_matches('/');
+        if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        }
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let e = &self.endpoint;
+        let authority = e.strip_prefix("http://").map(|r| r.split('/').next());
+        if !matches!(authority, Some(Some(a)) if !a.is_empty()) {
+            return Err((
+                "endpoint:",
+                format!("`telemetry.otlp.endpoint`: expected an OTLP/HTTP URL like `http://collector:4318` (plain HTTP: use a local collector or agent for TLS), found `{e}`"),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sampling.ratio) {
+            return Err((
+                "ratio:",
+                format!(
+                    "`telemetry.otlp.sampling.ratio` must be between 0 and 1, found {}",
+                    self.sampling.ratio
+                ),
+            ));
+        }
+        if self.max_queue_size == 0 {
+            return Err((
+                "max_queue_size:",
+                "`telemetry.otlp.max_queue_size` must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which requests are traced.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    /// Share of new traces recorded (by trace id, so every span of a trace
+    /// agrees).
+    #[serde(default = "Sampling::default_ratio")]
+    pub ratio: f64,
+    /// A request carrying a `traceparent` follows its caller's decision
+    /// (sampled flag) instead of the ratio.
+    #[serde(default = "Sampling::default_parent_based")]
+    pub parent_based: bool,
+}
+
+impl Sampling {
+    fn default_ratio() -> f64 {
+        1.0
+    }
+    fn default_parent_based() -> bool {
+        true
+    }
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            ratio: 1.0,
+            parent_based: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -692,6 +824,10 @@ impl Config {
         self.limits
             .check(self.max_body_bytes)
             .map_err(|(needle, message)| invalid(needle, message))?;
+        if let Some(o) = &self.telemetry.otlp {
+            o.check()
+                .map_err(|(needle, message)| invalid(needle, message))?;
+        }
         let admin_token_set = self.auth.admin.token_file.is_some()
             || std::env::var_os(ADMIN_TOKEN_ENV).is_some_and(|v| !v.is_empty());
         self.auth
@@ -866,6 +1002,42 @@ routes:
     pool: k8s
     max_body_bytes: 1MiB
 "#;
+
+    #[test]
+    fn otlp_traces_are_off_by_default_and_on_with_one_line() {
+        let off = Config::parse(GOOD, "g.yaml").unwrap();
+        assert_eq!(off.telemetry.otlp, None);
+        let on = Config::parse(
+            &format!("telemetry: {{ otlp: {{ endpoint: http://collector:4318 }} }}\n{GOOD}"),
+            "g.yaml",
+        )
+        .unwrap();
+        let o = on.telemetry.otlp.unwrap();
+        assert_eq!(o.traces_url(), "http://collector:4318/v1/traces");
+        assert_eq!(o.sampling, Sampling::default());
+        assert_eq!(o.service_name, "infergate");
+        let full = OtlpConfig {
+            endpoint: "http://c:4318/v1/traces/".into(),
+            ..o
+        };
+        assert_eq!(full.traces_url(), "http://c:4318/v1/traces");
+        for (bad, says) in [
+            ("endpoint: https://c:4318", "plain HTTP"),
+            ("endpoint: c:4318", "expected an OTLP/HTTP URL"),
+            (
+                "endpoint: http://c:4318, sampling: { ratio: 1.5 }",
+                "between 0 and 1",
+            ),
+        ] {
+            let e = Config::parse(
+                &format!("telemetry: {{ otlp: {{ {bad} }} }}\n{GOOD}"),
+                "g.yaml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn parses_a_full_config() {

@@ -21,6 +21,7 @@ pub(crate) const DURATION: &str = "infergate_request_duration_seconds";
 pub(crate) const OVERHEAD: &str = "infergate_gateway_overhead_seconds";
 pub(crate) const PROMPT_TOKENS: &str = "infergate_prompt_tokens_total";
 pub(crate) const COMPLETION_TOKENS: &str = "infergate_completion_tokens_total";
+pub(crate) const CACHED_TOKENS: &str = "infergate_cached_prompt_tokens_total";
 pub(crate) const RETRIES: &str = "infergate_upstream_retries_total";
 pub(crate) const IN_FLIGHT: &str = "infergate_replica_requests_in_flight";
 pub(crate) const TOKENS_IN_FLIGHT: &str = "infergate_replica_tokens_in_flight";
@@ -32,6 +33,7 @@ pub(crate) const WARMUP: &str = "infergate_replica_warmup_seconds";
 pub(crate) const GENAI_TTFT: &str = "gen_ai_server_time_to_first_token_seconds";
 pub(crate) const GENAI_DURATION: &str = "gen_ai_server_request_duration_seconds";
 pub(crate) const GENAI_TOKENS: &str = "gen_ai_client_token_usage";
+pub(crate) const GENAI_TPOT: &str = "gen_ai_server_time_per_output_token_seconds";
 
 /// How often buffered histogram samples are folded into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(1);
@@ -70,6 +72,7 @@ pub(crate) fn handle() -> &'static PrometheusHandle {
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(GENAI_TOKENS.into()), TOKEN_BUCKETS)
             })
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(GENAI_TPOT.into()), ITL_BUCKETS))
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -126,6 +129,7 @@ pub(crate) struct PairMetrics {
     overhead: Histogram,
     prompt_tokens: Counter,
     completion_tokens: Counter,
+    cached_tokens: Counter,
     /// `infergate_requests_total` of this pair, by (model, status, outcome):
     /// a few entries, searched without allocating.
     requests: RwLock<Vec<RequestsEntry>>,
@@ -144,6 +148,7 @@ impl PairMetrics {
             overhead: histogram!(OVERHEAD, "route" => route.to_string()),
             prompt_tokens: counter!(PROMPT_TOKENS, &labels),
             completion_tokens: counter!(COMPLETION_TOKENS, &labels),
+            cached_tokens: counter!(CACHED_TOKENS, &labels),
             requests: RwLock::new(Vec::new()),
         }
     }
@@ -176,6 +181,7 @@ type PairKey = (Arc<str>, Arc<str>);
 struct GenAi {
     ttft: Histogram,
     duration: Histogram,
+    per_output_token: Histogram,
     input_tokens: Histogram,
     output_tokens: Histogram,
 }
@@ -198,6 +204,7 @@ impl GenAi {
         GenAi {
             ttft: histogram!(GENAI_TTFT, &m()),
             duration: histogram!(GENAI_DURATION, &m()),
+            per_output_token: histogram!(GENAI_TPOT, &m()),
             input_tokens: tokens("input"),
             output_tokens: tokens("output"),
         }
@@ -292,6 +299,7 @@ pub(crate) struct Finished<'a> {
     pub overhead: Option<Duration>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 pub(crate) fn record_finished(f: &Finished<'_>) {
@@ -312,6 +320,9 @@ pub(crate) fn record_finished(f: &Finished<'_>) {
     if f.completion_tokens > 0 {
         m.completion_tokens.increment(f.completion_tokens);
     }
+    if f.cached_tokens > 0 {
+        m.cached_tokens.increment(f.cached_tokens);
+    }
     if let Some(op) = f.operation {
         let g = genai(f.route, op);
         g.duration.record(f.duration.as_secs_f64());
@@ -324,7 +335,17 @@ pub(crate) fn record_finished(f: &Finished<'_>) {
         if f.completion_tokens > 0 {
             g.output_tokens.record(f.completion_tokens as f64);
         }
+        if let Some(tpot) = time_per_output_token(f.duration, f.ttft, f.completion_tokens) {
+            g.per_output_token.record(tpot);
+        }
     }
+}
+
+/// The conventions' time per output token: the time after the first token
+/// over the tokens after it (none for fewer than two tokens).
+fn time_per_output_token(duration: Duration, ttft: Option<Duration>, tokens: u64) -> Option<f64> {
+    let after_first = duration.checked_sub(ttft?)?;
+    (tokens > 1).then(|| after_first.as_secs_f64() / (tokens - 1) as f64)
 }
 
 pub(crate) fn record_retry(route: &str, replica: &str, reason: &'static str) {
@@ -350,5 +371,23 @@ fn status_label(status: u16) -> &'static str {
         s if s < 400 => "3xx",
         s if s < 500 => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_per_output_token_is_the_time_after_the_first_over_the_rest() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            time_per_output_token(ms(1100), Some(ms(100)), 11),
+            Some(0.1)
+        );
+        // One token, no first token, or a TTFT past the end: none.
+        assert_eq!(time_per_output_token(ms(500), Some(ms(100)), 1), None);
+        assert_eq!(time_per_output_token(ms(500), None, 10), None);
+        assert_eq!(time_per_output_token(ms(50), Some(ms(100)), 10), None);
     }
 }

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::codec::{ChunkedDecoder, Decoded, Framing, ProtocolError, ResponseHead};
-use super::headers::upstream_request_headers;
+use super::headers::{upstream_request_headers, GatewayHeaders};
 use crate::telemetry::metrics::record_retry;
 
 /// Requests (so HTTP/1 connections) in flight to one replica at most. It
@@ -109,6 +109,8 @@ pub struct Outgoing<'a> {
     pub request_id: &'a HeaderValue,
     /// The client's own `x-request-id`, sent as `x-client-request-id`.
     pub client_request_id: Option<&'a HeaderValue>,
+    /// This try's `traceparent` (tracing on; else the client's passes).
+    pub traceparent: Option<&'a HeaderValue>,
 }
 
 /// Why a send or a body read failed.
@@ -213,13 +215,14 @@ impl UpstreamClient {
         let authority = slot.authority.as_deref().ok_or(UpstreamError::Uri)?;
         let mut head = BytesMut::new();
         codec::encode_request_line(&mut head, out.path_and_query.as_str(), authority);
-        upstream_request_headers(
-            out.headers,
-            out.request_id,
-            out.client_request_id,
-            out.body.len(),
-            |n, v| codec::encode_header(&mut head, n, v),
-        );
+        let ours = GatewayHeaders {
+            request_id: out.request_id,
+            client_request_id: out.client_request_id,
+            traceparent: out.traceparent,
+        };
+        upstream_request_headers(out.headers, &ours, out.body.len(), |n, v| {
+            codec::encode_header(&mut head, n, v)
+        });
         codec::end_head(&mut head);
         let worker = crate::worker::current() % MAX_WORKER_POOLS;
         let conn = match slot.checkout(worker) {
@@ -577,6 +580,7 @@ mod tests {
             body: Bytes::from_static(b"{}"),
             request_id: &rid,
             client_request_id: None,
+            traceparent: None,
         };
         client.send(&url.into(), url, &out, "r").await
     }
