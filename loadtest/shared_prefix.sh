@@ -23,11 +23,13 @@
 # vllm-router-3, sglang-router-3 (cache_aware), then precise-1 (one gateway). Also reports
 # the oracle hit rate (infergate-load --oracle-blocks: the fleet's KV blocks pooled into one
 # LRU prefix cache fed the same requests; see crates/load/src/load/oracle.rs). Its defaults:
-# PROFILE [llama-70b-4xh100] (prefill is dear: a miss costs), BLOCKS [2048] (8 x 2048 blocks
-# of 16 tokens = 262k tokens, against about 540k tokens of distinct prefixes per round
-# before the rotation), PREFIX_GROUPS [96], USERS [4], TURNS [3], SYSTEM_TOKENS [3000],
-# QUESTION_TOKENS [150], MAX_TOKENS [100], GROUP_SKEW [1.0], RATE [40], DURATION [80],
-# TIME_SCALE [2]; every other variable as above.
+# PROFILE [llama-70b-4xh100] (prefill is dear: a miss costs), TIME_SCALE [0.75] (slower
+# than modelled time, so 40 requests/s keep the fleet's prefill near saturation and misses
+# queue), BLOCKS [3072] (8 x 3072 blocks of 16 tokens = 393k tokens, part of it pinned by
+# running requests, against about 580k tokens of distinct prefixes per round, and the
+# rotation brings new ones), PREFIX_GROUPS [128], USERS [3], TURNS [3], SYSTEM_TOKENS [3000],
+# QUESTION_TOKENS [150], MAX_TOKENS [30], GROUP_SKEW [1.0], RATE [40], DURATION [60];
+# every other variable as above.
 #
 # Env (defaults in brackets) - the fleet: REPLICAS [8], PROFILE [llama-8b-h100],
 # TIME_SCALE [4] (modelled time runs this many times faster; latencies printed are
@@ -61,10 +63,10 @@ ENGINE=${ENGINE:-sim}
 KV_MODE=0
 [[ ${1:-} == kv ]] && KV_MODE=1
 if ((KV_MODE)); then
-  PROFILE=${PROFILE:-llama-70b-4xh100} BLOCKS=${BLOCKS:-2048} PREFIX_GROUPS=${PREFIX_GROUPS:-96}
-  USERS=${USERS:-4} TURNS=${TURNS:-3} SYSTEM_TOKENS=${SYSTEM_TOKENS:-3000}
-  QUESTION_TOKENS=${QUESTION_TOKENS:-150} MAX_TOKENS=${MAX_TOKENS:-100}
-  GROUP_SKEW=${GROUP_SKEW:-1.0} RATE=${RATE:-40} DURATION=${DURATION:-80} TIME_SCALE=${TIME_SCALE:-2}
+  PROFILE=${PROFILE:-llama-70b-4xh100} BLOCKS=${BLOCKS:-3072} PREFIX_GROUPS=${PREFIX_GROUPS:-128}
+  USERS=${USERS:-3} TURNS=${TURNS:-3} SYSTEM_TOKENS=${SYSTEM_TOKENS:-3000}
+  QUESTION_TOKENS=${QUESTION_TOKENS:-150} MAX_TOKENS=${MAX_TOKENS:-30}
+  GROUP_SKEW=${GROUP_SKEW:-1.0} RATE=${RATE:-40} DURATION=${DURATION:-60} TIME_SCALE=${TIME_SCALE:-0.75}
 fi
 SHIFT_ROUNDS=${SHIFT_ROUNDS:-$((KV_MODE ? 1 : 0))}
 if [[ $ENGINE == llama ]]; then
@@ -259,6 +261,13 @@ run_system() {
   esac
   echo "== $name via $url (fleet ${URLS[*]})" >&2
   load "$url" "$RUN/$name.json"
+  # Each gateway's routing view at the end (which index answered per replica).
+  local y a
+  for y in "$RUN/$name"-*.yaml; do
+    [[ -e $y ]] || continue
+    a=$(sed -n 's/.*admin: { address: "\([^"]*\)" }.*/\1/p' "$y")
+    curl -s -m 5 "http://$a/routing" >"${y%.yaml}.routing.json" || true
+  done
   stop_all
 }
 
@@ -315,6 +324,18 @@ for label, r, op, target in checks:
     if r is None: continue
     met = "" if target is None else ("  MET" if (r <= target if op == "<=" else r >= target) else "  NOT MET")
     print(f"{label}: {r:.3f}" + ("" if target is None else f" (target {op} {target}){met}"))
+# Precise gateways: replicas whose events were live at the end, per gateway.
+import glob
+for n in names:
+    if not n.startswith("precise"): continue
+    live = []
+    for f in sorted(glob.glob(f"{run}/{n}-*.routing.json")):
+        try:
+            v = json.load(open(f))
+            live.append(v["routes"][0]["view"]["precise_index"]["live_replicas"])
+        except Exception:
+            live.append(None)
+    print(f"{n}: precise index live replicas at the end, per gateway: {live}")
 print(f"raw JSON: {run}/*.json")
 EOF
 }

@@ -262,7 +262,11 @@ async fn run(args: Args) -> Result<bool, String> {
     });
     let finished = match mode {
         Mode::Closed(c) => plan.clone().closed(c).await,
-        Mode::Open(r) => plan.clone().open(r, args.max_in_flight.max(1), args.seed).await,
+        Mode::Open(r) => {
+            plan.clone()
+                .open(r, args.max_in_flight.max(1), args.seed)
+                .await
+        }
     };
     let replicas = if scraper.is_empty() {
         None
