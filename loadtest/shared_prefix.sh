@@ -11,7 +11,25 @@
 #
 #   bash loadtest/shared_prefix.sh [systems]        # default: all four
 #   bash loadtest/shared_prefix.sh multi            # 3 gateways vs 1 (fleet hit rate)
-#   systems: any of infergate infergate-rr vllm-router sglang-router
+#   bash loadtest/shared_prefix.sh kv               # issue 15: precise vs approximate vs peers
+#   systems: any of infergate infergate-rr vllm-router sglang-router, or (kv mode)
+#   precise-N approximate-N vllm-router-N sglang-router-N: N instances of that router, the
+#   load tool spreading requests over them (a client that load-balances its gateways)
+#
+# kv mode (issue 15): 8 replicas publishing KV events, under cache pressure (prefix data
+# several times the fleet's KV cache), Zipf-skewed group popularity that rotates every
+# SHIFT_ROUNDS [1] rounds, and 3 instances of every router sharing the traffic:
+# precise-3 (inference_aware with routing.kv_events), approximate-3 (inference_aware without),
+# vllm-router-3, sglang-router-3 (cache_aware), then precise-1 (one gateway). Also reports
+# the oracle hit rate (infergate-load --oracle-blocks: the fleet's KV blocks pooled into one
+# LRU prefix cache fed the same requests; see crates/load/src/load/oracle.rs). Its defaults:
+# PROFILE [llama-70b-4xh100] (prefill is dear: a miss costs), TIME_SCALE [0.75] (slower
+# than modelled time, so 40 requests/s keep the fleet's prefill near saturation and misses
+# queue), BLOCKS [3072] (8 x 3072 blocks of 16 tokens = 393k tokens, part of it pinned by
+# running requests, against about 580k tokens of distinct prefixes per round, and the
+# rotation brings new ones), PREFIX_GROUPS [128], USERS [3], TURNS [3], SYSTEM_TOKENS [3000],
+# QUESTION_TOKENS [150], MAX_TOKENS [30], GROUP_SKEW [1.0], RATE [40], DURATION [60];
+# every other variable as above.
 #
 # Env (defaults in brackets) - the fleet: REPLICAS [8], PROFILE [llama-8b-h100],
 # TIME_SCALE [4] (modelled time runs this many times faster; latencies printed are
@@ -42,6 +60,15 @@ LOAD="${LOAD_BIN:-$ROOT/target/release/infergate-load}"
 VENV="${PEERS_VENV:-/tmp/peers-venv}"
 TOK="${PEERS_TOKENIZER:-/tmp/peers-tokenizer}"
 ENGINE=${ENGINE:-sim}
+KV_MODE=0
+[[ ${1:-} == kv ]] && KV_MODE=1
+if ((KV_MODE)); then
+  PROFILE=${PROFILE:-llama-70b-4xh100} BLOCKS=${BLOCKS:-3072} PREFIX_GROUPS=${PREFIX_GROUPS:-128}
+  USERS=${USERS:-3} TURNS=${TURNS:-3} SYSTEM_TOKENS=${SYSTEM_TOKENS:-3000}
+  QUESTION_TOKENS=${QUESTION_TOKENS:-150} MAX_TOKENS=${MAX_TOKENS:-30}
+  GROUP_SKEW=${GROUP_SKEW:-1.0} RATE=${RATE:-40} DURATION=${DURATION:-60} TIME_SCALE=${TIME_SCALE:-0.75}
+fi
+SHIFT_ROUNDS=${SHIFT_ROUNDS:-$((KV_MODE ? 1 : 0))}
 if [[ $ENGINE == llama ]]; then
   REPLICAS=${REPLICAS:-2} RATE=${RATE:-0.6} DURATION=${DURATION:-60} WARMUP=${WARMUP:-10}
   PREFIX_GROUPS=${PREFIX_GROUPS:-7} USERS=${USERS:-4} TURNS=${TURNS:-2}
@@ -84,6 +111,23 @@ stop_all() {
 }
 trap stop_all EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+free_ports() {  # N: the first of N consecutive free ports
+  python3 -c 'import socket,random,sys
+n=int(sys.argv[1])
+while True:
+    b=random.randint(20000,40000); ok=True
+    for p in range(b,b+n):
+        s=socket.socket()
+        try: s.bind(("127.0.0.1",p))
+        except OSError: ok=False
+        s.close()
+    if ok: print(b); break' "$1"
+}
+kv_events_yaml() {  # routing.kv_events of the fleet: each replica's event endpoints (sim.out)
+  awk '{ split($3, u, "//"); sub("kv_events=", "", $5); sub("replay=", "", $6);
+         printf "%s\"%s\": { endpoint: \"%s\", replay_endpoint: \"%s\" }", (NR > 1 ? ", " : ""), u[2], $5, $6 }
+       BEGIN { printf "kv_events: { endpoints: { " } END { printf " } }" }' "$RUN/sim.out"
+}
 wait_http() {  # url: until it answers 2xx (30 s)
   for _ in $(seq 300); do curl -sf -m 1 -o /dev/null "$1" && return 0; sleep 0.1; done
   echo "no answer from $1" >&2; return 1
@@ -96,22 +140,21 @@ start_fleet() {
   if [[ $ENGINE == llama ]]; then
     # Real llama.cpp replicas (loadtest/llama_server.sh build, cached), on consecutive free ports.
     local base
-    base=$(python3 -c 'import socket,random
-while True:
-    b=random.randint(20000,40000); ok=True
-    for p in range(b,b+'"$REPLICAS"'):
-        s=socket.socket()
-        try: s.bind(("127.0.0.1",p))
-        except OSError: ok=False
-        s.close()
-    if ok: print(b); break')
+    base=$(free_ports "$REPLICAS")
     LLAMA_RUN="$RUN/llama" bash "$ROOT/loadtest/llama_server.sh" start "$REPLICAS" "$base" >&2
     URLS=()
     for ((i = 0; i < REPLICAS; i++)); do URLS+=("http://127.0.0.1:$((base + i))"); done
     return
   fi
+  local events=()
+  if ((KV_MODE)); then
+    # KV events on every replica (replica i publishes on the ports + i).
+    local pub replay
+    pub=$(free_ports "$REPLICAS") replay=$(free_ports "$REPLICAS")
+    events=(--kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:$pub\",\"replay_endpoint\":\"tcp://*:$replay\"}")
+  fi
   "$BIN" sim --profile "$PROFILE" --replicas "$REPLICAS" --base-port 0 --time-scale "$TIME_SCALE" \
-    --num-gpu-blocks "$BLOCKS" --served-model-name $MODEL --model-path "$TOK" \
+    --num-gpu-blocks "$BLOCKS" --served-model-name $MODEL --model-path "$TOK" "${events[@]}" \
     >"$RUN/sim.out" 2>"$RUN/sim.log" &
   PIDS+=($!)
   for _ in $(seq 100); do [[ $(wc -l <"$RUN/sim.out") -ge $REPLICAS ]] && break; sleep 0.1; done
@@ -149,20 +192,20 @@ EOF
   echo "http://127.0.0.1:$port"
 }
 
-peer() {  # KIND: starts vllm-router or sglang-router (cache_aware) over the fleet, prints its URL
-  local kind=$1 port mport
+peer() {  # KIND [LOG NAME]: starts vllm-router or sglang-router (cache_aware) over the fleet, prints its URL
+  local kind=$1 log=${2:-$1} port mport
   port=$(free_port); mport=$(free_port)
   [[ -x "$VENV/bin/$kind" ]] || { echo "missing $VENV/bin/$kind (../shared/peers/setup.sh --no-torch)" >&2; return 1; }
   if [[ $kind == vllm-router ]]; then
     "$VENV/bin/vllm-router" --host 127.0.0.1 --port "$port" --worker-urls "${URLS[@]}" \
       --policy cache_aware --prometheus-host 127.0.0.1 --prometheus-port "$mport" \
       --worker-startup-check-interval 1 --worker-startup-timeout-secs 60 \
-      --request-timeout-secs 1800 >"$RUN/$kind.log" 2>&1 &
+      --request-timeout-secs 1800 >"$RUN/$log.log" 2>&1 &
   else
     "$VENV/bin/sglang-router" launch --host 127.0.0.1 --port "$port" --worker-urls "${URLS[@]}" \
       --policy cache_aware --prometheus-host 127.0.0.1 --prometheus-port "$mport" \
       --worker-startup-check-interval 1 --worker-startup-timeout-secs 60 \
-      --request-timeout-secs 1800 --max-concurrent-requests -1 >"$RUN/$kind.log" 2>&1 &
+      --request-timeout-secs 1800 --max-concurrent-requests -1 >"$RUN/$log.log" 2>&1 &
   fi
   track $!
   local url="http://127.0.0.1:$port"
@@ -178,11 +221,14 @@ peer() {  # KIND: starts vllm-router or sglang-router (cache_aware) over the fle
 
 metrics_urls() { local s; s=$(printf '%s/metrics,' "${URLS[@]}"); echo "${s%,}"; }
 
-load() {  # URL OUT.json
+load() {  # URL[,URL...] OUT.json
+  local oracle=()
+  ((KV_MODE)) && oracle=(--oracle-blocks $((REPLICAS * BLOCKS)) --oracle-block-size 16)
   "$LOAD" --url "$1" --model $MODEL --workload prefix --groups "$GROUPS_" --users "$USERS" \
-    --turns "$TURNS" --group-skew "$GROUP_SKEW" --system-tokens "$SYSTEM_TOKENS" --question-tokens "$QUESTION_TOKENS" \
+    --turns "$TURNS" --group-skew "$GROUP_SKEW" --skew-shift-rounds "$SHIFT_ROUNDS" \
+    --system-tokens "$SYSTEM_TOKENS" --question-tokens "$QUESTION_TOKENS" \
     --max-tokens "$MAX_TOKENS" --rate "$RATE" -d "$DURATION" --warmup "$WARMUP" --seed "$SEED" \
-    --timeout 600 --scrape "$(metrics_urls)" --json >"$2" 2>"$2.err" || true
+    --timeout 600 --scrape "$(metrics_urls)" "${oracle[@]}" --json >"$2" 2>"$2.err" || true
 }
 
 # run_system NAME: fresh fleet, the system in front, the load, then everything stopped.
@@ -193,6 +239,18 @@ run_system() {
     infergate) url=$(gateway ig "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}") ;;
     infergate-rr) url=$(gateway ig-rr round_robin "${URLS[@]}") ;;
     vllm-router | sglang-router) url=$(peer "$name") ;;
+    precise-* | approximate-* | vllm-router-* | sglang-router-*)
+      # N instances of one router; the load tool spreads requests over them.
+      local kind=${name%-*} n=${name##*-} urls=() i
+      for ((i = 0; i < n; i++)); do
+        case $kind in
+          precise) urls+=("$(gateway "$name-$i" "inference_aware, $(kv_events_yaml)${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}")") ;;
+          approximate) urls+=("$(gateway "$name-$i" "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}")") ;;
+          *) urls+=("$(peer "$kind" "$name-$i")") ;;
+        esac
+      done
+      url=$(IFS=,; echo "${urls[*]}")
+      ;;
     multi-1 | multi-3)
       # A round-robin front (a Kubernetes Service, in effect) over 1 or 3 gateways.
       local n=${name#multi-} gws=() i
@@ -203,6 +261,13 @@ run_system() {
   esac
   echo "== $name via $url (fleet ${URLS[*]})" >&2
   load "$url" "$RUN/$name.json"
+  # Each gateway's routing view at the end (which index answered per replica).
+  local y a
+  for y in "$RUN/$name"-*.yaml; do
+    [[ -e $y ]] || continue
+    a=$(sed -n 's/.*admin: { address: "\([^"]*\)" }.*/\1/p' "$y")
+    curl -s -m 5 "http://$a/routing" >"${y%.yaml}.routing.json" || true
+  done
   stop_all
 }
 
@@ -212,7 +277,7 @@ import json, sys
 run, ts, engine, names = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4:]
 if engine == "llama": ts = 1.0
 rows = {}
-print(f"{'system':<16}{'ok':>6}{'err':>5}{'TTFT p50':>10}{'TTFT p90':>10}{'TTFT mean':>10}{'ITL p50':>9}{'ITL p90':>9}{'out tok/s':>11}{'hit rate':>10}   (ms wall; x{ts:g} = modelled)")
+print(f"{'system':<16}{'ok':>6}{'err':>5}{'TTFT p50':>10}{'TTFT p90':>10}{'TTFT mean':>10}{'ITL p50':>9}{'ITL p90':>9}{'out tok/s':>11}{'hit rate':>10}{'oracle':>8}   (ms wall; x{ts:g} = modelled)")
 for n in names:
     try:
         v = json.load(open(f"{run}/{n}.json"))
@@ -223,10 +288,11 @@ for n in names:
     hit = (v.get("replicas") or {}).get("prefix_cache_hit_rate")
     if hit is None:
         hit = v.get("usage_cache_hit_rate")
-    rows[n] = dict(p50=t.get("p50"), p90=t.get("p90"), mean=t.get("mean"), tps=v.get("output_tok_per_s"), hit=hit)
+    oracle = (v.get("oracle") or {}).get("hit_rate")
+    rows[n] = dict(p50=t.get("p50"), p90=t.get("p90"), mean=t.get("mean"), tps=v.get("output_tok_per_s"), hit=hit, oracle=oracle)
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"
     print(f"{n:<16}{v.get('ok',0):>6}{sum(v.get('errors',{}).values()):>5}{f(t.get('p50')):>10}{f(t.get('p90')):>10}{f(t.get('mean')):>10}"
-          f"{f(i.get('p50'),2):>9}{f(i.get('p90'),2):>9}{f(v.get('output_tok_per_s')):>11}{f(hit,3):>10}")
+          f"{f(i.get('p50'),2):>9}{f(i.get('p90'),2):>9}{f(v.get('output_tok_per_s')):>11}{f(hit,3):>10}{f(oracle,3):>8}")
 def ratio(a, b, k):
     try: return rows[a][k] / rows[b][k]
     except Exception: return None
@@ -239,10 +305,37 @@ checks = [
     ("mean TTFT infergate / vllm-router cache_aware", ratio("infergate", "vllm-router", "mean"), "<=", 1.0 if engine == "llama" else None),
     ("fleet hit rate 3 gateways / 1 gateway", ratio("multi-3", "multi-1", "hit"), ">=", 0.9),
 ]
+# kv mode (issue 15): the precise index over 3 gateways against the others.
+def best_peer(k):
+    vals = [rows[p][k] for p in ("vllm-router-3", "sglang-router-3") if rows.get(p, {}).get(k) is not None]
+    return min(vals) if vals else None
+if "precise-3" in rows:
+    pr = rows["precise-3"]
+    bp = best_peer("p90")
+    checks += [
+        ("p90 TTFT precise / better peer (3 instances each)", pr["p90"] / bp if pr["p90"] is not None and bp else None, "<=", 0.5),
+        ("p90 TTFT precise / approximate (3 gateways each)", ratio("precise-3", "approximate-3", "p90"), "<=", 0.7),
+        ("fleet hit rate precise / oracle", pr["hit"] / pr["oracle"] if pr["hit"] is not None and pr["oracle"] else None, ">=", 0.95),
+        ("fleet hit rate precise 3 gateways / 1 gateway", ratio("precise-3", "precise-1", "hit"), ">=", 0.95),
+        ("p90 TTFT precise 3 gateways / 1 gateway", ratio("precise-3", "precise-1", "p90"), "<=", 1.5),
+        ("output tok/s precise / approximate (3 gateways each)", ratio("precise-3", "approximate-3", "tps"), ">=", None),
+    ]
 for label, r, op, target in checks:
     if r is None: continue
     met = "" if target is None else ("  MET" if (r <= target if op == "<=" else r >= target) else "  NOT MET")
     print(f"{label}: {r:.3f}" + ("" if target is None else f" (target {op} {target}){met}"))
+# Precise gateways: replicas whose events were live at the end, per gateway.
+import glob
+for n in names:
+    if not n.startswith("precise"): continue
+    live = []
+    for f in sorted(glob.glob(f"{run}/{n}-*.routing.json")):
+        try:
+            v = json.load(open(f))
+            live.append(v["routes"][0]["view"]["precise_index"]["live_replicas"])
+        except Exception:
+            live.append(None)
+    print(f"{n}: precise index live replicas at the end, per gateway: {live}")
 print(f"raw JSON: {run}/*.json")
 EOF
 }
@@ -250,8 +343,12 @@ EOF
 SYSTEMS=("$@")
 [[ ${#SYSTEMS[@]} -eq 0 ]] && SYSTEMS=(infergate infergate-rr vllm-router sglang-router)
 [[ ${SYSTEMS[0]} == multi ]] && SYSTEMS=(multi-1 multi-3)
+if [[ ${SYSTEMS[0]} == kv ]]; then
+  SYSTEMS=("${SYSTEMS[@]:1}")
+  [[ ${#SYSTEMS[@]} -eq 0 ]] && SYSTEMS=(precise-3 approximate-3 vllm-router-3 sglang-router-3 precise-1)
+fi
 FLEET="${REPLICAS} x ${PROFILE} (${BLOCKS} KV blocks) at time scale ${TIME_SCALE}"
 [[ $ENGINE == llama ]] && FLEET="${REPLICAS} x llama-server SmolLM2-135M (${LLAMA_SLOTS} slots, ${LLAMA_EXTRA_ARGS})"
-echo "workload: ${GROUPS_} groups (Zipf skew ${GROUP_SKEW}) x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${FLEET}" >&2
+echo "workload: ${GROUPS_} groups (Zipf skew ${GROUP_SKEW}, rotating every ${SHIFT_ROUNDS} rounds) x ${USERS} users x ${TURNS} turns, system ${SYSTEM_TOKENS} + question ${QUESTION_TOKENS} tokens, output ${MAX_TOKENS}; Poisson ${RATE}/s for ${DURATION}s (warm-up ${WARMUP}s), seed ${SEED}; ${FLEET}" >&2
 for s in "${SYSTEMS[@]}"; do run_system "$s"; done
 summary "${SYSTEMS[@]}"

@@ -396,3 +396,61 @@ async fn a_reused_connection_closed_unanswered_is_retried_once_on_a_fresh_one() 
     assert_eq!(r["keepalive_retries"], 0);
     assert_eq!(processed.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_spread_over_several_urls_and_the_oracle_is_reported() {
+    let ups = [upstream().await, upstream().await, upstream().await];
+    let urls: Vec<String> = ups.iter().map(|(a, _)| format!("http://{a}")).collect();
+    let joined = urls.join(",");
+    for loop_args in [["--rate", "400"], ["-c", "3"]] {
+        let before: Vec<u64> = ups
+            .iter()
+            .map(|(_, s)| s.requests.load(Ordering::Relaxed))
+            .collect();
+        let r = load_json(&[
+            "--url",
+            &joined,
+            "--workload",
+            "prefix",
+            "--groups",
+            "2",
+            "--users",
+            "2",
+            "--turns",
+            "2",
+            "--system-tokens",
+            "200",
+            "--question-tokens",
+            "5",
+            "--max-tokens",
+            "3",
+            "--group-skew",
+            "1",
+            "--skew-shift-rounds",
+            "1",
+            loop_args[0],
+            loop_args[1],
+            "-n",
+            "48",
+            "--oracle-blocks",
+            "1000",
+            "--json",
+        ])
+        .await;
+        assert_eq!(r["ok"], 48, "{loop_args:?}");
+        // Every URL got a share, and together exactly the requests sent.
+        let got: Vec<u64> = ups
+            .iter()
+            .zip(&before)
+            .map(|((_, s), b)| s.requests.load(Ordering::Relaxed) - b)
+            .collect();
+        assert_eq!(got.iter().sum::<u64>(), 48, "{got:?}");
+        assert!(got.iter().all(|n| *n >= 5), "{got:?}");
+        // 48 requests over 2 system prompts of 200 tokens, a cache that holds
+        // them all: most prompt tokens are repeats.
+        let oracle = &r["oracle"];
+        assert_eq!(oracle["requests"], 48);
+        let hit = oracle["hit_rate"].as_f64().unwrap();
+        assert!(hit > 0.5 && hit < 1.0, "{oracle}");
+    }
+}

@@ -90,6 +90,18 @@ fn bench(c: &mut Criterion) {
         6_000 / BS,
         "replica 1 holds group 7's system prompt"
     );
+    // KV_COUNT=N: run N precise decisions and exit, for instruction counts
+    // under callgrind (subtract a run with N=0), as the routing bench's
+    // ROUTING_COUNT.
+    if let Some(n) = std::env::var("KV_COUNT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        for _ in 0..n {
+            black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
+        }
+        std::process::exit(0);
+    }
     report_cpu_us("precise decision", 2_000, || {
         black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
     });

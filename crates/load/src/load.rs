@@ -12,6 +12,8 @@
 mod client;
 #[path = "load/hist.rs"]
 mod hist;
+#[path = "load/oracle.rs"]
+mod oracle;
 #[path = "load/report.rs"]
 mod report;
 #[path = "load/run.rs"]
@@ -39,9 +41,11 @@ use workload::{Class, ClassPicker, Kind, Spec, Workload};
     about = "Load generator for OpenAI-compatible endpoints on loopback (closed or open loop)"
 )]
 struct Args {
-    /// Base URL of the endpoint, loopback only (e.g. http://127.0.0.1:8080).
-    #[arg(long)]
-    url: String,
+    /// Base URL of the endpoint, loopback only (e.g. http://127.0.0.1:8080). Several
+    /// (repeated or comma-separated): each request goes to one of them, by a hash of its
+    /// number (a client spreading traffic over gateway instances).
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// Request shape.
     #[arg(long, value_enum, default_value = "small")]
     workload: Kind,
@@ -97,6 +101,17 @@ struct Args {
     /// of 32 groups gets a quarter of the sessions).
     #[arg(long, default_value_t = 0.0)]
     group_skew: f64,
+    /// Prefix, with skew: every K rounds the group popularity ranking rotates by 3/8 of the
+    /// groups (the hottest turn cold); 0 = never.
+    #[arg(long, default_value_t = 0)]
+    skew_shift_rounds: u32,
+    /// Also report the oracle hit rate: the run's requests, in order, through one LRU prefix
+    /// cache of this many blocks (the fleet's total: replicas x blocks each). See oracle.rs.
+    #[arg(long)]
+    oracle_blocks: Option<usize>,
+    /// Block size (tokens) of the oracle's cache.
+    #[arg(long, default_value_t = 16)]
+    oracle_block_size: usize,
     /// Do not ask for a usage chunk on streams (output tokens are then counted chunks).
     #[arg(long)]
     no_usage: bool,
@@ -187,12 +202,16 @@ async fn run(args: Args) -> Result<bool, String> {
         question_tokens: args.question_tokens,
         turns: args.turns,
         group_skew: args.group_skew,
+        skew_shift_rounds: args.skew_shift_rounds,
         usage: !args.no_usage,
         ignore_eos: args.ignore_eos,
         seed: args.seed,
     })?;
     let picker = ClassPicker::new(&classes, args.seed);
-    let target = client::Target::new(&args.url, workload.path, args.http2, headers).await?;
+    let mut targets = Vec::with_capacity(args.url.len());
+    for url in &args.url {
+        targets.push(client::Target::new(url, workload.path, args.http2, headers.clone()).await?);
+    }
     if let Some(n) = args.dry_run {
         for seq in 0..n {
             let class = &classes[picker.pick(seq)];
@@ -232,7 +251,7 @@ async fn run(args: Args) -> Result<bool, String> {
     let scraper = scrape::Scraper::new(&args.scrape).await?;
     let before = scraper.read().await;
     let plan = Arc::new(run::Plan {
-        target,
+        targets,
         workload,
         classes,
         picker,
@@ -242,17 +261,28 @@ async fn run(args: Args) -> Result<bool, String> {
         warmup,
     });
     let finished = match mode {
-        Mode::Closed(c) => plan.closed(c).await,
-        Mode::Open(r) => plan.open(r, args.max_in_flight.max(1), args.seed).await,
+        Mode::Closed(c) => plan.clone().closed(c).await,
+        Mode::Open(r) => {
+            plan.clone()
+                .open(r, args.max_in_flight.max(1), args.seed)
+                .await
+        }
     };
     let replicas = if scraper.is_empty() {
         None
     } else {
         Some(scraper.report(&before, &scraper.read().await))
     };
+    let oracle = args.oracle_blocks.map(|blocks| {
+        let mut o = oracle::Oracle::new(blocks, args.oracle_block_size);
+        for seq in 0..finished.sent {
+            o.feed(&plan.workload.body(seq));
+        }
+        o
+    });
     let mut desc = desc;
     desc["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
-    desc["url"] = json!(args.url);
+    desc["url"] = json!(args.url.join(","));
     desc["model"] = json!(args.model);
     desc["http2"] = json!(args.http2);
     desc["max_tokens"] = json!(args.max_tokens);
@@ -266,12 +296,18 @@ async fn run(args: Args) -> Result<bool, String> {
         if let Some(r) = replicas {
             v["replicas"] = r;
         }
+        if let Some(o) = &oracle {
+            v["oracle"] = o.report();
+        }
         println!("{v}");
     } else {
         let header = format!("infergate-load {desc}");
         print!("{}", report::to_text(stats, &header, finished.unfinished));
         if let Some(r) = replicas {
             println!("replicas (counter growth during the run): {r}");
+        }
+        if let Some(o) = &oracle {
+            println!("oracle (pooled LRU prefix cache): {}", o.report());
         }
     }
     Ok(stats.classes.iter().any(|c| c.ok > 0))

@@ -12,7 +12,12 @@
 //! Rules:
 //! - A token is a run of up to [`CHARS_PER_TOKEN`] Unicode scalar values; the text
 //!   is cut from its start, so `count_tokens(s) == ceil(chars(s) / 4)`.
-//! - A token id is the xxh3 of the token's UTF-8 bytes modulo [`VOCAB_SIZE`].
+//! - A token id is a hash of the token's UTF-8 bytes scaled into `0..`[`VOCAB_SIZE`]:
+//!   a token of up to 4 bytes (every ASCII token) is its bytes as a
+//!   little-endian `u32` (zero-padded, the length mixed into the top bits)
+//!   through Fibonacci hashing; a longer one folds its xxh3 there.
+//!   A few instructions per token, so keying an 8,000-token prompt for the
+//!   precise index costs far less than one routing decision.
 //! - A block is `block_size` consecutive tokens; only full blocks are hashed.
 //!   Block `i`'s hash is `xxh3_64_with_seed(bytes of block i, seed = hash of block i-1)`,
 //!   with `seed` of block 0 = the caller's salt (for example a hash of the model
@@ -75,10 +80,46 @@ fn byte_offset_after_chars(s: &str, n: usize) -> usize {
     s.char_indices().nth(n).map(|(i, _)| i).unwrap_or(s.len())
 }
 
-/// Token id of one token string.
+/// Token id of one token string (see the module docs).
 pub fn token_id(token: &str) -> u32 {
-    (xxh3_64(token.as_bytes()) % VOCAB_SIZE) as u32
+    let b = token.as_bytes();
+    let word = if b.len() <= CHARS_PER_TOKEN {
+        let mut w = [0u8; 4];
+        w[..b.len()].copy_from_slice(b);
+        // A short token differs from its zero-padded 4-byte twin.
+        u32::from_le_bytes(w) ^ ((4 - b.len() as u32) << 30)
+    } else {
+        let h = xxh3_64(b);
+        (h ^ (h >> 32)) as u32
+    };
+    word_id(word)
 }
+
+/// The id of a token packed into `word`: Fibonacci hashing (one multiply by
+/// 2^64 / phi; the top half depends on every input bit), scaled into the
+/// vocabulary by a multiply, no division.
+#[inline]
+fn word_id(word: u32) -> u32 {
+    let h = (u64::from(word) ^ 0x5555_5555).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    ((h * VOCAB_SIZE) >> 32) as u32
+}
+
+/// The key of one ASCII block `block` (a multiple of 4 bytes, at most 128
+/// tokens, so it fits `buf`): ids straight from each 4-byte word, no `&str`
+/// walk; equal to [`token_block_key`] over the block's [`token_ids`]. `buf`
+/// is the caller's, reused across blocks (zeroing it per block would cost
+/// as much as the ids).
+#[inline]
+fn ascii_block_key(parent: u64, block: &[u8], buf: &mut [u8; STACK_TOKENS * 4]) -> u64 {
+    let out = &mut buf[..block.len()];
+    for (o, w) in out.chunks_exact_mut(4).zip(block.chunks_exact(4)) {
+        o.copy_from_slice(&word_id(u32::from_le_bytes([w[0], w[1], w[2], w[3]])).to_le_bytes());
+    }
+    xxh3_64_with_seed(out, parent)
+}
+
+/// Most tokens of a block keyed without allocating.
+const STACK_TOKENS: usize = 128;
 
 /// Token ids of `text` (used by `/tokenize`).
 pub fn token_ids(text: &str) -> Vec<u32> {
@@ -94,7 +135,8 @@ pub fn model_seed(model: &str) -> u64 {
 /// Chained hashes of the full `block_size`-token blocks of `text`, at most
 /// `max_blocks` of them. See the module docs for the chaining rule.
 pub fn block_hashes(text: &str, block_size: usize, seed: u64, max_blocks: usize) -> Vec<u64> {
-    let mut out = Vec::with_capacity((text.len() / (block_size * CHARS_PER_TOKEN)).min(max_blocks));
+    let mut out =
+        Vec::with_capacity((text.len() / (block_size.max(1) * CHARS_PER_TOKEN)).min(max_blocks));
     for_each_block_hash(text, block_size, seed, |h| {
         if out.len() >= max_blocks {
             return false;
@@ -146,9 +188,8 @@ pub fn for_each_block_hash(
 /// (the chain's seed for a prompt's first block): xxh3 of the ids as
 /// little-endian u32s, seeded with `parent`. Allocates nothing.
 pub fn token_block_key(parent: u64, tokens: &[u32]) -> u64 {
-    const STACK: usize = 128;
-    if tokens.len() <= STACK {
-        let mut buf = [0u8; STACK * 4];
+    if tokens.len() <= STACK_TOKENS {
+        let mut buf = [0u8; STACK_TOKENS * 4];
         for (chunk, t) in buf.chunks_exact_mut(4).zip(tokens) {
             chunk.copy_from_slice(&t.to_le_bytes());
         }
@@ -164,65 +205,76 @@ pub fn token_block_key(parent: u64, tokens: &[u32]) -> u64 {
 
 /// Calls `f` with the token-block key of each full `block_size`-token block of
 /// `text` (tokenized by [`tokens`]), chained from `seed`, until `f` returns
-/// false. Allocates nothing.
+/// false. Allocates nothing for blocks of up to 128 tokens.
 pub fn for_each_token_block_key(
     text: &str,
     block_size: usize,
     seed: u64,
     mut f: impl FnMut(u64) -> bool,
 ) {
-    const STACK: usize = 128;
-    if block_size == 0 || block_size > STACK {
-        if block_size > STACK {
-            // Rare block sizes: one allocation for the block's ids.
-            let ids = token_ids(text);
-            let mut parent = seed;
-            for block in ids.chunks_exact(block_size) {
-                parent = token_block_key(parent, block);
-                if !f(parent) {
-                    return;
-                }
-            }
-        }
+    if block_size == 0 {
         return;
     }
-    // ASCII (the common case): a token is 4 bytes, no char walking; each
-    // path is its own monomorphic loop.
-    if text.is_ascii() {
-        key_blocks(
-            text.as_bytes()
-                .chunks(CHARS_PER_TOKEN)
-                .map(|t| (xxh3_64(t) % VOCAB_SIZE) as u32),
-            block_size,
-            seed,
-            f,
-        );
-    } else {
-        key_blocks(tokens(text).map(token_id), block_size, seed, f);
-    }
-}
-
-/// Chains the keys of full `block_size` blocks of `ids` (at most 128 per block).
-fn key_blocks(
-    ids: impl Iterator<Item = u32>,
-    block_size: usize,
-    seed: u64,
-    mut f: impl FnMut(u64) -> bool,
-) {
-    let mut block = [0u32; 128];
-    let mut n = 0;
     let mut parent = seed;
-    for id in ids {
-        block[n] = id;
-        n += 1;
-        if n == block_size {
-            n = 0;
-            parent = token_block_key(parent, &block[..block_size]);
+    if text.is_ascii() && block_size <= STACK_TOKENS {
+        // The common case: every token of a full block is 4 bytes.
+        let mut buf = [0u8; STACK_TOKENS * 4];
+        for block in text.as_bytes().chunks_exact(block_size * CHARS_PER_TOKEN) {
+            parent = ascii_block_key(parent, block, &mut buf);
             if !f(parent) {
                 return;
             }
         }
+        return;
     }
+    // Non-ASCII text or rare block sizes: one allocation for the ids.
+    let ids = token_ids(text);
+    for block in ids.chunks_exact(block_size) {
+        parent = token_block_key(parent, block);
+        if !f(parent) {
+            return;
+        }
+    }
+}
+
+/// Both chains of `text` at one block size, at most `max_blocks` each: the
+/// text block hashes ([`block_hashes`], from `seed`) and the token-block keys
+/// ([`for_each_token_block_key`], from `key_seed`). For ASCII text (the
+/// common case) one walk over the blocks computes both, so a request routed
+/// by the approximate and the precise index reads its prompt once.
+pub fn block_hashes_and_keys(
+    text: &str,
+    block_size: usize,
+    seed: u64,
+    key_seed: u64,
+    max_blocks: usize,
+) -> (Vec<u64>, Vec<u64>) {
+    if max_blocks == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let cap = (text.len() / (block_size.max(1) * CHARS_PER_TOKEN)).min(max_blocks);
+    if block_size == 0 || block_size > STACK_TOKENS || !text.is_ascii() {
+        let mut keys = Vec::with_capacity(cap);
+        for_each_token_block_key(text, block_size, key_seed, |k| {
+            keys.push(k);
+            keys.len() < max_blocks
+        });
+        return (block_hashes(text, block_size, seed, max_blocks), keys);
+    }
+    let (mut hashes, mut keys) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+    let (mut parent, mut key) = (seed, key_seed);
+    let mut buf = [0u8; STACK_TOKENS * 4];
+    for block in text
+        .as_bytes()
+        .chunks_exact(block_size * CHARS_PER_TOKEN)
+        .take(max_blocks)
+    {
+        parent = xxh3_64_with_seed(block, parent);
+        key = ascii_block_key(key, block, &mut buf);
+        hashes.push(parent);
+        keys.push(key);
+    }
+    (hashes, keys)
 }
 
 #[cfg(test)]
@@ -292,5 +344,39 @@ mod tests {
             true
         });
         assert_eq!(big, vec![token_block_key(1, &token_ids(&long)[..200])]);
+    }
+
+    #[test]
+    fn token_ids_are_in_the_vocabulary_and_tell_short_tokens_apart() {
+        for t in ["a", "ab", "abc", "abcd", "é", "éé", "ééé", "\0", "a\0\0\0"] {
+            assert!(u64::from(token_id(t)) < VOCAB_SIZE, "{t:?}");
+        }
+        assert_ne!(token_id("ab"), token_id("ab\0\0"));
+        assert_ne!(token_id("abcd"), token_id("abce"));
+        // Ids spread over the vocabulary: 4,096 distinct tokens, few collisions.
+        let ids: std::collections::HashSet<u32> =
+            (0..4096u32).map(|i| token_id(&format!("{i:04}"))).collect();
+        assert!(ids.len() > 3_900, "{}", ids.len());
+    }
+
+    #[test]
+    fn one_walk_gives_the_same_hashes_and_keys_as_two() {
+        let keys_of = |text: &str, bs: usize, seed: u64, max: usize| {
+            let mut out = Vec::new();
+            for_each_token_block_key(text, bs, seed, |k| {
+                out.push(k);
+                out.len() < max
+            });
+            out
+        };
+        let ascii = "the system prompt of a group, then a question. ".repeat(40);
+        let mixed = "é thé au café ".repeat(60);
+        for text in [ascii.as_str(), mixed.as_str(), "short"] {
+            for (bs, max) in [(16, usize::MAX), (16, 3), (1, 7), (200, 9), (0, 4)] {
+                let (h, k) = block_hashes_and_keys(text, bs, 11, 13, max);
+                assert_eq!(h, block_hashes(text, bs, 11, max), "{bs} {max}");
+                assert_eq!(k, keys_of(text, bs, 13, max), "{bs} {max}");
+            }
+        }
     }
 }

@@ -155,11 +155,20 @@ impl InferenceAware {
             .collect()
     }
 
+    /// The prompt's block hashes for the approximate index; when the precise
+    /// index cuts blocks at the same size, its keys come from the same walk
+    /// (`matched_blocks` then finds them computed).
     fn hashes<'r>(&self, req: &'r RouteRequest<'_>) -> Cow<'r, [u64]> {
-        req.block_hashes(
+        let (bs, max) = (
             self.block_size() as usize,
             self.cfg.prefix.max_blocks as usize,
-        )
+        );
+        match &self.precise {
+            Some(p) if p.block_size() as usize == bs => {
+                req.block_hashes_with_keys(bs, max, key_seed(req.lora))
+            }
+            _ => req.block_hashes(bs, max),
+        }
     }
 
     /// Leading blocks of `hashes` each of `replicas` holds (same order): one

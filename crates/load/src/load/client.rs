@@ -245,6 +245,9 @@ struct Measured {
 #[derive(Default)]
 pub struct Slot {
     conn: Option<Conn>,
+    /// Where `conn` goes (a run over several URLs: a slot moving to another
+    /// one connects anew).
+    conn_addr: Option<SocketAddr>,
     /// Whether `conn` already carried a whole exchange (keep-alive reuse).
     conn_used: bool,
     sse: SseScanner,
@@ -261,6 +264,7 @@ impl Slot {
     pub async fn preconnect(&mut self, t: &Target) {
         if self.conn.is_none() {
             self.conn = connect(t).await.ok();
+            self.conn_addr = Some(t.addr);
             self.conn_used = false;
         }
     }
@@ -327,8 +331,9 @@ impl Slot {
         let mut attempts = 2;
         let resp = loop {
             attempts -= 1;
-            if self.conn.as_ref().is_none_or(Conn::is_closed) {
+            if self.conn_addr != Some(t.addr) || self.conn.as_ref().is_none_or(Conn::is_closed) {
                 self.conn_used = false;
+                self.conn_addr = Some(t.addr);
                 match connect(t).await {
                     Ok(c) => self.conn = Some(c),
                     Err(e) => {

@@ -14,11 +14,13 @@ use tokio::task::JoinSet;
 
 use super::client::{Slot, Status, Target};
 use super::report::{ClassStats, Stats};
-use super::workload::{Class, ClassPicker, Workload};
+use super::workload::{splitmix64, Class, ClassPicker, Workload};
 
 /// What every request of a run shares.
 pub struct Plan {
-    pub target: Target,
+    /// Where requests go; several: each request to one of them by a hash of
+    /// its number (a client spreading its traffic over gateway instances).
+    pub targets: Vec<Target>,
     pub workload: Workload,
     pub classes: Vec<Class>,
     pub picker: ClassPicker,
@@ -32,6 +34,8 @@ pub struct Plan {
 pub struct Finished {
     pub stats: Stats,
     pub unfinished: u64,
+    /// Requests sent (numbers `0..sent` in the open loop).
+    pub sent: u64,
 }
 
 /// How long to wait past the end for answers still in flight.
@@ -45,6 +49,15 @@ fn lock(m: &Mutex<Stats>) -> MutexGuard<'_, Stats> {
 }
 
 impl Plan {
+    /// Which of `targets` request `seq` goes to: a hash, not a rotation, so
+    /// no target sees only some prefix groups (the schedule cycles groups).
+    pub fn target_of(&self, seq: u64) -> usize {
+        match self.targets.len() {
+            0 | 1 => 0,
+            n => (splitmix64(seq ^ 0x7461_7267_6574_7321) % n as u64) as usize,
+        }
+    }
+
     fn new_stats(&self, start: Instant) -> Arc<Mutex<Stats>> {
         let measure_from = (!self.warmup.is_zero()).then(|| start + self.warmup);
         let total: f64 = self.classes.iter().map(|c| c.share).sum();
@@ -70,7 +83,7 @@ impl Plan {
         let class = self.picker.pick(seq);
         let o = slot
             .run(
-                &self.target,
+                &self.targets[self.target_of(seq)],
                 self.workload.body(seq),
                 &self.classes[class].headers,
                 self.workload.stream,
@@ -111,7 +124,11 @@ impl Plan {
             }
         };
         let unfinished = sent.saturating_sub(stats.seen);
-        Finished { stats, unfinished }
+        Finished {
+            stats,
+            unfinished,
+            sent,
+        }
     }
 
     /// `workers` connections, each sending its next request as soon as the last one ended.
@@ -131,7 +148,7 @@ impl Plan {
             );
             set.spawn(async move {
                 let mut slot = Slot::default();
-                slot.preconnect(&plan.target).await;
+                slot.preconnect(&plan.targets[0]).await;
                 barrier.wait().await;
                 let deadline = plan.duration.map(|d| Instant::now() + d);
                 loop {
@@ -165,14 +182,19 @@ impl Plan {
     /// Poisson arrivals at `rate` per second, at most `max_in_flight` at once (more wait for
     /// a free slot and show up as schedule lag).
     pub async fn open(self: Arc<Self>, rate: f64, max_in_flight: usize, seed: u64) -> Finished {
-        let preconnect = max_in_flight.min(64);
-        let mut slots = Vec::with_capacity(max_in_flight);
-        for _ in 0..preconnect {
-            let mut s = Slot::default();
-            s.preconnect(&self.target).await;
-            slots.push(s);
+        // One pool of connected slots per target.
+        let preconnect = max_in_flight.min(64).div_ceil(self.targets.len().max(1));
+        let mut pools = Vec::with_capacity(self.targets.len());
+        for t in &self.targets {
+            let mut slots = Vec::with_capacity(preconnect);
+            for _ in 0..preconnect {
+                let mut s = Slot::default();
+                s.preconnect(t).await;
+                slots.push(s);
+            }
+            pools.push(Mutex::new(slots));
         }
-        let pool = Arc::new(Mutex::new(slots));
+        let pools = Arc::new(pools);
         let permits = Arc::new(Semaphore::new(max_in_flight));
         let sent = Arc::new(AtomicU64::new(0));
         let mut rng = SmallRng::seed_from_u64(seed);
@@ -192,9 +214,9 @@ impl Plan {
                 tokio::time::sleep_until(at.into()).await;
             }
             while set.try_join_next().is_some() {}
-            let (plan, pool, permits, sent, stats) = (
+            let (plan, pools, permits, sent, stats) = (
                 self.clone(),
-                pool.clone(),
+                pools.clone(),
                 permits.clone(),
                 sent.clone(),
                 stats.clone(),
@@ -208,6 +230,7 @@ impl Plan {
                     return;
                 }
                 let lag = Instant::now().saturating_duration_since(at);
+                let pool = &pools[plan.target_of(seq)];
                 let mut slot = pool
                     .lock()
                     .ok()

@@ -46,6 +46,10 @@ pub struct Spec {
     /// draws each session's group from a Zipf(s) law (group 0 the most popular), as real
     /// fleets see a few applications' system prompts dominate.
     pub group_skew: f64,
+    /// With skew: every this many rounds (0: never) the popularity ranking
+    /// rotates by 3/8 of the groups, so the hottest groups turn cold and
+    /// others hot (popularity that shifts during a run).
+    pub skew_shift_rounds: u32,
     /// Ask for a usage chunk on streams (`stream_options.include_usage`).
     pub usage: bool,
     /// Send `ignore_eos: true` so real engines produce exactly `max_tokens`.
@@ -329,7 +333,13 @@ impl Workload {
         let h = splitmix64(
             self.spec.seed.rotate_left(29) ^ round ^ ((slot as u64) << 20) ^ ((user as u64) << 40),
         );
-        pick_cumulative(&self.popularity, h) as u32
+        let rank = pick_cumulative(&self.popularity, h) as u64;
+        let groups = u64::from(self.spec.groups);
+        let shift = match self.spec.skew_shift_rounds {
+            0 => 0,
+            k => round / u64::from(k) * (groups * 3 / 8).max(1),
+        };
+        ((rank + shift) % groups) as u32
     }
 
     fn prefix_body(&self, seq: u64) -> Bytes {
@@ -411,6 +421,7 @@ mod tests {
             question_tokens: 20,
             turns: 2,
             group_skew: 0.0,
+            skew_shift_rounds: 0,
             usage: true,
             ignore_eos: false,
             seed: 7,
@@ -508,6 +519,36 @@ mod tests {
             ..spec(Kind::Prefix)
         })
         .is_err());
+    }
+
+    #[test]
+    fn popularity_shifts_every_k_rounds() {
+        let w = Workload::new(Spec {
+            groups: 24,
+            users: 8,
+            group_skew: 1.2,
+            skew_shift_rounds: 2,
+            ..spec(Kind::Prefix)
+        })
+        .unwrap();
+        // The most popular group of rounds 0..2, 2..4 and 4..6.
+        let hottest = |rounds: std::ops::Range<u64>| {
+            let mut counts = [0u32; 24];
+            for round in rounds {
+                for user in 0..8 {
+                    for slot in 0..24 {
+                        counts[w.session_group(round, user, slot) as usize] += 1;
+                    }
+                }
+            }
+            (0..24).max_by_key(|g| counts[*g]).unwrap_or(0)
+        };
+        let (a, b, c) = (hottest(0..2), hottest(2..4), hottest(4..6));
+        assert_eq!(a, 0, "rank 0 first");
+        assert_eq!(b, 9, "then rotated by 3/8 of 24");
+        assert_eq!(c, 18);
+        // A session keeps its group over its turns (the group is drawn per round).
+        assert_eq!(w.session_group(3, 1, 2), w.session_group(3, 1, 2));
     }
 
     #[test]

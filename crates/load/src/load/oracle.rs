@@ -1,0 +1,178 @@
+//! The oracle hit rate of a run: what the fleet's prefix caches would have
+//! served had every request been placed ideally.
+//!
+//! Definition: the fleet's KV blocks (`--oracle-blocks`, replicas x blocks
+//! each) pooled into one LRU prefix cache, fed the run's requests in the
+//! order they were numbered (sent). A request hits its longest run of cached
+//! leading blocks (at most `(prompt tokens - 1) / block size`, as vLLM and the
+//! simulator count: the last token is always computed); hits and queries are
+//! counted in tokens like `vllm:prefix_cache_hits/queries`. Then its prompt
+//! blocks are touched last to first (so the shared leading blocks are evicted
+//! last, as vLLM frees them). So no prefix is ever held twice and none is
+//! ever missed where it is held: an upper bound for LRU caches under any
+//! placement, ignoring load (a hot prefix that needs several replicas costs
+//! real fleets copies), pinned blocks of running requests and output blocks.
+//! Block hashes are the simulator's (`tokenizer::block_hashes` of the prompt
+//! rendered by `prompt::render_chat`, seeded by the model name).
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use infergate_protocol::prompt::{render_chat, render_completion_prompt, ChatMessage};
+use infergate_protocol::tokenizer;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// A pooled LRU of block hashes.
+pub struct Oracle {
+    capacity: usize,
+    block_size: usize,
+    /// Hash -> tick of its last use.
+    last_use: HashMap<u64, u64>,
+    /// Tick -> hash, oldest first.
+    by_age: BTreeMap<u64, u64>,
+    tick: u64,
+    hits: u64,
+    queries: u64,
+    requests: u64,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    prompt: Option<Value>,
+}
+
+impl Oracle {
+    pub fn new(capacity_blocks: usize, block_size: usize) -> Self {
+        Self {
+            capacity: capacity_blocks,
+            block_size: block_size.max(1),
+            last_use: HashMap::new(),
+            by_age: BTreeMap::new(),
+            tick: 0,
+            hits: 0,
+            queries: 0,
+            requests: 0,
+        }
+    }
+
+    /// Feeds one request body (chat or completions JSON); others are skipped.
+    pub fn feed(&mut self, body: &Bytes) {
+        let Ok(b) = serde_json::from_slice::<Body>(body) else {
+            return;
+        };
+        let text = match (&b.messages, &b.prompt) {
+            (Some(m), _) => render_chat(m),
+            (None, Some(p)) => render_completion_prompt(p),
+            _ => return,
+        };
+        let tokens = u64::from(tokenizer::count_tokens(&text));
+        let hashes = tokenizer::block_hashes(
+            &text,
+            self.block_size,
+            tokenizer::model_seed(&b.model),
+            usize::MAX,
+        );
+        let max_hit = (tokens.saturating_sub(1) / self.block_size as u64) as usize;
+        let hit = hashes
+            .iter()
+            .take(max_hit)
+            .take_while(|h| self.last_use.contains_key(h))
+            .count();
+        self.hits += (hit * self.block_size) as u64;
+        self.queries += tokens;
+        self.requests += 1;
+        for h in hashes.iter().rev() {
+            self.touch(*h);
+        }
+    }
+
+    fn touch(&mut self, h: u64) {
+        self.tick += 1;
+        if let Some(old) = self.last_use.insert(h, self.tick) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(self.tick, h);
+        while self.last_use.len() > self.capacity {
+            match self.by_age.pop_first() {
+                Some((_, gone)) => {
+                    self.last_use.remove(&gone);
+                }
+                None => break,
+            }
+        }
+    }
+
+    pub fn hit_rate(&self) -> Option<f64> {
+        (self.queries > 0).then(|| self.hits as f64 / self.queries as f64)
+    }
+
+    /// The report's `oracle` object.
+    pub fn report(&self) -> Value {
+        json!({
+            "hit_rate": self.hit_rate(),
+            "requests": self.requests,
+            "capacity_blocks": self.capacity,
+            "block_size": self.block_size,
+            "definition": "fleet KV blocks pooled into one LRU prefix cache, requests in send order",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(system: &str, user: &str) -> Bytes {
+        Bytes::from(
+            json!({"model": "m", "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user}
+            ]})
+            .to_string(),
+        )
+    }
+
+    #[test]
+    fn counts_leading_cached_blocks_like_the_engine_and_evicts_lru() {
+        let sys = "s".repeat(64 * 10);
+        // 10 system blocks + rendering and question: the second request with
+        // the same system prompt hits its leading blocks.
+        let mut o = Oracle::new(1_000, 16);
+        o.feed(&chat(&sys, "first question"));
+        assert_eq!(o.hit_rate(), Some(0.0));
+        o.feed(&chat(&sys, "second question"));
+        let text = render_chat(
+            &serde_json::from_value::<Vec<ChatMessage>>(json!([
+                {"role": "system", "content": sys},
+                {"role": "user", "content": "second question"}
+            ]))
+            .unwrap(),
+        );
+        let tokens = u64::from(tokenizer::count_tokens(&text));
+        // "<|system|>\n" + 640 s: the 10 leading 64-char blocks are shared.
+        assert_eq!(o.hits, 10 * 16);
+        assert_eq!(o.queries, 2 * tokens);
+        // A cache of 12 blocks: a prompt of other text evicts the first
+        // one's blocks tail first, so its 2 leading blocks are left.
+        let other = "t".repeat(64 * 10);
+        let mut small = Oracle::new(12, 16);
+        small.feed(&chat(&sys, "q"));
+        small.feed(&chat(&other, "q"));
+        small.feed(&chat(&sys, "q"));
+        assert_eq!(small.hits, 2 * 16, "leading blocks evicted last");
+        let mut tiny = Oracle::new(10, 16);
+        tiny.feed(&chat(&sys, "q"));
+        tiny.feed(&chat(&other, "q"));
+        tiny.feed(&chat(&sys, "q"));
+        assert_eq!(tiny.hits, 0, "all evicted");
+        // Bodies that are not requests are skipped.
+        small.feed(&Bytes::from_static(b"not json"));
+        assert_eq!(small.requests, 3);
+    }
+}
