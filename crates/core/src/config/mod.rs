@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::admission::AdmissionConfig;
 use crate::endpoint::InferenceEndpoint;
 use crate::identity::{AuthConfig, ADMIN_TOKEN_ENV};
+use crate::quota::{GovernanceConfig, QuotasConfig};
 use crate::routing::RoutingConfig;
 use infergate_protocol::EngineKind;
 
@@ -87,6 +88,12 @@ pub struct Config {
     /// Who callers are and what they may do; `mode: none` when absent.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Limits and budgets per team and per key (none when absent).
+    #[serde(default, skip_serializing_if = "QuotasConfig::is_empty")]
+    pub quotas: QuotasConfig,
+    /// Where replicas share quota counters (`redis:`); local when absent.
+    #[serde(default)]
+    pub governance: GovernanceConfig,
 }
 
 /// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
@@ -680,6 +687,9 @@ impl Config {
                 self.listeners.admin.as_ref().map(|a| a.address),
                 admin_token_set,
             )
+            .map_err(|(needle, message)| invalid(&needle, message))?;
+        self.quotas
+            .check(&self.governance)
             .map_err(|(needle, message)| invalid(&needle, message))?;
         Ok(())
     }
