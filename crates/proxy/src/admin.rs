@@ -18,6 +18,7 @@ use serde_json::json;
 use super::gateway::Gateway;
 use super::relay::GatewayBody;
 use crate::telemetry::metrics;
+use infergate_core::quota::BackendState;
 
 fn text(
     status: StatusCode,
@@ -65,8 +66,24 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
             serde_json::to_vec(&status_view(gw)).unwrap_or_default(),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if gw.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),
+        "/readyz" if !gw.is_ready() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+        }
+        "/readyz" => match gw.quotas().backend_state() {
+            BackendState::Down {
+                required_for_ready: true,
+            } => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "quota counters down (redis unreachable)\n",
+            ),
+            BackendState::Down { .. } => text(
+                StatusCode::OK,
+                "text/plain",
+                "ready; quota counters down (redis unreachable): limits fail open or closed as configured\n",
+            ),
+            _ => text(StatusCode::OK, "text/plain", "ready\n"),
+        },
         "/routes" => text(
             StatusCode::OK,
             "application/json",

@@ -25,6 +25,7 @@ use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::identity::{IdentityStore, Policy};
 use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
+use infergate_core::quota::QuotaStore;
 use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig, Scrapers};
 
 /// One model route, resolved against its pool.
@@ -109,6 +110,8 @@ pub struct Gateway {
     history: History,
     /// Who callers are (`auth:` and the key file).
     identity: IdentityStore,
+    /// Limits and budgets per team and key, and their counters.
+    quotas: QuotaStore,
 }
 
 #[derive(Default)]
@@ -150,6 +153,7 @@ impl Gateway {
             admissions: AdmissionRegistry::default(),
             history: History::default(),
             identity: IdentityStore::default(),
+            quotas: QuotaStore::default(),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -223,6 +227,12 @@ impl Gateway {
     /// target (`IdentityStore::apply_keys_text`).
     pub fn identity(&self) -> &IdentityStore {
         &self.identity
+    }
+
+    /// Quotas: the per-request reservation, and where the binary installs
+    /// the shared counters (`QuotaStore::set_backend`).
+    pub fn quotas(&self) -> &QuotaStore {
+        &self.quotas
     }
 
     /// Follows every route's canary rollbacks (for Kubernetes Events).
@@ -367,6 +377,7 @@ impl Gateway {
             models_body,
         }));
         self.identity.commit(auth);
+        self.quotas.apply(&config.quotas, &config.governance);
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);

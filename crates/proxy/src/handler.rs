@@ -22,6 +22,7 @@ use super::upstream::Outgoing;
 use infergate_core::admission::Cost;
 use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
+use infergate_core::quota::{Demand, Refusal};
 use infergate_protocol::error::ApiError;
 
 /// Handles one client request from `peer`.
@@ -166,6 +167,14 @@ fn json_response(body: Bytes) -> Response<GatewayBody> {
     r
 }
 
+/// 429 (or 503 for a fail-closed quota without its counters) with
+/// `Retry-After` and the `x-ratelimit-*` headers.
+fn quota_refused(refusal: &Refusal, record: RequestRecord) -> Response<GatewayBody> {
+    let mut r = reject(refusal.to_api_error(), record);
+    refusal.rates().write(r.headers_mut());
+    r
+}
+
 fn reject(e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
     tracing::debug!(request_id = %record.request_id, error = %e, "rejected");
     record.finish(e.status.as_u16(), Outcome::Rejected);
@@ -293,6 +302,22 @@ where
     }
     record.canary = plan.canary().cloned();
     record.canary_stratum = plan.canary_stratum();
+    // Quotas before admission: the estimate is reserved now and settled
+    // from the reported usage when the response ends (see relay).
+    let demand = Demand {
+        input_tokens: u64::from(ctx.features.prompt_tokens),
+        output_tokens: u64::from(ctx.expected_output_tokens),
+        cost_micros: 0,
+    };
+    let key_id = caller.key_id.as_ref().and_then(|k| k.to_str().ok());
+    let quota = match gw
+        .quotas()
+        .reserve(&caller.policy.team, key_id, plan.class().priority, demand)
+        .await
+    {
+        Ok(g) => g,
+        Err(refusal) => return quota_refused(&refusal, record),
+    };
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
         Err(f) => return reject(f.error, record),
@@ -329,9 +354,13 @@ where
                 r = &mut pending => r,
                 _ = tokio::time::sleep_until(commit_at.into()) => {
                     // Prefill is slow: commit the event stream now and keep it alive.
-                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true };
+                    let rates = quota.rates();
+                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true, quota };
                     let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
                     let h = resp.headers_mut();
+                    if let Some(r) = rates {
+                        r.write(h);
+                    }
                     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                     h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                     return resp;
@@ -374,6 +403,9 @@ where
                 head.headers.remove(REPLICA_HEADER);
             }
             served_headers(&mut head.headers, &up.served);
+            if let Some(r) = quota.rates() {
+                r.write(&mut head.headers);
+            }
             record.canary = up.served.canary.clone();
             let status = head.status.as_u16();
             let setup = RelaySetup {
@@ -381,6 +413,7 @@ where
                 timeouts,
                 first_byte_deadline,
                 sse,
+                quota,
             };
             let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))

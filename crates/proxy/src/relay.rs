@@ -33,6 +33,7 @@ use crate::telemetry::metrics::PairMetrics;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
 use infergate_core::plan::{upstream_failed, upstream_timeout};
+use infergate_core::quota::{Demand, Grant};
 use infergate_protocol::error::ApiError;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -156,6 +157,8 @@ pub struct RelaySetup {
     pub timeouts: Timeouts,
     pub first_byte_deadline: Instant,
     pub sse: bool,
+    /// The request's quota reservation, settled when the record is written.
+    pub quota: Grant,
 }
 
 /// The relayed body of one request.
@@ -180,6 +183,7 @@ pub struct RelayBody {
     record: RequestRecord,
     status: u16,
     outcome: Option<Outcome>,
+    quota: Grant,
     /// The record was written (it is written once: at the end, or on drop).
     recorded: bool,
 }
@@ -238,6 +242,7 @@ impl RelayBody {
             timeouts: s.timeouts,
             status,
             outcome: None,
+            quota: s.quota,
             recorded: false,
         }
     }
@@ -471,6 +476,13 @@ impl RelayBody {
         if let Some(u) = self.usage.usage {
             self.record.prompt_tokens = u.prompt_tokens;
         }
+        // The engine's usage when reported, else the tokens counted; a
+        // client gone mid-stream is settled for what was generated so far.
+        self.quota.settle(Demand {
+            input_tokens: self.record.prompt_tokens,
+            output_tokens: self.record.completion_tokens,
+            cost_micros: 0,
+        });
         self.record.finish(status, outcome);
     }
 }
