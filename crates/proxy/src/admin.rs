@@ -54,11 +54,14 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
         return r;
     }
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics::render(gw.pools().iter()),
-        ),
+        "/metrics" => {
+            metrics::quota_backend(gw.quotas().backend_state());
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics::render(gw.pools().iter()),
+            )
+        }
         "/" | "/status" => text(StatusCode::OK, "text/html; charset=utf-8", STATUS_PAGE),
         "/status.json" => text(
             StatusCode::OK,

@@ -135,6 +135,9 @@ impl Gateway {
     /// Builds a gateway serving `config`.
     pub fn new(config: Config) -> Result<Arc<Gateway>, ConfigError> {
         config.validate()?;
+        // The recorder goes in first: metric handles cached on the request
+        // path (quota decisions) must not bind to the no-op recorder.
+        let _ = crate::telemetry::metrics::handle();
         let (tx, _) = tokio::sync::watch::channel(Arc::new(config.clone()));
         let gw = Gateway {
             table: ArcSwap::from_pointee(RouteTable {

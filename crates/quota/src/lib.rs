@@ -88,6 +88,8 @@ struct Shared {
     prefix: String,
     script: redis::Script,
     timeout: Duration,
+    /// `infergate_quota_redis_calls_total`: round trips, to compare with requests.
+    calls: metrics::Counter,
 }
 
 impl std::fmt::Debug for RedisCounters {
@@ -115,8 +117,8 @@ impl RedisCounters {
             prefix: cfg.key_prefix.clone(),
             script: redis::Script::new(SCRIPT),
             timeout: cfg.timeout,
+            calls: metrics::counter!("infergate_quota_redis_calls_total"),
         });
-        metrics::gauge!("infergate_quota_redis_up").set(0.0);
         shared.connect().await;
         tokio::spawn(probe_loop(Arc::downgrade(&shared), cfg.probe_interval));
         tokio::spawn(flush_loop(Arc::downgrade(&shared), cfg.flush_interval));
@@ -133,7 +135,6 @@ impl Shared {
         let up = conn.is_some();
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
         if self.up.swap(up, Ordering::Relaxed) != up {
-            metrics::gauge!("infergate_quota_redis_up").set(if up { 1.0 } else { 0.0 });
             if up {
                 tracing::info!("quota counters: Redis answers again");
             } else {
@@ -198,7 +199,7 @@ impl Shared {
         for (_, d) in settle {
             inv.arg(*d);
         }
-        metrics::counter!("infergate_quota_redis_calls_total").increment(1);
+        self.calls.increment(1);
         match inv.invoke_async::<Vec<i64>>(&mut conn).await {
             Ok(v) => Ok(v),
             Err(e) => {
