@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod cost;
 pub mod dataplane;
 pub mod discovery;
 pub mod endpoint;

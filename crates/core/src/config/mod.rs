@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionConfig;
+use crate::cost::PricingConfig;
 use crate::endpoint::InferenceEndpoint;
 use crate::identity::{AuthConfig, ADMIN_TOKEN_ENV};
 use crate::quota::{GovernanceConfig, QuotasConfig};
@@ -94,6 +95,9 @@ pub struct Config {
     /// Where replicas share quota counters (`redis:`); local when absent.
     #[serde(default)]
     pub governance: GovernanceConfig,
+    /// Token prices per model and GPU-hour prices per pool (`crate::cost`).
+    #[serde(default)]
+    pub pricing: PricingConfig,
 }
 
 /// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
@@ -691,6 +695,19 @@ impl Config {
         self.quotas
             .check(&self.governance)
             .map_err(|(needle, message)| invalid(&needle, message))?;
+        let priced = |m: &str| {
+            self.routes.iter().any(|r| {
+                r.names().any(|n| n == m)
+                    || r.target_model.as_deref() == Some(m)
+                    || r.admission
+                        .canary
+                        .as_ref()
+                        .is_some_and(|c| c.model.as_deref() == Some(m))
+            })
+        };
+        self.pricing
+            .check(priced, |p| pool_names.contains(p))
+            .map_err(|(needle, message)| invalid(&needle, message))?;
         Ok(())
     }
 
@@ -970,6 +987,21 @@ routes:
         let zero = format!("{GOOD}limits: {{ max_n: 0 }}\n");
         let e = Config::parse(&zero, "g").unwrap_err().to_string();
         assert!(e.contains("limits.max_n"), "{e}");
+    }
+
+    #[test]
+    fn pricing_names_known_models_and_pools() {
+        let priced = format!(
+            "{GOOD}pricing:\n  models:\n    llama: {{ input: 0.1, output: 0.4 }}\n  pools:\n    k8s: {{ gpu_hour: 2.5 }}\n"
+        );
+        let c = Config::parse(&priced, "g.yaml").unwrap();
+        assert_eq!(c.pricing.models["llama"].output.0, 400_000);
+        let bad = priced.replace("    llama: {", "    nope: {");
+        let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("g.yaml:23:") && e.contains("`nope`"), "{e}");
+        let bad = priced.replace("k8s: {", "gpus: {");
+        let e = Config::parse(&bad, "g.yaml").unwrap_err().to_string();
+        assert!(e.contains("unknown pool `gpus`"), "{e}");
     }
 
     #[test]
