@@ -380,7 +380,8 @@ impl Gateway {
             models_body,
         }));
         self.identity.commit(auth);
-        self.quotas.apply(&config.quotas, &config.governance);
+        self.quotas
+            .apply(&config.quotas, &config.governance, &config.pricing);
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);

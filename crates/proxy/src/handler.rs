@@ -312,7 +312,13 @@ where
     let key_id = caller.key_id.as_ref().and_then(|k| k.to_str().ok());
     let quota = match gw
         .quotas()
-        .reserve(&caller.policy.team, key_id, plan.class().priority, demand)
+        .reserve(
+            &caller.policy.team,
+            key_id,
+            plan.class().priority,
+            demand,
+            rc.target_model.as_deref().into_iter().chain(rc.names()),
+        )
         .await
     {
         Ok(g) => g,

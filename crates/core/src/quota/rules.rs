@@ -219,6 +219,16 @@ impl QuotaTable {
         self.teams.is_empty() && self.keys.is_empty() && self.default_team.is_none()
     }
 
+    /// Whether some limit is a money budget (requests then need a price).
+    pub fn counts_money(&self) -> bool {
+        self.teams
+            .values()
+            .chain(self.keys.values())
+            .map(|(_, r)| r)
+            .chain(self.default_team.iter())
+            .any(|r| r.limits.iter().any(|l| l.dim == Dim::Cost))
+    }
+
     /// The rules for a caller of `team` presenting key id `key`.
     pub fn lookup(&self, team: &str, key: Option<&str>) -> Applicable {
         let key = key.and_then(|k| self.keys.get(k)).cloned();

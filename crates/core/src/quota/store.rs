@@ -20,6 +20,7 @@ use super::counters::{CounterOp, LocalCounters, SharedCounters, Verdict};
 use super::rules::{Demand, Dim, Limit, QuotaTable, Rules, ScopeKind};
 use super::window::Window;
 use crate::admission::Priority;
+use crate::cost::{PricingConfig, TokenPrice, TokenUsage};
 
 /// Where a reservation was counted (and so where it is settled).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,8 @@ impl Source {
 struct Snapshot {
     table: QuotaTable,
     redis: Option<RedisConfig>,
+    /// Prices, when some limit counts money.
+    pricing: Option<PricingConfig>,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +73,7 @@ impl Default for QuotaStore {
             current: ArcSwap::from_pointee(Snapshot {
                 table: QuotaTable::default(),
                 redis: None,
+                pricing: None,
             }),
             inner: Arc::default(),
         }
@@ -90,15 +94,24 @@ pub enum BackendState {
 impl QuotaStore {
     /// Swaps in the limits of a new config (counters are kept: a changed
     /// limit applies to what was already counted in the window).
-    pub fn apply(&self, quotas: &QuotasConfig, governance: &GovernanceConfig) {
+    /// Money budgets count with `pricing` (part of the same config).
+    pub fn apply(
+        &self,
+        quotas: &QuotasConfig,
+        governance: &GovernanceConfig,
+        pricing: &PricingConfig,
+    ) {
         let when_down = governance
             .redis
             .as_ref()
             .map(RedisConfig::when_down)
             .unwrap_or_default();
+        let table = QuotaTable::new(quotas, when_down);
+        let pricing = table.counts_money().then(|| pricing.clone());
         self.current.store(Arc::new(Snapshot {
-            table: QuotaTable::new(quotas, when_down),
+            table,
             redis: governance.redis.clone(),
+            pricing,
         }));
     }
 
@@ -119,14 +132,17 @@ impl QuotaStore {
         }
     }
 
-    /// Reserves `demand` for a caller of `team` (key id `key`) in `band`.
-    /// No limit applies: an empty grant, without allocating.
-    pub async fn reserve(
+    /// Reserves `demand` for a caller of `team` (key id `key`) in `band`,
+    /// on a model called `model_names` (the first with a price sets the
+    /// cost of money budgets). No limit applies: an empty grant, without
+    /// allocating.
+    pub async fn reserve<'n>(
         &self,
         team: &str,
         key: Option<&str>,
         band: Priority,
-        demand: Demand,
+        mut demand: Demand,
+        model_names: impl IntoIterator<Item = &'n str>,
     ) -> Result<Grant, Refusal> {
         let snap = self.current.load_full();
         if snap.table.is_empty() {
@@ -136,6 +152,11 @@ impl QuotaStore {
         if applicable.scopes.iter().all(Option::is_none) {
             return Ok(Grant::default());
         }
+        let price = snap
+            .pricing
+            .as_ref()
+            .and_then(|p| p.model_price(model_names));
+        demand.cost_micros = cost_micros(price, &demand);
         let now = now_ms();
         let mut ops = Vec::with_capacity(8);
         let mut owners: Vec<&Arc<Rules>> = Vec::with_capacity(8);
@@ -191,6 +212,7 @@ impl QuotaStore {
                 Ok(Grant(Some(Box::new(Reserved {
                     inner: self.inner.clone(),
                     ops,
+                    price,
                     reserved: demand,
                     source,
                     rates,
@@ -264,6 +286,15 @@ async fn shared(b: &dyn SharedCounters, ops: &[CounterOp], timeout: Duration) ->
             None
         }
     }
+}
+
+/// Money of `d`'s tokens at `price`, in whole micro-units rounded up (a
+/// budget never undercounts); zero for a model without a price.
+fn cost_micros(price: Option<TokenPrice>, d: &Demand) -> u64 {
+    price.map_or(0, |p| {
+        p.cost(TokenUsage::new(d.input_tokens, 0, d.output_tokens))
+            .micros_ceil()
+    })
 }
 
 fn now_ms() -> u64 {
@@ -437,6 +468,7 @@ pub struct Grant(Option<Box<Reserved>>);
 struct Reserved {
     inner: Arc<Inner>,
     ops: Vec<CounterOp>,
+    price: Option<TokenPrice>,
     reserved: Demand,
     source: Source,
     rates: RateSnapshot,
@@ -457,8 +489,9 @@ impl Grant {
         self.0.as_ref().map(|r| r.source)
     }
 
-    /// Corrects every counter from the reservation to `used` (up or down)
-    /// and frees the request's slot. Once; later calls do nothing.
+    /// Corrects every counter from the reservation to `used` (up or down;
+    /// its cost is computed here from the tokens) and frees the request's
+    /// slot. Once; later calls do nothing.
     pub fn settle(&mut self, used: Demand) {
         if let Some(r) = self.0.as_mut() {
             r.settle(used);
@@ -467,10 +500,11 @@ impl Grant {
 }
 
 impl Reserved {
-    fn settle(&mut self, used: Demand) {
+    fn settle(&mut self, mut used: Demand) {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
+        used.cost_micros = cost_micros(self.price, &used);
         let backend = match self.source {
             Source::Shared => self.inner.backend.load_full(),
             _ => None,

@@ -2,17 +2,39 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Mutex;
 
 use super::*;
+use crate::cost::PricingConfig;
 
 fn store(yaml: &str, redis: Option<&str>) -> QuotaStore {
+    store_priced(yaml, redis, "")
+}
+
+fn store_priced(yaml: &str, redis: Option<&str>, pricing: &str) -> QuotaStore {
     let q: QuotasConfig = serde_yaml_ng::from_str(yaml).unwrap();
     let g: GovernanceConfig = match redis {
         Some(r) => serde_yaml_ng::from_str(r).unwrap(),
         None => GovernanceConfig::default(),
     };
     q.check(&g).unwrap();
+    let p: PricingConfig = if pricing.is_empty() {
+        PricingConfig::default()
+    } else {
+        serde_yaml_ng::from_str(pricing).unwrap()
+    };
     let s = QuotaStore::default();
-    s.apply(&q, &g);
+    s.apply(&q, &g, &p);
     s
+}
+
+impl QuotaStore {
+    async fn reserve_m(
+        &self,
+        team: &str,
+        key: Option<&str>,
+        band: Priority,
+        d: Demand,
+    ) -> Result<Grant, Refusal> {
+        self.reserve(team, key, band, d, ["m"]).await
+    }
 }
 
 fn tokens(input: u64, output: u64) -> Demand {
@@ -34,7 +56,7 @@ async fn local_mode_reserves_refuses_and_settles_both_ways() {
         None,
     );
     let mut a = s
-        .reserve("search", None, Priority::Standard, tokens(100, 500))
+        .reserve_m("search", None, Priority::Standard, tokens(100, 500))
         .await
         .unwrap();
     assert_eq!(a.source(), Some(Source::Local));
@@ -48,13 +70,13 @@ async fn local_mode_reserves_refuses_and_settles_both_ways() {
     assert_eq!(tpm(&s, "t:search"), 150, "settled once");
     // Up: more than reserved (no max_tokens, the default estimate was low).
     let mut b = s
-        .reserve("search", None, Priority::Standard, tokens(100, 100))
+        .reserve_m("search", None, Priority::Standard, tokens(100, 100))
         .await
         .unwrap();
     b.settle(tokens(100, 600));
     assert_eq!(tpm(&s, "t:search"), 850);
     let e = s
-        .reserve("search", None, Priority::Standard, tokens(100, 100))
+        .reserve_m("search", None, Priority::Standard, tokens(100, 100))
         .await
         .unwrap_err();
     let api = e.to_api_error();
@@ -75,7 +97,7 @@ async fn local_mode_reserves_refuses_and_settles_both_ways() {
     assert!(h.contains_key("x-ratelimit-reset-tokens"));
     // Other teams are not limited (no default_team).
     let g = s
-        .reserve("ads", None, Priority::Standard, tokens(1, 1))
+        .reserve_m("ads", None, Priority::Standard, tokens(1, 1))
         .await
         .unwrap();
     assert!(!g.is_limited());
@@ -88,11 +110,11 @@ async fn a_dropped_grant_frees_its_slot_and_counts_nothing_generated() {
         None,
     );
     let g = s
-        .reserve("t", Some("k1"), Priority::Standard, tokens(10, 80))
+        .reserve_m("t", Some("k1"), Priority::Standard, tokens(10, 80))
         .await
         .unwrap();
     let e = s
-        .reserve("t", Some("k1"), Priority::Standard, tokens(10, 10))
+        .reserve_m("t", Some("k1"), Priority::Standard, tokens(10, 10))
         .await
         .unwrap_err();
     assert!(e
@@ -102,18 +124,18 @@ async fn a_dropped_grant_frees_its_slot_and_counts_nothing_generated() {
     drop(g);
     assert_eq!(s.local_value("k:k1", Dim::OutputTokens, Window::Minute), 0);
     assert_eq!(s.local_value("k:k1", Dim::Concurrent, Window::None), 0);
-    s.reserve("t", Some("k1"), Priority::Standard, tokens(10, 10))
+    s.reserve_m("t", Some("k1"), Priority::Standard, tokens(10, 10))
         .await
         .unwrap();
 }
 
 #[tokio::test]
-async fn critical_traffic_keeps_its_headroom_and_budgets_say_insufficient_quota() {
+async fn critical_traffic_keeps_its_headroom_from_its_own_batch_jobs() {
     let s = store(
-        "teams: {search: {tokens_per_minute: 1000, bands: {sheddable: 0.5}, cost_per_day: 0.01}}",
+        "teams: {search: {tokens_per_minute: 1000, bands: {sheddable: 0.5}}}",
         None,
     );
-    let batch = |n| s.reserve("search", None, Priority::Sheddable, tokens(n, 0));
+    let batch = |n| s.reserve_m("search", None, Priority::Sheddable, tokens(n, 0));
     let _a = batch(400).await.unwrap();
     let e = batch(200).await.unwrap_err();
     assert!(e
@@ -121,15 +143,26 @@ async fn critical_traffic_keeps_its_headroom_and_budgets_say_insufficient_quota(
         .message
         .contains("500 of it for this priority band"));
     let _c = s
-        .reserve("search", None, Priority::Critical, tokens(500, 0))
+        .reserve_m("search", None, Priority::Critical, tokens(500, 0))
         .await
         .unwrap();
-    let money = Demand {
-        cost_micros: 20_000,
-        ..tokens(1, 0)
-    };
+}
+
+#[tokio::test]
+async fn money_budgets_count_the_price_of_the_tokens() {
+    // $10 per million output tokens: 1,000 tokens cost $0.01.
+    let s = store_priced(
+        "teams: {search: {cost_per_day: 0.015}}",
+        None,
+        "models: {m: {input: 1, output: 10}}",
+    );
+    let mut g = s
+        .reserve_m("search", None, Priority::Critical, tokens(0, 1000))
+        .await
+        .unwrap();
+    assert_eq!(s.local_value("t:search", Dim::Cost, Window::Day), 10_000);
     let e = s
-        .reserve("search", None, Priority::Critical, money)
+        .reserve_m("search", None, Priority::Critical, tokens(0, 1000))
         .await
         .unwrap_err();
     let api = e.to_api_error();
@@ -137,7 +170,23 @@ async fn critical_traffic_keeps_its_headroom_and_budgets_say_insufficient_quota(
         (api.code, api.kind),
         (Some("insufficient_quota"), "insufficient_quota")
     );
-    assert!(api.message.contains("limit 0.010000"), "{}", api.message);
+    assert!(api.message.contains("`cost_per_day` of team `search` reached: limit 0.015000, used 0.010000, requested 0.010000"), "{}", api.message);
+    // Settled from the tokens generated: 100 output tokens cost $0.001.
+    g.settle(tokens(0, 100));
+    assert_eq!(s.local_value("t:search", Dim::Cost, Window::Day), 1_000);
+    s.reserve_m("search", None, Priority::Critical, tokens(0, 1000))
+        .await
+        .unwrap();
+    // A model without a price costs nothing.
+    s.reserve(
+        "search",
+        None,
+        Priority::Critical,
+        tokens(0, 1_000_000),
+        ["unpriced"],
+    )
+    .await
+    .unwrap();
 }
 
 /// A shared backend double: counts like Redis would, can be down or stall.
@@ -185,7 +234,7 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     s.set_backend(Box::new(fake.clone()));
     assert_eq!(s.backend_state(), BackendState::Up);
     let mut g = s
-        .reserve("search", None, Priority::Standard, tokens(100, 300))
+        .reserve_m("search", None, Priority::Standard, tokens(100, 300))
         .await
         .unwrap();
     assert_eq!(g.source(), Some(Source::Shared));
@@ -197,7 +246,7 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     fake.stall.store(true, Ordering::Relaxed);
     let t = tokio::time::Instant::now();
     let g = s
-        .reserve("search", None, Priority::Standard, tokens(100, 100))
+        .reserve_m("search", None, Priority::Standard, tokens(100, 100))
         .await
         .unwrap();
     assert!(
@@ -209,11 +258,11 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     let calls = fake.calls.load(Ordering::Relaxed);
     // Fail open at half the limit on this replica.
     let _h = s
-        .reserve("search", None, Priority::Standard, tokens(200, 100))
+        .reserve_m("search", None, Priority::Standard, tokens(200, 100))
         .await
         .unwrap();
     let e = s
-        .reserve("search", None, Priority::Standard, tokens(200, 100))
+        .reserve_m("search", None, Priority::Standard, tokens(200, 100))
         .await
         .unwrap_err();
     assert!(matches!(e, Refusal::Limit(_)));
@@ -224,7 +273,7 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     );
     // Fail closed: 503.
     let e = s
-        .reserve("secure", None, Priority::Standard, tokens(1, 1))
+        .reserve_m("secure", None, Priority::Standard, tokens(1, 1))
         .await
         .unwrap_err();
     let api = e.to_api_error();
@@ -237,7 +286,7 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     fake.stall.store(false, Ordering::Relaxed);
     fake.down.store(false, Ordering::Relaxed);
     let g = s
-        .reserve("secure", None, Priority::Standard, tokens(1, 1))
+        .reserve_m("secure", None, Priority::Standard, tokens(1, 1))
         .await
         .unwrap();
     assert_eq!(g.source(), Some(Source::Shared));
