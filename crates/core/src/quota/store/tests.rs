@@ -104,6 +104,42 @@ async fn local_mode_reserves_refuses_and_settles_both_ways() {
 }
 
 #[tokio::test]
+async fn a_reload_changes_limits_and_keeps_the_counts() {
+    let s = store("teams: {search: {requests_per_minute: 1}}", None);
+    let _a = s
+        .reserve_m("search", None, Priority::Standard, tokens(1, 1))
+        .await
+        .unwrap();
+    assert!(s
+        .reserve_m("search", None, Priority::Standard, tokens(1, 1))
+        .await
+        .is_err());
+    let q: QuotasConfig =
+        serde_yaml_ng::from_str("teams: {search: {requests_per_minute: 2}}").unwrap();
+    s.apply(&q, &GovernanceConfig::default(), &PricingConfig::default());
+    let _b = s
+        .reserve_m("search", None, Priority::Standard, tokens(1, 1))
+        .await
+        .unwrap();
+    assert!(
+        s.reserve_m("search", None, Priority::Standard, tokens(1, 1))
+            .await
+            .is_err(),
+        "the first request still counts"
+    );
+    s.apply(
+        &QuotasConfig::default(),
+        &GovernanceConfig::default(),
+        &PricingConfig::default(),
+    );
+    assert!(!s
+        .reserve_m("search", None, Priority::Standard, tokens(1, 1))
+        .await
+        .unwrap()
+        .is_limited());
+}
+
+#[tokio::test]
 async fn a_dropped_grant_frees_its_slot_and_counts_nothing_generated() {
     let s = store(
         "keys: {k1: {concurrent_requests: 1, output_tokens_per_minute: 100}}",
