@@ -214,7 +214,7 @@ impl QuotaSpec {
             .into_iter()
             .flatten()
         {
-            if !money.is_finite() || money < 0.0 || money > 1e12 {
+            if !money.is_finite() || !(0.0..=1e12).contains(&money) {
                 return Err((
                     "cost_per_".into(),
                     format!("quotas: `{who}` money budgets must be in 0..=1e12"),
