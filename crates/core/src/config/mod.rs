@@ -93,7 +93,7 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "QuotasConfig::is_empty")]
     pub quotas: QuotasConfig,
     /// Where replicas share quota counters (`redis:`); local when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "GovernanceConfig::is_empty")]
     pub governance: GovernanceConfig,
     /// Token prices per model and GPU-hour prices per pool (`crate::cost`).
     #[serde(default)]

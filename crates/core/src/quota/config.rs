@@ -157,6 +157,12 @@ pub struct RedisConfig {
     pub required_for_ready: bool,
 }
 
+impl GovernanceConfig {
+    pub fn is_empty(&self) -> bool {
+        self.redis.is_none()
+    }
+}
+
 impl RedisConfig {
     fn default_prefix() -> String {
         "infergate".into()
