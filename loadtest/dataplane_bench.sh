@@ -27,6 +27,10 @@
 #   IG_AUDIT=1 loadtest/dataplane_bench.sh     # adds target "infergate-audit": the same gateway with a
 #       price for the model and `audit: { output: FILE }` (one JSON line per request to a file), in the
 #       same interleaved rounds: the cost of the audit log (the usage ledger is always on)
+#   IG_QUOTA=1 REDIS_URL=redis://127.0.0.1:PORT loadtest/dataplane_bench.sh   # adds targets
+#       "quota-local" (the same gateway with a quota on every caller, counted in-process) and,
+#       with REDIS_URL, "quota-redis" (the same quota shared through that Redis), in the same
+#       interleaved rounds: the cost of quotas (loadtest/quota_bench.sh starts the Redis)
 #   PEERS=0 ...                                # skip nginx, vllm-router and sglang-router
 #   When `oha` is on PATH (cargo install oha), the saturation phase runs once more with oha
 #   as the load tool (same connections, duration and rounds; OHA=0 skips it), an
@@ -60,7 +64,8 @@ NG_PORT=$((BASE + 20)); VR_PORT=$((BASE + 30)); SR_PORT=$((BASE + 40))
 IDLE_UP_PORT=$((BASE + 50)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
 BL_PORT=$((BASE + 60)); BL_ADMIN=$((BASE + 61))
 AK_PORT=$((BASE + 70)); AK_ADMIN=$((BASE + 71))
-AU_PORT=$((BASE + 80)); AU_ADMIN=$((BASE + 81))
+AU_PORT=$((BASE + 90)); AU_ADMIN=$((BASE + 91))
+QL_PORT=$((BASE + 80)); QL_ADMIN=$((BASE + 81)); QR_PORT=$((BASE + 82)); QR_ADMIN=$((BASE + 83))
 PEERS=${PEERS:-1}
 IG_KEYS=${IG_KEYS:-1000}
 MODEL=bench-model
@@ -164,6 +169,24 @@ if [[ -n ${IG_AUDIT:-} ]]; then
   start_bg infergate-audit "$IG" serve --config "$RUN/audit-gw.yaml"
   wait_http "http://127.0.0.1:$AU_ADMIN/readyz"
   TARGETS+=("infergate-audit=http://127.0.0.1:$AU_PORT"); PID_OF[infergate-audit]=$(cat "$RUN/infergate-audit.pid")
+fi
+if [[ -n ${IG_QUOTA:-} ]]; then
+  # A limit far above what the load reaches (every request is admitted and
+  # settled): what is measured is the reservation and settlement themselves.
+  QUOTA='quotas: { default_team: { requests_per_minute: 1000000000, tokens_per_minute: 1000000000000 } }'
+  sed -e "s/$IG_PORT/$QL_PORT/" -e "s/$IG_ADMIN/$QL_ADMIN/" "$RUN/infergate.yaml" >"$RUN/quota-local.yaml"
+  echo "$QUOTA" >>"$RUN/quota-local.yaml"
+  start_bg quota-local "$IG" serve --config "$RUN/quota-local.yaml"
+  wait_http "http://127.0.0.1:$QL_ADMIN/readyz"
+  TARGETS+=("quota-local=http://127.0.0.1:$QL_PORT"); PID_OF[quota-local]=$(cat "$RUN/quota-local.pid")
+  if [[ -n ${REDIS_URL:-} ]]; then
+    sed -e "s/$IG_PORT/$QR_PORT/" -e "s/$IG_ADMIN/$QR_ADMIN/" "$RUN/infergate.yaml" >"$RUN/quota-redis.yaml"
+    printf '%s\ngovernance: { redis: { url: "%s", when_down: fail_closed, required_for_ready: true } }\n' \
+      "$QUOTA" "$REDIS_URL" >>"$RUN/quota-redis.yaml"
+    start_bg quota-redis "$IG" serve --config "$RUN/quota-redis.yaml"
+    wait_http "http://127.0.0.1:$QR_ADMIN/readyz"
+    TARGETS+=("quota-redis=http://127.0.0.1:$QR_PORT"); PID_OF[quota-redis]=$(cat "$RUN/quota-redis.pid")
+  fi
 fi
 if [[ -n ${IG_BASELINE:-} ]]; then
   # With IG_AUTH=keys the baseline authenticates too (compare it with infergate-keys).

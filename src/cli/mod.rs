@@ -92,6 +92,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     infergate_proxy::init_logging(config.logging.format, config.logging.level.as_deref());
     let grace = config.shutdown_grace;
     let gateway = infergate_proxy::Gateway::new(config.clone())?;
+    attach_quota_counters(&gateway, &config).await?;
     let control = ControlPlane::start(gateway.clone(), loaded, ControlOptions::default()).await;
     // `serve` runs one serving worker per CPU unless the config says otherwise.
     let mut main = config.listeners.main.clone();
@@ -107,6 +108,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     drop(control);
     tracing::info!("stopped");
     infergate_proxy::flush_logs();
+    Ok(())
+}
+
+/// With `governance.redis`, quota counters are shared through Redis (an
+/// unreachable Redis starts down and is probed; limits fail open or closed as
+/// configured). Changing `governance.redis` later takes a restart.
+pub async fn attach_quota_counters(
+    gateway: &infergate_proxy::Gateway,
+    config: &Config,
+) -> anyhow::Result<()> {
+    if let Some(redis) = &config.governance.redis {
+        let counters = infergate_quota::RedisCounters::start(redis)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        gateway.quotas().set_backend(Box::new(counters));
+    }
     Ok(())
 }
 

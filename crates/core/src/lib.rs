@@ -12,5 +12,6 @@ pub mod endpoint;
 pub mod identity;
 pub mod plan;
 pub mod pool;
+pub mod quota;
 pub mod reload;
 pub mod routing;

@@ -21,6 +21,7 @@ use super::gateway::Gateway;
 use super::relay::GatewayBody;
 use crate::governance::report;
 use crate::telemetry::metrics;
+use infergate_core::quota::BackendState;
 
 fn text(
     status: StatusCode,
@@ -57,6 +58,7 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
     }
     match req.uri().path() {
         "/metrics" => {
+            metrics::quota_backend(gw.quotas().backend_state());
             let mut m = metrics::render(gw.pools().iter());
             gw.governance().render_metrics(&mut m);
             text(StatusCode::OK, "text/plain; version=0.0.4", m)
@@ -77,8 +79,24 @@ pub(crate) fn handle<B>(gw: &Arc<Gateway>, req: &Request<B>) -> Response<Gateway
             serde_json::to_vec(&status_view(gw)).unwrap_or_default(),
         ),
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if gw.is_ready() => text(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n"),
+        "/readyz" if !gw.is_ready() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+        }
+        "/readyz" => match gw.quotas().backend_state() {
+            BackendState::Down {
+                required_for_ready: true,
+            } => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "quota counters down (redis unreachable)\n",
+            ),
+            BackendState::Down { .. } => text(
+                StatusCode::OK,
+                "text/plain",
+                "ready; quota counters down (redis unreachable): limits fail open or closed as configured\n",
+            ),
+            _ => text(StatusCode::OK, "text/plain", "ready\n"),
+        },
         "/routes" => text(
             StatusCode::OK,
             "application/json",

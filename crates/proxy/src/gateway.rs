@@ -28,6 +28,7 @@ use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::identity::{IdentityStore, Policy};
 use infergate_core::plan::PlanRoute;
 use infergate_core::pool::Pool;
+use infergate_core::quota::QuotaStore;
 use infergate_core::routing::{build_picker, Picker, PolicyName, RoutingConfig, Scrapers};
 
 /// One model route, resolved against its pool.
@@ -122,6 +123,8 @@ pub struct Gateway {
     governance: Arc<Governance>,
     /// OpenTelemetry traces (`telemetry.otlp`), built at start.
     tracing: Option<Tracing>,
+    /// Limits and budgets per team and key, and their counters.
+    quotas: QuotaStore,
 }
 
 #[derive(Default)]
@@ -145,6 +148,9 @@ impl Gateway {
     /// Builds a gateway serving `config`.
     pub fn new(config: Config) -> Result<Arc<Gateway>, ConfigError> {
         config.validate()?;
+        // The recorder goes in first: metric handles cached on the request
+        // path (quota decisions) must not bind to the no-op recorder.
+        let _ = crate::telemetry::metrics::handle();
         let tracing = config
             .telemetry
             .otlp
@@ -176,6 +182,7 @@ impl Gateway {
             identity: IdentityStore::default(),
             governance: Arc::new(Governance::new(&config)),
             tracing,
+            quotas: QuotaStore::default(),
         };
         gw.apply_config(config)?;
         Ok(Arc::new(gw))
@@ -283,6 +290,12 @@ impl Gateway {
             self.governance.audit.admin("key_file_change", fields);
         }
         r
+    }
+
+    /// Quotas: the per-request reservation, and where the binary installs
+    /// the shared counters (`QuotaStore::set_backend`).
+    pub fn quotas(&self) -> &QuotaStore {
+        &self.quotas
     }
 
     /// Follows every route's canary rollbacks (for Kubernetes Events).
@@ -459,6 +472,8 @@ impl Gateway {
         }));
         self.identity.commit(auth);
         self.governance.apply(&config);
+        self.quotas
+            .apply(&config.quotas, &config.governance, &config.pricing);
         let pool_names: Vec<&str> = pools.keys().map(String::as_str).collect();
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
         self.admissions.retain(&pool_names, &route_names);

@@ -27,6 +27,7 @@ use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
 use infergate_protocol::error::{ApiError, ErrorShape};
 use opentelemetry::KeyValue;
+use infergate_core::quota::{Demand, Refusal};
 
 /// Handles one client request from `peer`.
 pub(crate) async fn handle<B>(
@@ -192,6 +193,18 @@ fn json_response(body: Bytes) -> Response<GatewayBody> {
     r
 }
 
+/// 429 (or 503 for a fail-closed quota without its counters) with
+/// `Retry-After` and the `x-ratelimit-*` headers.
+fn quota_refused(
+    shape: ErrorShape,
+    refusal: &Refusal,
+    record: RequestRecord,
+) -> Response<GatewayBody> {
+    let mut r = reject(shape, refusal.to_api_error(), record);
+    refusal.rates().write(r.headers_mut());
+    r
+}
+
 /// Answers `e` in the client's API's error shape, with its log line.
 fn reject(shape: ErrorShape, e: ApiError, record: RequestRecord) -> Response<GatewayBody> {
     tracing::debug!(request_id = %record.request_id, error = %e, "rejected");
@@ -354,6 +367,28 @@ where
     if let Some(t) = &record.trace {
         trace_caller(t, &route.name, plan.class().priority, &caller.policy.team);
     }
+    // Quotas before admission: the estimate is reserved now and settled
+    // from the reported usage when the response ends (see relay).
+    let demand = Demand {
+        input_tokens: u64::from(ctx.features.prompt_tokens),
+        output_tokens: u64::from(ctx.expected_output_tokens),
+        cost_micros: 0,
+    };
+    let key_id = caller.key_id.as_ref().and_then(|k| k.to_str().ok());
+    let quota = match gw
+        .quotas()
+        .reserve(
+            &caller.policy.team,
+            key_id,
+            plan.class().priority,
+            demand,
+            rc.target_model.as_deref().into_iter().chain(rc.names()),
+        )
+        .await
+    {
+        Ok(g) => g,
+        Err(refusal) => return quota_refused(shape, &refusal, record),
+    };
     let reserved = match execute::admit(&mut plan, &ctx).await {
         Ok(r) => r,
         Err(f) => return reject(shape, f.error, record),
@@ -391,9 +426,13 @@ where
                 r = &mut pending => r,
                 _ = tokio::time::sleep_until(commit_at.into()) => {
                     // Prefill is slow: commit the event stream now and keep it alive.
-                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true, shape };
+                    let rates = quota.rates();
+                    let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true, shape, quota };
                     let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
                     let h = resp.headers_mut();
+                    if let Some(r) = rates {
+                        r.write(h);
+                    }
                     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
                     h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                     return resp;
@@ -436,6 +475,9 @@ where
                 head.headers.remove(REPLICA_HEADER);
             }
             served_headers(&mut head.headers, &up.served);
+            if let Some(r) = quota.rates() {
+                r.write(&mut head.headers);
+            }
             record.canary = up.served.canary.clone();
             record.served = Some(ServedBy::of(&up.route, head.status));
             let status = head.status.as_u16();
@@ -445,6 +487,7 @@ where
                 first_byte_deadline,
                 sse,
                 shape,
+                quota,
             };
             let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
             Response::from_parts(head, GatewayBody::Relay(Box::new(body)))

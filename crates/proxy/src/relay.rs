@@ -37,6 +37,7 @@ use infergate_core::plan::{upstream_failed, upstream_timeout};
 use infergate_protocol::error::{ApiError, ErrorShape};
 use opentelemetry::trace::{Span as _, SpanKind};
 use opentelemetry::KeyValue;
+use infergate_core::quota::{Demand, Grant};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -161,6 +162,8 @@ pub struct RelaySetup {
     pub sse: bool,
     /// The client's API's error shape (for a final error event).
     pub shape: ErrorShape,
+    /// The request's quota reservation, settled when the record is written.
+    pub quota: Grant,
 }
 
 /// The relayed body of one request.
@@ -191,6 +194,7 @@ pub struct RelayBody {
     span: Option<Box<opentelemetry_sdk::trace::Span>>,
     status: u16,
     outcome: Option<Outcome>,
+    quota: Grant,
     /// The record was written (it is written once: at the end, or on drop).
     recorded: bool,
 }
@@ -251,6 +255,7 @@ impl RelayBody {
             timeouts: s.timeouts,
             status,
             outcome: None,
+            quota: s.quota,
             recorded: false,
         }
     }
@@ -514,6 +519,13 @@ impl RelayBody {
             }
             s.end();
         }
+        // The engine's usage when reported, else the tokens counted; a
+        // client gone mid-stream is settled for what was generated so far.
+        self.quota.settle(Demand {
+            input_tokens: self.record.prompt_tokens,
+            output_tokens: self.record.completion_tokens,
+            cost_micros: 0,
+        });
         self.record.finish(status, outcome);
     }
 }

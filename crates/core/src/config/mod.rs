@@ -36,6 +36,7 @@ use crate::admission::AdmissionConfig;
 use crate::cost::PricingConfig;
 use crate::endpoint::InferenceEndpoint;
 use crate::identity::{AuthConfig, ADMIN_TOKEN_ENV};
+use crate::quota::{GovernanceConfig, QuotasConfig};
 use crate::routing::RoutingConfig;
 use infergate_protocol::EngineKind;
 
@@ -109,6 +110,12 @@ pub struct Config {
     /// The audit log (off unless `audit.output` is set).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Limits and budgets per team and per key (none when absent).
+    #[serde(default, skip_serializing_if = "QuotasConfig::is_empty")]
+    pub quotas: QuotasConfig,
+    /// Where replicas share quota counters (`redis:`); local when absent.
+    #[serde(default, skip_serializing_if = "GovernanceConfig::is_empty")]
+    pub governance: GovernanceConfig,
 }
 
 /// 4 MiB: a 128k-token prompt is about 0.5 MiB of text, or about 0.9 MiB as
@@ -836,6 +843,9 @@ impl Config {
                 self.listeners.admin.as_ref().map(|a| a.address),
                 admin_token_set,
             )
+            .map_err(|(needle, message)| invalid(&needle, message))?;
+        self.quotas
+            .check(&self.governance)
             .map_err(|(needle, message)| invalid(&needle, message))?;
         let priced = |m: &str| {
             self.routes.iter().any(|r| {

@@ -92,6 +92,19 @@ pub(crate) fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// `infergate_quota_redis_up`: 1 when the shared quota counters answer, 0
+/// while they are down (limits fail open or closed); absent in local mode.
+pub(crate) fn quota_backend(state: infergate_core::quota::BackendState) {
+    use infergate_core::quota::BackendState;
+    let up = match state {
+        BackendState::Local => return,
+        BackendState::Up => 1.0,
+        BackendState::Down { .. } => 0.0,
+    };
+    let _ = handle();
+    gauge!("infergate_quota_redis_up").set(up);
+}
+
 /// Renders all metrics, refreshing the per-replica load gauges first.
 pub(crate) fn render<'a>(pools: impl IntoIterator<Item = &'a std::sync::Arc<Pool>>) -> String {
     let h = handle();

@@ -1,0 +1,560 @@
+//! The live quota state and the two calls a request makes: [`QuotaStore::reserve`]
+//! before admission (its estimated tokens and cost, one request, one slot)
+//! and [`Grant::settle`] when it ends (the usage the engine reported, or the
+//! tokens counted; a request that ends without settling is settled for
+//! nothing generated). The table is swapped whole on config reload (arc-swap);
+//! the shared backend, when configured, is asked once per request, bounded
+//! by its timeout; while it is down each limit fails open on this replica's
+//! own counters (scaled by `local_share`) or fails closed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use infergate_protocol::error::ApiError;
+
+use super::config::{GovernanceConfig, QuotasConfig, RedisConfig, WhenDown};
+use super::counters::{CounterOp, LocalCounters, SharedCounters, Verdict};
+use super::rules::{Demand, Dim, Limit, QuotaTable, Rules, ScopeKind};
+use super::window::Window;
+use crate::admission::Priority;
+use crate::cost::{PricingConfig, TokenPrice, TokenUsage};
+
+/// Where a reservation was counted (and so where it is settled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The shared backend (Redis).
+    Shared,
+    /// This replica's counters: local mode (no shared backend configured).
+    Local,
+    /// This replica's fallback counters while the shared backend is down.
+    Fallback,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Shared => "redis",
+            Source::Local => "local",
+            Source::Fallback => "fallback",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Snapshot {
+    table: QuotaTable,
+    redis: Option<RedisConfig>,
+    /// Prices, when some limit counts money.
+    pricing: Option<PricingConfig>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    local: LocalCounters,
+    fallback: LocalCounters,
+    backend: ArcSwapOption<Box<dyn SharedCounters>>,
+    /// Whether the last decision that needed the backend found it down.
+    degraded: AtomicBool,
+}
+
+/// Quotas of a gateway: the table in force, the counters.
+#[derive(Debug)]
+pub struct QuotaStore {
+    current: ArcSwap<Snapshot>,
+    inner: Arc<Inner>,
+}
+
+impl Default for QuotaStore {
+    fn default() -> Self {
+        QuotaStore {
+            current: ArcSwap::from_pointee(Snapshot {
+                table: QuotaTable::default(),
+                redis: None,
+                pricing: None,
+            }),
+            inner: Arc::default(),
+        }
+    }
+}
+
+/// What `/readyz` and the status say about the shared counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    /// No shared backend configured.
+    Local,
+    Up,
+    Down {
+        required_for_ready: bool,
+    },
+}
+
+impl QuotaStore {
+    /// Swaps in the limits of a new config (counters are kept: a changed
+    /// limit applies to what was already counted in the window).
+    /// Money budgets count with `pricing` (part of the same config).
+    pub fn apply(
+        &self,
+        quotas: &QuotasConfig,
+        governance: &GovernanceConfig,
+        pricing: &PricingConfig,
+    ) {
+        let when_down = governance
+            .redis
+            .as_ref()
+            .map(RedisConfig::when_down)
+            .unwrap_or_default();
+        let table = QuotaTable::new(quotas, when_down);
+        let pricing = table.counts_money().then(|| pricing.clone());
+        self.current.store(Arc::new(Snapshot {
+            table,
+            redis: governance.redis.clone(),
+            pricing,
+        }));
+    }
+
+    /// Installs the shared backend (the binary builds it from
+    /// `governance.redis`).
+    pub fn set_backend(&self, backend: Box<dyn SharedCounters>) {
+        self.inner.backend.store(Some(Arc::new(backend)));
+    }
+
+    pub fn backend_state(&self) -> BackendState {
+        let snap = self.current.load();
+        match (&snap.redis, &*self.inner.backend.load()) {
+            (Some(r), Some(b)) if !b.is_up() => BackendState::Down {
+                required_for_ready: r.required_for_ready,
+            },
+            (Some(_), Some(_)) => BackendState::Up,
+            _ => BackendState::Local,
+        }
+    }
+
+    /// Reserves `demand` for a caller of `team` (key id `key`) in `band`,
+    /// on a model called `model_names` (the first with a price sets the
+    /// cost of money budgets). No limit applies: an empty grant, without
+    /// allocating.
+    pub async fn reserve<'n>(
+        &self,
+        team: &str,
+        key: Option<&str>,
+        band: Priority,
+        mut demand: Demand,
+        model_names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<Grant, Refusal> {
+        let snap = self.current.load_full();
+        if snap.table.is_empty() {
+            return Ok(Grant::default());
+        }
+        let applicable = snap.table.lookup(team, key);
+        if applicable.scopes.iter().all(Option::is_none) {
+            return Ok(Grant::default());
+        }
+        let price = snap
+            .pricing
+            .as_ref()
+            .and_then(|p| p.model_price(model_names));
+        demand.cost_micros = cost_micros(price, &demand);
+        let now = now_ms();
+        let mut ops = Vec::with_capacity(8);
+        let mut owners: Vec<&Arc<Rules>> = Vec::with_capacity(8);
+        for (scope, rules) in applicable.scopes.iter().flatten() {
+            for limit in &rules.limits {
+                let (window_id, expires_at_ms) = limit.window.at(now);
+                ops.push(CounterOp {
+                    scope: scope.clone(),
+                    dim: limit.dim,
+                    window: limit.window,
+                    window_id,
+                    expires_at_ms,
+                    limit: rules.limit_for(limit, band),
+                    add: demand.amount(limit.dim),
+                });
+                owners.push(rules);
+            }
+        }
+        let backend = match &snap.redis {
+            Some(r) => self.inner.backend.load_full().map(|b| (b, r.timeout)),
+            None => None,
+        };
+        let (verdict, source) = match backend {
+            None => (self.inner.local.reserve(&ops, |_| 1.0, now), Source::Local),
+            Some((b, timeout)) => match shared(&**b, &ops, timeout).await {
+                Some(v) => {
+                    self.inner.degraded.store(false, Ordering::Relaxed);
+                    (v, Source::Shared)
+                }
+                None => {
+                    self.inner.degraded.store(true, Ordering::Relaxed);
+                    if let Some(rules) = owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
+                    {
+                        metrics().closed.increment(1);
+                        return Err(Refusal::unavailable(rules));
+                    }
+                    let share = |i: usize| match owners[i].when_down {
+                        WhenDown::FailOpen { local_share } => local_share,
+                        WhenDown::FailClosed => 0.0,
+                    };
+                    (
+                        self.inner.fallback.reserve(&ops, share, now),
+                        Source::Fallback,
+                    )
+                }
+            },
+        };
+        let m = metrics();
+        match verdict {
+            Verdict::Admitted(values) => {
+                m.by_source[source as usize].increment(1);
+                let rates = RateSnapshot::of(&ops, &values, now);
+                Ok(Grant(Some(Box::new(Reserved {
+                    inner: self.inner.clone(),
+                    ops,
+                    price,
+                    reserved: demand,
+                    source,
+                    rates,
+                    settled: false,
+                }))))
+            }
+            Verdict::Refused { index, values } => {
+                let rules = owners[index];
+                let limit = rules
+                    .limits
+                    .iter()
+                    .find(|l| l.dim == ops[index].dim && l.window == ops[index].window)
+                    .copied();
+                let op = &ops[index];
+                metrics::counter!("infergate_quota_refused_total",
+                    "quota" => rules.entry.to_string(),
+                    "limit" => limit.map_or("unknown", |l| l.label()))
+                .increment(1);
+                Err(Refusal::Limit(Box::new(LimitRefusal {
+                    kind: rules.kind,
+                    entry: rules.entry.clone(),
+                    limit: limit.unwrap_or(Limit {
+                        dim: op.dim,
+                        window: op.window,
+                        amount: op.limit,
+                    }),
+                    band_limit: op.limit,
+                    used: values[index].max(0) as u64,
+                    requested: op.add,
+                    reset_ms: reset_ms(op, now),
+                    rates: RateSnapshot::of(&ops, &values, now),
+                })))
+            }
+        }
+    }
+
+    /// The local counter of a team's limit in the current window (tests).
+    pub fn local_value(&self, scope: &str, dim: Dim, window: Window) -> i64 {
+        let (window_id, expires_at_ms) = window.at(now_ms());
+        let op = CounterOp {
+            scope: scope.into(),
+            dim,
+            window,
+            window_id,
+            expires_at_ms,
+            limit: 0,
+            add: 0,
+        };
+        self.inner.local.value(&op) + self.inner.fallback.value(&op)
+    }
+}
+
+/// Asks the backend, bounded by `timeout`; `None` when it is down or did
+/// not answer in time.
+async fn shared(b: &dyn SharedCounters, ops: &[CounterOp], timeout: Duration) -> Option<Verdict> {
+    if !b.is_up() {
+        return None;
+    }
+    match tokio::time::timeout(timeout, b.reserve(ops)).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e.0, "quota backend failed");
+            None
+        }
+        Err(_) => {
+            b.mark_down();
+            tracing::warn!(
+                ?timeout,
+                "quota backend did not answer in time: marked down"
+            );
+            None
+        }
+    }
+}
+
+/// Money of `d`'s tokens at `price`, in whole micro-units rounded up (a
+/// budget never undercounts); zero for a model without a price.
+fn cost_micros(price: Option<TokenPrice>, d: &Demand) -> u64 {
+    price.map_or(0, |p| {
+        p.cost(TokenUsage::new(d.input_tokens, 0, d.output_tokens))
+            .micros_ceil()
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn reset_ms(op: &CounterOp, now: u64) -> u64 {
+    match op.window {
+        // A slot frees when some request ends: retry soon.
+        Window::None => 1000,
+        _ => op.expires_at_ms.saturating_sub(now),
+    }
+}
+
+/// The OpenAI rate-limit headers' values: the requests-per-minute and
+/// tokens-per-minute limits of the narrowest scope (key before team).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateSnapshot {
+    /// (limit, remaining, reset in ms)
+    pub requests: Option<(u64, u64, u64)>,
+    pub tokens: Option<(u64, u64, u64)>,
+}
+
+impl RateSnapshot {
+    fn of(ops: &[CounterOp], values: &[i64], now: u64) -> RateSnapshot {
+        let find = |dims: &[Dim]| {
+            dims.iter().find_map(|d| {
+                ops.iter()
+                    .zip(values)
+                    .find(|(o, _)| o.dim == *d && o.window == Window::Minute)
+                    .map(|(o, v)| {
+                        let used = (*v).max(0) as u64;
+                        (o.limit, o.limit.saturating_sub(used), reset_ms(o, now))
+                    })
+            })
+        };
+        RateSnapshot {
+            requests: find(&[Dim::Requests]),
+            tokens: find(&[Dim::Tokens, Dim::InputTokens, Dim::OutputTokens]),
+        }
+    }
+
+    /// Writes `x-ratelimit-*` headers (those whose limit is configured).
+    pub fn write(&self, h: &mut HeaderMap) {
+        let mut put = |name: &'static str, v: HeaderValue| {
+            h.insert(name, v);
+        };
+        if let Some((limit, remaining, reset)) = self.requests {
+            put("x-ratelimit-limit-requests", HeaderValue::from(limit));
+            put(
+                "x-ratelimit-remaining-requests",
+                HeaderValue::from(remaining),
+            );
+            put("x-ratelimit-reset-requests", reset_value(reset));
+        }
+        if let Some((limit, remaining, reset)) = self.tokens {
+            put("x-ratelimit-limit-tokens", HeaderValue::from(limit));
+            put("x-ratelimit-remaining-tokens", HeaderValue::from(remaining));
+            put("x-ratelimit-reset-tokens", reset_value(reset));
+        }
+    }
+}
+
+/// A reset in OpenAI's format: `850ms`, `12s`, `1m30s`, `3h5m0s`.
+fn reset_value(ms: u64) -> HeaderValue {
+    let s = if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        let secs = ms.div_ceil(1000);
+        let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+        match (h, m) {
+            (0, 0) => format!("{s}s"),
+            (0, _) => format!("{m}m{s}s"),
+            _ => format!("{h}h{m}m{s}s"),
+        }
+    };
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("1s"))
+}
+
+/// A request refused by its quotas.
+#[derive(Debug)]
+pub enum Refusal {
+    /// A limit has no room for this request.
+    Limit(Box<LimitRefusal>),
+    /// The shared counters are down and a limit fails closed.
+    Unavailable { entry: Arc<str> },
+}
+
+#[derive(Debug)]
+pub struct LimitRefusal {
+    pub kind: ScopeKind,
+    pub entry: Arc<str>,
+    pub limit: Limit,
+    /// The limit as seen by the request's band.
+    pub band_limit: u64,
+    pub used: u64,
+    pub requested: u64,
+    pub reset_ms: u64,
+    pub rates: RateSnapshot,
+}
+
+impl Refusal {
+    fn unavailable(rules: &Rules) -> Refusal {
+        Refusal::Unavailable {
+            entry: rules.entry.clone(),
+        }
+    }
+
+    /// The OpenAI-style error: 429 naming the limit (`rate_limit_exceeded`,
+    /// or `insufficient_quota` for a day or month budget), or 503 while a
+    /// fail-closed limit cannot be checked.
+    pub fn to_api_error(&self) -> ApiError {
+        match self {
+            Refusal::Unavailable { entry } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("Quota `{entry}` cannot be checked right now (its shared counters are unreachable and it fails closed). Please retry."),
+            )
+            .with_code("quota_unavailable")
+            .with_retry_after(1),
+            Refusal::Limit(r) => {
+                let what = r.limit.label();
+                let reserved = if r.band_limit < r.limit.amount {
+                    format!(" ({} of it for this priority band)", r.band_limit)
+                } else {
+                    String::new()
+                };
+                let amount = |v: u64| match r.limit.dim {
+                    Dim::Cost => format!("{:.6}", v as f64 / super::rules::MICROS),
+                    _ => v.to_string(),
+                };
+                let message = format!(
+                    "Limit `{what}` of {} `{}` reached: limit {}{reserved}, used {}, requested {}. Please try again in {}.",
+                    r.kind.as_str(),
+                    r.entry,
+                    amount(r.limit.amount),
+                    amount(r.used),
+                    amount(r.requested),
+                    reset_value(r.reset_ms).to_str().unwrap_or("1s"),
+                );
+                let (kind, code) = if r.limit.is_budget() {
+                    ("insufficient_quota", "insufficient_quota")
+                } else if r.limit.dim == Dim::Requests || r.limit.dim == Dim::Concurrent {
+                    ("requests", "rate_limit_exceeded")
+                } else {
+                    ("tokens", "rate_limit_exceeded")
+                };
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, kind, message)
+                    .with_code(code)
+                    .with_retry_after(r.reset_ms.div_ceil(1000).max(1))
+            }
+        }
+    }
+
+    pub fn rates(&self) -> RateSnapshot {
+        match self {
+            Refusal::Limit(r) => r.rates,
+            Refusal::Unavailable { .. } => RateSnapshot::default(),
+        }
+    }
+}
+
+/// A request's reservation; settle it with what the request used. Dropped
+/// unsettled, it is settled for nothing generated.
+#[derive(Debug, Default)]
+pub struct Grant(Option<Box<Reserved>>);
+
+#[derive(Debug)]
+struct Reserved {
+    inner: Arc<Inner>,
+    ops: Vec<CounterOp>,
+    price: Option<TokenPrice>,
+    reserved: Demand,
+    source: Source,
+    rates: RateSnapshot,
+    settled: bool,
+}
+
+impl Grant {
+    /// Whether any limit applied.
+    pub fn is_limited(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub fn rates(&self) -> Option<RateSnapshot> {
+        self.0.as_ref().map(|r| r.rates)
+    }
+
+    pub fn source(&self) -> Option<Source> {
+        self.0.as_ref().map(|r| r.source)
+    }
+
+    /// Corrects every counter from the reservation to `used` (up or down;
+    /// its cost is computed here from the tokens) and frees the request's
+    /// slot. Once; later calls do nothing.
+    pub fn settle(&mut self, used: Demand) {
+        if let Some(r) = self.0.as_mut() {
+            r.settle(used);
+        }
+    }
+}
+
+impl Reserved {
+    fn settle(&mut self, mut used: Demand) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        used.cost_micros = cost_micros(self.price, &used);
+        let backend = match self.source {
+            Source::Shared => self.inner.backend.load_full(),
+            _ => None,
+        };
+        for op in &self.ops {
+            let delta = match op.dim {
+                Dim::Concurrent => -1,
+                Dim::Requests => 0,
+                d => used.amount(d) as i64 - self.reserved.amount(d) as i64,
+            };
+            if delta == 0 {
+                continue;
+            }
+            match (self.source, &backend) {
+                (Source::Shared, Some(b)) => b.settle(op, delta),
+                (Source::Shared, None) => {}
+                (Source::Local, _) => self.inner.local.settle(op, delta),
+                (Source::Fallback, _) => self.inner.fallback.settle(op, delta),
+            }
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.settle(Demand::default());
+    }
+}
+
+struct Metrics {
+    by_source: [metrics::Counter; 3],
+    closed: metrics::Counter,
+}
+
+/// Handles registered once (no label lookup per request).
+fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| {
+        let c =
+            |s: &'static str| metrics::counter!("infergate_quota_decisions_total", "source" => s);
+        Metrics {
+            by_source: [
+                c(Source::Shared.as_str()),
+                c(Source::Local.as_str()),
+                c(Source::Fallback.as_str()),
+            ],
+            closed: c("closed"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;
