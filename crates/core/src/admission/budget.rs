@@ -8,8 +8,10 @@
 //! because release is a `Drop`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::config::BudgetConfig;
+use super::tuning::{Knobs, Timing};
 use super::Priority;
 use crate::pool::{LoadGuard, Replica};
 
@@ -39,6 +41,13 @@ impl Cost {
 /// estimate was corrected downwards), so queued requests get a chance.
 pub trait CapacityListener: Send + Sync + std::fmt::Debug {
     fn capacity_freed(&self, tokens: u64);
+
+    /// A request ended, freeing `tokens`; `timing` is what the relay saw of
+    /// it (when it got a first byte), for self-tuning.
+    fn request_ended(&self, tokens: u64, timing: Option<Timing>) {
+        let _ = timing;
+        self.capacity_freed(tokens);
+    }
 }
 
 /// Decides whether a replica has room for a request.
@@ -67,32 +76,68 @@ impl Budget {
             .map(|kv| (kv as f64 * self.cfg.kv_fraction) as u64)
     }
 
+    /// Whether unset knobs are derived (`admission::tuning`).
+    pub fn self_tuning(&self) -> bool {
+        self.cfg.self_tuning
+    }
+
+    /// The request cap of `replica`: configured, else (self-tuning) the
+    /// batch limit learned from its metrics; `None`: no cap.
+    pub fn batch(&self, replica: &Replica) -> Option<u64> {
+        self.cfg.max_requests_per_replica.or_else(|| {
+            self.cfg
+                .self_tuning
+                .then(|| replica.signals.load().as_ref()?.saturated_batch)
+                .flatten()
+                .map(|b| (b as u64).max(1))
+        })
+    }
+
     /// Whether `replica` can take a request of band `priority` costing `cost`
-    /// tokens now. Below critical, only the budget minus the critical reserve
-    /// counts. An idle replica always can (a request larger than the budget
-    /// must still run somewhere; the engine decides whether it fits at all).
-    pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority) -> bool {
+    /// tokens now, with `knobs` (what self-tuning derived; hand-set values in
+    /// the config win). Below critical, only the budget minus the critical
+    /// reserve counts. An idle replica always can (a request larger than the
+    /// budget must still run somewhere; the engine decides whether it fits at
+    /// all).
+    pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority, knobs: &Knobs) -> bool {
         let critical = priority == Priority::Critical;
-        let share = if critical {
-            1.0
-        } else {
-            1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
+        let tune = self.cfg.self_tuning;
+        let batch = self.batch(replica);
+        let (derived_reserve, derived_queue) = match batch {
+            Some(b) if tune => knobs.critical_slots(b),
+            _ => (0, 0),
         };
+        let share = match (self.cfg.critical_reserve, batch) {
+            (Some(r), _) => r.clamp(0.0, 1.0),
+            (None, Some(b)) => derived_reserve as f64 / b as f64,
+            (None, None) => 0.0,
+        };
+        let share = if critical { 1.0 } else { 1.0 - share };
         let load = &replica.load;
-        if let Some(max) = self.cfg.max_requests_per_replica {
-            let mut max = ((max as f64 * share).floor() as u64).max(1);
+        if let Some(max) = batch {
+            // The epsilon keeps 16 x (1 - 4/16) at 12, not 11.99.
+            let mut max = ((max as f64 * share + 1e-9).floor() as u64).max(1);
             if critical {
-                max = max.saturating_add(self.cfg.critical_engine_queue);
+                max = max.saturating_add(self.cfg.critical_engine_queue.unwrap_or(derived_queue));
             }
             if load.requests() >= max {
                 return false;
             }
         }
-        if let (Some(max), false) = (self.cfg.max_prefill_tokens_per_replica, critical) {
+        let prefill_cap = self
+            .cfg
+            .max_prefill_tokens_per_replica
+            .or(if tune { knobs.prefill_cap } else { None });
+        if let (Some(max), false) = (prefill_cap, critical) {
             let pending = load.prefill_tokens();
             if pending > 0 && pending.saturating_add(cost.prompt) > max {
                 return false;
             }
+        }
+        // An engine that schedules by priority preempts a lower band's
+        // sequences for a critical one when its KV cache is full too.
+        if critical && tune && knobs.engine_priority {
+            return true;
         }
         match self.capacity(replica) {
             None => true,
@@ -133,14 +178,16 @@ impl Budget {
             final_usage: false,
             listener,
             wake_on_prefill: false,
+            placed: Instant::now(),
+            first_byte: None,
         }
     }
 
     /// Whether a replica's room depends on its pending prefill (a
-    /// `max_prefill_tokens_per_replica` cap): only then is the end of a
+    /// `max_prefill_tokens_per_replica` cap, set or derived): only then is the end of a
     /// prefill worth telling the queue about.
     pub fn caps_prefill(&self) -> bool {
-        self.cfg.max_prefill_tokens_per_replica.is_some()
+        self.cfg.max_prefill_tokens_per_replica.is_some() || self.cfg.self_tuning
     }
 }
 
@@ -159,6 +206,9 @@ pub struct Reservation {
     /// Tell the listener when the prefill ends (see [`Budget::caps_prefill`]);
     /// otherwise that would be one more queue lock per request for nothing.
     wake_on_prefill: bool,
+    /// When it was placed and when its first byte came (self-tuning's timings).
+    placed: Instant,
+    first_byte: Option<Instant>,
 }
 
 impl Reservation {
@@ -194,6 +244,7 @@ impl Reservation {
         if !g.prefill_done() {
             return;
         }
+        self.first_byte = Some(Instant::now());
         if let (true, Some(l)) = (self.wake_on_prefill, &self.listener) {
             l.capacity_freed(0);
         }
@@ -242,7 +293,13 @@ impl Drop for Reservation {
         // sees the freed room.
         let freed = self.guard.take().map_or(0, |g| g.tokens());
         if let Some(l) = &self.listener {
-            l.capacity_freed(freed);
+            let timing = self.first_byte.map(|first| Timing {
+                ttft: first.saturating_duration_since(self.placed),
+                total: self.placed.elapsed(),
+                generated: self.generated,
+                prompt: self.kv_prompt,
+            });
+            l.request_ended(freed, timing);
         }
     }
 }
@@ -254,6 +311,11 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const S: Priority = Priority::Standard;
+    const K: Knobs = Knobs {
+        critical_in_flight_per_replica: 0.0,
+        prefill_cap: None,
+        engine_priority: false,
+    };
 
     fn replica() -> Arc<Replica> {
         Arc::new(Replica::new(
@@ -287,13 +349,13 @@ mod tests {
         });
         let r = replica();
         // Idle replica takes even an oversized request.
-        assert!(b.fits(&r, out(1000), S));
+        assert!(b.fits(&r, out(1000), S, &K));
         let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
         assert_eq!(r.load.tokens(), 60);
-        assert!(b.fits(&r, out(40), S));
-        assert!(!b.fits(&r, out(41), S));
+        assert!(b.fits(&r, out(40), S, &K));
+        assert!(!b.fits(&r, out(41), S, &K));
         let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
-        assert!(!b.fits(&r, out(1), S), "request cap reached");
+        assert!(!b.fits(&r, out(1), S, &K), "request cap reached");
     }
 
     #[test]
@@ -301,42 +363,42 @@ mod tests {
         let b = Budget::new(BudgetConfig {
             tokens_per_replica: Some(100),
             max_requests_per_replica: Some(4),
-            critical_reserve: 0.25,
+            critical_reserve: Some(0.25),
             ..Default::default()
         });
         let r = replica();
         let _a = Budget::reserve(&r, Cost::estimate(70, Some(0), 0), None);
-        assert!(b.fits(&r, out(5), S), "75 of 100 tokens for standard");
-        assert!(!b.fits(&r, out(6), S));
-        assert!(b.fits(&r, out(30), Priority::Critical));
+        assert!(b.fits(&r, out(5), S, &K), "75 of 100 tokens for standard");
+        assert!(!b.fits(&r, out(6), S, &K));
+        assert!(b.fits(&r, out(30), Priority::Critical, &K));
         let _b = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         let _c = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         assert!(
-            !b.fits(&r, out(1), Priority::Sheddable),
+            !b.fits(&r, out(1), Priority::Sheddable, &K),
             "3 of 4 requests for others"
         );
-        assert!(b.fits(&r, out(1), Priority::Critical));
+        assert!(b.fits(&r, out(1), Priority::Critical, &K));
     }
 
     #[test]
     fn critical_may_queue_in_the_engine_beyond_the_request_cap() {
         let b = Budget::new(BudgetConfig {
             max_requests_per_replica: Some(2),
-            critical_engine_queue: 1,
+            critical_engine_queue: Some(1),
             ..Default::default()
         });
         let r = replica();
         let _held: Vec<_> = (0..2)
             .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
             .collect();
-        assert!(!b.fits(&r, out(1), S), "standard stops at the engine's cap");
+        assert!(!b.fits(&r, out(1), S, &K), "standard stops at the engine's cap");
         assert!(
-            b.fits(&r, out(1), Priority::Critical),
+            b.fits(&r, out(1), Priority::Critical, &K),
             "critical may wait in the engine"
         );
         let _third = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         assert!(
-            !b.fits(&r, out(1), Priority::Critical),
+            !b.fits(&r, out(1), Priority::Critical, &K),
             "the engine queue is bounded"
         );
     }
@@ -353,21 +415,21 @@ mod tests {
             output: 10,
         };
         assert!(
-            b.fits(&r, prompt(500), S),
+            b.fits(&r, prompt(500), S, &K),
             "an idle replica takes any prompt"
         );
         let count = Arc::new(Count::default());
         let mut first =
             Budget::reserve(&r, prompt(60), Some(count.clone())).waking_queue_on_prefill(true);
-        assert!(b.fits(&r, prompt(40), S));
-        assert!(!b.fits(&r, prompt(41), S), "60 + 41 prompt tokens pending");
+        assert!(b.fits(&r, prompt(40), S, &K));
+        assert!(!b.fits(&r, prompt(41), S, &K), "60 + 41 prompt tokens pending");
         assert!(
-            b.fits(&r, prompt(41), Priority::Critical),
+            b.fits(&r, prompt(41), Priority::Critical, &K),
             "critical ignores the cap"
         );
         first.prefill_done();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "the queue hears of it");
-        assert!(b.fits(&r, prompt(500), S));
+        assert!(b.fits(&r, prompt(500), S, &K));
         first.prefill_done();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "only once");
         // Without a prefill cap the pool does not ask: no queue lock for nothing.
@@ -386,7 +448,7 @@ mod tests {
         assert_eq!(b.capacity(&r), None);
         let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
         assert!(
-            b.fits(&r, out(1_000_000), S),
+            b.fits(&r, out(1_000_000), S, &K),
             "unlimited when nothing is known"
         );
         let body = "vllm:num_requests_running{engine=\"0\"} 0\nvllm:num_requests_waiting{engine=\"0\"} 0\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.1\nvllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"250\"} 1.0\n";
@@ -398,7 +460,7 @@ mod tests {
         assert_eq!(signals.cache_tokens(), Some(4000));
         r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
-        assert!(!b.fits(&r, out(1), S));
+        assert!(!b.fits(&r, out(1), S, &K));
     }
 
     #[test]

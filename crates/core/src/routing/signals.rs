@@ -130,6 +130,12 @@ pub struct Signals {
     /// The replica's batch limit as observed: `running` at a scrape that showed
     /// a queue (the engine runs no more than that at once). Carried over scrapes.
     pub batch_limit: Option<f64>,
+    /// The batch limit admission caps a replica at (`admission::tuning`):
+    /// `running` at a scrape whose previous scrape showed a queue too and the
+    /// same `running`, so a request caught between its arrival and the
+    /// engine's next step is not read as a full batch. Carried over scrapes
+    /// (the largest seen).
+    pub saturated_batch: Option<f64>,
     /// The last scrape at which the engine counted more requests (running +
     /// waiting) than this gateway had in flight there: another gateway (or a
     /// client going around the gateway) feeds the replica. Carried over scrapes.
@@ -159,6 +165,7 @@ impl Signals {
             prefix_hit_rate: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            saturated_batch: None,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         }
@@ -180,6 +187,15 @@ impl Signals {
             .then_some(self.running);
         let before = previous.and_then(|p| p.batch_limit);
         self.batch_limit = match (seen_now, before) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let plateau = previous.is_some_and(|p| {
+            p.error.is_none() && p.waiting > 0.0 && p.running == self.running
+        });
+        let saturated_now = seen_now.filter(|_| plateau);
+        let before = previous.and_then(|p| p.saturated_batch);
+        self.saturated_batch = match (saturated_now, before) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
@@ -301,6 +317,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             prefix_hit_rate,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            saturated_batch: None,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         },
@@ -449,12 +466,19 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         );
         let s2 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, 6, Some(&s1));
         assert_eq!(s2.batch_limit, Some(4.0));
+        assert_eq!(s2.saturated_batch, None, "one scrape with a queue");
         assert_eq!(s2.projected_waiting(6), 2.0);
         // Five more sent since the scrape: all of them queue.
         assert_eq!(s2.projected_waiting(11), 7.0);
         // The limit is kept by later scrapes without a queue.
         let s3 = parse(EngineKind::LlamaCpp, &body(1, 0), t).with_context(1, 1, Some(&s2));
         assert_eq!(s3.batch_limit, Some(4.0));
+        // Admission's limit needs the queue on two scrapes at the same running.
+        let s4 = parse(EngineKind::LlamaCpp, &body(4, 1), t).with_context(5, 5, Some(&s3));
+        let s5 = parse(EngineKind::LlamaCpp, &body(4, 3), t).with_context(7, 7, Some(&s4));
+        assert_eq!((s4.saturated_batch, s5.saturated_batch), (None, Some(4.0)));
+        let s6 = parse(EngineKind::LlamaCpp, &body(2, 0), t).with_context(2, 2, Some(&s5));
+        assert_eq!(s6.saturated_batch, Some(4.0), "kept");
         assert_eq!(s3.projected_waiting(2), 0.0);
         assert_eq!(s3.projected_waiting(6), 2.0);
     }
