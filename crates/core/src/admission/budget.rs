@@ -103,11 +103,16 @@ impl Budget {
         let critical = priority == Priority::Critical;
         let tune = self.cfg.self_tuning;
         let batch = self.batch(replica);
-        let (derived_reserve, derived_queue) = match batch {
+        let capacity = self.capacity(replica);
+        // The slots the reserve is counted in: the request cap, else (a replica
+        // its KV cache limits first) how many requests like this one its token
+        // budget holds.
+        let slots = batch.or_else(|| capacity.map(|c| (c / cost.total().max(1)).max(1)));
+        let (derived_reserve, derived_queue) = match slots {
             Some(b) if tune => knobs.critical_slots(b),
             _ => (0, 0),
         };
-        let share = match (self.cfg.critical_reserve, batch) {
+        let share = match (self.cfg.critical_reserve, slots) {
             (Some(r), _) => r.clamp(0.0, 1.0),
             (None, Some(b)) => derived_reserve as f64 / b as f64,
             (None, None) => 0.0,
@@ -124,10 +129,10 @@ impl Budget {
                 return false;
             }
         }
-        let prefill_cap = self
-            .cfg
-            .max_prefill_tokens_per_replica
-            .or(if tune { knobs.prefill_cap } else { None });
+        let prefill_cap = self.cfg.max_prefill_tokens_per_replica.or(match slots {
+            Some(b) if tune => knobs.prefill_cap(b),
+            _ => None,
+        });
         if let (Some(max), false) = (prefill_cap, critical) {
             let pending = load.prefill_tokens();
             if pending > 0 && pending.saturating_add(cost.prompt) > max {
@@ -139,7 +144,7 @@ impl Budget {
         if critical && tune && knobs.engine_priority {
             return true;
         }
-        match self.capacity(replica) {
+        match capacity {
             None => true,
             Some(cap) => {
                 let used = load.tokens();
@@ -313,7 +318,8 @@ mod tests {
     const S: Priority = Priority::Standard;
     const K: Knobs = Knobs {
         critical_in_flight_per_replica: 0.0,
-        prefill_cap: None,
+        prefill_step_tokens: None,
+        prefill_per_slot: 0.0,
         engine_priority: false,
     };
 
@@ -461,6 +467,105 @@ mod tests {
         r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
         assert!(!b.fits(&r, out(1), S, &K));
+    }
+
+    /// A replica whose scrapes showed a full batch of `batch` twice in a row.
+    fn scraped(r: &Replica, batch: u32, blocks: u32) {
+        let body = |run: u32, wait: u32| {
+            format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\nvllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\"}} 1\n")
+        };
+        let t = std::time::Instant::now();
+        let parse = |b: &str| crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, b, t);
+        let s1 = parse(&body(batch, 3)).with_context(0, 0, None);
+        let s2 = parse(&body(batch, 2)).with_context(0, 0, Some(&s1));
+        r.signals.store(Some(Arc::new(s2)));
+    }
+
+    #[test]
+    fn self_tuning_caps_at_the_learned_batch_and_keeps_the_derived_reserve() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        assert_eq!(b.batch(&r), None, "nothing learned: no cap");
+        scraped(&r, 16, 100_000);
+        assert_eq!(b.batch(&r), Some(16));
+        // Critical traffic at 60% of the batch: 4 slots kept (tuning::reserve_slots).
+        let k = Knobs {
+            critical_in_flight_per_replica: 9.6,
+            ..K
+        };
+        let held: Vec<_> = (0..12)
+            .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
+            .collect();
+        assert!(!b.fits(&r, out(1), S, &k), "standard stops at 16 - 4");
+        assert!(b.fits(&r, out(1), S, &K), "no critical traffic: no reserve");
+        assert!(b.fits(&r, out(1), Priority::Critical, &k));
+        let more: Vec<_> = (0..4)
+            .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
+            .collect();
+        assert!(!b.fits(&r, out(1), Priority::Critical, &k), "the batch is full");
+        // Engine priority: no reserve, critical goes past the cap into the
+        // engine's queue (the engine preempts for it).
+        let ep = Knobs {
+            engine_priority: true,
+            ..k
+        };
+        assert!(b.fits(&r, out(1), Priority::Critical, &ep));
+        drop(more);
+        assert!(b.fits(&r, out(1), S, &ep), "no reserve with engine priority");
+        // A hand-set value wins.
+        let fixed = Budget::new(BudgetConfig {
+            max_requests_per_replica: Some(12),
+            critical_reserve: Some(0.0),
+            ..Default::default()
+        });
+        assert!(!fixed.fits(&r, out(1), S, &k));
+        drop(held);
+        assert!(fixed.fits(&r, out(1), S, &k));
+        // Self-tuning off: nothing derived.
+        let off = Budget::new(BudgetConfig {
+            self_tuning: false,
+            ..Default::default()
+        });
+        assert_eq!(off.batch(&r), None);
+    }
+
+    #[test]
+    fn kv_bound_replicas_count_the_reserve_in_requests_their_budget_holds() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        // 4,096 KV tokens x 0.9; no batch learned (the KV cache limits first).
+        scraped(&r, 0, 256);
+        assert_eq!((b.batch(&r), b.capacity(&r)), (None, Some(3686)));
+        let k = Knobs {
+            critical_in_flight_per_replica: 4.0,
+            ..K
+        };
+        // 564-token requests: the budget holds 6; 1 slot is kept (a quarter, at least 1).
+        let req = Cost::estimate(64, Some(500), 0);
+        let _held: Vec<_> = (0..5).map(|_| Budget::reserve(&r, req, None)).collect();
+        assert!(!b.fits(&r, req, S, &k), "5 of 6 for the others");
+        assert!(b.fits(&r, req, Priority::Critical, &k));
+    }
+
+    #[test]
+    fn derived_prefill_cap_spreads_admissions() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        scraped(&r, 16, 100_000);
+        let k = Knobs {
+            prefill_step_tokens: Some(100),
+            prefill_per_slot: 1.0,
+            ..K
+        };
+        let prompt = |p| Cost {
+            prompt: p,
+            output: 10,
+        };
+        let _first = Budget::reserve(&r, prompt(60), None);
+        assert!(b.fits(&r, prompt(40), S, &k));
+        assert!(!b.fits(&r, prompt(41), S, &k), "one step's prefill");
+        assert!(b.fits(&r, prompt(41), S, &K), "not learned yet: no cap");
+        assert!(b.fits(&r, prompt(41), Priority::Critical, &k));
     }
 
     #[test]

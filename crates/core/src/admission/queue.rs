@@ -249,7 +249,8 @@ impl PoolAdmission {
         let d = &self.shared.derived;
         Knobs {
             critical_in_flight_per_replica: d.critical_in_flight() / replicas.max(1) as f64,
-            prefill_cap: d.prefill_cap(),
+            prefill_step_tokens: d.prefill_step_tokens(),
+            prefill_per_slot: d.prefill_per_slot(),
             engine_priority: pool.engine_priority(),
         }
     }

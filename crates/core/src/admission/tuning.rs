@@ -71,12 +71,25 @@ pub fn reserve_slots(batch: u64, critical_in_flight: f64) -> u64 {
     max
 }
 
-/// Prompt tokens of non-critical requests that may await their first token
-/// on one replica: what it prefills in one step (`step` seconds at
-/// `prefill_tokens_per_s`), at least 1. A replica with nothing pending
-/// always takes one request, so a prompt longer than this goes alone.
+/// Prompt tokens one replica prefills in one step (`step` seconds at
+/// `prefill_tokens_per_s`), at least 1.
 pub fn prefill_cap(prefill_tokens_per_s: f64, step: f64) -> u64 {
     (prefill_tokens_per_s * step).max(1.0).round() as u64
+}
+
+/// Headroom of the prefill cap over the prompt tokens a full batch keeps in
+/// prefill on average.
+const PREFILL_HEADROOM: f64 = 1.5;
+
+/// The prefill cap of a replica running `batch` requests at once: one
+/// step's prefill (`step_tokens`), but never less than the prompt tokens
+/// the batch needs in prefill to stay full. By Little's law that is the
+/// admission rate (`batch / service`) × the time a prompt spends in prefill
+/// (`ttft`) × the prompt, here `batch × prefill_per_slot` (× headroom):
+/// with long prompts, one prompt at a time would starve the batch.
+pub fn prefill_cap_for(step_tokens: u64, prefill_per_slot: f64, batch: u64) -> u64 {
+    let floor = (PREFILL_HEADROOM * prefill_per_slot * batch as f64).ceil();
+    step_tokens.max(floor as u64)
 }
 
 /// The prefill rate from averages: `prompt` uncached tokens reached their
@@ -183,11 +196,20 @@ impl Observations {
         }
     }
 
-    /// The derived prefill cap per replica, when the timings are known.
-    pub(crate) fn prefill_cap(&self) -> Option<u64> {
+    /// What a replica prefills in one step, when the timings are known.
+    pub(crate) fn prefill_step_tokens(&self) -> Option<u64> {
         let step = self.step.0?;
         let rate = prefill_rate(self.prompt.0?, self.ttft.0?, step)?;
         Some(prefill_cap(rate, step))
+    }
+
+    /// Prompt tokens in prefill per batch slot that keep the batch full:
+    /// prompt × TTFT / service time (Little's law per slot).
+    pub(crate) fn prefill_per_slot(&self) -> f64 {
+        match (self.prompt.0, self.ttft.0, self.service.0) {
+            (Some(p), Some(t), Some(s)) if s > 0.0 => p * t / s,
+            _ => 0.0,
+        }
     }
 }
 
@@ -196,24 +218,32 @@ impl Observations {
 pub(crate) struct Derived {
     /// Critical requests in flight on the pool (f64 bits).
     critical_in_flight: AtomicU64,
-    /// Prompt-token cap per replica; 0: not known yet.
-    prefill_cap: AtomicU64,
+    /// One step's prefill per replica, tokens; 0: not known yet.
+    prefill_step_tokens: AtomicU64,
+    /// [`Observations::prefill_per_slot`] (f64 bits).
+    prefill_per_slot: AtomicU64,
 }
 
 impl Derived {
     pub(crate) fn update(&self, obs: &Observations, now: Instant) {
         self.critical_in_flight
             .store(obs.critical_in_flight(now).to_bits(), Ordering::Relaxed);
-        self.prefill_cap
-            .store(obs.prefill_cap().unwrap_or(0), Ordering::Relaxed);
+        self.prefill_step_tokens
+            .store(obs.prefill_step_tokens().unwrap_or(0), Ordering::Relaxed);
+        self.prefill_per_slot
+            .store(obs.prefill_per_slot().to_bits(), Ordering::Relaxed);
     }
 
     pub(crate) fn critical_in_flight(&self) -> f64 {
         f64::from_bits(self.critical_in_flight.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn prefill_cap(&self) -> Option<u64> {
-        Some(self.prefill_cap.load(Ordering::Relaxed)).filter(|c| *c > 0)
+    pub(crate) fn prefill_step_tokens(&self) -> Option<u64> {
+        Some(self.prefill_step_tokens.load(Ordering::Relaxed)).filter(|c| *c > 0)
+    }
+
+    pub(crate) fn prefill_per_slot(&self) -> f64 {
+        f64::from_bits(self.prefill_per_slot.load(Ordering::Relaxed))
     }
 }
 
@@ -223,13 +253,22 @@ impl Derived {
 pub struct Knobs {
     /// Critical requests in flight per replica (Little's law), for the reserve.
     pub critical_in_flight_per_replica: f64,
-    /// Prompt-token cap per replica for non-critical requests.
-    pub prefill_cap: Option<u64>,
+    /// One step's prefill per replica, tokens (when learned).
+    pub prefill_step_tokens: Option<u64>,
+    /// Prompt tokens in prefill per batch slot that keep the batch full.
+    pub prefill_per_slot: f64,
     /// The pool's engines schedule by priority (and preempt).
     pub engine_priority: bool,
 }
 
 impl Knobs {
+    /// The prompt-token cap for non-critical requests on a replica of batch
+    /// `batch` ([`prefill_cap_for`]); `None` until the timings are learned.
+    pub fn prefill_cap(&self, batch: u64) -> Option<u64> {
+        self.prefill_step_tokens
+            .map(|t| prefill_cap_for(t, self.prefill_per_slot, batch))
+    }
+
     /// `(reserve, engine_queue)` slots on a replica of batch `batch`: a
     /// reserve below the cap without engine priority; with it, critical
     /// requests past the cap into the engine's queue instead (the engine
@@ -282,6 +321,13 @@ mod tests {
         let rate = prefill_rate(2000.0, 0.042, 0.001).unwrap();
         assert!((rate - 48_780.0).abs() < 1.0);
         assert_eq!(prefill_cap(rate, 0.001), 49);
+        // Long prompts, a long TTFT against the service time: the batch
+        // needs more than one prompt in prefill to stay full.
+        // 8 slots x 2,000 tokens x 130 ms / 520 ms = 4,000 tokens, x 1.5.
+        assert_eq!(prefill_cap_for(213, 2000.0 * 0.13 / 0.52, 8), 6000);
+        // Short chat: one step's prefill is more than the batch needs.
+        assert_eq!(prefill_cap_for(64, 64.0 * 0.022 / 0.36, 16), 94);
+        assert_eq!(prefill_cap_for(140, 64.0 * 0.022 / 0.36, 16), 140);
         // TTFT below a step (a cached prompt): half a step is the floor.
         assert_eq!(prefill_rate(10.0, 0.001, 0.004), Some(5000.0));
         assert_eq!(prefill_rate(0.0, 0.01, 0.01), None);
@@ -292,7 +338,7 @@ mod tests {
         let t0 = Instant::now();
         let mut o = Observations::default();
         assert_eq!(o.critical_rate(t0), 0.0);
-        assert_eq!(o.prefill_cap(), None);
+        assert_eq!(o.prefill_step_tokens(), None);
         // 20 critical arrivals per second for 10 s.
         for i in 0..200 {
             o.critical_arrived(t0 + Duration::from_millis(50 * i));
@@ -313,7 +359,9 @@ mod tests {
         let l = o.critical_in_flight(now);
         assert!((l - rate * 0.165).abs() < 1e-9, "Little's law: {l}");
         // Rate 64 / (10 - 5) ms = 12,800 tokens/s; one 5 ms step: 64 tokens.
-        assert_eq!(o.prefill_cap(), Some(64));
+        assert_eq!(o.prefill_step_tokens(), Some(64));
+        // 64 tokens x 10 ms / 165 ms per slot.
+        assert!((o.prefill_per_slot() - 64.0 * 10.0 / 165.0).abs() < 1e-9);
         // A non-streamed answer (first byte at the end) does not count as a step.
         o.ended(Timing {
             ttft: Duration::from_millis(500),
@@ -321,12 +369,12 @@ mod tests {
             generated: 32,
             prompt: 64,
         });
-        assert_eq!(o.prefill_cap(), Some(64));
+        assert_eq!(o.prefill_step_tokens(), Some(64));
         // Critical traffic gone: no reserve after the idle time.
         assert_eq!(o.critical_rate(now + CRITICAL_IDLE * 2), 0.0);
         let d = Derived::default();
         d.update(&o, now);
-        assert_eq!(d.prefill_cap(), Some(64));
+        assert_eq!(d.prefill_step_tokens(), Some(64));
         assert!(d.critical_in_flight() > 0.0);
     }
 
@@ -334,7 +382,8 @@ mod tests {
     fn engine_priority_trades_the_reserve_for_an_engine_queue() {
         let k = Knobs {
             critical_in_flight_per_replica: 9.6,
-            prefill_cap: None,
+            prefill_step_tokens: None,
+            prefill_per_slot: 0.0,
             engine_priority: false,
         };
         assert_eq!(k.critical_slots(16), (4, 0));
