@@ -94,8 +94,10 @@ def main():
                 cmd = [sys.executable, os.path.join(here, "overload.py"), "--only", "infergate", "--defaults",
                        *pargs, *ep, "--prompt-tokens", str(pt), "--max-tokens", str(mt),
                        "--duration", str(args.duration), "--results-jsonl", args.out]
-                print("[matrix] " + " ".join(cmd), file=sys.stderr, flush=True)
-                subprocess.run(cmd, check=True)
+                logf = f"/tmp/overload-matrix-{prof}-{key}-{'ep' if ep else 'fcfs'}.log"
+                print(f"[matrix] {' '.join(cmd)}  (log: {logf})", file=sys.stderr, flush=True)
+                with open(logf, "w") as log:
+                    subprocess.run(cmd, check=True, stderr=log)
     with open(args.out) as f:
         print(table([json.loads(line) for line in f if line.strip()]))
 

@@ -469,7 +469,7 @@ mod tests {
         assert!(!b.fits(&r, out(1), S, &K));
     }
 
-    /// A replica whose scrapes showed a full batch of `batch` twice in a row.
+    /// A replica whose scrapes showed a full batch of `batch` three times in a row.
     fn scraped(r: &Replica, batch: u32, blocks: u32) {
         let body = |run: u32, wait: u32| {
             format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\nvllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\"}} 1\n")
@@ -478,7 +478,8 @@ mod tests {
         let parse = |b: &str| crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, b, t);
         let s1 = parse(&body(batch, 3)).with_context(0, 0, None);
         let s2 = parse(&body(batch, 2)).with_context(0, 0, Some(&s1));
-        r.signals.store(Some(Arc::new(s2)));
+        let s3 = parse(&body(batch, 2)).with_context(0, 0, Some(&s2));
+        r.signals.store(Some(Arc::new(s3)));
     }
 
     #[test]
@@ -488,21 +489,25 @@ mod tests {
         assert_eq!(b.batch(&r), None, "nothing learned: no cap");
         scraped(&r, 16, 100_000);
         assert_eq!(b.batch(&r), Some(16));
-        // Critical traffic at 60% of the batch: 4 slots kept (tuning::reserve_slots).
+        // Critical traffic at 60% of the batch: 1 slot kept (1/16 of the
+        // batch, tuning::Knobs::critical_slots) and 1 in the engine's queue.
         let k = Knobs {
             critical_in_flight_per_replica: 9.6,
             ..K
         };
-        let held: Vec<_> = (0..12)
+        let held: Vec<_> = (0..15)
             .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
             .collect();
-        assert!(!b.fits(&r, out(1), S, &k), "standard stops at 16 - 4");
+        assert!(!b.fits(&r, out(1), S, &k), "standard stops at 16 - 1");
         assert!(b.fits(&r, out(1), S, &K), "no critical traffic: no reserve");
         assert!(b.fits(&r, out(1), Priority::Critical, &k));
-        let more: Vec<_> = (0..4)
+        let more: Vec<_> = (0..2)
             .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
             .collect();
-        assert!(!b.fits(&r, out(1), Priority::Critical, &k), "the batch is full");
+        assert!(
+            !b.fits(&r, out(1), Priority::Critical, &k),
+            "the batch and its one queued critical"
+        );
         // Engine priority: no reserve, critical goes past the cap into the
         // engine's queue (the engine preempts for it).
         let ep = Knobs {
@@ -514,7 +519,7 @@ mod tests {
         assert!(b.fits(&r, out(1), S, &ep), "no reserve with engine priority");
         // A hand-set value wins.
         let fixed = Budget::new(BudgetConfig {
-            max_requests_per_replica: Some(12),
+            max_requests_per_replica: Some(15),
             critical_reserve: Some(0.0),
             ..Default::default()
         });

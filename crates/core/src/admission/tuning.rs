@@ -18,10 +18,12 @@
 //!   own queue stays empty and waiting happens in the gateway's queue, which
 //!   is ordered by band;
 //! - a reserve of slots only critical requests may fill, sized by Little's
-//!   law so that a critical arrival finds a free slot with 99% probability;
-//! - on pools whose engines schedule by priority, the same number of critical
-//!   requests may go past the cap into the engine's queue (the engine
-//!   preempts for them) instead of a reserve;
+//!   law so that a critical arrival finds a free slot with 99% probability,
+//!   but at most 1/16 of the batch (an idle slot costs throughput), and one
+//!   critical request in the engine's queue;
+//! - on pools whose engines schedule by priority, that many critical
+//!   requests (up to a quarter of the batch) may go past the cap into the
+//!   engine's queue (the engine preempts for them) instead of a reserve;
 //! - the prompt tokens of non-critical requests awaiting their first token
 //!   per replica = what the replica prefills in one step, so a burst of
 //!   admissions never makes the long prefill steps a critical arrival would
@@ -278,7 +280,12 @@ impl Knobs {
         if self.engine_priority {
             (0, r)
         } else {
-            (r, 0)
+            // An idle reserved slot costs 1/batch of the throughput, so the
+            // reserve stays under 1/16 of the batch (at least 1): without
+            // preemption, latency is bought with throughput, and goodput
+            // must stay near capacity. One critical request may wait in the
+            // engine's queue: it starts in the step a sequence ends.
+            (r.min((batch / 16).max(1)), u64::from(r > 0))
         }
     }
 }
@@ -386,12 +393,13 @@ mod tests {
             prefill_per_slot: 0.0,
             engine_priority: false,
         };
-        assert_eq!(k.critical_slots(16), (4, 0));
+        assert_eq!(k.critical_slots(16), (1, 1), "at most 1/16 of the batch");
+        assert_eq!(k.critical_slots(128), (2, 1), "m = 0.075: 2 slots");
         let k = Knobs {
             engine_priority: true,
             ..k
         };
-        assert_eq!(k.critical_slots(16), (0, 4));
+        assert_eq!(k.critical_slots(16), (0, 4), "the Poisson bound");
         assert_eq!(Knobs::default().critical_slots(16), (0, 0));
     }
 }
