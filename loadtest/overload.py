@@ -217,7 +217,10 @@ def main():
         # Capacity: one replica driven directly past its batch size, times the replicas.
         direct = run_load(load_bin, sim_urls[0], args, [], concurrency=2 * args.max_num_seqs,
                           duration=cap_warmup + cap_window, seed=1, warmup=cap_warmup)
-        per_replica = direct["ok_per_s"]
+        # Requests served per second of the window they were sent in (not
+        # over the window plus the drain after it, which a long request's
+        # lifetime would stretch); the overload run is counted the same way.
+        per_replica = direct["ok"] / cap_window
         capacity = per_replica * args.replicas
         log(f"[capacity] {per_replica:.1f} req/s per replica -> fleet {capacity:.1f} req/s")
 
@@ -305,12 +308,14 @@ routes:
             if unloaded is None:
                 # The same fleet unloaded: critical only, at a quarter of capacity.
                 base = run_load(load_bin, url, args, ["critical=1,x-infergate-priority:critical"],
-                                rate=capacity * 0.25, seed=2, warmup=load_warmup)
+                                rate=capacity * 0.25, seed=2, warmup=load_warmup,
+                                duration=load_warmup + args.duration)
                 unloaded = p(base, "classes", "critical", "ttft_ms", "p99")
                 log(f"[unloaded via {name}] critical p99 TTFT {unloaded} ms")
             watch = QueueWatch(sim_urls)
             watch.start()
-            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3, warmup=load_warmup)
+            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3, warmup=load_warmup,
+                         duration=load_warmup + args.duration)
             watch.running = False
             watch.join()
             gateway_side = None
@@ -358,7 +363,7 @@ routes:
         shed_rej = p(shed, "error_e2e_ms", "p99")
         log(f"[{name}] critical TTFT ms {p(crit, 'ttft_ms')}; sheddable refusal ms {p(shed, 'error_e2e_ms')};"
             f" schedule lag ms {r.get('schedule_lag_ms')}")
-        goodput = r["ok_per_s"] / capacity
+        goodput = r["ok"] / args.duration / capacity
         statuses = {"ok": r["ok"], **r["errors"]}
         # Served output tokens of the two standard tenants.
         ta = p(r, "classes", "standard-a", "output_tokens") or 0
@@ -366,7 +371,7 @@ routes:
         share_a = ta / (ta + tb) if ta + tb else None
         fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
-              f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
+              f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok'] / args.duration:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
         if name == "infergate":
             bound = 1.3 if args.engine_priority else 2.0
             checks = [
@@ -394,6 +399,9 @@ routes:
                 "ratio": ratio, "critical_ok": crit_ok / 100, "shed_refusal_p99_ms": shed_rej,
                 "goodput": goodput, "share_a": share_a, "max_engine_waiting": maxq, "statuses": statuses,
                 "critical_ttft_ms": p(crit, "ttft_ms"),
+                # How late the load generator sent its requests: a loaded
+                # machine shows here first.
+                "schedule_lag_p99_ms": p(r, "schedule_lag_ms", "p99"),
             }
             with open(args.results_jsonl, "a") as out:
                 out.write(json.dumps(row) + "\n")

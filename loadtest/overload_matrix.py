@@ -37,8 +37,9 @@ def verdict(ok):
 def table(rows):
     out = [
         "| profile | shape (prompt + output) | engine priority | capacity req/s | unloaded critical p99 TTFT "
-        "| critical p99 TTFT | × unloaded | goodput | sheddable refusal p99 | tenant share (a) | max engine queue |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| critical p99 TTFT | × unloaded | goodput | sheddable refusal p99 | tenant share (a) | max engine queue "
+        "| load generator lag p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     misses = []
     for r in rows:
@@ -63,7 +64,8 @@ def table(rows):
             f"| {f(r['critical_p99_ms'], '%.1f ms')} | {mark(checks[f'critical ≤ {bound}×'], f(ratio, '%.2f×'))} "
             f"| {mark(checks['goodput ≥ 0.95'], f(good, '%.2f'))} "
             f"| {mark(checks['refusal < 5 ms'], f(shed, '%.2f ms'))} "
-            f"| {mark(checks['shares 0.45–0.55'], f(share, '%.3f'))} | {r['max_engine_waiting']:.0f} |"
+            f"| {mark(checks['shares 0.45–0.55'], f(share, '%.3f'))} | {r['max_engine_waiting']:.0f} "
+            f"| {f(r.get('schedule_lag_p99_ms'), '%.0f ms')} |"
         )
     out.append("")
     out.append(f"{len(rows) * 4 - len(misses)} of {len(rows) * 4} checks met." + (
