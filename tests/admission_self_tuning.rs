@@ -60,7 +60,11 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     let c = client();
     let r = route(&gw, "m");
     let replica = r.pool.replicas()[0].clone();
-    assert_eq!(r.admission.budget.batch(&replica), None, "nothing learned yet");
+    assert_eq!(
+        r.admission.budget.batch(&replica),
+        None,
+        "nothing learned yet"
+    );
 
     // Wave 1: 16 standard streams at once. Nothing caps them yet, so the
     // engine runs 4 and queues the rest; the scrapes see that and the

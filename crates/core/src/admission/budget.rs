@@ -397,7 +397,10 @@ mod tests {
         let _held: Vec<_> = (0..2)
             .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
             .collect();
-        assert!(!b.fits(&r, out(1), S, &K), "standard stops at the engine's cap");
+        assert!(
+            !b.fits(&r, out(1), S, &K),
+            "standard stops at the engine's cap"
+        );
         assert!(
             b.fits(&r, out(1), Priority::Critical, &K),
             "critical may wait in the engine"
@@ -428,7 +431,10 @@ mod tests {
         let mut first =
             Budget::reserve(&r, prompt(60), Some(count.clone())).waking_queue_on_prefill(true);
         assert!(b.fits(&r, prompt(40), S, &K));
-        assert!(!b.fits(&r, prompt(41), S, &K), "60 + 41 prompt tokens pending");
+        assert!(
+            !b.fits(&r, prompt(41), S, &K),
+            "60 + 41 prompt tokens pending"
+        );
         assert!(
             b.fits(&r, prompt(41), Priority::Critical, &K),
             "critical ignores the cap"
@@ -475,7 +481,8 @@ mod tests {
             format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\nvllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\"}} 1\n")
         };
         let t = std::time::Instant::now();
-        let parse = |b: &str| crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, b, t);
+        let parse =
+            |b: &str| crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, b, t);
         let s1 = parse(&body(batch, 3)).with_context(0, 0, None);
         let s2 = parse(&body(batch, 2)).with_context(0, 0, Some(&s1));
         let s3 = parse(&body(batch, 2)).with_context(0, 0, Some(&s2));
@@ -516,7 +523,10 @@ mod tests {
         };
         assert!(b.fits(&r, out(1), Priority::Critical, &ep));
         drop(more);
-        assert!(b.fits(&r, out(1), S, &ep), "no reserve with engine priority");
+        assert!(
+            b.fits(&r, out(1), S, &ep),
+            "no reserve with engine priority"
+        );
         // A hand-set value wins.
         let fixed = Budget::new(BudgetConfig {
             max_requests_per_replica: Some(15),

@@ -315,7 +315,11 @@ impl AdmissionConfig {
                 ));
             }
         }
-        if let Some(r) = self.budget.critical_reserve.filter(|r| !(0.0..1.0).contains(r)) {
+        if let Some(r) = self
+            .budget
+            .critical_reserve
+            .filter(|r| !(0.0..1.0).contains(r))
+        {
             return Err((
                 "critical_reserve:".into(),
                 format!("route `{route}`: `budget.critical_reserve` must be in [0, 1), found {r}"),

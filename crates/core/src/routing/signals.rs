@@ -499,7 +499,11 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         let s8 = parse(EngineKind::LlamaCpp, &body(2, 0), t).with_context(2, 2, Some(&s7));
         assert_eq!(s8.saturated_batch, Some(4.0), "kept");
         let s9 = parse(EngineKind::LlamaCpp, &body(6, 0), t).with_context(6, 6, Some(&s8));
-        assert_eq!(s9.saturated_batch, Some(6.0), "raised by a larger batch seen later");
+        assert_eq!(
+            s9.saturated_batch,
+            Some(6.0),
+            "raised by a larger batch seen later"
+        );
         assert_eq!(s3.projected_waiting(2), 0.0);
         assert_eq!(s3.projected_waiting(6), 2.0);
     }
