@@ -11,12 +11,19 @@ Reports, per gateway:
   - goodput (successful requests per second) against the fleet's capacity
     (target: at least 95%);
   - the largest engine-side queue (`vllm:num_requests_waiting`) any replica
-    reached during the run (infergate keeps it under its threshold).
+    reached during the run (infergate keeps it under its threshold);
+  - the served-token shares of two backlogged tenants of the standard band at
+    equal weight (`x-gateway-inference-fairness-id` a and b; target 0.45 to 0.55).
+
+Capacity is measured by driving one replica directly past its batch size for
+a window long enough for long requests (about five request lifetimes, after a
+warm-up of one and a half, from a first probe of the lifetime).
 
 Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
     python3 loadtest/overload.py [--duration 15] [--replicas 2] [--time-scale 0.25]
         [--profile tiny] [--defaults] [--engine-priority]
         [--prompt-tokens 64 --max-tokens 32]   # the workload shape
+        [--results-jsonl FILE]                 # append one JSON line per gateway
 
 Everything listens on 127.0.0.1. Needs /tmp/peers-venv (../shared/peers/setup.sh)
 for the peer routers; without it only infergate runs.
@@ -111,11 +118,12 @@ class QueueWatch(threading.Thread):
             time.sleep(0.1)
 
 
-def run_load(load_bin, url, args, classes, rate=None, concurrency=None, duration=None, seed=0):
+def run_load(load_bin, url, args, classes, rate=None, concurrency=None, duration=None, seed=0, warmup=None):
     cmd = [
         load_bin, "--url", url, "--workload", "stream", "--model", MODEL,
         "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
-        "--duration", str(duration or args.duration), "--warmup", str(args.warmup),
+        "--duration", str(duration or args.duration),
+        "--warmup", str(args.warmup if warmup is None else warmup),
         "--timeout", "30", "--max-in-flight", "4096", "--seed", str(seed), "--json",
     ]
     if rate is not None:
@@ -144,9 +152,9 @@ def main():
     ap.add_argument("--profile", default="tiny",
                     help="the simulator profile (tiny, llama-8b-h100, ...)")
     ap.add_argument("--defaults", action="store_true",
-                    help="infergate with the default admission config: only max_requests_per_replica "
-                         "(= --max-num-seqs) and the queue deadline; no token budget, reserve, engine "
-                         "queue or prefill cap (the tuning flags below are ignored)")
+                    help="infergate with the default admission config: only the queue deadline; no "
+                         "request cap, token budget, reserve, engine queue or prefill cap (self-tuning "
+                         "derives them; the tuning flags below are ignored)")
     ap.add_argument("--engine-priority", action="store_true",
                     help="run the simulator with --scheduling-policy priority and declare "
                          "engine_priority: vllm on infergate's pool")
@@ -174,6 +182,8 @@ def main():
                          "routing.saturation.max_waiting default)")
     ap.add_argument("--peers-venv", default="/tmp/peers-venv")
     ap.add_argument("--base-port", type=int, default=18700)
+    ap.add_argument("--results-jsonl", default="",
+                    help="append one JSON line per gateway with the run's figures to this file")
     ap.add_argument("--only", default="", help="comma list of gateways to run (infergate,vllm-router,sglang-router)")
     args = ap.parse_args()
     if args.profile != "tiny" and not args.defaults:
@@ -196,9 +206,21 @@ def main():
         for u in sim_urls:
             wait_http(u + "/health")
 
+        # A request's lifetime at a full batch (a first probe), so that the
+        # capacity window holds several lifetimes even for long outputs.
+        probe = run_load(load_bin, sim_urls[0], args, [], concurrency=args.max_num_seqs, duration=0.5,
+                         seed=1, warmup=0)
+        lifetime = (p(probe, "e2e_ms", "p50") or p(probe, "classes", "default", "e2e_ms", "p50") or 1000) / 1000
+        cap_warmup = max(2.0, 1.5 * lifetime)
+        cap_window = max(10.0, 5 * lifetime)
+        log(f"[capacity] request lifetime {lifetime:.2f} s: window {cap_window:.1f} s after {cap_warmup:.1f} s")
         # Capacity: one replica driven directly past its batch size, times the replicas.
-        direct = run_load(load_bin, sim_urls[0], args, [], concurrency=2 * args.max_num_seqs, duration=8, seed=1)
-        per_replica = direct["ok_per_s"]
+        direct = run_load(load_bin, sim_urls[0], args, [], concurrency=2 * args.max_num_seqs,
+                          duration=cap_warmup + cap_window, seed=1, warmup=cap_warmup)
+        # Requests served per second of the window they were sent in (not
+        # over the window plus the drain after it, which a long request's
+        # lifetime would stretch); the overload run is counted the same way.
+        per_replica = direct["ok"] / cap_window
         capacity = per_replica * args.replicas
         log(f"[capacity] {per_replica:.1f} req/s per replica -> fleet {capacity:.1f} req/s")
 
@@ -210,7 +232,7 @@ def main():
             reserve += f", max_prefill_tokens_per_replica: {args.max_prefill_tokens}"
         budget = f"tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}{reserve}"
         if args.defaults:
-            budget = f"max_requests_per_replica: {args.max_num_seqs}"
+            budget = ""
         engine_priority = "\n    engine_priority: vllm" if args.engine_priority else ""
         cfg = f"""
 listeners:
@@ -267,11 +289,15 @@ routes:
                 peer_env,
             )
         only = [x for x in args.only.split(",") if x]
+        # Standard traffic is two tenants at equal weight, each backlogged at 3x.
         classes = [
             "critical=0.2,x-infergate-priority:critical",
-            "standard=0.4,x-infergate-priority:standard",
+            "standard-a=0.2,x-infergate-priority:standard,x-gateway-inference-fairness-id:a",
+            "standard-b=0.2,x-infergate-priority:standard,x-gateway-inference-fairness-id:b",
             "sheddable=0.4,x-infergate-priority:sheddable",
         ]
+        # The load after warm-up: at least the lifetime of a request under load.
+        load_warmup = max(args.warmup, 1.5 * lifetime)
         unloaded = None
         for name, (cmd, url, ready, env) in targets.items():
             if only and name not in only:
@@ -282,12 +308,14 @@ routes:
             if unloaded is None:
                 # The same fleet unloaded: critical only, at a quarter of capacity.
                 base = run_load(load_bin, url, args, ["critical=1,x-infergate-priority:critical"],
-                                rate=capacity * 0.25, seed=2)
+                                rate=capacity * 0.25, seed=2, warmup=load_warmup,
+                                duration=load_warmup + args.duration)
                 unloaded = p(base, "classes", "critical", "ttft_ms", "p99")
                 log(f"[unloaded via {name}] critical p99 TTFT {unloaded} ms")
             watch = QueueWatch(sim_urls)
             watch.start()
-            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3)
+            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3, warmup=load_warmup,
+                         duration=load_warmup + args.duration)
             watch.running = False
             watch.join()
             gateway_side = None
@@ -335,24 +363,48 @@ routes:
         shed_rej = p(shed, "error_e2e_ms", "p99")
         log(f"[{name}] critical TTFT ms {p(crit, 'ttft_ms')}; sheddable refusal ms {p(shed, 'error_e2e_ms')};"
             f" schedule lag ms {r.get('schedule_lag_ms')}")
-        goodput = r["ok_per_s"] / capacity
+        goodput = r["ok"] / args.duration / capacity
         statuses = {"ok": r["ok"], **r["errors"]}
+        # Served output tokens of the two standard tenants.
+        ta = p(r, "classes", "standard-a", "output_tokens") or 0
+        tb = p(r, "classes", "standard-b", "output_tokens") or 0
+        share_a = ta / (ta + tb) if ta + tb else None
         fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{name:<14}{fmt(crit_p99, '%.1f ms'):>14}{fmt(ratio, '%.2fx'):>11}{crit_ok:>8.1f}%"
-              f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok_per_s']:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
+              f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok'] / args.duration:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
         if name == "infergate":
+            bound = 1.3 if args.engine_priority else 2.0
             checks = [
-                ("critical p99 TTFT <= 2x unloaded", ratio is not None and ratio <= 2.0),
+                (f"critical p99 TTFT <= {bound}x unloaded", ratio is not None and ratio <= bound),
                 ("sheddable refusal p99 < 5 ms", shed_rej is not None and shed_rej < 5.0),
                 ("goodput >= 95% of capacity", goodput >= 0.95),
+                ("tenant shares 0.45-0.55", share_a is not None and 0.45 <= share_a <= 0.55),
                 (f"engine queues <= {args.engine_queue_threshold}", maxq <= args.engine_queue_threshold),
             ]
+            print(f"{'':<14}standard tenants' served tokens: a {ta}, b {tb}, share of a "
+                  f"{fmt(share_a, '%.3f')}")
             print(f"{'':<14}targets: " + "; ".join(f"{c}: {'met' if ok else 'MISSED'}" for c, ok in checks))
         if fast_refusals is not None:
             fast, shed_all = fast_refusals
             print(f"{'':<14}gateway side (whole run, warm-up included): {fast:.0f} refusals answered within 5 ms;"
                   f" {shed_all if shed_all is None else int(shed_all)} sheddable requests shed"
                   f" (503 deadline refusals take {args.deadline_ms} ms, so the fast ones are the 429s)")
+        if args.results_jsonl:
+            row = {
+                "gateway": name, "profile": args.profile, "max_num_seqs": args.max_num_seqs,
+                "time_scale": args.time_scale, "prompt_tokens": args.prompt_tokens,
+                "max_tokens": args.max_tokens, "engine_priority": args.engine_priority,
+                "defaults": args.defaults, "duration_s": args.duration, "lifetime_s": lifetime,
+                "capacity_req_s": capacity, "unloaded_p99_ms": unloaded, "critical_p99_ms": crit_p99,
+                "ratio": ratio, "critical_ok": crit_ok / 100, "shed_refusal_p99_ms": shed_rej,
+                "goodput": goodput, "share_a": share_a, "max_engine_waiting": maxq, "statuses": statuses,
+                "critical_ttft_ms": p(crit, "ttft_ms"),
+                # How late the load generator sent its requests: a loaded
+                # machine shows here first.
+                "schedule_lag_p99_ms": p(r, "schedule_lag_ms", "p99"),
+            }
+            with open(args.results_jsonl, "a") as out:
+                out.write(json.dumps(row) + "\n")
     with open("/tmp/overload-results.json", "w") as out:
         json.dump({k: {"report": v[0], "max_engine_waiting": v[1]} for k, v in results.items()}, out)
 

@@ -12,13 +12,15 @@ use support::*;
 
 /// One replica that runs one request at a time (so admission order is
 /// completion order), `m` served by it.
+/// One request at a time per replica, every waiter in the gateway's queue
+/// (no critical request in the engine's: self-tuning would allow one).
 async fn one_at_a_time(
     time_scale: f64,
     extra: &str,
 ) -> (infergate_sim::Fleet, infergate_proxy::ServerHandle) {
     let f = fleet("m", 1, time_scale).await;
     let gw = gateway(&format!(
-        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_requests_per_replica: 1 }}\n{extra}",
+        "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ max_requests_per_replica: 1, critical_engine_queue: 0 }}\n{extra}",
         urls(&f)
     ))
     .await;

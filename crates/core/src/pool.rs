@@ -376,6 +376,9 @@ pub struct Pool {
     /// Scrape supervisors running for the pool (while one runs, a new
     /// member's load is unknown until its first scrape).
     scrapers: AtomicU32,
+    /// The engines schedule by the request's priority (`engine_priority` in
+    /// the pool's config; set on each config load).
+    engine_priority: AtomicBool,
     client: ReplicaClient,
     /// Replicas that left the pool (discovery removed them: terminating, not
     /// ready, gone) while they may still serve requests: [`Pool::draining`].
@@ -392,6 +395,7 @@ impl Pool {
             membership: watch::Sender::new(Members::default()),
             capacity: watch::Sender::new(0),
             scrapers: AtomicU32::new(0),
+            engine_priority: AtomicBool::new(false),
             client: ReplicaClient::default(),
             departed: Mutex::new(Vec::new()),
         }
@@ -421,6 +425,17 @@ impl Pool {
     /// Whether the members' `/metrics` are scraped (set by the scrape supervisor).
     pub fn is_scraped(&self) -> bool {
         self.scrapers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether the engines schedule by priority and preempt for a higher
+    /// band (admission then lets critical requests into their queues).
+    pub fn engine_priority(&self) -> bool {
+        self.engine_priority.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`Pool::engine_priority`] from the pool's config.
+    pub fn set_engine_priority(&self, on: bool) {
+        self.engine_priority.store(on, Ordering::Relaxed);
     }
 
     /// A scrape supervisor started (`true`) or stopped (`false`).

@@ -364,6 +364,7 @@ impl Gateway {
                 let eps = urls.iter().filter_map(|u| Endpoint::from_url(u)).collect();
                 pool.apply(Update::Reset(eps));
             }
+            pool.set_engine_priority(pc.engine_priority.is_some());
             pools.insert(pc.name.clone(), pool);
         }
         let engine_priority = |pool: &str| {

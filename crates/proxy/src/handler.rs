@@ -25,9 +25,9 @@ use crate::telemetry::trace::{self, RequestTrace};
 use infergate_core::admission::{Cost, Priority};
 use infergate_core::endpoint::{normalize_path, InferenceEndpoint};
 use infergate_core::identity::AuthError;
+use infergate_core::quota::{Demand, Refusal};
 use infergate_protocol::error::{ApiError, ErrorShape};
 use opentelemetry::KeyValue;
-use infergate_core::quota::{Demand, Refusal};
 
 /// Handles one client request from `peer`.
 pub(crate) async fn handle<B>(

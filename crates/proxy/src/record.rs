@@ -10,10 +10,10 @@ use http::HeaderValue;
 
 use crate::gateway::Route;
 use crate::governance::{Governance, RequestFacts};
+use crate::telemetry::trace::{self, RequestTrace};
 use crate::telemetry::{live, log, metrics};
 use infergate_core::admission::{CanarySide, CanarySplit, Priority, Stratum};
 use infergate_core::cost::{Money, TokenPrice, TokenUsage};
-use crate::telemetry::trace::{self, RequestTrace};
 use opentelemetry::KeyValue;
 
 /// The route of a request whose model did not resolve (yet).

@@ -34,10 +34,10 @@ use crate::telemetry::trace;
 use infergate_core::admission::Reservation;
 use infergate_core::config::Timeouts;
 use infergate_core::plan::{upstream_failed, upstream_timeout};
+use infergate_core::quota::{Demand, Grant};
 use infergate_protocol::error::{ApiError, ErrorShape};
 use opentelemetry::trace::{Span as _, SpanKind};
 use opentelemetry::KeyValue;
-use infergate_core::quota::{Demand, Grant};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -31,6 +31,8 @@ pub fn replicas() -> Vec<Arc<Replica>> {
                 prefix_hit_rate: None,
                 own_requests_at_scrape: 0,
                 batch_limit: None,
+                saturated_batch: None,
+                queue_plateau: 0,
                 foreign_load_at: None,
                 smoothed_requests: 8.0 + f64::from(i % 3),
             })));

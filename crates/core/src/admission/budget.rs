@@ -8,8 +8,10 @@
 //! because release is a `Drop`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::config::BudgetConfig;
+use super::tuning::{Knobs, Timing};
 use super::Priority;
 use crate::pool::{LoadGuard, Replica};
 
@@ -39,6 +41,13 @@ impl Cost {
 /// estimate was corrected downwards), so queued requests get a chance.
 pub trait CapacityListener: Send + Sync + std::fmt::Debug {
     fn capacity_freed(&self, tokens: u64);
+
+    /// A request ended, freeing `tokens`; `timing` is what the relay saw of
+    /// it (when it got a first byte), for self-tuning.
+    fn request_ended(&self, tokens: u64, timing: Option<Timing>) {
+        let _ = timing;
+        self.capacity_freed(tokens);
+    }
 }
 
 /// Decides whether a replica has room for a request.
@@ -67,39 +76,80 @@ impl Budget {
             .map(|kv| (kv as f64 * self.cfg.kv_fraction) as u64)
     }
 
+    /// Whether unset knobs are derived (`admission::tuning`).
+    pub fn self_tuning(&self) -> bool {
+        self.cfg.self_tuning
+    }
+
+    /// The request cap of `replica`: configured, else (self-tuning) the
+    /// batch limit learned from its metrics; `None`: no cap.
+    pub fn batch(&self, replica: &Replica) -> Option<u64> {
+        self.cfg.max_requests_per_replica.or_else(|| {
+            self.cfg
+                .self_tuning
+                .then(|| replica.signals.load().as_ref()?.saturated_batch)
+                .flatten()
+                .map(|b| (b as u64).max(1))
+        })
+    }
+
     /// Whether `replica` can take a request of band `priority` costing `cost`
-    /// tokens now. Below critical, only the budget minus the critical reserve
-    /// counts. An idle replica always can (a request larger than the budget
-    /// must still run somewhere; the engine decides whether it fits at all).
-    pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority) -> bool {
+    /// tokens now, with `knobs` (what self-tuning derived; hand-set values in
+    /// the config win). Below critical, only the budget minus the critical
+    /// reserve counts. An idle replica always can (a request larger than the
+    /// budget must still run somewhere; the engine decides whether it fits at
+    /// all).
+    pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority, knobs: &Knobs) -> bool {
         let critical = priority == Priority::Critical;
-        let share = if critical {
-            1.0
-        } else {
-            1.0 - self.cfg.critical_reserve.clamp(0.0, 1.0)
+        let tune = self.cfg.self_tuning;
+        let batch = self.batch(replica);
+        let capacity = self.capacity(replica);
+        // The slots the reserve is counted in: the request cap, else (a replica
+        // its KV cache limits first) how many requests like this one its token
+        // budget holds.
+        let slots = batch.or_else(|| capacity.map(|c| (c / cost.total().max(1)).max(1)));
+        let (derived_reserve, derived_queue) = match slots {
+            Some(b) if tune => knobs.critical_slots(b),
+            _ => (0, 0),
         };
+        let share = match (self.cfg.critical_reserve, slots) {
+            (Some(r), _) => r.clamp(0.0, 1.0),
+            (None, Some(b)) => derived_reserve as f64 / b as f64,
+            (None, None) => 0.0,
+        };
+        let share = if critical { 1.0 } else { 1.0 - share };
         let load = &replica.load;
         // The connection bound holds for every band: beyond it a request
         // would wait for a connection where admission cannot see it.
         if load.requests() >= self.cfg.max_connections_per_replica {
             return false;
         }
-        if let Some(max) = self.cfg.max_requests_per_replica {
-            let mut max = ((max as f64 * share).floor() as u64).max(1);
+        if let Some(max) = batch {
+            // The epsilon keeps 16 x (1 - 4/16) at 12, not 11.99.
+            let mut max = ((max as f64 * share + 1e-9).floor() as u64).max(1);
             if critical {
-                max = max.saturating_add(self.cfg.critical_engine_queue);
+                max = max.saturating_add(self.cfg.critical_engine_queue.unwrap_or(derived_queue));
             }
             if load.requests() >= max {
                 return false;
             }
         }
-        if let (Some(max), false) = (self.cfg.max_prefill_tokens_per_replica, critical) {
+        let prefill_cap = self.cfg.max_prefill_tokens_per_replica.or(match slots {
+            Some(b) if tune => knobs.prefill_cap(b),
+            _ => None,
+        });
+        if let (Some(max), false) = (prefill_cap, critical) {
             let pending = load.prefill_tokens();
             if pending > 0 && pending.saturating_add(cost.prompt) > max {
                 return false;
             }
         }
-        match self.capacity(replica) {
+        // An engine that schedules by priority preempts a lower band's
+        // sequences for a critical one when its KV cache is full too.
+        if critical && tune && knobs.engine_priority {
+            return true;
+        }
+        match capacity {
             None => true,
             Some(cap) => {
                 let used = load.tokens();
@@ -138,14 +188,16 @@ impl Budget {
             final_usage: false,
             listener,
             wake_on_prefill: false,
+            placed: Instant::now(),
+            first_byte: None,
         }
     }
 
     /// Whether a replica's room depends on its pending prefill (a
-    /// `max_prefill_tokens_per_replica` cap): only then is the end of a
+    /// `max_prefill_tokens_per_replica` cap, set or derived): only then is the end of a
     /// prefill worth telling the queue about.
     pub fn caps_prefill(&self) -> bool {
-        self.cfg.max_prefill_tokens_per_replica.is_some()
+        self.cfg.max_prefill_tokens_per_replica.is_some() || self.cfg.self_tuning
     }
 }
 
@@ -164,6 +216,9 @@ pub struct Reservation {
     /// Tell the listener when the prefill ends (see [`Budget::caps_prefill`]);
     /// otherwise that would be one more queue lock per request for nothing.
     wake_on_prefill: bool,
+    /// When it was placed and when its first byte came (self-tuning's timings).
+    placed: Instant,
+    first_byte: Option<Instant>,
 }
 
 impl Reservation {
@@ -199,6 +254,7 @@ impl Reservation {
         if !g.prefill_done() {
             return;
         }
+        self.first_byte = Some(Instant::now());
         if let (true, Some(l)) = (self.wake_on_prefill, &self.listener) {
             l.capacity_freed(0);
         }
@@ -247,7 +303,13 @@ impl Drop for Reservation {
         // sees the freed room.
         let freed = self.guard.take().map_or(0, |g| g.tokens());
         if let Some(l) = &self.listener {
-            l.capacity_freed(freed);
+            let timing = self.first_byte.map(|first| Timing {
+                ttft: first.saturating_duration_since(self.placed),
+                total: self.placed.elapsed(),
+                generated: self.generated,
+                prompt: self.kv_prompt,
+            });
+            l.request_ended(freed, timing);
         }
     }
 }
@@ -259,6 +321,12 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     const S: Priority = Priority::Standard;
+    const K: Knobs = Knobs {
+        critical_in_flight_per_replica: 0.0,
+        prefill_step_tokens: None,
+        prefill_per_slot: 0.0,
+        engine_priority: false,
+    };
 
     fn replica() -> Arc<Replica> {
         Arc::new(Replica::new(
@@ -292,13 +360,13 @@ mod tests {
         });
         let r = replica();
         // Idle replica takes even an oversized request.
-        assert!(b.fits(&r, out(1000), S));
+        assert!(b.fits(&r, out(1000), S, &K));
         let _a = Budget::reserve(&r, Cost::estimate(40, Some(20), 256), None);
         assert_eq!(r.load.tokens(), 60);
-        assert!(b.fits(&r, out(40), S));
-        assert!(!b.fits(&r, out(41), S));
+        assert!(b.fits(&r, out(40), S, &K));
+        assert!(!b.fits(&r, out(41), S, &K));
         let _c = Budget::reserve(&r, Cost::estimate(1, None, 1), None);
-        assert!(!b.fits(&r, out(1), S), "request cap reached");
+        assert!(!b.fits(&r, out(1), S, &K), "request cap reached");
     }
 
     #[test]
@@ -306,42 +374,45 @@ mod tests {
         let b = Budget::new(BudgetConfig {
             tokens_per_replica: Some(100),
             max_requests_per_replica: Some(4),
-            critical_reserve: 0.25,
+            critical_reserve: Some(0.25),
             ..Default::default()
         });
         let r = replica();
         let _a = Budget::reserve(&r, Cost::estimate(70, Some(0), 0), None);
-        assert!(b.fits(&r, out(5), S), "75 of 100 tokens for standard");
-        assert!(!b.fits(&r, out(6), S));
-        assert!(b.fits(&r, out(30), Priority::Critical));
+        assert!(b.fits(&r, out(5), S, &K), "75 of 100 tokens for standard");
+        assert!(!b.fits(&r, out(6), S, &K));
+        assert!(b.fits(&r, out(30), Priority::Critical, &K));
         let _b = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         let _c = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         assert!(
-            !b.fits(&r, out(1), Priority::Sheddable),
+            !b.fits(&r, out(1), Priority::Sheddable, &K),
             "3 of 4 requests for others"
         );
-        assert!(b.fits(&r, out(1), Priority::Critical));
+        assert!(b.fits(&r, out(1), Priority::Critical, &K));
     }
 
     #[test]
     fn critical_may_queue_in_the_engine_beyond_the_request_cap() {
         let b = Budget::new(BudgetConfig {
             max_requests_per_replica: Some(2),
-            critical_engine_queue: 1,
+            critical_engine_queue: Some(1),
             ..Default::default()
         });
         let r = replica();
         let _held: Vec<_> = (0..2)
             .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
             .collect();
-        assert!(!b.fits(&r, out(1), S), "standard stops at the engine's cap");
         assert!(
-            b.fits(&r, out(1), Priority::Critical),
+            !b.fits(&r, out(1), S, &K),
+            "standard stops at the engine's cap"
+        );
+        assert!(
+            b.fits(&r, out(1), Priority::Critical, &K),
             "critical may wait in the engine"
         );
         let _third = Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None);
         assert!(
-            !b.fits(&r, out(1), Priority::Critical),
+            !b.fits(&r, out(1), Priority::Critical, &K),
             "the engine queue is bounded"
         );
     }
@@ -350,20 +421,23 @@ mod tests {
     fn the_connection_bound_holds_for_every_band_even_without_a_budget() {
         let b = Budget::new(BudgetConfig {
             max_requests_per_replica: Some(8),
-            critical_engine_queue: 4,
+            critical_engine_queue: Some(4),
             max_connections_per_replica: 2,
             ..Default::default()
         });
         let r = replica();
-        assert!(b.fits(&r, out(1), Priority::Critical));
+        assert!(b.fits(&r, out(1), Priority::Critical, &K));
         let held: Vec<_> = (0..2)
             .map(|_| Budget::reserve(&r, Cost::estimate(1, Some(0), 0), None))
             .collect();
         for p in [Priority::Critical, S, Priority::Sheddable] {
-            assert!(!b.fits(&r, out(1), p), "{p:?} beyond the connection bound");
+            assert!(
+                !b.fits(&r, out(1), p, &K),
+                "{p:?} beyond the connection bound"
+            );
         }
         drop(held);
-        assert!(b.fits(&r, out(1), S), "room again once a request ends");
+        assert!(b.fits(&r, out(1), S, &K), "room again once a request ends");
     }
 
     #[test]
@@ -378,21 +452,24 @@ mod tests {
             output: 10,
         };
         assert!(
-            b.fits(&r, prompt(500), S),
+            b.fits(&r, prompt(500), S, &K),
             "an idle replica takes any prompt"
         );
         let count = Arc::new(Count::default());
         let mut first =
             Budget::reserve(&r, prompt(60), Some(count.clone())).waking_queue_on_prefill(true);
-        assert!(b.fits(&r, prompt(40), S));
-        assert!(!b.fits(&r, prompt(41), S), "60 + 41 prompt tokens pending");
+        assert!(b.fits(&r, prompt(40), S, &K));
         assert!(
-            b.fits(&r, prompt(41), Priority::Critical),
+            !b.fits(&r, prompt(41), S, &K),
+            "60 + 41 prompt tokens pending"
+        );
+        assert!(
+            b.fits(&r, prompt(41), Priority::Critical, &K),
             "critical ignores the cap"
         );
         first.prefill_done();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "the queue hears of it");
-        assert!(b.fits(&r, prompt(500), S));
+        assert!(b.fits(&r, prompt(500), S, &K));
         first.prefill_done();
         assert_eq!(count.0.load(Ordering::SeqCst), 1, "only once");
         // Without a prefill cap the pool does not ask: no queue lock for nothing.
@@ -411,7 +488,7 @@ mod tests {
         assert_eq!(b.capacity(&r), None);
         let _g = Budget::reserve(&r, Cost::estimate(1_000_000, None, 0), None);
         assert!(
-            b.fits(&r, out(1_000_000), S),
+            b.fits(&r, out(1_000_000), S, &K),
             "unlimited when nothing is known"
         );
         let body = "vllm:num_requests_running{engine=\"0\"} 0\nvllm:num_requests_waiting{engine=\"0\"} 0\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.1\nvllm:cache_config_info{block_size=\"16\",cache_dtype=\"auto\",num_gpu_blocks=\"250\"} 1.0\n";
@@ -423,7 +500,115 @@ mod tests {
         assert_eq!(signals.cache_tokens(), Some(4000));
         r.signals.store(Some(Arc::new(signals)));
         assert_eq!(b.capacity(&r), Some(2000));
-        assert!(!b.fits(&r, out(1), S));
+        assert!(!b.fits(&r, out(1), S, &K));
+    }
+
+    /// A replica whose scrapes showed a full batch of `batch` three times in a row.
+    fn scraped(r: &Replica, batch: u32, blocks: u32) {
+        let body = |run: u32, wait: u32| {
+            format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\nvllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\"}} 1\n")
+        };
+        let t = std::time::Instant::now();
+        let parse =
+            |b: &str| crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, b, t);
+        let s1 = parse(&body(batch, 3)).with_context(0, 0, None);
+        let s2 = parse(&body(batch, 2)).with_context(0, 0, Some(&s1));
+        let s3 = parse(&body(batch, 2)).with_context(0, 0, Some(&s2));
+        r.signals.store(Some(Arc::new(s3)));
+    }
+
+    #[test]
+    fn self_tuning_caps_at_the_learned_batch_and_keeps_the_derived_reserve() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        assert_eq!(b.batch(&r), None, "nothing learned: no cap");
+        scraped(&r, 16, 100_000);
+        assert_eq!(b.batch(&r), Some(16));
+        // Critical traffic at 60% of the batch: 1 slot kept (1/16 of the
+        // batch, tuning::Knobs::critical_slots) and 1 in the engine's queue.
+        let k = Knobs {
+            critical_in_flight_per_replica: 9.6,
+            ..K
+        };
+        let held: Vec<_> = (0..15)
+            .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
+            .collect();
+        assert!(!b.fits(&r, out(1), S, &k), "standard stops at 16 - 1");
+        assert!(b.fits(&r, out(1), S, &K), "no critical traffic: no reserve");
+        assert!(b.fits(&r, out(1), Priority::Critical, &k));
+        let more: Vec<_> = (0..2)
+            .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
+            .collect();
+        assert!(
+            !b.fits(&r, out(1), Priority::Critical, &k),
+            "the batch and its one queued critical"
+        );
+        // Engine priority: no reserve, critical goes past the cap into the
+        // engine's queue (the engine preempts for it).
+        let ep = Knobs {
+            engine_priority: true,
+            ..k
+        };
+        assert!(b.fits(&r, out(1), Priority::Critical, &ep));
+        drop(more);
+        assert!(
+            b.fits(&r, out(1), S, &ep),
+            "no reserve with engine priority"
+        );
+        // A hand-set value wins.
+        let fixed = Budget::new(BudgetConfig {
+            max_requests_per_replica: Some(15),
+            critical_reserve: Some(0.0),
+            ..Default::default()
+        });
+        assert!(!fixed.fits(&r, out(1), S, &k));
+        drop(held);
+        assert!(fixed.fits(&r, out(1), S, &k));
+        // Self-tuning off: nothing derived.
+        let off = Budget::new(BudgetConfig {
+            self_tuning: false,
+            ..Default::default()
+        });
+        assert_eq!(off.batch(&r), None);
+    }
+
+    #[test]
+    fn kv_bound_replicas_count_the_reserve_in_requests_their_budget_holds() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        // 4,096 KV tokens x 0.9; no batch learned (the KV cache limits first).
+        scraped(&r, 0, 256);
+        assert_eq!((b.batch(&r), b.capacity(&r)), (None, Some(3686)));
+        let k = Knobs {
+            critical_in_flight_per_replica: 4.0,
+            ..K
+        };
+        // 564-token requests: the budget holds 6; 1 slot is kept (a quarter, at least 1).
+        let req = Cost::estimate(64, Some(500), 0);
+        let _held: Vec<_> = (0..5).map(|_| Budget::reserve(&r, req, None)).collect();
+        assert!(!b.fits(&r, req, S, &k), "5 of 6 for the others");
+        assert!(b.fits(&r, req, Priority::Critical, &k));
+    }
+
+    #[test]
+    fn derived_prefill_cap_spreads_admissions() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        scraped(&r, 16, 100_000);
+        let k = Knobs {
+            prefill_step_tokens: Some(100),
+            prefill_per_slot: 1.0,
+            ..K
+        };
+        let prompt = |p| Cost {
+            prompt: p,
+            output: 10,
+        };
+        let _first = Budget::reserve(&r, prompt(60), None);
+        assert!(b.fits(&r, prompt(40), S, &k));
+        assert!(!b.fits(&r, prompt(41), S, &k), "one step's prefill");
+        assert!(b.fits(&r, prompt(41), S, &K), "not learned yet: no cap");
+        assert!(b.fits(&r, prompt(41), Priority::Critical, &k));
     }
 
     #[test]

@@ -53,26 +53,32 @@ pub struct BudgetConfig {
     pub tokens_per_replica: Option<u64>,
     /// Share of the engine's KV cache the gateway fills before it queues.
     pub kv_fraction: f64,
-    /// Optional cap on requests in flight per replica (for example the
-    /// engine's `max_num_seqs`, so its own queue stays empty).
+    /// Cap on requests in flight per replica (for example the engine's
+    /// `max_num_seqs`, so its own queue stays empty). Unset: the replica's
+    /// batch limit as learned from its metrics (`admission::tuning`), no cap
+    /// until it is learned.
     pub max_requests_per_replica: Option<u64>,
     /// Share of each replica's budget (tokens and requests) that only
     /// critical requests may use, so a critical arrival finds room at once
-    /// instead of waiting for a standard request to end. 0 by default.
-    pub critical_reserve: f64,
-    /// Requests a replica may take beyond `max_requests_per_replica` when
-    /// they are critical: they wait in the engine's own queue, which starts
-    /// them at the very step a sequence ends, instead of in the gateway's,
-    /// which starts them a round trip after the end is relayed. Only critical
+    /// instead of waiting for a standard request to end. Unset: derived from
+    /// the observed critical traffic (`admission::tuning`; 0 on pools with
+    /// `engine_priority`, whose engines preempt for critical requests).
+    pub critical_reserve: Option<f64>,
+    /// Requests a replica may take beyond its request cap when they are
+    /// critical: they wait in the engine's own queue, which starts them at
+    /// the very step a sequence ends (or at once, preempting, with
+    /// `engine_priority`), instead of in the gateway's. Only critical
     /// requests ever wait there (the others are held at the gateway while the
     /// replica is at its cap), so the engine queue stays at most this long.
-    pub critical_engine_queue: u64,
+    /// Unset: 0, or on pools with `engine_priority` the derived reserve.
+    pub critical_engine_queue: Option<u64>,
     /// Prompt tokens sent to a replica and not answered yet (no first token)
     /// above which non-critical requests wait. An engine computes every
     /// waiting prefill in its next steps, so a burst of admissions makes long
     /// steps that a critical arrival must sit through; this cap spreads the
     /// burst over several steps (critical requests ignore it). A replica
-    /// with no pending prefill always takes one request.
+    /// with no pending prefill always takes one request. Unset: what the
+    /// replica prefills in one step, as learned (`admission::tuning`).
     pub max_prefill_tokens_per_replica: Option<u64>,
     /// Requests (so upstream HTTP/1 connections) in flight per replica at
     /// most, for every band, critical included: the gateway's connection
@@ -80,6 +86,9 @@ pub struct BudgetConfig {
     /// is shed or times out in the queue, visibly). At most
     /// [`MAX_CONNECTIONS_PER_REPLICA`], the upstream client's own bound.
     pub max_connections_per_replica: u64,
+    /// Derive the unset knobs above from what the gateway learns (true by
+    /// default); false: an unset knob means "no limit".
+    pub self_tuning: bool,
 }
 
 /// The upstream client's hard bound on connections (so requests) in flight
@@ -94,10 +103,11 @@ impl Default for BudgetConfig {
             tokens_per_replica: None,
             kv_fraction: 0.9,
             max_requests_per_replica: None,
-            critical_reserve: 0.0,
-            critical_engine_queue: 0,
+            critical_reserve: None,
+            critical_engine_queue: None,
             max_prefill_tokens_per_replica: None,
             max_connections_per_replica: MAX_CONNECTIONS_PER_REPLICA,
+            self_tuning: true,
         }
     }
 }
@@ -318,10 +328,14 @@ impl AdmissionConfig {
                 ));
             }
         }
-        if !(0.0..1.0).contains(&self.budget.critical_reserve) {
+        if let Some(r) = self
+            .budget
+            .critical_reserve
+            .filter(|r| !(0.0..1.0).contains(r))
+        {
             return Err((
                 "critical_reserve:".into(),
-                format!("route `{route}`: `budget.critical_reserve` must be in [0, 1)"),
+                format!("route `{route}`: `budget.critical_reserve` must be in [0, 1), found {r}"),
             ));
         }
         if !(1..=MAX_CONNECTIONS_PER_REPLICA).contains(&self.budget.max_connections_per_replica) {

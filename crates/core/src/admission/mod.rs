@@ -6,7 +6,9 @@
 //! the engine's own priority field ([`engine_priority`]), and cutting clients that stop
 //! reading a stream ([`backpressure`]); [`registry`] keeps this state across
 //! config reloads; [`cold_start`] ramps up a replica that joins while
-//! requests wait for one. The request path uses it through `proxy::admit`. This file
+//! requests wait for one; [`tuning`] learns each pool's batch limits, step time,
+//! prefill rate and critical traffic and derives the budget's protection
+//! knobs the config leaves unset. The request path uses it through `proxy::admit`. This file
 //! classifies a request: its priority band, its tenant and its deadline, from
 //! headers and body.
 
@@ -19,6 +21,7 @@ pub(crate) mod fallback;
 pub(crate) mod outlier;
 pub(crate) mod queue;
 pub(crate) mod registry;
+pub(crate) mod tuning;
 pub(crate) mod verdict;
 
 use std::sync::Arc;
@@ -37,6 +40,7 @@ pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERV
 pub use outlier::{Outcome, OutlierDetector};
 pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
 pub use registry::AdmissionRegistry;
+pub use tuning::{Knobs, Timing};
 pub use verdict::Stratum;
 
 /// GIE header naming the request's objective (mapped to a priority band).

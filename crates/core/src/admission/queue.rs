@@ -44,6 +44,7 @@ use super::budget::{Budget, CapacityListener, Cost, Reservation};
 use super::cold_start;
 use super::config::{AdmissionConfig, QueueConfig};
 use super::outlier::OutlierDetector;
+use super::tuning::{Derived, Knobs, Observations, Timing};
 use super::{Priority, RequestClass};
 use crate::pool::{Pool, Replica, RoutabilityCheck};
 use crate::routing::{Picker, RouteRequest};
@@ -139,6 +140,7 @@ impl PoolAdmission {
             shared: Arc::new(Shared {
                 name: name.clone(),
                 state: Mutex::new(State::default()),
+                derived: Derived::default(),
             }),
             name,
         }
@@ -215,6 +217,7 @@ impl PoolAdmission {
             return Placement::NoReplica;
         }
         let scraped = pool.is_scraped();
+        let knobs = self.knobs(pool, members.len());
         // A replica already caching part of the prompt needs room only for the rest.
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
@@ -223,7 +226,7 @@ impl PoolAdmission {
             };
             routable.of(r).takes_requests()
                 && cold_start::admits(r, scraped)
-                && self.budget.fits(r, cost_here, priority)
+                && self.budget.fits(r, cost_here, priority, &knobs)
         };
         // One call: the picker looks the prompt's prefix up once, asks `fits`
         // per replica, records its decision and accounts only the uncached
@@ -241,6 +244,17 @@ impl PoolAdmission {
         }
     }
 
+    /// What self-tuning derived for this pool, per replica of `replicas`.
+    pub fn knobs(&self, pool: &Pool, replicas: usize) -> Knobs {
+        let d = &self.shared.derived;
+        Knobs {
+            critical_in_flight_per_replica: d.critical_in_flight() / replicas.max(1) as f64,
+            prefill_step_tokens: d.prefill_step_tokens(),
+            prefill_per_slot: d.prefill_per_slot(),
+            engine_priority: pool.engine_priority(),
+        }
+    }
+
     /// Admits a request: places it now, or queues it until it fits, or
     /// refuses it. Dropping the returned future (client gone) leaves the queue.
     pub async fn acquire(
@@ -255,7 +269,11 @@ impl PoolAdmission {
         let started = Instant::now();
         let deadline = started + ticket.class.max_wait;
         let (blocked, mut epoch) = {
-            let st = self.shared.lock();
+            let mut st = self.shared.lock();
+            if band == Priority::Critical && self.budget.self_tuning() {
+                st.observed.critical_arrived(started);
+                self.shared.derived.update(&st.observed, started);
+            }
             (st.ahead_of(band), st.epoch)
         };
         let first = self.try_place_unless(blocked, pool, picker, req, ticket, exclude);
@@ -472,6 +490,8 @@ impl Drop for Waiter<'_> {
 struct Shared {
     name: Arc<str>,
     state: Mutex<State>,
+    /// Self-tuning's results, read on the placement path without the lock.
+    derived: Derived,
 }
 
 impl Shared {
@@ -492,14 +512,31 @@ impl Shared {
     }
 }
 
-impl CapacityListener for Shared {
-    fn capacity_freed(&self, tokens: u64) {
-        let mut st = self.lock();
+impl Shared {
+    fn freed(&self, st: &mut State, tokens: u64) {
         st.epoch += 1;
         st.drain.record(tokens);
         if st.queued > 0 {
             st.grant_next();
         }
+    }
+}
+
+impl CapacityListener for Shared {
+    fn capacity_freed(&self, tokens: u64) {
+        let mut st = self.lock();
+        self.freed(&mut st, tokens);
+    }
+
+    /// One lock for both: the timings go to self-tuning, the freed room to
+    /// the queue.
+    fn request_ended(&self, tokens: u64, timing: Option<Timing>) {
+        let mut st = self.lock();
+        if let Some(t) = timing {
+            st.observed.ended(t);
+            self.derived.update(&st.observed, Instant::now());
+        }
+        self.freed(&mut st, tokens);
     }
 }
 
@@ -512,6 +549,8 @@ struct State {
     held: usize,
     epoch: u64,
     drain: DrainRate,
+    /// What self-tuning observed of the pool's requests.
+    observed: Observations,
 }
 
 impl State {

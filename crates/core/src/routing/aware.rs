@@ -775,6 +775,8 @@ pub(crate) mod tests {
             prefix_hit_rate: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            saturated_batch: None,
+            queue_plateau: 0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         })));

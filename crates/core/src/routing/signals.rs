@@ -130,6 +130,15 @@ pub struct Signals {
     /// The replica's batch limit as observed: `running` at a scrape that showed
     /// a queue (the engine runs no more than that at once). Carried over scrapes.
     pub batch_limit: Option<f64>,
+    /// The batch limit admission caps a replica at (`admission::tuning`):
+    /// `running` once three consecutive scrapes showed a queue of 2 or more
+    /// at the same `running`, so a request caught between its arrival and
+    /// the engine's next step is not read as a full batch; then the largest
+    /// `running` seen. Carried over scrapes.
+    pub saturated_batch: Option<f64>,
+    /// Consecutive scrapes (up to 3) with a queue of 2 or more at this `running`.
+    #[serde(skip)]
+    pub queue_plateau: u8,
     /// The last scrape at which the engine counted more requests (running +
     /// waiting) than this gateway had in flight there: another gateway (or a
     /// client going around the gateway) feeds the replica. Carried over scrapes.
@@ -159,6 +168,8 @@ impl Signals {
             prefix_hit_rate: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            saturated_batch: None,
+            queue_plateau: 0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         }
@@ -182,6 +193,26 @@ impl Signals {
         self.batch_limit = match (seen_now, before) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
+        };
+        // Admission's limit: a queue of at least 2 at the same running count
+        // on three consecutive scrapes (`queue_plateau` counts them). A
+        // request caught between its arrival and the engine's next step
+        // makes a queue of 1 at any load, now and then two scrapes in a row.
+        let queued = self.error.is_none() && self.waiting >= 2.0 && self.running > 0.0;
+        self.queue_plateau = match previous {
+            Some(p) if queued && p.running == self.running => p.queue_plateau + 1,
+            _ => u8::from(queued),
+        }
+        .min(3);
+        let before = previous.and_then(|p| p.saturated_batch);
+        // Once confirmed, a larger running count seen later raises it (the
+        // first saturation may have been bound by something else).
+        self.saturated_batch = if self.error.is_some() {
+            before
+        } else if self.queue_plateau >= 3 || before.is_some() {
+            Some(before.unwrap_or(0.0).max(self.running))
+        } else {
+            None
         };
         // The engine drops a request from its counts before the gateway sees
         // the end of its answer, so alone it never counts more than ours.
@@ -301,6 +332,8 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             prefix_hit_rate,
             own_requests_at_scrape: 0,
             batch_limit: None,
+            saturated_batch: None,
+            queue_plateau: 0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         },
@@ -449,12 +482,28 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         );
         let s2 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, 6, Some(&s1));
         assert_eq!(s2.batch_limit, Some(4.0));
+        assert_eq!(s2.saturated_batch, None, "one scrape with a queue");
         assert_eq!(s2.projected_waiting(6), 2.0);
         // Five more sent since the scrape: all of them queue.
         assert_eq!(s2.projected_waiting(11), 7.0);
         // The limit is kept by later scrapes without a queue.
         let s3 = parse(EngineKind::LlamaCpp, &body(1, 0), t).with_context(1, 1, Some(&s2));
         assert_eq!(s3.batch_limit, Some(4.0));
+        // Admission's limit needs a queue of 2 on three scrapes at the same running.
+        let s4 = parse(EngineKind::LlamaCpp, &body(4, 1), t).with_context(5, 5, Some(&s3));
+        let s5 = parse(EngineKind::LlamaCpp, &body(4, 3), t).with_context(7, 7, Some(&s4));
+        let s6 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, 6, Some(&s5));
+        assert_eq!((s4.saturated_batch, s6.saturated_batch), (None, None));
+        let s7 = parse(EngineKind::LlamaCpp, &body(4, 2), t).with_context(6, 6, Some(&s6));
+        assert_eq!(s7.saturated_batch, Some(4.0));
+        let s8 = parse(EngineKind::LlamaCpp, &body(2, 0), t).with_context(2, 2, Some(&s7));
+        assert_eq!(s8.saturated_batch, Some(4.0), "kept");
+        let s9 = parse(EngineKind::LlamaCpp, &body(6, 0), t).with_context(6, 6, Some(&s8));
+        assert_eq!(
+            s9.saturated_batch,
+            Some(6.0),
+            "raised by a larger batch seen later"
+        );
         assert_eq!(s3.projected_waiting(2), 0.0);
         assert_eq!(s3.projected_waiting(6), 2.0);
     }

@@ -1,0 +1,405 @@
+//! Self-tuning: what admission learns about a pool's replicas, and the
+//! protection knobs it derives from that when the config leaves them unset.
+//!
+//! Learned, per pool, from the gateway's own observations of the requests it
+//! placed (the relay's timings, recorded when a reservation ends):
+//! - the critical arrival rate (requests per second, exponentially weighted);
+//! - the service time of a request (placement to end);
+//! - the step time (inter-token time of streamed answers);
+//! - the prefill rate (uncached prompt tokens over time to first token, less
+//!   the step the request had to wait for).
+//!
+//! Learned per replica from its engine's `/metrics` (`routing::signals`): the
+//! batch limit, `Signals::saturated_batch` (the running count the engine held
+//! while its queue stayed non-empty over consecutive scrapes).
+//!
+//! Derived (see [`reserve_slots`], [`prefill_cap`] and docs/admission.md):
+//! - the request cap per replica = its learned batch limit, so the engine's
+//!   own queue stays empty and waiting happens in the gateway's queue, which
+//!   is ordered by band;
+//! - a reserve of slots only critical requests may fill, sized by Little's
+//!   law so that a critical arrival finds a free slot with 99% probability,
+//!   but at most 1/16 of the batch (an idle slot costs throughput), and one
+//!   critical request in the engine's queue;
+//! - on pools whose engines schedule by priority, that many critical
+//!   requests (up to a quarter of the batch) may go past the cap into the
+//!   engine's queue (the engine preempts for them) instead of a reserve;
+//! - the prompt tokens of non-critical requests awaiting their first token
+//!   per replica = what the replica prefills in one step, so a burst of
+//!   admissions never makes the long prefill steps a critical arrival would
+//!   sit through.
+//!
+//! Hand-set values in `budget:` always win.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Probability that a critical arrival finds no reserved slot free, at most.
+const RESERVE_MISS: f64 = 0.01;
+/// Critical requests not seen for this long: no reserve is kept.
+const CRITICAL_IDLE: Duration = Duration::from_secs(10);
+/// Time constant of the arrival-rate average.
+const RATE_TAU: Duration = Duration::from_secs(5);
+/// Weight of a new sample in the timing averages.
+const ALPHA: f64 = 0.05;
+
+/// Slots kept for critical requests on a replica that runs `batch`
+/// sequences at once, when `critical_in_flight` critical requests (Little's
+/// law: arrival rate × service time) are in flight on it on average.
+///
+/// A reserved slot taken by a critical arrival is given back when any of the
+/// replica's `batch` requests ends, on average every `service / batch`; the
+/// critical arrivals in that time are about Poisson with mean
+/// `m = critical_in_flight / batch`. The reserve is the smallest `r` with
+/// P(N ≥ r) ≤ 1%, at least 1 while critical traffic is seen, at most a
+/// quarter of the batch (beyond, the reserve would cost more throughput than
+/// it saves latency; engine priority is then the tool).
+pub fn reserve_slots(batch: u64, critical_in_flight: f64) -> u64 {
+    if batch == 0 || critical_in_flight.is_nan() || critical_in_flight <= 0.0 {
+        return 0;
+    }
+    let max = (batch / 4).max(1);
+    let m = critical_in_flight / batch as f64;
+    // P(N >= r) = 1 - sum_{k<r} e^-m m^k / k!
+    let mut term = (-m).exp();
+    let mut below = 0.0;
+    for r in 0..max {
+        below += term;
+        if 1.0 - below <= RESERVE_MISS {
+            return (r + 1).max(1);
+        }
+        term *= m / (r + 1) as f64;
+    }
+    max
+}
+
+/// Prompt tokens one replica prefills in one step (`step` seconds at
+/// `prefill_tokens_per_s`), at least 1.
+pub fn prefill_cap(prefill_tokens_per_s: f64, step: f64) -> u64 {
+    (prefill_tokens_per_s * step).max(1.0).round() as u64
+}
+
+/// Headroom of the prefill cap over the prompt tokens a full batch keeps in
+/// prefill on average.
+const PREFILL_HEADROOM: f64 = 1.5;
+
+/// The prefill cap of a replica running `batch` requests at once: one
+/// step's prefill (`step_tokens`), but never less than the prompt tokens
+/// the batch needs in prefill to stay full. By Little's law that is the
+/// admission rate (`batch / service`) × the time a prompt spends in prefill
+/// (`ttft`) × the prompt, here `batch × prefill_per_slot` (× headroom):
+/// with long prompts, one prompt at a time would starve the batch.
+pub fn prefill_cap_for(step_tokens: u64, prefill_per_slot: f64, batch: u64) -> u64 {
+    let floor = (PREFILL_HEADROOM * prefill_per_slot * batch as f64).ceil();
+    step_tokens.max(floor as u64)
+}
+
+/// The prefill rate from averages: `prompt` uncached tokens reached their
+/// first token `ttft` seconds after placement, on engines whose step takes
+/// `step` seconds. A request waits for the step in progress (about one
+/// step) before its own prefill starts; the rest is its prefill. The floor
+/// of half a step keeps a short prompt (whose TTFT is all waiting) from
+/// reading as infinitely fast.
+pub fn prefill_rate(prompt: f64, ttft: f64, step: f64) -> Option<f64> {
+    if !(prompt > 0.0 && ttft > 0.0 && step > 0.0) {
+        return None;
+    }
+    Some(prompt / (ttft - step).max(step / 2.0))
+}
+
+/// One ended request's timings as the relay saw them.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Placement to first response byte.
+    pub ttft: Duration,
+    /// Placement to end.
+    pub total: Duration,
+    /// Output tokens streamed.
+    pub generated: u64,
+    /// Uncached prompt tokens (what the engine computed).
+    pub prompt: u64,
+}
+
+/// An exponentially weighted average; `None` before the first sample.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ewma(Option<f64>);
+
+impl Ewma {
+    fn add(&mut self, x: f64) {
+        self.0 = Some(match self.0 {
+            Some(v) => v + ALPHA * (x - v),
+            None => x,
+        });
+    }
+}
+
+/// What the gateway observed on one pool.
+#[derive(Debug, Default)]
+pub(crate) struct Observations {
+    /// Decayed count of critical arrivals (÷ `RATE_TAU` = rate).
+    critical: f64,
+    critical_at: Option<Instant>,
+    service: Ewma,
+    ttft: Ewma,
+    prompt: Ewma,
+    step: Ewma,
+}
+
+impl Observations {
+    pub(crate) fn critical_arrived(&mut self, now: Instant) {
+        self.critical = self.critical_decayed(now) + 1.0;
+        self.critical_at = Some(now);
+    }
+
+    fn critical_decayed(&self, now: Instant) -> f64 {
+        match self.critical_at {
+            Some(at) => {
+                let dt = now.saturating_duration_since(at).as_secs_f64();
+                self.critical * (-dt / RATE_TAU.as_secs_f64()).exp()
+            }
+            None => 0.0,
+        }
+    }
+
+    /// Critical arrivals per second, or 0 when none was seen lately.
+    pub(crate) fn critical_rate(&self, now: Instant) -> f64 {
+        match self.critical_at {
+            Some(at) if now.saturating_duration_since(at) <= CRITICAL_IDLE => {
+                self.critical_decayed(now) / RATE_TAU.as_secs_f64()
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// A request placed on the pool ended. Only streamed answers (two output
+    /// tokens or more, ending after their first byte) tell the step time and
+    /// the prefill apart; every request tells the service time.
+    pub(crate) fn ended(&mut self, t: Timing) {
+        let total = t.total.as_secs_f64();
+        self.service.add(total);
+        let ttft = t.ttft.as_secs_f64();
+        if t.generated >= 2 && total > ttft {
+            self.step.add((total - ttft) / (t.generated - 1) as f64);
+            self.ttft.add(ttft);
+            self.prompt.add(t.prompt as f64);
+        }
+    }
+
+    /// Critical requests in flight on the whole pool (Little's law), when
+    /// the service time is known; 1 while only arrivals were seen.
+    pub(crate) fn critical_in_flight(&self, now: Instant) -> f64 {
+        let rate = self.critical_rate(now);
+        if rate == 0.0 {
+            return 0.0;
+        }
+        match self.service.0 {
+            Some(s) => rate * s,
+            None => 1.0,
+        }
+    }
+
+    /// What a replica prefills in one step, when the timings are known.
+    pub(crate) fn prefill_step_tokens(&self) -> Option<u64> {
+        let step = self.step.0?;
+        let rate = prefill_rate(self.prompt.0?, self.ttft.0?, step)?;
+        Some(prefill_cap(rate, step))
+    }
+
+    /// Prompt tokens in prefill per batch slot that keep the batch full:
+    /// prompt × TTFT / service time (Little's law per slot).
+    pub(crate) fn prefill_per_slot(&self) -> f64 {
+        match (self.prompt.0, self.ttft.0, self.service.0) {
+            (Some(p), Some(t), Some(s)) if s > 0.0 => p * t / s,
+            _ => 0.0,
+        }
+    }
+}
+
+/// The derived values, readable without a lock on the placement path.
+#[derive(Debug, Default)]
+pub(crate) struct Derived {
+    /// Critical requests in flight on the pool (f64 bits).
+    critical_in_flight: AtomicU64,
+    /// One step's prefill per replica, tokens; 0: not known yet.
+    prefill_step_tokens: AtomicU64,
+    /// [`Observations::prefill_per_slot`] (f64 bits).
+    prefill_per_slot: AtomicU64,
+}
+
+impl Derived {
+    pub(crate) fn update(&self, obs: &Observations, now: Instant) {
+        self.critical_in_flight
+            .store(obs.critical_in_flight(now).to_bits(), Ordering::Relaxed);
+        self.prefill_step_tokens
+            .store(obs.prefill_step_tokens().unwrap_or(0), Ordering::Relaxed);
+        self.prefill_per_slot
+            .store(obs.prefill_per_slot().to_bits(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn critical_in_flight(&self) -> f64 {
+        f64::from_bits(self.critical_in_flight.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn prefill_step_tokens(&self) -> Option<u64> {
+        Some(self.prefill_step_tokens.load(Ordering::Relaxed)).filter(|c| *c > 0)
+    }
+
+    pub(crate) fn prefill_per_slot(&self) -> f64 {
+        f64::from_bits(self.prefill_per_slot.load(Ordering::Relaxed))
+    }
+}
+
+/// The knobs in effect for one placement attempt on one pool: hand-set
+/// values, else derived ones (see the module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Knobs {
+    /// Critical requests in flight per replica (Little's law), for the reserve.
+    pub critical_in_flight_per_replica: f64,
+    /// One step's prefill per replica, tokens (when learned).
+    pub prefill_step_tokens: Option<u64>,
+    /// Prompt tokens in prefill per batch slot that keep the batch full.
+    pub prefill_per_slot: f64,
+    /// The pool's engines schedule by priority (and preempt).
+    pub engine_priority: bool,
+}
+
+impl Knobs {
+    /// The prompt-token cap for non-critical requests on a replica of batch
+    /// `batch` ([`prefill_cap_for`]); `None` until the timings are learned.
+    pub fn prefill_cap(&self, batch: u64) -> Option<u64> {
+        self.prefill_step_tokens
+            .map(|t| prefill_cap_for(t, self.prefill_per_slot, batch))
+    }
+
+    /// `(reserve, engine_queue)` slots on a replica of batch `batch`: a
+    /// reserve below the cap without engine priority; with it, critical
+    /// requests past the cap into the engine's queue instead (the engine
+    /// preempts a lower band for them, so no slot needs to stay idle).
+    pub fn critical_slots(&self, batch: u64) -> (u64, u64) {
+        let r = reserve_slots(batch, self.critical_in_flight_per_replica);
+        if self.engine_priority {
+            (0, r)
+        } else {
+            // An idle reserved slot costs 1/batch of the throughput, so the
+            // reserve stays under 1/16 of the batch (at least 1): without
+            // preemption, latency is bought with throughput, and goodput
+            // must stay near capacity. One critical request may wait in the
+            // engine's queue: it starts in the step a sequence ends.
+            (r.min((batch / 16).max(1)), u64::from(r > 0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_follows_littles_law_with_a_floor_and_a_ceiling() {
+        assert_eq!(reserve_slots(16, 0.0), 0, "no critical traffic: none");
+        assert_eq!(reserve_slots(0, 3.0), 0, "no batch known: none");
+        // Rare critical traffic still finds one slot.
+        assert_eq!(reserve_slots(16, 0.01), 1);
+        // m = 0.1: P(N >= 2) = 0.0047.
+        assert_eq!(reserve_slots(16, 1.6), 2);
+        // m = 0.6 (critical is 60% of the batch): P(N >= 4) = 0.0034, P(N >= 3) = 0.023.
+        assert_eq!(reserve_slots(16, 9.6), 4);
+        // Never more than a quarter of the batch.
+        assert_eq!(reserve_slots(8, 7.0), 2);
+        assert_eq!(reserve_slots(2, 2.0), 1);
+        // Monotone in the critical load.
+        let mut last = 0;
+        for i in 0..100 {
+            let r = reserve_slots(64, i as f64 * 0.5);
+            assert!(r >= last);
+            last = r;
+        }
+    }
+
+    #[test]
+    fn prefill_cap_is_one_step_of_prefill() {
+        // 20 us per token, 2.8 ms steps: 140 tokens.
+        assert_eq!(prefill_cap(50_000.0, 0.0028), 140);
+        assert_eq!(prefill_cap(10.0, 0.001), 1, "at least one token");
+        // A short prompt whose TTFT is about two steps: one prompt per step.
+        let rate = prefill_rate(64.0, 0.0056, 0.0028).unwrap();
+        assert_eq!(prefill_cap(rate, 0.0028), 64);
+        // A long prompt: 2,000 tokens in 41 ms plus one 1 ms step.
+        let rate = prefill_rate(2000.0, 0.042, 0.001).unwrap();
+        assert!((rate - 48_780.0).abs() < 1.0);
+        assert_eq!(prefill_cap(rate, 0.001), 49);
+        // Long prompts, a long TTFT against the service time: the batch
+        // needs more than one prompt in prefill to stay full.
+        // 8 slots x 2,000 tokens x 130 ms / 520 ms = 4,000 tokens, x 1.5.
+        assert_eq!(prefill_cap_for(213, 2000.0 * 0.13 / 0.52, 8), 6000);
+        // Short chat: one step's prefill is more than the batch needs.
+        assert_eq!(prefill_cap_for(64, 64.0 * 0.022 / 0.36, 16), 94);
+        assert_eq!(prefill_cap_for(140, 64.0 * 0.022 / 0.36, 16), 140);
+        // TTFT below a step (a cached prompt): half a step is the floor.
+        assert_eq!(prefill_rate(10.0, 0.001, 0.004), Some(5000.0));
+        assert_eq!(prefill_rate(0.0, 0.01, 0.01), None);
+    }
+
+    #[test]
+    fn observations_learn_rates_and_timings() {
+        let t0 = Instant::now();
+        let mut o = Observations::default();
+        assert_eq!(o.critical_rate(t0), 0.0);
+        assert_eq!(o.prefill_step_tokens(), None);
+        // 20 critical arrivals per second for 10 s.
+        for i in 0..200 {
+            o.critical_arrived(t0 + Duration::from_millis(50 * i));
+        }
+        let now = t0 + Duration::from_secs(10);
+        let rate = o.critical_rate(now);
+        assert!((rate - 20.0).abs() < 3.0, "{rate}");
+        assert_eq!(o.critical_in_flight(now), 1.0, "no service time yet");
+        // 64-token prompts, first token after 10 ms, 32 tokens at 5 ms each.
+        for _ in 0..100 {
+            o.ended(Timing {
+                ttft: Duration::from_millis(10),
+                total: Duration::from_millis(10 + 31 * 5),
+                generated: 32,
+                prompt: 64,
+            });
+        }
+        let l = o.critical_in_flight(now);
+        assert!((l - rate * 0.165).abs() < 1e-9, "Little's law: {l}");
+        // Rate 64 / (10 - 5) ms = 12,800 tokens/s; one 5 ms step: 64 tokens.
+        assert_eq!(o.prefill_step_tokens(), Some(64));
+        // 64 tokens x 10 ms / 165 ms per slot.
+        assert!((o.prefill_per_slot() - 64.0 * 10.0 / 165.0).abs() < 1e-9);
+        // A non-streamed answer (first byte at the end) does not count as a step.
+        o.ended(Timing {
+            ttft: Duration::from_millis(500),
+            total: Duration::from_millis(500),
+            generated: 32,
+            prompt: 64,
+        });
+        assert_eq!(o.prefill_step_tokens(), Some(64));
+        // Critical traffic gone: no reserve after the idle time.
+        assert_eq!(o.critical_rate(now + CRITICAL_IDLE * 2), 0.0);
+        let d = Derived::default();
+        d.update(&o, now);
+        assert_eq!(d.prefill_step_tokens(), Some(64));
+        assert!(d.critical_in_flight() > 0.0);
+    }
+
+    #[test]
+    fn engine_priority_trades_the_reserve_for_an_engine_queue() {
+        let k = Knobs {
+            critical_in_flight_per_replica: 9.6,
+            prefill_step_tokens: None,
+            prefill_per_slot: 0.0,
+            engine_priority: false,
+        };
+        assert_eq!(k.critical_slots(16), (1, 1), "at most 1/16 of the batch");
+        assert_eq!(k.critical_slots(128), (2, 1), "m = 0.075: 2 slots");
+        let k = Knobs {
+            engine_priority: true,
+            ..k
+        };
+        assert_eq!(k.critical_slots(16), (0, 4), "the Poisson bound");
+        assert_eq!(Knobs::default().critical_slots(16), (0, 0));
+    }
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""The overload benchmark over every workload shape and simulator profile, with
+infergate's DEFAULT admission config (`overload.py --defaults`), engine-side
+priority off and on; prints one markdown table with each target's verdict.
+
+Shapes: short chat (64 prompt + 32 output tokens), long prompts (2,000 + 32),
+long outputs (64 + 500). Profiles: `tiny` (16 sequences per batch, time scale
+0.25) and `llama-8b-h100` (8 sequences per batch, time scale 0.5).
+
+Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
+    python3 loadtest/overload_matrix.py [--duration 15] [--out /tmp/overload-matrix.jsonl]
+        [--only-profile tiny] [--only-shape short]
+    python3 loadtest/overload_matrix.py --table /tmp/overload-matrix.jsonl   # the table of a past run
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+PROFILES = {
+    "tiny": ["--profile", "tiny", "--max-num-seqs", "16", "--time-scale", "0.25"],
+    "llama-8b-h100": ["--profile", "llama-8b-h100", "--max-num-seqs", "8", "--time-scale", "0.5"],
+}
+SHAPES = {
+    "short": ("short chat", 64, 32),
+    "long-prompt": ("long prompt", 2000, 32),
+    "long-output": ("long output", 64, 500),
+}
+
+
+def verdict(ok):
+    return "met" if ok else "**missed**"
+
+
+def table(rows):
+    out = [
+        "| profile | shape (prompt + output) | engine priority | capacity req/s | unloaded critical p99 TTFT "
+        "| critical p99 TTFT | × unloaded | goodput | sheddable refusal p99 | tenant share (a) | max engine queue "
+        "| load generator lag p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    misses = []
+    for r in rows:
+        shape = next((n for n, pt, mt in SHAPES.values() if (pt, mt) == (r["prompt_tokens"], r["max_tokens"])), "?")
+        ep = "on" if r["engine_priority"] else "off"
+        bound = 1.3 if r["engine_priority"] else 2.0
+        f = lambda v, fmt: (fmt % v) if v is not None else "-"
+        ratio, good, shed, share = r["ratio"], r["goodput"], r["shed_refusal_p99_ms"], r["share_a"]
+        checks = {
+            f"critical ≤ {bound}×": ratio is not None and ratio <= bound,
+            "goodput ≥ 0.95": good >= 0.95,
+            "refusal < 5 ms": shed is not None and shed < 5.0,
+            "shares 0.45–0.55": share is not None and 0.45 <= share <= 0.55,
+        }
+        for c, ok in checks.items():
+            if not ok:
+                misses.append(f"{r['profile']} / {shape} / engine priority {ep}: {c}")
+        mark = lambda ok, text: text if ok else f"**{text}**"
+        out.append(
+            f"| {r['profile']} (B={r['max_num_seqs']}) | {shape} ({r['prompt_tokens']} + {r['max_tokens']}) | {ep} "
+            f"| {r['capacity_req_s']:.1f} | {f(r['unloaded_p99_ms'], '%.1f ms')} "
+            f"| {f(r['critical_p99_ms'], '%.1f ms')} | {mark(checks[f'critical ≤ {bound}×'], f(ratio, '%.2f×'))} "
+            f"| {mark(checks['goodput ≥ 0.95'], f(good, '%.2f'))} "
+            f"| {mark(checks['refusal < 5 ms'], f(shed, '%.2f ms'))} "
+            f"| {mark(checks['shares 0.45–0.55'], f(share, '%.3f'))} | {r['max_engine_waiting']:.0f} "
+            f"| {f(r.get('schedule_lag_p99_ms'), '%.0f ms')} |"
+        )
+    out.append("")
+    out.append(f"{len(rows) * 4 - len(misses)} of {len(rows) * 4} checks met." + (
+        " Missed: " + "; ".join(misses) + "." if misses else ""))
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=15)
+    ap.add_argument("--out", default="/tmp/overload-matrix.jsonl")
+    ap.add_argument("--only-profile", default="")
+    ap.add_argument("--only-shape", default="")
+    ap.add_argument("--table", default="", help="print the table of this JSON-lines file and exit")
+    args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    for prof, pargs in PROFILES.items():
+        if args.only_profile and prof != args.only_profile:
+            continue
+        for key, (_, pt, mt) in SHAPES.items():
+            if args.only_shape and key != args.only_shape:
+                continue
+            for ep in ([], ["--engine-priority"]):
+                cmd = [sys.executable, os.path.join(here, "overload.py"), "--only", "infergate", "--defaults",
+                       *pargs, *ep, "--prompt-tokens", str(pt), "--max-tokens", str(mt),
+                       "--duration", str(args.duration), "--results-jsonl", args.out]
+                logf = f"/tmp/overload-matrix-{prof}-{key}-{'ep' if ep else 'fcfs'}.log"
+                print(f"[matrix] {' '.join(cmd)}  (log: {logf})", file=sys.stderr, flush=True)
+                with open(logf, "w") as log:
+                    subprocess.run(cmd, check=True, stderr=log)
+    with open(args.out) as f:
+        print(table([json.loads(line) for line in f if line.strip()]))
+
+
+if __name__ == "__main__":
+    main()
