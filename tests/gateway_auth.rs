@@ -203,6 +203,9 @@ async fn control_headers_count_only_for_callers_entitled_to_them() {
             serde_yaml_ng::from_str("max_priority: sheddable").unwrap(),
         );
         c.routes[0].admission.budget.max_requests_per_replica = Some(1);
+        // No critical request in the engine's queue (self-tuning would allow
+        // one): the entitled critical request must wait in the gateway's.
+        c.routes[0].admission.budget.critical_engine_queue = Some(0);
         c
     })
     .await;
