@@ -4,6 +4,7 @@
 //! The proxy crate executes what this crate decides.
 
 pub mod admission;
+pub mod civil;
 pub mod config;
 pub mod cost;
 pub mod dataplane;

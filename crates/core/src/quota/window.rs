@@ -4,6 +4,8 @@
 //! without talking to the others; a counter without a window (requests in
 //! flight) never resets.
 
+use crate::civil;
+
 /// The period a limit counts over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
@@ -51,29 +53,15 @@ impl Window {
     }
 }
 
-/// The (year, month) of a day count since 1970-01-01 (Howard Hinnant's
-/// civil-from-days, for days after the epoch).
+/// The (year, month) of a day count since 1970-01-01.
 fn year_month(days: u64) -> (u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m)
+    let (y, m, _) = civil::civil_from_days(days as i64);
+    (y as u64, u64::from(m))
 }
 
-/// Days since 1970-01-01 of the first day of `m`/`y`.
+/// Days since 1970-01-01 of the first day of `m`/`y` (dates after the epoch).
 fn days_from_civil(y: u64, m: u64) -> u64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    civil::days_from_civil(y as i64, m as u32, 1) as u64
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use infergate_core::civil::days_from_civil;
 use infergate_core::pool::Pool;
 use serde_json::json;
 
@@ -67,17 +68,6 @@ fn params(query: Option<&str>) -> HashMap<String, String> {
             (percent_decode(k), percent_decode(v))
         })
         .collect()
-}
-
-/// Days from 1970-01-01 to a civil date (H. Hinnant's algorithm).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// Unix seconds from `1700000000` or `2026-12-06T17:00:00Z`.

@@ -15,6 +15,7 @@ use std::io::Write as _;
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use infergate_core::civil::civil_from_days;
 use infergate_core::config::LogFormat;
 use infergate_core::cost::Money;
 
@@ -199,19 +200,6 @@ pub(crate) fn write_timestamp(out: &mut String, now: SystemTime) {
     );
 }
 
-/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
 /// Milliseconds with microsecond precision, without float formatting.
 fn write_ms(out: &mut String, d: Duration) {
     let us = d.as_micros();
@@ -378,12 +366,5 @@ mod tests {
         l.model = "meta-llama/Llama-3.1-8B";
         format_text(&mut plain, UNIX_EPOCH, &l);
         assert!(plain.contains(" model=meta-llama/Llama-3.1-8B route="));
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
     }
 }
