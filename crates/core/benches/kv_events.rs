@@ -15,7 +15,7 @@ use infergate_core::routing::{InferenceAware, RouteRequest, RoutingConfig};
 use infergate_protocol::tokenizer;
 
 mod common;
-use common::{prompt, replicas, report_cpu_us, thread_cpu_ns, REPLICAS};
+use common::{count_mode, prompt, replicas, report_cpu_us, run_and_exit, thread_cpu_ns, REPLICAS};
 
 const BS: usize = 16;
 /// Blocks each replica holds in the apply benchmark (its steady state).
@@ -93,14 +93,10 @@ fn bench(c: &mut Criterion) {
     // KV_COUNT=N: run N precise decisions and exit, for instruction counts
     // under callgrind (subtract a run with N=0), as the routing bench's
     // ROUTING_COUNT.
-    if let Some(n) = std::env::var("KV_COUNT")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        for _ in 0..n {
+    if let Some(n) = count_mode("KV_COUNT") {
+        run_and_exit(n, || {
             black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));
-        }
-        std::process::exit(0);
+        });
     }
     report_cpu_us("precise decision", 2_000, || {
         black_box(picker.pick_and_begin(&rs, black_box(&fresh()), &[]));

@@ -10,14 +10,12 @@ use infergate_core::routing::{InferenceAware, Picker, RouteRequest, RoutingConfi
 use infergate_protocol::tokenizer;
 
 mod common;
-use common::{prompt, replicas, report_cpu_us};
+use common::{count_mode, prompt, replicas, report_cpu_us, run_and_exit};
 
 const GROUPS: usize = 256;
 
 fn bench(c: &mut Criterion) {
-    let count_only: Option<usize> = std::env::var("ROUTING_COUNT")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let count_only = count_mode("ROUTING_COUNT");
     let rs = replicas();
     let picker = InferenceAware::new(RoutingConfig::default());
     // Warm the index: every group routed a few times.
@@ -89,10 +87,9 @@ fn bench(c: &mut Criterion) {
             Ok("explain") => &picker,
             _ => &quiet,
         };
-        for _ in 0..n {
+        run_and_exit(n, || {
             black_box(chosen.pick_and_begin(&rs, black_box(&fresh()), &[]));
-        }
-        std::process::exit(0);
+        });
     }
     // Wall time is noisy on a shared machine: also report this thread's CPU time.
     report_cpu_us("decision", 2_000, || {

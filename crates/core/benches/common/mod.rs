@@ -66,6 +66,21 @@ pub fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The count of a count mode (`ROUTING_COUNT=N`, `KV_COUNT=N`): run N
+/// decisions and exit, for instruction counts under callgrind (subtract a
+/// run with N=0). `None`: the variable is unset, so benchmark as usual.
+pub fn count_mode(var: &str) -> Option<usize> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
+/// Calls `f` `n` times, then exits the process (see [`count_mode`]).
+pub fn run_and_exit(n: usize, mut f: impl FnMut()) -> ! {
+    for _ in 0..n {
+        f();
+    }
+    std::process::exit(0)
+}
+
 /// Mean thread CPU time of `n` calls of `f`, in microseconds, printed as
 /// `{label} cpu time: ... us` (robust to a busy machine, unlike wall time).
 pub fn report_cpu_us(label: &str, n: u32, mut f: impl FnMut()) -> f64 {

@@ -242,18 +242,22 @@ pub fn build_picker(cfg: &RoutingConfig) -> Arc<dyn Picker> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn prompt_hashes_are_computed_once_per_parameters() {
-        let text = "word ".repeat(400);
-        let req = RouteRequest {
+    fn request(text: &str) -> RouteRequest<'_> {
+        RouteRequest {
             request_id: "r",
             model: "m",
-            prompt_text: &text,
-            prompt_tokens: tokenizer::count_tokens(&text),
+            prompt_text: text,
+            prompt_tokens: tokenizer::count_tokens(text),
             max_tokens: 8,
             lora: None,
             hashes: Default::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn prompt_hashes_are_computed_once_per_parameters() {
+        let text = "word ".repeat(400);
+        let req = request(&text);
         let seed = tokenizer::model_seed("m");
         let first = req.block_hashes(16, 1024);
         assert_eq!(
@@ -276,15 +280,7 @@ mod tests {
     #[test]
     fn one_walk_fills_the_hashes_and_the_keys() {
         let text = "word ".repeat(400);
-        let req = RouteRequest {
-            request_id: "r",
-            model: "m",
-            prompt_text: &text,
-            prompt_tokens: tokenizer::count_tokens(&text),
-            max_tokens: 8,
-            lora: None,
-            hashes: Default::default(),
-        };
+        let req = request(&text);
         let hashes = req.block_hashes_with_keys(16, 1024, 9);
         assert_eq!(
             &*hashes,
