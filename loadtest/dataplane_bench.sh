@@ -148,6 +148,18 @@ wait_http "http://127.0.0.1:$IG_ADMIN/readyz"
 TARGETS=("direct=$UP" "infergate=http://127.0.0.1:$IG_PORT")
 declare -A PID_OF=([infergate]=$(cat "$RUN/infergate.pid"))
 declare -A HDRS=()  # an extra request header per target
+# add_variant NAME BIN PORT ADMIN EXTRA [SRC]: target NAME, served by BIN with
+# the config SRC (default: infergate's) moved to PORT/ADMIN and EXTRA (YAML
+# lines) appended; the variants differ from infergate only in what they add.
+add_variant() {
+  local name=$1 bin=$2 port=$3 admin=$4 extra=$5 src=${6:-$RUN/infergate.yaml}
+  sed -e "s/$IG_PORT/$port/" -e "s/$IG_ADMIN/$admin/" -e "s/$AK_PORT/$port/" -e "s/$AK_ADMIN/$admin/" \
+    "$src" >"$RUN/$name.yaml"
+  [[ -n $extra ]] && printf '%s\n' "$extra" >>"$RUN/$name.yaml"
+  start_bg "$name" "$bin" serve --config "$RUN/$name.yaml"
+  wait_http "http://127.0.0.1:$admin/readyz"
+  TARGETS+=("$name=http://127.0.0.1:$port"); PID_OF[$name]=$(cat "$RUN/$name.pid")
+}
 if [[ ${IG_AUTH:-} == keys ]]; then
   # A key file of IG_KEYS keys (the lookup is a hash map: its size should not
   # matter); the load sends the last one.
@@ -155,48 +167,30 @@ if [[ ${IG_AUTH:-} == keys ]]; then
     printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
       "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
   done >"$RUN/keys.yaml"
-  sed -e "s/$IG_PORT/$AK_PORT/" -e "s/$IG_ADMIN/$AK_ADMIN/" "$RUN/infergate.yaml" >"$RUN/keys-gw.yaml"
-  printf 'auth: { mode: keys, key_file: %s }\n' "$RUN/keys.yaml" >>"$RUN/keys-gw.yaml"
-  start_bg infergate-keys "$IG" serve --config "$RUN/keys-gw.yaml"
-  wait_http "http://127.0.0.1:$AK_ADMIN/readyz"
-  TARGETS+=("infergate-keys=http://127.0.0.1:$AK_PORT"); PID_OF[infergate-keys]=$(cat "$RUN/infergate-keys.pid")
+  add_variant infergate-keys "$IG" "$AK_PORT" "$AK_ADMIN" "auth: { mode: keys, key_file: $RUN/keys.yaml }"
   HDRS[infergate-keys]="authorization:Bearer sk-bench-$IG_KEYS"
 fi
 if [[ -n ${IG_AUDIT:-} ]]; then
-  sed -e "s/$IG_PORT/$AU_PORT/" -e "s/$IG_ADMIN/$AU_ADMIN/" "$RUN/infergate.yaml" >"$RUN/audit-gw.yaml"
-  printf 'pricing: { models: { %s: { input: 0.15, cached_input: 0.03, output: 0.6 } } }\naudit: { output: %s }\n' \
-    "$MODEL" "$RUN/audit.jsonl" >>"$RUN/audit-gw.yaml"
-  start_bg infergate-audit "$IG" serve --config "$RUN/audit-gw.yaml"
-  wait_http "http://127.0.0.1:$AU_ADMIN/readyz"
-  TARGETS+=("infergate-audit=http://127.0.0.1:$AU_PORT"); PID_OF[infergate-audit]=$(cat "$RUN/infergate-audit.pid")
+  add_variant infergate-audit "$IG" "$AU_PORT" "$AU_ADMIN" \
+    "pricing: { models: { $MODEL: { input: 0.15, cached_input: 0.03, output: 0.6 } } }
+audit: { output: $RUN/audit.jsonl }"
 fi
 if [[ -n ${IG_QUOTA:-} ]]; then
   # A limit far above what the load reaches (every request is admitted and
   # settled): what is measured is the reservation and settlement themselves.
   QUOTA='quotas: { default_team: { requests_per_minute: 1000000000, tokens_per_minute: 1000000000000 } }'
-  sed -e "s/$IG_PORT/$QL_PORT/" -e "s/$IG_ADMIN/$QL_ADMIN/" "$RUN/infergate.yaml" >"$RUN/quota-local.yaml"
-  echo "$QUOTA" >>"$RUN/quota-local.yaml"
-  start_bg quota-local "$IG" serve --config "$RUN/quota-local.yaml"
-  wait_http "http://127.0.0.1:$QL_ADMIN/readyz"
-  TARGETS+=("quota-local=http://127.0.0.1:$QL_PORT"); PID_OF[quota-local]=$(cat "$RUN/quota-local.pid")
+  add_variant quota-local "$IG" "$QL_PORT" "$QL_ADMIN" "$QUOTA"
   if [[ -n ${REDIS_URL:-} ]]; then
-    sed -e "s/$IG_PORT/$QR_PORT/" -e "s/$IG_ADMIN/$QR_ADMIN/" "$RUN/infergate.yaml" >"$RUN/quota-redis.yaml"
-    printf '%s\ngovernance: { redis: { url: "%s", when_down: fail_closed, required_for_ready: true } }\n' \
-      "$QUOTA" "$REDIS_URL" >>"$RUN/quota-redis.yaml"
-    start_bg quota-redis "$IG" serve --config "$RUN/quota-redis.yaml"
-    wait_http "http://127.0.0.1:$QR_ADMIN/readyz"
-    TARGETS+=("quota-redis=http://127.0.0.1:$QR_PORT"); PID_OF[quota-redis]=$(cat "$RUN/quota-redis.pid")
+    add_variant quota-redis "$IG" "$QR_PORT" "$QR_ADMIN" \
+      "$QUOTA
+governance: { redis: { url: \"$REDIS_URL\", when_down: fail_closed, required_for_ready: true } }"
   fi
 fi
 if [[ -n ${IG_BASELINE:-} ]]; then
   # With IG_AUTH=keys the baseline authenticates too (compare it with infergate-keys).
-  BL_SRC=$RUN/infergate.yaml; [[ ${IG_AUTH:-} == keys ]] && BL_SRC=$RUN/keys-gw.yaml
+  BL_SRC=$RUN/infergate.yaml; [[ ${IG_AUTH:-} == keys ]] && BL_SRC=$RUN/infergate-keys.yaml
   [[ ${IG_AUTH:-} == keys ]] && HDRS[baseline]="authorization:Bearer sk-bench-$IG_KEYS"
-  sed -e "s/$IG_PORT/$BL_PORT/" -e "s/$IG_ADMIN/$BL_ADMIN/" -e "s/$AK_PORT/$BL_PORT/" -e "s/$AK_ADMIN/$BL_ADMIN/" \
-    "$BL_SRC" >"$RUN/baseline.yaml"
-  start_bg baseline "$IG_BASELINE" serve --config "$RUN/baseline.yaml"
-  wait_http "http://127.0.0.1:$BL_ADMIN/readyz"
-  TARGETS+=("baseline=http://127.0.0.1:$BL_PORT"); PID_OF[baseline]=$(cat "$RUN/baseline.pid")
+  add_variant baseline "$IG_BASELINE" "$BL_PORT" "$BL_ADMIN" "" "$BL_SRC"
 fi
 
 if (( PEERS )) && command -v nginx >/dev/null && [[ -f "$PEERS_DIR/nginx.conf.in" ]]; then
