@@ -32,6 +32,8 @@
 #       with REDIS_URL, "quota-redis" (the same quota shared through that Redis), in the same
 #       interleaved rounds: the cost of quotas (loadtest/quota_bench.sh starts the Redis)
 #   PEERS=0 ...                                # skip nginx, vllm-router and sglang-router
+#   IDLE_ONLY=1 SKIP_BUILD=1 IG_AUTH=keys IG_POLICY=inference_aware loadtest/dataplane_bench.sh
+#       # the idle-stream phase alone (memory per open stream); IG=path measures another build
 #   When `oha` is on PATH (cargo install oha), the saturation phase runs once more with oha
 #   as the load tool (same connections, duration and rounds; OHA=0 skips it), an
 #   independent client for the req/s ratios.
@@ -84,7 +86,7 @@ if [[ -z ${SKIP_BUILD:-} ]]; then  # SKIP_BUILD=1 reuses target/release as it is
   echo "# building release binaries"
   cargo build --release --quiet --bin infergate --bin infergate-load
 fi
-IG=target/release/infergate
+IG=${IG:-target/release/infergate}  # IG=/path/to/infergate: measure that build (the idle phase, IDLE_ONLY=1)
 LOAD=target/release/infergate-load
 
 PIDS=()
@@ -122,6 +124,73 @@ rss_mib() {  # current VmRSS of one process, MiB
 jget() {  # file python-expression-on-v
   python3 -c "import json,sys; v=json.load(open('$1')); print($2)"
 }
+
+write_keys() {  # a key file of IG_KEYS keys; the load sends the last one
+  for i in $(seq "$IG_KEYS"); do
+    printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
+      "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
+  done >"$RUN/keys.yaml"
+}
+
+# The idle streams: IDLE_STREAMS open streaming requests whose upstream is so
+# slow no token ever comes during the test; prints the RSS per open stream.
+idle_phase() {
+  echo
+  echo "# idle streams: $IDLE_STREAMS open streaming requests through infergate"
+  # One replica per 1,000 streams: a replica takes at most 1,024 connections
+  # (budget.max_connections_per_replica), so every stream holds its upstream side.
+  IDLE_REPLICAS=$(( (IDLE_STREAMS + 999) / 1000 ))
+  start_bg idle-upstream "$IG" sim --profile tiny --replicas "$IDLE_REPLICAS" --base-port "$IDLE_UP_PORT" \
+    --time-scale 0.00001 --served-model-name "$MODEL"
+  wait_http "http://127.0.0.1:$IDLE_UP_PORT/health"
+  IDLE_ENDPOINTS=$(python3 -c "print(', '.join(f'\"http://127.0.0.1:{$IDLE_UP_PORT + i}\"' for i in range($IDLE_REPLICAS)))")
+  # No token budget: every stream must reach a replica (the sim's KV-derived
+  # token budget would queue most of them in the gateway, holding no upstream side).
+  cat >"$RUN/idle.yaml" <<YAML
+listeners:
+  main: { address: "127.0.0.1:$IDLE_IG_PORT" }
+  admin: { address: "127.0.0.1:$IDLE_IG_ADMIN" }
+logging: { level: warn }
+pools:
+  - name: bench
+    endpoints: [$IDLE_ENDPOINTS]
+    admission:
+      budget: { tokens_per_replica: 1000000000 }
+routes:
+  - model: $MODEL
+    pool: bench
+    routing: { policy: $IG_POLICY }
+YAML
+  IDLE_HEADER=
+  if [[ ${IG_AUTH:-} == keys ]]; then  # the streams authenticate too
+    [[ -f $RUN/keys.yaml ]] || write_keys
+    printf 'auth: { mode: keys, key_file: %s }\n' "$RUN/keys.yaml" >>"$RUN/idle.yaml"
+    IDLE_HEADER="authorization: Bearer sk-bench-$IG_KEYS"
+  fi
+  start_bg idle-infergate "$IG" serve --config "$RUN/idle.yaml"
+  wait_http "http://127.0.0.1:$IDLE_IG_ADMIN/readyz"
+  IDLE_PID=$(cat "$RUN/idle-infergate.pid")
+  IDLE_BEFORE=$(rss_mib "$IDLE_PID")
+  echo "  infergate RSS before: $IDLE_BEFORE MiB"
+  IDLE_HEADER="$IDLE_HEADER" python3 "$ROOT/loadtest/idle_streams.py" "127.0.0.1" "$IDLE_IG_PORT" "$MODEL" "$IDLE_STREAMS" \
+    "http://127.0.0.1:$IDLE_IG_ADMIN/routes" 300 >"$RUN/idle.out" 2>&1 &
+  IDLE_CLIENT=$!
+  PIDS+=("$IDLE_CLIENT")
+  for _ in $(seq 900); do grep -qE '^(open|incomplete) ' "$RUN/idle.out" 2>/dev/null && break; sleep 0.5; done
+  cat "$RUN/idle.out"
+  grep -q '^open ' "$RUN/idle.out" || echo "  (not every stream reached the gateway's replica: the figure below is not per open stream)"
+  IDLE_RSS=$(rss_mib "$IDLE_PID")
+  echo "  infergate RSS with the streams open: $IDLE_RSS MiB (peak $(peak_rss_mib "$IDLE_PID") MiB)"
+  python3 -c "print(f'  => {($IDLE_RSS - $IDLE_BEFORE) * 1024 / $IDLE_STREAMS:.1f} KiB per open stream; {$IDLE_BEFORE + ($IDLE_RSS - $IDLE_BEFORE) * 10000 / $IDLE_STREAMS:.0f} MiB for 10,000')"
+  kill "$IDLE_CLIENT" 2>/dev/null || true
+  kill "$IDLE_PID" "$(cat "$RUN/idle-upstream.pid")" 2>/dev/null || true
+}
+
+if [[ -n ${IDLE_ONLY:-} ]]; then  # IDLE_ONLY=1: the idle-stream phase alone
+  idle_phase
+  echo "# logs: $RUN"
+  exit 0
+fi
 
 # --- the shared fast upstream
 start_bg upstream "$IG" sim --profile llama-8b-h100 --replicas 1 --base-port "$UP_PORT" \
@@ -163,10 +232,7 @@ add_variant() {
 if [[ ${IG_AUTH:-} == keys ]]; then
   # A key file of IG_KEYS keys (the lookup is a hash map: its size should not
   # matter); the load sends the last one.
-  for i in $(seq "$IG_KEYS"); do
-    printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
-      "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
-  done >"$RUN/keys.yaml"
+  write_keys
   add_variant infergate-keys "$IG" "$AK_PORT" "$AK_ADMIN" "auth: { mode: keys, key_file: $RUN/keys.yaml }"
   HDRS[infergate-keys]="authorization:Bearer sk-bench-$IG_KEYS"
 fi
@@ -357,45 +423,6 @@ rps, sse = ${RPS[infergate-keys]} / max(${RPS[nginx]}, 1), ${SSE[infergate-keys]
 print(f'  infergate-keys (auth on) vs nginx: req/s x{rps:.2f}  SSE x{sse:.2f}  added p99 {${P99[infergate-keys]} - ${P99[direct]}:.3f} vs {${P99[nginx]} - ${P99[direct]}:.3f} ms')"
 fi
 
-# --- idle streams: the upstream is so slow no token ever comes during the test
-if (( IDLE_STREAMS <= 0 )); then echo "# logs and raw JSON: $RUN"; exit 0; fi
-echo
-echo "# idle streams: $IDLE_STREAMS open streaming requests through infergate"
-# One replica per 1,000 streams: a replica takes at most 1,024 connections
-# (budget.max_connections_per_replica), so every stream holds its upstream side.
-IDLE_REPLICAS=$(( (IDLE_STREAMS + 999) / 1000 ))
-start_bg idle-upstream "$IG" sim --profile tiny --replicas "$IDLE_REPLICAS" --base-port "$IDLE_UP_PORT" \
-  --time-scale 0.00001 --served-model-name "$MODEL"
-wait_http "http://127.0.0.1:$IDLE_UP_PORT/health"
-IDLE_ENDPOINTS=$(python3 -c "print(', '.join(f'\"http://127.0.0.1:{$IDLE_UP_PORT + i}\"' for i in range($IDLE_REPLICAS)))")
-# No token budget: every stream must reach a replica (the sim's KV-derived
-# token budget would queue most of them in the gateway, holding no upstream side).
-sed -e "s/$IG_PORT/$IDLE_IG_PORT/" -e "s/$IG_ADMIN/$IDLE_IG_ADMIN/" \
-  -e "s|endpoints: \[\"$UP\"\]|endpoints: [$IDLE_ENDPOINTS]|" \
-  "$RUN/infergate.yaml" >"$RUN/idle.yaml"
-cat >>"$RUN/idle.yaml" <<YAML
-    admission:
-      budget: { tokens_per_replica: 1000000000 }
-YAML
-IDLE_HEADER=
-if [[ ${IG_AUTH:-} == keys ]]; then  # the streams authenticate too
-  printf 'auth: { mode: keys, key_file: %s }\n' "$RUN/keys.yaml" >>"$RUN/idle.yaml"
-  IDLE_HEADER="authorization: Bearer sk-bench-$IG_KEYS"
-fi
-start_bg idle-infergate "$IG" serve --config "$RUN/idle.yaml"
-wait_http "http://127.0.0.1:$IDLE_IG_ADMIN/readyz"
-IDLE_PID=$(cat "$RUN/idle-infergate.pid")
-IDLE_BEFORE=$(rss_mib "$IDLE_PID")
-echo "  infergate RSS before: $IDLE_BEFORE MiB"
-IDLE_HEADER="$IDLE_HEADER" python3 "$ROOT/loadtest/idle_streams.py" "127.0.0.1" "$IDLE_IG_PORT" "$MODEL" "$IDLE_STREAMS" \
-  "http://127.0.0.1:$IDLE_IG_ADMIN/routes" 300 >"$RUN/idle.out" 2>&1 &
-IDLE_CLIENT=$!
-PIDS+=("$IDLE_CLIENT")
-for _ in $(seq 900); do grep -qE '^(open|incomplete) ' "$RUN/idle.out" 2>/dev/null && break; sleep 0.5; done
-cat "$RUN/idle.out"
-grep -q '^open ' "$RUN/idle.out" || echo "  (not every stream reached the gateway's replica: the figure below is not per open stream)"
-IDLE_RSS=$(rss_mib "$IDLE_PID")
-echo "  infergate RSS with the streams open: $IDLE_RSS MiB (peak $(peak_rss_mib "$IDLE_PID") MiB)"
-python3 -c "print(f'  => {($IDLE_RSS - $IDLE_BEFORE) * 1024 / $IDLE_STREAMS:.1f} KiB per open stream; {$IDLE_BEFORE + ($IDLE_RSS - $IDLE_BEFORE) * 10000 / $IDLE_STREAMS:.0f} MiB for 10,000')"
-kill "$IDLE_CLIENT" 2>/dev/null || true
+# --- idle streams
+if (( IDLE_STREAMS > 0 )); then idle_phase; fi
 echo "# logs and raw JSON: $RUN"

@@ -4,7 +4,8 @@
 # one serving worker) under valgrind's callgrind in front of one instant sim
 # replica, instrumented only while N small chat completions are sent
 # (400 req/s), then dumped. Divide the total (callgrind_annotate OUT.1) by N;
-# `callgrind_annotate --inclusive=yes OUT.1` shows where they go.
+# `callgrind_annotate --inclusive=yes OUT.1` shows where they go. Also prints
+# the heap allocations per request (calls into mimalloc).
 #
 #   bash loadtest/instr_per_request.sh DIR OUT [N=2000]   # DIR holds the infergate to measure
 # Env: BIN (target/release): the sim and the load tool. Needs valgrind.
@@ -48,4 +49,29 @@ sleep 1
 kill $VG $SIM; wait $VG $SIM 2>/dev/null || true
 python3 -c "import json; v=json.load(open('$OUT.load.json')); print('requests answered', v.get('ok'), 'errors', v.get('errors'))"
 callgrind_annotate "$OUT.1" 2>/dev/null | grep 'PROGRAM TOTALS'
+# Per request: instructions, and heap allocations (calls into mimalloc's
+# allocate, zeroed-allocate and reallocate entry points, from any caller).
+python3 - "$OUT.1" "$OUT.load.json" <<'PY'
+import json, re, sys
+names, allocs, total = {}, 0, 0
+entry = {"mi_malloc_aligned", "mi_zalloc_aligned", "mi_realloc_aligned"}
+cfn = None
+for line in open(sys.argv[1], errors="replace"):
+    if line.startswith("cfn="):
+        m = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.strip())
+        if m:
+            if m.group(2):
+                names[m.group(1)] = m.group(2)
+            cfn = names.get(m.group(1))
+    elif line.startswith("fn="):
+        m = re.match(r"fn=\((\d+)\)(?: (.*))?", line.strip())
+        if m and m.group(2):
+            names[m.group(1)] = m.group(2)
+    elif line.startswith("calls=") and cfn in entry:
+        allocs += int(line.split("=")[1].split()[0])
+    elif line.startswith("summary:") or line.startswith("totals:"):
+        total = int(line.split()[1])
+ok = json.load(open(sys.argv[2])).get("ok") or 1
+print(f"per request: {total / ok:,.0f} instructions, {allocs / ok:.1f} allocations")
+PY
 rm -rf "$RUN"

@@ -16,7 +16,7 @@ use super::body::{check_content_type, read_limited, too_large, BodyLimits};
 use super::context::{ApiKind, RequestContext, CLIENT_REQUEST_ID, REPLICA_HEADER, REQUEST_ID};
 use super::execute::{self, served_headers, Plan};
 use super::gateway::Gateway;
-use super::headers::{clean_response_headers, is_event_stream};
+use super::headers::is_event_stream;
 use super::parse::parse_features;
 use super::record::{CallerFacts, Outcome, RequestRecord, ServedBy};
 use super::relay::{GatewayBody, RelayBody, RelaySetup};
@@ -460,7 +460,7 @@ where
         Ok(up) => {
             record.attempts = up.attempts;
             let (mut head, incoming) = up.response.into_parts();
-            clean_response_headers(&mut head.headers);
+            // Hop-by-hop headers were dropped as the head was parsed.
             let sse = is_event_stream(&head.headers);
             if sse {
                 // The relay may append an error event: the length is not known.

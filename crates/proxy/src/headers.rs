@@ -1,5 +1,6 @@
 //! Header hygiene between client and replica: hop-by-hop headers are not
-//! forwarded (RFC 9110 §7.6.1), and the gateway sets Host, Content-Length and
+//! forwarded (RFC 9110 §7.6.1; a response's are dropped as its head is
+//! parsed, in `upstream::codec`), and the gateway sets Host, Content-Length and
 //! the request ids itself (its own `x-request-id`; the client's in
 //! `x-client-request-id`).
 
@@ -89,35 +90,6 @@ pub(crate) fn upstream_request_headers(
     emit(b"content-length", length.format(content_length).as_bytes());
 }
 
-/// Hop-by-hop response headers that are not standard names (those are
-/// matched without parsing a name per request).
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Removes hop-by-hop headers from an upstream response in place.
-pub(crate) fn clean_response_headers(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        for name in connection_listed(headers) {
-            headers.remove(name);
-        }
-    }
-    let hop = [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ];
-    // One pass over the few headers an answer has; a removal hashes.
-    for name in hop {
-        if headers.keys().any(|k| k == name) {
-            headers.remove(name);
-        }
-    }
-}
-
 /// Whether a response is a server-sent event stream.
 pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
@@ -185,8 +157,5 @@ mod tests {
             |n, v| names.push((n.to_vec(), v.to_vec())),
         );
         assert!(names.contains(&(b"traceparent".to_vec(), b"00-client".to_vec())));
-        let mut r = h.clone();
-        clean_response_headers(&mut r);
-        assert!(r.get("connection").is_none() && r.get("x-secret").is_none());
     }
 }

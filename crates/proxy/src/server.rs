@@ -144,9 +144,15 @@ pub async fn start_with(
     // Read at start (like `workers`): a reload does not rebuild listeners.
     let limits = ConnLimits::new(&gateway.config().limits);
     let gw = gateway.clone();
+    // The request's future is boxed: hyper keeps its future's slot for the
+    // connection's life, so an unboxed one (several KiB) would stay with
+    // every open stream and idle keep-alive connection after its response
+    // head went out; boxed, the slot is a pointer and the box is freed then.
     let handler = move |req, peer: SocketAddr| {
         let gw = gw.clone();
-        async move { Ok::<_, Infallible>(super::handler::handle(gw, req, peer.ip()).await) }
+        Box::pin(async move {
+            Ok::<_, Infallible>(super::handler::handle(gw, req, peer.ip()).await)
+        }) as BoxedResponse
     };
     let main_task = match main.workers {
         None | Some(0) => tokio::spawn(accept_loop(
@@ -443,6 +449,15 @@ impl ConnLimits {
         b
     }
 }
+
+/// The request future hyper holds per connection.
+type BoxedResponse = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<super::relay::GatewayBody>, Infallible>,
+            > + Send,
+    >,
+>;
 
 /// One open connection of a listener; uncounted on drop.
 struct OpenConn(Arc<AtomicUsize>);

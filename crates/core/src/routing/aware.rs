@@ -41,17 +41,54 @@ use super::signals::Signals;
 use super::{Fits, Picker, RouteRequest};
 use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
 
-/// Why one request went where it went.
-#[derive(Debug, Clone, Serialize)]
+/// Why one request went where it went. Kept as numbers: the one-line
+/// reason is formatted only when something reads the decision (`/explain`,
+/// the status page), not on every request.
+#[derive(Debug, Clone)]
 pub(super) struct Decision {
     pub request_id: String,
     pub chosen: Arc<str>,
-    pub reason: String,
+    /// The chosen one among `candidates`.
+    pub chosen_candidate: usize,
     pub prompt_tokens: u32,
     pub prompt_blocks: u32,
     pub cached_tokens: u32,
     pub filters: Vec<FilterOutcome>,
     pub candidates: Vec<CandidateView>,
+}
+
+impl Decision {
+    /// A one-line reason naming the filter that decided, else the scores.
+    pub fn reason(&self) -> String {
+        reason(&self.candidates[self.chosen_candidate], &self.filters)
+    }
+}
+
+impl Serialize for Decision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            request_id: &'a str,
+            chosen: &'a str,
+            reason: String,
+            prompt_tokens: u32,
+            prompt_blocks: u32,
+            cached_tokens: u32,
+            filters: &'a [FilterOutcome],
+            candidates: &'a [CandidateView],
+        }
+        View {
+            request_id: &self.request_id,
+            chosen: &self.chosen,
+            reason: self.reason(),
+            prompt_tokens: self.prompt_tokens,
+            prompt_blocks: self.prompt_blocks,
+            cached_tokens: self.cached_tokens,
+            filters: &self.filters,
+            candidates: &self.candidates,
+        }
+        .serialize(s)
+    }
 }
 
 /// A candidate in a [`Decision`].
@@ -471,11 +508,10 @@ impl InferenceAware {
         filters: Vec<FilterOutcome>,
     ) {
         let chosen = &cands[best];
-        let reason = reason(chosen, &filters);
         let d = Decision {
             request_id: req.request_id.to_string(),
             chosen: replicas[chosen.idx].endpoint.key.clone(),
-            reason,
+            chosen_candidate: best,
             prompt_tokens: req.prompt_tokens,
             prompt_blocks: ctx.prompt_blocks,
             cached_tokens: req.prompt_tokens - chosen.uncached_tokens,
@@ -561,11 +597,11 @@ impl InferenceAware {
 }
 
 /// A one-line reason naming the filter that decided, else the scores.
-fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
+fn reason(chosen: &CandidateView, filters: &[FilterOutcome]) -> String {
     let decisive = filters.iter().rev().find(|f| {
         f.dropped > 0 || (!f.detail.is_empty() && f.filter == FilterName::PrefixAffinity)
     });
-    // One string, numbers printed by `Fixed`: this runs on every decision.
+    // One string, numbers printed by `Fixed`.
     let mut s = String::with_capacity(192);
     let _ = match decisive {
         Some(f) if !f.detail.is_empty() => write!(s, "{:?}: {}", f.filter, f.detail),
@@ -578,11 +614,7 @@ fn reason(chosen: &Candidate, filters: &[FilterOutcome]) -> String {
         Fixed(chosen.score, 3),
         Fixed(chosen.est_ttft_ms, 1),
         chosen.matched_blocks,
-        if chosen.precise {
-            "precise"
-        } else {
-            "approximate"
-        }
+        chosen.prefix_index
     );
     s
 }
@@ -672,7 +704,7 @@ impl Picker for InferenceAware {
             .take(n)
             .map(|d| {
                 json!({
-                    "request_id": d.request_id, "chosen": d.chosen, "reason": d.reason,
+                    "request_id": d.request_id, "chosen": d.chosen, "reason": d.reason(),
                     "prompt_tokens": d.prompt_tokens, "cached_tokens": d.cached_tokens,
                     "candidates": d.candidates.len(),
                 })

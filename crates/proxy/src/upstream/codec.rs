@@ -4,7 +4,7 @@
 //! every edge is unit-tested without a socket.
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
 /// Most response headers accepted (vLLM sends about ten).
@@ -94,22 +94,31 @@ pub(crate) fn parse_response_head(
         .ok_or(ProtocolError("response without a status"))?;
     let status =
         StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid response status"))?;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
+    let raw = &*parsed.headers;
+    let http10 = parsed.version == Some(0);
+    let (framing, framing_reusable) = framing_of(status, raw)?;
+    let keep_alive = framing_reusable
+        && if http10 {
+            has_token(raw, "connection", "keep-alive")
+        } else {
+            !has_token(raw, "connection", "close")
+        };
+    // The map the client's response is built from, without the hop-by-hop
+    // headers (RFC 9110 §7.6.1), those `Connection` names included: they
+    // are dropped here, by their raw names, rather than looked up and
+    // removed from the map afterwards.
+    let listed = values(raw, "connection").next().is_some();
+    let mut headers = HeaderMap::with_capacity(raw.len());
+    for h in raw {
+        if is_hop_by_hop(h.name) || (listed && connection_lists(raw, h.name)) {
+            continue;
+        }
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| ProtocolError("invalid response header name"))?;
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| ProtocolError("invalid response header value"))?;
         headers.append(name, value);
     }
-    let http10 = parsed.version == Some(0);
-    let (framing, framing_reusable) = framing_of(status, &headers)?;
-    let keep_alive = framing_reusable
-        && if http10 {
-            has_token(&headers, header::CONNECTION, "keep-alive")
-        } else {
-            !has_token(&headers, header::CONNECTION, "close")
-        };
     Ok(Some((
         ResponseHead {
             status,
@@ -121,21 +130,55 @@ pub(crate) fn parse_response_head(
     )))
 }
 
+/// Hop-by-hop headers, which describe one connection and are not relayed.
+fn is_hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Whether a `Connection` header names `name` (so it is hop-by-hop too).
+fn connection_lists(raw: &[httparse::Header<'_>], name: &str) -> bool {
+    tokens(raw, "connection").any(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// The values of the headers called `name`, in order.
+fn values<'a>(raw: &'a [httparse::Header<'a>], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+    raw.iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// The comma-separated, trimmed tokens of the headers called `name`.
+fn tokens<'a>(raw: &'a [httparse::Header<'a>], name: &'a str) -> impl Iterator<Item = &'a str> {
+    values(raw, name)
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// The body's framing, and whether the connection stays usable after it.
-fn framing_of(status: StatusCode, headers: &HeaderMap) -> Result<(Framing, bool), ProtocolError> {
+fn framing_of(
+    status: StatusCode,
+    raw: &[httparse::Header<'_>],
+) -> Result<(Framing, bool), ProtocolError> {
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         return Ok((Framing::Empty, true));
     }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked_last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
+    let has_length = values(raw, "content-length").next().is_some();
+    if let Some(last) = values(raw, "transfer-encoding").last() {
+        let chunked_last = std::str::from_utf8(last)
+            .ok()
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         // Both headers at once is how responses get smuggled: read this one
@@ -148,8 +191,8 @@ fn framing_of(status: StatusCode, headers: &HeaderMap) -> Result<(Framing, bool)
     }
     if has_length {
         let mut length = None;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            let n = std::str::from_utf8(v.as_bytes())
+        for v in values(raw, "content-length") {
+            let n = std::str::from_utf8(v)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .ok_or(ProtocolError("invalid Content-Length"))?;
@@ -163,14 +206,9 @@ fn framing_of(status: StatusCode, headers: &HeaderMap) -> Result<(Framing, bool)
     Ok((Framing::UntilClose, false))
 }
 
-/// Whether a comma-separated header lists `token` (case-insensitive).
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// Whether the headers called `name` list `token` (case-insensitive).
+fn has_token(raw: &[httparse::Header<'_>], name: &str, token: &str) -> bool {
+    tokens(raw, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// What the chunked decoder produced from the buffer.
@@ -345,6 +383,19 @@ mod tests {
             (Framing::Chunked, false),
             "smuggling guard"
         );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_relayed() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nx-secret: 1\r\n\
+             Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nTrailer: x\r\n\
+             Upgrade: h2c\r\nProxy-Connection: close\r\nTE: trailers\r\n\
+             content-type: text/event-stream\r\nx-other: 2\r\n\r\n",
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-other"]);
     }
 
     #[test]

@@ -516,13 +516,21 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Reads what the socket has into the connection's buffer.
+/// Reads what the socket has into the connection's buffer. The buffer is
+/// reserved only once the socket is readable, and an empty one is released
+/// while the connection waits: an idle stream (a slow prefill, a long gap
+/// between tokens) then holds no read buffer at all.
 fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-    if conn.buf.capacity() - conn.buf.len() < 1024 {
-        conn.buf.reserve(READ_CHUNK);
-    }
     loop {
-        ready!(conn.io.poll_read_ready(cx))?;
+        if let Poll::Pending = conn.io.poll_read_ready(cx)? {
+            if conn.buf.is_empty() && conn.buf.capacity() > 0 {
+                conn.buf = BytesMut::new();
+            }
+            return Poll::Pending;
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(READ_CHUNK);
+        }
         match conn.io.try_read_buf(&mut conn.buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return Poll::Ready(r),
