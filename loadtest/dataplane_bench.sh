@@ -63,7 +63,8 @@ TOKENIZER=${PEERS_TOKENIZER:-/tmp/peers-tokenizer}
 BASE=${BENCH_BASE_PORT:-18100}
 UP_PORT=$((BASE + 1)); IG_PORT=$((BASE + 10)); IG_ADMIN=$((BASE + 11))
 NG_PORT=$((BASE + 20)); VR_PORT=$((BASE + 30)); SR_PORT=$((BASE + 40))
-IDLE_UP_PORT=$((BASE + 50)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
+# The idle replicas take IDLE_UP_PORT and one port more per 1,000 streams.
+IDLE_UP_PORT=$((BASE + 100)); IDLE_IG_PORT=$((BASE + 51)); IDLE_IG_ADMIN=$((BASE + 52))
 BL_PORT=$((BASE + 60)); BL_ADMIN=$((BASE + 61))
 AK_PORT=$((BASE + 70)); AK_ADMIN=$((BASE + 71))
 AU_PORT=$((BASE + 90)); AU_ADMIN=$((BASE + 91))
@@ -144,8 +145,9 @@ idle_phase() {
     --time-scale 0.00001 --served-model-name "$MODEL"
   wait_http "http://127.0.0.1:$IDLE_UP_PORT/health"
   IDLE_ENDPOINTS=$(python3 -c "print(', '.join(f'\"http://127.0.0.1:{$IDLE_UP_PORT + i}\"' for i in range($IDLE_REPLICAS)))")
-  # No token budget: every stream must reach a replica (the sim's KV-derived
-  # token budget would queue most of them in the gateway, holding no upstream side).
+  # No token budget and no self-tuning: every stream must reach a replica (the
+  # sim's KV-derived token budget, and the learned per-replica request and
+  # prefill caps, would queue most of them in the gateway, holding no upstream side).
   cat >"$RUN/idle.yaml" <<YAML
 listeners:
   main: { address: "127.0.0.1:$IDLE_IG_PORT" }
@@ -154,12 +156,12 @@ logging: { level: warn }
 pools:
   - name: bench
     endpoints: [$IDLE_ENDPOINTS]
-    admission:
-      budget: { tokens_per_replica: 1000000000 }
 routes:
   - model: $MODEL
     pool: bench
     routing: { policy: $IG_POLICY }
+    admission:
+      budget: { tokens_per_replica: 1000000000, self_tuning: false }
 YAML
   IDLE_HEADER=
   if [[ ${IG_AUTH:-} == keys ]]; then  # the streams authenticate too
