@@ -150,9 +150,9 @@ pub async fn start_with(
     // head went out; boxed, the slot is a pointer and the box is freed then.
     let handler = move |req, peer: SocketAddr| {
         let gw = gw.clone();
-        Box::pin(async move {
-            Ok::<_, Infallible>(super::handler::handle(gw, req, peer.ip()).await)
-        }) as BoxedResponse
+        Box::pin(
+            async move { Ok::<_, Infallible>(super::handler::handle(gw, req, peer.ip()).await) },
+        ) as BoxedResponse
     };
     let main_task = match main.workers {
         None | Some(0) => tokio::spawn(accept_loop(

@@ -522,7 +522,7 @@ impl Body for UpstreamBody {
 /// between tokens) then holds no read buffer at all.
 fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     loop {
-        if let Poll::Pending = conn.io.poll_read_ready(cx)? {
+        if conn.io.poll_read_ready(cx)?.is_pending() {
             if conn.buf.is_empty() && conn.buf.capacity() > 0 {
                 conn.buf = BytesMut::new();
             }
@@ -716,6 +716,23 @@ mod tests {
             4,
             "no new connection"
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_holds_no_read_buffer() {
+        // The head arrives, then the body waits (a long prefill or gap).
+        let (url, _replica) = raw_replica(vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+        ])
+        .await;
+        let client = UpstreamClient::new(Duration::from_secs(1));
+        let (resp, _permit) = send(&client, &url).await.unwrap();
+        let mut body = resp.into_body();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        let conn = body.conn.as_ref().unwrap();
+        assert_eq!(conn.buf.capacity(), 0, "released while waiting");
     }
 
     #[test]
