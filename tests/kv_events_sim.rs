@@ -225,6 +225,21 @@ async fn precise_index_mirrors_the_engines_caches() {
     assert_eq!(complete(&urls[1], &prompt(31, 0, 120), 2).await, 200);
     assert_mirrors(&ix, &fleet, "dropped batch").await;
 
+    // A restart with no traffic after it: the engine publishes nothing until
+    // it stores a block, yet its entries go within a heartbeat (the probe
+    // finds the publisher's sequence started over).
+    assert!(!ix.engine_hashes(&keys[0]).is_empty());
+    fleet.replica(0).crash();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.replica(0).restart();
+    assert!(fleet.replica(0).cached_block_hashes().is_empty());
+    assert_mirrors(&ix, &fleet, "restart, no traffic since").await;
+    wait_live(&ix, &keys[0], true).await;
+    for k in 3..12 {
+        assert_eq!(complete(&urls[0], &prompt(k, 1, 250), 2).await, 200);
+    }
+    assert_mirrors(&ix, &fleet, "refilled").await;
+
     // A restart: an empty cache, the sequence starts again at 0.
     fleet.replica(0).crash();
     fleet.replica(0).restart();
