@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::pool::Pool;
 use infergate_core::routing::kv_events::{
-    follow_pool, key_seed, KvEventsConfig, PreciseIndex, ReplicaEvents,
+    follow_pool, key_seed, KvEventsConfig, PreciseIndex, ReplicaEvents, TokenizeApi, TokenizeConfig,
 };
 use infergate_protocol::{tokenizer, EngineKind};
 use infergate_sim::{
@@ -342,4 +342,91 @@ async fn gateway_routes_by_events_and_shows_which_index_answered() {
         gw.shutdown().await;
         fleet.shutdown().await;
     }
+}
+
+/// Keys from the engine's own token ids (`kv_events.tokenize: {api: vllm}`,
+/// against the simulator's vLLM-style `/tokenize`): the first request of a
+/// conversation is routed by the approximate index while its message
+/// prefixes are fetched off the request path; a later one sharing its system
+/// prompt finds, by the precise index, exactly the system prompt's blocks
+/// the engine cached (keys from the ids the engine returned), and goes there.
+#[tokio::test]
+async fn precise_keys_come_from_the_engines_token_ids() {
+    let fleet = start_fleet(fleet_config(2, EventEncoding::Map, true))
+        .await
+        .unwrap();
+    let mut ev = events_config(&fleet);
+    ev.tokenize = Some(TokenizeConfig {
+        api: TokenizeApi::Vllm,
+        cache_entries: 64,
+        queue: 16,
+        max_in_flight: 2,
+        timeout_ms: 2000,
+    });
+    let ev = serde_json::to_string(&ev).unwrap();
+    let routing = format!(
+        "    routing:\n      scrape: {{ interval_ms: 20, timeout_ms: 250 }}\n      kv_events: {ev}\n"
+    );
+    let gw = gateway(config(&fleet.urls(), &routing)).await;
+    let admin = gw.admin_url().unwrap();
+    let system = prompt(7, 0, 300);
+    let chat = |q: &str| {
+        serde_json::json!({"model": "m", "max_tokens": 2, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": q}]})
+        .to_string()
+    };
+    let send = |body: String| {
+        let url = gw.url();
+        async move {
+            let (s, h, _) = post(&url, "/v1/chat/completions", &body).await;
+            assert_eq!(s, 200);
+            let id = h["x-request-id"].to_str().unwrap().to_string();
+            admin_json(&format!("{admin}/routing/explain/{id}")).await
+        }
+    };
+    let first = send(chat("first question")).await;
+    let cands = first["decision"]["candidates"].as_array().unwrap();
+    assert!(
+        cands.iter().all(|c| c["prefix_index"] == "approximate"),
+        "no ids fetched yet: {first}"
+    );
+    // Both prefixes (the system message, the whole conversation) arrive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tokens = loop {
+        let v = admin_json(&format!("{admin}/routing")).await;
+        let t = v["routes"][0]["view"]["engine_tokens"].clone();
+        if t["entries"].as_u64() >= Some(2) || Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(tokens["entries"], 2, "{tokens}");
+    assert_eq!(
+        (tokens["misses"].as_u64(), tokens["errors"].as_u64()),
+        (Some(1), Some(0))
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = send(chat("another user's question")).await;
+    let d = &second["decision"];
+    let cands = d["candidates"].as_array().unwrap();
+    assert!(
+        cands.iter().all(|c| c["prefix_index"] == "precise"),
+        "{second}"
+    );
+    // The engine's ids of the rendered system message, without the
+    // generation prompt: its full blocks are what the holder has.
+    let sys_ids = tokenizer::token_ids(&format!("<|system|>\n{system}\n"));
+    let best = cands
+        .iter()
+        .max_by_key(|c| c["matched_blocks"].as_u64())
+        .unwrap();
+    assert_eq!(
+        best["matched_blocks"].as_u64(),
+        Some((sys_ids.len() / BS) as u64),
+        "{second}"
+    );
+    assert_eq!(d["chosen"], first["decision"]["chosen"], "{second}");
+    assert_eq!(d["chosen"], best["replica"]);
+    gw.shutdown().await;
+    fleet.shutdown().await;
 }

@@ -69,6 +69,15 @@ pub fn follow_pool(
     }
 }
 
+/// Aborts a task when dropped.
+struct TaskGuard(JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Aborts the replica tasks when the supervisor is aborted.
 struct Tasks(HashMap<Arc<str>, (Arc<Replica>, JoinHandle<()>)>);
 
@@ -82,6 +91,10 @@ impl Drop for Tasks {
 
 async fn supervise(pool: Arc<Pool>, index: Arc<PreciseIndex>, cfg: KvEventsConfig) {
     let mut tasks = Tasks(HashMap::new());
+    // The engine-token fetcher lives as long as the subscribers.
+    let _tokens = index
+        .engine_tokens()
+        .map(|t| TaskGuard(tokio::spawn(t.clone().run(pool.clone()))));
     let mut membership = pool.subscribe();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
