@@ -375,13 +375,14 @@ async fn precise_keys_come_from_the_engines_token_ids() {
             {"role": "system", "content": system}, {"role": "user", "content": q}]})
         .to_string()
     };
+    let (url, adm) = (gw.url(), admin.clone());
     let send = |body: String| {
-        let url = gw.url();
+        let (url, adm) = (url.clone(), adm.clone());
         async move {
             let (s, h, _) = post(&url, "/v1/chat/completions", &body).await;
             assert_eq!(s, 200);
             let id = h["x-request-id"].to_str().unwrap().to_string();
-            admin_json(&format!("{admin}/routing/explain/{id}")).await
+            admin_json(&format!("{adm}/routing/explain/{id}")).await
         }
     };
     let first = send(chat("first question")).await;
