@@ -128,10 +128,11 @@ while True:
     if ok: print(b); break' "$1"
 }
 kv_events_yaml() {  # routing.kv_events of the fleet: each replica's event endpoints (sim.out)
-  awk '{ split($3, u, "//"); sub("kv_events=", "", $5); sub("replay=", "", $6);
+  local tok=""
+  [[ -n ${KV_TOKENIZE:-} ]] && tok=", tokenize: { api: $KV_TOKENIZE }"
+  awk -v tok="$tok" '{ split($3, u, "//"); sub("kv_events=", "", $5); sub("replay=", "", $6);
          printf "%s\"%s\": { endpoint: \"%s\", replay_endpoint: \"%s\" }", (NR > 1 ? ", " : ""), u[2], $5, $6 }
-       BEGIN { printf "kv_events: { endpoints: { " } END { printf " }%s }", tok }' \
-    tok="${KV_TOKENIZE:+, tokenize: { api: $KV_TOKENIZE }}" "$RUN/sim.out"
+       BEGIN { printf "kv_events: { endpoints: { " } END { printf " }%s }", tok }' "$RUN/sim.out"
 }
 wait_http() {  # url: until it answers 2xx (30 s)
   for _ in $(seq 300); do curl -sf -m 1 -o /dev/null "$1" && return 0; sleep 0.1; done
