@@ -385,6 +385,26 @@ async fn precise_keys_come_from_the_engines_token_ids() {
             admin_json(&format!("{adm}/routing/explain/{id}")).await
         }
     };
+    // The simulator's /tokenize as vLLM's: the chat template with or
+    // without the generation prompt.
+    let tokenize = |gen: bool| {
+        serde_json::json!({"model": "m", "add_generation_prompt": gen,
+            "messages": [{"role": "system", "content": system}]})
+        .to_string()
+    };
+    let ids = |b: bytes::Bytes| -> Vec<u32> {
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        serde_json::from_value(v["tokens"].clone()).unwrap()
+    };
+    let (s, _, without) = post(&fleet.urls()[0], "/tokenize", &tokenize(false)).await;
+    assert_eq!(s, 200);
+    let (_, _, with) = post(&fleet.urls()[0], "/tokenize", &tokenize(true)).await;
+    let (without, with) = (ids(without), ids(with));
+    assert_eq!(
+        without,
+        tokenizer::token_ids(&format!("<|system|>\n{system}\n"))
+    );
+    assert!(with.len() > without.len() && with.starts_with(&without));
     let first = send(chat("first question")).await;
     let cands = first["decision"]["candidates"].as_array().unwrap();
     assert!(

@@ -11,15 +11,12 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 /// drop them (spill), so `rendezvous` sends the overflow of one prefix to the
 /// same next replica from every gateway rather than scattering copies.
 ///
-/// The margin grows by `margin_per_evicted` times the saved time when the
-/// holder's prefix is known from its engine's events and the colder replica's
-/// cache has no room for the copy: under cache pressure every spill evicted
-/// other prefixes and left the group two homes. On the side-by-side benchmark
-/// (docs/benchmarks/2026-12-06-kv-events-side-by-side.md) the precise index
-/// then held each block on 1.24 replicas on average at the end with the
-/// plain margin, 1.11 with this; the approximate index's matches may be
-/// stale, and a cache with free blocks loses nothing to a copy, so neither
-/// gets the extra margin.
+/// The margin grows by `margin_per_evicted` (off by default) times the saved
+/// time when the holder's prefix is known from its engine's events and the
+/// colder replica's cache has no room for the copy: under cache pressure
+/// every spill evicts other prefixes and leaves the group two homes. The
+/// approximate index's matches may be stale, and a cache with free blocks
+/// loses nothing to a copy, so neither gets the extra margin.
 #[derive(Debug)]
 pub(crate) struct PrefixAffinity;
 
@@ -122,7 +119,11 @@ mod tests {
         assert!(o.detail.contains("leave"), "{}", o.detail);
         assert!(!cs[0].alive && cs[1].alive);
         // Known to be held (events) and the colder cache is full: leaving
-        // would evict as much elsewhere, so the margin is 3x the saved time.
+        // would evict as much elsewhere, so (with `margin_per_evicted` 2)
+        // the margin is 3x the saved time.
+        let mut cfg = RoutingConfig::default();
+        cfg.sticky.margin_per_evicted = 2.0;
+        let ctx = ctx_for(&cfg, None, 1000);
         let mut cs = vec![cand(0), cand(1)];
         cs[0].matched_blocks = 50;
         cs[0].precise = true;
