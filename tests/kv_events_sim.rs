@@ -404,7 +404,10 @@ async fn precise_keys_come_from_the_engines_token_ids() {
         without,
         tokenizer::token_ids(&format!("<|system|>\n{system}\n"))
     );
-    assert!(with.len() > without.len() && with.starts_with(&without));
+    // The gateway's token rule (which the simulator shares) may join the
+    // message's closing newline with the next role line: all but the last
+    // id agree (a real template closes a message with a special token).
+    assert!(with.len() > without.len() && with.starts_with(&without[..without.len() - 1]));
     let first = send(chat("first question")).await;
     let cands = first["decision"]["candidates"].as_array().unwrap();
     assert!(
