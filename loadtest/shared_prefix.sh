@@ -29,7 +29,11 @@
 # running requests, against about 580k tokens of distinct prefixes per round, and the
 # rotation brings new ones), PREFIX_GROUPS [128], USERS [3], TURNS [3], SYSTEM_TOKENS [3000],
 # QUESTION_TOKENS [150], MAX_TOKENS [30], GROUP_SKEW [1.0], RATE [40], DURATION [60];
-# every other variable as above.
+# every other variable as above. KV_TOKENIZE=vllm keys the precise gateways' requests from
+# the replicas' own token ids (routing.kv_events.tokenize, fetched from the simulator's
+# /tokenize, as a deployment of real engines must) instead of the gateway's token rule.
+# The summary also prints, per precise gateway, how many replicas hold each cached block on
+# average at the end (1.0 = no prefix held twice, as the oracle's single cache).
 #
 # Env (defaults in brackets) - the fleet: REPLICAS [8], PROFILE [llama-8b-h100],
 # TIME_SCALE [4] (modelled time runs this many times faster; latencies printed are
@@ -124,9 +128,11 @@ while True:
     if ok: print(b); break' "$1"
 }
 kv_events_yaml() {  # routing.kv_events of the fleet: each replica's event endpoints (sim.out)
-  awk '{ split($3, u, "//"); sub("kv_events=", "", $5); sub("replay=", "", $6);
+  local tok=""
+  [[ -n ${KV_TOKENIZE:-} ]] && tok=", tokenize: { api: $KV_TOKENIZE }"
+  awk -v tok="$tok" '{ split($3, u, "//"); sub("kv_events=", "", $5); sub("replay=", "", $6);
          printf "%s\"%s\": { endpoint: \"%s\", replay_endpoint: \"%s\" }", (NR > 1 ? ", " : ""), u[2], $5, $6 }
-       BEGIN { printf "kv_events: { endpoints: { " } END { printf " } }" }' "$RUN/sim.out"
+       BEGIN { printf "kv_events: { endpoints: { " } END { printf " }%s }", tok }' "$RUN/sim.out"
 }
 wait_http() {  # url: until it answers 2xx (30 s)
   for _ in $(seq 300); do curl -sf -m 1 -o /dev/null "$1" && return 0; sleep 0.1; done
@@ -328,14 +334,20 @@ for label, r, op, target in checks:
 import glob
 for n in names:
     if not n.startswith("precise"): continue
-    live = []
+    live, dup, tok = [], [], []
     for f in sorted(glob.glob(f"{run}/{n}-*.routing.json")):
         try:
             v = json.load(open(f))
-            live.append(v["routes"][0]["view"]["precise_index"]["live_replicas"])
+            p = v["routes"][0]["view"]["precise_index"]
+            live.append(p["live_replicas"])
+            dup.append(round(p["entries"] / p["blocks"], 3) if p["blocks"] else None)
+            t = v["routes"][0]["view"].get("engine_tokens")
+            if t: tok.append(f"{t['hits']}/{t['hits'] + t['misses']}")
         except Exception:
             live.append(None)
     print(f"{n}: precise index live replicas at the end, per gateway: {live}")
+    print(f"{n}: replicas holding each cached block (mean, at the end), per gateway: {dup}")
+    if tok: print(f"{n}: requests keyed from engine token ids, per gateway: {tok}")
 print(f"raw JSON: {run}/*.json")
 EOF
 }

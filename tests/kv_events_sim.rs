@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use infergate_core::discovery::{Endpoint, Update};
 use infergate_core::pool::Pool;
 use infergate_core::routing::kv_events::{
-    follow_pool, key_seed, KvEventsConfig, PreciseIndex, ReplicaEvents,
+    follow_pool, key_seed, KvEventsConfig, PreciseIndex, ReplicaEvents, TokenizeApi, TokenizeConfig,
 };
 use infergate_protocol::{tokenizer, EngineKind};
 use infergate_sim::{
@@ -225,6 +225,21 @@ async fn precise_index_mirrors_the_engines_caches() {
     assert_eq!(complete(&urls[1], &prompt(31, 0, 120), 2).await, 200);
     assert_mirrors(&ix, &fleet, "dropped batch").await;
 
+    // A restart with no traffic after it: the engine publishes nothing until
+    // it stores a block, yet its entries go within a heartbeat (the probe
+    // finds the publisher's sequence started over).
+    assert!(!ix.engine_hashes(&keys[0]).is_empty());
+    fleet.replica(0).crash();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.replica(0).restart();
+    assert!(fleet.replica(0).cached_block_hashes().is_empty());
+    assert_mirrors(&ix, &fleet, "restart, no traffic since").await;
+    wait_live(&ix, &keys[0], true).await;
+    for k in 3..12 {
+        assert_eq!(complete(&urls[0], &prompt(k, 1, 250), 2).await, 200);
+    }
+    assert_mirrors(&ix, &fleet, "refilled").await;
+
     // A restart: an empty cache, the sequence starts again at 0.
     fleet.replica(0).crash();
     fleet.replica(0).restart();
@@ -327,4 +342,115 @@ async fn gateway_routes_by_events_and_shows_which_index_answered() {
         gw.shutdown().await;
         fleet.shutdown().await;
     }
+}
+
+/// Keys from the engine's own token ids (`kv_events.tokenize: {api: vllm}`,
+/// against the simulator's vLLM-style `/tokenize`): the first request of a
+/// conversation is routed by the approximate index while its message
+/// prefixes are fetched off the request path; a later one sharing its system
+/// prompt finds, by the precise index, exactly the system prompt's blocks
+/// the engine cached (keys from the ids the engine returned), and goes there.
+#[tokio::test]
+async fn precise_keys_come_from_the_engines_token_ids() {
+    let fleet = start_fleet(fleet_config(2, EventEncoding::Map, true))
+        .await
+        .unwrap();
+    let mut ev = events_config(&fleet);
+    ev.tokenize = Some(TokenizeConfig {
+        api: TokenizeApi::Vllm,
+        cache_entries: 64,
+        queue: 16,
+        max_in_flight: 2,
+        timeout_ms: 2000,
+    });
+    let ev = serde_json::to_string(&ev).unwrap();
+    let routing = format!(
+        "    routing:\n      scrape: {{ interval_ms: 20, timeout_ms: 250 }}\n      kv_events: {ev}\n"
+    );
+    let gw = gateway(config(&fleet.urls(), &routing)).await;
+    let admin = gw.admin_url().unwrap();
+    let system = prompt(7, 0, 300);
+    let chat = |q: &str| {
+        serde_json::json!({"model": "m", "max_tokens": 2, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": q}]})
+        .to_string()
+    };
+    let (url, adm) = (gw.url(), admin.clone());
+    let send = |body: String| {
+        let (url, adm) = (url.clone(), adm.clone());
+        async move {
+            let (s, h, _) = post(&url, "/v1/chat/completions", &body).await;
+            assert_eq!(s, 200);
+            let id = h["x-request-id"].to_str().unwrap().to_string();
+            admin_json(&format!("{adm}/routing/explain/{id}")).await
+        }
+    };
+    // The simulator's /tokenize as vLLM's: the chat template with or
+    // without the generation prompt.
+    let tokenize = |gen: bool| {
+        serde_json::json!({"model": "m", "add_generation_prompt": gen,
+            "messages": [{"role": "system", "content": system}]})
+        .to_string()
+    };
+    let ids = |b: bytes::Bytes| -> Vec<u32> {
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        serde_json::from_value(v["tokens"].clone()).unwrap()
+    };
+    let (s, _, without) = post(&fleet.urls()[0], "/tokenize", &tokenize(false)).await;
+    assert_eq!(s, 200);
+    let (_, _, with) = post(&fleet.urls()[0], "/tokenize", &tokenize(true)).await;
+    let (without, with) = (ids(without), ids(with));
+    assert_eq!(
+        without,
+        tokenizer::token_ids(&format!("<|system|>\n{system}\n"))
+    );
+    // The gateway's token rule (which the simulator shares) may join the
+    // message's closing newline with the next role line: all but the last
+    // id agree (a real template closes a message with a special token).
+    assert!(with.len() > without.len() && with.starts_with(&without[..without.len() - 1]));
+    let first = send(chat("first question")).await;
+    let cands = first["decision"]["candidates"].as_array().unwrap();
+    assert!(
+        cands.iter().all(|c| c["prefix_index"] == "approximate"),
+        "no ids fetched yet: {first}"
+    );
+    // Both prefixes (the system message, the whole conversation) arrive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tokens = loop {
+        let v = admin_json(&format!("{admin}/routing")).await;
+        let t = v["routes"][0]["view"]["engine_tokens"].clone();
+        if t["entries"].as_u64() >= Some(2) || Instant::now() > deadline {
+            break t;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(tokens["entries"], 2, "{tokens}");
+    assert_eq!(
+        (tokens["misses"].as_u64(), tokens["errors"].as_u64()),
+        (Some(1), Some(0))
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = send(chat("another user's question")).await;
+    let d = &second["decision"];
+    let cands = d["candidates"].as_array().unwrap();
+    assert!(
+        cands.iter().all(|c| c["prefix_index"] == "precise"),
+        "{second}"
+    );
+    // The engine's ids of the rendered system message, without the
+    // generation prompt: its full blocks are what the holder has.
+    let sys_ids = tokenizer::token_ids(&format!("<|system|>\n{system}\n"));
+    let best = cands
+        .iter()
+        .max_by_key(|c| c["matched_blocks"].as_u64())
+        .unwrap();
+    assert_eq!(
+        best["matched_blocks"].as_u64(),
+        Some((sys_ids.len() / BS) as u64),
+        "{second}"
+    );
+    assert_eq!(d["chosen"], first["decision"]["chosen"], "{second}");
+    assert_eq!(d["chosen"], best["replica"]);
+    gw.shutdown().await;
+    fleet.shutdown().await;
 }

@@ -146,23 +146,132 @@ async fn get_json(url: &str) -> serde_json::Value {
     serde_json::from_slice(&body).unwrap_or_default()
 }
 
-#[tokio::test]
-#[ignore = "needs llama-server: bash loadtest/llama_server.sh build"]
-async fn shared_prefix_chats_stick_to_the_llama_server_holding_their_prompt() {
+/// The server binary and model, or `None` (the test is skipped, saying why)
+/// when they are not built and CI does not require them.
+fn llama_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     let skip = std::env::var("INFERGATE_SKIP_LLAMA").as_deref() == Ok("1");
-    let (server, model) = match llama_paths() {
-        Ok(p) => p,
+    match llama_paths() {
+        Ok(p) => Some(p),
         Err(why) => {
             // CI without the cached build (too long to build within its budget)
             // says so explicitly; otherwise CI requires the tool.
             if !skip && std::env::var("INFERGATE_REQUIRE_EXTERNAL").as_deref() == Ok("1") {
                 panic!("required external tool missing: {why}");
             }
-            eprintln!(
-                "SKIPPED shared_prefix_chats_stick_to_the_llama_server_holding_their_prompt: {why}"
-            );
-            return;
+            eprintln!("SKIPPED {test}: {why}");
+            None
         }
+    }
+}
+
+async fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value {
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap_or_default()
+}
+
+/// The precise index's engine token ids (`kv_events.tokenize: {api:
+/// llama_cpp}`) against a real llama-server: the ids fetched for a
+/// conversation (template without the generation prompt, then tokenize)
+/// are a prefix of the ids the server evaluates for that chat (their count
+/// is the chat answer's `usage.prompt_tokens` once the generation prompt is
+/// added), and the system message's ids a prefix of the conversation's.
+#[tokio::test]
+#[ignore = "needs llama-server: bash loadtest/llama_server.sh build"]
+async fn engine_token_ids_from_llama_server_are_the_ids_it_evaluates() {
+    use infergate_core::discovery::{Endpoint, Update};
+    use infergate_core::pool::Pool;
+    use infergate_core::routing::kv_events::{EngineTokens, TokenizeApi, TokenizeConfig};
+    use infergate_protocol::prompt::{render_chat, ChatMessage};
+    use std::sync::Arc;
+
+    let Some((server, model)) = llama_or_skip("engine_token_ids_from_llama_server") else {
+        return;
+    };
+    let (_replicas, urls) = start_replicas(&server, &model, 1).await;
+    let pool = Arc::new(Pool::new("p", infergate_protocol::EngineKind::LlamaCpp));
+    pool.apply(Update::Reset(vec![Endpoint::from_url(&urls[0]).unwrap()]));
+    let tokens = Arc::new(EngineTokens::new(TokenizeConfig {
+        api: TokenizeApi::LlamaCpp,
+        cache_entries: 16,
+        queue: 8,
+        max_in_flight: 2,
+        timeout_ms: 30_000,
+    }));
+    let run = tokio::spawn(tokens.clone().run(pool.clone()));
+    let msgs = serde_json::json!([
+        {"role": "system", "content": "You are the support assistant of a shop. ".repeat(10)},
+        {"role": "user", "content": "Where is my order?"}
+    ]);
+    let parsed: Vec<ChatMessage> = serde_json::from_value(msgs.clone()).unwrap();
+    let rendered = render_chat(&parsed);
+    let rendered_sys = render_chat(&parsed[..1]);
+    assert!(
+        tokens.lookup("m", &rendered).is_none(),
+        "nothing fetched yet"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (conv, sys) = loop {
+        let conv = tokens.lookup("m", &rendered);
+        let sys = tokens.lookup("m", &rendered_sys);
+        match (conv, sys) {
+            (Some(c), Some(s)) if c.ids().len() > s.ids().len() => break (c, s),
+            _ if Instant::now() > deadline => panic!("not fetched: {:?}", tokens.stats()),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(tokens.stats().errors, 0);
+    assert!(
+        conv.ids().starts_with(sys.ids()),
+        "{:?} / {:?}",
+        conv.ids(),
+        sys.ids()
+    );
+    // What the server evaluates for the chat: the same ids, then the
+    // generation prompt's.
+    let templ = post_json(
+        &format!("{}/apply-template", urls[0]),
+        &serde_json::json!({"messages": msgs}),
+    )
+    .await;
+    let full = post_json(
+        &format!("{}/tokenize", urls[0]),
+        &serde_json::json!({"content": templ["prompt"], "parse_special": true}),
+    )
+    .await;
+    let full: Vec<u32> = full["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert!(full.starts_with(conv.ids()) && full.len() > conv.ids().len());
+    let answer = post_json(
+        &format!("{}/v1/chat/completions", urls[0]),
+        &serde_json::json!({"messages": msgs, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(
+        answer["usage"]["prompt_tokens"].as_u64(),
+        Some(full.len() as u64),
+        "{answer}"
+    );
+    run.abort();
+}
+
+#[tokio::test]
+#[ignore = "needs llama-server: bash loadtest/llama_server.sh build"]
+async fn shared_prefix_chats_stick_to_the_llama_server_holding_their_prompt() {
+    let Some((server, model)) =
+        llama_or_skip("shared_prefix_chats_stick_to_the_llama_server_holding_their_prompt")
+    else {
+        return;
     };
     let (_replicas, urls) = start_replicas(&server, &model, 2).await;
     let eps: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();

@@ -35,6 +35,10 @@ pub fn push_content_text(content: &Value, out: &mut String) {
     }
 }
 
+/// What [`render_chat`] ends with: the assistant's turn opening (a chat
+/// template's generation prompt).
+pub const GENERATION_PROMPT: &str = "<|assistant|>\n";
+
 /// Renders chat messages into the prompt text the engine would tokenize.
 pub fn render_chat(messages: &[ChatMessage]) -> String {
     let mut out = String::with_capacity(
@@ -46,7 +50,7 @@ pub fn render_chat(messages: &[ChatMessage]) -> String {
     for m in messages {
         push_message(&m.role, &m.content, &mut out);
     }
-    out.push_str("<|assistant|>\n");
+    out.push_str(GENERATION_PROMPT);
     out
 }
 

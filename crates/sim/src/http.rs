@@ -22,6 +22,7 @@ use super::wire::{self, ApiKind, GenRequest, SseFramer};
 use infergate_protocol::error::ApiError;
 use infergate_protocol::prompt::{
     render_anthropic, render_chat, render_completion_prompt, render_pair, render_responses,
+    GENERATION_PROMPT as CHAT_GENERATION_PROMPT,
 };
 use infergate_protocol::tokenizer;
 use infergate_protocol::EngineKind;
@@ -176,8 +177,18 @@ async fn route(
         }
         "/model_info" | "/get_model_info" if get => json_response(StatusCode::OK, &model_info(rep)),
         "/tokenize" if post => {
+            // vLLM's: `messages` through the chat template (the generation
+            // prompt unless `add_generation_prompt: false`) or `prompt`; the
+            // ids are those the engine caches, so the gateway keys its
+            // precise index from them (`routing.kv_events.tokenize`).
             let body = read_body(req).await?;
-            let (_, text) = prompt_of(&wire::parse::<GenRequest>(&body)?, None)?;
+            let r = wire::parse::<GenRequest>(&body)?;
+            let (kind, mut text) = prompt_of(&r, None)?;
+            if kind == ApiKind::Chat && r.add_generation_prompt == Some(false) {
+                if let Some(n) = text.strip_suffix(CHAT_GENERATION_PROMPT).map(str::len) {
+                    text.truncate(n);
+                }
+            }
             let tokens = tokenizer::token_ids(&text);
             json_response(
                 StatusCode::OK,

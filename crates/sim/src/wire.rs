@@ -66,6 +66,10 @@ pub(crate) struct GenRequest {
     pub prompt: Option<Value>,
     #[serde(default)]
     pub max_tokens: Option<i64>,
+    /// `/tokenize` with `messages`: whether the chat template ends with the
+    /// assistant's turn opening (vLLM's default: true).
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
     #[serde(default)]
     pub max_completion_tokens: Option<i64>,
     #[serde(default)]

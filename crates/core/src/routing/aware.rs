@@ -34,7 +34,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::config::{FilterName, RoutingConfig};
 use super::framework::{Candidate, Ctx, Fixed};
-use super::kv_events::{key_seed, KvEventsConfig, PreciseIndex};
+use super::kv_events::{key_seed, EngineTokens, KvEventsConfig, PreciseIndex};
 use super::pipeline::{FilterOutcome, Pipeline};
 use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
@@ -142,10 +142,14 @@ impl InferenceAware {
     pub fn new(cfg: RoutingConfig) -> Self {
         InferenceAware {
             pipeline: Pipeline::new(&cfg.filters, &cfg.scorers),
-            precise: cfg
-                .kv_events
-                .as_ref()
-                .map(|_| Arc::new(PreciseIndex::new())),
+            precise: cfg.kv_events.as_ref().map(|k| {
+                Arc::new(match &k.tokenize {
+                    Some(t) => {
+                        PreciseIndex::with_engine_tokens(Arc::new(EngineTokens::new(t.clone())))
+                    }
+                    None => PreciseIndex::new(),
+                })
+            }),
             cfg,
             index: PrefixIndex::new(),
             mean_uncached: AtomicU64::new(0f64.to_bits()),
@@ -201,7 +205,7 @@ impl InferenceAware {
             self.cfg.prefix.max_blocks as usize,
         );
         match &self.precise {
-            Some(p) if p.block_size() as usize == bs => {
+            Some(p) if p.block_size() as usize == bs && p.engine_tokens().is_none() => {
                 req.block_hashes_with_keys(bs, max, key_seed(req.lora))
             }
             _ => req.block_hashes(bs, max),
@@ -232,17 +236,34 @@ impl InferenceAware {
             let bs = self.block_size() as usize;
             // The same token horizon as the approximate index; no block size
             // known yet (no event): no keys, every live replica matches 0.
-            let keys = match (self.cfg.prefix.max_blocks as usize * bs).checked_div(engine_bs) {
-                Some(max) => req.token_block_keys(engine_bs, key_seed(req.lora), max),
-                None => Cow::Borrowed(&[][..]),
+            let max = (self.cfg.prefix.max_blocks as usize * bs).checked_div(engine_bs);
+            let seed = key_seed(req.lora);
+            let entry;
+            let keys = match (precise.engine_tokens(), max) {
+                (Some(tokens), _) => {
+                    // The engine's own ids, when a prefix of this prompt was
+                    // fetched; else the approximate index answers (and the
+                    // prefixes are queued for fetching).
+                    entry = tokens.lookup(req.model, req.prompt_text);
+                    match (&entry, max) {
+                        (Some(e), Some(max)) => e.keys(engine_bs, seed, max),
+                        (Some(_), None) => Cow::Borrowed(&[][..]),
+                        (None, _) => return matched,
+                    }
+                }
+                (None, Some(max)) => req.token_block_keys(engine_bs, seed, max),
+                (None, None) => Cow::Borrowed(&[][..]),
             };
             precise.longest_prefix(&keys, |key, engine_blocks| {
                 if let Some(i) = position(key) {
                     let ours = (engine_blocks as usize * engine_bs / bs).min(hashes.len());
-                    matched[i] = Matched {
-                        blocks: ours as u32,
-                        precise: true,
-                    };
+                    matched[i].blocks = ours as u32;
+                    matched[i].precise = true;
+                }
+            });
+            precise.held_blocks(|key, held| {
+                if let Some(i) = position(key) {
+                    matched[i].held_tokens = Some(u64::from(held) * engine_bs as u64);
                 }
             });
         }
@@ -479,6 +500,11 @@ impl InferenceAware {
                 load_requests: own_requests.max(running + waiting),
                 placement_load,
                 token_load: r.load.tokens() as f64,
+                free_tokens: matched[idx].held_tokens.and_then(|held| {
+                    fresh_sig
+                        .and_then(|s| s.cache_tokens())
+                        .map(|t| t.saturating_sub(held))
+                }),
                 queued_prefill: r.load.prefill_tokens() as f64,
                 est_ttft_ms: 0.0,
                 lora_tier,
@@ -682,6 +708,9 @@ impl Picker for InferenceAware {
             obj.insert("index".into(), json!(self.index.stats()));
             if let Some(p) = &self.precise {
                 obj.insert("precise_index".into(), json!(p.stats()));
+                if let Some(t) = p.engine_tokens() {
+                    obj.insert("engine_tokens".into(), json!(t.stats()));
+                }
             }
             obj.insert(
                 "decisions".into(),
@@ -717,11 +746,13 @@ impl Picker for InferenceAware {
     }
 }
 
-/// Leading prompt blocks a replica holds, and whether the precise index said so.
+/// Leading prompt blocks a replica holds, whether the precise index said so,
+/// and how many tokens its engine said it holds in all.
 #[derive(Debug, Clone, Copy, Default)]
 struct Matched {
     blocks: u32,
     precise: bool,
+    held_tokens: Option<u64>,
 }
 
 /// Per replica: own load, last signals and (for the aware picker) indexed

@@ -33,6 +33,9 @@ pub(super) struct Candidate {
     pub placement_load: f64,
     /// Own estimated tokens in flight.
     pub token_load: f64,
+    /// Tokens the replica's KV cache has free (its blocks less those its
+    /// engine reported holding, from the precise index); `None` unknown.
+    pub free_tokens: Option<u64>,
     pub queued_prefill: f64,
     pub est_ttft_ms: f64,
     /// LoRA: 3 adapter in use on the engine (running or waiting requests), 2
@@ -158,6 +161,7 @@ pub(crate) mod test_support {
             load_requests: 0.0,
             placement_load: 0.0,
             token_load: 0.0,
+            free_tokens: None,
             queued_prefill: 0.0,
             est_ttft_ms: 0.0,
             lora_tier: 0,

@@ -46,6 +46,14 @@ pub struct StickyConfig {
     /// The margin is this many times the prefill time the cached prefix saves
     /// (the value of keeping the group together for the next requests too).
     pub margin_per_saved: f64,
+    /// Added to `margin_per_saved` when leaving would copy the prefix into
+    /// a full cache (the precise index knows each engine's free blocks): the
+    /// copy evicts as much of other cached prefixes, which later requests
+    /// prefill again, and the group keeps two warm homes, halving the
+    /// cache's reach for it. Off (0) by default: on the side-by-side
+    /// benchmark 2.0 moved the hit rate by less than the run-to-run noise
+    /// (docs/benchmarks/2026-12-06-kv-events-side-by-side.md, session 8).
+    pub margin_per_evicted: f64,
     /// ... but never more than this many milliseconds.
     pub max_margin_ms: f64,
 }
@@ -55,6 +63,7 @@ impl Default for StickyConfig {
         StickyConfig {
             min_match_ratio: 0.8,
             margin_per_saved: 1.0,
+            margin_per_evicted: 0.0,
             max_margin_ms: 2000.0,
         }
     }

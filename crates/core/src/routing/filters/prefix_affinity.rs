@@ -10,6 +10,13 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 /// than the margin (the prefill time the prefix saves, scaled, capped); then
 /// drop them (spill), so `rendezvous` sends the overflow of one prefix to the
 /// same next replica from every gateway rather than scattering copies.
+///
+/// The margin grows by `margin_per_evicted` (off by default) times the saved
+/// time when the holder's prefix is known from its engine's events and the
+/// colder replica's cache has no room for the copy: under cache pressure
+/// every spill evicts other prefixes and leaves the group two homes. The
+/// approximate index's matches may be stale, and a cache with free blocks
+/// loses nothing to a copy, so neither gets the extra margin.
 #[derive(Debug)]
 pub(crate) struct PrefixAffinity;
 
@@ -34,15 +41,35 @@ impl Filter for PrefixAffinity {
         let saved_tokens =
             (u64::from(best) * u64::from(ctx.block_size)).min(u64::from(ctx.req.prompt_tokens));
         let saved_ms = saved_tokens as f64 / ctx.prefill_rate * 1000.0;
-        let margin = (ctx.sticky.margin_per_saved * saved_ms).min(ctx.sticky.max_margin_ms);
+        let precise_holder = cands
+            .iter()
+            .any(|c| c.alive && c.precise && c.matched_blocks >= threshold);
+        // The colder replica the request would leave for: its cache's room.
+        let evicts = precise_holder
+            && cands
+                .iter()
+                .filter(|c| c.alive && c.matched_blocks < threshold && !c.saturated)
+                .min_by(|a, b| a.est_ttft_ms.total_cmp(&b.est_ttft_ms))
+                .is_some_and(|c| {
+                    c.free_tokens
+                        .is_some_and(|f| f < u64::from(c.uncached_tokens))
+                });
+        let per_saved = ctx.sticky.margin_per_saved
+            + if evicts {
+                ctx.sticky.margin_per_evicted
+            } else {
+                0.0
+            };
+        let margin = (per_saved * saved_ms).min(ctx.sticky.max_margin_ms);
         let stick = sticky_ttft <= cold_ttft + margin;
         if ctx.explain {
             let _ = write!(
                 detail,
-                "best prefix {best} blocks; sticky est TTFT {} ms vs colder {} ms, margin {} ms: {}",
+                "best prefix {best} blocks; sticky est TTFT {} ms vs colder {} ms, margin {} ms{}: {}",
                 Fixed(sticky_ttft, 1),
                 Fixed(cold_ttft, 1),
                 Fixed(margin, 1),
+                if evicts { " (the copy would evict)" } else { "" },
                 if stick { "stay" } else { "leave (spill)" }
             );
         }
@@ -91,6 +118,39 @@ mod tests {
         assert_eq!(o.dropped, 1);
         assert!(o.detail.contains("leave"), "{}", o.detail);
         assert!(!cs[0].alive && cs[1].alive);
+        // Known to be held (events) and the colder cache is full: leaving
+        // would evict as much elsewhere, so (with `margin_per_evicted` 2)
+        // the margin is 3x the saved time.
+        let mut cfg = RoutingConfig::default();
+        cfg.sticky.margin_per_evicted = 2.0;
+        let ctx = ctx_for(&cfg, None, 1000);
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].matched_blocks = 50;
+        cs[0].precise = true;
+        cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
+        cs[1].est_ttft_ms = 62.5;
+        cs[1].uncached_tokens = 1000;
+        cs[1].free_tokens = Some(999);
+        let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive, "{}", o.detail);
+        assert!(o.detail.contains("evict"), "{}", o.detail);
+        cs[0].est_ttft_ms = 62.5 + 150.0 + 1.0;
+        cs[0].alive = true;
+        cs[1].alive = true;
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(!cs[0].alive && cs[1].alive);
+        // ... not when the colder cache has room, nor unknown room.
+        for free in [Some(1000), None] {
+            let mut cs = vec![cand(0), cand(1)];
+            cs[0].matched_blocks = 50;
+            cs[0].precise = true;
+            cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
+            cs[1].est_ttft_ms = 62.5;
+            cs[1].uncached_tokens = 1000;
+            cs[1].free_tokens = free;
+            apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+            assert!(!cs[0].alive && cs[1].alive, "{free:?}");
+        }
         // Near-longest matches are sticky too.
         let mut cs = vec![cand(0), cand(1), cand(2)];
         cs[0].matched_blocks = 50;

@@ -27,6 +27,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use infergate_protocol::tokenizer::token_block_key;
 
 use super::decode::KvEvent;
+use super::engine_tokens::EngineTokens;
 use crate::routing::prefix_index::U64Map;
 
 /// Salt of keys chained from a parent the replica no longer holds.
@@ -129,11 +130,26 @@ pub struct PreciseStats {
 #[derive(Debug, Default)]
 pub struct PreciseIndex {
     inner: RwLock<Inner>,
+    /// The engine token ids requests are keyed from (`kv_events.tokenize`),
+    /// fetched by the task that follows the pool's events.
+    tokens: Option<Arc<EngineTokens>>,
 }
 
 impl PreciseIndex {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An index whose requests are keyed from the engine's token ids.
+    pub fn with_engine_tokens(tokens: Arc<EngineTokens>) -> Self {
+        PreciseIndex {
+            tokens: Some(tokens),
+            ..Self::default()
+        }
+    }
+
+    pub fn engine_tokens(&self) -> Option<&Arc<EngineTokens>> {
+        self.tokens.as_ref()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -240,6 +256,16 @@ impl PreciseIndex {
                     .take_while(|k| inner.blocks.get(k).is_some_and(|h| h.has(i as u16)))
                     .count();
                 f(key, n as u32);
+            }
+        }
+    }
+
+    /// For each live replica, calls `f(key, blocks its engine holds)`.
+    pub fn held_blocks(&self, mut f: impl FnMut(&Arc<str>, u32)) {
+        let inner = self.read();
+        for s in &inner.slots {
+            if let (true, Some(key)) = (s.live, &s.key) {
+                f(key, s.engine.len().min(u32::MAX as usize) as u32);
             }
         }
     }

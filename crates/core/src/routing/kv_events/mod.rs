@@ -2,7 +2,9 @@
 //! `--kv-events-config`, SGLang's `--kv-events-config`): `decode` reads a
 //! batch in either msgpack encoding, `index` keeps exactly which blocks each
 //! replica holds, `subscriber` follows each replica's ZMQ stream (replaying
-//! gaps, detecting restarts and staleness). The inference-aware picker asks
+//! gaps, detecting restarts and staleness), `engine_tokens` fetches the
+//! engine's own token ids for prompts (so request keys match the engine's).
+//! The inference-aware picker asks
 //! the precise index first and the approximate one for replicas whose events
 //! are absent or stale.
 //!
@@ -12,6 +14,7 @@
 //! would have core as its only user.
 
 mod decode;
+mod engine_tokens;
 mod index;
 mod subscriber;
 
@@ -20,6 +23,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use decode::{decode_batch, DecodeError, KvEvent, KvEventBatch};
+pub use engine_tokens::{EngineTokens, EngineTokensStats, TokenizeApi, TokenizeConfig};
 pub use index::{key_seed, PreciseIndex, PreciseStats};
 pub use subscriber::{follow_pool, KvEventsHandle};
 
@@ -49,6 +53,11 @@ pub struct KvEventsConfig {
     /// the port rules (replicas sharing a host, such as a static pool of
     /// simulated replicas started with ephemeral ports).
     pub endpoints: BTreeMap<String, ReplicaEvents>,
+    /// Where the prompt's token ids come from: unset, the gateway's own
+    /// token rule (right for `infergate sim` only); set, the engine's own
+    /// tokenizer and chat template, asked off the request path
+    /// (`engine_tokens`). Real engines need it.
+    pub tokenize: Option<TokenizeConfig>,
 }
 
 /// One replica's event endpoints, `tcp://host:port`.
@@ -72,6 +81,7 @@ impl Default for KvEventsConfig {
             heartbeat_ms: 1000,
             replay_timeout_ms: 500,
             endpoints: BTreeMap::new(),
+            tokenize: None,
         }
     }
 }

@@ -11,8 +11,14 @@
 //! - a sequence behind the expected one, outside a just-replayed range, means
 //!   the engine restarted (its sequence starts again at 0): the replica is
 //!   cleared and followed anew; so is an `AllBlocksCleared`;
-//! - with no message for `heartbeat_ms`, a replay from the next sequence is a
-//!   heartbeat: the publisher answers (possibly with missed batches) or not.
+//! - with no message for `heartbeat_ms`, a replay from the last sequence
+//!   applied is a heartbeat (a probe): the publisher answers (possibly with
+//!   missed batches) or not. The same publisher still buffers that batch; one
+//!   whose answer lacks it started its sequence over, so the engine restarted
+//!   with an empty cache even if it has stored nothing since (it sends no
+//!   event until it does): the replica is cleared then, within a heartbeat,
+//!   not at its first new event. A reconnect after the stream broke probes the
+//!   same way before trusting the old entries.
 //!
 //! A replica is *live* (its entries route) while its stream is confirmed
 //! within `stale_after_ms`; without a replay socket, also while it has been
@@ -63,6 +69,15 @@ pub fn follow_pool(
     }
 }
 
+/// Aborts a task when dropped.
+struct TaskGuard(JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Aborts the replica tasks when the supervisor is aborted.
 struct Tasks(HashMap<Arc<str>, (Arc<Replica>, JoinHandle<()>)>);
 
@@ -76,6 +91,10 @@ impl Drop for Tasks {
 
 async fn supervise(pool: Arc<Pool>, index: Arc<PreciseIndex>, cfg: KvEventsConfig) {
     let mut tasks = Tasks(HashMap::new());
+    // The engine-token fetcher lives as long as the subscribers.
+    let _tokens = index
+        .engine_tokens()
+        .map(|t| TaskGuard(tokio::spawn(t.clone().run(pool.clone()))));
     let mut membership = pool.subscribe();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -151,6 +170,8 @@ struct Stream {
     expected: Option<u64>,
     /// Sequences just delivered by a replay (the SUB socket may repeat them).
     replayed: Option<(u64, u64)>,
+    /// The first sequence of the last replay's answer.
+    reply_first: Option<u64>,
     last_confirm: Instant,
     started_at_confirm: u64,
     /// When a request was first sent since the last confirmation.
@@ -173,6 +194,9 @@ async fn follow(
     };
     let stale_after = Duration::from_millis(cfg.stale_after_ms.max(1));
     let heartbeat = Duration::from_millis(cfg.heartbeat_ms.max(1));
+    // Carried over reconnects: the entries applied so far are checked by a
+    // probe, not trusted blindly nor dropped.
+    let mut expected = None;
     loop {
         index.set_live(&key, false);
         let mut sub = SubSocket::new();
@@ -187,8 +211,9 @@ async fn follow(
             index: index.clone(),
             pool: pool.to_string(),
             replica: replica.clone(),
-            expected: None,
+            expected,
             replayed: None,
+            reply_first: None,
             last_confirm: Instant::now(),
             started_at_confirm: replica.load.started(),
             unconfirmed_since: None,
@@ -196,8 +221,10 @@ async fn follow(
             replay_ep: replay_ep.clone(),
             replay_timeout: Duration::from_millis(cfg.replay_timeout_ms.max(1)),
         };
-        // What the engine cached before we listened, as far as its buffer goes.
-        if st.replay_ep.is_some() && !st.replay(0).await {
+        // What the engine cached before we listened, as far as its buffer
+        // goes; after a reconnect, whether it is still the same publisher.
+        if st.replay_ep.is_some() && !st.probe().await {
+            expected = st.expected;
             tokio::time::sleep(RECONNECT).await;
             continue;
         }
@@ -219,13 +246,13 @@ async fn follow(
                 _ = tick.tick() => {
                     let quiet = st.last_confirm.elapsed();
                     if quiet >= heartbeat && st.replay_ep.is_some() {
-                        let from = st.expected.unwrap_or(0);
-                        st.replay(from).await;
+                        st.probe().await;
                     }
                     st.judge(stale_after);
                 }
             }
         }
+        expected = st.expected;
     }
 }
 
@@ -322,6 +349,34 @@ impl Stream {
         self.confirm();
     }
 
+    /// The heartbeat: replays from the last batch applied (from 0 before
+    /// any). A publisher that answers without that batch has started its
+    /// sequence over (vLLM's keeps its last `buffer_steps` batches, so the
+    /// same process still has it): the engine restarted and its cache is
+    /// empty, whatever it has published since. The replica is cleared and
+    /// followed anew from the new publisher's buffer. True when the publisher
+    /// answered.
+    async fn probe(&mut self) -> bool {
+        let Some(last) = self.expected.and_then(|e| e.checked_sub(1)) else {
+            return self.replay(0).await;
+        };
+        let answered = self.replay(last).await;
+        match self.reply_first {
+            Some(f) if f == last => return answered,
+            None if !answered => return false,
+            // An empty answer, or one starting later (the batch fell out of
+            // the buffer: what it and those before it stored is unknown).
+            _ => {}
+        }
+        tracing::info!(replica = %self.key, last, "kv events: the publisher no longer has the last batch applied (engine restarted): replica cleared");
+        metrics::counter!("infergate_kv_events_restarts_total", "pool" => self.pool.clone())
+            .increment(1);
+        self.index.clear_replica(&self.key);
+        self.expected = None;
+        self.replayed = None;
+        self.replay(0).await
+    }
+
     /// Asks the replay socket for every batch from `from` on and applies
     /// those not yet applied. True when the publisher answered to the end.
     async fn replay(&mut self, from: u64) -> bool {
@@ -339,6 +394,7 @@ impl Stream {
     }
 
     async fn replay_inner(&mut self, ep: &str, from: u64) -> bool {
+        self.reply_first = None;
         if self.dealer.is_none() {
             let mut d = DealerSocket::new();
             if !matches!(
@@ -378,6 +434,7 @@ impl Stream {
         }
         let first = got.first().map(|(s, _)| *s);
         let last = got.last().map(|(s, _)| *s);
+        self.reply_first = first;
         // From 0 (catching up at start or after a restart): whatever the
         // buffer still has. Otherwise it must start where we asked.
         if from > 0 && first.is_some_and(|f| f > from) {
