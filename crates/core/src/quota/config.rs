@@ -145,6 +145,18 @@ pub struct RedisConfig {
     /// on their own.
     #[serde(default = "RedisConfig::default_flush", with = "units::duration")]
     pub flush_interval: Duration,
+    /// How long a slice of allowance leased from Redis may admit requests
+    /// before it is renewed (renewal starts off the request path at half
+    /// of it); `0s` turns leases off (one Redis call per request).
+    #[serde(
+        default = "RedisConfig::default_lease_max_age",
+        with = "units::duration"
+    )]
+    pub lease_max_age: Duration,
+    /// A lease not used for this long goes back to Redis (its unused
+    /// allowance is then free for the other replicas).
+    #[serde(default = "RedisConfig::default_lease_idle", with = "units::duration")]
+    pub lease_idle: Duration,
     /// The default of every quota's `when_redis_down`.
     #[serde(default)]
     pub when_down: DownPolicy,
@@ -175,6 +187,12 @@ impl RedisConfig {
     }
     fn default_flush() -> Duration {
         Duration::from_millis(20)
+    }
+    fn default_lease_max_age() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_lease_idle() -> Duration {
+        Duration::from_millis(100)
     }
     fn default_share() -> f64 {
         1.0

@@ -66,6 +66,13 @@ pub trait SharedCounters: Send + Sync + std::fmt::Debug {
     /// `limit`, adds them all; else adds nothing. One round trip, which also
     /// carries the settlements queued since the last one.
     fn reserve<'a>(&'a self, ops: &'a [CounterOp]) -> ReserveFuture<'a>;
+    /// Admits `ops` from allowance this replica already leased from the
+    /// shared store, with no round trip: the counters' estimated values
+    /// after adding, or `None` when some counter has no lease with room
+    /// (then [`SharedCounters::reserve`] decides).
+    fn try_local(&self, _ops: &[CounterOp], _now_ms: u64) -> Option<Vec<i64>> {
+        None
+    }
     /// Queues `delta` for the op's counter (sent with the next reservation or
     /// within the flush interval); never waits.
     fn settle(&self, op: &CounterOp, delta: i64);

@@ -181,27 +181,34 @@ impl QuotaStore {
         };
         let (verdict, source) = match backend {
             None => (self.inner.local.reserve(&ops, |_| 1.0, now), Source::Local),
-            Some((b, timeout)) => match shared(&**b, &ops, timeout).await {
-                Some(v) => {
-                    self.inner.degraded.store(false, Ordering::Relaxed);
-                    (v, Source::Shared)
-                }
-                None => {
-                    self.inner.degraded.store(true, Ordering::Relaxed);
-                    if let Some(rules) = owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
-                    {
-                        metrics().closed.increment(1);
-                        return Err(Refusal::unavailable(rules));
+            Some((b, timeout)) => match b.try_local(&ops, now) {
+                // From this replica's leased allowance: no round trip.
+                Some(values) => (Verdict::Admitted(values), Source::Shared),
+                None => match shared(&**b, &ops, timeout).await {
+                    Some(v) => {
+                        if self.inner.degraded.load(Ordering::Relaxed) {
+                            self.inner.degraded.store(false, Ordering::Relaxed);
+                        }
+                        (v, Source::Shared)
                     }
-                    let share = |i: usize| match owners[i].when_down {
-                        WhenDown::FailOpen { local_share } => local_share,
-                        WhenDown::FailClosed => 0.0,
-                    };
-                    (
-                        self.inner.fallback.reserve(&ops, share, now),
-                        Source::Fallback,
-                    )
-                }
+                    None => {
+                        self.inner.degraded.store(true, Ordering::Relaxed);
+                        if let Some(rules) =
+                            owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
+                        {
+                            metrics().closed.increment(1);
+                            return Err(Refusal::unavailable(rules));
+                        }
+                        let share = |i: usize| match owners[i].when_down {
+                            WhenDown::FailOpen { local_share } => local_share,
+                            WhenDown::FailClosed => 0.0,
+                        };
+                        (
+                            self.inner.fallback.reserve(&ops, share, now),
+                            Source::Fallback,
+                        )
+                    }
+                },
             },
         };
         let m = metrics();
