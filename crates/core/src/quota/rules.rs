@@ -4,9 +4,11 @@
 //! per config; a request only looks its caller up.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use super::config::{QuotaSpec, QuotasConfig, WhenDown};
+use super::counters::{LocalSlot, SLOT_LIMIT_MAX};
 use super::window::Window;
 use crate::admission::Priority;
 
@@ -120,6 +122,9 @@ pub struct Rules {
     /// The share of each limit a band may fill, by `Priority as usize`.
     bands: [f64; 3],
     pub when_down: WhenDown,
+    /// Local mode's counters, one per limit (`None`: the rules serve scopes
+    /// made up per request, `default_team`, which count in the map).
+    slots: Option<Arc<[AtomicU64]>>,
 }
 
 impl Rules {
@@ -163,6 +168,31 @@ impl Rules {
             limits,
             bands,
             when_down: WhenDown::resolve(spec.when_redis_down, spec.local_share, when_down),
+            slots: None,
+        }
+    }
+
+    fn with_slots(mut self) -> Rules {
+        self.slots = Some(LocalSlot::new_set(self.limits.len()));
+        self
+    }
+
+    /// Local mode's counter of limit `i`, if it has one.
+    pub fn slot(&self, i: usize) -> Option<LocalSlot> {
+        let set = self.slots.as_ref()?;
+        (self.limits.get(i)?.amount < SLOT_LIMIT_MAX).then(|| LocalSlot::of(set, i))
+    }
+
+    /// Takes over `old`'s counts of the limits both have.
+    fn carry_from(&self, old: &Rules) {
+        for (i, l) in self.limits.iter().enumerate() {
+            let j = old
+                .limits
+                .iter()
+                .position(|o| o.dim == l.dim && o.window == l.window);
+            if let (Some(new), Some(old)) = (self.slot(i), j.and_then(|j| old.slot(j))) {
+                new.copy_from(&old);
+            }
         }
     }
 
@@ -199,7 +229,7 @@ impl QuotaTable {
                     .filter(|(_, s)| !s.is_empty())
                     .map(|(name, spec)| {
                         let scope: Arc<str> = format!("{prefix}:{name}").into();
-                        let rules = Arc::new(Rules::new(kind, name, spec, when_down));
+                        let rules = Arc::new(Rules::new(kind, name, spec, when_down).with_slots());
                         (Box::from(name.as_str()), (scope, rules))
                     })
                     .collect()
@@ -217,6 +247,34 @@ impl QuotaTable {
 
     pub fn is_empty(&self) -> bool {
         self.teams.is_empty() && self.keys.is_empty() && self.default_team.is_none()
+    }
+
+    /// Local mode's counter of `scope`'s limit (`t:NAME`, `k:NAME`).
+    pub fn slot_of(&self, scope: &str, dim: Dim, window: Window) -> Option<LocalSlot> {
+        let (_, rules) = self
+            .teams
+            .values()
+            .chain(self.keys.values())
+            .find(|(s, _)| &**s == scope)?;
+        let i = rules
+            .limits
+            .iter()
+            .position(|l| l.dim == dim && l.window == window)?;
+        rules.slot(i)
+    }
+
+    /// Takes over the counts a previous config's table holds (local mode).
+    pub fn carry_from(&self, old: &QuotaTable) {
+        let pairs = |new: &HashMap<Box<str>, (Arc<str>, Arc<Rules>)>,
+                     old: &HashMap<Box<str>, (Arc<str>, Arc<Rules>)>| {
+            for (name, (_, rules)) in new {
+                if let Some((_, o)) = old.get(name) {
+                    rules.carry_from(o);
+                }
+            }
+        };
+        pairs(&self.teams, &old.teams);
+        pairs(&self.keys, &old.keys);
     }
 
     /// Whether some limit is a money budget (requests then need a price).

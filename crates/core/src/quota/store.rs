@@ -107,6 +107,7 @@ impl QuotaStore {
             .map(RedisConfig::when_down)
             .unwrap_or_default();
         let table = QuotaTable::new(quotas, when_down);
+        table.carry_from(&self.current.load().table);
         let pricing = table.counts_money().then(|| pricing.clone());
         self.current.store(Arc::new(Snapshot {
             table,
@@ -160,8 +161,9 @@ impl QuotaStore {
         let now = now_ms();
         let mut ops = Vec::with_capacity(8);
         let mut owners: Vec<&Arc<Rules>> = Vec::with_capacity(8);
+        let local_mode = snap.redis.is_none();
         for (scope, rules) in applicable.scopes.iter().flatten() {
-            for limit in &rules.limits {
+            for (i, limit) in rules.limits.iter().enumerate() {
                 let (window_id, expires_at_ms) = limit.window.at(now);
                 ops.push(CounterOp {
                     scope: scope.clone(),
@@ -171,6 +173,7 @@ impl QuotaStore {
                     expires_at_ms,
                     limit: rules.limit_for(limit, band),
                     add: demand.amount(limit.dim),
+                    local: if local_mode { rules.slot(i) } else { None },
                 });
                 owners.push(rules);
             }
@@ -180,7 +183,7 @@ impl QuotaStore {
             None => None,
         };
         let (verdict, source) = match backend {
-            None => (self.inner.local.reserve(&ops, |_| 1.0, now), Source::Local),
+            None => (self.inner.local.reserve_local(&ops, now), Source::Local),
             Some((b, timeout)) => match b.try_local(&ops, now) {
                 // From this replica's leased allowance: no round trip.
                 Some(values) => (Verdict::Admitted(values), Source::Shared),
@@ -259,6 +262,11 @@ impl QuotaStore {
     /// The local counter of a team's limit in the current window (tests).
     pub fn local_value(&self, scope: &str, dim: Dim, window: Window) -> i64 {
         let (window_id, expires_at_ms) = window.at(now_ms());
+        let snap = self.current.load();
+        let local = match &snap.redis {
+            Some(_) => None,
+            None => snap.table.slot_of(scope, dim, window),
+        };
         let op = CounterOp {
             scope: scope.into(),
             dim,
@@ -267,8 +275,9 @@ impl QuotaStore {
             expires_at_ms,
             limit: 0,
             add: 0,
+            local,
         };
-        self.inner.local.value(&op) + self.inner.fallback.value(&op)
+        self.inner.local.value_local(&op) + self.inner.fallback.value(&op)
     }
 }
 
@@ -528,7 +537,7 @@ impl Reserved {
             match (self.source, &backend) {
                 (Source::Shared, Some(b)) => b.settle(op, delta),
                 (Source::Shared, None) => {}
-                (Source::Local, _) => self.inner.local.settle(op, delta),
+                (Source::Local, _) => self.inner.local.settle_local(op, delta),
                 (Source::Fallback, _) => self.inner.fallback.settle(op, delta),
             }
         }
