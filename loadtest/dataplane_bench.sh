@@ -358,6 +358,10 @@ print(f'  infergate-keys (auth on) vs nginx: req/s x{rps:.2f}  SSE x{sse:.2f}  a
 fi
 
 # --- idle streams: the upstream is so slow no token ever comes during the test
+if [[ -n ${PID_OF[quota-redis]:-} ]]; then  # quota_bench.sh divides Redis calls by these
+  echo "quota-redis decisions: $(curl -s "http://127.0.0.1:$QR_ADMIN/metrics" \
+    | awk '/^infergate_quota_decisions_total/ {n += $2} END {print n + 0}')"
+fi
 if (( IDLE_STREAMS <= 0 )); then echo "# logs and raw JSON: $RUN"; exit 0; fi
 echo
 echo "# idle streams: $IDLE_STREAMS open streaming requests through infergate"

@@ -224,6 +224,9 @@ struct Lease {
     /// Settlement deltas not yet sent.
     settle: AtomicI64,
     refilling: AtomicBool,
+    /// The last grant had no slice (near the limit): no refills ahead,
+    /// every request asks Redis.
+    starved: AtomicBool,
     retired: Mutex<bool>,
 }
 
@@ -277,6 +280,7 @@ impl Lease {
         self.base.store(value, Ordering::Relaxed);
         self.granted_at.store(now, Ordering::Relaxed);
         self.taken.store(0, Ordering::Relaxed);
+        self.starved.store(extra <= 0, Ordering::Relaxed);
         true
     }
 
@@ -525,6 +529,7 @@ impl Shared {
                     unit: AtomicU64::new(op.add),
                     settle: AtomicI64::new(0),
                     refilling: AtomicBool::new(false),
+                    starved: AtomicBool::new(false),
                     retired: Mutex::new(false),
                 })
             })
@@ -617,7 +622,10 @@ impl SharedCounters for RedisCounters {
             let half_used = (remaining as u64) < l.cap(now, s.lease_max_age_ms, op.add) / 2;
             let half_old =
                 now.saturating_sub(l.granted_at.load(Ordering::Relaxed)) > s.lease_max_age_ms / 2;
-            if (half_used || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
+            if (half_used || half_old)
+                && !l.starved.load(Ordering::Relaxed)
+                && !l.refilling.swap(true, Ordering::AcqRel)
+            {
                 tokio::spawn(s.clone().refill((*l).clone()));
             }
         }

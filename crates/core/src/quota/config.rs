@@ -300,6 +300,18 @@ impl QuotasConfig {
                     "governance.redis.key_prefix must be a non-empty word".into(),
                 ));
             }
+            if r.lease_max_age > Duration::from_secs(60) {
+                return Err((
+                    "lease_max_age".into(),
+                    "governance.redis.lease_max_age must be at most 60s: it bounds how long a replica admits from a slice without Redis (0s: no leases)".into(),
+                ));
+            }
+            if r.lease_idle.is_zero() || r.lease_idle > Duration::from_secs(60) {
+                return Err((
+                    "lease_idle".into(),
+                    "governance.redis.lease_idle must be in (0, 60s]".into(),
+                ));
+            }
             check_share(r.local_share, "governance.redis")?;
         }
         Ok(())
