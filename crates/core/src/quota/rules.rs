@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::config::{QuotaSpec, QuotasConfig, WhenDown};
 use super::counters::{LocalSlot, SLOT_LIMIT_MAX};
@@ -172,6 +172,18 @@ impl Rules {
         }
     }
 
+    /// The same rules with counters of their own (a team under `default_team`).
+    fn with_own_slots(&self) -> Rules {
+        Rules {
+            kind: self.kind,
+            entry: self.entry.clone(),
+            limits: self.limits.clone(),
+            bands: self.bands,
+            when_down: self.when_down,
+            slots: Some(LocalSlot::new_set(self.limits.len())),
+        }
+    }
+
     fn with_slots(mut self) -> Rules {
         self.slots = Some(LocalSlot::new_set(self.limits.len()));
         self
@@ -213,7 +225,16 @@ pub struct QuotaTable {
     teams: HashMap<Box<str>, (Arc<str>, Arc<Rules>)>,
     keys: HashMap<Box<str>, (Arc<str>, Arc<Rules>)>,
     default_team: Option<Arc<Rules>>,
+    /// `default_team`'s rules per team seen, each with its own counters,
+    /// made on a team's first request (then a read lock, no allocation).
+    default_scopes: RwLock<HashMap<Box<str>, Scoped>>,
 }
+
+type Scoped = (Arc<str>, Arc<Rules>);
+
+/// Teams under `default_team` that get their own counters; beyond, a team
+/// counts in the map (team names may come from a trusted proxy's header).
+const MAX_DEFAULT_SCOPES: usize = 10_000;
 
 /// The rules that apply to one request: its key's, then its team's.
 pub struct Applicable {
@@ -242,6 +263,7 @@ impl QuotaTable {
                 .as_ref()
                 .filter(|s| !s.is_empty())
                 .map(|s| Arc::new(Rules::new(ScopeKind::Team, "default_team", s, when_down))),
+            default_scopes: RwLock::default(),
         }
     }
 
@@ -251,10 +273,15 @@ impl QuotaTable {
 
     /// Local mode's counter of `scope`'s limit (`t:NAME`, `k:NAME`).
     pub fn slot_of(&self, scope: &str, dim: Dim, window: Window) -> Option<LocalSlot> {
+        let defaults = self
+            .default_scopes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let (_, rules) = self
             .teams
             .values()
             .chain(self.keys.values())
+            .chain(defaults.values())
             .find(|(s, _)| &**s == scope)?;
         let i = rules
             .limits
@@ -275,6 +302,14 @@ impl QuotaTable {
         };
         pairs(&self.teams, &old.teams);
         pairs(&self.keys, &old.keys);
+        if self.default_team.is_some() {
+            let old = old.default_scopes.read().unwrap_or_else(|p| p.into_inner());
+            for (team, (_, rules)) in old.iter() {
+                if let Some((_, new)) = self.default_scope(team) {
+                    new.carry_from(rules);
+                }
+            }
+        }
     }
 
     /// Whether some limit is a money budget (requests then need a price).
@@ -292,14 +327,31 @@ impl QuotaTable {
         let key = key.and_then(|k| self.keys.get(k)).cloned();
         let team = match self.teams.get(team) {
             Some(t) => Some(t.clone()),
-            None => self
-                .default_team
-                .as_ref()
-                .map(|r| (Arc::from(format!("t:{team}")), r.clone())),
+            None => self.default_scope(team),
         };
         Applicable {
             scopes: [key, team],
         }
+    }
+
+    /// `default_team`'s scope and rules for `team`.
+    fn default_scope(&self, team: &str) -> Option<Scoped> {
+        let rules = self.default_team.as_ref()?;
+        let lock = &self.default_scopes;
+        if let Some(s) = lock.read().unwrap_or_else(|p| p.into_inner()).get(team) {
+            return Some(s.clone());
+        }
+        let mut w = lock.write().unwrap_or_else(|p| p.into_inner());
+        if w.len() >= MAX_DEFAULT_SCOPES && !w.contains_key(team) {
+            return Some((Arc::from(format!("t:{team}")), rules.clone()));
+        }
+        let s = w.entry(team.into()).or_insert_with(|| {
+            (
+                Arc::from(format!("t:{team}")),
+                Arc::new(rules.with_own_slots()),
+            )
+        });
+        Some(s.clone())
     }
 }
 
@@ -332,6 +384,15 @@ mod tests {
         assert!(other.scopes[0].is_none());
         let (s, r) = other.scopes[1].as_ref().unwrap();
         assert_eq!((&**s, &*r.entry), ("t:ads", "default_team"));
+        // Each team under default_team has its own counters, made once.
+        let again = t.lookup("ads", None).scopes[1].clone().unwrap();
+        assert!(
+            Arc::ptr_eq(r, &again.1),
+            "the second request finds the first's"
+        );
+        let (s2, r2) = t.lookup("maps", None).scopes[1].clone().unwrap();
+        assert_eq!(&*s2, "t:maps");
+        assert!(!Arc::ptr_eq(r, &r2) && r2.slot(0).is_some());
         assert!(QuotaTable::new(&QuotasConfig::default(), WhenDown::FailClosed).is_empty());
     }
 }

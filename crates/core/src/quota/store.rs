@@ -357,39 +357,53 @@ impl RateSnapshot {
 
     /// Writes `x-ratelimit-*` headers (those whose limit is configured).
     pub fn write(&self, h: &mut HeaderMap) {
-        let mut put = |name: &'static str, v: HeaderValue| {
-            h.insert(name, v);
-        };
+        use http::HeaderName as N;
+        const LIMIT_REQUESTS: N = N::from_static("x-ratelimit-limit-requests");
+        const REMAINING_REQUESTS: N = N::from_static("x-ratelimit-remaining-requests");
+        const RESET_REQUESTS: N = N::from_static("x-ratelimit-reset-requests");
+        const LIMIT_TOKENS: N = N::from_static("x-ratelimit-limit-tokens");
+        const REMAINING_TOKENS: N = N::from_static("x-ratelimit-remaining-tokens");
+        const RESET_TOKENS: N = N::from_static("x-ratelimit-reset-tokens");
+        let mut reset_requests = None;
         if let Some((limit, remaining, reset)) = self.requests {
-            put("x-ratelimit-limit-requests", HeaderValue::from(limit));
-            put(
-                "x-ratelimit-remaining-requests",
-                HeaderValue::from(remaining),
-            );
-            put("x-ratelimit-reset-requests", reset_value(reset));
+            let r = reset_value(reset);
+            h.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
+            h.insert(REMAINING_REQUESTS, HeaderValue::from(remaining));
+            h.insert(RESET_REQUESTS, r.clone());
+            reset_requests = Some((reset, r));
         }
         if let Some((limit, remaining, reset)) = self.tokens {
-            put("x-ratelimit-limit-tokens", HeaderValue::from(limit));
-            put("x-ratelimit-remaining-tokens", HeaderValue::from(remaining));
-            put("x-ratelimit-reset-tokens", reset_value(reset));
+            // Both rates count per minute: one reset value serves both.
+            let r = match reset_requests {
+                Some((ms, r)) if ms == reset => r,
+                _ => reset_value(reset),
+            };
+            h.insert(LIMIT_TOKENS, HeaderValue::from(limit));
+            h.insert(REMAINING_TOKENS, HeaderValue::from(remaining));
+            h.insert(RESET_TOKENS, r);
         }
     }
 }
 
-/// A reset in OpenAI's format: `850ms`, `12s`, `1m30s`, `3h5m0s`.
+/// A reset in OpenAI's format: `850ms`, `12s`, `1m30s`, `3h5m0s`, written
+/// without an intermediate string.
 fn reset_value(ms: u64) -> HeaderValue {
-    let s = if ms < 1000 {
-        format!("{ms}ms")
+    use std::io::Write as _;
+    let mut buf = [0u8; 40];
+    let mut w = &mut buf[..];
+    let _ = if ms < 1000 {
+        write!(w, "{ms}ms")
     } else {
         let secs = ms.div_ceil(1000);
         let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
         match (h, m) {
-            (0, 0) => format!("{s}s"),
-            (0, _) => format!("{m}m{s}s"),
-            _ => format!("{h}h{m}m{s}s"),
+            (0, 0) => write!(w, "{s}s"),
+            (0, _) => write!(w, "{m}m{s}s"),
+            _ => write!(w, "{h}h{m}m{s}s"),
         }
     };
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("1s"))
+    let len = 40 - w.len();
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("1s"))
 }
 
 /// A request refused by its quotas.
