@@ -364,6 +364,8 @@ impl RateSnapshot {
         const LIMIT_TOKENS: N = N::from_static("x-ratelimit-limit-tokens");
         const REMAINING_TOKENS: N = N::from_static("x-ratelimit-remaining-tokens");
         const RESET_TOKENS: N = N::from_static("x-ratelimit-reset-tokens");
+        // One growth of the map for all six, not one per insert.
+        h.reserve(6);
         let mut reset_requests = None;
         if let Some((limit, remaining, reset)) = self.requests {
             let r = reset_value(reset);
