@@ -568,3 +568,57 @@ async fn redis_killed_fails_as_configured_and_counting_resumes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn concurrency_slots_are_held_per_replica_and_a_dead_replicas_expire() {
+    let Some(redis) = Redis::start() else { return };
+    let (echo, stall) = upstreams().await;
+    let yaml = config(
+        &redis.url(),
+        &[&echo, &stall],
+        "  teams:\n    conc: { concurrent_requests: 2 }",
+    );
+    let g = Gateway::start(&yaml);
+    let key = "infergate:t:conc:conc:g0:h";
+    // A crashed replica's slot whose renewal is past: not counted, removed.
+    redis
+        .cmd(&["HSET", key, "dead", "1", "dead:e", "1"])
+        .unwrap();
+    // A live replica holding one slot (renewed far ahead): counted.
+    redis
+        .cmd(&["HSET", key, "live", "1", "live:e", "99999999999999"])
+        .unwrap();
+    let stream = || {
+        let req = http::Request::post(format!("{}/v1/completions", g.url))
+            .header("content-type", "application/json")
+            .header("x-team", "conc")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"stall","prompt":"hi","max_tokens":200,"stream":true}"#,
+            )))
+            .unwrap();
+        client().request(req)
+    };
+    // One slot left (2 - the live replica's 1): a stream takes it.
+    let held = stream().await.unwrap();
+    assert_eq!(held.status(), StatusCode::OK);
+    assert_eq!(redis.cmd(&["HEXISTS", key, "dead"]).unwrap(), ":0");
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
+    let (s, _, b) = ask(&g.url, "conc", body).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    let e = support_gateway::error_of(&b);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("concurrent_requests"),
+        "{e}"
+    );
+    // The stream ends (client gone): its slot comes back.
+    drop(held);
+    let t = Instant::now();
+    while ask(&g.url, "conc", body).await.0 != StatusCode::OK {
+        assert!(t.elapsed() < Duration::from_secs(3), "slot not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

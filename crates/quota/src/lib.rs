@@ -441,8 +441,10 @@ impl Shared {
         out
     }
 
+    /// A gauge's hash (`:h`: not the plain counter older versions kept
+    /// under the bare key), as named in a settlement (`|g`).
     fn gauge_key(&self, op: &CounterOp) -> String {
-        format!("{}|g", op.key(&self.prefix))
+        format!("{}:h|g", op.key(&self.prefix))
     }
 
     /// One script call: `asks` to check and lease, `settle` to apply first.
@@ -458,7 +460,10 @@ impl Shared {
         let mut inv = self.script.prepare_invoke();
         inv.key(self.registry.as_str());
         for a in asks {
-            inv.key(a.op.key(&self.prefix));
+            match a.op.window {
+                Window::None => inv.key(format!("{}:h", a.op.key(&self.prefix))),
+                _ => inv.key(a.op.key(&self.prefix)),
+            };
         }
         for (k, _) in settle {
             inv.key(k.as_str());
