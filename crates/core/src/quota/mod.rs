@@ -10,6 +10,7 @@
 mod config;
 mod counters;
 mod rules;
+mod slot;
 mod store;
 mod window;
 

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use super::config::{QuotaSpec, QuotasConfig, WhenDown};
-use super::counters::{LocalSlot, SLOT_LIMIT_MAX};
+use super::slot::{LocalSlot, SLOT_LIMIT_MAX};
 use super::window::Window;
 use crate::admission::Priority;
 
