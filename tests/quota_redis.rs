@@ -215,6 +215,28 @@ async fn upstreams() -> (MiniUpstream, MiniUpstream) {
     )
 }
 
+/// A Redis, the two upstreams (kept alive by the caller) and one gateway
+/// with `quotas`; `None` without redis-server.
+async fn one_gateway(quotas: &str) -> Option<(Redis, Gateway, (MiniUpstream, MiniUpstream))> {
+    let redis = Redis::start()?;
+    let ups = upstreams().await;
+    let g = Gateway::start(&config(&redis.url(), &[&ups.0, &ups.1], quotas));
+    Some((redis, g, ups))
+}
+
+/// Opens a stream of `team` on the stalling upstream (200 tokens asked,
+/// 3 sent, then it waits until the client goes).
+async fn stall_stream(url: &str, team: &str) -> http::Response<hyper::body::Incoming> {
+    let req = http::Request::post(format!("{url}/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-team", team)
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"stall","prompt":"hi","max_tokens":200,"stream":true}"#,
+        )))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
 async fn ask(url: &str, team: &str, body: &str) -> (StatusCode, HeaderMap, Bytes) {
     support_gateway::post_with(url, "/v1/completions", body, &[("x-team", team)]).await
 }
@@ -397,14 +419,7 @@ async fn over_budget_is_429_with_headers_and_settlement_corrects_both_ways() {
 
     // A stream cut by the client after 3 tokens is charged its prompt and 3.
     let before = redis.get(&key);
-    let req = http::Request::post(format!("{}/v1/completions", g.url))
-        .header("content-type", "application/json")
-        .header("x-team", "search")
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"stall","prompt":"hi","max_tokens":200,"stream":true}"#,
-        )))
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
+    let resp = stall_stream(&g.url, "search").await;
     let remaining: i64 = resp.headers()["x-ratelimit-remaining-tokens"]
         .to_str()
         .unwrap()
@@ -486,16 +501,13 @@ async fn over_budget_is_429_with_headers_and_settlement_corrects_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server: apt-get install redis-server"]
 async fn redis_killed_fails_as_configured_and_counting_resumes() {
-    let Some(mut redis) = Redis::start() else {
+    let Some((mut redis, g, _ups)) = one_gateway(
+        "  teams:\n    open: { requests_per_minute: 1000, when_redis_down: fail_open, local_share: 0.005 }\n    closed: { requests_per_minute: 1000, when_redis_down: fail_closed }",
+    )
+    .await
+    else {
         return;
     };
-    let (echo, stall) = upstreams().await;
-    let yaml = config(
-        &redis.url(),
-        &[&echo, &stall],
-        "  teams:\n    open: { requests_per_minute: 1000, when_redis_down: fail_open, local_share: 0.005 }\n    closed: { requests_per_minute: 1000, when_redis_down: fail_closed }",
-    );
-    let g = Gateway::start(&yaml);
     fresh_window(Duration::from_secs(20)).await;
     let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
     assert_eq!(ask(&g.url, "open", body).await.0, StatusCode::OK);
@@ -572,14 +584,11 @@ async fn redis_killed_fails_as_configured_and_counting_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server: apt-get install redis-server"]
 async fn concurrency_slots_are_held_per_replica_and_a_dead_replicas_expire() {
-    let Some(redis) = Redis::start() else { return };
-    let (echo, stall) = upstreams().await;
-    let yaml = config(
-        &redis.url(),
-        &[&echo, &stall],
-        "  teams:\n    conc: { concurrent_requests: 2 }",
-    );
-    let g = Gateway::start(&yaml);
+    let Some((redis, g, _ups)) =
+        one_gateway("  teams:\n    conc: { concurrent_requests: 2 }").await
+    else {
+        return;
+    };
     let key = "infergate:t:conc:conc:g0:h";
     // A crashed replica's slot whose renewal is past: not counted, removed.
     redis
@@ -589,18 +598,8 @@ async fn concurrency_slots_are_held_per_replica_and_a_dead_replicas_expire() {
     redis
         .cmd(&["HSET", key, "live", "1", "live:e", "99999999999999"])
         .unwrap();
-    let stream = || {
-        let req = http::Request::post(format!("{}/v1/completions", g.url))
-            .header("content-type", "application/json")
-            .header("x-team", "conc")
-            .body(Full::new(Bytes::from_static(
-                br#"{"model":"stall","prompt":"hi","max_tokens":200,"stream":true}"#,
-            )))
-            .unwrap();
-        client().request(req)
-    };
     // One slot left (2 - the live replica's 1): a stream takes it.
-    let held = stream().await.unwrap();
+    let held = stall_stream(&g.url, "conc").await;
     assert_eq!(held.status(), StatusCode::OK);
     assert_eq!(redis.cmd(&["HEXISTS", key, "dead"]).unwrap(), ":0");
     let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
