@@ -425,6 +425,10 @@ rps, sse = ${RPS[infergate-keys]} / max(${RPS[nginx]}, 1), ${SSE[infergate-keys]
 print(f'  infergate-keys (auth on) vs nginx: req/s x{rps:.2f}  SSE x{sse:.2f}  added p99 {${P99[infergate-keys]} - ${P99[direct]}:.3f} vs {${P99[nginx]} - ${P99[direct]}:.3f} ms')"
 fi
 
+if [[ -n ${PID_OF[quota-redis]:-} ]]; then  # quota_bench.sh divides Redis calls by these
+  echo "quota-redis decisions: $(curl -s "http://127.0.0.1:$QR_ADMIN/metrics" \
+    | awk '/^infergate_quota_decisions_total/ {n += $2} END {print n + 0}')"
+fi
 # --- idle streams
 if (( IDLE_STREAMS > 0 )); then idle_phase; fi
 echo "# logs and raw JSON: $RUN"

@@ -8,7 +8,8 @@
 # the heap allocations per request (calls into mimalloc).
 #
 #   bash loadtest/instr_per_request.sh DIR OUT [N=2000]   # DIR holds the infergate to measure
-# Env: BIN (target/release): the sim and the load tool. Needs valgrind.
+# Env: BIN (target/release): the sim and the load tool. EXTRA_YAML: appended to
+# the gateway's config (loadtest/quota_instr.sh adds quotas). Needs valgrind.
 set -eu
 DIR=$1; OUT=$2; N=${3:-2000}
 BIN=${BIN:-target/release}
@@ -30,6 +31,7 @@ pools:
 routes:
   - model: bench-model
     pool: bench
+${EXTRA_YAML:-}
 YAML
 "$BIN/infergate" sim --profile llama-8b-h100 --replicas 1 --base-port $UP --time-scale 1000000 \
   --served-model-name bench-model >/dev/null 2>&1 &

@@ -215,6 +215,28 @@ async fn upstreams() -> (MiniUpstream, MiniUpstream) {
     )
 }
 
+/// A Redis, the two upstreams (kept alive by the caller) and one gateway
+/// with `quotas`; `None` without redis-server.
+async fn one_gateway(quotas: &str) -> Option<(Redis, Gateway, (MiniUpstream, MiniUpstream))> {
+    let redis = Redis::start()?;
+    let ups = upstreams().await;
+    let g = Gateway::start(&config(&redis.url(), &[&ups.0, &ups.1], quotas));
+    Some((redis, g, ups))
+}
+
+/// Opens a stream of `team` on the stalling upstream (200 tokens asked,
+/// 3 sent, then it waits until the client goes).
+async fn stall_stream(url: &str, team: &str) -> http::Response<hyper::body::Incoming> {
+    let req = http::Request::post(format!("{url}/v1/completions"))
+        .header("content-type", "application/json")
+        .header("x-team", team)
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"stall","prompt":"hi","max_tokens":200,"stream":true}"#,
+        )))
+        .unwrap();
+    client().request(req).await.unwrap()
+}
+
 async fn ask(url: &str, team: &str, body: &str) -> (StatusCode, HeaderMap, Bytes) {
     support_gateway::post_with(url, "/v1/completions", body, &[("x-team", team)]).await
 }
@@ -317,9 +339,17 @@ async fn three_gateways_share_one_teams_tokens_per_minute() {
         admitted >= limit * 9 / 10,
         "admitted only {admitted} of {limit}: too conservative"
     );
-    // Settled counters hold what the engines reported.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(redis.get(&tpm_key("search")) as u64, admitted);
+    // Settled counters hold what the engines reported, once the slices the
+    // gateways leased and did not use went back (after `lease_idle`).
+    let t = Instant::now();
+    while redis.get(&tpm_key("search")) as u64 != admitted {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "Redis holds {} tokens, the engines reported {admitted}",
+            redis.get(&tpm_key("search"))
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // At most one Redis round trip per request on average.
     let mut calls = 0.0;
     for g in &gws {
@@ -389,14 +419,7 @@ async fn over_budget_is_429_with_headers_and_settlement_corrects_both_ways() {
 
     // A stream cut by the client after 3 tokens is charged its prompt and 3.
     let before = redis.get(&key);
-    let req = http::Request::post(format!("{}/v1/completions", g.url))
-        .header("content-type", "application/json")
-        .header("x-team", "search")
-        .body(Full::new(Bytes::from_static(
-            br#"{"model":"stall","prompt":"hi","max_tokens":200,"stream":true}"#,
-        )))
-        .unwrap();
-    let resp = client().request(req).await.unwrap();
+    let resp = stall_stream(&g.url, "search").await;
     let remaining: i64 = resp.headers()["x-ratelimit-remaining-tokens"]
         .to_str()
         .unwrap()
@@ -478,16 +501,13 @@ async fn over_budget_is_429_with_headers_and_settlement_corrects_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server: apt-get install redis-server"]
 async fn redis_killed_fails_as_configured_and_counting_resumes() {
-    let Some(mut redis) = Redis::start() else {
+    let Some((mut redis, g, _ups)) = one_gateway(
+        "  teams:\n    open: { requests_per_minute: 1000, when_redis_down: fail_open, local_share: 0.005 }\n    closed: { requests_per_minute: 1000, when_redis_down: fail_closed }",
+    )
+    .await
+    else {
         return;
     };
-    let (echo, stall) = upstreams().await;
-    let yaml = config(
-        &redis.url(),
-        &[&echo, &stall],
-        "  teams:\n    open: { requests_per_minute: 1000, when_redis_down: fail_open, local_share: 0.005 }\n    closed: { requests_per_minute: 1000, when_redis_down: fail_closed }",
-    );
-    let g = Gateway::start(&yaml);
     fresh_window(Duration::from_secs(20)).await;
     let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
     assert_eq!(ask(&g.url, "open", body).await.0, StatusCode::OK);
@@ -497,8 +517,20 @@ async fn redis_killed_fails_as_configured_and_counting_resumes() {
 
     redis.kill();
     let t = Instant::now();
-    // Fail closed: 503 `quota_unavailable`, each answered within the bound.
-    let (s, _, b) = ask(&g.url, "closed", body).await;
+    // Fail closed: 503 `quota_unavailable`, each answered within the bound,
+    // once the slice leased before the kill is gone (it is returned when
+    // idle for `lease_idle`, and never admits past `lease_max_age`).
+    let (s, b) = loop {
+        let (s, _, b) = ask(&g.url, "closed", body).await;
+        if s != StatusCode::OK {
+            break (s, b);
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "admitted from a lease past its bounds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(support_gateway::error_of(&b)["code"], "quota_unavailable");
     // Fail open: this replica alone admits 0.5% of 1000 = 5 per minute.
@@ -536,5 +568,56 @@ async fn redis_killed_fails_as_configured_and_counting_resumes() {
     assert_eq!(ask(&g.url, "closed", body).await.0, StatusCode::OK);
     assert_eq!(ask(&g.url, "open", body).await.0, StatusCode::OK);
     let key = format!("infergate:t:closed:req:m{}", minute());
-    assert_eq!(redis.get(&key), 1, "counted in Redis again");
+    assert!(redis.get(&key) >= 1, "counted in Redis again");
+    // The unused part of its slice goes back when idle: then exactly one.
+    let t = Instant::now();
+    while redis.get(&key) != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "slice not returned: {}",
+            redis.get(&key)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn concurrency_slots_are_held_per_replica_and_a_dead_replicas_expire() {
+    let Some((redis, g, _ups)) =
+        one_gateway("  teams:\n    conc: { concurrent_requests: 2 }").await
+    else {
+        return;
+    };
+    let key = "infergate:t:conc:conc:g0:h";
+    // A crashed replica's slot whose renewal is past: not counted, removed.
+    redis
+        .cmd(&["HSET", key, "dead", "1", "dead:e", "1"])
+        .unwrap();
+    // A live replica holding one slot (renewed far ahead): counted.
+    redis
+        .cmd(&["HSET", key, "live", "1", "live:e", "99999999999999"])
+        .unwrap();
+    // One slot left (2 - the live replica's 1): a stream takes it.
+    let held = stall_stream(&g.url, "conc").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    assert_eq!(redis.cmd(&["HEXISTS", key, "dead"]).unwrap(), ":0");
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
+    let (s, _, b) = ask(&g.url, "conc", body).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    let e = support_gateway::error_of(&b);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("concurrent_requests"),
+        "{e}"
+    );
+    // The stream ends (client gone): its slot comes back.
+    drop(held);
+    let t = Instant::now();
+    while ask(&g.url, "conc", body).await.0 != StatusCode::OK {
+        assert!(t.elapsed() < Duration::from_secs(3), "slot not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -3,73 +3,168 @@
 //! links a Redis client.
 //!
 //! Algorithm: fixed windows on the UTC clock (a counter per scope,
-//! dimension and window id, e.g. `infergate:t:search:tok:m29609592`). One
-//! Lua script ([`SCRIPT`], run atomically by Redis) first applies the
-//! settlements queued since the last call, then checks every counter of the
-//! request against its limit and, only if all have room, adds the request's
-//! reservation to all of them: a request is admitted or not as a whole, and
-//! concurrent replicas can never jointly pass a limit with reservations.
-//! Settlements ride on the next reservation (so a busy replica makes one
-//! round trip per request); a quiet one flushes them every
-//! `flush_interval`. Settlements apply only to counters that still exist,
-//! so a window that ended or a restarted Redis is never driven negative.
+//! dimension and window id, e.g. `infergate:t:search:tok:m29609592`).
+//! Every windowed counter (requests, tokens, money) is consumed through
+//! **leases**: one Lua script call ([`SCRIPT`], atomic in Redis) checks the
+//! request's counters against their limits and, only if all have room,
+//! adds the request's need *plus a slice of allowance* to each. The replica
+//! then admits later requests from its slices in memory (atomics, no round
+//! trip) and goes back to Redis when a slice runs short (refilled ahead,
+//! off the request path, once half of it is used), the window rolls, or the
+//! lease is older than `lease_max_age`. A slice is the smaller of a fair
+//! share of what the window has left (`free / (4 x replicas seen in the
+//! last 10 s)`) and what this replica used in one `lease_max_age` at its
+//! recent rate; where the fair share is under one request's need (near the
+//! limit) no slice is given and each request asks Redis. Since Redis counts
+//! every slice when it is granted and never grants past the limit, replicas
+//! together can only pass a limit by settlements that correct an estimate
+//! upward, as without leases. Slices unused for `lease_idle`, and all of
+//! them when Redis is found down, go back (a `DECRBY` riding on the next
+//! call); a crashed replica's slices stay counted until their window ends.
+//!
+//! Requests in flight (a gauge) are not leased: a slot must come back when
+//! its request ends, and slots parked in an idle replica would refuse work
+//! another replica could take. Each such request makes one call, and each
+//! replica's slots live in its own field of a hash that expires
+//! [`GAUGE_TTL_MS`] after the replica last renewed it, so a crashed
+//! replica's slots come back within that.
+//!
+//! Settlements (estimate to actual) are summed per counter in memory and
+//! sent with the next call or every `flush_interval`; they apply only to
+//! counters that still exist, so a window that ended or a restarted Redis
+//! is never driven negative.
 //!
 //! Failure: a call that errors or outlives `governance.redis.timeout` marks
-//! Redis down; requests then decide locally at once (core's fail-open or
-//! fail-closed) and a probe reconnects every `probe_interval`.
+//! Redis down; leases are dropped, requests decide locally at once (core's
+//! fail-open or fail-closed) and a probe reconnects every `probe_interval`.
+//! A request admitted from its slice never waits on Redis.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use infergate_core::quota::{
-    CounterOp, RedisConfig, ReserveFuture, SharedCounters, Unavailable, Verdict, Window,
+    CounterOp, Dim, RedisConfig, ReserveFuture, SharedCounters, Unavailable, Verdict, Window,
 };
 use redis::aio::MultiplexedConnection;
 
-/// The check-and-add. KEYS: the request's counters, then the settled ones.
-/// ARGV: the number of request counters; per request counter its limit,
-/// what it adds and when it expires (Unix ms); per settled counter its
-/// delta. Returns `{admitted (1|0), refused counter (1-based, 0), values...}`.
+/// The check-and-lease. KEYS[1]: the registry of replicas (a sorted set by
+/// last call); then the request's counters; then the settled ones. ARGV:
+/// the number of request counters, this replica's id, now (Unix ms), the
+/// gauges' time to live (ms); per request counter its limit, its need, the
+/// most extra to lease, when it expires (Unix ms) and whether it is a gauge
+/// (1: a hash of per-replica fields `ID` = slots and `ID:e` = when they
+/// expire unless renewed); per settled counter its delta (a settled gauge
+/// is named `KEY|g`; a zero delta renews this replica's slots). Returns
+/// `{1, 0, value_1, extra_1, ...}` (values after adding) or
+/// `{0, refused counter (1-based), value_1, ...}` (values seen).
 pub const SCRIPT: &str = r#"
 local n = tonumber(ARGV[1])
-local a = 2 + 3 * n
-for j = n + 1, #KEYS do
-  if redis.call('EXISTS', KEYS[j]) == 1 then
-    redis.call('INCRBY', KEYS[j], ARGV[a])
+local rid = ARGV[2]
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local a = 5 + 5 * n
+for j = n + 2, #KEYS do
+  local k = KEYS[j]
+  if string.sub(k, -2) == '|g' then
+    k = string.sub(k, 1, -3)
+    if redis.call('HEXISTS', k, rid) == 1 then
+      redis.call('HINCRBY', k, rid, ARGV[a])
+      redis.call('HSET', k, rid .. ':e', now + ttl)
+      redis.call('PEXPIRE', k, ttl)
+    end
+  elseif redis.call('EXISTS', k) == 1 then
+    redis.call('INCRBY', k, ARGV[a])
   end
   a = a + 1
 end
+if n == 0 then
+  return {1, 0}
+end
+redis.call('ZADD', KEYS[1], now, rid)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 10000)
+redis.call('PEXPIRE', KEYS[1], 60000)
+local replicas = redis.call('ZCARD', KEYS[1])
+-- a gauge's value: the slots of replicas that renewed in time
+local function gauge(k)
+  local f = redis.call('HGETALL', k)
+  local sum = 0
+  for i = 1, #f, 2 do
+    local name = f[i]
+    if string.sub(name, -2) == ':e' then
+      if tonumber(f[i + 1]) < now then
+        local r = string.sub(name, 1, -3)
+        redis.call('HDEL', k, name, r)
+      end
+    end
+  end
+  f = redis.call('HGETALL', k)
+  for i = 1, #f, 2 do
+    if string.sub(f[i], -2) ~= ':e' then
+      sum = sum + tonumber(f[i + 1])
+    end
+  end
+  return sum
+end
 local out = {1, 0}
+local cur = {}
 for i = 1, n do
-  local b = 3 * i - 1
-  local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
-  local add = tonumber(ARGV[b + 1])
-  out[i + 2] = cur
-  if out[2] == 0 and add > 0 and cur + add > tonumber(ARGV[b]) then
+  local b = 5 + 5 * (i - 1)
+  if ARGV[b + 4] == '1' then
+    cur[i] = gauge(KEYS[i + 1])
+  else
+    cur[i] = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+  end
+  local need = tonumber(ARGV[b + 1])
+  if out[2] == 0 and need > 0 and cur[i] + need > tonumber(ARGV[b]) then
     out[1] = 0
     out[2] = i
   end
 end
 if out[1] == 0 then
+  for i = 1, n do
+    out[i + 2] = cur[i]
+  end
   return out
 end
 for i = 1, n do
-  local b = 3 * i - 1
-  out[i + 2] = redis.call('INCRBY', KEYS[i], ARGV[b + 1])
-  redis.call('PEXPIREAT', KEYS[i], ARGV[b + 2])
+  local b = 5 + 5 * (i - 1)
+  local k = KEYS[i + 1]
+  local need = tonumber(ARGV[b + 1])
+  local cap = tonumber(ARGV[b + 2])
+  local free = tonumber(ARGV[b]) - cur[i] - need
+  local extra = 0
+  if cap > 0 and free > 0 then
+    extra = math.min(math.floor(free / (4 * replicas)), cap)
+    if extra < need then
+      extra = 0
+    end
+  end
+  if ARGV[b + 4] == '1' then
+    redis.call('HINCRBY', k, rid, need)
+    redis.call('HSET', k, rid .. ':e', now + ttl)
+    redis.call('PEXPIRE', k, ttl)
+    out[2 * i + 1] = cur[i] + need
+  else
+    out[2 * i + 1] = redis.call('INCRBY', k, string.format('%d', need + extra))
+    redis.call('PEXPIREAT', k, ARGV[b + 3])
+  end
+  out[2 * i + 2] = extra
 end
 return out
 "#;
 
 /// A counter outlives its window by this much (replicas' clocks differ a little).
 const EXPIRY_SLACK_MS: u64 = 120_000;
-/// Requests in flight are counted in a key with no window: it expires after
-/// an hour without a request, so a crashed replica's slots do not leak forever.
-const GAUGE_TTL_MS: u64 = 3_600_000;
+/// A replica's slots in a gauge (requests in flight) expire this long after
+/// it last renewed them; a live replica renews every third of it.
+const GAUGE_TTL_MS: u64 = 30_000;
 /// Settlements held while Redis does not answer; beyond, they are dropped
 /// (counted in `infergate_quota_settlements_dropped_total`).
 const MAX_PENDING: usize = 65_536;
+/// A first slice lasts this many requests of the size that asked for it.
+const FIRST_SLICE_REQUESTS: u64 = 64;
 
 /// Redis-backed shared counters. Cloning shares the connection.
 #[derive(Clone)]
@@ -77,19 +172,130 @@ pub struct RedisCounters {
     shared: Arc<Shared>,
 }
 
+/// A lease's counter: scope, dimension, window, window id.
+type LeaseKey = (Arc<str>, Dim, Window, u64);
+
 struct Shared {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     up: AtomicBool,
-    /// Settlements not yet sent: (key, delta).
+    /// Settlements of counters without a lease, not yet sent: (key, delta).
     pending: Mutex<Vec<(String, i64)>>,
+    /// Slices of allowance this replica holds, per counter.
+    leases: RwLock<HashMap<LeaseKey, Arc<Lease>>>,
+    /// Gauges this replica holds slots in (key -> slots), renewed by the
+    /// flush task.
+    gauges: Mutex<HashMap<String, i64>>,
     /// When a call last carried the pending settlements (Unix ms).
     last_carry: AtomicU64,
+    /// When the gauges were last renewed (Unix ms).
+    last_renew: AtomicU64,
+    /// This replica's name in Redis (the registry, gauge fields).
+    id: String,
     prefix: String,
+    registry: String,
     script: redis::Script,
     timeout: Duration,
+    /// 0: leases off.
+    lease_max_age_ms: u64,
+    lease_idle_ms: u64,
     /// `infergate_quota_redis_calls_total`: round trips, to compare with requests.
     calls: metrics::Counter,
+}
+
+/// One counter's slice held by this replica. `remaining` is taken with a
+/// compare-and-swap per request; grants, refills and the return take
+/// `retired`'s lock (off the request path).
+struct Lease {
+    /// The counter as the request that opened the lease saw it.
+    op: CounterOp,
+    key: String,
+    /// Allowance left to admit from.
+    remaining: AtomicI64,
+    /// The counter's value in Redis at the last grant (slices included):
+    /// `base - remaining` estimates what is reserved, for the headers.
+    base: AtomicI64,
+    granted_at: AtomicU64,
+    last_used: AtomicU64,
+    /// Taken since the last grant (sizes the next slice).
+    taken: AtomicU64,
+    /// The last request's need (sizes a slice without history).
+    unit: AtomicU64,
+    /// Settlement deltas not yet sent.
+    settle: AtomicI64,
+    refilling: AtomicBool,
+    /// The last grant had no slice (near the limit): no refills ahead,
+    /// every request asks Redis.
+    starved: AtomicBool,
+    retired: Mutex<bool>,
+}
+
+impl Lease {
+    /// Takes `add` if the slice has it and the estimated counter stays
+    /// within `limit` (a band's share of the limit).
+    fn take(&self, add: u64, limit: u64) -> bool {
+        let add = add as i64;
+        let base = self.base.load(Ordering::Relaxed);
+        let mut r = self.remaining.load(Ordering::Relaxed);
+        loop {
+            if r < add || base - r + add > limit as i64 {
+                return false;
+            }
+            match self.remaining.compare_exchange_weak(
+                r,
+                r - add,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => r = now,
+            }
+        }
+    }
+
+    /// The most extra to ask for: what this replica takes in one
+    /// `max_age` at its rate since the last grant, or a first guess.
+    fn cap(&self, now: u64, max_age_ms: u64, need: u64) -> u64 {
+        let unit = self.unit.load(Ordering::Relaxed).max(need).max(1);
+        let elapsed = now
+            .saturating_sub(self.granted_at.load(Ordering::Relaxed))
+            .max(1);
+        let rate = self
+            .taken
+            .load(Ordering::Relaxed)
+            .saturating_mul(max_age_ms)
+            / elapsed;
+        rate.max(unit.saturating_mul(FIRST_SLICE_REQUESTS))
+    }
+
+    /// Adds a grant from Redis (`value` after it, `extra` for the slice);
+    /// false when the lease was returned meanwhile (the caller gives
+    /// `extra` back).
+    fn grant(&self, value: i64, extra: i64, now: u64) -> bool {
+        let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if *retired {
+            return false;
+        }
+        self.remaining.fetch_add(extra, Ordering::AcqRel);
+        self.base.store(value, Ordering::Relaxed);
+        self.granted_at.store(now, Ordering::Relaxed);
+        self.taken.store(0, Ordering::Relaxed);
+        self.starved.store(extra <= 0, Ordering::Relaxed);
+        true
+    }
+
+    /// Ends the lease: what goes back to Redis (unused allowance returned,
+    /// settlements sent).
+    fn retire(&self) -> i64 {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        *retired = true;
+        let unused = self.remaining.swap(0, Ordering::AcqRel);
+        self.settle.swap(0, Ordering::AcqRel) - unused
+    }
+}
+
+fn lease_key(op: &CounterOp) -> LeaseKey {
+    (op.scope.clone(), op.dim, op.window, op.window_id)
 }
 
 impl std::fmt::Debug for RedisCounters {
@@ -108,15 +314,25 @@ impl RedisCounters {
     pub async fn start(cfg: &RedisConfig) -> Result<RedisCounters, String> {
         let client = redis::Client::open(cfg.url.as_str())
             .map_err(|e| format!("governance.redis.url: {e}"))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         let shared = Arc::new(Shared {
             client,
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
+            leases: RwLock::new(HashMap::new()),
+            gauges: Mutex::new(HashMap::new()),
             last_carry: AtomicU64::new(0),
+            last_renew: AtomicU64::new(0),
+            id: format!("{:x}-{nanos:x}", std::process::id()),
             prefix: cfg.key_prefix.clone(),
+            registry: format!("{}:replicas", cfg.key_prefix),
             script: redis::Script::new(SCRIPT),
             timeout: cfg.timeout,
+            lease_max_age_ms: cfg.lease_max_age.as_millis() as u64,
+            lease_idle_ms: cfg.lease_idle.as_millis().max(1) as u64,
             calls: metrics::counter!("infergate_quota_redis_calls_total"),
         });
         shared.connect().await;
@@ -124,6 +340,13 @@ impl RedisCounters {
         tokio::spawn(flush_loop(Arc::downgrade(&shared), cfg.flush_interval));
         Ok(RedisCounters { shared })
     }
+}
+
+/// One counter of a call: the op, what it needs now, the most extra to lease.
+struct Ask<'a> {
+    op: &'a CounterOp,
+    need: u64,
+    cap: u64,
 }
 
 impl Shared {
@@ -134,6 +357,11 @@ impl Shared {
     fn set_up(&self, conn: Option<MultiplexedConnection>) {
         let up = conn.is_some();
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+        if !up {
+            // Slices are not admitted from while Redis cannot confirm them;
+            // what they held goes back when it answers again.
+            self.retire_leases(|_| true, now_ms());
+        }
         if self.up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("quota counters: Redis answers again");
@@ -165,16 +393,64 @@ impl Shared {
         }
     }
 
-    fn take_pending(&self) -> Vec<(String, i64)> {
-        self.last_carry.store(now_ms(), Ordering::Relaxed);
+    fn push_pending(&self, key: String, delta: i64) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *p)
+        if p.len() >= MAX_PENDING {
+            metrics::counter!("infergate_quota_settlements_dropped_total").increment(1);
+            return;
+        }
+        p.push((key, delta));
     }
 
-    /// One script call: `ops` to reserve, `settle` to apply first.
+    /// Returns the leases `which` picks: unused allowance and settlements
+    /// go to the pending list (windows that ended are dropped).
+    fn retire_leases(&self, which: impl Fn(&Lease) -> bool, now: u64) {
+        let mut gone = Vec::new();
+        {
+            let mut leases = self.leases.write().unwrap_or_else(|p| p.into_inner());
+            leases.retain(|_, l| {
+                let pick = which(l);
+                if pick {
+                    gone.push(l.clone());
+                }
+                !pick
+            });
+        }
+        for l in gone {
+            let delta = l.retire();
+            if delta != 0 && l.op.expires_at_ms > now {
+                self.push_pending(l.key.clone(), delta);
+            }
+        }
+    }
+
+    /// Every settlement not yet sent: the pending list and the leases'.
+    fn take_pending(&self) -> Vec<(String, i64)> {
+        self.last_carry.store(now_ms(), Ordering::Relaxed);
+        let mut out = {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *p)
+        };
+        let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
+        for l in leases.values() {
+            let d = l.settle.swap(0, Ordering::AcqRel);
+            if d != 0 {
+                out.push((l.key.clone(), d));
+            }
+        }
+        out
+    }
+
+    /// A gauge's hash (`:h`: not the plain counter older versions kept
+    /// under the bare key), as named in a settlement (`|g`).
+    fn gauge_key(&self, op: &CounterOp) -> String {
+        format!("{}:h|g", op.key(&self.prefix))
+    }
+
+    /// One script call: `asks` to check and lease, `settle` to apply first.
     async fn call(
         &self,
-        ops: &[CounterOp],
+        asks: &[Ask<'_>],
         settle: &[(String, i64)],
     ) -> Result<Vec<i64>, Unavailable> {
         let Some(mut conn) = self.conn() else {
@@ -182,19 +458,32 @@ impl Shared {
         };
         let now = now_ms();
         let mut inv = self.script.prepare_invoke();
-        for op in ops {
-            inv.key(op.key(&self.prefix));
+        inv.key(self.registry.as_str());
+        for a in asks {
+            match a.op.window {
+                Window::None => inv.key(format!("{}:h", a.op.key(&self.prefix))),
+                _ => inv.key(a.op.key(&self.prefix)),
+            };
         }
         for (k, _) in settle {
             inv.key(k.as_str());
         }
-        inv.arg(ops.len());
-        for op in ops {
-            let expire = match op.window {
-                Window::None => now + GAUGE_TTL_MS,
-                _ => op.expires_at_ms.saturating_add(EXPIRY_SLACK_MS),
+        inv.arg(asks.len())
+            .arg(self.id.as_str())
+            .arg(now)
+            .arg(GAUGE_TTL_MS);
+        for a in asks {
+            let gauge = a.op.window == Window::None;
+            let expire = if gauge {
+                now + GAUGE_TTL_MS
+            } else {
+                a.op.expires_at_ms.saturating_add(EXPIRY_SLACK_MS)
             };
-            inv.arg(op.limit).arg(op.add).arg(expire);
+            inv.arg(a.op.limit)
+                .arg(a.need)
+                .arg(a.cap)
+                .arg(expire)
+                .arg(u8::from(gauge));
         }
         for (_, d) in settle {
             inv.arg(*d);
@@ -215,16 +504,182 @@ impl Shared {
             }
         }
     }
+
+    /// The lease of `op`'s counter, opened if absent.
+    fn lease(&self, op: &CounterOp, now: u64) -> Arc<Lease> {
+        let key = lease_key(op);
+        if let Some(l) = self
+            .leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return l.clone();
+        }
+        let mut leases = self.leases.write().unwrap_or_else(|p| p.into_inner());
+        leases
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Lease {
+                    op: CounterOp {
+                        add: 0,
+                        ..op.clone()
+                    },
+                    key: op.key(&self.prefix),
+                    remaining: AtomicI64::new(0),
+                    base: AtomicI64::new(0),
+                    granted_at: AtomicU64::new(now),
+                    last_used: AtomicU64::new(now),
+                    taken: AtomicU64::new(0),
+                    unit: AtomicU64::new(op.add),
+                    settle: AtomicI64::new(0),
+                    refilling: AtomicBool::new(false),
+                    starved: AtomicBool::new(false),
+                    retired: Mutex::new(false),
+                })
+            })
+            .clone()
+    }
+
+    /// Adds the extra of a granted call to the counter's lease.
+    fn grant(&self, op: &CounterOp, value: i64, extra: i64, now: u64) {
+        let lease = self.lease(op, now);
+        if !lease.grant(value, extra, now) && extra > 0 {
+            self.push_pending(lease.key.clone(), -extra);
+        }
+    }
+
+    fn leases_on(&self) -> bool {
+        self.lease_max_age_ms > 0
+    }
+
+    /// Asks for more of `lease`'s counter ahead of need (a task, off the
+    /// request path).
+    async fn refill(self: Arc<Self>, lease: Arc<Lease>) {
+        let now = now_ms();
+        let op = &lease.op;
+        let ask = Ask {
+            op,
+            need: 0,
+            cap: lease.cap(now, self.lease_max_age_ms, 0),
+        };
+        let settle = self.take_pending();
+        let answer = tokio::time::timeout(self.timeout, self.call(&[ask], &settle)).await;
+        if let Ok(Ok(v)) = answer {
+            if let [1, 0, value, extra] = v.as_slice() {
+                if !lease.grant(*value, *extra, now) && *extra > 0 {
+                    self.push_pending(lease.key.clone(), -*extra);
+                }
+            }
+        } else if answer.is_err() {
+            metrics::counter!("infergate_quota_redis_errors_total").increment(1);
+            self.set_up(None);
+        }
+        lease.refilling.store(false, Ordering::Release);
+    }
 }
 
 impl SharedCounters for RedisCounters {
+    fn try_local(&self, ops: &[CounterOp], now: u64) -> Option<Vec<i64>> {
+        let s = &self.shared;
+        if !s.leases_on() || !s.up.load(Ordering::Relaxed) {
+            return None;
+        }
+        let leases = s.leases.read().unwrap_or_else(|p| p.into_inner());
+        let mut held: [Option<&Arc<Lease>>; 16] = Default::default();
+        if ops.len() > held.len() {
+            return None;
+        }
+        let mut ok = true;
+        for (i, op) in ops.iter().enumerate() {
+            let lease = match leases.get(&lease_key(op)) {
+                Some(l) if op.window != Window::None => l,
+                _ => {
+                    ok = false;
+                    break;
+                }
+            };
+            let fresh =
+                now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)) < s.lease_max_age_ms;
+            if !fresh || !lease.take(op.add, op.limit) {
+                ok = false;
+                break;
+            }
+            held[i] = Some(lease);
+        }
+        if !ok {
+            for (op, l) in ops.iter().zip(held.iter()) {
+                if let Some(l) = l {
+                    l.remaining.fetch_add(op.add as i64, Ordering::AcqRel);
+                }
+            }
+            return None;
+        }
+        let mut values = Vec::with_capacity(ops.len());
+        for (op, l) in ops.iter().zip(held.iter().flatten()) {
+            let remaining = l.remaining.load(Ordering::Relaxed);
+            values.push(l.base.load(Ordering::Relaxed) - remaining);
+            l.taken.fetch_add(op.add, Ordering::Relaxed);
+            if l.last_used.load(Ordering::Relaxed) != now {
+                l.last_used.store(now, Ordering::Relaxed);
+            }
+            // Refill ahead: half the slice used, or half its age passed.
+            let half_used = (remaining as u64) < l.cap(now, s.lease_max_age_ms, op.add) / 2;
+            let half_old =
+                now.saturating_sub(l.granted_at.load(Ordering::Relaxed)) > s.lease_max_age_ms / 2;
+            if (half_used || half_old)
+                && !l.starved.load(Ordering::Relaxed)
+                && !l.refilling.swap(true, Ordering::AcqRel)
+            {
+                tokio::spawn(s.clone().refill((*l).clone()));
+            }
+        }
+        Some(values)
+    }
+
     fn reserve<'a>(&'a self, ops: &'a [CounterOp]) -> ReserveFuture<'a> {
         Box::pin(async move {
-            let settle = self.shared.take_pending();
-            let v = self.shared.call(ops, &settle).await?;
+            let s = &self.shared;
+            let now = now_ms();
+            let asks: Vec<Ask> = ops
+                .iter()
+                .map(|op| {
+                    let cap = if op.window == Window::None || !s.leases_on() {
+                        0
+                    } else {
+                        match s
+                            .leases
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&lease_key(op))
+                        {
+                            Some(l) => l.cap(now, s.lease_max_age_ms, op.add),
+                            None => op.add.max(1).saturating_mul(FIRST_SLICE_REQUESTS),
+                        }
+                    };
+                    Ask {
+                        op,
+                        need: op.add,
+                        cap,
+                    }
+                })
+                .collect();
+            let settle = s.take_pending();
+            let v = s.call(&asks, &settle).await?;
             match v.as_slice() {
-                [1, _, values @ ..] if values.len() == ops.len() => {
-                    Ok(Verdict::Admitted(values.to_vec()))
+                [1, _, rest @ ..] if rest.len() == 2 * ops.len() => {
+                    let mut values = Vec::with_capacity(ops.len());
+                    for (op, pair) in ops.iter().zip(rest.chunks_exact(2)) {
+                        let (value, extra) = (pair[0], pair[1]);
+                        values.push(value - extra);
+                        if op.window == Window::None {
+                            let mut g = s.gauges.lock().unwrap_or_else(|p| p.into_inner());
+                            *g.entry(s.gauge_key(op)).or_insert(0) += op.add as i64;
+                        } else if s.leases_on() {
+                            s.grant(op, value, extra, now);
+                        }
+                    }
+                    Ok(Verdict::Admitted(values))
                 }
                 [0, i, values @ ..] if values.len() == ops.len() && *i >= 1 => {
                     Ok(Verdict::Refused {
@@ -238,19 +693,35 @@ impl SharedCounters for RedisCounters {
     }
 
     fn settle(&self, op: &CounterOp, delta: i64) {
-        if op.window != Window::None && op.expires_at_ms <= now_ms() {
-            return; // the window ended: nothing left to correct
-        }
-        let mut p = self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if p.len() >= MAX_PENDING {
-            metrics::counter!("infergate_quota_settlements_dropped_total").increment(1);
+        let s = &self.shared;
+        if op.window == Window::None {
+            let key = s.gauge_key(op);
+            let mut g = s.gauges.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = g.get_mut(&key) {
+                *n += delta;
+                if *n <= 0 {
+                    g.remove(&key);
+                }
+            }
+            drop(g);
+            s.push_pending(key, delta);
             return;
         }
-        p.push((op.key(&self.shared.prefix), delta));
+        if op.expires_at_ms <= now_ms() {
+            return; // the window ended: nothing left to correct
+        }
+        if let Some(l) = s
+            .leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&lease_key(op))
+        {
+            // Summed in the lease (sent with the next call); the read lock
+            // keeps a return from missing it.
+            l.settle.fetch_add(delta, Ordering::AcqRel);
+            return;
+        }
+        s.push_pending(op.key(&s.prefix), delta);
     }
 
     fn is_up(&self) -> bool {
@@ -274,14 +745,42 @@ async fn probe_loop(shared: Weak<Shared>, every: Duration) {
     }
 }
 
-/// Sends settlements no reservation carried within `every`.
+/// Every `every`: returns leases idle for `lease_idle`, not renewed within
+/// twice `lease_max_age`, or of a window that ended; renews this replica's
+/// gauge slots; and sends the settlements no reservation carried.
 async fn flush_loop(shared: Weak<Shared>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let Some(s) = shared.upgrade() else { return };
-        let quiet = now_ms().saturating_sub(s.last_carry.load(Ordering::Relaxed))
-            >= every.as_millis() as u64;
-        if !s.up.load(Ordering::Relaxed) || !quiet {
+        if !s.up.load(Ordering::Relaxed) {
+            continue;
+        }
+        let now = now_ms();
+        s.retire_leases(
+            |l| {
+                now.saturating_sub(l.last_used.load(Ordering::Relaxed)) >= s.lease_idle_ms
+                    || now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
+                        >= 2 * s.lease_max_age_ms
+                    || l.op.expires_at_ms <= now
+            },
+            now,
+        );
+        if now.saturating_sub(s.last_renew.load(Ordering::Relaxed)) >= GAUGE_TTL_MS / 3 {
+            s.last_renew.store(now, Ordering::Relaxed);
+            let held: Vec<String> = s
+                .gauges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for k in held {
+                s.push_pending(k, 0);
+            }
+        }
+        let quiet =
+            now.saturating_sub(s.last_carry.load(Ordering::Relaxed)) >= every.as_millis() as u64;
+        if !quiet {
             continue;
         }
         let settle = s.take_pending();

@@ -145,6 +145,18 @@ pub struct RedisConfig {
     /// on their own.
     #[serde(default = "RedisConfig::default_flush", with = "units::duration")]
     pub flush_interval: Duration,
+    /// How long a slice of allowance leased from Redis may admit requests
+    /// before it is renewed (renewal starts off the request path at half
+    /// of it); `0s` turns leases off (one Redis call per request).
+    #[serde(
+        default = "RedisConfig::default_lease_max_age",
+        with = "units::duration"
+    )]
+    pub lease_max_age: Duration,
+    /// A lease not used for this long goes back to Redis (its unused
+    /// allowance is then free for the other replicas).
+    #[serde(default = "RedisConfig::default_lease_idle", with = "units::duration")]
+    pub lease_idle: Duration,
     /// The default of every quota's `when_redis_down`.
     #[serde(default)]
     pub when_down: DownPolicy,
@@ -175,6 +187,12 @@ impl RedisConfig {
     }
     fn default_flush() -> Duration {
         Duration::from_millis(20)
+    }
+    fn default_lease_max_age() -> Duration {
+        Duration::from_secs(1)
+    }
+    fn default_lease_idle() -> Duration {
+        Duration::from_millis(100)
     }
     fn default_share() -> f64 {
         1.0
@@ -280,6 +298,18 @@ impl QuotasConfig {
                 return Err((
                     "key_prefix".into(),
                     "governance.redis.key_prefix must be a non-empty word".into(),
+                ));
+            }
+            if r.lease_max_age > Duration::from_secs(60) {
+                return Err((
+                    "lease_max_age".into(),
+                    "governance.redis.lease_max_age must be at most 60s: it bounds how long a replica admits from a slice without Redis (0s: no leases)".into(),
+                ));
+            }
+            if r.lease_idle.is_zero() || r.lease_idle > Duration::from_secs(60) {
+                return Err((
+                    "lease_idle".into(),
+                    "governance.redis.lease_idle must be in (0, 60s]".into(),
                 ));
             }
             check_share(r.local_share, "governance.redis")?;

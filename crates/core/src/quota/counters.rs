@@ -2,7 +2,10 @@
 //! limits at once. [`SharedCounters`] is what a shared backend implements
 //! (the `infergate-quota` crate, Redis); [`LocalCounters`] is the
 //! in-process one used alone (local mode) and as the fallback while the
-//! shared backend is down.
+//! shared backend is down. In local mode the counters of configured teams
+//! and keys are [`LocalSlot`]s built with the config (one atomic word per
+//! limit, no lock, no allocation); only scopes made up per request (the
+//! `default_team` of an unlisted team) and the fallback use the map.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::rules::Dim;
+pub use super::slot::LocalSlot;
 use super::window::Window;
 
 /// One counter touched by a reservation.
@@ -27,6 +31,8 @@ pub struct CounterOp {
     pub limit: u64,
     /// What the request adds.
     pub add: u64,
+    /// The counter's atomic in local mode, when the scope is configured.
+    pub local: Option<LocalSlot>,
 }
 
 impl CounterOp {
@@ -66,6 +72,13 @@ pub trait SharedCounters: Send + Sync + std::fmt::Debug {
     /// `limit`, adds them all; else adds nothing. One round trip, which also
     /// carries the settlements queued since the last one.
     fn reserve<'a>(&'a self, ops: &'a [CounterOp]) -> ReserveFuture<'a>;
+    /// Admits `ops` from allowance this replica already leased from the
+    /// shared store, with no round trip: the counters' estimated values
+    /// after adding, or `None` when some counter has no lease with room
+    /// (then [`SharedCounters::reserve`] decides).
+    fn try_local(&self, _ops: &[CounterOp], _now_ms: u64) -> Option<Vec<i64>> {
+        None
+    }
     /// Queues `delta` for the op's counter (sent with the next reservation or
     /// within the flush interval); never waits.
     fn settle(&self, op: &CounterOp, delta: i64);
@@ -123,6 +136,90 @@ impl LocalCounters {
         Verdict::Admitted(values)
     }
 
+    /// Local mode: the check-and-add over the ops' [`LocalSlot`]s (the map
+    /// only for ops without one), all or nothing.
+    pub fn reserve_local(&self, ops: &[CounterOp], now_ms: u64) -> Verdict {
+        let mut values = Vec::with_capacity(ops.len());
+        let mut refused = None;
+        // Slots before this one were taken (to undo on a refusal).
+        let mut taken = ops.len();
+        for (i, op) in ops.iter().enumerate() {
+            match &op.local {
+                Some(s) => match s.take(op.window_id, op.add, op.limit) {
+                    Ok(v) => values.push(v),
+                    Err(v) => {
+                        values.push(v);
+                        refused = Some(i);
+                        taken = i;
+                        break;
+                    }
+                },
+                None => values.push(0),
+            }
+        }
+        if refused.is_none() && ops.iter().any(|o| o.local.is_none()) {
+            let rest: Vec<CounterOp> = ops.iter().filter(|o| o.local.is_none()).cloned().collect();
+            match self.reserve(&rest, |_| 1.0, now_ms) {
+                Verdict::Admitted(got) => {
+                    let mut got = got.into_iter();
+                    for (op, v) in ops.iter().zip(values.iter_mut()) {
+                        if op.local.is_none() {
+                            *v = got.next().unwrap_or(0);
+                        }
+                    }
+                }
+                Verdict::Refused { index, .. } => {
+                    let op = &rest[index];
+                    refused = ops.iter().position(|o| {
+                        o.local.is_none()
+                            && o.dim == op.dim
+                            && o.scope == op.scope
+                            && o.window == op.window
+                    });
+                }
+            }
+        }
+        let Some(index) = refused else {
+            return Verdict::Admitted(values);
+        };
+        // Undo what was taken; the values seen are before this request.
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(s) = &op.local {
+                if i < taken {
+                    s.settle(op.window_id, -(op.add as i64));
+                }
+                let v = s.value(op.window_id);
+                match values.get_mut(i) {
+                    Some(x) => *x = v,
+                    None => values.push(v),
+                }
+            } else {
+                let v = self.value(op);
+                match values.get_mut(i) {
+                    Some(x) => *x = v,
+                    None => values.push(v),
+                }
+            }
+        }
+        Verdict::Refused { index, values }
+    }
+
+    /// Local mode's settlement: the op's slot, else the map.
+    pub fn settle_local(&self, op: &CounterOp, delta: i64) {
+        match &op.local {
+            Some(s) => s.settle(op.window_id, delta),
+            None => self.settle(op, delta),
+        }
+    }
+
+    /// Local mode's value of the op's counter.
+    pub fn value_local(&self, op: &CounterOp) -> i64 {
+        match &op.local {
+            Some(s) => s.value(op.window_id),
+            None => self.value(op),
+        }
+    }
+
     /// Adds `delta` to the op's counter if its window still exists.
     pub fn settle(&self, op: &CounterOp, delta: i64) {
         if let Some(v) = self.lock().get_mut(&slot(op)) {
@@ -157,6 +254,7 @@ mod tests {
             expires_at_ms: 1000,
             limit,
             add,
+            local: None,
         }
     }
 
@@ -199,6 +297,80 @@ mod tests {
             op(1, 1).key("ig"),
             "ig:t:a:tok:m7",
             "one key per scope, dimension and window"
+        );
+    }
+
+    #[test]
+    fn slots_roll_with_the_window_and_never_admit_past_the_limit_under_threads() {
+        let set = LocalSlot::new_set(2);
+        let slot = |i| Some(LocalSlot::of(&set, i));
+        let req = |w, add| CounterOp {
+            dim: Dim::Requests,
+            window_id: w,
+            local: slot(0),
+            ..op(1000, add)
+        };
+        let tok = |w, add| CounterOp {
+            window_id: w,
+            local: slot(1),
+            ..op(100_000, add)
+        };
+        let c = Arc::new(LocalCounters::default());
+        // 4 threads x 500 requests of 1 request and 150 tokens: the token
+        // limit (100,000) admits 666; the request limit is never the bound.
+        let admitted: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| {
+                    let c = c.clone();
+                    s.spawn(move || {
+                        (0..500)
+                            .filter(|_| {
+                                matches!(
+                                    c.reserve_local(&[req(7, 1), tok(7, 150)], 0),
+                                    Verdict::Admitted(_)
+                                )
+                            })
+                            .count() as u64
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(admitted, 666);
+        assert_eq!(c.value_local(&tok(7, 0)), 99_900);
+        assert_eq!(
+            c.value_local(&req(7, 0)),
+            666,
+            "a refusal by tokens gave the request counter back"
+        );
+        // Settled down in the window; a settlement of an ended window is dropped.
+        c.settle_local(&tok(7, 0), -900);
+        assert_eq!(c.value_local(&tok(7, 0)), 99_000);
+        // The next window starts at zero; the old one's late settlement is lost.
+        assert_eq!(
+            c.reserve_local(&[req(8, 1), tok(8, 10)], 0),
+            Verdict::Admitted(vec![1, 10])
+        );
+        c.settle_local(&tok(7, 0), 5);
+        assert_eq!(c.value_local(&tok(8, 0)), 10);
+        assert_eq!(c.value_local(&tok(7, 0)), 0, "window 7 is gone");
+        // A scope without a slot (default_team) counts in the map, same verdicts.
+        let map_op = CounterOp {
+            scope: "t:other".into(),
+            ..op(100, 60)
+        };
+        assert!(matches!(
+            c.reserve_local(&[req(8, 1), map_op.clone()], 0),
+            Verdict::Admitted(_)
+        ));
+        assert!(matches!(
+            c.reserve_local(&[req(8, 1), map_op], 0),
+            Verdict::Refused { index: 1, .. }
+        ));
+        assert_eq!(
+            c.value_local(&req(8, 0)),
+            2,
+            "the refused one gave its request back"
         );
     }
 }

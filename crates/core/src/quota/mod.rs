@@ -10,11 +10,14 @@
 mod config;
 mod counters;
 mod rules;
+mod slot;
 mod store;
 mod window;
 
 pub use config::{DownPolicy, GovernanceConfig, QuotaSpec, QuotasConfig, RedisConfig, WhenDown};
-pub use counters::{CounterOp, LocalCounters, ReserveFuture, SharedCounters, Unavailable, Verdict};
+pub use counters::{
+    CounterOp, LocalCounters, LocalSlot, ReserveFuture, SharedCounters, Unavailable, Verdict,
+};
 pub use rules::{Demand, Dim, Limit, QuotaTable, ScopeKind, MICROS};
 pub use store::{BackendState, Grant, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source};
 pub use window::Window;

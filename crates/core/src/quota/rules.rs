@@ -4,9 +4,11 @@
 //! per config; a request only looks its caller up.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 
 use super::config::{QuotaSpec, QuotasConfig, WhenDown};
+use super::slot::{LocalSlot, SLOT_LIMIT_MAX};
 use super::window::Window;
 use crate::admission::Priority;
 
@@ -120,6 +122,9 @@ pub struct Rules {
     /// The share of each limit a band may fill, by `Priority as usize`.
     bands: [f64; 3],
     pub when_down: WhenDown,
+    /// Local mode's counters, one per limit (`None`: the rules serve scopes
+    /// made up per request, `default_team`, which count in the map).
+    slots: Option<Arc<[AtomicU64]>>,
 }
 
 impl Rules {
@@ -163,6 +168,43 @@ impl Rules {
             limits,
             bands,
             when_down: WhenDown::resolve(spec.when_redis_down, spec.local_share, when_down),
+            slots: None,
+        }
+    }
+
+    /// The same rules with counters of their own (a team under `default_team`).
+    fn with_own_slots(&self) -> Rules {
+        Rules {
+            kind: self.kind,
+            entry: self.entry.clone(),
+            limits: self.limits.clone(),
+            bands: self.bands,
+            when_down: self.when_down,
+            slots: Some(LocalSlot::new_set(self.limits.len())),
+        }
+    }
+
+    fn with_slots(mut self) -> Rules {
+        self.slots = Some(LocalSlot::new_set(self.limits.len()));
+        self
+    }
+
+    /// Local mode's counter of limit `i`, if it has one.
+    pub fn slot(&self, i: usize) -> Option<LocalSlot> {
+        let set = self.slots.as_ref()?;
+        (self.limits.get(i)?.amount < SLOT_LIMIT_MAX).then(|| LocalSlot::of(set, i))
+    }
+
+    /// Takes over `old`'s counts of the limits both have.
+    fn carry_from(&self, old: &Rules) {
+        for (i, l) in self.limits.iter().enumerate() {
+            let j = old
+                .limits
+                .iter()
+                .position(|o| o.dim == l.dim && o.window == l.window);
+            if let (Some(new), Some(old)) = (self.slot(i), j.and_then(|j| old.slot(j))) {
+                new.copy_from(&old);
+            }
         }
     }
 
@@ -183,7 +225,16 @@ pub struct QuotaTable {
     teams: HashMap<Box<str>, (Arc<str>, Arc<Rules>)>,
     keys: HashMap<Box<str>, (Arc<str>, Arc<Rules>)>,
     default_team: Option<Arc<Rules>>,
+    /// `default_team`'s rules per team seen, each with its own counters,
+    /// made on a team's first request (then a read lock, no allocation).
+    default_scopes: RwLock<HashMap<Box<str>, Scoped>>,
 }
+
+type Scoped = (Arc<str>, Arc<Rules>);
+
+/// Teams under `default_team` that get their own counters; beyond, a team
+/// counts in the map (team names may come from a trusted proxy's header).
+const MAX_DEFAULT_SCOPES: usize = 10_000;
 
 /// The rules that apply to one request: its key's, then its team's.
 pub struct Applicable {
@@ -199,7 +250,7 @@ impl QuotaTable {
                     .filter(|(_, s)| !s.is_empty())
                     .map(|(name, spec)| {
                         let scope: Arc<str> = format!("{prefix}:{name}").into();
-                        let rules = Arc::new(Rules::new(kind, name, spec, when_down));
+                        let rules = Arc::new(Rules::new(kind, name, spec, when_down).with_slots());
                         (Box::from(name.as_str()), (scope, rules))
                     })
                     .collect()
@@ -212,11 +263,53 @@ impl QuotaTable {
                 .as_ref()
                 .filter(|s| !s.is_empty())
                 .map(|s| Arc::new(Rules::new(ScopeKind::Team, "default_team", s, when_down))),
+            default_scopes: RwLock::default(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.teams.is_empty() && self.keys.is_empty() && self.default_team.is_none()
+    }
+
+    /// Local mode's counter of `scope`'s limit (`t:NAME`, `k:NAME`).
+    pub fn slot_of(&self, scope: &str, dim: Dim, window: Window) -> Option<LocalSlot> {
+        let defaults = self
+            .default_scopes
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let (_, rules) = self
+            .teams
+            .values()
+            .chain(self.keys.values())
+            .chain(defaults.values())
+            .find(|(s, _)| &**s == scope)?;
+        let i = rules
+            .limits
+            .iter()
+            .position(|l| l.dim == dim && l.window == window)?;
+        rules.slot(i)
+    }
+
+    /// Takes over the counts a previous config's table holds (local mode).
+    pub fn carry_from(&self, old: &QuotaTable) {
+        let pairs = |new: &HashMap<Box<str>, (Arc<str>, Arc<Rules>)>,
+                     old: &HashMap<Box<str>, (Arc<str>, Arc<Rules>)>| {
+            for (name, (_, rules)) in new {
+                if let Some((_, o)) = old.get(name) {
+                    rules.carry_from(o);
+                }
+            }
+        };
+        pairs(&self.teams, &old.teams);
+        pairs(&self.keys, &old.keys);
+        if self.default_team.is_some() {
+            let old = old.default_scopes.read().unwrap_or_else(|p| p.into_inner());
+            for (team, (_, rules)) in old.iter() {
+                if let Some((_, new)) = self.default_scope(team) {
+                    new.carry_from(rules);
+                }
+            }
+        }
     }
 
     /// Whether some limit is a money budget (requests then need a price).
@@ -234,14 +327,31 @@ impl QuotaTable {
         let key = key.and_then(|k| self.keys.get(k)).cloned();
         let team = match self.teams.get(team) {
             Some(t) => Some(t.clone()),
-            None => self
-                .default_team
-                .as_ref()
-                .map(|r| (Arc::from(format!("t:{team}")), r.clone())),
+            None => self.default_scope(team),
         };
         Applicable {
             scopes: [key, team],
         }
+    }
+
+    /// `default_team`'s scope and rules for `team`.
+    fn default_scope(&self, team: &str) -> Option<Scoped> {
+        let rules = self.default_team.as_ref()?;
+        let lock = &self.default_scopes;
+        if let Some(s) = lock.read().unwrap_or_else(|p| p.into_inner()).get(team) {
+            return Some(s.clone());
+        }
+        let mut w = lock.write().unwrap_or_else(|p| p.into_inner());
+        if w.len() >= MAX_DEFAULT_SCOPES && !w.contains_key(team) {
+            return Some((Arc::from(format!("t:{team}")), rules.clone()));
+        }
+        let s = w.entry(team.into()).or_insert_with(|| {
+            (
+                Arc::from(format!("t:{team}")),
+                Arc::new(rules.with_own_slots()),
+            )
+        });
+        Some(s.clone())
     }
 }
 
@@ -274,6 +384,15 @@ mod tests {
         assert!(other.scopes[0].is_none());
         let (s, r) = other.scopes[1].as_ref().unwrap();
         assert_eq!((&**s, &*r.entry), ("t:ads", "default_team"));
+        // Each team under default_team has its own counters, made once.
+        let again = t.lookup("ads", None).scopes[1].clone().unwrap();
+        assert!(
+            Arc::ptr_eq(r, &again.1),
+            "the second request finds the first's"
+        );
+        let (s2, r2) = t.lookup("maps", None).scopes[1].clone().unwrap();
+        assert_eq!(&*s2, "t:maps");
+        assert!(!Arc::ptr_eq(r, &r2) && r2.slot(0).is_some());
         assert!(QuotaTable::new(&QuotasConfig::default(), WhenDown::FailClosed).is_empty());
     }
 }

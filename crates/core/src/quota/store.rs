@@ -107,6 +107,7 @@ impl QuotaStore {
             .map(RedisConfig::when_down)
             .unwrap_or_default();
         let table = QuotaTable::new(quotas, when_down);
+        table.carry_from(&self.current.load().table);
         let pricing = table.counts_money().then(|| pricing.clone());
         self.current.store(Arc::new(Snapshot {
             table,
@@ -160,8 +161,9 @@ impl QuotaStore {
         let now = now_ms();
         let mut ops = Vec::with_capacity(8);
         let mut owners: Vec<&Arc<Rules>> = Vec::with_capacity(8);
+        let local_mode = snap.redis.is_none();
         for (scope, rules) in applicable.scopes.iter().flatten() {
-            for limit in &rules.limits {
+            for (i, limit) in rules.limits.iter().enumerate() {
                 let (window_id, expires_at_ms) = limit.window.at(now);
                 ops.push(CounterOp {
                     scope: scope.clone(),
@@ -171,6 +173,7 @@ impl QuotaStore {
                     expires_at_ms,
                     limit: rules.limit_for(limit, band),
                     add: demand.amount(limit.dim),
+                    local: if local_mode { rules.slot(i) } else { None },
                 });
                 owners.push(rules);
             }
@@ -180,28 +183,35 @@ impl QuotaStore {
             None => None,
         };
         let (verdict, source) = match backend {
-            None => (self.inner.local.reserve(&ops, |_| 1.0, now), Source::Local),
-            Some((b, timeout)) => match shared(&**b, &ops, timeout).await {
-                Some(v) => {
-                    self.inner.degraded.store(false, Ordering::Relaxed);
-                    (v, Source::Shared)
-                }
-                None => {
-                    self.inner.degraded.store(true, Ordering::Relaxed);
-                    if let Some(rules) = owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
-                    {
-                        metrics().closed.increment(1);
-                        return Err(Refusal::unavailable(rules));
+            None => (self.inner.local.reserve_local(&ops, now), Source::Local),
+            Some((b, timeout)) => match b.try_local(&ops, now) {
+                // From this replica's leased allowance: no round trip.
+                Some(values) => (Verdict::Admitted(values), Source::Shared),
+                None => match shared(&**b, &ops, timeout).await {
+                    Some(v) => {
+                        if self.inner.degraded.load(Ordering::Relaxed) {
+                            self.inner.degraded.store(false, Ordering::Relaxed);
+                        }
+                        (v, Source::Shared)
                     }
-                    let share = |i: usize| match owners[i].when_down {
-                        WhenDown::FailOpen { local_share } => local_share,
-                        WhenDown::FailClosed => 0.0,
-                    };
-                    (
-                        self.inner.fallback.reserve(&ops, share, now),
-                        Source::Fallback,
-                    )
-                }
+                    None => {
+                        self.inner.degraded.store(true, Ordering::Relaxed);
+                        if let Some(rules) =
+                            owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
+                        {
+                            metrics().closed.increment(1);
+                            return Err(Refusal::unavailable(rules));
+                        }
+                        let share = |i: usize| match owners[i].when_down {
+                            WhenDown::FailOpen { local_share } => local_share,
+                            WhenDown::FailClosed => 0.0,
+                        };
+                        (
+                            self.inner.fallback.reserve(&ops, share, now),
+                            Source::Fallback,
+                        )
+                    }
+                },
             },
         };
         let m = metrics();
@@ -252,6 +262,11 @@ impl QuotaStore {
     /// The local counter of a team's limit in the current window (tests).
     pub fn local_value(&self, scope: &str, dim: Dim, window: Window) -> i64 {
         let (window_id, expires_at_ms) = window.at(now_ms());
+        let snap = self.current.load();
+        let local = match &snap.redis {
+            Some(_) => None,
+            None => snap.table.slot_of(scope, dim, window),
+        };
         let op = CounterOp {
             scope: scope.into(),
             dim,
@@ -260,8 +275,9 @@ impl QuotaStore {
             expires_at_ms,
             limit: 0,
             add: 0,
+            local,
         };
-        self.inner.local.value(&op) + self.inner.fallback.value(&op)
+        self.inner.local.value_local(&op) + self.inner.fallback.value(&op)
     }
 }
 
@@ -341,39 +357,55 @@ impl RateSnapshot {
 
     /// Writes `x-ratelimit-*` headers (those whose limit is configured).
     pub fn write(&self, h: &mut HeaderMap) {
-        let mut put = |name: &'static str, v: HeaderValue| {
-            h.insert(name, v);
-        };
+        use http::HeaderName as N;
+        const LIMIT_REQUESTS: N = N::from_static("x-ratelimit-limit-requests");
+        const REMAINING_REQUESTS: N = N::from_static("x-ratelimit-remaining-requests");
+        const RESET_REQUESTS: N = N::from_static("x-ratelimit-reset-requests");
+        const LIMIT_TOKENS: N = N::from_static("x-ratelimit-limit-tokens");
+        const REMAINING_TOKENS: N = N::from_static("x-ratelimit-remaining-tokens");
+        const RESET_TOKENS: N = N::from_static("x-ratelimit-reset-tokens");
+        // One growth of the map for all six, not one per insert.
+        h.reserve(6);
+        let mut reset_requests = None;
         if let Some((limit, remaining, reset)) = self.requests {
-            put("x-ratelimit-limit-requests", HeaderValue::from(limit));
-            put(
-                "x-ratelimit-remaining-requests",
-                HeaderValue::from(remaining),
-            );
-            put("x-ratelimit-reset-requests", reset_value(reset));
+            let r = reset_value(reset);
+            h.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
+            h.insert(REMAINING_REQUESTS, HeaderValue::from(remaining));
+            h.insert(RESET_REQUESTS, r.clone());
+            reset_requests = Some((reset, r));
         }
         if let Some((limit, remaining, reset)) = self.tokens {
-            put("x-ratelimit-limit-tokens", HeaderValue::from(limit));
-            put("x-ratelimit-remaining-tokens", HeaderValue::from(remaining));
-            put("x-ratelimit-reset-tokens", reset_value(reset));
+            // Both rates count per minute: one reset value serves both.
+            let r = match reset_requests {
+                Some((ms, r)) if ms == reset => r,
+                _ => reset_value(reset),
+            };
+            h.insert(LIMIT_TOKENS, HeaderValue::from(limit));
+            h.insert(REMAINING_TOKENS, HeaderValue::from(remaining));
+            h.insert(RESET_TOKENS, r);
         }
     }
 }
 
-/// A reset in OpenAI's format: `850ms`, `12s`, `1m30s`, `3h5m0s`.
+/// A reset in OpenAI's format: `850ms`, `12s`, `1m30s`, `3h5m0s`, written
+/// without an intermediate string.
 fn reset_value(ms: u64) -> HeaderValue {
-    let s = if ms < 1000 {
-        format!("{ms}ms")
+    use std::io::Write as _;
+    let mut buf = [0u8; 40];
+    let mut w = &mut buf[..];
+    let _ = if ms < 1000 {
+        write!(w, "{ms}ms")
     } else {
         let secs = ms.div_ceil(1000);
         let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
         match (h, m) {
-            (0, 0) => format!("{s}s"),
-            (0, _) => format!("{m}m{s}s"),
-            _ => format!("{h}h{m}m{s}s"),
+            (0, 0) => write!(w, "{s}s"),
+            (0, _) => write!(w, "{m}m{s}s"),
+            _ => write!(w, "{h}h{m}m{s}s"),
         }
     };
-    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("1s"))
+    let len = 40 - w.len();
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("1s"))
 }
 
 /// A request refused by its quotas.
@@ -521,7 +553,7 @@ impl Reserved {
             match (self.source, &backend) {
                 (Source::Shared, Some(b)) => b.settle(op, delta),
                 (Source::Shared, None) => {}
-                (Source::Local, _) => self.inner.local.settle(op, delta),
+                (Source::Local, _) => self.inner.local.settle_local(op, delta),
                 (Source::Fallback, _) => self.inner.fallback.settle(op, delta),
             }
         }

@@ -328,3 +328,27 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     assert_eq!(g.source(), Some(Source::Shared));
     assert_eq!(s.backend_state(), BackendState::Up);
 }
+
+#[test]
+fn resets_in_openai_format_and_headers_share_one_reset() {
+    for (ms, text) in [
+        (850, "850ms"),
+        (12_000, "12s"),
+        (11_500, "12s"),
+        (90_000, "1m30s"),
+        (11_100_000, "3h5m0s"),
+    ] {
+        assert_eq!(reset_value(ms), text);
+    }
+    let mut h = HeaderMap::new();
+    RateSnapshot {
+        requests: Some((50, 49, 30_000)),
+        tokens: Some((1000, 877, 30_000)),
+    }
+    .write(&mut h);
+    assert_eq!(h["x-ratelimit-limit-requests"], "50");
+    assert_eq!(h["x-ratelimit-remaining-tokens"], "877");
+    assert_eq!(h["x-ratelimit-reset-requests"], "30s");
+    assert_eq!(h["x-ratelimit-reset-tokens"], "30s");
+    assert_eq!(h.len(), 6);
+}
