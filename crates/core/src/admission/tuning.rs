@@ -73,6 +73,21 @@ pub fn reserve_slots(batch: u64, critical_in_flight: f64) -> u64 {
     max
 }
 
+/// The request cap of a replica whose batch limit is not known yet.
+const SLOW_START: u64 = 4;
+
+/// The request cap of a replica while its batch limit is being learned:
+/// twice the requests its engine ran at the last scrape, at least
+/// [`SLOW_START`]. The cap doubles with each scrape while the engine keeps
+/// up (TCP's slow start), so a flood reaches the engine in steps: by the time
+/// the engine shows a queue at its limit `B`, at most `B` more wait in it,
+/// instead of the whole flood (the queue is then learned as the batch limit,
+/// `Signals::saturated_batch`, within three scrapes).
+pub fn slow_start_cap(running: f64) -> u64 {
+    let running = if running.is_finite() { running.max(0.0) } else { 0.0 };
+    (2.0 * running).ceil().max(SLOW_START as f64) as u64
+}
+
 /// Prompt tokens one replica prefills in one step (`step` seconds at
 /// `prefill_tokens_per_s`), at least 1.
 pub fn prefill_cap(prefill_tokens_per_s: f64, step: f64) -> u64 {
@@ -278,7 +293,12 @@ impl Knobs {
     pub fn critical_slots(&self, batch: u64) -> (u64, u64) {
         let r = reserve_slots(batch, self.critical_in_flight_per_replica);
         if self.engine_priority {
-            (0, r)
+            // A whole batch: the other bands hold at most `batch` requests,
+            // so critical requests reach `batch` running ones by preemption
+            // before any waits at the gateway. Fewer (the Poisson bound)
+            // made a burst of critical arrivals wait for a completion while
+            // the engine ran standard requests it could have preempted.
+            (0, if r > 0 { batch } else { 0 })
         } else {
             // An idle reserved slot costs 1/batch of the throughput, so the
             // reserve stays under 1/16 of the batch (at least 1): without
@@ -314,6 +334,23 @@ mod tests {
             assert!(r >= last);
             last = r;
         }
+    }
+
+    #[test]
+    fn slow_start_doubles_what_the_engine_runs() {
+        assert_eq!(slow_start_cap(0.0), 4, "an idle replica: 4");
+        assert_eq!(slow_start_cap(3.0), 6);
+        assert_eq!(slow_start_cap(4.0), 8);
+        assert_eq!(slow_start_cap(100.0), 200);
+        assert_eq!(slow_start_cap(f64::NAN), 4);
+        // Doubling per scrape from an idle replica to a 256-sequence batch:
+        // six scrapes.
+        let (mut cap, mut scrapes) = (slow_start_cap(0.0), 0);
+        while cap < 256 {
+            cap = slow_start_cap(cap as f64);
+            scrapes += 1;
+        }
+        assert_eq!(scrapes, 6);
     }
 
     #[test]
@@ -399,7 +436,7 @@ mod tests {
             engine_priority: true,
             ..k
         };
-        assert_eq!(k.critical_slots(16), (0, 4), "the Poisson bound");
+        assert_eq!(k.critical_slots(16), (0, 16), "a whole batch");
         assert_eq!(Knobs::default().critical_slots(16), (0, 0));
     }
 }
