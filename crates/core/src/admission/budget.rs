@@ -111,6 +111,16 @@ impl Budget {
                 .is_some_and(|s| s.saturated_batch.is_some())
     }
 
+    /// The pacing of queued non-critical starts on `replica`
+    /// ([`tuning::Pace`]), when self-tuning knows its batch and the service
+    /// time.
+    pub fn pace(&self, replica: &Replica, knobs: &Knobs) -> Option<tuning::Pace> {
+        if !self.cfg.self_tuning || !self.batch_known(replica) {
+            return None;
+        }
+        tuning::Pace::new(knobs.service, self.batch(replica)?)
+    }
+
     /// Whether `replica` can take a request of band `priority` costing `cost`
     /// tokens now, with `knobs` (what self-tuning derived; hand-set values in
     /// the config win). Below critical, only the budget minus the critical
@@ -346,6 +356,7 @@ mod tests {
         prefill_step_tokens: None,
         prefill_per_slot: 0.0,
         engine_priority: false,
+        service: 0.0,
     };
 
     fn replica() -> Arc<Replica> {
