@@ -123,10 +123,20 @@ class QueueWatch(threading.Thread):
             time.sleep(0.1)
 
 
+def kv_cache_tokens(url):
+    """The replica's KV cache size in tokens, from its vLLM-style metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    m = re.search(r'^vllm:cache_config_info\{([^}]*)\}', text, re.M)
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) if m else {}
+    return int(labels.get("block_size", 0)) * int(labels.get("num_gpu_blocks", 0))
+
+
 def run_load(load_bin, url, args, classes, rate=None, concurrency=None, duration=None, seed=0, warmup=None):
     cmd = [
         load_bin, "--url", url, "--workload", "stream", "--model", MODEL,
         "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
+        "--distinct", str(args.distinct),
         "--duration", str(duration or args.duration),
         "--warmup", str(args.warmup if warmup is None else warmup),
         "--timeout", "30", "--max-in-flight", "4096", "--seed", str(seed), "--json",
@@ -210,6 +220,15 @@ def main():
         ])
         for u in sim_urls:
             wait_http(u + "/health")
+        # Distinct prompts: four times what the fleet's KV caches hold, so
+        # that a prompt is not still cached when it comes round again (with
+        # the load generator's default of 64, every 2,000-token prompt of the
+        # llama-8b-h100 profile hit the prefix cache from the second round
+        # on, and a capacity run after another with the same prompts served
+        # them cached: 2.5x the requests per second).
+        kv = kv_cache_tokens(sim_urls[0])
+        args.distinct = min(20000, max(64, -(-4 * kv * args.replicas // max(1, args.prompt_tokens))))
+        log(f"[prompts] KV cache {kv} tokens per replica: {args.distinct} distinct prompts")
 
         # A request's lifetime at a full batch (a first probe), so that the
         # capacity window holds several lifetimes even for long outputs.
@@ -227,9 +246,10 @@ def main():
         # second than at exactly the batch, and a gateway that paces them
         # would show a goodput above 1 against that figure.
         per_conc = {}
-        for conc in (args.max_num_seqs, 2 * args.max_num_seqs):
+        for i, conc in enumerate((args.max_num_seqs, 2 * args.max_num_seqs)):
+            # Each run its own prompts (the seed labels them): none cached by the other.
             direct = run_load(load_bin, sim_urls[0], args, [], concurrency=conc,
-                              duration=cap_warmup + cap_window, seed=1, warmup=cap_warmup)
+                              duration=cap_warmup + cap_window, seed=10 + i, warmup=cap_warmup)
             # Requests served per second of the window they were sent in (not
             # over the window plus the drain after it, which a long request's
             # lifetime would stretch); the overload run is counted the same way.
@@ -427,7 +447,7 @@ routes:
         if args.results_jsonl:
             row = {
                 "gateway": name, "profile": args.profile, "max_num_seqs": args.max_num_seqs,
-                "time_scale": args.time_scale, "prompt_tokens": args.prompt_tokens,
+                "time_scale": args.time_scale, "prompt_tokens": args.prompt_tokens, "distinct_prompts": args.distinct,
                 "max_tokens": args.max_tokens, "engine_priority": args.engine_priority,
                 "defaults": args.defaults, "duration_s": args.duration, "lifetime_s": lifetime,
                 "capacity_req_s": capacity, "capacity_by_concurrency": per_conc,
