@@ -62,7 +62,13 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     let c = client();
     let r = route(&gw, "m");
     let replica = r.pool.replicas()[0].clone();
-    let learned = || replica.signals.load().as_ref().and_then(|s| s.saturated_batch);
+    let learned = || {
+        replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.saturated_batch)
+    };
     until("the first scrape: the slow-start cap", || {
         r.admission.budget.batch(&replica) == Some(4)
     })
@@ -76,12 +82,18 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     let mut most_waiting = 0;
     let t0 = Instant::now();
     while learned() != Some(4.0) {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the batch limit is never learned");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the batch limit is never learned"
+        );
         most_waiting = most_waiting.max(fleet.replica(0).stats().waiting);
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(r.admission.budget.batch(&replica), Some(4));
-    assert!(most_waiting <= 4, "the engine queued {most_waiting} of the flood");
+    assert!(
+        most_waiting <= 4,
+        "the engine queued {most_waiting} of the flood"
+    );
     for t in wave1 {
         assert_eq!(t.await.unwrap(), 200);
     }
@@ -185,14 +197,21 @@ async fn with_engine_priority_critical_requests_fill_a_whole_batch_at_once() {
     // Learn the batch limit from a flood.
     let wave1: Vec<_> = (0..16).map(|i| standard(&c, gw.url(), i)).collect();
     until("the batch limit is learned", || {
-        replica.signals.load().as_ref().and_then(|s| s.saturated_batch) == Some(4.0)
+        replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.saturated_batch)
+            == Some(4.0)
     })
     .await;
     for t in wave1 {
         assert_eq!(t.await.unwrap(), 200);
     }
     // Long standard streams fill the batch; the rest wait at the gateway.
-    let long: Vec<_> = (0..10).map(|_| timed(&c, gw.url(), "standard", 600)).collect();
+    let long: Vec<_> = (0..10)
+        .map(|_| timed(&c, gw.url(), "standard", 600))
+        .collect();
     until("the standard requests wait at the gateway", || {
         queued(&gw, "m") >= 6
     })
