@@ -203,7 +203,7 @@ impl PoolAdmission {
     }
 
     /// One placement attempt, without queueing: a ready (not ejected, not
-    /// excluded) replica with room for `cost`, chosen by `picker`. A
+    /// excluded) replica with room for the ticket's cost, chosen by `picker`. A
     /// `queued` non-critical request also waits for its replica's pacing
     /// ([`super::tuning::Pace`]); when that alone may hold it back, the queue is
     /// woken when the pacing allows the next start.
@@ -212,11 +212,11 @@ impl PoolAdmission {
         pool: &Pool,
         picker: &dyn Picker,
         req: &RouteRequest<'_>,
-        cost: Cost,
-        priority: Priority,
+        ticket: &Ticket,
         exclude: &[Arc<str>],
         queued: bool,
     ) -> Placement {
+        let (cost, priority) = (ticket.cost, ticket.class.priority);
         let members = pool.replicas();
         let ejected = self.outlier.ejected();
         let routable = RoutabilityCheck::new(&ejected, exclude);
@@ -364,7 +364,7 @@ impl PoolAdmission {
                 Ok(Ok(())) => {
                     waiter.phase = Phase::Granted;
                     epoch = self.shared.lock().epoch;
-                    match self.try_place(pool, picker, req, ticket.cost, band, exclude, true) {
+                    match self.try_place(pool, picker, req, ticket, exclude, true) {
                         Placement::Placed(r) => {
                             waiter.placed();
                             metrics::histogram!("infergate_admission_queue_wait_seconds", "pool" => self.name.to_string(), "priority" => band.as_str())
@@ -409,8 +409,7 @@ impl PoolAdmission {
         exclude: &[Arc<str>],
     ) -> Placement {
         if !blocked {
-            let band = ticket.class.priority;
-            return self.try_place(pool, picker, req, ticket.cost, band, exclude, false);
+            return self.try_place(pool, picker, req, ticket, exclude, false);
         }
         // Others of this band or higher wait: do not overtake them, but still
         // tell "no replica at all" apart from "full".
