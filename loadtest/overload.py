@@ -180,6 +180,10 @@ def main():
     ap.add_argument("--output-len", default="max-tokens",
                     help="the sim's output length: max-tokens, or uniform:MIN:MAX (capped by --max-tokens)")
     ap.add_argument("--duration", type=float, default=60)
+    ap.add_argument("--min-critical", type=int, default=0,
+                    help="lengthen the measured overload window until it is expected to hold this many "
+                         "critical requests (a p99 over fewer is about the maximum; long outputs serve "
+                         "few requests per second)")
     ap.add_argument("--warmup", type=float, default=2)
     ap.add_argument("--overload", type=float, default=3.0)
     ap.add_argument("--deadline-ms", type=int, default=2000)
@@ -330,6 +334,11 @@ routes:
             "standard-b=0.2,x-infergate-priority:standard,x-gateway-inference-fairness-id:b",
             "sheddable=0.4,x-infergate-priority:sheddable",
         ]
+        if args.min_critical > 0:
+            need = args.min_critical / (0.2 * args.overload * capacity)
+            if need > args.duration:
+                log(f"[duration] {args.duration:.0f} s -> {need:.0f} s for {args.min_critical} critical requests")
+                args.duration = round(need)
         # The load after warm-up: at least the lifetime of a request under load.
         load_warmup = max(args.warmup, 1.5 * lifetime)
         unloaded = None

@@ -8,7 +8,7 @@ long outputs (64 + 500). Profiles: `tiny` (16 sequences per batch, time scale
 0.25) and `llama-8b-h100` (8 sequences per batch, time scale 0.5).
 
 Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
-    python3 loadtest/overload_matrix.py [--duration 15] [--out /tmp/overload-matrix.jsonl]
+    python3 loadtest/overload_matrix.py [--duration 15] [--min-critical 100] [--out /tmp/overload-matrix.jsonl]
         [--only-profile tiny] [--only-shape short] [--bin-dir target/release]
     python3 loadtest/overload_matrix.py --table /tmp/overload-matrix.jsonl   # the table of a past run
 """
@@ -82,6 +82,8 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=15)
+    ap.add_argument("--min-critical", type=int, default=100,
+                    help="per cell, lengthen the window to about this many critical requests (overload.py)")
     ap.add_argument("--out", default="/tmp/overload-matrix.jsonl")
     ap.add_argument("--only-profile", default="")
     ap.add_argument("--only-shape", default="")
@@ -103,7 +105,8 @@ def main():
                 cmd = [sys.executable, os.path.join(here, "overload.py"), "--only", "infergate", "--defaults",
                        "--bin-dir", args.bin_dir,
                        *pargs, *ep, "--prompt-tokens", str(pt), "--max-tokens", str(mt),
-                       "--duration", str(args.duration), "--results-jsonl", args.out]
+                       "--duration", str(args.duration), "--min-critical", str(args.min_critical),
+                       "--results-jsonl", args.out]
                 logf = f"/tmp/overload-matrix-{prof}-{key}-{'ep' if ep else 'fcfs'}.log"
                 print(f"[matrix] {' '.join(cmd)}  (log: {logf})", file=sys.stderr, flush=True)
                 with open(logf, "w") as log:
