@@ -21,9 +21,12 @@
 //!   law so that a critical arrival finds a free slot with 99% probability,
 //!   but at most 1/16 of the batch (an idle slot costs throughput), and one
 //!   critical request in the engine's queue;
-//! - on pools whose engines schedule by priority, that many critical
-//!   requests (up to a quarter of the batch) may go past the cap into the
-//!   engine's queue (the engine preempts for them) instead of a reserve;
+//! - on pools whose engines schedule by priority, a whole batch of critical
+//!   requests may go past the cap into the engine's queue (the engine
+//!   preempts for them) instead of a reserve;
+//! - before the batch limit is learned, a slow-start cap
+//!   ([`slow_start_cap`]) that doubles with each scrape while the engine
+//!   keeps up;
 //! - the prompt tokens of non-critical requests awaiting their first token
 //!   per replica = what the replica prefills in one step, so a burst of
 //!   admissions never makes the long prefill steps a critical arrival would
