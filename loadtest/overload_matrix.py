@@ -8,8 +8,8 @@ long outputs (64 + 500). Profiles: `tiny` (16 sequences per batch, time scale
 0.25) and `llama-8b-h100` (8 sequences per batch, time scale 0.5).
 
 Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
-    python3 loadtest/overload_matrix.py [--duration 15] [--out /tmp/overload-matrix.jsonl]
-        [--only-profile tiny] [--only-shape short]
+    python3 loadtest/overload_matrix.py [--duration 15] [--min-critical 100] [--out /tmp/overload-matrix.jsonl]
+        [--only-profile tiny] [--only-shape short] [--bin-dir target/release]
     python3 loadtest/overload_matrix.py --table /tmp/overload-matrix.jsonl   # the table of a past run
 """
 
@@ -34,9 +34,15 @@ def verdict(ok):
     return "met" if ok else "**missed**"
 
 
+def unloaded_runs(r):
+    """The unloaded reference's runs before and after the overload (the lower counts)."""
+    runs = [u["critical_p99_ms"] for u in r.get("unloaded_runs", []) if u.get("critical_p99_ms")]
+    return " (" + " / ".join(f"{v:.1f}" for v in runs) + ")" if len(runs) > 1 else ""
+
+
 def table(rows):
     out = [
-        "| profile | shape (prompt + output) | engine priority | capacity req/s | unloaded critical p99 TTFT "
+        "| profile | shape (prompt + output) | engine priority | capacity req/s | unloaded critical p99 TTFT (before / after) "
         "| critical p99 TTFT | × unloaded | goodput | sheddable refusal p99 | tenant share (a) | max engine queue "
         "| load generator lag p99 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -60,7 +66,7 @@ def table(rows):
         mark = lambda ok, text: text if ok else f"**{text}**"
         out.append(
             f"| {r['profile']} (B={r['max_num_seqs']}) | {shape} ({r['prompt_tokens']} + {r['max_tokens']}) | {ep} "
-            f"| {r['capacity_req_s']:.1f} | {f(r['unloaded_p99_ms'], '%.1f ms')} "
+            f"| {r['capacity_req_s']:.1f} | {f(r['unloaded_p99_ms'], '%.1f ms')}{unloaded_runs(r)} "
             f"| {f(r['critical_p99_ms'], '%.1f ms')} | {mark(checks[f'critical ≤ {bound}×'], f(ratio, '%.2f×'))} "
             f"| {mark(checks['goodput ≥ 0.95'], f(good, '%.2f'))} "
             f"| {mark(checks['refusal < 5 ms'], f(shed, '%.2f ms'))} "
@@ -76,9 +82,12 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=15)
+    ap.add_argument("--min-critical", type=int, default=100,
+                    help="per cell, lengthen the window to about this many critical requests (overload.py)")
     ap.add_argument("--out", default="/tmp/overload-matrix.jsonl")
     ap.add_argument("--only-profile", default="")
     ap.add_argument("--only-shape", default="")
+    ap.add_argument("--bin-dir", default="target/release", help="where infergate and infergate-load are")
     ap.add_argument("--table", default="", help="print the table of this JSON-lines file and exit")
     args = ap.parse_args()
     if args.table:
@@ -94,8 +103,10 @@ def main():
                 continue
             for ep in ([], ["--engine-priority"]):
                 cmd = [sys.executable, os.path.join(here, "overload.py"), "--only", "infergate", "--defaults",
+                       "--bin-dir", args.bin_dir,
                        *pargs, *ep, "--prompt-tokens", str(pt), "--max-tokens", str(mt),
-                       "--duration", str(args.duration), "--results-jsonl", args.out]
+                       "--duration", str(args.duration), "--min-critical", str(args.min_critical),
+                       "--results-jsonl", args.out]
                 logf = f"/tmp/overload-matrix-{prof}-{key}-{'ep' if ep else 'fcfs'}.log"
                 print(f"[matrix] {' '.join(cmd)}  (log: {logf})", file=sys.stderr, flush=True)
                 with open(logf, "w") as log:

@@ -4,12 +4,14 @@
 //! there (so the engine's own queue stays empty and later requests wait in
 //! the gateway's queue, which is ordered by band), and a critical request
 //! sent behind a saturating standard load is served ahead of the standard
-//! requests already waiting.
+//! requests already waiting. Before the limit is learned, slow start keeps
+//! a flood out of the engine's queue. With engine-side priority, critical
+//! requests fill a whole batch past the cap at once (the engine preempts).
 
 #[path = "admission_support/mod.rs"]
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use infergate_sim::{start_fleet, EngineParams, FleetConfig, Profile};
 use support::*;
@@ -60,20 +62,38 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     let c = client();
     let r = route(&gw, "m");
     let replica = r.pool.replicas()[0].clone();
-    assert_eq!(
-        r.admission.budget.batch(&replica),
-        None,
-        "nothing learned yet"
-    );
-
-    // Wave 1: 16 standard streams at once. Nothing caps them yet, so the
-    // engine runs 4 and queues the rest; the scrapes see that and the
-    // gateway learns the limit.
-    let wave1: Vec<_> = (0..16).map(|i| standard(&c, gw.url(), i)).collect();
-    until("the batch limit is learned", || {
+    let learned = || {
+        replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.saturated_batch)
+    };
+    until("the first scrape: the slow-start cap", || {
         r.admission.budget.batch(&replica) == Some(4)
     })
     .await;
+    assert_eq!(learned(), None, "nothing learned yet");
+
+    // Wave 1: 16 standard streams at once. Slow start lets 4 in, then twice
+    // what the engine runs: the engine runs its 4, queues at most 4 more
+    // (not the other 12), and the scrapes learn the limit from that queue.
+    let wave1: Vec<_> = (0..16).map(|i| standard(&c, gw.url(), i)).collect();
+    let mut most_waiting = 0;
+    let t0 = Instant::now();
+    while learned() != Some(4.0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the batch limit is never learned"
+        );
+        most_waiting = most_waiting.max(fleet.replica(0).stats().waiting);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(r.admission.budget.batch(&replica), Some(4));
+    assert!(
+        most_waiting <= 4,
+        "the engine queued {most_waiting} of the flood"
+    );
     for t in wave1 {
         assert_eq!(t.await.unwrap(), 200);
     }
@@ -110,5 +130,116 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     );
     for t in wave2 {
         assert_eq!(t.await.unwrap(), 200);
+    }
+}
+
+/// A streamed completion of `tokens` tokens at band `priority`: when its
+/// first byte and its end arrived.
+fn timed(
+    c: &HttpClient,
+    url: String,
+    priority: &'static str,
+    tokens: u32,
+) -> tokio::task::JoinHandle<(Instant, Instant)> {
+    let c = c.clone();
+    tokio::spawn(async move {
+        let body = completion("m", priority, tokens, true);
+        let req = http::Request::post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
+            .header("x-infergate-priority", priority)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+            .await
+            .expect("answer within 20 s")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut first = None;
+        while let Some(f) = tokio::time::timeout(
+            Duration::from_secs(20),
+            http_body_util::BodyExt::frame(&mut body),
+        )
+        .await
+        .expect("the stream goes on")
+        {
+            f.unwrap();
+            first.get_or_insert_with(Instant::now);
+        }
+        (first.expect("a first byte"), Instant::now())
+    })
+}
+
+#[tokio::test]
+async fn with_engine_priority_critical_requests_fill_a_whole_batch_at_once() {
+    let fleet = start_fleet(FleetConfig {
+        params: EngineParams {
+            max_num_seqs: 4,
+            priority_scheduling: true,
+            ..Profile::Tiny.params()
+        },
+        time_scale: 1.0,
+        replicas: 1,
+        served_model_name: Some("m".into()),
+        ..FleetConfig::with_profile(Profile::Tiny)
+    })
+    .await
+    .unwrap();
+    // The default admission config; the pool's engines schedule by priority.
+    let gw = gateway(&format!(
+        "pools:\n  - name: p\n    endpoints: [{}]\n    engine_priority: vllm\nroutes:\n  - model: m\n    pool: p\n",
+        urls(&fleet)
+    ))
+    .await;
+    let c = client();
+    let r = route(&gw, "m");
+    let replica = r.pool.replicas()[0].clone();
+    // Learn the batch limit from a flood.
+    let wave1: Vec<_> = (0..16).map(|i| standard(&c, gw.url(), i)).collect();
+    until("the batch limit is learned", || {
+        replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.saturated_batch)
+            == Some(4.0)
+    })
+    .await;
+    for t in wave1 {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // Long standard streams fill the batch; the rest wait at the gateway.
+    let long: Vec<_> = (0..10)
+        .map(|_| timed(&c, gw.url(), "standard", 600))
+        .collect();
+    until("the standard requests wait at the gateway", || {
+        queued(&gw, "m") >= 6
+    })
+    .await;
+    until("the engine runs its batch", || {
+        fleet.replica(0).stats().running == 4
+    })
+    .await;
+    assert_eq!(r.admission.budget.batch(&replica), Some(4));
+    // Four critical streams at once: all four start before the first of
+    // them ends. With less than a batch let past the cap, the others would
+    // wait at the gateway for a slot (no 600-token standard stream ends
+    // meanwhile, so that slot would be a critical one's, after its end).
+    let critical: Vec<_> = (0..4)
+        .map(|_| timed(&c, gw.url(), "critical", 200))
+        .collect();
+    let mut times = Vec::new();
+    for t in critical {
+        times.push(t.await.unwrap());
+    }
+    let last_first = times.iter().map(|t| t.0).max().unwrap();
+    let first_end = times.iter().map(|t| t.1).min().unwrap();
+    assert!(
+        last_first < first_end,
+        "a critical request waited for another to end"
+    );
+    assert!(fleet.replica(0).stats().counters.preemptions >= 4);
+    for t in long {
+        t.await.unwrap();
     }
 }

@@ -60,6 +60,9 @@ pub struct ReplicaLoad {
     /// Joined a pool that had requests waiting for a replica: admission ramps
     /// it up slowly (`admission::cold_start`).
     cold: AtomicBool,
+    /// Admission's pacing of queued non-critical starts
+    /// (`admission::tuning::Pace`): when the next may start.
+    pub(crate) next_start: AtomicU64,
 }
 
 impl ReplicaLoad {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::config::BudgetConfig;
-use super::tuning::{Knobs, Timing};
+use super::tuning::{self, Knobs, Timing};
 use super::Priority;
 use crate::pool::{LoadGuard, Replica};
 
@@ -82,15 +82,43 @@ impl Budget {
     }
 
     /// The request cap of `replica`: configured, else (self-tuning) the
-    /// batch limit learned from its metrics; `None`: no cap.
+    /// batch limit learned from its metrics, else while it is being learned
+    /// the slow-start cap ([`tuning::slow_start_cap`]); `None`: no cap (no
+    /// metrics to learn from, or self-tuning off).
     pub fn batch(&self, replica: &Replica) -> Option<u64> {
         self.cfg.max_requests_per_replica.or_else(|| {
-            self.cfg
-                .self_tuning
-                .then(|| replica.signals.load().as_ref()?.saturated_batch)
-                .flatten()
-                .map(|b| (b as u64).max(1))
+            if !self.cfg.self_tuning {
+                return None;
+            }
+            let s = replica.signals.load();
+            let s = s.as_ref().filter(|s| s.error.is_none())?;
+            Some(match s.saturated_batch {
+                Some(b) => (b as u64).max(1),
+                None => tuning::slow_start_cap(s.running),
+            })
         })
+    }
+
+    /// Whether `replica`'s request cap is its learned batch limit (or a
+    /// hand-set one), not the slow-start cap: only a known batch sizes a
+    /// reserve.
+    fn batch_known(&self, replica: &Replica) -> bool {
+        self.cfg.max_requests_per_replica.is_some()
+            || replica
+                .signals
+                .load()
+                .as_ref()
+                .is_some_and(|s| s.saturated_batch.is_some())
+    }
+
+    /// The pacing of queued non-critical starts on `replica`
+    /// ([`tuning::Pace`]), when self-tuning knows its batch and the service
+    /// time.
+    pub fn pace(&self, replica: &Replica, knobs: &Knobs) -> Option<tuning::Pace> {
+        if !self.cfg.self_tuning || !self.batch_known(replica) {
+            return None;
+        }
+        tuning::Pace::new(knobs.service, self.batch(replica)?)
     }
 
     /// Whether `replica` can take a request of band `priority` costing `cost`
@@ -107,7 +135,9 @@ impl Budget {
         // The slots the reserve is counted in: the request cap, else (a replica
         // its KV cache limits first) how many requests like this one its token
         // budget holds.
-        let slots = batch.or_else(|| capacity.map(|c| (c / cost.total().max(1)).max(1)));
+        let slots = batch
+            .filter(|_| self.batch_known(replica))
+            .or_else(|| capacity.map(|c| (c / cost.total().max(1)).max(1)));
         let (derived_reserve, derived_queue) = match slots {
             Some(b) if tune => knobs.critical_slots(b),
             _ => (0, 0),
@@ -326,6 +356,7 @@ mod tests {
         prefill_step_tokens: None,
         prefill_per_slot: 0.0,
         engine_priority: false,
+        service: 0.0,
     };
 
     fn replica() -> Arc<Replica> {
@@ -503,18 +534,50 @@ mod tests {
         assert!(!b.fits(&r, out(1), S, &K));
     }
 
+    /// Scrapes of `r` showing `(running, waiting)` in turn, on a KV cache of `blocks`.
+    fn scrapes(r: &Replica, counts: &[(u32, u32)], blocks: u32) {
+        let t = std::time::Instant::now();
+        let mut last = None;
+        for (run, wait) in counts {
+            let body = format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\nvllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\"}} 1\n");
+            let s = crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, &body, t)
+                .with_context(0, 0, last.as_ref());
+            last = Some(s);
+        }
+        r.signals.store(last.map(Arc::new));
+    }
+
     /// A replica whose scrapes showed a full batch of `batch` three times in a row.
     fn scraped(r: &Replica, batch: u32, blocks: u32) {
-        let body = |run: u32, wait: u32| {
-            format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\nvllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{blocks}\"}} 1\n")
-        };
-        let t = std::time::Instant::now();
-        let parse =
-            |b: &str| crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, b, t);
-        let s1 = parse(&body(batch, 3)).with_context(0, 0, None);
-        let s2 = parse(&body(batch, 2)).with_context(0, 0, Some(&s1));
-        let s3 = parse(&body(batch, 2)).with_context(0, 0, Some(&s2));
-        r.signals.store(Some(Arc::new(s3)));
+        scrapes(r, &[(batch, 3), (batch, 2), (batch, 2)], blocks);
+    }
+
+    #[test]
+    fn slow_start_caps_a_replica_until_its_batch_is_learned() {
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        assert_eq!(b.batch(&r), None, "no metrics: no cap");
+        scrapes(&r, &[(0, 0)], 100_000);
+        assert_eq!(b.batch(&r), Some(4), "idle: the slow-start cap");
+        let held: Vec<_> = (0..4)
+            .map(|_| Budget::reserve(&r, Cost::estimate(10, Some(10), 0), None))
+            .collect();
+        assert!(!b.fits(&r, out(1), S, &K), "a flood stops at 4");
+        // The engine runs them all: the cap doubles.
+        scrapes(&r, &[(4, 0)], 100_000);
+        assert!(b.fits(&r, out(1), S, &K));
+        assert_eq!(b.batch(&r), Some(8));
+        // It runs 6 of 8 with a queue three scrapes in a row: its batch is 6.
+        scrapes(&r, &[(6, 2), (6, 2), (6, 2)], 100_000);
+        assert_eq!(b.batch(&r), Some(6));
+        // A failed scrape: no cap from it (the engine's load is unknown).
+        r.signals
+            .store(Some(Arc::new(crate::routing::signals::Signals::failed(
+                std::time::Instant::now(),
+                "refused",
+            ))));
+        assert_eq!(b.batch(&r), None);
+        drop(held);
     }
 
     #[test]
@@ -576,9 +639,10 @@ mod tests {
     fn kv_bound_replicas_count_the_reserve_in_requests_their_budget_holds() {
         let b = Budget::new(BudgetConfig::default());
         let r = replica();
-        // 4,096 KV tokens x 0.9; no batch learned (the KV cache limits first).
-        scraped(&r, 0, 256);
-        assert_eq!((b.batch(&r), b.capacity(&r)), (None, Some(3686)));
+        // 4,096 KV tokens x 0.9; no batch learned (the KV cache limits
+        // first), the slow-start cap above what the budget holds.
+        scrapes(&r, &[(3, 0)], 256);
+        assert_eq!((b.batch(&r), b.capacity(&r)), (Some(6), Some(3686)));
         let k = Knobs {
             critical_in_flight_per_replica: 4.0,
             ..K

@@ -34,6 +34,7 @@
 //! tokens, requests held for a replica) are the demand an autoscaler reads.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,8 @@ impl PoolAdmission {
                 name: name.clone(),
                 state: Mutex::new(State::default()),
                 derived: Derived::default(),
+                wake_at: AtomicU64::new(0),
+                created: Instant::now(),
             }),
             name,
         }
@@ -200,16 +203,20 @@ impl PoolAdmission {
     }
 
     /// One placement attempt, without queueing: a ready (not ejected, not
-    /// excluded) replica with room for `cost`, chosen by `picker`.
+    /// excluded) replica with room for the ticket's cost, chosen by `picker`. A
+    /// `queued` non-critical request also waits for its replica's pacing
+    /// ([`super::tuning::Pace`]); when that alone may hold it back, the queue is
+    /// woken when the pacing allows the next start.
     pub fn try_place(
         &self,
         pool: &Pool,
         picker: &dyn Picker,
         req: &RouteRequest<'_>,
-        cost: Cost,
-        priority: Priority,
+        ticket: &Ticket,
         exclude: &[Arc<str>],
+        queued: bool,
     ) -> Placement {
+        let (cost, priority) = (ticket.cost, ticket.class.priority);
         let members = pool.replicas();
         let ejected = self.outlier.ejected();
         let routable = RoutabilityCheck::new(&ejected, exclude);
@@ -218,21 +225,47 @@ impl PoolAdmission {
         }
         let scraped = pool.is_scraped();
         let knobs = self.knobs(pool, members.len());
+        let paced = queued && priority != Priority::Critical;
+        let now = Instant::now();
+        // The earliest instant a replica's pacing held this request back.
+        let paced_until = std::cell::Cell::new(None::<Instant>);
         // A replica already caching part of the prompt needs room only for the rest.
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
                 prompt: cost.prompt - cached.min(cost.prompt),
                 output: cost.output,
             };
-            routable.of(r).takes_requests()
+            if !(routable.of(r).takes_requests()
                 && cold_start::admits(r, scraped)
-                && self.budget.fits(r, cost_here, priority, &knobs)
+                && self.budget.fits(r, cost_here, priority, &knobs))
+            {
+                return false;
+            }
+            match self.budget.pace(r, &knobs).filter(|_| paced) {
+                Some(pace) => {
+                    let at = pace.allowed_at(&r.load.next_start);
+                    if at > now {
+                        paced_until.set(Some(paced_until.get().map_or(at, |t| t.min(at))));
+                    }
+                    at <= now
+                }
+                None => true,
+            }
         };
         // One call: the picker looks the prompt's prefix up once, asks `fits`
         // per replica, records its decision and accounts only the uncached
         // part of the prompt as prefill.
-        match picker.pick_fitting_and_begin(&members, req, exclude, &fits) {
+        let placed = picker.pick_fitting_and_begin(&members, req, exclude, &fits);
+        if placed.is_none() {
+            if let Some(at) = paced_until.get() {
+                self.shared.wake_at(at);
+            }
+        }
+        match placed {
             Some(g) => {
+                if let Some(pace) = self.budget.pace(g.replica(), &knobs).filter(|_| paced) {
+                    pace.started(&g.replica().load.next_start, now);
+                }
                 // A cold replica's ramp widens with each first byte.
                 let wake = self.budget.caps_prefill() || g.replica().load.is_cold();
                 Placement::Placed(
@@ -252,6 +285,7 @@ impl PoolAdmission {
             prefill_step_tokens: d.prefill_step_tokens(),
             prefill_per_slot: d.prefill_per_slot(),
             engine_priority: pool.engine_priority(),
+            service: d.service(),
         }
     }
 
@@ -330,7 +364,7 @@ impl PoolAdmission {
                 Ok(Ok(())) => {
                     waiter.phase = Phase::Granted;
                     epoch = self.shared.lock().epoch;
-                    match self.try_place(pool, picker, req, ticket.cost, band, exclude) {
+                    match self.try_place(pool, picker, req, ticket, exclude, true) {
                         Placement::Placed(r) => {
                             waiter.placed();
                             metrics::histogram!("infergate_admission_queue_wait_seconds", "pool" => self.name.to_string(), "priority" => band.as_str())
@@ -375,8 +409,7 @@ impl PoolAdmission {
         exclude: &[Arc<str>],
     ) -> Placement {
         if !blocked {
-            let band = ticket.class.priority;
-            return self.try_place(pool, picker, req, ticket.cost, band, exclude);
+            return self.try_place(pool, picker, req, ticket, exclude, false);
         }
         // Others of this band or higher wait: do not overtake them, but still
         // tell "no replica at all" apart from "full".
@@ -492,9 +525,40 @@ struct Shared {
     state: Mutex<State>,
     /// Self-tuning's results, read on the placement path without the lock.
     derived: Derived,
+    /// The instant a pacing wake-up is set for (`Pace`), as nanoseconds
+    /// after `created`; 0: none.
+    wake_at: AtomicU64,
+    created: Instant,
 }
 
 impl Shared {
+    /// Wakes the queue at `at`, when pacing (not a full replica) held a
+    /// queued request back: no release would wake it then. One timer at a
+    /// time per pool, for the earliest instant asked.
+    fn wake_at(self: &Arc<Self>, at: Instant) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let ns = (at.saturating_duration_since(self.created).as_nanos() as u64).max(1);
+        let set = self
+            .wake_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == 0 || ns < cur).then_some(ns)
+            });
+        if set.is_err() {
+            return;
+        }
+        let shared = self.clone();
+        rt.spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            // Only the latest timer clears the mark; an earlier one set later wins.
+            let _ = shared
+                .wake_at
+                .compare_exchange(ns, 0, Ordering::AcqRel, Ordering::Acquire);
+            shared.capacity_freed(0);
+        });
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1175,6 +1239,97 @@ mod tests {
         let r = w.await.unwrap().unwrap();
         assert_eq!(r.replica().key(), "127.0.0.1:9199");
         assert_eq!(*order.lock().unwrap(), vec!["w"]);
+    }
+
+    #[tokio::test]
+    async fn a_bunch_of_releases_is_refilled_at_the_pace_and_critical_is_not_paced() {
+        let pool = Arc::new(Pool::new("p", Default::default()));
+        pool.apply(Update::Reset(vec![Endpoint::from_url(
+            "http://127.0.0.1:9100",
+        )
+        .unwrap()]));
+        let cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                max_requests_per_replica: Some(4),
+                // No reserve: the critical request below would keep a slot.
+                critical_reserve: Some(0.0),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let adm = Arc::new(PoolAdmission::new("p", &cfg));
+        // Requests last 400 ms: with 4 slots, queued starts come one per 80 ms.
+        adm.listener().request_ended(
+            0,
+            Some(Timing {
+                ttft: Duration::from_millis(400),
+                total: Duration::from_millis(400),
+                generated: 1,
+                prompt: 10,
+            }),
+        );
+        let t = |p| ticket(p, "", 20, 5000);
+        let mut cohort = Vec::new();
+        for _ in 0..4 {
+            cohort.push(acquire(&pool, &adm, t(Priority::Standard)).await.unwrap());
+        }
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiters: Vec<_> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|l| spawn_waiter(&pool, &adm, t(Priority::Standard), l, order.clone()))
+            .collect();
+        wait_queued(&adm, 4).await;
+        // The whole batch ends at once.
+        let t0 = Instant::now();
+        drop(cohort);
+        let mut at = Vec::new();
+        let mut placed = Vec::new();
+        for w in waiters {
+            placed.push(w.await.unwrap().unwrap());
+            at.push(t0.elapsed());
+            if placed.len() == 2 {
+                // Two slots are still free while the pace holds the queue:
+                // a critical arrival takes one at once.
+                let c = tokio::time::timeout(
+                    Duration::from_millis(20),
+                    acquire(&pool, &adm, t(Priority::Critical)),
+                )
+                .await
+                .expect("critical is not paced")
+                .unwrap();
+                drop(c);
+            }
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "b", "c", "d"]);
+        // Two at once (the burst), then one per 80 ms, woken by the pacing
+        // timer (no request ended meanwhile).
+        assert!(at[1] < Duration::from_millis(60), "{at:?}");
+        assert!(at[3] >= Duration::from_millis(150), "{at:?}");
+        assert!(at[3] < Duration::from_secs(2), "{at:?}");
+        // A request placed without waiting is not paced.
+        drop(placed);
+        let free: Vec<_> = admitted_at_once(&pool, &adm, 4).await;
+        assert_eq!(free.len(), 4);
+    }
+
+    /// `n` standard requests admitted at once on a pool with room for them.
+    async fn admitted_at_once(
+        pool: &Arc<Pool>,
+        adm: &Arc<PoolAdmission>,
+        n: usize,
+    ) -> Vec<Reservation> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let r = tokio::time::timeout(
+                Duration::from_millis(20),
+                acquire(pool, adm, ticket(Priority::Standard, "", 20, 5000)),
+            )
+            .await
+            .expect("placed without waiting")
+            .unwrap();
+            v.push(r);
+        }
+        v
     }
 
     fn held(p: Priority, wait_ms: u64) -> Ticket {

@@ -21,17 +21,25 @@
 //!   law so that a critical arrival finds a free slot with 99% probability,
 //!   but at most 1/16 of the batch (an idle slot costs throughput), and one
 //!   critical request in the engine's queue;
-//! - on pools whose engines schedule by priority, that many critical
-//!   requests (up to a quarter of the batch) may go past the cap into the
-//!   engine's queue (the engine preempts for them) instead of a reserve;
+//! - on pools whose engines schedule by priority, a whole batch of critical
+//!   requests may go past the cap into the engine's queue (the engine
+//!   preempts for them) instead of a reserve;
+//! - before the batch limit is learned, a slow-start cap
+//!   ([`slow_start_cap`]) that doubles with each scrape while the engine
+//!   keeps up;
 //! - the prompt tokens of non-critical requests awaiting their first token
 //!   per replica = what the replica prefills in one step, so a burst of
 //!   admissions never makes the long prefill steps a critical arrival would
-//!   sit through.
+//!   sit through;
+//! - queued non-critical requests start on a replica at most one per
+//!   `service / (1.25 × batch)` ([`Pace`]): requests that start together end
+//!   together (same length, same steps), and a batch that frees its slots in
+//!   bunches leaves critical arrivals between the bunches no slot at all.
 //!
 //! Hand-set values in `budget:` always win.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Probability that a critical arrival finds no reserved slot free, at most.
@@ -71,6 +79,89 @@ pub fn reserve_slots(batch: u64, critical_in_flight: f64) -> u64 {
         term *= m / (r + 1) as f64;
     }
     max
+}
+
+/// The request cap of a replica whose batch limit is not known yet.
+const SLOW_START: u64 = 4;
+
+/// The request cap of a replica while its batch limit is being learned:
+/// twice the requests its engine ran at the last scrape, at least
+/// [`SLOW_START`]. The cap doubles with each scrape while the engine keeps
+/// up (TCP's slow start), so a flood reaches the engine in steps: by the time
+/// the engine shows a queue at its limit `B`, at most `B` more wait in it,
+/// instead of the whole flood (the queue is then learned as the batch limit,
+/// `Signals::saturated_batch`, within three scrapes).
+pub fn slow_start_cap(running: f64) -> u64 {
+    let running = if running.is_finite() {
+        running.max(0.0)
+    } else {
+        0.0
+    };
+    (2.0 * running).ceil().max(SLOW_START as f64) as u64
+}
+
+/// How much faster than a full batch's completions queued starts may come:
+/// at exactly that rate a pause in them would cost throughput for good.
+const PACE_HEADROOM: f64 = 1.25;
+
+/// Pacing of queued non-critical starts on one replica, a GCRA (virtual
+/// scheduling) with a burst of two: a start is allowed when the replica's
+/// theoretical next start is at most one interval ahead, and moves it one
+/// interval on. The interval is the time between completions of a full
+/// batch (`service / batch`) ÷ [`PACE_HEADROOM`], so in steady state every
+/// completion is refilled at once, while a bunch of completions (a cohort
+/// of requests that started together, with the same length) is refilled
+/// one by one: the cohort spreads over one lifetime, and completions come
+/// evenly from then on. Critical requests are never paced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    interval_ns: u64,
+}
+
+impl Pace {
+    /// The pacing of a replica of batch `batch` whose requests last
+    /// `service` seconds; `None` when either is unknown (or one slot: its
+    /// completions cannot bunch).
+    pub fn new(service: f64, batch: u64) -> Option<Pace> {
+        (service > 0.0 && service.is_finite() && batch >= 2).then(|| Pace {
+            interval_ns: (service * 1e9 / (batch as f64 * PACE_HEADROOM)).max(1.0) as u64,
+        })
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
+    }
+
+    /// When a start on the replica whose next-start slot is `next` is
+    /// allowed (now or earlier: allowed now).
+    pub fn allowed_at(&self, next: &AtomicU64) -> Instant {
+        at_ns(
+            next.load(Ordering::Relaxed)
+                .saturating_sub(self.interval_ns),
+        )
+    }
+
+    /// A start at `now` happened: the next one moves an interval on.
+    pub fn started(&self, next: &AtomicU64, now: Instant) {
+        let now = ns_at(now);
+        let _ = next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+            Some(t.max(now) + self.interval_ns)
+        });
+    }
+}
+
+/// The process's time base for [`Pace`]'s atomics.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn ns_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+fn at_ns(ns: u64) -> Instant {
+    epoch() + Duration::from_nanos(ns)
 }
 
 /// Prompt tokens one replica prefills in one step (`step` seconds at
@@ -224,6 +315,8 @@ pub(crate) struct Derived {
     prefill_step_tokens: AtomicU64,
     /// [`Observations::prefill_per_slot`] (f64 bits).
     prefill_per_slot: AtomicU64,
+    /// Service time of a request, seconds (f64 bits); 0: not known yet.
+    service: AtomicU64,
 }
 
 impl Derived {
@@ -234,6 +327,12 @@ impl Derived {
             .store(obs.prefill_step_tokens().unwrap_or(0), Ordering::Relaxed);
         self.prefill_per_slot
             .store(obs.prefill_per_slot().to_bits(), Ordering::Relaxed);
+        self.service
+            .store(obs.service.0.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+    }
+
+    pub(crate) fn service(&self) -> f64 {
+        f64::from_bits(self.service.load(Ordering::Relaxed))
     }
 
     pub(crate) fn critical_in_flight(&self) -> f64 {
@@ -261,6 +360,8 @@ pub struct Knobs {
     pub prefill_per_slot: f64,
     /// The pool's engines schedule by priority (and preempt).
     pub engine_priority: bool,
+    /// Service time of a request, seconds (0: not known yet), for [`Pace`].
+    pub service: f64,
 }
 
 impl Knobs {
@@ -278,7 +379,12 @@ impl Knobs {
     pub fn critical_slots(&self, batch: u64) -> (u64, u64) {
         let r = reserve_slots(batch, self.critical_in_flight_per_replica);
         if self.engine_priority {
-            (0, r)
+            // A whole batch: the other bands hold at most `batch` requests,
+            // so critical requests reach `batch` running ones by preemption
+            // before any waits at the gateway. Fewer (the Poisson bound)
+            // made a burst of critical arrivals wait for a completion while
+            // the engine ran standard requests it could have preempted.
+            (0, if r > 0 { batch } else { 0 })
         } else {
             // An idle reserved slot costs 1/batch of the throughput, so the
             // reserve stays under 1/16 of the batch (at least 1): without
@@ -314,6 +420,57 @@ mod tests {
             assert!(r >= last);
             last = r;
         }
+    }
+
+    #[test]
+    fn pacing_spreads_a_cohort_over_one_lifetime_and_lets_steady_refills_through() {
+        assert_eq!(Pace::new(0.0, 8), None, "service time unknown");
+        assert_eq!(Pace::new(0.4, 1), None, "one slot cannot bunch");
+        // 8 slots, 400 ms requests: a completion every 50 ms, starts every 40 ms.
+        let pace = Pace::new(0.4, 8).unwrap();
+        assert_eq!(pace.interval(), Duration::from_millis(40));
+        let next = AtomicU64::new(0);
+        let _ = epoch();
+        let t0 = Instant::now();
+        // A cohort of 8 completions at t0: two start at once (the burst),
+        // then one per interval.
+        let mut starts = Vec::new();
+        let mut t = t0;
+        while starts.len() < 8 {
+            let at = pace.allowed_at(&next);
+            if at <= t {
+                pace.started(&next, t);
+                starts.push(t - t0);
+            } else {
+                t = at;
+            }
+        }
+        let ms: Vec<u128> = starts.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [0, 0, 40, 80, 120, 160, 200, 240]);
+        // Steady state: one completion every 50 ms is refilled at once.
+        let later = t + Duration::from_secs(1);
+        for i in 0..20 {
+            let t = later + Duration::from_millis(50 * i);
+            assert!(pace.allowed_at(&next) <= t, "refill {i} held back");
+            pace.started(&next, t);
+        }
+    }
+
+    #[test]
+    fn slow_start_doubles_what_the_engine_runs() {
+        assert_eq!(slow_start_cap(0.0), 4, "an idle replica: 4");
+        assert_eq!(slow_start_cap(3.0), 6);
+        assert_eq!(slow_start_cap(4.0), 8);
+        assert_eq!(slow_start_cap(100.0), 200);
+        assert_eq!(slow_start_cap(f64::NAN), 4);
+        // Doubling per scrape from an idle replica to a 256-sequence batch:
+        // six scrapes.
+        let (mut cap, mut scrapes) = (slow_start_cap(0.0), 0);
+        while cap < 256 {
+            cap = slow_start_cap(cap as f64);
+            scrapes += 1;
+        }
+        assert_eq!(scrapes, 6);
     }
 
     #[test]
@@ -392,6 +549,7 @@ mod tests {
             prefill_step_tokens: None,
             prefill_per_slot: 0.0,
             engine_priority: false,
+            service: 0.0,
         };
         assert_eq!(k.critical_slots(16), (1, 1), "at most 1/16 of the batch");
         assert_eq!(k.critical_slots(128), (2, 1), "m = 0.075: 2 slots");
@@ -399,7 +557,7 @@ mod tests {
             engine_priority: true,
             ..k
         };
-        assert_eq!(k.critical_slots(16), (0, 4), "the Poisson bound");
+        assert_eq!(k.critical_slots(16), (0, 16), "a whole batch");
         assert_eq!(Knobs::default().critical_slots(16), (0, 0));
     }
 }
