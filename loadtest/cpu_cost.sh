@@ -91,7 +91,7 @@ one() {  # target -> "user+system" microseconds per unit
   if [[ $MODE == req && $LOADER == oha ]]; then
     # oha's open loop: -q is the total rate; its JSON has no request count,
     # so count the answers it saw.
-    oha --no-tui -j -q "$RATE" -z "${DUR}s" -c 64 -m POST "${HDR[@]}" \
+    oha --no-tui --output-format json -q "$RATE" -z "${DUR}s" -c 64 -m POST "${HDR[@]}" \
       -H 'content-type: application/json' \
       -d '{"model":"bench-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' \
       "http://127.0.0.1:$PX_PORT/v1/chat/completions" >"$RUN/oha.json" 2>/dev/null

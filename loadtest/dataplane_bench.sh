@@ -345,7 +345,7 @@ if [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
     for t in "${TARGETS[@]}"; do
       name=${t%%=*}; url=${t#*=}
       hdr=${HDRS[$name]:-}
-      oha --no-tui -j -z "${DUR}s" -c "$CONC" -m POST -H 'content-type: application/json' \
+      oha --no-tui --output-format json -z "${DUR}s" -c "$CONC" -m POST -H 'content-type: application/json' \
         ${hdr:+-H "${hdr%%:*}: ${hdr#*:}"} -d "$BODY" "$url/v1/chat/completions" \
         >"$RUN/oha-$name-$r.json" 2>/dev/null || echo '{}' >"$RUN/oha-$name-$r.json"
       line="$line $name $(jget "$RUN/oha-$name-$r.json" "round(v.get('summary', {}).get('requestsPerSec', 0))")"
