@@ -204,13 +204,13 @@ async fn a_replica_whose_metrics_cannot_be_read_attracts_nothing() {
     let (s, e) = get_json(&format!("{admin}/routing/explain/{id}")).await;
     assert_eq!(s, 200, "{e}");
     let cands = e["decision"]["candidates"].as_array().unwrap();
-    assert_eq!(cands.len(), 4);
-    let bad_cand = cands
-        .iter()
-        .find(|c| c["replica"] == bad_key.as_str())
-        .unwrap();
-    assert_eq!(bad_cand["saturated"], true);
-    assert_eq!(bad_cand["dropped_by"], "saturation");
+    // Admission withholds the unreadable replica while the others' metrics
+    // are read (its cap is unknown), so routing sees only the three.
+    assert_eq!(cands.len(), 3, "{e}");
+    assert!(
+        cands.iter().all(|c| c["replica"] != bad_key.as_str()),
+        "{e}"
+    );
     let (s, _) = get_json(&format!("{admin}/routing/explain/no-such-id")).await;
     assert_eq!(s, 404);
     gw.shutdown().await;

@@ -229,6 +229,10 @@ impl PoolAdmission {
         let now = Instant::now();
         // The earliest instant a replica's pacing held this request back.
         let paced_until = std::cell::Cell::new(None::<Instant>);
+        // While some replica's metrics are read, one whose last scrape failed
+        // takes nothing: its cap is unknown, so it would take every request
+        // the capped replicas have no room for.
+        let some_read = members.iter().any(|r| scrape_read(r));
         // A replica already caching part of the prompt needs room only for the rest.
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
@@ -237,6 +241,7 @@ impl PoolAdmission {
             };
             if !(routable.of(r).takes_requests()
                 && cold_start::admits(r, scraped)
+                && (!some_read || scrape_read(r))
                 && self.budget.fits(r, cost_here, priority, &knobs))
             {
                 return false;
@@ -812,6 +817,16 @@ impl DrainRate {
     fn tokens_per_sec(&self) -> Option<f64> {
         (self.rate > 0.0).then_some(self.rate)
     }
+}
+
+/// Whether `replica`'s last metrics scrape was read (no scrape yet counts
+/// as read: a pool without metrics is judged by its own load).
+fn scrape_read(replica: &Replica) -> bool {
+    replica
+        .signals
+        .load()
+        .as_ref()
+        .is_none_or(|s| s.error.is_none())
 }
 
 #[cfg(test)]
