@@ -39,11 +39,13 @@ fn standard(c: &HttpClient, url: String, i: usize) -> tokio::task::JoinHandle<u1
     })
 }
 
-#[tokio::test]
-async fn default_config_learns_the_batch_and_serves_critical_first() {
-    let fleet = start_fleet(FleetConfig {
+/// One simulated replica running at most 4 sequences at once, scheduling by
+/// priority when `priority_scheduling`.
+async fn batch_of_4(priority_scheduling: bool) -> infergate_sim::Fleet {
+    start_fleet(FleetConfig {
         params: EngineParams {
             max_num_seqs: 4,
+            priority_scheduling,
             ..Profile::Tiny.params()
         },
         time_scale: 1.0,
@@ -52,7 +54,21 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
         ..FleetConfig::with_profile(Profile::Tiny)
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// The batch limit the gateway learned for `replica`, if any.
+fn learned_batch(replica: &infergate_core::pool::Replica) -> Option<f64> {
+    replica
+        .signals
+        .load()
+        .as_ref()
+        .and_then(|s| s.saturated_batch)
+}
+
+#[tokio::test]
+async fn default_config_learns_the_batch_and_serves_critical_first() {
+    let fleet = batch_of_4(false).await;
     // The default config: no budget, no reserve, no caps.
     let gw = gateway(&format!(
         "pools:\n  - name: p\n    endpoints: [{}]\nroutes:\n  - model: m\n    pool: p\n",
@@ -62,13 +78,7 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     let c = client();
     let r = route(&gw, "m");
     let replica = r.pool.replicas()[0].clone();
-    let learned = || {
-        replica
-            .signals
-            .load()
-            .as_ref()
-            .and_then(|s| s.saturated_batch)
-    };
+    let learned = || learned_batch(&replica);
     until("the first scrape: the slow-start cap", || {
         r.admission.budget.batch(&replica) == Some(4)
     })
@@ -172,19 +182,7 @@ fn timed(
 
 #[tokio::test]
 async fn with_engine_priority_critical_requests_fill_a_whole_batch_at_once() {
-    let fleet = start_fleet(FleetConfig {
-        params: EngineParams {
-            max_num_seqs: 4,
-            priority_scheduling: true,
-            ..Profile::Tiny.params()
-        },
-        time_scale: 1.0,
-        replicas: 1,
-        served_model_name: Some("m".into()),
-        ..FleetConfig::with_profile(Profile::Tiny)
-    })
-    .await
-    .unwrap();
+    let fleet = batch_of_4(true).await;
     // The default admission config; the pool's engines schedule by priority.
     let gw = gateway(&format!(
         "pools:\n  - name: p\n    endpoints: [{}]\n    engine_priority: vllm\nroutes:\n  - model: m\n    pool: p\n",
@@ -197,12 +195,7 @@ async fn with_engine_priority_critical_requests_fill_a_whole_batch_at_once() {
     // Learn the batch limit from a flood.
     let wave1: Vec<_> = (0..16).map(|i| standard(&c, gw.url(), i)).collect();
     until("the batch limit is learned", || {
-        replica
-            .signals
-            .load()
-            .as_ref()
-            .and_then(|s| s.saturated_batch)
-            == Some(4.0)
+        learned_batch(&replica) == Some(4.0)
     })
     .await;
     for t in wave1 {

@@ -124,13 +124,19 @@ mod tests {
         let mut cfg = RoutingConfig::default();
         cfg.sticky.margin_per_evicted = 2.0;
         let ctx = ctx_for(&cfg, None, 1000);
-        let mut cs = vec![cand(0), cand(1)];
-        cs[0].matched_blocks = 50;
-        cs[0].precise = true;
-        cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
-        cs[1].est_ttft_ms = 62.5;
-        cs[1].uncached_tokens = 1000;
-        cs[1].free_tokens = Some(999);
+        // Replica 0 holds 50 blocks (known from events) and is 51 ms slower;
+        // replica 1 would prefill 1,000 tokens with `free` tokens of room.
+        let held_vs_colder = |free: Option<u64>| {
+            let mut cs = vec![cand(0), cand(1)];
+            cs[0].matched_blocks = 50;
+            cs[0].precise = true;
+            cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
+            cs[1].est_ttft_ms = 62.5;
+            cs[1].uncached_tokens = 1000;
+            cs[1].free_tokens = free;
+            cs
+        };
+        let mut cs = held_vs_colder(Some(999));
         let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
         assert!(cs[0].alive && !cs[1].alive, "{}", o.detail);
         assert!(o.detail.contains("evict"), "{}", o.detail);
@@ -141,13 +147,7 @@ mod tests {
         assert!(!cs[0].alive && cs[1].alive);
         // ... not when the colder cache has room, nor unknown room.
         for free in [Some(1000), None] {
-            let mut cs = vec![cand(0), cand(1)];
-            cs[0].matched_blocks = 50;
-            cs[0].precise = true;
-            cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
-            cs[1].est_ttft_ms = 62.5;
-            cs[1].uncached_tokens = 1000;
-            cs[1].free_tokens = free;
+            let mut cs = held_vs_colder(free);
             apply(FilterName::PrefixAffinity, &mut cs, &ctx);
             assert!(!cs[0].alive && cs[1].alive, "{free:?}");
         }
