@@ -231,8 +231,9 @@ impl PoolAdmission {
         let paced_until = std::cell::Cell::new(None::<Instant>);
         // While some replica's metrics are read, one whose last scrape failed
         // takes nothing: its cap is unknown, so it would take every request
-        // the capped replicas have no room for.
-        let some_read = members.iter().any(|r| scrape_read(r));
+        // the capped replicas have no room for. Looked up only when a failed
+        // scrape is met (rare), not on every placement.
+        let some_read = std::cell::OnceCell::new();
         // A replica already caching part of the prompt needs room only for the rest.
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
@@ -241,7 +242,8 @@ impl PoolAdmission {
             };
             if !(routable.of(r).takes_requests()
                 && cold_start::admits(r, scraped)
-                && (!some_read || scrape_read(r))
+                && (scrape_read(r)
+                    || !*some_read.get_or_init(|| members.iter().any(|m| scrape_read(m))))
                 && self.budget.fits(r, cost_here, priority, &knobs))
             {
                 return false;
