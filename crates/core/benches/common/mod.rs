@@ -32,6 +32,7 @@ pub fn replicas() -> Vec<Arc<Replica>> {
                 own_requests_at_scrape: 0,
                 batch_limit: None,
                 saturated_batch: None,
+                slow_start_cap: 0,
                 queue_plateau: 0,
                 foreign_load_at: None,
                 smoothed_requests: 8.0 + f64::from(i % 3),

@@ -94,7 +94,9 @@ impl Budget {
             let s = s.as_ref().filter(|s| s.error.is_none())?;
             Some(match s.saturated_batch {
                 Some(b) => (b as u64).max(1),
-                None => tuning::slow_start_cap(s.running),
+                None => s
+                    .slow_start_cap
+                    .max(tuning::slow_start_cap(None, s.running, 0, true)),
             })
         })
     }
@@ -578,6 +580,34 @@ mod tests {
             ))));
         assert_eq!(b.batch(&r), None);
         drop(held);
+    }
+
+    #[test]
+    fn slow_start_grows_on_a_replica_that_answers_between_scrapes() {
+        // The engine reads `running 0` at every scrape (it answers faster
+        // than the scrape interval) while the gateway keeps the cap full:
+        // the cap doubles per scrape. Twice `running` alone held such a
+        // replica at 4 requests at once (a fast upstream at 0.38x nginx).
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        let t = std::time::Instant::now();
+        let body = "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.1\n";
+        let mut last: Option<crate::routing::signals::Signals> = None;
+        let mut caps = vec![];
+        for _ in 0..4 {
+            let cap = last.as_ref().map_or(4, |s| s.slow_start_cap);
+            let s = crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, body, t)
+                .with_context(cap, cap, last.as_ref());
+            r.signals.store(Some(Arc::new(s.clone())));
+            caps.push(b.batch(&r));
+            last = Some(s);
+        }
+        assert_eq!(caps, [Some(4), Some(8), Some(16), Some(32)]);
+        // Below the cap, it holds.
+        let s = crate::routing::signals::parse(infergate_protocol::EngineKind::Vllm, body, t)
+            .with_context(3, 3, last.as_ref());
+        r.signals.store(Some(Arc::new(s)));
+        assert_eq!(b.batch(&r), Some(32));
     }
 
     #[test]

@@ -84,21 +84,38 @@ pub fn reserve_slots(batch: u64, critical_in_flight: f64) -> u64 {
 /// The request cap of a replica whose batch limit is not known yet.
 const SLOW_START: u64 = 4;
 
-/// The request cap of a replica while its batch limit is being learned:
-/// twice the requests its engine ran at the last scrape, at least
-/// [`SLOW_START`]. The cap doubles with each scrape while the engine keeps
-/// up (TCP's slow start), so a flood reaches the engine in steps: by the time
-/// the engine shows a queue at its limit `B`, at most `B` more wait in it,
-/// instead of the whole flood (the queue is then learned as the batch limit,
-/// `Signals::saturated_batch`, within three scrapes).
-pub fn slow_start_cap(running: f64) -> u64 {
+/// The request cap of a replica while its batch limit is being learned, at
+/// a scrape (TCP's slow start): [`SLOW_START`] at first, doubled at each
+/// scrape at which the gateway had the whole cap in flight there
+/// (`ours_at_most`: its requests the engine may have counted) and the engine
+/// kept up (`queued`: no queue of 2 or more), held while the engine queues,
+/// and never below twice what the engine runs. So a flood reaches the engine
+/// in steps: by the time the engine shows a queue at its limit `B`, at most
+/// `B` more wait in it, instead of the whole flood (the queue is then learned
+/// as the batch limit, `Signals::saturated_batch`, within three scrapes).
+/// Doubling on the gateway's own count, not only on the engine's `running`,
+/// matters for engines that answer faster than the scrape interval: their
+/// `running` reads near 0 at any load, and a cap of twice that would hold a
+/// fast replica to a handful of requests at once for good.
+pub fn slow_start_cap(previous: Option<u64>, running: f64, ours_at_most: u64, queued: bool) -> u64 {
     let running = if running.is_finite() {
         running.max(0.0)
     } else {
         0.0
     };
-    (2.0 * running).ceil().max(SLOW_START as f64) as u64
+    let grown = match previous {
+        Some(cap) if !queued && ours_at_most >= cap => cap.saturating_mul(2),
+        Some(cap) => cap,
+        None => SLOW_START,
+    };
+    grown
+        .max((2.0 * running).ceil() as u64)
+        .clamp(SLOW_START, SLOW_START_MAX)
 }
+
+/// The slow-start cap goes no higher: past it the engine's batch is learned
+/// or the replica is fast enough that a cap does not matter.
+const SLOW_START_MAX: u64 = 1 << 16;
 
 /// How much faster than a full batch's completions queued starts may come:
 /// at exactly that rate a pause in them would cost throughput for good.
@@ -457,20 +474,27 @@ mod tests {
     }
 
     #[test]
-    fn slow_start_doubles_what_the_engine_runs() {
-        assert_eq!(slow_start_cap(0.0), 4, "an idle replica: 4");
-        assert_eq!(slow_start_cap(3.0), 6);
-        assert_eq!(slow_start_cap(4.0), 8);
-        assert_eq!(slow_start_cap(100.0), 200);
-        assert_eq!(slow_start_cap(f64::NAN), 4);
-        // Doubling per scrape from an idle replica to a 256-sequence batch:
-        // six scrapes.
-        let (mut cap, mut scrapes) = (slow_start_cap(0.0), 0);
+    fn slow_start_doubles_while_the_cap_is_full_and_the_engine_keeps_up() {
+        assert_eq!(slow_start_cap(None, 0.0, 0, false), 4, "an idle replica: 4");
+        assert_eq!(slow_start_cap(Some(4), 0.0, 2, false), 4, "not full: held");
+        assert_eq!(slow_start_cap(Some(4), 4.0, 4, false), 8, "full, kept up");
+        assert_eq!(slow_start_cap(Some(8), 8.0, 8, true), 16, "twice running");
+        assert_eq!(slow_start_cap(Some(16), 8.0, 16, true), 16, "queued: held");
+        assert_eq!(slow_start_cap(Some(4), 100.0, 0, false), 200);
+        assert_eq!(slow_start_cap(Some(4), f64::NAN, 0, false), 4);
+        // An engine that answers between scrapes reads `running` 0 while the
+        // gateway keeps its cap full: the cap still doubles, from 4 to 256
+        // in six scrapes (it used to stay at 4: twice a `running` of 0).
+        let (mut cap, mut scrapes) = (slow_start_cap(None, 0.0, 0, false), 0);
         while cap < 256 {
-            cap = slow_start_cap(cap as f64);
+            cap = slow_start_cap(Some(cap), 0.0, cap, false);
             scrapes += 1;
         }
         assert_eq!(scrapes, 6);
+        assert_eq!(
+            slow_start_cap(Some(SLOW_START_MAX), 0.0, SLOW_START_MAX, false),
+            SLOW_START_MAX
+        );
     }
 
     #[test]

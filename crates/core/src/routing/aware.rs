@@ -839,6 +839,7 @@ pub(crate) mod tests {
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
+            slow_start_cap: 0,
             queue_plateau: 0,
             foreign_load_at: None,
             smoothed_requests: 0.0,

@@ -136,6 +136,9 @@ pub struct Signals {
     /// the engine's next step is not read as a full batch; then the largest
     /// `running` seen. Carried over scrapes.
     pub saturated_batch: Option<f64>,
+    /// Admission's request cap while `saturated_batch` is unknown
+    /// (`admission::tuning::slow_start_cap`). Carried over scrapes.
+    pub slow_start_cap: u64,
     /// Consecutive scrapes (up to 3) with a queue of 2 or more at this `running`.
     #[serde(skip)]
     pub queue_plateau: u8,
@@ -169,6 +172,7 @@ impl Signals {
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
+            slow_start_cap: 0,
             queue_plateau: 0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
@@ -204,6 +208,15 @@ impl Signals {
             _ => u8::from(queued),
         }
         .min(3);
+        self.slow_start_cap = match previous {
+            _ if self.error.is_some() => previous.map_or(0, |p| p.slow_start_cap),
+            _ => crate::admission::tuning::slow_start_cap(
+                previous.map(|p| p.slow_start_cap).filter(|&c| c > 0),
+                self.running,
+                ours_at_most,
+                queued,
+            ),
+        };
         let before = previous.and_then(|p| p.saturated_batch);
         // Once confirmed, a larger running count seen later raises it (the
         // first saturation may have been bound by something else).
@@ -333,6 +346,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
+            slow_start_cap: 0,
             queue_plateau: 0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
