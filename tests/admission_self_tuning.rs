@@ -6,7 +6,8 @@
 //! sent behind a saturating standard load is served ahead of the standard
 //! requests already waiting. Before the limit is learned, slow start keeps
 //! a flood out of the engine's queue. With engine-side priority, critical
-//! requests fill a whole batch past the cap at once (the engine preempts).
+//! requests fill a whole batch past the cap at once (an engine that preempts
+//! for a slot starts them all in its next steps).
 
 #[path = "admission_support/mod.rs"]
 mod support;
@@ -40,12 +41,14 @@ fn standard(c: &HttpClient, url: String, i: usize) -> tokio::task::JoinHandle<u1
 }
 
 /// One simulated replica running at most 4 sequences at once, scheduling by
-/// priority when `priority_scheduling`.
-async fn batch_of_4(priority_scheduling: bool) -> infergate_sim::Fleet {
+/// priority and preempting a lower-ranked running sequence for a slot when
+/// `preemptive_priority` (SGLang's priority scheduling, vLLM V0).
+async fn batch_of_4(preemptive_priority: bool) -> infergate_sim::Fleet {
     start_fleet(FleetConfig {
         params: EngineParams {
             max_num_seqs: 4,
-            priority_scheduling,
+            priority_scheduling: preemptive_priority,
+            priority_preemption: preemptive_priority,
             ..Profile::Tiny.params()
         },
         time_scale: 1.0,

@@ -636,8 +636,9 @@ mod tests {
             !b.fits(&r, out(1), Priority::Critical, &k),
             "the batch and its one queued critical"
         );
-        // Engine priority: no reserve, critical goes past the cap into the
-        // engine's queue (the engine preempts for it).
+        // Engine priority: critical goes past the cap into the engine's
+        // queue (ordered first there), and the reserve stays: vLLM V1 does
+        // not preempt a running sequence for a slot.
         let ep = Knobs {
             engine_priority: true,
             ..k
@@ -645,8 +646,8 @@ mod tests {
         assert!(b.fits(&r, out(1), Priority::Critical, &ep));
         drop(more);
         assert!(
-            b.fits(&r, out(1), S, &ep),
-            "no reserve with engine priority"
+            !b.fits(&r, out(1), S, &ep),
+            "the reserve stays with engine priority"
         );
         // A hand-set value wins.
         let fixed = Budget::new(BudgetConfig {

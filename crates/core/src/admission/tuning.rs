@@ -22,8 +22,8 @@
 //!   but at most 1/16 of the batch (an idle slot costs throughput), and one
 //!   critical request in the engine's queue;
 //! - on pools whose engines schedule by priority, a whole batch of critical
-//!   requests may go past the cap into the engine's queue (the engine
-//!   preempts for them) instead of a reserve;
+//!   requests may go past the cap into the engine's queue (ordered first
+//!   there), besides the reserve (vLLM V1 does not preempt for a slot);
 //! - before the batch limit is learned, a slow-start cap
 //!   ([`slow_start_cap`]) that doubles with each scrape while the engine
 //!   keeps up;
@@ -390,25 +390,29 @@ impl Knobs {
     }
 
     /// `(reserve, engine_queue)` slots on a replica of batch `batch`: a
-    /// reserve below the cap without engine priority; with it, critical
-    /// requests past the cap into the engine's queue instead (the engine
-    /// preempts a lower band for them, so no slot needs to stay idle).
+    /// reserve below the cap, and critical requests past the cap into the
+    /// engine's queue: one without engine priority, a whole batch with it.
     pub fn critical_slots(&self, batch: u64) -> (u64, u64) {
         let r = reserve_slots(batch, self.critical_in_flight_per_replica);
+        // An idle reserved slot costs 1/batch of the throughput, so the
+        // reserve stays under 1/16 of the batch (at least 1): without
+        // preemption, latency is bought with throughput, and goodput must
+        // stay near capacity. vLLM V1's priority scheduling does not preempt
+        // for a slot either (a waiting request only goes first when one
+        // frees; only a full KV cache preempts), so engine priority keeps it.
+        let reserve = r.min((batch / 16).max(1));
         if self.engine_priority {
-            // A whole batch: the other bands hold at most `batch` requests,
-            // so critical requests reach `batch` running ones by preemption
-            // before any waits at the gateway. Fewer (the Poisson bound)
-            // made a burst of critical arrivals wait for a completion while
-            // the engine ran standard requests it could have preempted.
-            (0, if r > 0 { batch } else { 0 })
+            // A whole batch past the cap: the engine orders its queue by
+            // priority, so a critical request there takes the next slot that
+            // frees (and a preempting engine's next step), ahead of anything
+            // the gateway holds; the other bands hold at most `batch`.
+            // Fewer (the Poisson bound) made a burst of critical arrivals
+            // wait at the gateway behind a slot the engine could give them.
+            (reserve, if r > 0 { batch } else { 0 })
         } else {
-            // An idle reserved slot costs 1/batch of the throughput, so the
-            // reserve stays under 1/16 of the batch (at least 1): without
-            // preemption, latency is bought with throughput, and goodput
-            // must stay near capacity. One critical request may wait in the
-            // engine's queue: it starts in the step a sequence ends.
-            (r.min((batch / 16).max(1)), u64::from(r > 0))
+            // One critical request may wait in the engine's queue: it starts
+            // in the step a sequence ends.
+            (reserve, u64::from(r > 0))
         }
     }
 }
@@ -581,7 +585,9 @@ mod tests {
             engine_priority: true,
             ..k
         };
-        assert_eq!(k.critical_slots(16), (0, 16), "a whole batch");
+        // vLLM V1 does not preempt for a slot: the reserve stays.
+        assert_eq!(k.critical_slots(16), (1, 16), "a reserve and a whole batch");
+        assert_eq!(k.critical_slots(128), (2, 128));
         assert_eq!(Knobs::default().critical_slots(16), (0, 0));
     }
 }
