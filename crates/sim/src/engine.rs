@@ -826,11 +826,11 @@ mod tests {
         }
     }
 
-    /// Two running sequences fill a batch of 2, then a higher-priority one
-    /// arrives; returns them as (low, mid, top).
-    fn full_batch_then_top(e: &mut Engine) -> [Arc<SeqShared>; 3] {
+    /// Two running sequences (40 and `mid_out` tokens) fill a batch of 2,
+    /// then a higher-priority one arrives; returns them as (low, mid, top).
+    fn full_batch_then_top(e: &mut Engine, mid_out: u32) -> [Arc<SeqShared>; 3] {
         let low = ranked(e, 1, 32, 40, 2);
-        let mid = ranked(e, 2, 32, 40, 1);
+        let mid = ranked(e, 2, 32, mid_out, 1);
         for _ in 0..5 {
             let us = e.schedule().unwrap();
             e.finish_step(Instant::now(), us, us);
@@ -845,15 +845,14 @@ mod tests {
         // vLLM V1: a waiting request never preempts for a batch slot; it
         // takes the first slot that frees, ahead of everything queued.
         let mut e = Engine::new(priority_params(2));
-        let [low, mid, top] = full_batch_then_top(&mut e);
+        let [low, mid, top] = full_batch_then_top(&mut e, 80);
         let queued = ranked(&mut e, 4, 32, 4, 1);
         let us = e.schedule().unwrap();
         e.finish_step(Instant::now(), us, us);
         let s = e.snapshot();
         assert_eq!((s.running, s.waiting, e.counters.preemptions), (2, 2, 0));
         assert_eq!(top.progress().1, 0, "no slot: top waits");
-        // It starts in the step after the first sequence ends, before `queued`
-        // (which arrived later but ranks lower anyway).
+        // It takes the slot `low` frees (`mid` runs on), before `queued`.
         let mut guard = 0;
         while top.progress().1 == 0 {
             let us = e.schedule().unwrap();
@@ -861,7 +860,8 @@ mod tests {
             guard += 1;
             assert!(guard < 1000);
         }
-        assert!(mid.progress().0 != SeqStatus::Active || low.progress().0 != SeqStatus::Active);
+        assert_eq!(low.progress(), (SeqStatus::Length, 40));
+        assert_eq!(mid.progress().0, SeqStatus::Active);
         assert_eq!(queued.progress().1, 0, "top went first");
         run(&mut e, &[]);
         assert_eq!(e.counters.preemptions, 0);
@@ -896,7 +896,7 @@ mod tests {
             ..priority_params(2)
         });
         // The batch is full; a critical request arrives.
-        let [low, mid, top] = full_batch_then_top(&mut e);
+        let [low, mid, top] = full_batch_then_top(&mut e, 40);
         let us = e.schedule().unwrap();
         let s = e.snapshot();
         assert_eq!((s.running, s.waiting), (2, 1), "top in, low out");
