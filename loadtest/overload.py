@@ -171,8 +171,15 @@ def main():
                          "request cap, token budget, reserve, engine queue or prefill cap (self-tuning "
                          "derives them; the tuning flags below are ignored)")
     ap.add_argument("--engine-priority", action="store_true",
-                    help="run the simulator with --scheduling-policy priority and declare "
-                         "engine_priority: vllm on infergate's pool")
+                    help="run the simulator with --scheduling-policy priority (see --engine-policy) and "
+                         "declare engine_priority: vllm on infergate's pool")
+    ap.add_argument("--budget-extra", default="",
+                    help="YAML flow items added to infergate's budget (with --defaults too), e.g. "
+                         "'critical_reserve: 0' to compare a hand-set knob with the derived one")
+    ap.add_argument("--engine-policy", default="priority", choices=["priority", "priority-preemptive"],
+                    help="with --engine-priority, the sim's --scheduling-policy: priority (vLLM V1: the waiting "
+                         "queue by priority; only a full KV cache preempts) or priority-preemptive (also "
+                         "preempts for a batch slot: SGLang, vLLM V0)")
     ap.add_argument("--time-scale", type=float, default=0.25)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -220,7 +227,7 @@ def main():
             "--base-port", str(bp), "--time-scale", str(args.time_scale),
             "--served-model-name", MODEL, "--max-num-seqs", str(args.max_num_seqs),
             "--output-len", args.output_len,
-            "--scheduling-policy", "priority" if args.engine_priority else "fcfs",
+            "--scheduling-policy", args.engine_policy if args.engine_priority else "fcfs",
         ])
         for u in sim_urls:
             wait_http(u + "/health")
@@ -271,6 +278,8 @@ def main():
         budget = f"tokens_per_replica: {int(kv_tokens * 0.9)}, max_requests_per_replica: {args.max_num_seqs}{reserve}"
         if args.defaults:
             budget = ""
+        if args.budget_extra:
+            budget = ", ".join(b for b in (budget, args.budget_extra) if b)
         engine_priority = "\n    engine_priority: vllm" if args.engine_priority else ""
         cfg = f"""
 listeners:
@@ -406,8 +415,10 @@ routes:
     tuning = ("default admission config" if args.defaults else
               f"infergate critical reserve {args.critical_reserve}, critical engine queue {args.critical_engine_queue},"
               f" prefill cap {args.max_prefill_tokens or 'none'}")
+    if args.budget_extra:
+        tuning += f", plus {args.budget_extra}"
     print(f"fleet: {args.replicas} x sim {args.profile} (max_num_seqs {args.max_num_seqs}, time scale {args.time_scale},"
-          f" engine priority {'on' if args.engine_priority else 'off'}),"
+          f" engine priority {args.engine_policy if args.engine_priority else 'off'}),"
           f" capacity {capacity:.1f} req/s; offered {args.overload:.1f}x = {capacity * args.overload:.1f} req/s"
           f" for {args.duration}s (warm-up {args.warmup}s), stream chat {args.prompt_tokens}+{args.max_tokens} tokens,"
           f" 20% critical / 40% standard / 40% sheddable; queue deadline {args.deadline_ms} ms; {tuning}")
@@ -458,7 +469,8 @@ routes:
                 "gateway": name, "profile": args.profile, "max_num_seqs": args.max_num_seqs,
                 "time_scale": args.time_scale, "prompt_tokens": args.prompt_tokens, "distinct_prompts": args.distinct,
                 "max_tokens": args.max_tokens, "engine_priority": args.engine_priority,
-                "defaults": args.defaults, "duration_s": args.duration, "lifetime_s": lifetime,
+                "engine_policy": args.engine_policy if args.engine_priority else "fcfs",
+                "defaults": args.defaults, "budget_extra": args.budget_extra, "duration_s": args.duration, "lifetime_s": lifetime,
                 "capacity_req_s": capacity, "capacity_by_concurrency": per_conc,
                 "unloaded_p99_ms": unloaded, "unloaded_runs": unloaded_runs, "critical_p99_ms": crit_p99,
                 "ratio": ratio, "critical_ok": crit_ok / 100, "shed_refusal_p99_ms": shed_rej,

@@ -2,6 +2,10 @@
 """The overload benchmark over every workload shape and simulator profile, with
 infergate's DEFAULT admission config (`overload.py --defaults`), engine-side
 priority off and on; prints one markdown table with each target's verdict.
+Engine priority runs the sim as vLLM V1 schedules (`--scheduling-policy
+priority`: the queue by priority, no preemption for a batch slot);
+`--engine-policy priority-preemptive` runs an engine that preempts for a slot
+(SGLang, vLLM V0) instead.
 
 Shapes: short chat (64 prompt + 32 output tokens), long prompts (2,000 + 32),
 long outputs (64 + 500). Profiles: `tiny` (16 sequences per batch, time scale
@@ -9,7 +13,8 @@ long outputs (64 + 500). Profiles: `tiny` (16 sequences per batch, time scale
 
 Usage (from the repo root, after `cargo build --release --bin infergate --bin infergate-load`):
     python3 loadtest/overload_matrix.py [--duration 15] [--min-critical 100] [--out /tmp/overload-matrix.jsonl]
-        [--only-profile tiny] [--only-shape short] [--bin-dir target/release]
+        [--only-profile tiny] [--only-shape short] [--only-engine-priority on] [--bin-dir target/release]
+        [--engine-policy priority|priority-preemptive] [--budget-extra 'critical_reserve: 0']
     python3 loadtest/overload_matrix.py --table /tmp/overload-matrix.jsonl   # the table of a past run
 """
 
@@ -50,7 +55,8 @@ def table(rows):
     misses = []
     for r in rows:
         shape = next((n for n, pt, mt in SHAPES.values() if (pt, mt) == (r["prompt_tokens"], r["max_tokens"])), "?")
-        ep = "on" if r["engine_priority"] else "off"
+        ep = ("on" + (" (preemptive)" if r.get("engine_policy") == "priority-preemptive" else "")
+              if r["engine_priority"] else "off")
         bound = 1.3 if r["engine_priority"] else 2.0
         f = lambda v, fmt: (fmt % v) if v is not None else "-"
         ratio, good, shed, share = r["ratio"], r["goodput"], r["shed_refusal_p99_ms"], r["share_a"]
@@ -88,6 +94,13 @@ def main():
     ap.add_argument("--only-profile", default="")
     ap.add_argument("--only-shape", default="")
     ap.add_argument("--bin-dir", default="target/release", help="where infergate and infergate-load are")
+    ap.add_argument("--engine-policy", default="priority", choices=["priority", "priority-preemptive"],
+                    help="the sim's policy in the engine-priority cells: priority (vLLM V1: the queue by "
+                         "priority, no preemption for a slot) or priority-preemptive (SGLang, vLLM V0)")
+    ap.add_argument("--budget-extra", default="",
+                    help="YAML flow items added to infergate's budget (overload.py), e.g. 'critical_reserve: 0'")
+    ap.add_argument("--only-engine-priority", default="", choices=["", "on", "off"],
+                    help="run only the cells with engine priority on (or off)")
     ap.add_argument("--table", default="", help="print the table of this JSON-lines file and exit")
     args = ap.parse_args()
     if args.table:
@@ -101,12 +114,16 @@ def main():
         for key, (_, pt, mt) in SHAPES.items():
             if args.only_shape and key != args.only_shape:
                 continue
-            for ep in ([], ["--engine-priority"]):
+            for ep in ([], ["--engine-priority", "--engine-policy", args.engine_policy]):
+                if args.only_engine_priority and (args.only_engine_priority == "on") != bool(ep):
+                    continue
                 cmd = [sys.executable, os.path.join(here, "overload.py"), "--only", "infergate", "--defaults",
                        "--bin-dir", args.bin_dir,
                        *pargs, *ep, "--prompt-tokens", str(pt), "--max-tokens", str(mt),
                        "--duration", str(args.duration), "--min-critical", str(args.min_critical),
                        "--results-jsonl", args.out]
+                if args.budget_extra:
+                    cmd += ["--budget-extra", args.budget_extra]
                 logf = f"/tmp/overload-matrix-{prof}-{key}-{'ep' if ep else 'fcfs'}.log"
                 print(f"[matrix] {' '.join(cmd)}  (log: {logf})", file=sys.stderr, flush=True)
                 with open(logf, "w") as log:

@@ -2,9 +2,11 @@
 //! run with `--scheduling-policy priority` and a full batch with a queue of
 //! standard requests behind it. A critical request reaches its first token
 //! sooner when the pool declares `engine_priority: vllm` (the gateway sends
-//! the band as the body's `priority`, the engine preempts a standard
-//! sequence for it) than when it does not (the gateway removes any
-//! `priority`, so the engine serves it in arrival order).
+//! the band as the body's `priority`, and the engine, vLLM V1-like, starts
+//! it in the first slot that frees, ahead of the four queued before it) than
+//! when it does not (the gateway removes any `priority`, so the engine
+//! serves it in arrival order). vLLM V1 preempts for a full KV cache only,
+//! never for a slot: no preemption either way.
 
 #[path = "admission_support/mod.rs"]
 mod support;
@@ -83,10 +85,7 @@ async fn a_critical_request_starts_sooner_with_engine_priority() {
     let off = critical_ttft(&fleet, "").await;
     assert_eq!(preemptions(), 0, "without engine priority: arrival order");
     let on = critical_ttft(&fleet, "    engine_priority: vllm\n").await;
-    assert!(
-        preemptions() >= 1,
-        "the critical request preempted a standard one"
-    );
+    assert_eq!(preemptions(), 0, "vLLM V1 does not preempt for a slot");
     eprintln!("critical TTFT behind a full batch: {on:?} with engine priority, {off:?} without");
     assert!(on < off, "with {on:?}, without {off:?}");
 }

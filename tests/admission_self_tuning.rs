@@ -6,7 +6,8 @@
 //! sent behind a saturating standard load is served ahead of the standard
 //! requests already waiting. Before the limit is learned, slow start keeps
 //! a flood out of the engine's queue. With engine-side priority, critical
-//! requests fill a whole batch past the cap at once (the engine preempts).
+//! requests let a whole batch past the cap (`critical_engine_queue`) all
+//! start at once on an engine that preempts for a slot.
 
 #[path = "admission_support/mod.rs"]
 mod support;
@@ -40,12 +41,14 @@ fn standard(c: &HttpClient, url: String, i: usize) -> tokio::task::JoinHandle<u1
 }
 
 /// One simulated replica running at most 4 sequences at once, scheduling by
-/// priority when `priority_scheduling`.
-async fn batch_of_4(priority_scheduling: bool) -> infergate_sim::Fleet {
+/// priority and preempting a lower-ranked running sequence for a slot when
+/// `preemptive_priority` (SGLang's priority scheduling, vLLM V0).
+async fn batch_of_4(preemptive_priority: bool) -> infergate_sim::Fleet {
     start_fleet(FleetConfig {
         params: EngineParams {
             max_num_seqs: 4,
-            priority_scheduling,
+            priority_scheduling: preemptive_priority,
+            priority_preemption: preemptive_priority,
             ..Profile::Tiny.params()
         },
         time_scale: 1.0,
@@ -181,11 +184,14 @@ fn timed(
 }
 
 #[tokio::test]
-async fn with_engine_priority_critical_requests_fill_a_whole_batch_at_once() {
+async fn a_preempting_engine_with_a_batch_past_the_cap_starts_critical_requests_at_once() {
     let fleet = batch_of_4(true).await;
-    // The default admission config; the pool's engines schedule by priority.
+    // The pool's engines schedule by priority and preempt for a slot
+    // (SGLang-like); the default admission config but for the critical
+    // engine queue, a whole batch (derived, it is one: vLLM V1 does not
+    // preempt for a slot).
     let gw = gateway(&format!(
-        "pools:\n  - name: p\n    endpoints: [{}]\n    engine_priority: vllm\nroutes:\n  - model: m\n    pool: p\n",
+        "pools:\n  - name: p\n    endpoints: [{}]\n    engine_priority: vllm\nroutes:\n  - model: m\n    pool: p\n    admission:\n      budget: {{ critical_engine_queue: 4 }}\n",
         urls(&fleet)
     ))
     .await;

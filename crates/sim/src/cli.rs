@@ -87,9 +87,12 @@ pub struct SimArgs {
     /// LoRA adapters resident at once.
     #[arg(long)]
     pub max_loras: Option<u32>,
-    /// vLLM's scheduling policy: `fcfs` or `priority` (by the request's
-    /// `priority` field, lower first, preempting lower-priority sequences).
-    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    /// vLLM's scheduling policy: `fcfs`, `priority` (vLLM V1: the waiting
+    /// queue by the request's `priority` field, lower first; a full KV cache
+    /// preempts the lowest) or `priority-preemptive` (also preempts the
+    /// lowest-ranked running sequence for a higher-ranked waiting one when
+    /// the batch is full: vLLM V0, SGLang).
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority", "priority-preemptive"])]
     pub scheduling_policy: String,
     /// Time to load a non-resident LoRA adapter (milliseconds).
     #[arg(long)]
@@ -149,7 +152,8 @@ impl SimArgs {
             max_loras,
             lora_load_ms
         );
-        p.priority_scheduling = self.scheduling_policy == "priority";
+        p.priority_scheduling = self.scheduling_policy.starts_with("priority");
+        p.priority_preemption = self.scheduling_policy == "priority-preemptive";
         FleetConfig {
             profile: self.profile,
             params: p,

@@ -55,6 +55,7 @@ impl Profile {
                 max_loras: 4,
                 lora_load_ms: 30.0,
                 priority_scheduling: false,
+                priority_preemption: false,
             },
             // KV/token = 2 x 80 x 8 x 128 x 2 B = 320 KiB, 80 KiB per GPU at TP4.
             // Per GPU: 0.9 x 80 GiB - 33 GiB weights - ~3 GiB ~= 36 GiB -> ~29k blocks.
@@ -74,6 +75,7 @@ impl Profile {
                 max_loras: 4,
                 lora_load_ms: 120.0,
                 priority_scheduling: false,
+                priority_preemption: false,
             },
             // KV/token = 2 x 16 x 8 x 64 x 2 B = 32 KiB.
             // 0.9 x 24 GB - 2.5 GB weights - ~1.5 GB ~= 17.6 GB -> ~33k blocks.
@@ -94,6 +96,7 @@ impl Profile {
                 max_loras: 4,
                 lora_load_ms: 10.0,
                 priority_scheduling: false,
+                priority_preemption: false,
             },
             Profile::Tiny => EngineParams {
                 model_name: "sim-tiny".into(),
@@ -109,6 +112,7 @@ impl Profile {
                 max_loras: 2,
                 lora_load_ms: 20.0,
                 priority_scheduling: false,
+                priority_preemption: false,
             },
         }
     }
@@ -144,13 +148,22 @@ pub struct EngineParams {
     /// Time to load a non-resident adapter.
     pub lora_load_ms: f64,
     /// vLLM's `--scheduling-policy priority`: the waiting queue is ordered by
-    /// each request's `priority` (lower first), then arrival; a waiting
-    /// request that outranks a running one when the batch is full preempts
-    /// the lowest-ranked running sequence (recomputed later), and so does
-    /// a full KV cache. Off (FCFS), a request with a non-zero `priority` is
-    /// refused with 400, as vLLM does.
+    /// each request's `priority` (lower first), then arrival; a full KV cache
+    /// preempts the lowest-ranked running sequence (recomputed later), not
+    /// the newest (vLLM V1's `Scheduler.schedule`). Off (FCFS), a request
+    /// with a non-zero `priority` is refused with 400, as vLLM does.
     #[serde(default)]
     pub priority_scheduling: bool,
+    /// With `priority_scheduling`: a waiting request that outranks a running
+    /// one when the batch is full (`max_num_seqs` running) preempts the
+    /// lowest-ranked running sequence for its slot. vLLM V0 did this
+    /// (`_schedule_priority_preemption`), and SGLang's priority scheduling
+    /// does (past its preemption threshold); vLLM V1 does not (a waiting
+    /// request only goes first when a slot frees; only a full KV cache
+    /// preempts), so `--scheduling-policy priority` leaves it off and
+    /// `priority-preemptive` turns it on.
+    #[serde(default)]
+    pub priority_preemption: bool,
 }
 
 impl EngineParams {

@@ -348,10 +348,11 @@ impl Engine {
             i += 1;
         }
 
-        // Priority scheduling: a waiting request that outranks a running one
-        // while the batch is full takes the lowest-ranked one's slot (it is
-        // recomputed later), before this step's admissions.
-        if self.p.priority_scheduling && !preempted {
+        // Preemptive priority scheduling (vLLM V0, SGLang; not vLLM V1): a
+        // waiting request that outranks a running one while the batch is
+        // full takes the lowest-ranked one's slot (it is recomputed later),
+        // before this step's admissions.
+        if self.p.priority_scheduling && self.p.priority_preemption && !preempted {
             while self.running.len() as u32 >= self.p.max_num_seqs {
                 let (Some(head), Some(v)) = (self.waiting.front(), self.victim()) else {
                     break;
@@ -825,6 +826,47 @@ mod tests {
         }
     }
 
+    /// Two running sequences (40 and `mid_out` tokens) fill a batch of 2,
+    /// then a higher-priority one arrives; returns them as (low, mid, top).
+    fn full_batch_then_top(e: &mut Engine, mid_out: u32) -> [Arc<SeqShared>; 3] {
+        let low = ranked(e, 1, 32, 40, 2);
+        let mid = ranked(e, 2, 32, mid_out, 1);
+        for _ in 0..5 {
+            let us = e.schedule().unwrap();
+            e.finish_step(Instant::now(), us, us);
+        }
+        assert!(low.progress().1 > 0, "both running");
+        let top = ranked(e, 3, 32, 4, 0);
+        [low, mid, top]
+    }
+
+    #[test]
+    fn vllm_v1_priority_never_preempts_for_a_slot_the_top_waits_at_the_head() {
+        // vLLM V1: a waiting request never preempts for a batch slot; it
+        // takes the first slot that frees, ahead of everything queued.
+        let mut e = Engine::new(priority_params(2));
+        let [low, mid, top] = full_batch_then_top(&mut e, 80);
+        let queued = ranked(&mut e, 4, 32, 4, 1);
+        let us = e.schedule().unwrap();
+        e.finish_step(Instant::now(), us, us);
+        let s = e.snapshot();
+        assert_eq!((s.running, s.waiting, e.counters.preemptions), (2, 2, 0));
+        assert_eq!(top.progress().1, 0, "no slot: top waits");
+        // It takes the slot `low` frees (`mid` runs on), before `queued`.
+        let mut guard = 0;
+        while top.progress().1 == 0 {
+            let us = e.schedule().unwrap();
+            e.finish_step(Instant::now(), us, us);
+            guard += 1;
+            assert!(guard < 1000);
+        }
+        assert_eq!(low.progress(), (SeqStatus::Length, 40));
+        assert_eq!(mid.progress().0, SeqStatus::Active);
+        assert_eq!(queued.progress().1, 0, "top went first");
+        run(&mut e, &[]);
+        assert_eq!(e.counters.preemptions, 0);
+    }
+
     #[test]
     fn priority_scheduling_orders_the_queue_by_priority_then_arrival() {
         let mut e = Engine::new(priority_params(1));
@@ -848,18 +890,13 @@ mod tests {
     }
 
     #[test]
-    fn a_higher_priority_arrival_preempts_the_lowest_running_sequence() {
-        let mut e = Engine::new(priority_params(2));
-        let low = ranked(&mut e, 1, 32, 40, 2);
-        let mid = ranked(&mut e, 2, 32, 40, 1);
-        for _ in 0..5 {
-            let us = e.schedule().unwrap();
-            e.finish_step(Instant::now(), us, us);
-        }
-        let (_, low_before) = low.progress();
-        assert!(low_before > 0, "both running");
+    fn preemptive_priority_takes_the_lowest_running_sequences_slot() {
+        let mut e = Engine::new(EngineParams {
+            priority_preemption: true,
+            ..priority_params(2)
+        });
         // The batch is full; a critical request arrives.
-        let top = ranked(&mut e, 3, 32, 4, 0);
+        let [low, mid, top] = full_batch_then_top(&mut e, 40);
         let us = e.schedule().unwrap();
         let s = e.snapshot();
         assert_eq!((s.running, s.waiting), (2, 1), "top in, low out");

@@ -636,17 +636,18 @@ mod tests {
             !b.fits(&r, out(1), Priority::Critical, &k),
             "the batch and its one queued critical"
         );
-        // Engine priority: no reserve, critical goes past the cap into the
-        // engine's queue (the engine preempts for it).
+        // Engine priority: the same (vLLM V1 does not preempt a running
+        // sequence for a slot); it used to let a whole batch of critical
+        // requests past the cap, and keep no reserve.
         let ep = Knobs {
             engine_priority: true,
             ..k
         };
-        assert!(b.fits(&r, out(1), Priority::Critical, &ep));
+        assert!(!b.fits(&r, out(1), Priority::Critical, &ep));
         drop(more);
         assert!(
-            b.fits(&r, out(1), S, &ep),
-            "no reserve with engine priority"
+            !b.fits(&r, out(1), S, &ep),
+            "the reserve stays with engine priority"
         );
         // A hand-set value wins.
         let fixed = Budget::new(BudgetConfig {

@@ -61,16 +61,17 @@ pub struct BudgetConfig {
     /// Share of each replica's budget (tokens and requests) that only
     /// critical requests may use, so a critical arrival finds room at once
     /// instead of waiting for a standard request to end. Unset: derived from
-    /// the observed critical traffic (`admission::tuning`; 0 on pools with
-    /// `engine_priority`, whose engines preempt for critical requests).
+    /// the observed critical traffic (`admission::tuning`; with
+    /// `engine_priority` too: vLLM V1 does not preempt for a slot).
     pub critical_reserve: Option<f64>,
     /// Requests a replica may take beyond its request cap when they are
     /// critical: they wait in the engine's own queue, which starts them at
-    /// the very step a sequence ends (or at once, preempting, with
-    /// `engine_priority`), instead of in the gateway's. Only critical
-    /// requests ever wait there (the others are held at the gateway while the
-    /// replica is at its cap), so the engine queue stays at most this long.
-    /// Unset: 0, or on pools with `engine_priority` the derived reserve.
+    /// the very step a sequence ends (an engine that preempts for a slot,
+    /// such as SGLang, at once: there set it to the batch), instead of in
+    /// the gateway's. Only critical requests ever wait there (the others are
+    /// held at the gateway while the replica is at its cap), so the engine
+    /// queue stays at most this long. Unset: 1 while critical traffic is
+    /// seen (self-tuning), else 0.
     pub critical_engine_queue: Option<u64>,
     /// Prompt tokens sent to a replica and not answered yet (no first token)
     /// above which non-critical requests wait. An engine computes every

@@ -21,9 +21,10 @@
 //!   law so that a critical arrival finds a free slot with 99% probability,
 //!   but at most 1/16 of the batch (an idle slot costs throughput), and one
 //!   critical request in the engine's queue;
-//! - on pools whose engines schedule by priority, a whole batch of critical
-//!   requests may go past the cap into the engine's queue (the engine
-//!   preempts for them) instead of a reserve;
+//! - the same on pools whose engines schedule by priority: vLLM V1 does not
+//!   preempt for a slot, so critical requests are better off in the
+//!   gateway's queue (the first slot that frees on any replica) than in
+//!   one engine's;
 //! - before the batch limit is learned, a slow-start cap
 //!   ([`slow_start_cap`]) that doubles with each scrape while the engine
 //!   keeps up;
@@ -375,7 +376,8 @@ pub struct Knobs {
     pub prefill_step_tokens: Option<u64>,
     /// Prompt tokens in prefill per batch slot that keep the batch full.
     pub prefill_per_slot: f64,
-    /// The pool's engines schedule by priority (and preempt).
+    /// The pool's engines schedule by priority (and preempt a lower band
+    /// for KV room: a critical request ignores the token budget).
     pub engine_priority: bool,
     /// Service time of a request, seconds (0: not known yet), for [`Pace`].
     pub service: f64,
@@ -390,26 +392,27 @@ impl Knobs {
     }
 
     /// `(reserve, engine_queue)` slots on a replica of batch `batch`: a
-    /// reserve below the cap without engine priority; with it, critical
-    /// requests past the cap into the engine's queue instead (the engine
-    /// preempts a lower band for them, so no slot needs to stay idle).
+    /// reserve below the cap, and one critical request past it, into the
+    /// engine's own queue.
+    ///
+    /// The same with engine priority: vLLM V1's priority scheduling never
+    /// preempts a running sequence for a batch slot (only for KV room), so
+    /// a critical request sent past the cap waits for a completion on *that*
+    /// replica, where from the gateway's queue it takes the first slot that
+    /// frees on *any*. A whole batch past the cap (the rule for an engine
+    /// that preempts for a slot, such as SGLang; `critical_engine_queue`
+    /// sets it by hand) measured 5.9× unloaded on vLLM V1's scheduler
+    /// against 3.0× with one (docs/benchmarks/2026-12-06-engine-priority-v1.md).
     pub fn critical_slots(&self, batch: u64) -> (u64, u64) {
         let r = reserve_slots(batch, self.critical_in_flight_per_replica);
-        if self.engine_priority {
-            // A whole batch: the other bands hold at most `batch` requests,
-            // so critical requests reach `batch` running ones by preemption
-            // before any waits at the gateway. Fewer (the Poisson bound)
-            // made a burst of critical arrivals wait for a completion while
-            // the engine ran standard requests it could have preempted.
-            (0, if r > 0 { batch } else { 0 })
-        } else {
-            // An idle reserved slot costs 1/batch of the throughput, so the
-            // reserve stays under 1/16 of the batch (at least 1): without
-            // preemption, latency is bought with throughput, and goodput
-            // must stay near capacity. One critical request may wait in the
-            // engine's queue: it starts in the step a sequence ends.
-            (r.min((batch / 16).max(1)), u64::from(r > 0))
-        }
+        // An idle reserved slot costs 1/batch of the throughput, so the
+        // reserve stays under 1/16 of the batch (at least 1): without
+        // preemption, latency is bought with throughput, and goodput must
+        // stay near capacity. The one critical request in the engine's
+        // queue starts in the step a sequence ends (first there with
+        // engine priority, alone there without: the other bands are held
+        // at the gateway while the replica is at its cap).
+        (r.min((batch / 16).max(1)), u64::from(r > 0))
     }
 }
 
@@ -567,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn engine_priority_trades_the_reserve_for_an_engine_queue() {
+    fn engine_priority_keeps_the_reserve_and_one_engine_queue_slot() {
         let k = Knobs {
             critical_in_flight_per_replica: 9.6,
             prefill_step_tokens: None,
@@ -577,11 +580,14 @@ mod tests {
         };
         assert_eq!(k.critical_slots(16), (1, 1), "at most 1/16 of the batch");
         assert_eq!(k.critical_slots(128), (2, 1), "m = 0.075: 2 slots");
+        // vLLM V1 does not preempt for a slot: engine priority changes
+        // nothing (it used to be no reserve and a whole batch past the cap).
         let k = Knobs {
             engine_priority: true,
             ..k
         };
-        assert_eq!(k.critical_slots(16), (0, 16), "a whole batch");
+        assert_eq!(k.critical_slots(16), (1, 1));
+        assert_eq!(k.critical_slots(128), (2, 1));
         assert_eq!(Knobs::default().critical_slots(16), (0, 0));
     }
 }
