@@ -260,7 +260,14 @@ impl PoolAdmission {
             {
                 return false;
             }
-            match self.budget.pace(r, &knobs).filter(|_| paced) {
+            // Pacing is for critical arrivals (`tuning::Pace`); the pass is
+            // only given while none can be delayed, so a request its holder
+            // may take is not held back by the holder's pacing either.
+            match self
+                .budget
+                .pace(r, &knobs)
+                .filter(|_| paced && past_cap == 0)
+            {
                 Some(pace) => {
                     let at = pace.allowed_at(&r.load.next_start);
                     if at > now {
@@ -297,19 +304,18 @@ impl PoolAdmission {
     }
 
     /// The prefix holder's pass in effect now: only where self-tuning sets
-    /// the caps (a hand-set `max_requests_per_replica` wins) and has learned the service time and the prefill rate, and
-    /// only while a request in a replica's own queue cannot delay a critical
-    /// one (no critical traffic lately, or the engines preempt for it).
+    /// the caps (a hand-set `max_requests_per_replica` wins) and has learned
+    /// the service time and the prefill rate, and only while a request in a
+    /// replica's own queue cannot delay a critical one (no critical traffic
+    /// lately, or the engines preempt for it).
     fn holder_pass(&self, knobs: &Knobs) -> Option<HolderPass> {
         let rate = self.shared.derived.prefill_rate();
         let quiet = knobs.engine_priority || knobs.critical_in_flight_per_replica <= 0.0;
         let tuned = self.budget.self_tuning() && !self.budget.cap_set_by_hand();
-        (tuned && quiet && knobs.service > 0.0 && rate > 0.0).then_some(
-            HolderPass {
-                service: knobs.service,
-                prefill_rate: rate,
-            },
-        )
+        (tuned && quiet && knobs.service > 0.0 && rate > 0.0).then_some(HolderPass {
+            service: knobs.service,
+            prefill_rate: rate,
+        })
     }
 
     /// What self-tuning derived for this pool, per replica of `replicas`.
@@ -1438,8 +1444,11 @@ mod tests {
                 .max_by_key(|r| (self.cached(r), std::cmp::Reverse(r.load.requests())))?;
             let cached = self.cached(r);
             Some(
-                r.begin(req.estimated_tokens(), u64::from(req.prompt_tokens) - cached)
-                    .with_cached_tokens(cached),
+                r.begin(
+                    req.estimated_tokens(),
+                    u64::from(req.prompt_tokens) - cached,
+                )
+                .with_cached_tokens(cached),
             )
         }
     }
@@ -1478,7 +1487,16 @@ mod tests {
         };
         // The holder runs its batch: it is at its cap.
         let batch: Vec<_> = (0..2)
-            .map(|_| Budget::reserve(&holder, Cost { prompt: 0, output: 10 }, None))
+            .map(|_| {
+                Budget::reserve(
+                    &holder,
+                    Cost {
+                        prompt: 0,
+                        output: 10,
+                    },
+                    None,
+                )
+            })
             .collect();
         let t = Ticket {
             cost: Cost {

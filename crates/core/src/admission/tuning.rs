@@ -335,8 +335,10 @@ impl Derived {
             .store(obs.prefill_per_slot().to_bits(), Ordering::Relaxed);
         self.service
             .store(obs.service.0.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
-        self.prefill_rate
-            .store(obs.prefill_rate().unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+        self.prefill_rate.store(
+            obs.prefill_rate().unwrap_or(0.0).to_bits(),
+            Ordering::Relaxed,
+        );
     }
 
     /// Uncached prompt tokens a replica prefills per second; 0: not known yet.
