@@ -260,14 +260,7 @@ impl PoolAdmission {
             {
                 return false;
             }
-            // Pacing is for critical arrivals (`tuning::Pace`); the pass is
-            // only given while none can be delayed, so a request its holder
-            // may take is not held back by the holder's pacing either.
-            match self
-                .budget
-                .pace(r, &knobs)
-                .filter(|_| paced && past_cap == 0)
-            {
+            match self.budget.pace(r, &knobs).filter(|_| paced) {
                 Some(pace) => {
                     let at = pace.allowed_at(&r.load.next_start);
                     if at > now {
