@@ -101,6 +101,11 @@ impl Budget {
         })
     }
 
+    /// Whether the request cap is hand-set (`max_requests_per_replica`).
+    pub fn cap_set_by_hand(&self) -> bool {
+        self.cfg.max_requests_per_replica.is_some()
+    }
+
     /// Whether `replica`'s request cap is its learned batch limit (or a
     /// hand-set one), not the slow-start cap: only a known batch sizes a
     /// reserve.
@@ -130,6 +135,20 @@ impl Budget {
     /// budget must still run somewhere; the engine decides whether it fits at
     /// all).
     pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority, knobs: &Knobs) -> bool {
+        self.fits_past_cap(replica, cost, priority, knobs, 0)
+    }
+
+    /// [`Budget::fits`] with the request cap raised by `past_cap` requests
+    /// (the prefix holder's pass, `admission::queue`); every other bound
+    /// holds as it is.
+    pub fn fits_past_cap(
+        &self,
+        replica: &Replica,
+        cost: Cost,
+        priority: Priority,
+        knobs: &Knobs,
+        past_cap: u64,
+    ) -> bool {
         let critical = priority == Priority::Critical;
         let tune = self.cfg.self_tuning;
         let batch = self.batch(replica);
@@ -158,7 +177,9 @@ impl Budget {
         }
         if let Some(max) = batch {
             // The epsilon keeps 16 x (1 - 4/16) at 12, not 11.99.
-            let mut max = ((max as f64 * share + 1e-9).floor() as u64).max(1);
+            let mut max = ((max as f64 * share + 1e-9).floor() as u64)
+                .max(1)
+                .saturating_add(past_cap);
             if critical {
                 max = max.saturating_add(self.cfg.critical_engine_queue.unwrap_or(derived_queue));
             }
@@ -347,7 +368,7 @@ impl Drop for Reservation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::discovery::Endpoint;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -550,7 +571,7 @@ mod tests {
     }
 
     /// A replica whose scrapes showed a full batch of `batch` three times in a row.
-    fn scraped(r: &Replica, batch: u32, blocks: u32) {
+    pub(crate) fn scraped(r: &Replica, batch: u32, blocks: u32) {
         scrapes(r, &[(batch, 3), (batch, 2), (batch, 2)], blocks);
     }
 

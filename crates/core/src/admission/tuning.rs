@@ -309,9 +309,13 @@ impl Observations {
 
     /// What a replica prefills in one step, when the timings are known.
     pub(crate) fn prefill_step_tokens(&self) -> Option<u64> {
-        let step = self.step.0?;
-        let rate = prefill_rate(self.prompt.0?, self.ttft.0?, step)?;
-        Some(prefill_cap(rate, step))
+        Some(prefill_cap(self.prefill_rate()?, self.step.0?))
+    }
+
+    /// Uncached prompt tokens a replica prefills per second, when the
+    /// timings are known ([`prefill_rate`]).
+    pub(crate) fn prefill_rate(&self) -> Option<f64> {
+        prefill_rate(self.prompt.0?, self.ttft.0?, self.step.0?)
     }
 
     /// Prompt tokens in prefill per batch slot that keep the batch full:
@@ -335,6 +339,8 @@ pub(crate) struct Derived {
     prefill_per_slot: AtomicU64,
     /// Service time of a request, seconds (f64 bits); 0: not known yet.
     service: AtomicU64,
+    /// [`Observations::prefill_rate`], tokens/s (f64 bits); 0: not known yet.
+    prefill_rate: AtomicU64,
 }
 
 impl Derived {
@@ -347,6 +353,15 @@ impl Derived {
             .store(obs.prefill_per_slot().to_bits(), Ordering::Relaxed);
         self.service
             .store(obs.service.0.unwrap_or(0.0).to_bits(), Ordering::Relaxed);
+        self.prefill_rate.store(
+            obs.prefill_rate().unwrap_or(0.0).to_bits(),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Uncached prompt tokens a replica prefills per second; 0: not known yet.
+    pub(crate) fn prefill_rate(&self) -> f64 {
+        f64::from_bits(self.prefill_rate.load(Ordering::Relaxed))
     }
 
     pub(crate) fn service(&self) -> f64 {
