@@ -19,5 +19,7 @@ pub use counters::{
     CounterOp, LocalCounters, LocalSlot, ReserveFuture, SharedCounters, Unavailable, Verdict,
 };
 pub use rules::{Demand, Dim, Limit, QuotaTable, ScopeKind, MICROS};
-pub use store::{BackendState, Grant, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source};
+pub use store::{
+    BackendState, Grant, DECISION_SECONDS, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source,
+};
 pub use window::Window;
