@@ -293,6 +293,15 @@ impl QuotaStore {
         }
     }
 
+    /// At shutdown, after the drain: the shared backend gives back what this
+    /// replica holds (its unused slices), so the other replicas may use it
+    /// at once instead of when the window ends.
+    pub async fn release(&self) {
+        if let Some(b) = self.inner.backend.load_full() {
+            b.release().await;
+        }
+    }
+
     /// The local counter of a team's limit in the current window (tests).
     pub fn local_value(&self, scope: &str, dim: Dim, window: Window) -> i64 {
         let (window_id, expires_at_ms) = window.at(now_ms());
