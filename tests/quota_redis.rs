@@ -654,6 +654,22 @@ async fn unused_slices_go_back_at_graceful_shutdown() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = redis.get(&key);
     assert!(held > used, "no slice held: counter {held}, used {used}");
+    // The time quotas took is on /metrics: 5 reservations (a Redis round
+    // trip, then the slice) and 5 settlements.
+    let (_, text) = g.admin("/metrics").await;
+    let count = |stage: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("infergate_quota_decision_seconds_count{"))
+            .filter(|l| l.contains("mode=\"redis\"") && l.contains(&format!("stage=\"{stage}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(count("reserve"), 5.0, "{text}");
+    assert_eq!(count("settle"), 5.0, "{text}");
+    assert!(
+        text.contains("path=\"call\"") && text.contains("path=\"lease\""),
+        "{text}"
+    );
     // SIGTERM: the gateway drains, then gives its slices back before it exits.
     let pid = g.child.id().to_string();
     assert!(Command::new("kill")
