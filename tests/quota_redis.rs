@@ -679,7 +679,10 @@ async fn unused_slices_go_back_at_graceful_shutdown() {
         .success());
     let t = Instant::now();
     while g.child.try_wait().unwrap().is_none() {
-        assert!(t.elapsed() < Duration::from_secs(10), "gateway did not exit");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gateway did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(redis.get(&key), used, "slices not returned at shutdown");
@@ -711,7 +714,10 @@ async fn a_live_replicas_slots_are_renewed_past_their_time_to_live() {
         .trim_start_matches(':')
         .parse()
         .unwrap();
-    assert!(pttl > 0 && pttl <= 600, "slot hash not renewed: PTTL {pttl}");
+    assert!(
+        pttl > 0 && pttl <= 600,
+        "slot hash not renewed: PTTL {pttl}"
+    );
     let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
     let (s, _, b) = ask(&g.url, "renew", body).await;
     assert_eq!(

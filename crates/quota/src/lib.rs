@@ -47,7 +47,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use infergate_core::quota::{
-    CounterOp, Dim, RedisConfig, ReleaseFuture, ReserveFuture, SharedCounters, Unavailable, Verdict, Window,
+    CounterOp, Dim, RedisConfig, ReleaseFuture, ReserveFuture, SharedCounters, Unavailable,
+    Verdict, Window,
 };
 use redis::aio::MultiplexedConnection;
 

@@ -55,8 +55,8 @@ const OVERHEAD_BUCKETS: &[f64] = &[
 /// Time quotas take per request (`core::quota::DECISION_SECONDS`): a few
 /// microseconds from memory, a round trip when Redis is asked.
 const QUOTA_BUCKETS: &[f64] = &[
-    0.000001, 0.000002, 0.000005, 0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001,
-    0.002, 0.005, 0.01, 0.05,
+    0.000001, 0.000002, 0.000005, 0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002,
+    0.005, 0.01, 0.05,
 ];
 
 /// The process-wide Prometheus handle (installs the recorder on first use).
