@@ -654,22 +654,23 @@ async fn unused_slices_go_back_at_graceful_shutdown() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = redis.get(&key);
     assert!(held > used, "no slice held: counter {held}, used {used}");
-    // The time quotas took is on /metrics: 5 reservations (a Redis round
-    // trip, then the slice) and 5 settlements.
+    // The time quotas took is on /metrics: the first request's Redis round
+    // trip always (the others came from the slice: timed one in 16).
     let (_, text) = g.admin("/metrics").await;
-    let count = |stage: &str| -> f64 {
+    let count = |stage: &str, path: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with("infergate_quota_decision_seconds_count{"))
-            .filter(|l| l.contains("mode=\"redis\"") && l.contains(&format!("stage=\"{stage}\"")))
+            .filter(|l| {
+                l.contains("mode=\"redis\"")
+                    && l.contains(&format!("stage=\"{stage}\""))
+                    && l.contains(path)
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
-    assert_eq!(count("reserve"), 5.0, "{text}");
-    assert_eq!(count("settle"), 5.0, "{text}");
-    assert!(
-        text.contains("path=\"call\"") && text.contains("path=\"lease\""),
-        "{text}"
-    );
+    assert_eq!(count("reserve", "path=\"call\""), 1.0, "{text}");
+    assert!(count("reserve", "path=\"lease\"") <= 4.0, "{text}");
+    assert!(count("settle", "") <= 5.0, "{text}");
     // SIGTERM: the gateway drains, then gives its slices back before it exits.
     let pid = g.child.id().to_string();
     assert!(Command::new("kill")
