@@ -37,6 +37,14 @@
 #   When `oha` is on PATH (cargo install oha), the saturation phase runs once more with oha
 #   as the load tool (same connections, duration and rounds; OHA=0 skips it), an
 #   independent client for the req/s ratios.
+#   PHASES=sat,lat                             # which phases run (default sat,lat,sse; oha rides
+#       on sat); a skipped phase reports 0. Without sat, set LAT_RATE.
+#   LAT_ROUNDS=8 LAT_DUR=4                     # the latency phase's own rounds and seconds
+#       (default ROUNDS, DUR); each round starts at the next target, so no target always
+#       runs first after the saturation phase or last before the next round
+#   PIN=1 [LOAD_CPUS=0 SERVER_CPUS=1]          # taskset: the load tools on LOAD_CPUS, every
+#       server (upstream, proxies) on SERVER_CPUS, so the client's scheduling lag stops
+#       landing in the servers' latency (on 2 cores: one core each)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -70,6 +78,17 @@ AK_PORT=$((BASE + 70)); AK_ADMIN=$((BASE + 71))
 AU_PORT=$((BASE + 90)); AU_ADMIN=$((BASE + 91))
 QL_PORT=$((BASE + 80)); QL_ADMIN=$((BASE + 81)); QR_PORT=$((BASE + 82)); QR_ADMIN=$((BASE + 83))
 PEERS=${PEERS:-1}
+PHASES=${PHASES:-sat,lat,sse}
+has_phase() { [[ ,$PHASES, == *,$1,* ]]; }
+LAT_ROUNDS=${LAT_ROUNDS:-$ROUNDS}
+LAT_DUR=${LAT_DUR:-$DUR}
+# PIN=1: servers on SERVER_CPUS, load tools on LOAD_CPUS (taskset execs, so pids stay the servers').
+SRV=(); CLI=()
+if [[ ${PIN:-0} != 0 ]]; then
+  command -v taskset >/dev/null || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+  SRV=(taskset -c "${SERVER_CPUS:-1}"); CLI=(taskset -c "${LOAD_CPUS:-0}")
+  echo "# pinned: load tools on CPU ${LOAD_CPUS:-0}, servers on CPU ${SERVER_CPUS:-1}"
+fi
 IG_KEYS=${IG_KEYS:-1000}
 MODEL=bench-model
 RUN=$(mktemp -d /tmp/dataplane-bench.XXXXXX)
@@ -99,7 +118,7 @@ trap cleanup EXIT
 
 start_bg() {  # name cmd...: starts in the background, remembers the pid
   local name=$1; shift
-  "$@" >"$RUN/$name.log" 2>&1 &
+  "${SRV[@]}" "$@" >"$RUN/$name.log" 2>&1 &
   PIDS+=($!)
   echo $! >"$RUN/$name.pid"
 }
@@ -296,7 +315,7 @@ load() {  # out.json url args...   (the HDRS header of the target named in out.j
   local out=$1 url=$2; shift 2
   local name; name=$(basename "$out" .json); name=${name#*-}; name=${name%-*}
   local hdr=${HDRS[$name]:-}
-  "$LOAD" --url "$url" --model "$MODEL" --json ${hdr:+-H "$hdr"} "$@" >"$out" 2>"$out.err" || {
+  "${CLI[@]}" "$LOAD" --url "$url" --model "$MODEL" --json ${hdr:+-H "$hdr"} "$@" >"$out" 2>"$out.err" || {
     echo "load failed for $url: $(tail -3 "$out.err")" >&2; echo '{}' >"$out"; }
 }
 
@@ -319,6 +338,19 @@ PY
 }
 declare -A RPS P50 P99 LAG SSE RSS
 
+# Quota targets' decision-time histograms, read at phase ends (quota_bench.sh diffs them).
+snap_quota_metrics() {  # tag
+  local name
+  for name in quota-local quota-redis; do
+    [[ -n ${PID_OF[$name]:-} ]] || continue
+    local admin=$QL_ADMIN; [[ $name == quota-redis ]] && admin=$QR_ADMIN
+    curl -s "http://127.0.0.1:$admin/metrics" | grep '^infergate_quota_decision' >"$RUN/metrics-$name-$1.txt" || true
+  done
+}
+snap_quota_metrics start
+for t in "${TARGETS[@]}"; do RPS[${t%%=*}]=0; SSE[${t%%=*}]=0; done
+
+if has_phase sat; then
 echo "# 1/3 saturation: small non-streaming completions, closed loop -c $CONC, ${DUR}s each, $ROUNDS rounds"
 for r in $(seq "$ROUNDS"); do
   line="  round $r:"
@@ -331,13 +363,14 @@ for r in $(seq "$ROUNDS"); do
 done
 for t in "${TARGETS[@]}"; do
   name=${t%%=*}
-  RPS[$name]=$(median "v.get('ok_per_s', 0)" "$RUN"/sat-"$name"-*.json)
+  RPS[$name]=$(median "v.get('ok_per_s', 0)" "$RUN"/sat-"$name"-[0-9]*.json)
   RPS[$name]=${RPS[$name]%.*}
   echo "  $name: median ${RPS[$name]} req/s ($(jget "$RUN/sat-$name-1.json" "sum(v.get('errors', {}).values()) if isinstance(v.get('errors'), dict) else v.get('errors')") errors in round 1)"
 done
+fi
 
 declare -A OHA_RPS=()
-if [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
+if has_phase sat && [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
   echo "# 1b/3 saturation with oha: -c $CONC, ${DUR}s each, $ROUNDS rounds"
   BODY="{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"max_tokens\":1}"
   for r in $(seq "$ROUNDS"); do
@@ -345,7 +378,7 @@ if [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
     for t in "${TARGETS[@]}"; do
       name=${t%%=*}; url=${t#*=}
       hdr=${HDRS[$name]:-}
-      oha --no-tui --output-format json -z "${DUR}s" -c "$CONC" -m POST -H 'content-type: application/json' \
+      "${CLI[@]}" oha --no-tui --output-format json -z "${DUR}s" -c "$CONC" -m POST -H 'content-type: application/json' \
         ${hdr:+-H "${hdr%%:*}: ${hdr#*:}"} -d "$BODY" "$url/v1/chat/completions" \
         >"$RUN/oha-$name-$r.json" 2>/dev/null || echo '{}' >"$RUN/oha-$name-$r.json"
       line="$line $name $(jget "$RUN/oha-$name-$r.json" "round(v.get('summary', {}).get('requestsPerSec', 0))")"
@@ -354,28 +387,35 @@ if [[ ${OHA:-1} != 0 ]] && command -v oha >/dev/null; then
   done
   for t in "${TARGETS[@]}"; do
     name=${t%%=*}
-    OHA_RPS[$name]=$(median "v['summary']['requestsPerSec'] * v['summary']['successRate']" "$RUN"/oha-"$name"-*.json)
+    OHA_RPS[$name]=$(median "v['summary']['requestsPerSec'] * v['summary']['successRate']" "$RUN"/oha-"$name"-[0-9]*.json)
     echo "  $name: median ${OHA_RPS[$name]} req/s (oha)"
   done
 fi
 
+snap_quota_metrics sat
 HALF=${LAT_RATE:-$(( ${RPS[infergate]} / 2 ))}  # LAT_RATE=2000: a fixed rate instead
-echo "# 2/3 latency at ${LAT_RATE:+a fixed }${LAT_RATE:-half of the saturation of infergate}: open loop --rate $HALF over $LAT_CONNS connections, ${DUR}s each, $ROUNDS rounds"
-for r in $(seq "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
+if has_phase lat; then
+echo "# 2/3 latency at ${LAT_RATE:+a fixed }${LAT_RATE:-half of the saturation of infergate}: open loop --rate $HALF over $LAT_CONNS connections, ${LAT_DUR}s each, $LAT_ROUNDS rounds"
+NT=${#TARGETS[@]}
+for r in $(seq "$LAT_ROUNDS"); do
+  for i in $(seq 0 $((NT - 1))); do  # round r starts at target r-1: the order rotates
+    t=${TARGETS[$(( (i + r - 1) % NT ))]}
     name=${t%%=*}; url=${t#*=}
-    load "$RUN/lat-$name-$r.json" "$url" --workload small --max-tokens 1 --rate "$HALF" -d "$DUR" --warmup 1 \
+    load "$RUN/lat-$name-$r.json" "$url" --workload small --max-tokens 1 --rate "$HALF" -d "$LAT_DUR" --warmup 1 \
       --max-in-flight "$LAT_CONNS"
   done
 done
+fi
+snap_quota_metrics lat
 for t in "${TARGETS[@]}"; do
   name=${t%%=*}
-  P50[$name]=$(median "v['e2e_ms']['p50']" "$RUN"/lat-"$name"-*.json)
-  P99[$name]=$(median "v['e2e_ms']['p99']" "$RUN"/lat-"$name"-*.json)
-  LAG[$name]=$(median "v['schedule_lag_ms']['p99']" "$RUN"/lat-"$name"-*.json)
+  P50[$name]=$(median "v['e2e_ms']['p50']" "$RUN"/lat-"$name"-[0-9]*.json)
+  P99[$name]=$(median "v['e2e_ms']['p99']" "$RUN"/lat-"$name"-[0-9]*.json)
+  LAG[$name]=$(median "v['schedule_lag_ms']['p99']" "$RUN"/lat-"$name"-[0-9]*.json)
   echo "  $name: median p50 ${P50[$name]} ms, p99 ${P99[$name]} ms; client schedule lag p99 ${LAG[$name]} ms"
 done
 
+if has_phase sse; then
 echo "# 3/3 SSE relay: streaming chat, $SSE_TOKENS tokens each, closed loop -c $SSE_CONC, ${DUR}s each, $ROUNDS rounds"
 for r in $(seq "$ROUNDS"); do
   line="  round $r:"
@@ -388,10 +428,11 @@ for r in $(seq "$ROUNDS"); do
 done
 for t in "${TARGETS[@]}"; do
   name=${t%%=*}
-  SSE[$name]=$(median "v.get('output_tok_per_s', 0)" "$RUN"/sse-"$name"-*.json)
+  SSE[$name]=$(median "v.get('output_tok_per_s', 0)" "$RUN"/sse-"$name"-[0-9]*.json)
   SSE[$name]=${SSE[$name]%.*}
   echo "  $name: median ${SSE[$name]} chunks/s"
 done
+fi
 for t in "${TARGETS[@]}"; do
   name=${t%%=*}
   if [[ -n ${PID_OF[$name]:-} ]]; then RSS[$name]=$(peak_rss_mib "${PID_OF[$name]}"); else RSS[$name]=-; fi

@@ -194,6 +194,11 @@ impl Drop for Gateway {
 }
 
 fn config(redis: &str, upstreams: &[&MiniUpstream], quotas: &str) -> String {
+    config_with(redis, upstreams, quotas, "")
+}
+
+/// [`config`] with `more` appended to `governance.redis` (`, key: value`).
+fn config_with(redis: &str, upstreams: &[&MiniUpstream], quotas: &str, more: &str) -> String {
     let eps = |u: &MiniUpstream| format!("[\"{}\"]", u.url());
     format!(
         "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: {{ address: \"127.0.0.1:0\" }}\n\
@@ -201,7 +206,7 @@ fn config(redis: &str, upstreams: &[&MiniUpstream], quotas: &str) -> String {
          auth:\n  mode: trusted_headers\n  trusted_headers: {{ team_header: x-team, sources: [127.0.0.1/32] }}\n\
          pools:\n  - {{ name: echo, endpoints: {} }}\n  - {{ name: stall, endpoints: {} }}\n\
          routes:\n  - {{ model: m, pool: echo, default_max_tokens: 1, routing: {{ policy: least_request }} }}\n  - {{ model: stall, pool: stall, routing: {{ policy: least_request }} }}\n\
-         governance:\n  redis: {{ url: \"{redis}\", timeout: 100ms, probe_interval: 100ms }}\n\
+         governance:\n  redis: {{ url: \"{redis}\", timeout: 100ms, probe_interval: 100ms{more} }}\n\
          quotas:\n{quotas}\n",
         eps(upstreams[0]),
         eps(upstreams[1]),
@@ -617,6 +622,115 @@ async fn concurrency_slots_are_held_per_replica_and_a_dead_replicas_expire() {
     drop(held);
     let t = Instant::now();
     while ask(&g.url, "conc", body).await.0 != StatusCode::OK {
+        assert!(t.elapsed() < Duration::from_secs(3), "slot not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn unused_slices_go_back_at_graceful_shutdown() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let ups = upstreams().await;
+    // Leases idle for a minute: only the shutdown can return them here.
+    let mut g = Gateway::start(&config_with(
+        &redis.url(),
+        &[&ups.0, &ups.1],
+        "  teams:\n    shut: { tokens_per_minute: 1000000 }",
+        ", lease_idle: 60s, lease_max_age: 60s",
+    ));
+    fresh_window(Duration::from_secs(15)).await;
+    let key = tpm_key("shut");
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
+    let mut used = 0;
+    for _ in 0..5 {
+        let (s, _, b) = ask(&g.url, "shut", body).await;
+        assert_eq!(s, StatusCode::OK);
+        used += tokens_used(&b) as i64;
+    }
+    // Settlements flushed: Redis counts the usage plus the slice still held.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = redis.get(&key);
+    assert!(held > used, "no slice held: counter {held}, used {used}");
+    // The time quotas took is on /metrics: the first request's Redis round
+    // trip always (the others came from the slice: timed one in 16).
+    let (_, text) = g.admin("/metrics").await;
+    let count = |stage: &str, path: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("infergate_quota_decision_seconds_count{"))
+            .filter(|l| {
+                l.contains("mode=\"redis\"")
+                    && l.contains(&format!("stage=\"{stage}\""))
+                    && l.contains(path)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(count("reserve", "path=\"call\""), 1.0, "{text}");
+    assert!(count("reserve", "path=\"lease\"") <= 4.0, "{text}");
+    assert!(count("settle", "") <= 5.0, "{text}");
+    // SIGTERM: the gateway drains, then gives its slices back before it exits.
+    let pid = g.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    while g.child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gateway did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis.get(&key), used, "slices not returned at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn a_live_replicas_slots_are_renewed_past_their_time_to_live() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let ups = upstreams().await;
+    // Slots expire 600 ms after their last renewal (default 30 s): the
+    // gateway renews them every 200 ms while the request runs.
+    let g = Gateway::start(&config_with(
+        &redis.url(),
+        &[&ups.0, &ups.1],
+        "  teams:\n    renew: { concurrent_requests: 1 }",
+        ", slot_ttl: 600ms",
+    ));
+    let key = "infergate:t:renew:conc:g0:h";
+    let held = stall_stream(&g.url, "renew").await;
+    assert_eq!(held.status(), StatusCode::OK);
+    // Several times the time to live later, the stream still holds its slot.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let pttl: i64 = redis
+        .cmd(&["PTTL", key])
+        .unwrap()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(
+        pttl > 0 && pttl <= 600,
+        "slot hash not renewed: PTTL {pttl}"
+    );
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
+    let (s, _, b) = ask(&g.url, "renew", body).await;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "slot lost while its request ran: {}",
+        String::from_utf8_lossy(&b)
+    );
+    // The stream ends: its slot comes back.
+    drop(held);
+    let t = Instant::now();
+    while ask(&g.url, "renew", body).await.0 != StatusCode::OK {
         assert!(t.elapsed() < Duration::from_secs(3), "slot not given back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -73,6 +73,8 @@ impl ServerHandle {
         self.gateway.set_ready(false);
         let _ = self.stop_main.send(Some(grace));
         let _ = self.main_task.await;
+        // Requests drained: what this replica leased from Redis goes back.
+        self.gateway.quotas().release().await;
         let _ = self.stop_admin.send(Some(Duration::ZERO));
         if let Some(t) = self.admin_task {
             let _ = t.await;

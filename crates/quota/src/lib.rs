@@ -26,8 +26,10 @@
 //! its request ends, and slots parked in an idle replica would refuse work
 //! another replica could take. Each such request makes one call, and each
 //! replica's slots live in its own field of a hash that expires
-//! [`GAUGE_TTL_MS`] after the replica last renewed it, so a crashed
-//! replica's slots come back within that.
+//! `governance.redis.slot_ttl` (30 s) after the replica last renewed it
+//! (every third of it), so a crashed replica's slots come back within that.
+//! At a graceful shutdown ([`SharedCounters::release`], after the drain)
+//! every slice goes back and pending settlements are sent.
 //!
 //! Settlements (estimate to actual) are summed per counter in memory and
 //! sent with the next call or every `flush_interval`; they apply only to
@@ -45,7 +47,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use infergate_core::quota::{
-    CounterOp, Dim, RedisConfig, ReserveFuture, SharedCounters, Unavailable, Verdict, Window,
+    CounterOp, Dim, RedisConfig, ReleaseFuture, ReserveFuture, SharedCounters, Unavailable,
+    Verdict, Window,
 };
 use redis::aio::MultiplexedConnection;
 
@@ -157,9 +160,6 @@ return out
 
 /// A counter outlives its window by this much (replicas' clocks differ a little).
 const EXPIRY_SLACK_MS: u64 = 120_000;
-/// A replica's slots in a gauge (requests in flight) expire this long after
-/// it last renewed them; a live replica renews every third of it.
-const GAUGE_TTL_MS: u64 = 30_000;
 /// Settlements held while Redis does not answer; beyond, they are dropped
 /// (counted in `infergate_quota_settlements_dropped_total`).
 const MAX_PENDING: usize = 65_536;
@@ -196,6 +196,9 @@ struct Shared {
     registry: String,
     script: redis::Script,
     timeout: Duration,
+    /// A replica's slots in a gauge (requests in flight) expire this long
+    /// after it last renewed them; it renews every third of it.
+    gauge_ttl_ms: u64,
     /// 0: leases off.
     lease_max_age_ms: u64,
     lease_idle_ms: u64,
@@ -331,6 +334,7 @@ impl RedisCounters {
             registry: format!("{}:replicas", cfg.key_prefix),
             script: redis::Script::new(SCRIPT),
             timeout: cfg.timeout,
+            gauge_ttl_ms: cfg.slot_ttl.as_millis().max(1) as u64,
             lease_max_age_ms: cfg.lease_max_age.as_millis() as u64,
             lease_idle_ms: cfg.lease_idle.as_millis().max(1) as u64,
             calls: metrics::counter!("infergate_quota_redis_calls_total"),
@@ -471,11 +475,11 @@ impl Shared {
         inv.arg(asks.len())
             .arg(self.id.as_str())
             .arg(now)
-            .arg(GAUGE_TTL_MS);
+            .arg(self.gauge_ttl_ms);
         for a in asks {
             let gauge = a.op.window == Window::None;
             let expire = if gauge {
-                now + GAUGE_TTL_MS
+                now + self.gauge_ttl_ms
             } else {
                 a.op.expires_at_ms.saturating_add(EXPIRY_SLACK_MS)
             };
@@ -732,6 +736,24 @@ impl SharedCounters for RedisCounters {
         metrics::counter!("infergate_quota_redis_errors_total").increment(1);
         self.shared.set_up(None);
     }
+
+    fn release(&self) -> ReleaseFuture<'_> {
+        Box::pin(async move {
+            let s = &self.shared;
+            if !s.up.load(Ordering::Relaxed) {
+                return; // down: the slices were dropped already
+            }
+            s.retire_leases(|_| true, now_ms());
+            let settle = s.take_pending();
+            if !settle.is_empty()
+                && tokio::time::timeout(s.timeout, s.call(&[], &settle))
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("quota counters: slices not returned at shutdown (Redis did not answer in time); they stay counted until their window ends");
+            }
+        })
+    }
 }
 
 /// While Redis is down: reconnect every `every`.
@@ -765,7 +787,7 @@ async fn flush_loop(shared: Weak<Shared>, every: Duration) {
             },
             now,
         );
-        if now.saturating_sub(s.last_renew.load(Ordering::Relaxed)) >= GAUGE_TTL_MS / 3 {
+        if now.saturating_sub(s.last_renew.load(Ordering::Relaxed)) >= s.gauge_ttl_ms / 3 {
             s.last_renew.store(now, Ordering::Relaxed);
             let held: Vec<String> = s
                 .gauges

@@ -157,6 +157,11 @@ pub struct RedisConfig {
     /// allowance is then free for the other replicas).
     #[serde(default = "RedisConfig::default_lease_idle", with = "units::duration")]
     pub lease_idle: Duration,
+    /// A replica's requests-in-flight slots in Redis expire this long
+    /// after it last renewed them (it renews every third of it while it
+    /// runs), so a crashed replica's slots come back within it.
+    #[serde(default = "RedisConfig::default_slot_ttl", with = "units::duration")]
+    pub slot_ttl: Duration,
     /// The default of every quota's `when_redis_down`.
     #[serde(default)]
     pub when_down: DownPolicy,
@@ -196,6 +201,9 @@ impl RedisConfig {
     }
     fn default_share() -> f64 {
         1.0
+    }
+    fn default_slot_ttl() -> Duration {
+        Duration::from_secs(30)
     }
 
     /// The resolved default of every quota.
@@ -312,6 +320,12 @@ impl QuotasConfig {
                     "governance.redis.lease_idle must be in (0, 60s]".into(),
                 ));
             }
+            if r.slot_ttl < Duration::from_millis(100) || r.slot_ttl > Duration::from_secs(3600) {
+                return Err((
+                    "slot_ttl".into(),
+                    "governance.redis.slot_ttl must be in [100ms, 1h]".into(),
+                ));
+            }
             check_share(r.local_share, "governance.redis")?;
         }
         Ok(())
@@ -356,5 +370,24 @@ mod tests {
         let g: GovernanceConfig = serde_yaml_ng::from_str("redis: {url: 'http://x'}").unwrap();
         assert!(QuotasConfig::default().check(&g).is_err());
         assert!(serde_yaml_ng::from_str::<QuotaSpec>("tokens_per_hour: 3").is_err());
+    }
+
+    #[test]
+    fn slot_ttl_defaults_to_30s_and_is_bounded() {
+        let g: GovernanceConfig =
+            serde_yaml_ng::from_str("redis: {url: 'redis://127.0.0.1:6379'}").unwrap();
+        assert_eq!(g.redis.as_ref().unwrap().slot_ttl, Duration::from_secs(30));
+        let g: GovernanceConfig =
+            serde_yaml_ng::from_str("redis: {url: 'redis://127.0.0.1:6379', slot_ttl: 600ms}")
+                .unwrap();
+        QuotasConfig::default().check(&g).unwrap();
+        for bad in ["50ms", "7200s"] {
+            let g: GovernanceConfig = serde_yaml_ng::from_str(&format!(
+                "redis: {{url: 'redis://127.0.0.1:6379', slot_ttl: {bad}}}"
+            ))
+            .unwrap();
+            let e = QuotasConfig::default().check(&g).unwrap_err();
+            assert_eq!(e.0, "slot_ttl", "{bad}: {e:?}");
+        }
     }
 }

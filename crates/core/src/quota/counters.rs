@@ -66,6 +66,9 @@ pub struct Unavailable(pub String);
 pub type ReserveFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Verdict, Unavailable>> + Send + 'a>>;
 
+/// The future of [`SharedCounters::release`].
+pub type ReleaseFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Counters shared by every gateway replica.
 pub trait SharedCounters: Send + Sync + std::fmt::Debug {
     /// Atomically: if every op's counter plus its `add` stays within its
@@ -87,6 +90,12 @@ pub trait SharedCounters: Send + Sync + std::fmt::Debug {
     fn is_up(&self) -> bool;
     /// A reservation timed out: stop asking until a probe answers.
     fn mark_down(&self);
+    /// At shutdown, once requests drained: gives back what this replica
+    /// holds (unused leased allowance, settlements not yet sent), bounded by
+    /// the backend's timeout. Default: nothing held.
+    fn release(&self) -> ReleaseFuture<'_> {
+        Box::pin(async {})
+    }
 }
 
 type Slot = (Arc<str>, Dim, Window, u64);

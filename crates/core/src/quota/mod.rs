@@ -16,8 +16,11 @@ mod window;
 
 pub use config::{DownPolicy, GovernanceConfig, QuotaSpec, QuotasConfig, RedisConfig, WhenDown};
 pub use counters::{
-    CounterOp, LocalCounters, LocalSlot, ReserveFuture, SharedCounters, Unavailable, Verdict,
+    CounterOp, LocalCounters, LocalSlot, ReleaseFuture, ReserveFuture, SharedCounters, Unavailable,
+    Verdict,
 };
 pub use rules::{Demand, Dim, Limit, QuotaTable, ScopeKind, MICROS};
-pub use store::{BackendState, Grant, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source};
+pub use store::{
+    BackendState, Grant, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source, DECISION_SECONDS,
+};
 pub use window::Window;

@@ -6,10 +6,18 @@
 //! the shared backend, when configured, is asked once per request, bounded
 //! by its timeout; while it is down each limit fails open on this replica's
 //! own counters (scaled by `local_share`) or fails closed.
+//!
+//! Both calls are timed into [`DECISION_SECONDS`] (by mode and path: local
+//! counters, a Redis lease, a Redis round trip, the fallback), so the time
+//! quotas add to a request is read from the gateway itself: every Redis
+//! round trip and fallback decision, and one in [`SAMPLE_EVERY`] of the
+//! in-memory ones (a histogram sample costs ~500 instructions with its
+//! upkeep; sampled, quotas' timing stays under ~100 per request).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -142,15 +150,45 @@ impl QuotaStore {
         team: &str,
         key: Option<&str>,
         band: Priority,
-        mut demand: Demand,
+        demand: Demand,
         model_names: impl IntoIterator<Item = &'n str>,
     ) -> Result<Grant, Refusal> {
         let snap = self.current.load_full();
         if snap.table.is_empty() {
             return Ok(Grant::default());
         }
+        let started = Instant::now();
+        let mut path = Path::Local;
+        let decided = self
+            .decide(&snap, team, key, band, demand, model_names, &mut path)
+            .await;
+        let record = match path {
+            Path::Unlimited => false,
+            Path::Call | Path::Fallback => true,
+            Path::Local | Path::Lease => sampled(),
+        };
+        if record {
+            metrics().reserve[path as usize].record(started.elapsed().as_secs_f64());
+        }
+        decided
+    }
+
+    /// [`QuotaStore::reserve`] once the table has limits; `path` says how
+    /// it was decided (for the timing).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide<'n>(
+        &self,
+        snap: &Snapshot,
+        team: &str,
+        key: Option<&str>,
+        band: Priority,
+        mut demand: Demand,
+        model_names: impl IntoIterator<Item = &'n str>,
+        path: &mut Path,
+    ) -> Result<Grant, Refusal> {
         let applicable = snap.table.lookup(team, key);
         if applicable.scopes.iter().all(Option::is_none) {
+            *path = Path::Unlimited;
             return Ok(Grant::default());
         }
         let price = snap
@@ -186,15 +224,20 @@ impl QuotaStore {
             None => (self.inner.local.reserve_local(&ops, now), Source::Local),
             Some((b, timeout)) => match b.try_local(&ops, now) {
                 // From this replica's leased allowance: no round trip.
-                Some(values) => (Verdict::Admitted(values), Source::Shared),
+                Some(values) => {
+                    *path = Path::Lease;
+                    (Verdict::Admitted(values), Source::Shared)
+                }
                 None => match shared(&**b, &ops, timeout).await {
                     Some(v) => {
+                        *path = Path::Call;
                         if self.inner.degraded.load(Ordering::Relaxed) {
                             self.inner.degraded.store(false, Ordering::Relaxed);
                         }
                         (v, Source::Shared)
                     }
                     None => {
+                        *path = Path::Fallback;
                         self.inner.degraded.store(true, Ordering::Relaxed);
                         if let Some(rules) =
                             owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
@@ -256,6 +299,15 @@ impl QuotaStore {
                     rates: RateSnapshot::of(&ops, &values, now),
                 })))
             }
+        }
+    }
+
+    /// At shutdown, after the drain: the shared backend gives back what this
+    /// replica holds (its unused slices), so the other replicas may use it
+    /// at once instead of when the window ends.
+    pub async fn release(&self) {
+        if let Some(b) = self.inner.backend.load_full() {
+            b.release().await;
         }
     }
 
@@ -532,10 +584,19 @@ impl Grant {
 }
 
 impl Reserved {
-    fn settle(&mut self, mut used: Demand) {
+    fn settle(&mut self, used: Demand) {
         if std::mem::replace(&mut self.settled, true) {
             return;
         }
+        if !sampled() {
+            return self.apply(used);
+        }
+        let started = Instant::now();
+        self.apply(used);
+        metrics().settle[self.source as usize].record(started.elapsed().as_secs_f64());
+    }
+
+    fn apply(&self, mut used: Demand) {
         used.cost_micros = cost_micros(self.price, &used);
         let backend = match self.source {
             Source::Shared => self.inner.backend.load_full(),
@@ -566,9 +627,48 @@ impl Drop for Reserved {
     }
 }
 
+/// How a reservation was decided, for [`DECISION_SECONDS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Local mode: this replica's counters.
+    Local = 0,
+    /// Redis mode, admitted from this replica's leased slices (no wait).
+    Lease = 1,
+    /// Redis mode, a round trip (no slice, a slice ran dry, a refusal).
+    Call = 2,
+    /// Redis mode while Redis is down: fallback counters or fail closed.
+    Fallback = 3,
+    /// No limit applied to the caller (not timed).
+    Unlimited = 4,
+}
+
+/// In-memory quota decisions (local counters, a Redis lease) and
+/// settlements are timed for one in this many, per serving thread.
+const SAMPLE_EVERY: u32 = 16;
+
+/// Whether this in-memory decision is one of the timed ones.
+fn sampled() -> bool {
+    thread_local!(static SEEN: Cell<u32> = const { Cell::new(0) });
+    SEEN.with(|n| {
+        let v = n.get().wrapping_add(1);
+        n.set(v);
+        v % SAMPLE_EVERY == 0
+    })
+}
+
+/// `infergate_quota_decision_seconds{mode, stage, path}`: time spent in
+/// quotas by a request, on its own path: `stage="reserve"` (before
+/// admission; `mode="local"` `path="local"`, or `mode="redis"` and
+/// `path` `lease`, `call` or `fallback`) and `stage="settle"` (when it ends).
+pub const DECISION_SECONDS: &str = "infergate_quota_decision_seconds";
+
 struct Metrics {
     by_source: [metrics::Counter; 3],
     closed: metrics::Counter,
+    /// By [`Path`] (without `Unlimited`).
+    reserve: [metrics::Histogram; 4],
+    /// By [`Source`].
+    settle: [metrics::Histogram; 3],
 }
 
 /// Handles registered once (no label lookup per request).
@@ -577,6 +677,9 @@ fn metrics() -> &'static Metrics {
     M.get_or_init(|| {
         let c =
             |s: &'static str| metrics::counter!("infergate_quota_decisions_total", "source" => s);
+        let h = |mode: &'static str, stage: &'static str, path: &'static str| {
+            metrics::histogram!(DECISION_SECONDS, "mode" => mode, "stage" => stage, "path" => path)
+        };
         Metrics {
             by_source: [
                 c(Source::Shared.as_str()),
@@ -584,6 +687,17 @@ fn metrics() -> &'static Metrics {
                 c(Source::Fallback.as_str()),
             ],
             closed: c("closed"),
+            reserve: [
+                h("local", "reserve", "local"),
+                h("redis", "reserve", "lease"),
+                h("redis", "reserve", "call"),
+                h("redis", "reserve", "fallback"),
+            ],
+            settle: [
+                h("redis", "settle", "redis"),
+                h("local", "settle", "local"),
+                h("redis", "settle", "fallback"),
+            ],
         }
     })
 }

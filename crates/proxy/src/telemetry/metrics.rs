@@ -52,6 +52,13 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
 ];
 
+/// Time quotas take per request (`core::quota::DECISION_SECONDS`): a few
+/// microseconds from memory, a round trip when Redis is asked.
+const QUOTA_BUCKETS: &[f64] = &[
+    0.000001, 0.000002, 0.000005, 0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002,
+    0.005, 0.01, 0.05,
+];
+
 /// The process-wide Prometheus handle (installs the recorder on first use).
 pub(crate) fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -73,6 +80,12 @@ pub(crate) fn handle() -> &'static PrometheusHandle {
                 b.set_buckets_for_metric(Matcher::Full(GENAI_TOKENS.into()), TOKEN_BUCKETS)
             })
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(GENAI_TPOT.into()), ITL_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(infergate_core::quota::DECISION_SECONDS.into()),
+                    QUOTA_BUCKETS,
+                )
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();

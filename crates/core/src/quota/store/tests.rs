@@ -352,3 +352,9 @@ fn resets_in_openai_format_and_headers_share_one_reset() {
     assert_eq!(h["x-ratelimit-reset-tokens"], "30s");
     assert_eq!(h.len(), 6);
 }
+
+#[test]
+fn in_memory_decisions_are_timed_one_in_sample_every() {
+    let timed = (0..SAMPLE_EVERY * 4).filter(|_| sampled()).count();
+    assert_eq!(timed, 4);
+}
