@@ -149,7 +149,7 @@ impl Fixed {
             *at -= 1;
             tmp[*at] = b;
         };
-        let negative = v < 0.0 && scaled != 0;
+        let negative = v.is_sign_negative();
         for _ in 0..d {
             put(b'0' + (scaled % 10) as u8, &mut at);
             scaled /= 10;
