@@ -39,7 +39,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(isize::try_from(new).unwrap_or(isize::MAX) - size(l), Ordering::Relaxed);
+        LIVE.fetch_add(
+            isize::try_from(new).unwrap_or(isize::MAX) - size(l),
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(p, l, new) }
     }
 }
@@ -55,7 +58,9 @@ async fn quiet_replica() -> (String, tokio::task::JoinHandle<()>) {
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
         loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
             let mut buf = [0u8; 4096];
             let mut got = Vec::new();
             // The head, then the body its content-length announces.
@@ -109,10 +114,18 @@ async fn open_stream(gw: std::net::SocketAddr) -> TcpStream {
     let mut got = Vec::new();
     while find(&got, b"data:").is_none() {
         let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "the gateway closed: {}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "the gateway closed: {}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     s
 }
 

@@ -294,10 +294,9 @@ impl VerifiedKeys {
             self.entries.clear();
             self.generation = generation;
         }
-        let slot = Self::slot(key);
-        if !self.entries.contains_key(&slot) {
-            self.entries.insert(slot, (key.into(), d));
-        }
+        self.entries
+            .entry(Self::slot(key))
+            .or_insert_with(|| (key.into(), d));
     }
 }
 
@@ -428,13 +427,19 @@ mod tests {
             let c = a.authenticate(&bearer("sk-search"), PEER).unwrap();
             assert_eq!(c.key_id.unwrap(), "s1");
         }
-        assert_eq!(cached(), 1, "the key is hashed once, then served from the cache");
+        assert_eq!(
+            cached(),
+            1,
+            "the key is hashed once, then served from the cache"
+        );
         assert_eq!(
             a.authenticate(&bearer("sk-searcH"), PEER).unwrap_err(),
             AuthError::InvalidKey
         );
         assert_eq!(cached(), 1, "a wrong key does not enter");
-        let c = a.authenticate(&h(&[("x-api-key", "sk-ads")]), PEER).unwrap();
+        let c = a
+            .authenticate(&h(&[("x-api-key", "sk-ads")]), PEER)
+            .unwrap();
         assert_eq!(c.key_id.unwrap(), "a1");
         assert_eq!(cached(), 2);
 
@@ -448,7 +453,9 @@ mod tests {
         .unwrap();
         let reloaded = Authenticator::new(&cfg, &keys, None);
         assert_eq!(
-            reloaded.authenticate(&bearer("sk-search"), PEER).unwrap_err(),
+            reloaded
+                .authenticate(&bearer("sk-search"), PEER)
+                .unwrap_err(),
             AuthError::InvalidKey
         );
         assert!(reloaded.authenticate(&bearer("sk-ads"), PEER).is_ok());
