@@ -1,5 +1,6 @@
-//! API keys: SHA-256 digests only (the key itself is never stored, logged or
-//! compared), the key file format, and hashing for `infergate hash-key`.
+//! API keys: SHA-256 digests only (the key itself is never written down or
+//! logged; only `authenticate`'s in-memory cache of verified keys holds it),
+//! the key file format, and hashing for `infergate hash-key`.
 //!
 //! The key file is a YAML list; each entry names its key id, the SHA-256 of
 //! the key (64 hex digits), its team and optionally its own policy:

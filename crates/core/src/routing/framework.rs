@@ -121,22 +121,77 @@ pub(super) trait Scorer: Send + Sync + fmt::Debug {
 /// zero (std: to even), which an explanation does not mind.
 pub(crate) struct Fixed(pub f64, pub u8);
 
-impl std::fmt::Display for Fixed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Fixed {
+    /// The text into `buf`, or `None` when std must print it (out of range).
+    /// Non-finite values print as std does (`inf`, `-inf`, `NaN`) without its
+    /// float machinery: a colder replica that does not exist has an infinite
+    /// TTFT in every single-replica decision.
+    fn render(&self, buf: &mut [u8; 32]) -> Option<usize> {
         let (v, d) = (self.0, u32::from(self.1.min(6)));
-        if !v.is_finite() || v.abs() >= 1e12 {
-            return write!(f, "{:.*}", d as usize, v);
+        if v.is_nan() {
+            buf[..3].copy_from_slice(b"NaN");
+            return Some(3);
+        }
+        if v.is_infinite() {
+            let t: &[u8] = if v > 0.0 { b"inf" } else { b"-inf" };
+            buf[..t.len()].copy_from_slice(t);
+            return Some(t.len());
+        }
+        if v.abs() >= 1e12 {
+            return None;
         }
         let scale = 10u64.pow(d);
-        let scaled = (v.abs() * scale as f64).round() as u64;
-        if v < 0.0 && scaled != 0 {
-            f.write_str("-")?;
+        let mut scaled = (v.abs() * scale as f64).round() as u64;
+        // Digits from the right: the fraction's `d`, the point, the integer's.
+        let mut tmp = [0u8; 32];
+        let mut at = tmp.len();
+        let mut put = |b: u8, at: &mut usize| {
+            *at -= 1;
+            tmp[*at] = b;
+        };
+        let negative = v.is_sign_negative();
+        for _ in 0..d {
+            put(b'0' + (scaled % 10) as u8, &mut at);
+            scaled /= 10;
         }
-        let (int, frac) = (scaled / scale, scaled % scale);
-        if d == 0 {
-            write!(f, "{int}")
-        } else {
-            write!(f, "{int}.{frac:0width$}", width = d as usize)
+        if d > 0 {
+            put(b'.', &mut at);
+        }
+        loop {
+            put(b'0' + (scaled % 10) as u8, &mut at);
+            scaled /= 10;
+            if scaled == 0 {
+                break;
+            }
+        }
+        if negative {
+            put(b'-', &mut at);
+        }
+        let n = tmp.len() - at;
+        buf[..n].copy_from_slice(&tmp[at..]);
+        Some(n)
+    }
+
+    /// Appends the text to `out`, as `Display` would, without a formatter.
+    pub(crate) fn push_to(&self, out: &mut String) {
+        let mut buf = [0u8; 32];
+        match self.render(&mut buf) {
+            // Only ASCII digits, '.', '-' and the words above were written.
+            Some(n) => out.push_str(std::str::from_utf8(&buf[..n]).unwrap_or("?")),
+            None => {
+                use std::fmt::Write;
+                let _ = write!(out, "{:.*}", usize::from(self.1.min(6)), self.0);
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Fixed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; 32];
+        match self.render(&mut buf) {
+            Some(n) => f.write_str(std::str::from_utf8(&buf[..n]).unwrap_or("?")),
+            None => write!(f, "{:.*}", usize::from(self.1.min(6)), self.0),
         }
     }
 }
@@ -220,6 +275,9 @@ mod tests {
             99.96,
             1e13,
             f64::INFINITY,
+            f64::NEG_INFINITY,
+            -0.04,
+            999_999_999_999.0,
         ] {
             for d in [0u8, 1, 2, 3] {
                 assert_eq!(

@@ -1,7 +1,5 @@
 //! The `prefix_affinity` filter: sticky until saturated.
 
-use std::fmt::Write;
-
 use super::{best_alive, keep_only, threshold_for};
 use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 
@@ -63,15 +61,21 @@ impl Filter for PrefixAffinity {
         let margin = (per_saved * saved_ms).min(ctx.sticky.max_margin_ms);
         let stick = sticky_ttft <= cold_ttft + margin;
         if ctx.explain {
-            let _ = write!(
-                detail,
-                "best prefix {best} blocks; sticky est TTFT {} ms vs colder {} ms, margin {} ms{}: {}",
-                Fixed(sticky_ttft, 1),
-                Fixed(cold_ttft, 1),
-                Fixed(margin, 1),
-                if evicts { " (the copy would evict)" } else { "" },
-                if stick { "stay" } else { "leave (spill)" }
-            );
+            // Pushed piece by piece: `write!` here was 3.1k of the ~77k
+            // instructions of a request (every decision is explained).
+            detail.push_str("best prefix ");
+            Fixed(f64::from(best), 0).push_to(detail);
+            detail.push_str(" blocks; sticky est TTFT ");
+            Fixed(sticky_ttft, 1).push_to(detail);
+            detail.push_str(" ms vs colder ");
+            Fixed(cold_ttft, 1).push_to(detail);
+            detail.push_str(" ms, margin ");
+            Fixed(margin, 1).push_to(detail);
+            detail.push_str(" ms");
+            if evicts {
+                detail.push_str(" (the copy would evict)");
+            }
+            detail.push_str(if stick { ": stay" } else { ": leave (spill)" });
         }
         if stick {
             keep_only(cands, |c| c.matched_blocks >= threshold)
