@@ -28,7 +28,8 @@
 #   SKIP_BUILD=1 LAT_ROUNDS=12 LAT_RATE=1000 PIN=0 loadtest/quota_bench.sh
 # Env (defaults): DUR=4 ROUNDS=3 (saturation), LAT_DUR=4 LAT_ROUNDS=8
 # LAT_RATE=2000 (latency), PIN=1 LOAD_CPUS=0 SERVER_CPUS=1, OHA=0 (1: the
-# saturation phase again with oha), PHASES=sat,lat (add sse for the SSE
+# saturation phase again with oha), REDIS_CPUS (unset: with the servers;
+# 0: on the load tool's CPU), PHASES=sat,lat (add sse for the SSE
 # relay), BENCH_BASE_PORT; the rest as dataplane_bench.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,10 +39,12 @@ export LAT_RATE=${LAT_RATE:-2000} OHA=${OHA:-0} PHASES=${PHASES:-sat,lat}
 export PIN=${PIN:-1} LOAD_CPUS=${LOAD_CPUS:-0} SERVER_CPUS=${SERVER_CPUS:-1}
 (( $(nproc) >= 2 )) || PIN=0
 SRV=(); [[ $PIN != 0 ]] && SRV=(taskset -c "$SERVER_CPUS")
+# REDIS_CPUS=0: redis-server off the gateway's CPU (as a Redis on its own host would be)
+RSRV=("${SRV[@]}"); [[ $PIN != 0 && -n ${REDIS_CPUS:-} ]] && RSRV=(taskset -c "$REDIS_CPUS")
 echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 # Redis cannot take port 0: find a free port by binding 127.0.0.1:0.
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"${SRV[@]}" redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
+"${RSRV[@]}" redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
 REDIS_PID=$!
 OUT=$(mktemp /tmp/quota-bench.XXXXXX)
 trap 'kill $REDIS_PID 2>/dev/null || true; rm -f "$OUT"' EXIT
