@@ -94,6 +94,9 @@ impl Budget {
             let s = s.as_ref().filter(|s| s.error.is_none())?;
             Some(match s.saturated_batch {
                 Some(b) => (b as u64).max(1),
+                // Signals that did not come through a scrape's
+                // `with_context` (built by hand) carry a cap of 0: the
+                // first step's cap is the floor.
                 None => s
                     .slow_start_cap
                     .max(tuning::slow_start_cap(None, s.running, 0, true)),

@@ -190,12 +190,15 @@ impl Authenticator {
             }),
             AuthMode::Keys => {
                 let key = presented_key(headers).ok_or(AuthError::MissingKey)?;
-                let d = VERIFIED
-                    .with_borrow(|c| c.get(self.generation, key))
-                    .unwrap_or_else(|| digest(key));
+                let cached = VERIFIED.with_borrow(|c| c.get(self.generation, key));
+                let d = cached.unwrap_or_else(|| digest(key));
                 match self.keys.get(&d) {
                     Some(r) if digests_equal(&r.digest, &d) => {
-                        VERIFIED.with_borrow_mut(|c| c.remember(self.generation, key, d));
+                        // Only a key hashed just now is new to the cache (a
+                        // hit would hash its slot a second time for nothing).
+                        if cached.is_none() {
+                            VERIFIED.with_borrow_mut(|c| c.remember(self.generation, key, d));
+                        }
                         Ok(Caller {
                             policy: r.policy.clone(),
                             key_id: Some(r.id.clone()),

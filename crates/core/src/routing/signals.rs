@@ -208,14 +208,11 @@ impl Signals {
             _ => u8::from(queued),
         }
         .min(3);
-        self.slow_start_cap = match previous {
-            _ if self.error.is_some() => previous.map_or(0, |p| p.slow_start_cap),
-            _ => crate::admission::tuning::slow_start_cap(
-                previous.map(|p| p.slow_start_cap).filter(|&c| c > 0),
-                self.running,
-                ours_at_most,
-                queued,
-            ),
+        let cap_before = previous.map(|p| p.slow_start_cap).filter(|&c| c > 0);
+        self.slow_start_cap = if self.error.is_some() {
+            cap_before.unwrap_or(0)
+        } else {
+            crate::admission::tuning::slow_start_cap(cap_before, self.running, ours_at_most, queued)
         };
         let before = previous.and_then(|p| p.saturated_batch);
         // Once confirmed, a larger running count seen later raises it (the
