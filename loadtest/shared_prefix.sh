@@ -348,6 +348,27 @@ for n in names:
     print(f"{n}: precise index live replicas at the end, per gateway: {live}")
     print(f"{n}: replicas holding each cached block (mean, at the end), per gateway: {dup}")
     if tok: print(f"{n}: requests keyed from engine token ids, per gateway: {tok}")
+# Where requests went against where their prefix was cached, all gateways of a
+# system summed (routing's `placement` counters, since the gateway started).
+for n in names:
+    tot = {}
+    for f in sorted(glob.glob(f"{run}/{n}-*.routing.json")):
+        try:
+            p = json.load(open(f))["routes"][0]["view"]["placement"]
+        except Exception:
+            continue
+        for k, v in [("decisions", p["decisions"]), ("cold", p["cold"]["requests"]),
+                     ("cold_tok", p["cold"]["prefill_tokens"]), ("holder", p["to_holder"]["requests"]),
+                     ("holder_tok", p["to_holder"]["cached_tokens"])] + \
+                    [(f"{w}", c["requests"]) for w, c in p["spilled"].items()] + \
+                    [(f"{w}_tok", c["reprefill_tokens"]) for w, c in p["spilled"].items()]:
+            tot[k] = tot.get(k, 0) + v
+    if not tot.get("decisions"): continue
+    d = tot["decisions"]
+    spills = " ".join(f"{w} {tot[w]} ({tot[w + '_tok']} tok)" for w in
+                      ("admission", "saturation", "prefix_affinity", "other_filter", "score") if tot.get(w))
+    print(f"{n}: placements {d}: to the holder {tot['holder']} ({tot['holder_tok']} cached tok), "
+          f"cold {tot['cold']} ({tot['cold_tok']} tok prefilled), spilled off a holder: {spills or 'none'}")
 print(f"raw JSON: {run}/*.json")
 EOF
 }

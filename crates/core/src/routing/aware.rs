@@ -36,6 +36,7 @@ use super::config::{FilterName, RoutingConfig};
 use super::framework::{Candidate, Ctx, Fixed};
 use super::kv_events::{key_seed, EngineTokens, KvEventsConfig, PreciseIndex};
 use super::pipeline::{FilterOutcome, Pipeline};
+use super::placement_stats::{PlacementStats, Spill};
 use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
 use super::{Fits, Picker, RouteRequest};
@@ -125,6 +126,8 @@ pub struct InferenceAware {
     mean_uncached: AtomicU64,
     decisions: Mutex<VecDeque<Arc<Decision>>>,
     total_decisions: AtomicU64,
+    /// Where requests with a cached prefix went, and why not to the holder.
+    placement: PlacementStats,
     /// Adapter -> replicas this picker recently sent it to (newest last).
     lora_homes: Mutex<LoraHomes>,
 }
@@ -155,6 +158,7 @@ impl InferenceAware {
             mean_uncached: AtomicU64::new(0f64.to_bits()),
             decisions: Mutex::new(VecDeque::new()),
             total_decisions: AtomicU64::new(0),
+            placement: PlacementStats::default(),
             lora_homes: Mutex::new(HashMap::new()),
         }
     }
@@ -284,7 +288,8 @@ impl InferenceAware {
     ) -> Option<(usize, u32)> {
         let hashes = self.hashes(req);
         let matched = self.matched_blocks(replicas, req, &hashes);
-        self.decide(replicas, req, exclude, &hashes, &matched)
+        let longest = longest_match(replicas, exclude, &matched);
+        self.decide(replicas, req, exclude, &hashes, &matched, longest)
     }
 
     /// Starts `replica`'s load accounting for `req`, `uncached` of its prompt
@@ -298,7 +303,8 @@ impl InferenceAware {
 
     /// The decision itself, over `replicas` (less `exclude`) holding
     /// `matched` leading blocks of the prompt's `hashes` (same order): (index
-    /// of the chosen replica, its uncached tokens).
+    /// of the chosen replica, its uncached tokens). `longest` is the longest
+    /// match among all the pool's replicas, those admission left out included.
     fn decide(
         &self,
         replicas: &[Arc<Replica>],
@@ -306,6 +312,7 @@ impl InferenceAware {
         exclude: &[Arc<str>],
         hashes: &[u64],
         matched: &[Matched],
+        longest: u32,
     ) -> Option<(usize, u32)> {
         let bs = self.block_size();
         let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
@@ -385,6 +392,7 @@ impl InferenceAware {
             .map(|(i, _)| i)?;
         let chosen = &cands[best];
         let (idx, uncached) = (chosen.idx, chosen.uncached_tokens);
+        self.count_placement(&cands, chosen, longest, group_at, req);
         let replica = &replicas[idx];
         let capacity = replica
             .signals
@@ -411,6 +419,39 @@ impl InferenceAware {
             self.remember(replicas, req, &ctx, best, &cands, outcomes);
         }
         Some((idx, uncached))
+    }
+
+    /// Counts where the request went against where its prefix is cached
+    /// (`/routing`'s `placement`).
+    fn count_placement(
+        &self,
+        cands: &[Candidate],
+        chosen: &Candidate,
+        longest: u32,
+        group_at: Option<usize>,
+        req: &RouteRequest<'_>,
+    ) {
+        let stats = &self.placement;
+        if group_at.is_none_or(|at| (longest as usize) <= at) {
+            stats.cold(u64::from(chosen.uncached_tokens));
+            return;
+        }
+        let threshold =
+            ((f64::from(longest) * self.cfg.sticky.min_match_ratio).ceil() as u32).max(1);
+        if chosen.matched_blocks >= threshold {
+            stats.to_holder(self.cached_tokens(chosen.matched_blocks, req));
+            return;
+        }
+        let lost = self.cached_tokens(longest, req) - self.cached_tokens(chosen.matched_blocks, req);
+        let holder = cands
+            .iter()
+            .filter(|c| c.matched_blocks >= threshold)
+            .max_by_key(|c| c.matched_blocks);
+        let why = match holder {
+            None => Spill::Admission,
+            Some(h) => h.dropped_by.map_or(Spill::Score, Spill::Filter),
+        };
+        stats.spilled(why, lost);
     }
 
     /// How this picker judges replicas (`pool::RoutabilityCheck`): by this
@@ -680,6 +721,7 @@ impl Picker for InferenceAware {
     ) -> Option<LoadGuard> {
         let hashes = self.hashes(req);
         let mut matched = self.matched_blocks(replicas, req, &hashes);
+        let longest = longest_match(replicas, exclude, &matched);
         // The replicas that fit, with their matches, in their order.
         let mut fitting = Vec::with_capacity(replicas.len());
         for (i, r) in replicas.iter().enumerate() {
@@ -691,7 +733,7 @@ impl Picker for InferenceAware {
             }
         }
         matched.truncate(fitting.len());
-        let (i, uncached) = self.decide(&fitting, req, &[], &hashes, &matched)?;
+        let (i, uncached) = self.decide(&fitting, req, &[], &hashes, &matched, longest)?;
         Some(self.begin(&fitting[i], req, uncached))
     }
 
@@ -716,6 +758,7 @@ impl Picker for InferenceAware {
                 "decisions".into(),
                 json!(self.total_decisions.load(Ordering::Relaxed)),
             );
+            obj.insert("placement".into(), self.placement.view());
             obj.insert("last_decision".into(), json!(last.as_deref()));
         }
         v
@@ -744,6 +787,17 @@ impl Picker for InferenceAware {
     fn kv_events(&self) -> Option<(Arc<PreciseIndex>, KvEventsConfig)> {
         Some((self.precise.clone()?, self.cfg.kv_events.clone()?))
     }
+}
+
+/// The longest match among `replicas` but `exclude`.
+fn longest_match(replicas: &[Arc<Replica>], exclude: &[Arc<str>], matched: &[Matched]) -> u32 {
+    replicas
+        .iter()
+        .zip(matched)
+        .filter(|(r, _)| !super::is_excluded(r, exclude))
+        .map(|(_, m)| m.blocks)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Leading prompt blocks a replica holds, whether the precise index said so,

@@ -20,6 +20,7 @@ mod filters;
 mod framework;
 pub mod kv_events;
 mod pipeline;
+mod placement_stats;
 mod policy_config;
 mod prefix_index;
 mod registry;
