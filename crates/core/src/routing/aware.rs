@@ -442,7 +442,9 @@ impl InferenceAware {
             stats.to_holder(self.cached_tokens(chosen.matched_blocks, req));
             return;
         }
-        let lost = self.cached_tokens(longest, req) - self.cached_tokens(chosen.matched_blocks, req);
+        let lost = self
+            .cached_tokens(longest, req)
+            .saturating_sub(self.cached_tokens(chosen.matched_blocks, req));
         let holder = cands
             .iter()
             .filter(|c| c.matched_blocks >= threshold)
@@ -1103,6 +1105,40 @@ pub(crate) mod tests {
                 assert_eq!(*c, 0, "{cached:?}");
             }
         }
+    }
+
+    #[test]
+    fn placements_are_counted_against_the_holder() {
+        let rs = idle_replicas(3);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let placement = |p: &InferenceAware| p.placement.view();
+        let text = prompt(7, 0, 2000);
+        let home = p.pick(&rs, &req("a", &text), &[]).unwrap();
+        assert_eq!(placement(&p)["cold"]["requests"], 1);
+        // The next turn goes to its holder.
+        let next = prompt(7, 1, 2000);
+        let cached = p.cached_prompt_tokens(&rs, &req("b", &next));
+        let held = *cached.iter().max().unwrap();
+        drop(
+            p.pick_fitting_and_begin(&rs, &req("b", &next), &[], &|_, _| true)
+                .unwrap(),
+        );
+        assert_eq!(placement(&p)["to_holder"]["requests"], 1);
+        assert_eq!(placement(&p)["to_holder"]["cached_tokens"], held);
+        // The holder has no room (admission's `fits` says no): a spill
+        // that prefills the held part again, counted as admission's.
+        let third = prompt(7, 2, 2000);
+        let g = p
+            .pick_fitting_and_begin(&rs, &req("c", &third), &[], &|r, _| r.key() != home.key())
+            .unwrap();
+        assert_ne!(g.replica().key(), home.key());
+        let v = placement(&p);
+        assert_eq!(v["spilled"]["admission"]["requests"], 1, "{v}");
+        assert!(
+            v["spilled"]["admission"]["reprefill_tokens"].as_u64() >= Some(480),
+            "{v}"
+        );
+        assert_eq!(v["decisions"], 3);
     }
 
     #[test]
