@@ -470,28 +470,13 @@ impl PoolAdmission {
 
 /// Locality at the cap: a replica holding part of a request's prompt in
 /// its KV cache may take it past its request cap (into its engine's own
-/// queue) while the expected wait there is shorter than what leaving costs:
-/// the prefill of the cached part elsewhere now, and as much again later
-/// ([`COPY_COST`]). Without it, a request finding its prefix's holder at
+/// queue) while the expected wait there is shorter than the prefill the
+/// cached part saves. Without it, a request finding its prefix's holder at
 /// the cap left for the first replica with room and prefilled its whole
 /// prompt again; under cache pressure each such move evicted another
 /// prefix, capacity fell and the queue grew (one gateway: fleet hit rate
 /// 0.41 against 0.74 for three, p90 TTFT 27 s against 0.4 s;
 /// docs/admission.md).
-/// What a request leaving its prefix's holder costs, in prefills of the
-/// cached part: one now on the replica it goes to, and one later, because
-/// the copy takes as much room in that replica's cache: when the cache is
-/// full it evicts another prefix, which its next request prefills again,
-/// and either way the group has two homes whose caches its later turns
-/// split. The same price as routing's stay-or-leave test, which keeps a
-/// holder while its queue is within the uncached difference plus
-/// `sticky.margin_per_saved` (1) times the saved prefill of a colder
-/// replica's. Counting the prefill once, 78 of 2,385 requests on
-/// `loadtest/shared_prefix.sh kv` (3 gateways) left a holder at its cap and
-/// re-prefilled 226k prompt tokens, most of the spills' cost
-/// (docs/benchmarks/2026-12-07-hit-rate.md).
-const COPY_COST: f64 = 2.0;
-
 #[derive(Debug, Clone, Copy)]
 struct HolderPass {
     /// Service time of a request, seconds.
@@ -504,14 +489,14 @@ impl HolderPass {
     /// Requests past its cap `batch` that a replica caching `cached` tokens
     /// of the prompt may hold: the `k`-th request past the cap waits about
     /// `k` completions, one every `service / batch`, so it may go while
-    /// `k × service / batch` is under `COPY_COST × cached / prefill_rate`.
-    /// At most one batch past the cap (the engine's queue stays bounded
-    /// whatever the timings read).
+    /// `k × service / batch` is under `cached / prefill_rate`. At most one
+    /// batch past the cap (the engine's queue stays bounded whatever the
+    /// timings read).
     fn past_cap(self, batch: Option<u64>, cached: u64) -> u64 {
         let Some(batch) = batch.filter(|b| *b > 0) else {
             return 0;
         };
-        let saved = COPY_COST * cached as f64 / self.prefill_rate;
+        let saved = cached as f64 / self.prefill_rate;
         let between = self.service / batch as f64;
         if !(saved > 0.0 && between > 0.0) {
             return 0;
@@ -1462,7 +1447,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_goes_past_the_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_what_leaving_costs(
+    async fn a_request_goes_past_the_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_the_prefill(
     ) {
         let pool = Arc::new(Pool::new("p", Default::default()));
         pool.apply(Update::Reset(
@@ -1519,26 +1504,24 @@ mod tests {
             ..req()
         };
         let place = |cached| adm.try_place(&pool, &holds(cached), &req, &t, &[], false);
-        // Leaving with 2,000 cached tokens costs 0.2 s of prefill now and
-        // 0.2 s later (the copy's eviction), less than the 0.5 s until a
-        // slot frees at the holder: the request goes to the cold replica
-        // and prefills its whole prompt there.
-        let Placement::Placed(r) = place(2000) else {
+        // 4,000 cached tokens save 0.4 s of prefill, less than the 0.5 s
+        // until a slot frees at the holder: the request goes to the cold
+        // replica and prefills its whole prompt there.
+        let Placement::Placed(r) = place(4000) else {
             panic!("the cold replica has room")
         };
         assert_eq!(r.replica().key(), cold.key());
         drop(r);
-        // 4,000 cached tokens: 0.4 s now, less than the wait, but 0.8 s
-        // with the copy's cost: it waits at the holder, in its engine's
-        // queue, for the first slot to free (0.5 s).
-        let Placement::Placed(first) = place(4000) else {
+        // 8,000 cached tokens save 0.8 s: it waits at the holder, in its
+        // engine's queue, for the first slot to free (0.5 s).
+        let Placement::Placed(first) = place(8000) else {
             panic!("the holder takes it past its cap")
         };
         assert_eq!(first.replica().key(), holder.key());
         assert_eq!(holder.load.requests(), 3);
         // A second one would wait for two completions (1 s), longer than
-        // what leaving costs: it goes to the cold replica.
-        let Placement::Placed(second) = place(4000) else {
+        // the prefill it saves: it goes to the cold replica.
+        let Placement::Placed(second) = place(8000) else {
             panic!("the cold replica has room")
         };
         assert_eq!(second.replica().key(), cold.key());
