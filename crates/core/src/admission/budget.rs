@@ -15,8 +15,9 @@
 //! average a stream holds about half its output). A projection from each
 //! stream's current size and the tokens it may still add is exact while
 //! outputs stay within `max_tokens`, so it never overfills the cache, and it
-//! lets a replica whose streams started at different times take about twice
-//! the requests with long outputs.
+//! lets a replica whose streams started at different times take more
+//! (64 + 500-token streams on a 4,096-token cache: 11 started 50 tokens
+//! apart, against 7 at prompt + `max_tokens` each).
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
