@@ -62,7 +62,7 @@ impl Cost {
 /// most). Sorts `streams`.
 pub fn kv_peak(streams: &mut [(u64, u64)], slack: u64) -> u64 {
     // Longest to go first: each prefix is the set still running at its `left`.
-    streams.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+    streams.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
     let (mut held, mut count, mut peak) = (0u64, 0u64, 0u64);
     for &(h, left) in streams.iter() {
         held = held.saturating_add(h).saturating_add(slack);
