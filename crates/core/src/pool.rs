@@ -63,6 +63,21 @@ pub struct ReplicaLoad {
     /// Admission's pacing of queued non-critical starts
     /// (`admission::tuning::Pace`): when the next may start.
     pub(crate) next_start: AtomicU64,
+    /// What each stream in flight holds in the engine's KV cache and may
+    /// still add: admission projects the replica's KV peak from them
+    /// (`admission::budget::kv_peak`). Locked only to add, remove or read
+    /// the list, never across an await.
+    streams: Mutex<Vec<Arc<StreamKv>>>,
+}
+
+/// One stream's share of its replica's KV cache, kept current by admission's
+/// reservation as the stream reports tokens.
+#[derive(Debug, Default)]
+pub struct StreamKv {
+    /// KV tokens held now: the uncached prompt plus the output so far.
+    pub held: AtomicU64,
+    /// Output tokens it may still add: `max_tokens` less the output so far.
+    pub left: AtomicU64,
 }
 
 impl ReplicaLoad {
@@ -94,6 +109,35 @@ impl ReplicaLoad {
     /// warm again.
     pub(crate) fn set_cold(&self, cold: bool) {
         self.cold.store(cold, Ordering::Relaxed);
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, Vec<Arc<StreamKv>>> {
+        // A panic while holding the lock leaves the list whole (push and
+        // swap_remove do not unwind half-way), so a poisoned lock is used as is.
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stream started on the replica.
+    pub fn add_stream(&self, stream: Arc<StreamKv>) {
+        self.streams().push(stream);
+    }
+
+    /// A stream ended.
+    pub fn remove_stream(&self, stream: &Arc<StreamKv>) {
+        let mut list = self.streams();
+        if let Some(i) = list.iter().position(|s| Arc::ptr_eq(s, stream)) {
+            list.swap_remove(i);
+        }
+    }
+
+    /// Calls `f` with each stream's `(held, left)` tokens, under the list's lock.
+    pub fn each_stream(&self, mut f: impl FnMut(u64, u64)) {
+        for s in self.streams().iter() {
+            f(
+                s.held.load(Ordering::Relaxed),
+                s.left.load(Ordering::Relaxed),
+            );
+        }
     }
 }
 

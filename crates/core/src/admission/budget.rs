@@ -6,14 +6,28 @@
 //! reservation wraps the guard, corrects its estimate as the stream reports
 //! tokens, and tells the pool's queue when tokens come free (on every path,
 //! because release is a `Drop`).
+//!
+//! With self-tuning (the default), whether a replica's KV cache has room is
+//! judged on its projected peak ([`kv_peak`]), not on prompt + `max_tokens`
+//! held for each stream's whole life: a stream holds its prompt plus the
+//! output so far, and grows by one token per engine step until it ends, so
+//! streams at different ages never all reach their full size at once (on
+//! average a stream holds about half its output). A projection from each
+//! stream's current size and the tokens it may still add is exact while
+//! outputs stay within `max_tokens`, so it never overfills the cache, and it
+//! lets a replica whose streams started at different times take more
+//! (64 + 500-token streams on a 4,096-token cache: 11 started 50 tokens
+//! apart, against 7 at prompt + `max_tokens` each).
 
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::config::BudgetConfig;
 use super::tuning::{self, Knobs, Timing};
 use super::Priority;
-use crate::pool::{LoadGuard, Replica};
+use crate::pool::{LoadGuard, Replica, StreamKv};
 
 /// Expected cost of one request in tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +49,50 @@ impl Cost {
     pub fn total(self) -> u64 {
         self.prompt + self.output
     }
+}
+
+/// The most KV tokens `streams` (each `(held, left)`: tokens held now,
+/// output tokens it may still add) will hold at once from now on, if every
+/// stream adds one token per engine step and frees all it holds when it
+/// ends (continuous batching). Just before the stream with `left = r` ends,
+/// the streams with at least `r` left hold `Σ held + count × r`; the peak is
+/// the largest of those (at the smallest `r`, at least what they hold now).
+/// Each stream counts `slack` tokens more: the engine allocates whole
+/// blocks, so a stream's last block is partly empty (`block size − 1` at
+/// most). Sorts `streams`.
+pub fn kv_peak(streams: &mut [(u64, u64)], slack: u64) -> u64 {
+    // Longest to go first: each prefix is the set still running at its `left`.
+    streams.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
+    let (mut held, mut count, mut peak) = (0u64, 0u64, 0u64);
+    for &(h, left) in streams.iter() {
+        held = held.saturating_add(h).saturating_add(slack);
+        count += 1;
+        peak = peak.max(held.saturating_add(count.saturating_mul(left)));
+    }
+    peak
+}
+
+thread_local! {
+    /// Scratch for [`kv_peak`] on the placement path (no allocation per call).
+    static PEAK_BUF: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`kv_peak`] of `replica`'s streams with one more costing `cost` (its
+/// uncached prompt now, its output to come).
+fn replica_kv_peak(replica: &Replica, cost: Cost) -> u64 {
+    PEAK_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        replica.load.each_stream(|h, l| buf.push((h, l)));
+        buf.push((cost.prompt, cost.output));
+        let block = replica
+            .signals
+            .load()
+            .as_ref()
+            .and_then(|s| s.block_size)
+            .unwrap_or(1);
+        kv_peak(&mut buf, u64::from(block.max(1)) - 1)
+    })
 }
 
 /// Told when a replica's reserved tokens go down (a request ended, or its
@@ -158,10 +216,20 @@ impl Budget {
         let capacity = self.capacity(replica);
         // The slots the reserve is counted in: the request cap, else (a replica
         // its KV cache limits first) how many requests like this one its token
-        // budget holds.
+        // budget holds: with self-tuning's projection, a stream holds its
+        // prompt and about half its output on average.
+        // The projection counts the engine's KV cache; a hand-set
+        // `tokens_per_replica` keeps its meaning (prompt + expected output of
+        // the requests in flight).
+        let project = tune && self.cfg.tokens_per_replica.is_none();
+        let per_request = if project {
+            cost.prompt + cost.output / 2
+        } else {
+            cost.total()
+        };
         let slots = batch
             .filter(|_| self.batch_known(replica))
-            .or_else(|| capacity.map(|c| (c / cost.total().max(1)).max(1)));
+            .or_else(|| capacity.map(|c| (c / per_request.max(1)).max(1)));
         let (derived_reserve, derived_queue) = match slots {
             Some(b) if tune => knobs.critical_slots(b),
             _ => (0, 0),
@@ -209,7 +277,16 @@ impl Budget {
             None => true,
             Some(cap) => {
                 let used = load.tokens();
-                used == 0 || used.saturating_add(cost.total()) as f64 <= cap as f64 * share
+                let limit = cap as f64 * share;
+                // Self-tuning on the engine's KV cache: the replica's
+                // projected KV peak with this request (`kv_peak`); otherwise
+                // prompt + `max_tokens` held by each stream for its whole life.
+                used == 0
+                    || if project {
+                        replica_kv_peak(replica, cost) as f64 <= limit
+                    } else {
+                        used.saturating_add(cost.total()) as f64 <= limit
+                    }
             }
         }
     }
@@ -236,7 +313,12 @@ impl Budget {
     ) -> Reservation {
         let kv_prompt = cost.prompt.saturating_sub(guard.cached_tokens());
         guard.set_tokens(kv_prompt + cost.output);
+        let kv = Arc::new(StreamKv::default());
+        kv.held.store(kv_prompt, Ordering::Relaxed);
+        kv.left.store(cost.output, Ordering::Relaxed);
+        guard.replica().load.add_stream(kv.clone());
         Reservation {
+            kv,
             guard: Some(guard),
             cost,
             kv_prompt,
@@ -262,6 +344,8 @@ impl Budget {
 pub struct Reservation {
     // Always `Some` until drop.
     guard: Option<LoadGuard>,
+    /// This stream's entry in its replica's list (`kv_peak`).
+    kv: Arc<StreamKv>,
     cost: Cost,
     /// The prompt tokens this request adds to the replica's KV cache (its
     /// uncached part, as estimated when it was placed).
@@ -324,6 +408,12 @@ impl Reservation {
             return;
         }
         self.generated = total;
+        self.kv
+            .held
+            .store(self.kv_prompt + total, Ordering::Relaxed);
+        self.kv
+            .left
+            .store(self.cost.output.saturating_sub(total), Ordering::Relaxed);
         let want = self.kv_prompt + self.cost.output.max(total);
         self.set(want);
     }
@@ -335,7 +425,11 @@ impl Reservation {
         self.final_usage = true;
         self.generated = completion_tokens;
         let cached = self.cost.prompt - self.kv_prompt;
-        self.set(prompt_tokens.saturating_sub(cached) + completion_tokens);
+        let held = prompt_tokens.saturating_sub(cached) + completion_tokens;
+        // Usage comes with the last event: nothing more to add.
+        self.kv.held.store(held, Ordering::Relaxed);
+        self.kv.left.store(0, Ordering::Relaxed);
+        self.set(held);
     }
 
     fn set(&mut self, tokens: u64) {
@@ -357,6 +451,9 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         // Release the counters first, then wake the queue, so the woken request
         // sees the freed room.
+        if let Some(g) = &self.guard {
+            g.replica().load.remove_stream(&self.kv);
+        }
         let freed = self.guard.take().map_or(0, |g| g.tokens());
         if let Some(l) = &self.listener {
             let timing = self.first_byte.map(|first| Timing {
@@ -694,19 +791,69 @@ pub(crate) mod tests {
     fn kv_bound_replicas_count_the_reserve_in_requests_their_budget_holds() {
         let b = Budget::new(BudgetConfig::default());
         let r = replica();
-        // 4,096 KV tokens x 0.9; no batch learned (the KV cache limits
-        // first), the slow-start cap above what the budget holds.
+        // 4,096 KV tokens; no batch learned (the KV cache limits first).
         scrapes(&r, &[(3, 0)], 256);
-        assert_eq!((b.batch(&r), b.capacity(&r)), (Some(6), Some(3686)));
+        assert_eq!((b.batch(&r), b.capacity(&r)), (Some(6), Some(4096)));
         let k = Knobs {
             critical_in_flight_per_replica: 4.0,
             ..K
         };
-        // 564-token requests: the budget holds 6; 1 slot is kept (a quarter, at least 1).
+        // 64 + 500-token requests: the budget holds 13 at their average
+        // size (prompt and half the output); 1 slot of 13 is kept, so 5 of
+        // the slow-start cap's 6 for the others.
         let req = Cost::estimate(64, Some(500), 0);
         let _held: Vec<_> = (0..5).map(|_| Budget::reserve(&r, req, None)).collect();
         assert!(!b.fits(&r, req, S, &k), "5 of 6 for the others");
         assert!(b.fits(&r, req, Priority::Critical, &k));
+    }
+
+    #[test]
+    fn kv_peak_is_the_most_the_streams_hold_before_one_ends() {
+        assert_eq!(kv_peak(&mut [], 15), 0);
+        // Three streams that started together: all reach 564 tokens at once.
+        assert_eq!(kv_peak(&mut [(64, 500); 3], 0), 3 * 564);
+        // The same three at different ages: the longest alone reaches 564,
+        // the three together peak before the youngest-but-one ends.
+        let mut aged = [(514, 50), (64, 500), (314, 250)];
+        assert_eq!(kv_peak(&mut aged, 0), 64 + 314 + 514 + 3 * 50);
+        assert_eq!(kv_peak(&mut [(10, 0), (20, 0)], 15), 30 + 2 * 15);
+        // One long stream past a crowd of short ones that end first.
+        assert_eq!(kv_peak(&mut [(100, 10); 4], 0), 440);
+        assert_eq!(kv_peak(&mut [(100, 10), (100, 10), (0, 1000)], 0), 1000);
+    }
+
+    #[test]
+    fn a_kv_bound_replica_takes_more_streams_when_their_ages_differ() {
+        // 4,096 KV tokens in 16-token blocks, a batch of 16 learned.
+        let r = replica();
+        scraped(&r, 16, 256);
+        let tuned = Budget::new(BudgetConfig::default());
+        let whole_life = Budget::new(BudgetConfig {
+            self_tuning: false,
+            ..Default::default()
+        });
+        let req = Cost::estimate(64, Some(500), 0);
+        // Ten streams of 64 + 500 tokens started 50 tokens apart (paced
+        // starts): 10 x 564 = 5,640 tokens if each held its whole life,
+        // but they peak at 3,669 (block slack included).
+        let mut held = vec![];
+        for i in 0..10u64 {
+            let mut s = Budget::reserve(&r, req, None);
+            s.observe_generated(50 * i);
+            held.push(s);
+        }
+        assert!(tuned.fits(&r, req, S, &K), "an eleventh fits the cache");
+        assert!(
+            !whole_life.fits(&r, req, S, &K),
+            "prompt + max_tokens for the whole life: 7 at most"
+        );
+        drop(held);
+        // Seven that started together reach 564 tokens each at once: an
+        // eighth would need 8 x (564 + 15) > 4,096.
+        let cohort: Vec<_> = (0..7).map(|_| Budget::reserve(&r, req, None)).collect();
+        assert!(!tuned.fits(&r, req, S, &K), "a cohort is not overfilled");
+        drop(cohort);
+        assert!(tuned.fits(&r, req, S, &K));
     }
 
     #[test]
@@ -759,6 +906,12 @@ pub(crate) mod tests {
         assert_eq!(l.0.load(Ordering::SeqCst), 1, "prefill end notifies");
         res.observe_generated(30);
         assert_eq!(r.load.tokens(), 150, "within the estimate: unchanged");
+        let streams = |r: &Replica| {
+            let mut v = vec![];
+            r.load.each_stream(|h, l| v.push((h, l)));
+            v
+        };
+        assert_eq!(streams(&r), [(130, 20)], "held now, still to come");
         res.observe_generated(80);
         assert_eq!(r.load.tokens(), 180, "grows past the estimate");
         // The engine's count differs from ours: actual usage wins.
@@ -771,7 +924,9 @@ pub(crate) mod tests {
         );
         res.observe_generated(500);
         assert_eq!(r.load.tokens(), 160, "final usage is not overridden");
+        assert_eq!(streams(&r), [(160, 0)]);
         drop(res);
+        assert_eq!(streams(&r), [], "the stream leaves the replica's list");
         assert_eq!((r.load.tokens(), r.load.requests()), (0, 0));
         assert_eq!(l.0.load(Ordering::SeqCst), 3);
         assert_eq!(l.1.load(Ordering::SeqCst), 20 + 160);

@@ -52,6 +52,10 @@ pub struct BudgetConfig {
     /// budget does not limit.
     pub tokens_per_replica: Option<u64>,
     /// Share of the engine's KV cache the gateway fills before it queues.
+    /// Default 1: with self-tuning the budget is the streams' projected KV
+    /// peak (`admission::budget::kv_peak`), an upper bound up to block
+    /// rounding, so no margin is needed; lower it to leave room for what the
+    /// gateway cannot see (other clients of the engine, large shared prefixes).
     pub kv_fraction: f64,
     /// Cap on requests in flight per replica (for example the engine's
     /// `max_num_seqs`, so its own queue stays empty). Unset: the replica's
@@ -102,7 +106,7 @@ impl Default for BudgetConfig {
     fn default() -> Self {
         BudgetConfig {
             tokens_per_replica: None,
-            kv_fraction: 0.9,
+            kv_fraction: 1.0,
             max_requests_per_replica: None,
             critical_reserve: None,
             critical_engine_queue: None,
