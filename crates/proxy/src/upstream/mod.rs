@@ -678,7 +678,9 @@ mod tests {
             let _ = s.read(&mut buf).await;
             let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
             let together = b"3\r\nabc\r\n2\r\nde\r\n1\r\nf\r\n";
-            s.write_all(&[&head[..], &together[..]].concat()).await.unwrap();
+            s.write_all(&[&head[..], &together[..]].concat())
+                .await
+                .unwrap();
             let _ = wait.await;
             s.write_all(b"2\r\ngh\r\n0\r\n\r\n").await.unwrap();
             let _ = s.read(&mut buf).await;
