@@ -293,6 +293,13 @@ impl RelayBody {
 
     fn on_data(&mut self, data: &Bytes) {
         let now = Instant::now();
+        let events_before = self.usage.events;
+        self.usage.observe(data);
+        // Events that arrived together come in one frame (see
+        // `ChunkedDecoder::decode_buffered`): the gap is counted for the
+        // first, the others followed it at once, so the mean inter-token
+        // latency stays per token. The histogram takes one sample per frame.
+        let together = (self.usage.events - events_before).max(1);
         match self.last_frame {
             None => {
                 self.record.ttft = Some(now - self.record.received_at);
@@ -304,18 +311,20 @@ impl RelayBody {
                     g.replica().warmup.token_served();
                 }
                 self.keepalive = None;
+                if self.stream_metrics.is_some() {
+                    self.record.itl_count += together - 1;
+                }
             }
             Some(prev) => {
                 let gap = now - prev;
                 if let Some(m) = &self.stream_metrics {
                     m.itl.record(gap.as_secs_f64());
                     self.record.itl_sum += gap;
-                    self.record.itl_count += 1;
+                    self.record.itl_count += together;
                 }
             }
         }
         self.last_frame = Some(now);
-        self.usage.observe(data);
         // Correct the token reservation: the output so far, then the
         // engine's own usage once reported.
         if let Some(g) = self.guard.as_mut() {

@@ -165,14 +165,27 @@ impl UsageCounter {
     }
 }
 
+const KEY: &[u8] = b"\"usage\"";
+
 /// Finds `"usage": {...}` in JSON text and parses the object.
 fn usage_in(text: &[u8]) -> Option<RawUsage> {
-    const KEY: &[u8] = b"\"usage\"";
-    // Every SSE event is searched: a SIMD search, built once (a byte-window
-    // scan here was half of the gateway's CPU relaying streams).
-    static FINDER: LazyLock<memchr::memmem::FinderRev<'static>> =
-        LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
-    let at = FINDER.rfind(text)?;
+    usage_at(text, last_key(text)?)
+}
+
+/// Where the last `"usage"` in `text` starts.
+fn last_key(text: &[u8]) -> Option<usize> {
+    // Every SSE event is searched, so the search is built once and runs
+    // forwards: memchr's forward search has a SIMD prefilter, its reverse one
+    // (`FinderRev`) is a plain two-way scan that cost ~700 instructions per
+    // token event, half of the gateway's CPU relaying streams. The last
+    // match is the one read, as the reverse search found it.
+    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(KEY));
+    FINDER.find_iter(text).last()
+}
+
+/// The usage object after the key at `at`, if a `:` and an object follow.
+fn usage_at(text: &[u8], at: usize) -> Option<RawUsage> {
     let after = &text[at + KEY.len()..];
     let colon = after.iter().position(|&b| !b.is_ascii_whitespace())?;
     if after[colon] != b':' {
@@ -268,5 +281,33 @@ mod tests {
         cached.observe(b"{\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":16}}}");
         assert_eq!(cached.usage.unwrap().cached_tokens, 16);
         assert_eq!(whole.usage.unwrap().cached_tokens, 1);
+    }
+
+    #[test]
+    fn the_last_usage_key_is_read() {
+        // A key that ends in `usage` comes first; the real `usage` last.
+        let text = br#"{"a\"usage": {"prompt_tokens": 99}, "usage": {"prompt_tokens": 1, "completion_tokens": 2}}"#;
+        let u = usage_in(text).unwrap().over(None);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (1, 2));
+        assert!(usage_in(br#"{"choices":[{"text":"no usage here"}]}"#).is_none());
+    }
+
+    /// The last `"usage"` by a plain byte-window scan from the end.
+    fn last_key_naive(text: &[u8]) -> Option<usize> {
+        text.windows(KEY.len()).rposition(|w| w == KEY)
+    }
+
+    proptest::proptest! {
+        /// The forward search finds the key a reverse scan finds, on text
+        /// made of pieces of usage objects, partial keys, escapes and token
+        /// events.
+        #[test]
+        fn finds_the_last_key_like_a_reverse_scan(pieces in proptest::collection::vec(0usize..7, 0..24)) {
+            const P: [&[u8]; 7] = [
+                b"\"usage\"", b": ", b"{\"prompt_tokens\": 3}", b"\"usag", b"e\"", b"data: {\"x\":1}\n", b"\\\"",
+            ];
+            let text: Vec<u8> = pieces.iter().flat_map(|&i| P[i].iter().copied()).collect();
+            proptest::prop_assert_eq!(last_key(&text), last_key_naive(&text));
+        }
     }
 }

@@ -291,6 +291,37 @@ impl ChunkedDecoder {
     }
 }
 
+impl ChunkedDecoder {
+    /// `first` (data just decoded) with the data of every further chunk
+    /// already in `buf`, in one buffer: when the replica's chunks arrive
+    /// together (the client side was behind, or the replica wrote them at
+    /// once) they go on as one frame, so one write to the client, where
+    /// hyper writes at most 16 frames per write and spends per frame.
+    /// Copies only when a second piece is there. Also returns what stopped
+    /// it: `NeedMore`, `End`, or an error in a later chunk (the caller
+    /// reports it after the data).
+    pub(crate) fn decode_buffered(
+        &mut self,
+        first: Bytes,
+        buf: &mut BytesMut,
+    ) -> (Bytes, Result<Decoded, ProtocolError>) {
+        let mut joined: Option<BytesMut> = None;
+        let stop = loop {
+            match self.decode(buf) {
+                Ok(Decoded::Data(d)) => joined
+                    .get_or_insert_with(|| {
+                        let mut j = BytesMut::with_capacity(first.len() + d.len() + buf.len());
+                        j.extend_from_slice(&first);
+                        j
+                    })
+                    .extend_from_slice(&d),
+                other => break other,
+            }
+        };
+        (joined.map_or(first, BytesMut::freeze), stop)
+    }
+}
+
 /// Takes one line (without its CRLF or LF) off the front of `buf`.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
     let Some(lf) = memchr::memchr(b'\n', buf) else {
@@ -437,6 +468,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn buffered_chunks_join_into_one_piece_and_say_what_stopped_them() {
+        let dec_first = |wire: &[u8]| {
+            let mut dec = ChunkedDecoder::default();
+            let mut buf = BytesMut::from(wire);
+            let Ok(Decoded::Data(first)) = dec.decode(&mut buf) else {
+                panic!("no data first");
+            };
+            let at = first.as_ptr();
+            let (data, stop) = dec.decode_buffered(first, &mut buf);
+            let copied = data.as_ptr() != at;
+            (data, stop, buf.len(), copied)
+        };
+        // Whole and partial chunks already buffered join; then more is needed.
+        let (d, stop, left, _) = dec_first(b"3\r\nabc\r\n2\r\nde\r\n4\r\nfg");
+        assert_eq!((&d[..], left), (&b"abcdefg"[..], 0));
+        assert!(matches!(stop, Ok(Decoded::NeedMore)));
+        // The end is seen with the data.
+        let (d, stop, _, _) = dec_first(b"3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n");
+        assert_eq!(&d[..], b"abcd");
+        assert!(matches!(stop, Ok(Decoded::End)));
+        // One chunk alone is not copied: the same bytes come back.
+        let (d, stop, _, copied) = dec_first(b"3\r\nabc\r\n");
+        assert_eq!((&d[..], copied), (&b"abc"[..], false));
+        assert!(matches!(stop, Ok(Decoded::NeedMore)));
+        // A malformed chunk after good ones: the good data, then the error.
+        let (d, stop, _, _) = dec_first(b"3\r\nabc\r\n2\r\ndeX\r\n");
+        assert_eq!(&d[..], b"abcde");
+        assert!(stop.is_err());
     }
 
     #[test]

@@ -405,6 +405,8 @@ pub struct UpstreamBody {
     keep_alive: bool,
     /// The pool to return the connection to, and the worker's list in it.
     home: (Arc<ReplicaSlot>, usize),
+    /// A malformed chunk found after data already returned: the next poll's error.
+    failed: Option<ProtocolError>,
 }
 
 impl UpstreamBody {
@@ -420,6 +422,7 @@ impl UpstreamBody {
             state,
             keep_alive: head.keep_alive,
             home,
+            failed: None,
         };
         if matches!(body.state, BodyState::Length(0)) {
             body.finish();
@@ -458,6 +461,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return this.fail(UpstreamError::Protocol(e));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -474,7 +480,15 @@ impl Body for UpstreamBody {
                     }
                 }
                 BodyState::Chunked(dec) => match dec.decode(&mut conn.buf) {
-                    Ok(Decoded::Data(d)) => Some(d),
+                    Ok(Decoded::Data(d)) => {
+                        let (d, stop) = dec.decode_buffered(d, &mut conn.buf);
+                        match stop {
+                            Ok(Decoded::End) => this.finish(),
+                            Err(e) => this.failed = Some(e),
+                            Ok(_) => {}
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
                     Ok(Decoded::NeedMore) => None,
                     Ok(Decoded::End) => {
                         this.finish();
@@ -647,6 +661,54 @@ mod tests {
         let (resp, _p) = send(&client, &url).await.unwrap();
         let err = resp.into_body().collect().await.unwrap_err();
         assert!(matches!(err, UpstreamError::Closed), "{err}");
+    }
+
+    /// Chunks that arrive together come out as one frame (so one write to
+    /// the client); a chunk that arrives later is its own frame, relayed as
+    /// it comes; a malformed chunk after good ones lets the good data out
+    /// first, then fails the body.
+    #[tokio::test]
+    async fn chunks_that_arrive_together_are_one_frame_later_ones_their_own() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+            let together = b"3\r\nabc\r\n2\r\nde\r\n1\r\nf\r\n";
+            s.write_all(&[&head[..], &together[..]].concat())
+                .await
+                .unwrap();
+            let _ = wait.await;
+            s.write_all(b"2\r\ngh\r\n0\r\n\r\n").await.unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let client = UpstreamClient::new(Duration::from_secs(1));
+        let (resp, _p) = send(&client, &url).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"abcdef");
+        assert!(!body.is_end_stream());
+        go.send(()).unwrap();
+        let later = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&later[..], b"gh");
+        // The last chunk came with the end: the body ended with that frame.
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+
+        let url = one_shot_replica(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\ndeX\r\n",
+        )
+        .await;
+        let (resp, _p) = send(&client, &url).await.unwrap();
+        let mut body = resp.into_body();
+        let good = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&good[..], b"abcde");
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(err, UpstreamError::Protocol(_)), "{err}");
+        assert!(body.frame().await.is_none());
     }
 
     #[tokio::test]
