@@ -9,9 +9,13 @@
 //! request's counters against their limits and, only if all have room,
 //! adds the request's need *plus a slice of allowance* to each. The replica
 //! then admits later requests from its slices in memory (atomics, no round
-//! trip) and goes back to Redis when a slice runs short (refilled ahead,
-//! off the request path, once half of it is used), the window rolls, or the
-//! lease is older than `lease_max_age`. A slice is the smaller of a fair
+//! trip). Calls are made ahead, off the request path: a refill once half a
+//! slice is used or half its age passed, the next window's lease in the
+//! last half `lease_max_age` of a window, and a renewal of leases idle for
+//! less than `lease_idle`. A request asks Redis only when no lease has room
+//! (first use, a slice run dry, near the limit), and then at most one call
+//! per counter is in flight: the others wait on it (single flight, at most
+//! half the timeout) and take from its grant. A slice is the smaller of a fair
 //! share of what the window has left (`free / (4 x replicas seen in the
 //! last 10 s)`) and what this replica used in one `lease_max_age` at its
 //! recent rate; where the fair share is under one request's need (near the
