@@ -97,7 +97,7 @@ impl Redis {
 
 /// [`Redis::cmd`] on a port.
 fn cmd_on(port: u16, args: &[&str]) -> Option<String> {
-let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
 
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     let mut out = format!("*{}\r\n", args.len());
@@ -756,11 +756,8 @@ async fn a_live_replicas_slots_are_renewed_past_their_time_to_live() {
 /// Requests that ask Redis themselves (`path="call"`), by the gateway's own
 /// decision histogram.
 async fn own_calls(g: &Gateway) -> f64 {
-    g.metric_where(
-        "infergate_quota_decision_seconds_count{",
-        "path=\"call\"",
-    )
-    .await
+    g.metric_where("infergate_quota_decision_seconds_count{", "path=\"call\"")
+        .await
 }
 
 async fn waits(g: &Gateway, reason: &str) -> f64 {

@@ -373,7 +373,8 @@ impl RedisCounters {
             lease_max_age_ms: cfg.lease_max_age.as_millis() as u64,
             lease_idle_ms: cfg.lease_idle.as_millis().max(1) as u64,
             calls: metrics::counter!("infergate_quota_redis_calls_total"),
-            waits: WHY.map(|r| metrics::counter!("infergate_quota_redis_waits_total", "reason" => r)),
+            waits: WHY
+                .map(|r| metrics::counter!("infergate_quota_redis_waits_total", "reason" => r)),
             joined: metrics::counter!("infergate_quota_redis_joined_total"),
         });
         shared.connect().await;
@@ -655,7 +656,12 @@ impl Shared {
                 break;
             }
             let Some(lease) = leases.get(&lease_key(op)) else {
-                let before = (op.scope.clone(), op.dim, op.window, op.window_id.wrapping_sub(1));
+                let before = (
+                    op.scope.clone(),
+                    op.dim,
+                    op.window,
+                    op.window_id.wrapping_sub(1),
+                );
                 why = Some(if leases.contains_key(&before) {
                     Why::Rolled
                 } else {
@@ -699,8 +705,8 @@ impl Shared {
             }
             // Refill ahead: half the slice used, or half its age passed.
             let half_used = (remaining as u64) < l.cap(now, self.lease_max_age_ms, op.add) / 2;
-            let half_old =
-                now.saturating_sub(l.granted_at.load(Ordering::Relaxed)) > self.lease_max_age_ms / 2;
+            let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
+                > self.lease_max_age_ms / 2;
             if (half_used || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
                 tokio::spawn(self.clone().refill((*l).clone()));
             }

@@ -465,7 +465,11 @@ impl HeaderCache {
     fn reset(&mut self, ms: u64) -> HeaderValue {
         // Values that print the same share a key: milliseconds under one
         // second, else whole seconds rounded up.
-        let key = if ms < 1000 { ms } else { ms.div_ceil(1000) << 10 };
+        let key = if ms < 1000 {
+            ms
+        } else {
+            ms.div_ceil(1000) << 10
+        };
         match &self.reset {
             Some((k, v)) if *k == key => v.clone(),
             _ => {
@@ -496,11 +500,11 @@ fn reset_value(ms: u64) -> HeaderValue {
     HeaderValue::from_bytes(out.as_bytes()).unwrap_or(HeaderValue::from_static("1s"))
 }
 
-/// A short ASCII text built on the stack (at most 48 bytes: a reset has
-/// three integers of at most 20 digits only in theory; hours stay short).
+/// A short ASCII text built on the stack: a reset is at most 20 bytes
+/// (`u64::MAX` ms is `5124095576030h25m52s`); longer input is cut at 32.
 #[derive(Default)]
 struct Digits {
-    buf: [u8; 64],
+    buf: [u8; 32],
     len: usize,
 }
 

@@ -372,7 +372,10 @@ fn resets_in_openai_format_and_headers_share_one_reset() {
         }
         .write(&mut h);
         assert_eq!(h["x-ratelimit-limit-requests"], limit.to_string().as_str());
-        assert_eq!(h["x-ratelimit-limit-tokens"], (limit * 10).to_string().as_str());
+        assert_eq!(
+            h["x-ratelimit-limit-tokens"],
+            (limit * 10).to_string().as_str()
+        );
         assert_eq!(h["x-ratelimit-reset-requests"], text);
         assert_eq!(h["x-ratelimit-reset-tokens"], text);
     }
