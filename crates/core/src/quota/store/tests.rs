@@ -402,6 +402,7 @@ proptest::proptest! {
                 _ => format!("{h}h{m}m{s}s"),
             }
         };
-        proptest::prop_assert_eq!(reset_value(ms).to_str().unwrap(), want.as_str());
+        let got = reset_value(ms);
+        proptest::prop_assert_eq!(got.to_str().unwrap(), want.as_str());
     }
 }
