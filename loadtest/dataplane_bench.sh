@@ -344,7 +344,7 @@ snap_quota_metrics() {  # tag
   for name in quota-local quota-redis; do
     [[ -n ${PID_OF[$name]:-} ]] || continue
     local admin=$QL_ADMIN; [[ $name == quota-redis ]] && admin=$QR_ADMIN
-    curl -s "http://127.0.0.1:$admin/metrics" | grep '^infergate_quota_decision' >"$RUN/metrics-$name-$1.txt" || true
+    curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^infergate_quota_(decision|redis_waits|redis_joined)' >"$RUN/metrics-$name-$1.txt" || true
   done
 }
 snap_quota_metrics start

@@ -149,6 +149,25 @@ for name in ("quota-local", "quota-redis"):
             print(f"  {stage:7} {path:8} n={int(n):7d}  mean {mean * 1e6:8.2f} us  p50 {us(bound(bk, n, 0.5)):>10}  "
                   f"p99 {us(bound(bk, n, 0.99)):>10}  max {us(bound(bk, n, 1.0)):>10}")
 
+# Why requests of the Redis target asked Redis (infergate_quota_redis_waits_total),
+# and how many of them waited on a call in flight instead (joined).
+def waits(path):
+    w = {}
+    if os.path.exists(path):
+        for line in open(path):
+            m = re.match(r'^infergate_quota_redis_waits_total\{reason="(\w+)"\} (\S+)$', line)
+            if m:
+                w[m.group(1)] = float(m.group(2))
+            m = re.match(r'^infergate_quota_redis_joined_total (\S+)$', line)
+            if m:
+                w["(joined)"] = float(m.group(1))
+    return w
+for (a, b, what) in (("sat", "lat", f"latency phase, {rate} req/s"), ("start", "sat", "saturation phase")):
+    w0, w1 = waits(f"{run}/metrics-quota-redis-{a}.txt"), waits(f"{run}/metrics-quota-redis-{b}.txt")
+    d = {k: int(v - w0.get(k, 0.0)) for k, v in sorted(w1.items()) if v - w0.get(k, 0.0) > 0}
+    print(f"requests not admitted from a lease in quota-redis ({what}; by reason): "
+          + (", ".join(f"{k} {v}" for k, v in d.items()) or "none"))
+
 decisions = 0
 for line in open(out):
     m = re.match(r'^quota-redis decisions: (\d+)', line)

@@ -9,9 +9,13 @@
 //! request's counters against their limits and, only if all have room,
 //! adds the request's need *plus a slice of allowance* to each. The replica
 //! then admits later requests from its slices in memory (atomics, no round
-//! trip) and goes back to Redis when a slice runs short (refilled ahead,
-//! off the request path, once half of it is used), the window rolls, or the
-//! lease is older than `lease_max_age`. A slice is the smaller of a fair
+//! trip). Calls are made ahead, off the request path: a refill once half a
+//! slice is used or half its age passed, the next window's lease in the
+//! last half `lease_max_age` of a window, and a renewal of leases idle for
+//! less than `lease_idle`. A request asks Redis only when no lease has room
+//! (first use, a slice run dry, near the limit), and then at most one call
+//! per counter is in flight: the others wait on it (single flight, at most
+//! half the timeout) and take from its grant. A slice is the smaller of a fair
 //! share of what the window has left (`free / (4 x replicas seen in the
 //! last 10 s)`) and what this replica used in one `lease_max_age` at its
 //! recent rate; where the fair share is under one request's need (near the
@@ -51,6 +55,7 @@ use infergate_core::quota::{
     Verdict, Window,
 };
 use redis::aio::MultiplexedConnection;
+use tokio::sync::Notify;
 
 /// The check-and-lease. KEYS[1]: the registry of replicas (a sorted set by
 /// last call); then the request's counters; then the settled ones. ARGV:
@@ -204,6 +209,11 @@ struct Shared {
     lease_idle_ms: u64,
     /// `infergate_quota_redis_calls_total`: round trips, to compare with requests.
     calls: metrics::Counter,
+    /// By [`Why`].
+    waits: [metrics::Counter; 6],
+    /// `infergate_quota_redis_joined_total`: requests that waited on a call
+    /// already in flight and were admitted from its grant.
+    joined: metrics::Counter,
 }
 
 /// One counter's slice held by this replica. `remaining` is taken with a
@@ -226,7 +236,13 @@ struct Lease {
     unit: AtomicU64,
     /// Settlement deltas not yet sent.
     settle: AtomicI64,
+    /// A call that grants to this lease is in flight (a refill, the
+    /// next window's opening, or a request's own call): requests that
+    /// find the slice short wait on it (`done`) instead of calling too.
     refilling: AtomicBool,
+    done: Notify,
+    /// The next window's lease was asked for (ahead of the roll).
+    next_opened: AtomicBool,
     /// The last grant had no slice (near the limit): no refills ahead,
     /// every request asks Redis.
     starved: AtomicBool,
@@ -287,6 +303,25 @@ impl Lease {
         true
     }
 
+    /// The call in flight for this lease ended (granted or not): the
+    /// requests waiting on it look at the slice again.
+    fn end_flight(&self) {
+        self.refilling.store(false, Ordering::Release);
+        self.done.notify_waiters();
+    }
+
+    /// Waits until the call in flight for this lease ends, or `deadline`;
+    /// false on the deadline.
+    async fn wait_flight(&self, deadline: tokio::time::Instant) -> bool {
+        let notified = self.done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.refilling.load(Ordering::Acquire) {
+            return true;
+        }
+        tokio::time::timeout_at(deadline, notified).await.is_ok()
+    }
+
     /// Ends the lease: what goes back to Redis (unused allowance returned,
     /// settlements sent).
     fn retire(&self) -> i64 {
@@ -338,6 +373,9 @@ impl RedisCounters {
             lease_max_age_ms: cfg.lease_max_age.as_millis() as u64,
             lease_idle_ms: cfg.lease_idle.as_millis().max(1) as u64,
             calls: metrics::counter!("infergate_quota_redis_calls_total"),
+            waits: WHY
+                .map(|r| metrics::counter!("infergate_quota_redis_waits_total", "reason" => r)),
+            joined: metrics::counter!("infergate_quota_redis_joined_total"),
         });
         shared.connect().await;
         tokio::spawn(probe_loop(Arc::downgrade(&shared), cfg.probe_interval));
@@ -345,6 +383,38 @@ impl RedisCounters {
         Ok(RedisCounters { shared })
     }
 }
+
+/// The calls in flight a request's own call stands for; ended (waiters
+/// woken) when it is done, also when the request is cancelled.
+struct Flights(Vec<Arc<Lease>>);
+
+impl Drop for Flights {
+    fn drop(&mut self) {
+        for l in &self.0 {
+            l.end_flight();
+        }
+    }
+}
+
+/// Why a request could not be admitted from this replica's slices (and so
+/// asks Redis): `infergate_quota_redis_waits_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// No lease of the counter yet (first request, or returned when idle).
+    First = 0,
+    /// The window rolled and the new window's lease was not open.
+    Rolled = 1,
+    /// The lease is older than `lease_max_age` (its renewal did not land).
+    Stale = 2,
+    /// The slice has less than the request needs.
+    Short = 3,
+    /// Near the limit: the last grant had no slice.
+    Starved = 4,
+    /// A requests-in-flight counter: one call per request, by design.
+    Gauge = 5,
+}
+
+const WHY: [&str; 6] = ["first", "rolled", "stale", "short", "starved", "gauge"];
 
 /// One counter of a call: the op, what it needs now, the most extra to lease.
 struct Ask<'a> {
@@ -410,6 +480,17 @@ impl Shared {
     /// go to the pending list (windows that ended are dropped).
     fn retire_leases(&self, which: impl Fn(&Lease) -> bool, now: u64) {
         let mut gone = Vec::new();
+        // Most passes pick none: look under the read lock first, so the
+        // requests' takes are not held up by the write lock for nothing.
+        if !self
+            .leases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|l| which(l))
+        {
+            return;
+        }
         {
             let mut leases = self.leases.write().unwrap_or_else(|p| p.into_inner());
             leases.retain(|_, l| {
@@ -538,6 +619,8 @@ impl Shared {
                     unit: AtomicU64::new(op.add),
                     settle: AtomicI64::new(0),
                     refilling: AtomicBool::new(false),
+                    done: Notify::new(),
+                    next_opened: AtomicBool::new(false),
                     starved: AtomicBool::new(false),
                     retired: Mutex::new(false),
                 })
@@ -555,6 +638,148 @@ impl Shared {
 
     fn leases_on(&self) -> bool {
         self.lease_max_age_ms > 0
+    }
+
+    /// Admits `ops` from this replica's slices (all or none): the
+    /// estimated values after adding, or why a call is needed. Starts the
+    /// refills and next-window openings the takes call for (tasks).
+    fn take_all(self: &Arc<Self>, ops: &[CounterOp], now: u64) -> Result<Vec<i64>, Why> {
+        let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
+        let mut held: [Option<&Arc<Lease>>; 16] = Default::default();
+        if ops.len() > held.len() {
+            return Err(Why::Gauge);
+        }
+        let mut why = None;
+        for (i, op) in ops.iter().enumerate() {
+            if op.window == Window::None {
+                why = Some(Why::Gauge);
+                break;
+            }
+            let Some(lease) = leases.get(&lease_key(op)) else {
+                let before = (
+                    op.scope.clone(),
+                    op.dim,
+                    op.window,
+                    op.window_id.wrapping_sub(1),
+                );
+                why = Some(if leases.contains_key(&before) {
+                    Why::Rolled
+                } else {
+                    Why::First
+                });
+                break;
+            };
+            if now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)) >= self.lease_max_age_ms
+            {
+                why = Some(Why::Stale);
+                break;
+            }
+            if !lease.take(op.add, op.limit) {
+                why = Some(if lease.starved.load(Ordering::Relaxed) {
+                    Why::Starved
+                } else {
+                    Why::Short
+                });
+                break;
+            }
+            held[i] = Some(lease);
+        }
+        if let Some(why) = why {
+            for (op, l) in ops.iter().zip(held.iter()) {
+                if let Some(l) = l {
+                    l.remaining.fetch_add(op.add as i64, Ordering::AcqRel);
+                }
+            }
+            return Err(why);
+        }
+        let mut values = Vec::with_capacity(ops.len());
+        for (op, l) in ops.iter().zip(held.iter().flatten()) {
+            let remaining = l.remaining.load(Ordering::Relaxed);
+            values.push(l.base.load(Ordering::Relaxed) - remaining);
+            l.taken.fetch_add(op.add, Ordering::Relaxed);
+            if l.last_used.load(Ordering::Relaxed) != now {
+                l.last_used.store(now, Ordering::Relaxed);
+            }
+            if l.starved.load(Ordering::Relaxed) {
+                continue;
+            }
+            // Refill ahead: half the slice used, or half its age passed.
+            let half_used = (remaining as u64) < l.cap(now, self.lease_max_age_ms, op.add) / 2;
+            let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
+                > self.lease_max_age_ms / 2;
+            if (half_used || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
+                tokio::spawn(self.clone().refill((*l).clone()));
+            }
+            // The next window's slice, asked for in the last half
+            // `lease_max_age` of this one: no request waits at the roll.
+            if op.expires_at_ms.saturating_sub(now) <= self.lease_max_age_ms / 2
+                && !l.next_opened.swap(true, Ordering::AcqRel)
+            {
+                tokio::spawn(self.clone().open_next((*l).clone(), now));
+            }
+        }
+        Ok(values)
+    }
+
+    /// Opens the lease of the window after `lease`'s, with a slice sized by
+    /// `lease`'s rate (a task, off the request path). Requests of the new
+    /// window that come before its grant wait on this call.
+    async fn open_next(self: Arc<Self>, lease: Arc<Lease>, now: u64) {
+        let (window_id, expires_at_ms) = lease.op.window.at(lease.op.expires_at_ms);
+        let op = CounterOp {
+            window_id,
+            expires_at_ms,
+            ..lease.op.clone()
+        };
+        let next = self.lease(&op, now);
+        next.unit
+            .store(lease.unit.load(Ordering::Relaxed), Ordering::Relaxed);
+        // Not idle before its window starts.
+        next.last_used
+            .store(lease.op.expires_at_ms.max(now), Ordering::Relaxed);
+        if next.refilling.swap(true, Ordering::AcqRel) {
+            return; // a call for it is in flight already
+        }
+        let ask = Ask {
+            op: &op,
+            need: 0,
+            cap: lease.cap(now, self.lease_max_age_ms, 0),
+        };
+        let settle = self.take_pending();
+        let answer = tokio::time::timeout(self.timeout, self.call(&[ask], &settle)).await;
+        match answer {
+            Ok(Ok(v)) => {
+                if let [1, 0, value, extra] = v.as_slice() {
+                    if !next.grant(*value, *extra, now) && *extra > 0 {
+                        self.push_pending(next.key.clone(), -*extra);
+                    }
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                metrics::counter!("infergate_quota_redis_errors_total").increment(1);
+                self.set_up(None);
+            }
+        }
+        next.end_flight();
+    }
+
+    /// Keeps a lease fresh over a short idle gap: one used within
+    /// `lease_idle` but past half its age is renewed here (no request came
+    /// to do it), so the first request after the gap takes from memory.
+    fn renew_idle(self: &Arc<Self>, now: u64) {
+        let half = self.lease_max_age_ms / 2;
+        let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
+        for l in leases.values() {
+            if now.saturating_sub(l.granted_at.load(Ordering::Relaxed)) > half
+                && now.saturating_sub(l.last_used.load(Ordering::Relaxed)) < self.lease_idle_ms
+                && l.op.expires_at_ms.saturating_sub(now) > half
+                && !l.starved.load(Ordering::Relaxed)
+                && !l.refilling.swap(true, Ordering::AcqRel)
+            {
+                tokio::spawn(self.clone().refill(l.clone()));
+            }
+        }
     }
 
     /// Asks for more of `lease`'s counter ahead of need (a task, off the
@@ -579,7 +804,7 @@ impl Shared {
             metrics::counter!("infergate_quota_redis_errors_total").increment(1);
             self.set_up(None);
         }
-        lease.refilling.store(false, Ordering::Release);
+        lease.end_flight();
     }
 }
 
@@ -589,62 +814,45 @@ impl SharedCounters for RedisCounters {
         if !s.leases_on() || !s.up.load(Ordering::Relaxed) {
             return None;
         }
-        let leases = s.leases.read().unwrap_or_else(|p| p.into_inner());
-        let mut held: [Option<&Arc<Lease>>; 16] = Default::default();
-        if ops.len() > held.len() {
-            return None;
-        }
-        let mut ok = true;
-        for (i, op) in ops.iter().enumerate() {
-            let lease = match leases.get(&lease_key(op)) {
-                Some(l) if op.window != Window::None => l,
-                _ => {
-                    ok = false;
-                    break;
-                }
-            };
-            let fresh =
-                now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)) < s.lease_max_age_ms;
-            if !fresh || !lease.take(op.add, op.limit) {
-                ok = false;
-                break;
-            }
-            held[i] = Some(lease);
-        }
-        if !ok {
-            for (op, l) in ops.iter().zip(held.iter()) {
-                if let Some(l) = l {
-                    l.remaining.fetch_add(op.add as i64, Ordering::AcqRel);
-                }
-            }
-            return None;
-        }
-        let mut values = Vec::with_capacity(ops.len());
-        for (op, l) in ops.iter().zip(held.iter().flatten()) {
-            let remaining = l.remaining.load(Ordering::Relaxed);
-            values.push(l.base.load(Ordering::Relaxed) - remaining);
-            l.taken.fetch_add(op.add, Ordering::Relaxed);
-            if l.last_used.load(Ordering::Relaxed) != now {
-                l.last_used.store(now, Ordering::Relaxed);
-            }
-            // Refill ahead: half the slice used, or half its age passed.
-            let half_used = (remaining as u64) < l.cap(now, s.lease_max_age_ms, op.add) / 2;
-            let half_old =
-                now.saturating_sub(l.granted_at.load(Ordering::Relaxed)) > s.lease_max_age_ms / 2;
-            if (half_used || half_old)
-                && !l.starved.load(Ordering::Relaxed)
-                && !l.refilling.swap(true, Ordering::AcqRel)
-            {
-                tokio::spawn(s.clone().refill((*l).clone()));
+        match s.take_all(ops, now) {
+            Ok(values) => Some(values),
+            Err(why) => {
+                s.waits[why as usize].increment(1);
+                None
             }
         }
-        Some(values)
     }
 
     fn reserve<'a>(&'a self, ops: &'a [CounterOp]) -> ReserveFuture<'a> {
         Box::pin(async move {
             let s = &self.shared;
             let now = now_ms();
+            // Single flight per counter: a request whose slice is short
+            // while a call that grants to it is in flight waits for that
+            // call (at most half the timeout) and takes from its grant;
+            // otherwise its own call is the one the next requests wait on.
+            let mut owned = Flights(Vec::new());
+            if s.leases_on() && s.up.load(Ordering::Relaxed) {
+                let deadline = tokio::time::Instant::now() + s.timeout / 2;
+                let mut waited = false;
+                for op in ops.iter().filter(|o| o.window != Window::None) {
+                    let lease = s.lease(op, now);
+                    if lease.starved.load(Ordering::Relaxed) {
+                        continue; // near the limit: every request asks
+                    }
+                    if !lease.refilling.swap(true, Ordering::AcqRel) {
+                        owned.0.push(lease);
+                    } else if lease.wait_flight(deadline).await {
+                        waited = true;
+                    }
+                }
+                if waited {
+                    if let Ok(values) = s.take_all(ops, now_ms()) {
+                        s.joined.increment(1);
+                        return Ok(Verdict::Admitted(values));
+                    }
+                }
+            }
             let asks: Vec<Ask> = ops
                 .iter()
                 .map(|op| {
@@ -683,9 +891,15 @@ impl SharedCounters for RedisCounters {
                             s.grant(op, value, extra, now);
                         }
                     }
+                    drop(owned); // after the grants: waiters take from them
                     Ok(Verdict::Admitted(values))
                 }
                 [0, i, values @ ..] if values.len() == ops.len() && *i >= 1 => {
+                    // At the limit: no slice to wait for; each request asks
+                    // until a grant gives a slice again.
+                    for l in &owned.0 {
+                        l.starved.store(true, Ordering::Relaxed);
+                    }
                     Ok(Verdict::Refused {
                         index: (*i - 1) as usize,
                         values: values.to_vec(),
@@ -787,6 +1001,7 @@ async fn flush_loop(shared: Weak<Shared>, every: Duration) {
             },
             now,
         );
+        s.renew_idle(now);
         if now.saturating_sub(s.last_renew.load(Ordering::Relaxed)) >= s.gauge_ttl_ms / 3 {
             s.last_renew.store(now, Ordering::Relaxed);
             let held: Vec<String> = s

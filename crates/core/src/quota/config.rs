@@ -197,7 +197,7 @@ impl RedisConfig {
         Duration::from_secs(1)
     }
     fn default_lease_idle() -> Duration {
-        Duration::from_millis(100)
+        Duration::from_secs(1)
     }
     fn default_share() -> f64 {
         1.0

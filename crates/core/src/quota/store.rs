@@ -418,46 +418,121 @@ impl RateSnapshot {
         const RESET_TOKENS: N = N::from_static("x-ratelimit-reset-tokens");
         // One growth of the map for all six, not one per insert.
         h.reserve(6);
-        let mut reset_requests = None;
-        if let Some((limit, remaining, reset)) = self.requests {
-            let r = reset_value(reset);
-            h.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
-            h.insert(REMAINING_REQUESTS, HeaderValue::from(remaining));
-            h.insert(RESET_REQUESTS, r.clone());
-            reset_requests = Some((reset, r));
+        HEADER_CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some((limit, remaining, reset)) = self.requests {
+                h.insert(LIMIT_REQUESTS, c.limit(0, limit));
+                h.insert(REMAINING_REQUESTS, HeaderValue::from(remaining));
+                h.insert(RESET_REQUESTS, c.reset(reset));
+            }
+            if let Some((limit, remaining, reset)) = self.tokens {
+                h.insert(LIMIT_TOKENS, c.limit(1, limit));
+                h.insert(REMAINING_TOKENS, HeaderValue::from(remaining));
+                h.insert(RESET_TOKENS, c.reset(reset));
+            }
+        });
+    }
+}
+
+thread_local! {
+    static HEADER_CACHE: std::cell::RefCell<HeaderCache> =
+        std::cell::RefCell::new(HeaderCache::default());
+}
+
+/// The header values that repeat from request to request, per serving
+/// thread: the two limits (from the config) and the reset (its text
+/// changes once a second). A hit clones a shared value (a reference
+/// count) instead of formatting and allocating a new one.
+#[derive(Default)]
+struct HeaderCache {
+    limits: [Option<(u64, HeaderValue)>; 2],
+    /// (the reset's text key, its value).
+    reset: Option<(u64, HeaderValue)>,
+}
+
+impl HeaderCache {
+    fn limit(&mut self, i: usize, limit: u64) -> HeaderValue {
+        match &self.limits[i] {
+            Some((l, v)) if *l == limit => v.clone(),
+            _ => {
+                let v = HeaderValue::from(limit);
+                self.limits[i] = Some((limit, v.clone()));
+                v
+            }
         }
-        if let Some((limit, remaining, reset)) = self.tokens {
-            // Both rates count per minute: one reset value serves both.
-            let r = match reset_requests {
-                Some((ms, r)) if ms == reset => r,
-                _ => reset_value(reset),
-            };
-            h.insert(LIMIT_TOKENS, HeaderValue::from(limit));
-            h.insert(REMAINING_TOKENS, HeaderValue::from(remaining));
-            h.insert(RESET_TOKENS, r);
+    }
+
+    fn reset(&mut self, ms: u64) -> HeaderValue {
+        // Values that print the same share a key: milliseconds under one
+        // second, else whole seconds rounded up.
+        let key = if ms < 1000 {
+            ms
+        } else {
+            ms.div_ceil(1000) << 10
+        };
+        match &self.reset {
+            Some((k, v)) if *k == key => v.clone(),
+            _ => {
+                let v = reset_value(ms);
+                self.reset = Some((key, v.clone()));
+                v
+            }
         }
     }
 }
 
 /// A reset in OpenAI's format: `850ms`, `12s`, `1m30s`, `3h5m0s`, written
-/// without an intermediate string.
+/// digit by digit into a stack buffer (no formatter, no intermediate string).
 fn reset_value(ms: u64) -> HeaderValue {
-    use std::io::Write as _;
-    let mut buf = [0u8; 40];
-    let mut w = &mut buf[..];
-    let _ = if ms < 1000 {
-        write!(w, "{ms}ms")
+    let mut out = Digits::default();
+    if ms < 1000 {
+        out.int(ms).text(b"ms");
     } else {
         let secs = ms.div_ceil(1000);
         let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-        match (h, m) {
-            (0, 0) => write!(w, "{s}s"),
-            (0, _) => write!(w, "{m}m{s}s"),
-            _ => write!(w, "{h}h{m}m{s}s"),
+        if h > 0 {
+            out.int(h).text(b"h").int(m).text(b"m");
+        } else if m > 0 {
+            out.int(m).text(b"m");
         }
-    };
-    let len = 40 - w.len();
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("1s"))
+        out.int(s).text(b"s");
+    }
+    HeaderValue::from_bytes(out.as_bytes()).unwrap_or(HeaderValue::from_static("1s"))
+}
+
+/// A short ASCII text built on the stack: a reset is at most 20 bytes
+/// (`u64::MAX` ms is `5124095576030h25m52s`); longer input is cut at 32.
+#[derive(Default)]
+struct Digits {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Digits {
+    fn int(&mut self, mut v: u64) -> &mut Self {
+        let mut tmp = [0u8; 20];
+        let mut i = tmp.len();
+        loop {
+            i -= 1;
+            tmp[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.text(&tmp[i..])
+    }
+
+    fn text(&mut self, t: &[u8]) -> &mut Self {
+        let end = (self.len + t.len()).min(self.buf.len());
+        self.buf[self.len..end].copy_from_slice(&t[..end - self.len]);
+        self.len = end;
+        self
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// A request refused by its quotas.

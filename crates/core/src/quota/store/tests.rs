@@ -337,6 +337,10 @@ fn resets_in_openai_format_and_headers_share_one_reset() {
         (11_500, "12s"),
         (90_000, "1m30s"),
         (11_100_000, "3h5m0s"),
+        (0, "0ms"),
+        (1000, "1s"),
+        (3_600_000, "1h0m0s"),
+        (u64::MAX, "5124095576030h25m52s"),
     ] {
         assert_eq!(reset_value(ms), text);
     }
@@ -351,10 +355,54 @@ fn resets_in_openai_format_and_headers_share_one_reset() {
     assert_eq!(h["x-ratelimit-reset-requests"], "30s");
     assert_eq!(h["x-ratelimit-reset-tokens"], "30s");
     assert_eq!(h.len(), 6);
+    // The per-thread cache of repeated values follows changes: a new limit
+    // (config reload), a reset that prints differently, ms under a second.
+    for (limit, reset, text) in [
+        (50, 30_000, "30s"),
+        (60, 29_001, "30s"),
+        (60, 29_000, "29s"),
+        (60, 999, "999ms"),
+        (70, 998, "998ms"),
+        (70, 1_000, "1s"),
+    ] {
+        let mut h = HeaderMap::new();
+        RateSnapshot {
+            requests: Some((limit, 1, reset)),
+            tokens: Some((limit * 10, 2, reset)),
+        }
+        .write(&mut h);
+        assert_eq!(h["x-ratelimit-limit-requests"], limit.to_string().as_str());
+        assert_eq!(
+            h["x-ratelimit-limit-tokens"],
+            (limit * 10).to_string().as_str()
+        );
+        assert_eq!(h["x-ratelimit-reset-requests"], text);
+        assert_eq!(h["x-ratelimit-reset-tokens"], text);
+    }
 }
 
 #[test]
 fn in_memory_decisions_are_timed_one_in_sample_every() {
     let timed = (0..SAMPLE_EVERY * 4).filter(|_| sampled()).count();
     assert_eq!(timed, 4);
+}
+
+proptest::proptest! {
+    /// The digit-by-digit reset text equals the formatter's.
+    #[test]
+    fn reset_text_matches_the_formatter(ms in proptest::prelude::any::<u64>()) {
+        let want = if ms < 1000 {
+            format!("{ms}ms")
+        } else {
+            let secs = ms.div_ceil(1000);
+            let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+            match (h, m) {
+                (0, 0) => format!("{s}s"),
+                (0, _) => format!("{m}m{s}s"),
+                _ => format!("{h}h{m}m{s}s"),
+            }
+        };
+        let got = reset_value(ms);
+        proptest::prop_assert_eq!(got.to_str().unwrap(), want.as_str());
+    }
 }
