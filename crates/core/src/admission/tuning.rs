@@ -87,10 +87,7 @@ const SLOW_START: u64 = 4;
 
 /// The request cap of a replica while its batch limit is being learned, at
 /// a scrape (TCP's slow start): [`SLOW_START`] at first, doubled at each
-/// scrape at which the gateway had the whole cap in flight there, less the
-/// largest critical reserve ([`Knobs::critical_slots`]: a slot the other
-/// bands cannot fill must not stop the growth; it held a KV-bound replica's
-/// cap at 8 for good, with 7 in flight)
+/// scrape at which the gateway had the whole cap in flight there
 /// (`ours_at_most`: its requests the engine may have counted) and the engine
 /// kept up (`queued`: no queue of 2 or more), held while the engine queues,
 /// and never below twice what the engine runs. So a flood reaches the engine
@@ -108,11 +105,7 @@ pub fn slow_start_cap(previous: Option<u64>, running: f64, ours_at_most: u64, qu
         0.0
     };
     let grown = match previous {
-        // Full: within the largest critical reserve of the cap (1/16 of
-        // it, at least 1), which only critical requests may fill.
-        Some(cap) if !queued && ours_at_most.saturating_add((cap / 16).max(1)) >= cap => {
-            cap.saturating_mul(2)
-        }
+        Some(cap) if !queued && ours_at_most >= cap => cap.saturating_mul(2),
         Some(cap) => cap,
         None => SLOW_START,
     };
@@ -502,16 +495,6 @@ mod tests {
     fn slow_start_doubles_while_the_cap_is_full_and_the_engine_keeps_up() {
         assert_eq!(slow_start_cap(None, 0.0, 0, false), 4, "an idle replica: 4");
         assert_eq!(slow_start_cap(Some(4), 0.0, 2, false), 4, "not full: held");
-        // The cap less the one slot a critical reserve keeps is full: the
-        // other bands cannot fill it, and the cap stayed at 8 with 7 in flight.
-        assert_eq!(
-            slow_start_cap(Some(8), 0.0, 7, false),
-            16,
-            "full but the reserve"
-        );
-        assert_eq!(slow_start_cap(Some(8), 0.0, 6, false), 8);
-        assert_eq!(slow_start_cap(Some(32), 0.0, 30, false), 64, "1/16 of 32");
-        assert_eq!(slow_start_cap(Some(32), 0.0, 29, false), 32);
         assert_eq!(slow_start_cap(Some(4), 4.0, 4, false), 8, "full, kept up");
         assert_eq!(slow_start_cap(Some(8), 8.0, 8, true), 16, "twice running");
         assert_eq!(slow_start_cap(Some(16), 8.0, 16, true), 16, "queued: held");
