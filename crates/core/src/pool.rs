@@ -80,6 +80,22 @@ pub struct StreamKv {
     pub left: AtomicU64,
 }
 
+impl StreamKv {
+    /// A stream holding `held` KV tokens that may add `left` more.
+    pub fn new(held: u64, left: u64) -> Self {
+        Self {
+            held: AtomicU64::new(held),
+            left: AtomicU64::new(left),
+        }
+    }
+
+    /// The stream now holds `held` and may add `left` more.
+    pub fn set(&self, held: u64, left: u64) {
+        self.held.store(held, Ordering::Relaxed);
+        self.left.store(left, Ordering::Relaxed);
+    }
+}
+
 impl ReplicaLoad {
     /// Requests ever started on the replica.
     pub fn started(&self) -> u64 {

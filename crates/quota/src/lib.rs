@@ -740,28 +740,8 @@ impl Shared {
         if next.refilling.swap(true, Ordering::AcqRel) {
             return; // a call for it is in flight already
         }
-        let ask = Ask {
-            op: &op,
-            need: 0,
-            cap: lease.cap(now, self.lease_max_age_ms, 0),
-        };
-        let settle = self.take_pending();
-        let answer = tokio::time::timeout(self.timeout, self.call(&[ask], &settle)).await;
-        match answer {
-            Ok(Ok(v)) => {
-                if let [1, 0, value, extra] = v.as_slice() {
-                    if !next.grant(*value, *extra, now) && *extra > 0 {
-                        self.push_pending(next.key.clone(), -*extra);
-                    }
-                }
-            }
-            Ok(Err(_)) => {}
-            Err(_) => {
-                metrics::counter!("infergate_quota_redis_errors_total").increment(1);
-                self.set_up(None);
-            }
-        }
-        next.end_flight();
+        let cap = lease.cap(now, self.lease_max_age_ms, 0);
+        self.grant_ahead(&next, cap, now).await;
     }
 
     /// Keeps a lease fresh over a short idle gap: one used within
@@ -786,11 +766,19 @@ impl Shared {
     /// request path).
     async fn refill(self: Arc<Self>, lease: Arc<Lease>) {
         let now = now_ms();
-        let op = &lease.op;
+        let cap = lease.cap(now, self.lease_max_age_ms, 0);
+        self.grant_ahead(&lease, cap, now).await;
+    }
+
+    /// One call that asks for up to `cap` of `lease`'s counter with no
+    /// request's need in it (a refill or the next window's opening), grants
+    /// it to the lease, and ends the lease's flight so the requests waiting
+    /// on it look again.
+    async fn grant_ahead(&self, lease: &Lease, cap: u64, now: u64) {
         let ask = Ask {
-            op,
+            op: &lease.op,
             need: 0,
-            cap: lease.cap(now, self.lease_max_age_ms, 0),
+            cap,
         };
         let settle = self.take_pending();
         let answer = tokio::time::timeout(self.timeout, self.call(&[ask], &settle)).await;

@@ -20,7 +20,6 @@
 //! apart, against 7 at prompt + `max_tokens` each).
 
 use std::cell::RefCell;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -313,9 +312,7 @@ impl Budget {
     ) -> Reservation {
         let kv_prompt = cost.prompt.saturating_sub(guard.cached_tokens());
         guard.set_tokens(kv_prompt + cost.output);
-        let kv = Arc::new(StreamKv::default());
-        kv.held.store(kv_prompt, Ordering::Relaxed);
-        kv.left.store(cost.output, Ordering::Relaxed);
+        let kv = Arc::new(StreamKv::new(kv_prompt, cost.output));
         guard.replica().load.add_stream(kv.clone());
         Reservation {
             kv,
@@ -408,12 +405,10 @@ impl Reservation {
             return;
         }
         self.generated = total;
-        self.kv
-            .held
-            .store(self.kv_prompt + total, Ordering::Relaxed);
-        self.kv
-            .left
-            .store(self.cost.output.saturating_sub(total), Ordering::Relaxed);
+        self.kv.set(
+            self.kv_prompt + total,
+            self.cost.output.saturating_sub(total),
+        );
         let want = self.kv_prompt + self.cost.output.max(total);
         self.set(want);
     }
@@ -427,8 +422,7 @@ impl Reservation {
         let cached = self.cost.prompt - self.kv_prompt;
         let held = prompt_tokens.saturating_sub(cached) + completion_tokens;
         // Usage comes with the last event: nothing more to add.
-        self.kv.held.store(held, Ordering::Relaxed);
-        self.kv.left.store(0, Ordering::Relaxed);
+        self.kv.set(held, 0);
         self.set(held);
     }
 
