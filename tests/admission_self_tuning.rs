@@ -89,23 +89,27 @@ async fn default_config_learns_the_batch_and_serves_critical_first() {
     assert_eq!(learned(), None, "nothing learned yet");
 
     // Wave 1: 16 standard streams at once. Slow start lets 4 in, then twice
-    // what the engine runs: the engine runs its 4, queues at most 4 more
-    // (not the other 12), and the scrapes learn the limit from that queue.
+    // what the engine runs: the engine holds at most 8 (its 4 running and 4
+    // queued, not the other 8 of the flood), and the scrapes learn the limit
+    // from that queue. The engine's own split between running and waiting is
+    // not checked: between two steps it reports a finished batch's
+    // successors all as waiting.
     let wave1: Vec<_> = (0..16).map(|i| standard(&c, gw.url(), i)).collect();
-    let mut most_waiting = 0;
+    let mut most_in_engine = 0;
     let t0 = Instant::now();
     while learned() != Some(4.0) {
         assert!(
             t0.elapsed() < Duration::from_secs(5),
             "the batch limit is never learned"
         );
-        most_waiting = most_waiting.max(fleet.replica(0).stats().waiting);
+        let s = fleet.replica(0).stats();
+        most_in_engine = most_in_engine.max(s.running + s.waiting);
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(r.admission.budget.batch(&replica), Some(4));
     assert!(
-        most_waiting <= 4,
-        "the engine queued {most_waiting} of the flood"
+        most_in_engine <= 8,
+        "the engine held {most_in_engine} of the flood of 16"
     );
     for t in wave1 {
         assert_eq!(t.await.unwrap(), 200);
