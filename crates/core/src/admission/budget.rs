@@ -8,7 +8,7 @@
 //! because release is a `Drop`).
 //!
 //! With self-tuning (the default), whether a replica's KV cache has room is
-//! judged on its projected peak ([`kv_peak`]), not on prompt + `max_tokens`
+//! judged on its projected peak in the engine's blocks ([`kv_peak_within`]), not on prompt + `max_tokens`
 //! held for each stream's whole life: a stream holds its prompt plus the
 //! output so far, and grows by one token per engine step until it ends, so
 //! streams at different ages never all reach their full size at once (on
@@ -71,14 +71,48 @@ pub fn kv_peak(streams: &mut [(u64, u64)], slack: u64) -> u64 {
     peak
 }
 
+/// Whether `streams` (as in [`kv_peak`]) never hold more than `limit` KV
+/// tokens from now on, counted in whole blocks of `block` tokens as the
+/// engine allocates them: a stream holding `t` tokens takes `⌈t / block⌉`
+/// blocks. [`kv_peak`] with `block − 1` slack per stream bounds this from
+/// above and without slack from below; only the moments where those bounds
+/// disagree with each other about `limit` are counted block by block, so
+/// the usual cost is one pass. Sorts `streams`.
+pub fn kv_peak_within(streams: &mut [(u64, u64)], block: u64, limit: u64) -> bool {
+    let block = block.max(1);
+    streams.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
+    let (mut held, mut count) = (0u64, 0u64);
+    for (i, &(h, left)) in streams.iter().enumerate() {
+        held = held.saturating_add(h);
+        count += 1;
+        // Just before the stream(s) with `left` to go end, each of the
+        // first `i + 1` streams has added `left` tokens.
+        let tokens = held.saturating_add(count.saturating_mul(left));
+        if tokens > limit {
+            return false;
+        }
+        if tokens.saturating_add(count.saturating_mul(block - 1)) <= limit {
+            continue;
+        }
+        let in_blocks = streams[..=i].iter().fold(0u64, |sum, &(h, _)| {
+            sum.saturating_add(h.saturating_add(left).div_ceil(block).saturating_mul(block))
+        });
+        if in_blocks > limit {
+            return false;
+        }
+    }
+    true
+}
+
 thread_local! {
-    /// Scratch for [`kv_peak`] on the placement path (no allocation per call).
+    /// Scratch for [`kv_peak_within`] on the placement path (no allocation per call).
     static PEAK_BUF: RefCell<Vec<(u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// [`kv_peak`] of `replica`'s streams with one more costing `cost` (its
-/// uncached prompt now, its output to come).
-fn replica_kv_peak(replica: &Replica, cost: Cost) -> u64 {
+/// Whether `replica`'s streams with one more costing `cost` (its uncached
+/// prompt now, its output to come) stay within `limit` KV tokens
+/// ([`kv_peak_within`], in the engine's blocks).
+fn replica_kv_within(replica: &Replica, cost: Cost, limit: u64) -> bool {
     PEAK_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         buf.clear();
@@ -90,7 +124,7 @@ fn replica_kv_peak(replica: &Replica, cost: Cost) -> u64 {
             .as_ref()
             .and_then(|s| s.block_size)
             .unwrap_or(1);
-        kv_peak(&mut buf, u64::from(block.max(1)) - 1)
+        kv_peak_within(&mut buf, u64::from(block), limit)
     })
 }
 
@@ -282,7 +316,7 @@ impl Budget {
                 // prompt + `max_tokens` held by each stream for its whole life.
                 used == 0
                     || if project {
-                        replica_kv_peak(replica, cost) as f64 <= limit
+                        replica_kv_within(replica, cost, limit as u64)
                     } else {
                         used.saturating_add(cost.total()) as f64 <= limit
                     }
@@ -816,6 +850,57 @@ pub(crate) mod tests {
         assert_eq!(kv_peak(&mut [(100, 10), (100, 10), (0, 1000)], 0), 1000);
     }
 
+    /// What `streams` hold at their fullest, in whole blocks, found by
+    /// walking every engine step (the reference for [`kv_peak_within`]).
+    fn peak_in_blocks_step_by_step(streams: &[(u64, u64)], block: u64) -> u64 {
+        let last = streams.iter().map(|s| s.1).max().unwrap_or(0);
+        (0..=last)
+            .map(|t| {
+                streams
+                    .iter()
+                    .filter(|s| s.1 >= t)
+                    .map(|&(h, _)| (h + t).div_ceil(block) * block)
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn kv_peak_within_agrees_with_a_step_by_step_walk(
+            streams in proptest::collection::vec((0u64..300, 0u64..60), 0..12),
+            block in 1u64..33,
+            limit in 0u64..4000,
+        ) {
+            let peak = peak_in_blocks_step_by_step(&streams, block);
+            proptest::prop_assert_eq!(kv_peak_within(&mut streams.clone(), block, limit), peak <= limit);
+            // The slack bounds around it.
+            proptest::prop_assert!(kv_peak(&mut streams.clone(), 0) <= peak);
+            proptest::prop_assert!(peak <= kv_peak(&mut streams.clone(), block - 1));
+        }
+    }
+
+    #[test]
+    fn two_long_prompts_that_fill_a_small_cache_in_whole_blocks_both_fit() {
+        // 2,010 + 32 tokens take 128 blocks of 16 at their end: two fill a
+        // 256-block cache exactly. A slack of 15 tokens per stream
+        // (2 x 2,057 = 4,114) would have refused the second.
+        let two = [(2010, 32), (2010, 32)];
+        assert!(kv_peak_within(&mut two.clone(), 16, 4096));
+        assert!(kv_peak(&mut two.clone(), 15) > 4096);
+        // 2,049 tokens each need a 129th block: not both.
+        assert!(kv_peak_within(&mut [(2016, 32), (2016, 32)], 16, 4096));
+        assert!(!kv_peak_within(&mut [(2017, 32), (2017, 32)], 16, 4096));
+        // Through the budget: a replica holding one such stream takes a second.
+        let r = replica();
+        scraped(&r, 16, 256);
+        let b = Budget::new(BudgetConfig::default());
+        let req = Cost::estimate(2010, Some(32), 0);
+        let _first = Budget::reserve(&r, req, None);
+        assert!(b.fits(&r, req, Priority::Critical, &K));
+    }
+
     #[test]
     fn a_kv_bound_replica_takes_more_streams_when_their_ages_differ() {
         // 4,096 KV tokens in 16-token blocks, a batch of 16 learned.
@@ -829,7 +914,7 @@ pub(crate) mod tests {
         let req = Cost::estimate(64, Some(500), 0);
         // Ten streams of 64 + 500 tokens started 50 tokens apart (paced
         // starts): 10 x 564 = 5,640 tokens if each held its whole life,
-        // but they peak at 3,669 (block slack included).
+        // but with an eleventh they peak at 3,600 in whole blocks.
         let mut held = vec![];
         for i in 0..10u64 {
             let mut s = Budget::reserve(&r, req, None);
@@ -843,7 +928,7 @@ pub(crate) mod tests {
         );
         drop(held);
         // Seven that started together reach 564 tokens each at once: an
-        // eighth would need 8 x (564 + 15) > 4,096.
+        // eighth would need 8 x 576 (36 blocks each) > 4,096.
         let cohort: Vec<_> = (0..7).map(|_| Budget::reserve(&r, req, None)).collect();
         assert!(!tuned.fits(&r, req, S, &K), "a cohort is not overfilled");
         drop(cohort);

@@ -53,8 +53,8 @@ pub struct BudgetConfig {
     pub tokens_per_replica: Option<u64>,
     /// Share of the engine's KV cache the gateway fills before it queues.
     /// Default 1: with self-tuning the budget is the streams' projected KV
-    /// peak (`admission::budget::kv_peak`), an upper bound up to block
-    /// rounding, so no margin is needed; lower it to leave room for what the
+    /// peak in the engine's blocks (`admission::budget::kv_peak_within`), an
+    /// upper bound, so no margin is needed; lower it to leave room for what the
     /// gateway cannot see (other clients of the engine, large shared prefixes).
     pub kv_fraction: f64,
     /// Cap on requests in flight per replica (for example the engine's
