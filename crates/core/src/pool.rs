@@ -65,7 +65,7 @@ pub struct ReplicaLoad {
     pub(crate) next_start: AtomicU64,
     /// What each stream in flight holds in the engine's KV cache and may
     /// still add: admission projects the replica's KV peak from them
-    /// (`admission::budget::kv_peak`). Locked only to add, remove or read
+    /// (`admission::budget::kv_peak_within`). Locked only to add, remove or read
     /// the list, never across an await.
     streams: Mutex<Vec<Arc<StreamKv>>>,
 }

@@ -278,6 +278,33 @@ pub(crate) fn explain(gw: &Gateway, id: &str) -> Option<serde_json::Value> {
     })
 }
 
+/// What admission holds each of a route's replicas to now: the request cap
+/// (hand-set, learned batch limit or slow-start cap; `null`: none), the
+/// batch limit learned from the engine's metrics, and the KV token capacity
+/// the budget counts (`null`: unlimited).
+fn admission_view(r: &super::gateway::Route) -> serde_json::Value {
+    let budget = &r.admission.budget;
+    let replicas: Vec<_> = r
+        .pool
+        .replicas()
+        .iter()
+        .map(|replica| {
+            let learned = replica
+                .signals
+                .load()
+                .as_ref()
+                .and_then(|s| s.saturated_batch);
+            json!({
+                "key": replica.key(),
+                "request_cap": budget.batch(replica),
+                "batch_learned": learned,
+                "kv_capacity_tokens": budget.capacity(replica),
+            })
+        })
+        .collect();
+    json!({ "self_tuning": budget.self_tuning(), "replicas": replicas })
+}
+
 /// Routes with their pools and the live load of each replica.
 pub(crate) fn routes_view(gw: &Gateway) -> serde_json::Value {
     let table = gw.routes();
@@ -291,6 +318,7 @@ pub(crate) fn routes_view(gw: &Gateway) -> serde_json::Value {
                 "pool": &*r.pool.name,
                 "target_model": r.config.target_model,
                 "routing": r.config.routing,
+                "admission": admission_view(r),
             })
         })
         .collect();

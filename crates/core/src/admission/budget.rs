@@ -50,34 +50,18 @@ impl Cost {
     }
 }
 
-/// The most KV tokens `streams` (each `(held, left)`: tokens held now,
-/// output tokens it may still add) will hold at once from now on, if every
-/// stream adds one token per engine step and frees all it holds when it
-/// ends (continuous batching). Just before the stream with `left = r` ends,
-/// the streams with at least `r` left hold `Σ held + count × r`; the peak is
-/// the largest of those (at the smallest `r`, at least what they hold now).
-/// Each stream counts `slack` tokens more: the engine allocates whole
-/// blocks, so a stream's last block is partly empty (`block size − 1` at
-/// most). Sorts `streams`.
-pub fn kv_peak(streams: &mut [(u64, u64)], slack: u64) -> u64 {
-    // Longest to go first: each prefix is the set still running at its `left`.
-    streams.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
-    let (mut held, mut count, mut peak) = (0u64, 0u64, 0u64);
-    for &(h, left) in streams.iter() {
-        held = held.saturating_add(h).saturating_add(slack);
-        count += 1;
-        peak = peak.max(held.saturating_add(count.saturating_mul(left)));
-    }
-    peak
-}
-
-/// Whether `streams` (as in [`kv_peak`]) never hold more than `limit` KV
-/// tokens from now on, counted in whole blocks of `block` tokens as the
-/// engine allocates them: a stream holding `t` tokens takes `⌈t / block⌉`
-/// blocks. [`kv_peak`] with `block − 1` slack per stream bounds this from
-/// above and without slack from below; only the moments where those bounds
-/// disagree with each other about `limit` are counted block by block, so
-/// the usual cost is one pass. Sorts `streams`.
+/// Whether `streams` (each `(held, left)`: KV tokens held now, output
+/// tokens it may still add) never hold more than `limit` KV tokens from now
+/// on, if every stream adds one token per engine step and frees all it
+/// holds when it ends (continuous batching), counted in whole blocks of
+/// `block` tokens as the engine allocates them (`t` tokens take
+/// `⌈t / block⌉` blocks). Just before the stream with `left = r` ends, the
+/// streams with at least `r` left hold `Σ held + count × r` tokens, plus at
+/// most `block − 1` each in their last block: the peak is the largest of
+/// those (at the smallest `r`, at least what they hold now). The bounds
+/// without and with `block − 1` per stream decide most moments in one
+/// pass; only a moment they cannot decide is counted block by block.
+/// Sorts `streams`.
 pub fn kv_peak_within(streams: &mut [(u64, u64)], block: u64, limit: u64) -> bool {
     let block = block.max(1);
     streams.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
@@ -312,7 +296,7 @@ impl Budget {
                 let used = load.tokens();
                 let limit = cap as f64 * share;
                 // Self-tuning on the engine's KV cache: the replica's
-                // projected KV peak with this request (`kv_peak`); otherwise
+                // projected KV peak with this request (`kv_peak_within`); otherwise
                 // prompt + `max_tokens` held by each stream for its whole life.
                 used == 0
                     || if project {
@@ -375,7 +359,7 @@ impl Budget {
 pub struct Reservation {
     // Always `Some` until drop.
     guard: Option<LoadGuard>,
-    /// This stream's entry in its replica's list (`kv_peak`).
+    /// This stream's entry in its replica's list (`kv_peak_within`).
     kv: Arc<StreamKv>,
     cost: Cost,
     /// The prompt tokens this request adds to the replica's KV cache (its
@@ -848,6 +832,20 @@ pub(crate) mod tests {
         // One long stream past a crowd of short ones that end first.
         assert_eq!(kv_peak(&mut [(100, 10); 4], 0), 440);
         assert_eq!(kv_peak(&mut [(100, 10), (100, 10), (0, 1000)], 0), 1000);
+    }
+
+    /// The most `streams` hold at once from now on with `slack` tokens more
+    /// per stream (a bound around [`kv_peak_within`]'s block count: `0` from
+    /// below, `block − 1` from above).
+    fn kv_peak(streams: &mut [(u64, u64)], slack: u64) -> u64 {
+        streams.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
+        let (mut held, mut count, mut peak) = (0u64, 0u64, 0u64);
+        for &(h, left) in streams.iter() {
+            held += h + slack;
+            count += 1;
+            peak = peak.max(held + count * left);
+        }
+        peak
     }
 
     /// What `streams` hold at their fullest, in whole blocks, found by
