@@ -27,6 +27,7 @@ use super::config::BudgetConfig;
 use super::tuning::{self, Knobs, Timing};
 use super::Priority;
 use crate::pool::{LoadGuard, Replica, StreamKv};
+use crate::routing::NoRoom;
 
 /// Expected cost of one request in tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -209,6 +210,19 @@ impl Budget {
         knobs: &Knobs,
         past_cap: u64,
     ) -> bool {
+        self.room_past_cap(replica, cost, priority, knobs, past_cap)
+            .is_ok()
+    }
+
+    /// [`Budget::fits_past_cap`], saying which bound refused.
+    pub fn room_past_cap(
+        &self,
+        replica: &Replica,
+        cost: Cost,
+        priority: Priority,
+        knobs: &Knobs,
+        past_cap: u64,
+    ) -> Result<(), NoRoom> {
         let critical = priority == Priority::Critical;
         let tune = self.cfg.self_tuning;
         let batch = self.batch(replica);
@@ -243,7 +257,7 @@ impl Budget {
         // The connection bound holds for every band: beyond it a request
         // would wait for a connection where admission cannot see it.
         if load.requests() >= self.cfg.max_connections_per_replica {
-            return false;
+            return Err(NoRoom::Connections);
         }
         if let Some(max) = batch {
             // The epsilon keeps 16 x (1 - 4/16) at 12, not 11.99.
@@ -254,7 +268,12 @@ impl Budget {
                 max = max.saturating_add(self.cfg.critical_engine_queue.unwrap_or(derived_queue));
             }
             if load.requests() >= max {
-                return false;
+                let whole = max.max(batch.unwrap_or(0).saturating_add(past_cap));
+                return Err(if load.requests() < whole {
+                    NoRoom::CriticalReserve
+                } else {
+                    NoRoom::RequestCap
+                });
             }
         }
         let prefill_cap = self.cfg.max_prefill_tokens_per_replica.or(match slots {
@@ -264,28 +283,36 @@ impl Budget {
         if let (Some(max), false) = (prefill_cap, critical) {
             let pending = load.prefill_tokens();
             if pending > 0 && pending.saturating_add(cost.prompt) > max {
-                return false;
+                return Err(NoRoom::PrefillCap);
             }
         }
         // An engine that schedules by priority preempts a lower band's
         // sequences for a critical one when its KV cache is full too.
         if critical && tune && knobs.engine_priority {
-            return true;
+            return Ok(());
         }
         match capacity {
-            None => true,
+            None => Ok(()),
             Some(cap) => {
                 let used = load.tokens();
                 let limit = cap as f64 * share;
                 // Self-tuning on the engine's KV cache: the replica's
                 // projected KV peak with this request (`kv_peak`); otherwise
                 // prompt + `max_tokens` held by each stream for its whole life.
-                used == 0
-                    || if project {
-                        replica_kv_peak(replica, cost) as f64 <= limit
-                    } else {
-                        used.saturating_add(cost.total()) as f64 <= limit
-                    }
+                let need = if used == 0 {
+                    0
+                } else if project {
+                    replica_kv_peak(replica, cost)
+                } else {
+                    used.saturating_add(cost.total())
+                };
+                if need as f64 <= limit {
+                    Ok(())
+                } else if need <= cap {
+                    Err(NoRoom::CriticalReserve)
+                } else {
+                    Err(NoRoom::KvBudget)
+                }
             }
         }
     }

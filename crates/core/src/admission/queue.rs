@@ -48,7 +48,7 @@ use super::outlier::OutlierDetector;
 use super::tuning::{Derived, Knobs, Observations, Timing};
 use super::{Priority, RequestClass};
 use crate::pool::{Pool, Replica, RoutabilityCheck};
-use crate::routing::{Picker, RouteRequest};
+use crate::routing::{NoRoom, Picker, Refusal, RouteRequest};
 use infergate_protocol::error::ApiError;
 
 /// What admission needs to know about one request.
@@ -238,6 +238,7 @@ impl PoolAdmission {
         // A replica already caching part of the prompt needs room only for
         // the rest, and may take it past its cap while the wait there is
         // shorter than the prefill the cached part saves (`HolderPass`).
+        let refused = |bound| Err(Refusal { bound, queued });
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
                 prompt: cost.prompt - cached.min(cost.prompt),
@@ -248,27 +249,28 @@ impl PoolAdmission {
                 && (scrape_read(r)
                     || !*some_read.get_or_init(|| members.iter().any(|m| scrape_read(m)))))
             {
-                return false;
+                return refused(NoRoom::Unavailable);
             }
             let past_cap = match holder_pass {
                 Some(p) if cached > 0 => p.past_cap(self.budget.batch(r), cached),
                 _ => 0,
             };
-            if !self
+            if let Err(bound) = self
                 .budget
-                .fits_past_cap(r, cost_here, priority, &knobs, past_cap)
+                .room_past_cap(r, cost_here, priority, &knobs, past_cap)
             {
-                return false;
+                return refused(bound);
             }
             match self.budget.pace(r, &knobs).filter(|_| paced) {
                 Some(pace) => {
                     let at = pace.allowed_at(&r.load.next_start);
                     if at > now {
                         paced_until.set(Some(paced_until.get().map_or(at, |t| t.min(at))));
+                        return refused(NoRoom::Pacing);
                     }
-                    at <= now
+                    Ok(())
                 }
-                None => true,
+                None => Ok(()),
             }
         };
         // One call: the picker looks the prompt's prefix up once, asks `fits`
@@ -1433,7 +1435,7 @@ mod tests {
         ) -> Option<crate::pool::LoadGuard> {
             let r = replicas
                 .iter()
-                .filter(|r| fits(r, self.cached(r)))
+                .filter(|r| fits(r, self.cached(r)).is_ok())
                 .max_by_key(|r| (self.cached(r), std::cmp::Reverse(r.load.requests())))?;
             let cached = self.cached(r);
             Some(
