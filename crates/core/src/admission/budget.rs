@@ -114,6 +114,16 @@ pub struct Budget {
     cfg: BudgetConfig,
 }
 
+/// How far past its caps a replica may take a request: the prefix holder's
+/// pass (`admission::queue`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PastCap {
+    /// Requests past the request cap.
+    pub requests: u64,
+    /// Prompt tokens past the prefill cap.
+    pub prefill_tokens: u64,
+}
+
 impl Budget {
     pub fn new(cfg: BudgetConfig) -> Self {
         Budget { cfg }
@@ -196,33 +206,22 @@ impl Budget {
     /// budget must still run somewhere; the engine decides whether it fits at
     /// all).
     pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority, knobs: &Knobs) -> bool {
-        self.fits_past_cap(replica, cost, priority, knobs, 0)
-    }
-
-    /// [`Budget::fits`] with the request cap raised by `past_cap` requests
-    /// (the prefix holder's pass, `admission::queue`); every other bound
-    /// holds as it is.
-    pub fn fits_past_cap(
-        &self,
-        replica: &Replica,
-        cost: Cost,
-        priority: Priority,
-        knobs: &Knobs,
-        past_cap: u64,
-    ) -> bool {
-        self.room_past_cap(replica, cost, priority, knobs, past_cap)
+        self.room_past_cap(replica, cost, priority, knobs, PastCap::default())
             .is_ok()
     }
 
-    /// [`Budget::fits_past_cap`], saying which bound refused.
+    /// [`Budget::fits`] with the request cap and the prefill cap raised by
+    /// `past` (the prefix holder's pass, `admission::queue`), saying which
+    /// bound refused; every other bound holds as it is.
     pub fn room_past_cap(
         &self,
         replica: &Replica,
         cost: Cost,
         priority: Priority,
         knobs: &Knobs,
-        past_cap: u64,
+        past: PastCap,
     ) -> Result<(), NoRoom> {
+        let past_cap = past.requests;
         let critical = priority == Priority::Critical;
         let tune = self.cfg.self_tuning;
         let batch = self.batch(replica);
@@ -282,7 +281,9 @@ impl Budget {
         });
         if let (Some(max), false) = (prefill_cap, critical) {
             let pending = load.prefill_tokens();
-            if pending > 0 && pending.saturating_add(cost.prompt) > max {
+            if pending > 0
+                && pending.saturating_add(cost.prompt) > max.saturating_add(past.prefill_tokens)
+            {
                 return Err(NoRoom::PrefillCap);
             }
         }
