@@ -186,7 +186,8 @@ pub enum NoRoom {
     /// Room left only in the share kept for critical requests (request cap
     /// or KV budget).
     CriticalReserve,
-    /// Prefill tokens pending on the replica.
+    /// Prefill tokens pending on the replica (the prefill cap, plus the
+    /// prefix holder's pass).
     PrefillCap,
     /// The KV token budget.
     KvBudget,
