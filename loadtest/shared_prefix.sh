@@ -363,12 +363,20 @@ for n in names:
                     [(f"{w}", c["requests"]) for w, c in p["spilled"].items()] + \
                     [(f"{w}_tok", c["reprefill_tokens"]) for w, c in p["spilled"].items()]:
             tot[k] = tot.get(k, 0) + v
+        for b, c in p["spilled"]["admission"].get("by_bound", {}).items():
+            for when in ("arrival", "queued"):
+                k = f"{b} on {when}"
+                tot[k] = tot.get(k, 0) + c[when]["requests"]
+                tot[k + "_tok"] = tot.get(k + "_tok", 0) + c[when]["reprefill_tokens"]
     if not tot.get("decisions"): continue
     d = tot["decisions"]
     spills = " ".join(f"{w} {tot[w]} ({tot[w + '_tok']} tok)" for w in
                       ("admission", "saturation", "prefix_affinity", "other_filter", "score") if tot.get(w))
     print(f"{n}: placements {d}: to the holder {tot['holder']} ({tot['holder_tok']} cached tok), "
           f"cold {tot['cold']} ({tot['cold_tok']} tok prefilled), spilled off a holder: {spills or 'none'}")
+    by = ", ".join(f"{k} {tot[k]} ({tot[k + '_tok']} tok)" for k in tot
+                   if " on " in k and not k.endswith("_tok") and tot[k])
+    if by: print(f"{n}: admission spills by the bound that refused the holder: {by}")
 print(f"raw JSON: {run}/*.json")
 EOF
 }

@@ -27,6 +27,7 @@ use super::config::BudgetConfig;
 use super::tuning::{self, Knobs, Timing};
 use super::Priority;
 use crate::pool::{LoadGuard, Replica, StreamKv};
+use crate::routing::NoRoom;
 
 /// Expected cost of one request in tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -131,6 +132,16 @@ pub struct Budget {
     cfg: BudgetConfig,
 }
 
+/// How far past its caps a replica may take a request: the prefix holder's
+/// pass (`admission::queue`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PastCap {
+    /// Requests past the request cap.
+    pub requests: u64,
+    /// Prompt tokens past the prefill cap.
+    pub prefill_tokens: u64,
+}
+
 impl Budget {
     pub fn new(cfg: BudgetConfig) -> Self {
         Budget { cfg }
@@ -213,20 +224,22 @@ impl Budget {
     /// budget must still run somewhere; the engine decides whether it fits at
     /// all).
     pub fn fits(&self, replica: &Replica, cost: Cost, priority: Priority, knobs: &Knobs) -> bool {
-        self.fits_past_cap(replica, cost, priority, knobs, 0)
+        self.room_past_cap(replica, cost, priority, knobs, PastCap::default())
+            .is_ok()
     }
 
-    /// [`Budget::fits`] with the request cap raised by `past_cap` requests
-    /// (the prefix holder's pass, `admission::queue`); every other bound
-    /// holds as it is.
-    pub fn fits_past_cap(
+    /// [`Budget::fits`] with the request cap and the prefill cap raised by
+    /// `past` (the prefix holder's pass, `admission::queue`), saying which
+    /// bound refused; every other bound holds as it is.
+    pub fn room_past_cap(
         &self,
         replica: &Replica,
         cost: Cost,
         priority: Priority,
         knobs: &Knobs,
-        past_cap: u64,
-    ) -> bool {
+        past: PastCap,
+    ) -> Result<(), NoRoom> {
+        let past_cap = past.requests;
         let critical = priority == Priority::Critical;
         let tune = self.cfg.self_tuning;
         let batch = self.batch(replica);
@@ -261,7 +274,7 @@ impl Budget {
         // The connection bound holds for every band: beyond it a request
         // would wait for a connection where admission cannot see it.
         if load.requests() >= self.cfg.max_connections_per_replica {
-            return false;
+            return Err(NoRoom::Connections);
         }
         if let Some(max) = batch {
             // The epsilon keeps 16 x (1 - 4/16) at 12, not 11.99.
@@ -272,7 +285,12 @@ impl Budget {
                 max = max.saturating_add(self.cfg.critical_engine_queue.unwrap_or(derived_queue));
             }
             if load.requests() >= max {
-                return false;
+                let whole = max.max(batch.unwrap_or(0).saturating_add(past_cap));
+                return Err(if load.requests() < whole {
+                    NoRoom::CriticalReserve
+                } else {
+                    NoRoom::RequestCap
+                });
             }
         }
         let prefill_cap = self.cfg.max_prefill_tokens_per_replica.or(match slots {
@@ -281,29 +299,40 @@ impl Budget {
         });
         if let (Some(max), false) = (prefill_cap, critical) {
             let pending = load.prefill_tokens();
-            if pending > 0 && pending.saturating_add(cost.prompt) > max {
-                return false;
+            if pending > 0
+                && pending.saturating_add(cost.prompt) > max.saturating_add(past.prefill_tokens)
+            {
+                return Err(NoRoom::PrefillCap);
             }
         }
         // An engine that schedules by priority preempts a lower band's
         // sequences for a critical one when its KV cache is full too.
         if critical && tune && knobs.engine_priority {
-            return true;
+            return Ok(());
         }
         match capacity {
-            None => true,
+            None => Ok(()),
             Some(cap) => {
                 let used = load.tokens();
                 let limit = cap as f64 * share;
                 // Self-tuning on the engine's KV cache: the replica's
                 // projected KV peak with this request (`kv_peak_within`); otherwise
                 // prompt + `max_tokens` held by each stream for its whole life.
-                used == 0
-                    || if project {
-                        replica_kv_within(replica, cost, limit as u64)
-                    } else {
-                        used.saturating_add(cost.total()) as f64 <= limit
-                    }
+                let fits_within = |limit: f64| {
+                    used == 0
+                        || if project {
+                            replica_kv_within(replica, cost, limit as u64)
+                        } else {
+                            used.saturating_add(cost.total()) as f64 <= limit
+                        }
+                };
+                if fits_within(limit) {
+                    Ok(())
+                } else if fits_within(cap as f64) {
+                    Err(NoRoom::CriticalReserve)
+                } else {
+                    Err(NoRoom::KvBudget)
+                }
             }
         }
     }

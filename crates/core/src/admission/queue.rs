@@ -41,14 +41,14 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use tokio::sync::oneshot;
 
-use super::budget::{Budget, CapacityListener, Cost, Reservation};
+use super::budget::{Budget, CapacityListener, Cost, PastCap, Reservation};
 use super::cold_start;
 use super::config::{AdmissionConfig, QueueConfig};
 use super::outlier::OutlierDetector;
 use super::tuning::{Derived, Knobs, Observations, Timing};
 use super::{Priority, RequestClass};
 use crate::pool::{Pool, Replica, RoutabilityCheck};
-use crate::routing::{Picker, RouteRequest};
+use crate::routing::{NoRoom, Picker, Refusal, RouteRequest};
 use infergate_protocol::error::ApiError;
 
 /// What admission needs to know about one request.
@@ -238,6 +238,7 @@ impl PoolAdmission {
         // A replica already caching part of the prompt needs room only for
         // the rest, and may take it past its cap while the wait there is
         // shorter than the prefill the cached part saves (`HolderPass`).
+        let refused = |bound| Err(Refusal { bound, queued });
         let fits = |r: &Replica, cached: u64| {
             let cost_here = Cost {
                 prompt: cost.prompt - cached.min(cost.prompt),
@@ -248,27 +249,31 @@ impl PoolAdmission {
                 && (scrape_read(r)
                     || !*some_read.get_or_init(|| members.iter().any(|m| scrape_read(m)))))
             {
-                return false;
+                return refused(NoRoom::Unavailable);
             }
-            let past_cap = match holder_pass {
-                Some(p) if cached > 0 => p.past_cap(self.budget.batch(r), cached),
-                _ => 0,
+            let past = match holder_pass {
+                Some(p) if cached > 0 => PastCap {
+                    requests: p.past_cap(self.budget.batch(r), cached),
+                    prefill_tokens: cached,
+                },
+                _ => PastCap::default(),
             };
-            if !self
+            if let Err(bound) = self
                 .budget
-                .fits_past_cap(r, cost_here, priority, &knobs, past_cap)
+                .room_past_cap(r, cost_here, priority, &knobs, past)
             {
-                return false;
+                return refused(bound);
             }
             match self.budget.pace(r, &knobs).filter(|_| paced) {
                 Some(pace) => {
                     let at = pace.allowed_at(&r.load.next_start);
                     if at > now {
                         paced_until.set(Some(paced_until.get().map_or(at, |t| t.min(at))));
+                        return refused(NoRoom::Pacing);
                     }
-                    at <= now
+                    Ok(())
                 }
-                None => true,
+                None => Ok(()),
             }
         };
         // One call: the picker looks the prompt's prefix up once, asks `fits`
@@ -471,7 +476,9 @@ impl PoolAdmission {
 /// Locality at the cap: a replica holding part of a request's prompt in
 /// its KV cache may take it past its request cap (into its engine's own
 /// queue) while the expected wait there is shorter than the prefill the
-/// cached part saves. Without it, a request finding its prefix's holder at
+/// cached part saves, and past its prefill cap by as many tokens as are
+/// cached (the prefill it waits for beyond the cap is shorter than the one
+/// it saves). Without it, a request finding its prefix's holder at
 /// the cap left for the first replica with room and prefilled its whole
 /// prompt again; under cache pressure each such move evicted another
 /// prefix, capacity fell and the queue grew (one gateway: fleet hit rate
@@ -1433,7 +1440,7 @@ mod tests {
         ) -> Option<crate::pool::LoadGuard> {
             let r = replicas
                 .iter()
-                .filter(|r| fits(r, self.cached(r)))
+                .filter(|r| fits(r, self.cached(r)).is_ok())
                 .max_by_key(|r| (self.cached(r), std::cmp::Reverse(r.load.requests())))?;
             let cached = self.cached(r);
             Some(
@@ -1536,6 +1543,91 @@ mod tests {
         };
         assert_eq!(r.replica().key(), cold.key());
         drop(batch);
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_past_the_prefill_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_the_prefill(
+    ) {
+        let pool = Arc::new(Pool::new("p", Default::default()));
+        pool.apply(Update::Reset(
+            (0..2)
+                .map(|i| Endpoint::from_url(&format!("http://127.0.0.1:{}", 9100 + i)).unwrap())
+                .collect(),
+        ));
+        let (holder, cold) = (pool.replicas()[0].clone(), pool.replicas()[1].clone());
+        assert_eq!(holder.key(), "127.0.0.1:9100");
+        // A batch of 8: the request cap does not bind here.
+        for r in [&holder, &cold] {
+            crate::admission::budget::tests::scraped(r, 8, 100_000);
+        }
+        let adm = Arc::new(PoolAdmission::new("p", &AdmissionConfig::default()));
+        adm.listener().request_ended(
+            0,
+            Some(Timing {
+                ttft: Duration::from_millis(500),
+                total: Duration::from_millis(1000),
+                generated: 11,
+                prompt: 4500,
+            }),
+        );
+        let cap = adm
+            .knobs(&pool, 2)
+            .prefill_cap(8)
+            .expect("the timings are learned");
+        // The holder has a prompt of its cap + 500 tokens pending in prefill.
+        let pending = Budget::reserve(
+            &holder,
+            Cost {
+                prompt: cap + 500,
+                output: 10,
+            },
+            None,
+        );
+        assert_eq!(holder.load.prefill_tokens(), cap + 500);
+        let holds = |cached| Holds {
+            holder: "127.0.0.1:9100",
+            cached,
+        };
+        let t = Ticket {
+            cost: Cost {
+                prompt: 9000,
+                output: 30,
+            },
+            ..ticket(Priority::Standard, "", 0, 5000)
+        };
+        let req = RouteRequest {
+            prompt_tokens: 9000,
+            max_tokens: 30,
+            ..req()
+        };
+        let place = |cached, queued| adm.try_place(&pool, &holds(cached), &req, &t, &[], queued);
+        // 1,000 cached tokens: the holder's prefill past its cap (500 + the
+        // 8,000 uncached) is longer than the 1,000 it saves: the request
+        // prefills its whole prompt on the cold replica.
+        let Placement::Placed(r) = place(1000, false) else {
+            panic!("the cold replica has room")
+        };
+        assert_eq!(r.replica().key(), cold.key());
+        drop(r);
+        // 8,000 cached: 500 + 1,000 tokens past the cap wait less than the
+        // 8,000 it saves: it goes to the holder, on arrival and on a queue
+        // turn alike.
+        for queued in [false, true] {
+            let Placement::Placed(r) = place(8000, queued) else {
+                panic!("the holder takes it past its prefill cap")
+            };
+            assert_eq!(r.replica().key(), holder.key(), "queued: {queued}");
+            drop(r);
+        }
+        // While critical requests arrive (no engine priority), the prefill
+        // cap keeps their TTFT: no pass.
+        let c = ticket(Priority::Critical, "", 20, 5000);
+        drop(adm.acquire(&pool, &holds(0), &req, &c, &[]).await.unwrap());
+        let Placement::Placed(r) = place(8000, false) else {
+            panic!("the cold replica has room")
+        };
+        assert_eq!(r.replica().key(), cold.key());
+        drop(pending);
     }
 
     /// `n` standard requests admitted at once on a pool with room for them.

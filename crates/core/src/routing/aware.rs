@@ -39,7 +39,7 @@ use super::pipeline::{FilterOutcome, Pipeline};
 use super::placement_stats::{PlacementStats, Spill};
 use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
-use super::{Fits, Picker, RouteRequest};
+use super::{Fits, Picker, Refusal, RouteRequest};
 use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
 
 /// Why one request went where it went. Kept as numbers: the one-line
@@ -289,7 +289,7 @@ impl InferenceAware {
         let hashes = self.hashes(req);
         let matched = self.matched_blocks(replicas, req, &hashes);
         let longest = longest_match(replicas, exclude, &matched);
-        self.decide(replicas, req, exclude, &hashes, &matched, longest)
+        self.decide(replicas, req, exclude, &hashes, &matched, longest, None)
     }
 
     /// Starts `replica`'s load accounting for `req`, `uncached` of its prompt
@@ -304,7 +304,9 @@ impl InferenceAware {
     /// The decision itself, over `replicas` (less `exclude`) holding
     /// `matched` leading blocks of the prompt's `hashes` (same order): (index
     /// of the chosen replica, its uncached tokens). `longest` is the longest
-    /// match among all the pool's replicas, those admission left out included.
+    /// match among all the pool's replicas, those admission left out included;
+    /// `refused`, why admission left out the one holding the most.
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         replicas: &[Arc<Replica>],
@@ -313,6 +315,7 @@ impl InferenceAware {
         hashes: &[u64],
         matched: &[Matched],
         longest: u32,
+        refused: Option<Refusal>,
     ) -> Option<(usize, u32)> {
         let bs = self.block_size();
         let group_at = (self.cfg.rendezvous.blocks.max(1) as usize)
@@ -392,7 +395,7 @@ impl InferenceAware {
             .map(|(i, _)| i)?;
         let chosen = &cands[best];
         let (idx, uncached) = (chosen.idx, chosen.uncached_tokens);
-        self.count_placement(&cands, chosen, longest, group_at, req);
+        self.count_placement(&cands, chosen, longest, group_at, req, refused);
         let replica = &replicas[idx];
         let capacity = replica
             .signals
@@ -430,6 +433,7 @@ impl InferenceAware {
         longest: u32,
         group_at: Option<usize>,
         req: &RouteRequest<'_>,
+        refused: Option<Refusal>,
     ) {
         let stats = &self.placement;
         if group_at.is_none_or(|at| (longest as usize) <= at) {
@@ -450,7 +454,7 @@ impl InferenceAware {
             .filter(|c| c.matched_blocks >= threshold)
             .max_by_key(|c| c.matched_blocks);
         let why = match holder {
-            None => Spill::Admission,
+            None => Spill::Admission(refused),
             Some(h) => h.dropped_by.map_or(Spill::Score, Spill::Filter),
         };
         stats.spilled(why, lost);
@@ -726,16 +730,28 @@ impl Picker for InferenceAware {
         let longest = longest_match(replicas, exclude, &matched);
         // The replicas that fit, with their matches, in their order.
         let mut fitting = Vec::with_capacity(replicas.len());
+        // The refusal of the replica holding the most of the prompt (for
+        // `placement`: why a request left its prefix's holder).
+        let mut holder_refused: Option<(u32, Refusal)> = None;
         for (i, r) in replicas.iter().enumerate() {
-            if !super::is_excluded(r, exclude)
-                && fits(r, self.cached_tokens(matched[i].blocks, req))
-            {
-                matched[fitting.len()] = matched[i];
-                fitting.push(r.clone());
+            if super::is_excluded(r, exclude) {
+                continue;
+            }
+            match fits(r, self.cached_tokens(matched[i].blocks, req)) {
+                Ok(()) => {
+                    matched[fitting.len()] = matched[i];
+                    fitting.push(r.clone());
+                }
+                Err(why) => {
+                    if holder_refused.is_none_or(|(b, _)| matched[i].blocks > b) {
+                        holder_refused = Some((matched[i].blocks, why));
+                    }
+                }
             }
         }
         matched.truncate(fitting.len());
-        let (i, uncached) = self.decide(&fitting, req, &[], &hashes, &matched, longest)?;
+        let refused = holder_refused.map(|(_, why)| why);
+        let (i, uncached) = self.decide(&fitting, req, &[], &hashes, &matched, longest, refused)?;
         Some(self.begin(&fitting[i], req, uncached))
     }
 
@@ -861,6 +877,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::discovery::Endpoint;
     use crate::routing::signals::LoraInfo;
+    use crate::routing::NoRoom;
 
     pub(crate) fn replicas(n: u16) -> Vec<Arc<Replica>> {
         (0..n)
@@ -1120,24 +1137,46 @@ pub(crate) mod tests {
         let cached = p.cached_prompt_tokens(&rs, &req("b", &next));
         let held = *cached.iter().max().unwrap();
         drop(
-            p.pick_fitting_and_begin(&rs, &req("b", &next), &[], &|_, _| true)
+            p.pick_fitting_and_begin(&rs, &req("b", &next), &[], &|_, _| Ok(()))
                 .unwrap(),
         );
         assert_eq!(placement(&p)["to_holder"]["requests"], 1);
         assert_eq!(placement(&p)["to_holder"]["cached_tokens"], held);
-        // The holder has no room (admission's `fits` says no): a spill
-        // that prefills the held part again, counted as admission's.
+        // The holder has no room (admission's `fits` says no, by its
+        // pacing, on a queue turn), and another replica none by its request
+        // cap: a spill that prefills the held part again, counted as
+        // admission's under the holder's bound.
         let third = prompt(7, 2, 2000);
+        let other = rs.iter().find(|r| r.key() != home.key()).unwrap().clone();
+        let fits = |r: &Replica, _: u64| {
+            let bound = if r.key() == home.key() {
+                NoRoom::Pacing
+            } else if r.key() == other.key() {
+                NoRoom::RequestCap
+            } else {
+                return Ok(());
+            };
+            Err(Refusal {
+                bound,
+                queued: true,
+            })
+        };
         let g = p
-            .pick_fitting_and_begin(&rs, &req("c", &third), &[], &|r, _| r.key() != home.key())
+            .pick_fitting_and_begin(&rs, &req("c", &third), &[], &fits)
             .unwrap();
         assert_ne!(g.replica().key(), home.key());
         let v = placement(&p);
-        assert_eq!(v["spilled"]["admission"]["requests"], 1, "{v}");
-        assert!(
-            v["spilled"]["admission"]["reprefill_tokens"].as_u64() >= Some(480),
-            "{v}"
+        let adm = &v["spilled"]["admission"];
+        assert_eq!(adm["requests"], 1, "{v}");
+        assert!(adm["reprefill_tokens"].as_u64() >= Some(480), "{v}");
+        let by = &adm["by_bound"];
+        assert_eq!(by["pacing"]["queued"]["requests"], 1, "{v}");
+        assert_eq!(
+            by["pacing"]["queued"]["reprefill_tokens"],
+            adm["reprefill_tokens"]
         );
+        assert_eq!(by["pacing"]["arrival"]["requests"], 0, "{v}");
+        assert_eq!(by["request_cap"]["queued"]["requests"], 0, "{v}");
         assert_eq!(v["decisions"], 3);
     }
 

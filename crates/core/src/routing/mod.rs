@@ -161,8 +161,63 @@ impl RouteRequest<'_> {
 
 /// Whether a replica has room for a request, given the prompt tokens the
 /// picker expects it to hold cached already (it then needs room only for the
-/// rest).
-pub type Fits<'a> = dyn Fn(&Replica, u64) -> bool + 'a;
+/// rest); if not, which bound refused it.
+pub type Fits<'a> = dyn Fn(&Replica, u64) -> Result<(), Refusal> + 'a;
+
+/// Why admission gave a replica no room for a request: the bound, and whether
+/// the request was placing itself on a queue turn (a release somewhere woke
+/// it) rather than on arrival. Counted against the prefix holder in
+/// `/routing`'s `placement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub bound: NoRoom,
+    pub queued: bool,
+}
+
+/// The admission bound that refused a replica, in the order they are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// Ejected, excluded, ramping up cold, or its metrics unread.
+    Unavailable,
+    /// `max_connections_per_replica`.
+    Connections,
+    /// The request cap (the learned batch, plus the prefix holder's pass).
+    RequestCap,
+    /// Room left only in the share kept for critical requests (request cap
+    /// or KV budget).
+    CriticalReserve,
+    /// Prefill tokens pending on the replica (the prefill cap, plus the
+    /// prefix holder's pass).
+    PrefillCap,
+    /// The KV token budget.
+    KvBudget,
+    /// The pacing of queued starts.
+    Pacing,
+}
+
+impl NoRoom {
+    pub const ALL: [NoRoom; 7] = [
+        NoRoom::Unavailable,
+        NoRoom::Connections,
+        NoRoom::RequestCap,
+        NoRoom::CriticalReserve,
+        NoRoom::PrefillCap,
+        NoRoom::KvBudget,
+        NoRoom::Pacing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoRoom::Unavailable => "unavailable",
+            NoRoom::Connections => "connections",
+            NoRoom::RequestCap => "request_cap",
+            NoRoom::CriticalReserve => "critical_reserve",
+            NoRoom::PrefillCap => "prefill_cap",
+            NoRoom::KvBudget => "kv_budget",
+            NoRoom::Pacing => "pacing",
+        }
+    }
+}
 
 /// Picks one replica for a request.
 pub trait Picker: Send + Sync + std::fmt::Debug {
@@ -190,7 +245,7 @@ pub trait Picker: Send + Sync + std::fmt::Debug {
     ) -> Option<LoadGuard> {
         let fitting: Vec<Arc<Replica>> = replicas
             .iter()
-            .filter(|r| !is_excluded(r, exclude) && fits(r, 0))
+            .filter(|r| !is_excluded(r, exclude) && fits(r, 0).is_ok())
             .cloned()
             .collect();
         let r = self.pick(&fitting, req, exclude)?;
