@@ -521,7 +521,11 @@ mod tests {
             assert_eq!(Some(u), usage_serde(text.as_bytes()), "{text}");
         }
         // Other shapes are left to serde.
-        for text in [r#"{"prompt_tokens":1.0}"#, r#"{"x":"y","prompt_tokens":1}"#, r#"{"prompt_tokens":1,"input_tokens":2}"#] {
+        for text in [
+            r#"{"prompt_tokens":1.0}"#,
+            r#"{"x":"y","prompt_tokens":1}"#,
+            r#"{"prompt_tokens":1,"input_tokens":2}"#,
+        ] {
             assert!(usage_fast(text.as_bytes()).is_none(), "{text}");
         }
     }

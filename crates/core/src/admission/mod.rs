@@ -159,9 +159,14 @@ pub fn classify(
     // value the first of its name as `HeaderMap::get` gives it: four lookups
     // by `&str` parsed and hashed each name, ~1.2k instructions a request.
     let slot = |name: &str| {
-        [PRIORITY_HEADER, OBJECTIVE_HEADER, FAIRNESS_HEADER, DEADLINE_HEADER]
-            .iter()
-            .position(|n| *n == name)
+        [
+            PRIORITY_HEADER,
+            OBJECTIVE_HEADER,
+            FAIRNESS_HEADER,
+            DEADLINE_HEADER,
+        ]
+        .iter()
+        .position(|n| *n == name)
     };
     let mut found: [Option<&http::HeaderValue>; 4] = [None; 4];
     for (name, value) in headers {
@@ -248,7 +253,10 @@ mod tests {
         // that is not text counts as absent.
         let mut h = headers(&[(PRIORITY_HEADER, "Sheddable")]);
         h.append(PRIORITY_HEADER, http::HeaderValue::from_static("Critical"));
-        h.insert(FAIRNESS_HEADER, http::HeaderValue::from_bytes(b"\xffx").unwrap());
+        h.insert(
+            FAIRNESS_HEADER,
+            http::HeaderValue::from_bytes(b"\xffx").unwrap(),
+        );
         h.append(FAIRNESS_HEADER, http::HeaderValue::from_static("team-b"));
         let c = classify(&h, Some("bob"), &cfg, &all);
         assert_eq!(c.priority, Priority::Sheddable);

@@ -683,9 +683,10 @@ impl InferenceAware {
 
 /// A one-line reason naming the filter that decided, else the scores.
 fn reason(chosen: &CandidateView, filters: &[FilterOutcome]) -> String {
-    let decisive = filters.iter().rev().find(|f| {
-        f.dropped > 0 || (!f.detail.is_none() && f.filter == FilterName::PrefixAffinity)
-    });
+    let decisive = filters
+        .iter()
+        .rev()
+        .find(|f| f.dropped > 0 || (!f.detail.is_none() && f.filter == FilterName::PrefixAffinity));
     // One string, numbers printed by `Fixed`.
     let mut s = String::with_capacity(192);
     let _ = match decisive {

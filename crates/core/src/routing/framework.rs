@@ -394,7 +394,9 @@ mod tests {
         assert_eq!(Detail::None.to_string(), "");
         assert_eq!(
             serde_json::to_value(Detail::NextHome { bound: 7.0 }).unwrap(),
-            serde_json::json!("prefix holders unavailable: next by rendezvous hash within load bound 7.00")
+            serde_json::json!(
+                "prefix holders unavailable: next by rendezvous hash within load bound 7.00"
+            )
         );
     }
 

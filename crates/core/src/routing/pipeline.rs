@@ -42,12 +42,7 @@ impl Pipeline {
 
     /// Runs the filters in order; `outcomes` (cleared first) takes what each
     /// did when `ctx.explain` is set.
-    pub(super) fn filter(
-        &self,
-        cands: &mut [Candidate],
-        ctx: &Ctx<'_>,
-        outcomes: &mut Outcomes,
-    ) {
+    pub(super) fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, outcomes: &mut Outcomes) {
         outcomes.clear();
         for (name, f) in &self.filters {
             let o = run_filter(*name, &**f, cands, ctx);

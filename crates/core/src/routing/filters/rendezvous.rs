@@ -179,7 +179,11 @@ mod tests {
         let mut shared = shaped(true);
         let o = apply(FilterName::Rendezvous, &mut shared, &ctx);
         assert_eq!(shared.iter().position(|c| c.alive), Some(3));
-        assert!(o.detail.to_string().contains("other gateways seen"), "{}", o.detail);
+        assert!(
+            o.detail.to_string().contains("other gateways seen"),
+            "{}",
+            o.detail
+        );
         // exact_when_alone: false applies the slack alone too.
         let mut cfg = RoutingConfig::default();
         cfg.rendezvous.exact_when_alone = false;
