@@ -118,13 +118,10 @@ pub(crate) fn parse_response_head(
         if is_hop_by_hop(h.name) || (listed && connection_lists(raw, h.name)) {
             continue;
         }
-        // An engine's `x-request-id` (vLLM, the sim) is not a standard name:
-        // `from_bytes` would allocate it on every response.
-        let name = if h.name.eq_ignore_ascii_case(REQUEST_ID.as_str()) {
-            REQUEST_ID
-        } else {
-            HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| ProtocolError("invalid response header name"))?
+        let name = match known_name(h.name) {
+            Some(n) => n,
+            None => HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| ProtocolError("invalid response header name"))?,
         };
         // httparse's values are slices of `buf`: the same bytes in `head`
         // (an empty one may point elsewhere: copied, which costs nothing).
@@ -146,6 +143,19 @@ pub(crate) fn parse_response_head(
         },
         len,
     )))
+}
+
+/// The names an engine sends on every response, found without
+/// `HeaderName::from_bytes` (which lowercases into a buffer and searches
+/// the standard table: ~180 instructions a header, and an allocation for
+/// a name outside it, such as vLLM's `x-request-id`).
+fn known_name(raw: &str) -> Option<HeaderName> {
+    use http::header::{CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
+    static KNOWN: [HeaderName; 5] = [CONTENT_TYPE, CONTENT_LENGTH, REQUEST_ID, DATE, SERVER];
+    KNOWN
+        .iter()
+        .find(|k| k.as_str().eq_ignore_ascii_case(raw))
+        .cloned()
 }
 
 /// Hop-by-hop headers, which describe one connection and are not relayed.
@@ -399,7 +409,8 @@ mod tests {
     #[test]
     fn header_values_are_the_bytes_sent() {
         let raw = "HTTP/1.1 200 OK\r\nX-Request-ID: abc-1\r\nx-sim-replica: 3\r\nx-empty:\r\n\
-                   content-type: application/json\r\nx-two: a\r\nX-Two: b \r\ncontent-length: 2\r\n\r\n{}";
+                   content-type: application/json\r\nx-two: a\r\nX-Two: b \r\ncontent-length: 2\r\n\
+                   Date: Mon, 07 Dec 2026 05:00:00 GMT\r\nSERVER: uvicorn\r\nx-date: d\r\n\r\n{}";
         let h = head(raw);
         assert_eq!(h.headers[REQUEST_ID], "abc-1");
         assert_eq!(h.headers["x-sim-replica"], "3");
@@ -407,7 +418,13 @@ mod tests {
         assert_eq!(h.headers["content-type"], "application/json");
         let two: Vec<_> = h.headers.get_all("x-two").iter().collect();
         assert_eq!(two, ["a", "b"]);
-        assert_eq!(h.headers.len(), 7);
+        assert_eq!(
+            h.headers[http::header::DATE],
+            "Mon, 07 Dec 2026 05:00:00 GMT"
+        );
+        assert_eq!(h.headers[http::header::SERVER], "uvicorn");
+        assert_eq!(h.headers["x-date"], "d");
+        assert_eq!(h.headers.len(), 10);
         // Bytes that are no header value are refused, as before.
         assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nx: a\x7fb\r\n\r\n").is_err());
     }
