@@ -151,11 +151,16 @@ pub(crate) fn parse_response_head(
 /// a name outside it, such as vLLM's `x-request-id`).
 fn known_name(raw: &str) -> Option<HeaderName> {
     use http::header::{CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
-    static KNOWN: [HeaderName; 5] = [CONTENT_TYPE, CONTENT_LENGTH, REQUEST_ID, DATE, SERVER];
-    KNOWN
-        .iter()
-        .find(|k| k.as_str().eq_ignore_ascii_case(raw))
-        .cloned()
+    // By length first: most names are ruled out by one comparison.
+    let (name, text) = match raw.len() {
+        4 => (DATE, "date"),
+        6 => (SERVER, "server"),
+        12 if raw.as_bytes()[0].eq_ignore_ascii_case(&b'c') => (CONTENT_TYPE, "content-type"),
+        12 => (REQUEST_ID, "x-request-id"),
+        14 => (CONTENT_LENGTH, "content-length"),
+        _ => return None,
+    };
+    raw.eq_ignore_ascii_case(text).then_some(name)
 }
 
 /// Hop-by-hop headers, which describe one connection and are not relayed.
