@@ -18,6 +18,10 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(ct) = headers.get(http::header::CONTENT_TYPE) else {
         return Ok(());
     };
+    // What nearly every client sends, without parsing the media type.
+    if ct.as_bytes() == b"application/json" {
+        return Ok(());
+    }
     let ct = ct.to_str().unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") {

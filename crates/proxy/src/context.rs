@@ -107,7 +107,7 @@ pub(crate) struct RequestFeatures {
 /// One request as it moves through the pipeline.
 #[derive(Debug, Clone)]
 pub(crate) struct RequestContext {
-    pub request_id: String,
+    pub request_id: std::sync::Arc<str>,
     pub features: RequestFeatures,
     /// Expected output tokens (request's max_tokens or the route default).
     pub expected_output_tokens: u32,
@@ -116,7 +116,7 @@ pub(crate) struct RequestContext {
 }
 
 impl RequestContext {
-    pub(crate) fn new(request_id: String) -> Self {
+    pub(crate) fn new(request_id: std::sync::Arc<str>) -> Self {
         RequestContext {
             request_id,
             features: RequestFeatures::default(),

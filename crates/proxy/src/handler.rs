@@ -150,7 +150,7 @@ impl RequestIds {
 
     fn record(&self, received_at: Instant, gw: &Gateway, peer: IpAddr) -> RequestRecord {
         let mut r =
-            RequestRecord::new(self.gateway.to_str().unwrap_or("-").to_owned(), received_at);
+            RequestRecord::new(Arc::from(self.gateway.to_str().unwrap_or("-")), received_at);
         r.client_request_id = self
             .client
             .as_ref()

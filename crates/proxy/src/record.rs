@@ -3,7 +3,7 @@
 //! once whichever way the request ends.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
@@ -18,6 +18,13 @@ use opentelemetry::KeyValue;
 
 /// The route of a request whose model did not resolve (yet).
 const UNRESOLVED: &str = "-";
+/// [`UNRESOLVED`], shared: every record starts with it as its route and
+/// replica, which most requests replace, so it should cost no allocation.
+fn unresolved() -> Arc<str> {
+    static DASH: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(UNRESOLVED));
+    DASH.clone()
+}
+
 /// The longest model name written to the log.
 const MAX_LOGGED_MODEL: usize = 256;
 
@@ -51,8 +58,8 @@ impl Outcome {
 /// What is known about a request so far.
 #[derive(Debug)]
 pub struct RequestRecord {
-    /// The gateway's id of the request.
-    pub request_id: String,
+    /// The gateway's id of the request (shared with its `RequestContext`).
+    pub request_id: Arc<str>,
     /// The id the client sent as `x-request-id`, if any.
     pub client_request_id: Option<String>,
     pub route: Arc<str>,
@@ -125,14 +132,14 @@ impl ServedBy {
 }
 
 impl RequestRecord {
-    pub fn new(request_id: String, received_at: Instant) -> Self {
+    pub fn new(request_id: Arc<str>, received_at: Instant) -> Self {
         RequestRecord {
             request_id,
             client_request_id: None,
-            route: Arc::from(UNRESOLVED),
+            route: unresolved(),
             operation: None,
             model: String::new(),
-            replica: Arc::from("-"),
+            replica: unresolved(),
             received_at,
             ttft: None,
             overhead: None,

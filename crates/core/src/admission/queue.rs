@@ -35,7 +35,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -144,6 +144,7 @@ impl PoolAdmission {
                 derived: Derived::default(),
                 wake_at: AtomicU64::new(0),
                 created: Instant::now(),
+                gauges: OnceLock::new(),
             }),
             name,
         }
@@ -609,6 +610,10 @@ struct Shared {
     /// after `created`; 0: none.
     wake_at: AtomicU64,
     created: Instant,
+    /// The queue's gauges (tokens, waiting for a replica, depth), made on
+    /// first use and kept: looked up by name and label on every request they
+    /// were three allocations and three registry searches each time.
+    gauges: OnceLock<[metrics::Gauge; 3]>,
 }
 
 impl Shared {
@@ -646,13 +651,18 @@ impl Shared {
     /// The queue's gauges: the demand waiting on the pool (what an
     /// autoscaler reads, e.g. to scale from zero).
     fn gauge(&self, st: &State) {
-        let pool = self.name.to_string();
-        let tokens: u64 = st.bands.iter().map(|b| b.queued_tokens).sum();
-        metrics::gauge!("infergate_admission_queue_tokens", "pool" => pool.clone())
-            .set(tokens as f64);
-        metrics::gauge!("infergate_admission_waiting_for_replica", "pool" => pool.clone())
-            .set(st.held as f64);
-        metrics::gauge!("infergate_admission_queue_depth", "pool" => pool).set(st.queued as f64);
+        let [tokens, held, depth] = self.gauges.get_or_init(|| {
+            let pool = self.name.to_string();
+            [
+                metrics::gauge!("infergate_admission_queue_tokens", "pool" => pool.clone()),
+                metrics::gauge!("infergate_admission_waiting_for_replica", "pool" => pool.clone()),
+                metrics::gauge!("infergate_admission_queue_depth", "pool" => pool),
+            ]
+        });
+        let queued_tokens: u64 = st.bands.iter().map(|b| b.queued_tokens).sum();
+        tokens.set(queued_tokens as f64);
+        held.set(st.held as f64);
+        depth.set(st.queued as f64);
     }
 }
 

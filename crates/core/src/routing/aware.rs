@@ -35,7 +35,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::config::{FilterName, RoutingConfig};
 use super::framework::{Candidate, Ctx, Fixed};
 use super::kv_events::{key_seed, EngineTokens, KvEventsConfig, PreciseIndex};
-use super::pipeline::{FilterOutcome, Pipeline};
+use super::pipeline::{FilterOutcome, Outcomes, Pipeline};
 use super::placement_stats::{PlacementStats, Spill};
 use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
@@ -43,9 +43,10 @@ use super::{Fits, Picker, Refusal, RouteRequest};
 use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
 
 /// Why one request went where it went. Kept as numbers: the one-line
-/// reason is formatted only when something reads the decision (`/explain`,
-/// the status page), not on every request.
-#[derive(Debug, Clone)]
+/// reason and the filters' details are formatted only when something reads
+/// the decision (`/explain`, the status page), not on every request. Once
+/// the log is full, a new decision is written over the oldest one's buffers.
+#[derive(Debug, Clone, Default)]
 pub(super) struct Decision {
     pub request_id: String,
     pub chosen: Arc<str>,
@@ -54,7 +55,7 @@ pub(super) struct Decision {
     pub prompt_tokens: u32,
     pub prompt_blocks: u32,
     pub cached_tokens: u32,
-    pub filters: Vec<FilterOutcome>,
+    pub filters: Outcomes,
     pub candidates: Vec<CandidateView>,
 }
 
@@ -381,7 +382,8 @@ impl InferenceAware {
             c.est_ttft_ms =
                 (c.queued_prefill + f64::from(c.uncached_tokens)) / ctx.prefill_rate * 1000.0;
         }
-        let outcomes = self.pipeline.filter(&mut cands, &ctx);
+        let mut outcomes = Outcomes::new();
+        self.pipeline.filter(&mut cands, &ctx, &mut outcomes);
         self.pipeline.score(&mut cands, &ctx);
         let best = cands
             .iter()
@@ -419,7 +421,7 @@ impl InferenceAware {
         self.mean_uncached.store(new.to_bits(), Ordering::Relaxed);
         self.total_decisions.fetch_add(1, Ordering::Relaxed);
         if explain {
-            self.remember(replicas, req, &ctx, best, &cands, outcomes);
+            self.remember(replicas, req, &ctx, best, &cands, &outcomes);
         }
         Some((idx, uncached))
     }
@@ -578,43 +580,57 @@ impl InferenceAware {
         ctx: &Ctx<'_>,
         best: usize,
         cands: &[Candidate],
-        filters: Vec<FilterOutcome>,
+        filters: &Outcomes,
     ) {
-        let chosen = &cands[best];
-        let d = Decision {
-            request_id: req.request_id.to_string(),
-            chosen: replicas[chosen.idx].endpoint.key.clone(),
-            chosen_candidate: best,
-            prompt_tokens: req.prompt_tokens,
-            prompt_blocks: ctx.prompt_blocks,
-            cached_tokens: req.prompt_tokens - chosen.uncached_tokens,
-            filters,
-            candidates: cands
-                .iter()
-                .map(|c| CandidateView {
-                    replica: replicas[c.idx].endpoint.key.clone(),
-                    matched_blocks: c.matched_blocks,
-                    prefix_index: if c.precise { "precise" } else { "approximate" },
-                    est_ttft_ms: c.est_ttft_ms,
-                    load_requests: c.load_requests,
-                    placement_load: c.placement_load,
-                    token_load: c.token_load,
-                    waiting: c.waiting,
-                    running: c.running,
-                    kv_usage: c.kv_usage,
-                    fresh: c.fresh,
-                    saturated: c.saturated,
-                    lora_tier: c.lora_tier,
-                    dropped_by: c.dropped_by,
-                    score: c.score,
-                })
-                .collect(),
+        // Once the log is full, the oldest record (unless a reader still holds
+        // it) takes the new decision in its buffers: no allocation per request.
+        let oldest = {
+            let mut log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
+            if log.len() >= self.cfg.explain_buffer {
+                log.pop_front()
+            } else {
+                None
+            }
         };
+        let mut rec = oldest.unwrap_or_default();
+        if Arc::get_mut(&mut rec).is_none() {
+            rec = Arc::default();
+        }
+        let Some(d) = Arc::get_mut(&mut rec) else {
+            return;
+        };
+        let chosen = &cands[best];
+        d.request_id.clear();
+        d.request_id.push_str(req.request_id);
+        d.chosen = replicas[chosen.idx].endpoint.key.clone();
+        d.chosen_candidate = best;
+        d.prompt_tokens = req.prompt_tokens;
+        d.prompt_blocks = ctx.prompt_blocks;
+        d.cached_tokens = req.prompt_tokens - chosen.uncached_tokens;
+        d.filters.clone_from(filters);
+        d.candidates.clear();
+        d.candidates.extend(cands.iter().map(|c| CandidateView {
+            replica: replicas[c.idx].endpoint.key.clone(),
+            matched_blocks: c.matched_blocks,
+            prefix_index: if c.precise { "precise" } else { "approximate" },
+            est_ttft_ms: c.est_ttft_ms,
+            load_requests: c.load_requests,
+            placement_load: c.placement_load,
+            token_load: c.token_load,
+            waiting: c.waiting,
+            running: c.running,
+            kv_usage: c.kv_usage,
+            fresh: c.fresh,
+            saturated: c.saturated,
+            lora_tier: c.lora_tier,
+            dropped_by: c.dropped_by,
+            score: c.score,
+        }));
         let mut log = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
         if log.len() >= self.cfg.explain_buffer {
             log.pop_front();
         }
-        log.push_back(Arc::new(d));
+        log.push_back(rec);
     }
 
     fn lora_seen(&self, adapter: &str) -> bool {
@@ -671,13 +687,14 @@ impl InferenceAware {
 
 /// A one-line reason naming the filter that decided, else the scores.
 fn reason(chosen: &CandidateView, filters: &[FilterOutcome]) -> String {
-    let decisive = filters.iter().rev().find(|f| {
-        f.dropped > 0 || (!f.detail.is_empty() && f.filter == FilterName::PrefixAffinity)
-    });
+    let decisive = filters
+        .iter()
+        .rev()
+        .find(|f| f.dropped > 0 || (!f.detail.is_none() && f.filter == FilterName::PrefixAffinity));
     // One string, numbers printed by `Fixed`.
     let mut s = String::with_capacity(192);
     let _ = match decisive {
-        Some(f) if !f.detail.is_empty() => write!(s, "{:?}: {}", f.filter, f.detail),
+        Some(f) if !f.detail.is_none() => write!(s, "{:?}: {}", f.filter, f.detail),
         Some(f) => write!(s, "{:?} dropped {}", f.filter, f.dropped),
         None => write!(s, "no filter applied"),
     };
@@ -937,6 +954,52 @@ pub(crate) mod tests {
             "<|system|>\n{}\n<|user|>\nquestion {q}\n<|assistant|>\n",
             &sys[..len_chars]
         )
+    }
+
+    /// The decision log keeps the last `explain_buffer` decisions; a new
+    /// one is written over the oldest one's buffers, and a record a reader
+    /// still holds is left as it was.
+    #[test]
+    fn the_decision_log_reuses_the_oldest_record_and_spares_one_still_read() {
+        let rs = idle_replicas(3);
+        let cfg = RoutingConfig {
+            explain_buffer: 2,
+            ..RoutingConfig::default()
+        };
+        let p = InferenceAware::new(cfg);
+        let decide = |id: &str, group: usize| {
+            let g = p
+                .pick_and_begin(&rs, &req(id, &prompt(group, 0, 4000)), &[])
+                .unwrap();
+            g.replica().key().to_string()
+        };
+        let a = decide("a", 1);
+        let held = p.decision("a").unwrap();
+        decide("b-longer-id", 2);
+        let c = decide("c", 1);
+        assert_eq!(a, c, "the prefix stayed");
+        // "a" left the log but its reader's copy is intact.
+        assert!(p.explain("a").is_none());
+        assert_eq!(held.request_id, "a");
+        assert_eq!(&*held.chosen, a);
+        assert_eq!(held.filters.len(), 4);
+        let e = p.explain("c").unwrap();
+        assert_eq!(e["request_id"], "c");
+        assert_eq!(e["chosen"], c);
+        assert_eq!(e["candidates"].as_array().unwrap().len(), 3);
+        assert!(e["reason"].as_str().unwrap().contains("stay"), "{e}");
+        // "b-longer-id"'s record (no reader) takes the next decision: the
+        // shorter id and fewer candidates leave nothing of it behind.
+        let d = p
+            .pick_and_begin(&rs[..1], &req("d", &prompt(3, 0, 4000)), &[])
+            .unwrap();
+        let e = p.explain("d").unwrap();
+        assert_eq!(e["request_id"], "d");
+        assert_eq!(e["chosen"], d.replica().key());
+        assert_eq!(e["candidates"].as_array().unwrap().len(), 1);
+        assert!(p.explain("b-longer-id").is_none());
+        assert!(p.explain("c").is_some());
+        assert_eq!(p.recent_decisions(5).len(), 2);
     }
 
     #[test]

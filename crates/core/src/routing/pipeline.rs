@@ -5,18 +5,22 @@
 use serde::Serialize;
 
 use super::config::{FilterName, WeightedScorer};
-use super::framework::{Candidate, Ctx, Filter, Scorer};
+use super::framework::{Candidate, Ctx, Detail, Filter, Scorer};
 
 /// What one filter did, for `explain`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub(super) struct FilterOutcome {
     pub filter: FilterName,
     pub dropped: u32,
     /// It would have dropped every candidate, so it dropped none.
     pub fail_open: bool,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub detail: String,
+    #[serde(skip_serializing_if = "Detail::is_none")]
+    pub detail: Detail,
 }
+
+/// What the filters of one decision did, in order: inline up to four (the
+/// number of filters there are), so a decision allocates nothing for it.
+pub(super) type Outcomes = smallvec::SmallVec<[FilterOutcome; 4]>;
 
 /// The filters and weighted scorers of one picker.
 #[derive(Debug)]
@@ -36,17 +40,16 @@ impl Pipeline {
         }
     }
 
-    /// Runs the filters in order; returns what each did when `ctx.explain`
-    /// is set (else nothing, and allocates nothing).
-    pub(super) fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>) -> Vec<FilterOutcome> {
-        let mut outcomes = Vec::new();
+    /// Runs the filters in order; `outcomes` (cleared first) takes what each
+    /// did when `ctx.explain` is set.
+    pub(super) fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, outcomes: &mut Outcomes) {
+        outcomes.clear();
         for (name, f) in &self.filters {
             let o = run_filter(*name, &**f, cands, ctx);
             if ctx.explain {
                 outcomes.push(o);
             }
         }
-        outcomes
     }
 
     /// Sets each alive candidate's `score` to the weighted sum of the scorers.
@@ -67,7 +70,7 @@ fn run_filter(
     cands: &mut [Candidate],
     ctx: &Ctx<'_>,
 ) -> FilterOutcome {
-    let mut detail = String::new();
+    let mut detail = Detail::None;
     let n = filter.filter(cands, ctx, &mut detail);
     // Candidates dropped by earlier filters are marked already: only a
     // filter that dropped some has any to mark.

@@ -290,7 +290,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
     let mut lora: Option<(f64, LoraInfo)> = None;
     let mut hit_rate = None::<f64>;
     let (mut hits, mut queries) = (None::<f64>, None::<f64>);
-    for line in body.lines() {
+    for line in lines(body) {
         let Some(first) = line.as_bytes().first() else {
             continue;
         };
@@ -380,6 +380,27 @@ fn parse_lora(labels: &str) -> LoraInfo {
 }
 
 /// Splits `name{labels} value [timestamp]` into its parts (labels without braces).
+/// `body.lines()`, with memchr's vectorised search for the line ends:
+/// `str::lines` searched them with the scalar `CharSearcher`, 40% of a
+/// scrape's parse (a scrape every 50 ms).
+fn lines(body: &str) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', body.as_bytes())
+        .map(|end| (end, true))
+        .chain(std::iter::once((body.len(), false)))
+        .filter_map(move |(end, newline)| {
+            // `start` is 0 or just past a '\n' (a char boundary).
+            let line = body.get(start..end)?;
+            start = end + 1;
+            if newline {
+                Some(line.strip_suffix('\r').unwrap_or(line))
+            } else {
+                // The text after the last '\n': a line unless empty.
+                (!line.is_empty()).then_some(line)
+            }
+        })
+}
+
 fn split_sample(line: &str) -> Option<(&str, &str, f64)> {
     let (name, labels, rest) = match line.find('{') {
         Some(open) => {
@@ -417,6 +438,26 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_those_of_str_lines() {
+        for body in [
+            "",
+            "\n",
+            "a",
+            "a\n",
+            "a\nb",
+            "a\r\nb\r\n",
+            "\n\na\n\n",
+            "# HELP x\nx{a=\"1\"} 2.0\r\n\ny 3",
+            "ü\nß\r\n€",
+            "a\r",
+        ] {
+            let want: Vec<&str> = body.lines().collect();
+            let got: Vec<&str> = lines(body).collect();
+            assert_eq!(got, want, "{body:?}");
+        }
+    }
 
     const VLLM: &str = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

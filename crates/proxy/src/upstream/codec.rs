@@ -7,6 +7,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
+use crate::context::REQUEST_ID;
+
 /// Most response headers accepted (vLLM sends about ten).
 const MAX_HEADERS: usize = 128;
 /// Longest response head accepted.
@@ -109,14 +111,27 @@ pub(crate) fn parse_response_head(
     // removed from the map afterwards.
     let listed = values(raw, "connection").next().is_some();
     let mut headers = HeaderMap::with_capacity(raw.len());
+    // The values share one copy of the head (`HeaderValue::from_bytes`
+    // allocated one per value).
+    let head = Bytes::copy_from_slice(&buf[..len]);
     for h in raw {
         if is_hop_by_hop(h.name) || (listed && connection_lists(raw, h.name)) {
             continue;
         }
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| ProtocolError("invalid response header name"))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| ProtocolError("invalid response header value"))?;
+        let name = match known_name(h.name) {
+            Some(n) => n,
+            None => HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| ProtocolError("invalid response header name"))?,
+        };
+        // httparse's values are slices of `buf`: the same bytes in `head`
+        // (an empty one may point elsewhere: copied, which costs nothing).
+        let value = match (h.value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
+            Some(at) if !h.value.is_empty() && at + h.value.len() <= len => {
+                HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
+            }
+            _ => HeaderValue::from_bytes(h.value),
+        }
+        .map_err(|_| ProtocolError("invalid response header value"))?;
         headers.append(name, value);
     }
     Ok(Some((
@@ -128,6 +143,24 @@ pub(crate) fn parse_response_head(
         },
         len,
     )))
+}
+
+/// The names an engine sends on every response, found without
+/// `HeaderName::from_bytes` (which lowercases into a buffer and searches
+/// the standard table: ~180 instructions a header, and an allocation for
+/// a name outside it, such as vLLM's `x-request-id`).
+fn known_name(raw: &str) -> Option<HeaderName> {
+    use http::header::{CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
+    // By length first: most names are ruled out by one comparison.
+    let (name, text) = match raw.len() {
+        4 => (DATE, "date"),
+        6 => (SERVER, "server"),
+        12 if raw.as_bytes()[0].eq_ignore_ascii_case(&b'c') => (CONTENT_TYPE, "content-type"),
+        12 => (REQUEST_ID, "x-request-id"),
+        14 => (CONTENT_LENGTH, "content-length"),
+        _ => return None,
+    };
+    raw.eq_ignore_ascii_case(text).then_some(name)
 }
 
 /// Hop-by-hop headers, which describe one connection and are not relayed.
@@ -374,6 +407,31 @@ mod tests {
             &out[..],
             b"POST /v1/completions?x=1 HTTP/1.1\r\nhost: 10.0.0.1:8000\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
         );
+    }
+
+    /// Values are slices of one copy of the head; names and values come out
+    /// as sent, the engine's `x-request-id` included, an empty value too.
+    #[test]
+    fn header_values_are_the_bytes_sent() {
+        let raw = "HTTP/1.1 200 OK\r\nX-Request-ID: abc-1\r\nx-sim-replica: 3\r\nx-empty:\r\n\
+                   content-type: application/json\r\nx-two: a\r\nX-Two: b \r\ncontent-length: 2\r\n\
+                   Date: Mon, 07 Dec 2026 05:00:00 GMT\r\nSERVER: uvicorn\r\nx-date: d\r\n\r\n{}";
+        let h = head(raw);
+        assert_eq!(h.headers[REQUEST_ID], "abc-1");
+        assert_eq!(h.headers["x-sim-replica"], "3");
+        assert_eq!(h.headers["x-empty"], "");
+        assert_eq!(h.headers["content-type"], "application/json");
+        let two: Vec<_> = h.headers.get_all("x-two").iter().collect();
+        assert_eq!(two, ["a", "b"]);
+        assert_eq!(
+            h.headers[http::header::DATE],
+            "Mon, 07 Dec 2026 05:00:00 GMT"
+        );
+        assert_eq!(h.headers[http::header::SERVER], "uvicorn");
+        assert_eq!(h.headers["x-date"], "d");
+        assert_eq!(h.headers.len(), 10);
+        // Bytes that are no header value are refused, as before.
+        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nx: a\x7fb\r\n\r\n").is_err());
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! The `lora` filter: adapter requests go where the adapter is.
 
 use super::{best_alive, keep_only};
-use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
+use crate::routing::framework::{Candidate, Ctx, Detail, Filter, Narrowing};
 
 /// Adapter requests: the best non-empty tier of in use > sent recently > has room.
 #[derive(Debug)]
 pub(crate) struct Lora;
 
 impl Filter for Lora {
-    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, _detail: &mut String) -> Narrowing {
+    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, _detail: &mut Detail) -> Narrowing {
         if ctx.lora.is_none() {
             return Narrowing::default();
         }

@@ -1,7 +1,7 @@
 //! The `prefix_affinity` filter: sticky until saturated.
 
 use super::{best_alive, keep_only, threshold_for};
-use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
+use crate::routing::framework::{Candidate, Ctx, Detail, Filter, Narrowing};
 
 /// Sticky until saturated: keep the replicas holding nearly the longest prefix
 /// unless their best estimated TTFT exceeds the best colder replica's by more
@@ -19,7 +19,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 pub(crate) struct PrefixAffinity;
 
 impl Filter for PrefixAffinity {
-    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing {
+    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut Detail) -> Narrowing {
         let best = best_alive(cands, |c| c.matched_blocks);
         let Some(threshold) = threshold_for(best, ctx) else {
             return Narrowing::default();
@@ -60,23 +60,14 @@ impl Filter for PrefixAffinity {
             };
         let margin = (per_saved * saved_ms).min(ctx.sticky.max_margin_ms);
         let stick = sticky_ttft <= cold_ttft + margin;
-        if ctx.explain {
-            // Pushed piece by piece: `write!` here was 3.1k of the ~77k
-            // instructions of a request (every decision is explained).
-            detail.push_str("best prefix ");
-            Fixed(f64::from(best), 0).push_to(detail);
-            detail.push_str(" blocks; sticky est TTFT ");
-            Fixed(sticky_ttft, 1).push_to(detail);
-            detail.push_str(" ms vs colder ");
-            Fixed(cold_ttft, 1).push_to(detail);
-            detail.push_str(" ms, margin ");
-            Fixed(margin, 1).push_to(detail);
-            detail.push_str(" ms");
-            if evicts {
-                detail.push_str(" (the copy would evict)");
-            }
-            detail.push_str(if stick { ": stay" } else { ": leave (spill)" });
-        }
+        *detail = Detail::Sticky {
+            best_blocks: best,
+            sticky_ttft_ms: sticky_ttft,
+            cold_ttft_ms: cold_ttft,
+            margin_ms: margin,
+            evicts,
+            stick,
+        };
         if stick {
             keep_only(cands, |c| c.matched_blocks >= threshold)
         } else {
@@ -120,7 +111,7 @@ mod tests {
         cs[1].est_ttft_ms = 62.5;
         let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
         assert_eq!(o.dropped, 1);
-        assert!(o.detail.contains("leave"), "{}", o.detail);
+        assert!(o.detail.to_string().contains("leave"), "{}", o.detail);
         assert!(!cs[0].alive && cs[1].alive);
         // Known to be held (events) and the colder cache is full: leaving
         // would evict as much elsewhere, so (with `margin_per_evicted` 2)
@@ -143,7 +134,7 @@ mod tests {
         let mut cs = held_vs_colder(Some(999));
         let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
         assert!(cs[0].alive && !cs[1].alive, "{}", o.detail);
-        assert!(o.detail.contains("evict"), "{}", o.detail);
+        assert!(o.detail.to_string().contains("evict"), "{}", o.detail);
         cs[0].est_ttft_ms = 62.5 + 150.0 + 1.0;
         cs[0].alive = true;
         cs[1].alive = true;

@@ -1,9 +1,7 @@
 //! The `rendezvous` filter: a new prefix group's home, agreed by independent
 //! gateways.
 
-use std::fmt::Write;
-
-use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
+use crate::routing::framework::{Candidate, Ctx, Detail, Filter, Narrowing};
 
 /// A prefix no replica holds: keep the highest rendezvous weight among the
 /// replicas within the load bounds, so independent gateways agree on its home.
@@ -19,7 +17,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Fixed, Narrowing};
 pub(crate) struct Rendezvous;
 
 impl Filter for Rendezvous {
-    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut String) -> Narrowing {
+    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut Detail) -> Narrowing {
         let Some(_) = ctx.group_key else {
             return Narrowing::default();
         };
@@ -65,30 +63,21 @@ impl Filter for Rendezvous {
                 .map(|(i, _)| i)
         };
         let Some(chosen) = best(true).or_else(|| best(false)) else {
-            if ctx.explain {
-                let _ = write!(detail, "every replica above load bound {}", Fixed(bound, 2));
-            }
+            *detail = Detail::AboveBound { bound };
             return Narrowing {
                 dropped: 0,
                 fail_open: true,
             };
         };
-        if ctx.explain {
-            if new_group {
-                let _ = write!(
-                    detail,
-                    "new prefix group: placed by rendezvous hash within load bound {} and {group_cap} groups ({})",
-                    Fixed(bound, 2),
-                    if shared { "other gateways seen: slack" } else { "alone: exact balance" }
-                );
-            } else {
-                let _ = write!(
-                    detail,
-                    "prefix holders unavailable: next by rendezvous hash within load bound {}",
-                    Fixed(bound, 2)
-                );
+        *detail = if new_group {
+            Detail::NewGroup {
+                bound,
+                group_cap,
+                shared,
             }
-        }
+        } else {
+            Detail::NextHome { bound }
+        };
         let mut dropped = 0;
         for (i, c) in cands.iter_mut().enumerate() {
             if c.alive && i != chosen {
@@ -190,7 +179,11 @@ mod tests {
         let mut shared = shaped(true);
         let o = apply(FilterName::Rendezvous, &mut shared, &ctx);
         assert_eq!(shared.iter().position(|c| c.alive), Some(3));
-        assert!(o.detail.contains("other gateways seen"), "{}", o.detail);
+        assert!(
+            o.detail.to_string().contains("other gateways seen"),
+            "{}",
+            o.detail
+        );
         // exact_when_alone: false applies the slack alone too.
         let mut cfg = RoutingConfig::default();
         cfg.rendezvous.exact_when_alone = false;

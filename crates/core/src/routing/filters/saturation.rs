@@ -2,7 +2,7 @@
 //! have headroom.
 
 use super::{keep_only, sticky_threshold};
-use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
+use crate::routing::framework::{Candidate, Ctx, Detail, Filter, Narrowing};
 
 /// Drops unknown/stale replicas always; drops busy ones (queue or KV over the
 /// thresholds) only while some replica has clear headroom (queue under half the
@@ -20,7 +20,7 @@ use crate::routing::framework::{Candidate, Ctx, Filter, Narrowing};
 pub(crate) struct Saturation;
 
 impl Filter for Saturation {
-    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, _detail: &mut String) -> Narrowing {
+    fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, _detail: &mut Detail) -> Narrowing {
         let max_waiting = ctx.saturation.max_waiting;
         let headroom = cands
             .iter()
