@@ -265,7 +265,7 @@ impl PoolAdmission {
             {
                 return refused(bound);
             }
-            match self.budget.pace(r, &knobs).filter(|_| paced) {
+            match self.budget.pace(r, &knobs, cost_here).filter(|_| paced) {
                 Some(pace) => {
                     let at = pace.allowed_at(&r.load.next_start);
                     if at > now {
@@ -288,7 +288,18 @@ impl PoolAdmission {
         }
         match placed {
             Some(g) => {
-                if let Some(pace) = self.budget.pace(g.replica(), &knobs).filter(|_| paced) {
+                if let Some(pace) = self
+                    .budget
+                    .pace(
+                        g.replica(),
+                        &knobs,
+                        Cost {
+                            prompt: cost.prompt - g.cached_tokens().min(cost.prompt),
+                            output: cost.output,
+                        },
+                    )
+                    .filter(|_| paced)
+                {
                     pace.started(&g.replica().load.next_start, now);
                 }
                 // A cold replica's ramp widens with each first byte.
