@@ -1474,9 +1474,29 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_request_goes_past_the_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_the_prefill(
-    ) {
+    /// A standard request with a 9,000-token prompt and 30 output tokens:
+    /// its ticket and what routing sees of it.
+    fn standard_9000_tokens() -> (Ticket, RouteRequest<'static>) {
+        let t = Ticket {
+            cost: Cost {
+                prompt: 9000,
+                output: 30,
+            },
+            ..ticket(Priority::Standard, "", 0, 5000)
+        };
+        let req = RouteRequest {
+            prompt_tokens: 9000,
+            max_tokens: 30,
+            ..req()
+        };
+        (t, req)
+    }
+
+    /// Two replicas, a prefix holder (`127.0.0.1:9100`) and a cold one,
+    /// on which self-tuning (the default config) learned a batch of `batch`,
+    /// and an admission that learned requests of 1 s whose prefill runs at
+    /// 4,500 tokens / (0.5 s TTFT - one 50 ms step) = 10,000 tokens/s.
+    fn holder_and_cold(batch: u32) -> (Arc<Pool>, Arc<Replica>, Arc<Replica>, Arc<PoolAdmission>) {
         let pool = Arc::new(Pool::new("p", Default::default()));
         pool.apply(Update::Reset(
             (0..2)
@@ -1485,14 +1505,10 @@ mod tests {
         ));
         let (holder, cold) = (pool.replicas()[0].clone(), pool.replicas()[1].clone());
         assert_eq!(holder.key(), "127.0.0.1:9100");
-        // Self-tuning (the default config) learned a batch of 2 on both.
         for r in [&holder, &cold] {
-            crate::admission::budget::tests::scraped(r, 2, 100_000);
+            crate::admission::budget::tests::scraped(r, batch, 100_000);
         }
         let adm = Arc::new(PoolAdmission::new("p", &AdmissionConfig::default()));
-        // Requests last 1 s (a completion every 0.5 s on a batch of 2); the
-        // prefill runs at 4,500 tokens / (0.5 s TTFT - one 50 ms step) =
-        // 10,000 tokens/s.
         adm.listener().request_ended(
             0,
             Some(Timing {
@@ -1502,6 +1518,14 @@ mod tests {
                 prompt: 4500,
             }),
         );
+        (pool, holder, cold, adm)
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_past_the_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_the_prefill(
+    ) {
+        // A batch of 2: a completion every 0.5 s.
+        let (pool, holder, cold, adm) = holder_and_cold(2);
         let holds = |cached| Holds {
             holder: "127.0.0.1:9100",
             cached,
@@ -1519,18 +1543,7 @@ mod tests {
                 )
             })
             .collect();
-        let t = Ticket {
-            cost: Cost {
-                prompt: 9000,
-                output: 30,
-            },
-            ..ticket(Priority::Standard, "", 0, 5000)
-        };
-        let req = RouteRequest {
-            prompt_tokens: 9000,
-            max_tokens: 30,
-            ..req()
-        };
+        let (t, req) = standard_9000_tokens();
         let place = |cached| adm.try_place(&pool, &holds(cached), &req, &t, &[], false);
         // 4,000 cached tokens save 0.4 s of prefill, less than the 0.5 s
         // until a slot frees at the holder: the request goes to the cold
@@ -1569,28 +1582,8 @@ mod tests {
     #[tokio::test]
     async fn a_request_goes_past_the_prefill_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_the_prefill(
     ) {
-        let pool = Arc::new(Pool::new("p", Default::default()));
-        pool.apply(Update::Reset(
-            (0..2)
-                .map(|i| Endpoint::from_url(&format!("http://127.0.0.1:{}", 9100 + i)).unwrap())
-                .collect(),
-        ));
-        let (holder, cold) = (pool.replicas()[0].clone(), pool.replicas()[1].clone());
-        assert_eq!(holder.key(), "127.0.0.1:9100");
         // A batch of 8: the request cap does not bind here.
-        for r in [&holder, &cold] {
-            crate::admission::budget::tests::scraped(r, 8, 100_000);
-        }
-        let adm = Arc::new(PoolAdmission::new("p", &AdmissionConfig::default()));
-        adm.listener().request_ended(
-            0,
-            Some(Timing {
-                ttft: Duration::from_millis(500),
-                total: Duration::from_millis(1000),
-                generated: 11,
-                prompt: 4500,
-            }),
-        );
+        let (pool, holder, cold, adm) = holder_and_cold(8);
         let cap = adm
             .knobs(&pool, 2)
             .prefill_cap(8)
@@ -1609,18 +1602,7 @@ mod tests {
             holder: "127.0.0.1:9100",
             cached,
         };
-        let t = Ticket {
-            cost: Cost {
-                prompt: 9000,
-                output: 30,
-            },
-            ..ticket(Priority::Standard, "", 0, 5000)
-        };
-        let req = RouteRequest {
-            prompt_tokens: 9000,
-            max_tokens: 30,
-            ..req()
-        };
+        let (t, req) = standard_9000_tokens();
         let place = |cached, queued| adm.try_place(&pool, &holds(cached), &req, &t, &[], queued);
         // 1,000 cached tokens: the holder's prefill past its cap (500 + the
         // 8,000 uncached) is longer than the 1,000 it saves: the request
