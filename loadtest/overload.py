@@ -163,6 +163,8 @@ def p(d, *keys):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin-dir", default="target/release")
+    ap.add_argument("--load-seed", type=int, default=3,
+                    help="seed of the overload phase's arrivals and classes (another seed: another sample of the same load)")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--profile", default="tiny",
                     help="the simulator profile (tiny, llama-8b-h100, ...)")
@@ -377,7 +379,7 @@ routes:
                 unloaded_run(name, url, 2)
             watch = QueueWatch(sim_urls)
             watch.start()
-            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=3, warmup=load_warmup,
+            r = run_load(load_bin, url, args, classes, rate=capacity * args.overload, seed=args.load_seed, warmup=load_warmup,
                          duration=load_warmup + args.duration)
             watch.running = False
             watch.join()
