@@ -49,6 +49,14 @@ impl Cost {
     pub fn total(self) -> u64 {
         self.prompt + self.output
     }
+
+    /// This cost on a replica that already caches `cached` of the prompt.
+    pub fn uncached(self, cached: u64) -> Cost {
+        Cost {
+            prompt: self.prompt.saturating_sub(cached),
+            output: self.output,
+        }
+    }
 }
 
 /// Whether `streams` (each `(held, left)`: KV tokens held now, output
@@ -87,6 +95,13 @@ pub fn kv_peak_within(streams: &mut [(u64, u64)], block: u64, limit: u64) -> boo
         }
     }
     true
+}
+
+/// How many requests like `cost` a KV cache of `capacity` tokens holds at
+/// once on average under self-tuning's projection (each holds its prompt
+/// and about half its output).
+fn kv_slots(capacity: u64, cost: Cost) -> u64 {
+    (capacity / (cost.prompt + cost.output / 2).max(1)).max(1)
 }
 
 thread_local! {
@@ -210,7 +225,8 @@ impl Budget {
     /// The pacing of queued non-critical starts of requests like `cost` on
     /// `replica` ([`tuning::Pace`]), when self-tuning knows the service time
     /// and how many such requests the replica runs at once: its batch limit,
-    /// or fewer where its KV cache holds fewer ([`Budget::kv_slots`]). A
+    /// or fewer where its KV cache holds fewer ([`kv_slots`]; not for a hand-set
+    /// `tokens_per_replica`, which is not the engine's cache). A
     /// KV-bound replica bunches like a batch-bound one: streams that start
     /// together peak together, so the projection lets in only a cohort's
     /// worth, all of it ends at once and is refilled at once, and the cache
@@ -222,24 +238,17 @@ impl Budget {
             return None;
         }
         let batch = self.batch(replica).filter(|_| self.batch_known(replica));
-        let kv = self.kv_slots(replica, cost);
+        let kv = self
+            .cfg
+            .tokens_per_replica
+            .is_none()
+            .then(|| self.capacity(replica).map(|c| kv_slots(c, cost)))
+            .flatten();
         let slots = match (batch, kv) {
             (Some(b), Some(k)) => b.min(k),
             (b, k) => b.or(k)?,
         };
         tuning::Pace::new(knobs.service, slots)
-    }
-
-    /// How many requests like `cost` the replica's KV cache holds at once
-    /// on average under self-tuning's projection (each holds its prompt and
-    /// about half its output); `None` without the engine's KV capacity or
-    /// with a hand-set `tokens_per_replica`.
-    fn kv_slots(&self, replica: &Replica, cost: Cost) -> Option<u64> {
-        if self.cfg.tokens_per_replica.is_some() {
-            return None;
-        }
-        let per_request = (cost.prompt + cost.output / 2).max(1);
-        self.capacity(replica).map(|c| (c / per_request).max(1))
     }
 
     /// Whether `replica` can take a request of band `priority` costing `cost`
@@ -279,7 +288,7 @@ impl Budget {
         let project = tune && self.cfg.tokens_per_replica.is_none();
         let slots = batch.filter(|_| self.batch_known(replica)).or_else(|| {
             if project {
-                self.kv_slots(replica, cost)
+                capacity.map(|c| kv_slots(c, cost))
             } else {
                 capacity.map(|c| (c / cost.total().max(1)).max(1))
             }
@@ -352,7 +361,7 @@ impl Budget {
                 };
                 if fits_within(limit) {
                     Ok(())
-                } else if fits_within(cap as f64) {
+                } else if share < 1.0 && fits_within(cap as f64) {
                     Err(NoRoom::CriticalReserve)
                 } else {
                     Err(NoRoom::KvBudget)
@@ -381,7 +390,7 @@ impl Budget {
         cost: Cost,
         listener: Option<Arc<dyn CapacityListener>>,
     ) -> Reservation {
-        let kv_prompt = cost.prompt.saturating_sub(guard.cached_tokens());
+        let kv_prompt = cost.uncached(guard.cached_tokens()).prompt;
         guard.set_tokens(kv_prompt + cost.output);
         let kv = Arc::new(StreamKv::new(kv_prompt, cost.output));
         guard.replica().load.add_stream(kv.clone());

@@ -241,10 +241,7 @@ impl PoolAdmission {
         // shorter than the prefill the cached part saves (`HolderPass`).
         let refused = |bound| Err(Refusal { bound, queued });
         let fits = |r: &Replica, cached: u64| {
-            let cost_here = Cost {
-                prompt: cost.prompt - cached.min(cost.prompt),
-                output: cost.output,
-            };
+            let cost_here = cost.uncached(cached);
             if !(routable.of(r).takes_requests()
                 && cold_start::admits(r, scraped)
                 && (scrape_read(r)
@@ -290,14 +287,7 @@ impl PoolAdmission {
             Some(g) => {
                 if let Some(pace) = self
                     .budget
-                    .pace(
-                        g.replica(),
-                        &knobs,
-                        Cost {
-                            prompt: cost.prompt - g.cached_tokens().min(cost.prompt),
-                            output: cost.output,
-                        },
-                    )
+                    .pace(g.replica(), &knobs, cost.uncached(g.cached_tokens()))
                     .filter(|_| paced)
                 {
                     pace.started(&g.replica().load.next_start, now);
