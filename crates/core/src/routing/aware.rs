@@ -266,9 +266,10 @@ impl InferenceAware {
                     matched[i].precise = true;
                 }
             });
-            precise.held_blocks(|key, held| {
+            precise.cache_state(Instant::now(), |key, held, evictions_per_s| {
                 if let Some(i) = position(key) {
                     matched[i].held_tokens = Some(u64::from(held) * engine_bs as u64);
+                    matched[i].evicted_tokens_per_s = evictions_per_s * engine_bs as f64;
                 }
             });
         }
@@ -494,6 +495,11 @@ impl InferenceAware {
         };
         let check = self.routability(exclude, now);
         let mut out = Vec::with_capacity(replicas.len());
+        // Each candidate's cache turnover, where engines publish events.
+        let mut turnovers = (ctx.group_key.is_some()
+            && self.precise.is_some()
+            && self.cfg.rendezvous.weigh_by_turnover)
+            .then(|| Vec::with_capacity(replicas.len()));
         for (idx, r) in replicas.iter().enumerate() {
             let sig = r.signals.load();
             let sig: Option<&Arc<Signals>> = sig.as_ref();
@@ -564,11 +570,24 @@ impl InferenceAware {
                     |g| rendezvous_weight(g, r.key()),
                 ),
                 groups: 0,
+                group_weight: 1.0,
                 foreign_load,
                 alive: true,
                 dropped_by: None,
                 score: 0.0,
             });
+            if let Some(t) = turnovers.as_mut() {
+                let known = matched[idx].held_tokens.is_some();
+                t.push(
+                    fresh_sig
+                        .and_then(|s| s.cache_tokens())
+                        .filter(|_| known)
+                        .map(|cap| cache_turnover_per_s(matched[idx].evicted_tokens_per_s, cap)),
+                );
+            }
+        }
+        if let (Some(g), Some(t)) = (ctx.group_key, turnovers) {
+            weigh_by_turnover(&mut out, replicas, g, &t);
         }
         out
     }
@@ -724,6 +743,59 @@ fn rendezvous_weight(group: u64, replica_key: &str) -> u64 {
     x ^ (x >> 31)
 }
 
+/// The turnover below which caches count as equally idle: a cache that
+/// evicts less than its size every 10 minutes keeps what it is given.
+const MIN_TURNOVER_PER_S: f64 = 1.0 / 600.0;
+
+/// How fast a cache of `capacity_tokens` turns over: the fraction of it
+/// evicted per second (the inverse of how long an unused block survives).
+fn cache_turnover_per_s(evicted_tokens_per_s: f64, capacity_tokens: u64) -> f64 {
+    evicted_tokens_per_s / capacity_tokens.max(1) as f64
+}
+
+/// A replica's rank for a prefix group (highest wins). Without a turnover,
+/// the plain rendezvous hash. With one, weighted rendezvous hashing (score
+/// `w / -ln(u)`, `u` the hash in (0, 1), `w` the inverse of the turnover):
+/// each replica opens new groups in proportion to how slowly its cache turns
+/// over. That evens out how long an unused prefix survives on each replica,
+/// which is what one cache pooled over the fleet would give every prefix
+/// (groups differ in popularity and growth, so equal counts of groups do not
+/// make equal pressure). Every gateway reads the same engines' events, so
+/// they rank alike; caches that do not evict all weigh the same and the
+/// order is the plain hash's.
+fn rendezvous_rank(group: u64, replica_key: &str, turnover_per_s: f64) -> u64 {
+    let h = rendezvous_weight(group, replica_key);
+    // u in (0, 1): 53 bits of the hash, never 0.
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let weight = MIN_TURNOVER_PER_S / turnover_per_s.max(MIN_TURNOVER_PER_S);
+    let score = weight / -u.ln();
+    // Positive floats order as their bits do.
+    score.to_bits()
+}
+
+/// Ranks `cands` for `group` by [`rendezvous_rank`] once any of them is known
+/// to evict (`turnovers`, same order; `None`: no live events or no cache
+/// size, counted as the mean of the known ones). While none evicts, the plain
+/// hash ranks them, as it would without events.
+fn weigh_by_turnover(
+    cands: &mut [Candidate],
+    replicas: &[Arc<Replica>],
+    group: u64,
+    turnovers: &[Option<f64>],
+) {
+    let known: Vec<f64> = turnovers.iter().flatten().copied().collect();
+    if !known.iter().any(|t| *t > MIN_TURNOVER_PER_S) {
+        return;
+    }
+    let mean = known.iter().sum::<f64>() / known.len() as f64;
+    for (c, t) in cands.iter_mut().zip(turnovers) {
+        let turnover = t.unwrap_or(mean).max(MIN_TURNOVER_PER_S);
+        c.rendezvous = rendezvous_rank(group, replicas[c.idx].key(), turnover);
+        // Normalised so an unweighted replica's 1 stays comparable.
+        c.group_weight = MIN_TURNOVER_PER_S / turnover;
+    }
+}
+
 impl Picker for InferenceAware {
     fn pick(
         &self,
@@ -842,6 +914,8 @@ struct Matched {
     blocks: u32,
     precise: bool,
     held_tokens: Option<u64>,
+    /// Tokens per second its engine evicts (0 without events).
+    evicted_tokens_per_s: f64,
 }
 
 /// Per replica: own load, last signals and (for the aware picker) indexed
@@ -878,6 +952,16 @@ pub(super) fn replicas_view(
                     "prefix_index".into(),
                     json!(if precise { "precise" } else { "approximate" }),
                 );
+                // How fast its engine's cache turns over (weighs where new
+                // prefix groups go).
+                if let Some((per_s, total)) =
+                    a.precise.as_ref().and_then(|p| p.evictions(r.key(), now))
+                {
+                    obj.insert(
+                        "kv_evictions".into(),
+                        json!({ "blocks_per_s": per_s, "blocks": total }),
+                    );
+                }
                 let last_score = last
                     .as_ref()
                     .and_then(|d| d.candidates.iter().find(|c| &*c.replica == r.key()));
@@ -893,6 +977,7 @@ pub(super) fn replicas_view(
 pub(crate) mod tests {
     use super::*;
     use crate::discovery::Endpoint;
+    use crate::routing::kv_events::KvEvent;
     use crate::routing::signals::LoraInfo;
     use crate::routing::NoRoom;
 
@@ -1163,6 +1248,87 @@ pub(crate) mod tests {
             }
             assert_eq!(per.len(), 8, "{per:?}");
             assert!(per.values().all(|n| *n <= max), "slack {slack}: {per:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_rendezvous_shares_groups_by_inverse_turnover_and_is_plain_when_equal() {
+        let mut wins = [0u32; 2];
+        for g in 0..6000u64 {
+            let group = rendezvous_weight(g, "group");
+            let a = rendezvous_rank(group, "a", 0.02);
+            let b = rendezvous_rank(group, "b", 0.01);
+            wins[usize::from(b > a)] += 1;
+            // Equal turnovers: the plain hash's order.
+            let (pa, pb) = (rendezvous_weight(group, "a"), rendezvous_weight(group, "b"));
+            let (ea, eb) = (
+                rendezvous_rank(group, "a", 0.02),
+                rendezvous_rank(group, "b", 0.02),
+            );
+            assert_eq!(pa > pb, ea > eb);
+        }
+        // b turns over half as fast: two thirds of the groups.
+        let share = f64::from(wins[1]) / 6000.0;
+        assert!((share - 2.0 / 3.0).abs() < 0.03, "{share}");
+    }
+
+    /// Two replicas whose engines publish KV events; `evicted` blocks removed
+    /// just now from each (of 1,000 blocks of 16 tokens).
+    fn evicting_pair(p: &InferenceAware, rs: &[Arc<Replica>], evicted: [u64; 2]) {
+        let ix = p.precise_index().unwrap();
+        for (r, n) in rs.iter().zip(evicted) {
+            let key: Arc<str> = Arc::from(r.key());
+            let hashes: Vec<u64> = (1..=500).collect();
+            let tokens: Vec<u32> = (0..500 * 16).collect();
+            ix.apply(
+                &key,
+                &[KvEvent::Stored {
+                    hashes,
+                    parent: None,
+                    token_ids: tokens,
+                    block_size: 16,
+                    lora_name: None,
+                    medium: None,
+                }],
+            );
+            ix.apply(
+                &key,
+                &[KvEvent::Removed {
+                    hashes: (1..=n).collect(),
+                    medium: None,
+                }],
+            );
+            ix.set_live(&key, true);
+        }
+    }
+
+    #[test]
+    fn new_groups_go_where_the_cache_turns_over_slowest() {
+        for weigh in [true, false] {
+            let rs = idle_replicas(2);
+            let mut cfg = RoutingConfig {
+                kv_events: Some(Default::default()),
+                ..RoutingConfig::default()
+            };
+            cfg.rendezvous.weigh_by_turnover = weigh;
+            let p = InferenceAware::new(cfg);
+            // Replica 0 evicts twice as fast as replica 1.
+            evicting_pair(&p, &rs, [200, 100]);
+            let mut per = [0u32; 2];
+            for g in 0..30 {
+                let r = p.pick(&rs, &req("g", &prompt(g, 0, 1500)), &[]).unwrap();
+                per[usize::from(r.key() == rs[1].key())] += 1;
+            }
+            if weigh {
+                // Alone, the group bound is exact: 2 to 1 by weight.
+                assert_eq!(per, [10, 20], "weighted: {per:?}");
+            } else {
+                assert_eq!(per, [15, 15], "unweighted: {per:?}");
+            }
+            let view = replicas_view(&rs, Some(&p));
+            let ev = &view["replicas"][0]["kv_evictions"];
+            assert_eq!(ev["blocks"], 200, "{view}");
+            assert!(ev["blocks_per_s"].as_f64().unwrap() > 19.0, "{view}");
         }
     }
 

@@ -47,6 +47,10 @@ pub(super) struct Candidate {
     /// Prefix groups this gateway has placed on the replica and still indexes
     /// (filled only for a request opening a new group).
     pub groups: u32,
+    /// The replica's weight in placing new groups (1 for every replica unless
+    /// caches evict: then the inverse of its cache's turnover); its share of
+    /// the group bound is this over the alive candidates' sum.
+    pub group_weight: f64,
     /// Another gateway fed this replica recently (`Signals::foreign_load_at`).
     pub foreign_load: bool,
     pub alive: bool,
@@ -294,6 +298,7 @@ pub(crate) mod test_support {
             lora_tier: 0,
             rendezvous: 0,
             groups: 0,
+            group_weight: 1.0,
             foreign_load: false,
             alive: true,
             dropped_by: None,

@@ -99,6 +99,12 @@ pub struct RendezvousConfig {
     pub shared_window_ms: u64,
     /// `false`: the slack applies always, alone too.
     pub exact_when_alone: bool,
+    /// Where engines publish KV events: open new groups on each replica in
+    /// proportion to how slowly its cache turns over (blocks evicted per
+    /// second over its size), so that an unused prefix survives about as long
+    /// on every replica, as in one cache pooled over the fleet. No effect
+    /// while no cache evicts, nor without events.
+    pub weigh_by_turnover: bool,
 }
 
 impl Default for RendezvousConfig {
@@ -111,6 +117,7 @@ impl Default for RendezvousConfig {
             group_slack_abs: 1.0,
             shared_window_ms: 30_000,
             exact_when_alone: true,
+            weigh_by_turnover: true,
         }
     }
 }

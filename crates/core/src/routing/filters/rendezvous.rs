@@ -31,12 +31,18 @@ impl Filter for Rendezvous {
         // Its holders were all dropped (busy, unknown, spilled): the overflow goes
         // to the next replica in the group's rendezvous order, not to a new home.
         let new_group = !cands.iter().any(|c| c.matched_blocks >= group_blocks);
-        let (n, total, groups) = cands
-            .iter()
-            .filter(|c| c.alive)
-            .fold((0usize, 0.0, 0u64), |(n, t, g), c| {
-                (n + 1, t + c.placement_load, g + u64::from(c.groups))
-            });
+        let (n, total, groups, weights) =
+            cands
+                .iter()
+                .filter(|c| c.alive)
+                .fold((0usize, 0.0, 0u64, 0.0), |(n, t, g, w), c| {
+                    (
+                        n + 1,
+                        t + c.placement_load,
+                        g + u64::from(c.groups),
+                        w + c.group_weight,
+                    )
+                });
         if n == 0 {
             return Narrowing::default();
         }
@@ -49,7 +55,12 @@ impl Filter for Rendezvous {
         } else {
             (0.0, 0.0)
         };
-        let group_cap = ((1.0 + slack) * (groups as f64 + 1.0) / n as f64).ceil() + slack_abs;
+        // Each replica's share of the groups: its weight's (equal unless
+        // caches evict; see `aware::weigh_by_turnover`).
+        let group_cap_of = |weight: f64| {
+            ((1.0 + slack) * (groups as f64 + 1.0) * weight / weights).ceil() + slack_abs
+        };
+        let group_cap = group_cap_of(weights / n as f64);
         let best = |group_bound: bool| {
             cands
                 .iter()
@@ -57,7 +68,9 @@ impl Filter for Rendezvous {
                 .filter(|(_, c)| {
                     c.alive
                         && c.placement_load + 1.0 <= bound
-                        && (!group_bound || !new_group || f64::from(c.groups) + 1.0 <= group_cap)
+                        && (!group_bound
+                            || !new_group
+                            || f64::from(c.groups) + 1.0 <= group_cap_of(c.group_weight))
                 })
                 .max_by_key(|(_, c)| c.rendezvous)
                 .map(|(i, _)| i)

@@ -17,9 +17,16 @@
 //! Whether a replica's entries are trusted is the subscriber's call
 //! ([`PreciseIndex::set_live`]); a replica that is not live answers nothing
 //! here and the router uses the approximate index for it.
+//!
+//! Each replica also keeps the rate at which its engine evicts blocks (an
+//! exponentially weighted rate of `BlockRemoved` blocks): an engine evicts
+//! only to make room, so the rate over the cache's size is how fast the cache
+//! turns over. Every gateway reads it from the same events, so they agree on
+//! it, which placement of new prefixes needs (`routing::aware`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64;
@@ -32,6 +39,36 @@ use crate::routing::prefix_index::U64Map;
 
 /// Salt of keys chained from a parent the replica no longer holds.
 const ORPHAN: u64 = 0x6f72_7068_616e_0001;
+
+/// Time constant of the eviction rate: long enough to smooth the bursts of
+/// one long prompt's allocation, short enough to follow a shift in which
+/// prefixes are popular.
+const EVICTION_RATE_TAU: Duration = Duration::from_secs(10);
+
+/// Blocks per second an engine evicts, exponentially weighted over
+/// [`EVICTION_RATE_TAU`]: `n` blocks at `t` add `n / tau` and every rate
+/// decays by `exp(-dt / tau)`, so a steady `r` blocks/s reads `r`.
+#[derive(Debug, Default, Clone, Copy)]
+struct EvictionRate {
+    per_s: f64,
+    at: Option<Instant>,
+}
+
+impl EvictionRate {
+    fn decayed(&self, now: Instant) -> f64 {
+        match self.at {
+            Some(at) => {
+                let dt = now.saturating_duration_since(at).as_secs_f64();
+                self.per_s * (-dt / EVICTION_RATE_TAU.as_secs_f64()).exp()
+            }
+            None => 0.0,
+        }
+    }
+    fn add(&mut self, blocks: u64, now: Instant) {
+        self.per_s = self.decayed(now) + blocks as f64 / EVICTION_RATE_TAU.as_secs_f64();
+        self.at = Some(now);
+    }
+}
 
 /// The chain seed of a prompt's first block: 0 for the base model, else a
 /// hash of the LoRA adapter's name.
@@ -98,6 +135,9 @@ struct Slot {
     /// salt make the engine's hashes differ where the tokens agree): how many
     /// more, so removing one keeps the key.
     dup: U64Map<u32>,
+    evictions: EvictionRate,
+    /// Blocks removed by `BlockRemoved` since the replica was first seen.
+    evicted_total: u64,
 }
 
 #[derive(Debug, Default)]
@@ -167,10 +207,21 @@ impl PreciseIndex {
 
     /// Applies one replica's events, in order.
     pub fn apply(&self, replica: &Arc<str>, events: &[KvEvent]) {
+        self.apply_at(replica, events, Instant::now());
+    }
+
+    /// [`apply`](Self::apply), the events having arrived at `now`.
+    pub fn apply_at(&self, replica: &Arc<str>, events: &[KvEvent], now: Instant) {
         let mut inner = self.write();
         let slot = inner.slot_for(replica);
+        let mut evicted = 0;
         for e in events {
-            inner.apply(slot, e);
+            evicted += inner.apply(slot, e);
+        }
+        if evicted > 0 {
+            let s = &mut inner.slots[slot as usize];
+            s.evictions.add(evicted, now);
+            s.evicted_total += evicted;
         }
     }
 
@@ -260,14 +311,23 @@ impl PreciseIndex {
         }
     }
 
-    /// For each live replica, calls `f(key, blocks its engine holds)`.
-    pub fn held_blocks(&self, mut f: impl FnMut(&Arc<str>, u32)) {
+    /// For each live replica, calls `f(key, blocks its engine holds, blocks
+    /// per second it evicts now)`.
+    pub fn cache_state(&self, now: Instant, mut f: impl FnMut(&Arc<str>, u32, f64)) {
         let inner = self.read();
         for s in &inner.slots {
             if let (true, Some(key)) = (s.live, &s.key) {
-                f(key, s.engine.len().min(u32::MAX as usize) as u32);
+                let held = s.engine.len().min(u32::MAX as usize) as u32;
+                f(key, held, s.evictions.decayed(now));
             }
         }
+    }
+
+    /// `replica`'s evictions: (blocks per second now, blocks in all).
+    pub fn evictions(&self, replica: &str, now: Instant) -> Option<(f64, u64)> {
+        let inner = self.read();
+        let s = &inner.slots[*inner.by_key.get(replica)? as usize];
+        Some((s.evictions.decayed(now), s.evicted_total))
     }
 
     /// The engine hashes `replica` holds (tests compare them with the engine).
@@ -336,7 +396,8 @@ impl Inner {
         s
     }
 
-    fn apply(&mut self, slot: u16, e: &KvEvent) {
+    /// Applies one event; returns how many held blocks it evicted.
+    fn apply(&mut self, slot: u16, e: &KvEvent) -> u64 {
         match e {
             KvEvent::Stored {
                 hashes,
@@ -350,13 +411,13 @@ impl Inner {
                 if bs == 0 || token_ids.len() < hashes.len() * bs as usize {
                     // No tokens (an engine that only reports a tier change):
                     // nothing to key.
-                    return;
+                    return 0;
                 }
                 if self.block_size == 0 {
                     self.block_size = bs;
                 } else if self.block_size != bs {
                     self.mismatched += 1;
-                    return;
+                    return 0;
                 }
                 let mut key = match parent {
                     None => key_seed(lora_name.as_deref()),
@@ -369,13 +430,16 @@ impl Inner {
                     key = token_block_key(key, block);
                     self.store(slot, *h, key);
                 }
+                0
             }
-            KvEvent::Removed { hashes, .. } => {
-                for h in hashes {
-                    self.remove(slot, *h);
-                }
+            KvEvent::Removed { hashes, .. } => hashes
+                .iter()
+                .map(|h| u64::from(self.remove(slot, *h)))
+                .sum(),
+            KvEvent::Cleared => {
+                self.clear_slot(slot);
+                0
             }
-            KvEvent::Cleared => self.clear_slot(slot),
         }
     }
 
@@ -394,10 +458,15 @@ impl Inner {
         }
     }
 
-    fn remove(&mut self, slot: u16, engine_hash: u64) {
+    /// Whether the replica held the block.
+    fn remove(&mut self, slot: u16, engine_hash: u64) -> bool {
         let s = &mut self.slots[slot as usize];
-        if let Some(key) = s.engine.remove(&engine_hash) {
-            Self::unhold(&mut self.blocks, s, slot, key);
+        match s.engine.remove(&engine_hash) {
+            Some(key) => {
+                Self::unhold(&mut self.blocks, s, slot, key);
+                true
+            }
+            None => false,
         }
     }
 
@@ -428,6 +497,8 @@ impl Inner {
             }
         }
         s.dup.clear();
+        // An empty cache turns nothing over.
+        s.evictions = EvictionRate::default();
     }
 }
 
@@ -543,6 +614,72 @@ mod tests {
         let kl = key(key_seed(Some("ad")), &[1, 2]);
         assert_ne!(kl, k0);
         assert_eq!(matches(&ix, &[kl])["a"], 1);
+    }
+
+    #[test]
+    fn eviction_rate_counts_held_blocks_removed_and_decays() {
+        let ix = PreciseIndex::new();
+        let a = k("a");
+        ix.set_live(&a, true);
+        let t0 = Instant::now();
+        let hashes: Vec<u64> = (1..=50).collect();
+        let tokens: Vec<u32> = (0..100).collect();
+        ix.apply_at(&a, &[stored(&hashes, None, &tokens)], t0);
+        assert_eq!(
+            ix.evictions("a", t0),
+            Some((0.0, 0)),
+            "stores evict nothing"
+        );
+        // 20 held blocks removed and 5 never held (not evictions of this cache).
+        let removed: Vec<u64> = (1..=20).chain(1000..1005).collect();
+        let remove = KvEvent::Removed {
+            hashes: removed,
+            medium: None,
+        };
+        ix.apply_at(&a, &[remove], t0);
+        let (rate, total) = ix.evictions("a", t0).unwrap();
+        assert_eq!(total, 20);
+        assert!((rate - 20.0 / EVICTION_RATE_TAU.as_secs_f64()).abs() < 1e-9);
+        // One time constant later, a 1/e of it.
+        let later = t0 + EVICTION_RATE_TAU;
+        let (decayed, _) = ix.evictions("a", later).unwrap();
+        assert!((decayed - rate / std::f64::consts::E).abs() < 1e-9);
+        let mut seen = Vec::new();
+        ix.cache_state(later, |r, held, per_s| {
+            seen.push((r.to_string(), held, per_s))
+        });
+        assert_eq!(seen, vec![("a".to_string(), 30, decayed)]);
+        // A steady 100 blocks/s reads about 100 after a few time constants.
+        let ix = PreciseIndex::new();
+        ix.apply_at(
+            &a,
+            &[stored(
+                &(1..=5000).collect::<Vec<_>>(),
+                None,
+                &(0..10_000).collect::<Vec<_>>(),
+            )],
+            t0,
+        );
+        for i in 1..=40u64 {
+            let hs: Vec<u64> = ((i - 1) * 100 + 1..=i * 100).collect();
+            let at = t0 + Duration::from_secs(i);
+            ix.apply_at(
+                &a,
+                &[KvEvent::Removed {
+                    hashes: hs,
+                    medium: None,
+                }],
+                at,
+            );
+        }
+        let (steady, _) = ix.evictions("a", t0 + Duration::from_secs(40)).unwrap();
+        assert!((steady - 100.0).abs() < 10.0, "{steady}");
+        // A cleared cache turns nothing over.
+        ix.apply_at(&a, &[KvEvent::Cleared], t0 + Duration::from_secs(41));
+        assert_eq!(
+            ix.evictions("a", t0 + Duration::from_secs(41)).unwrap().0,
+            0.0
+        );
     }
 
     #[test]
