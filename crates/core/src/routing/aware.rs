@@ -495,11 +495,10 @@ impl InferenceAware {
         };
         let check = self.routability(exclude, now);
         let mut out = Vec::with_capacity(replicas.len());
-        // Each candidate's cache turnover, where engines publish events.
-        let mut turnovers = (ctx.group_key.is_some()
+        // Each candidate's cache turnover counts where engines publish events.
+        let weigh = ctx.group_key.is_some()
             && self.precise.is_some()
-            && self.cfg.rendezvous.weigh_by_turnover)
-            .then(|| Vec::with_capacity(replicas.len()));
+            && self.cfg.rendezvous.weigh_by_turnover;
         for (idx, r) in replicas.iter().enumerate() {
             let sig = r.signals.load();
             let sig: Option<&Arc<Signals>> = sig.as_ref();
@@ -555,6 +554,10 @@ impl InferenceAware {
                 load_requests: own_requests.max(running + waiting),
                 placement_load,
                 token_load: r.load.tokens() as f64,
+                cache_turnover: matched[idx].held_tokens.and_then(|_| {
+                    let cap = fresh_sig.and_then(|s| s.cache_tokens())?;
+                    Some(cache_turnover_per_s(matched[idx].evicted_tokens_per_s, cap))
+                }),
                 free_tokens: matched[idx].held_tokens.and_then(|held| {
                     fresh_sig
                         .and_then(|s| s.cache_tokens())
@@ -576,18 +579,9 @@ impl InferenceAware {
                 dropped_by: None,
                 score: 0.0,
             });
-            if let Some(t) = turnovers.as_mut() {
-                let known = matched[idx].held_tokens.is_some();
-                t.push(
-                    fresh_sig
-                        .and_then(|s| s.cache_tokens())
-                        .filter(|_| known)
-                        .map(|cap| cache_turnover_per_s(matched[idx].evicted_tokens_per_s, cap)),
-                );
-            }
         }
-        if let (Some(g), Some(t)) = (ctx.group_key, turnovers) {
-            weigh_by_turnover(&mut out, replicas, g, &t);
+        if let (Some(g), true) = (ctx.group_key, weigh) {
+            weigh_by_turnover(&mut out, replicas, g);
         }
         out
     }
@@ -774,22 +768,22 @@ fn rendezvous_rank(group: u64, replica_key: &str, turnover_per_s: f64) -> u64 {
 }
 
 /// Ranks `cands` for `group` by [`rendezvous_rank`] once any of them is known
-/// to evict (`turnovers`, same order; `None`: no live events or no cache
-/// size, counted as the mean of the known ones). While none evicts, the plain
-/// hash ranks them, as it would without events.
-fn weigh_by_turnover(
-    cands: &mut [Candidate],
-    replicas: &[Arc<Replica>],
-    group: u64,
-    turnovers: &[Option<f64>],
-) {
-    let known: Vec<f64> = turnovers.iter().flatten().copied().collect();
-    if !known.iter().any(|t| *t > MIN_TURNOVER_PER_S) {
+/// to evict (a candidate without a `cache_turnover`, no live events or no
+/// cache size, counts as the mean of the known ones). While none evicts, the
+/// plain hash ranks them, as it would without events.
+fn weigh_by_turnover(cands: &mut [Candidate], replicas: &[Arc<Replica>], group: u64) {
+    let (n, sum, evicting) = cands
+        .iter()
+        .filter_map(|c| c.cache_turnover)
+        .fold((0usize, 0.0, false), |(n, s, e), t| {
+            (n + 1, s + t, e || t > MIN_TURNOVER_PER_S)
+        });
+    if !evicting {
         return;
     }
-    let mean = known.iter().sum::<f64>() / known.len() as f64;
-    for (c, t) in cands.iter_mut().zip(turnovers) {
-        let turnover = t.unwrap_or(mean).max(MIN_TURNOVER_PER_S);
+    let mean = sum / n as f64;
+    for c in cands.iter_mut() {
+        let turnover = c.cache_turnover.unwrap_or(mean).max(MIN_TURNOVER_PER_S);
         c.rendezvous = rendezvous_rank(group, replicas[c.idx].key(), turnover);
         // Normalised so an unweighted replica's 1 stays comparable.
         c.group_weight = MIN_TURNOVER_PER_S / turnover;

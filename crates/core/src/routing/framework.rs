@@ -33,6 +33,9 @@ pub(super) struct Candidate {
     pub placement_load: f64,
     /// Own estimated tokens in flight.
     pub token_load: f64,
+    /// The fraction of its KV cache the replica's engine evicts per second
+    /// (from the precise index); `None` unknown.
+    pub cache_turnover: Option<f64>,
     /// Tokens the replica's KV cache has free (its blocks less those its
     /// engine reported holding, from the precise index); `None` unknown.
     pub free_tokens: Option<u64>,
@@ -292,6 +295,7 @@ pub(crate) mod test_support {
             load_requests: 0.0,
             placement_load: 0.0,
             token_load: 0.0,
+            cache_turnover: None,
             free_tokens: None,
             queued_prefill: 0.0,
             est_ttft_ms: 0.0,
