@@ -50,9 +50,11 @@ pub struct StickyConfig {
     /// a full cache (the precise index knows each engine's free blocks): the
     /// copy evicts as much of other cached prefixes, which later requests
     /// prefill again, and the group keeps two warm homes, halving the
-    /// cache's reach for it. Off (0) by default: on the side-by-side
-    /// benchmark 2.0 moved the hit rate by less than the run-to-run noise
-    /// (docs/benchmarks/2026-12-06-kv-events-side-by-side.md, session 8).
+    /// cache's reach for it. 1 by default: the prefixes a copy evicts are
+    /// taken to be worth what it saves (on the cache-pressure benchmark it
+    /// never lowered the hit rate and kept spills from feeding on themselves
+    /// at flatter popularity: docs/benchmarks/2026-12-07-hit-rate.md,
+    /// session 12).
     pub margin_per_evicted: f64,
     /// ... but never more than this many milliseconds.
     pub max_margin_ms: f64,
@@ -63,7 +65,7 @@ impl Default for StickyConfig {
         StickyConfig {
             min_match_ratio: 0.8,
             margin_per_saved: 1.0,
-            margin_per_evicted: 0.0,
+            margin_per_evicted: 1.0,
             max_margin_ms: 2000.0,
         }
     }

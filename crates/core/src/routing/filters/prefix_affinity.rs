@@ -9,7 +9,7 @@ use crate::routing::framework::{Candidate, Ctx, Detail, Filter, Narrowing};
 /// drop them (spill), so `rendezvous` sends the overflow of one prefix to the
 /// same next replica from every gateway rather than scattering copies.
 ///
-/// The margin grows by `margin_per_evicted` (off by default) times the saved
+/// The margin grows by `margin_per_evicted` (1 by default) times the saved
 /// time when the holder's prefix is known from its engine's events and the
 /// colder replica's cache has no room for the copy: under cache pressure
 /// every spill evicts other prefixes and leaves the group two homes. The
@@ -113,9 +113,19 @@ mod tests {
         assert_eq!(o.dropped, 1);
         assert!(o.detail.to_string().contains("leave"), "{}", o.detail);
         assert!(!cs[0].alive && cs[1].alive);
-        // Known to be held (events) and the colder cache is full: leaving
-        // would evict as much elsewhere, so (with `margin_per_evicted` 2)
-        // the margin is 3x the saved time.
+        // Known to be held (events) and the colder cache is full: by
+        // default (`margin_per_evicted` 1) the margin is twice the saved time.
+        let mut cs = vec![cand(0), cand(1)];
+        cs[0].matched_blocks = 50;
+        cs[0].precise = true;
+        cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
+        cs[1].est_ttft_ms = 62.5;
+        cs[1].uncached_tokens = 1000;
+        cs[1].free_tokens = Some(999);
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive, "the copy would evict: stay");
+        // Leaving would evict as much elsewhere, so (with `margin_per_evicted`
+        // 2) the margin is 3x the saved time.
         let mut cfg = RoutingConfig::default();
         cfg.sticky.margin_per_evicted = 2.0;
         let ctx = ctx_for(&cfg, None, 1000);
