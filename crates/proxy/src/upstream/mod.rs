@@ -54,9 +54,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_REPLICA_SLOTS: usize = 4096;
 /// Idle lists per replica: one per serving worker (workers beyond share by modulo).
 const MAX_WORKER_POOLS: usize = 64;
-/// Read buffer growth step; a pooled connection keeps at most
-/// `MAX_KEPT_BUFFER` of it.
-const READ_CHUNK: usize = 8 * 1024;
+/// What a read offers the socket at first, and at most: a read that fills
+/// what it was offered doubles the next one (a streamed answer arriving in
+/// bulk is read in a few calls, not one per 8 KiB), one that takes less than
+/// a quarter halves it. A pooled connection keeps at most `MAX_KEPT_BUFFER`.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 64 * 1024;
 const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 /// A pooled keep-alive HTTP/1.1 client to replicas (one per connect timeout).
@@ -101,6 +104,8 @@ struct Conn {
     /// least one.
     served: u32,
     idle_since: Instant,
+    /// How much the next read offers (`READ_MIN`..=`READ_MAX`).
+    read_size: usize,
 }
 
 /// What is sent upstream (the same for every try).
@@ -267,6 +272,7 @@ impl UpstreamClient {
             buf: BytesMut::new(),
             served: 0,
             idle_since: Instant::now(),
+            read_size: READ_MIN,
         })
     }
 }
@@ -536,6 +542,12 @@ impl Body for UpstreamBody {
 /// reserved only once the socket is readable, and an empty one is released
 /// while the connection waits: an idle stream (a slow prefill, a long gap
 /// between tokens) then holds no read buffer at all.
+///
+/// The read goes through tokio's `AsyncRead`, which takes a read that did not
+/// fill the buffer as the socket drained (edge-triggered readiness): the next
+/// call waits for the next event instead of making a `recv` that can only
+/// answer `EAGAIN` (one such call per burst of the replica's writes, and one
+/// more at the pool's checkout, with `try_read`).
 fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     loop {
         if conn.io.poll_read_ready(cx)?.is_pending() {
@@ -544,13 +556,21 @@ fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
             }
             return Poll::Pending;
         }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_CHUNK);
+        if conn.buf.capacity() - conn.buf.len() < conn.read_size / 2 {
+            conn.buf.reserve(conn.read_size);
         }
-        match conn.io.try_read_buf(&mut conn.buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return Poll::Ready(r),
+        let offered = conn.buf.capacity() - conn.buf.len();
+        let n = match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+            // Readiness raced away: wait (the loop re-registers).
+            Poll::Pending => continue,
+            Poll::Ready(r) => r?,
+        };
+        if n == offered && offered >= conn.read_size / 2 {
+            conn.read_size = (conn.read_size * 2).min(READ_MAX);
+        } else if n < conn.read_size / 4 {
+            conn.read_size = (conn.read_size / 2).max(READ_MIN);
         }
+        return Poll::Ready(Ok(n));
     }
 }
 
