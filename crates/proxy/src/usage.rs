@@ -127,17 +127,25 @@ impl UsageCounter {
         // every other line is only counted. The key holds no line end, so a
         // match lies within one line. (Per line, the search and its call
         // were ~300 instructions of each relayed token.)
-        let mut keys = finder().find_iter(rest).peekable();
+        let finder = finder();
+        let mut next_key = finder.find(rest);
         let mut start = 0;
-        for lf in memchr::memchr_iter(b'\n', rest) {
-            while keys.next_if(|&k| k < start).is_some() {}
+        while let Some(len) = memchr::memchr(b'\n', &rest[start..]) {
+            let lf = start + len;
             let line = &rest[start..lf];
-            if keys.peek().is_some_and(|&k| k < lf) {
-                self.line(line);
-            } else if is_token_event(line) {
-                self.events += 1;
+            match next_key {
+                Some(k) if k < lf => {
+                    self.line(line);
+                    next_key = finder.find(&rest[lf..]).map(|k| k + lf);
+                }
+                _ if is_token_event(line) => self.events += 1,
+                _ => {}
             }
             start = lf + 1;
+            // The empty line that ends an event: nothing to count, no search.
+            while rest.get(start) == Some(&b'\n') {
+                start += 1;
+            }
         }
         self.carry.extend_from_slice(&rest[start..]);
     }
