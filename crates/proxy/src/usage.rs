@@ -490,7 +490,11 @@ mod tests {
 
     /// Lines an event stream may hold: events, usage (alone, with a token,
     /// null, in a string), `[DONE]`, comments, other fields, CRLF ends.
-    const SSE_LINES: [&str; 12] = [
+    const SSE_LINES: [&str; 16] = [
+        "g",
+        "data: gg{\"usage\":{\"completion_tokens\":2}}",
+        "\"usage\":{\"prompt_tokens\":1}",
+        "data: {\"usage\": {\"prompt_tokens\": 2, \"completion_tokens\": 9}, \"g\": \"g\"}",
         "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}",
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}",
         "data: {\"choices\":[{\"text\":\"b\"}],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\r",
