@@ -819,6 +819,44 @@ mod tests {
         assert_eq!(conn.buf.capacity(), 0, "released while waiting");
     }
 
+    #[tokio::test]
+    async fn reads_grow_while_the_replica_is_ahead_and_shrink_when_it_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (io, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut replica = accepted.unwrap().0;
+        let mut conn = Conn {
+            io: io.unwrap(),
+            buf: BytesMut::new(),
+            served: 0,
+            idle_since: Instant::now(),
+            read_size: READ_MIN,
+        };
+        async fn read(conn: &mut Conn) -> usize {
+            std::future::poll_fn(|cx| poll_fill(conn, cx))
+                .await
+                .unwrap()
+        }
+        // 56 KiB already there (under the loopback window): 8, 16 and 32 KiB
+        // reads, each filling what it was offered, so the next offers 64 KiB.
+        replica.write_all(&[b'x'; 56 * 1024]).await.unwrap();
+        let mut sizes = Vec::new();
+        let mut got = 0;
+        while got < 56 * 1024 {
+            let n = read(&mut conn).await;
+            got += n;
+            sizes.push(n);
+            // Taken as the body takes it: split off as a frame.
+            drop(conn.buf.split());
+        }
+        assert_eq!(sizes, [8 * 1024, 16 * 1024, 32 * 1024]);
+        assert_eq!(conn.read_size, READ_MAX);
+        // A token alone: the next read offers half.
+        replica.write_all(b"data: x\n\n").await.unwrap();
+        assert_eq!(read(&mut conn).await, 9);
+        assert_eq!(conn.read_size, READ_MAX / 2);
+    }
+
     #[test]
     fn authority_defaults_to_port_80() {
         assert_eq!(
