@@ -8,7 +8,10 @@
 #   - added p50 / p99 latency vs direct at half of infergate's saturation rate (LAT_RATE: a fixed rate) (open loop
 #     over a fixed set of LAT_CONNS keep-alive connections, as wrk2 does; an arrival
 #     finding them all busy waits in the client and shows as schedule lag, printed too)
-#   - SSE chunks relayed per second (streaming, many tokens per request)
+#   - SSE chunks relayed per second (streaming, many tokens per request), and the
+#     proxy's own CPU (user + system over its process tree) per relayed chunk: on
+#     a shared 2-core machine the load tool and the upstream take most of the CPU,
+#     so chunks/s moves less than the proxy's cost does
 #   - peak RSS of the proxy (VmHWM, summed over its process tree)
 # then infergate's ratios to each, and the RSS of infergate holding 10,000
 # idle open streams.
@@ -137,6 +140,14 @@ peak_rss_mib() {  # VmHWM summed over the process tree, MiB
     total=$((total + ${kb:-0}))
   done
   echo "scale=1; $total / 1024" | bc
+}
+cpu_ticks() {  # user + system CPU of a process tree, in clock ticks
+  local total=0 t
+  for p in $(tree_pids "$1"); do
+    t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
+    total=$((total + ${t:-0}))
+  done
+  echo "$total"
 }
 rss_mib() {  # current VmRSS of one process, MiB
   awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"
@@ -336,7 +347,7 @@ for f in sys.argv[2:]:
 print(round(statistics.median(vals), 3) if vals else 0)
 PY
 }
-declare -A RPS P50 P99 LAG SSE RSS
+declare -A RPS P50 P99 LAG SSE RSS SSE_CPU
 
 # Quota targets' decision-time histograms, read at phase ends (quota_bench.sh diffs them).
 snap_quota_metrics() {  # tag
@@ -421,7 +432,11 @@ for r in $(seq "$ROUNDS"); do
   line="  round $r:"
   for t in "${TARGETS[@]}"; do
     name=${t%%=*}; url=${t#*=}
+    pid=${PID_OF[$name]:-}
+    [[ -n $pid ]] && c0=$(cpu_ticks "$pid")
     load "$RUN/sse-$name-$r.json" "$url" --workload stream --max-tokens "$SSE_TOKENS" -c "$SSE_CONC" -d "$DUR" --no-usage
+    # The proxy's own CPU per relayed chunk (user + system, its process tree).
+    [[ -n $pid ]] && echo "$(( $(cpu_ticks "$pid") - c0 ))" >"$RUN/sse-$name-$r.ticks"
     line="$line $name $(jget "$RUN/sse-$name-$r.json" "round(v.get('output_tok_per_s', 0))")"
   done
   echo "$line"
@@ -430,7 +445,18 @@ for t in "${TARGETS[@]}"; do
   name=${t%%=*}
   SSE[$name]=$(median "v.get('output_tok_per_s', 0)" "$RUN"/sse-"$name"-[0-9]*.json)
   SSE[$name]=${SSE[$name]%.*}
-  echo "  $name: median ${SSE[$name]} chunks/s"
+  SSE_CPU[$name]=$(python3 - "$RUN" "$name" "$(getconf CLK_TCK)" <<'PY'
+import glob, json, statistics, sys
+run, name, tck = sys.argv[1], sys.argv[2], int(sys.argv[3])
+per = []
+for f in sorted(glob.glob(f"{run}/sse-{name}-*.ticks")):
+    tokens = json.load(open(f[:-6] + ".json")).get("output_tokens") or 0
+    if tokens:
+        per.append(int(open(f).read()) / tck * 1e6 / tokens)
+print(f"{statistics.median(per):.3f}" if per else "-")
+PY
+)
+  echo "  $name: median ${SSE[$name]} chunks/s, proxy CPU ${SSE_CPU[$name]} µs per chunk"
 done
 fi
 for t in "${TARGETS[@]}"; do
@@ -463,7 +489,12 @@ done
 if [[ -n ${RPS[infergate-keys]:-} && -n ${RPS[nginx]:-} ]]; then
   python3 -c "
 rps, sse = ${RPS[infergate-keys]} / max(${RPS[nginx]}, 1), ${SSE[infergate-keys]} / max(${SSE[nginx]}, 1)
-print(f'  infergate-keys (auth on) vs nginx: req/s x{rps:.2f}  SSE x{sse:.2f}  added p99 {${P99[infergate-keys]} - ${P99[direct]}:.3f} vs {${P99[nginx]} - ${P99[direct]}:.3f} ms')"
+print(f'  infergate-keys (auth on) vs nginx: req/s x{rps:.2f}  SSE x{sse:.2f}  added p99 {${P99[infergate-keys]} - ${P99[direct]}:.3f} vs {${P99[nginx]} - ${P99[direct]}:.3f} ms')
+print('    targets (issue 18): req/s >= x1.00, SSE >= x1.20, added p99 <= 0.200 ms')
+cpu = {k: v for k, v in (('keys', '${SSE_CPU[infergate-keys]:--}'), ('nginx', '${SSE_CPU[nginx]:--}'))}
+if '-' not in cpu.values():
+    k, n = float(cpu['keys']), float(cpu['nginx'])
+    print(f'    proxy CPU per relayed SSE chunk: {k:.3f} vs nginx {n:.3f} us (x{n / max(k, 1e-9):.2f} in infergate\'s favour)')"
 fi
 
 if [[ -n ${PID_OF[quota-redis]:-} ]]; then  # quota_bench.sh divides Redis calls by these

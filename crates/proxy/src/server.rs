@@ -440,9 +440,10 @@ impl ConnLimits {
         let mut b = auto::Builder::new(TokioExecutor::new());
         b.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
-            // Pipelined requests get their answers in one write.
-            .pipeline_flush(true);
+            // No `pipeline_flush`: it switches hyper to flattening every body
+            // byte into its head buffer (a copy of each relayed frame) instead
+            // of queueing the frames' buffers for one `writev`.
+            .header_read_timeout(self.header_read_timeout);
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.h2_max_streams)

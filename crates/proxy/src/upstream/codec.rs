@@ -3,7 +3,7 @@
 //! §6.3), and the chunked-transfer decoder. Pure functions over buffers, so
 //! every edge is unit-tested without a socket.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 
@@ -274,6 +274,12 @@ impl ChunkedDecoder {
     /// Decodes the next step from the front of `buf`, consuming what it used.
     /// Data is split off the buffer without a copy.
     pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
+        self.decode_at_most(buf, usize::MAX)
+    }
+
+    /// [`decode`](Self::decode), with at most `max` (> 0) data bytes taken:
+    /// the rest of the chunk comes with the next call.
+    fn decode_at_most(&mut self, buf: &mut BytesMut, max: usize) -> Result<Decoded, ProtocolError> {
         loop {
             match *self {
                 ChunkedDecoder::Done => return Ok(Decoded::End),
@@ -281,7 +287,7 @@ impl ChunkedDecoder {
                     if buf.is_empty() {
                         return Ok(Decoded::NeedMore);
                     }
-                    let n = (left.min(buf.len() as u64)) as usize;
+                    let n = left.min(buf.len() as u64).min(max as u64) as usize;
                     let data = buf.split_to(n).freeze();
                     *self = if left == n as u64 {
                         ChunkedDecoder::DataEnd
@@ -291,10 +297,9 @@ impl ChunkedDecoder {
                     return Ok(Decoded::Data(data));
                 }
                 ChunkedDecoder::Size => {
-                    let Some(line) = take_line(buf)? else {
+                    let Some(size) = take_line(buf, parse_chunk_size)? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    let size = parse_chunk_size(&line)?;
                     *self = if size == 0 {
                         ChunkedDecoder::Trailers
                     } else {
@@ -302,20 +307,20 @@ impl ChunkedDecoder {
                     };
                 }
                 ChunkedDecoder::DataEnd => {
-                    let Some(line) = take_line(buf)? else {
+                    let Some(empty) = take_line(buf, |l| Ok(l.is_empty()))? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    if !line.is_empty() {
+                    if !empty {
                         return Err(ProtocolError("chunk data longer than its size"));
                     }
                     *self = ChunkedDecoder::Size;
                 }
                 ChunkedDecoder::Trailers => {
-                    let Some(line) = take_line(buf)? else {
+                    // Trailers are not forwarded: the gateway's responses carry none.
+                    let Some(empty) = take_line(buf, |l| Ok(l.is_empty()))? else {
                         return Ok(Decoded::NeedMore);
                     };
-                    // Trailers are not forwarded: the gateway's responses carry none.
-                    if line.is_empty() {
+                    if empty {
                         *self = ChunkedDecoder::Done;
                     }
                 }
@@ -324,26 +329,41 @@ impl ChunkedDecoder {
     }
 }
 
+/// Data joined into one frame at most (see [`ChunkedDecoder::decode_buffered`]).
+pub(crate) const JOIN_LIMIT: usize = 16 * 1024;
+
 impl ChunkedDecoder {
-    /// `first` (data just decoded) with the data of every further chunk
-    /// already in `buf`, in one buffer: when the replica's chunks arrive
-    /// together (the client side was behind, or the replica wrote them at
-    /// once) they go on as one frame, so one write to the client, where
-    /// hyper writes at most 16 frames per write and spends per frame.
-    /// Copies only when a second piece is there. Also returns what stopped
-    /// it: `NeedMore`, `End`, or an error in a later chunk (the caller
-    /// reports it after the data).
+    /// `first` (data just decoded) with the data of further chunks already
+    /// in `buf`, in one buffer, up to [`JOIN_LIMIT`] bytes: when the
+    /// replica's small chunks arrive together (the client side was behind,
+    /// or the replica wrote them at once) they go on as one frame, so the
+    /// relay and hyper spend once for them, where hyper queues at most 16
+    /// frames per write. Copies only when a second piece is there, and never
+    /// more than the limit: a `first` of that size or more goes on alone
+    /// (uncopied; hyper queues the next frames behind it in the same
+    /// write), and the piece that reaches the limit is cut there (the rest
+    /// of its chunk is the next frame). Also returns what stopped it:
+    /// `NeedMore`, `End`, the limit (`Data` of nothing), or an error in a
+    /// later chunk (the caller reports it after the data).
     pub(crate) fn decode_buffered(
         &mut self,
         first: Bytes,
         buf: &mut BytesMut,
     ) -> (Bytes, Result<Decoded, ProtocolError>) {
+        if first.len() >= JOIN_LIMIT {
+            return (first, Ok(Decoded::Data(Bytes::new())));
+        }
         let mut joined: Option<BytesMut> = None;
         let stop = loop {
-            match self.decode(buf) {
+            let have = joined.as_ref().map_or(first.len(), BytesMut::len);
+            if have >= JOIN_LIMIT {
+                break Ok(Decoded::Data(Bytes::new()));
+            }
+            match self.decode_at_most(buf, JOIN_LIMIT - have) {
                 Ok(Decoded::Data(d)) => joined
                     .get_or_insert_with(|| {
-                        let mut j = BytesMut::with_capacity(first.len() + d.len() + buf.len());
+                        let cap = (first.len() + d.len() + buf.len()).min(JOIN_LIMIT);
+                        let mut j = BytesMut::with_capacity(cap);
                         j.extend_from_slice(&first);
                         j
                     })
@@ -355,20 +375,23 @@ impl ChunkedDecoder {
     }
 }
 
-/// Takes one line (without its CRLF or LF) off the front of `buf`.
-fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
+/// Parses one line (without its CRLF or LF) at the front of `buf` with
+/// `parse`, then consumes it; `None` while the line is incomplete.
+fn take_line<T>(
+    buf: &mut BytesMut,
+    parse: impl FnOnce(&[u8]) -> Result<T, ProtocolError>,
+) -> Result<Option<T>, ProtocolError> {
     let Some(lf) = memchr::memchr(b'\n', buf) else {
         if buf.len() > MAX_LINE_BYTES {
             return Err(ProtocolError("chunk line too long"));
         }
         return Ok(None);
     };
-    let mut line = buf.split_to(lf + 1);
-    line.truncate(lf);
-    if line.last() == Some(&b'\r') {
-        line.truncate(lf - 1);
-    }
-    Ok(Some(line))
+    let line = &buf[..lf];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let v = parse(line)?;
+    buf.advance(lf + 1);
+    Ok(Some(v))
 }
 
 /// A chunk-size line: hex digits, then optional `;extensions` (ignored).
@@ -560,6 +583,53 @@ mod tests {
     }
 
     #[test]
+    fn joining_stops_at_the_limit_and_a_large_first_piece_goes_alone() {
+        let chunk = |len: usize, byte: u8| {
+            let mut w = format!("{len:x}\r\n").into_bytes();
+            w.extend(std::iter::repeat_n(byte, len));
+            w.extend_from_slice(b"\r\n");
+            w
+        };
+        // A first piece at the limit is not joined (nor copied): the next
+        // chunk stays buffered for the next frame.
+        let mut wire = chunk(JOIN_LIMIT, b'a');
+        wire.extend(chunk(10, b'b'));
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut dec = ChunkedDecoder::default();
+        let Ok(Decoded::Data(first)) = dec.decode(&mut buf) else {
+            panic!("no data first");
+        };
+        let at = first.as_ptr();
+        let (d, stop) = dec.decode_buffered(first, &mut buf);
+        assert_eq!((d.len(), d.as_ptr()), (JOIN_LIMIT, at));
+        assert!(matches!(stop, Ok(Decoded::Data(ref e)) if e.is_empty()));
+        assert_eq!(
+            buf.len(),
+            2 + 3 + 10 + 2,
+            "the next chunk is still buffered"
+        );
+        // Small pieces join up to the limit; the piece that reaches it is cut
+        // there and its rest is the next frame.
+        let mut wire = chunk(100, b'a');
+        wire.extend(chunk(JOIN_LIMIT, b'b'));
+        wire.extend(b"0\r\n\r\n");
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut dec = ChunkedDecoder::default();
+        let Ok(Decoded::Data(first)) = dec.decode(&mut buf) else {
+            panic!("no data first");
+        };
+        let (d, _) = dec.decode_buffered(first, &mut buf);
+        assert_eq!(d.len(), JOIN_LIMIT);
+        assert_eq!(&d[..101], &[&[b'a'; 100][..], b"b"].concat()[..]);
+        let Ok(Decoded::Data(rest)) = dec.decode(&mut buf) else {
+            panic!("no rest");
+        };
+        let (rest, stop) = dec.decode_buffered(rest, &mut buf);
+        assert_eq!(rest.len(), 100);
+        assert!(matches!(stop, Ok(Decoded::End)));
+    }
+
+    #[test]
     fn decodes_chunks_split_at_every_byte() {
         let wire =
             b"6\r\ndata: \r\n18;ext=1\r\n{\"choices\":[]}\n\ndata: [D\r\n0\r\nx-trailer: 1\r\n\r\n";
@@ -623,6 +693,31 @@ mod tests {
                 }
             }
             Ok((out, false))
+        }
+
+        /// Decodes `input` fed `piece` bytes at a time as the upstream body
+        /// does: a piece, then what is buffered behind it, as one frame.
+        fn decode_all_buffered(input: &[u8], piece: usize) -> (Vec<Bytes>, bool) {
+            let mut d = ChunkedDecoder::default();
+            let mut buf = BytesMut::new();
+            let mut frames = Vec::new();
+            for part in input.chunks(piece) {
+                buf.extend_from_slice(part);
+                loop {
+                    match d.decode(&mut buf).unwrap() {
+                        Decoded::Data(first) => {
+                            let (frame, stop) = d.decode_buffered(first, &mut buf);
+                            frames.push(frame);
+                            if matches!(stop.unwrap(), Decoded::End) {
+                                return (frames, true);
+                            }
+                        }
+                        Decoded::NeedMore => break,
+                        Decoded::End => return (frames, true),
+                    }
+                }
+            }
+            (frames, false)
         }
 
         proptest! {
@@ -689,6 +784,32 @@ mod tests {
                 let (data, ended) = decode_all(&wire, piece).unwrap();
                 prop_assert!(ended);
                 prop_assert_eq!(data, chunks.concat());
+            }
+
+            /// Chunks of any size joined as the body joins them: the same data,
+            /// and a frame past the join limit is a piece of one chunk (not a
+            /// copy of several).
+            #[test]
+            fn buffered_frames_round_trip_within_the_join_limit(
+                sizes in prop::collection::vec(1usize..40_000, 0..6),
+                piece in 1usize..100_000,
+            ) {
+                let mut wire = Vec::new();
+                let mut want = Vec::new();
+                for (i, &n) in sizes.iter().enumerate() {
+                    wire.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                    wire.extend(std::iter::repeat_n(i as u8, n));
+                    want.extend(std::iter::repeat_n(i as u8, n));
+                    wire.extend_from_slice(b"\r\n");
+                }
+                wire.extend_from_slice(b"0\r\n\r\n");
+                let (frames, ended) = decode_all_buffered(&wire, piece);
+                prop_assert!(ended);
+                prop_assert_eq!(frames.concat(), want);
+                for f in &frames {
+                    prop_assert!(!f.is_empty());
+                    prop_assert!(f.len() <= JOIN_LIMIT || f.iter().all(|&b| b == f[0]));
+                }
             }
 
             /// Any bytes as a chunked body: data, an end or an error, never a

@@ -54,9 +54,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_REPLICA_SLOTS: usize = 4096;
 /// Idle lists per replica: one per serving worker (workers beyond share by modulo).
 const MAX_WORKER_POOLS: usize = 64;
-/// Read buffer growth step; a pooled connection keeps at most
-/// `MAX_KEPT_BUFFER` of it.
-const READ_CHUNK: usize = 8 * 1024;
+/// What a read offers the socket at first, and at most: a read that fills
+/// what it was offered doubles the next one (a streamed answer arriving in
+/// bulk is read in a few calls, not one per 8 KiB), one that takes less than
+/// a quarter halves it. A pooled connection keeps at most `MAX_KEPT_BUFFER`.
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 64 * 1024;
 const MAX_KEPT_BUFFER: usize = 64 * 1024;
 
 /// A pooled keep-alive HTTP/1.1 client to replicas (one per connect timeout).
@@ -101,6 +104,8 @@ struct Conn {
     /// least one.
     served: u32,
     idle_since: Instant,
+    /// How much the next read offers (`READ_MIN`..=`READ_MAX`).
+    read_size: usize,
 }
 
 /// What is sent upstream (the same for every try).
@@ -267,6 +272,7 @@ impl UpstreamClient {
             buf: BytesMut::new(),
             served: 0,
             idle_since: Instant::now(),
+            read_size: READ_MIN,
         })
     }
 }
@@ -536,6 +542,12 @@ impl Body for UpstreamBody {
 /// reserved only once the socket is readable, and an empty one is released
 /// while the connection waits: an idle stream (a slow prefill, a long gap
 /// between tokens) then holds no read buffer at all.
+///
+/// The read goes through tokio's `AsyncRead`, which takes a read that did not
+/// fill the buffer as the socket drained (edge-triggered readiness): the next
+/// call waits for the next event instead of making a `recv` that can only
+/// answer `EAGAIN` (one such call per burst of the replica's writes, and one
+/// more at the pool's checkout, with `try_read`).
 fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     loop {
         if conn.io.poll_read_ready(cx)?.is_pending() {
@@ -544,13 +556,21 @@ fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
             }
             return Poll::Pending;
         }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(READ_CHUNK);
+        if conn.buf.capacity() - conn.buf.len() < conn.read_size / 2 {
+            conn.buf.reserve(conn.read_size);
         }
-        match conn.io.try_read_buf(&mut conn.buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return Poll::Ready(r),
+        let offered = conn.buf.capacity() - conn.buf.len();
+        let n = match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
+            // Readiness raced away: wait (the loop re-registers).
+            Poll::Pending => continue,
+            Poll::Ready(r) => r?,
+        };
+        if n == offered && offered >= conn.read_size / 2 {
+            conn.read_size = (conn.read_size * 2).min(READ_MAX);
+        } else if n < conn.read_size / 4 {
+            conn.read_size = (conn.read_size / 2).max(READ_MIN);
         }
+        return Poll::Ready(Ok(n));
     }
 }
 
@@ -797,6 +817,44 @@ mod tests {
         assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
         let conn = body.conn.as_ref().unwrap();
         assert_eq!(conn.buf.capacity(), 0, "released while waiting");
+    }
+
+    #[tokio::test]
+    async fn reads_grow_while_the_replica_is_ahead_and_shrink_when_it_is_not() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (io, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut replica = accepted.unwrap().0;
+        let mut conn = Conn {
+            io: io.unwrap(),
+            buf: BytesMut::new(),
+            served: 0,
+            idle_since: Instant::now(),
+            read_size: READ_MIN,
+        };
+        async fn read(conn: &mut Conn) -> usize {
+            std::future::poll_fn(|cx| poll_fill(conn, cx))
+                .await
+                .unwrap()
+        }
+        // 56 KiB already there (under the loopback window): 8, 16 and 32 KiB
+        // reads, each filling what it was offered, so the next offers 64 KiB.
+        replica.write_all(&[b'x'; 56 * 1024]).await.unwrap();
+        let mut sizes = Vec::new();
+        let mut got = 0;
+        while got < 56 * 1024 {
+            let n = read(&mut conn).await;
+            got += n;
+            sizes.push(n);
+            // Taken as the body takes it: split off as a frame.
+            drop(conn.buf.split());
+        }
+        assert_eq!(sizes, [8 * 1024, 16 * 1024, 32 * 1024]);
+        assert_eq!(conn.read_size, READ_MAX);
+        // A token alone: the next read offers half.
+        replica.write_all(b"data: x\n\n").await.unwrap();
+        assert_eq!(read(&mut conn).await, 9);
+        assert_eq!(conn.read_size, READ_MAX / 2);
     }
 
     #[test]
