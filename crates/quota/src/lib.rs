@@ -3,30 +3,31 @@
 //! links a Redis client.
 //!
 //! Algorithm: fixed windows on the UTC clock (a counter per scope,
-//! dimension and window id, e.g. `infergate:t:search:tok:m29609592`).
-//! Every windowed counter (requests, tokens, money) is consumed through
+//! dimension and window id, e.g. `infergate:t:search:tok:m29609592`). Every
+//! windowed counter (requests, tokens, money) is consumed through
 //! **leases**: one Lua script call ([`SCRIPT`], atomic in Redis) checks the
-//! request's counters against their limits and, only if all have room,
-//! adds the request's need *plus a slice of allowance* to each. The replica
-//! then admits later requests from its slices in memory (atomics, no round
-//! trip). Calls are made ahead, off the request path: a refill once what is
-//! left lasts less than half a slice or two *refill lead times* at the
-//! current rate (lead: twice the recent slow call, a decaying maximum of
-//! call times, plus 10 ms), or once half `lease_max_age` passed (a slice
-//! past it still admits while its refill is in flight: Redis counted it);
-//! and the next window's lease in the last half `lease_max_age` of a
-//! window. A request asks Redis only when no lease has room (the first
-//! requests of a counter, a slice run dry, near the limit), and then at
-//! most one call per counter is in flight: the others wait on it (single
-//! flight, at most half the timeout) and take from its grant. A slice is
-//! the smaller of a fair share of what the window has left (`free / (4 x
-//! replicas seen in the last 10 s)`) and what this replica takes at its
-//! rate (since the last grant, or its recent peak) in one `lease_max_age`
-//! or four lead times; where the fair share is under one request's need
-//! (near the limit) no slice is given and each request asks Redis. Since
-//! Redis counts every slice when it is granted and never grants past the
-//! limit, replicas together can only pass a limit by settlements that
-//! correct an estimate upward, as without leases.
+//! request's counters against their limits and, only if all have room, adds
+//! the request's need *plus a slice of allowance* to each. The replica then
+//! admits later requests from its slices in memory (atomics, no round
+//! trip). Calls are made ahead, off the request path: a refill that tops
+//! the slice up once less than half of it is left, and the next window's
+//! lease in the last half `lease_max_age` of a window. A slice holds at
+//! least four *refill lead times* of traffic at the replica's rate (lead:
+//! twice the recent slow call, a decaying maximum of call times, plus 10
+//! ms), so a refill lands before the slice runs dry however slow Redis is
+//! (within the timeout) and whatever the rate. A slice's age does not stop
+//! it: Redis counted it when it granted it. A request asks Redis only when
+//! no lease has room (the first requests of a counter, a slice run dry,
+//! near the limit), and then at most one call per counter is in flight: the
+//! others wait on it (single flight, at most half the timeout) and take
+//! from its grant. A slice is the smaller of a fair share of what the
+//! window has left (`free / (4 x replicas seen in the last 10 s)`) and what
+//! this replica takes at its rate (since the last grant, or its recent
+//! peak) in one `lease_max_age` or four lead times; where the fair share is
+//! under one request's need (near the limit) no slice is given and each
+//! request asks Redis. Since Redis counts every slice when it is granted
+//! and never grants past the limit, replicas together can only pass a limit
+//! by settlements that correct an estimate upward, as without leases.
 //!
 //! Pauses: a slice unused for `lease_idle` goes back (a `DECRBY` riding on
 //! the next call) but a **reserve**: two lead times at the recent peak
@@ -184,6 +185,9 @@ const EXPIRY_SLACK_MS: u64 = 120_000;
 const MAX_PENDING: usize = 65_536;
 /// A first slice lasts this many requests of the size that asked for it.
 const FIRST_SLICE_REQUESTS: u64 = 64;
+/// A grant's rate counts towards a lease's peak only over at least this
+/// long.
+const MIN_RATE_SPAN_MS: u64 = 50;
 
 /// Redis-backed shared counters. Cloning shares the connection.
 #[derive(Clone)]
@@ -300,11 +304,12 @@ impl Lease {
         }
     }
 
-    /// Units taken per second since the last grant.
+    /// Units taken per second since the last grant (over at least
+    /// `MIN_RATE_SPAN_MS`: a burst right after a grant is not a rate).
     fn rate_since_grant(&self, now: u64) -> u64 {
         let elapsed = now
             .saturating_sub(self.granted_at.load(Ordering::Relaxed))
-            .max(1);
+            .max(MIN_RATE_SPAN_MS);
         self.taken.load(Ordering::Relaxed).saturating_mul(1000) / elapsed
     }
 
@@ -332,14 +337,16 @@ impl Lease {
     /// fair share of what the window had left at the last grant. 0: keep
     /// nothing (near the limit, or under one request).
     fn reserve(&self, lead_ms: u64) -> i64 {
-        if self.starved.load(Ordering::Relaxed) || !self.opened.load(Ordering::Relaxed) {
+        let peak = self.peak.load(Ordering::Relaxed);
+        // No rate measured yet (a counter used once or twice): nothing to plan for.
+        if peak == 0 || self.starved.load(Ordering::Relaxed) {
             return 0;
         }
         let unit = self.unit.load(Ordering::Relaxed).max(1);
         let replicas = self.replicas.load(Ordering::Relaxed).max(1);
         let limit = self.op.limit;
         let free = limit.saturating_sub(self.base.load(Ordering::Relaxed).max(0) as u64);
-        let want = (self.peak.load(Ordering::Relaxed).saturating_mul(2 * lead_ms) / 1000).max(unit);
+        let want = (peak.saturating_mul(2 * lead_ms) / 1000).max(unit);
         let keep = want
             .min(limit / (100 * replicas))
             .min(free / (4 * replicas));
@@ -381,7 +388,10 @@ impl Lease {
         if *retired {
             return false;
         }
-        if self.opened.swap(true, Ordering::Relaxed) {
+        // The rate over the grant that ends here, if it lasted long enough
+        // to say something (a burst over a few ms would overstate it).
+        let lasted = now.saturating_sub(self.granted_at.load(Ordering::Relaxed));
+        if self.opened.swap(true, Ordering::Relaxed) && lasted >= MIN_RATE_SPAN_MS {
             let measured = self.rate_since_grant(now);
             let peak = self.peak.load(Ordering::Relaxed);
             self.peak
@@ -820,16 +830,11 @@ impl Shared {
             if l.starved.load(Ordering::Relaxed) {
                 continue;
             }
-            // Refill ahead: when what is left lasts less than half a slice
-            // or two refill lead times at the rate (the refill lands before
-            // the slice runs dry), or half the slice's age passed.
-            let rate = l.rate(now);
-            let low = (l.cap(rate, self.lease_max_age_ms, lead_ms, op.add) / 2)
-                .max(rate.saturating_mul(2 * lead_ms) / 1000);
-            let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
-                > self.lease_max_age_ms / 2;
-            if ((remaining as u64) < low || half_old) && !l.refilling.swap(true, Ordering::AcqRel)
-            {
+            // Refill ahead, once less than half a slice is left: a slice
+            // holds at least four refill lead times at the rate, so the
+            // refill lands before it runs dry.
+            let low = l.cap(l.rate(now), self.lease_max_age_ms, lead_ms, op.add) / 2;
+            if (remaining as u64) < low && !l.refilling.swap(true, Ordering::AcqRel) {
                 tokio::spawn(self.clone().refill((*l).clone()));
             }
             // The next window's slice, asked for in the last half
@@ -903,12 +908,14 @@ impl Shared {
         }
     }
 
-    /// Asks for more of `lease`'s counter ahead of need (a task, off the
+    /// Tops `lease`'s slice up to a full one ahead of need (a task, off the
     /// request path).
     async fn refill(self: Arc<Self>, lease: Arc<Lease>) {
         let now = now_ms();
         let cap = lease.cap(lease.rate(now), self.lease_max_age_ms, self.lead_ms(), 0);
-        self.grant_ahead(&lease, cap, now).await;
+        let left = lease.remaining.load(Ordering::Relaxed).max(0) as u64;
+        self.grant_ahead(&lease, cap.saturating_sub(left).max(1), now)
+            .await;
     }
 
     /// One call that asks for up to `cap` of `lease`'s counter with no
