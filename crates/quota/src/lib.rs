@@ -476,7 +476,7 @@ impl RedisCounters {
             gauge_ttl_ms: cfg.slot_ttl.as_millis().max(1) as u64,
             lease_max_age_ms: cfg.lease_max_age.as_millis() as u64,
             lease_idle_ms: cfg.lease_idle.as_millis().max(1) as u64,
-            lease_keep_ms: cfg.lease_keep.as_millis().max(1) as u64,
+            lease_keep_ms: cfg.lease_keep.max(cfg.lease_idle).as_millis().max(1) as u64,
             slow_us: AtomicU64::new(0),
             calls: metrics::counter!("infergate_quota_redis_calls_total"),
             waits: WHY
