@@ -867,7 +867,8 @@ impl SlowRelay {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
                     return;
                 };
-                let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
                 // Requests go through at once.
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_in, &mut s_out);
@@ -961,8 +962,16 @@ async fn a_slow_redis_and_a_pause_cost_no_request_a_round_trip() {
     let before = own_calls(&g).await;
     let short = waits(&g, "short").await;
     sent += steady(&g.url, "slow", 200, Duration::from_secs(2)).await;
-    assert_eq!(own_calls(&g).await, before, "a request waited on Redis in steady state");
-    assert_eq!(waits(&g, "short").await, short, "a slice ran dry before its refill landed");
+    assert_eq!(
+        own_calls(&g).await,
+        before,
+        "a request waited on Redis in steady state"
+    );
+    assert_eq!(
+        waits(&g, "short").await,
+        short,
+        "a slice ran dry before its refill landed"
+    );
 
     // 2. A pause past `lease_idle` (1 s) but within `lease_keep` (30 s):
     // the slice goes back but a small reserve, so the first requests after
@@ -987,7 +996,11 @@ async fn a_slow_redis_and_a_pause_cost_no_request_a_round_trip() {
         assert_eq!(b.await.unwrap(), StatusCode::OK);
     }
     sent += 8 + steady(&g.url, "slow", 200, Duration::from_millis(1000)).await;
-    assert_eq!(own_calls(&g).await, before, "a request after the pause waited on Redis");
+    assert_eq!(
+        own_calls(&g).await,
+        before,
+        "a request after the pause waited on Redis"
+    );
     assert_eq!(waits(&g, "first").await, first);
     // What the gateway holds beyond what it admitted stays a slice.
     assert!(redis.get(&key) >= sent as i64);

@@ -205,7 +205,13 @@ struct Shared {
     /// Settlements of counters without a lease, not yet sent: (key, delta).
     pending: Mutex<Vec<(String, i64)>>,
     /// Slices of allowance this replica holds, per counter.
-    leases: RwLock<HashMap<LeaseKey, Arc<Lease>>>,
+    /// (foldhash, seeded: two lookups per counter and request, where std's
+    /// SipHash cost more than the rest of the take.)
+    leases: RwLock<HashMap<LeaseKey, Arc<Lease>, foldhash::fast::RandomState>>,
+    /// The runtime `start` ran on (the control plane's): refills and
+    /// next-window openings a request starts run there, not on the serving
+    /// thread that noticed the need (whose requests would wait behind them).
+    rt: tokio::runtime::Handle,
     /// Gauges this replica holds slots in (key -> slots), renewed by the
     /// flush task.
     gauges: Mutex<HashMap<String, i64>>,
@@ -365,12 +371,10 @@ impl Lease {
             if r <= keep {
                 return 0;
             }
-            match self.remaining.compare_exchange_weak(
-                r,
-                keep,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match self
+                .remaining
+                .compare_exchange_weak(r, keep, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => {
                     self.base.fetch_sub(r - keep, Ordering::Relaxed);
                     return r - keep;
@@ -394,8 +398,7 @@ impl Lease {
         if self.opened.swap(true, Ordering::Relaxed) && lasted >= MIN_RATE_SPAN_MS {
             let measured = self.rate_since_grant(now);
             let peak = self.peak.load(Ordering::Relaxed);
-            self.peak
-                .store(measured.max(peak / 2), Ordering::Relaxed);
+            self.peak.store(measured.max(peak / 2), Ordering::Relaxed);
         }
         self.remaining.fetch_add(extra, Ordering::AcqRel);
         self.base.store(value, Ordering::Relaxed);
@@ -464,7 +467,8 @@ impl RedisCounters {
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
-            leases: RwLock::new(HashMap::new()),
+            leases: RwLock::new(HashMap::default()),
+            rt: tokio::runtime::Handle::current(),
             gauges: Mutex::new(HashMap::new()),
             last_carry: AtomicU64::new(0),
             last_renew: AtomicU64::new(0),
@@ -835,14 +839,15 @@ impl Shared {
             // refill lands before it runs dry.
             let low = l.cap(l.rate(now), self.lease_max_age_ms, lead_ms, op.add) / 2;
             if (remaining as u64) < low && !l.refilling.swap(true, Ordering::AcqRel) {
-                tokio::spawn(self.clone().refill((*l).clone()));
+                self.rt.spawn(self.clone().refill((*l).clone()));
             }
             // The next window's slice, asked for in the last half
             // `lease_max_age` of this one: no request waits at the roll.
             if op.expires_at_ms.saturating_sub(now) <= self.lease_max_age_ms / 2
                 && !l.next_opened.swap(true, Ordering::AcqRel)
             {
-                tokio::spawn(self.clone().open_next((*l).clone(), now, false));
+                self.rt
+                    .spawn(self.clone().open_next((*l).clone(), now, false));
             }
         }
         Ok(values)
@@ -903,7 +908,7 @@ impl Shared {
                 && l.remaining.load(Ordering::Relaxed) > 0
                 && !l.next_opened.swap(true, Ordering::AcqRel)
             {
-                tokio::spawn(self.clone().open_next(l.clone(), now, true));
+                self.rt.spawn(self.clone().open_next(l.clone(), now, true));
             }
         }
     }
@@ -1001,9 +1006,7 @@ impl SharedCounters for RedisCounters {
                             .unwrap_or_else(|p| p.into_inner())
                             .get(&lease_key(op))
                         {
-                            Some(l) => {
-                                l.cap(l.rate(now), s.lease_max_age_ms, s.lead_ms(), op.add)
-                            }
+                            Some(l) => l.cap(l.rate(now), s.lease_max_age_ms, s.lead_ms(), op.add),
                             None => op.add.max(1).saturating_mul(FIRST_SLICE_REQUESTS),
                         }
                     };

@@ -392,7 +392,10 @@ mod tests {
         let g: GovernanceConfig =
             serde_yaml_ng::from_str("redis: {url: 'redis://127.0.0.1:6379'}").unwrap();
         assert_eq!(g.redis.as_ref().unwrap().slot_ttl, Duration::from_secs(30));
-        assert_eq!(g.redis.as_ref().unwrap().lease_keep, Duration::from_secs(30));
+        assert_eq!(
+            g.redis.as_ref().unwrap().lease_keep,
+            Duration::from_secs(30)
+        );
         for bad in ["lease_keep: 601s"] {
             let g: GovernanceConfig = serde_yaml_ng::from_str(&format!(
                 "redis: {{url: 'redis://127.0.0.1:6379', {bad}}}"
