@@ -10,13 +10,15 @@
 //! the request's need *plus a slice of allowance* to each. The replica then
 //! admits later requests from its slices in memory (atomics, no round
 //! trip). Calls are made ahead, off the request path: a refill that tops
-//! the slice up once less than half of it is left, and the next window's
+//! the slice up once less than half of it is left or half `lease_max_age`
+//! passed since the last grant, and the next window's
 //! lease in the last half `lease_max_age` of a window. A slice holds at
 //! least four *refill lead times* of traffic at the replica's rate (lead:
 //! twice the recent slow call, a decaying maximum of call times, plus 10
 //! ms), so a refill lands before the slice runs dry however slow Redis is
-//! (within the timeout) and whatever the rate. A slice's age does not stop
-//! it: Redis counted it when it granted it. A request asks Redis only when
+//! (within the timeout) and whatever the rate. A slice past its age still
+//! admits while its refill is in flight: Redis counted it when it granted
+//! it. A request asks Redis only when
 //! no lease has room (the first requests of a counter, a slice run dry,
 //! near the limit), and then at most one call per counter is in flight: the
 //! others wait on it (single flight, at most half the timeout) and take
@@ -836,9 +838,14 @@ impl Shared {
             }
             // Refill ahead, once less than half a slice is left: a slice
             // holds at least four refill lead times at the rate, so the
-            // refill lands before it runs dry.
+            // refill lands before it runs dry. Or renew it once half
+            // `lease_max_age` passed (a slow taker's slice is confirmed,
+            // and a Redis gone is noticed); it admits meanwhile.
             let low = l.cap(l.rate(now), self.lease_max_age_ms, lead_ms, op.add) / 2;
-            if (remaining as u64) < low && !l.refilling.swap(true, Ordering::AcqRel) {
+            let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
+                > self.lease_max_age_ms / 2;
+            if ((remaining as u64) < low || half_old) && !l.refilling.swap(true, Ordering::AcqRel)
+            {
                 self.rt.spawn(self.clone().refill((*l).clone()));
             }
             // The next window's slice, asked for in the last half
