@@ -11,25 +11,25 @@
 //! admits later requests from its slices in memory (atomics, no round
 //! trip). Calls are made ahead, off the request path: a refill that tops
 //! the slice up once less than half of it is left or half `lease_max_age`
-//! passed since the last grant, and the next window's
-//! lease in the last half `lease_max_age` of a window. A slice holds at
-//! least four *refill lead times* of traffic at the replica's rate (lead:
-//! twice the recent slow call, a decaying maximum of call times, plus 10
-//! ms), so a refill lands before the slice runs dry however slow Redis is
-//! (within the timeout) and whatever the rate. A slice past its age still
-//! admits while its refill is in flight: Redis counted it when it granted
-//! it. A request asks Redis only when
-//! no lease has room (the first requests of a counter, a slice run dry,
-//! near the limit), and then at most one call per counter is in flight: the
-//! others wait on it (single flight, at most half the timeout) and take
-//! from its grant. A slice is the smaller of a fair share of what the
-//! window has left (`free / (4 x replicas seen in the last 10 s)`) and what
-//! this replica takes at its rate (since the last grant, or its recent
-//! peak) in one `lease_max_age` or four lead times; where the fair share is
-//! under one request's need (near the limit) no slice is given and each
-//! request asks Redis. Since Redis counts every slice when it is granted
-//! and never grants past the limit, replicas together can only pass a limit
-//! by settlements that correct an estimate upward, as without leases.
+//! passed since the last grant, and the next window's lease in the last
+//! half `lease_max_age` of a window. A slice holds at least four *refill
+//! lead times* of traffic at the replica's rate (lead: twice the recent
+//! slow call, a decaying maximum of call times, plus 10 ms), so a refill
+//! lands before the slice runs dry however slow Redis is (within the
+//! timeout) and whatever the rate. A slice past its age still admits while
+//! its refill is in flight: Redis counted it when it granted it. A request
+//! asks Redis only when no lease has room (the first requests of a counter,
+//! a slice run dry, near the limit), and then at most one call per counter
+//! is in flight: the others wait on it (single flight, at most half the
+//! timeout) and take from its grant. A slice is the smaller of a fair share
+//! of what the window has left (`free / (4 x replicas seen in the last 10
+//! s)`) and what this replica takes at its rate (since the last grant, or
+//! its recent peak) in one `lease_max_age` or four lead times; where the
+//! fair share is under one request's need (near the limit) no slice is
+//! given and each request asks Redis. Since Redis counts every slice when
+//! it is granted and never grants past the limit, replicas together can
+//! only pass a limit by settlements that correct an estimate upward, as
+//! without leases.
 //!
 //! Pauses: a slice unused for `lease_idle` goes back (a `DECRBY` riding on
 //! the next call) but a **reserve**: two lead times at the recent peak
@@ -844,8 +844,7 @@ impl Shared {
             let low = l.cap(l.rate(now), self.lease_max_age_ms, lead_ms, op.add) / 2;
             let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
                 > self.lease_max_age_ms / 2;
-            if ((remaining as u64) < low || half_old) && !l.refilling.swap(true, Ordering::AcqRel)
-            {
+            if ((remaining as u64) < low || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
                 self.rt.spawn(self.clone().refill((*l).clone()));
             }
             // The next window's slice, asked for in the last half
