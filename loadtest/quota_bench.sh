@@ -27,7 +27,8 @@
 #   loadtest/quota_bench.sh                      # about 4 minutes
 #   SKIP_BUILD=1 LAT_ROUNDS=12 LAT_RATE=1000 PIN=0 loadtest/quota_bench.sh
 # Env (defaults): DUR=4 ROUNDS=3 (saturation), LAT_DUR=4 LAT_ROUNDS=8
-# LAT_RATE=2000 (latency), PIN=1 LOAD_CPUS=0 SERVER_CPUS=1, OHA=0 (1: the
+# LAT_RATE=2000 LAT_SKIP=direct (latency: direct is not compared here, so
+# it is left out of the rounds), PIN=1 LOAD_CPUS=0 SERVER_CPUS=1, OHA=0 (1: the
 # saturation phase again with oha), REDIS_CPUS (unset: with the servers;
 # 0: on the load tool's CPU), PHASES=sat,lat (add sse for the SSE
 # relay), BENCH_BASE_PORT; the rest as dataplane_bench.sh.
@@ -35,7 +36,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command -v redis-server >/dev/null || { echo "needs redis-server: apt-get install redis-server" >&2; exit 1; }
 export DUR=${DUR:-4} ROUNDS=${ROUNDS:-3} LAT_DUR=${LAT_DUR:-4} LAT_ROUNDS=${LAT_ROUNDS:-8}
-export LAT_RATE=${LAT_RATE:-2000} OHA=${OHA:-0} PHASES=${PHASES:-sat,lat}
+export LAT_RATE=${LAT_RATE:-2000} OHA=${OHA:-0} PHASES=${PHASES:-sat,lat} LAT_SKIP=${LAT_SKIP-direct}
 export PIN=${PIN:-1} LOAD_CPUS=${LOAD_CPUS:-0} SERVER_CPUS=${SERVER_CPUS:-1}
 (( $(nproc) >= 2 )) || PIN=0
 SRV=(); [[ $PIN != 0 ]] && SRV=(taskset -c "$SERVER_CPUS")
