@@ -1011,3 +1011,31 @@ async fn a_slow_redis_and_a_pause_cost_no_request_a_round_trip() {
     // What the gateway holds beyond what it admitted stays a slice.
     assert!(redis.get(&key) >= sent as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn a_refill_that_times_out_does_not_refuse_requests_with_slices() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let ups = upstreams().await;
+    // Fail closed: were Redis marked down, these requests would get 503.
+    // Refills every 50 ms (`lease_max_age` 100 ms), timeout 100 ms.
+    let g = Gateway::start(&config_with(
+        &redis.url(),
+        &[&ups.0, &ups.1],
+        "  teams:\n    held: { requests_per_minute: 1000000, when_redis_down: fail_closed }",
+        ", lease_max_age: 100ms",
+    ));
+    fresh_window(Duration::from_secs(10)).await;
+    steady(&g.url, "held", 50, Duration::from_millis(1000)).await;
+    // Redis stalls 300 ms: the refill in flight outlives the timeout. The
+    // slices held are counted allowance: requests keep being admitted
+    // from them (50/s: far less than a slice) and Redis is not marked down.
+    let port = redis.port;
+    let stall = std::thread::spawn(move || cmd_on(port, &["DEBUG", "SLEEP", "0.3"]));
+    steady(&g.url, "held", 50, Duration::from_millis(600)).await;
+    assert_eq!(stall.join().unwrap().as_deref(), Some("+OK"));
+    assert!(g.metric("infergate_quota_redis_errors_total").await >= 1.0);
+    assert_eq!(g.metric("infergate_quota_redis_up").await, 1.0);
+}

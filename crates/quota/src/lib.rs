@@ -55,10 +55,13 @@
 //! counters that still exist, so a window that ended or a restarted Redis
 //! is never driven negative.
 //!
-//! Failure: a call that errors or outlives `governance.redis.timeout` marks
-//! Redis down; leases are dropped, requests decide locally at once (core's
-//! fail-open or fail-closed) and a probe reconnects every `probe_interval`.
-//! A request admitted from its slice never waits on Redis.
+//! Failure: a call that fails on the connection, or a request's own call
+//! that outlives `governance.redis.timeout`, marks Redis down; leases are
+//! dropped, requests decide locally at once (core's fail-open or
+//! fail-closed) and a probe reconnects every `probe_interval`. A refill
+//! that outlives the timeout does not (its slices are counted allowance):
+//! it is tried again. A request admitted from its slice never waits on
+//! Redis.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -948,8 +951,14 @@ impl Shared {
                 }
             }
         } else if answer.is_err() {
+            // Slow, not gone (a lost connection fails in `call`, which
+            // marks Redis down): the slices held are counted allowance and
+            // keep admitting; the next take starts another refill, and a
+            // request that finds its slice dry asks itself, within the
+            // timeout, whose expiry marks Redis down. Dropping every lease
+            // here turned a 50 ms stall into refusals (fail closed) until
+            // the probe reconnected.
             metrics::counter!("infergate_quota_redis_errors_total").increment(1);
-            self.set_up(None);
         }
         lease.end_flight();
     }
