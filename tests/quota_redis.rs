@@ -240,9 +240,17 @@ async fn upstreams() -> (MiniUpstream, MiniUpstream) {
 /// A Redis, the two upstreams (kept alive by the caller) and one gateway
 /// with `quotas`; `None` without redis-server.
 async fn one_gateway(quotas: &str) -> Option<(Redis, Gateway, (MiniUpstream, MiniUpstream))> {
+    one_gateway_with(quotas, "").await
+}
+
+/// [`one_gateway`] with `more` appended to `governance.redis`.
+async fn one_gateway_with(
+    quotas: &str,
+    more: &str,
+) -> Option<(Redis, Gateway, (MiniUpstream, MiniUpstream))> {
     let redis = Redis::start()?;
     let ups = upstreams().await;
-    let g = Gateway::start(&config(&redis.url(), &[&ups.0, &ups.1], quotas));
+    let g = Gateway::start(&config_with(&redis.url(), &[&ups.0, &ups.1], quotas, more));
     Some((redis, g, ups))
 }
 
@@ -1015,18 +1023,16 @@ async fn a_slow_redis_and_a_pause_cost_no_request_a_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server: apt-get install redis-server"]
 async fn a_refill_that_times_out_does_not_refuse_requests_with_slices() {
-    let Some(redis) = Redis::start() else {
-        return;
-    };
-    let ups = upstreams().await;
     // Fail closed: were Redis marked down, these requests would get 503.
     // Refills every 50 ms (`lease_max_age` 100 ms), timeout 100 ms.
-    let g = Gateway::start(&config_with(
-        &redis.url(),
-        &[&ups.0, &ups.1],
+    let Some((redis, g, _ups)) = one_gateway_with(
         "  teams:\n    held: { requests_per_minute: 1000000, when_redis_down: fail_closed }",
         ", lease_max_age: 100ms",
-    ));
+    )
+    .await
+    else {
+        return;
+    };
     fresh_window(Duration::from_secs(10)).await;
     steady(&g.url, "held", 50, Duration::from_millis(1000)).await;
     // Redis stalls 300 ms: the refill in flight outlives the timeout. The
