@@ -45,6 +45,8 @@
 #   LAT_ROUNDS=8 LAT_DUR=4                     # the latency phase's own rounds and seconds
 #       (default ROUNDS, DUR); each round starts at the next target, so no target always
 #       runs first after the saturation phase or last before the next round
+#   LAT_SKIP="direct"                          # targets left out of the latency rounds (their
+#       latency then reads 0): more rounds in the same time when they are not compared
 #   PIN=1 [LOAD_CPUS=0 SERVER_CPUS=1]          # taskset: the load tools on LOAD_CPUS, every
 #       server (upstream, proxies) on SERVER_CPUS, so the client's scheduling lag stops
 #       landing in the servers' latency (on 2 cores: one core each)
@@ -412,6 +414,7 @@ for r in $(seq "$LAT_ROUNDS"); do
   for i in $(seq 0 $((NT - 1))); do  # round r starts at target r-1: the order rotates
     t=${TARGETS[$(( (i + r - 1) % NT ))]}
     name=${t%%=*}; url=${t#*=}
+    [[ " ${LAT_SKIP:-} " == *" $name "* ]] && continue
     load "$RUN/lat-$name-$r.json" "$url" --workload small --max-tokens 1 --rate "$HALF" -d "$LAT_DUR" --warmup 1 \
       --max-in-flight "$LAT_CONNS"
   done

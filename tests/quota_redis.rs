@@ -240,9 +240,17 @@ async fn upstreams() -> (MiniUpstream, MiniUpstream) {
 /// A Redis, the two upstreams (kept alive by the caller) and one gateway
 /// with `quotas`; `None` without redis-server.
 async fn one_gateway(quotas: &str) -> Option<(Redis, Gateway, (MiniUpstream, MiniUpstream))> {
+    one_gateway_with(quotas, "").await
+}
+
+/// [`one_gateway`] with `more` appended to `governance.redis`.
+async fn one_gateway_with(
+    quotas: &str,
+    more: &str,
+) -> Option<(Redis, Gateway, (MiniUpstream, MiniUpstream))> {
     let redis = Redis::start()?;
     let ups = upstreams().await;
-    let g = Gateway::start(&config(&redis.url(), &[&ups.0, &ups.1], quotas));
+    let g = Gateway::start(&config_with(&redis.url(), &[&ups.0, &ups.1], quotas, more));
     Some((redis, g, ups))
 }
 
@@ -389,15 +397,16 @@ async fn over_budget_is_429_with_headers_and_settlement_corrects_both_ways() {
     let Some(redis) = Redis::start() else { return };
     let (echo, stall) = upstreams().await;
     let limit = 1_000u64;
-    // Slices go back 100 ms after use here (default 1 s), so Redis holds
-    // just the settled usage when it is read below.
+    // Slices and their reserves go back 100 ms after use here (defaults
+    // 1 s and 30 s), so Redis holds just the settled usage when it is read
+    // below.
     let yaml = config_with(
         &redis.url(),
         &[&echo, &stall],
         &format!(
             "  teams:\n    search: {{ tokens_per_minute: {limit}, requests_per_minute: 50 }}\n    tiny: {{ tokens_per_day: 300 }}"
         ),
-        ", lease_idle: 100ms",
+        ", lease_idle: 100ms, lease_keep: 100ms",
     );
     let g = Gateway::start(&yaml);
     fresh_window(Duration::from_secs(20)).await;
@@ -848,4 +857,191 @@ async fn no_request_waits_on_redis_in_steady_state() {
     // this run still asked Redis around the roll, for another reason: not
     // asserted, see note-s10-C.)
     assert_eq!(waits(&g, "rolled").await, 0.0);
+}
+
+/// A TCP relay to Redis that delays every answer by `delay` (order kept):
+/// a slow Redis, as across a busy network, for every call of the gateway.
+struct SlowRelay {
+    port: u16,
+}
+
+impl SlowRelay {
+    fn start(redis_port: u16, delay: Duration) -> SlowRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
+                    return;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Requests go through at once.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                });
+                // Answers are held `delay` from when they arrived.
+                let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+                let mut s_in = server;
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = s_in.read(&mut buf) {
+                        if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut c_out = client;
+                std::thread::spawn(move || {
+                    for (at, bytes) in rx {
+                        std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
+                        if c_out.write_all(&bytes).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        SlowRelay { port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Sends `team` requests at about `per_s` per second (4 clients) for `dur`;
+/// every one must be admitted. Returns how many were sent. A client that
+/// fell behind (a loaded machine) does not catch up in a burst: the rate
+/// stays at most `per_s`.
+async fn steady(url: &str, team: &'static str, per_s: u64, dur: Duration) -> u64 {
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
+    let every = Duration::from_micros(4_000_000 / per_s);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let (t, mut n) = (Instant::now(), 0u64);
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                while t.elapsed() < dur {
+                    tick.tick().await;
+                    assert_eq!(ask(&url, team, body).await.0, StatusCode::OK);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await.unwrap();
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn a_slow_redis_and_a_pause_cost_no_request_a_round_trip() {
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    // Every Redis answer takes 60 ms more (timeout 200 ms), more than half
+    // `lease_max_age` (100 ms here): refills must start by how long they
+    // take at the rate, and a slice must not stop admitting while its
+    // refill is in flight.
+    let relay = SlowRelay::start(redis.port, Duration::from_millis(60));
+    let ups = upstreams().await;
+    let limit = 1_000_000u64;
+    let g = Gateway::start(
+        &config_with(
+            &relay.url(),
+            &[&ups.0, &ups.1],
+            &format!("  teams:\n    slow: {{ requests_per_minute: {limit}, tokens_per_minute: 100000000 }}"),
+            ", lease_max_age: 100ms",
+        )
+        .replace("timeout: 100ms", "timeout: 200ms"),
+    );
+    fresh_window(Duration::from_secs(12)).await;
+    let key = format!("infergate:t:slow:req:m{}", minute());
+    // Warm-up: the cold start asks Redis (once, the others join it).
+    let mut sent = steady(&g.url, "slow", 200, Duration::from_millis(1500)).await;
+
+    // 1. Steady at 200 requests/s against a slow Redis: none asks it.
+    let before = own_calls(&g).await;
+    let short = waits(&g, "short").await;
+    sent += steady(&g.url, "slow", 200, Duration::from_secs(2)).await;
+    assert_eq!(
+        own_calls(&g).await,
+        before,
+        "a request waited on Redis in steady state"
+    );
+    assert_eq!(
+        waits(&g, "short").await,
+        short,
+        "a slice ran dry before its refill landed"
+    );
+
+    // 2. A pause past `lease_idle` (1 s) but within `lease_keep` (30 s):
+    // the slice goes back but a small reserve, so the first requests after
+    // it (a burst of 8, then the same rate) take from memory while their
+    // refill is in flight.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let parked = redis.get(&key) - sent as i64;
+    assert!(
+        parked > 0 && parked <= (limit / 100) as i64,
+        "kept {parked} requests' allowance over the pause (at most 1% of the limit)"
+    );
+    let before = own_calls(&g).await;
+    let first = waits(&g, "first").await;
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let url = g.url.clone();
+            tokio::spawn(async move { ask(&url, "slow", body).await.0 })
+        })
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap(), StatusCode::OK);
+    }
+    sent += 8 + steady(&g.url, "slow", 200, Duration::from_millis(1000)).await;
+    let (_, text) = g.admin("/metrics").await;
+    assert_eq!(
+        own_calls(&g).await,
+        before,
+        "a request after the pause waited on Redis: {:?}",
+        text.lines()
+            .filter(|l| l.starts_with("infergate_quota_redis_"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(waits(&g, "first").await, first);
+    // What the gateway holds beyond what it admitted stays a slice.
+    assert!(redis.get(&key) >= sent as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server: apt-get install redis-server"]
+async fn a_refill_that_times_out_does_not_refuse_requests_with_slices() {
+    // Fail closed: were Redis marked down, these requests would get 503.
+    // Refills every 50 ms (`lease_max_age` 100 ms), timeout 100 ms.
+    let Some((redis, g, _ups)) = one_gateway_with(
+        "  teams:\n    held: { requests_per_minute: 1000000, when_redis_down: fail_closed }",
+        ", lease_max_age: 100ms",
+    )
+    .await
+    else {
+        return;
+    };
+    fresh_window(Duration::from_secs(10)).await;
+    steady(&g.url, "held", 50, Duration::from_millis(1000)).await;
+    // Redis stalls 300 ms: the refill in flight outlives the timeout. The
+    // slices held are counted allowance: requests keep being admitted
+    // from them (50/s: far less than a slice) and Redis is not marked down.
+    let port = redis.port;
+    let stall = std::thread::spawn(move || cmd_on(port, &["DEBUG", "SLEEP", "0.3"]));
+    steady(&g.url, "held", 50, Duration::from_millis(600)).await;
+    assert_eq!(stall.join().unwrap().as_deref(), Some("+OK"));
+    assert!(g.metric("infergate_quota_redis_errors_total").await >= 1.0);
+    assert_eq!(g.metric("infergate_quota_redis_up").await, 1.0);
 }

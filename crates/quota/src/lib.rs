@@ -3,28 +3,43 @@
 //! links a Redis client.
 //!
 //! Algorithm: fixed windows on the UTC clock (a counter per scope,
-//! dimension and window id, e.g. `infergate:t:search:tok:m29609592`).
-//! Every windowed counter (requests, tokens, money) is consumed through
+//! dimension and window id, e.g. `infergate:t:search:tok:m29609592`). Every
+//! windowed counter (requests, tokens, money) is consumed through
 //! **leases**: one Lua script call ([`SCRIPT`], atomic in Redis) checks the
-//! request's counters against their limits and, only if all have room,
-//! adds the request's need *plus a slice of allowance* to each. The replica
-//! then admits later requests from its slices in memory (atomics, no round
-//! trip). Calls are made ahead, off the request path: a refill once half a
-//! slice is used or half its age passed, the next window's lease in the
-//! last half `lease_max_age` of a window, and a renewal of leases idle for
-//! less than `lease_idle`. A request asks Redis only when no lease has room
-//! (first use, a slice run dry, near the limit), and then at most one call
-//! per counter is in flight: the others wait on it (single flight, at most
-//! half the timeout) and take from its grant. A slice is the smaller of a fair
-//! share of what the window has left (`free / (4 x replicas seen in the
-//! last 10 s)`) and what this replica used in one `lease_max_age` at its
-//! recent rate; where the fair share is under one request's need (near the
-//! limit) no slice is given and each request asks Redis. Since Redis counts
-//! every slice when it is granted and never grants past the limit, replicas
-//! together can only pass a limit by settlements that correct an estimate
-//! upward, as without leases. Slices unused for `lease_idle`, and all of
-//! them when Redis is found down, go back (a `DECRBY` riding on the next
-//! call); a crashed replica's slices stay counted until their window ends.
+//! request's counters against their limits and, only if all have room, adds
+//! the request's need *plus a slice of allowance* to each. The replica then
+//! admits later requests from its slices in memory (atomics, no round
+//! trip). Calls are made ahead, off the request path: a refill that tops
+//! the slice up once less than half of it is left or half `lease_max_age`
+//! passed since the last grant, and the next window's lease in the last
+//! half `lease_max_age` of a window. A slice holds at least four *refill
+//! lead times* of traffic at the replica's rate (lead: twice the recent
+//! slow call, a decaying maximum of call times, plus 10 ms), so a refill
+//! lands before the slice runs dry however slow Redis is (within the
+//! timeout) and whatever the rate. A slice past its age still admits while
+//! its refill is in flight: Redis counted it when it granted it. A request
+//! asks Redis only when no lease has room (the first requests of a counter,
+//! a slice run dry, near the limit), and then at most one call per counter
+//! is in flight: the others wait on it (single flight, at most half the
+//! timeout) and take from its grant. A slice is the smaller of a fair share
+//! of what the window has left (`free / (4 x replicas seen in the last 10
+//! s)`) and what this replica takes at its rate (since the last grant, or
+//! its recent peak) in one `lease_max_age` or four lead times; where the
+//! fair share is under one request's need (near the limit) no slice is
+//! given and each request asks Redis. Since Redis counts every slice when
+//! it is granted and never grants past the limit, replicas together can
+//! only pass a limit by settlements that correct an estimate upward, as
+//! without leases.
+//!
+//! Pauses: a slice unused for `lease_idle` goes back (a `DECRBY` riding on
+//! the next call) but a **reserve**: two lead times at the recent peak
+//! rate, kept only far from the limit (at most 1 % of it per replica and a
+//! quarter of the fair share), also carried into the next window ahead of
+//! the roll. So the first requests after a pause of up to `lease_keep`
+//! take from memory while the refill they start is in flight; after
+//! `lease_keep`, near the limit, and when Redis is found down, everything
+//! goes back. A crashed replica's slices stay counted until their window
+//! ends.
 //!
 //! Requests in flight (a gauge) are not leased: a slot must come back when
 //! its request ends, and slots parked in an idle replica would refuse work
@@ -40,10 +55,13 @@
 //! counters that still exist, so a window that ended or a restarted Redis
 //! is never driven negative.
 //!
-//! Failure: a call that errors or outlives `governance.redis.timeout` marks
-//! Redis down; leases are dropped, requests decide locally at once (core's
-//! fail-open or fail-closed) and a probe reconnects every `probe_interval`.
-//! A request admitted from its slice never waits on Redis.
+//! Failure: a call that fails on the connection, or a request's own call
+//! that outlives `governance.redis.timeout`, marks Redis down; leases are
+//! dropped, requests decide locally at once (core's fail-open or
+//! fail-closed) and a probe reconnects every `probe_interval`. A refill
+//! that outlives the timeout does not (its slices are counted allowance):
+//! it is tried again. A request admitted from its slice never waits on
+//! Redis.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -65,8 +83,9 @@ use tokio::sync::Notify;
 /// (1: a hash of per-replica fields `ID` = slots and `ID:e` = when they
 /// expire unless renewed); per settled counter its delta (a settled gauge
 /// is named `KEY|g`; a zero delta renews this replica's slots). Returns
-/// `{1, 0, value_1, extra_1, ...}` (values after adding) or
-/// `{0, refused counter (1-based), value_1, ...}` (values seen).
+/// `{1, replicas, value_1, extra_1, ...}` (values after adding; replicas
+/// that called in the last 10 s) or `{0, refused counter (1-based),
+/// value_1, ...}` (values seen).
 pub const SCRIPT: &str = r#"
 local n = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -136,6 +155,7 @@ if out[1] == 0 then
   end
   return out
 end
+out[2] = replicas
 for i = 1, n do
   local b = 5 + 5 * (i - 1)
   local k = KEYS[i + 1]
@@ -170,6 +190,9 @@ const EXPIRY_SLACK_MS: u64 = 120_000;
 const MAX_PENDING: usize = 65_536;
 /// A first slice lasts this many requests of the size that asked for it.
 const FIRST_SLICE_REQUESTS: u64 = 64;
+/// A grant's rate counts towards a lease's peak only over at least this
+/// long.
+const MIN_RATE_SPAN_MS: u64 = 50;
 
 /// Redis-backed shared counters. Cloning shares the connection.
 #[derive(Clone)]
@@ -187,7 +210,13 @@ struct Shared {
     /// Settlements of counters without a lease, not yet sent: (key, delta).
     pending: Mutex<Vec<(String, i64)>>,
     /// Slices of allowance this replica holds, per counter.
-    leases: RwLock<HashMap<LeaseKey, Arc<Lease>>>,
+    /// (foldhash, seeded: two lookups per counter and request, where std's
+    /// SipHash cost more than the rest of the take.)
+    leases: RwLock<HashMap<LeaseKey, Arc<Lease>, foldhash::fast::RandomState>>,
+    /// The runtime `start` ran on (the control plane's): refills and
+    /// next-window openings a request starts run there, not on the serving
+    /// thread that noticed the need (whose requests would wait behind them).
+    rt: tokio::runtime::Handle,
     /// Gauges this replica holds slots in (key -> slots), renewed by the
     /// flush task.
     gauges: Mutex<HashMap<String, i64>>,
@@ -207,10 +236,14 @@ struct Shared {
     /// 0: leases off.
     lease_max_age_ms: u64,
     lease_idle_ms: u64,
+    lease_keep_ms: u64,
+    /// How long a call takes, a decaying maximum (us, about the p99 of the
+    /// last second's calls): refills start this far ahead of need.
+    slow_us: AtomicU64,
     /// `infergate_quota_redis_calls_total`: round trips, to compare with requests.
     calls: metrics::Counter,
     /// By [`Why`].
-    waits: [metrics::Counter; 6],
+    waits: [metrics::Counter; 5],
     /// `infergate_quota_redis_joined_total`: requests that waited on a call
     /// already in flight and were admitted from its grant.
     joined: metrics::Counter,
@@ -234,6 +267,16 @@ struct Lease {
     taken: AtomicU64,
     /// The last request's need (sizes a slice without history).
     unit: AtomicU64,
+    /// The rate this replica took at over recent grants (units per second;
+    /// halved at each grant it is not met again): sizes the first refill
+    /// and the reserve kept over a pause, when the rate since the last
+    /// grant says nothing.
+    peak: AtomicU64,
+    /// Replicas that called Redis in the last 10 s, as of the last grant.
+    replicas: AtomicU64,
+    /// A grant landed: before it, a request that finds no room is a cold
+    /// start (`first`), not a slice run dry.
+    opened: AtomicBool,
     /// Settlement deltas not yet sent.
     settle: AtomicI64,
     /// A call that grants to this lease is in flight (a refill, the
@@ -272,33 +315,102 @@ impl Lease {
         }
     }
 
-    /// The most extra to ask for: what this replica takes in one
-    /// `max_age` at its rate since the last grant, or a first guess.
-    fn cap(&self, now: u64, max_age_ms: u64, need: u64) -> u64 {
-        let unit = self.unit.load(Ordering::Relaxed).max(need).max(1);
+    /// Units taken per second since the last grant (over at least
+    /// `MIN_RATE_SPAN_MS`: a burst right after a grant is not a rate).
+    fn rate_since_grant(&self, now: u64) -> u64 {
         let elapsed = now
             .saturating_sub(self.granted_at.load(Ordering::Relaxed))
-            .max(1);
-        let rate = self
-            .taken
-            .load(Ordering::Relaxed)
-            .saturating_mul(max_age_ms)
-            / elapsed;
-        rate.max(unit.saturating_mul(FIRST_SLICE_REQUESTS))
+            .max(MIN_RATE_SPAN_MS);
+        self.taken.load(Ordering::Relaxed).saturating_mul(1000) / elapsed
     }
 
-    /// Adds a grant from Redis (`value` after it, `extra` for the slice);
-    /// false when the lease was returned meanwhile (the caller gives
-    /// `extra` back).
-    fn grant(&self, value: i64, extra: i64, now: u64) -> bool {
+    /// The rate to plan for (units per second): since the last grant, or
+    /// the recent peak when higher (after a pause the first says nothing).
+    fn rate(&self, now: u64) -> u64 {
+        self.rate_since_grant(now)
+            .max(self.peak.load(Ordering::Relaxed))
+    }
+
+    /// The most extra to ask for: what this replica takes at `rate` in
+    /// one `max_age` and in four refill lead times (a slow Redis), or a
+    /// first guess of 64 requests.
+    fn cap(&self, rate: u64, max_age_ms: u64, lead_ms: u64, need: u64) -> u64 {
+        let unit = self.unit.load(Ordering::Relaxed).max(need).max(1);
+        (rate.saturating_mul(max_age_ms.max(4 * lead_ms)) / 1000)
+            .max(unit.saturating_mul(FIRST_SLICE_REQUESTS))
+    }
+
+    /// What to keep of the slice over a pause (used within `lease_keep`,
+    /// not within `lease_idle`), so the first requests after it take from
+    /// memory while their refill is in flight: two refill lead times at the
+    /// recent peak rate (at least one request), and only far from the
+    /// limit: at most 1 % of it per replica and a quarter of this replica's
+    /// fair share of what the window had left at the last grant. 0: keep
+    /// nothing (near the limit, or under one request).
+    fn reserve(&self, lead_ms: u64) -> i64 {
+        let peak = self.peak.load(Ordering::Relaxed);
+        // No rate measured yet (a counter used once or twice): nothing to plan for.
+        if peak == 0 || self.starved.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let unit = self.unit.load(Ordering::Relaxed).max(1);
+        let replicas = self.replicas.load(Ordering::Relaxed).max(1);
+        let limit = self.op.limit;
+        let free = limit.saturating_sub(self.base.load(Ordering::Relaxed).max(0) as u64);
+        let want = (peak.saturating_mul(2 * lead_ms) / 1000).max(unit);
+        let keep = want
+            .min(limit / (100 * replicas))
+            .min(free / (4 * replicas));
+        if keep < unit {
+            0
+        } else {
+            keep.min(i64::MAX as u64) as i64
+        }
+    }
+
+    /// Gives back what the slice holds beyond `keep`: the amount returned
+    /// (the caller sends it to Redis).
+    fn trim(&self, keep: i64) -> i64 {
+        let mut r = self.remaining.load(Ordering::Relaxed);
+        loop {
+            if r <= keep {
+                return 0;
+            }
+            match self
+                .remaining
+                .compare_exchange_weak(r, keep, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.base.fetch_sub(r - keep, Ordering::Relaxed);
+                    return r - keep;
+                }
+                Err(now) => r = now,
+            }
+        }
+    }
+
+    /// Adds a grant from Redis (`value` after it, `extra` for the slice;
+    /// `replicas` that called lately); false when the lease was returned
+    /// meanwhile (the caller gives `extra` back).
+    fn grant(&self, value: i64, extra: i64, replicas: i64, now: u64) -> bool {
         let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
         if *retired {
             return false;
+        }
+        // The rate over the grant that ends here, if it lasted long enough
+        // to say something (a burst over a few ms would overstate it).
+        let lasted = now.saturating_sub(self.granted_at.load(Ordering::Relaxed));
+        if self.opened.swap(true, Ordering::Relaxed) && lasted >= MIN_RATE_SPAN_MS {
+            let measured = self.rate_since_grant(now);
+            let peak = self.peak.load(Ordering::Relaxed);
+            self.peak.store(measured.max(peak / 2), Ordering::Relaxed);
         }
         self.remaining.fetch_add(extra, Ordering::AcqRel);
         self.base.store(value, Ordering::Relaxed);
         self.granted_at.store(now, Ordering::Relaxed);
         self.taken.store(0, Ordering::Relaxed);
+        self.replicas
+            .store(replicas.max(1) as u64, Ordering::Relaxed);
         self.starved.store(extra <= 0, Ordering::Relaxed);
         true
     }
@@ -360,7 +472,8 @@ impl RedisCounters {
             conn: Mutex::new(None),
             up: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
-            leases: RwLock::new(HashMap::new()),
+            leases: RwLock::new(HashMap::default()),
+            rt: tokio::runtime::Handle::current(),
             gauges: Mutex::new(HashMap::new()),
             last_carry: AtomicU64::new(0),
             last_renew: AtomicU64::new(0),
@@ -372,6 +485,8 @@ impl RedisCounters {
             gauge_ttl_ms: cfg.slot_ttl.as_millis().max(1) as u64,
             lease_max_age_ms: cfg.lease_max_age.as_millis() as u64,
             lease_idle_ms: cfg.lease_idle.as_millis().max(1) as u64,
+            lease_keep_ms: cfg.lease_keep.max(cfg.lease_idle).as_millis().max(1) as u64,
+            slow_us: AtomicU64::new(0),
             calls: metrics::counter!("infergate_quota_redis_calls_total"),
             waits: WHY
                 .map(|r| metrics::counter!("infergate_quota_redis_waits_total", "reason" => r)),
@@ -400,21 +515,20 @@ impl Drop for Flights {
 /// asks Redis): `infergate_quota_redis_waits_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Why {
-    /// No lease of the counter yet (first request, or returned when idle).
+    /// No slice of the counter yet (its first requests, or after
+    /// `lease_keep` unused or a pause near the limit).
     First = 0,
     /// The window rolled and the new window's lease was not open.
     Rolled = 1,
-    /// The lease is older than `lease_max_age` (its renewal did not land).
-    Stale = 2,
-    /// The slice has less than the request needs.
-    Short = 3,
+    /// The slice ran dry before its refill landed.
+    Short = 2,
     /// Near the limit: the last grant had no slice.
-    Starved = 4,
+    Starved = 3,
     /// A requests-in-flight counter: one call per request, by design.
-    Gauge = 5,
+    Gauge = 4,
 }
 
-const WHY: [&str; 6] = ["first", "rolled", "stale", "short", "starved", "gauge"];
+const WHY: [&str; 5] = ["first", "rolled", "short", "starved", "gauge"];
 
 /// One counter of a call: the op, what it needs now, the most extra to lease.
 struct Ask<'a> {
@@ -574,7 +688,10 @@ impl Shared {
             inv.arg(*d);
         }
         self.calls.increment(1);
-        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+        let started = std::time::Instant::now();
+        let answer = inv.invoke_async::<Vec<i64>>(&mut conn).await;
+        self.took(started.elapsed());
+        match answer {
             Ok(v) => Ok(v),
             Err(e) => {
                 metrics::counter!("infergate_quota_redis_errors_total").increment(1);
@@ -588,6 +705,22 @@ impl Shared {
                 Err(Unavailable(e.to_string()))
             }
         }
+    }
+
+    /// Folds a call's duration into `slow_us` (a maximum that decays by
+    /// 1/64 per call: at the usual ~50 calls per second, about the p99 of
+    /// the last second).
+    fn took(&self, d: Duration) {
+        let us = d.as_micros().min(u128::from(u64::MAX)) as u64;
+        let prev = self.slow_us.load(Ordering::Relaxed);
+        self.slow_us
+            .store(us.max(prev - prev / 64), Ordering::Relaxed);
+    }
+
+    /// How far ahead of need a refill starts (ms): twice the recent slow
+    /// call, plus 10 ms for the scheduler.
+    fn lead_ms(&self) -> u64 {
+        (2 * self.slow_us.load(Ordering::Relaxed)).div_ceil(1000) + 10
     }
 
     /// The lease of `op`'s counter, opened if absent.
@@ -617,6 +750,9 @@ impl Shared {
                     last_used: AtomicU64::new(now),
                     taken: AtomicU64::new(0),
                     unit: AtomicU64::new(op.add),
+                    peak: AtomicU64::new(0),
+                    replicas: AtomicU64::new(1),
+                    opened: AtomicBool::new(false),
                     settle: AtomicI64::new(0),
                     refilling: AtomicBool::new(false),
                     done: Notify::new(),
@@ -629,9 +765,9 @@ impl Shared {
     }
 
     /// Adds the extra of a granted call to the counter's lease.
-    fn grant(&self, op: &CounterOp, value: i64, extra: i64, now: u64) {
+    fn grant(&self, op: &CounterOp, value: i64, extra: i64, replicas: i64, now: u64) {
         let lease = self.lease(op, now);
-        if !lease.grant(value, extra, now) && extra > 0 {
+        if !lease.grant(value, extra, replicas, now) && extra > 0 {
             self.push_pending(lease.key.clone(), -extra);
         }
     }
@@ -669,14 +805,13 @@ impl Shared {
                 });
                 break;
             };
-            if now.saturating_sub(lease.granted_at.load(Ordering::Relaxed)) >= self.lease_max_age_ms
-            {
-                why = Some(Why::Stale);
-                break;
-            }
+            // A slice past `lease_max_age` still admits: Redis counted it
+            // when it was granted, and its refill starts below.
             if !lease.take(op.add, op.limit) {
                 why = Some(if lease.starved.load(Ordering::Relaxed) {
                     Why::Starved
+                } else if !lease.opened.load(Ordering::Relaxed) {
+                    Why::First
                 } else {
                     Why::Short
                 });
@@ -693,6 +828,7 @@ impl Shared {
             return Err(why);
         }
         let mut values = Vec::with_capacity(ops.len());
+        let lead_ms = self.lead_ms();
         for (op, l) in ops.iter().zip(held.iter().flatten()) {
             let remaining = l.remaining.load(Ordering::Relaxed);
             values.push(l.base.load(Ordering::Relaxed) - remaining);
@@ -703,28 +839,34 @@ impl Shared {
             if l.starved.load(Ordering::Relaxed) {
                 continue;
             }
-            // Refill ahead: half the slice used, or half its age passed.
-            let half_used = (remaining as u64) < l.cap(now, self.lease_max_age_ms, op.add) / 2;
+            // Refill ahead, once less than half a slice is left: a slice
+            // holds at least four refill lead times at the rate, so the
+            // refill lands before it runs dry. Or renew it once half
+            // `lease_max_age` passed (a slow taker's slice is confirmed,
+            // and a Redis gone is noticed); it admits meanwhile.
+            let low = l.cap(l.rate(now), self.lease_max_age_ms, lead_ms, op.add) / 2;
             let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
                 > self.lease_max_age_ms / 2;
-            if (half_used || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
-                tokio::spawn(self.clone().refill((*l).clone()));
+            if ((remaining as u64) < low || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
+                self.rt.spawn(self.clone().refill((*l).clone()));
             }
             // The next window's slice, asked for in the last half
             // `lease_max_age` of this one: no request waits at the roll.
             if op.expires_at_ms.saturating_sub(now) <= self.lease_max_age_ms / 2
                 && !l.next_opened.swap(true, Ordering::AcqRel)
             {
-                tokio::spawn(self.clone().open_next((*l).clone(), now));
+                self.rt
+                    .spawn(self.clone().open_next((*l).clone(), now, false));
             }
         }
         Ok(values)
     }
 
-    /// Opens the lease of the window after `lease`'s, with a slice sized by
-    /// `lease`'s rate (a task, off the request path). Requests of the new
-    /// window that come before its grant wait on this call.
-    async fn open_next(self: Arc<Self>, lease: Arc<Lease>, now: u64) {
+    /// Opens the lease of the window after `lease`'s (a task, off the
+    /// request path), with a slice sized by `lease`'s rate, or, for a lease
+    /// kept over a pause (`kept`), as large as its reserve. Requests of the
+    /// new window that come before its grant wait on this call.
+    async fn open_next(self: Arc<Self>, lease: Arc<Lease>, now: u64, kept: bool) {
         let (window_id, expires_at_ms) = lease.op.window.at(lease.op.expires_at_ms);
         let op = CounterOp {
             window_id,
@@ -734,40 +876,60 @@ impl Shared {
         let next = self.lease(&op, now);
         next.unit
             .store(lease.unit.load(Ordering::Relaxed), Ordering::Relaxed);
-        // Not idle before its window starts.
-        next.last_used
-            .store(lease.op.expires_at_ms.max(now), Ordering::Relaxed);
+        next.peak
+            .store(lease.peak.load(Ordering::Relaxed), Ordering::Relaxed);
+        // Not idle before its window starts; a kept lease's pause goes on
+        // (it goes back `lease_keep` after its last use, as the old one).
+        let used = if kept {
+            lease.last_used.load(Ordering::Relaxed)
+        } else {
+            lease.op.expires_at_ms.max(now)
+        };
+        next.last_used.store(used, Ordering::Relaxed);
         if next.refilling.swap(true, Ordering::AcqRel) {
             return; // a call for it is in flight already
         }
-        let cap = lease.cap(now, self.lease_max_age_ms, 0);
+        let cap = if kept {
+            lease.remaining.load(Ordering::Relaxed).max(1) as u64
+        } else {
+            lease.cap(lease.rate(now), self.lease_max_age_ms, self.lead_ms(), 0)
+        };
         self.grant_ahead(&next, cap, now).await;
     }
 
-    /// Keeps a lease fresh over a short idle gap: one used within
-    /// `lease_idle` but past half its age is renewed here (no request came
-    /// to do it), so the first request after the gap takes from memory.
-    fn renew_idle(self: &Arc<Self>, now: u64) {
-        let half = self.lease_max_age_ms / 2;
+    /// Over a pause: a lease unused for `lease_idle` gives back its slice
+    /// but its reserve (the flush task; leases with none were returned
+    /// already), and a kept lease opens the next window's ahead of the
+    /// roll, so the first requests after a pause of up to `lease_keep`
+    /// take from memory while their refill is in flight.
+    fn keep_idle(self: &Arc<Self>, now: u64) {
+        let lead_ms = self.lead_ms();
         let leases = self.leases.read().unwrap_or_else(|p| p.into_inner());
         for l in leases.values() {
-            if now.saturating_sub(l.granted_at.load(Ordering::Relaxed)) > half
-                && now.saturating_sub(l.last_used.load(Ordering::Relaxed)) < self.lease_idle_ms
-                && l.op.expires_at_ms.saturating_sub(now) > half
-                && !l.starved.load(Ordering::Relaxed)
-                && !l.refilling.swap(true, Ordering::AcqRel)
+            if now.saturating_sub(l.last_used.load(Ordering::Relaxed)) < self.lease_idle_ms {
+                continue;
+            }
+            let back = l.trim(l.reserve(lead_ms));
+            if back > 0 {
+                self.push_pending(l.key.clone(), -back);
+            }
+            if l.op.expires_at_ms.saturating_sub(now) <= self.lease_max_age_ms / 2
+                && l.remaining.load(Ordering::Relaxed) > 0
+                && !l.next_opened.swap(true, Ordering::AcqRel)
             {
-                tokio::spawn(self.clone().refill(l.clone()));
+                self.rt.spawn(self.clone().open_next(l.clone(), now, true));
             }
         }
     }
 
-    /// Asks for more of `lease`'s counter ahead of need (a task, off the
+    /// Tops `lease`'s slice up to a full one ahead of need (a task, off the
     /// request path).
     async fn refill(self: Arc<Self>, lease: Arc<Lease>) {
         let now = now_ms();
-        let cap = lease.cap(now, self.lease_max_age_ms, 0);
-        self.grant_ahead(&lease, cap, now).await;
+        let cap = lease.cap(lease.rate(now), self.lease_max_age_ms, self.lead_ms(), 0);
+        let left = lease.remaining.load(Ordering::Relaxed).max(0) as u64;
+        self.grant_ahead(&lease, cap.saturating_sub(left).max(1), now)
+            .await;
     }
 
     /// One call that asks for up to `cap` of `lease`'s counter with no
@@ -783,14 +945,20 @@ impl Shared {
         let settle = self.take_pending();
         let answer = tokio::time::timeout(self.timeout, self.call(&[ask], &settle)).await;
         if let Ok(Ok(v)) = answer {
-            if let [1, 0, value, extra] = v.as_slice() {
-                if !lease.grant(*value, *extra, now) && *extra > 0 {
+            if let [1, replicas, value, extra] = v.as_slice() {
+                if !lease.grant(*value, *extra, *replicas, now) && *extra > 0 {
                     self.push_pending(lease.key.clone(), -*extra);
                 }
             }
         } else if answer.is_err() {
+            // Slow, not gone (a lost connection fails in `call`, which
+            // marks Redis down): the slices held are counted allowance and
+            // keep admitting; the next take starts another refill, and a
+            // request that finds its slice dry asks itself, within the
+            // timeout, whose expiry marks Redis down. Dropping every lease
+            // here turned a 50 ms stall into refusals (fail closed) until
+            // the probe reconnected.
             metrics::counter!("infergate_quota_redis_errors_total").increment(1);
-            self.set_up(None);
         }
         lease.end_flight();
     }
@@ -853,7 +1021,7 @@ impl SharedCounters for RedisCounters {
                             .unwrap_or_else(|p| p.into_inner())
                             .get(&lease_key(op))
                         {
-                            Some(l) => l.cap(now, s.lease_max_age_ms, op.add),
+                            Some(l) => l.cap(l.rate(now), s.lease_max_age_ms, s.lead_ms(), op.add),
                             None => op.add.max(1).saturating_mul(FIRST_SLICE_REQUESTS),
                         }
                     };
@@ -867,7 +1035,7 @@ impl SharedCounters for RedisCounters {
             let settle = s.take_pending();
             let v = s.call(&asks, &settle).await?;
             match v.as_slice() {
-                [1, _, rest @ ..] if rest.len() == 2 * ops.len() => {
+                [1, replicas, rest @ ..] if rest.len() == 2 * ops.len() => {
                     let mut values = Vec::with_capacity(ops.len());
                     for (op, pair) in ops.iter().zip(rest.chunks_exact(2)) {
                         let (value, extra) = (pair[0], pair[1]);
@@ -876,7 +1044,7 @@ impl SharedCounters for RedisCounters {
                             let mut g = s.gauges.lock().unwrap_or_else(|p| p.into_inner());
                             *g.entry(s.gauge_key(op)).or_insert(0) += op.add as i64;
                         } else if s.leases_on() {
-                            s.grant(op, value, extra, now);
+                            s.grant(op, value, extra, *replicas, now);
                         }
                     }
                     drop(owned); // after the grants: waiters take from them
@@ -969,9 +1137,11 @@ async fn probe_loop(shared: Weak<Shared>, every: Duration) {
     }
 }
 
-/// Every `every`: returns leases idle for `lease_idle`, not renewed within
-/// twice `lease_max_age`, or of a window that ended; renews this replica's
-/// gauge slots; and sends the settlements no reservation carried.
+/// Every `every`: returns leases of a window that ended, unused for
+/// `lease_keep`, or unused for `lease_idle` with no reserve to keep (near
+/// the limit); trims the other idle ones to their reserve
+/// ([`Shared::keep_idle`]); renews this replica's gauge slots; and sends
+/// the settlements no reservation carried.
 async fn flush_loop(shared: Weak<Shared>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
@@ -980,16 +1150,19 @@ async fn flush_loop(shared: Weak<Shared>, every: Duration) {
             continue;
         }
         let now = now_ms();
+        let lead_ms = s.lead_ms();
         s.retire_leases(
             |l| {
-                now.saturating_sub(l.last_used.load(Ordering::Relaxed)) >= s.lease_idle_ms
-                    || now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
-                        >= 2 * s.lease_max_age_ms
-                    || l.op.expires_at_ms <= now
+                let idle = now.saturating_sub(l.last_used.load(Ordering::Relaxed));
+                l.op.expires_at_ms <= now
+                    // A lease whose call is in flight is kept for its grant.
+                    || (!l.refilling.load(Ordering::Acquire)
+                        && (idle >= s.lease_keep_ms
+                            || (idle >= s.lease_idle_ms && l.reserve(lead_ms) == 0)))
             },
             now,
         );
-        s.renew_idle(now);
+        s.keep_idle(now);
         if now.saturating_sub(s.last_renew.load(Ordering::Relaxed)) >= s.gauge_ttl_ms / 3 {
             s.last_renew.store(now, Ordering::Relaxed);
             let held: Vec<String> = s

@@ -145,18 +145,24 @@ pub struct RedisConfig {
     /// on their own.
     #[serde(default = "RedisConfig::default_flush", with = "units::duration")]
     pub flush_interval: Duration,
-    /// How long a slice of allowance leased from Redis may admit requests
-    /// before it is renewed (renewal starts off the request path at half
-    /// of it); `0s` turns leases off (one Redis call per request).
+    /// How often a slice of allowance leased from Redis is renewed (off the
+    /// request path, at half of it; requests keep taking from it while the
+    /// renewal is in flight); `0s` turns leases off (one Redis call per
+    /// request).
     #[serde(
         default = "RedisConfig::default_lease_max_age",
         with = "units::duration"
     )]
     pub lease_max_age: Duration,
-    /// A lease not used for this long goes back to Redis (its unused
-    /// allowance is then free for the other replicas).
+    /// A lease not used for this long gives its slice back to Redis (free
+    /// for the other replicas) but a small reserve, kept far from the limit
+    /// so the first requests after a pause do not wait.
     #[serde(default = "RedisConfig::default_lease_idle", with = "units::duration")]
     pub lease_idle: Duration,
+    /// A lease not used for this long (and `lease_idle`) gives its reserve
+    /// back too; the next request opens it again with a Redis round trip.
+    #[serde(default = "RedisConfig::default_lease_keep", with = "units::duration")]
+    pub lease_keep: Duration,
     /// A replica's requests-in-flight slots in Redis expire this long
     /// after it last renewed them (it renews every third of it while it
     /// runs), so a crashed replica's slots come back within it.
@@ -198,6 +204,9 @@ impl RedisConfig {
     }
     fn default_lease_idle() -> Duration {
         Duration::from_secs(1)
+    }
+    fn default_lease_keep() -> Duration {
+        Duration::from_secs(30)
     }
     fn default_share() -> f64 {
         1.0
@@ -311,13 +320,19 @@ impl QuotasConfig {
             if r.lease_max_age > Duration::from_secs(60) {
                 return Err((
                     "lease_max_age".into(),
-                    "governance.redis.lease_max_age must be at most 60s: it bounds how long a replica admits from a slice without Redis (0s: no leases)".into(),
+                    "governance.redis.lease_max_age must be at most 60s: it is how often a slice is renewed (0s: no leases)".into(),
                 ));
             }
             if r.lease_idle.is_zero() || r.lease_idle > Duration::from_secs(60) {
                 return Err((
                     "lease_idle".into(),
                     "governance.redis.lease_idle must be in (0, 60s]".into(),
+                ));
+            }
+            if r.lease_keep > Duration::from_secs(600) {
+                return Err((
+                    "lease_keep".into(),
+                    "governance.redis.lease_keep must be at most 600s".into(),
                 ));
             }
             if r.slot_ttl < Duration::from_millis(100) || r.slot_ttl > Duration::from_secs(3600) {
@@ -377,6 +392,15 @@ mod tests {
         let g: GovernanceConfig =
             serde_yaml_ng::from_str("redis: {url: 'redis://127.0.0.1:6379'}").unwrap();
         assert_eq!(g.redis.as_ref().unwrap().slot_ttl, Duration::from_secs(30));
+        assert_eq!(
+            g.redis.as_ref().unwrap().lease_keep,
+            Duration::from_secs(30)
+        );
+        let g: GovernanceConfig =
+            serde_yaml_ng::from_str("redis: {url: 'redis://127.0.0.1:6379', lease_keep: 601s}")
+                .unwrap();
+        let e = QuotasConfig::default().check(&g).unwrap_err();
+        assert_eq!(e.0, "lease_keep", "{e:?}");
         let g: GovernanceConfig =
             serde_yaml_ng::from_str("redis: {url: 'redis://127.0.0.1:6379', slot_ttl: 600ms}")
                 .unwrap();
