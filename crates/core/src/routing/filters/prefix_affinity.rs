@@ -113,22 +113,6 @@ mod tests {
         assert_eq!(o.dropped, 1);
         assert!(o.detail.to_string().contains("leave"), "{}", o.detail);
         assert!(!cs[0].alive && cs[1].alive);
-        // Known to be held (events) and the colder cache is full: by
-        // default (`margin_per_evicted` 1) the margin is twice the saved time.
-        let mut cs = vec![cand(0), cand(1)];
-        cs[0].matched_blocks = 50;
-        cs[0].precise = true;
-        cs[0].est_ttft_ms = 62.5 + 50.0 + 1.0;
-        cs[1].est_ttft_ms = 62.5;
-        cs[1].uncached_tokens = 1000;
-        cs[1].free_tokens = Some(999);
-        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
-        assert!(cs[0].alive && !cs[1].alive, "the copy would evict: stay");
-        // Leaving would evict as much elsewhere, so (with `margin_per_evicted`
-        // 2) the margin is 3x the saved time.
-        let mut cfg = RoutingConfig::default();
-        cfg.sticky.margin_per_evicted = 2.0;
-        let ctx = ctx_for(&cfg, None, 1000);
         // Replica 0 holds 50 blocks (known from events) and is 51 ms slower;
         // replica 1 would prefill 1,000 tokens with `free` tokens of room.
         let held_vs_colder = |free: Option<u64>| {
@@ -141,6 +125,16 @@ mod tests {
             cs[1].free_tokens = free;
             cs
         };
+        // The colder cache is full: by default (`margin_per_evicted` 1) the
+        // margin is twice the saved time.
+        let mut cs = held_vs_colder(Some(999));
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive, "the copy would evict: stay");
+        // Leaving would evict as much elsewhere, so (with `margin_per_evicted`
+        // 2) the margin is 3x the saved time.
+        let mut cfg = RoutingConfig::default();
+        cfg.sticky.margin_per_evicted = 2.0;
+        let ctx = ctx_for(&cfg, None, 1000);
         let mut cs = held_vs_colder(Some(999));
         let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
         assert!(cs[0].alive && !cs[1].alive, "{}", o.detail);
