@@ -14,5 +14,6 @@ pub mod identity;
 pub mod plan;
 pub mod pool;
 pub mod quota;
+pub mod rate;
 pub mod reload;
 pub mod routing;

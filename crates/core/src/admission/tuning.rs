@@ -39,6 +39,7 @@
 //!
 //! Hand-set values in `budget:` always win.
 
+use crate::rate::DecayingRate;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -245,9 +246,8 @@ impl Ewma {
 /// What the gateway observed on one pool.
 #[derive(Debug, Default)]
 pub(crate) struct Observations {
-    /// Decayed count of critical arrivals (÷ `RATE_TAU` = rate).
-    critical: f64,
-    critical_at: Option<Instant>,
+    /// Critical arrivals per second, over `RATE_TAU`.
+    critical: DecayingRate,
     service: Ewma,
     ttft: Ewma,
     prompt: Ewma,
@@ -256,25 +256,14 @@ pub(crate) struct Observations {
 
 impl Observations {
     pub(crate) fn critical_arrived(&mut self, now: Instant) {
-        self.critical = self.critical_decayed(now) + 1.0;
-        self.critical_at = Some(now);
-    }
-
-    fn critical_decayed(&self, now: Instant) -> f64 {
-        match self.critical_at {
-            Some(at) => {
-                let dt = now.saturating_duration_since(at).as_secs_f64();
-                self.critical * (-dt / RATE_TAU.as_secs_f64()).exp()
-            }
-            None => 0.0,
-        }
+        self.critical.add(1.0, now, RATE_TAU);
     }
 
     /// Critical arrivals per second, or 0 when none was seen lately.
     pub(crate) fn critical_rate(&self, now: Instant) -> f64 {
-        match self.critical_at {
+        match self.critical.last() {
             Some(at) if now.saturating_duration_since(at) <= CRITICAL_IDLE => {
-                self.critical_decayed(now) / RATE_TAU.as_secs_f64()
+                self.critical.per_second(now, RATE_TAU)
             }
             _ => 0.0,
         }

@@ -35,6 +35,7 @@ use infergate_protocol::tokenizer::token_block_key;
 
 use super::decode::KvEvent;
 use super::engine_tokens::EngineTokens;
+use crate::rate::DecayingRate;
 use crate::routing::prefix_index::U64Map;
 
 /// Salt of keys chained from a parent the replica no longer holds.
@@ -44,31 +45,6 @@ const ORPHAN: u64 = 0x6f72_7068_616e_0001;
 /// one long prompt's allocation, short enough to follow a shift in which
 /// prefixes are popular.
 const EVICTION_RATE_TAU: Duration = Duration::from_secs(10);
-
-/// Blocks per second an engine evicts, exponentially weighted over
-/// [`EVICTION_RATE_TAU`]: `n` blocks at `t` add `n / tau` and every rate
-/// decays by `exp(-dt / tau)`, so a steady `r` blocks/s reads `r`.
-#[derive(Debug, Default, Clone, Copy)]
-struct EvictionRate {
-    per_s: f64,
-    at: Option<Instant>,
-}
-
-impl EvictionRate {
-    fn decayed(&self, now: Instant) -> f64 {
-        match self.at {
-            Some(at) => {
-                let dt = now.saturating_duration_since(at).as_secs_f64();
-                self.per_s * (-dt / EVICTION_RATE_TAU.as_secs_f64()).exp()
-            }
-            None => 0.0,
-        }
-    }
-    fn add(&mut self, blocks: u64, now: Instant) {
-        self.per_s = self.decayed(now) + blocks as f64 / EVICTION_RATE_TAU.as_secs_f64();
-        self.at = Some(now);
-    }
-}
 
 /// The chain seed of a prompt's first block: 0 for the base model, else a
 /// hash of the LoRA adapter's name.
@@ -135,7 +111,8 @@ struct Slot {
     /// salt make the engine's hashes differ where the tokens agree): how many
     /// more, so removing one keeps the key.
     dup: U64Map<u32>,
-    evictions: EvictionRate,
+    /// Blocks its engine evicts per second, over `EVICTION_RATE_TAU`.
+    evictions: DecayingRate,
     /// Blocks removed by `BlockRemoved` since the replica was first seen.
     evicted_total: u64,
 }
@@ -220,7 +197,7 @@ impl PreciseIndex {
         }
         if evicted > 0 {
             let s = &mut inner.slots[slot as usize];
-            s.evictions.add(evicted, now);
+            s.evictions.add(evicted as f64, now, EVICTION_RATE_TAU);
             s.evicted_total += evicted;
         }
     }
@@ -318,7 +295,7 @@ impl PreciseIndex {
         for s in &inner.slots {
             if let (true, Some(key)) = (s.live, &s.key) {
                 let held = s.engine.len().min(u32::MAX as usize) as u32;
-                f(key, held, s.evictions.decayed(now));
+                f(key, held, s.evictions.per_second(now, EVICTION_RATE_TAU));
             }
         }
     }
@@ -327,7 +304,10 @@ impl PreciseIndex {
     pub fn evictions(&self, replica: &str, now: Instant) -> Option<(f64, u64)> {
         let inner = self.read();
         let s = &inner.slots[*inner.by_key.get(replica)? as usize];
-        Some((s.evictions.decayed(now), s.evicted_total))
+        Some((
+            s.evictions.per_second(now, EVICTION_RATE_TAU),
+            s.evicted_total,
+        ))
     }
 
     /// The engine hashes `replica` holds (tests compare them with the engine).
@@ -498,7 +478,7 @@ impl Inner {
         }
         s.dup.clear();
         // An empty cache turns nothing over.
-        s.evictions = EvictionRate::default();
+        s.evictions = DecayingRate::default();
     }
 }
 
