@@ -271,6 +271,19 @@ async fn ask(url: &str, team: &str, body: &str) -> (StatusCode, HeaderMap, Bytes
     support_gateway::post_with(url, "/v1/completions", body, &[("x-team", team)]).await
 }
 
+/// Sends `n` requests of `key` at once; every one must be answered 200.
+async fn concurrent_ok(url: &str, key: &'static str, body: &'static str, n: usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move { ask(&url, key, body).await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+}
+
 fn minute() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -801,15 +814,7 @@ async fn no_request_waits_on_redis_in_steady_state() {
     let port = redis.port;
     let stall = std::thread::spawn(move || cmd_on(port, &["DEBUG", "SLEEP", "0.03"]));
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let tasks: Vec<_> = (0..32)
-        .map(|_| {
-            let url = g.url.clone();
-            tokio::spawn(async move { ask(&url, "steady", body).await.0 })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), StatusCode::OK);
-    }
+    concurrent_ok(&g.url, "steady", body, 32).await;
     assert_eq!(stall.join().unwrap().as_deref(), Some("+OK"));
     // Joined requests are timed as calls by core (they went to the
     // backend); they did not call themselves.
@@ -996,15 +1001,7 @@ async fn a_slow_redis_and_a_pause_cost_no_request_a_round_trip() {
     let before = own_calls(&g).await;
     let first = waits(&g, "first").await;
     let body = r#"{"model":"m","prompt":"hi","max_tokens":2}"#;
-    let burst: Vec<_> = (0..8)
-        .map(|_| {
-            let url = g.url.clone();
-            tokio::spawn(async move { ask(&url, "slow", body).await.0 })
-        })
-        .collect();
-    for b in burst {
-        assert_eq!(b.await.unwrap(), StatusCode::OK);
-    }
+    concurrent_ok(&g.url, "slow", body, 8).await;
     sent += 8 + steady(&g.url, "slow", 200, Duration::from_millis(1000)).await;
     let (_, text) = g.admin("/metrics").await;
     assert_eq!(
