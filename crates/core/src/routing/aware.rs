@@ -495,10 +495,6 @@ impl InferenceAware {
         };
         let check = self.routability(exclude, now);
         let mut out = Vec::with_capacity(replicas.len());
-        // Each candidate's cache turnover counts where engines publish events.
-        let weigh = ctx.group_key.is_some()
-            && self.precise.is_some()
-            && self.cfg.rendezvous.weigh_by_turnover;
         for (idx, r) in replicas.iter().enumerate() {
             let sig = r.signals.load();
             let sig: Option<&Arc<Signals>> = sig.as_ref();
@@ -531,6 +527,7 @@ impl InferenceAware {
             };
             let own_requests = own_requests as f64;
             let foreign_load = sig.is_some_and(|s| s.foreign_load_within(now, shared_window));
+            let cache_tokens = fresh_sig.and_then(|s| s.cache_tokens());
             // Alone, the engine counts only our requests, which our own count
             // has exactly and now, not as of the last scrape. With other
             // gateways, their load shows only in the engine's count, taken
@@ -554,15 +551,14 @@ impl InferenceAware {
                 load_requests: own_requests.max(running + waiting),
                 placement_load,
                 token_load: r.load.tokens() as f64,
-                cache_turnover: matched[idx].held_tokens.and_then(|_| {
-                    let cap = fresh_sig.and_then(|s| s.cache_tokens())?;
-                    Some(cache_turnover_per_s(matched[idx].evicted_tokens_per_s, cap))
-                }),
-                free_tokens: matched[idx].held_tokens.and_then(|held| {
-                    fresh_sig
-                        .and_then(|s| s.cache_tokens())
-                        .map(|t| t.saturating_sub(held))
-                }),
+                cache_turnover: matched[idx]
+                    .held_tokens
+                    .and(cache_tokens)
+                    .map(|cap| cache_turnover_per_s(matched[idx].evicted_tokens_per_s, cap)),
+                free_tokens: matched[idx]
+                    .held_tokens
+                    .zip(cache_tokens)
+                    .map(|(held, cap)| cap.saturating_sub(held)),
                 queued_prefill: r.load.prefill_tokens() as f64,
                 est_ttft_ms: 0.0,
                 lora_tier,
@@ -580,8 +576,11 @@ impl InferenceAware {
                 score: 0.0,
             });
         }
-        if let (Some(g), true) = (ctx.group_key, weigh) {
-            weigh_by_turnover(&mut out, replicas, g);
+        // Cache turnover places new groups where engines publish events.
+        if let Some(g) = ctx.group_key {
+            if self.precise.is_some() && self.cfg.rendezvous.weigh_by_turnover {
+                weigh_by_turnover(&mut out, replicas, g);
+            }
         }
         out
     }
@@ -747,30 +746,29 @@ fn cache_turnover_per_s(evicted_tokens_per_s: f64, capacity_tokens: u64) -> f64 
     evicted_tokens_per_s / capacity_tokens.max(1) as f64
 }
 
-/// A replica's rank for a prefix group (highest wins). Without a turnover,
-/// the plain rendezvous hash. With one, weighted rendezvous hashing (score
-/// `w / -ln(u)`, `u` the hash in (0, 1), `w` the inverse of the turnover):
-/// each replica opens new groups in proportion to how slowly its cache turns
-/// over. That evens out how long an unused prefix survives on each replica,
-/// which is what one cache pooled over the fleet would give every prefix
-/// (groups differ in popularity and growth, so equal counts of groups do not
-/// make equal pressure). Every gateway reads the same engines' events, so
-/// they rank alike; caches that do not evict all weigh the same and the
+/// A replica's rank for a prefix group (highest wins) by weighted rendezvous
+/// hashing: score `weight / -ln(u)`, `u` the plain rendezvous hash in (0, 1).
+/// Each replica wins groups in proportion to its weight; at equal weights the
 /// order is the plain hash's.
-fn rendezvous_rank(group: u64, replica_key: &str, turnover_per_s: f64) -> u64 {
+fn rendezvous_rank(group: u64, replica_key: &str, weight: f64) -> u64 {
     let h = rendezvous_weight(group, replica_key);
     // u in (0, 1): 53 bits of the hash, never 0.
     let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let weight = MIN_TURNOVER_PER_S / turnover_per_s.max(MIN_TURNOVER_PER_S);
     let score = weight / -u.ln();
     // Positive floats order as their bits do.
     score.to_bits()
 }
 
-/// Ranks `cands` for `group` by [`rendezvous_rank`] once any of them is known
-/// to evict (a candidate without a `cache_turnover`, no live events or no
-/// cache size, counts as the mean of the known ones). While none evicts, the
-/// plain hash ranks them, as it would without events.
+/// Ranks `cands` for `group` by [`rendezvous_rank`], each weighted by the
+/// inverse of its cache's turnover, once any of them is known to evict (a
+/// candidate without a `cache_turnover`, no live events or no cache size,
+/// counts as the mean of the known ones). So each replica opens new groups in
+/// proportion to how slowly its cache turns over, which evens out how long an
+/// unused prefix survives on each replica, as one cache pooled over the fleet
+/// would (groups differ in popularity and growth, so equal counts of groups
+/// do not make equal pressure). Every gateway reads the same engines' events,
+/// so they rank alike. While none evicts, the plain hash ranks them, as it
+/// would without events.
 fn weigh_by_turnover(cands: &mut [Candidate], replicas: &[Arc<Replica>], group: u64) {
     let (n, sum, evicting) = cands
         .iter()
@@ -784,9 +782,9 @@ fn weigh_by_turnover(cands: &mut [Candidate], replicas: &[Arc<Replica>], group: 
     let mean = sum / n as f64;
     for c in cands.iter_mut() {
         let turnover = c.cache_turnover.unwrap_or(mean).max(MIN_TURNOVER_PER_S);
-        c.rendezvous = rendezvous_rank(group, replicas[c.idx].key(), turnover);
         // Normalised so an unweighted replica's 1 stays comparable.
         c.group_weight = MIN_TURNOVER_PER_S / turnover;
+        c.rendezvous = rendezvous_rank(group, replicas[c.idx].key(), c.group_weight);
     }
 }
 
@@ -1246,22 +1244,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn weighted_rendezvous_shares_groups_by_inverse_turnover_and_is_plain_when_equal() {
+    fn weighted_rendezvous_shares_groups_by_weight_and_is_plain_when_equal() {
         let mut wins = [0u32; 2];
         for g in 0..6000u64 {
             let group = rendezvous_weight(g, "group");
-            let a = rendezvous_rank(group, "a", 0.02);
-            let b = rendezvous_rank(group, "b", 0.01);
+            let a = rendezvous_rank(group, "a", 1.0);
+            let b = rendezvous_rank(group, "b", 2.0);
             wins[usize::from(b > a)] += 1;
-            // Equal turnovers: the plain hash's order.
+            // Equal weights: the plain hash's order.
             let (pa, pb) = (rendezvous_weight(group, "a"), rendezvous_weight(group, "b"));
             let (ea, eb) = (
-                rendezvous_rank(group, "a", 0.02),
-                rendezvous_rank(group, "b", 0.02),
+                rendezvous_rank(group, "a", 0.3),
+                rendezvous_rank(group, "b", 0.3),
             );
             assert_eq!(pa > pb, ea > eb);
         }
-        // b turns over half as fast: two thirds of the groups.
+        // b weighs twice as much (its cache turns over half as fast): two
+        // thirds of the groups.
         let share = f64::from(wins[1]) / 6000.0;
         assert!((share - 2.0 / 3.0).abs() < 0.03, "{share}");
     }

@@ -188,7 +188,7 @@ impl PreciseIndex {
     }
 
     /// [`apply`](Self::apply), the events having arrived at `now`.
-    pub fn apply_at(&self, replica: &Arc<str>, events: &[KvEvent], now: Instant) {
+    fn apply_at(&self, replica: &Arc<str>, events: &[KvEvent], now: Instant) {
         let mut inner = self.write();
         let slot = inner.slot_for(replica);
         let mut evicted = 0;
