@@ -331,12 +331,12 @@ impl Lease {
             .max(self.peak.load(Ordering::Relaxed))
     }
 
-    /// The most extra to ask for: what this replica takes at `rate` in
-    /// one `max_age` and in four refill lead times (a slow Redis), or a
-    /// first guess of 64 requests.
-    fn cap(&self, rate: u64, max_age_ms: u64, lead_ms: u64, need: u64) -> u64 {
+    /// The most extra to ask for: what this replica takes at its
+    /// [`rate`](Self::rate) in one `max_age` and in four refill lead times
+    /// (a slow Redis), or a first guess of 64 requests.
+    fn cap(&self, now: u64, max_age_ms: u64, lead_ms: u64, need: u64) -> u64 {
         let unit = self.unit.load(Ordering::Relaxed).max(need).max(1);
-        (rate.saturating_mul(max_age_ms.max(4 * lead_ms)) / 1000)
+        (self.rate(now).saturating_mul(max_age_ms.max(4 * lead_ms)) / 1000)
             .max(unit.saturating_mul(FIRST_SLICE_REQUESTS))
     }
 
@@ -844,7 +844,7 @@ impl Shared {
             // refill lands before it runs dry. Or renew it once half
             // `lease_max_age` passed (a slow taker's slice is confirmed,
             // and a Redis gone is noticed); it admits meanwhile.
-            let low = l.cap(l.rate(now), self.lease_max_age_ms, lead_ms, op.add) / 2;
+            let low = l.cap(now, self.lease_max_age_ms, lead_ms, op.add) / 2;
             let half_old = now.saturating_sub(l.granted_at.load(Ordering::Relaxed))
                 > self.lease_max_age_ms / 2;
             if ((remaining as u64) < low || half_old) && !l.refilling.swap(true, Ordering::AcqRel) {
@@ -892,7 +892,7 @@ impl Shared {
         let cap = if kept {
             lease.remaining.load(Ordering::Relaxed).max(1) as u64
         } else {
-            lease.cap(lease.rate(now), self.lease_max_age_ms, self.lead_ms(), 0)
+            lease.cap(now, self.lease_max_age_ms, self.lead_ms(), 0)
         };
         self.grant_ahead(&next, cap, now).await;
     }
@@ -926,7 +926,7 @@ impl Shared {
     /// request path).
     async fn refill(self: Arc<Self>, lease: Arc<Lease>) {
         let now = now_ms();
-        let cap = lease.cap(lease.rate(now), self.lease_max_age_ms, self.lead_ms(), 0);
+        let cap = lease.cap(now, self.lease_max_age_ms, self.lead_ms(), 0);
         let left = lease.remaining.load(Ordering::Relaxed).max(0) as u64;
         self.grant_ahead(&lease, cap.saturating_sub(left).max(1), now)
             .await;
@@ -1021,7 +1021,7 @@ impl SharedCounters for RedisCounters {
                             .unwrap_or_else(|p| p.into_inner())
                             .get(&lease_key(op))
                         {
-                            Some(l) => l.cap(l.rate(now), s.lease_max_age_ms, s.lead_ms(), op.add),
+                            Some(l) => l.cap(now, s.lease_max_age_ms, s.lead_ms(), op.add),
                             None => op.add.max(1).saturating_mul(FIRST_SLICE_REQUESTS),
                         }
                     };
