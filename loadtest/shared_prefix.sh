@@ -33,7 +33,9 @@
 # the replicas' own token ids (routing.kv_events.tokenize, fetched from the simulator's
 # /tokenize, as a deployment of real engines must) instead of the gateway's token rule.
 # The summary also prints, per precise gateway, how many replicas hold each cached block on
-# average at the end (1.0 = no prefix held twice, as the oracle's single cache).
+# average at the end (1.0 = no prefix held twice, as the oracle's single cache), and what
+# placement alone reaches on the same requests (--oracle-replicas: one LRU per replica,
+# sticky, no load, no blocks kept by the engines; crates/load/src/load/oracle_partition.rs).
 #
 # Env (defaults in brackets) - the fleet: REPLICAS [8], PROFILE [llama-8b-h100],
 # TIME_SCALE [4] (modelled time runs this many times faster; latencies printed are
@@ -229,7 +231,7 @@ metrics_urls() { local s; s=$(printf '%s/metrics,' "${URLS[@]}"); echo "${s%,}";
 
 load() {  # URL[,URL...] OUT.json
   local oracle=()
-  ((KV_MODE)) && oracle=(--oracle-blocks $((REPLICAS * BLOCKS)) --oracle-block-size 16)
+  ((KV_MODE)) && oracle=(--oracle-blocks $((REPLICAS * BLOCKS)) --oracle-block-size 16 --oracle-replicas "$REPLICAS")
   "$LOAD" --url "$1" --model $MODEL --workload prefix --groups "$GROUPS_" --users "$USERS" \
     --turns "$TURNS" --group-skew "$GROUP_SKEW" --skew-shift-rounds "$SHIFT_ROUNDS" \
     --system-tokens "$SYSTEM_TOKENS" --question-tokens "$QUESTION_TOKENS" \
@@ -330,6 +332,15 @@ for label, r, op, target in checks:
     if r is None: continue
     met = "" if target is None else ("  MET" if (r <= target if op == "<=" else r >= target) else "  NOT MET")
     print(f"{label}: {r:.3f}" + ("" if target is None else f" (target {op} {target}){met}"))
+# What placement alone reaches on the same requests (no load, no engine-held blocks).
+for n in names:
+    try: o = json.load(open(f"{run}/{n}.json")).get("oracle") or {}
+    except Exception: continue
+    pt = o.get("partitioned") or {}
+    if pt.get("plain") and o.get("hit_rate"):
+        print(f"{n}: oracle {o['hit_rate']:.3f}; one LRU per replica, sticky, no load: plain hash {pt['plain']:.3f}, "
+              f"by turnover {pt['by_turnover']:.3f} ({pt['by_turnover'] / o['hit_rate']:.3f} of the oracle)")
+        break
 # Precise gateways: replicas whose events were live at the end, per gateway.
 import glob
 for n in names:

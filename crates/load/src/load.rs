@@ -14,6 +14,8 @@ mod client;
 mod hist;
 #[path = "load/oracle.rs"]
 mod oracle;
+#[path = "load/oracle_partition.rs"]
+mod oracle_partition;
 #[path = "load/report.rs"]
 mod report;
 #[path = "load/run.rs"]
@@ -44,7 +46,7 @@ struct Args {
     /// Base URL of the endpoint, loopback only (e.g. http://127.0.0.1:8080). Several
     /// (repeated or comma-separated): each request goes to one of them, by a hash of its
     /// number (a client spreading traffic over gateway instances).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "oracle_only")]
     url: Vec<String>,
     /// Request shape.
     #[arg(long, value_enum, default_value = "small")]
@@ -109,6 +111,17 @@ struct Args {
     /// cache of this many blocks (the fleet's total: replicas x blocks each). See oracle.rs.
     #[arg(long)]
     oracle_blocks: Option<usize>,
+    /// Also report what placement alone reaches: the same requests through this many
+    /// LRU caches of `--oracle-blocks / N` blocks each (see oracle_partition.rs).
+    #[arg(long, value_name = "N")]
+    oracle_replicas: Option<usize>,
+    /// Blocks of each partitioned cache (default: `--oracle-blocks / --oracle-replicas`);
+    /// smaller models what the engines keep for running requests and outputs.
+    #[arg(long, value_name = "BLOCKS")]
+    oracle_partition_blocks: Option<usize>,
+    /// Only compute the oracle (and partition) for the first `--requests` requests; send nothing.
+    #[arg(long)]
+    oracle_only: bool,
     /// Block size (tokens) of the oracle's cache.
     #[arg(long, default_value_t = 16)]
     oracle_block_size: usize,
@@ -207,6 +220,17 @@ async fn run(args: Args) -> Result<bool, String> {
         ignore_eos: args.ignore_eos,
         seed: args.seed,
     })?;
+    if args.oracle_only {
+        let (Some(n), Some(_)) = (args.requests, args.oracle_blocks) else {
+            return Err("--oracle-only needs --requests and --oracle-blocks".into());
+        };
+        let o = oracle_report(&args, &workload, n).unwrap_or_default();
+        println!(
+            "{}",
+            json!({ "requests": n, "seed": args.seed, "oracle": o })
+        );
+        return Ok(true);
+    }
     let picker = ClassPicker::new(&classes, args.seed);
     let mut targets = Vec::with_capacity(args.url.len());
     for url in &args.url {
@@ -273,13 +297,7 @@ async fn run(args: Args) -> Result<bool, String> {
     } else {
         Some(scraper.report(&before, &scraper.read().await))
     };
-    let oracle = args.oracle_blocks.map(|blocks| {
-        let mut o = oracle::Oracle::new(blocks, args.oracle_block_size);
-        for seq in 0..finished.sent {
-            o.feed(&plan.workload.body(seq));
-        }
-        o
-    });
+    let oracle = oracle_report(&args, &plan.workload, finished.sent);
     let mut desc = desc;
     desc["workload"] = json!(format!("{:?}", args.workload).to_lowercase());
     desc["url"] = json!(args.url.join(","));
@@ -296,8 +314,8 @@ async fn run(args: Args) -> Result<bool, String> {
         if let Some(r) = replicas {
             v["replicas"] = r;
         }
-        if let Some(o) = &oracle {
-            v["oracle"] = o.report();
+        if let Some(o) = oracle {
+            v["oracle"] = o;
         }
         println!("{v}");
     } else {
@@ -306,11 +324,39 @@ async fn run(args: Args) -> Result<bool, String> {
         if let Some(r) = replicas {
             println!("replicas (counter growth during the run): {r}");
         }
-        if let Some(o) = &oracle {
-            println!("oracle (pooled LRU prefix cache): {}", o.report());
+        if let Some(o) = oracle {
+            println!("oracle (pooled LRU prefix cache): {o}");
         }
     }
     Ok(stats.classes.iter().any(|c| c.ok > 0))
+}
+
+/// The oracle hit rate of the first `sent` requests (and, with `--oracle-replicas`, what
+/// placement alone reaches on a partition of its blocks); `None` without `--oracle-blocks`.
+fn oracle_report(args: &Args, workload: &Workload, sent: u64) -> Option<serde_json::Value> {
+    let blocks = args.oracle_blocks?;
+    let mut pooled = oracle::Oracle::new(blocks, args.oracle_block_size);
+    let mut parts = args.oracle_replicas.filter(|&n| n > 0).map(|n| {
+        let each = args.oracle_partition_blocks.unwrap_or(blocks / n);
+        let make = |p| oracle_partition::Partitioned::new(n, each, args.oracle_block_size, p);
+        (
+            make(oracle_partition::Placement::Plain),
+            make(oracle_partition::Placement::ByTurnover),
+        )
+    });
+    for seq in 0..sent {
+        let body = workload.body(seq);
+        pooled.feed(&body);
+        if let Some((plain, weighted)) = &mut parts {
+            plain.feed(&body);
+            weighted.feed(&body);
+        }
+    }
+    let mut v = pooled.report();
+    if let Some((plain, weighted)) = &parts {
+        v["partitioned"] = oracle_partition::report(plain, weighted);
+    }
+    Some(v)
 }
 
 /// The `infergate-load` command (the binary crate's `src/bin/infergate-load.rs` calls it).

@@ -25,16 +25,105 @@ use serde_json::{json, Value};
 
 /// A pooled LRU of block hashes.
 pub struct Oracle {
-    capacity: usize,
+    cache: Lru,
     block_size: usize,
+    hits: u64,
+    queries: u64,
+    requests: u64,
+}
+
+/// One LRU cache of block hashes, touched in the order vLLM frees blocks.
+pub(super) struct Lru {
+    capacity: usize,
     /// Hash -> tick of its last use.
     last_use: HashMap<u64, u64>,
     /// Tick -> hash, oldest first.
     by_age: BTreeMap<u64, u64>,
     tick: u64,
-    hits: u64,
-    queries: u64,
-    requests: u64,
+    /// Blocks evicted so far.
+    pub(super) evicted: u64,
+}
+
+impl Lru {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            last_use: HashMap::new(),
+            by_age: BTreeMap::new(),
+            tick: 0,
+            evicted: 0,
+        }
+    }
+
+    pub(super) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Leading blocks of `p` held (at most the ones the engine may hit).
+    pub(super) fn matched(&self, p: &Prompt) -> usize {
+        p.hashes
+            .iter()
+            .take(p.max_hit)
+            .take_while(|h| self.last_use.contains_key(h))
+            .count()
+    }
+
+    /// Uses `p`'s blocks last to first, so its shared leading blocks are evicted last.
+    pub(super) fn store(&mut self, p: &Prompt) {
+        for h in p.hashes.iter().rev() {
+            self.touch(*h);
+        }
+    }
+
+    fn touch(&mut self, h: u64) {
+        self.tick += 1;
+        if let Some(old) = self.last_use.insert(h, self.tick) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(self.tick, h);
+        while self.last_use.len() > self.capacity {
+            match self.by_age.pop_first() {
+                Some((_, gone)) => {
+                    self.last_use.remove(&gone);
+                    self.evicted += 1;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// A request's prompt as the simulator's cache sees it.
+pub(super) struct Prompt {
+    pub(super) tokens: u64,
+    pub(super) hashes: Vec<u64>,
+    /// `(tokens - 1) / block size`: the last token is always computed.
+    pub(super) max_hit: usize,
+}
+
+impl Prompt {
+    /// The prompt of a chat or completions body; `None` for anything else.
+    pub(super) fn of(body: &Bytes, block_size: usize) -> Option<Self> {
+        let b = serde_json::from_slice::<Body>(body).ok()?;
+        let text = match (&b.messages, &b.prompt) {
+            (Some(m), _) => render_chat(m),
+            (None, Some(p)) => render_completion_prompt(p),
+            _ => return None,
+        };
+        let tokens = u64::from(tokenizer::count_tokens(&text));
+        let hashes = tokenizer::block_hashes(
+            &text,
+            block_size,
+            tokenizer::model_seed(&b.model),
+            usize::MAX,
+        );
+        let max_hit = (tokens.saturating_sub(1) / block_size as u64) as usize;
+        Some(Self {
+            tokens,
+            hashes,
+            max_hit,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -50,11 +139,8 @@ struct Body {
 impl Oracle {
     pub fn new(capacity_blocks: usize, block_size: usize) -> Self {
         Self {
-            capacity: capacity_blocks,
+            cache: Lru::new(capacity_blocks),
             block_size: block_size.max(1),
-            last_use: HashMap::new(),
-            by_age: BTreeMap::new(),
-            tick: 0,
             hits: 0,
             queries: 0,
             requests: 0,
@@ -63,49 +149,13 @@ impl Oracle {
 
     /// Feeds one request body (chat or completions JSON); others are skipped.
     pub fn feed(&mut self, body: &Bytes) {
-        let Ok(b) = serde_json::from_slice::<Body>(body) else {
+        let Some(p) = Prompt::of(body, self.block_size) else {
             return;
         };
-        let text = match (&b.messages, &b.prompt) {
-            (Some(m), _) => render_chat(m),
-            (None, Some(p)) => render_completion_prompt(p),
-            _ => return,
-        };
-        let tokens = u64::from(tokenizer::count_tokens(&text));
-        let hashes = tokenizer::block_hashes(
-            &text,
-            self.block_size,
-            tokenizer::model_seed(&b.model),
-            usize::MAX,
-        );
-        let max_hit = (tokens.saturating_sub(1) / self.block_size as u64) as usize;
-        let hit = hashes
-            .iter()
-            .take(max_hit)
-            .take_while(|h| self.last_use.contains_key(h))
-            .count();
-        self.hits += (hit * self.block_size) as u64;
-        self.queries += tokens;
+        self.hits += (self.cache.matched(&p) * self.block_size) as u64;
+        self.queries += p.tokens;
         self.requests += 1;
-        for h in hashes.iter().rev() {
-            self.touch(*h);
-        }
-    }
-
-    fn touch(&mut self, h: u64) {
-        self.tick += 1;
-        if let Some(old) = self.last_use.insert(h, self.tick) {
-            self.by_age.remove(&old);
-        }
-        self.by_age.insert(self.tick, h);
-        while self.last_use.len() > self.capacity {
-            match self.by_age.pop_first() {
-                Some((_, gone)) => {
-                    self.last_use.remove(&gone);
-                }
-                None => break,
-            }
-        }
+        self.cache.store(&p);
     }
 
     pub fn hit_rate(&self) -> Option<f64> {
@@ -117,7 +167,7 @@ impl Oracle {
         json!({
             "hit_rate": self.hit_rate(),
             "requests": self.requests,
-            "capacity_blocks": self.capacity,
+            "capacity_blocks": self.cache.capacity(),
             "block_size": self.block_size,
             "definition": "fleet KV blocks pooled into one LRU prefix cache, requests in send order",
         })
