@@ -611,7 +611,11 @@ mod tests {
             );
             let mut head = String::from("POST /v1/completions HTTP/1.1\r\n");
             for (n, v) in sent {
-                let n = if upper { n.to_ascii_uppercase() } else { n.to_owned() };
+                let n = if upper {
+                    n.to_ascii_uppercase()
+                } else {
+                    n.to_owned()
+                };
                 head.push_str(&format!("{n}: {v}\r\n"));
             }
             head.push_str("\r\n");

@@ -484,7 +484,9 @@ mod tests {
         }
         assert!(!Arc::ptr_eq(&first[0], &first[1]));
         let (route3, r0) = (route.clone(), replicas[0].clone());
-        let other = std::thread::spawn(move || pair(&route3, &r0)).join().unwrap();
+        let other = std::thread::spawn(move || pair(&route3, &r0))
+            .join()
+            .unwrap();
         assert!(Arc::ptr_eq(&other, &first[0]));
 
         let g = genai(&route, "chat");

@@ -795,8 +795,8 @@ mod tests {
                 let code = parsed
                     .code
                     .ok_or(ProtocolError("response without a status"))?;
-                let status =
-                    StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid response status"))?;
+                let status = StatusCode::from_u16(code)
+                    .map_err(|_| ProtocolError("invalid response status"))?;
                 let raw = &*parsed.headers;
                 let http10 = parsed.version == Some(0);
                 let (framing, framing_reusable) = framing_of(status, raw)?;
@@ -826,13 +826,14 @@ mod tests {
                     };
                     // httparse's values are slices of `buf`: the same bytes in `head`
                     // (an empty one may point elsewhere: copied, which costs nothing).
-                    let value = match (h.value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
-                        Some(at) if !h.value.is_empty() && at + h.value.len() <= len => {
-                            HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
+                    let value =
+                        match (h.value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
+                            Some(at) if !h.value.is_empty() && at + h.value.len() <= len => {
+                                HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
+                            }
+                            _ => HeaderValue::from_bytes(h.value),
                         }
-                        _ => HeaderValue::from_bytes(h.value),
-                    }
-                    .map_err(|_| ProtocolError("invalid response header value"))?;
+                        .map_err(|_| ProtocolError("invalid response header value"))?;
                     headers.append(name, value);
                 }
                 Ok(Some((
@@ -856,7 +857,9 @@ mod tests {
                 let (name, text) = match raw.len() {
                     4 => (DATE, "date"),
                     6 => (SERVER, "server"),
-                    12 if raw.as_bytes()[0].eq_ignore_ascii_case(&b'c') => (CONTENT_TYPE, "content-type"),
+                    12 if raw.as_bytes()[0].eq_ignore_ascii_case(&b'c') => {
+                        (CONTENT_TYPE, "content-type")
+                    }
                     12 => (REQUEST_ID, "x-request-id"),
                     14 => (CONTENT_LENGTH, "content-length"),
                     _ => return None,
@@ -884,14 +887,20 @@ mod tests {
             }
 
             /// The values of the headers called `name`, in order.
-            fn values<'a>(raw: &'a [httparse::Header<'a>], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+            fn values<'a>(
+                raw: &'a [httparse::Header<'a>],
+                name: &'a str,
+            ) -> impl Iterator<Item = &'a [u8]> {
                 raw.iter()
                     .filter(move |h| h.name.eq_ignore_ascii_case(name))
                     .map(|h| h.value)
             }
 
             /// The comma-separated, trimmed tokens of the headers called `name`.
-            fn tokens<'a>(raw: &'a [httparse::Header<'a>], name: &'a str) -> impl Iterator<Item = &'a str> {
+            fn tokens<'a>(
+                raw: &'a [httparse::Header<'a>],
+                name: &'a str,
+            ) -> impl Iterator<Item = &'a str> {
                 values(raw, name)
                     .filter_map(|v| std::str::from_utf8(v).ok())
                     .flat_map(|v| v.split(','))
@@ -950,20 +959,59 @@ mod tests {
         /// framing and the connection's reuse.
         fn head_strategy() -> impl Strategy<Value = String> {
             let names = prop::sample::select(vec![
-                "Content-Length", "content-length", "Transfer-Encoding", "transfer-encoding",
-                "Connection", "connection", "Keep-Alive", "keep-alive", "Proxy-Connection", "TE",
-                "Trailer", "Upgrade", "upgradE", "Content-Type", "X-Request-ID", "date", "Server",
-                "x-secret", "X-Secret", "x-other", "x-requestid", "content-lengtx", "tf",
-                "conneKtion", "x-sim-replica",
+                "Content-Length",
+                "content-length",
+                "Transfer-Encoding",
+                "transfer-encoding",
+                "Connection",
+                "connection",
+                "Keep-Alive",
+                "keep-alive",
+                "Proxy-Connection",
+                "TE",
+                "Trailer",
+                "Upgrade",
+                "upgradE",
+                "Content-Type",
+                "X-Request-ID",
+                "date",
+                "Server",
+                "x-secret",
+                "X-Secret",
+                "x-other",
+                "x-requestid",
+                "content-lengtx",
+                "tf",
+                "conneKtion",
+                "x-sim-replica",
             ]);
             let values = prop::sample::select(vec![
-                "close", "keep-alive", "Keep-Alive, X-Secret", "x-secret , close", "chunked",
-                "gzip, chunked", "chunked, gzip", "5", " 7 ", "7", "x", "", "x-other",
-                "trailers", "text/event-stream", "Content-Length",
+                "close",
+                "keep-alive",
+                "Keep-Alive, X-Secret",
+                "x-secret , close",
+                "chunked",
+                "gzip, chunked",
+                "chunked, gzip",
+                "5",
+                " 7 ",
+                "7",
+                "x",
+                "",
+                "x-other",
+                "trailers",
+                "text/event-stream",
+                "Content-Length",
             ]);
             (
-                prop::sample::select(vec!["HTTP/1.1 200 OK", "HTTP/1.0 200 OK", "HTTP/1.1 204 N",
-                    "HTTP/1.1 304 N", "HTTP/1.1 404 N", "HTTP/1.1 101 S"]),
+                prop::sample::select(vec![
+                    "HTTP/1.1 200 OK",
+                    "HTTP/1.0 200 OK",
+                    "HTTP/1.1 204 N",
+                    "HTTP/1.1 304 N",
+                    "HTTP/1.1 404 N",
+                    "HTTP/1.1 101 S",
+                ]),
                 prop::collection::vec((names, values), 0..10),
             )
                 .prop_map(|(line, hs)| {
@@ -976,7 +1024,10 @@ mod tests {
                 })
         }
 
-        type Parsed = Result<Option<(StatusCode, Vec<(String, Vec<u8>)>, Framing, bool, usize)>, ProtocolError>;
+        type Parsed = Result<
+            Option<(StatusCode, Vec<(String, Vec<u8>)>, Framing, bool, usize)>,
+            ProtocolError,
+        >;
 
         fn flat(r: Result<Option<(ResponseHead, usize)>, ProtocolError>) -> Parsed {
             r.map(|o| {
