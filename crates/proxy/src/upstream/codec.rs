@@ -11,6 +11,11 @@ use crate::context::REQUEST_ID;
 
 /// Most response headers accepted (vLLM sends about ten).
 const MAX_HEADERS: usize = 128;
+/// Room kept in a response's map for the headers the gateway adds to a
+/// replica's: its request ids and the served model always, the fallback,
+/// canary and `x-ratelimit-*` headers when they apply (the map rounds up
+/// to a power of two, so those usually fit as well; if not it grows once).
+const ADDED_HEADERS: usize = 6;
 /// Longest response head accepted.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Longest chunk-size or trailer line accepted.
@@ -111,7 +116,10 @@ pub(crate) fn parse_response_head(
     // headers (RFC 9110 §7.6.1), those `Connection` names included: they
     // are dropped here, by their raw names, rather than looked up and
     // removed from the map afterwards.
-    let mut headers = HeaderMap::with_capacity(raw.len());
+    // With room for the headers the gateway adds (its request ids, the
+    // served model, rate limits): a `HeaderMap` at capacity grows, rehashing
+    // every entry, on any insert, even one that replaces a value.
+    let mut headers = HeaderMap::with_capacity(raw.len() + ADDED_HEADERS);
     // The values share one copy of the head (`HeaderValue::from_bytes`
     // allocated one per value).
     let head = Bytes::copy_from_slice(&buf[..len]);
@@ -811,7 +819,10 @@ mod tests {
                 // are dropped here, by their raw names, rather than looked up and
                 // removed from the map afterwards.
                 let listed = values(raw, "connection").next().is_some();
-                let mut headers = HeaderMap::with_capacity(raw.len());
+                // With room for the headers the gateway adds (its request ids, the
+    // served model, rate limits): a `HeaderMap` at capacity grows, rehashing
+    // every entry, on any insert, even one that replaces a value.
+    let mut headers = HeaderMap::with_capacity(raw.len() + ADDED_HEADERS);
                 // The values share one copy of the head (`HeaderValue::from_bytes`
                 // allocated one per value).
                 let head = Bytes::copy_from_slice(&buf[..len]);
