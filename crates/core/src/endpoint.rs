@@ -124,7 +124,7 @@ fn is_encoded_separator(after: Option<&[u8]>) -> bool {
     matches!(
         after,
         Some(&[b'2', c]) if matches!(c.to_ascii_lowercase(), b'e' | b'f')
-    ) || matches!(after, Some(&[b'5', c]) if c.to_ascii_lowercase() == b'c')
+    ) || matches!(after, Some(&[b'5', c]) if c.eq_ignore_ascii_case(&b'c'))
 }
 
 fn is_dot_segment(s: &[u8]) -> bool {

@@ -332,9 +332,12 @@ pub(crate) fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
 /// behind one route, typically).
 const RECENT: usize = 8;
 
+/// A thread's recently used handles and their keys.
+type Slots<K, V> = RefCell<Vec<(K, Arc<V>)>>;
+
 thread_local! {
-    static RECENT_PAIRS: RefCell<Vec<(PairKey, Arc<PairMetrics>)>> = const { RefCell::new(Vec::new()) };
-    static RECENT_GENAI: RefCell<Vec<(GenAiKey, Arc<GenAi>)>> = const { RefCell::new(Vec::new()) };
+    static RECENT_PAIRS: Slots<PairKey, PairMetrics> = const { RefCell::new(Vec::new()) };
+    static RECENT_GENAI: Slots<GenAiKey, GenAi> = const { RefCell::new(Vec::new()) };
 }
 
 /// The handles this thread used last, found by the identity of their key's
@@ -344,7 +347,7 @@ thread_local! {
 /// or a name made anew by a reload) asks the shared map, so the handles
 /// are the same either way.
 fn recent<K, V>(
-    slots: &'static LocalKey<RefCell<Vec<(K, Arc<V>)>>>,
+    slots: &'static LocalKey<Slots<K, V>>,
     same: impl Fn(&K) -> bool,
     miss: impl FnOnce() -> (K, Arc<V>),
 ) -> Arc<V> {
