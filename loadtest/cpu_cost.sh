@@ -14,7 +14,8 @@
 # DUR (5 s), POLICY (least_request), WORKERS (2), AUTH (none; `keys`: infergate
 # checks a generated file of 1,000 API keys and every request sends one; nginx
 # gets the header and ignores it), PERF (a file: `perf record -g` the proxy's
-# process during the load of the last round, for infergate targets). Needs
+# process during the load of the last round, for infergate targets),
+# BENCH_BASE_PORT (18400: the upstream takes +1, the proxy +10 and +11). Needs
 # release binaries.
 # The load tool is infergate-load, or oha when LOADER=oha and oha is on PATH.
 
@@ -26,7 +27,8 @@ ROUNDS=${ROUNDS:-3}; RATE=${RATE:-5000}; DUR=${DUR:-5}
 POLICY=${POLICY:-least_request}; WORKERS=${WORKERS:-2}
 BIN=${BIN:-target/release}  # the sim and the load tool
 LOAD=$BIN/infergate-load
-UP_PORT=18401; PX_PORT=18410; ADMIN_PORT=18411
+BASE=${BENCH_BASE_PORT:-18400}
+UP_PORT=$((BASE + 1)); PX_PORT=$((BASE + 10)); ADMIN_PORT=$((BASE + 11))
 RUN=$(mktemp -d /tmp/cpu-cost.XXXXXX)
 cat >"$RUN/gw.yaml" <<YAML
 listeners:

@@ -2,11 +2,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod allocator;
+
 // mimalloc: per-thread free lists (glibc's arenas locked and consolidated on
 // the request path, ~12% of a saturated gateway's profile) and no RSS for
 // buffers reserved but never written (hyper's per-connection read buffers).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::MiMalloc = allocator::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -707,3 +707,92 @@ async fn hostile_input_gets_4xx_or_a_closed_connection() {
     eprintln!("{total} hostile cases in {:?}", started.elapsed());
     gw.shutdown().await;
 }
+
+/// The header read timeout holds for every head on a kept-alive connection,
+/// not only the first (the vendored hyper keeps one timer per connection and
+/// resets it for each head): a head left unfinished after two answered
+/// requests is cut after about the timeout, not before it and not never.
+#[tokio::test]
+async fn a_later_head_left_unfinished_is_cut_at_the_header_timeout() {
+    let fleet = start_fleet(FleetConfig {
+        replicas: 1,
+        served_model_name: Some("m".into()),
+        time_scale: 1000.0,
+        ..FleetConfig::with_profile(Profile::Tiny)
+    })
+    .await
+    .unwrap();
+    let yaml = format!(
+        "listeners:\n  main: {{ address: \"127.0.0.1:0\" }}\n  admin: null\n\
+         limits: {{ header_read_timeout: 1s }}\n\
+         pools:\n  - name: p\n    endpoints: [\"{}\"]\n\
+         routes:\n  - model: m\n    pool: p\n",
+        fleet.urls()[0]
+    );
+    let gw = infergate_proxy::start(Config::parse(&yaml, "timeout.yaml").unwrap())
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(gw.local_addr).await.unwrap();
+    let body = r#"{"model":"m","prompt":"hi","max_tokens":1}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for _ in 0..2 {
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // One whole answer: the head, then its Content-Length of body.
+        let done = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            let Some(end) = text.find("\r\n\r\n") else {
+                return false;
+            };
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap();
+            got.len() >= end + 4 + len
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !done(&got) {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the answer");
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: gw\r\n")
+        .await
+        .unwrap();
+    let stalled = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let waited = stalled.elapsed();
+    assert!(closed.is_ok(), "the unfinished head was never cut");
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(5),
+        "cut after {waited:?}, the timeout is 1 s"
+    );
+    gw.shutdown().await;
+}

@@ -173,8 +173,9 @@ pub struct RelayBody {
     shape: ErrorShape,
     timeouts: Timeouts,
     total_deadline: Option<Instant>,
-    /// Fires no later than `deadline`; moved only when it fires early or the
-    /// deadline comes closer (a later deadline per data frame costs nothing).
+    /// Fires no later than `deadline` whenever the relay waits; moved only
+    /// when it fires early or, before a wait, the deadline came closer (a
+    /// later deadline per data frame costs nothing).
     timer: Pin<Box<Sleep>>,
     /// When the armed timeout expires.
     deadline: Instant,
@@ -285,10 +286,12 @@ impl RelayBody {
             _ => (deadline, armed),
         };
         self.armed = armed;
+        // The timer is moved to an earlier deadline only when the relay is
+        // about to wait (`poll_relay`): a body that ends in the frame that
+        // armed it (most non-streamed answers) never re-registers its timer,
+        // which costs a lock on the timer wheel and, on a worker, a write to
+        // its own runtime's eventfd.
         self.deadline = deadline;
-        if deadline < self.timer.deadline().into_std() {
-            self.timer.as_mut().reset(deadline.into());
-        }
     }
 
     fn on_data(&mut self, data: &Bytes) {
@@ -468,6 +471,9 @@ impl RelayBody {
                 },
             }
             // Nothing to send now: check the timeouts, then the keep-alive.
+            if self.deadline < self.timer.deadline().into_std() {
+                self.timer.as_mut().reset(self.deadline.into());
+            }
             if self.timer.as_mut().poll(cx).is_ready() {
                 if Instant::now() < self.deadline {
                     // Data came since the timer was set: wait for the rest.

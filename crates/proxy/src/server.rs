@@ -571,3 +571,70 @@ async fn accept_loop<F, Fut>(
     }
     while conns.join_next().await.is_some() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The request header names the vendored hyper matches without its
+    /// table (`header_name!` in `vendor/hyper/src/proto/h1/role.rs`) reach
+    /// the handler under their own names, lowercase or not.
+    #[tokio::test]
+    async fn common_request_header_names_arrive_as_sent() {
+        let sent = [
+            ("host", "h"),
+            ("accept", "a"),
+            ("connection", "keep-alive"),
+            ("user-agent", "u"),
+            ("content-type", "t"),
+            ("authorization", "z"),
+            ("content-length", "0"),
+            ("accept-encoding", "e"),
+            ("x-other", "o"),
+        ];
+        let want: Vec<String> = sent.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let want = want.join(",");
+        for upper in [false, true] {
+            let (mut client, server) = tokio::io::duplex(4096);
+            let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let seen: Vec<String> = req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| format!("{}={}", n.as_str(), v.to_str().unwrap_or("?")))
+                    .collect();
+                Ok::<_, Infallible>(http::Response::new(seen.join(",")))
+            });
+            let conn = tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(server), svc),
+            );
+            let mut head = String::from("POST /v1/completions HTTP/1.1\r\n");
+            for (n, v) in sent {
+                let n = if upper {
+                    n.to_ascii_uppercase()
+                } else {
+                    n.to_owned()
+                };
+                head.push_str(&format!("{n}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            client.write_all(head.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let read = async {
+                let mut buf = [0u8; 1024];
+                while !got.ends_with(want.as_bytes()) {
+                    let n = client.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                    got.extend_from_slice(&buf[..n]);
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .unwrap();
+            assert!(got.starts_with(b"HTTP/1.1 200"), "upper: {upper}");
+            drop(client);
+            let _ = conn.await;
+        }
+    }
+}

@@ -5,8 +5,10 @@
 //! gauges are not updated on the hot path: [`render`] reads them from the pools'
 //! own counters at scrape time.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Histogram};
@@ -241,9 +243,16 @@ type GenAiKey = (Arc<str>, &'static str);
 
 /// The cached GenAI handles of `(route, operation)`.
 fn genai(route: &Arc<str>, operation: &'static str) -> Arc<GenAi> {
-    cached(&cache().genai, (route.clone(), operation), || {
-        GenAi::new(route, operation)
-    })
+    recent(
+        &RECENT_GENAI,
+        |(r, o)| Arc::ptr_eq(r, route) && *o == operation,
+        || {
+            let m = cached(&cache().genai, (route.clone(), operation), || {
+                GenAi::new(route, operation)
+            });
+            ((route.clone(), operation), m)
+        },
+    )
 }
 
 /// The value of `key` in `map`, made by `make` the first time (a read lock
@@ -306,8 +315,52 @@ fn cache() -> &'static Cache {
 /// The cached handles of `(route, replica)`.
 pub(crate) fn pair(route: &Arc<str>, replica: &Arc<str>) -> Arc<PairMetrics> {
     let _ = handle();
-    cached(&cache().pairs, (route.clone(), replica.clone()), || {
-        PairMetrics::new(route, replica)
+    recent(
+        &RECENT_PAIRS,
+        |(r, p)| Arc::ptr_eq(r, route) && Arc::ptr_eq(p, replica),
+        || {
+            let key = (route.clone(), replica.clone());
+            let m = cached(&cache().pairs, key.clone(), || {
+                PairMetrics::new(route, replica)
+            });
+            (key, m)
+        },
+    )
+}
+
+/// How many handles each worker thread keeps at hand (a pool's replicas
+/// behind one route, typically).
+const RECENT: usize = 8;
+
+/// A thread's recently used handles and their keys.
+type Slots<K, V> = RefCell<Vec<(K, Arc<V>)>>;
+
+thread_local! {
+    static RECENT_PAIRS: Slots<PairKey, PairMetrics> = const { RefCell::new(Vec::new()) };
+    static RECENT_GENAI: Slots<GenAiKey, GenAi> = const { RefCell::new(Vec::new()) };
+}
+
+/// The handles this thread used last, found by the identity of their key's
+/// names (the route's and replica's `Arc<str>`, shared by every request):
+/// a hit costs a pointer comparison, where the shared map takes its lock,
+/// hashes both names and compares them. A miss (another route or replica,
+/// or a name made anew by a reload) asks the shared map, so the handles
+/// are the same either way.
+fn recent<K, V>(
+    slots: &'static LocalKey<Slots<K, V>>,
+    same: impl Fn(&K) -> bool,
+    miss: impl FnOnce() -> (K, Arc<V>),
+) -> Arc<V> {
+    slots.with_borrow_mut(|v| {
+        if let Some((_, m)) = v.iter().find(|(k, _)| same(k)) {
+            return m.clone();
+        }
+        let (k, m) = miss();
+        if v.len() == RECENT {
+            v.remove(0);
+        }
+        v.push((k, m.clone()));
+        m
     })
 }
 
@@ -415,5 +468,33 @@ mod tests {
         assert_eq!(time_per_output_token(ms(500), Some(ms(100)), 1), None);
         assert_eq!(time_per_output_token(ms(500), None, 10), None);
         assert_eq!(time_per_output_token(ms(50), Some(ms(100)), 10), None);
+    }
+
+    /// A thread's recent handles are the shared map's: found again past
+    /// the thread's slots, by names made anew (a reload), and from
+    /// another thread, the handle is the same one.
+    #[test]
+    fn recent_handles_are_the_shared_ones() {
+        let route: Arc<str> = Arc::from("recent-route");
+        let replicas: Vec<Arc<str>> = (0..RECENT + 3)
+            .map(|i| Arc::from(format!("10.0.0.{i}:8000")))
+            .collect();
+        let first: Vec<_> = replicas.iter().map(|r| pair(&route, r)).collect();
+        for (r, m) in replicas.iter().zip(&first) {
+            assert!(Arc::ptr_eq(&pair(&route, r), m));
+            let (route2, r2): (Arc<str>, Arc<str>) = (Arc::from(&*route), Arc::from(&**r));
+            assert!(Arc::ptr_eq(&pair(&route2, &r2), m));
+        }
+        assert!(!Arc::ptr_eq(&first[0], &first[1]));
+        let (route3, r0) = (route.clone(), replicas[0].clone());
+        let other = std::thread::spawn(move || pair(&route3, &r0))
+            .join()
+            .unwrap();
+        assert!(Arc::ptr_eq(&other, &first[0]));
+
+        let g = genai(&route, "chat");
+        assert!(Arc::ptr_eq(&genai(&Arc::from("recent-route"), "chat"), &g));
+        assert!(!Arc::ptr_eq(&genai(&route, "embeddings"), &g));
+        assert!(Arc::ptr_eq(&genai(&route, "chat"), &g));
     }
 }

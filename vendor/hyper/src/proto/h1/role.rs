@@ -36,12 +36,35 @@ const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 macro_rules! header_name {
     ($bytes:expr) => {{
         {
-            match HeaderName::from_bytes($bytes) {
-                Ok(name) => name,
-                Err(e) => maybe_panic!(e),
+            let bytes: &[u8] = $bytes;
+            match common_name(bytes) {
+                Some(name) => name,
+                None => match HeaderName::from_bytes(bytes) {
+                    Ok(name) => name,
+                    Err(e) => maybe_panic!(e),
+                },
             }
         }
     }};
+}
+
+/// infergate patch: the names nearly every request carries, spelled as
+/// HTTP/1 clients send them (lowercase), matched by length and bytes; the
+/// same names `HeaderName::from_bytes` returns, without its copy into a
+/// lowercasing buffer and its search of the standard table (~150
+/// instructions a header). Any other spelling takes that path as before.
+fn common_name(bytes: &[u8]) -> Option<HeaderName> {
+    Some(match bytes {
+        b"host" => header::HOST,
+        b"accept" => header::ACCEPT,
+        b"connection" => header::CONNECTION,
+        b"user-agent" => header::USER_AGENT,
+        b"content-type" => header::CONTENT_TYPE,
+        b"authorization" => header::AUTHORIZATION,
+        b"content-length" => header::CONTENT_LENGTH,
+        b"accept-encoding" => header::ACCEPT_ENCODING,
+        _ => return None,
+    })
 }
 /// construct `HeaderValue` from a maybe shared expression.
 macro_rules! header_value {
