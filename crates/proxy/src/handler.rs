@@ -428,7 +428,7 @@ where
                     // Prefill is slow: commit the event stream now and keep it alive.
                     let rates = quota.rates();
                     let setup = RelaySetup { record, timeouts, first_byte_deadline, sse: true, shape, quota };
-                    let mut resp = Response::new(GatewayBody::Relay(Box::new(RelayBody::waiting(pending, setup))));
+                    let mut resp = Response::new(GatewayBody::Relay(RelayBody::waiting(pending, setup)));
                     let h = resp.headers_mut();
                     if let Some(r) = rates {
                         r.write(h);
@@ -490,7 +490,7 @@ where
                 quota,
             };
             let body = RelayBody::streaming(incoming, up.guard, up.permit, status, setup);
-            Response::from_parts(head, GatewayBody::Relay(Box::new(body)))
+            Response::from_parts(head, GatewayBody::Relay(body))
         }
     }
 }

@@ -202,13 +202,18 @@ pub struct RelayBody {
 
 impl RelayBody {
     /// Relays a replica's body whose headers already arrived.
+    ///
+    /// Returned boxed and inlined into the caller, so the relay (about 1 KiB)
+    /// is written into its box field by field: built on the stack and boxed
+    /// afterwards, it was copied whole once per request.
+    #[inline(always)]
     pub fn streaming(
         upstream: UpstreamBody,
         guard: Reservation,
         permit: tokio::sync::OwnedSemaphorePermit,
         status: u16,
         setup: RelaySetup,
-    ) -> Self {
+    ) -> Box<Self> {
         let mut r = Self::new(Phase::Streaming(upstream), status, setup);
         r.set_guard(guard);
         r.permit = Some(permit);
@@ -217,11 +222,12 @@ impl RelayBody {
 
     /// A stream committed before the replica answered: polls `pending` and sends
     /// SSE keep-alives meanwhile.
-    pub fn waiting(pending: PendingUpstream, setup: RelaySetup) -> Self {
+    pub fn waiting(pending: PendingUpstream, setup: RelaySetup) -> Box<Self> {
         Self::new(Phase::Waiting(pending), 200, setup)
     }
 
-    fn new(phase: Phase, status: u16, s: RelaySetup) -> Self {
+    #[inline(always)]
+    fn new(phase: Phase, status: u16, s: RelaySetup) -> Box<Self> {
         let total_deadline = s.timeouts.total.map(|t| s.record.received_at + t);
         let (deadline, armed) = match total_deadline {
             Some(t) if t < s.first_byte_deadline => (t, Armed::Total),
@@ -237,7 +243,7 @@ impl RelayBody {
             }
             _ => None,
         };
-        RelayBody {
+        Box::new(RelayBody {
             phase,
             sse: s.sse,
             shape: s.shape,
@@ -258,7 +264,7 @@ impl RelayBody {
             outcome: None,
             quota: s.quota,
             recorded: false,
-        }
+        })
     }
 
     fn set_guard(&mut self, guard: Reservation) {

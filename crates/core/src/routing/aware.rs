@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
+use smallvec::SmallVec;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::config::{FilterName, RoutingConfig};
@@ -226,8 +227,8 @@ impl InferenceAware {
         replicas: &[Arc<Replica>],
         req: &RouteRequest<'_>,
         hashes: &[u64],
-    ) -> Vec<Matched> {
-        let mut matched = vec![Matched::default(); replicas.len()];
+    ) -> PerReplica<Matched> {
+        let mut matched = PerReplica::from_elem(Matched::default(), replicas.len());
         let position =
             |key: &Arc<str>| replicas.iter().position(|r| same_key(&r.endpoint.key, key));
         self.index
@@ -350,7 +351,9 @@ impl InferenceAware {
             lora,
             explain,
         };
-        let mut cands = self.candidates(replicas, req, exclude, matched, &ctx);
+        // Filled in place: a returned array of 8 candidates would be copied.
+        let mut cands = PerReplica::new();
+        self.candidates(replicas, req, exclude, matched, &ctx, &mut cands);
         if cands.is_empty() {
             return None;
         }
@@ -482,7 +485,8 @@ impl InferenceAware {
         exclude: &[Arc<str>],
         matched: &[Matched],
         ctx: &Ctx<'_>,
-    ) -> Vec<Candidate> {
+        out: &mut PerReplica<Candidate>,
+    ) {
         let now = Instant::now();
         let stale = Duration::from_millis(self.cfg.scrape.stale_after_ms);
         let sat = &self.cfg.saturation;
@@ -494,7 +498,7 @@ impl InferenceAware {
             0
         };
         let check = self.routability(exclude, now);
-        let mut out = Vec::with_capacity(replicas.len());
+        out.reserve(replicas.len());
         for (idx, r) in replicas.iter().enumerate() {
             let sig = r.signals.load();
             let sig: Option<&Arc<Signals>> = sig.as_ref();
@@ -579,10 +583,9 @@ impl InferenceAware {
         // Cache turnover places new groups where engines publish events.
         if let Some(g) = ctx.group_key {
             if self.precise.is_some() && self.cfg.rendezvous.weigh_by_turnover {
-                weigh_by_turnover(&mut out, replicas, g);
+                weigh_by_turnover(out, replicas, g);
             }
         }
-        out
     }
 
     fn remember(
@@ -810,7 +813,7 @@ impl Picker for InferenceAware {
         let mut matched = self.matched_blocks(replicas, req, &hashes);
         let longest = longest_match(replicas, exclude, &matched);
         // The replicas that fit, with their matches, in their order.
-        let mut fitting = Vec::with_capacity(replicas.len());
+        let mut fitting: PerReplica<Arc<Replica>> = PerReplica::with_capacity(replicas.len());
         // The refusal of the replica holding the most of the prompt (for
         // `placement`: why a request left its prefix's holder).
         let mut holder_refused: Option<(u32, Refusal)> = None;
@@ -898,6 +901,11 @@ fn longest_match(replicas: &[Arc<Replica>], exclude: &[Arc<str>], matched: &[Mat
         .max()
         .unwrap_or(0)
 }
+
+/// One entry per replica of a pool, on the stack up to 8 replicas: a
+/// decision's matches, fitting replicas and candidates allocate nothing for
+/// the usual pool (a larger one spills to the heap).
+type PerReplica<T> = SmallVec<[T; 8]>;
 
 /// Leading prompt blocks a replica holds, whether the precise index said so,
 /// and how many tokens its engine said it holds in all.
@@ -1344,6 +1352,41 @@ pub(crate) mod tests {
                 assert_eq!(*c, 0, "{cached:?}");
             }
         }
+    }
+
+    /// Past the 8 replicas kept on the stack (`PerReplica`), matches and
+    /// candidates spill to the heap and keep their order: the holder of a
+    /// prefix is found among 12, and `fits` narrows to the one it allows.
+    #[test]
+    fn pools_larger_than_the_inline_arrays_keep_holders_and_fits() {
+        let rs = idle_replicas(12);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let home = p.pick(&rs, &req("a", &prompt(9, 0, 2000)), &[]).unwrap();
+        let next = prompt(9, 1, 2000);
+        let cached = p.cached_prompt_tokens(&rs, &req("b", &next));
+        assert_eq!(cached.len(), 12);
+        let holder = cached.iter().position(|&c| c > 0).unwrap();
+        assert_eq!(rs[holder].key(), home.key());
+        let g = p
+            .pick_fitting_and_begin(&rs, &req("b", &next), &[], &|_, _| Ok(()))
+            .unwrap();
+        assert_eq!(g.replica().key(), home.key());
+        drop(g);
+        let only = rs[11].clone();
+        let fits = |r: &Replica, _: u64| {
+            if r.key() == only.key() {
+                Ok(())
+            } else {
+                Err(Refusal {
+                    bound: NoRoom::RequestCap,
+                    queued: false,
+                })
+            }
+        };
+        let g = p
+            .pick_fitting_and_begin(&rs, &req("c", &prompt(9, 2, 2000)), &[], &fits)
+            .unwrap();
+        assert_eq!(g.replica().key(), only.key());
     }
 
     #[test]
