@@ -169,7 +169,8 @@ impl Pace {
     /// (measured: KV use 0.3 to 1.0 in lockstep with 7 to 8 in flight after
     /// the headroom was gone, critical p99 at the 2 s deadline). Paced, a
     /// critical request waits at most one interval more for a start that
-    /// lets the cache hold more of them.
+    /// lets the cache hold more of them. Not on pools with
+    /// `engine_priority`, where a critical request ignores the projection.
     pub fn kv_bound(service: f64, slots: u64) -> Option<Pace> {
         (service > 0.0 && service.is_finite() && slots >= 2).then(|| Pace {
             interval_ns: (service * 1e9 / slots as f64).max(1.0) as u64,
