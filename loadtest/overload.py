@@ -7,7 +7,10 @@ Reports, per gateway:
   - p99 TTFT of critical requests, and its ratio to the same fleet unloaded
     (target: at most 2x);
   - the time to reject a sheddable request (p99 of its error answers; target
-    under 5 ms);
+    under 5 ms). The client's clock includes the load generator's own delays;
+    when its schedule lag p99 is 5 ms or more it cannot measure a 5 ms bound,
+    and the gateway's own histogram judges (99% of sheds within 5 ms; the
+    verdict says which clock judged);
   - goodput (successful requests per second) against the fleet's capacity
     (target: at least 95%);
   - the largest engine-side queue (`vllm:num_requests_waiting`) any replica
@@ -159,6 +162,24 @@ def p(d, *keys):
         d = d.get(k)
     return d
 
+
+
+def refusal_verdict(client_p99, lag_p99, gateway_fast, shed_total):
+    """Whether sheddable refusals meet < 5 ms at p99, and on whose clock.
+
+    The client's figure counts the load generator's own delays (it reads the
+    answer late when its runtime lags). When its schedule lag p99 is 5 ms or
+    more, the client cannot measure a 5 ms bound, so the gateway's own
+    histogram judges instead: at least 99% of the shed requests answered
+    within 5 ms (`infergate_request_duration_seconds`, replica "-").
+    Returns (met, how)."""
+    if client_p99 is not None and client_p99 < 5.0:
+        return True, "client"
+    if lag_p99 is not None and lag_p99 >= 5.0 and gateway_fast is not None and shed_total:
+        share = min(1.0, gateway_fast / shed_total)
+        return share >= 0.99, (f"gateway side: {share * 100:.1f}% within 5 ms "
+                               f"(load generator lag p99 {lag_p99:.0f} ms)")
+    return False, "client"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -451,9 +472,12 @@ routes:
               f"{fmt(shed_rej, '%.2f ms'):>16}{goodput * 100:>8.1f}%{r['ok'] / args.duration:>9.1f}{maxq:>17.0f}  {json.dumps(statuses)}")
         if name == "infergate":
             bound = 1.3 if args.engine_priority else 2.0
+            refusal_ok, refusal_how = refusal_verdict(
+                shed_rej, p(r, "schedule_lag_ms", "p99"),
+                *(fast_refusals if fast_refusals is not None else (None, None)))
             checks = [
                 (f"critical p99 TTFT <= {bound}x unloaded", ratio is not None and ratio <= bound),
-                ("sheddable refusal p99 < 5 ms", shed_rej is not None and shed_rej < 5.0),
+                (f"sheddable refusal p99 < 5 ms ({refusal_how})", refusal_ok),
                 ("goodput >= 95% of capacity", goodput >= 0.95),
                 ("tenant shares 0.45-0.55", share_a is not None and 0.45 <= share_a <= 0.55),
                 (f"engine queues <= {args.engine_queue_threshold}", maxq <= args.engine_queue_threshold),
@@ -476,6 +500,12 @@ routes:
                 "capacity_req_s": capacity, "capacity_by_concurrency": per_conc,
                 "unloaded_p99_ms": unloaded, "unloaded_runs": unloaded_runs, "critical_p99_ms": crit_p99,
                 "ratio": ratio, "critical_ok": crit_ok / 100, "shed_refusal_p99_ms": shed_rej,
+                # Judged on the gateway's own histogram when the load
+                # generator lagged (`refusal_verdict`).
+                "shed_refusal_ok": refusal_ok if name == "infergate" else None,
+                "shed_refusal_judged": refusal_how if name == "infergate" else None,
+                "shed_gateway_fast": fast_refusals[0] if fast_refusals else None,
+                "shed_total": fast_refusals[1] if fast_refusals else None,
                 "goodput": goodput, "share_a": share_a, "max_engine_waiting": maxq, "statuses": statuses,
                 "critical_ttft_ms": p(crit, "ttft_ms"),
                 # How late the load generator sent its requests: a loaded

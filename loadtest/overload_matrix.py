@@ -45,6 +45,12 @@ def unloaded_runs(r):
     return " (" + " / ".join(f"{v:.1f}" for v in runs) + ")" if len(runs) > 1 else ""
 
 
+def gateway_side(r):
+    """A note where the refusal check was judged on the gateway's clock (the load generator lagged)."""
+    how = r.get("shed_refusal_judged") or "client"
+    return "" if how == "client" else f" ({how})"
+
+
 def table(rows):
     out = [
         "| profile | shape (prompt + output) | engine priority | capacity req/s | unloaded critical p99 TTFT (before / after) "
@@ -63,7 +69,8 @@ def table(rows):
         checks = {
             f"critical ≤ {bound}×": ratio is not None and ratio <= bound,
             "goodput ≥ 0.95": good >= 0.95,
-            "refusal < 5 ms": shed is not None and shed < 5.0,
+            # Judged on the gateway's own clock when the load generator lagged (overload.py).
+            "refusal < 5 ms": r.get("shed_refusal_ok", shed is not None and shed < 5.0),
             "shares 0.45–0.55": share is not None and 0.45 <= share <= 0.55,
         }
         for c, ok in checks.items():
@@ -75,7 +82,7 @@ def table(rows):
             f"| {r['capacity_req_s']:.1f} | {f(r['unloaded_p99_ms'], '%.1f ms')}{unloaded_runs(r)} "
             f"| {f(r['critical_p99_ms'], '%.1f ms')} | {mark(checks[f'critical ≤ {bound}×'], f(ratio, '%.2f×'))} "
             f"| {mark(checks['goodput ≥ 0.95'], f(good, '%.2f'))} "
-            f"| {mark(checks['refusal < 5 ms'], f(shed, '%.2f ms'))} "
+            f"| {mark(checks['refusal < 5 ms'], f(shed, '%.2f ms') + gateway_side(r))} "
             f"| {mark(checks['shares 0.45–0.55'], f(share, '%.3f'))} | {r['max_engine_waiting']:.0f} "
             f"| {f(r.get('schedule_lag_p99_ms'), '%.0f ms')} |"
         )

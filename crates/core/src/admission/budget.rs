@@ -98,10 +98,14 @@ pub fn kv_peak_within(streams: &mut [(u64, u64)], block: u64, limit: u64) -> boo
 }
 
 /// How many requests like `cost` a KV cache of `capacity` tokens holds at
-/// once on average under self-tuning's projection (each holds its prompt
-/// and about half its output).
+/// once under self-tuning's projection ([`kv_peak_within`]) when their
+/// starts are evenly spaced over a lifetime: `n` streams of prompt `p` and
+/// output `o`, each `o / n` tokens older than the next, peak just before the
+/// oldest ends at `n × (p + o) − (o / n) × n(n − 1) / 2 = n × (p + o/2) + o/2`
+/// tokens (each holds its prompt and about half its output on average).
 fn kv_slots(capacity: u64, cost: Cost) -> u64 {
-    (capacity / (cost.prompt + cost.output / 2).max(1)).max(1)
+    let half = cost.output / 2;
+    (capacity.saturating_sub(half) / (cost.prompt + half).max(1)).max(1)
 }
 
 thread_local! {
@@ -232,7 +236,9 @@ impl Budget {
     /// worth, all of it ends at once and is refilled at once, and the cache
     /// sat half empty on average (64 + 500-token streams on 4,096 tokens: 7
     /// in flight, KV use 0.42); spread out, the streams' ages differ and the
-    /// same cache holds more.
+    /// same cache holds more. A KV-bound replica is paced at exactly one
+    /// start per `service / slots`, without the batch's headroom
+    /// ([`tuning::Pace::kv_bound`]).
     pub fn pace(&self, replica: &Replica, knobs: &Knobs, cost: Cost) -> Option<tuning::Pace> {
         if !self.cfg.self_tuning {
             return None;
@@ -244,11 +250,12 @@ impl Budget {
             .is_none()
             .then(|| self.capacity(replica).map(|c| kv_slots(c, cost)))
             .flatten();
-        let slots = match (batch, kv) {
-            (Some(b), Some(k)) => b.min(k),
-            (b, k) => b.or(k)?,
-        };
-        tuning::Pace::new(knobs.service, slots)
+        match (batch, kv) {
+            (Some(b), Some(k)) if k < b => tuning::Pace::kv_bound(knobs.service, k),
+            (Some(b), _) => tuning::Pace::new(knobs.service, b),
+            (None, Some(k)) => tuning::Pace::kv_bound(knobs.service, k),
+            (None, None) => None,
+        }
     }
 
     /// Whether `replica` can take a request of band `priority` costing `cost`
@@ -873,8 +880,8 @@ pub(crate) mod tests {
             critical_in_flight_per_replica: 4.0,
             ..K
         };
-        // 64 + 500-token requests: the budget holds 13 at their average
-        // size (prompt and half the output); 1 slot of 13 is kept, so 5 of
+        // 64 + 500-token requests: the budget holds 12 evenly spaced
+        // (prompt and half the output each); 1 slot of 12 is kept, so 5 of
         // the slow-start cap's 6 for the others.
         let req = Cost::estimate(64, Some(500), 0);
         let _held: Vec<_> = (0..5).map(|_| Budget::reserve(&r, req, None)).collect();
@@ -969,20 +976,20 @@ pub(crate) mod tests {
         scrapes(&r, &[(3, 0)], 256);
         let b = Budget::new(BudgetConfig::default());
         let k = Knobs { service: 3.25, ..K };
-        // 64 + 500-token streams: the cache holds 13 at their average size
-        // (prompt and half the output), so one start per 3.25 s / (13 x 1.25).
+        // 64 + 500-token streams: evenly spaced, the cache holds 12
+        // ((4,096 - 250) / (64 + 250)), so one start per 3.25 s / 12, no headroom.
         let long = Cost::estimate(64, Some(500), 0);
         let pace = b.pace(&r, &k, long).expect("paced on its KV slots");
-        assert_eq!(pace.interval(), Duration::from_millis(200));
+        assert_eq!(pace.interval(), Duration::from_nanos(270_833_333));
         // Service time not learned yet: no pacing.
         assert_eq!(b.pace(&r, &K, long), None);
         // A learned batch above the KV slots: the fewer counts.
         scraped(&r, 16, 256);
         assert_eq!(
             b.pace(&r, &k, long).map(|p| p.interval()),
-            Some(Duration::from_millis(200))
+            Some(Duration::from_nanos(270_833_333))
         );
-        // Short requests: the batch (16) is the fewer.
+        // Short requests: the batch (16) is the fewer, with its headroom.
         let short = Cost::estimate(64, Some(32), 0);
         assert_eq!(
             b.pace(&r, &k, short).map(|p| p.interval()),
@@ -1003,6 +1010,59 @@ pub(crate) mod tests {
             ..Default::default()
         });
         assert_eq!(off.pace(&r, &k, long), None);
+    }
+
+    /// Streams in flight on average on `r` (a 4,096-token cache) fed by a
+    /// queue that never empties with 64 + 500-token requests, one engine
+    /// step (one token per stream) every 10 ms, queued starts paced by
+    /// `pace` and admitted by `b`'s projection: steps 3,000 to 6,000, after
+    /// six lifetimes.
+    fn in_flight_with_queued_starts(b: &Budget, r: &Arc<Replica>, pace: tuning::Pace) -> f64 {
+        let req = Cost::estimate(64, Some(500), 0);
+        let k = Knobs { service: 5.0, ..K };
+        let next = AtomicU64::new(0);
+        let t0 = Instant::now();
+        let mut streams: Vec<(Reservation, u64)> = vec![];
+        let mut sum = 0usize;
+        for step in 0..6000u64 {
+            let now = t0 + Duration::from_millis(10 * step);
+            for (s, generated) in streams.iter_mut() {
+                *generated += 1;
+                s.observe_generated(*generated);
+            }
+            streams.retain(|(_, generated)| *generated < req.output);
+            while pace.allowed_at(&next) <= now && b.fits(r, req, S, &k) {
+                pace.started(&next, now);
+                streams.push((Budget::reserve(r, req, None), 0));
+            }
+            if step >= 3000 {
+                sum += streams.len();
+            }
+        }
+        sum as f64 / 3000.0
+    }
+
+    #[test]
+    fn a_kv_bound_replica_paced_at_its_evenly_spaced_slots_fills_its_cache() {
+        // 4,096 KV tokens, a batch of 16 learned; 64 + 500-token streams of
+        // 5 s. Evenly spaced, 12 fit the projection; starts packed at the
+        // batch's headroom (5 s / (13 x 1.25), the rule before) make a
+        // group that fills the projection before a lifetime is covered, and
+        // the gap after it repeats.
+        let b = Budget::new(BudgetConfig::default());
+        let r = replica();
+        scraped(&r, 16, 256);
+        let k = Knobs { service: 5.0, ..K };
+        let req = Cost::estimate(64, Some(500), 0);
+        let pace = b.pace(&r, &k, req).expect("paced");
+        let packed = tuning::Pace::new(5.0, 13).expect("paced");
+        let even = in_flight_with_queued_starts(&b, &r, pace);
+        let bunched = in_flight_with_queued_starts(&b, &r, packed);
+        // 10 against 9: the evenly spaced group covers more of a lifetime.
+        assert!(
+            even >= 9.9 && even >= bunched + 0.9,
+            "evenly spaced starts hold {even:.2} streams, packed {bunched:.2}"
+        );
     }
 
     #[test]

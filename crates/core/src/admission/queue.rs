@@ -226,7 +226,17 @@ impl PoolAdmission {
         }
         let scraped = pool.is_scraped();
         let knobs = self.knobs(pool, members.len());
-        let paced = queued && priority != Priority::Critical;
+        // Queued non-critical starts are paced; queued critical ones only
+        // on a KV-bound replica (`Pace::paces_critical`) whose engines do
+        // not schedule by priority: with `engine_priority` a critical
+        // request ignores the KV projection (the engine preempts a lower
+        // band for it), so it makes no group there, and pacing it only
+        // delays it (tiny long output: critical p99 1.31x -> 4.33x).
+        let critical = priority == Priority::Critical;
+        let pace_critical = !knobs.engine_priority;
+        let paced = |p: &super::tuning::Pace| {
+            queued && (!critical || (pace_critical && p.paces_critical()))
+        };
         let now = Instant::now();
         // The earliest instant a replica's pacing held this request back.
         let paced_until = std::cell::Cell::new(None::<Instant>);
@@ -262,7 +272,7 @@ impl PoolAdmission {
             {
                 return refused(bound);
             }
-            match self.budget.pace(r, &knobs, cost_here).filter(|_| paced) {
+            match self.budget.pace(r, &knobs, cost_here).filter(paced) {
                 Some(pace) => {
                     let at = pace.allowed_at(&r.load.next_start);
                     if at > now {
@@ -288,7 +298,7 @@ impl PoolAdmission {
                 if let Some(pace) = self
                     .budget
                     .pace(g.replica(), &knobs, cost.uncached(g.cached_tokens()))
-                    .filter(|_| paced)
+                    .filter(paced)
                 {
                     pace.started(&g.replica().load.next_start, now);
                 }
@@ -1411,6 +1421,95 @@ mod tests {
         drop(placed);
         let free: Vec<_> = admitted_at_once(&pool, &adm, 4).await;
         assert_eq!(free.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn queued_critical_starts_are_paced_on_a_kv_bound_replica() {
+        // One replica with a 4,096-token KV cache and a batch of 16: 64 +
+        // 500-token requests are KV-bound (12 evenly spaced fit).
+        let pool = Arc::new(Pool::new("p", Default::default()));
+        pool.apply(Update::Reset(vec![Endpoint::from_url(
+            "http://127.0.0.1:9100",
+        )
+        .unwrap()]));
+        crate::admission::budget::tests::scraped(&pool.replicas()[0], 16, 256);
+        let adm = Arc::new(PoolAdmission::new("p", &AdmissionConfig::default()));
+        // Requests last 1.2 s: queued starts come one per 100 ms.
+        adm.listener().request_ended(
+            0,
+            Some(Timing {
+                ttft: Duration::from_millis(10),
+                total: Duration::from_millis(1200),
+                generated: 500,
+                prompt: 64,
+            }),
+        );
+        let t = || Ticket {
+            cost: Cost {
+                prompt: 64,
+                output: 500,
+            },
+            ..ticket(Priority::Critical, "", 0, 5000)
+        };
+        // A group that started together fills the projection (7 x 36
+        // blocks of 16 of 256).
+        let mut group = Vec::new();
+        for _ in 0..7 {
+            group.push(acquire(&pool, &adm, t()).await.unwrap());
+        }
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiters: Vec<_> = ["a", "b", "c", "d"]
+            .into_iter()
+            .map(|l| spawn_waiter(&pool, &adm, t(), l, order.clone()))
+            .collect();
+        wait_queued(&adm, 4).await;
+        // The group ends at once: the critical requests waiting start at
+        // the pace, not as the next group.
+        let t0 = Instant::now();
+        drop(group);
+        let mut at = Vec::new();
+        let mut placed = Vec::new();
+        for w in waiters {
+            placed.push(w.await.unwrap().unwrap());
+            at.push(t0.elapsed());
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "b", "c", "d"]);
+        // Two at once (the burst), then one per 100 ms.
+        assert!(at[1] < Duration::from_millis(80), "{at:?}");
+        assert!(at[3] >= Duration::from_millis(190), "{at:?}");
+        assert!(at[3] < Duration::from_secs(2), "{at:?}");
+        // A critical request that did not wait is not paced.
+        let now = tokio::time::timeout(Duration::from_millis(50), acquire(&pool, &adm, t()))
+            .await
+            .expect("an arrival that finds room starts at once")
+            .unwrap();
+        drop((now, placed));
+        // With engine priority a critical request ignores the projection
+        // (the engine preempts for it): queued ones are not paced.
+        pool.set_engine_priority(true);
+        // Fill the replica: the request cap, and the critical engine queue past it.
+        let mut held = Vec::new();
+        while let Ok(r) =
+            tokio::time::timeout(Duration::from_millis(20), acquire(&pool, &adm, t())).await
+        {
+            held.push(r.unwrap());
+            assert!(held.len() <= 32, "the request cap holds");
+        }
+        let waiters: Vec<_> = ["e", "f", "g", "h"]
+            .into_iter()
+            .map(|l| spawn_waiter(&pool, &adm, t(), l, order.clone()))
+            .collect();
+        wait_queued(&adm, 4).await;
+        let t0 = Instant::now();
+        drop(held);
+        for w in waiters {
+            drop(w.await.unwrap().unwrap());
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(150),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     /// A picker that knows `holder` caches `cached` tokens of every prompt
