@@ -19,26 +19,9 @@ BIN=${BIN:-target/release}
 BASE=${BENCH_BASE_PORT:-18600}
 UP=$((BASE + 1)); PX=$((BASE + 10)); AD=$((BASE + 11))
 RUN=$(mktemp -d /tmp/syscalls.XXXX)
-for i in $(seq 1000); do
-  printf -- '- {id: k%d, sha256: %s, team: t%d}\n' "$i" \
-    "$(printf 'sk-bench-%d' "$i" | sha256sum | cut -d' ' -f1)" "$((i % 10))"
-done >"$RUN/keys.yaml"
-cat >"$RUN/gw.yaml" <<YAML
-listeners:
-  main: { address: "127.0.0.1:$PX" }
-  admin: { address: "127.0.0.1:$AD" }
-logging: { level: warn }
-auth: { mode: keys, key_file: $RUN/keys.yaml }
-pools:
-  - name: bench
-    endpoints: ["http://127.0.0.1:$UP"]
-routes:
-  - model: bench-model
-    pool: bench
-YAML
-"$BIN/infergate" sim --profile llama-8b-h100 --replicas 1 --base-port $UP --time-scale 1000000 \
-  --served-model-name bench-model >/dev/null 2>&1 &
-SIM=$!
+. "$(dirname "$0")/bench_one_replica.sh"
+bench_gateway_config
+bench_sim
 "$IG" serve --config "$RUN/gw.yaml" >"$RUN/gw.log" 2>&1 &
 GW=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$AD/readyz" && break; sleep 0.2; done

@@ -108,6 +108,11 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     if !repeated {
         return Ok(Cow::Borrowed(path));
     }
+    Ok(Cow::Owned(collapse_slashes(path)))
+}
+
+/// `path` with every run of `/` made one, keeping a trailing one (`/` for none).
+fn collapse_slashes(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for s in path.split('/').filter(|s| !s.is_empty()) {
         out.push('/');
@@ -116,7 +121,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     if path.ends_with('/') || out.is_empty() {
         out.push('/');
     }
-    Ok(Cow::Owned(out))
+    out
 }
 
 /// `%2e`, `%2f` or `%5c` (any case) after the `%`.
@@ -182,15 +187,7 @@ mod tests {
         if !path.contains("//") {
             return Ok(Cow::Borrowed(path));
         }
-        let mut out = String::with_capacity(path.len());
-        for s in path.split('/').filter(|s| !s.is_empty()) {
-            out.push('/');
-            out.push_str(s);
-        }
-        if path.ends_with('/') || out.is_empty() {
-            out.push('/');
-        }
-        Ok(Cow::Owned(out))
+        Ok(Cow::Owned(collapse_slashes(path)))
     }
 
     proptest::proptest! {

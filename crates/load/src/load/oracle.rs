@@ -174,19 +174,21 @@ impl Oracle {
     }
 }
 
+/// A chat body with a system and a user message, for tests.
+#[cfg(test)]
+pub(super) fn chat(system: &str, user: &str) -> Bytes {
+    Bytes::from(
+        json!({"model": "m", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": user}
+        ]})
+        .to_string(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn chat(system: &str, user: &str) -> Bytes {
-        Bytes::from(
-            json!({"model": "m", "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": user}
-            ]})
-            .to_string(),
-        )
-    }
 
     #[test]
     fn counts_leading_cached_blocks_like_the_engine_and_evicts_lru() {

@@ -123,18 +123,8 @@ pub fn report(plain: &Partitioned, by_turnover: &Partitioned) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::super::oracle::Oracle;
+    use super::super::oracle::{chat, Oracle};
     use super::*;
-
-    fn chat(system: &str, user: &str) -> Bytes {
-        Bytes::from(
-            json!({"model": "m", "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": user}
-            ]})
-            .to_string(),
-        )
-    }
 
     /// Eight prefixes of 10 blocks, each asked twice in a row per round.
     fn bodies() -> Vec<Bytes> {

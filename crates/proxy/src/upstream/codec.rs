@@ -142,16 +142,7 @@ pub(crate) fn parse_response_head(
             Kind::Other => HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| ProtocolError("invalid response header name"))?,
         };
-        // httparse's values are slices of `buf`: the same bytes in `head`
-        // (an empty one may point elsewhere: copied, which costs nothing).
-        let value = match (h.value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
-            Some(at) if !h.value.is_empty() && at + h.value.len() <= len => {
-                HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
-            }
-            _ => HeaderValue::from_bytes(h.value),
-        }
-        .map_err(|_| ProtocolError("invalid response header value"))?;
-        headers.append(name, value);
+        headers.append(name, shared_value(h.value, buf, &head, len)?);
     }
     Ok(Some((
         ResponseHead {
@@ -162,6 +153,24 @@ pub(crate) fn parse_response_head(
         },
         len,
     )))
+}
+
+/// A header value as a slice of `head`, the copy of `buf[..len]` the
+/// values share: httparse's values are slices of `buf` (an empty one may
+/// point elsewhere: copied, which costs nothing).
+fn shared_value(
+    value: &[u8],
+    buf: &[u8],
+    head: &Bytes,
+    len: usize,
+) -> Result<HeaderValue, ProtocolError> {
+    match (value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
+        Some(at) if !value.is_empty() && at + value.len() <= len => {
+            HeaderValue::from_maybe_shared(head.slice(at..at + value.len()))
+        }
+        _ => HeaderValue::from_bytes(value),
+    }
+    .map_err(|_| ProtocolError("invalid response header value"))
 }
 
 /// What a response header name is to the proxy. The names an engine sends
@@ -844,17 +853,7 @@ mod tests {
                         None => HeaderName::from_bytes(h.name.as_bytes())
                             .map_err(|_| ProtocolError("invalid response header name"))?,
                     };
-                    // httparse's values are slices of `buf`: the same bytes in `head`
-                    // (an empty one may point elsewhere: copied, which costs nothing).
-                    let value =
-                        match (h.value.as_ptr() as usize).checked_sub(buf.as_ptr() as usize) {
-                            Some(at) if !h.value.is_empty() && at + h.value.len() <= len => {
-                                HeaderValue::from_maybe_shared(head.slice(at..at + h.value.len()))
-                            }
-                            _ => HeaderValue::from_bytes(h.value),
-                        }
-                        .map_err(|_| ProtocolError("invalid response header value"))?;
-                    headers.append(name, value);
+                    headers.append(name, shared_value(h.value, buf, &head, len)?);
                 }
                 Ok(Some((
                     ResponseHead {
