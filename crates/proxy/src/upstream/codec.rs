@@ -88,26 +88,15 @@ pub(crate) fn parse_response_head(
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+    let parse = httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut parsed,
         buf,
         &mut slots,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
-            return Err(ProtocolError("response head too large"))
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(ProtocolError("too many response headers"))
-        }
-        Err(_) => return Err(ProtocolError("malformed response head")),
+    );
+    let Some(len) = head_length(parse, buf.len())? else {
+        return Ok(None);
     };
-    let code = parsed
-        .code
-        .ok_or(ProtocolError("response without a status"))?;
-    let status =
-        StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid response status"))?;
+    let status = status_of(parsed.code)?;
     let raw = &*parsed.headers;
     let http10 = parsed.version == Some(0);
     // Each name is compared once, here; everything below reads the kinds.
@@ -153,6 +142,29 @@ pub(crate) fn parse_response_head(
         },
         len,
     )))
+}
+
+/// The head's length once httparse has it all, `None` while it is
+/// incomplete (and within `MAX_HEAD_BYTES`).
+fn head_length(
+    parse: httparse::Result<usize>,
+    buffered: usize,
+) -> Result<Option<usize>, ProtocolError> {
+    match parse {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if buffered > MAX_HEAD_BYTES => {
+            Err(ProtocolError("response head too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(ProtocolError("too many response headers")),
+        Err(_) => Err(ProtocolError("malformed response head")),
+    }
+}
+
+/// The status of a parsed head.
+fn status_of(code: Option<u16>) -> Result<StatusCode, ProtocolError> {
+    let code = code.ok_or(ProtocolError("response without a status"))?;
+    StatusCode::from_u16(code).map_err(|_| ProtocolError("invalid response status"))
 }
 
 /// A header value as a slice of `head`, the copy of `buf[..len]` the
@@ -807,22 +819,10 @@ mod tests {
             ) -> Result<Option<(ResponseHead, usize)>, ProtocolError> {
                 let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut parsed = httparse::Response::new(&mut slots);
-                let len = match parsed.parse(buf) {
-                    Ok(httparse::Status::Complete(n)) => n,
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
-                        return Err(ProtocolError("response head too large"))
-                    }
-                    Ok(httparse::Status::Partial) => return Ok(None),
-                    Err(httparse::Error::TooManyHeaders) => {
-                        return Err(ProtocolError("too many response headers"))
-                    }
-                    Err(_) => return Err(ProtocolError("malformed response head")),
+                let Some(len) = head_length(parsed.parse(buf), buf.len())? else {
+                    return Ok(None);
                 };
-                let code = parsed
-                    .code
-                    .ok_or(ProtocolError("response without a status"))?;
-                let status = StatusCode::from_u16(code)
-                    .map_err(|_| ProtocolError("invalid response status"))?;
+                let status = status_of(parsed.code)?;
                 let raw = &*parsed.headers;
                 let http10 = parsed.version == Some(0);
                 let (framing, framing_reusable) = framing_of(status, raw)?;
