@@ -131,7 +131,8 @@ const PACE_HEADROOM: f64 = 1.25;
 /// completion is refilled at once, while a bunch of completions (a cohort
 /// of requests that started together, with the same length) is refilled
 /// one by one: the cohort spreads over one lifetime, and completions come
-/// evenly from then on. Critical requests are never paced.
+/// evenly from then on. Critical requests are paced only on a KV-bound
+/// replica ([`Pace::kv_bound`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pace {
     interval_ns: u64,
@@ -144,9 +145,15 @@ impl Pace {
     /// `service` seconds; `None` when either is unknown (or one slot: its
     /// completions cannot bunch).
     pub fn new(service: f64, batch: u64) -> Option<Pace> {
-        (service > 0.0 && service.is_finite() && batch >= 2).then(|| Pace {
-            interval_ns: (service * 1e9 / (batch as f64 * PACE_HEADROOM)).max(1.0) as u64,
-            kv_bound: false,
+        Self::spread(service, batch, PACE_HEADROOM, false)
+    }
+
+    /// One start per `service / (slots × headroom)`; `None` when the
+    /// service time is unknown or there is one slot.
+    fn spread(service: f64, slots: u64, headroom: f64, kv_bound: bool) -> Option<Pace> {
+        (service > 0.0 && service.is_finite() && slots >= 2).then(|| Pace {
+            interval_ns: (service * 1e9 / (slots as f64 * headroom)).max(1.0) as u64,
+            kv_bound,
         })
     }
 
@@ -172,10 +179,7 @@ impl Pace {
     /// lets the cache hold more of them. Not on pools with
     /// `engine_priority`, where a critical request ignores the projection.
     pub fn kv_bound(service: f64, slots: u64) -> Option<Pace> {
-        (service > 0.0 && service.is_finite() && slots >= 2).then(|| Pace {
-            interval_ns: (service * 1e9 / slots as f64).max(1.0) as u64,
-            kv_bound: true,
-        })
+        Self::spread(service, slots, 1.0, true)
     }
 
     /// Whether queued critical starts are paced too (a KV-bound replica).
