@@ -344,12 +344,15 @@ fn oracle_report(args: &Args, workload: &Workload, sent: u64) -> Option<serde_js
             make(oracle_partition::Placement::ByTurnover),
         )
     });
+    // Each prompt tokenized and hashed once, for the pool and both partitions.
     for seq in 0..sent {
-        let body = workload.body(seq);
-        pooled.feed(&body);
+        let Some(p) = oracle::Prompt::of(&workload.body(seq), pooled.block_size()) else {
+            continue;
+        };
+        pooled.add(&p);
         if let Some((plain, weighted)) = &mut parts {
-            plain.feed(&body);
-            weighted.feed(&body);
+            plain.add(&p);
+            weighted.add(&p);
         }
     }
     let mut v = pooled.report();

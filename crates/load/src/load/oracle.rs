@@ -147,15 +147,17 @@ impl Oracle {
         }
     }
 
-    /// Feeds one request body (chat or completions JSON); others are skipped.
-    pub fn feed(&mut self, body: &Bytes) {
-        let Some(p) = Prompt::of(body, self.block_size) else {
-            return;
-        };
-        self.hits += (self.cache.matched(&p) * self.block_size) as u64;
+    /// Feeds one prompt (a request body's, [`Prompt::of`]), parsed at this
+    /// oracle's block size.
+    pub(super) fn add(&mut self, p: &Prompt) {
+        self.hits += (self.cache.matched(p) * self.block_size) as u64;
         self.queries += p.tokens;
         self.requests += 1;
-        self.cache.store(&p);
+        self.cache.store(p);
+    }
+
+    pub(super) fn block_size(&self) -> usize {
+        self.block_size
     }
 
     pub fn hit_rate(&self) -> Option<f64> {
@@ -174,16 +176,18 @@ impl Oracle {
     }
 }
 
-/// A chat body with a system and a user message, for tests.
+/// The prompt of a chat body with a system and a user message, in blocks
+/// of 16 tokens, for tests.
 #[cfg(test)]
-pub(super) fn chat(system: &str, user: &str) -> Bytes {
-    Bytes::from(
+pub(super) fn chat(system: &str, user: &str) -> Prompt {
+    let body = Bytes::from(
         json!({"model": "m", "messages": [
             {"role": "system", "content": system},
             {"role": "user", "content": user}
         ]})
         .to_string(),
-    )
+    );
+    Prompt::of(&body, 16).expect("a chat body has a prompt")
 }
 
 #[cfg(test)]
@@ -196,9 +200,9 @@ mod tests {
         // 10 system blocks + rendering and question: the second request with
         // the same system prompt hits its leading blocks.
         let mut o = Oracle::new(1_000, 16);
-        o.feed(&chat(&sys, "first question"));
+        o.add(&chat(&sys, "first question"));
         assert_eq!(o.hit_rate(), Some(0.0));
-        o.feed(&chat(&sys, "second question"));
+        o.add(&chat(&sys, "second question"));
         let text = render_chat(
             &serde_json::from_value::<Vec<ChatMessage>>(json!([
                 {"role": "system", "content": sys},
@@ -214,17 +218,18 @@ mod tests {
         // one's blocks tail first, so its 2 leading blocks are left.
         let other = "t".repeat(64 * 10);
         let mut small = Oracle::new(12, 16);
-        small.feed(&chat(&sys, "q"));
-        small.feed(&chat(&other, "q"));
-        small.feed(&chat(&sys, "q"));
+        small.add(&chat(&sys, "q"));
+        small.add(&chat(&other, "q"));
+        small.add(&chat(&sys, "q"));
         assert_eq!(small.hits, 2 * 16, "leading blocks evicted last");
         let mut tiny = Oracle::new(10, 16);
-        tiny.feed(&chat(&sys, "q"));
-        tiny.feed(&chat(&other, "q"));
-        tiny.feed(&chat(&sys, "q"));
+        tiny.add(&chat(&sys, "q"));
+        tiny.add(&chat(&other, "q"));
+        tiny.add(&chat(&sys, "q"));
         assert_eq!(tiny.hits, 0, "all evicted");
-        // Bodies that are not requests are skipped.
-        small.feed(&Bytes::from_static(b"not json"));
         assert_eq!(small.requests, 3);
+        // Bodies that are not requests have no prompt (and are skipped).
+        assert!(Prompt::of(&Bytes::from_static(b"not json"), 16).is_none());
+        assert!(Prompt::of(&Bytes::from_static(b"{\"model\": \"m\"}"), 16).is_none());
     }
 }

@@ -7,7 +7,6 @@
 //! (running requests' and output blocks) and requests moved off their holder;
 //! the gap between this and the pooled oracle is the partition's.
 
-use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::oracle::{Lru, Prompt};
@@ -68,12 +67,9 @@ impl Partitioned {
         }
     }
 
-    /// Places and feeds one request body; bodies without a prompt are skipped.
-    pub fn feed(&mut self, body: &Bytes) {
-        let Some(p) = Prompt::of(body, self.block_size) else {
-            return;
-        };
-        let matched: Vec<usize> = self.caches.iter().map(|c| c.lru.matched(&p)).collect();
+    /// Places and feeds one prompt, parsed at this partition's block size.
+    pub(super) fn add(&mut self, p: &Prompt) {
+        let matched: Vec<usize> = self.caches.iter().map(|c| c.lru.matched(p)).collect();
         let best = matched.iter().copied().max().unwrap_or(0);
         let group = p.hashes.get(GROUP_BLOCKS - 1).copied().unwrap_or(0);
         let rank = |i: usize| splitmix64(group ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -97,7 +93,7 @@ impl Partitioned {
         };
         self.hits += (matched[chosen] * self.block_size) as u64;
         self.queries += p.tokens;
-        self.caches[chosen].lru.store(&p);
+        self.caches[chosen].lru.store(p);
         for c in &mut self.caches {
             let new = c.lru.evicted - c.evicted_seen;
             c.evicted_seen = c.lru.evicted;
@@ -127,7 +123,7 @@ mod tests {
     use super::*;
 
     /// Eight prefixes of 10 blocks, each asked twice in a row per round.
-    fn bodies() -> Vec<Bytes> {
+    fn prompts() -> Vec<Prompt> {
         let systems: Vec<String> = (0..8).map(|g| format!("{g}").repeat(64 * 10)).collect();
         (0..6)
             .flat_map(|round| {
@@ -142,9 +138,9 @@ mod tests {
         for placement in [Placement::Plain, Placement::ByTurnover] {
             let (mut one, mut pooled) =
                 (Partitioned::new(1, 60, 16, placement), Oracle::new(60, 16));
-            for b in bodies() {
-                one.feed(&b);
-                pooled.feed(&b);
+            for p in prompts() {
+                one.add(&p);
+                pooled.add(&p);
             }
             assert_eq!(one.hit_rate(), pooled.hit_rate());
             assert!(one.hit_rate().is_some_and(|h| h > 0.0));
@@ -157,15 +153,15 @@ mod tests {
         // first request, in the partition as in the pool, if it stays on its holder.
         let mut parts = Partitioned::new(4, 200, 16, Placement::Plain);
         let mut pooled = Oracle::new(4 * 200, 16);
-        for b in bodies() {
-            parts.feed(&b);
-            pooled.feed(&b);
+        for p in prompts() {
+            parts.add(&p);
+            pooled.add(&p);
         }
         let (part, pool) = (parts.hit_rate().unwrap(), pooled.hit_rate().unwrap());
         assert_eq!(part, pool);
         // Each prefix was stored on exactly one replica: 8 x 10 system blocks
         // plus the questions' blocks, never a second copy of a system block.
-        let probe = Prompt::of(&chat(&"0".repeat(64 * 10), "a new question"), 16).unwrap();
+        let probe = chat(&"0".repeat(64 * 10), "a new question");
         let held: Vec<usize> = parts.caches.iter().map(|c| c.lru.matched(&probe)).collect();
         assert_eq!(
             held.iter().sum::<usize>(),
