@@ -48,10 +48,7 @@ impl Filter for PrefixAffinity {
                 .iter()
                 .filter(|c| c.alive && c.matched_blocks < threshold && !c.saturated)
                 .min_by(|a, b| a.est_ttft_ms.total_cmp(&b.est_ttft_ms))
-                .is_some_and(|c| {
-                    c.free_tokens
-                        .is_some_and(|f| f < u64::from(c.uncached_tokens))
-                });
+                .is_some_and(copy_evicts);
         let per_saved = ctx.sticky.margin_per_saved
             + if evicts {
                 ctx.sticky.margin_per_evicted
@@ -74,6 +71,19 @@ impl Filter for PrefixAffinity {
             keep_only(cands, |c| c.matched_blocks < threshold && !c.saturated)
         }
     }
+}
+
+/// Whether copying the prompt into `c`'s cache evicts cached prefixes: its
+/// engine has evicted blocks lately, or its unheld room is smaller than the
+/// prompt. Room alone is not enough: an engine allocates from the head of one
+/// LRU free queue, so once its cache has turned over, a copy evicts the oldest
+/// cached blocks even while unhashed blocks (partial last blocks, output
+/// blocks, running requests' tails) make the index's count of held blocks
+/// look short of the capacity.
+fn copy_evicts(c: &Candidate) -> bool {
+    c.cache_turnover.is_some_and(|t| t > 0.0)
+        || c.free_tokens
+            .is_some_and(|f| f < u64::from(c.uncached_tokens))
 }
 
 #[cfg(test)]
@@ -150,6 +160,17 @@ mod tests {
             apply(FilterName::PrefixAffinity, &mut cs, &ctx);
             assert!(!cs[0].alive && cs[1].alive, "{free:?}");
         }
+        // Room by the index's count, but the colder engine's cache turns over
+        // (it has evicted lately): the copy evicts from its LRU head.
+        let mut cs = held_vs_colder(Some(1000));
+        cs[1].cache_turnover = Some(0.01);
+        let o = apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(cs[0].alive && !cs[1].alive, "{}", o.detail);
+        // An engine that has not evicted (turnover 0) with room: leave.
+        let mut cs = held_vs_colder(Some(1000));
+        cs[1].cache_turnover = Some(0.0);
+        apply(FilterName::PrefixAffinity, &mut cs, &ctx);
+        assert!(!cs[0].alive && cs[1].alive);
         // Near-longest matches are sticky too.
         let mut cs = vec![cand(0), cand(1), cand(2)];
         cs[0].matched_blocks = 50;
