@@ -213,7 +213,6 @@ pub(crate) async fn forward(
                     request_id: out.request_id,
                     client_request_id: out.client_request_id,
                     traceparent: span.as_ref().and_then(|(_, tp)| tp.as_ref()),
-                    withheld: out.withheld,
                 };
                 let (event, answered) = send(&route, guard, &this, ctx, first_byte_deadline).await;
                 if let Some((mut span, _)) = span {
