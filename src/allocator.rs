@@ -1,6 +1,8 @@
 //! The process's global allocator: mimalloc, entered by its plain
-//! `mi_malloc` family whenever the layout asks for no more than word
-//! alignment, which every mimalloc block has.
+//! `mi_malloc` family whenever the layout asks for no more alignment than
+//! every mimalloc block of its size has: a word, and 16 bytes for blocks of
+//! 16 bytes or more on 64-bit targets (boxed futures holding a timer are
+//! 16-byte aligned).
 //!
 //! Why not `mimalloc::MiMalloc`: it calls `mi_malloc_aligned` for every
 //! layout, and mimalloc serves an aligned request above 1 KiB through its
@@ -19,16 +21,31 @@ use libmimalloc_sys as mi;
 /// on it: `mi_realloc_aligned` skips the aligned path at this alignment).
 const WORD: usize = std::mem::size_of::<usize>();
 
+/// mimalloc's `MI_MAX_ALIGN_SIZE` (`sizeof(max_align_t)`): on 64-bit
+/// targets its size classes of two words or more are multiples of two
+/// words (`MI_ALIGN2W` in `page-queue.c`) and a page's first block is
+/// aligned to this (`MI_PAGE_MIN_START_BLOCK_ALIGN`), so every block of at
+/// least this many bytes is aligned to it. On 32-bit targets the word is
+/// 4 bytes and the claim is not made.
+const MAX_ALIGN: usize = if WORD == 8 { 16 } else { WORD };
+
+/// A block of `size` bytes from the plain entry points is aligned enough
+/// for `align`.
+#[inline(always)]
+fn plain_fits(size: usize, align: usize) -> bool {
+    align <= WORD || (align <= MAX_ALIGN && size >= align)
+}
+
 pub struct MiMalloc;
 
 // SAFETY: every method forwards to mimalloc with a layout's size, and asks
-// for the layout's alignment explicitly unless it is at most a word, which
-// every block mimalloc returns already has. Blocks are freed by `mi_free`
+// for the layout's alignment explicitly unless every block mimalloc returns
+// for that size already has it (`plain_fits`). Blocks are freed by `mi_free`
 // whichever entry point allocated them.
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.align() <= WORD {
+        if plain_fits(layout.size(), layout.align()) {
             unsafe { mi::mi_malloc(layout.size()) as *mut u8 }
         } else {
             unsafe { mi::mi_malloc_aligned(layout.size(), layout.align()) as *mut u8 }
@@ -37,7 +54,7 @@ unsafe impl GlobalAlloc for MiMalloc {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.align() <= WORD {
+        if plain_fits(layout.size(), layout.align()) {
             unsafe { mi::mi_zalloc(layout.size()) as *mut u8 }
         } else {
             unsafe { mi::mi_zalloc_aligned(layout.size(), layout.align()) as *mut u8 }
@@ -51,7 +68,8 @@ unsafe impl GlobalAlloc for MiMalloc {
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if layout.align() <= WORD {
+        // The new block must fit the alignment at its new size.
+        if plain_fits(new_size, layout.align()) {
             unsafe { mi::mi_realloc(ptr as *mut c_void, new_size) as *mut u8 }
         } else {
             unsafe {
@@ -107,5 +125,33 @@ mod tests {
             }
             size *= 2;
         }
+    }
+
+    /// The plain entry points' claim for 16-byte layouts: every block of a
+    /// page, not only the first, in every size class a 16-byte-aligned type
+    /// can have (a multiple of 16) up to 16 KiB, and at sizes that are not
+    /// multiples, is aligned (many blocks are live at once, so they come
+    /// from across the pages, not one reused block).
+    #[test]
+    fn sixteen_byte_layouts_from_the_plain_entry_points_are_aligned() {
+        let a = MiMalloc;
+        for size in (16..=16 * 1024)
+            .step_by(16)
+            .chain([17, 24, 40, 56, 72, 1000])
+        {
+            let l = Layout::from_size_align(size, 16).unwrap();
+            assert!(plain_fits(size, 16) || WORD != 8);
+            let blocks: Vec<*mut u8> = (0..64)
+                .map(|_| unsafe { a.alloc(l) })
+                .chain((0..64).map(|_| unsafe { a.alloc_zeroed(l) }))
+                .collect();
+            for &p in &blocks {
+                assert!(!p.is_null());
+                assert_eq!(p as usize % 16, 0, "{size} bytes");
+                unsafe { a.dealloc(p, l) };
+            }
+        }
+        // Smaller than the alignment: the aligned entry point.
+        assert!(!plain_fits(8, 16));
     }
 }

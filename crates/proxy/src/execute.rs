@@ -40,16 +40,24 @@ pub(crate) type Plan = RequestPlan<Route>;
 /// canary's statistics.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
-    /// The model name sent upstream.
-    pub model: String,
+    /// The model name sent upstream, as the header's value (none when it is
+    /// not a valid header value).
+    pub model: Option<HeaderValue>,
     pub fallback: Option<FallbackReason>,
     pub canary: Option<(Arc<CanarySplit>, CanarySide)>,
 }
 
 impl Served {
-    fn of(plan: &Plan) -> Served {
+    /// What `plan` served with `route`, the side that answered. The header
+    /// value is the route's own when the model sent is the side's model
+    /// (not a forwarded alias): shared, not built per request.
+    fn of(plan: &Plan, route: &Route) -> Served {
+        let model = plan.upstream_model();
         Served {
-            model: plan.upstream_model().to_owned(),
+            model: match &route.model_header {
+                Some(h) if model == &*route.model_label => Some(h.clone()),
+                _ => HeaderValue::from_str(model).ok(),
+            },
             fallback: plan.fallback(),
             canary: plan.canary().cloned(),
         }
@@ -59,8 +67,8 @@ impl Served {
 /// Adds `x-infergate-served-model`, and when they apply
 /// `x-infergate-fallback-reason` and `x-infergate-canary-side`.
 pub(crate) fn served_headers(h: &mut HeaderMap, s: &Served) {
-    if let Ok(v) = HeaderValue::from_str(&s.model) {
-        h.insert(SERVED_MODEL_HEADER, v);
+    if let Some(v) = &s.model {
+        h.insert(SERVED_MODEL_HEADER, v.clone());
     }
     if let Some(r) = s.fallback {
         h.insert(FALLBACK_REASON_HEADER, HeaderValue::from_static(r.as_str()));
@@ -212,9 +220,9 @@ pub(crate) async fn forward(
                 }
                 let next = plan.on(event, Instant::now());
                 if let (Step::Respond, Some((response, permit, guard))) = (&next, answered) {
-                    let served = Served::of(&plan);
+                    let served = Served::of(&plan, &route);
                     if let Some(t) = &ctx.trace {
-                        trace_served(t, &served);
+                        trace_served(t, plan.upstream_model(), &served);
                     }
                     return Ok(Upstream {
                         response,
@@ -251,8 +259,8 @@ fn end_attempt(span: &mut opentelemetry_sdk::trace::Span, event: &Event) {
 }
 
 /// What served the request, on its span.
-fn trace_served(t: &RequestTrace, served: &Served) {
-    let mut kv = vec![KeyValue::new(trace::RESPONSE_MODEL, served.model.clone())];
+fn trace_served(t: &RequestTrace, model: &str, served: &Served) {
+    let mut kv = vec![KeyValue::new(trace::RESPONSE_MODEL, model.to_owned())];
     if let Some((_, side)) = &served.canary {
         kv.push(KeyValue::new(trace::CANARY_SIDE, side.as_str()));
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use http::HeaderValue;
 
 use super::body::BodyBudget;
 use super::upstream::UpstreamClient;
@@ -52,6 +53,9 @@ pub struct Route {
     /// The model this side serves, for usage and metric labels: its
     /// `target_model` (the canary's model on a canary side), else its name.
     pub model_label: Arc<str>,
+    /// `model_label` as the `x-infergate-served-model` value (none when it
+    /// is not a valid header value): cloned per response, not rebuilt.
+    pub model_header: Option<HeaderValue>,
     /// This side's token prices (`pricing.models` of its served model, else
     /// of its name or an alias).
     pub price: Option<TokenPrice>,
@@ -441,6 +445,7 @@ impl Gateway {
                     canary_side: None,
                     engine_priority: engine_priority(&cc.pool),
                     model_label: served_model(&cfg),
+                    model_header: served_model_header(&cfg),
                     price: price_of(&config.pricing, &cfg),
                     config: cfg,
                 }))
@@ -456,6 +461,7 @@ impl Gateway {
                 canary_side,
                 engine_priority: engine_priority(&rc.pool),
                 model_label: served_model(rc),
+                model_header: served_model_header(rc),
                 price: price_of(&config.pricing, rc),
             });
             for name in std::iter::once(&rc.model).chain(&rc.aliases) {
@@ -499,6 +505,11 @@ impl Gateway {
 /// The model a route side serves: its `target_model`, else its name.
 fn served_model(rc: &RouteConfig) -> Arc<str> {
     Arc::from(rc.target_model.as_deref().unwrap_or(&rc.model))
+}
+
+/// [`served_model`] as a header value.
+fn served_model_header(rc: &RouteConfig) -> Option<HeaderValue> {
+    HeaderValue::from_str(rc.target_model.as_deref().unwrap_or(&rc.model)).ok()
 }
 
 /// A route side's token prices: of its served model, else of its names.
