@@ -269,6 +269,12 @@ impl InferenceAware {
             });
             precise.cache_state(Instant::now(), |key, held, evictions_per_s| {
                 if let Some(i) = position(key) {
+                    // Events live: the engine's answer stands, none included.
+                    // The approximate index's match there (what this gateway
+                    // sent, perhaps evicted since) would make a stale holder.
+                    if !matched[i].precise {
+                        matched[i].blocks = 0;
+                    }
                     matched[i].held_tokens = Some(u64::from(held) * engine_bs as u64);
                     matched[i].evicted_tokens_per_s = evictions_per_s * engine_bs as f64;
                 }
@@ -1301,6 +1307,35 @@ pub(crate) mod tests {
             );
             ix.set_live(&key, true);
         }
+    }
+
+    #[test]
+    fn live_events_overrule_the_approximate_index_and_stale_ones_do_not() {
+        let rs = idle_replicas(2);
+        let p = InferenceAware::new(RoutingConfig {
+            kv_events: Some(Default::default()),
+            ..RoutingConfig::default()
+        });
+        let text = prompt(1, 0, 1500);
+        let r = req("g", &text);
+        // Sent once: the approximate index now places the prompt there.
+        let sent = p.pick(&rs, &r, &[]).unwrap();
+        let at = rs.iter().position(|x| x.key() == sent.key()).unwrap();
+        let hashes = p.hashes(&r);
+        let approx = p.matched_blocks(&rs, &r, &hashes);
+        assert!(approx[at].blocks > 0 && !approx[at].precise);
+        // Both engines' events are live and neither stored the prompt: the
+        // engines' answer (nothing held) stands.
+        let ix = p.precise_index().unwrap();
+        for x in &rs {
+            ix.set_live(&Arc::from(x.key()), true);
+        }
+        let live = p.matched_blocks(&rs, &r, &hashes);
+        assert_eq!(live[at].blocks, 0);
+        // Events stale again: the approximate index answers for that replica.
+        ix.set_live(&Arc::from(rs[at].key()), false);
+        let stale = p.matched_blocks(&rs, &r, &hashes);
+        assert_eq!(stale[at].blocks, approx[at].blocks);
     }
 
     #[test]
