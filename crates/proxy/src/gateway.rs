@@ -507,9 +507,9 @@ fn served_model(rc: &RouteConfig) -> Arc<str> {
     Arc::from(rc.target_model.as_deref().unwrap_or(&rc.model))
 }
 
-/// [`served_model`] as a header value.
+/// [`served_model`] as a header value (built at config load, not per request).
 fn served_model_header(rc: &RouteConfig) -> Option<HeaderValue> {
-    HeaderValue::from_str(rc.target_model.as_deref().unwrap_or(&rc.model)).ok()
+    HeaderValue::from_str(&served_model(rc)).ok()
 }
 
 /// A route side's token prices: of its served model, else of its names.
