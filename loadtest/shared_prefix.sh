@@ -244,7 +244,7 @@ run_system() {
   local name=$1 url
   start_fleet
   case $name in
-    infergate) url=$(gateway ig "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}") ;;
+    infergate) url=$(gateway infergate-0 "inference_aware${IG_ROUTING:+, $IG_ROUTING}" "${URLS[@]}") ;;
     infergate-rr) url=$(gateway ig-rr round_robin "${URLS[@]}") ;;
     vllm-router | sglang-router) url=$(peer "$name") ;;
     precise-* | approximate-* | vllm-router-* | sglang-router-*)

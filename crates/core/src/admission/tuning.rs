@@ -200,11 +200,15 @@ impl Pace {
         )
     }
 
-    /// A start at `now` happened: the next one moves an interval on.
+    /// A start at `now` happened: the next one moves an interval on, but
+    /// never more than one interval past `now`'s allowance. A paced start
+    /// never reaches that bound; a start past the pacing (a prefix holder's,
+    /// `routing::aware`) would otherwise push every later start further out.
     pub fn started(&self, next: &AtomicU64, now: Instant) {
         let now = ns_at(now);
+        let furthest = now + 2 * self.interval_ns;
         let _ = next.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-            Some(t.max(now) + self.interval_ns)
+            Some((t.max(now) + self.interval_ns).min(furthest))
         });
     }
 }
@@ -518,6 +522,13 @@ mod tests {
             assert!(pace.allowed_at(&next) <= t, "refill {i} held back");
             pace.started(&next, t);
         }
+        // Starts past the pacing (a prefix holder's, at once): the next
+        // allowed start stays one interval out, however many went past.
+        let t = later + Duration::from_secs(5);
+        for _ in 0..10 {
+            pace.started(&next, t);
+        }
+        assert_eq!(pace.allowed_at(&next), t + Duration::from_millis(40));
     }
 
     #[test]

@@ -40,7 +40,7 @@ use super::pipeline::{FilterOutcome, Outcomes, Pipeline};
 use super::placement_stats::{PlacementStats, Spill};
 use super::prefix_index::PrefixIndex;
 use super::signals::Signals;
-use super::{Fits, Picker, Refusal, RouteRequest};
+use super::{Fits, NoRoom, Picker, Refusal, RouteRequest};
 use crate::pool::{LoadGuard, Replica, Routability, RoutabilityCheck};
 
 /// Why one request went where it went. Kept as numbers: the one-line
@@ -452,8 +452,7 @@ impl InferenceAware {
             stats.cold(u64::from(chosen.uncached_tokens));
             return;
         }
-        let threshold =
-            ((f64::from(longest) * self.cfg.sticky.min_match_ratio).ceil() as u32).max(1);
+        let threshold = self.sticky_threshold(longest).unwrap_or(1);
         if chosen.matched_blocks >= threshold {
             stats.to_holder(self.cached_tokens(chosen.matched_blocks, req));
             return;
@@ -470,6 +469,13 @@ impl InferenceAware {
             Some(h) => h.dropped_by.map_or(Spill::Score, Spill::Filter),
         };
         stats.spilled(why, lost);
+    }
+
+    /// The match that counts as holding the prompt's prefix when the longest
+    /// is `longest` blocks (`sticky.min_match_ratio` of it); none for none.
+    fn sticky_threshold(&self, longest: u32) -> Option<u32> {
+        (longest > 0)
+            .then(|| ((f64::from(longest) * self.cfg.sticky.min_match_ratio).ceil() as u32).max(1))
     }
 
     /// How this picker judges replicas (`pool::RoutabilityCheck`): by this
@@ -823,6 +829,9 @@ impl Picker for InferenceAware {
         // The refusal of the replica holding the most of the prompt (for
         // `placement`: why a request left its prefix's holder).
         let mut holder_refused: Option<(u32, Refusal)> = None;
+        // Holders of (nearly) the longest match that only pacing refused.
+        let threshold = self.sticky_threshold(longest);
+        let mut paced_holders: PerReplica<(usize, Matched)> = PerReplica::new();
         for (i, r) in replicas.iter().enumerate() {
             if super::is_excluded(r, exclude) {
                 continue;
@@ -833,10 +842,31 @@ impl Picker for InferenceAware {
                     fitting.push(r.clone());
                 }
                 Err(why) => {
+                    if why.bound == NoRoom::Pacing
+                        && threshold.is_some_and(|t| matched[i].blocks >= t)
+                    {
+                        paced_holders.push((i, matched[i]));
+                    }
                     if holder_refused.is_none_or(|(b, _)| matched[i].blocks > b) {
                         holder_refused = Some((matched[i].blocks, why));
                     }
                 }
+            }
+        }
+        // Pacing spaces starts in time; it must not move a request off its
+        // prefix's holder. When a colder replica would take it now, the start
+        // happens now either way, and there it would prefill the whole prompt
+        // again and copy it (on a skewed, tight fleet pacing moved a third of
+        // the queued requests off their holders: hit rate 0.50 against 0.82,
+        // p90 TTFT 17 s against 0.3 s; docs/benchmarks/2026-12-07-hit-rate.md).
+        // So the paced holders stay candidates while nothing fitting holds
+        // as much; with no colder replica fitting either, all of them wait.
+        let holder_fits =
+            threshold.is_some_and(|t| matched[..fitting.len()].iter().any(|m| m.blocks >= t));
+        if !fitting.is_empty() && !holder_fits {
+            for (i, m) in paced_holders {
+                matched[fitting.len()] = m;
+                fitting.push(replicas[i].clone());
             }
         }
         matched.truncate(fitting.len());
@@ -985,7 +1015,6 @@ pub(crate) mod tests {
     use crate::discovery::Endpoint;
     use crate::routing::kv_events::KvEvent;
     use crate::routing::signals::LoraInfo;
-    use crate::routing::NoRoom;
 
     pub(crate) fn replicas(n: u16) -> Vec<Arc<Replica>> {
         (0..n)
@@ -1442,15 +1471,15 @@ pub(crate) mod tests {
         );
         assert_eq!(placement(&p)["to_holder"]["requests"], 1);
         assert_eq!(placement(&p)["to_holder"]["cached_tokens"], held);
-        // The holder has no room (admission's `fits` says no, by its
-        // pacing, on a queue turn), and another replica none by its request
+        // The holder has no room (admission's `fits` says no, by its KV
+        // budget, on a queue turn), and another replica none by its request
         // cap: a spill that prefills the held part again, counted as
         // admission's under the holder's bound.
         let third = prompt(7, 2, 2000);
         let other = rs.iter().find(|r| r.key() != home.key()).unwrap().clone();
         let fits = |r: &Replica, _: u64| {
             let bound = if r.key() == home.key() {
-                NoRoom::Pacing
+                NoRoom::KvBudget
             } else if r.key() == other.key() {
                 NoRoom::RequestCap
             } else {
@@ -1470,14 +1499,74 @@ pub(crate) mod tests {
         assert_eq!(adm["requests"], 1, "{v}");
         assert!(adm["reprefill_tokens"].as_u64() >= Some(480), "{v}");
         let by = &adm["by_bound"];
-        assert_eq!(by["pacing"]["queued"]["requests"], 1, "{v}");
+        assert_eq!(by["kv_budget"]["queued"]["requests"], 1, "{v}");
         assert_eq!(
-            by["pacing"]["queued"]["reprefill_tokens"],
+            by["kv_budget"]["queued"]["reprefill_tokens"],
             adm["reprefill_tokens"]
         );
-        assert_eq!(by["pacing"]["arrival"]["requests"], 0, "{v}");
+        assert_eq!(by["kv_budget"]["arrival"]["requests"], 0, "{v}");
         assert_eq!(by["request_cap"]["queued"]["requests"], 0, "{v}");
         assert_eq!(v["decisions"], 3);
+    }
+
+    /// Pacing only spaces starts: a holder refused by it alone keeps the
+    /// request while a colder replica would take it now, and with nothing
+    /// else fitting the request waits; a real bound still moves it.
+    #[test]
+    fn pacing_never_moves_a_request_off_its_prefix_holder() {
+        let rs = idle_replicas(3);
+        let p = InferenceAware::new(RoutingConfig::default());
+        let home = p.pick(&rs, &req("a", &prompt(5, 0, 2000)), &[]).unwrap();
+        let holder_refused_by = |bound: NoRoom, others_fit: bool| {
+            let home = home.key().to_string();
+            move |r: &Replica, _: u64| {
+                if r.key() == home {
+                    Err(Refusal {
+                        bound,
+                        queued: true,
+                    })
+                } else if others_fit {
+                    Ok(())
+                } else {
+                    Err(Refusal {
+                        bound: NoRoom::RequestCap,
+                        queued: true,
+                    })
+                }
+            }
+        };
+        let g = p
+            .pick_fitting_and_begin(
+                &rs,
+                &req("b", &prompt(5, 1, 2000)),
+                &[],
+                &holder_refused_by(NoRoom::Pacing, true),
+            )
+            .unwrap();
+        assert_eq!(g.replica().key(), home.key(), "paced holder kept");
+        drop(g);
+        let v = p.placement.view();
+        assert_eq!(v["to_holder"]["requests"], 1, "{v}");
+        assert_eq!(v["spilled"]["admission"]["requests"], 0, "{v}");
+        // Nothing else fits either: the request waits (for the pacing).
+        assert!(p
+            .pick_fitting_and_begin(
+                &rs,
+                &req("c", &prompt(5, 2, 2000)),
+                &[],
+                &holder_refused_by(NoRoom::Pacing, false),
+            )
+            .is_none());
+        // A real bound (the KV budget) moves it to a colder replica.
+        let g = p
+            .pick_fitting_and_begin(
+                &rs,
+                &req("d", &prompt(5, 3, 2000)),
+                &[],
+                &holder_refused_by(NoRoom::KvBudget, true),
+            )
+            .unwrap();
+        assert_ne!(g.replica().key(), home.key());
     }
 
     #[test]
