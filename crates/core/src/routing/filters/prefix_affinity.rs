@@ -95,7 +95,9 @@ mod tests {
 
     #[test]
     fn prefix_affinity_sticks_then_spills() {
-        let cfg = RoutingConfig::default();
+        // The arithmetic below takes a margin of once the saved time.
+        let mut cfg = RoutingConfig::default();
+        cfg.sticky.margin_per_saved = 1.0;
         let ctx = ctx_for(&cfg, None, 1000);
         // 50 blocks of 16 = 800 tokens cached on replica 0: saves 50 ms at 16k tok/s.
         let mut cs = vec![cand(0), cand(1), cand(2)];
@@ -123,6 +125,18 @@ mod tests {
         assert_eq!(o.dropped, 1);
         assert!(o.detail.to_string().contains("leave"), "{}", o.detail);
         assert!(!cs[0].alive && cs[1].alive);
+        // The default margin is three times the saved time (150 ms): stay, and
+        // leave only past it.
+        let default_cfg = RoutingConfig::default();
+        let default_ctx = ctx_for(&default_cfg, None, 1000);
+        for (queued_ms, stay) in [(150.0 - 1.0, true), (150.0 + 1.0, false)] {
+            let mut cs = vec![cand(0), cand(1)];
+            cs[0].matched_blocks = 50;
+            cs[0].est_ttft_ms = 62.5 + queued_ms;
+            cs[1].est_ttft_ms = 62.5;
+            let o = apply(FilterName::PrefixAffinity, &mut cs, &default_ctx);
+            assert_eq!((cs[0].alive, cs[1].alive), (stay, !stay), "{}", o.detail);
+        }
         // Replica 0 holds 50 blocks (known from events) and is 51 ms slower;
         // replica 1 would prefill 1,000 tokens with `free` tokens of room.
         let held_vs_colder = |free: Option<u64>| {
@@ -142,7 +156,6 @@ mod tests {
         assert!(cs[0].alive && !cs[1].alive, "the copy would evict: stay");
         // Leaving would evict as much elsewhere, so (with `margin_per_evicted`
         // 2) the margin is 3x the saved time.
-        let mut cfg = RoutingConfig::default();
         cfg.sticky.margin_per_evicted = 2.0;
         let ctx = ctx_for(&cfg, None, 1000);
         let mut cs = held_vs_colder(Some(999));
