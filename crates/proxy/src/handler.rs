@@ -375,17 +375,20 @@ where
         cost_micros: 0,
     };
     let key_id = caller.key_id.as_ref().and_then(|k| k.to_str().ok());
-    let quota = match gw
-        .quotas()
-        .reserve(
-            &caller.policy.team,
-            key_id,
-            plan.class().priority,
-            demand,
-            rc.target_model.as_deref().into_iter().chain(rc.names()),
-        )
-        .await
-    {
+    // Decided at once unless the shared counters must be asked: only then
+    // is the waiting future built, and boxed, so this future stays small.
+    let reserved = gw.quotas().try_reserve(
+        &caller.policy.team,
+        key_id,
+        plan.class().priority,
+        demand,
+        rc.target_model.as_deref().into_iter().chain(rc.names()),
+    );
+    let reserved = match reserved {
+        Ok(decided) => decided,
+        Err(ask) => Box::pin(ask.ask()).await,
+    };
+    let quota = match reserved {
         Ok(g) => g,
         Err(refusal) => return quota_refused(shape, &refusal, record),
     };
