@@ -354,10 +354,18 @@ where
     );
     // Control headers the caller may not use were ignored; the engine must
     // not see them (nor the caller's key).
-    // A removal parses and hashes the name; a request carries a few
-    // headers and usually none of these, so look first.
-    for name in caller.policy.stripped_headers() {
-        if parts.headers.keys().any(|k| k.as_str() == name) {
+    // A request carries a few headers and usually none of these but its
+    // key: one pass over its headers finds them (typed names compare
+    // without parsing), and only those found are removed.
+    let stripped = caller.policy.stripped_header_names();
+    let mut found = 0u32;
+    for k in parts.headers.keys() {
+        if let Some(i) = stripped.iter().take(32).position(|s| s == k) {
+            found |= 1 << i;
+        }
+    }
+    for (i, name) in stripped.iter().enumerate().take(32) {
+        if found & (1 << i) != 0 {
             parts.headers.remove(name);
         }
     }
