@@ -1117,6 +1117,45 @@ mod tests {
         assert_eq!(pool.replicas()[0].load.tokens(), 0);
     }
 
+    /// The synchronous first try decides what `acquire` would at once
+    /// (placed, or refused), and a request it cannot place waits in the
+    /// queue through `wait_queued` exactly as `acquire` would: pending,
+    /// then woken by a release.
+    #[tokio::test]
+    async fn try_acquire_then_wait_queued_is_acquire() {
+        let (pool, adm) = setup(1, 100);
+        let std_ticket = ticket(Priority::Standard, "", 100, 5000);
+        // Room: placed without a future.
+        let Ok(Ok(hold)) = adm.try_acquire(&pool, &LeastRequest, &req(), &std_ticket, &[]) else {
+            panic!("placed at once");
+        };
+        assert_eq!(pool.replicas()[0].load.tokens(), 100);
+        // Full: a sheddable request is refused at once, as by `acquire`.
+        let shed = ticket(Priority::Sheddable, "", 10, 5000);
+        assert!(matches!(
+            adm.try_acquire(&pool, &LeastRequest, &req(), &shed, &[]),
+            Ok(Err(AdmitError::Shed))
+        ));
+        // Full: a standard one must queue; nothing is queued until it waits.
+        let Err(wait) = adm.try_acquire(&pool, &LeastRequest, &req(), &std_ticket, &[]) else {
+            panic!("must queue");
+        };
+        assert_eq!(adm.queued(), 0);
+        let waiting = adm.wait_queued(&pool, &LeastRequest, &req(), &std_ticket, &[], wait);
+        let mut waiting = std::pin::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        assert_eq!(adm.queued(), 1);
+        drop(hold);
+        let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the release")
+            .unwrap();
+        assert_eq!(adm.queued(), 0);
+        assert_eq!(pool.replicas()[0].load.tokens(), 100);
+        drop(r);
+        assert_eq!(pool.replicas()[0].load.tokens(), 0);
+    }
+
     #[tokio::test]
     async fn queued_sheddable_goes_last() {
         let pool = setup(1, 100).0;
