@@ -1141,7 +1141,8 @@ mod tests {
             panic!("must queue");
         };
         assert_eq!(adm.queued(), 0);
-        let waiting = adm.wait_queued(&pool, &LeastRequest, &req(), &std_ticket, &[], wait);
+        let rr = req();
+        let waiting = adm.wait_queued(&pool, &LeastRequest, &rr, &std_ticket, &[], wait);
         let mut waiting = std::pin::pin!(waiting);
         assert!(futures::poll!(waiting.as_mut()).is_pending());
         assert_eq!(adm.queued(), 1);

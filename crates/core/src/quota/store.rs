@@ -171,7 +171,7 @@ impl QuotaStore {
         band: Priority,
         demand: Demand,
         model_names: impl IntoIterator<Item = &'n str>,
-    ) -> Result<Result<Grant, Refusal>, AskBackend> {
+    ) -> Result<Result<Grant, Refusal>, Box<AskBackend>> {
         let snap = self.current.load();
         if snap.table.is_empty() {
             return Ok(Ok(Grant::default()));
@@ -207,7 +207,7 @@ impl QuotaStore {
         model_names: impl IntoIterator<Item = &'n str>,
         started: Instant,
         path: &mut Path,
-    ) -> Result<Result<Grant, Refusal>, AskBackend> {
+    ) -> Result<Result<Grant, Refusal>, Box<AskBackend>> {
         let applicable = snap.table.lookup(team, key);
         if applicable.scopes.iter().all(Option::is_none) {
             *path = Path::Unlimited;
@@ -265,8 +265,10 @@ impl QuotaStore {
                     *path = Path::Fallback;
                     return Ok(asked.fallback(&owners));
                 }
+                // Boxed: this path waits for a round trip anyway, and the
+                // decided path's result stays small.
                 None => {
-                    return Err(AskBackend {
+                    return Err(Box::new(AskBackend {
                         inner: self.inner.clone(),
                         ops: asked.ops,
                         owners: owners.into_iter().cloned().collect(),
@@ -276,7 +278,7 @@ impl QuotaStore {
                         backend: b,
                         timeout,
                         started,
-                    })
+                    }))
                 }
             },
         };
@@ -445,7 +447,7 @@ impl AskBackend {
     /// Asks the shared backend, bounded by its timeout; when it is down or
     /// does not answer in time, the fallback decides (see
     /// [`Asked::fallback`]).
-    pub async fn ask(self) -> Result<Grant, Refusal> {
+    pub async fn ask(self: Box<Self>) -> Result<Grant, Refusal> {
         let AskBackend {
             inner,
             ops,
@@ -456,7 +458,7 @@ impl AskBackend {
             backend,
             timeout,
             started,
-        } = self;
+        } = *self;
         let owners: Vec<&Arc<Rules>> = owners.iter().collect();
         let answer = shared(&**backend, &ops, timeout).await;
         let asked = Asked {
