@@ -346,16 +346,18 @@ async fn admit_on(
         lora: None,
         hashes: Default::default(),
     };
-    let admitted = route
-        .admission
-        .acquire(
-            &route.pool,
-            &*route.picker,
-            &rr,
-            &plan.ticket(),
-            plan.excluded(),
-        )
-        .await;
+    let (ticket, excluded) = (plan.ticket(), plan.excluded());
+    let adm = &route.admission;
+    // Most requests are placed at once: the queue's future is built, and
+    // boxed, only for one that waits, so this future (held inline by the
+    // handler's and the forward's) stays small.
+    let admitted = match adm.try_acquire(&route.pool, &*route.picker, &rr, &ticket, excluded) {
+        Ok(decided) => decided,
+        Err(wait) => {
+            let queued = adm.wait_queued(&route.pool, &*route.picker, &rr, &ticket, excluded, wait);
+            Box::pin(queued).await
+        }
+    };
     if let Some(mut span) = span {
         use opentelemetry::trace::Span as _;
         match &admitted {

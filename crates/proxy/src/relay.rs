@@ -156,7 +156,8 @@ enum Armed {
 
 /// What a relay needs besides the upstream body.
 pub struct RelaySetup {
-    pub record: RequestRecord,
+    /// Boxed when the request arrived (see `handler`).
+    pub record: Box<RequestRecord>,
     pub timeouts: Timeouts,
     pub first_byte_deadline: Instant,
     pub sse: bool,
@@ -189,7 +190,7 @@ pub struct RelayBody {
     /// release admits finds the connection free.
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     guard: Option<Reservation>,
-    record: RequestRecord,
+    record: Box<RequestRecord>,
     /// The `stream` span (tracing on): from response headers to the end
     /// (boxed: tracing off, the relay stays small).
     span: Option<Box<opentelemetry_sdk::trace::Span>>,

@@ -38,7 +38,7 @@ pub use config::{AdmissionConfig, CanaryConfig, MAX_CONNECTIONS_PER_REPLICA};
 pub use engine_priority::EnginePriority;
 pub use fallback::{FallbackReason, FallbackTrigger, FALLBACK_REASON_HEADER, SERVED_MODEL_HEADER};
 pub use outlier::{Outcome, OutlierDetector};
-pub use queue::{AdmitError, Placement, PoolAdmission, Ticket};
+pub use queue::{AdmitError, MustQueue, Placement, PoolAdmission, Ticket};
 pub use registry::AdmissionRegistry;
 pub use tuning::{Knobs, Timing};
 pub use verdict::Stratum;

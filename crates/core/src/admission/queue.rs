@@ -120,6 +120,19 @@ pub enum Placement {
     NoReplica,
 }
 
+/// A request [`PoolAdmission::try_acquire`] could not place that may wait:
+/// what [`PoolAdmission::wait_queued`] continues from.
+#[derive(Debug, Clone, Copy)]
+#[must_use = "a request that must queue is admitted only by `wait_queued`"]
+pub struct MustQueue {
+    /// When admission started (the queue deadline counts from it).
+    started: Instant,
+    /// The queue's epoch before the placement attempt.
+    epoch: u64,
+    /// It found no ready replica (held for one, not queued for room).
+    held: bool,
+}
+
 /// Admission state of one pool: its budget, its queue, its outlier detector.
 #[derive(Debug)]
 pub struct PoolAdmission {
@@ -342,6 +355,8 @@ impl PoolAdmission {
 
     /// Admits a request: places it now, or queues it until it fits, or
     /// refuses it. Dropping the returned future (client gone) leaves the queue.
+    /// The same as [`PoolAdmission::try_acquire`], then
+    /// [`PoolAdmission::wait_queued`] when it must wait.
     pub async fn acquire(
         &self,
         pool: &Pool,
@@ -350,10 +365,31 @@ impl PoolAdmission {
         ticket: &Ticket,
         exclude: &[Arc<str>],
     ) -> Result<Reservation, AdmitError> {
+        match self.try_acquire(pool, picker, req, ticket, exclude) {
+            Ok(decided) => decided,
+            Err(wait) => {
+                self.wait_queued(pool, picker, req, ticket, exclude, wait)
+                    .await
+            }
+        }
+    }
+
+    /// The part of [`PoolAdmission::acquire`] that never waits: placed or
+    /// refused now, or `Err` when the request must queue (then
+    /// [`PoolAdmission::wait_queued`] with that value). Lets a caller build
+    /// (and box) the waiting future only when it waits: most requests are
+    /// placed at once.
+    pub fn try_acquire(
+        &self,
+        pool: &Pool,
+        picker: &dyn Picker,
+        req: &RouteRequest<'_>,
+        ticket: &Ticket,
+        exclude: &[Arc<str>],
+    ) -> Result<Result<Reservation, AdmitError>, MustQueue> {
         let band = ticket.class.priority;
         let started = Instant::now();
-        let deadline = started + ticket.class.max_wait;
-        let (blocked, mut epoch) = {
+        let (blocked, epoch) = {
             let mut st = self.shared.lock();
             if band == Priority::Critical && self.budget.self_tuning() {
                 st.observed.critical_arrived(started);
@@ -363,17 +399,43 @@ impl PoolAdmission {
         };
         let first = self.try_place_unless(blocked, pool, picker, req, ticket, exclude);
         let held = match first {
-            Placement::Placed(r) => return Ok(r),
+            Placement::Placed(r) => return Ok(Ok(r)),
             Placement::NoReplica if !ticket.wait_for_replica => {
-                return Err(self.refuse(AdmitError::NoReadyReplica))
+                return Ok(Err(self.refuse(AdmitError::NoReadyReplica)))
             }
             // Scale from zero: not an overload, so even sheddable requests wait.
             Placement::NoReplica => true,
             Placement::Full if band == Priority::Sheddable && self.queue_cfg.shed_sheddable => {
-                return Err(self.refuse(AdmitError::Shed));
+                return Ok(Err(self.refuse(AdmitError::Shed)));
             }
             Placement::Full => false,
         };
+        Err(MustQueue {
+            started,
+            epoch,
+            held,
+        })
+    }
+
+    /// Queues a request that [`PoolAdmission::try_acquire`] could not place
+    /// (with the same arguments) until it fits, or refuses it. Dropping the
+    /// future (client gone) leaves the queue.
+    pub async fn wait_queued(
+        &self,
+        pool: &Pool,
+        picker: &dyn Picker,
+        req: &RouteRequest<'_>,
+        ticket: &Ticket,
+        exclude: &[Arc<str>],
+        wait: MustQueue,
+    ) -> Result<Reservation, AdmitError> {
+        let band = ticket.class.priority;
+        let MustQueue {
+            started,
+            mut epoch,
+            held,
+        } = wait;
+        let deadline = started + ticket.class.max_wait;
         let mut waiter = {
             let mut st = self.shared.lock();
             if st.queued >= self.queue_cfg.max_requests {
@@ -1052,6 +1114,46 @@ mod tests {
         let s = s.await.unwrap().unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["critical", "standard"]);
         drop(s);
+        assert_eq!(pool.replicas()[0].load.tokens(), 0);
+    }
+
+    /// The synchronous first try decides what `acquire` would at once
+    /// (placed, or refused), and a request it cannot place waits in the
+    /// queue through `wait_queued` exactly as `acquire` would: pending,
+    /// then woken by a release.
+    #[tokio::test]
+    async fn try_acquire_then_wait_queued_is_acquire() {
+        let (pool, adm) = setup(1, 100);
+        let std_ticket = ticket(Priority::Standard, "", 100, 5000);
+        // Room: placed without a future.
+        let Ok(Ok(hold)) = adm.try_acquire(&pool, &LeastRequest, &req(), &std_ticket, &[]) else {
+            panic!("placed at once");
+        };
+        assert_eq!(pool.replicas()[0].load.tokens(), 100);
+        // Full: a sheddable request is refused at once, as by `acquire`.
+        let shed = ticket(Priority::Sheddable, "", 10, 5000);
+        assert!(matches!(
+            adm.try_acquire(&pool, &LeastRequest, &req(), &shed, &[]),
+            Ok(Err(AdmitError::Shed))
+        ));
+        // Full: a standard one must queue; nothing is queued until it waits.
+        let Err(wait) = adm.try_acquire(&pool, &LeastRequest, &req(), &std_ticket, &[]) else {
+            panic!("must queue");
+        };
+        assert_eq!(adm.queued(), 0);
+        let rr = req();
+        let waiting = adm.wait_queued(&pool, &LeastRequest, &rr, &std_ticket, &[], wait);
+        let mut waiting = std::pin::pin!(waiting);
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        assert_eq!(adm.queued(), 1);
+        drop(hold);
+        let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the release")
+            .unwrap();
+        assert_eq!(adm.queued(), 0);
+        assert_eq!(pool.replicas()[0].load.tokens(), 100);
+        drop(r);
         assert_eq!(pool.replicas()[0].load.tokens(), 0);
     }
 

@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use crate::admission::{
@@ -95,7 +96,9 @@ pub struct Policy {
     /// `None`: every model.
     models: Option<HashSet<Box<str>>>,
     pub entitlements: Entitlements,
-    strip: Strip,
+    /// The request headers removed before forwarding (see
+    /// [`Policy::stripped_header_names`]), resolved with the policy.
+    stripped: Box<[HeaderName]>,
 }
 
 impl Policy {
@@ -127,7 +130,7 @@ impl Policy {
             team,
             models,
             entitlements,
-            strip,
+            stripped: strip.names().map(HeaderName::from_static).collect(),
         }
     }
 
@@ -147,23 +150,15 @@ impl Policy {
 
     /// Request headers to remove before forwarding: the caller's key, and
     /// the control headers it is not entitled to (ignored by the gateway, so
-    /// the engine must not see them either).
-    pub fn stripped_headers(&self) -> impl Iterator<Item = &'static str> {
-        let s = self.strip;
-        let pairs: [(bool, &[&'static str]); 5] = [
-            (s.credentials, &["authorization", API_KEY_HEADER]),
-            (s.priority, &[PRIORITY_HEADER, OBJECTIVE_HEADER]),
-            (s.canary, &[crate::admission::canary::FORCE_HEADER]),
-            (
-                s.fallback,
-                &[crate::admission::fallback::NO_FALLBACK_HEADER],
-            ),
-            (s.tenant, &[FAIRNESS_HEADER]),
-        ];
-        pairs
-            .into_iter()
-            .filter(|(on, _)| *on)
-            .flat_map(|(_, names)| names.iter().copied())
+    /// the engine must not see them either). Typed names, resolved once: a
+    /// request compares them with its headers without parsing a name.
+    pub fn stripped_header_names(&self) -> &[HeaderName] {
+        &self.stripped
+    }
+
+    /// [`Policy::stripped_header_names`] as text.
+    pub fn stripped_headers(&self) -> impl Iterator<Item = &str> {
+        self.stripped.iter().map(HeaderName::as_str)
     }
 }
 
@@ -175,6 +170,26 @@ struct Strip {
     canary: bool,
     fallback: bool,
     tenant: bool,
+}
+
+impl Strip {
+    /// The names of the groups stripped (lowercase, valid header names).
+    fn names(self) -> impl Iterator<Item = &'static str> {
+        let pairs: [(bool, &[&'static str]); 5] = [
+            (self.credentials, &["authorization", API_KEY_HEADER]),
+            (self.priority, &[PRIORITY_HEADER, OBJECTIVE_HEADER]),
+            (self.canary, &[crate::admission::canary::FORCE_HEADER]),
+            (
+                self.fallback,
+                &[crate::admission::fallback::NO_FALLBACK_HEADER],
+            ),
+            (self.tenant, &[FAIRNESS_HEADER]),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .flat_map(|(_, names)| names.iter().copied())
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub use counters::{
 };
 pub use rules::{Demand, Dim, Limit, QuotaTable, ScopeKind, MICROS};
 pub use store::{
-    BackendState, Grant, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source, DECISION_SECONDS,
+    AskBackend, BackendState, Grant, LimitRefusal, QuotaStore, RateSnapshot, Refusal, Source,
+    DECISION_SECONDS,
 };
 pub use window::Window;

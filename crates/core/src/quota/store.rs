@@ -144,7 +144,8 @@ impl QuotaStore {
     /// Reserves `demand` for a caller of `team` (key id `key`) in `band`,
     /// on a model called `model_names` (the first with a price sets the
     /// cost of money budgets). No limit applies: an empty grant, without
-    /// allocating.
+    /// allocating. The same as [`QuotaStore::try_reserve`], then
+    /// [`AskBackend::ask`] when the shared backend must be asked.
     pub async fn reserve<'n>(
         &self,
         team: &str,
@@ -153,30 +154,50 @@ impl QuotaStore {
         demand: Demand,
         model_names: impl IntoIterator<Item = &'n str>,
     ) -> Result<Grant, Refusal> {
-        let snap = self.current.load_full();
+        match self.try_reserve(team, key, band, demand, model_names) {
+            Ok(decided) => decided,
+            Err(ask) => ask.ask().await,
+        }
+    }
+
+    /// The part of [`QuotaStore::reserve`] that never waits: decided now
+    /// (no limit, local counters, a Redis lease, Redis known down), or `Err`
+    /// when the shared backend must be asked (then [`AskBackend::ask`]).
+    /// Lets a caller build (and box) the waiting future only when it waits.
+    pub fn try_reserve<'n>(
+        &self,
+        team: &str,
+        key: Option<&str>,
+        band: Priority,
+        demand: Demand,
+        model_names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<Result<Grant, Refusal>, Box<AskBackend>> {
+        let snap = self.current.load();
         if snap.table.is_empty() {
-            return Ok(Grant::default());
+            return Ok(Ok(Grant::default()));
         }
         let started = Instant::now();
         let mut path = Path::Local;
-        let decided = self
-            .decide(&snap, team, key, band, demand, model_names, &mut path)
-            .await;
-        let record = match path {
-            Path::Unlimited => false,
-            Path::Call | Path::Fallback => true,
-            Path::Local | Path::Lease => sampled(),
-        };
-        if record {
-            metrics().reserve[path as usize].record(started.elapsed().as_secs_f64());
+        let decided = self.decide(
+            &snap,
+            team,
+            key,
+            band,
+            demand,
+            model_names,
+            started,
+            &mut path,
+        );
+        if decided.is_ok() {
+            record_reserve_time(path, started);
         }
         decided
     }
 
-    /// [`QuotaStore::reserve`] once the table has limits; `path` says how
-    /// it was decided (for the timing).
+    /// [`QuotaStore::try_reserve`] once the table has limits; `path` says
+    /// how it was decided (for the timing).
     #[allow(clippy::too_many_arguments)]
-    async fn decide<'n>(
+    fn decide<'n>(
         &self,
         snap: &Snapshot,
         team: &str,
@@ -184,12 +205,13 @@ impl QuotaStore {
         band: Priority,
         mut demand: Demand,
         model_names: impl IntoIterator<Item = &'n str>,
+        started: Instant,
         path: &mut Path,
-    ) -> Result<Grant, Refusal> {
+    ) -> Result<Result<Grant, Refusal>, Box<AskBackend>> {
         let applicable = snap.table.lookup(team, key);
         if applicable.scopes.iter().all(Option::is_none) {
             *path = Path::Unlimited;
-            return Ok(Grant::default());
+            return Ok(Ok(Grant::default()));
         }
         let price = snap
             .pricing
@@ -220,50 +242,143 @@ impl QuotaStore {
             Some(r) => self.inner.backend.load_full().map(|b| (b, r.timeout)),
             None => None,
         };
+        let asked = Asked {
+            inner: &self.inner,
+            ops,
+            price,
+            demand,
+            now,
+        };
         let (verdict, source) = match backend {
-            None => (self.inner.local.reserve_local(&ops, now), Source::Local),
-            Some((b, timeout)) => match b.try_local(&ops, now) {
+            None => (
+                self.inner.local.reserve_local(&asked.ops, now),
+                Source::Local,
+            ),
+            Some((b, timeout)) => match b.try_local(&asked.ops, now) {
                 // From this replica's leased allowance: no round trip.
                 Some(values) => {
                     *path = Path::Lease;
                     (Verdict::Admitted(values), Source::Shared)
                 }
-                None => match shared(&**b, &ops, timeout).await {
-                    Some(v) => {
-                        *path = Path::Call;
-                        if self.inner.degraded.load(Ordering::Relaxed) {
-                            self.inner.degraded.store(false, Ordering::Relaxed);
-                        }
-                        (v, Source::Shared)
-                    }
-                    None => {
-                        *path = Path::Fallback;
-                        self.inner.degraded.store(true, Ordering::Relaxed);
-                        if let Some(rules) =
-                            owners.iter().find(|r| r.when_down == WhenDown::FailClosed)
-                        {
-                            metrics().closed.increment(1);
-                            return Err(Refusal::unavailable(rules));
-                        }
-                        let share = |i: usize| match owners[i].when_down {
-                            WhenDown::FailOpen { local_share } => local_share,
-                            WhenDown::FailClosed => 0.0,
-                        };
-                        (
-                            self.inner.fallback.reserve(&ops, share, now),
-                            Source::Fallback,
-                        )
-                    }
-                },
+                // Known down: the fallback decides at once.
+                None if !b.is_up() => {
+                    *path = Path::Fallback;
+                    return Ok(asked.fallback(&owners));
+                }
+                // Boxed: this path waits for a round trip anyway, and the
+                // decided path's result stays small.
+                None => {
+                    return Err(Box::new(AskBackend {
+                        inner: self.inner.clone(),
+                        ops: asked.ops,
+                        owners: owners.into_iter().cloned().collect(),
+                        price,
+                        demand,
+                        now,
+                        backend: b,
+                        timeout,
+                        started,
+                    }))
+                }
             },
         };
+        Ok(asked.conclude(verdict, source, &owners))
+    }
+
+    /// At shutdown, after the drain: the shared backend gives back what this
+    /// replica holds (its unused slices), so the other replicas may use it
+    /// at once instead of when the window ends.
+    pub async fn release(&self) {
+        if let Some(b) = self.inner.backend.load_full() {
+            b.release().await;
+        }
+    }
+
+    /// The local counter of a team's limit in the current window (tests).
+    pub fn local_value(&self, scope: &str, dim: Dim, window: Window) -> i64 {
+        let (window_id, expires_at_ms) = window.at(now_ms());
+        let snap = self.current.load();
+        let local = match &snap.redis {
+            Some(_) => None,
+            None => snap.table.slot_of(scope, dim, window),
+        };
+        let op = CounterOp {
+            scope: scope.into(),
+            dim,
+            window,
+            window_id,
+            expires_at_ms,
+            limit: 0,
+            add: 0,
+            local,
+        };
+        self.inner.local.value_local(&op) + self.inner.fallback.value(&op)
+    }
+}
+
+/// Times a reservation into [`DECISION_SECONDS`]: every round trip and
+/// fallback decision, one in [`SAMPLE_EVERY`] of the in-memory ones.
+fn record_reserve_time(path: Path, started: Instant) {
+    let record = match path {
+        Path::Unlimited => false,
+        Path::Call | Path::Fallback => true,
+        Path::Local | Path::Lease => sampled(),
+    };
+    if record {
+        metrics().reserve[path as usize].record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// A reservation's counter operations, and what its grant or refusal is
+/// built from once the counters answered.
+struct Asked<'a> {
+    inner: &'a Arc<Inner>,
+    ops: Vec<CounterOp>,
+    price: Option<TokenPrice>,
+    demand: Demand,
+    now: u64,
+}
+
+impl Asked<'_> {
+    /// The shared backend is down: a fail-closed limit refuses (503),
+    /// otherwise this replica's fallback counters decide, each limit
+    /// scaled by its `local_share`.
+    fn fallback(self, owners: &[&Arc<Rules>]) -> Result<Grant, Refusal> {
+        self.inner.degraded.store(true, Ordering::Relaxed);
+        if let Some(rules) = owners.iter().find(|r| r.when_down == WhenDown::FailClosed) {
+            metrics().closed.increment(1);
+            return Err(Refusal::unavailable(rules));
+        }
+        let share = |i: usize| match owners[i].when_down {
+            WhenDown::FailOpen { local_share } => local_share,
+            WhenDown::FailClosed => 0.0,
+        };
+        let verdict = self.inner.fallback.reserve(&self.ops, share, self.now);
+        self.conclude(verdict, Source::Fallback, owners)
+    }
+
+    /// The grant of an admitted reservation, or the refusal naming the
+    /// limit (`owners[i]` holds op `i`'s limit).
+    fn conclude(
+        self,
+        verdict: Verdict,
+        source: Source,
+        owners: &[&Arc<Rules>],
+    ) -> Result<Grant, Refusal> {
+        let Asked {
+            inner,
+            ops,
+            price,
+            demand,
+            now,
+        } = self;
         let m = metrics();
         match verdict {
             Verdict::Admitted(values) => {
                 m.by_source[source as usize].increment(1);
                 let rates = RateSnapshot::of(&ops, &values, now);
                 Ok(Grant(Some(Box::new(Reserved {
-                    inner: self.inner.clone(),
+                    inner: inner.clone(),
                     ops,
                     price,
                     reserved: demand,
@@ -301,35 +416,69 @@ impl QuotaStore {
             }
         }
     }
+}
 
-    /// At shutdown, after the drain: the shared backend gives back what this
-    /// replica holds (its unused slices), so the other replicas may use it
-    /// at once instead of when the window ends.
-    pub async fn release(&self) {
-        if let Some(b) = self.inner.backend.load_full() {
-            b.release().await;
-        }
+/// A reservation [`QuotaStore::try_reserve`] could not decide without a
+/// round trip to the shared backend: [`AskBackend::ask`] makes it.
+#[must_use = "the reservation is decided only by `ask`"]
+pub struct AskBackend {
+    inner: Arc<Inner>,
+    ops: Vec<CounterOp>,
+    /// The rules of each op's limit.
+    owners: Vec<Arc<Rules>>,
+    price: Option<TokenPrice>,
+    demand: Demand,
+    now: u64,
+    backend: Arc<Box<dyn SharedCounters>>,
+    timeout: Duration,
+    /// When the reservation started (for its timing).
+    started: Instant,
+}
+
+impl std::fmt::Debug for AskBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AskBackend")
+            .field("ops", &self.ops.len())
+            .finish_non_exhaustive()
     }
+}
 
-    /// The local counter of a team's limit in the current window (tests).
-    pub fn local_value(&self, scope: &str, dim: Dim, window: Window) -> i64 {
-        let (window_id, expires_at_ms) = window.at(now_ms());
-        let snap = self.current.load();
-        let local = match &snap.redis {
-            Some(_) => None,
-            None => snap.table.slot_of(scope, dim, window),
+impl AskBackend {
+    /// Asks the shared backend, bounded by its timeout; when it is down or
+    /// does not answer in time, the fallback decides (see
+    /// [`Asked::fallback`]).
+    pub async fn ask(self: Box<Self>) -> Result<Grant, Refusal> {
+        let AskBackend {
+            inner,
+            ops,
+            owners,
+            price,
+            demand,
+            now,
+            backend,
+            timeout,
+            started,
+        } = *self;
+        let owners: Vec<&Arc<Rules>> = owners.iter().collect();
+        let answer = shared(&**backend, &ops, timeout).await;
+        let asked = Asked {
+            inner: &inner,
+            ops,
+            price,
+            demand,
+            now,
         };
-        let op = CounterOp {
-            scope: scope.into(),
-            dim,
-            window,
-            window_id,
-            expires_at_ms,
-            limit: 0,
-            add: 0,
-            local,
+        let (decided, path) = match answer {
+            Some(v) => {
+                if inner.degraded.load(Ordering::Relaxed) {
+                    inner.degraded.store(false, Ordering::Relaxed);
+                }
+                (asked.conclude(v, Source::Shared, &owners), Path::Call)
+            }
+            None => (asked.fallback(&owners), Path::Fallback),
         };
-        self.inner.local.value_local(&op) + self.inner.fallback.value(&op)
+        record_reserve_time(path, started);
+        decided
     }
 }
 

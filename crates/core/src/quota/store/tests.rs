@@ -329,6 +329,110 @@ async fn shared_counters_decide_and_a_stall_costs_one_timeout() {
     assert_eq!(s.backend_state(), BackendState::Up);
 }
 
+/// A shared backend that answers only when let through (`open`).
+#[derive(Debug, Default)]
+struct Gated {
+    counters: LocalCounters,
+    open: tokio::sync::Notify,
+    calls: AtomicU32,
+}
+
+impl SharedCounters for Arc<Gated> {
+    fn reserve<'a>(&'a self, ops: &'a [CounterOp]) -> super::super::counters::ReserveFuture<'a> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.open.notified().await;
+            Ok(self.counters.reserve(ops, |_| 1.0, 0))
+        })
+    }
+    fn settle(&self, op: &CounterOp, delta: i64) {
+        self.counters.settle(op, delta);
+    }
+    fn is_up(&self) -> bool {
+        true
+    }
+    fn mark_down(&self) {}
+}
+
+/// The synchronous first try decides what `reserve` would without a
+/// round trip (no limit, local counters, a refusal), and asks the shared
+/// backend only through `AskBackend::ask`: pending until it answers.
+#[tokio::test]
+async fn try_reserve_decides_at_once_and_asks_redis_only_when_it_must() {
+    let names = || ["m"];
+    // No limit: an empty grant at once.
+    let none = store("teams: {}", None);
+    let Ok(Ok(g)) = none.try_reserve("search", None, Priority::Standard, tokens(1, 1), names())
+    else {
+        panic!("decided at once");
+    };
+    assert!(!g.is_limited());
+    // Local mode: counted at once, refused at once, as by `reserve`.
+    let s = store("teams: {search: {tokens_per_minute: 1000}}", None);
+    let Ok(Ok(g)) = s.try_reserve(
+        "search",
+        None,
+        Priority::Standard,
+        tokens(100, 500),
+        names(),
+    ) else {
+        panic!("decided at once");
+    };
+    assert_eq!(g.source(), Some(Source::Local));
+    assert_eq!(tpm(&s, "t:search"), 600);
+    let refused = s.try_reserve(
+        "search",
+        None,
+        Priority::Standard,
+        tokens(100, 500),
+        names(),
+    );
+    assert!(matches!(refused, Ok(Err(Refusal::Limit(_)))));
+    let e = s
+        .reserve_m("search", None, Priority::Standard, tokens(100, 500))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Refusal::Limit(_)));
+    assert_eq!(tpm(&s, "t:search"), 600);
+    drop(g);
+
+    // Redis mode: the backend must be asked; nothing is counted before.
+    let s = store(
+        "teams: {search: {tokens_per_minute: 1000}}",
+        Some("redis: {url: 'redis://127.0.0.1:1', timeout: 5s}"),
+    );
+    let gated = Arc::new(Gated::default());
+    s.set_backend(Box::new(gated.clone()));
+    let Err(ask) = s.try_reserve(
+        "search",
+        None,
+        Priority::Standard,
+        tokens(100, 300),
+        names(),
+    ) else {
+        panic!("the backend must be asked");
+    };
+    assert_eq!(gated.calls.load(Ordering::Relaxed), 0);
+    let mut asking = std::pin::pin!(ask.ask());
+    assert!(futures::poll!(asking.as_mut()).is_pending());
+    assert_eq!(gated.calls.load(Ordering::Relaxed), 1);
+    gated.open.notify_one();
+    let g = asking.await.unwrap();
+    assert_eq!(g.source(), Some(Source::Shared));
+    assert_eq!(
+        g.rates().and_then(|r| r.tokens).map(|t| (t.0, t.1)),
+        Some((1000, 600))
+    );
+    // The same through `reserve`, which makes the same round trip.
+    gated.open.notify_one();
+    let g2 = s
+        .reserve_m("search", None, Priority::Standard, tokens(100, 300))
+        .await
+        .unwrap();
+    assert_eq!(g2.source(), Some(Source::Shared));
+    assert_eq!(gated.calls.load(Ordering::Relaxed), 2);
+}
+
 #[test]
 fn resets_in_openai_format_and_headers_share_one_reset() {
     for (ms, text) in [
