@@ -452,7 +452,7 @@ impl InferenceAware {
             stats.cold(u64::from(chosen.uncached_tokens));
             return;
         }
-        let threshold = self.sticky_threshold(longest).unwrap_or(1);
+        let threshold = self.cfg.sticky.holder_threshold(longest).unwrap_or(1);
         if chosen.matched_blocks >= threshold {
             stats.to_holder(self.cached_tokens(chosen.matched_blocks, req));
             return;
@@ -469,13 +469,6 @@ impl InferenceAware {
             Some(h) => h.dropped_by.map_or(Spill::Score, Spill::Filter),
         };
         stats.spilled(why, lost);
-    }
-
-    /// The match that counts as holding the prompt's prefix when the longest
-    /// is `longest` blocks (`sticky.min_match_ratio` of it); none for none.
-    fn sticky_threshold(&self, longest: u32) -> Option<u32> {
-        (longest > 0)
-            .then(|| ((f64::from(longest) * self.cfg.sticky.min_match_ratio).ceil() as u32).max(1))
     }
 
     /// How this picker judges replicas (`pool::RoutabilityCheck`): by this
@@ -830,7 +823,7 @@ impl Picker for InferenceAware {
         // `placement`: why a request left its prefix's holder).
         let mut holder_refused: Option<(u32, Refusal)> = None;
         // Holders of (nearly) the longest match that only pacing refused.
-        let threshold = self.sticky_threshold(longest);
+        let threshold = self.cfg.sticky.holder_threshold(longest);
         let mut paced_holders: PerReplica<(usize, Matched)> = PerReplica::new();
         for (i, r) in replicas.iter().enumerate() {
             if super::is_excluded(r, exclude) {

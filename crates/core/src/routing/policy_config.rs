@@ -66,6 +66,15 @@ pub struct StickyConfig {
     pub max_margin_ms: f64,
 }
 
+impl StickyConfig {
+    /// The match that counts as holding a prompt's prefix when the longest
+    /// any replica holds is `longest` blocks (`min_match_ratio` of it, at
+    /// least one); none when no replica holds any.
+    pub fn holder_threshold(&self, longest: u32) -> Option<u32> {
+        (longest > 0).then(|| ((f64::from(longest) * self.min_match_ratio).ceil() as u32).max(1))
+    }
+}
+
 impl Default for StickyConfig {
     fn default() -> Self {
         StickyConfig {

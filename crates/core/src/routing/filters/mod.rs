@@ -35,12 +35,8 @@ fn keep_only(cands: &mut [Candidate], keep: impl Fn(&Candidate) -> bool) -> Narr
 /// the alive candidates (`sticky.min_match_ratio` of it); `None` when no
 /// replica holds any of the prompt.
 fn sticky_threshold(cands: &[Candidate], ctx: &Ctx<'_>) -> Option<u32> {
-    threshold_for(best_alive(cands, |c| c.matched_blocks), ctx)
-}
-
-/// [`sticky_threshold`] when the longest prefix is `best` blocks.
-fn threshold_for(best: u32, ctx: &Ctx<'_>) -> Option<u32> {
-    (best > 0).then(|| ((f64::from(best) * ctx.sticky.min_match_ratio).ceil() as u32).max(1))
+    ctx.sticky
+        .holder_threshold(best_alive(cands, |c| c.matched_blocks))
 }
 
 /// The largest `field` among the alive candidates (0 when none is alive).

@@ -1,6 +1,6 @@
 //! The `prefix_affinity` filter: sticky until saturated.
 
-use super::{best_alive, keep_only, threshold_for};
+use super::{best_alive, keep_only};
 use crate::routing::framework::{Candidate, Ctx, Detail, Filter, Narrowing};
 
 /// Sticky until saturated: keep the replicas holding nearly the longest prefix
@@ -21,7 +21,7 @@ pub(crate) struct PrefixAffinity;
 impl Filter for PrefixAffinity {
     fn filter(&self, cands: &mut [Candidate], ctx: &Ctx<'_>, detail: &mut Detail) -> Narrowing {
         let best = best_alive(cands, |c| c.matched_blocks);
-        let Some(threshold) = threshold_for(best, ctx) else {
+        let Some(threshold) = ctx.sticky.holder_threshold(best) else {
             return Narrowing::default();
         };
         // Colder replicas count only when not saturated: leaving for a replica that
