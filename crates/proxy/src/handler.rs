@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
+use smallvec::SmallVec;
 
 use super::body::{check_content_type, read_limited, too_large, BodyLimits};
 use super::context::{ApiKind, RequestContext, CLIENT_REQUEST_ID, REPLICA_HEADER, REQUEST_ID};
@@ -366,16 +367,13 @@ where
     // key: one pass over its headers finds them (typed names compare
     // without parsing), and only those found are removed.
     let stripped = caller.policy.stripped_header_names();
-    let mut found = 0u32;
-    for k in parts.headers.keys() {
-        if let Some(i) = stripped.iter().take(32).position(|s| s == k) {
-            found |= 1 << i;
-        }
-    }
-    for (i, name) in stripped.iter().enumerate().take(32) {
-        if found & (1 << i) != 0 {
-            parts.headers.remove(name);
-        }
+    let found: SmallVec<[&HeaderName; 8]> = parts
+        .headers
+        .keys()
+        .filter_map(|k| stripped.iter().find(|s| *s == k))
+        .collect();
+    for name in found {
+        parts.headers.remove(name);
     }
     record.canary = plan.canary().cloned();
     record.canary_stratum = plan.canary_stratum();
