@@ -275,6 +275,8 @@ run_system() {
     [[ -e $y ]] || continue
     a=$(sed -n 's/.*admin: { address: "\([^"]*\)" }.*/\1/p' "$y")
     curl -s -m 5 "http://$a/routing" >"${y%.yaml}.routing.json" || true
+    # Admission's view too (learned caps, pacing), for reading after the run.
+    curl -s -m 5 "http://$a/routes" >"${y%.yaml}.routes.json" || true
   done
   stop_all
 }

@@ -83,7 +83,8 @@ pub struct BudgetConfig {
     /// steps that a critical arrival must sit through; this cap spreads the
     /// burst over several steps (critical requests ignore it). A replica
     /// with no pending prefill always takes one request. Unset: what the
-    /// replica prefills in one step, as learned (`admission::tuning`).
+    /// replica prefills in one step, as learned (`admission::tuning`),
+    /// while critical traffic is seen; no cap otherwise.
     pub max_prefill_tokens_per_replica: Option<u64>,
     /// Requests (so upstream HTTP/1 connections) in flight per replica at
     /// most, for every band, critical included: the gateway's connection

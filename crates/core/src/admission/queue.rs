@@ -333,7 +333,7 @@ impl PoolAdmission {
     /// lately, or the engines preempt for it).
     fn holder_pass(&self, knobs: &Knobs) -> Option<HolderPass> {
         let rate = self.shared.derived.prefill_rate();
-        let quiet = knobs.engine_priority || knobs.critical_in_flight_per_replica <= 0.0;
+        let quiet = knobs.engine_priority || !knobs.critical_seen();
         let tuned = self.budget.self_tuning() && !self.budget.cap_set_by_hand();
         (tuned && quiet && knobs.service > 0.0 && rate > 0.0).then_some(HolderPass {
             service: knobs.service,
@@ -1688,6 +1688,14 @@ mod tests {
     /// and an admission that learned requests of 1 s whose prefill runs at
     /// 4,500 tokens / (0.5 s TTFT - one 50 ms step) = 10,000 tokens/s.
     fn holder_and_cold(batch: u32) -> (Arc<Pool>, Arc<Replica>, Arc<Replica>, Arc<PoolAdmission>) {
+        holder_and_cold_with(batch, &AdmissionConfig::default())
+    }
+
+    /// [`holder_and_cold`] with the admission config `cfg`.
+    fn holder_and_cold_with(
+        batch: u32,
+        cfg: &AdmissionConfig,
+    ) -> (Arc<Pool>, Arc<Replica>, Arc<Replica>, Arc<PoolAdmission>) {
         let pool = Arc::new(Pool::new("p", Default::default()));
         pool.apply(Update::Reset(
             (0..2)
@@ -1699,7 +1707,7 @@ mod tests {
         for r in [&holder, &cold] {
             crate::admission::budget::tests::scraped(r, batch, 100_000);
         }
-        let adm = Arc::new(PoolAdmission::new("p", &AdmissionConfig::default()));
+        let adm = Arc::new(PoolAdmission::new("p", cfg));
         adm.listener().request_ended(
             0,
             Some(Timing {
@@ -1773,12 +1781,19 @@ mod tests {
     #[tokio::test]
     async fn a_request_goes_past_the_prefill_cap_to_its_prefix_holder_while_the_wait_is_shorter_than_the_prefill(
     ) {
-        // A batch of 8: the request cap does not bind here.
-        let (pool, holder, cold, adm) = holder_and_cold(8);
-        let cap = adm
-            .knobs(&pool, 2)
-            .prefill_cap(8)
-            .expect("the timings are learned");
+        // A batch of 8: the request cap does not bind here. The prefill
+        // cap is set by hand: the derived one holds only while critical
+        // traffic is seen, and the pass only while none is (without
+        // engine priority).
+        let cap = 2000;
+        let cfg = AdmissionConfig {
+            budget: BudgetConfig {
+                max_prefill_tokens_per_replica: Some(cap),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (pool, holder, cold, adm) = holder_and_cold_with(8, &cfg);
         // The holder has a prompt of its cap + 500 tokens pending in prefill.
         let pending = Budget::reserve(
             &holder,

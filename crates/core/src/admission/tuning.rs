@@ -11,7 +11,9 @@
 //!
 //! Learned per replica from its engine's `/metrics` (`routing::signals`): the
 //! batch limit, `Signals::saturated_batch` (the running count the engine held
-//! while its queue stayed non-empty over consecutive scrapes).
+//! while its queue stayed non-empty over consecutive scrapes with room in its
+//! KV cache; a queue behind a full cache is the cache's, and the KV
+//! projection bounds that replica instead).
 //!
 //! Derived (see [`reserve_slots`], [`prefill_cap`] and docs/admission.md):
 //! - the request cap per replica = its learned batch limit, so the engine's
@@ -28,10 +30,10 @@
 //! - before the batch limit is learned, a slow-start cap
 //!   ([`slow_start_cap`]) that doubles with each scrape while the engine
 //!   keeps up;
-//! - the prompt tokens of non-critical requests awaiting their first token
-//!   per replica = what the replica prefills in one step, so a burst of
-//!   admissions never makes the long prefill steps a critical arrival would
-//!   sit through;
+//! - while critical traffic is seen, the prompt tokens of non-critical
+//!   requests awaiting their first token per replica = what the replica
+//!   prefills in one step, so a burst of admissions never makes the long
+//!   prefill steps a critical arrival would sit through;
 //! - queued non-critical requests start on a replica at most one per
 //!   `service / (1.25 × batch)` ([`Pace`]): requests that start together end
 //!   together (same length, same steps), and a batch that frees its slots in
@@ -432,8 +434,16 @@ pub struct Knobs {
 }
 
 impl Knobs {
+    /// Whether critical requests arrived lately (what the reserve, the
+    /// critical engine queue and the derived prefill cap are for).
+    pub fn critical_seen(&self) -> bool {
+        self.critical_in_flight_per_replica > 0.0
+    }
+
     /// The prompt-token cap for non-critical requests on a replica of batch
     /// `batch` ([`prefill_cap_for`]); `None` until the timings are learned.
+    /// Admission applies it only while critical traffic is seen
+    /// ([`Knobs::critical_seen`]).
     pub fn prefill_cap(&self, batch: u64) -> Option<u64> {
         self.prefill_step_tokens
             .map(|t| prefill_cap_for(t, self.prefill_per_slot, batch))

@@ -108,6 +108,17 @@ impl LoraInfo {
 /// moves new groups off a replica within about a second.
 pub(crate) const LOAD_SMOOTHING: Duration = Duration::from_millis(500);
 
+/// KV cache usage at or above which an engine's queue is put down to its
+/// cache, not its batch: it admits the head of its queue only when the
+/// head's uncached prompt gets its blocks, so a queue held by the cache
+/// shows a usage of at least 1 − (the head's blocks ÷ the cache's). At
+/// 0.85 that covers heads up to 15% of the cache (a cold 3,700-token
+/// prompt on a 32k-token cache is 11%). A running count seen there is what
+/// the cache held of that moment's streams (fewer long ones, more that
+/// share a cached prefix), not a batch limit: admission's KV projection
+/// bounds such a replica instead (`admission::budget`).
+pub(crate) const KV_FULL_USAGE: f64 = 0.85;
+
 /// One scrape's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Signals {
@@ -132,9 +143,10 @@ pub struct Signals {
     pub batch_limit: Option<f64>,
     /// The batch limit admission caps a replica at (`admission::tuning`):
     /// `running` once three consecutive scrapes showed a queue of 2 or more
-    /// at the same `running`, so a request caught between its arrival and
-    /// the engine's next step is not read as a full batch; then the largest
-    /// `running` seen. Carried over scrapes.
+    /// at the same `running` with the KV cache below [`KV_FULL_USAGE`], so
+    /// a request caught between its arrival and the engine's next step is
+    /// not read as a full batch, nor a queue the cache holds back; then
+    /// the largest `running` seen. Carried over scrapes.
     pub saturated_batch: Option<f64>,
     /// Admission's request cap while `saturated_batch` is unknown
     /// (`admission::tuning::slow_start_cap`). Carried over scrapes.
@@ -203,9 +215,16 @@ impl Signals {
         // request caught between its arrival and the engine's next step
         // makes a queue of 1 at any load, now and then two scrapes in a row.
         let queued = self.error.is_none() && self.waiting >= 2.0 && self.running > 0.0;
+        // A queue behind a full KV cache says how many streams the cache
+        // held, which depends on their prompts and on the prefixes they
+        // share, not how many the engine runs: on a KV-bound fleet with
+        // shared prefixes a cap learned there (26 to 41 of 256 slots) held
+        // requests in the gateway's queue that the engines could start at
+        // once, and moved them off their prefix holders.
+        let batch_bound = self.kv_usage.is_none_or(|u| u < KV_FULL_USAGE);
         self.queue_plateau = match previous {
-            Some(p) if queued && p.running == self.running => p.queue_plateau + 1,
-            _ => u8::from(queued),
+            Some(p) if queued && batch_bound && p.running == self.running => p.queue_plateau + 1,
+            _ => u8::from(queued && batch_bound),
         }
         .min(3);
         let cap_before = previous.map(|p| p.slow_start_cap).filter(|&c| c > 0);
@@ -558,6 +577,38 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         );
         assert_eq!(s3.projected_waiting(2), 0.0);
         assert_eq!(s3.projected_waiting(6), 2.0);
+    }
+
+    #[test]
+    fn a_queue_behind_a_full_kv_cache_is_not_learned_as_the_batch() {
+        let t = Instant::now();
+        let body = |run: u32, wait: u32, usage: f64| {
+            format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc {usage}\n")
+        };
+        let plateau = |usage: f64| {
+            let mut s = parse(EngineKind::Vllm, &body(30, 2, usage), t).with_context(32, 32, None);
+            for _ in 0..4 {
+                s = parse(EngineKind::Vllm, &body(30, 2, usage), t).with_context(32, 32, Some(&s));
+            }
+            s
+        };
+        assert_eq!(plateau(0.97).saturated_batch, None, "the cache held it");
+        assert_eq!(plateau(KV_FULL_USAGE).saturated_batch, None);
+        assert_eq!(
+            plateau(0.5).saturated_batch,
+            Some(30.0),
+            "the batch held it"
+        );
+        // One full-cache scrape breaks a plateau: three in a row are needed.
+        let s = parse(EngineKind::Vllm, &body(30, 2, 0.5), t).with_context(32, 32, None);
+        let s = parse(EngineKind::Vllm, &body(30, 2, 0.5), t).with_context(32, 32, Some(&s));
+        let s = parse(EngineKind::Vllm, &body(30, 2, 0.95), t).with_context(32, 32, Some(&s));
+        let s = parse(EngineKind::Vllm, &body(30, 2, 0.5), t).with_context(32, 32, Some(&s));
+        assert_eq!(s.saturated_batch, None);
+        // A batch learned below a full cache is kept, and raised, at one.
+        let s = plateau(0.5);
+        let s = parse(EngineKind::Vllm, &body(34, 2, 0.97), t).with_context(36, 36, Some(&s));
+        assert_eq!(s.saturated_batch, Some(34.0));
     }
 
     #[test]
