@@ -237,46 +237,6 @@ pub fn for_each_token_block_key(
     }
 }
 
-/// Both chains of `text` at one block size, at most `max_blocks` each: the
-/// text block hashes ([`block_hashes`], from `seed`) and the token-block keys
-/// ([`for_each_token_block_key`], from `key_seed`). For ASCII text (the
-/// common case) one walk over the blocks computes both, so a request routed
-/// by the approximate and the precise index reads its prompt once.
-pub fn block_hashes_and_keys(
-    text: &str,
-    block_size: usize,
-    seed: u64,
-    key_seed: u64,
-    max_blocks: usize,
-) -> (Vec<u64>, Vec<u64>) {
-    if max_blocks == 0 {
-        return (Vec::new(), Vec::new());
-    }
-    let cap = (text.len() / (block_size.max(1) * CHARS_PER_TOKEN)).min(max_blocks);
-    if block_size == 0 || block_size > STACK_TOKENS || !text.is_ascii() {
-        let mut keys = Vec::with_capacity(cap);
-        for_each_token_block_key(text, block_size, key_seed, |k| {
-            keys.push(k);
-            keys.len() < max_blocks
-        });
-        return (block_hashes(text, block_size, seed, max_blocks), keys);
-    }
-    let (mut hashes, mut keys) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
-    let (mut parent, mut key) = (seed, key_seed);
-    let mut buf = [0u8; STACK_TOKENS * 4];
-    for block in text
-        .as_bytes()
-        .chunks_exact(block_size * CHARS_PER_TOKEN)
-        .take(max_blocks)
-    {
-        parent = xxh3_64_with_seed(block, parent);
-        key = ascii_block_key(key, block, &mut buf);
-        hashes.push(parent);
-        keys.push(key);
-    }
-    (hashes, keys)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,26 +317,5 @@ mod tests {
         let ids: std::collections::HashSet<u32> =
             (0..4096u32).map(|i| token_id(&format!("{i:04}"))).collect();
         assert!(ids.len() > 3_900, "{}", ids.len());
-    }
-
-    #[test]
-    fn one_walk_gives_the_same_hashes_and_keys_as_two() {
-        let keys_of = |text: &str, bs: usize, seed: u64, max: usize| {
-            let mut out = Vec::new();
-            for_each_token_block_key(text, bs, seed, |k| {
-                out.push(k);
-                out.len() < max
-            });
-            out
-        };
-        let ascii = "the system prompt of a group, then a question. ".repeat(40);
-        let mixed = "é thé au café ".repeat(60);
-        for text in [ascii.as_str(), mixed.as_str(), "short"] {
-            for (bs, max) in [(16, usize::MAX), (16, 3), (1, 7), (200, 9), (0, 4)] {
-                let (h, k) = block_hashes_and_keys(text, bs, 11, 13, max);
-                assert_eq!(h, block_hashes(text, bs, 11, max), "{bs} {max}");
-                assert_eq!(k, keys_of(text, bs, 13, max), "{bs} {max}");
-            }
-        }
     }
 }

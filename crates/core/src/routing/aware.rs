@@ -202,9 +202,11 @@ impl InferenceAware {
             .collect()
     }
 
-    /// The prompt's block hashes for the approximate index; when the precise
-    /// index cuts blocks at the same size, its keys come from the same walk
-    /// (`matched_blocks` then finds them computed).
+    /// The prompt's block hashes for the approximate index. When the precise
+    /// index cuts blocks at the same size from the gateway's own token ids,
+    /// they are its keys (chained over token ids and the LoRA adapter, as the
+    /// engine keys its cache): one chain keys both indexes, so a request
+    /// hashes its prompt once (`matched_blocks` then finds the keys computed).
     fn hashes<'r>(&self, req: &'r RouteRequest<'_>) -> Cow<'r, [u64]> {
         let (bs, max) = (
             self.block_size() as usize,
@@ -212,16 +214,17 @@ impl InferenceAware {
         );
         match &self.precise {
             Some(p) if p.block_size() as usize == bs && p.engine_tokens().is_none() => {
-                req.block_hashes_with_keys(bs, max, key_seed(req.lora))
+                req.token_block_keys(bs, key_seed(req.lora), max)
             }
             _ => req.block_hashes(bs, max),
         }
     }
 
-    /// Leading blocks of `hashes` each of `replicas` holds (same order): one
-    /// lookup in the approximate index, then one in the precise index, whose
-    /// answer replaces it for each replica whose events are live (converted
-    /// from the engine's block size to ours).
+    /// Leading blocks of `hashes` each of `replicas` holds (same order): the
+    /// precise index answers for each replica whose events are live
+    /// (converted from the engine's block size to ours), the approximate
+    /// index for the others (skipped when every replica is live: its lookup
+    /// is a fifth of a decision over a long prompt).
     fn matched_blocks(
         &self,
         replicas: &[Arc<Replica>],
@@ -229,58 +232,76 @@ impl InferenceAware {
         hashes: &[u64],
     ) -> PerReplica<Matched> {
         let mut matched = PerReplica::from_elem(Matched::default(), replicas.len());
-        let position =
-            |key: &Arc<str>| replicas.iter().position(|r| same_key(&r.endpoint.key, key));
-        self.index
-            .longest_prefix(hashes, &mut |key: &Arc<str>, blocks: u32| {
-                if let Some(i) = position(key) {
-                    matched[i].blocks = blocks;
-                }
-            });
-        if let Some(precise) = &self.precise {
-            let engine_bs = precise.block_size() as usize;
-            let bs = self.block_size() as usize;
-            // The same token horizon as the approximate index; no block size
-            // known yet (no event): no keys, every live replica matches 0.
-            let max = (self.cfg.prefix.max_blocks as usize * bs).checked_div(engine_bs);
-            let seed = key_seed(req.lora);
-            let entry;
-            let keys = match (precise.engine_tokens(), max) {
-                (Some(tokens), _) => {
-                    // The engine's own ids, when a prefix of this prompt was
-                    // fetched; else the approximate index answers (and the
-                    // prefixes are queued for fetching).
-                    entry = tokens.lookup(req.model, req.prompt_text);
-                    match (&entry, max) {
-                        (Some(e), Some(max)) => e.keys(engine_bs, seed, max),
-                        (Some(_), None) => Cow::Borrowed(&[][..]),
-                        (None, _) => return matched,
-                    }
-                }
-                (None, Some(max)) => req.token_block_keys(engine_bs, seed, max),
-                (None, None) => Cow::Borrowed(&[][..]),
-            };
-            precise.longest_prefix(&keys, |key, engine_blocks| {
-                if let Some(i) = position(key) {
-                    let ours = (engine_blocks as usize * engine_bs / bs).min(hashes.len());
-                    matched[i].blocks = ours as u32;
-                    matched[i].precise = true;
-                }
-            });
-            precise.cache_state(Instant::now(), |key, held, evictions_per_s| {
-                if let Some(i) = position(key) {
-                    // Events live: the engine's answer stands, none included.
-                    // The approximate index's match there (what this gateway
+        let positions = KeyPositions::new(replicas);
+        let position = |key: &Arc<str>| positions.find(key);
+        let live = match &self.precise {
+            Some(precise) => self.precise_matches(precise, req, hashes, &position, &mut matched),
+            None => 0,
+        };
+        if live < replicas.len() {
+            self.index
+                .longest_prefix(hashes, &mut |key: &Arc<str>, blocks: u32| {
+                    // A live replica's events stand, none included: the
+                    // approximate index's match there (what this gateway
                     // sent, perhaps evicted since) would make a stale holder.
-                    if !matched[i].precise {
-                        matched[i].blocks = 0;
+                    if let Some(i) = position(key).filter(|i| !matched[*i].precise) {
+                        matched[i].blocks = blocks;
                     }
-                    matched[i].held_tokens = Some(u64::from(held) * engine_bs as u64);
-                    matched[i].evicted_tokens_per_s = evictions_per_s * engine_bs as f64;
-                }
-            });
+                });
         }
         matched
+    }
+
+    /// The precise index's part of [`matched_blocks`](Self::matched_blocks):
+    /// fills `matched` for each replica whose events are live and returns
+    /// how many of `replicas` those are (0 when the engine's own token ids
+    /// for this prompt are not fetched yet: the approximate index answers).
+    fn precise_matches(
+        &self,
+        precise: &PreciseIndex,
+        req: &RouteRequest<'_>,
+        hashes: &[u64],
+        position: &impl Fn(&Arc<str>) -> Option<usize>,
+        matched: &mut [Matched],
+    ) -> usize {
+        let engine_bs = precise.block_size() as usize;
+        let bs = self.block_size() as usize;
+        // The same token horizon as the approximate index; no block size
+        // known yet (no event): no keys, every live replica matches 0.
+        let max = (self.cfg.prefix.max_blocks as usize * bs).checked_div(engine_bs);
+        let seed = key_seed(req.lora);
+        let entry;
+        let keys = match (precise.engine_tokens(), max) {
+            (Some(tokens), _) => {
+                // The engine's own ids, when a prefix of this prompt was
+                // fetched; else the approximate index answers (and the
+                // prefixes are queued for fetching).
+                entry = tokens.lookup(req.model, req.prompt_text);
+                match (&entry, max) {
+                    (Some(e), Some(max)) => e.keys(engine_bs, seed, max),
+                    (Some(_), None) => Cow::Borrowed(&[][..]),
+                    (None, _) => return 0,
+                }
+            }
+            (None, Some(max)) => req.token_block_keys(engine_bs, seed, max),
+            (None, None) => Cow::Borrowed(&[][..]),
+        };
+        let mut live = 0;
+        precise.longest_prefix(&keys, |key, engine_blocks| {
+            if let Some(i) = position(key) {
+                let ours = (engine_blocks as usize * engine_bs / bs).min(hashes.len());
+                matched[i].blocks = ours as u32;
+                matched[i].precise = true;
+                live += 1;
+            }
+        });
+        precise.cache_state(Instant::now(), |key, held, evictions_per_s| {
+            if let Some(i) = position(key) {
+                matched[i].held_tokens = Some(u64::from(held) * engine_bs as u64);
+                matched[i].evicted_tokens_per_s = evictions_per_s * engine_bs as f64;
+            }
+        });
+        live
     }
 
     /// Prompt tokens held by a replica holding `blocks` leading blocks of it.
@@ -367,12 +388,12 @@ impl InferenceAware {
             // A prefix group no replica holds yet: the rendezvous filter bounds
             // how many groups each replica gets.
             if cands.iter().all(|c| (c.matched_blocks as usize) <= at) {
+                let positions = KeyPositions::new(replicas);
                 self.index.group_counts(|key, n| {
-                    if let Some(c) = cands
-                        .iter_mut()
-                        .find(|c| same_key(&replicas[c.idx].endpoint.key, key))
-                    {
-                        c.groups = n;
+                    if let Some(i) = positions.find(key) {
+                        if let Some(c) = cands.iter_mut().find(|c| c.idx == i) {
+                            c.groups = n;
+                        }
                     }
                 });
             }
@@ -729,10 +750,43 @@ fn reason(chosen: &CandidateView, filters: &[FilterOutcome]) -> String {
     s
 }
 
-/// Replica keys from the prefix index and from the pool are mostly the same
-/// allocation: compare pointers first.
-fn same_key(a: &Arc<str>, b: &Arc<str>) -> bool {
-    Arc::ptr_eq(a, b) || **a == **b
+/// Finds replicas by key for the indexes' callbacks. Replica keys from the
+/// indexes and from the pool are mostly the same allocation, and the indexes
+/// mostly call back in the pool's order: the replica after the last one found
+/// is tried first, then every pointer, and the strings only when no pointer
+/// matches (a string scan over 64 replicas for each of 64 callbacks costs
+/// more than the rest of the decision).
+struct KeyPositions<'a> {
+    replicas: &'a [Arc<Replica>],
+    next: std::cell::Cell<usize>,
+}
+
+impl<'a> KeyPositions<'a> {
+    fn new(replicas: &'a [Arc<Replica>]) -> Self {
+        Self {
+            replicas,
+            next: std::cell::Cell::new(0),
+        }
+    }
+
+    fn find(&self, key: &Arc<str>) -> Option<usize> {
+        let rs = self.replicas;
+        let hint = self.next.get();
+        let found = if rs
+            .get(hint)
+            .is_some_and(|r| Arc::ptr_eq(&r.endpoint.key, key))
+        {
+            Some(hint)
+        } else {
+            rs.iter()
+                .position(|r| Arc::ptr_eq(&r.endpoint.key, key))
+                .or_else(|| rs.iter().position(|r| *r.endpoint.key == **key))
+        };
+        if let Some(i) = found {
+            self.next.set(i + 1);
+        }
+        found
+    }
 }
 
 /// Highest-random-weight hashing: every gateway computes the same weight.
@@ -1008,6 +1062,7 @@ pub(crate) mod tests {
     use crate::discovery::Endpoint;
     use crate::routing::kv_events::KvEvent;
     use crate::routing::signals::LoraInfo;
+    use infergate_protocol::tokenizer;
 
     pub(crate) fn replicas(n: u16) -> Vec<Arc<Replica>> {
         (0..n)
@@ -1329,6 +1384,42 @@ pub(crate) mod tests {
             );
             ix.set_live(&key, true);
         }
+    }
+
+    #[test]
+    fn one_chain_keys_both_indexes_when_their_blocks_agree() {
+        let p = InferenceAware::new(RoutingConfig {
+            kv_events: Some(Default::default()),
+            ..RoutingConfig::default()
+        });
+        let text = prompt(1, 0, 1500);
+        let r = req("g", &text);
+        let (bs, max) = (p.block_size() as usize, p.cfg.prefix.max_blocks as usize);
+        // No event yet: the engine's block size is unknown, text hashes key
+        // the approximate index.
+        assert_eq!(*p.hashes(&r), *r.block_hashes(bs, max));
+        // Events at the same block size: the approximate index takes the
+        // precise index's keys, computed once for both.
+        let ix = p.precise_index().unwrap();
+        let ids = tokenizer::token_ids(&text);
+        ix.apply(
+            &Arc::from("r0"),
+            &[KvEvent::Stored {
+                hashes: vec![1],
+                parent: None,
+                token_ids: ids[..bs].to_vec(),
+                block_size: bs as u32,
+                lora_name: None,
+                medium: None,
+            }],
+        );
+        let r = req("g", &text);
+        let hashes = p.hashes(&r);
+        let keys = r.token_block_keys(bs, key_seed(None), max);
+        assert!(matches!(keys, Cow::Borrowed(_)));
+        assert_eq!(*hashes, *keys);
+        assert_ne!(*hashes, *r.block_hashes(bs, max));
+        assert_eq!(hashes.len(), text.len() / (bs * tokenizer::CHARS_PER_TOKEN));
     }
 
     #[test]

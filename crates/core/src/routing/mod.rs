@@ -96,35 +96,6 @@ impl RouteRequest<'_> {
         }
     }
 
-    /// The prompt's block hashes as [`block_hashes`](Self::block_hashes),
-    /// with its token-block keys at the same block size (from `key_seed`,
-    /// as many) computed in the same walk and kept for
-    /// [`token_block_keys`](Self::token_block_keys): a picker routing by
-    /// both indexes reads the prompt once.
-    pub fn block_hashes_with_keys(
-        &self,
-        block_size: usize,
-        max_blocks: usize,
-        key_seed: u64,
-    ) -> Cow<'_, [u64]> {
-        if self.hashes.text.get().is_none() && self.hashes.tokens.get().is_none() {
-            let (hashes, keys) = tokenizer::block_hashes_and_keys(
-                self.prompt_text,
-                block_size,
-                tokenizer::model_seed(self.model),
-                key_seed,
-                max_blocks,
-            );
-            // Both were empty; only this request's own thread fills them.
-            let _ = self
-                .hashes
-                .tokens
-                .set((block_size, key_seed, max_blocks, keys));
-            let _ = self.hashes.text.set((block_size, max_blocks, hashes));
-        }
-        self.block_hashes(block_size, max_blocks)
-    }
-
     /// The prompt's token-block keys (`tokenizer::for_each_token_block_key`)
     /// for the precise index: computed on first use, reused like
     /// [`block_hashes`](Self::block_hashes).
@@ -331,27 +302,5 @@ mod tests {
             tokenizer::block_hashes(&text, 32, seed, 4).as_slice()
         );
         assert_ne!(other, first);
-    }
-
-    #[test]
-    fn one_walk_fills_the_hashes_and_the_keys() {
-        let text = "word ".repeat(400);
-        let req = request(&text);
-        let hashes = req.block_hashes_with_keys(16, 1024, 9);
-        assert_eq!(
-            &*hashes,
-            tokenizer::block_hashes(&text, 16, tokenizer::model_seed("m"), 1024).as_slice()
-        );
-        // The keys were stored by the same walk: borrowed, and equal to
-        // keying the prompt on its own.
-        let keys = req.token_block_keys(16, 9, 1024);
-        assert!(matches!(keys, Cow::Borrowed(_)));
-        let mut alone = Vec::new();
-        tokenizer::for_each_token_block_key(&text, 16, 9, |k| {
-            alone.push(k);
-            true
-        });
-        assert_eq!(&*keys, alone.as_slice());
-        assert_eq!(keys.len(), hashes.len());
     }
 }
