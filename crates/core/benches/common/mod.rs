@@ -29,6 +29,7 @@ pub fn replicas() -> Vec<Arc<Replica>> {
                 num_blocks: Some(20_000),
                 lora: None,
                 prefix_hit_rate: None,
+                preemptions: None,
                 own_requests_at_scrape: 0,
                 batch_limit: None,
                 saturated_batch: None,

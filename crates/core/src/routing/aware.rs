@@ -1094,6 +1094,7 @@ pub(crate) mod tests {
             num_blocks: Some(1000),
             lora,
             prefix_hit_rate: None,
+            preemptions: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,

@@ -32,6 +32,9 @@ pub(crate) struct MetricNames {
     /// whose ratio since the engine started is the rate.
     pub prefix_hit_rate: Option<&'static str>,
     pub prefix_counters: Option<(&'static str, &'static str)>,
+    /// The engine's preemptions since it started (a counter): a sequence
+    /// preempted for KV room goes back to the queue.
+    pub preemptions: Option<&'static str>,
 }
 
 impl MetricNames {
@@ -51,6 +54,7 @@ impl MetricNames {
                     "vllm:prefix_cache_hits_total",
                     "vllm:prefix_cache_queries_total",
                 )),
+                preemptions: Some("vllm:num_preemptions_total"),
             },
             EngineKind::Sglang => MetricNames {
                 waiting: "sglang:num_queue_reqs",
@@ -63,6 +67,7 @@ impl MetricNames {
                 lora: None,
                 prefix_hit_rate: Some("sglang:cache_hit_rate"),
                 prefix_counters: None,
+                preemptions: None,
             },
             EngineKind::LlamaCpp => MetricNames {
                 waiting: "llamacpp:requests_deferred",
@@ -76,6 +81,7 @@ impl MetricNames {
                 lora: None,
                 prefix_hit_rate: None,
                 prefix_counters: None,
+                preemptions: None,
             },
         }
     }
@@ -135,6 +141,9 @@ pub struct Signals {
     /// The engine's prefix-cache hit rate (0..1) since it started, when it
     /// reports one (shown on the status page; routing does not use it).
     pub prefix_hit_rate: Option<f64>,
+    /// The engine's preemptions since it started, when it reports them.
+    #[serde(skip)]
+    pub preemptions: Option<f64>,
     /// The gateway's own requests in flight on the replica when it was scraped:
     /// requests sent since then are not in `running`/`waiting` yet.
     pub own_requests_at_scrape: u64,
@@ -143,9 +152,10 @@ pub struct Signals {
     pub batch_limit: Option<f64>,
     /// The batch limit admission caps a replica at (`admission::tuning`):
     /// `running` once three consecutive scrapes showed a queue of 2 or more
-    /// at the same `running` with the KV cache below [`KV_FULL_USAGE`], so
-    /// a request caught between its arrival and the engine's next step is
-    /// not read as a full batch, nor a queue the cache holds back; then
+    /// at the same `running` with the KV cache below [`KV_FULL_USAGE`] and
+    /// no preemption since the scrape before, so a request caught between
+    /// its arrival and the engine's next step is not read as a full batch,
+    /// nor a queue the cache holds back; then
     /// the largest `running` seen. Carried over scrapes.
     pub saturated_batch: Option<f64>,
     /// Admission's request cap while `saturated_batch` is unknown
@@ -181,6 +191,7 @@ impl Signals {
             num_blocks: None,
             lora: None,
             prefix_hit_rate: None,
+            preemptions: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
@@ -221,7 +232,14 @@ impl Signals {
         // shared prefixes a cap learned there (26 to 41 of 256 slots) held
         // requests in the gateway's queue that the engines could start at
         // once, and moved them off their prefix holders.
-        let batch_bound = self.kv_usage.is_none_or(|u| u < KV_FULL_USAGE);
+        // So is a queue on an engine that preempted since the previous
+        // scrape (it preempts only for KV room, and the preempted sequences
+        // wait again), whatever its cache reads at this instant.
+        let preempted = matches!(
+            (self.preemptions, previous.and_then(|p| p.preemptions)),
+            (Some(now), Some(then)) if now > then
+        );
+        let batch_bound = self.kv_usage.is_none_or(|u| u < KV_FULL_USAGE) && !preempted;
         self.queue_plateau = match previous {
             Some(p) if queued && batch_bound && p.running == self.running => p.queue_plateau + 1,
             _ => u8::from(queued && batch_bound),
@@ -309,6 +327,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
     let mut lora: Option<(f64, LoraInfo)> = None;
     let mut hit_rate = None::<f64>;
     let (mut hits, mut queries) = (None::<f64>, None::<f64>);
+    let mut preemptions = None::<f64>;
     for line in lines(body) {
         let Some(first) = line.as_bytes().first() else {
             continue;
@@ -333,6 +352,8 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             if lora.as_ref().is_none_or(|(ts, _)| value >= *ts) {
                 lora = Some((value, parse_lora(labels)));
             }
+        } else if Some(name) == names.preemptions {
+            *preemptions.get_or_insert(0.0) += value;
         } else if Some(name) == names.prefix_hit_rate {
             hit_rate = Some(value);
         } else if let Some((h, q)) = names.prefix_counters {
@@ -359,6 +380,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             num_blocks,
             lora: lora.map(|(_, l)| l),
             prefix_hit_rate,
+            preemptions,
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
@@ -609,6 +631,42 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         let s = plateau(0.5);
         let s = parse(EngineKind::Vllm, &body(34, 2, 0.97), t).with_context(36, 36, Some(&s));
         assert_eq!(s.saturated_batch, Some(34.0));
+    }
+
+    #[test]
+    fn a_queue_while_the_engine_preempts_is_not_learned_as_the_batch() {
+        let t = Instant::now();
+        // The cache reads half full at each scrape, but the engine preempted
+        // between some of them: it ran out of KV room in between.
+        let body = |preempted: u32| {
+            format!(
+                "vllm:num_requests_running 30\nvllm:num_requests_waiting 2\nvllm:kv_cache_usage_perc 0.5\n\
+                 # TYPE vllm:num_preemptions counter\nvllm:num_preemptions_total{{model_name=\"m\"}} {preempted}\n"
+            )
+        };
+        let scrapes = |counts: &[u32]| {
+            let mut s: Option<Signals> = None;
+            for &c in counts {
+                s = Some(parse(EngineKind::Vllm, &body(c), t).with_context(32, 32, s.as_ref()));
+            }
+            s.expect("scraped")
+        };
+        assert_eq!(scrapes(&[5, 5, 5, 5]).preemptions, Some(5.0));
+        assert_eq!(
+            scrapes(&[5, 5, 5, 5]).saturated_batch,
+            Some(30.0),
+            "none since"
+        );
+        assert_eq!(
+            scrapes(&[5, 6, 7, 8, 9]).saturated_batch,
+            None,
+            "one each interval"
+        );
+        // One preempting interval breaks a plateau: three quiet ones are needed.
+        assert_eq!(scrapes(&[5, 5, 6, 6, 6]).saturated_batch, None);
+        assert_eq!(scrapes(&[5, 5, 6, 6, 6, 6]).saturated_batch, Some(30.0));
+        // A batch already learned is kept.
+        assert_eq!(scrapes(&[5, 5, 5, 6, 7]).saturated_batch, Some(30.0));
     }
 
     #[test]
