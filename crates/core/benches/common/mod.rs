@@ -35,6 +35,7 @@ pub fn replicas() -> Vec<Arc<Replica>> {
                 saturated_batch: None,
                 slow_start_cap: 0,
                 queue_plateau: 0,
+                most_running: 0.0,
                 foreign_load_at: None,
                 smoothed_requests: 8.0 + f64::from(i % 3),
             })));

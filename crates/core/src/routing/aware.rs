@@ -1100,6 +1100,7 @@ pub(crate) mod tests {
             saturated_batch: None,
             slow_start_cap: 0,
             queue_plateau: 0,
+            most_running: 0.0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         })));

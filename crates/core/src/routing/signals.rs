@@ -152,8 +152,9 @@ pub struct Signals {
     pub batch_limit: Option<f64>,
     /// The batch limit admission caps a replica at (`admission::tuning`):
     /// `running` once three consecutive scrapes showed a queue of 2 or more
-    /// at the same `running` with the KV cache below [`KV_FULL_USAGE`] and
-    /// no preemption since the scrape before, so a request caught between
+    /// at the same `running` with the KV cache below [`KV_FULL_USAGE`], no
+    /// preemption since the scrape before and no larger `running` ever
+    /// seen, so a request caught between
     /// its arrival and the engine's next step is not read as a full batch,
     /// nor a queue the cache holds back; then
     /// the largest `running` seen. Carried over scrapes.
@@ -164,6 +165,9 @@ pub struct Signals {
     /// Consecutive scrapes (up to 3) with a queue of 2 or more at this `running`.
     #[serde(skip)]
     pub queue_plateau: u8,
+    /// The largest `running` any scrape read. Carried over scrapes.
+    #[serde(skip)]
+    pub most_running: f64,
     /// The last scrape at which the engine counted more requests (running +
     /// waiting) than this gateway had in flight there: another gateway (or a
     /// client going around the gateway) feeds the replica. Carried over scrapes.
@@ -197,6 +201,7 @@ impl Signals {
             saturated_batch: None,
             slow_start_cap: 0,
             queue_plateau: 0,
+            most_running: 0.0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         }
@@ -239,7 +244,19 @@ impl Signals {
             (self.preemptions, previous.and_then(|p| p.preemptions)),
             (Some(now), Some(then)) if now > then
         );
-        let batch_bound = self.kv_usage.is_none_or(|u| u < KV_FULL_USAGE) && !preempted;
+        // And a batch limit is the most the engine ever runs: a queue at a
+        // running count below one already seen is held by something else
+        // (the step's prefill token budget, say), and a cap learned there
+        // would keep the engine from ever showing it more.
+        let most_before = previous.map_or(0.0, |p| p.most_running);
+        self.most_running = if self.error.is_some() {
+            most_before
+        } else {
+            most_before.max(self.running)
+        };
+        let batch_bound = self.kv_usage.is_none_or(|u| u < KV_FULL_USAGE)
+            && !preempted
+            && self.running >= most_before;
         self.queue_plateau = match previous {
             Some(p) if queued && batch_bound && p.running == self.running => p.queue_plateau + 1,
             _ => u8::from(queued && batch_bound),
@@ -386,6 +403,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             saturated_batch: None,
             slow_start_cap: 0,
             queue_plateau: 0,
+            most_running: 0.0,
             foreign_load_at: None,
             smoothed_requests: 0.0,
         },
@@ -667,6 +685,36 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         assert_eq!(scrapes(&[5, 5, 6, 6, 6, 6]).saturated_batch, Some(30.0));
         // A batch already learned is kept.
         assert_eq!(scrapes(&[5, 5, 5, 6, 7]).saturated_batch, Some(30.0));
+    }
+
+    #[test]
+    fn a_queue_below_a_running_count_already_seen_is_not_the_batch() {
+        let t = Instant::now();
+        let body = |run: u32, wait: u32| {
+            format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\n")
+        };
+        let scrapes = |counts: &[(u32, u32)]| {
+            let mut s: Option<Signals> = None;
+            for &(run, wait) in counts {
+                s = Some(parse(EngineKind::Vllm, &body(run, wait), t).with_context(
+                    64,
+                    64,
+                    s.as_ref(),
+                ));
+            }
+            s.expect("scraped")
+        };
+        // The engine ran 40 at once, so a queue while it runs 20 is held by
+        // something other than its batch (its prefill budget, say).
+        let s = scrapes(&[(40, 0), (20, 3), (20, 3), (20, 3), (20, 3)]);
+        assert_eq!((s.saturated_batch, s.most_running), (None, 40.0));
+        // At the most it ever ran, the queue is the batch's.
+        let s = scrapes(&[(40, 0), (20, 3), (40, 3), (40, 3), (40, 3)]);
+        assert_eq!(s.saturated_batch, Some(40.0));
+        // A failed scrape neither raises nor forgets it.
+        let s = scrapes(&[(40, 0), (20, 3)]);
+        let failed = Signals::failed(t, "down").with_context(64, 64, Some(&s));
+        assert_eq!(failed.most_running, 40.0);
     }
 
     #[test]
