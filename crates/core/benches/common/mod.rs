@@ -30,6 +30,7 @@ pub fn replicas() -> Vec<Arc<Replica>> {
                 lora: None,
                 prefix_hit_rate: None,
                 preemptions: None,
+                tokens_generated: None,
                 own_requests_at_scrape: 0,
                 batch_limit: None,
                 saturated_batch: None,

@@ -1095,6 +1095,7 @@ pub(crate) mod tests {
             lora,
             prefix_hit_rate: None,
             preemptions: None,
+            tokens_generated: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,

@@ -35,6 +35,9 @@ pub(crate) struct MetricNames {
     /// The engine's preemptions since it started (a counter): a sequence
     /// preempted for KV room goes back to the queue.
     pub preemptions: Option<&'static str>,
+    /// The counter of output tokens: it moves at every engine step that
+    /// decodes (a prompt counter may move at a request's arrival).
+    pub tokens_generated: Option<&'static str>,
 }
 
 impl MetricNames {
@@ -55,6 +58,7 @@ impl MetricNames {
                     "vllm:prefix_cache_queries_total",
                 )),
                 preemptions: Some("vllm:num_preemptions_total"),
+                tokens_generated: Some("vllm:generation_tokens_total"),
             },
             EngineKind::Sglang => MetricNames {
                 waiting: "sglang:num_queue_reqs",
@@ -68,6 +72,7 @@ impl MetricNames {
                 prefix_hit_rate: Some("sglang:cache_hit_rate"),
                 prefix_counters: None,
                 preemptions: None,
+                tokens_generated: Some("sglang:generation_tokens_total"),
             },
             EngineKind::LlamaCpp => MetricNames {
                 waiting: "llamacpp:requests_deferred",
@@ -82,6 +87,7 @@ impl MetricNames {
                 prefix_hit_rate: None,
                 prefix_counters: None,
                 preemptions: None,
+                tokens_generated: Some("llamacpp:tokens_predicted_total"),
             },
         }
     }
@@ -144,6 +150,10 @@ pub struct Signals {
     /// The engine's preemptions since it started, when it reports them.
     #[serde(skip)]
     pub preemptions: Option<f64>,
+    /// Output tokens the engine generated since it started, when it reports
+    /// them: unchanged between two scrapes, no step ended (or none decoded).
+    #[serde(skip)]
+    pub tokens_generated: Option<f64>,
     /// The gateway's own requests in flight on the replica when it was scraped:
     /// requests sent since then are not in `running`/`waiting` yet.
     pub own_requests_at_scrape: u64,
@@ -196,6 +206,7 @@ impl Signals {
             lora: None,
             prefix_hit_rate: None,
             preemptions: None,
+            tokens_generated: None,
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
@@ -257,7 +268,20 @@ impl Signals {
         let batch_bound = self.kv_usage.is_none_or(|u| u < KV_FULL_USAGE)
             && !preempted
             && self.running >= most_before;
+        // A scrape inside the same engine step as the one before (no token
+        // generated since) reads the same state again: it neither extends
+        // nor breaks a plateau. A step longer than three scrape intervals (a
+        // long prefill at a slow time scale) otherwise showed the arrivals it
+        // held up as a queue at a steady running count.
+        let stepped = match (
+            self.tokens_generated,
+            previous.and_then(|p| p.tokens_generated),
+        ) {
+            (Some(now), Some(then)) => now > then,
+            _ => true,
+        };
         self.queue_plateau = match previous {
+            Some(p) if !stepped && self.error.is_none() => p.queue_plateau,
             Some(p) if queued && batch_bound && p.running == self.running => p.queue_plateau + 1,
             _ => u8::from(queued && batch_bound),
         }
@@ -345,6 +369,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
     let mut hit_rate = None::<f64>;
     let (mut hits, mut queries) = (None::<f64>, None::<f64>);
     let mut preemptions = None::<f64>;
+    let mut tokens_generated = None::<f64>;
     for line in lines(body) {
         let Some(first) = line.as_bytes().first() else {
             continue;
@@ -371,6 +396,8 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             }
         } else if Some(name) == names.preemptions {
             *preemptions.get_or_insert(0.0) += value;
+        } else if Some(name) == names.tokens_generated {
+            *tokens_generated.get_or_insert(0.0) += value;
         } else if Some(name) == names.prefix_hit_rate {
             hit_rate = Some(value);
         } else if let Some((h, q)) = names.prefix_counters {
@@ -398,6 +425,7 @@ pub(crate) fn parse(engine: EngineKind, body: &str, at: Instant) -> Signals {
             lora: lora.map(|(_, l)| l),
             prefix_hit_rate,
             preemptions,
+            tokens_generated,
             own_requests_at_scrape: 0,
             batch_limit: None,
             saturated_batch: None,
@@ -651,24 +679,31 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         assert_eq!(s.saturated_batch, Some(34.0));
     }
 
+    /// A vLLM `/metrics` body: `run` running, `wait` waiting, the cache half
+    /// full, then `more` lines.
+    fn vllm_body(run: u32, wait: u32, more: &str) -> String {
+        format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\n{more}")
+    }
+
+    /// The signals after scraping each of `bodies` in turn (64 of ours in flight).
+    fn after_scrapes(bodies: impl IntoIterator<Item = String>) -> Signals {
+        let t = Instant::now();
+        let mut s: Option<Signals> = None;
+        for b in bodies {
+            s = Some(parse(EngineKind::Vllm, &b, t).with_context(64, 64, s.as_ref()));
+        }
+        s.expect("scraped")
+    }
+
     #[test]
     fn a_queue_while_the_engine_preempts_is_not_learned_as_the_batch() {
-        let t = Instant::now();
         // The cache reads half full at each scrape, but the engine preempted
         // between some of them: it ran out of KV room in between.
         let body = |preempted: u32| {
-            format!(
-                "vllm:num_requests_running 30\nvllm:num_requests_waiting 2\nvllm:kv_cache_usage_perc 0.5\n\
-                 # TYPE vllm:num_preemptions counter\nvllm:num_preemptions_total{{model_name=\"m\"}} {preempted}\n"
-            )
+            let more = format!("vllm:num_preemptions_total{{model_name=\"m\"}} {preempted}\n");
+            vllm_body(30, 2, &more)
         };
-        let scrapes = |counts: &[u32]| {
-            let mut s: Option<Signals> = None;
-            for &c in counts {
-                s = Some(parse(EngineKind::Vllm, &body(c), t).with_context(32, 32, s.as_ref()));
-            }
-            s.expect("scraped")
-        };
+        let scrapes = |counts: &[u32]| after_scrapes(counts.iter().map(|&c| body(c)));
         assert_eq!(scrapes(&[5, 5, 5, 5]).preemptions, Some(5.0));
         assert_eq!(
             scrapes(&[5, 5, 5, 5]).saturated_batch,
@@ -690,19 +725,8 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
     #[test]
     fn a_queue_below_a_running_count_already_seen_is_not_the_batch() {
         let t = Instant::now();
-        let body = |run: u32, wait: u32| {
-            format!("vllm:num_requests_running {run}\nvllm:num_requests_waiting {wait}\nvllm:kv_cache_usage_perc 0.5\n")
-        };
         let scrapes = |counts: &[(u32, u32)]| {
-            let mut s: Option<Signals> = None;
-            for &(run, wait) in counts {
-                s = Some(parse(EngineKind::Vllm, &body(run, wait), t).with_context(
-                    64,
-                    64,
-                    s.as_ref(),
-                ));
-            }
-            s.expect("scraped")
+            after_scrapes(counts.iter().map(|&(run, wait)| vllm_body(run, wait, "")))
         };
         // The engine ran 40 at once, so a queue while it runs 20 is held by
         // something other than its batch (its prefill budget, say).
@@ -715,6 +739,27 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
         let s = scrapes(&[(40, 0), (20, 3)]);
         let failed = Signals::failed(t, "down").with_context(64, 64, Some(&s));
         assert_eq!(failed.most_running, 40.0);
+    }
+
+    #[test]
+    fn scrapes_inside_one_engine_step_count_once() {
+        let body = |tokens: u32| {
+            let more = format!(
+                "vllm:prompt_tokens_total{{model_name=\"m\"}} 7\nvllm:generation_tokens_total{{model_name=\"m\"}} {tokens}\n"
+            );
+            vllm_body(20, 3, &more)
+        };
+        let scrapes = |counts: &[u32]| after_scrapes(counts.iter().map(|&c| body(c)));
+        assert_eq!(scrapes(&[100]).tokens_generated, Some(100.0));
+        // One long step read four times: the arrivals it holds up are not a
+        // batch limit.
+        let s = scrapes(&[100, 100, 100, 100, 100]);
+        assert_eq!((s.queue_plateau, s.saturated_batch), (1, None));
+        // Steps ending between scrapes: the queue persists across them.
+        assert_eq!(scrapes(&[100, 200, 300]).saturated_batch, Some(20.0));
+        // A repeated read neither extends nor breaks the count.
+        assert_eq!(scrapes(&[100, 200, 200, 300]).saturated_batch, Some(20.0));
+        assert_eq!(scrapes(&[100, 100, 200]).saturated_batch, None);
     }
 
     #[test]
