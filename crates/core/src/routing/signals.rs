@@ -161,18 +161,20 @@ pub struct Signals {
     /// a queue (the engine runs no more than that at once). Carried over scrapes.
     pub batch_limit: Option<f64>,
     /// The batch limit admission caps a replica at (`admission::tuning`):
-    /// `running` once three consecutive scrapes showed a queue of 2 or more
-    /// at the same `running` with the KV cache below [`KV_FULL_USAGE`], no
-    /// preemption since the scrape before and no larger `running` ever
-    /// seen, so a request caught between
-    /// its arrival and the engine's next step is not read as a full batch,
-    /// nor a queue the cache holds back; then
-    /// the largest `running` seen. Carried over scrapes.
+    /// `running` once three consecutive scrapes, each after an engine step
+    /// ended, showed a queue of 2 or more at the same `running` with the KV
+    /// cache below [`KV_FULL_USAGE`], no preemption since the scrape before
+    /// and no larger `running` ever seen, so a request caught between its
+    /// arrival and the engine's next step is not read as a full batch, nor a
+    /// queue the cache holds back; then the largest `running` seen. Carried
+    /// over scrapes.
     pub saturated_batch: Option<f64>,
     /// Admission's request cap while `saturated_batch` is unknown
     /// (`admission::tuning::slow_start_cap`). Carried over scrapes.
     pub slow_start_cap: u64,
-    /// Consecutive scrapes (up to 3) with a queue of 2 or more at this `running`.
+    /// Consecutive scrapes (up to 3) with a queue of 2 or more at this
+    /// `running` (a scrape inside the same engine step as the one before
+    /// counts once).
     #[serde(skip)]
     pub queue_plateau: u8,
     /// The largest `running` any scrape read. Carried over scrapes.
@@ -256,9 +258,9 @@ impl Signals {
             (Some(now), Some(then)) if now > then
         );
         // And a batch limit is the most the engine ever runs: a queue at a
-        // running count below one already seen is held by something else
-        // (the step's prefill token budget, say), and a cap learned there
-        // would keep the engine from ever showing it more.
+        // running count below one already seen is held by something else,
+        // and a cap learned there would keep the engine from ever showing
+        // it more.
         let most_before = previous.map_or(0.0, |p| p.most_running);
         self.most_running = if self.error.is_some() {
             most_before
@@ -729,7 +731,7 @@ vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapt
             after_scrapes(counts.iter().map(|&(run, wait)| vllm_body(run, wait, "")))
         };
         // The engine ran 40 at once, so a queue while it runs 20 is held by
-        // something other than its batch (its prefill budget, say).
+        // something other than its batch.
         let s = scrapes(&[(40, 0), (20, 3), (20, 3), (20, 3), (20, 3)]);
         assert_eq!((s.saturated_batch, s.most_running), (None, 40.0));
         // At the most it ever ran, the queue is the batch's.
